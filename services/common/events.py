@@ -1,0 +1,130 @@
+"""The behaviour event contract shared by `/v1/events`, the durable log, imports and the simulator."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+MAX_PROPERTIES = 32
+Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128, strip_whitespace=True)]
+ShortText = Annotated[str, StringConstraints(max_length=256)]
+PropertyValue = str | int | float | bool | None
+
+
+class EventType(StrEnum):
+    PAGE_VIEW = "page_view"
+    PRODUCT_VIEW = "product_view"
+    SEARCH = "search"
+    ADD_TO_CART = "add_to_cart"
+    REMOVE_FROM_CART = "remove_from_cart"
+    PURCHASE = "purchase"
+    IMPRESSION = "impression"
+    CLICK = "click"
+    DISMISS = "dismiss"
+    MESSAGE_SENT = "message_sent"
+    MESSAGE_OPEN = "message_open"
+    MESSAGE_CLICK = "message_click"
+    PROFILE_UPDATE = "profile_update"
+
+
+# Events that are about one catalog item and are meaningless without it.
+ITEM_EVENT_TYPES = frozenset(
+    {
+        EventType.PRODUCT_VIEW,
+        EventType.ADD_TO_CART,
+        EventType.REMOVE_FROM_CART,
+        EventType.PURCHASE,
+        EventType.IMPRESSION,
+        EventType.CLICK,
+        EventType.DISMISS,
+        EventType.MESSAGE_SENT,
+    }
+)
+# Outcome events that experiments attribute to an exposure.
+OUTCOME_EVENT_TYPES = frozenset(
+    {
+        EventType.CLICK,
+        EventType.ADD_TO_CART,
+        EventType.PURCHASE,
+        EventType.MESSAGE_OPEN,
+        EventType.MESSAGE_CLICK,
+    }
+)
+
+
+class Device(StrEnum):
+    MOBILE = "mobile"
+    DESKTOP = "desktop"
+    TABLET = "tablet"
+    APP = "app"
+
+
+class EventContext(BaseModel):
+    """Where the visitor is: request context that travels with every event."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device: Device | None = None
+    channel: Annotated[str, StringConstraints(max_length=32)] | None = None
+    city: Annotated[str, StringConstraints(max_length=64)] | None = None
+    region: Annotated[str, StringConstraints(max_length=64)] | None = None
+    locale: Annotated[str, StringConstraints(max_length=16)] | None = None
+    referrer: ShortText | None = None
+    session_id: Annotated[str, StringConstraints(max_length=128)] | None = None
+
+
+class Event(BaseModel):
+    """One behaviour event. `event_id` is chosen by the client and makes re-sending idempotent."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    event_id: Identifier
+    visitor_id: Identifier
+    type: EventType
+    timestamp: AwareDatetime
+    item_id: Identifier | None = None
+    quantity: Annotated[int, Field(ge=1, le=10_000)] | None = None
+    price: Annotated[float, Field(ge=0, le=1e12, allow_inf_nan=False)] | None = None
+    query: ShortText | None = None
+    recommendation_id: Annotated[str, StringConstraints(max_length=64)] | None = None
+    context: EventContext = EventContext()
+    properties: dict[Annotated[str, StringConstraints(max_length=64)], PropertyValue] = Field(
+        default_factory=dict, max_length=MAX_PROPERTIES
+    )
+
+    @model_validator(mode="after")
+    def _required_by_type(self) -> Event:
+        if self.type in ITEM_EVENT_TYPES and self.item_id is None:
+            raise ValueError(f"item_id is required for {self.type.value} events")
+        if self.type is EventType.SEARCH and not self.query:
+            raise ValueError("query is required for search events")
+        for key, value in self.properties.items():
+            if isinstance(value, str) and len(value) > 512:
+                raise ValueError(f"properties.{key} is longer than 512 characters")
+        return self
+
+    @property
+    def ts(self) -> float:
+        """Unix seconds: aggregations work on floats, not datetimes."""
+        return self.timestamp.timestamp()
+
+
+def event_to_json(event: Event) -> bytes:
+    """Serialise for the durable log (compact JSON, UTC offsets preserved)."""
+    return event.model_dump_json(exclude_none=True, exclude_defaults=True).encode()
+
+
+def event_from_json(raw: bytes | str) -> Event:
+    """Read back a logged event. The log only holds validated events, so strict parsing stays cheap."""
+    return Event.model_validate_json(raw)
+
+
+def event_dict(event: Event) -> dict[str, Any]:
+    return event.model_dump(mode="json", exclude_none=True)
+
+
+def utc_iso(moment: datetime) -> str:
+    return moment.isoformat()

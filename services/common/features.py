@@ -1,0 +1,192 @@
+"""Feature names and types: the one list that the Feast repo, the profile writer, training and serving share.
+
+Feast views are generated from these lists in `feature_repo/feature_definitions.py`, so a feature exists in
+exactly one place. Kinds map to Feast types there: int -> Int64, float -> Float64, str -> String,
+str_list -> Array(String), float_list -> Array(Float64).
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+FeatureKind = Literal["int", "float", "str", "str_list", "float_list"]
+
+PROJECT: Final = "selaras"
+VISITOR_ENTITY: Final = "visitor"
+VISITOR_KEY: Final = "visitor_id"
+ITEM_ENTITY: Final = "item"
+ITEM_KEY: Final = "item_id"
+VISITOR_VIEW: Final = "visitor_features"
+ITEM_VIEW: Final = "item_stats"
+CONTEXT_VIEW: Final = "context_features"
+FEATURE_SERVICE: Final = "ranker_v1"
+TIMESTAMP_FIELD: Final = "event_timestamp"
+
+# Lists kept on a visitor row are capped so a row stays small (a Feast/Redis read is one hash).
+TOP_K_AFFINITIES: Final = 8
+RECENT_ITEMS: Final = 20
+
+VISITOR_FEATURES: Final[dict[str, FeatureKind]] = {
+    # windowed counts (as of the visitor's latest event)
+    "views_1h": "int",
+    "views_24h": "int",
+    "views_7d": "int",
+    "views_30d": "int",
+    "carts_24h": "int",
+    "carts_7d": "int",
+    "carts_30d": "int",
+    "purchases_7d": "int",
+    "purchases_30d": "int",
+    "searches_24h": "int",
+    "sessions_30d": "int",
+    "discount_views_30d": "int",
+    "rec_impressions_7d": "int",
+    "rec_clicks_7d": "int",
+    "event_count": "int",
+    # recency: absolute times, turned into "seconds since" against the request time
+    "first_seen_ts": "float",
+    "last_seen_ts": "float",
+    "last_purchase_ts": "float",
+    "session_depth": "int",
+    # price and discount behaviour
+    "typical_price_viewed": "float",
+    "typical_price_paid": "float",
+    "discount_affinity": "float",
+    # cart
+    "cart_items": "str_list",
+    "cart_value": "float",
+    "cart_updated_ts": "float",
+    # affinities (decayed, normalised to sum 1 over the kept top-k)
+    "top_categories": "str_list",
+    "top_category_scores": "float_list",
+    "top_brands": "str_list",
+    "top_brand_scores": "float_list",
+    "recent_items": "str_list",
+    "purchased_items": "str_list",
+    # when and how the visitor shops
+    "hour_histogram": "float_list",
+    "peak_hour": "int",
+    "payday_purchase_share": "float",
+    "preferred_device": "str",
+    "preferred_channel": "str",
+    "city": "str",
+    "locale": "str",
+    # RFM raw values
+    "rfm_frequency": "int",
+    "rfm_monetary": "float",
+    # segments (issue #5) and persona
+    "lifecycle": "str",
+    "value_tier": "str",
+    "journey_stage": "str",
+    "price_sensitivity": "float",
+    "is_customer": "int",
+    "persona_id": "int",
+}
+
+ITEM_FEATURES: Final[dict[str, FeatureKind]] = {
+    "views_1h": "int",
+    "views_24h": "int",
+    "views_7d": "int",
+    "carts_7d": "int",
+    "purchases_7d": "int",
+    "purchases_30d": "int",
+    "impressions_7d": "int",
+    "clicks_7d": "int",
+    "ctr_7d": "float",
+    "conversion_7d": "float",
+    "trend_score": "float",
+    # click-through rate per recommendation slot (parallel lists, slot names are shop-defined)
+    "slot_names": "str_list",
+    "slot_ctr_7d": "float_list",
+}
+
+# Request context: inputs of the on-demand feature view and what it derives.
+CONTEXT_INPUTS: Final[dict[str, FeatureKind]] = {
+    "request_ts": "float",
+    "request_utc_offset_min": "int",
+    "device": "str",
+    "channel": "str",
+}
+CONTEXT_FEATURES: Final[dict[str, FeatureKind]] = {
+    "hour": "int",
+    "day_of_week": "int",
+    "is_weekend": "int",
+    "is_payday_window": "int",
+    "device_code": "int",
+    "channel_code": "int",
+}
+
+# The ranker's input columns, in order. Visitor/item/context values come from the views above;
+# "x_" columns are crosses computed per candidate at scoring time by the same code in training and serving.
+RANKER_FEATURES: Final[tuple[str, ...]] = (
+    # visitor
+    "v_views_24h",
+    "v_views_7d",
+    "v_carts_7d",
+    "v_purchases_30d",
+    "v_session_depth",
+    "v_secs_since_last_visit",
+    "v_secs_since_last_purchase",
+    "v_log_typical_price_viewed",
+    "v_discount_affinity",
+    "v_cart_value",
+    "v_rfm_frequency",
+    "v_rec_ctr_7d",
+    "v_price_sensitivity",
+    "v_persona_id",
+    "v_lifecycle_code",
+    "v_journey_code",
+    # context
+    "c_hour",
+    "c_day_of_week",
+    "c_is_weekend",
+    "c_is_payday_window",
+    "c_device_code",
+    "c_channel_code",
+    # item
+    "i_log_price",
+    "i_discount",
+    "i_age_days",
+    "i_low_stock",
+    "i_views_24h",
+    "i_views_7d",
+    "i_carts_7d",
+    "i_purchases_7d",
+    "i_ctr_7d",
+    "i_conversion_7d",
+    "i_trend_score",
+    "i_slot_ctr_7d",
+    "i_context_popularity",
+    # visitor x item crosses
+    "x_category_affinity",
+    "x_brand_affinity",
+    "x_price_ratio",
+    "x_in_cart",
+    "x_recently_viewed",
+    "x_covisitation",
+    "x_targeting_match",
+)
+PERSONAL_FEATURE_PREFIXES: Final = ("v_", "x_")
+
+LIFECYCLE_CODES: Final = {"new": 0, "active": 1, "loyal": 2, "at_risk": 3, "dormant": 4}
+JOURNEY_CODES: Final = {"awareness": 0, "consideration": 1, "decision": 2}
+DEVICE_CODES: Final = {"mobile": 1, "desktop": 2, "tablet": 3, "app": 4}
+CHANNEL_CODES: Final = {"web": 1, "app": 2, "email": 3, "push": 4, "whatsapp": 5, "social": 6, "search": 7}
+
+
+def visitor_feature_refs() -> list[str]:
+    """`view:feature` references for a visitor-row read."""
+    return [f"{VISITOR_VIEW}:{name}" for name in VISITOR_FEATURES]
+
+
+def item_feature_refs() -> list[str]:
+    return [f"{ITEM_VIEW}:{name}" for name in ITEM_FEATURES]
+
+
+def default_value(kind: FeatureKind) -> object:
+    """What a missing feature reads as: numbers NaN (LightGBM treats it as missing), strings empty."""
+    if kind in ("int", "float"):
+        return float("nan")
+    if kind == "str":
+        return ""
+    return []
