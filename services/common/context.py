@@ -39,7 +39,8 @@ CITY_ZONES: Final[dict[str, timezone]] = {
         WIB,
     ),
     **dict.fromkeys(
-        ["makassar", "denpasar", "balikpapan", "manado", "mataram", "samarinda", "banjarmasin", "kupang"], WITA
+        ["makassar", "denpasar", "balikpapan", "manado", "mataram", "samarinda", "banjarmasin", "kupang"],
+        WITA,
     ),
     **dict.fromkeys(["jayapura", "ambon", "sorong", "merauke", "ternate"], WIT),
 }
@@ -67,7 +68,11 @@ def is_payday_window(day_of_month: int) -> bool:
 
 
 def context_features(
-    request_ts: float, utc_offset_min: int | None, device: str | None, channel: str | None, city: str | None = None
+    request_ts: float,
+    utc_offset_min: int | None,
+    device: str | None,
+    channel: str | None,
+    city: str | None = None,
 ) -> dict[str, int]:
     """Context features for one request, in the visitor's local time."""
     moment = local_time(request_ts, zone_for(city, utc_offset_min))

@@ -1,0 +1,94 @@
+"""HTTP plumbing shared by both apps: error handlers, 422 formatting, auth dependency, health and metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from services.common.auth import ApiKeyAuth
+from services.common.errors import InvalidPayload, PayloadTooLarge, SelarasError
+from services.common.observability import metrics_payload
+
+
+class FastJSONResponse(JSONResponse):
+    """orjson-encoded responses: several times faster than the standard encoder on ranked lists."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
+
+
+def describe_errors(errors: Sequence[Any], index_after: str | None = None) -> list[dict[str, Any]]:
+    """Pydantic errors -> [{"index": i?, "field": "a.b", "message": ...}].
+
+    `index_after` names the list whose element index is reported separately (e.g. "events")."""
+    described: list[dict[str, Any]] = []
+    for error in errors:
+        loc = [part for part in error.get("loc", ()) if part != "body"]
+        entry: dict[str, Any] = {}
+        if index_after and len(loc) >= 2 and loc[0] == index_after and isinstance(loc[1], int):
+            entry["index"] = loc[1]
+            loc = loc[2:]
+        # Drop pydantic's union/function tags such as "function-after[...]" from the field path.
+        fields = [str(p) for p in loc if not (isinstance(p, str) and "[" in p)]
+        entry["field"] = ".".join(fields) or "(root)"
+        entry["message"] = str(error.get("msg", "invalid"))
+        described.append(entry)
+    return described
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(SelarasError)
+    async def selaras_error(_: Request, exc: SelarasError) -> Response:
+        return FastJSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
+        errors = describe_errors(exc.errors())
+        return FastJSONResponse(
+            {"error": "InvalidPayload", "detail": f"{len(errors)} invalid field(s)", "errors": errors},
+            status_code=422,
+        )
+
+
+def read_json_body(raw: bytes, max_bytes: int) -> Any:
+    if len(raw) > max_bytes:
+        raise PayloadTooLarge(f"request body is {len(raw)} bytes; the limit is {max_bytes}")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidPayload(f"body is not valid JSON: {exc}") from exc
+
+
+def validation_failure(exc: ValidationError, index_after: str | None = None) -> InvalidPayload:
+    errors = describe_errors(exc.errors(), index_after)
+    return InvalidPayload(f"{len(errors)} invalid field(s)", extra={"errors": errors})
+
+
+def api_key_of(request: Request) -> str | None:
+    key = request.headers.get("x-api-key")
+    if key:
+        return key
+    authorization = request.headers.get("authorization", "")
+    return authorization[7:] if authorization.lower().startswith("bearer ") else None
+
+
+def require_scope(auth: Callable[[Request], ApiKeyAuth], scope: str) -> Callable[[Request], str]:
+    """A FastAPI dependency that authenticates the request for `scope` and returns the key name."""
+
+    def dependency(request: Request) -> str:
+        return auth(request).authenticate(api_key_of(request), scope)
+
+    return dependency
+
+
+def add_metrics_route(app: FastAPI) -> None:
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        payload, content_type = metrics_payload()
+        return Response(payload, media_type=content_type)

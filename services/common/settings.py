@@ -1,0 +1,77 @@
+"""Settings shared by both services. Each service extends `CommonSettings` with its own env prefix.
+
+Shared values are read from `SELARAS_*` (and `REDIS_URL`), so one environment configures both services.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "secret", "dev", "test", "password"})
+
+
+def shared(name: str, *aliases: str) -> AliasChoices:
+    """Accept `SELARAS_<NAME>` (and the given plain aliases) for a shared setting."""
+    return AliasChoices(f"SELARAS_{name.upper()}", *aliases)
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    environment: Literal["development", "test", "production"] = Field(
+        default="development", validation_alias=shared("environment")
+    )
+    data_dir: Path = Field(default=Path("data"), validation_alias=shared("data_dir"))
+    # Set REDIS_URL to use Redis for the event log, state and the Feast online store; unset = embedded SQLite.
+    redis_url: str | None = Field(default=None, validation_alias=shared("redis_url", "REDIS_URL"))
+    redis_cluster: bool = Field(default=False, validation_alias=shared("redis_cluster"))
+    # Key prefix in Redis: lets several shops (or test runs) share one Redis safely.
+    namespace: str = Field(
+        default="selaras", pattern=r"^[a-z][a-z0-9_]{0,30}$", validation_alias=shared("namespace")
+    )
+    feast_project: str = Field(
+        default="selaras", pattern=r"^[a-z][a-z0-9_]{0,40}$", validation_alias=shared("feast_project")
+    )
+    feature_repo: Path = Field(
+        default=Path(__file__).resolve().parents[2] / "feature_repo", validation_alias=shared("feature_repo")
+    )
+    # "name:scope+scope:sha256-of-key" entries, comma separated. Empty = no auth (development only).
+    api_keys: str = Field(default="", validation_alias=shared("api_keys"))
+    log_level: str = Field(default="INFO", validation_alias=shared("log_level"))
+    redis_timeout_s: float = Field(default=0.5, gt=0, le=30, validation_alias=shared("redis_timeout_s"))
+
+    @field_validator("redis_url")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+    @model_validator(mode="after")
+    def _production_needs_keys(self) -> CommonSettings:
+        if self.environment == "production":
+            if not self.api_keys.strip():
+                raise ValueError("SELARAS_API_KEYS must be set in production (see README: API keys)")
+            for entry in self.api_keys.split(","):
+                if entry.strip().rsplit(":", 1)[-1].lower() in PLACEHOLDER_SECRETS:
+                    raise ValueError("SELARAS_API_KEYS holds a placeholder secret; set real key hashes")
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """True when no Redis is configured: SQLite holds the log, state and online features."""
+        return self.redis_url is None
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "selaras.db"
+
+    @property
+    def offline_dir(self) -> Path:
+        return self.data_dir / "offline"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"

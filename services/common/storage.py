@@ -1,0 +1,431 @@
+"""Durable storage behind one small interface, with two backends.
+
+- `RedisStore` (production): the event log is a Redis stream, idempotency keys and blobs are plain keys.
+  Run Redis with `appendonly yes` and `appendfsync always` so an acknowledged event survives a restart.
+- `SqliteStore` (embedded default): one SQLite file in WAL mode with `synchronous=FULL`.
+
+Both services use it for the event log, visitor/item state, the catalog, candidate indexes and
+recommendation records. Feast's online store is separate (see `feature_store.py`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import redis
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisError
+
+from services.common.errors import StorageUnavailable
+from services.common.settings import CommonSettings
+
+DEDUPE_TTL_S = 14 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class PendingEvent:
+    event_id: str
+    visitor_id: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    position: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    accepted: int
+    duplicates: int
+    accepted_ids: tuple[str, ...]
+
+
+class Store(ABC):
+    """What both services need from durable storage. Every method raises StorageUnavailable on failure."""
+
+    backend: str
+
+    # -- event log -------------------------------------------------------------------------------
+    @abstractmethod
+    def append_events(self, events: Sequence[PendingEvent]) -> AppendResult:
+        """Atomically append the events whose ids were not seen before; durable when it returns."""
+
+    @abstractmethod
+    def read_events(self, after: str | None, limit: int) -> list[LogEntry]:
+        """Entries strictly after `after` (None = from the start), oldest first."""
+
+    @abstractmethod
+    def log_length(self) -> int: ...
+
+    @abstractmethod
+    def delete_visitor_events(self, visitor_id: str, payload_marker: bytes) -> int:
+        """Erasure: remove every logged event of the visitor; returns how many."""
+
+    @abstractmethod
+    def forget_event_ids(self, event_ids: Sequence[str]) -> None:
+        """Drop idempotency keys (used by erasure so nothing of the visitor stays)."""
+
+    # -- blobs (namespaced key -> bytes, optional expiry) ------------------------------------------
+    @abstractmethod
+    def get_many(self, namespace: str, keys: Sequence[str]) -> list[bytes | None]: ...
+
+    @abstractmethod
+    def put_many(self, namespace: str, values: Mapping[str, bytes], ttl_s: int | None = None) -> None: ...
+
+    @abstractmethod
+    def delete(self, namespace: str, keys: Sequence[str]) -> int: ...
+
+    @abstractmethod
+    def scan(self, namespace: str) -> Iterator[tuple[str, bytes]]: ...
+
+    @abstractmethod
+    def ping(self) -> bool: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def get(self, namespace: str, key: str) -> bytes | None:
+        return self.get_many(namespace, [key])[0]
+
+    def put(self, namespace: str, key: str, value: bytes, ttl_s: int | None = None) -> None:
+        self.put_many(namespace, {key: value}, ttl_s)
+
+
+# ------------------------------------------------------------------------------------------------
+# Redis
+# ------------------------------------------------------------------------------------------------
+
+# Keys 1..n are the idempotency keys, key n+1 the stream. ARGV: ttl, then (event_id, payload) pairs.
+# One script call is atomic: either an id is new and its event is appended, or it is a duplicate.
+_APPEND_SCRIPT = """
+local ttl = tonumber(ARGV[1])
+local n = #KEYS - 1
+local stream = KEYS[#KEYS]
+local accepted = {}
+for i = 1, n do
+  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ttl) then
+    redis.call('XADD', stream, '*', 'e', ARGV[i + 1])
+    accepted[#accepted + 1] = i
+  end
+end
+return accepted
+"""
+
+
+def make_redis_client(url: str, cluster: bool, timeout_s: float) -> redis.Redis | RedisCluster:
+    """A client that fails fast: redis-py's default retries stall a request for seconds while Redis is down."""
+    if cluster:
+        return RedisCluster.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=False
+        )
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry_on_timeout=False,
+        health_check_interval=10,
+        decode_responses=False,
+    )
+
+
+class RedisStore(Store):
+    backend = "redis"
+
+    def __init__(self, client: redis.Redis | RedisCluster, namespace: str = "selaras"):
+        self.client = client
+        self.ns = namespace
+        # The hash tag keeps the stream and its idempotency keys in one cluster slot (the script needs it).
+        self._tag = f"{{{namespace}:log}}"
+        self.stream_key = f"{self._tag}:stream"
+        self._append = client.register_script(_APPEND_SCRIPT)
+
+    def _seen_key(self, event_id: str) -> str:
+        return f"{self._tag}:seen:{event_id}"
+
+    def _blob_key(self, namespace: str, key: str) -> str:
+        return f"{self.ns}:{namespace}:{key}"
+
+    def append_events(self, events: Sequence[PendingEvent]) -> AppendResult:
+        if not events:
+            return AppendResult(0, 0, ())
+        keys = [self._seen_key(e.event_id) for e in events] + [self.stream_key]
+        args: list[Any] = [DEDUPE_TTL_S] + [e.payload for e in events]
+        try:
+            accepted_index = cast(list[int], self._append(keys=keys, args=args))
+        except RedisError as exc:
+            raise StorageUnavailable(f"event log unavailable: {type(exc).__name__}") from exc
+        ids = tuple(events[i - 1].event_id for i in accepted_index)
+        return AppendResult(len(ids), len(events) - len(ids), ids)
+
+    def read_events(self, after: str | None, limit: int) -> list[LogEntry]:
+        start = f"({after}" if after else "-"
+        try:
+            rows = self.client.xrange(self.stream_key, min=start, max="+", count=limit)
+        except RedisError as exc:
+            raise StorageUnavailable(f"event log unavailable: {type(exc).__name__}") from exc
+        return [LogEntry(pos.decode(), fields[b"e"]) for pos, fields in rows]
+
+    def log_length(self) -> int:
+        try:
+            return int(self.client.xlen(self.stream_key))
+        except RedisError as exc:
+            raise StorageUnavailable("event log unavailable") from exc
+
+    def delete_visitor_events(self, visitor_id: str, payload_marker: bytes) -> int:
+        deleted = 0
+        after: str | None = None
+        while True:
+            batch = self.read_events(after, 5000)
+            if not batch:
+                return deleted
+            doomed = [entry.position for entry in batch if payload_marker in entry.payload]
+            if doomed:
+                deleted += int(self.client.xdel(self.stream_key, *doomed))
+            after = batch[-1].position
+
+    def forget_event_ids(self, event_ids: Sequence[str]) -> None:
+        if event_ids:
+            self._call(lambda: self.client.delete(*[self._seen_key(i) for i in event_ids]))
+
+    def get_many(self, namespace: str, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        full = [self._blob_key(namespace, k) for k in keys]
+        if isinstance(self.client, RedisCluster):
+            return cast(list[bytes | None], self._call(lambda: self.client.mget_nonatomic(full)))
+        return cast(list[bytes | None], self._call(lambda: self.client.mget(full)))
+
+    def put_many(self, namespace: str, values: Mapping[str, bytes], ttl_s: int | None = None) -> None:
+        if not values:
+            return
+
+        def write() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for key, value in values.items():
+                pipe.set(self._blob_key(namespace, key), value, ex=ttl_s)
+            pipe.execute()
+
+        self._call(write)
+
+    def delete(self, namespace: str, keys: Sequence[str]) -> int:
+        if not keys:
+            return 0
+        full = [self._blob_key(namespace, k) for k in keys]
+        if isinstance(self.client, RedisCluster):
+            return sum(int(self._call(lambda k=k: self.client.delete(k))) for k in full)
+        return int(self._call(lambda: self.client.delete(*full)))
+
+    def scan(self, namespace: str) -> Iterator[tuple[str, bytes]]:
+        prefix = self._blob_key(namespace, "")
+        try:
+            keys = [k.decode() for k in self.client.scan_iter(match=f"{prefix}*", count=1000)]
+        except RedisError as exc:
+            raise StorageUnavailable("store unavailable") from exc
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            values = self.get_many(namespace, [k[len(prefix) :] for k in chunk])
+            for key, value in zip(chunk, values, strict=True):
+                if value is not None:
+                    yield key[len(prefix) :], value
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.client.ping())
+        except RedisError:
+            return False
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _call(self, fn: Any) -> Any:
+        try:
+            return fn()
+        except RedisError as exc:
+            raise StorageUnavailable(f"store unavailable: {type(exc).__name__}") from exc
+
+
+# ------------------------------------------------------------------------------------------------
+# SQLite
+# ------------------------------------------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    pos INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL UNIQUE,
+    visitor_id TEXT NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_visitor ON events (visitor_id);
+CREATE TABLE IF NOT EXISTS seen_ids (event_id TEXT PRIMARY KEY, expires_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS blobs (
+    ns TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value BLOB NOT NULL,
+    expires_at REAL,
+    PRIMARY KEY (ns, key)
+);
+"""
+
+
+class SqliteStore(Store):
+    backend = "sqlite"
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        # One connection guarded by a lock: SQLite serialises writers anyway, and this keeps it simple.
+        self._conn = sqlite3.connect(str(path), timeout=30, check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.executescript(_SCHEMA)
+
+    def _run(self, fn: Any) -> Any:
+        try:
+            with self._lock:
+                return fn(self._conn)
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(f"store unavailable: {type(exc).__name__}") from exc
+
+    def append_events(self, events: Sequence[PendingEvent]) -> AppendResult:
+        now = time.time()
+
+        def write(conn: sqlite3.Connection) -> tuple[str, ...]:
+            accepted: list[str] = []
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for event in events:
+                    cursor = conn.execute(
+                        "INSERT OR IGNORE INTO seen_ids (event_id, expires_at) VALUES (?, ?)",
+                        (event.event_id, now + DEDUPE_TTL_S),
+                    )
+                    if cursor.rowcount == 1:
+                        conn.execute(
+                            "INSERT INTO events (event_id, visitor_id, payload) VALUES (?, ?, ?)",
+                            (event.event_id, event.visitor_id, event.payload),
+                        )
+                        accepted.append(event.event_id)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return tuple(accepted)
+
+        ids = cast(tuple[str, ...], self._run(write))
+        return AppendResult(len(ids), len(events) - len(ids), ids)
+
+    def read_events(self, after: str | None, limit: int) -> list[LogEntry]:
+        rows = self._run(
+            lambda c: c.execute(
+                "SELECT pos, payload FROM events WHERE pos > ? ORDER BY pos LIMIT ?", (int(after or 0), limit)
+            ).fetchall()
+        )
+        return [LogEntry(str(pos), bytes(payload)) for pos, payload in rows]
+
+    def log_length(self) -> int:
+        return int(self._run(lambda c: c.execute("SELECT COUNT(*) FROM events").fetchone()[0]))
+
+    def delete_visitor_events(self, visitor_id: str, payload_marker: bytes) -> int:
+        return int(
+            self._run(lambda c: c.execute("DELETE FROM events WHERE visitor_id = ?", (visitor_id,)).rowcount)
+        )
+
+    def forget_event_ids(self, event_ids: Sequence[str]) -> None:
+        self._run(
+            lambda c: c.executemany("DELETE FROM seen_ids WHERE event_id = ?", [(i,) for i in event_ids])
+        )
+
+    def get_many(self, namespace: str, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        now = time.time()
+        found: dict[str, bytes] = {}
+        for start in range(0, len(keys), 500):
+            chunk = list(keys[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            rows = self._run(
+                lambda c, chunk=chunk, marks=marks: c.execute(
+                    f"SELECT key, value FROM blobs WHERE ns = ? AND key IN ({marks})"
+                    " AND (expires_at IS NULL OR expires_at > ?)",
+                    (namespace, *chunk, now),
+                ).fetchall()
+            )
+            found.update((key, bytes(value)) for key, value in rows)
+        return [found.get(k) for k in keys]
+
+    def put_many(self, namespace: str, values: Mapping[str, bytes], ttl_s: int | None = None) -> None:
+        expires = time.time() + ttl_s if ttl_s else None
+        rows = [(namespace, key, value, expires) for key, value in values.items()]
+        self._run(
+            lambda c: c.executemany(
+                "INSERT INTO blobs (ns, key, value, expires_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
+                rows,
+            )
+        )
+
+    def delete(self, namespace: str, keys: Sequence[str]) -> int:
+        return int(
+            self._run(
+                lambda c: (
+                    c.executemany(
+                        "DELETE FROM blobs WHERE ns = ? AND key = ?", [(namespace, k) for k in keys]
+                    ).rowcount
+                )
+            )
+        )
+
+    def scan(self, namespace: str) -> Iterator[tuple[str, bytes]]:
+        now = time.time()
+        rows = self._run(
+            lambda c: c.execute(
+                "SELECT key, value FROM blobs WHERE ns = ? AND (expires_at IS NULL OR expires_at > ?)",
+                (namespace, now),
+            ).fetchall()
+        )
+        for key, value in rows:
+            yield key, bytes(value)
+
+    def ping(self) -> bool:
+        try:
+            self._run(lambda c: c.execute("SELECT 1").fetchone())
+            return True
+        except StorageUnavailable:
+            return False
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+def open_store(settings: CommonSettings) -> Store:
+    """Redis when REDIS_URL is set, the embedded SQLite file otherwise."""
+    if settings.redis_url:
+        client = make_redis_client(settings.redis_url, settings.redis_cluster, settings.redis_timeout_s)
+        return RedisStore(client, settings.namespace)
+    return SqliteStore(settings.sqlite_path)
+
+
+class Namespace:
+    """Blob namespaces shared by the services (the only cross-service storage contract besides Feast)."""
+
+    VISITOR_STATE = "vstate"
+    ITEM_STATE = "istate"
+    COVISITATION = "covis"
+    POPULARITY = "trend"
+    CATALOG = "catalog"
+    CURSOR = "cursor"
+    CONSENT = "consent"
+    PERSONAS = "personas"
+    RECOMMENDATIONS = "rec"
+    META = "meta"

@@ -1,0 +1,105 @@
+"""Profile service: `create_app(settings)` with a lifespan that builds the repository and aggregator once."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+
+from services.common.api import add_metrics_route, install_error_handlers
+from services.common.auth import ApiKeyAuth
+from services.common.consent import ConsentDefaults
+from services.common.observability import MetricsMiddleware, configure_logging
+from services.profile.aggregations import SegmentRules
+from services.profile.repository import ProfileRepository
+from services.profile.service import Aggregator, IngestService
+from services.profile.settings import ProfileSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProfileState:
+    settings: ProfileSettings
+    repository: ProfileRepository
+    ingest: IngestService
+    aggregator: Aggregator
+    auth: ApiKeyAuth
+    consent_defaults: ConsentDefaults
+    rules: SegmentRules
+
+
+def segment_rules(settings: ProfileSettings) -> SegmentRules:
+    return SegmentRules(
+        active_within_days=settings.active_within_days,
+        at_risk_after_days=settings.at_risk_after_days,
+        dormant_after_days=settings.dormant_after_days,
+        new_within_days=settings.new_within_days,
+        loyal_min_purchases=settings.loyal_min_purchases,
+        value_tiers_idr=(settings.value_tier_mid_idr, settings.value_tier_high_idr),
+    )
+
+
+def consent_defaults(settings: ProfileSettings) -> ConsentDefaults:
+    return ConsentDefaults(
+        personalization=settings.consent_personalization,  # type: ignore[arg-type]
+        analytics=settings.consent_analytics,  # type: ignore[arg-type]
+        marketing=settings.consent_marketing,  # type: ignore[arg-type]
+    )
+
+
+def build_state(settings: ProfileSettings) -> ProfileState:
+    repository = ProfileRepository.open(settings)
+    rules = segment_rules(settings)
+    defaults = consent_defaults(settings)
+    aggregator = Aggregator(
+        repository,
+        rules,
+        defaults,
+        offline_rows=settings.offline_rows,
+        retention_s=settings.retention_days * 86400,
+    )
+    return ProfileState(
+        settings,
+        repository,
+        IngestService(repository),
+        aggregator,
+        ApiKeyAuth(settings.api_keys),
+        defaults,
+        rules,
+    )
+
+
+def create_app(settings: ProfileSettings | None = None) -> FastAPI:
+    settings = settings or ProfileSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_logging(settings.log_level)
+        state = build_state(settings)
+        app.state.profile = state
+        if settings.aggregator_enabled:
+            state.aggregator.start(settings.aggregator_batch, settings.aggregator_idle_s)
+        log.info("profile service ready (store=%s)", state.repository.store.backend)
+        try:
+            yield
+        finally:
+            state.aggregator.stop()
+            state.repository.close()
+
+    from services.profile.endpoints import router
+
+    app = FastAPI(
+        title="Selaras profile service",
+        version="0.1.0",
+        description="Ingests behaviour events, keeps real-time visitor features, segments, personas and consent.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    add_metrics_route(app)
+    app.include_router(router)
+    app.add_middleware(MetricsMiddleware, service="profile")
+    return app

@@ -1,0 +1,140 @@
+"""HTTP routes of the profile service."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from pydantic import TypeAdapter, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from services.common.api import FastJSONResponse, read_json_body, require_scope
+from services.common.auth import ApiKeyAuth
+from services.common.consent import Consent
+from services.common.errors import InvalidPayload, NotFound, PayloadTooLarge
+from services.common.events import Event
+from services.profile.app import ProfileState
+from services.profile.schemas import ConsentUpdate, EventBatch, IngestResult, ProfileView
+
+router = APIRouter()
+EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+def get_state(request: Request) -> ProfileState:
+    state: ProfileState = request.app.state.profile
+    return state
+
+
+def get_auth(request: Request) -> ApiKeyAuth:
+    return get_state(request).auth
+
+
+State = Annotated[ProfileState, Depends(get_state)]
+IngestKey = Annotated[str, Depends(require_scope(get_auth, "ingest"))]
+AdminKey = Annotated[str, Depends(require_scope(get_auth, "admin"))]
+
+
+@router.post(
+    "/v1/events",
+    status_code=202,
+    response_model=IngestResult,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": EventBatch.model_json_schema()}},
+        }
+    },
+    responses={
+        413: {"description": "Batch or body too large"},
+        422: {"description": "Invalid events, by index and field"},
+        503: {"description": "Events could not be stored durably; nothing was acknowledged, re-send"},
+    },
+)
+async def ingest_events(request: Request, state: State, _: IngestKey) -> Response:
+    """Ingest a batch of 1–1,000 behaviour events (idempotent on event_id)."""
+    body = read_json_body(await request.body(), state.settings.max_body_bytes)
+    raw_events = body.get("events") if isinstance(body, dict) else None
+    if not isinstance(raw_events, list) or not raw_events:
+        raise InvalidPayload(
+            'body must be {"events": [...]} with at least one event',
+            extra={"errors": [{"field": "events", "message": "a non-empty list is required"}]},
+        )
+    limit = state.settings.max_batch_events
+    if len(raw_events) > limit:
+        raise PayloadTooLarge(f"batch has {len(raw_events)} events; the limit is {limit}")
+    events: list[Event] = []
+    errors: list[dict[str, Any]] = []
+    for index, raw in enumerate(raw_events):
+        try:
+            events.append(EVENT_ADAPTER.validate_python(raw))
+        except ValidationError as exc:
+            for error in exc.errors():
+                loc = [str(p) for p in error["loc"] if not (isinstance(p, str) and "[" in p)]
+                errors.append({"index": index, "field": ".".join(loc) or "(event)", "message": error["msg"]})
+    if errors:
+        raise InvalidPayload(
+            f"{len({e['index'] for e in errors})} of {len(raw_events)} events are invalid; "
+            "nothing was stored",
+            extra={"errors": errors},
+        )
+    # The durable append is a blocking call: run it in the thread pool, off the event loop.
+    result = await run_in_threadpool(state.ingest.ingest, events)
+    return FastJSONResponse({"accepted": result.accepted, "duplicates": result.duplicates}, status_code=202)
+
+
+@router.get("/v1/profiles/{visitor_id}", response_model=ProfileView)
+def get_profile(visitor_id: str, state: State, _: AdminKey) -> ProfileView:
+    """The visitor's current features, segments, persona, traits and consent."""
+    repo = state.repository
+    states = repo.visitor_states([visitor_id])
+    consent = repo.consents([visitor_id]).get(visitor_id, Consent())
+    if visitor_id not in states and not consent.given:
+        raise NotFound("unknown visitor")
+    row = repo.online_visitor(visitor_id)
+    row.pop("visitor_id", None)
+    segment_names = ("lifecycle", "value_tier", "journey_stage", "price_sensitivity", "is_customer")
+    segments = {name: row.get(name) for name in segment_names}
+    visitor_state = states.get(visitor_id)
+    traits = dict(visitor_state.traits) if visitor_state else {}
+    persona_id = row.get("persona_id")
+    persona = {"persona_id": persona_id} if isinstance(persona_id, int) and persona_id >= 0 else None
+    return ProfileView(
+        visitor_id=visitor_id,
+        features={k: v for k, v in row.items() if k not in segment_names},
+        segments=segments,
+        persona=persona,
+        traits=traits,
+        consent=consent.resolved(state.consent_defaults),
+    )
+
+
+@router.put("/v1/profiles/{visitor_id}/consent")
+def put_consent(visitor_id: str, update: ConsentUpdate, state: State, _: IngestKey) -> dict[str, Any]:
+    """Record the visitor's consent per purpose (unset purposes keep their value)."""
+    changes = {k: v for k, v in update.model_dump().items() if v is not None}
+    repo = state.repository
+    consent = repo.consents([visitor_id]).get(visitor_id, Consent()).merged(changes, time.time())
+    repo.save_consents({visitor_id: consent})
+    return {"visitor_id": visitor_id, "consent": consent.resolved(state.consent_defaults)}
+
+
+@router.get("/healthz", include_in_schema=False)
+def healthz() -> dict[str, str]:
+    return {"status": "alive"}
+
+
+@router.get("/readyz", include_in_schema=False)
+def readyz(state: State) -> Response:
+    store_ok = state.repository.store.ping()
+    aggregator_ok = state.aggregator.alive or not state.settings.aggregator_enabled
+    ready = store_ok and aggregator_ok
+    body = {
+        "ready": ready,
+        "store": store_ok,
+        "aggregator": aggregator_ok,
+        "aggregator_error": state.aggregator.last_error,
+    }
+    return Response(orjson.dumps(body), status_code=200 if ready else 503, media_type="application/json")

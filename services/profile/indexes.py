@@ -1,0 +1,105 @@
+"""Candidate indexes kept by the profile service and read by the recommend service (pure, no I/O).
+
+- Co-visitation: items viewed close together by the same visitor ("people who viewed this also viewed").
+- Context popularity: decayed interaction scores per context (city, part of day, device), for
+  "trending in Jakarta this evening".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import orjson
+
+from services.common.context import daypart, local_time, zone_for
+
+COVISIT_WINDOW = 3  # the previous N items of the visitor count as co-visited
+COVISIT_MAX_NEIGHBOURS = 60
+POPULARITY_HALF_LIFE_S = 3 * 24 * 3600.0
+POPULARITY_MAX_ITEMS = 300
+GLOBAL_CONTEXT = "all"
+
+
+class CoVisitation:
+    def __init__(self) -> None:
+        self.neighbours: dict[str, dict[str, float]] = {}
+        self.dirty: set[str] = set()
+
+    def observe(self, previous_items: Iterable[str], item_id: str, weight: float = 1.0) -> None:
+        for rank, other in enumerate(previous_items):
+            if rank >= COVISIT_WINDOW:
+                break
+            if other == item_id:
+                continue
+            w = weight / (rank + 1)
+            self._add(item_id, other, w)
+            self._add(other, item_id, w)
+
+    def _add(self, item_id: str, other: str, weight: float) -> None:
+        row = self.neighbours.setdefault(item_id, {})
+        row[other] = row.get(other, 0.0) + weight
+        if len(row) > 2 * COVISIT_MAX_NEIGHBOURS:
+            kept = sorted(row.items(), key=lambda kv: -kv[1])[:COVISIT_MAX_NEIGHBOURS]
+            self.neighbours[item_id] = dict(kept)
+        self.dirty.add(item_id)
+
+    def top(self, item_id: str, k: int) -> list[tuple[str, float]]:
+        row = self.neighbours.get(item_id, {})
+        return sorted(row.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+
+    def load(self, item_id: str, blob: bytes) -> None:
+        self.neighbours[item_id] = dict(orjson.loads(blob))
+
+    def dump(self, item_id: str) -> bytes:
+        return orjson.dumps(self.top(item_id, COVISIT_MAX_NEIGHBOURS))
+
+
+def context_keys(ts: float, city: str | None, device: str | None, utc_offset_min: int | None) -> list[str]:
+    part = daypart(local_time(ts, zone_for(city, utc_offset_min)).hour)
+    keys = [GLOBAL_CONTEXT, f"daypart:{part}"]
+    if city:
+        keys += [f"city:{city.lower()}", f"city:{city.lower()}|daypart:{part}"]
+    if device:
+        keys.append(f"device:{device}")
+    return keys
+
+
+class ContextPopularity:
+    """Per context key: item -> [decayed score, last update ts]."""
+
+    def __init__(self) -> None:
+        self.scores: dict[str, dict[str, list[float]]] = {}
+        self.dirty: set[str] = set()
+
+    def observe(self, keys: Iterable[str], item_id: str, weight: float, ts: float) -> None:
+        for key in keys:
+            row = self.scores.setdefault(key, {})
+            score, last = row.get(item_id, (0.0, ts))
+            row[item_id] = [score * math.pow(0.5, max(ts - last, 0.0) / POPULARITY_HALF_LIFE_S) + weight, ts]
+            if len(row) > 2 * POPULARITY_MAX_ITEMS:
+                self.scores[key] = dict(self._ranked(row, ts)[:POPULARITY_MAX_ITEMS])
+            self.dirty.add(key)
+
+    @staticmethod
+    def _ranked(row: dict[str, list[float]], now: float) -> list[tuple[str, list[float]]]:
+        def decayed(entry: list[float]) -> float:
+            return entry[0] * math.pow(0.5, max(now - entry[1], 0.0) / POPULARITY_HALF_LIFE_S)
+
+        return sorted(row.items(), key=lambda kv: -decayed(kv[1]))
+
+    def top(self, key: str, now: float, k: int) -> list[tuple[str, float]]:
+        row = self.scores.get(key, {})
+        ranked = self._ranked(row, now)[:k]
+        return [
+            (item, entry[0] * math.pow(0.5, max(now - entry[1], 0.0) / POPULARITY_HALF_LIFE_S))
+            for item, entry in ranked
+        ]
+
+    def load(self, key: str, blob: bytes) -> None:
+        self.scores[key] = {item: list(entry) for item, entry in orjson.loads(blob).items()}
+
+    def dump(self, key: str) -> bytes:
+        row = self.scores.get(key, {})
+        newest = max((entry[1] for entry in row.values()), default=0.0)
+        return orjson.dumps(dict(self._ranked(row, newest)[:POPULARITY_MAX_ITEMS]))

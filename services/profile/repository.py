@@ -1,0 +1,128 @@
+"""The only module of the profile service that talks to storage (the store and Feast)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
+from feast import FeatureStore
+
+from services.common import features as F
+from services.common.catalog import CatalogItem, ItemKind
+from services.common.consent import Consent
+from services.common.feature_store import FeatureWriter, online_rows, open_feature_store, to_arrow_table
+from services.common.settings import CommonSettings
+from services.common.storage import AppendResult, LogEntry, Namespace, PendingEvent, Store, open_store
+from services.profile.aggregations import ItemInfo, ItemState, VisitorState
+from services.profile.indexes import ContextPopularity, CoVisitation
+
+log = logging.getLogger(__name__)
+AGGREGATOR_CURSOR = "aggregator"
+
+
+class ProfileRepository:
+    def __init__(self, store: Store, feature_store: FeatureStore, writer: FeatureWriter):
+        self.store = store
+        self.feature_store = feature_store
+        self.writer = writer
+
+    @classmethod
+    def open(cls, settings: CommonSettings) -> ProfileRepository:
+        store = open_store(settings)
+        feature_store = open_feature_store(settings)
+        return cls(store, feature_store, FeatureWriter(feature_store, settings.offline_dir))
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- log --------------------------------------------------------------------------------------
+    def append(self, events: Sequence[PendingEvent]) -> AppendResult:
+        return self.store.append_events(events)
+
+    def read_log(self, after: str | None, limit: int) -> list[LogEntry]:
+        return self.store.read_events(after, limit)
+
+    def cursor(self, name: str = AGGREGATOR_CURSOR) -> str | None:
+        raw = self.store.get(Namespace.CURSOR, name)
+        return raw.decode() if raw else None
+
+    def set_cursor(self, position: str, name: str = AGGREGATOR_CURSOR) -> None:
+        self.store.put(Namespace.CURSOR, name, position.encode())
+
+    # -- state ------------------------------------------------------------------------------------
+    def visitor_states(self, visitor_ids: Sequence[str]) -> dict[str, VisitorState]:
+        raws = self.store.get_many(Namespace.VISITOR_STATE, visitor_ids)
+        return {
+            vid: VisitorState.from_dict(orjson.loads(raw))
+            for vid, raw in zip(visitor_ids, raws, strict=True)
+            if raw
+        }
+
+    def save_visitor_states(self, states: Mapping[str, VisitorState], ttl_s: int | None) -> None:
+        self.store.put_many(
+            Namespace.VISITOR_STATE, {k: orjson.dumps(s.to_dict()) for k, s in states.items()}, ttl_s
+        )
+
+    def item_states(self, item_ids: Sequence[str]) -> dict[str, ItemState]:
+        raws = self.store.get_many(Namespace.ITEM_STATE, item_ids)
+        return {
+            iid: ItemState.from_dict(orjson.loads(raw))
+            for iid, raw in zip(item_ids, raws, strict=True)
+            if raw
+        }
+
+    def save_item_states(self, states: Mapping[str, ItemState]) -> None:
+        self.store.put_many(Namespace.ITEM_STATE, {k: orjson.dumps(s.to_dict()) for k, s in states.items()})
+
+    def consents(self, visitor_ids: Sequence[str]) -> dict[str, Consent]:
+        raws = self.store.get_many(Namespace.CONSENT, visitor_ids)
+        return {vid: Consent.from_bytes(raw) for vid, raw in zip(visitor_ids, raws, strict=True) if raw}
+
+    def save_consents(self, consents: Mapping[str, Consent]) -> None:
+        self.store.put_many(Namespace.CONSENT, {k: c.to_bytes() for k, c in consents.items()})
+
+    # -- catalog and indexes ------------------------------------------------------------------------
+    def catalog_info(self) -> dict[str, ItemInfo]:
+        info: dict[str, ItemInfo] = {}
+        for item_id, raw in self.store.scan(Namespace.CATALOG):
+            item = CatalogItem.model_validate_json(raw)
+            if item.kind is ItemKind.PRODUCT:
+                info[item_id] = ItemInfo(item.category, item.brand, item.price, item.discount)
+        return info
+
+    def load_indexes(self) -> tuple[CoVisitation, ContextPopularity]:
+        covisitation, popularity = CoVisitation(), ContextPopularity()
+        for item_id, raw in self.store.scan(Namespace.COVISITATION):
+            covisitation.load(item_id, raw)
+        for key, raw in self.store.scan(Namespace.POPULARITY):
+            popularity.load(key, raw)
+        return covisitation, popularity
+
+    def save_indexes(self, covisitation: CoVisitation, popularity: ContextPopularity) -> None:
+        if covisitation.dirty:
+            self.store.put_many(Namespace.COVISITATION, {i: covisitation.dump(i) for i in covisitation.dirty})
+            covisitation.dirty.clear()
+        if popularity.dirty:
+            self.store.put_many(Namespace.POPULARITY, {k: popularity.dump(k) for k in popularity.dirty})
+            popularity.dirty.clear()
+
+    # -- features ---------------------------------------------------------------------------------
+    def write_visitor_rows(
+        self, online: Sequence[Mapping[str, Any]], offline: Sequence[Mapping[str, Any]]
+    ) -> None:
+        self.writer.write(F.VISITOR_VIEW, online, offline=False)
+        if offline:
+            self.writer.append_offline(
+                F.VISITOR_VIEW, to_arrow_table(offline, F.VISITOR_KEY, F.VISITOR_FEATURES)
+            )
+
+    def write_item_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        self.writer.write(F.ITEM_VIEW, rows, offline=True)
+
+    def online_visitor(self, visitor_id: str) -> dict[str, Any]:
+        return online_rows(self.feature_store, F.VISITOR_VIEW, [visitor_id])[0]
+
+    def persona_model_blob(self) -> bytes | None:
+        return self.store.get(Namespace.PERSONAS, "current")

@@ -1,0 +1,280 @@
+"""Profile service logic: batch ingestion into the durable log, and the aggregator that folds the log into
+visitor/item state, candidate indexes and Feast feature rows."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.common import features as F
+from services.common.consent import Consent, ConsentDefaults, consent_changes_from_properties
+from services.common.errors import StorageUnavailable
+from services.common.events import Event, EventType
+from services.common.storage import AppendResult, LogEntry, PendingEvent
+from services.profile.aggregations import (
+    DAY,
+    ItemInfo,
+    ItemState,
+    SegmentRules,
+    VisitorState,
+    fold_item,
+    fold_visitor,
+    item_features,
+    visitor_features,
+)
+from services.profile.indexes import ContextPopularity, CoVisitation, context_keys
+from services.profile.repository import ProfileRepository
+
+log = logging.getLogger(__name__)
+
+EVENTS_INGESTED = Counter(
+    "selaras_events_ingested_total", "Events acknowledged into the durable log", ["type"]
+)
+EVENTS_DUPLICATE = Counter("selaras_events_duplicate_total", "Re-sent events recognised by event_id")
+EVENTS_REFUSED = Counter("selaras_events_refused_total", "Events refused, by reason", ["reason"])
+EVENTS_AGGREGATED = Counter("selaras_events_aggregated_total", "Events folded into features")
+FEATURE_WRITE_LAG = Histogram(
+    "selaras_feature_write_lag_seconds",
+    "Time from acknowledgement to the visitor's features being online",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+AGGREGATOR_BACKLOG = Gauge("selaras_aggregator_backlog_events", "Log entries not yet folded (last poll)")
+AGGREGATOR_ERRORS = Counter(
+    "selaras_aggregator_errors_total", "Micro-batches that failed and will be retried"
+)
+
+POPULARITY_WEIGHTS = {
+    EventType.PRODUCT_VIEW: 1.0,
+    EventType.ADD_TO_CART: 3.0,
+    EventType.PURCHASE: 5.0,
+    EventType.CLICK: 1.5,
+}
+
+
+def envelope(event: Event, received_at: float) -> bytes:
+    """The log entry: the event plus when it was acknowledged (for the feature-lag metric)."""
+    return orjson.dumps({"at": received_at, "event": event.model_dump(mode="json", exclude_none=True)})
+
+
+def open_envelope(raw: bytes) -> tuple[float, Event]:
+    data = orjson.loads(raw)
+    return float(data["at"]), Event.model_validate(data["event"])
+
+
+class IngestService:
+    def __init__(self, repository: ProfileRepository):
+        self.repository = repository
+
+    def ingest(self, events: Sequence[Event]) -> AppendResult:
+        """Append validated events to the durable log. Raises StorageUnavailable: nothing is acknowledged."""
+        now = time.time()
+        pending = [PendingEvent(e.event_id, e.visitor_id, envelope(e, now)) for e in events]
+        # An event id repeated inside one batch counts as a duplicate, like a re-sent one.
+        try:
+            result = self.repository.append(pending)
+        except StorageUnavailable:
+            EVENTS_REFUSED.labels("storage_unavailable").inc(len(events))
+            raise
+        accepted = set(result.accepted_ids)
+        for event in events:
+            if event.event_id in accepted:
+                EVENTS_INGESTED.labels(event.type.value).inc()
+                accepted.discard(event.event_id)
+        if result.duplicates:
+            EVENTS_DUPLICATE.inc(result.duplicates)
+        return result
+
+
+def position_key(position: str) -> tuple[int, int]:
+    """Log positions ordered: Redis stream ids ("ms-seq") and SQLite row ids ("123")."""
+    head, _, tail = position.partition("-")
+    return int(head), int(tail or 0)
+
+
+@dataclass
+class BatchOutcome:
+    events: int = 0
+    visitors: int = 0
+    items: int = 0
+    lag_s: list[float] = field(default_factory=list)
+
+
+class Aggregator:
+    """Single consumer of the log. At-least-once: a visitor's state remembers the last position it folded,
+    so a batch replayed after a crash does not count anything twice."""
+
+    def __init__(
+        self,
+        repository: ProfileRepository,
+        rules: SegmentRules,
+        consent_defaults: ConsentDefaults,
+        offline_rows: bool = True,
+        retention_s: int | None = None,
+        persona_assigner: Callable[[Mapping[str, Any]], int] | None = None,
+    ):
+        self.repository = repository
+        self.rules = rules
+        self.consent_defaults = consent_defaults
+        self.offline_rows = offline_rows
+        self.retention_s = retention_s
+        self.persona_assigner = persona_assigner
+        self.catalog: dict[str, ItemInfo] = {}
+        self._catalog_loaded_at = 0.0
+        self.covisitation = CoVisitation()
+        self.popularity = ContextPopularity()
+        self._indexes_loaded = False
+        self.item_cache: dict[str, ItemState] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_error: str | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def start(self, batch_size: int, idle_s: float) -> None:
+        self._thread = threading.Thread(
+            target=self._loop, args=(batch_size, idle_s), name="aggregator", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self, batch_size: int, idle_s: float) -> None:
+        backoff = idle_s
+        while not self._stop.is_set():
+            try:
+                outcome = self.run_once(batch_size)
+                self.last_error = None
+                backoff = idle_s
+                if outcome.events == 0:
+                    self._stop.wait(idle_s)
+            except Exception as exc:  # keep consuming after Redis/Feast hiccups; the batch is retried
+                AGGREGATOR_ERRORS.inc()
+                self.last_error = type(exc).__name__
+                log.warning("aggregator batch failed, retrying: %s", type(exc).__name__)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    # -- the fold -----------------------------------------------------------------------------------
+    def refresh_catalog(self, force: bool = False) -> None:
+        if force or time.monotonic() - self._catalog_loaded_at > 30:
+            self.catalog = self.repository.catalog_info()
+            self._catalog_loaded_at = time.monotonic()
+
+    def run_once(self, batch_size: int) -> BatchOutcome:
+        if not self._indexes_loaded:
+            self.covisitation, self.popularity = self.repository.load_indexes()
+            self._indexes_loaded = True
+        self.refresh_catalog()
+        cursor = self.repository.cursor()
+        entries = self.repository.read_log(cursor, batch_size)
+        if not entries:
+            AGGREGATOR_BACKLOG.set(0)
+            return BatchOutcome()
+        outcome = self.fold_entries(entries)
+        self.repository.set_cursor(entries[-1].position)
+        if len(entries) == batch_size:
+            AGGREGATOR_BACKLOG.set(batch_size)
+        else:
+            AGGREGATOR_BACKLOG.set(0)
+        return outcome
+
+    def fold_entries(self, entries: Sequence[LogEntry]) -> BatchOutcome:
+        decoded = [(entry.position, *open_envelope(entry.payload)) for entry in entries]
+        visitor_ids = sorted({event.visitor_id for _, _, event in decoded})
+        states = self.repository.visitor_states(visitor_ids)
+        consents = self.repository.consents(visitor_ids)
+        changed_consents: dict[str, Consent] = {}
+        item_ids = sorted({event.item_id for _, _, event in decoded if event.item_id} - set(self.item_cache))
+        if item_ids:
+            self.item_cache.update(self.repository.item_states(item_ids))
+
+        touched_visitors: dict[str, VisitorState] = {}
+        touched_items: dict[str, ItemState] = {}
+        offline: list[dict[str, Any]] = []
+        received: dict[str, float] = {}
+        for position, received_at, event in decoded:
+            if event.type is EventType.PROFILE_UPDATE:
+                changes = consent_changes_from_properties(event.properties)
+                if changes:
+                    merged = consents.get(event.visitor_id, Consent()).merged(changes, event.ts)
+                    consents[event.visitor_id] = changed_consents[event.visitor_id] = merged
+            self._fold_item_side(event, touched_items)
+            consent = consents.get(event.visitor_id, Consent())
+            if not consent.allows("personalization", self.consent_defaults):
+                continue  # no behavioural profile without consent (item statistics are anonymous)
+            state = states.get(event.visitor_id) or VisitorState(event.visitor_id)
+            if state.applied_position and position_key(position) <= position_key(state.applied_position):
+                continue  # already folded before a crash: at-least-once delivery, exactly-once effect
+            previous_items = list(state.recent_items)
+            if not fold_visitor(state, event, self.catalog.get(event.item_id or "")):
+                continue
+            state.applied_position = position
+            states[event.visitor_id] = touched_visitors[event.visitor_id] = state
+            received[event.visitor_id] = received_at
+            self._fold_indexes(event, state, previous_items)
+            if self.offline_rows:
+                offline.append(self._row(state, event.ts))
+
+        online = [self._row(state, state.last_seen) for state in touched_visitors.values()]
+        item_rows = [
+            {F.ITEM_KEY: item_id, F.TIMESTAMP_FIELD: _utc(state.last_ts), **item_features(state)}
+            for item_id, state in touched_items.items()
+        ]
+        # Order matters for recovery: state and features first, the cursor last (in run_once).
+        self.repository.write_visitor_rows(online, offline)
+        self.repository.write_item_rows(item_rows)
+        self.repository.save_visitor_states(touched_visitors, self.retention_s)
+        self.repository.save_item_states(touched_items)
+        self.repository.save_indexes(self.covisitation, self.popularity)
+        if changed_consents:
+            self.repository.save_consents(changed_consents)
+        now = time.time()
+        lags = [now - at for at in received.values()]
+        for lag in lags:
+            FEATURE_WRITE_LAG.observe(lag)
+        EVENTS_AGGREGATED.inc(len(entries))
+        return BatchOutcome(len(entries), len(touched_visitors), len(touched_items), lags)
+
+    def _row(self, state: VisitorState, at: float) -> dict[str, Any]:
+        row = visitor_features(state, self.rules, at)
+        if self.persona_assigner is not None and row["event_count"]:
+            row["persona_id"] = self.persona_assigner(row)
+            state.persona_id = row["persona_id"]
+        row[F.VISITOR_KEY] = state.visitor_id
+        row[F.TIMESTAMP_FIELD] = _utc(at)
+        return row
+
+    def _fold_item_side(self, event: Event, touched: dict[str, ItemState]) -> None:
+        if not event.item_id:
+            return
+        state = self.item_cache.get(event.item_id) or ItemState(event.item_id)
+        if fold_item(state, event):
+            self.item_cache[event.item_id] = touched[event.item_id] = state
+
+    def _fold_indexes(self, event: Event, state: VisitorState, previous_items: list[str]) -> None:
+        weight = POPULARITY_WEIGHTS.get(event.type)
+        if weight is None or not event.item_id:
+            return
+        keys = context_keys(event.ts, state.city, event.context.device, state.utc_offset_min)
+        self.popularity.observe(keys, event.item_id, weight, event.ts)
+        if event.type in (EventType.PRODUCT_VIEW, EventType.ADD_TO_CART) and previous_items:
+            if state.last_seen - event.ts < DAY:
+                self.covisitation.observe(previous_items, event.item_id, weight)
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=UTC)

@@ -1,0 +1,36 @@
+"""Profile service settings (env prefix PROFILE_; shared values come from SELARAS_* / REDIS_URL)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import CommonSettings
+
+
+class ProfileSettings(CommonSettings):
+    model_config = SettingsConfigDict(env_prefix="PROFILE_", extra="ignore", populate_by_name=True)
+
+    host: str = "127.0.0.1"
+    port: int = 8001
+    max_batch_events: int = Field(default=1000, ge=1, le=10_000)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # Aggregator: how many log entries one micro-batch folds, and how long it sleeps when idle.
+    aggregator_batch: int = Field(default=2000, ge=1, le=50_000)
+    aggregator_idle_s: float = Field(default=0.02, gt=0, le=5)
+    aggregator_enabled: bool = True
+    # Write every event's feature row to the offline store (point-in-time training data).
+    offline_rows: bool = True
+    # Lifecycle thresholds (days) and RFM value tiers (IDR).
+    active_within_days: float = 14.0
+    at_risk_after_days: float = 30.0
+    dormant_after_days: float = 60.0
+    new_within_days: float = 7.0
+    loyal_min_purchases: int = 3
+    value_tier_mid_idr: float = 500_000.0
+    value_tier_high_idr: float = 3_000_000.0
+    # Default consent per purpose when a visitor said nothing: "opt_out" = allowed until refused.
+    consent_personalization: str = Field(default="opt_out", pattern="^(opt_in|opt_out)$")
+    consent_analytics: str = Field(default="opt_out", pattern="^(opt_in|opt_out)$")
+    consent_marketing: str = Field(default="opt_in", pattern="^(opt_in|opt_out)$")
+    retention_days: int = Field(default=395, ge=1)
