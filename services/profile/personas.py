@@ -331,21 +331,22 @@ class TopTrait(TypedDict):
 
 
 def _num(row: Mapping[str, object], key: str) -> float:
-    """A numeric feature as float; missing, None, NaN and non-numbers all read as NaN."""
-    value = row.get(key)
+    """A numeric feature as float; missing, None, NaN, ±inf and non-numbers all read as NaN."""
+    return _as_float(row.get(key))
+
+
+def _as_float(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
         return math.nan
-    return float(value)
+    number = float(value)
+    return number if math.isfinite(number) else math.nan
 
 
 def _floats(row: Mapping[str, object], key: str) -> list[float]:
     value = row.get(key)
     if not isinstance(value, Sequence | np.ndarray) or isinstance(value, str):
         return []
-    out: list[float] = []
-    for v in value:
-        out.append(float(v) if isinstance(v, int | float | np.integer | np.floating) else math.nan)
-    return out
+    return [_as_float(v) for v in value]
 
 
 def _strs(row: Mapping[str, object], key: str) -> list[str]:
@@ -395,6 +396,7 @@ def _daypart_shares(row: Mapping[str, object]) -> list[float]:
 def _trait_row(row: Mapping[str, object]) -> list[float]:
     views = _num(row, "views_30d")
     device = row.get("preferred_device")
+    device = device if isinstance(device, str) else ""
     if device in MOBILE_DEVICES:
         mobile = 1.0
     elif device in DESKTOP_DEVICES:
@@ -835,6 +837,9 @@ def fit_personas(
     """
     if len(k_range) == 0 or min(k_range) < 2:
         raise ValueError("k_range must contain values >= 2")
+    if previous is not None and previous.trait_names != list(TRAIT_NAMES):
+        # Centres over other traits cannot be compared; ids start afresh (fit without `previous`).
+        raise ValueError("previous persona model was fitted on other traits; fit without previous")
     full, _ = behaviour_matrix(rows)
     matrix = full[active_mask(rows)]
     n = matrix.shape[0]
@@ -933,7 +938,9 @@ def movement_report(
     Returns {"n", "transitions": {old_id: {new_id: count}}, "stayed", "stayed_share",
     "stayed_share_by_old": {old_id: share}, "retired_ids", "new_ids"}. Ids are strings so the report is JSON.
     """
-    matrix, _ = behaviour_matrix(rows)
+    matrix, names = behaviour_matrix(rows)
+    if old_model.trait_names != names or new_model.trait_names != names:
+        raise ValueError("persona models were fitted on other traits; refit them with this code version")
     old_ids = old_model.assign_matrix(matrix)
     new_ids = new_model.assign_matrix(matrix)
     transitions: dict[str, dict[str, int]] = {}

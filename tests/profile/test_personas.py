@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sklearn.metrics import adjusted_rand_score
 
 from services.common.features import VISITOR_FEATURES, default_value
@@ -189,6 +191,29 @@ def test_behaviour_matrix_is_interpretable_and_tolerates_missing_values() -> Non
     assert np.nanmin(shares) >= 0.0
 
 
+junk = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=5),
+    st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=3)), max_size=30),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.dictionaries(st.sampled_from(sorted(VISITOR_FEATURES)), junk, max_size=12), max_size=5))
+def test_junk_rows_never_break_assignment(
+    five: tuple[PersonaModel, list[Row], list[str]], rows: list[dict[str, object]]
+) -> None:
+    model = five[0]
+    matrix, _ = behaviour_matrix(rows)
+    assert matrix.shape == (len(rows), len(TRAIT_NAMES))
+    assert not np.isinf(matrix).any()
+    assert np.isfinite(model.transform(matrix)).all()
+    assert set(model.assign(rows).tolist()) <= set(model.persona_ids)
+
+
 def test_category_groups() -> None:
     assert category_group("fashion-wanita") == "fashion_beauty"
     assert category_group("kecantikan") == "fashion_beauty"
@@ -292,9 +317,21 @@ def test_movement_report_counts_add_up(five: tuple[PersonaModel, list[Row], list
     assert total == report["n"] == len(rows)
     stayed = sum(to.get(frm, 0) for frm, to in transitions.items())
     assert stayed == report["stayed"]
-    assert report["stayed_share"] == pytest.approx(stayed / len(rows))
-    assert report["stayed_share"] >= 0.9  # the four kept types keep their ids
+    stayed_share = report["stayed_share"]
+    assert isinstance(stayed_share, float)
+    assert stayed_share == pytest.approx(stayed / len(rows))
+    assert stayed_share >= 0.9  # the four kept types keep their ids
     assert report["retired_ids"] == new.retired_ids
+
+
+def test_everyone_gets_a_persona_even_inactive_or_unknown(
+    five: tuple[PersonaModel, list[Row], list[str]],
+) -> None:
+    model, rows, labels = five
+    inactive = [r for r, lab in zip(rows, labels, strict=True) if lab == "inactive"]
+    assigned = model.assign([*inactive, {}])
+    assert set(assigned.tolist()) <= set(model.persona_ids)
+    assert model.assign([]).shape == (0,)
 
 
 def test_json_round_trip_assigns_identically(five: tuple[PersonaModel, list[Row], list[str]]) -> None:
@@ -359,3 +396,7 @@ def test_model_from_other_traits_is_rejected(five: tuple[PersonaModel, list[Row]
     other.trait_names = [*other.trait_names[:-1], "something_else"]
     with pytest.raises(ValueError, match="other traits"):
         other.assign(rows[:1])
+    with pytest.raises(ValueError, match="other traits"):
+        fit_personas(rows, previous=other)
+    with pytest.raises(ValueError, match="other traits"):
+        movement_report(other, model, rows)
