@@ -1,0 +1,363 @@
+"""Experiment statistics from per-arm sufficient statistics (pure numpy/scipy, no I/O).
+
+Unit of randomization and analysis is the visitor: every sum below is over visitors, with x the
+visitor's metric value (or numerator, e.g. clicks) and y the denominator of a ratio metric
+(e.g. impressions). Degenerate inputs never raise: results carry NaN fields and a `reason`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+from scipy import special
+
+NAN = math.nan
+# Below these the delta-method interval for a relative uplift under-covers (91.9% nominal-95% at
+# p=2%, 500/arm), so "auto" switches to the log-ratio interval.
+SMALL_SAMPLE_PER_ARM = 5000
+LOW_BASE_RATE = 0.02
+DEFAULT_PLANNED_N = 5000
+SRM_P_THRESHOLD = 0.001
+SRM_MIN_EXPECTED_PER_ARM = 8.0
+
+Method = Literal["auto", "delta", "log_ratio"]
+
+
+@dataclass(frozen=True)
+class ArmSums:
+    """Sufficient statistics of one arm for one metric; all fields are additive across shards."""
+
+    n: float = 0.0
+    sum_x: float = 0.0
+    sum_x2: float = 0.0
+    sum_y: float = 0.0
+    sum_y2: float = 0.0
+    sum_xy: float = 0.0
+
+    def merge(self, other: ArmSums) -> ArmSums:
+        """Sums of the union of two disjoint visitor sets (e.g. two shards or two days)."""
+        return ArmSums(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+    def __add__(self, other: ArmSums) -> ArmSums:
+        return self.merge(other)
+
+    def apply(self, increments: Mapping[str, float]) -> ArmSums:
+        """Add an increment dict (as returned by `update_increments`)."""
+        return self.merge(ArmSums(**increments))
+
+    @classmethod
+    def from_values(cls, x: ArrayLike, y: ArrayLike | None = None) -> ArmSums:
+        """Batch sums from per-visitor values (y = per-visitor denominators for ratio metrics)."""
+        xs = np.asarray(x, dtype=float).ravel()
+        ys = np.zeros_like(xs) if y is None else np.asarray(y, dtype=float).ravel()
+        if xs.shape != ys.shape:
+            raise ValueError(f"x and y must have the same length, got {xs.size} and {ys.size}")
+        return cls(
+            n=float(xs.size),
+            sum_x=float(xs.sum()),
+            sum_x2=float(np.dot(xs, xs)),
+            sum_y=float(ys.sum()),
+            sum_y2=float(np.dot(ys, ys)),
+            sum_xy=float(np.dot(xs, ys)),
+        )
+
+    @staticmethod
+    def update_increments(
+        x_old: float, y_old: float, dx: float, dy: float = 0.0, new_visitor: bool = False
+    ) -> dict[str, float]:
+        """Increments to the sums when one visitor's running (x, y) becomes (x+dx, y+dy).
+
+        The visitor's running x, y live in Redis; only these deltas touch the shared sums, and for
+        non-negative metrics with non-negative deltas every increment is >= 0 (Prometheus counters).
+        """
+        return {
+            "n": 1.0 if new_visitor else 0.0,
+            "sum_x": dx,
+            "sum_x2": 2.0 * x_old * dx + dx * dx,
+            "sum_y": dy,
+            "sum_y2": 2.0 * y_old * dy + dy * dy,
+            "sum_xy": x_old * dy + y_old * dx + dx * dy,
+        }
+
+
+def _sample_var(sum_sq: float, total: float, n: float) -> float:
+    # Clamp tiny negative values caused by cancellation in sum_sq - total^2/n.
+    return max((sum_sq - total * total / n) / (n - 1.0), 0.0)
+
+
+def mean_and_var(sums: ArmSums, ratio: bool) -> tuple[float, float]:
+    """Per-visitor mean (or ratio of means) and per-visitor variance; Var(estimate) = var / n.
+
+    For a ratio metric R = mean(x)/mean(y) the variance is the delta-method one:
+    (var_x - 2 R cov_xy + R^2 var_y) / mean(y)^2. NaN where undefined (n < 2, zero denominator).
+    """
+    n = sums.n
+    if not n > 0:
+        return NAN, NAN
+    mean_x = sums.sum_x / n
+    if ratio:
+        mean_y = sums.sum_y / n
+        if mean_y == 0.0:
+            return NAN, NAN
+        r = mean_x / mean_y
+        if n < 2:
+            return r, NAN
+        var_x = _sample_var(sums.sum_x2, sums.sum_x, n)
+        var_y = _sample_var(sums.sum_y2, sums.sum_y, n)
+        cov_xy = (sums.sum_xy - sums.sum_x * sums.sum_y / n) / (n - 1.0)
+        # Chained division: mean_y * mean_y can underflow to 0 for tiny denominators.
+        return r, max((var_x - 2.0 * r * cov_xy + r * r * var_y) / mean_y / mean_y, 0.0)
+    if n < 2:
+        return mean_x, NAN
+    return mean_x, _sample_var(sums.sum_x2, sums.sum_x, n)
+
+
+@dataclass(frozen=True)
+class UpliftResult:
+    """Treatment vs control comparison; `reason` is empty when the numbers are valid."""
+
+    uplift: float
+    ci_lower: float
+    ci_upper: float
+    p_value: float
+    std_error: float
+    df: float
+    method: str
+    chance_to_win: float
+    control_mean: float
+    treatment_mean: float
+    reason: str = ""
+
+    @property
+    def significant(self) -> bool:
+        """True when the interval excludes zero (NaN intervals are never significant)."""
+        return self.ci_lower > 0.0 or self.ci_upper < 0.0
+
+
+@dataclass(frozen=True)
+class AlwaysValidResult:
+    """Peeking-safe interval for the relative uplift; valid at every look."""
+
+    uplift: float
+    ci_lower: float
+    ci_upper: float
+    std_error: float
+    n_total: float
+    reason: str = ""
+
+    @property
+    def significant(self) -> bool:
+        return self.ci_lower > 0.0 or self.ci_upper < 0.0
+
+
+def _invalid(method: str, control_mean: float, treatment_mean: float, reason: str) -> UpliftResult:
+    return UpliftResult(NAN, NAN, NAN, NAN, NAN, NAN, method, NAN, control_mean, treatment_mean, reason)
+
+
+def _expm1(v: float) -> float:
+    # math.exp raises OverflowError past ~709; an unbounded interval end is just +inf.
+    return math.inf if v > 700.0 else math.expm1(v)
+
+
+def _welch_df(var_a: float, n_a: float, var_b: float, n_b: float) -> float:
+    """Welch–Satterthwaite df for an estimate whose variance is var_a + var_b."""
+    denom = var_a * var_a / (n_a - 1.0) + var_b * var_b / (n_b - 1.0)
+    if not denom > 0.0:
+        return NAN
+    total = var_a + var_b
+    return total * total / denom
+
+
+def _input_problem(control: ArmSums, treatment: ArmSums, alpha: float, ratio: bool) -> str:
+    if not 0.0 < alpha < 1.0:
+        return f"alpha must be in (0, 1), got {alpha}"
+    if not (control.n >= 2 and treatment.n >= 2):
+        return f"need at least 2 visitors per arm (control n={control.n:g}, treatment n={treatment.n:g})"
+    if ratio and (control.sum_y == 0.0 or treatment.sum_y == 0.0):
+        return "zero denominator total in an arm"
+    return ""
+
+
+def _t_test(
+    estimate: float, var_t: float, n_t: float, var_c: float, n_c: float, alpha: float
+) -> tuple[float, float, float, float, float]:
+    """Welch t on an estimate with variance var_t + var_c: (se, df, q, p, normal chance_to_win)."""
+    se = math.sqrt(var_t + var_c)
+    df = _welch_df(var_t, n_t, var_c, n_c)
+    if not (se > 0.0 and math.isfinite(df)):
+        return se, df, NAN, NAN, NAN
+    q = float(special.stdtrit(df, 1.0 - alpha / 2.0))
+    z = estimate / se
+    p = 2.0 * float(special.stdtr(df, -abs(z)))
+    return se, df, q, p, float(special.ndtr(z))
+
+
+def relative_uplift(
+    control: ArmSums,
+    treatment: ArmSums,
+    ratio: bool = False,
+    alpha: float = 0.05,
+    method: Method = "auto",
+) -> UpliftResult:
+    """Relative uplift (mT - mC)/|mC| with a Welch t interval and p-value.
+
+    "delta": delta-method variance on the relative scale. "log_ratio": interval
+    r·exp(±q·se_log) - 1 on the log of r = mT/mC (needs positive means). "auto" uses log-ratio under
+    ~5k visitors per arm or a control rate < 2%, where the delta interval under-covers.
+    std_error is always the delta-method SE of the relative uplift; chance_to_win assumes higher is better.
+    """
+    mc, vc = mean_and_var(control, ratio)
+    mt, vt = mean_and_var(treatment, ratio)
+    problem = _input_problem(control, treatment, alpha, ratio)
+    if problem:
+        return _invalid(method, mc, mt, problem)
+    if mc == 0.0:
+        return _invalid(method, mc, mt, "zero control mean: relative uplift undefined")
+    if method not in ("auto", "delta", "log_ratio"):
+        return _invalid(method, mc, mt, f"unknown method {method!r}")
+    nc, nt = control.n, treatment.n
+    uplift = (mt - mc) / abs(mc)
+    # Delta method: Var(Δr) = σT²/(nT μC²) + σC² μT²/(nC μC⁴), written as chained divisions so
+    # extreme means overflow to inf/NaN instead of raising (float ** raises, / does not).
+    ratio_tc = mt / mc
+    var_t_delta = vt / nt / mc / mc
+    var_c_delta = vc / nc * ratio_tc * ratio_tc / mc / mc
+    delta_se = math.sqrt(var_t_delta + var_c_delta)
+
+    positive = mc > 0.0 and mt > 0.0
+    chosen: str = method
+    if method == "auto":
+        small = min(nc, nt) < SMALL_SAMPLE_PER_ARM or 0.0 < mc < LOW_BASE_RATE
+        # The log-ratio needs both means positive; otherwise the delta interval is all we have.
+        chosen = "log_ratio" if small and positive else "delta"
+    elif method == "log_ratio" and not positive:
+        return _invalid(method, mc, mt, "log-ratio interval needs positive means in both arms")
+
+    if chosen == "delta":
+        se, df, q, p, ctw = _t_test(uplift, var_t_delta, nt, var_c_delta, nc, alpha)
+        lower, upper = uplift - q * se, uplift + q * se
+    else:
+        log_r = math.log(mt) - math.log(mc)
+        se, df, q, p, ctw = _t_test(log_r, vt / nt / mt / mt, nt, vc / nc / mc / mc, nc, alpha)
+        lower, upper = _expm1(log_r - q * se), _expm1(log_r + q * se)
+    reason = "" if se > 0.0 and math.isfinite(p) else "zero or undefined variance"
+    return UpliftResult(uplift, lower, upper, p, delta_se, df, chosen, ctw, mc, mt, reason)
+
+
+def absolute_difference(
+    control: ArmSums, treatment: ArmSums, ratio: bool = False, alpha: float = 0.05
+) -> UpliftResult:
+    """Welch t-test on mT - mC (same as scipy.stats.ttest_ind(equal_var=False) for means)."""
+    mc, vc = mean_and_var(control, ratio)
+    mt, vt = mean_and_var(treatment, ratio)
+    problem = _input_problem(control, treatment, alpha, ratio)
+    if problem:
+        return _invalid("welch_absolute", mc, mt, problem)
+    diff = mt - mc
+    se, df, q, p, ctw = _t_test(diff, vt / treatment.n, treatment.n, vc / control.n, control.n, alpha)
+    reason = "" if se > 0.0 and math.isfinite(p) else "zero or undefined variance"
+    return UpliftResult(diff, diff - q * se, diff + q * se, p, se, df, "welch_absolute", ctw, mc, mt, reason)
+
+
+def always_valid_interval(
+    control: ArmSums,
+    treatment: ArmSums,
+    ratio: bool = False,
+    alpha: float = 0.05,
+    planned_n: float = DEFAULT_PLANNED_N,
+) -> AlwaysValidResult:
+    """Asymptotic confidence sequence (Waudby-Smith et al., as in GrowthBook) for the relative uplift.
+
+    Valid under continuous peeking: N = nC + nT, σ̂ = delta-method SE, and
+    half-width = σ̂·√N·√(2(Nρ²+1)/(N²ρ²)·ln(√(Nρ²+1)/α)) with ρ tuned so the interval is
+    tightest around N = planned_n.
+    """
+    base = relative_uplift(control, treatment, ratio, alpha, method="delta")
+    n_total = control.n + treatment.n
+    if base.reason:
+        return AlwaysValidResult(base.uplift, NAN, NAN, base.std_error, n_total, base.reason)
+    if not planned_n > 0:
+        return AlwaysValidResult(base.uplift, NAN, NAN, base.std_error, n_total, "planned_n must be > 0")
+    log_term = -2.0 * math.log(alpha)
+    rho2 = (log_term + math.log(log_term + 1.0)) / planned_n
+    n_rho2 = n_total * rho2
+    width_factor = math.sqrt(
+        2.0 * (n_rho2 + 1.0) / (n_total * n_total * rho2) * math.log(math.sqrt(n_rho2 + 1.0) / alpha)
+    )
+    half = base.std_error * math.sqrt(n_total) * width_factor
+    return AlwaysValidResult(base.uplift, base.uplift - half, base.uplift + half, base.std_error, n_total)
+
+
+def srm_check(counts: Sequence[float], weights: Sequence[float]) -> tuple[float, float, bool]:
+    """Sample-ratio mismatch: (chi2, p_value, flagged) against the configured weights.
+
+    Flags at p < 0.001 once every arm expects >= 8 visitors (where the chi-square approximation
+    holds); expected counts are used rather than observed so a dead arm with 0 visitors is flagged.
+    Arms with zero weight are left out. Invalid input gives (NaN, NaN, False).
+    """
+    c = np.asarray(counts, dtype=float).ravel()
+    w = np.asarray(weights, dtype=float).ravel()
+    if c.shape != w.shape or not (np.all(np.isfinite(c)) and np.all(np.isfinite(w))):
+        return NAN, NAN, False
+    if np.any(c < 0) or np.any(w < 0):
+        return NAN, NAN, False
+    keep = w > 0
+    c, w = c[keep], w[keep]
+    total = float(c.sum())
+    if c.size < 2 or total <= 0:
+        return NAN, NAN, False
+    expected = total * w / w.sum()
+    chi2 = float(np.sum((c - expected) ** 2 / expected))
+    p_value = float(special.chdtrc(c.size - 1, chi2))
+    flagged = p_value < SRM_P_THRESHOLD and float(expected.min()) >= SRM_MIN_EXPECTED_PER_ARM
+    return chi2, p_value, flagged
+
+
+def _finite_family(p_values: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
+    p = np.asarray(p_values, dtype=float).ravel()
+    # NaN p-values (degenerate comparisons) are not tests: they neither count in the family size
+    # nor get rejected.
+    return p, np.isfinite(p)
+
+
+def benjamini_hochberg(p_values: ArrayLike, q: float = 0.05) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
+    """BH step-up adjusted p-values and the reject mask at FDR q (used across segments)."""
+    p, valid = _finite_family(p_values)
+    adjusted = np.full(p.shape, NAN)
+    pv = np.clip(p[valid], 0.0, 1.0)
+    m = pv.size
+    if m:
+        order = np.argsort(pv)
+        scaled = pv[order] * m / np.arange(1, m + 1)
+        # Step-up: each adjusted value is the min over all larger ranks.
+        adj_sorted = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
+        adj = np.empty(m)
+        adj[order] = adj_sorted
+        adjusted[valid] = adj
+    reject = np.zeros(p.shape, dtype=bool)
+    reject[valid] = adjusted[valid] <= q
+    return adjusted, reject
+
+
+def holm(p_values: ArrayLike, alpha: float = 0.05) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
+    """Holm step-down adjusted p-values and reject mask at FWER alpha (goal metrics × arms)."""
+    p, valid = _finite_family(p_values)
+    adjusted = np.full(p.shape, NAN)
+    pv = np.clip(p[valid], 0.0, 1.0)
+    m = pv.size
+    if m:
+        order = np.argsort(pv)
+        scaled = pv[order] * (m - np.arange(m))
+        # Step-down: adjusted values are monotone non-decreasing in rank.
+        adj_sorted = np.minimum(np.maximum.accumulate(scaled), 1.0)
+        adj = np.empty(m)
+        adj[order] = adj_sorted
+        adjusted[valid] = adj
+    reject = np.zeros(p.shape, dtype=bool)
+    reject[valid] = adjusted[valid] <= alpha
+    return adjusted, reject

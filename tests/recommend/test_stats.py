@@ -1,0 +1,501 @@
+"""Experiment statistics: golden values, streaming/shard equivalence, and calibration by simulation.
+
+Simulations are vectorised (per-arm sums drawn directly with numpy) and seeded, so the file is
+deterministic. Measured rates are printed (`pytest -s`) and included in assertion messages.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.weightstats import CompareMeans, DescrStatsW
+
+from services.recommend.stats import (
+    ArmSums,
+    absolute_difference,
+    always_valid_interval,
+    benjamini_hochberg,
+    holm,
+    mean_and_var,
+    relative_uplift,
+    srm_check,
+)
+
+ALPHA = 0.05
+TOLERANCE = 0.015  # ±1.5 points around the nominal rate
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers: vectorised generation of per-arm sums for many experiments at once
+# ---------------------------------------------------------------------------------------------
+
+
+def _bernoulli_arms(rng: np.random.Generator, n: int, p: float, sims: int) -> list[ArmSums]:
+    # For a 0/1 metric the sum and the sum of squares are both the conversion count.
+    k = rng.binomial(n, p, size=sims)
+    return [ArmSums(n=n, sum_x=float(c), sum_x2=float(c)) for c in k]
+
+
+def _ctr_arms(
+    rng: np.random.Generator, n: int, sims: int, ctr_scale: float = 1.0, chunk: int = 250
+) -> list[ArmSums]:
+    """Ratio metric clicks/impressions with per-visitor impression counts and per-visitor CTR."""
+    out: list[ArmSums] = []
+    for start in range(0, sims, chunk):
+        size = (min(chunk, sims - start), n)
+        impressions = 1 + rng.poisson(2.0, size=size)
+        # Visitor-level heterogeneity (Beta(2, 18), mean 10%) makes clicks within a visitor
+        # correlated: exactly the case where the visitor-level delta method is needed.
+        ctr = np.minimum(rng.beta(2.0, 18.0, size=size) * ctr_scale, 1.0)
+        clicks = rng.binomial(impressions, ctr)
+        x = clicks.astype(float)
+        y = impressions.astype(float)
+        sx, sx2, sy, sy2, sxy = x.sum(1), (x * x).sum(1), y.sum(1), (y * y).sum(1), (x * y).sum(1)
+        out.extend(
+            ArmSums(n=n, sum_x=a, sum_x2=b, sum_y=c, sum_y2=d, sum_xy=e)
+            for a, b, c, d, e in zip(sx, sx2, sy, sy2, sxy, strict=True)
+        )
+    return out
+
+
+def _rate(flags: list[bool] | np.ndarray) -> float:
+    return float(np.mean(flags))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sufficient statistics: batch, streaming, shards
+# ---------------------------------------------------------------------------------------------
+
+
+def test_from_values_and_mean_var_match_numpy() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.exponential(3.0, size=500)
+    sums = ArmSums.from_values(x)
+    mean, var = mean_and_var(sums, ratio=False)
+    assert sums.n == 500
+    assert mean == pytest.approx(x.mean(), rel=1e-12)
+    assert var == pytest.approx(x.var(ddof=1), rel=1e-9)
+
+
+def test_ratio_variance_equals_linearisation() -> None:
+    # Delta-method Var(R)·n equals the sample variance of the linearised values (x - R y)/mean(y).
+    rng = np.random.default_rng(1)
+    y = 1 + rng.poisson(3.0, size=800)
+    x = rng.binomial(y, 0.12)
+    r, var = mean_and_var(ArmSums.from_values(x, y), ratio=True)
+    r_ref = x.sum() / y.sum()
+    linear = (x - r_ref * y) / y.mean()
+    assert r == pytest.approx(r_ref, rel=1e-12)
+    assert var == pytest.approx(linear.var(ddof=1), rel=1e-9)
+
+
+def test_shard_merge_equals_batch() -> None:
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 20, size=1000).astype(float)
+    x = rng.integers(0, 5, size=1000).astype(float)
+    batch = ArmSums.from_values(x, y)
+    shards = ArmSums.from_values(x[:337], y[:337]) + ArmSums.from_values(x[337:], y[337:])
+    assert shards == batch  # integer-valued data: sums are exact in float64
+    three = ArmSums.from_values(x[:10], y[:10]).merge(ArmSums.from_values(x[10:600], y[10:600]))
+    three = three + ArmSums.from_values(x[600:], y[600:])
+    assert three == batch
+    assert ArmSums() + batch == batch
+
+
+def _stream(events: list[tuple[int, int, int]]) -> tuple[ArmSums, dict[int, tuple[int, int]], bool]:
+    sums = ArmSums()
+    state: dict[int, tuple[int, int]] = {}
+    all_non_negative = True
+    for visitor, dx, dy in events:
+        new_visitor = visitor not in state
+        x_old, y_old = state.get(visitor, (0, 0))
+        inc = ArmSums.update_increments(x_old, y_old, dx, dy, new_visitor=new_visitor)
+        all_non_negative &= all(v >= 0 for v in inc.values())
+        sums = sums.apply(inc)
+        state[visitor] = (x_old + dx, y_old + dy)
+    return sums, state, all_non_negative
+
+
+events_strategy = st.lists(
+    st.tuples(st.integers(0, 12), st.integers(0, 7), st.integers(0, 7)), min_size=0, max_size=60
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(events=events_strategy)
+def test_streaming_increments_equal_batch_sums(events: list[tuple[int, int, int]]) -> None:
+    sums, state, all_non_negative = _stream(events)
+    xs = [v[0] for v in state.values()]
+    ys = [v[1] for v in state.values()]
+    assert sums == ArmSums.from_values(xs, ys)
+    # Non-negative metric + non-negative deltas => every increment fits a Prometheus counter.
+    assert all_non_negative
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    events=st.lists(
+        st.tuples(st.integers(0, 6), st.integers(-5, 5), st.integers(-5, 5)), min_size=1, max_size=40
+    )
+)
+def test_streaming_increments_handle_negative_deltas(events: list[tuple[int, int, int]]) -> None:
+    # Refunds/corrections: the formulas are algebraic identities, so signed deltas still match.
+    sums, state, _ = _stream(events)
+    xs = [v[0] for v in state.values()]
+    ys = [v[1] for v in state.values()]
+    assert sums == ArmSums.from_values(xs, ys)
+
+
+def test_from_values_rejects_mismatched_lengths() -> None:
+    with pytest.raises(ValueError):
+        ArmSums.from_values([1, 2, 3], [1, 2])
+
+
+# ---------------------------------------------------------------------------------------------
+# Golden values against scipy / statsmodels from the same data
+# ---------------------------------------------------------------------------------------------
+
+
+def test_absolute_difference_matches_scipy_welch_and_statsmodels() -> None:
+    rng = np.random.default_rng(3)
+    control = rng.lognormal(1.0, 0.8, size=400)
+    treatment = rng.lognormal(1.1, 1.0, size=350)
+    res = absolute_difference(ArmSums.from_values(control), ArmSums.from_values(treatment))
+    ref = scipy.stats.ttest_ind(treatment, control, equal_var=False)
+    assert res.reason == ""
+    assert res.uplift == pytest.approx(treatment.mean() - control.mean(), rel=1e-10)
+    assert res.uplift / res.std_error == pytest.approx(ref.statistic, rel=1e-8)
+    assert res.p_value == pytest.approx(ref.pvalue, rel=1e-8)
+    assert res.df == pytest.approx(ref.df, rel=1e-8)
+    lo, hi = CompareMeans(DescrStatsW(treatment), DescrStatsW(control)).tconfint_diff(
+        alpha=ALPHA, usevar="unequal"
+    )
+    assert res.ci_lower == pytest.approx(lo, rel=1e-8)
+    assert res.ci_upper == pytest.approx(hi, rel=1e-8)
+
+
+def test_relative_uplift_delta_golden() -> None:
+    rng = np.random.default_rng(4)
+    control = rng.binomial(1, 0.10, size=6000).astype(float)
+    treatment = rng.binomial(1, 0.115, size=6500).astype(float)
+    res = relative_uplift(ArmSums.from_values(control), ArmSums.from_values(treatment), method="delta")
+    mc, mt = control.mean(), treatment.mean()
+    vc, vt = control.var(ddof=1), treatment.var(ddof=1)
+    a = vt / (treatment.size * mc**2)
+    b = vc * mt**2 / (control.size * mc**4)
+    se = math.sqrt(a + b)
+    df = (a + b) ** 2 / (a**2 / (treatment.size - 1) + b**2 / (control.size - 1))
+    uplift = (mt - mc) / mc
+    q = scipy.stats.t.ppf(1 - ALPHA / 2, df)
+    assert res.method == "delta" and res.reason == ""
+    assert res.uplift == pytest.approx(uplift, rel=1e-10)
+    assert res.std_error == pytest.approx(se, rel=1e-9)
+    assert res.df == pytest.approx(df, rel=1e-9)
+    assert res.p_value == pytest.approx(2 * scipy.stats.t.sf(abs(uplift / se), df), rel=1e-8)
+    assert res.ci_lower == pytest.approx(uplift - q * se, rel=1e-9)
+    assert res.ci_upper == pytest.approx(uplift + q * se, rel=1e-9)
+    assert res.chance_to_win == pytest.approx(scipy.stats.norm.cdf(uplift / se), rel=1e-9)
+
+
+def test_relative_uplift_ratio_metric_golden() -> None:
+    rng = np.random.default_rng(5)
+    y_c = 1 + rng.poisson(3.0, size=7000)
+    y_t = 1 + rng.poisson(3.0, size=7000)
+    x_c = rng.binomial(y_c, 0.10)
+    x_t = rng.binomial(y_t, 0.11)
+    res = relative_uplift(
+        ArmSums.from_values(x_c, y_c), ArmSums.from_values(x_t, y_t), ratio=True, method="delta"
+    )
+    # Independent computation from the raw arrays via linearisation.
+    r_c, r_t = x_c.sum() / y_c.sum(), x_t.sum() / y_t.sum()
+    var_c = ((x_c - r_c * y_c) / y_c.mean()).var(ddof=1)
+    var_t = ((x_t - r_t * y_t) / y_t.mean()).var(ddof=1)
+    se = math.sqrt(var_t / (y_t.size * r_c**2) + var_c * r_t**2 / (y_c.size * r_c**4))
+    assert res.uplift == pytest.approx(r_t / r_c - 1, rel=1e-10)
+    assert res.std_error == pytest.approx(se, rel=1e-8)
+
+
+def test_log_ratio_interval_golden() -> None:
+    control = ArmSums(n=500, sum_x=10, sum_x2=10)
+    treatment = ArmSums(n=500, sum_x=14, sum_x2=14)
+    res = relative_uplift(control, treatment, method="log_ratio")
+    mc, mt = 10 / 500, 14 / 500
+    vc, vt = (10 - 10**2 / 500) / 499, (14 - 14**2 / 500) / 499
+    a, b = vt / (500 * mt**2), vc / (500 * mc**2)
+    se_log = math.sqrt(a + b)
+    df = (a + b) ** 2 / (a**2 / 499 + b**2 / 499)
+    q = scipy.stats.t.ppf(1 - ALPHA / 2, df)
+    r = mt / mc
+    assert res.method == "log_ratio"
+    assert res.uplift == pytest.approx(r - 1)
+    assert res.ci_lower == pytest.approx(r * math.exp(-q * se_log) - 1, rel=1e-9)
+    assert res.ci_upper == pytest.approx(r * math.exp(q * se_log) - 1, rel=1e-9)
+    assert res.p_value == pytest.approx(2 * scipy.stats.t.sf(abs(math.log(r)) / se_log, df), rel=1e-8)
+
+
+def test_auto_method_selection() -> None:
+    small = relative_uplift(ArmSums(1000, 100, 100), ArmSums(1000, 110, 110))
+    large = relative_uplift(ArmSums(20000, 2000, 2000), ArmSums(20000, 2100, 2100))
+    low_rate = relative_uplift(ArmSums(20000, 300, 300), ArmSums(20000, 330, 330))
+    assert (small.method, large.method, low_rate.method) == ("log_ratio", "delta", "log_ratio")
+
+
+def test_always_valid_interval_golden() -> None:
+    control = ArmSums(n=2500, sum_x=250, sum_x2=250)
+    treatment = ArmSums(n=2500, sum_x=290, sum_x2=290)
+    res = always_valid_interval(control, treatment, planned_n=5000)
+    se = relative_uplift(control, treatment, method="delta").std_error
+    big_n = 5000
+    rho2 = (-2 * math.log(ALPHA) + math.log(-2 * math.log(ALPHA) + 1)) / 5000
+    half = (
+        se
+        * math.sqrt(big_n)
+        * math.sqrt(
+            2 * (big_n * rho2 + 1) / (big_n**2 * rho2) * math.log(math.sqrt(big_n * rho2 + 1) / ALPHA)
+        )
+    )
+    assert res.uplift == pytest.approx(0.16)
+    assert res.ci_lower == pytest.approx(0.16 - half, rel=1e-10)
+    assert res.ci_upper == pytest.approx(0.16 + half, rel=1e-10)
+    # At N = N* the confidence sequence is ~3.04 SE wide each side vs 1.96 for the fixed test.
+    assert half / se == pytest.approx(3.035, abs=0.001)
+
+
+def test_srm_matches_scipy_chisquare() -> None:
+    counts = [5120, 4880, 2530]
+    weights = [0.4, 0.4, 0.2]
+    chi2, p_value, flagged = srm_check(counts, weights)
+    expected = np.array(weights) / sum(weights) * sum(counts)
+    ref = scipy.stats.chisquare(counts, expected)
+    assert chi2 == pytest.approx(ref.statistic, rel=1e-10)
+    assert p_value == pytest.approx(ref.pvalue, rel=1e-8)
+    assert flagged == (ref.pvalue < 0.001)
+
+
+def test_srm_flags_real_mismatch_and_needs_enough_visitors() -> None:
+    assert srm_check([10_000, 9_000], [0.5, 0.5])[2] is True
+    assert srm_check([10_000, 10_050], [0.5, 0.5])[2] is False
+    # p < 0.001 but fewer than 8 expected visitors per arm: not flagged yet.
+    _chi2, p_value, flagged = srm_check([12, 0], [0.5, 0.5])
+    assert p_value < 0.001 and flagged is False
+    # A dead arm in a big experiment is flagged (expected counts are large).
+    assert srm_check([1000, 0], [0.5, 0.5])[2] is True
+
+
+@pytest.mark.parametrize(
+    "p_values",
+    [
+        [0.01, 0.04, 0.03, 0.005, 0.2, 0.5, 0.049, 0.0001],
+        [0.5, 0.5, 0.5],
+        [0.001, 0.002, 0.003, 0.9, 0.04, 0.041, 0.06],
+    ],
+)
+def test_multiple_testing_matches_statsmodels(p_values: list[float]) -> None:
+    bh_adj, bh_rej = benjamini_hochberg(p_values, q=0.05)
+    ref_rej, ref_adj, _, _ = multipletests(p_values, alpha=0.05, method="fdr_bh")
+    np.testing.assert_allclose(bh_adj, ref_adj, rtol=1e-12)
+    np.testing.assert_array_equal(bh_rej, ref_rej)
+    h_adj, h_rej = holm(p_values, alpha=0.05)
+    ref_rej, ref_adj, _, _ = multipletests(p_values, alpha=0.05, method="holm")
+    np.testing.assert_allclose(h_adj, ref_adj, rtol=1e-12)
+    np.testing.assert_array_equal(h_rej, ref_rej)
+
+
+def test_multiple_testing_ignores_nan_p_values() -> None:
+    adj, rej = benjamini_hochberg([0.01, math.nan, 0.02])
+    ref = multipletests([0.01, 0.02], method="fdr_bh")[1]
+    assert math.isnan(adj[1]) and not rej[1]
+    np.testing.assert_allclose(adj[[0, 2]], ref)
+    adj, rej = holm([])
+    assert adj.size == 0 and rej.size == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Degenerate inputs never raise
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("control", "treatment", "ratio", "fragment"),
+    [
+        (ArmSums(), ArmSums(), False, "at least 2 visitors"),
+        (ArmSums(n=1, sum_x=1, sum_x2=1), ArmSums(n=10, sum_x=3, sum_x2=3), False, "at least 2 visitors"),
+        (ArmSums(n=100), ArmSums(n=100, sum_x=5, sum_x2=5), False, "zero control mean"),
+        (ArmSums(n=100, sum_x=100, sum_x2=100), ArmSums(n=100, sum_x=100, sum_x2=100), False, "variance"),
+        (ArmSums(n=100, sum_x=3, sum_x2=3), ArmSums(n=100, sum_x=3, sum_x2=3), True, "denominator"),
+    ],
+)
+def test_degenerate_inputs_give_nan_and_reason(
+    control: ArmSums, treatment: ArmSums, ratio: bool, fragment: str
+) -> None:
+    for method in ("auto", "delta", "log_ratio"):
+        res = relative_uplift(control, treatment, ratio=ratio, method=method)
+        assert fragment in res.reason, (method, res)
+        assert math.isnan(res.p_value) and not res.significant
+    assert always_valid_interval(control, treatment, ratio=ratio).reason
+    assert absolute_difference(control, treatment, ratio=ratio).reason or fragment == "zero control mean"
+
+
+def test_other_degenerate_cases() -> None:
+    ok_c, ok_t = ArmSums(1000, 100, 100), ArmSums(1000, 120, 120)
+    assert "alpha" in relative_uplift(ok_c, ok_t, alpha=0.0).reason
+    assert "unknown method" in relative_uplift(ok_c, ok_t, method="bayes").reason  # type: ignore[arg-type]
+    assert "planned_n" in always_valid_interval(ok_c, ok_t, planned_n=0).reason
+    # Zero conversions in treatment: log-ratio impossible; auto falls back to the delta interval.
+    zero_t = ArmSums(1000, 0, 0)
+    assert relative_uplift(ok_c, zero_t).method == "delta"
+    assert relative_uplift(ok_c, zero_t, method="log_ratio").reason
+    # Negative control mean: uplift is relative to |mC|.
+    neg = relative_uplift(ArmSums(100, -200, 900), ArmSums(100, -100, 500), method="delta")
+    assert neg.uplift == pytest.approx(0.5) and neg.reason == ""
+    for ratio in (False, True):
+        assert all(math.isnan(v) for v in mean_and_var(ArmSums(), ratio=ratio))
+    assert math.isnan(mean_and_var(ArmSums(n=1, sum_x=2, sum_x2=4), ratio=False)[1])
+    for bad in ([], [10], [-1, 5]):
+        chi2, p, flagged = srm_check(bad, [0.5, 0.5][: len(bad)] or [1.0])
+        assert math.isnan(chi2) and math.isnan(p) and not flagged
+    assert math.isnan(srm_check([0, 0], [0.5, 0.5])[0])
+    assert math.isnan(srm_check([5, 5], [0.5, 0.3, 0.2])[0])
+
+
+finite = st.floats(min_value=-1e300, max_value=1e300, allow_nan=False, allow_infinity=False)
+sums_strategy = st.builds(
+    ArmSums,
+    n=st.one_of(st.integers(-2, 10_000).map(float), finite),
+    sum_x=finite,
+    sum_x2=finite,
+    sum_y=finite,
+    sum_y2=finite,
+    sum_xy=finite,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(control=sums_strategy, treatment=sums_strategy, ratio=st.booleans())
+def test_garbage_sums_never_raise(control: ArmSums, treatment: ArmSums, ratio: bool) -> None:
+    for method in ("auto", "delta", "log_ratio"):
+        res = relative_uplift(control, treatment, ratio=ratio, method=method)
+        assert res.reason or math.isfinite(res.p_value)
+    always_valid_interval(control, treatment, ratio=ratio)
+    absolute_difference(control, treatment, ratio=ratio)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration by simulation
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("method", "n_per_arm"), [("delta", 6000), ("log_ratio", 1000), ("auto", 1000)])
+def test_aa_false_positive_rate_bernoulli(method: str, n_per_arm: int) -> None:
+    rng = np.random.default_rng(100 + n_per_arm)
+    sims = 4000
+    controls = _bernoulli_arms(rng, n_per_arm, 0.05, sims)
+    treatments = _bernoulli_arms(rng, n_per_arm, 0.05, sims)
+    rejections = [
+        relative_uplift(c, t, method=method).p_value < ALPHA  # type: ignore[arg-type]
+        for c, t in zip(controls, treatments, strict=True)
+    ]
+    rate = _rate(rejections)
+    print(f"A/A Bernoulli p=5%, {n_per_arm}/arm, {method}: false-positive rate {rate:.4f} over {sims}")
+    assert abs(rate - ALPHA) <= TOLERANCE, f"A/A false-positive rate {rate:.4f} ({method}, {sims} sims)"
+
+
+@pytest.fixture(scope="module")
+def ctr_aa_arms() -> tuple[list[ArmSums], list[ArmSums]]:
+    rng = np.random.default_rng(200)
+    return _ctr_arms(rng, 1500, 2000), _ctr_arms(rng, 1500, 2000)
+
+
+@pytest.mark.parametrize("method", ["delta", "log_ratio"])
+def test_aa_false_positive_rate_ratio_ctr(
+    ctr_aa_arms: tuple[list[ArmSums], list[ArmSums]], method: str
+) -> None:
+    controls, treatments = ctr_aa_arms
+    results = [
+        relative_uplift(c, t, ratio=True, method=method)  # type: ignore[arg-type]
+        for c, t in zip(controls, treatments, strict=True)
+    ]
+    assert all(r.reason == "" for r in results)
+    rate = _rate([r.p_value < ALPHA for r in results])
+    print(f"A/A CTR ratio metric, 1500/arm, {method}: false-positive rate {rate:.4f} over {len(results)}")
+    assert abs(rate - ALPHA) <= TOLERANCE, f"A/A CTR false-positive rate {rate:.4f} ({method})"
+
+
+def test_ci_coverage_bernoulli_delta() -> None:
+    rng = np.random.default_rng(300)
+    sims, n, p_c, p_t = 4000, 6000, 0.10, 0.11
+    true_uplift = p_t / p_c - 1
+    controls = _bernoulli_arms(rng, n, p_c, sims)
+    treatments = _bernoulli_arms(rng, n, p_t, sims)
+    results = [relative_uplift(c, t) for c, t in zip(controls, treatments, strict=True)]
+    assert {r.method for r in results} == {"delta"}
+    coverage = _rate([r.ci_lower <= true_uplift <= r.ci_upper for r in results])
+    print(f"coverage, Bernoulli 10% -> 11%, {n}/arm, delta: {coverage:.4f} over {sims}")
+    assert abs(coverage - 0.95) <= TOLERANCE, f"95% CI coverage {coverage:.4f}"
+
+
+def test_ci_coverage_ratio_ctr() -> None:
+    rng = np.random.default_rng(301)
+    sims, n = 2000, 1500
+    controls = _ctr_arms(rng, n, sims)
+    treatments = _ctr_arms(rng, n, sims, ctr_scale=1.10)
+    for method in ("delta", "log_ratio"):
+        results = [
+            relative_uplift(c, t, ratio=True, method=method)
+            for c, t in zip(controls, treatments, strict=True)
+        ]
+        coverage = _rate([r.ci_lower <= 0.10 <= r.ci_upper for r in results])
+        print(f"coverage, CTR +10%, {n}/arm, {method}: {coverage:.4f} over {sims}")
+        assert abs(coverage - 0.95) <= TOLERANCE, f"95% CI coverage {coverage:.4f} ({method})"
+
+
+def test_log_ratio_beats_delta_at_low_rate_small_sample() -> None:
+    # p = 2%, 500 visitors per arm: ~10 conversions per arm, a skewed ratio distribution.
+    rng = np.random.default_rng(400)
+    sims, n, p = 4000, 500, 0.02
+    controls = _bernoulli_arms(rng, n, p, sims)
+    treatments = _bernoulli_arms(rng, n, p, sims)
+    coverage: dict[str, float] = {}
+    for method in ("delta", "log_ratio"):
+        results = [relative_uplift(c, t, method=method) for c, t in zip(controls, treatments, strict=True)]
+        # Degenerate draws (zero conversions) count as misses: the method gave no interval.
+        coverage[method] = _rate([r.ci_lower <= 0.0 <= r.ci_upper for r in results])
+    print(f"coverage at p=2%, 500/arm: delta {coverage['delta']:.4f}, log-ratio {coverage['log_ratio']:.4f}")
+    msg = f"delta {coverage['delta']:.4f} vs log-ratio {coverage['log_ratio']:.4f}"
+    assert coverage["delta"] < 0.95 - TOLERANCE, f"delta should under-cover here: {msg}"
+    assert abs(coverage["log_ratio"] - 0.95) < abs(coverage["delta"] - 0.95), msg
+    assert coverage["log_ratio"] >= 0.95 - TOLERANCE, msg
+
+
+def test_peeking_naive_inflates_always_valid_does_not() -> None:
+    rng = np.random.default_rng(500)
+    sims, days, per_day, p = 2000, 28, 200, 0.10
+    conv_c = rng.binomial(per_day, p, size=(sims, days)).cumsum(axis=1)
+    conv_t = rng.binomial(per_day, p, size=(sims, days)).cumsum(axis=1)
+    naive = np.zeros(sims, dtype=bool)
+    always_valid = np.zeros(sims, dtype=bool)
+    final = np.zeros(sims, dtype=bool)
+    for i in range(sims):
+        for day in range(days):
+            n = per_day * (day + 1)
+            c = ArmSums(n=n, sum_x=float(conv_c[i, day]), sum_x2=float(conv_c[i, day]))
+            t = ArmSums(n=n, sum_x=float(conv_t[i, day]), sum_x2=float(conv_t[i, day]))
+            fixed = relative_uplift(c, t)
+            naive[i] |= fixed.p_value < ALPHA
+            always_valid[i] |= always_valid_interval(c, t, planned_n=5000).significant
+            if day == days - 1:
+                final[i] = fixed.p_value < ALPHA
+    rates = (
+        f"naive {naive.mean():.4f}, always-valid {always_valid.mean():.4f}, single look {final.mean():.4f}"
+    )
+    print(f"A/A with daily peeking over {days} looks, {sims} experiments: {rates}")
+    # Negative control: stopping at the first significant daily look inflates false positives.
+    assert naive.mean() > 0.15, f"naive peeking should be inflated: {rates}"
+    assert always_valid.mean() <= ALPHA + TOLERANCE, f"always-valid interval under peeking: {rates}"
+    assert abs(final.mean() - ALPHA) <= TOLERANCE, f"single final look: {rates}"
