@@ -91,12 +91,13 @@ def build_definitions(offline_dir: Path) -> list[Any]:
         from services.common.context import context_features as derive
 
         rows = [
-            derive(float(ts), None if offset is None else int(offset), device, channel)
-            for ts, offset, device, channel in zip(
+            derive(float(ts), None if offset is None else int(offset), device, channel, city)
+            for ts, offset, device, channel, city in zip(
                 inputs["request_ts"],
                 inputs["request_utc_offset_min"],
-                inputs["device"],
-                inputs["channel"],
+                inputs["request_device"],
+                inputs["request_channel"],
+                inputs["request_city"],
                 strict=True,
             )
         ]

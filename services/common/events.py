@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated
+
+import orjson
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
@@ -112,19 +113,11 @@ class Event(BaseModel):
         return self.timestamp.timestamp()
 
 
-def event_to_json(event: Event) -> bytes:
-    """Serialise for the durable log (compact JSON, UTC offsets preserved)."""
-    return event.model_dump_json(exclude_none=True, exclude_defaults=True).encode()
+def envelope(event: Event, received_at: float) -> bytes:
+    """A log entry: the event plus when it was acknowledged (for the feature-lag metric)."""
+    return orjson.dumps({"at": received_at, "event": event.model_dump(mode="json", exclude_none=True)})
 
 
-def event_from_json(raw: bytes | str) -> Event:
-    """Read back a logged event. The log only holds validated events, so strict parsing stays cheap."""
-    return Event.model_validate_json(raw)
-
-
-def event_dict(event: Event) -> dict[str, Any]:
-    return event.model_dump(mode="json", exclude_none=True)
-
-
-def utc_iso(moment: datetime) -> str:
-    return moment.isoformat()
+def open_envelope(raw: bytes) -> tuple[float, Event]:
+    data = orjson.loads(raw)
+    return float(data["at"]), Event.model_validate(data["event"])

@@ -104,8 +104,9 @@ ITEM_FEATURES: Final[dict[str, FeatureKind]] = {
 CONTEXT_INPUTS: Final[dict[str, FeatureKind]] = {
     "request_ts": "float",
     "request_utc_offset_min": "int",
-    "device": "str",
-    "channel": "str",
+    "request_device": "str",
+    "request_channel": "str",
+    "request_city": "str",
 }
 CONTEXT_FEATURES: Final[dict[str, FeatureKind]] = {
     "hour": "int",
@@ -156,7 +157,7 @@ RANKER_FEATURES: Final[tuple[str, ...]] = (
     "i_conversion_7d",
     "i_trend_score",
     "i_slot_ctr_7d",
-    "i_context_popularity",
+    "i_category_code",
     # visitor x item crosses
     "x_category_affinity",
     "x_brand_affinity",
@@ -167,6 +168,7 @@ RANKER_FEATURES: Final[tuple[str, ...]] = (
     "x_targeting_match",
 )
 PERSONAL_FEATURE_PREFIXES: Final = ("v_", "x_")
+CATEGORICAL_FEATURES: Final = ("v_persona_id", "v_lifecycle_code", "v_journey_code", "c_device_code", "c_channel_code", "i_category_code")
 
 LIFECYCLE_CODES: Final = {"new": 0, "active": 1, "loyal": 2, "at_risk": 3, "dormant": 4}
 JOURNEY_CODES: Final = {"awareness": 0, "consideration": 1, "decision": 2}

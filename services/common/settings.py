@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.consent import ConsentDefaults
+
 PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "secret", "dev", "test", "password"})
 
 
@@ -42,6 +44,12 @@ class CommonSettings(BaseSettings):
     # "name:scope+scope:sha256-of-key" entries, comma separated. Empty = no auth (development only).
     api_keys: str = Field(default="", validation_alias=shared("api_keys"))
     log_level: str = Field(default="INFO", validation_alias=shared("log_level"))
+    # Consent when a visitor said nothing: "opt_out" = allowed until refused, "opt_in" = refused until given.
+    consent_personalization: Literal["opt_in", "opt_out"] = Field(
+        default="opt_out", validation_alias=shared("consent_personalization")
+    )
+    consent_analytics: Literal["opt_in", "opt_out"] = Field(default="opt_out", validation_alias=shared("consent_analytics"))
+    consent_marketing: Literal["opt_in", "opt_out"] = Field(default="opt_in", validation_alias=shared("consent_marketing"))
     redis_timeout_s: float = Field(default=0.5, gt=0, le=30, validation_alias=shared("redis_timeout_s"))
 
     @field_validator("redis_url")
@@ -58,6 +66,9 @@ class CommonSettings(BaseSettings):
                 if entry.strip().rsplit(":", 1)[-1].lower() in PLACEHOLDER_SECRETS:
                     raise ValueError("SELARAS_API_KEYS holds a placeholder secret; set real key hashes")
         return self
+
+    def consent_defaults(self) -> ConsentDefaults:
+        return ConsentDefaults(self.consent_personalization, self.consent_analytics, self.consent_marketing)
 
     @property
     def embedded(self) -> bool:

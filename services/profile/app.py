@@ -43,18 +43,10 @@ def segment_rules(settings: ProfileSettings) -> SegmentRules:
     )
 
 
-def consent_defaults(settings: ProfileSettings) -> ConsentDefaults:
-    return ConsentDefaults(
-        personalization=settings.consent_personalization,  # type: ignore[arg-type]
-        analytics=settings.consent_analytics,  # type: ignore[arg-type]
-        marketing=settings.consent_marketing,  # type: ignore[arg-type]
-    )
-
-
 def build_state(settings: ProfileSettings) -> ProfileState:
     repository = ProfileRepository.open(settings)
     rules = segment_rules(settings)
-    defaults = consent_defaults(settings)
+    defaults = settings.consent_defaults()
     aggregator = Aggregator(
         repository,
         rules,

@@ -16,7 +16,7 @@ from services.common.feature_store import FeatureWriter, online_rows, open_featu
 from services.common.settings import CommonSettings
 from services.common.storage import AppendResult, LogEntry, Namespace, PendingEvent, Store, open_store
 from services.profile.aggregations import ItemInfo, ItemState, VisitorState
-from services.profile.indexes import ContextPopularity, CoVisitation
+from services.common.indexes import ContextPopularity, CoVisitation
 
 log = logging.getLogger(__name__)
 AGGREGATOR_CURSOR = "aggregator"
@@ -84,6 +84,9 @@ class ProfileRepository:
         self.store.put_many(Namespace.CONSENT, {k: c.to_bytes() for k, c in consents.items()})
 
     # -- catalog and indexes ------------------------------------------------------------------------
+    def upsert_catalog(self, items: Sequence[CatalogItem]) -> None:
+        self.store.put_many(Namespace.CATALOG, {item.item_id: item.model_dump_json().encode() for item in items})
+
     def catalog_info(self) -> dict[str, ItemInfo]:
         info: dict[str, ItemInfo] = {}
         for item_id, raw in self.store.scan(Namespace.CATALOG):

@@ -11,13 +11,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.common import features as F
 from services.common.consent import Consent, ConsentDefaults, consent_changes_from_properties
 from services.common.errors import StorageUnavailable
-from services.common.events import Event, EventType
+from services.common.events import Event, EventType, envelope, open_envelope
 from services.common.storage import AppendResult, LogEntry, PendingEvent
 from services.profile.aggregations import (
     DAY,
@@ -30,7 +29,7 @@ from services.profile.aggregations import (
     item_features,
     visitor_features,
 )
-from services.profile.indexes import ContextPopularity, CoVisitation, context_keys
+from services.common.indexes import ContextPopularity, CoVisitation, context_keys
 from services.profile.repository import ProfileRepository
 
 log = logging.getLogger(__name__)
@@ -57,16 +56,6 @@ POPULARITY_WEIGHTS = {
     EventType.PURCHASE: 5.0,
     EventType.CLICK: 1.5,
 }
-
-
-def envelope(event: Event, received_at: float) -> bytes:
-    """The log entry: the event plus when it was acknowledged (for the feature-lag metric)."""
-    return orjson.dumps({"at": received_at, "event": event.model_dump(mode="json", exclude_none=True)})
-
-
-def open_envelope(raw: bytes) -> tuple[float, Event]:
-    data = orjson.loads(raw)
-    return float(data["at"]), Event.model_validate(data["event"])
 
 
 class IngestService:

@@ -29,8 +29,4 @@ class ProfileSettings(CommonSettings):
     loyal_min_purchases: int = 3
     value_tier_mid_idr: float = 500_000.0
     value_tier_high_idr: float = 3_000_000.0
-    # Default consent per purpose when a visitor said nothing: "opt_out" = allowed until refused.
-    consent_personalization: str = Field(default="opt_out", pattern="^(opt_in|opt_out)$")
-    consent_analytics: str = Field(default="opt_out", pattern="^(opt_in|opt_out)$")
-    consent_marketing: str = Field(default="opt_in", pattern="^(opt_in|opt_out)$")
     retention_days: int = Field(default=395, ge=1)

@@ -1,0 +1,69 @@
+"""Recommend service: `create_app(settings)` with a lifespan that loads the model and item cache once."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+
+from services.common.api import add_metrics_route, install_error_handlers
+from services.common.auth import ApiKeyAuth
+from services.common.observability import MetricsMiddleware, configure_logging
+from services.recommend.repository import RecommendRepository
+from services.recommend.service import RecommendService
+from services.recommend.settings import RecommendSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RecommendState:
+    settings: RecommendSettings
+    repository: RecommendRepository
+    service: RecommendService
+    auth: ApiKeyAuth
+    executor: ThreadPoolExecutor
+
+
+def build_state(settings: RecommendSettings) -> RecommendState:
+    repository = RecommendRepository.open(settings)
+    service = RecommendService(settings, repository, settings.consent_defaults())
+    executor = ThreadPoolExecutor(max_workers=settings.ranking_threads, thread_name_prefix="rank")
+    return RecommendState(settings, repository, service, ApiKeyAuth(settings.api_keys), executor)
+
+
+def create_app(settings: RecommendSettings | None = None) -> FastAPI:
+    settings = settings or RecommendSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_logging(settings.log_level)
+        state = build_state(settings)
+        app.state.recommend = state
+        state.service.start()
+        log.info("recommend service started (store=%s, items=%d, model=%s)", state.repository.store.backend,
+                 state.service.snapshot.size, state.service.model.meta.version if state.service.model else None)
+        try:
+            yield
+        finally:
+            state.service.stop()
+            state.executor.shutdown(wait=True)
+            state.repository.close()
+
+    from services.recommend.endpoints import router
+
+    app = FastAPI(
+        title="Selaras recommend service",
+        version="0.1.0",
+        description="Ranks products, banners and CTAs per visitor (candidates -> LightGBM -> rules), with experiments.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    add_metrics_route(app)
+    app.include_router(router)
+    app.add_middleware(MetricsMiddleware, service="recommend")
+    return app

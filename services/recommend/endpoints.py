@@ -1,0 +1,114 @@
+"""HTTP routes of the recommend service."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from pydantic import TypeAdapter, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from services.common.api import FastJSONResponse, read_json_body, require_scope, validation_failure
+from services.common.auth import ApiKeyAuth
+from services.common.catalog import CatalogItem
+from services.common.errors import InvalidPayload, PayloadTooLarge
+from services.recommend.app import RecommendState
+from services.recommend.schemas import CatalogUpsert, CatalogUpsertResult, RecommendRequest, RecommendResponse, ReloadResult
+
+router = APIRouter()
+ITEM_ADAPTER: TypeAdapter[CatalogItem] = TypeAdapter(CatalogItem)
+REQUEST_ADAPTER: TypeAdapter[RecommendRequest] = TypeAdapter(RecommendRequest)
+
+
+def get_state(request: Request) -> RecommendState:
+    state: RecommendState = request.app.state.recommend
+    return state
+
+
+def get_auth(request: Request) -> ApiKeyAuth:
+    return get_state(request).auth
+
+
+State = Annotated[RecommendState, Depends(get_state)]
+RecommendKey = Annotated[str, Depends(require_scope(get_auth, "recommend"))]
+AdminKey = Annotated[str, Depends(require_scope(get_auth, "admin"))]
+
+
+@router.post(
+    "/v1/recommend",
+    response_model=RecommendResponse,
+    openapi_extra={
+        "requestBody": {"required": True, "content": {"application/json": {"schema": RecommendRequest.model_json_schema()}}}
+    },
+    responses={422: {"description": "Invalid request, by field"}},
+)
+async def recommend(request: Request, state: State, _: RecommendKey) -> Response:
+    """Rank products, banners and CTAs for a visitor, one list per slot."""
+    body = read_json_body(await request.body(), state.settings.max_body_bytes)
+    try:
+        parsed = REQUEST_ADAPTER.validate_python(body)
+    except ValidationError as exc:
+        raise validation_failure(exc) from exc
+    # Ranking is CPU work: a small dedicated pool keeps it off the event loop without GIL thrash.
+    loop = asyncio.get_running_loop()
+    result = await loop.run_in_executor(state.executor, state.service.recommend, parsed)
+    return FastJSONResponse(result)
+
+
+@router.put(
+    "/v1/catalog/items",
+    response_model=CatalogUpsertResult,
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": CatalogUpsert.model_json_schema()}}}},
+    responses={413: {"description": "Too many items"}, 422: {"description": "Invalid items, by index and field"}},
+)
+async def upsert_catalog(request: Request, state: State, _: AdminKey) -> Response:
+    """Insert or update catalog items (products, banners, CTAs, message templates)."""
+    body = read_json_body(await request.body(), state.settings.max_body_bytes * 16)
+    raw_items = body.get("items") if isinstance(body, dict) else None
+    if not isinstance(raw_items, list) or not raw_items:
+        raise InvalidPayload('body must be {"items": [...]} with at least one item',
+                             extra={"errors": [{"field": "items", "message": "a non-empty list is required"}]})
+    if len(raw_items) > state.settings.max_catalog_batch:
+        raise PayloadTooLarge(f"batch has {len(raw_items)} items; the limit is {state.settings.max_catalog_batch}")
+    items: list[CatalogItem] = []
+    errors: list[dict[str, Any]] = []
+    for index, raw in enumerate(raw_items):
+        try:
+            items.append(ITEM_ADAPTER.validate_python(raw))
+        except ValidationError as exc:
+            for error in validation_failure(exc).extra["errors"]:
+                errors.append({"index": index, **error})
+    if errors:
+        raise InvalidPayload(f"{len({e['index'] for e in errors})} of {len(raw_items)} items are invalid; nothing was stored",
+                             extra={"errors": errors})
+    await run_in_threadpool(state.repository.upsert_catalog, items)
+    return FastJSONResponse({"upserted": len(items)})
+
+
+@router.post("/v1/admin/reload", response_model=ReloadResult)
+async def reload(state: State, _: AdminKey, version: str | None = None) -> ReloadResult:
+    """Load the newest compatible model (or `version`) and rebuild the item cache, without dropping requests."""
+    current, previous = await run_in_threadpool(state.service.reload_model, version)
+    await run_in_threadpool(state.service.refresh_cache)
+    return ReloadResult(model_version=current, previous_version=previous,
+                        detail={"skipped": state.service.skipped_models, "items": state.service.snapshot.size})
+
+
+@router.get("/healthz", include_in_schema=False)
+def healthz() -> dict[str, str]:
+    return {"status": "alive"}
+
+
+@router.get("/readyz", include_in_schema=False)
+def readyz(state: State) -> Response:
+    service = state.service
+    body = {
+        "ready": service.ready,
+        "model_version": service.model.meta.version if service.model else None,
+        "items": service.snapshot.size,
+        "skipped_models": service.skipped_models,
+    }
+    return Response(orjson.dumps(body), status_code=200 if service.ready else 503, media_type="application/json")

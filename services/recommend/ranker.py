@@ -1,0 +1,261 @@
+"""Stage two: the feature matrix (vectorised numpy, shared by training and serving), the LightGBM model,
+and explanations from its feature contributions."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+import orjson
+
+from services.common import features as F
+from services.common.catalog import Targeting
+from services.recommend.candidates import VisitorVector
+from services.recommend.catalog_cache import ItemColumns
+
+FEATURE_INDEX = {name: i for i, name in enumerate(F.RANKER_FEATURES)}
+N_FEATURES = len(F.RANKER_FEATURES)
+PERSONAL_COLUMNS = np.array([name.startswith(F.PERSONAL_FEATURE_PREFIXES) for name in F.RANKER_FEATURES])
+
+
+def visitor_columns(visitor: VisitorVector, now: float) -> dict[str, float]:
+    """The v_ columns: identical for every candidate of one request."""
+    if not visitor.known:
+        return {}
+    v = visitor.value
+    impressions, clicks = v("rec_impressions_7d"), v("rec_clicks_7d")
+    price = v("typical_price_viewed")
+    return {
+        "v_views_24h": v("views_24h"),
+        "v_views_7d": v("views_7d"),
+        "v_carts_7d": v("carts_7d"),
+        "v_purchases_30d": v("purchases_30d"),
+        "v_session_depth": v("session_depth"),
+        "v_secs_since_last_visit": now - v("last_seen_ts"),
+        "v_secs_since_last_purchase": now - v("last_purchase_ts"),
+        "v_log_typical_price_viewed": math.log1p(price) if price == price else math.nan,
+        "v_discount_affinity": v("discount_affinity"),
+        "v_cart_value": v("cart_value"),
+        "v_rfm_frequency": v("rfm_frequency"),
+        "v_rec_ctr_7d": ((clicks if clicks == clicks else 0.0) + 1.0) / ((impressions if impressions == impressions else 0.0) + 20.0),
+        "v_price_sensitivity": v("price_sensitivity"),
+        "v_persona_id": v("persona_id") if v("persona_id") >= 0 else math.nan,
+        "v_lifecycle_code": float(F.LIFECYCLE_CODES.get(str(visitor.row.get("lifecycle") or ""), -1)),
+        "v_journey_code": float(F.JOURNEY_CODES.get(str(visitor.row.get("journey_stage") or ""), -1)),
+    }
+
+
+def targeting_match(targeting: Targeting | None, visitor: VisitorVector, persona: str | None) -> float:
+    """Share of the soft targeting criteria (categories, personas, segments) the visitor meets; 0.5 = none set."""
+    if targeting is None:
+        return 0.5
+    checks: list[bool] = []
+    if targeting.categories:
+        checks.append(any(c in visitor.category_affinity for c in targeting.categories))
+    if targeting.personas:
+        checks.append(persona is not None and persona in targeting.personas)
+    if targeting.segments:
+        segments = {str(visitor.row.get(k)) for k in ("lifecycle", "value_tier", "journey_stage")}
+        checks.append(bool(segments & set(targeting.segments)))
+    return sum(checks) / len(checks) if checks else 0.5
+
+
+def feature_matrix(
+    visitor: VisitorVector,
+    context: Mapping[str, int],
+    items: ItemColumns,
+    covisitation: np.ndarray,
+    targeting: np.ndarray,
+    now: float,
+    personal: bool = True,
+) -> np.ndarray:
+    n = len(items.item_ids)
+    X = np.full((n, N_FEATURES), np.nan, dtype=np.float64)
+    if n == 0:
+        return X
+    if personal and visitor.known:
+        for name, value in visitor_columns(visitor, now).items():
+            X[:, FEATURE_INDEX[name]] = value
+        affinity = visitor.category_affinity
+        X[:, FEATURE_INDEX["x_category_affinity"]] = [affinity.get(c or "", 0.0) for c in items.categories]
+        brand_affinity = visitor.brand_affinity
+        X[:, FEATURE_INDEX["x_brand_affinity"]] = [brand_affinity.get(b or "", 0.0) for b in items.brands]
+        typical = visitor.value("typical_price_viewed")
+        if typical == typical and typical > 0:
+            X[:, FEATURE_INDEX["x_price_ratio"]] = items.price / typical
+        cart = visitor.cart_items
+        X[:, FEATURE_INDEX["x_in_cart"]] = [1.0 if i in cart else 0.0 for i in items.item_ids]
+        recent = {item_id: rank for rank, item_id in enumerate(visitor.recent_items)}
+        X[:, FEATURE_INDEX["x_recently_viewed"]] = [
+            1.0 / (1 + recent[i]) if i in recent else 0.0 for i in items.item_ids
+        ]
+        X[:, FEATURE_INDEX["x_covisitation"]] = covisitation
+        X[:, FEATURE_INDEX["x_targeting_match"]] = targeting
+    for name in ("hour", "day_of_week", "is_weekend", "is_payday_window", "device_code", "channel_code"):
+        X[:, FEATURE_INDEX[f"c_{name}"]] = context.get(name, math.nan)
+    X[:, FEATURE_INDEX["i_log_price"]] = items.log_price
+    X[:, FEATURE_INDEX["i_discount"]] = items.discount
+    X[:, FEATURE_INDEX["i_age_days"]] = items.age_days
+    X[:, FEATURE_INDEX["i_low_stock"]] = items.low_stock
+    for name in ("views_24h", "views_7d", "carts_7d", "purchases_7d", "ctr_7d", "conversion_7d", "trend_score"):
+        X[:, FEATURE_INDEX[f"i_{name}"]] = items.stats[name]
+    X[:, FEATURE_INDEX["i_slot_ctr_7d"]] = items.slot_ctr
+    X[:, FEATURE_INDEX["i_category_code"]] = items.category_code
+    return X
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    version: str
+    created_at: float
+    features: tuple[str, ...]
+    feature_service: str
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    params: Mapping[str, Any] = field(default_factory=dict)
+    personal: bool = True
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "version": self.version,
+                "created_at": self.created_at,
+                "features": list(self.features),
+                "feature_service": self.feature_service,
+                "metrics": dict(self.metrics),
+                "params": dict(self.params),
+                "personal": self.personal,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> ModelMeta:
+        data = orjson.loads(raw)
+        return cls(
+            version=data["version"],
+            created_at=float(data["created_at"]),
+            features=tuple(data["features"]),
+            feature_service=data.get("feature_service", ""),
+            metrics=data.get("metrics", {}),
+            params=data.get("params", {}),
+            personal=bool(data.get("personal", True)),
+        )
+
+
+class IncompatibleModel(ValueError):
+    """The booster's features differ from the FeatureService/ranker columns this code serves."""
+
+
+@dataclass
+class RankerModel:
+    booster: lgb.Booster
+    meta: ModelMeta
+
+    @classmethod
+    def from_bytes(cls, model_text: bytes, meta: ModelMeta) -> RankerModel:
+        booster = lgb.Booster(model_str=model_text.decode())
+        model = cls(booster, meta)
+        model.check_compatible()
+        return model
+
+    def check_compatible(self) -> None:
+        names = tuple(self.booster.feature_name())
+        if names != F.RANKER_FEATURES or self.meta.features != F.RANKER_FEATURES:
+            missing = sorted(set(F.RANKER_FEATURES) - set(names))
+            extra = sorted(set(names) - set(F.RANKER_FEATURES))
+            raise IncompatibleModel(f"model {self.meta.version} features differ (missing {missing[:5]}, extra {extra[:5]})")
+        if self.meta.feature_service != F.FEATURE_SERVICE:
+            raise IncompatibleModel(f"model {self.meta.version} was trained on {self.meta.feature_service!r}")
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        if len(X) == 0:
+            return np.zeros(0)
+        if not self.meta.personal:
+            X = X.copy()
+            X[:, PERSONAL_COLUMNS] = np.nan
+        return np.asarray(self.booster.predict(X, num_threads=1), dtype=np.float64)
+
+    def contributions(self, X: np.ndarray) -> np.ndarray:
+        """Per-row SHAP-style contributions (LightGBM pred_contrib), without the bias column."""
+        contrib = np.asarray(self.booster.predict(X, pred_contrib=True, num_threads=1))
+        return contrib[:, :N_FEATURES]
+
+
+# Reasons a marketer reads. Each maps a feature to a sentence built from the item and the visitor.
+def explain_item(
+    contributions: np.ndarray,
+    X_row: np.ndarray,
+    item_title: str,
+    category: str | None,
+    brand: str | None,
+    visitor: VisitorVector,
+    recent_in_category: int,
+    recent_titles: Sequence[str],
+    context_label: str,
+    source: str,
+    limit: int = 3,
+) -> list[str]:
+    order = np.argsort(-contributions)
+    reasons: list[str] = []
+    for j in order:
+        if contributions[j] <= 0 or len(reasons) >= limit:
+            break
+        name = F.RANKER_FEATURES[j]
+        value = X_row[j]
+        text = _reason(name, value, category, brand, recent_in_category, recent_titles, context_label)
+        if text and text not in reasons:
+            reasons.append(text)
+    if not reasons:
+        reasons.append(_source_reason(source, category, context_label))
+    return reasons
+
+
+def _reason(
+    name: str,
+    value: float,
+    category: str | None,
+    brand: str | None,
+    recent_in_category: int,
+    recent_titles: Sequence[str],
+    context_label: str,
+) -> str | None:
+    if name == "x_category_affinity" and value > 0 and category:
+        if recent_in_category > 0:
+            return f"you viewed {recent_in_category} items in {category}"
+        return f"you often browse {category}"
+    if name == "x_brand_affinity" and value > 0 and brand:
+        return f"you like {brand}"
+    if name == "x_covisitation" and value > 0 and recent_titles:
+        return f"often viewed together with {recent_titles[0]}"
+    if name == "x_recently_viewed" and value > 0:
+        return "you looked at this recently"
+    if name == "x_in_cart" and value > 0:
+        return "still in your cart"
+    if name == "i_discount" and value >= 0.05:
+        return f"{round(value * 100)}% off"
+    if name in ("i_trend_score", "i_views_24h") and value > 0:
+        return f"trending {context_label}"
+    if name in ("i_purchases_7d", "i_conversion_7d"):
+        return "popular with buyers this week"
+    if name == "i_age_days" and value <= 14:
+        return "new arrival"
+    if name == "x_price_ratio" and 0.5 <= value <= 1.5:
+        return "in your usual price range"
+    if name == "c_is_payday_window" and value == 1:
+        return "payday pick"
+    if name == "i_ctr_7d" or name == "i_slot_ctr_7d":
+        return "often clicked here"
+    return None
+
+
+def _source_reason(source: str, category: str | None, context_label: str) -> str:
+    if source == "trending":
+        return f"trending {context_label}"
+    if source == "new_arrival":
+        return "new arrival"
+    if source == "category" and category:
+        return f"more from {category}"
+    return "recommended from your recent activity"

@@ -1,0 +1,207 @@
+"""The only module of the recommend service that talks to storage (the store and Feast)."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import orjson
+import pandas as pd
+from feast import FeatureStore
+
+from services.common import features as F
+from services.common.catalog import CatalogItem
+from services.common.consent import Consent
+from services.common.errors import StorageUnavailable
+from services.common.events import Event, envelope, open_envelope
+from services.common.feature_store import online_rows, open_feature_store
+from services.common.settings import CommonSettings
+from services.common.storage import Namespace, PendingEvent, Store, open_store
+from services.recommend.ranker import ModelMeta
+
+log = logging.getLogger(__name__)
+LATEST_MODEL_KEY = "latest"
+RecordWrite = tuple[str, Mapping[str, Any], int]  # recommendation id, record, ttl seconds
+
+
+class RecommendRepository:
+    def __init__(self, store: Store, feature_store: FeatureStore):
+        self.store = store
+        self.feature_store = feature_store
+        self._visitor_refs = F.visitor_feature_refs()
+        # Impression events and recommendation records, written off the request path.
+        self._impressions: queue.Queue[tuple[list[Event], RecordWrite | None]] = queue.Queue(maxsize=10_000)
+        self._writer: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    @classmethod
+    def open(cls, settings: CommonSettings) -> RecommendRepository:
+        return cls(open_store(settings), open_feature_store(settings))
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._writer:
+            self._writer.join(5)
+        self.store.close()
+
+    # -- visitor ----------------------------------------------------------------------------------
+    def visitor_row(self, visitor_id: str) -> dict[str, Any] | None:
+        """The visitor's online row through Feast (one entity; ~1 ms). None when the visitor is unknown."""
+        response = self.feature_store.get_online_features(
+            features=self._visitor_refs, entity_rows=[{F.VISITOR_KEY: visitor_id}]
+        ).to_dict()
+        row = {name: values[0] for name, values in response.items()}
+        return row if row.get("event_count") else None
+
+    def consent(self, visitor_id: str) -> Consent:
+        return Consent.from_bytes(self.store.get(Namespace.CONSENT, visitor_id))
+
+    # -- catalog and item cache inputs --------------------------------------------------------------
+    def upsert_catalog(self, items: Sequence[CatalogItem]) -> None:
+        self.store.put_many(Namespace.CATALOG, {item.item_id: item.model_dump_json().encode() for item in items})
+
+    def catalog(self) -> list[CatalogItem]:
+        return [CatalogItem.model_validate_json(raw) for _, raw in self.store.scan(Namespace.CATALOG)]
+
+    def item_stats(self, item_ids: Sequence[str], chunk: int = 2000) -> dict[str, dict[str, Any]]:
+        stats: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(item_ids), chunk):
+            for row in online_rows(self.feature_store, F.ITEM_VIEW, item_ids[start : start + chunk]):
+                if row.get("views_7d") is not None or row.get("impressions_7d") is not None:
+                    stats[row[F.ITEM_KEY]] = row
+        return stats
+
+    def covisitation(self) -> dict[str, list[list[Any]]]:
+        return {item_id: orjson.loads(raw) for item_id, raw in self.store.scan(Namespace.COVISITATION)}
+
+    def popularity(self) -> dict[str, dict[str, list[float]]]:
+        return {key: orjson.loads(raw) for key, raw in self.store.scan(Namespace.POPULARITY)}
+
+    def persona_names(self) -> dict[int, str]:
+        raw = self.store.get(Namespace.PERSONAS, "current")
+        if not raw:
+            return {}
+        data = orjson.loads(raw)
+        return {int(p["persona_id"]): str(p.get("name_en", "")) for p in data.get("personas", [])}
+
+    # -- models -----------------------------------------------------------------------------------
+    def save_model(self, model_text: bytes, meta: ModelMeta) -> None:
+        self.store.put_many(
+            Namespace.META, {f"model:{meta.version}:text": model_text, f"model:{meta.version}:meta": meta.to_json()}
+        )
+        self.store.put(Namespace.META, f"model:{LATEST_MODEL_KEY}", meta.version.encode())
+
+    def model_versions(self) -> list[ModelMeta]:
+        metas = [ModelMeta.from_json(raw) for key, raw in self.store.scan(Namespace.META) if key.endswith(":meta")]
+        return sorted(metas, key=lambda m: m.created_at, reverse=True)
+
+    def model_text(self, version: str) -> bytes | None:
+        return self.store.get(Namespace.META, f"model:{version}:text")
+
+    # -- recommendations and impressions --------------------------------------------------------------
+    def save_recommendation(self, recommendation_id: str, record: Mapping[str, Any], ttl_s: int) -> None:
+        self.store.put(Namespace.RECOMMENDATIONS, recommendation_id, orjson.dumps(record), ttl_s)
+
+    def recommendation(self, recommendation_id: str) -> dict[str, Any] | None:
+        raw = self.store.get(Namespace.RECOMMENDATIONS, recommendation_id)
+        return orjson.loads(raw) if raw else None
+
+    def log_events_async(self, events: list[Event], record: RecordWrite | None = None) -> bool:
+        """Queue impression events (and the recommendation record); False when the queue is full."""
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, name="impression-writer", daemon=True)
+            self._writer.start()
+        try:
+            self._impressions.put_nowait((events, record))
+            return True
+        except queue.Full:
+            return False
+
+    def _write_loop(self) -> None:
+        while not self._stop.is_set() or not self._impressions.empty():
+            try:
+                events, record = self._impressions.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            taken = 1
+            batch = list(events)
+            records = [record] if record else []
+            while len(batch) < 2000:
+                try:
+                    more, more_record = self._impressions.get_nowait()
+                except queue.Empty:
+                    break
+                taken += 1
+                batch.extend(more)
+                if more_record:
+                    records.append(more_record)
+            try:
+                self._write_records(records)
+                self._append_with_retry(batch)
+            finally:
+                for _ in range(taken):
+                    self._impressions.task_done()
+
+    def _write_records(self, records: list[RecordWrite]) -> None:
+        by_ttl: dict[int, dict[str, bytes]] = {}
+        for recommendation_id, record, ttl in records:
+            by_ttl.setdefault(ttl, {})[recommendation_id] = orjson.dumps(record)
+        for ttl, values in by_ttl.items():
+            try:
+                self.store.put_many(Namespace.RECOMMENDATIONS, values, ttl)
+            except StorageUnavailable:
+                log.warning("dropped %d recommendation records: the store is unavailable", len(values))
+
+    def _append_with_retry(self, events: Iterable[Event]) -> None:
+        now = time.time()
+        pending = [PendingEvent(e.event_id, e.visitor_id, envelope(e, now)) for e in events]
+        for attempt in range(5):
+            try:
+                self.store.append_events(pending)
+                return
+            except StorageUnavailable:
+                time.sleep(0.2 * (attempt + 1))
+        log.warning("dropped %d impression events: the log stayed unavailable", len(pending))
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until queued impressions are written (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while (not self._impressions.empty() or self._impressions.unfinished_tasks) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    # -- training inputs ------------------------------------------------------------------------------
+    def logged_events(self, batch: int = 20_000) -> Iterator[Event]:
+        """Every event in the durable log, in log order (streamed in batches)."""
+        after: str | None = None
+        while True:
+            entries = self.store.read_events(after, batch)
+            if not entries:
+                return
+            for entry in entries:
+                yield open_envelope(entry.payload)[1]
+            after = entries[-1].position
+
+    def historical_visitor_rows(self, entity_df: pd.DataFrame, chunk: int = 100_000) -> pd.DataFrame:
+        """Point-in-time visitor features and request-context features (Feast offline store, DuckDB).
+
+        `entity_df` has visitor_id, event_timestamp and the request-context inputs of the on-demand view."""
+        refs = F.visitor_feature_refs() + [f"{F.CONTEXT_VIEW}:{name}" for name in F.CONTEXT_FEATURES]
+        return self._historical(entity_df, refs, chunk)
+
+    def historical_item_stats(self, entity_df: pd.DataFrame, chunk: int = 100_000) -> pd.DataFrame:
+        """Point-in-time item statistics for (item_id, event_timestamp) rows."""
+        return self._historical(entity_df, F.item_feature_refs(), chunk)
+
+    def _historical(self, entity_df: pd.DataFrame, refs: list[str], chunk: int) -> pd.DataFrame:
+        # Chunks bound DuckDB's memory: one join of millions of rows can take many GB.
+        parts = []
+        for start in range(0, len(entity_df), chunk):
+            part = entity_df.iloc[start : start + chunk]
+            parts.append(self.feature_store.get_historical_features(entity_df=part, features=refs).to_df())
+        if not parts:
+            return entity_df.iloc[0:0]
+        return pd.concat(parts, ignore_index=True)

@@ -1,0 +1,67 @@
+"""Stage three: business rules after scoring (stock, not just bought, diversity, no repeats across slots,
+merchandiser pins and boosts, hard targeting of banners and CTAs)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from services.common.catalog import Targeting
+from services.recommend.catalog_cache import ItemSnapshot
+
+
+@dataclass(frozen=True)
+class RuleContext:
+    hour: int
+    device: str | None
+    city: str | None
+    is_payday_window: bool
+
+
+def targeting_allows(targeting: Targeting | None, ctx: RuleContext) -> bool:
+    """Hard targeting: device, city, hour and payday constraints must hold when they are set."""
+    if targeting is None:
+        return True
+    if targeting.devices and (ctx.device or "") not in targeting.devices:
+        return False
+    if targeting.cities and (ctx.city or "").lower() not in {c.lower() for c in targeting.cities}:
+        return False
+    if targeting.hours and ctx.hour not in targeting.hours:
+        return False
+    return not (targeting.payday_only and not ctx.is_payday_window)
+
+
+def apply_rules(
+    snapshot: ItemSnapshot,
+    idx: np.ndarray,
+    scores: np.ndarray,
+    count: int,
+    exclude_ids: set[str],
+    just_bought: Iterable[str] = (),
+    max_per_category: int | None = None,
+) -> list[tuple[int, float]]:
+    """Pick `count` rows: pinned first, then by boosted score, skipping excluded, bought and over-quota items."""
+    if len(idx) == 0:
+        return []
+    boosted = scores + snapshot.log_boost[idx]
+    # Pinned items first (stable among themselves by score), then everything else by score.
+    order = np.lexsort((-boosted, ~snapshot.pinned[idx]))
+    bought = set(just_bought)
+    per_category: dict[str, int] = {}
+    chosen: list[tuple[int, float]] = []
+    for position in order:
+        i = int(idx[position])
+        item_id = snapshot.ids[i]
+        if item_id in exclude_ids or item_id in bought:
+            continue
+        category = snapshot.categories[i]
+        if max_per_category is not None and category is not None:
+            if per_category.get(category, 0) >= max_per_category:
+                continue
+            per_category[category] = per_category.get(category, 0) + 1
+        chosen.append((i, float(boosted[position])))
+        if len(chosen) >= count:
+            break
+    return chosen

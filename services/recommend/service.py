@@ -1,0 +1,418 @@
+"""Recommend service logic: the item cache refresher, model loading/hot reload and the ranking pipeline
+candidates -> features -> LightGBM -> rules -> experiment tag -> impression log, with an explicit fallback."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import numpy as np
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.common.catalog import ItemKind
+from services.common.consent import ConsentDefaults
+from services.common.context import context_features, daypart, local_time, zone_for
+from services.common.events import Event, EventContext, EventType
+from services.recommend.candidates import CandidateGenerator, CandidateSet, Filters, VisitorVector, context_keys_for
+from services.recommend.catalog_cache import ItemSnapshot, build_snapshot
+from services.recommend.ranker import IncompatibleModel, RankerModel, explain_item, feature_matrix, targeting_match
+from services.recommend.repository import RecommendRepository
+from services.recommend.rules import RuleContext, apply_rules, targeting_allows
+from services.recommend.schemas import RecommendRequest, SlotRequest
+from services.recommend.settings import RecommendSettings
+
+log = logging.getLogger(__name__)
+
+RECOMMENDATIONS = Counter(
+    "selaras_recommendations_total", "Recommendation responses by strategy", ["strategy", "fallback"]
+)
+FALLBACKS = Counter("selaras_recommend_fallback_total", "Responses served by the fallback, by reason", ["reason"])
+STAGE_SECONDS = Histogram(
+    "selaras_recommend_stage_seconds",
+    "Time per ranking stage",
+    ["stage"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1),
+)
+MODEL_INFO = Gauge("selaras_model_loaded_timestamp_seconds", "When the serving model was trained", ["version"])
+CACHE_AGE = Gauge("selaras_item_cache_built_timestamp_seconds", "When the in-process item cache was built")
+CACHE_ITEMS = Gauge("selaras_item_cache_items", "Items in the in-process cache")
+IMPRESSIONS_DROPPED = Counter("selaras_impressions_dropped_total", "Impression batches dropped (queue full)")
+EXPLAIN_LIMIT = 3
+
+
+class ArmChooser(Protocol):
+    """Experiments: which arm serves this visitor (None = no experiment covers the request)."""
+
+    def assign_recommend(self, visitor_id: str, slot_kinds: Sequence[str]) -> tuple[str, str, bool] | None: ...
+
+    def record_exposure(self, visitor_id: str, key: str, arm: str, slots: Sequence[str], persona: str | None) -> None: ...
+
+
+@dataclass
+class Ranked:
+    idx: list[int]
+    scores: list[float]
+    reasons: list[list[str]] | None
+    propensities: list[float]
+
+
+class RecommendService:
+    def __init__(
+        self,
+        settings: RecommendSettings,
+        repository: RecommendRepository,
+        consent_defaults: ConsentDefaults | None = None,
+        experiments: ArmChooser | None = None,
+    ):
+        self.settings = settings
+        self.repository = repository
+        self.consent_defaults = consent_defaults or ConsentDefaults()
+        self.experiments = experiments
+        self.generator = CandidateGenerator(max_candidates=settings.max_candidates)
+        self.snapshot: ItemSnapshot = build_snapshot([], {}, {}, {})
+        self.model: RankerModel | None = None
+        self.skipped_models: dict[str, str] = {}
+        self.persona_names: dict[int, str] = {}
+        self._stop = threading.Event()
+        self._refresher: threading.Thread | None = None
+        self._reload_lock = threading.Lock()
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        try:
+            self.refresh_cache()
+        except Exception as exc:  # the store may be down at start: serve empty and keep trying
+            log.warning("item cache not built at start: %s", type(exc).__name__)
+        try:
+            self.reload_model()
+        except Exception as exc:
+            log.warning("no model loaded at start: %s", type(exc).__name__)
+        # Objects built at start-up are permanent: freezing them keeps the GC from rescanning them (p99).
+        gc.collect()
+        gc.freeze()
+        self._refresher = threading.Thread(target=self._refresh_loop, name="item-cache", daemon=True)
+        self._refresher.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._refresher:
+            self._refresher.join(5)
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(self.settings.refresh_interval_s):
+            try:
+                self.refresh_cache()
+            except Exception as exc:
+                log.warning("item cache refresh failed, keeping the previous one: %s", type(exc).__name__)
+
+    @property
+    def ready(self) -> bool:
+        return self.model is not None and self.snapshot.size > 0
+
+    def refresh_cache(self) -> ItemSnapshot:
+        repo = self.repository
+        catalog = repo.catalog()
+        product_ids = [item.item_id for item in catalog]
+        snapshot = build_snapshot(catalog, repo.item_stats(product_ids), repo.covisitation(), repo.popularity())
+        self.snapshot = snapshot  # one reference swap: requests see the old or the new snapshot, never half
+        self.persona_names = repo.persona_names()
+        CACHE_AGE.set(snapshot.built_at)
+        CACHE_ITEMS.set(snapshot.size)
+        return snapshot
+
+    def reload_model(self, version: str | None = None) -> tuple[str | None, str | None]:
+        """Load the given or newest compatible model; the swap is atomic, in-flight requests finish on the old."""
+        with self._reload_lock:
+            previous = self.model.meta.version if self.model else None
+            for meta in self.repository.model_versions():
+                if version and meta.version != version:
+                    continue
+                text = self.repository.model_text(meta.version)
+                if text is None:
+                    continue
+                try:
+                    model = RankerModel.from_bytes(text, meta)
+                except IncompatibleModel as exc:
+                    self.skipped_models[meta.version] = str(exc)
+                    log.warning("skipping incompatible model: %s", exc)
+                    continue
+                self.model = model
+                if previous:
+                    MODEL_INFO.remove(previous) if previous != meta.version else None
+                MODEL_INFO.labels(meta.version).set(meta.created_at)
+                return meta.version, previous
+            return previous, previous
+
+    # -- ranking ------------------------------------------------------------------------------------
+    def recommend(self, request: RecommendRequest) -> dict[str, Any]:
+        started = time.perf_counter()
+        recommendation_id = uuid.uuid4().hex
+        ctx = request.context
+        now = ctx.now.timestamp() if ctx.now else time.time()
+        snapshot, model = self.snapshot, self.model
+        fallback_reason: str | None = None
+
+        stage = time.perf_counter()
+        visitor = VisitorVector(request.visitor_id, False, {})
+        personalization_allowed = True
+        try:
+            consent = self.repository.consent(request.visitor_id)
+            personalization_allowed = consent.allows("personalization", self.consent_defaults)
+            if personalization_allowed:
+                visitor = VisitorVector.from_row(request.visitor_id, self.repository.visitor_row(request.visitor_id))
+        except Exception as exc:  # store or Feast down: answer from the in-process caches
+            fallback_reason = "store_unavailable"
+            log.debug("visitor row unavailable: %s", type(exc).__name__)
+        STAGE_SECONDS.labels("visitor").observe(time.perf_counter() - stage)
+        if model is None and fallback_reason is None:
+            fallback_reason = "no_model"
+
+        experiment = None
+        personalized = True
+        if self.experiments is not None:
+            experiment = self.experiments.assign_recommend(request.visitor_id, [s.kind.value for s in request.slots])
+            if experiment is not None:
+                personalized = experiment[2]
+        use_model = (
+            personalized and personalization_allowed and visitor.known and model is not None and fallback_reason is None
+        )
+        if not personalization_allowed:
+            strategy = "generic_no_consent"
+        elif not personalized:
+            strategy = "generic_control"
+        elif use_model:
+            strategy = "personalized"
+        else:
+            strategy = "popular_in_context"
+
+        city = ctx.city or visitor.city
+        offset = ctx.utc_offset_min
+        context = context_features(now, offset, ctx.device.value if ctx.device else None, ctx.channel, city)
+        keys = context_keys_for(city, ctx.device.value if ctx.device else None, now, offset)
+        rule_ctx = RuleContext(context["hour"], ctx.device.value if ctx.device else None, city, bool(context["is_payday_window"]))
+        context_label = self._context_label(city, now, offset)
+        persona_id = visitor.row.get("persona_id") if visitor.known else None
+        persona = self.persona_names.get(int(persona_id)) if isinstance(persona_id, int) else None
+
+        shown: set[str] = set()
+        slots_out: list[dict[str, Any]] = []
+        impressions: list[Event] = []
+        for slot in request.slots:
+            ranked = self._rank_slot(
+                slot, snapshot, model if use_model else None, visitor, context, keys, rule_ctx, now, shown,
+                request.explain, context_label, persona,
+            )
+            items = []
+            for position, (i, score) in enumerate(zip(ranked.idx, ranked.scores, strict=True)):
+                item_id = snapshot.ids[i]
+                shown.add(item_id)
+                entry: dict[str, Any] = {
+                    "item_id": item_id,
+                    "position": position,
+                    "score": round(score, 6),
+                    "title": snapshot.titles[i],
+                    "category": snapshot.categories[i],
+                    "brand": snapshot.brands[i],
+                    "price": None if math.isnan(snapshot.price[i]) else float(snapshot.price[i]),
+                    "url": snapshot.urls[i],
+                    "image_url": snapshot.image_urls[i],
+                    "propensity": ranked.propensities[position],
+                }
+                if ranked.reasons is not None:
+                    entry["reasons"] = ranked.reasons[position]
+                items.append(entry)
+                impressions.append(
+                    self._impression(request, recommendation_id, slot, item_id, position, score,
+                                     ranked.propensities[position], now, experiment)
+                )
+            slots_out.append({"name": slot.name, "kind": slot.kind.value, "items": items})
+
+        if fallback_reason:
+            FALLBACKS.labels(fallback_reason).inc()
+        fallback = fallback_reason is not None
+        RECOMMENDATIONS.labels(strategy, str(fallback).lower()).inc()
+        if experiment is not None:
+            self.experiments.record_exposure(  # type: ignore[union-attr]
+                request.visitor_id, experiment[0], experiment[1], [s.name for s in request.slots], persona
+            )
+        if self.settings.log_impressions and impressions and not fallback:
+            record = {
+                "visitor_id": request.visitor_id,
+                "ts": now,
+                "experiment": experiment[0] if experiment else None,
+                "arm": experiment[1] if experiment else None,
+                "slots": {s["name"]: [it["item_id"] for it in s["items"]] for s in slots_out},
+                "persona": persona,
+            }
+            if not self.repository.log_events_async(impressions, (recommendation_id, record, self.settings.recommendation_ttl_s)):
+                IMPRESSIONS_DROPPED.inc()
+        return {
+            "recommendation_id": recommendation_id,
+            "visitor_id": request.visitor_id,
+            "model_version": model.meta.version if model and use_model else (model.meta.version if model else None),
+            "fallback": fallback,
+            "strategy": strategy,
+            "experiment": {"key": experiment[0], "arm": experiment[1]} if experiment else None,
+            "took_ms": round((time.perf_counter() - started) * 1000, 3),
+            "slots": slots_out,
+        }
+
+    def _rank_slot(
+        self,
+        slot: SlotRequest,
+        snapshot: ItemSnapshot,
+        model: RankerModel | None,
+        visitor: VisitorVector,
+        context: dict[str, int],
+        keys: list[str],
+        rule_ctx: RuleContext,
+        now: float,
+        shown: set[str],
+        explain: bool,
+        context_label: str,
+        persona: str | None,
+    ) -> Ranked:
+        filters = Filters(
+            categories=frozenset(slot.filters.categories),
+            brands=frozenset(slot.filters.brands),
+            min_price=slot.filters.min_price,
+            max_price=slot.filters.max_price,
+            exclude=frozenset(slot.filters.exclude_items),
+        )
+        stage = time.perf_counter()
+        if slot.kind is ItemKind.PRODUCT:
+            candidates = self.generator.products(snapshot, visitor, keys, filters, personalized=model is not None)
+        else:
+            candidates = self.generator.creatives(snapshot, slot.kind, filters)
+            allowed = np.array([targeting_allows(snapshot.targeting.get(int(i)), rule_ctx) for i in candidates.idx], dtype=bool)
+            candidates = CandidateSet(
+                candidates.idx[allowed] if len(allowed) else candidates.idx,
+                candidates.covisitation[allowed] if len(allowed) else candidates.covisitation,
+                [s for s, a in zip(candidates.sources, allowed, strict=True) if a],
+            )
+        STAGE_SECONDS.labels("candidates").observe(time.perf_counter() - stage)
+
+        X = None
+        if model is not None and len(candidates.idx):
+            stage = time.perf_counter()
+            columns = snapshot.columns(candidates.idx, slot.name, now)
+            targeting = np.array(
+                [targeting_match(snapshot.targeting.get(int(i)), visitor, persona) for i in candidates.idx]
+                if slot.kind is not ItemKind.PRODUCT
+                else np.full(len(candidates.idx), 0.5)
+            )
+            X = feature_matrix(visitor, context, columns, candidates.covisitation, targeting, now)
+            STAGE_SECONDS.labels("features").observe(time.perf_counter() - stage)
+            stage = time.perf_counter()
+            scores = model.predict(X)
+            STAGE_SECONDS.labels("predict").observe(time.perf_counter() - stage)
+        else:
+            scores = self._popularity_scores(snapshot, candidates.idx, keys)
+
+        stage = time.perf_counter()
+        chosen = apply_rules(
+            snapshot,
+            candidates.idx,
+            scores,
+            slot.count,
+            shown,
+            just_bought=visitor.purchased_items if slot.kind is ItemKind.PRODUCT else (),
+            max_per_category=(slot.max_per_category or self.settings.max_per_category)
+            if slot.kind is ItemKind.PRODUCT
+            else None,
+        )
+        STAGE_SECONDS.labels("rules").observe(time.perf_counter() - stage)
+        idx = [i for i, _ in chosen]
+        reasons = None
+        if explain:
+            reasons = self._explain(snapshot, model, X, candidates, idx, visitor, context_label)
+        return Ranked(idx, [s for _, s in chosen], reasons, [1.0] * len(idx))
+
+    @staticmethod
+    def _popularity_scores(snapshot: ItemSnapshot, idx: np.ndarray, keys: list[str]) -> np.ndarray:
+        """Generic ranking: popularity in the most specific context, then overall popularity."""
+        scores = np.zeros(len(idx), dtype=np.float64)
+        if len(idx) == 0:
+            return scores
+        position = {int(i): p for p, i in enumerate(idx)}
+        weight = 1.0
+        for key in keys:
+            entry = snapshot.popularity.get(key)
+            if entry is not None:
+                top = entry[1].max() if len(entry[1]) else 1.0
+                for i, s in zip(entry[0], entry[1], strict=True):
+                    p = position.get(int(i))
+                    if p is not None:
+                        scores[p] += weight * s / (top or 1.0)
+            weight *= 0.5
+        views = np.nan_to_num(snapshot.stats["views_7d"][idx], nan=0.0)
+        return scores + 1e-3 * np.log1p(views)
+
+    def _explain(
+        self,
+        snapshot: ItemSnapshot,
+        model: RankerModel | None,
+        X: np.ndarray | None,
+        candidates: CandidateSet,
+        chosen: list[int],
+        visitor: VisitorVector,
+        context_label: str,
+    ) -> list[list[str]]:
+        row_of = {int(i): r for r, i in enumerate(candidates.idx)}
+        recent_titles = [snapshot.titles[snapshot.index[i]] for i in visitor.recent_items[:3] if i in snapshot.index]
+        recent_categories = [snapshot.categories[snapshot.index[i]] for i in visitor.recent_items if i in snapshot.index]
+        if model is not None and X is not None and chosen:
+            rows = [row_of[i] for i in chosen]
+            contributions = model.contributions(X[rows])
+            return [
+                explain_item(
+                    contributions[k], X[r], snapshot.titles[i], snapshot.categories[i], snapshot.brands[i], visitor,
+                    recent_categories.count(snapshot.categories[i]), recent_titles, context_label,
+                    candidates.sources[r], EXPLAIN_LIMIT,
+                )
+                for k, (i, r) in enumerate(zip(chosen, rows, strict=True))
+            ]
+        return [[f"popular {context_label}"] for _ in chosen]
+
+    @staticmethod
+    def _context_label(city: str | None, now: float, offset: int | None) -> str:
+        part = daypart(local_time(now, zone_for(city, offset)).hour)
+        when = {"morning": "this morning", "midday": "at lunchtime", "afternoon": "this afternoon",
+                "evening": "this evening", "night": "tonight"}[part]
+        return f"in {city} {when}" if city else when
+
+    @staticmethod
+    def _impression(
+        request: RecommendRequest,
+        recommendation_id: str,
+        slot: SlotRequest,
+        item_id: str,
+        position: int,
+        score: float,
+        propensity: float,
+        now: float,
+        experiment: tuple[str, str, bool] | None,
+    ) -> Event:
+        ctx = request.context
+        properties: dict[str, Any] = {"slot": slot.name, "slot_kind": slot.kind.value, "position": position,
+                                      "score": round(score, 6), "propensity": propensity}
+        if experiment:
+            properties["experiment"], properties["arm"] = experiment[0], experiment[1]
+        return Event(
+            event_id=f"imp:{recommendation_id}:{slot.name}:{position}",
+            visitor_id=request.visitor_id,
+            type=EventType.IMPRESSION,
+            timestamp=datetime.fromtimestamp(now, tz=UTC),
+            item_id=item_id,
+            recommendation_id=recommendation_id,
+            context=EventContext(device=ctx.device, channel=ctx.channel, city=ctx.city, locale=ctx.locale),
+            properties=properties,
+        )

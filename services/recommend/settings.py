@@ -1,0 +1,30 @@
+"""Recommend service settings (env prefix RECOMMEND_; shared values come from SELARAS_* / REDIS_URL)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import CommonSettings
+
+
+class RecommendSettings(CommonSettings):
+    model_config = SettingsConfigDict(env_prefix="RECOMMEND_", extra="ignore", populate_by_name=True)
+
+    host: str = "127.0.0.1"
+    port: int = 8002
+    max_candidates: int = Field(default=500, ge=10, le=5000)
+    max_slots: int = Field(default=10, ge=1, le=50)
+    max_count: int = Field(default=100, ge=1, le=500)
+    max_per_category: int = Field(default=4, ge=1)
+    # How often the in-process item cache (catalog, item stats, indexes) is rebuilt in the background.
+    refresh_interval_s: float = Field(default=10.0, gt=0)
+    log_impressions: bool = True
+    recommendation_ttl_s: int = Field(default=7 * 86400, ge=60)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_catalog_batch: int = Field(default=5000, ge=1)
+    experiments_file: Path = Field(default=Path(__file__).resolve().parents[2] / "experiments.yaml")
+    # Threads that rank (CPU work off the event loop); more than the cores only adds GIL contention.
+    ranking_threads: int = Field(default=2, ge=1, le=64)

@@ -1,0 +1,454 @@
+"""Training the LightGBM ranker from the event log, with point-in-time features from Feast's offline store.
+
+Two kinds of training queries:
+- impressions: what the service showed (grouped by recommendation id), labelled by the outcomes that echo
+  the id (click 1, add to cart 2, purchase 3);
+- behaviour (a new shop without impressions yet): each product view, cart or purchase is a query whose
+  candidates come from the *same generators that serve*, run on point-in-time inputs; the item the visitor
+  went to is the positive (graded 1/2/3), the other candidates are negatives.
+
+Point in time: visitor rows and context come from Feast's historical retrieval at 1 ms before the query;
+item statistics from Feast at the snapshot time before the query; co-visitation and popularity indexes are
+replayed from the log in time order, so no query sees the future.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+
+from services.common import features as F
+from services.common.catalog import CatalogItem, ItemKind
+from services.common.events import Event, EventType
+from services.common.indexes import ContextPopularity, CoVisitation, context_keys
+from services.recommend.candidates import CandidateGenerator, Filters, VisitorVector, context_keys_for
+from services.recommend.catalog_cache import ItemSnapshot, build_snapshot
+from services.recommend.ranker import ModelMeta, feature_matrix
+from services.recommend.ranking_metrics import rank_of, summarize
+from services.recommend.repository import RecommendRepository
+
+log = logging.getLogger(__name__)
+
+GRADES = {EventType.PRODUCT_VIEW: 1, EventType.CLICK: 1, EventType.ADD_TO_CART: 2, EventType.PURCHASE: 3}
+POPULARITY_WEIGHTS = {EventType.PRODUCT_VIEW: 1.0, EventType.ADD_TO_CART: 3.0, EventType.PURCHASE: 5.0, EventType.CLICK: 1.5}
+Progress = Callable[[str, float], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    source: Literal["auto", "behaviour", "impressions"] = "auto"
+    target: Literal["any", "product_view", "add_to_cart", "purchase", "click"] = "any"
+    max_queries: int = 12_000
+    candidates: int = 150
+    validation_fraction: float = 0.2
+    snapshot_step_s: float | None = None  # None: spread ~120 snapshots over the log's time span
+    num_boost_round: int = 300
+    early_stopping_rounds: int = 30
+    learning_rate: float = 0.05
+    num_leaves: int = 31
+    min_data_in_leaf: int = 40
+    seed: int = 7
+    personal: bool = True
+    min_impression_groups: int = 300
+    attribution_window_s: float = 24 * 3600.0
+    threads: int = 2
+
+
+@dataclass
+class Query:
+    visitor_id: str
+    ts: float
+    device: str | None
+    channel: str | None
+    city: str | None
+    utc_offset_min: int | None
+    target: str | None = None  # behaviour queries
+    grade: int = 0
+    shown: list[str] = field(default_factory=list)  # impression queries
+    labels: dict[str, int] = field(default_factory=dict)
+    slot: str = ""
+
+
+@dataclass
+class TrainingSet:
+    X: np.ndarray
+    y: np.ndarray
+    groups: list[int]
+    query_ts: list[float]
+
+
+@dataclass
+class TrainResult:
+    meta: ModelMeta
+    model_text: bytes
+    metrics: dict[str, Any]
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=UTC)
+
+
+def _noop(_: str, __: float) -> None:
+    return None
+
+
+class Trainer:
+    def __init__(self, repository: RecommendRepository, config: TrainConfig, progress: Progress | None = None):
+        self.repository = repository
+        self.config = config
+        self.progress = progress or _noop
+        self.generator = CandidateGenerator(max_candidates=config.candidates, per_source=max(20, config.candidates // 3))
+
+    # -- queries ------------------------------------------------------------------------------------
+    def load(self) -> tuple[list[Event], list[CatalogItem]]:
+        events = sorted(self.repository.logged_events(), key=lambda e: e.ts)
+        return events, self.repository.catalog()
+
+    def behaviour_queries(self, events: Sequence[Event], products: set[str]) -> list[Query]:
+        wanted = set(GRADES) - {EventType.CLICK}
+        if self.config.target != "any":
+            wanted = {EventType(self.config.target)}
+        queries = [
+            Query(e.visitor_id, e.ts, _device(e), e.context.channel, e.context.city, _offset(e), target=e.item_id,
+                  grade=GRADES[e.type])
+            for e in events
+            if e.type in wanted and e.item_id in products
+        ]
+        return self._cap(queries)
+
+    def impression_queries(self, events: Sequence[Event]) -> list[Query]:
+        groups: dict[str, Query] = {}
+        for e in events:
+            if e.type is EventType.IMPRESSION and e.recommendation_id and e.item_id:
+                key = f"{e.recommendation_id}:{e.properties.get('slot', '')}"
+                query = groups.get(key)
+                if query is None:
+                    query = groups[key] = Query(e.visitor_id, e.ts, _device(e), e.context.channel, e.context.city,
+                                                _offset(e), slot=str(e.properties.get("slot", "")))
+                query.shown.append(e.item_id)
+        by_recommendation: dict[str, list[Query]] = {}
+        for key, query in groups.items():
+            by_recommendation.setdefault(key.split(":", 1)[0], []).append(query)
+        for e in events:
+            grade = GRADES.get(e.type)
+            if grade is None or not e.recommendation_id or not e.item_id:
+                continue
+            for query in by_recommendation.get(e.recommendation_id, []):
+                if e.item_id in query.shown and e.ts - query.ts <= self.config.attribution_window_s:
+                    query.labels[e.item_id] = max(query.labels.get(e.item_id, 0), grade)
+        queries = sorted(groups.values(), key=lambda q: q.ts)
+        return self._cap(queries)
+
+    def _cap(self, queries: list[Query]) -> list[Query]:
+        if len(queries) <= self.config.max_queries:
+            return queries
+        rng = np.random.default_rng(self.config.seed)
+        keep = np.sort(rng.choice(len(queries), self.config.max_queries, replace=False))
+        return [queries[i] for i in keep]
+
+    # -- point-in-time inputs --------------------------------------------------------------------------
+    def visitor_rows(self, queries: Sequence[Query]) -> list[tuple[VisitorVector, dict[str, int]]]:
+        """Feast historical retrieval, 1 ms before each query (the query's own event is not seen)."""
+        entity_df = pd.DataFrame(
+            {
+                F.VISITOR_KEY: [q.visitor_id for q in queries],
+                F.TIMESTAMP_FIELD: [_utc(q.ts - 0.001) for q in queries],
+                "request_ts": [q.ts for q in queries],
+                "request_utc_offset_min": [q.utc_offset_min if q.utc_offset_min is not None else 420 for q in queries],
+                "request_device": [q.device or "" for q in queries],
+                "request_channel": [q.channel or "" for q in queries],
+                "request_city": [q.city or "" for q in queries],
+                "query_index": np.arange(len(queries)),
+            }
+        )
+        joined = self.repository.historical_visitor_rows(entity_df).sort_values("query_index")
+        records = joined.to_dict("records")
+        out = []
+        for query, record in zip(queries, records, strict=True):
+            row = {name: _clean(record.get(name)) for name in F.VISITOR_FEATURES}
+            # Context features come from the on-demand feature view, as the FeatureService defines them.
+            context = {name: int(record[name]) for name in F.CONTEXT_FEATURES}
+            out.append((VisitorVector.from_row(query.visitor_id, row), context))
+        return out
+
+    def snapshot_times(self, events: Sequence[Event], queries: Sequence[Query]) -> list[float]:
+        if not queries:
+            return []
+        start, end = events[0].ts, queries[-1].ts
+        step = self.config.snapshot_step_s or max(3600.0, (end - start) / 120)
+        times = list(np.arange(start + step, end + step, step))
+        return [float(t) for t in times]
+
+    def item_stats_at(self, times: Sequence[float], item_ids: Sequence[str]) -> dict[float, dict[str, dict[str, Any]]]:
+        if not times or not item_ids:
+            return {}
+        entity_df = pd.DataFrame(
+            {
+                F.ITEM_KEY: np.tile(np.asarray(item_ids, dtype=object), len(times)),
+                F.TIMESTAMP_FIELD: np.repeat([_utc(t) for t in times], len(item_ids)),
+                "snapshot_ts": np.repeat(np.asarray(times), len(item_ids)),
+            }
+        )
+        joined = self.repository.historical_item_stats(entity_df)
+        stats: dict[float, dict[str, dict[str, Any]]] = {}
+        for record in joined.to_dict("records"):
+            if record.get("views_7d") is None or (isinstance(record.get("views_7d"), float) and math.isnan(record["views_7d"])):
+                continue
+            stats.setdefault(float(record["snapshot_ts"]), {})[record[F.ITEM_KEY]] = {
+                name: _clean(record.get(name)) for name in F.ITEM_FEATURES
+            }
+        return stats
+
+    # -- the set ----------------------------------------------------------------------------------------
+    def build(
+        self,
+        events: Sequence[Event],
+        catalog: Sequence[CatalogItem],
+        queries: Sequence[Query],
+        visitors: Sequence[tuple[VisitorVector, dict[str, int]]],
+        personal: bool = True,
+        evaluate_only: bool = False,
+    ) -> tuple[TrainingSet, list[dict[str, Any]]]:
+        """Replay the log in time order, rebuild snapshots at the snapshot times, and turn each query into a
+        group of candidate rows. Also returns, per query, the ranked ids of the model-free baselines."""
+        products = [item for item in catalog if item.kind is ItemKind.PRODUCT]
+        times = self.snapshot_times(events, queries)
+        self.progress("item statistics (Feast, point in time)", 0.0)
+        stats = self.item_stats_at(times, [p.item_id for p in products])
+        covisitation, popularity = CoVisitation(), ContextPopularity()
+        recent: dict[str, list[str]] = {}
+        snapshot: ItemSnapshot | None = None
+        snapshot_index = -1
+        event_pos = 0
+        rows: list[np.ndarray] = []
+        labels: list[np.ndarray] = []
+        groups: list[int] = []
+        query_ts: list[float] = []
+        details: list[dict[str, Any]] = []
+        for q_index, (query, (visitor, context)) in enumerate(zip(queries, visitors, strict=True)):
+            # Advance the replay to just before the query.
+            while event_pos < len(events) and events[event_pos].ts < query.ts:
+                _observe(events[event_pos], covisitation, popularity, recent)
+                event_pos += 1
+            wanted = bisect.bisect_right(times, query.ts) - 1
+            if snapshot is None or wanted != snapshot_index:
+                at = times[wanted] if wanted >= 0 else query.ts
+                snapshot = build_snapshot(
+                    catalog,
+                    stats.get(at, {}) if wanted >= 0 else {},
+                    {i: covisitation.top(i, 60) for i in covisitation.neighbours},
+                    {k: popularity.scores[k] for k in popularity.scores},
+                    now=query.ts,
+                )
+                snapshot_index = wanted
+            if q_index % 200 == 0:
+                self.progress("building training groups", q_index / max(len(queries), 1))
+            keys = context_keys_for(query.city or visitor.city, query.device, query.ts, query.utc_offset_min)
+            if query.shown:
+                idx = np.array([snapshot.index[i] for i in query.shown if i in snapshot.index], dtype=np.int64)
+                covis_scores = np.zeros(len(idx))
+                grades = np.array([query.labels.get(snapshot.ids[i], 0) for i in idx], dtype=np.float64)
+            else:
+                candidates = self.generator.products(snapshot, visitor, keys, Filters(), personalized=personal)
+                idx, covis_scores = candidates.idx, candidates.covisitation
+                grades = np.array([query.grade if snapshot.ids[i] == query.target else 0 for i in idx], dtype=np.float64)
+            detail = {
+                "ts": query.ts,
+                "target": query.target,
+                "candidate_ids": [snapshot.ids[i] for i in idx],
+                "popular": [snapshot.ids[i] for i in snapshot.popular[:50]],
+            }
+            details.append(detail)
+            if len(idx) == 0:
+                continue
+            if not evaluate_only and (grades.max() <= 0 or grades.min() == grades.max()):
+                continue  # a group without a positive (or only positives) teaches a ranker nothing
+            X = feature_matrix(visitor, context, snapshot.columns(idx, query.slot, query.ts), covis_scores,
+                               np.full(len(idx), 0.5), query.ts, personal=personal)
+            detail["row_start"] = sum(groups)
+            rows.append(X)
+            labels.append(grades)
+            groups.append(len(idx))
+            query_ts.append(query.ts)
+        X_all = np.vstack(rows) if rows else np.zeros((0, len(F.RANKER_FEATURES)))
+        y_all = np.concatenate(labels) if labels else np.zeros(0)
+        return TrainingSet(X_all, y_all, groups, query_ts), details
+
+    # -- training -----------------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        started = time.time()
+        self.progress("reading the event log", 0.0)
+        events, catalog = self.load()
+        products = {item.item_id for item in catalog if item.kind is ItemKind.PRODUCT}
+        if not events or not products:
+            raise ValueError("nothing to train on: the event log or the catalog is empty")
+        source = self.config.source
+        impression_queries = self.impression_queries(events) if source in ("auto", "impressions") else []
+        labelled = [q for q in impression_queries if q.labels]
+        if source == "impressions" or (source == "auto" and len(labelled) >= self.config.min_impression_groups):
+            queries, used = impression_queries, "impressions"
+        else:
+            queries, used = self.behaviour_queries(events, products), "behaviour"
+        if len(queries) < 50:
+            raise ValueError(f"only {len(queries)} training queries ({used}); ingest more events first")
+        self.progress("visitor features (Feast, point in time)", 0.0)
+        visitors = self.visitor_rows(queries)
+        cut = int(len(queries) * (1 - self.config.validation_fraction))
+        split_ts = queries[cut].ts
+        train_set, _ = self.build(events, catalog, queries[:cut], visitors[:cut], personal=self.config.personal)
+        valid_set, valid_details = self.build(
+            events, catalog, queries[cut:], visitors[cut:], personal=self.config.personal, evaluate_only=True
+        )
+        if not train_set.groups:
+            raise ValueError("no training group had a positive among its candidates")
+        self.progress("training LightGBM", 0.0)
+        booster = self.fit(train_set, valid_set)
+        metrics = self.evaluate(booster, valid_set, valid_details, queries[cut:])
+        metrics.update(
+            {
+                "source": used,
+                "train_queries": len(train_set.groups),
+                "train_rows": int(train_set.X.shape[0]),
+                "validation_queries": len(valid_details),
+                "split_ts": split_ts,
+                "best_iteration": booster.best_iteration,
+                "seconds": round(time.time() - started, 1),
+            }
+        )
+        version = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        meta = ModelMeta(
+            version=version,
+            created_at=time.time(),
+            features=F.RANKER_FEATURES,
+            feature_service=F.FEATURE_SERVICE,
+            metrics=metrics,
+            params=self.params(),
+            personal=self.config.personal,
+        )
+        text = booster.model_to_string().encode()
+        return TrainResult(meta, text, metrics)
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "objective": "lambdarank",
+            "metric": "ndcg",
+            "ndcg_eval_at": [10],
+            "learning_rate": self.config.learning_rate,
+            "num_leaves": self.config.num_leaves,
+            "min_data_in_leaf": self.config.min_data_in_leaf,
+            "feature_fraction": 0.9,
+            "bagging_fraction": 0.9,
+            "bagging_freq": 1,
+            "lambdarank_truncation_level": 20,
+            "num_threads": self.config.threads,
+            "seed": self.config.seed,
+            "deterministic": True,
+            "force_row_wise": True,
+            "verbosity": -1,
+        }
+
+    def fit(self, train_set: TrainingSet, valid_set: TrainingSet) -> lgb.Booster:
+        names = list(F.RANKER_FEATURES)
+        train_data = lgb.Dataset(
+            train_set.X, label=train_set.y, group=train_set.groups, feature_name=names,
+            categorical_feature=list(F.CATEGORICAL_FEATURES), free_raw_data=False,
+        )
+        valid_groups = [g for g in valid_set.groups]
+        callbacks = [lgb.log_evaluation(0)]
+        valid_sets = []
+        if valid_groups and valid_set.y.max() > 0:
+            valid_data = lgb.Dataset(valid_set.X, label=valid_set.y, group=valid_groups, reference=train_data,
+                                     feature_name=names, categorical_feature=list(F.CATEGORICAL_FEATURES))
+            valid_sets = [valid_data]
+            callbacks.append(lgb.early_stopping(self.config.early_stopping_rounds, verbose=False))
+        return lgb.train(self.params(), train_data, num_boost_round=self.config.num_boost_round, valid_sets=valid_sets,
+                         callbacks=callbacks)
+
+    def evaluate(
+        self, booster: lgb.Booster, valid_set: TrainingSet, details: Sequence[Mapping[str, Any]], queries: Sequence[Query]
+    ) -> dict[str, Any]:
+        """NDCG@10 etc. on the later queries: the model over its candidates (a target no generator proposed is a
+        miss) against popularity over the whole catalog, on exactly the same queries."""
+        scores = booster.predict(valid_set.X, num_threads=self.config.threads) if len(valid_set.X) else np.zeros(0)
+        model_ranks: list[int | None] = []
+        popular_ranks: list[int | None] = []
+        in_candidates = 0
+        for detail, query in zip(details, queries, strict=True):
+            target = query.target
+            if target is None:  # impression queries: the best-labelled shown item is the target
+                target = max(query.labels, key=lambda i: query.labels[i]) if query.labels else None
+                if target is None:
+                    continue
+            candidate_ids: list[str] = detail["candidate_ids"]
+            if "row_start" in detail:
+                start = detail["row_start"]
+                order = np.argsort(-scores[start : start + len(candidate_ids)], kind="stable")
+                ranked = [candidate_ids[i] for i in order]
+            else:
+                ranked = []
+            if target in candidate_ids:
+                in_candidates += 1
+            model_ranks.append(rank_of(target, ranked))
+            popular_ranks.append(rank_of(target, detail["popular"]))
+        model = summarize(model_ranks)
+        popular = summarize(popular_ranks)
+        n = max(len(model_ranks), 1)
+        return {
+            "ndcg@10": round(model["ndcg@10"], 4),
+            "hr@10": round(model["hr@10"], 4),
+            "popularity_ndcg@10": round(popular["ndcg@10"], 4),
+            "popularity_hr@10": round(popular["hr@10"], 4),
+            "candidate_recall": round(in_candidates / n, 4),
+            "evaluated_queries": len(model_ranks),
+        }
+
+
+def _observe(event: Event, covisitation: CoVisitation, popularity: ContextPopularity, recent: dict[str, list[str]]) -> None:
+    """The same index updates the profile aggregator makes, replayed for point-in-time training."""
+    weight = POPULARITY_WEIGHTS.get(event.type)
+    if weight is None or not event.item_id:
+        return
+    if event.type is EventType.CLICK and not event.recommendation_id:
+        return
+    keys = context_keys(event.ts, event.context.city, _device(event), _offset(event))
+    popularity.observe(keys, event.item_id, weight, event.ts)
+    if event.type in (EventType.PRODUCT_VIEW, EventType.ADD_TO_CART):
+        previous = recent.setdefault(event.visitor_id, [])
+        if previous:
+            covisitation.observe(previous, event.item_id, weight)
+        if event.item_id in previous:
+            previous.remove(event.item_id)
+        previous.insert(0, event.item_id)
+        del previous[20:]
+
+
+def _device(event: Event) -> str | None:
+    return event.context.device.value if event.context.device else None
+
+
+def _offset(event: Event) -> int | None:
+    offset = event.timestamp.utcoffset()
+    return int(offset.total_seconds() // 60) if offset is not None else None
+
+
+def _clean(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
