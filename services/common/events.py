@@ -6,7 +6,6 @@ from enum import StrEnum
 from typing import Annotated
 
 import orjson
-
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 MAX_PROPERTIES = 32

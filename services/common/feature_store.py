@@ -134,9 +134,7 @@ def open_feature_store(settings: CommonSettings) -> FeatureStore:
     return store
 
 
-def to_arrow_table(
-    rows: Sequence[Mapping[str, Any]], key: str, features: Mapping[str, F.FeatureKind]
-) -> pa.Table:
+def to_arrow_table(rows: Sequence[Mapping[str, Any]], key: str, features: Mapping[str, F.FeatureKind]) -> pa.Table:
     """Rows -> a typed arrow table (entity key, event timestamp, features); missing values become nulls."""
     columns: dict[str, pa.Array] = {
         key: pa.array([r[key] for r in rows], pa.string()),
@@ -170,9 +168,7 @@ class FeatureWriter:
     def write(self, view: str, rows: Sequence[Mapping[str, Any]], offline: bool = True) -> None:
         if not rows:
             return
-        key, features = (
-            (F.VISITOR_KEY, F.VISITOR_FEATURES) if view == F.VISITOR_VIEW else (F.ITEM_KEY, F.ITEM_FEATURES)
-        )
+        key, features = (F.VISITOR_KEY, F.VISITOR_FEATURES) if view == F.VISITOR_VIEW else (F.ITEM_KEY, F.ITEM_FEATURES)
         table = to_arrow_table(rows, key, features)
         frame = table.to_pandas()
         # The online row is stamped with the write time: Feast keeps the newest-stamped row, and a late
@@ -196,9 +192,7 @@ class FeatureWriter:
 
 def online_rows(store: FeatureStore, view: str, keys: Sequence[str]) -> list[dict[str, Any]]:
     """Read rows from the online store; a missing entity comes back with every feature None."""
-    key, features = (
-        (F.VISITOR_KEY, F.VISITOR_FEATURES) if view == F.VISITOR_VIEW else (F.ITEM_KEY, F.ITEM_FEATURES)
-    )
+    key, features = (F.VISITOR_KEY, F.VISITOR_FEATURES) if view == F.VISITOR_VIEW else (F.ITEM_KEY, F.ITEM_FEATURES)
     response = store.get_online_features(
         features=[f"{view}:{name}" for name in features], entity_rows=[{key: k} for k in keys]
     ).to_dict()

@@ -168,7 +168,14 @@ RANKER_FEATURES: Final[tuple[str, ...]] = (
     "x_targeting_match",
 )
 PERSONAL_FEATURE_PREFIXES: Final = ("v_", "x_")
-CATEGORICAL_FEATURES: Final = ("v_persona_id", "v_lifecycle_code", "v_journey_code", "c_device_code", "c_channel_code", "i_category_code")
+CATEGORICAL_FEATURES: Final = (
+    "v_persona_id",
+    "v_lifecycle_code",
+    "v_journey_code",
+    "c_device_code",
+    "c_channel_code",
+    "i_category_code",
+)
 
 LIFECYCLE_CODES: Final = {"new": 0, "active": 1, "loyal": 2, "at_risk": 3, "dormant": 4}
 JOURNEY_CODES: Final = {"awareness": 0, "consideration": 1, "decision": 2}

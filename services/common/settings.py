@@ -32,9 +32,7 @@ class CommonSettings(BaseSettings):
     redis_url: str | None = Field(default=None, validation_alias=shared("redis_url", "REDIS_URL"))
     redis_cluster: bool = Field(default=False, validation_alias=shared("redis_cluster"))
     # Key prefix in Redis: lets several shops (or test runs) share one Redis safely.
-    namespace: str = Field(
-        default="selaras", pattern=r"^[a-z][a-z0-9_]{0,30}$", validation_alias=shared("namespace")
-    )
+    namespace: str = Field(default="selaras", pattern=r"^[a-z][a-z0-9_]{0,30}$", validation_alias=shared("namespace"))
     feast_project: str = Field(
         default="selaras", pattern=r"^[a-z][a-z0-9_]{0,40}$", validation_alias=shared("feast_project")
     )
@@ -48,8 +46,12 @@ class CommonSettings(BaseSettings):
     consent_personalization: Literal["opt_in", "opt_out"] = Field(
         default="opt_out", validation_alias=shared("consent_personalization")
     )
-    consent_analytics: Literal["opt_in", "opt_out"] = Field(default="opt_out", validation_alias=shared("consent_analytics"))
-    consent_marketing: Literal["opt_in", "opt_out"] = Field(default="opt_in", validation_alias=shared("consent_marketing"))
+    consent_analytics: Literal["opt_in", "opt_out"] = Field(
+        default="opt_out", validation_alias=shared("consent_analytics")
+    )
+    consent_marketing: Literal["opt_in", "opt_out"] = Field(
+        default="opt_in", validation_alias=shared("consent_marketing")
+    )
     redis_timeout_s: float = Field(default=0.5, gt=0, le=30, validation_alias=shared("redis_timeout_s"))
 
     @field_validator("redis_url")

@@ -336,14 +336,10 @@ class SqliteStore(Store):
         return int(self._run(lambda c: c.execute("SELECT COUNT(*) FROM events").fetchone()[0]))
 
     def delete_visitor_events(self, visitor_id: str, payload_marker: bytes) -> int:
-        return int(
-            self._run(lambda c: c.execute("DELETE FROM events WHERE visitor_id = ?", (visitor_id,)).rowcount)
-        )
+        return int(self._run(lambda c: c.execute("DELETE FROM events WHERE visitor_id = ?", (visitor_id,)).rowcount))
 
     def forget_event_ids(self, event_ids: Sequence[str]) -> None:
-        self._run(
-            lambda c: c.executemany("DELETE FROM seen_ids WHERE event_id = ?", [(i,) for i in event_ids])
-        )
+        self._run(lambda c: c.executemany("DELETE FROM seen_ids WHERE event_id = ?", [(i,) for i in event_ids]))
 
     def get_many(self, namespace: str, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
@@ -378,9 +374,7 @@ class SqliteStore(Store):
         return int(
             self._run(
                 lambda c: (
-                    c.executemany(
-                        "DELETE FROM blobs WHERE ns = ? AND key = ?", [(namespace, k) for k in keys]
-                    ).rowcount
+                    c.executemany("DELETE FROM blobs WHERE ns = ? AND key = ?", [(namespace, k) for k in keys]).rowcount
                 )
             )
         )

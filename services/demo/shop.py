@@ -759,8 +759,7 @@ def _messages(now: datetime) -> list[CatalogItem]:
                 ("New: {product}", "Be the first to get it."),
                 (
                     "{first_name}, something new in {category}",
-                    "{product} just arrived at {price}. We're telling you because you often browse "
-                    "{category}.",
+                    "{product} just arrived at {price}. We're telling you because you often browse {category}.",
                 ),
             ),
         ),

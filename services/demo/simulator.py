@@ -232,7 +232,7 @@ TYPE_PROFILES: Final[dict[str, TypeProfile]] = {
         },
         other_weight=0.15,
         category_concentration=20.0,
-        brand_loyalty=2.0,
+        brand_loyalty=3.0,
         price_level=0.2,
         price_sensitivity=0.4,
         discount_sensitivity=0.35,
@@ -270,7 +270,7 @@ TYPE_PROFILES: Final[dict[str, TypeProfile]] = {
         category_weights={"handphone": 4.0, "aksesoris-gadget": 4.0, "laptop": 3.0, "elektronik": 3.0},
         other_weight=0.15,
         category_concentration=15.0,
-        brand_loyalty=0.9,
+        brand_loyalty=0.6,
         price_level=0.6,
         price_sensitivity=0.3,
         discount_sensitivity=0.3,
@@ -305,7 +305,8 @@ TYPE_PROFILES: Final[dict[str, TypeProfile]] = {
     ),
 }  # fmt: skip
 
-CHANNEL_OPEN_RATE: Final = {"push": 0.12, "email": 0.18, "whatsapp": 0.4}
+# Open rates for an average message at an average hour (before the saturation in `message_probabilities`).
+CHANNEL_OPEN_RATE: Final = {"push": 0.12, "email": 0.18, "whatsapp": 0.3}
 # Median delay between sending and opening, per channel (seconds).
 CHANNEL_OPEN_DELAY: Final = {"push": 8 * 60.0, "email": 2 * 3600.0, "whatsapp": 5 * 60.0}
 
@@ -457,9 +458,7 @@ class Simulator:
     independent of call order.
     """
 
-    def __init__(
-        self, shop: DemoShop, n_visitors: int = 1000, seed: int = 7, start: datetime | None = None
-    ) -> None:
+    def __init__(self, shop: DemoShop, n_visitors: int = 1000, seed: int = 7, start: datetime | None = None) -> None:
         if start is None:
             start = shop.generated_at - timedelta(days=30)
         if start.tzinfo is None:
@@ -516,9 +515,7 @@ class Simulator:
         hidden_type = VISITOR_TYPES[int(rng.choice(len(VISITOR_TYPES), p=shares / shares.sum()))]
         profile = TYPE_PROFILES[hidden_type]
 
-        base = np.array(
-            [profile.category_weights.get(slug, profile.other_weight) for slug in self._categories]
-        )
+        base = np.array([profile.category_weights.get(slug, profile.other_weight) for slug in self._categories])
         alpha = base / base.sum() * profile.category_concentration + 0.02
         prefs = rng.dirichlet(alpha)
         category_prefs = {slug: float(pref) for slug, pref in zip(self._categories, prefs, strict=True)}
@@ -532,8 +529,7 @@ class Simulator:
                 brand_prefs[brands[int(pick)]] = max(brand_prefs.get(brands[int(pick)], 0.0), bonus)
 
         peaks = tuple(
-            (float((hour + rng.normal(0.0, 0.6)) % 24), width, weight)
-            for hour, width, weight in profile.hour_peaks
+            (float((hour + rng.normal(0.0, 0.6)) % 24), width, weight) for hour, width, weight in profile.hour_peaks
         )
         devices = list(profile.devices)
         device_p = np.array([profile.devices[name] for name in devices])
@@ -556,9 +552,7 @@ class Simulator:
             brand_prefs=brand_prefs,
             price_level=profile.price_level + float(rng.normal(0.0, 0.2)),
             price_sensitivity=float(np.clip(profile.price_sensitivity + rng.normal(0.0, 0.08), 0.0, 1.0)),
-            discount_sensitivity=float(
-                np.clip(profile.discount_sensitivity + rng.normal(0.0, 0.08), 0.0, 1.0)
-            ),
+            discount_sensitivity=float(np.clip(profile.discount_sensitivity + rng.normal(0.0, 0.08), 0.0, 1.0)),
             hour_weights=tuple(float(weight) for weight in _hour_weights(peaks)),
             visits_per_week=profile.visits_per_week * float(rng.lognormal(0.0, 0.3)),
             session_views=max(1.0, profile.session_views * float(rng.lognormal(0.0, 0.2))),
@@ -596,6 +590,10 @@ class Simulator:
     def visitor(self, visitor_id: str) -> SimVisitor:
         return self.visitors[self._index_of(visitor_id)]
 
+    def utilities(self, visitor_id: str) -> np.ndarray:
+        """The visitor's hidden utility for every product, aligned with `shop.products` (a copy)."""
+        return np.array(self._utility[self._index_of(visitor_id)], dtype=np.float64)
+
     def _index_of(self, visitor_id: str) -> int:
         try:
             return self._visitor_index[visitor_id]
@@ -623,9 +621,7 @@ class Simulator:
         utility = 0.0
         if targeting.categories:
             share = sum(visitor.category_prefs.get(slug, 0.0) for slug in targeting.categories)
-            utility += float(
-                np.clip(math.log(share / len(targeting.categories) * len(self._categories)), -3, 2)
-            )
+            utility += float(np.clip(math.log(share / len(targeting.categories) * len(self._categories)), -3, 2))
         utility += sum(profile.tag_affinity.get(tag, 0.0) for tag in item.tags)
         local = now.astimezone(visitor.zone) if now is not None else None
         payday = local is not None and is_payday_window(local.day)
@@ -678,11 +674,7 @@ class Simulator:
 
     def _checkout_probability(self, visitor: SimVisitor, local: datetime) -> float:
         profile = TYPE_PROFILES[visitor.hidden_type]
-        factor = (
-            profile.payday_checkout_factor
-            if is_payday_window(local.day)
-            else profile.off_payday_checkout_factor
-        )
+        factor = profile.payday_checkout_factor if is_payday_window(local.day) else profile.off_payday_checkout_factor
         return min(MAX_PROBABILITY, profile.checkout_rate * factor)
 
     def _day(self, moment: datetime) -> float:
@@ -717,11 +709,7 @@ class Simulator:
         local = sent_at.astimezone(visitor.zone)
         payday = is_payday_window(local.day)
         affinity = profile.trigger_affinity[trigger]
-        if (
-            visitor.hidden_type == "busy_professional"
-            and trigger == "cart_abandonment"
-            and 11 <= local.hour <= 13
-        ):
+        if visitor.hidden_type == "busy_professional" and trigger == "cart_abandonment" and 11 <= local.hour <= 13:
             affinity *= 1.6
         if trigger == "payday_promo":
             if visitor.hidden_type == "deal_hunter":
@@ -748,7 +736,8 @@ class Simulator:
         if visitor.hidden_type == "deal_hunter" and payday:
             p_purchase *= 1.5
         return (
-            min(MAX_PROBABILITY, p_open),
+            # Saturate smoothly instead of clipping, so favourable factors still rank above each other.
+            min(MAX_PROBABILITY, 1.0 - math.exp(-p_open)),
             min(MAX_PROBABILITY, p_click),
             min(MAX_PROBABILITY, p_purchase),
         )
@@ -781,9 +770,7 @@ class Simulator:
                         sequence += 1
             # Sessions of later days start after the earliest local midnight of the next day: all events
             # before it are final and can be released in order.
-            bound = (
-                min(self._local_midnight(zone, day + 1) for zone in zones).timestamp() if zones else math.inf
-            )
+            bound = min(self._local_midnight(zone, day + 1) for zone in zones).timestamp() if zones else math.inf
             if day == days:
                 bound = math.inf
             buffer.sort(key=lambda entry: (entry[0], entry[1]))
@@ -818,9 +805,7 @@ class Simulator:
         if count == 0:
             return []
         row = self._visitor_index[visitor.visitor_id]
-        hours = np.minimum(
-            np.searchsorted(self._hour_cdf[row], rng.random(count) * self._hour_cdf[row, -1]), 23
-        )
+        hours = np.minimum(np.searchsorted(self._hour_cdf[row], rng.random(count) * self._hour_cdf[row, -1]), 23)
         seconds = rng.uniform(0, 3600, size=count)
         return sorted(
             day_start + timedelta(hours=int(hour), seconds=float(second))
@@ -922,9 +907,7 @@ class Simulator:
                 price=item.price,
                 properties={"category": item.category, "brand": item.brand, "discounted": item.discount > 0},
             )
-            if product not in state.cart and rng.random() < self._cart_probability(
-                visitor, row, product, False
-            ):
+            if product not in state.cart and rng.random() < self._cart_probability(visitor, row, product, False):
                 advance(0.3)
                 quantity = self._quantity(rng, visitor, item)
                 state.cart[product] = quantity
@@ -935,9 +918,7 @@ class Simulator:
             removed = list(state.cart)[int(rng.integers(len(state.cart)))]
             quantity = state.cart.pop(removed)
             item = self._products[removed]
-            session.emit(
-                EventType.REMOVE_FROM_CART, item_id=item.item_id, quantity=quantity, price=item.price
-            )
+            session.emit(EventType.REMOVE_FROM_CART, item_id=item.item_id, quantity=quantity, price=item.price)
 
         if state.cart and rng.random() < self._checkout_probability(visitor, local):
             advance()
@@ -986,9 +967,7 @@ class Simulator:
     def _response_rng(self, *parts: object) -> np.random.Generator:
         return np.random.default_rng([self.seed, 2, _stable_hash(*parts)])
 
-    def _response_context(
-        self, visitor: SimVisitor, session_id: str, channel: str | None = None
-    ) -> EventContext:
+    def _response_context(self, visitor: SimVisitor, session_id: str, channel: str | None = None) -> EventContext:
         return EventContext(
             device=Device(visitor.device),
             channel=channel or visitor.channel,
@@ -1023,9 +1002,7 @@ class Simulator:
         def emit(event_type: EventType, moment: datetime, item_id: str, **fields: Any) -> None:
             events.append(
                 Event(
-                    event_id=self._response_event_id(
-                        visitor_id, recommendation_id, slot, event_type, item_id
-                    ),
+                    event_id=self._response_event_id(visitor_id, recommendation_id, slot, event_type, item_id),
                     visitor_id=visitor_id,
                     type=event_type,
                     timestamp=moment,
@@ -1046,9 +1023,7 @@ class Simulator:
                 "position": shown_item.position,
                 "kind": str(shown_item.kind),
             }
-            moment = local_now + timedelta(
-                seconds=2.0 + 3.0 * shown_item.position + float(rng.exponential(8.0))
-            )
+            moment = local_now + timedelta(seconds=2.0 + 3.0 * shown_item.position + float(rng.exponential(8.0)))
             emit(EventType.CLICK, moment, shown_item.item_id, properties=properties)
             product = self._product_index.get(shown_item.item_id)
             if product is None:

@@ -99,9 +99,7 @@ def build_world(
             profile_repository,
             aggregator,
             simulator.history(days),
-            on_batch=lambda last: progress(
-                "importing the shop's history", (last.ts - start.timestamp()) / span
-            ),
+            on_batch=lambda last: progress("importing the shop's history", (last.ts - start.timestamp()) / span),
         )
         progress("importing the shop's history", 1.0)
     finally:

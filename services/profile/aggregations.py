@@ -98,9 +98,7 @@ def _bump(affinities: dict[str, list[float]], key: str, weight: float, ts: float
     score, last = affinities.get(key, (0.0, ts))
     affinities[key] = [max(_decay(score, ts - last, AFFINITY_HALF_LIFE_S) + weight, 0.0), ts]
     if len(affinities) > 3 * TOP_K:
-        weakest = min(
-            affinities, key=lambda k: _decay(affinities[k][0], ts - affinities[k][1], AFFINITY_HALF_LIFE_S)
-        )
+        weakest = min(affinities, key=lambda k: _decay(affinities[k][0], ts - affinities[k][1], AFFINITY_HALF_LIFE_S))
         del affinities[weakest]
 
 
@@ -184,6 +182,11 @@ def fold_visitor(state: VisitorState, event: Event, item: ItemInfo | None) -> bo
         if isinstance(event.properties.get("locale"), str):
             state.locale = str(event.properties["locale"])
         return True
+    if kind is EventType.IMPRESSION:
+        # Being shown something is not a visit: it only counts towards the recommendation CTR.
+        _insert(state.rec_impressions, ts)
+        _prune(state.rec_impressions, max(state.last_seen, ts))
+        return True
     if kind not in BEHAVIOUR_TYPES and kind not in (EventType.MESSAGE_OPEN, EventType.MESSAGE_CLICK):
         return False
 
@@ -210,12 +213,10 @@ def fold_visitor(state: VisitorState, event: Event, item: ItemInfo | None) -> bo
     state.session_depth += 1
     state.last_seen = max(state.last_seen, ts)
 
-    if kind is EventType.IMPRESSION:
-        _insert(state.rec_impressions, ts)
-    elif kind is EventType.CLICK and event.recommendation_id:
+    if kind is EventType.CLICK and event.recommendation_id:
         _insert(state.rec_clicks, ts)
 
-    if kind not in (EventType.IMPRESSION, EventType.MESSAGE_OPEN, EventType.MESSAGE_CLICK):
+    if kind not in (EventType.MESSAGE_OPEN, EventType.MESSAGE_CLICK):
         _observe_activity(state, event, ts)
 
     weight = AFFINITY_WEIGHTS.get(kind)
@@ -315,13 +316,7 @@ def segments(state: VisitorState, now: float, rules: SegmentRules) -> dict[str, 
         lifecycle = "active"
     low, high = rules.value_tiers_idr
     value_tier = (
-        "none"
-        if state.monetary <= 0
-        else "low"
-        if state.monetary < low
-        else "mid"
-        if state.monetary < high
-        else "high"
+        "none" if state.monetary <= 0 else "low" if state.monetary < low else "mid" if state.monetary < high else "high"
     )
 
     recent_views = count_since(state.views, now - 7 * DAY)
@@ -353,9 +348,7 @@ def visitor_features(state: VisitorState, rules: SegmentRules, now: float | None
     categories, category_scores = top_affinities(state.categories, at)
     brands, brand_scores = top_affinities(state.brands, at)
     histogram_total = sum(state.hour_histogram)
-    histogram = (
-        [round(h / histogram_total, 6) for h in state.hour_histogram] if histogram_total else [0.0] * 24
-    )
+    histogram = [round(h / histogram_total, 6) for h in state.hour_histogram] if histogram_total else [0.0] * 24
     return {
         "views_1h": count_since(state.views, at - HOUR),
         "views_24h": count_since(state.views, at - DAY),
@@ -376,9 +369,7 @@ def visitor_features(state: VisitorState, rules: SegmentRules, now: float | None
         "last_seen_ts": state.last_seen or None,
         "last_purchase_ts": state.last_purchase or None,
         "session_depth": state.session_depth,
-        "typical_price_viewed": math.exp(state.log_price_viewed)
-        if state.log_price_viewed is not None
-        else None,
+        "typical_price_viewed": math.exp(state.log_price_viewed) if state.log_price_viewed is not None else None,
         "typical_price_paid": math.exp(state.log_price_paid) if state.log_price_paid is not None else None,
         "discount_affinity": round(state.discount_affinity, 6),
         "cart_items": list(state.cart),

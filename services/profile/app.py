@@ -13,6 +13,7 @@ from services.common.api import add_metrics_route, install_error_handlers
 from services.common.auth import ApiKeyAuth
 from services.common.consent import ConsentDefaults
 from services.common.observability import MetricsMiddleware, configure_logging
+from services.common.security import install_security
 from services.profile.aggregations import SegmentRules
 from services.profile.repository import ProfileRepository
 from services.profile.service import Aggregator, IngestService
@@ -83,6 +84,7 @@ def create_app(settings: ProfileSettings | None = None) -> FastAPI:
             state.repository.close()
 
     from services.profile.endpoints import router
+    from services.profile.privacy_endpoints import router as privacy_router
 
     app = FastAPI(
         title="Selaras profile service",
@@ -93,5 +95,7 @@ def create_app(settings: ProfileSettings | None = None) -> FastAPI:
     install_error_handlers(app)
     add_metrics_route(app)
     app.include_router(router)
+    app.include_router(privacy_router)
+    install_security(app, settings)
     app.add_middleware(MetricsMiddleware, service="profile")
     return app

@@ -76,8 +76,7 @@ async def ingest_events(request: Request, state: State, _: IngestKey) -> Respons
                 errors.append({"index": index, "field": ".".join(loc) or "(event)", "message": error["msg"]})
     if errors:
         raise InvalidPayload(
-            f"{len({e['index'] for e in errors})} of {len(raw_events)} events are invalid; "
-            "nothing was stored",
+            f"{len({e['index'] for e in errors})} of {len(raw_events)} events are invalid; nothing was stored",
             extra={"errors": errors},
         )
     # The durable append is a blocking call: run it in the thread pool, off the event loop.

@@ -117,7 +117,10 @@ def import_events(
 
 
 def import_catalog(
-    path: Path, upsert: Callable[[list[CatalogItem]], None], batch_size: int = 2000, skip_invalid: bool = False
+    path: Path,
+    upsert: Callable[[list[CatalogItem]], None],
+    batch_size: int = 2000,
+    skip_invalid: bool = False,
 ) -> ImportReport:
     report = ImportReport()
     batch: list[CatalogItem] = []

@@ -750,9 +750,7 @@ def _name_personas(profiles: list[_Profile], ids: list[int]) -> list[tuple[tuple
     return out
 
 
-def _describe(
-    profile: _Profile, name: tuple[str, str], name_trait: int | None
-) -> tuple[str, str, list[TopTrait]]:
+def _describe(profile: _Profile, name: tuple[str, str], name_trait: int | None) -> tuple[str, str, list[TopTrait]]:
     """Description from the most distinctive notable traits, led by the one the name comes from."""
     notable = [j for j in profile.order if _notable(profile, j)]
     if name_trait is not None:
@@ -949,9 +947,7 @@ def movement_report(
         transitions.setdefault(str(o), {})[str(w)] = int(count)
     n = len(rows)
     stayed_mask = old_ids == new_ids
-    stayed_by_old = {
-        str(pid): float(stayed_mask[old_ids == pid].mean()) for pid in np.unique(old_ids).tolist()
-    }
+    stayed_by_old = {str(pid): float(stayed_mask[old_ids == pid].mean()) for pid in np.unique(old_ids).tolist()}
     return {
         "n": n,
         "transitions": transitions,

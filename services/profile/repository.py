@@ -13,10 +13,10 @@ from services.common import features as F
 from services.common.catalog import CatalogItem, ItemKind
 from services.common.consent import Consent
 from services.common.feature_store import FeatureWriter, online_rows, open_feature_store, to_arrow_table
+from services.common.indexes import ContextPopularity, CoVisitation
 from services.common.settings import CommonSettings
 from services.common.storage import AppendResult, LogEntry, Namespace, PendingEvent, Store, open_store
 from services.profile.aggregations import ItemInfo, ItemState, VisitorState
-from services.common.indexes import ContextPopularity, CoVisitation
 
 log = logging.getLogger(__name__)
 AGGREGATOR_CURSOR = "aggregator"
@@ -55,23 +55,15 @@ class ProfileRepository:
     def visitor_states(self, visitor_ids: Sequence[str]) -> dict[str, VisitorState]:
         raws = self.store.get_many(Namespace.VISITOR_STATE, visitor_ids)
         return {
-            vid: VisitorState.from_dict(orjson.loads(raw))
-            for vid, raw in zip(visitor_ids, raws, strict=True)
-            if raw
+            vid: VisitorState.from_dict(orjson.loads(raw)) for vid, raw in zip(visitor_ids, raws, strict=True) if raw
         }
 
     def save_visitor_states(self, states: Mapping[str, VisitorState], ttl_s: int | None) -> None:
-        self.store.put_many(
-            Namespace.VISITOR_STATE, {k: orjson.dumps(s.to_dict()) for k, s in states.items()}, ttl_s
-        )
+        self.store.put_many(Namespace.VISITOR_STATE, {k: orjson.dumps(s.to_dict()) for k, s in states.items()}, ttl_s)
 
     def item_states(self, item_ids: Sequence[str]) -> dict[str, ItemState]:
         raws = self.store.get_many(Namespace.ITEM_STATE, item_ids)
-        return {
-            iid: ItemState.from_dict(orjson.loads(raw))
-            for iid, raw in zip(item_ids, raws, strict=True)
-            if raw
-        }
+        return {iid: ItemState.from_dict(orjson.loads(raw)) for iid, raw in zip(item_ids, raws, strict=True) if raw}
 
     def save_item_states(self, states: Mapping[str, ItemState]) -> None:
         self.store.put_many(Namespace.ITEM_STATE, {k: orjson.dumps(s.to_dict()) for k, s in states.items()})
@@ -112,14 +104,10 @@ class ProfileRepository:
             popularity.dirty.clear()
 
     # -- features ---------------------------------------------------------------------------------
-    def write_visitor_rows(
-        self, online: Sequence[Mapping[str, Any]], offline: Sequence[Mapping[str, Any]]
-    ) -> None:
+    def write_visitor_rows(self, online: Sequence[Mapping[str, Any]], offline: Sequence[Mapping[str, Any]]) -> None:
         self.writer.write(F.VISITOR_VIEW, online, offline=False)
         if offline:
-            self.writer.append_offline(
-                F.VISITOR_VIEW, to_arrow_table(offline, F.VISITOR_KEY, F.VISITOR_FEATURES)
-            )
+            self.writer.append_offline(F.VISITOR_VIEW, to_arrow_table(offline, F.VISITOR_KEY, F.VISITOR_FEATURES))
 
     def write_item_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
         self.writer.write(F.ITEM_VIEW, rows, offline=True)

@@ -17,6 +17,7 @@ from services.common import features as F
 from services.common.consent import Consent, ConsentDefaults, consent_changes_from_properties
 from services.common.errors import StorageUnavailable
 from services.common.events import Event, EventType, envelope, open_envelope
+from services.common.indexes import ContextPopularity, CoVisitation, context_keys
 from services.common.storage import AppendResult, LogEntry, PendingEvent
 from services.profile.aggregations import (
     DAY,
@@ -29,14 +30,11 @@ from services.profile.aggregations import (
     item_features,
     visitor_features,
 )
-from services.common.indexes import ContextPopularity, CoVisitation, context_keys
 from services.profile.repository import ProfileRepository
 
 log = logging.getLogger(__name__)
 
-EVENTS_INGESTED = Counter(
-    "selaras_events_ingested_total", "Events acknowledged into the durable log", ["type"]
-)
+EVENTS_INGESTED = Counter("selaras_events_ingested_total", "Events acknowledged into the durable log", ["type"])
 EVENTS_DUPLICATE = Counter("selaras_events_duplicate_total", "Re-sent events recognised by event_id")
 EVENTS_REFUSED = Counter("selaras_events_refused_total", "Events refused, by reason", ["reason"])
 EVENTS_AGGREGATED = Counter("selaras_events_aggregated_total", "Events folded into features")
@@ -46,9 +44,7 @@ FEATURE_WRITE_LAG = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 AGGREGATOR_BACKLOG = Gauge("selaras_aggregator_backlog_events", "Log entries not yet folded (last poll)")
-AGGREGATOR_ERRORS = Counter(
-    "selaras_aggregator_errors_total", "Micro-batches that failed and will be retried"
-)
+AGGREGATOR_ERRORS = Counter("selaras_aggregator_errors_total", "Micro-batches that failed and will be retried")
 
 POPULARITY_WEIGHTS = {
     EventType.PRODUCT_VIEW: 1.0,
@@ -108,6 +104,7 @@ class Aggregator:
         offline_rows: bool = True,
         retention_s: int | None = None,
         persona_assigner: Callable[[Mapping[str, Any]], int] | None = None,
+        observers: Sequence[Any] = (),
     ):
         self.repository = repository
         self.rules = rules
@@ -115,6 +112,7 @@ class Aggregator:
         self.offline_rows = offline_rows
         self.retention_s = retention_s
         self.persona_assigner = persona_assigner
+        self.observers = list(observers)  # BatchObserver (services/profile/observers.py)
         self.catalog: dict[str, ItemInfo] = {}
         self._catalog_loaded_at = 0.0
         self.covisitation = CoVisitation()
@@ -127,9 +125,7 @@ class Aggregator:
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self, batch_size: int, idle_s: float) -> None:
-        self._thread = threading.Thread(
-            target=self._loop, args=(batch_size, idle_s), name="aggregator", daemon=True
-        )
+        self._thread = threading.Thread(target=self._loop, args=(batch_size, idle_s), name="aggregator", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -231,6 +227,10 @@ class Aggregator:
         self.repository.save_indexes(self.covisitation, self.popularity)
         if changed_consents:
             self.repository.save_consents(changed_consents)
+        if self.observers:
+            pairs = [(position, event) for position, _, event in decoded]
+            for observer in self.observers:
+                observer.observe(pairs)
         now = time.time()
         lags = [now - at for at in received.values()]
         for lag in lags:

@@ -13,6 +13,8 @@ from fastapi import FastAPI
 from services.common.api import add_metrics_route, install_error_handlers
 from services.common.auth import ApiKeyAuth
 from services.common.observability import MetricsMiddleware, configure_logging
+from services.common.security import install_security
+from services.recommend.experiments import load_experiments
 from services.recommend.repository import RecommendRepository
 from services.recommend.service import RecommendService
 from services.recommend.settings import RecommendSettings
@@ -32,6 +34,7 @@ class RecommendState:
 def build_state(settings: RecommendSettings) -> RecommendState:
     repository = RecommendRepository.open(settings)
     service = RecommendService(settings, repository, settings.consent_defaults())
+    service.experiments = load_experiments(settings, repository)
     executor = ThreadPoolExecutor(max_workers=settings.ranking_threads, thread_name_prefix="rank")
     return RecommendState(settings, repository, service, ApiKeyAuth(settings.api_keys), executor)
 
@@ -45,8 +48,12 @@ def create_app(settings: RecommendSettings | None = None) -> FastAPI:
         state = build_state(settings)
         app.state.recommend = state
         state.service.start()
-        log.info("recommend service started (store=%s, items=%d, model=%s)", state.repository.store.backend,
-                 state.service.snapshot.size, state.service.model.meta.version if state.service.model else None)
+        log.info(
+            "recommend service started (store=%s, items=%d, model=%s)",
+            state.repository.store.backend,
+            state.service.snapshot.size,
+            state.service.model.meta.version if state.service.model else None,
+        )
         try:
             yield
         finally:
@@ -55,6 +62,8 @@ def create_app(settings: RecommendSettings | None = None) -> FastAPI:
             state.repository.close()
 
     from services.recommend.endpoints import router
+    from services.recommend.experiment_endpoints import router as experiment_router
+    from services.recommend.message_endpoints import router as message_router
 
     app = FastAPI(
         title="Selaras recommend service",
@@ -65,5 +74,8 @@ def create_app(settings: RecommendSettings | None = None) -> FastAPI:
     install_error_handlers(app)
     add_metrics_route(app)
     app.include_router(router)
+    app.include_router(experiment_router)
+    app.include_router(message_router)
+    install_security(app, settings)
     app.add_middleware(MetricsMiddleware, service="recommend")
     return app

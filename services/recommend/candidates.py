@@ -46,7 +46,9 @@ class VisitorVector:
             visitor_id=visitor_id,
             known=True,
             row=row,
-            category_affinity=dict(zip(row.get("top_categories") or [], row.get("top_category_scores") or [], strict=False)),
+            category_affinity=dict(
+                zip(row.get("top_categories") or [], row.get("top_category_scores") or [], strict=False)
+            ),
             brand_affinity=dict(zip(row.get("top_brands") or [], row.get("top_brand_scores") or [], strict=False)),
             recent_items=tuple(row.get("recent_items") or ()),
             cart_items=frozenset(row.get("cart_items") or ()),

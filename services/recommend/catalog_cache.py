@@ -125,7 +125,8 @@ def build_snapshot(
     price = np.array([item.price if item.price is not None else np.nan for item in catalog], dtype=np.float64)
     stock = np.array([item.stock if item.stock is not None else -1 for item in catalog], dtype=np.float64)
     created = np.array(
-        [item.created_at.timestamp() if item.created_at else now - 365 * 86400.0 for item in catalog], dtype=np.float64
+        [item.created_at.timestamp() if item.created_at else now - 365 * 86400.0 for item in catalog],
+        dtype=np.float64,
     )
     kind = np.array([KIND_CODES[item.kind] for item in catalog], dtype=np.int8)
     available = np.array([item.active and item.in_stock for item in catalog], dtype=bool)

@@ -16,7 +16,13 @@ from services.common.auth import ApiKeyAuth
 from services.common.catalog import CatalogItem
 from services.common.errors import InvalidPayload, PayloadTooLarge
 from services.recommend.app import RecommendState
-from services.recommend.schemas import CatalogUpsert, CatalogUpsertResult, RecommendRequest, RecommendResponse, ReloadResult
+from services.recommend.schemas import (
+    CatalogUpsert,
+    CatalogUpsertResult,
+    RecommendRequest,
+    RecommendResponse,
+    ReloadResult,
+)
 
 router = APIRouter()
 ITEM_ADAPTER: TypeAdapter[CatalogItem] = TypeAdapter(CatalogItem)
@@ -41,7 +47,10 @@ AdminKey = Annotated[str, Depends(require_scope(get_auth, "admin"))]
     "/v1/recommend",
     response_model=RecommendResponse,
     openapi_extra={
-        "requestBody": {"required": True, "content": {"application/json": {"schema": RecommendRequest.model_json_schema()}}}
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": RecommendRequest.model_json_schema()}},
+        }
     },
     responses={422: {"description": "Invalid request, by field"}},
 )
@@ -61,16 +70,26 @@ async def recommend(request: Request, state: State, _: RecommendKey) -> Response
 @router.put(
     "/v1/catalog/items",
     response_model=CatalogUpsertResult,
-    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": CatalogUpsert.model_json_schema()}}}},
-    responses={413: {"description": "Too many items"}, 422: {"description": "Invalid items, by index and field"}},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": CatalogUpsert.model_json_schema()}},
+        }
+    },
+    responses={
+        413: {"description": "Too many items"},
+        422: {"description": "Invalid items, by index and field"},
+    },
 )
 async def upsert_catalog(request: Request, state: State, _: AdminKey) -> Response:
     """Insert or update catalog items (products, banners, CTAs, message templates)."""
     body = read_json_body(await request.body(), state.settings.max_body_bytes * 16)
     raw_items = body.get("items") if isinstance(body, dict) else None
     if not isinstance(raw_items, list) or not raw_items:
-        raise InvalidPayload('body must be {"items": [...]} with at least one item',
-                             extra={"errors": [{"field": "items", "message": "a non-empty list is required"}]})
+        raise InvalidPayload(
+            'body must be {"items": [...]} with at least one item',
+            extra={"errors": [{"field": "items", "message": "a non-empty list is required"}]},
+        )
     if len(raw_items) > state.settings.max_catalog_batch:
         raise PayloadTooLarge(f"batch has {len(raw_items)} items; the limit is {state.settings.max_catalog_batch}")
     items: list[CatalogItem] = []
@@ -82,8 +101,10 @@ async def upsert_catalog(request: Request, state: State, _: AdminKey) -> Respons
             for error in validation_failure(exc).extra["errors"]:
                 errors.append({"index": index, **error})
     if errors:
-        raise InvalidPayload(f"{len({e['index'] for e in errors})} of {len(raw_items)} items are invalid; nothing was stored",
-                             extra={"errors": errors})
+        raise InvalidPayload(
+            f"{len({e['index'] for e in errors})} of {len(raw_items)} items are invalid; nothing was stored",
+            extra={"errors": errors},
+        )
     await run_in_threadpool(state.repository.upsert_catalog, items)
     return FastJSONResponse({"upserted": len(items)})
 
@@ -93,8 +114,11 @@ async def reload(state: State, _: AdminKey, version: str | None = None) -> Reloa
     """Load the newest compatible model (or `version`) and rebuild the item cache, without dropping requests."""
     current, previous = await run_in_threadpool(state.service.reload_model, version)
     await run_in_threadpool(state.service.refresh_cache)
-    return ReloadResult(model_version=current, previous_version=previous,
-                        detail={"skipped": state.service.skipped_models, "items": state.service.snapshot.size})
+    return ReloadResult(
+        model_version=current,
+        previous_version=previous,
+        detail={"skipped": state.service.skipped_models, "items": state.service.snapshot.size},
+    )
 
 
 @router.get("/healthz", include_in_schema=False)

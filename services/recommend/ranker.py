@@ -41,7 +41,8 @@ def visitor_columns(visitor: VisitorVector, now: float) -> dict[str, float]:
         "v_discount_affinity": v("discount_affinity"),
         "v_cart_value": v("cart_value"),
         "v_rfm_frequency": v("rfm_frequency"),
-        "v_rec_ctr_7d": ((clicks if clicks == clicks else 0.0) + 1.0) / ((impressions if impressions == impressions else 0.0) + 20.0),
+        "v_rec_ctr_7d": ((clicks if clicks == clicks else 0.0) + 1.0)
+        / ((impressions if impressions == impressions else 0.0) + 20.0),
         "v_price_sensitivity": v("price_sensitivity"),
         "v_persona_id": v("persona_id") if v("persona_id") >= 0 else math.nan,
         "v_lifecycle_code": float(F.LIFECYCLE_CODES.get(str(visitor.row.get("lifecycle") or ""), -1)),
@@ -101,7 +102,15 @@ def feature_matrix(
     X[:, FEATURE_INDEX["i_discount"]] = items.discount
     X[:, FEATURE_INDEX["i_age_days"]] = items.age_days
     X[:, FEATURE_INDEX["i_low_stock"]] = items.low_stock
-    for name in ("views_24h", "views_7d", "carts_7d", "purchases_7d", "ctr_7d", "conversion_7d", "trend_score"):
+    for name in (
+        "views_24h",
+        "views_7d",
+        "carts_7d",
+        "purchases_7d",
+        "ctr_7d",
+        "conversion_7d",
+        "trend_score",
+    ):
         X[:, FEATURE_INDEX[f"i_{name}"]] = items.stats[name]
     X[:, FEATURE_INDEX["i_slot_ctr_7d"]] = items.slot_ctr
     X[:, FEATURE_INDEX["i_category_code"]] = items.category_code
@@ -166,7 +175,9 @@ class RankerModel:
         if names != F.RANKER_FEATURES or self.meta.features != F.RANKER_FEATURES:
             missing = sorted(set(F.RANKER_FEATURES) - set(names))
             extra = sorted(set(names) - set(F.RANKER_FEATURES))
-            raise IncompatibleModel(f"model {self.meta.version} features differ (missing {missing[:5]}, extra {extra[:5]})")
+            raise IncompatibleModel(
+                f"model {self.meta.version} features differ (missing {missing[:5]}, extra {extra[:5]})"
+            )
         if self.meta.feature_service != F.FEATURE_SERVICE:
             raise IncompatibleModel(f"model {self.meta.version} was trained on {self.meta.feature_service!r}")
 

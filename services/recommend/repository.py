@@ -91,7 +91,8 @@ class RecommendRepository:
     # -- models -----------------------------------------------------------------------------------
     def save_model(self, model_text: bytes, meta: ModelMeta) -> None:
         self.store.put_many(
-            Namespace.META, {f"model:{meta.version}:text": model_text, f"model:{meta.version}:meta": meta.to_json()}
+            Namespace.META,
+            {f"model:{meta.version}:text": model_text, f"model:{meta.version}:meta": meta.to_json()},
         )
         self.store.put(Namespace.META, f"model:{LATEST_MODEL_KEY}", meta.version.encode())
 

@@ -21,9 +21,21 @@ from services.common.catalog import ItemKind
 from services.common.consent import ConsentDefaults
 from services.common.context import context_features, daypart, local_time, zone_for
 from services.common.events import Event, EventContext, EventType
-from services.recommend.candidates import CandidateGenerator, CandidateSet, Filters, VisitorVector, context_keys_for
+from services.recommend.candidates import (
+    CandidateGenerator,
+    CandidateSet,
+    Filters,
+    VisitorVector,
+    context_keys_for,
+)
 from services.recommend.catalog_cache import ItemSnapshot, build_snapshot
-from services.recommend.ranker import IncompatibleModel, RankerModel, explain_item, feature_matrix, targeting_match
+from services.recommend.ranker import (
+    IncompatibleModel,
+    RankerModel,
+    explain_item,
+    feature_matrix,
+    targeting_match,
+)
 from services.recommend.repository import RecommendRepository
 from services.recommend.rules import RuleContext, apply_rules, targeting_allows
 from services.recommend.schemas import RecommendRequest, SlotRequest
@@ -53,7 +65,9 @@ class ArmChooser(Protocol):
 
     def assign_recommend(self, visitor_id: str, slot_kinds: Sequence[str]) -> tuple[str, str, bool] | None: ...
 
-    def record_exposure(self, visitor_id: str, key: str, arm: str, slots: Sequence[str], persona: str | None) -> None: ...
+    def record_exposure(
+        self, visitor_id: str, key: str, arm: str, slots: Sequence[str], persona: str | None
+    ) -> None: ...
 
 
 @dataclass
@@ -197,7 +211,9 @@ class RecommendService:
         offset = ctx.utc_offset_min
         context = context_features(now, offset, ctx.device.value if ctx.device else None, ctx.channel, city)
         keys = context_keys_for(city, ctx.device.value if ctx.device else None, now, offset)
-        rule_ctx = RuleContext(context["hour"], ctx.device.value if ctx.device else None, city, bool(context["is_payday_window"]))
+        rule_ctx = RuleContext(
+            context["hour"], ctx.device.value if ctx.device else None, city, bool(context["is_payday_window"])
+        )
         context_label = self._context_label(city, now, offset)
         persona_id = visitor.row.get("persona_id") if visitor.known else None
         persona = self.persona_names.get(int(persona_id)) if isinstance(persona_id, int) else None
@@ -207,8 +223,18 @@ class RecommendService:
         impressions: list[Event] = []
         for slot in request.slots:
             ranked = self._rank_slot(
-                slot, snapshot, model if use_model else None, visitor, context, keys, rule_ctx, now, shown,
-                request.explain, context_label, persona,
+                slot,
+                snapshot,
+                model if use_model else None,
+                visitor,
+                context,
+                keys,
+                rule_ctx,
+                now,
+                shown,
+                request.explain,
+                context_label,
+                persona,
             )
             items = []
             for position, (i, score) in enumerate(zip(ranked.idx, ranked.scores, strict=True)):
@@ -230,8 +256,17 @@ class RecommendService:
                     entry["reasons"] = ranked.reasons[position]
                 items.append(entry)
                 impressions.append(
-                    self._impression(request, recommendation_id, slot, item_id, position, score,
-                                     ranked.propensities[position], now, experiment)
+                    self._impression(
+                        request,
+                        recommendation_id,
+                        slot,
+                        item_id,
+                        position,
+                        score,
+                        ranked.propensities[position],
+                        now,
+                        experiment,
+                    )
                 )
             slots_out.append({"name": slot.name, "kind": slot.kind.value, "items": items})
 
@@ -252,7 +287,9 @@ class RecommendService:
                 "slots": {s["name"]: [it["item_id"] for it in s["items"]] for s in slots_out},
                 "persona": persona,
             }
-            if not self.repository.log_events_async(impressions, (recommendation_id, record, self.settings.recommendation_ttl_s)):
+            if not self.repository.log_events_async(
+                impressions, (recommendation_id, record, self.settings.recommendation_ttl_s)
+            ):
                 IMPRESSIONS_DROPPED.inc()
         return {
             "recommendation_id": recommendation_id,
@@ -292,7 +329,10 @@ class RecommendService:
             candidates = self.generator.products(snapshot, visitor, keys, filters, personalized=model is not None)
         else:
             candidates = self.generator.creatives(snapshot, slot.kind, filters)
-            allowed = np.array([targeting_allows(snapshot.targeting.get(int(i)), rule_ctx) for i in candidates.idx], dtype=bool)
+            allowed = np.array(
+                [targeting_allows(snapshot.targeting.get(int(i)), rule_ctx) for i in candidates.idx],
+                dtype=bool,
+            )
             candidates = CandidateSet(
                 candidates.idx[allowed] if len(allowed) else candidates.idx,
                 candidates.covisitation[allowed] if len(allowed) else candidates.covisitation,
@@ -368,15 +408,25 @@ class RecommendService:
     ) -> list[list[str]]:
         row_of = {int(i): r for r, i in enumerate(candidates.idx)}
         recent_titles = [snapshot.titles[snapshot.index[i]] for i in visitor.recent_items[:3] if i in snapshot.index]
-        recent_categories = [snapshot.categories[snapshot.index[i]] for i in visitor.recent_items if i in snapshot.index]
+        recent_categories = [
+            snapshot.categories[snapshot.index[i]] for i in visitor.recent_items if i in snapshot.index
+        ]
         if model is not None and X is not None and chosen:
             rows = [row_of[i] for i in chosen]
             contributions = model.contributions(X[rows])
             return [
                 explain_item(
-                    contributions[k], X[r], snapshot.titles[i], snapshot.categories[i], snapshot.brands[i], visitor,
-                    recent_categories.count(snapshot.categories[i]), recent_titles, context_label,
-                    candidates.sources[r], EXPLAIN_LIMIT,
+                    contributions[k],
+                    X[r],
+                    snapshot.titles[i],
+                    snapshot.categories[i],
+                    snapshot.brands[i],
+                    visitor,
+                    recent_categories.count(snapshot.categories[i]),
+                    recent_titles,
+                    context_label,
+                    candidates.sources[r],
+                    EXPLAIN_LIMIT,
                 )
                 for k, (i, r) in enumerate(zip(chosen, rows, strict=True))
             ]
@@ -385,8 +435,13 @@ class RecommendService:
     @staticmethod
     def _context_label(city: str | None, now: float, offset: int | None) -> str:
         part = daypart(local_time(now, zone_for(city, offset)).hour)
-        when = {"morning": "this morning", "midday": "at lunchtime", "afternoon": "this afternoon",
-                "evening": "this evening", "night": "tonight"}[part]
+        when = {
+            "morning": "this morning",
+            "midday": "at lunchtime",
+            "afternoon": "this afternoon",
+            "evening": "this evening",
+            "night": "tonight",
+        }[part]
         return f"in {city} {when}" if city else when
 
     @staticmethod
@@ -402,8 +457,13 @@ class RecommendService:
         experiment: tuple[str, str, bool] | None,
     ) -> Event:
         ctx = request.context
-        properties: dict[str, Any] = {"slot": slot.name, "slot_kind": slot.kind.value, "position": position,
-                                      "score": round(score, 6), "propensity": propensity}
+        properties: dict[str, Any] = {
+            "slot": slot.name,
+            "slot_kind": slot.kind.value,
+            "position": position,
+            "score": round(score, 6),
+            "propensity": propensity,
+        }
         if experiment:
             properties["experiment"], properties["arm"] = experiment[0], experiment[1]
         return Event(

@@ -249,9 +249,7 @@ def relative_uplift(
     return UpliftResult(uplift, lower, upper, p, delta_se, df, chosen, ctw, mc, mt, reason)
 
 
-def absolute_difference(
-    control: ArmSums, treatment: ArmSums, ratio: bool = False, alpha: float = 0.05
-) -> UpliftResult:
+def absolute_difference(control: ArmSums, treatment: ArmSums, ratio: bool = False, alpha: float = 0.05) -> UpliftResult:
     """Welch t-test on mT - mC (same as scipy.stats.ttest_ind(equal_var=False) for means)."""
     mc, vc = mean_and_var(control, ratio)
     mt, vt = mean_and_var(treatment, ratio)

@@ -41,7 +41,12 @@ from services.recommend.repository import RecommendRepository
 log = logging.getLogger(__name__)
 
 GRADES = {EventType.PRODUCT_VIEW: 1, EventType.CLICK: 1, EventType.ADD_TO_CART: 2, EventType.PURCHASE: 3}
-POPULARITY_WEIGHTS = {EventType.PRODUCT_VIEW: 1.0, EventType.ADD_TO_CART: 3.0, EventType.PURCHASE: 5.0, EventType.CLICK: 1.5}
+POPULARITY_WEIGHTS = {
+    EventType.PRODUCT_VIEW: 1.0,
+    EventType.ADD_TO_CART: 3.0,
+    EventType.PURCHASE: 5.0,
+    EventType.CLICK: 1.5,
+}
 Progress = Callable[[str, float], None]
 
 
@@ -108,7 +113,9 @@ class Trainer:
         self.repository = repository
         self.config = config
         self.progress = progress or _noop
-        self.generator = CandidateGenerator(max_candidates=config.candidates, per_source=max(20, config.candidates // 3))
+        self.generator = CandidateGenerator(
+            max_candidates=config.candidates, per_source=max(20, config.candidates // 3)
+        )
 
     # -- queries ------------------------------------------------------------------------------------
     def load(self) -> tuple[list[Event], list[CatalogItem]]:
@@ -120,8 +127,16 @@ class Trainer:
         if self.config.target != "any":
             wanted = {EventType(self.config.target)}
         queries = [
-            Query(e.visitor_id, e.ts, _device(e), e.context.channel, e.context.city, _offset(e), target=e.item_id,
-                  grade=GRADES[e.type])
+            Query(
+                e.visitor_id,
+                e.ts,
+                _device(e),
+                e.context.channel,
+                e.context.city,
+                _offset(e),
+                target=e.item_id,
+                grade=GRADES[e.type],
+            )
             for e in events
             if e.type in wanted and e.item_id in products
         ]
@@ -134,8 +149,15 @@ class Trainer:
                 key = f"{e.recommendation_id}:{e.properties.get('slot', '')}"
                 query = groups.get(key)
                 if query is None:
-                    query = groups[key] = Query(e.visitor_id, e.ts, _device(e), e.context.channel, e.context.city,
-                                                _offset(e), slot=str(e.properties.get("slot", "")))
+                    query = groups[key] = Query(
+                        e.visitor_id,
+                        e.ts,
+                        _device(e),
+                        e.context.channel,
+                        e.context.city,
+                        _offset(e),
+                        slot=str(e.properties.get("slot", "")),
+                    )
                 query.shown.append(e.item_id)
         by_recommendation: dict[str, list[Query]] = {}
         for key, query in groups.items():
@@ -203,7 +225,9 @@ class Trainer:
         joined = self.repository.historical_item_stats(entity_df)
         stats: dict[float, dict[str, dict[str, Any]]] = {}
         for record in joined.to_dict("records"):
-            if record.get("views_7d") is None or (isinstance(record.get("views_7d"), float) and math.isnan(record["views_7d"])):
+            if record.get("views_7d") is None or (
+                isinstance(record.get("views_7d"), float) and math.isnan(record["views_7d"])
+            ):
                 continue
             stats.setdefault(float(record["snapshot_ts"]), {})[record[F.ITEM_KEY]] = {
                 name: _clean(record.get(name)) for name in F.ITEM_FEATURES
@@ -262,7 +286,9 @@ class Trainer:
             else:
                 candidates = self.generator.products(snapshot, visitor, keys, Filters(), personalized=personal)
                 idx, covis_scores = candidates.idx, candidates.covisitation
-                grades = np.array([query.grade if snapshot.ids[i] == query.target else 0 for i in idx], dtype=np.float64)
+                grades = np.array(
+                    [query.grade if snapshot.ids[i] == query.target else 0 for i in idx], dtype=np.float64
+                )
             detail = {
                 "ts": query.ts,
                 "target": query.target,
@@ -274,8 +300,15 @@ class Trainer:
                 continue
             if not evaluate_only and (grades.max() <= 0 or grades.min() == grades.max()):
                 continue  # a group without a positive (or only positives) teaches a ranker nothing
-            X = feature_matrix(visitor, context, snapshot.columns(idx, query.slot, query.ts), covis_scores,
-                               np.full(len(idx), 0.5), query.ts, personal=personal)
+            X = feature_matrix(
+                visitor,
+                context,
+                snapshot.columns(idx, query.slot, query.ts),
+                covis_scores,
+                np.full(len(idx), 0.5),
+                query.ts,
+                personal=personal,
+            )
             detail["row_start"] = sum(groups)
             rows.append(X)
             labels.append(grades)
@@ -361,22 +394,41 @@ class Trainer:
     def fit(self, train_set: TrainingSet, valid_set: TrainingSet) -> lgb.Booster:
         names = list(F.RANKER_FEATURES)
         train_data = lgb.Dataset(
-            train_set.X, label=train_set.y, group=train_set.groups, feature_name=names,
-            categorical_feature=list(F.CATEGORICAL_FEATURES), free_raw_data=False,
+            train_set.X,
+            label=train_set.y,
+            group=train_set.groups,
+            feature_name=names,
+            categorical_feature=list(F.CATEGORICAL_FEATURES),
+            free_raw_data=False,
         )
         valid_groups = [g for g in valid_set.groups]
         callbacks = [lgb.log_evaluation(0)]
         valid_sets = []
         if valid_groups and valid_set.y.max() > 0:
-            valid_data = lgb.Dataset(valid_set.X, label=valid_set.y, group=valid_groups, reference=train_data,
-                                     feature_name=names, categorical_feature=list(F.CATEGORICAL_FEATURES))
+            valid_data = lgb.Dataset(
+                valid_set.X,
+                label=valid_set.y,
+                group=valid_groups,
+                reference=train_data,
+                feature_name=names,
+                categorical_feature=list(F.CATEGORICAL_FEATURES),
+            )
             valid_sets = [valid_data]
             callbacks.append(lgb.early_stopping(self.config.early_stopping_rounds, verbose=False))
-        return lgb.train(self.params(), train_data, num_boost_round=self.config.num_boost_round, valid_sets=valid_sets,
-                         callbacks=callbacks)
+        return lgb.train(
+            self.params(),
+            train_data,
+            num_boost_round=self.config.num_boost_round,
+            valid_sets=valid_sets,
+            callbacks=callbacks,
+        )
 
     def evaluate(
-        self, booster: lgb.Booster, valid_set: TrainingSet, details: Sequence[Mapping[str, Any]], queries: Sequence[Query]
+        self,
+        booster: lgb.Booster,
+        valid_set: TrainingSet,
+        details: Sequence[Mapping[str, Any]],
+        queries: Sequence[Query],
     ) -> dict[str, Any]:
         """NDCG@10 etc. on the later queries: the model over its candidates (a target no generator proposed is a
         miss) against popularity over the whole catalog, on exactly the same queries."""
@@ -414,7 +466,9 @@ class Trainer:
         }
 
 
-def _observe(event: Event, covisitation: CoVisitation, popularity: ContextPopularity, recent: dict[str, list[str]]) -> None:
+def _observe(
+    event: Event, covisitation: CoVisitation, popularity: ContextPopularity, recent: dict[str, list[str]]
+) -> None:
     """The same index updates the profile aggregator makes, replayed for point-in-time training."""
     weight = POPULARITY_WEIGHTS.get(event.type)
     if weight is None or not event.item_id:

@@ -164,9 +164,7 @@ def test_message_templates_cover_triggers_locales_tones_and_tokens(shop: DemoSho
 
 def test_same_seed_same_shop_other_seed_other_shop(shop: DemoShop) -> None:
     again = generate_shop(seed=7, n_products=2000, now=NOW)
-    assert [item.model_dump() for item in again.all_items()] == [
-        item.model_dump() for item in shop.all_items()
-    ]
+    assert [item.model_dump() for item in again.all_items()] == [item.model_dump() for item in shop.all_items()]
     other = generate_shop(seed=8, n_products=2000, now=NOW)
     assert [item.title for item in other.products] != [item.title for item in shop.products]
 

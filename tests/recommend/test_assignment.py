@@ -47,9 +47,7 @@ GROWTHBOOK_BUCKET_CASES: list[tuple[str, str, int, float]] = [
 ]
 
 # Same file, "getBucketRange" section: (name, (num_variations, coverage, weights), expected ranges).
-GROWTHBOOK_BUCKET_RANGE_CASES: list[
-    tuple[str, tuple[int, float, list[float] | None], list[tuple[float, float]]]
-] = [
+GROWTHBOOK_BUCKET_RANGE_CASES: list[tuple[str, tuple[int, float, list[float] | None], list[tuple[float, float]]]] = [
     ("normal 50/50", (2, 1, None), [(0, 0.5), (0.5, 1)]),
     ("reduced coverage", (2, 0.5, None), [(0, 0.25), (0.5, 0.75)]),
     ("zero coverage", (2, 0, None), [(0, 0), (0.5, 0.5)]),
@@ -129,9 +127,7 @@ def test_bucket_ranges_infers_count_from_weights() -> None:
 
 
 @pytest.mark.parametrize(("name", "n", "ranges", "expected"), GROWTHBOOK_CHOOSE_CASES)
-def test_growthbook_choose_variation(
-    name: str, n: float, ranges: list[tuple[float, float]], expected: int
-) -> None:
+def test_growthbook_choose_variation(name: str, n: float, ranges: list[tuple[float, float]], expected: int) -> None:
     assert choose_arm(n, ranges) == expected, name
 
 

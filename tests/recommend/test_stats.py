@@ -42,9 +42,7 @@ def _bernoulli_arms(rng: np.random.Generator, n: int, p: float, sims: int) -> li
     return [ArmSums(n=n, sum_x=float(c), sum_x2=float(c)) for c in k]
 
 
-def _ctr_arms(
-    rng: np.random.Generator, n: int, sims: int, ctr_scale: float = 1.0, chunk: int = 250
-) -> list[ArmSums]:
+def _ctr_arms(rng: np.random.Generator, n: int, sims: int, ctr_scale: float = 1.0, chunk: int = 250) -> list[ArmSums]:
     """Ratio metric clicks/impressions with per-visitor impression counts and per-visitor CTR."""
     out: list[ArmSums] = []
     for start in range(0, sims, chunk):
@@ -122,9 +120,7 @@ def _stream(events: list[tuple[int, int, int]]) -> tuple[ArmSums, dict[int, tupl
     return sums, state, all_non_negative
 
 
-events_strategy = st.lists(
-    st.tuples(st.integers(0, 12), st.integers(0, 7), st.integers(0, 7)), min_size=0, max_size=60
-)
+events_strategy = st.lists(st.tuples(st.integers(0, 12), st.integers(0, 7), st.integers(0, 7)), min_size=0, max_size=60)
 
 
 @settings(max_examples=200, deadline=None)
@@ -139,11 +135,7 @@ def test_streaming_increments_equal_batch_sums(events: list[tuple[int, int, int]
 
 
 @settings(max_examples=100, deadline=None)
-@given(
-    events=st.lists(
-        st.tuples(st.integers(0, 6), st.integers(-5, 5), st.integers(-5, 5)), min_size=1, max_size=40
-    )
-)
+@given(events=st.lists(st.tuples(st.integers(0, 6), st.integers(-5, 5), st.integers(-5, 5)), min_size=1, max_size=40))
 def test_streaming_increments_handle_negative_deltas(events: list[tuple[int, int, int]]) -> None:
     # Refunds/corrections: the formulas are algebraic identities, so signed deltas still match.
     sums, state, _ = _stream(events)
@@ -173,9 +165,7 @@ def test_absolute_difference_matches_scipy_welch_and_statsmodels() -> None:
     assert res.uplift / res.std_error == pytest.approx(ref.statistic, rel=1e-8)
     assert res.p_value == pytest.approx(ref.pvalue, rel=1e-8)
     assert res.df == pytest.approx(ref.df, rel=1e-8)
-    lo, hi = CompareMeans(DescrStatsW(treatment), DescrStatsW(control)).tconfint_diff(
-        alpha=ALPHA, usevar="unequal"
-    )
+    lo, hi = CompareMeans(DescrStatsW(treatment), DescrStatsW(control)).tconfint_diff(alpha=ALPHA, usevar="unequal")
     assert res.ci_lower == pytest.approx(lo, rel=1e-8)
     assert res.ci_upper == pytest.approx(hi, rel=1e-8)
 
@@ -209,9 +199,7 @@ def test_relative_uplift_ratio_metric_golden() -> None:
     y_t = 1 + rng.poisson(3.0, size=7000)
     x_c = rng.binomial(y_c, 0.10)
     x_t = rng.binomial(y_t, 0.11)
-    res = relative_uplift(
-        ArmSums.from_values(x_c, y_c), ArmSums.from_values(x_t, y_t), ratio=True, method="delta"
-    )
+    res = relative_uplift(ArmSums.from_values(x_c, y_c), ArmSums.from_values(x_t, y_t), ratio=True, method="delta")
     # Independent computation from the raw arrays via linearisation.
     r_c, r_t = x_c.sum() / y_c.sum(), x_t.sum() / y_t.sum()
     var_c = ((x_c - r_c * y_c) / y_c.mean()).var(ddof=1)
@@ -256,9 +244,7 @@ def test_always_valid_interval_golden() -> None:
     half = (
         se
         * math.sqrt(big_n)
-        * math.sqrt(
-            2 * (big_n * rho2 + 1) / (big_n**2 * rho2) * math.log(math.sqrt(big_n * rho2 + 1) / ALPHA)
-        )
+        * math.sqrt(2 * (big_n * rho2 + 1) / (big_n**2 * rho2) * math.log(math.sqrt(big_n * rho2 + 1) / ALPHA))
     )
     assert res.uplift == pytest.approx(0.16)
     assert res.ci_lower == pytest.approx(0.16 - half, rel=1e-10)
@@ -413,9 +399,7 @@ def ctr_aa_arms() -> tuple[list[ArmSums], list[ArmSums]]:
 
 
 @pytest.mark.parametrize("method", ["delta", "log_ratio"])
-def test_aa_false_positive_rate_ratio_ctr(
-    ctr_aa_arms: tuple[list[ArmSums], list[ArmSums]], method: str
-) -> None:
+def test_aa_false_positive_rate_ratio_ctr(ctr_aa_arms: tuple[list[ArmSums], list[ArmSums]], method: str) -> None:
     controls, treatments = ctr_aa_arms
     results = [
         relative_uplift(c, t, ratio=True, method=method)  # type: ignore[arg-type]
@@ -446,10 +430,7 @@ def test_ci_coverage_ratio_ctr() -> None:
     controls = _ctr_arms(rng, n, sims)
     treatments = _ctr_arms(rng, n, sims, ctr_scale=1.10)
     for method in ("delta", "log_ratio"):
-        results = [
-            relative_uplift(c, t, ratio=True, method=method)
-            for c, t in zip(controls, treatments, strict=True)
-        ]
+        results = [relative_uplift(c, t, ratio=True, method=method) for c, t in zip(controls, treatments, strict=True)]
         coverage = _rate([r.ci_lower <= 0.10 <= r.ci_upper for r in results])
         print(f"coverage, CTR +10%, {n}/arm, {method}: {coverage:.4f} over {sims}")
         assert abs(coverage - 0.95) <= TOLERANCE, f"95% CI coverage {coverage:.4f} ({method})"
@@ -491,9 +472,7 @@ def test_peeking_naive_inflates_always_valid_does_not() -> None:
             always_valid[i] |= always_valid_interval(c, t, planned_n=5000).significant
             if day == days - 1:
                 final[i] = fixed.p_value < ALPHA
-    rates = (
-        f"naive {naive.mean():.4f}, always-valid {always_valid.mean():.4f}, single look {final.mean():.4f}"
-    )
+    rates = f"naive {naive.mean():.4f}, always-valid {always_valid.mean():.4f}, single look {final.mean():.4f}"
     print(f"A/A with daily peeking over {days} looks, {sims} experiments: {rates}")
     # Negative control: stopping at the first significant daily look inflates false positives.
     assert naive.mean() > 0.15, f"naive peeking should be inflated: {rates}"

@@ -1,0 +1,342 @@
+"""`selaras`: one command with subcommands (demo, serve, train, import, shop, ...)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from services.demo.commands import shop_app
+
+app = typer.Typer(help="Selaras: personalization for online shops.", no_args_is_help=True, add_completion=False)
+import_app = typer.Typer(help="Import JSON Lines files (optionally .gz) in the API's schemas.", no_args_is_help=True)
+app.add_typer(shop_app, name="shop")
+app.add_typer(import_app, name="import")
+console = Console()
+
+DataDir = Annotated[Path, typer.Option("--data-dir", envvar="SELARAS_DATA_DIR", help="Where Selaras keeps its data.")]
+
+
+def _settings_env(data_dir: Path) -> None:
+    os.environ["SELARAS_DATA_DIR"] = str(data_dir.resolve())
+
+
+class StageProgress:
+    """A Rich progress bar per named stage, fed with fractions 0..1."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.tasks: dict[str, Any] = {}
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        task = self.tasks.get(stage)
+        if task is None:
+            task = self.tasks[stage] = self.progress.add_task(stage, total=1.0)
+        self.progress.update(task, completed=min(max(fraction, 0.0), 1.0))
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def metrics_table(title: str, metrics: dict[str, Any]) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    return table
+
+
+@app.command()
+def serve(
+    service: Annotated[str, typer.Argument(help="profile or recommend")],
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="Port (default 8001 profile, 8002 recommend).")] = None,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes (recommend scales with cores).")] = 1,
+) -> None:
+    """Run one service with uvicorn."""
+    import uvicorn
+
+    if service not in ("profile", "recommend"):
+        raise typer.BadParameter("service must be 'profile' or 'recommend'")
+    if service == "profile" and workers > 1:
+        raise typer.BadParameter("the profile service runs one worker (its aggregator is the log's single consumer)")
+    if workers > 1 and not os.environ.get("SELARAS_METRICS_DIR"):
+        metrics_dir = Path(os.environ.get("SELARAS_DATA_DIR", "data")) / "metrics" / service
+        metrics_dir.mkdir(parents=True, exist_ok=True)
+        for stale in metrics_dir.glob("*.db"):
+            stale.unlink()
+        # Workers are fresh (spawned) interpreters: they read this before importing prometheus_client.
+        os.environ["SELARAS_METRICS_DIR"] = str(metrics_dir.resolve())
+    uvicorn.run(
+        f"services.{service}.app:create_app",
+        factory=True,
+        host=host,
+        port=port or (8001 if service == "profile" else 8002),
+        workers=workers,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
+@app.command()
+def train(
+    data_dir: DataDir = Path("data"),
+    source: Annotated[str, typer.Option(help="auto, behaviour or impressions")] = "auto",
+    max_queries: Annotated[int, typer.Option(help="Cap on training queries (sampled).")] = 12_000,
+    seed: int = 7,
+    reload_url: Annotated[str | None, typer.Option(help="POST /v1/admin/reload here after training.")] = None,
+) -> None:
+    """Train the LightGBM ranker from the event log and Feast's offline store; save it as the newest model."""
+    _settings_env(data_dir)
+    from services.recommend.repository import RecommendRepository
+    from services.recommend.settings import RecommendSettings
+    from services.recommend.training import TrainConfig, Trainer
+
+    settings = RecommendSettings(data_dir=data_dir)
+    repository = RecommendRepository.open(settings)
+    try:
+        with progress_bar() as bar:
+            config = TrainConfig(source=source, max_queries=max_queries, seed=seed)  # type: ignore[arg-type]
+            result = Trainer(repository, config, StageProgress(bar)).train()
+        repository.save_model(result.model_text, result.meta)
+    except ValueError as exc:
+        console.print(f"[red]cannot train:[/] {exc}")
+        raise typer.Exit(2) from exc
+    finally:
+        repository.close()
+    console.print(metrics_table(f"model {result.meta.version}", result.metrics))
+    if reload_url:
+        request = urllib.request.Request(f"{reload_url.rstrip('/')}/v1/admin/reload", method="POST")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            console.print(f"reloaded: {response.read().decode()}")
+
+
+@import_app.command("events")
+def import_events_command(
+    file: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help="JSON Lines of events (.jsonl or .jsonl.gz)")
+    ],
+    data_dir: DataDir = Path("data"),
+    skip_invalid: Annotated[bool, typer.Option(help="Skip invalid lines (reported) instead of stopping.")] = False,
+    batch_size: int = 5000,
+) -> None:
+    """Import events through the ingest path and fold them into features (point in time, file order)."""
+    _settings_env(data_dir)
+    from services.profile.aggregations import SegmentRules
+    from services.profile.importer import InvalidInput, import_events
+    from services.profile.repository import ProfileRepository
+    from services.profile.service import Aggregator, IngestService
+    from services.profile.settings import ProfileSettings
+
+    settings = ProfileSettings(data_dir=data_dir)
+    repository = ProfileRepository.open(settings)
+    aggregator = Aggregator(repository, SegmentRules(), settings.consent_defaults())
+    size = file.stat().st_size
+    started = time.perf_counter()
+    try:
+        with progress_bar() as bar:
+            task = bar.add_task(f"importing {file.name}", total=None)
+            report = import_events(
+                file,
+                IngestService(repository),
+                aggregator,
+                batch_size,
+                skip_invalid,
+                progress=lambda line: bar.update(task, description=f"importing {file.name}: line {line:,}"),
+            )
+    except InvalidInput as exc:
+        console.print(f"[red]invalid input, nothing after it was imported:[/] {exc}")
+        console.print("re-run with --skip-invalid to import the valid lines and count the rest")
+        raise typer.Exit(2) from exc
+    finally:
+        repository.close()
+    seconds = time.perf_counter() - started
+    console.print(
+        f"{report.accepted:,} events imported, {report.duplicates:,} duplicates, {report.invalid_count:,} invalid lines "
+        f"in {seconds:.1f} s ({report.lines / max(seconds, 1e-9):,.0f} lines/s, {size / 1e6:.1f} MB)"
+    )
+    for invalid in report.invalid[:20]:
+        console.print(f"  line {invalid.line}: " + "; ".join(f"{e['field']}: {e['message']}" for e in invalid.errors))
+    if report.out_of_order:
+        console.print(
+            f"[yellow]{report.out_of_order:,} events were older than an earlier line: sort files by "
+            "timestamp for point-in-time correct features[/]"
+        )
+
+
+@import_app.command("catalog")
+def import_catalog_command(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSON Lines of catalog items")],
+    data_dir: DataDir = Path("data"),
+    skip_invalid: bool = False,
+) -> None:
+    """Import catalog items (products, banners, CTAs, message templates)."""
+    _settings_env(data_dir)
+    from services.profile.importer import InvalidInput, import_catalog
+    from services.profile.repository import ProfileRepository
+    from services.profile.settings import ProfileSettings
+
+    repository = ProfileRepository.open(ProfileSettings(data_dir=data_dir))
+    try:
+        report = import_catalog(file, repository.upsert_catalog, skip_invalid=skip_invalid)
+    except InvalidInput as exc:
+        console.print(f"[red]invalid input:[/] {exc}")
+        raise typer.Exit(2) from exc
+    finally:
+        repository.close()
+    console.print(f"{report.accepted:,} items imported, {report.invalid_count:,} invalid lines")
+    for invalid in report.invalid[:20]:
+        console.print(f"  line {invalid.line}: " + "; ".join(f"{e['field']}: {e['message']}" for e in invalid.errors))
+
+
+def _wait_ready(url: str, timeout: float = 120.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+CURL_EXAMPLES = """\
+# 1. Recommendations for a visitor (3 slots, with reasons):
+curl -s {recommend}/v1/recommend -H 'content-type: application/json' -d '{{
+  "visitor_id": "{visitor}", "explain": true,
+  "context": {{"device": "mobile", "channel": "web", "city": "Jakarta"}},
+  "slots": [{{"name": "home_products", "kind": "product", "count": 6}},
+            {{"name": "hero_banner", "kind": "banner", "count": 1}},
+            {{"name": "cta", "kind": "cta", "count": 2}}]}}'
+
+# 2. Send behaviour events (idempotent on event_id):
+curl -s {profile}/v1/events -H 'content-type: application/json' -d '{{"events": [
+  {{"event_id": "demo-1", "visitor_id": "{visitor}", "type": "product_view", "item_id": "{item}",
+    "timestamp": "{now}", "context": {{"device": "mobile", "city": "Jakarta"}}}}]}}'
+
+# 3. The visitor's profile: features, segments, persona, consent:
+curl -s {profile}/v1/profiles/{visitor}
+"""
+
+
+@app.command()
+def demo(
+    data_dir: DataDir = Path("data"),
+    visitors: Annotated[int, typer.Option(help="Simulated visitors.")] = 1000,
+    days: Annotated[int, typer.Option(help="Days of history.")] = 30,
+    seed: int = 7,
+    serve_services: Annotated[bool, typer.Option("--serve/--no-serve", help="Start both services at the end.")] = True,
+    rebuild: Annotated[bool, typer.Option(help="Rebuild the demo data even if it exists.")] = False,
+    profile_port: int = 8001,
+    recommend_port: int = 8002,
+) -> None:
+    """Generate the demo shop, import its history, train, and start both services on embedded stores."""
+    _settings_env(data_dir)
+    from services.common.settings import CommonSettings
+
+    marker = data_dir / "demo.json"
+    wanted = {"visitors": visitors, "days": days, "seed": seed}
+    current = json.loads(marker.read_text()) if marker.exists() else None
+    if rebuild or current is None or current.get("params") != wanted:
+        if data_dir.exists() and current is not None:
+            import shutil
+
+            shutil.rmtree(data_dir)
+        from services.demo.world import build_world
+
+        settings = CommonSettings(data_dir=data_dir, redis_url=os.environ.get("REDIS_URL"))
+        console.print(f"building the demo shop in {data_dir}/ ({visitors:,} visitors, {days} days)")
+        with progress_bar() as bar:
+            world = build_world(settings, visitors=visitors, days=days, seed=seed, progress=StageProgress(bar))
+        console.print(metrics_table(f"model {world.model_version} (time split)", world.train_metrics))
+        sample_visitor = world.simulator.visitors[0].visitor_id
+        sample_item = world.shop.products[0].item_id
+        marker.write_text(
+            json.dumps(
+                {
+                    "params": wanted,
+                    "visitor": sample_visitor,
+                    "item": sample_item,
+                    "events": world.events,
+                    "metrics": world.train_metrics,
+                }
+            )
+        )
+        current = json.loads(marker.read_text())
+    else:
+        console.print(f"reusing the demo data in {data_dir}/ (--rebuild to start over)")
+    if not serve_services:
+        return
+    _run_services(data_dir, profile_port, recommend_port, current["visitor"], current["item"])
+
+
+def _run_services(data_dir: Path, profile_port: int, recommend_port: int, visitor: str, item: str) -> None:
+    env = {**os.environ, "SELARAS_DATA_DIR": str(data_dir.resolve())}
+    children = [
+        subprocess.Popen([sys.executable, "-m", "services.cli", "serve", name, "--port", str(port)], env=env)
+        for name, port in (("profile", profile_port), ("recommend", recommend_port))
+    ]
+    profile_url, recommend_url = f"http://127.0.0.1:{profile_port}", f"http://127.0.0.1:{recommend_port}"
+
+    def stop(*_: Any) -> None:
+        for child in children:
+            child.terminate()
+        for child in children:
+            child.wait(15)
+        raise typer.Exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        if not (_wait_ready(f"{profile_url}/readyz") and _wait_ready(f"{recommend_url}/readyz")):
+            console.print("[red]a service did not become ready; see its log above[/]")
+            stop()
+        from datetime import UTC, datetime
+
+        console.print(
+            f"\n[bold green]Selaras is running[/]\n  profile:   {profile_url}/docs\n"
+            f"  recommend: {recommend_url}/docs\n  experiments: {recommend_url}/experiments\n"
+        )
+        console.print(
+            CURL_EXAMPLES.format(
+                recommend=recommend_url,
+                profile=profile_url,
+                visitor=visitor,
+                item=item,
+                now=datetime.now(UTC).isoformat(timespec="seconds"),
+            ),
+            highlight=False,
+            markup=False,
+        )
+        console.print("Ctrl-C stops both services.")
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+        console.print("[red]a service exited[/]")
+    except KeyboardInterrupt:
+        pass
+    stop()
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,143 @@
+"""`selaras shop ...`: generate the demo shop's catalog and a simulated visitor history."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from services.common.context import WIB
+from services.common.events import Event
+from services.demo.shop import generate_shop
+from services.demo.simulator import Simulator, write_jsonl
+
+CATALOG_FILE = "catalog.jsonl"
+EVENTS_FILE = "events.jsonl.gz"
+VISITORS_FILE = "visitors.jsonl"
+
+shop_app = typer.Typer(
+    help="The demo shop: an Indonesian catalog and simulated visitors with hidden tastes.",
+    no_args_is_help=True,
+)
+console = Console()
+
+
+@shop_app.callback()
+def shop_main() -> None:
+    """The demo shop: an Indonesian catalog and simulated visitors with hidden tastes."""
+    # A callback keeps `generate` a sub-command even while it is the only command.
+
+
+@dataclass(frozen=True)
+class GeneratedDataset:
+    out: Path
+    catalog_items: int
+    events: int
+    visitors: int
+    days: int
+    start: datetime
+    end: datetime
+    seconds: float
+
+
+def generate_dataset(
+    out: Path,
+    visitors: int = 1000,
+    days: int = 30,
+    seed: int = 7,
+    end: datetime | None = None,
+    on_progress: Callable[[float], None] | None = None,
+) -> GeneratedDataset:
+    """Write catalog.jsonl, events.jsonl.gz and visitors.jsonl (the hidden types, for evaluation) to `out`.
+
+    The history covers the `days` days before `end` (default: today's midnight in WIB), so the catalog's
+    "new arrivals" are new at the end of the history. `on_progress` gets the covered fraction (0..1).
+    """
+    began = time.perf_counter()
+    if end is None:
+        end = datetime.now(WIB).replace(hour=0, minute=0, second=0, microsecond=0)
+    start = end - timedelta(days=days)
+    shop = generate_shop(seed=seed, now=end)
+    simulator = Simulator(shop, n_visitors=visitors, seed=seed, start=start)
+    out.mkdir(parents=True, exist_ok=True)
+    n_items = write_jsonl(shop.all_items(), out / CATALOG_FILE)
+    write_jsonl(
+        ({"visitor_id": visitor.visitor_id, "hidden_type": visitor.hidden_type} for visitor in simulator.visitors),
+        out / VISITORS_FILE,
+    )
+
+    span = max(1.0, (end - start).total_seconds())
+
+    def reporting(events: Iterator[Event]) -> Iterator[Event]:
+        # Report every few thousand events: a callback per event would cost more than the writing.
+        for count, event in enumerate(events, start=1):
+            if on_progress is not None and count % 5000 == 0:
+                on_progress(min(1.0, (event.ts - start.timestamp()) / span))
+            yield event
+
+    n_events = write_jsonl(reporting(simulator.history(days)), out / EVENTS_FILE)
+    if on_progress is not None:
+        on_progress(1.0)
+    return GeneratedDataset(
+        out=out,
+        catalog_items=n_items,
+        events=n_events,
+        visitors=visitors,
+        days=days,
+        start=start,
+        end=end,
+        seconds=time.perf_counter() - began,
+    )
+
+
+def _parse_end(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        day = date.fromisoformat(value)
+    except ValueError as error:
+        raise typer.BadParameter("expected a date like 2025-03-31") from error
+    # The history ends at the start of that day in WIB (UTC+7).
+    return datetime(day.year, day.month, day.day, tzinfo=WIB)
+
+
+@shop_app.command("generate")
+def generate(
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the files to.")] = Path("data/demo"),
+    visitors: Annotated[int, typer.Option("--visitors", min=1, help="Number of simulated visitors.")] = 1000,
+    days: Annotated[int, typer.Option("--days", min=1, help="Days of history.")] = 30,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same files).")] = 7,
+    end: Annotated[
+        str | None, typer.Option("--end", help="History ends at this date's midnight WIB (default: today).")
+    ] = None,
+) -> None:
+    """Write catalog.jsonl, events.jsonl.gz and visitors.jsonl for the demo shop."""
+    with Progress(
+        TextColumn("[bold]Simulating visitors"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("simulate", total=1.0)
+        dataset = generate_dataset(
+            out,
+            visitors=visitors,
+            days=days,
+            seed=seed,
+            end=_parse_end(end),
+            on_progress=lambda fraction: progress.update(task, completed=fraction),
+        )
+    console.print(
+        f"Wrote {dataset.catalog_items:,} catalog items and {dataset.events:,} events "
+        f"({dataset.visitors:,} visitors, {dataset.days} days to {dataset.end.date()}) "
+        f"to {dataset.out} in {dataset.seconds:.1f} s"
+    )

@@ -1,0 +1,196 @@
+"""Shared fixtures: real Redis (REDIS_URL from `make test`), private redis-servers, isolated settings and a
+small demo world built once per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+import services  # noqa: F401  (fixes prometheus_client's mode before Feast is imported)
+from services.common.settings import CommonSettings
+from services.profile.settings import ProfileSettings
+from services.recommend.settings import RecommendSettings
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RedisServer:
+    """A private redis-server process (for tests that stop, kill or restart Redis)."""
+
+    port: int
+    directory: Path
+    appendonly: bool = False
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        args = [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--dir",
+            str(self.directory),
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "always",
+        ]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if redis.Redis(port=self.port, socket_timeout=0.5).ping():
+                    return
+            except redis.RedisError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self, kill: bool = False) -> None:
+        if self.process is not None:
+            if kill:
+                self.process.kill()
+            else:
+                self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(free_port(), tmp_path / "redis", appendonly=True)
+    server.directory.mkdir()
+    server.start()
+    yield server
+    server.stop(kill=True)
+
+
+def unique_name(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+def clean_namespace(url: str, namespace: str) -> None:
+    client = redis.Redis.from_url(url)
+    keys = list(client.scan_iter(match=f"{namespace}:*", count=1000)) + list(
+        client.scan_iter(match=f"{{{namespace}:*", count=1000)
+    )
+    for start in range(0, len(keys), 500):
+        client.delete(*keys[start : start + 500])
+    client.close()
+
+
+@pytest.fixture
+def settings_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Builds isolated settings (own data dir, Redis namespace and Feast project) for any service."""
+    made: list[tuple[str | None, str]] = []
+
+    def make(kind: type[CommonSettings] = CommonSettings, redis_url: str | None = REDIS_URL, **overrides: Any) -> Any:
+        namespace = overrides.pop("namespace", unique_name("t"))
+        values: dict[str, Any] = {
+            "data_dir": overrides.pop("data_dir", tmp_path / "data"),
+            "redis_url": redis_url,
+            "namespace": namespace,
+            "feast_project": overrides.pop("feast_project", namespace),
+            "environment": "test",
+        }
+        values.update(overrides)
+        made.append((redis_url, namespace))
+        return kind(**values)
+
+    yield make
+    for url, namespace in made:
+        if url:
+            try:
+                clean_namespace(url, namespace)
+            except redis.RedisError:
+                pass
+
+
+@pytest.fixture
+def profile_settings(settings_factory: Callable[..., Any]) -> ProfileSettings:
+    settings: ProfileSettings = settings_factory(ProfileSettings, aggregator_idle_s=0.01)
+    return settings
+
+
+@pytest.fixture
+def recommend_settings_for(
+    settings_factory: Callable[..., Any],
+) -> Callable[[CommonSettings], RecommendSettings]:
+    """Recommend settings that share data dir, namespace and Feast project with the given settings."""
+
+    def make(shared: CommonSettings, **overrides: Any) -> RecommendSettings:
+        values = {
+            "data_dir": shared.data_dir,
+            "redis_url": shared.redis_url,
+            "namespace": shared.namespace,
+            "feast_project": shared.feast_project,
+            "environment": "test",
+            "refresh_interval_s": 0.5,
+        }
+        values.update(overrides)
+        return RecommendSettings(**values)
+
+    return make
+
+
+# ------------------------------------------------------------------------------------------------------
+# A small demo world, built once per test session on real Redis (import + training take a while).
+# ------------------------------------------------------------------------------------------------------
+
+WORLD_VISITORS = 300
+WORLD_DAYS = 14
+
+
+@dataclass
+class SessionWorld:
+    settings: CommonSettings
+    world: Any
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SessionWorld]:
+    from services.demo.world import build_world
+    from services.recommend.training import TrainConfig
+
+    namespace = unique_name("w")
+    settings = CommonSettings(
+        data_dir=tmp_path_factory.mktemp("world"),
+        redis_url=REDIS_URL,
+        namespace=namespace,
+        feast_project=namespace,
+        environment="test",
+    )
+    built = build_world(
+        settings,
+        visitors=WORLD_VISITORS,
+        days=WORLD_DAYS,
+        seed=11,
+        train_config=TrainConfig(seed=11, max_queries=4000),
+    )
+    yield SessionWorld(settings, built)
+    clean_namespace(REDIS_URL, namespace)
+    shutil.rmtree(settings.data_dir, ignore_errors=True)
