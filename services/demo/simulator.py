@@ -999,10 +999,13 @@ class Simulator:
         context = self._response_context(visitor, f"{visitor_id}-{recommendation_id}")
         events: list[Event] = []
 
-        def emit(event_type: EventType, moment: datetime, item_id: str, **fields: Any) -> None:
+        def emit(event_type: EventType, moment: datetime, item_id: str, position: int, **fields: Any) -> None:
+            # The position is part of the id so an item shown twice in one slot still gets distinct events.
             events.append(
                 Event(
-                    event_id=self._response_event_id(visitor_id, recommendation_id, slot, event_type, item_id),
+                    event_id=self._response_event_id(
+                        visitor_id, recommendation_id, slot, event_type, item_id, position
+                    ),
                     visitor_id=visitor_id,
                     type=event_type,
                     timestamp=moment,
@@ -1024,7 +1027,7 @@ class Simulator:
                 "kind": str(shown_item.kind),
             }
             moment = local_now + timedelta(seconds=2.0 + 3.0 * shown_item.position + float(rng.exponential(8.0)))
-            emit(EventType.CLICK, moment, shown_item.item_id, properties=properties)
+            emit(EventType.CLICK, moment, shown_item.item_id, shown_item.position, properties=properties)
             product = self._product_index.get(shown_item.item_id)
             if product is None:
                 continue
@@ -1037,6 +1040,7 @@ class Simulator:
                 EventType.ADD_TO_CART,
                 moment,
                 item.item_id,
+                shown_item.position,
                 quantity=quantity,
                 price=item.price,
                 properties={"slot": slot},
@@ -1048,6 +1052,7 @@ class Simulator:
                 EventType.PURCHASE,
                 moment,
                 item.item_id,
+                shown_item.position,
                 quantity=quantity,
                 price=item.price,
                 properties={"slot": slot, "category": item.category},
