@@ -24,6 +24,7 @@ demo: $(STAMP) ## generate the demo shop, train, start both services (embedded s
 	$(PY) -m services.cli demo --data-dir $(DATA_DIR)
 
 test: $(STAMP) ## ruff, mypy and the whole pytest suite against a real Redis
+	scripts/ensure_system_packages.sh
 	$(VENV)/bin/ruff check services tests bench
 	$(VENV)/bin/ruff format --check services tests bench
 	$(VENV)/bin/mypy

@@ -260,7 +260,7 @@ class RedisStore(Store):
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     pos INTEGER PRIMARY KEY AUTOINCREMENT,
-    event_id TEXT NOT NULL UNIQUE,
+    event_id TEXT NOT NULL,
     visitor_id TEXT NOT NULL,
     payload BLOB NOT NULL
 );

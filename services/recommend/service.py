@@ -9,7 +9,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -275,8 +275,9 @@ class RecommendService:
         fallback = fallback_reason is not None
         RECOMMENDATIONS.labels(strategy, str(fallback).lower()).inc()
         if experiment is not None:
+            shown_counts = {s["name"]: (s["kind"], len(s["items"])) for s in slots_out}
             self.experiments.record_exposure(  # type: ignore[union-attr]
-                request.visitor_id, experiment[0], experiment[1], [s.name for s in request.slots], persona
+                request.visitor_id, experiment[0], experiment[1], shown_counts, persona, recommendation_id
             )
         if self.settings.log_impressions and impressions and not fallback:
             record = {

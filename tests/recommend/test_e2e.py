@@ -1,0 +1,158 @@
+"""End to end on real Redis: events -> profile service -> Feast -> LightGBM -> /v1/recommend."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from services.profile.app import create_app as create_profile_app
+from services.profile.settings import ProfileSettings
+from services.recommend.app import create_app as create_recommend_app
+from services.recommend.settings import RecommendSettings
+from tests.conftest import SessionWorld
+
+SLOTS = [
+    {"name": "home", "kind": "product", "count": 12},
+    {"name": "hero", "kind": "banner", "count": 1},
+    {"name": "cta", "kind": "cta", "count": 2},
+]
+
+
+@pytest.fixture(scope="module")
+def clients(world: SessionWorld) -> Iterator[tuple[TestClient, TestClient]]:
+    shared = world.settings
+    common = {
+        "data_dir": shared.data_dir,
+        "redis_url": shared.redis_url,
+        "namespace": shared.namespace,
+        "feast_project": shared.feast_project,
+        "environment": "test",
+    }
+    profile = ProfileSettings(**common, aggregator_idle_s=0.005)
+    recommend = RecommendSettings(**common, refresh_interval_s=0.5)
+    with (
+        TestClient(create_profile_app(profile)) as profile_client,
+        TestClient(create_recommend_app(recommend)) as recommend_client,
+    ):
+        yield profile_client, recommend_client
+
+
+def recommend(client: TestClient, visitor: str, **extra: Any) -> dict[str, Any]:
+    response = client.post(
+        "/v1/recommend",
+        json={"visitor_id": visitor, "context": {"device": "mobile", "city": "Jakarta"}, "slots": SLOTS, **extra},
+    )
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def test_training_beats_popularity_on_the_time_split(world: SessionWorld) -> None:
+    metrics = world.world.train_metrics
+    assert metrics["source"] == "behaviour"
+    assert metrics["ndcg@10"] > metrics["popularity_ndcg@10"] + 0.02, metrics
+    assert metrics["candidate_recall"] > 0.3, metrics
+
+
+def test_known_visitor_gets_personalized_slots(clients: tuple[TestClient, TestClient], world: SessionWorld) -> None:
+    _, client = clients
+    visitor = world.world.simulator.visitors[0].visitor_id
+    body = recommend(client, visitor, explain=True)
+    assert body["strategy"] == "personalized" and body["fallback"] is False
+    assert body["model_version"] == world.world.model_version
+    home, hero, cta = body["slots"]
+    assert len(home["items"]) == 12 and len(hero["items"]) == 1 and len(cta["items"]) == 2
+    ids = [item["item_id"] for slot in body["slots"] for item in slot["items"]]
+    assert len(ids) == len(set(ids)), "an item appears twice across slots"
+    assert all(item["reasons"] for item in home["items"])
+    categories = [item["category"] for item in home["items"]]
+    assert max(categories.count(c) for c in set(categories)) <= 4  # diversity rule
+
+
+def test_anonymous_visitor_gets_popular_in_context(clients: tuple[TestClient, TestClient]) -> None:
+    _, client = clients
+    body = recommend(client, "someone-new")
+    assert body["strategy"] == "popular_in_context" and body["fallback"] is False
+    assert len(body["slots"][0]["items"]) == 12
+
+
+def test_viewing_a_category_ranks_it_higher_within_one_second(
+    clients: tuple[TestClient, TestClient], world: SessionWorld
+) -> None:
+    profile, client = clients
+    shop = world.world.shop
+    visitor = world.world.simulator.visitors[1].visitor_id
+    before = recommend(client, visitor)["slots"][0]["items"]
+    shown_categories = {item["category"] for item in before}
+    category = next(p.category for p in shop.products if p.category not in shown_categories and p.in_stock)
+    items = [p for p in shop.products if p.category == category and p.in_stock][:6]
+    now = datetime.now(UTC)
+    events = [
+        {
+            "event_id": f"e2e-{visitor}-{i}",
+            "visitor_id": visitor,
+            "type": "product_view",
+            "item_id": item.item_id,
+            "price": item.price,
+            "timestamp": (now + timedelta(seconds=i)).isoformat(),
+            "context": {"device": "mobile", "city": "Jakarta", "session_id": "e2e"},
+        }
+        for i, item in enumerate(items)
+    ]
+    acknowledged = time.monotonic()
+    assert profile.post("/v1/events", json={"events": events}).status_code == 202
+    count_before = sum(item["category"] == category for item in before)
+    count_after = count_before
+    while time.monotonic() - acknowledged < 1.0:
+        after = recommend(client, visitor, context={"device": "mobile", "city": "Jakarta", "now": now.isoformat()})
+        count_after = sum(item["category"] == category for item in after["slots"][0]["items"])
+        if count_after > count_before:
+            break
+        time.sleep(0.02)
+    elapsed = time.monotonic() - acknowledged
+    assert count_after > count_before, f"{category}: {count_before} -> {count_after}"
+    assert elapsed < 1.0
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"visitor_id": "v", "slots": []}, "slots"),
+        ({"visitor_id": "v", "slots": [{"name": "a", "count": 500}]}, "slots.0.count"),
+        ({"visitor_id": "v", "slots": [{"name": "a"}, {"name": "a"}]}, "(root)"),
+        ({"visitor_id": "v", "slots": [{"name": "a", "kind": "message"}]}, "slots.0"),
+        ({"slots": [{"name": "a"}]}, "visitor_id"),
+    ],
+)
+def test_invalid_requests_are_422_with_the_field(
+    clients: tuple[TestClient, TestClient], payload: dict[str, Any], field: str
+) -> None:
+    _, client = clients
+    response = client.post("/v1/recommend", json=payload)
+    assert response.status_code == 422
+    assert field in [e["field"] for e in response.json()["errors"]], response.json()
+
+
+def test_catalog_upsert_validates_by_index(clients: tuple[TestClient, TestClient]) -> None:
+    _, client = clients
+    good = {"item_id": "new-1", "title": "Sepatu Baru", "category": "sepatu-olahraga", "price": 350000, "stock": 3}
+    bad = {"item_id": "new-2", "title": "Tanpa harga", "kind": "product"}
+    response = client.put("/v1/catalog/items", json={"items": [good, bad]})
+    assert response.status_code == 422
+    assert [e["index"] for e in response.json()["errors"]] == [1]
+    assert client.put("/v1/catalog/items", json={"items": [good]}).json() == {"upserted": 1}
+    too_many = {"items": [good] * 5001}
+    assert client.put("/v1/catalog/items", json=too_many).status_code == 413
+
+
+def test_reload_keeps_serving(clients: tuple[TestClient, TestClient], world: SessionWorld) -> None:
+    _, client = clients
+    response = client.post("/v1/admin/reload")
+    assert response.status_code == 200
+    assert response.json()["model_version"] == world.world.model_version
+    assert client.get("/readyz").json()["ready"] is True
