@@ -145,7 +145,7 @@ def test_store_keeps_the_log_and_its_idempotency_keys_in_one_slot(redis_cluster:
     try:
         events = [PendingEvent(f"e{i}", f"v{i % 7}", f"payload-{i}".encode()) for i in range(50)]
         first = store.append_events(events)
-        again = store.append_events(events[:20] + [PendingEvent("new", "v1", b"payload-new")])
+        again = store.append_events([*events[:20], PendingEvent("new", "v1", b"payload-new")])
         assert (first.accepted, first.duplicates) == (50, 0)
         assert (again.accepted, again.duplicates, again.accepted_ids) == (1, 20, ("new",))
         assert [e.payload for e in store.read_events(None, 100)][-1] == b"payload-new"
