@@ -1,0 +1,177 @@
+"""One suite for the experiment store, run against real Redis (Lua) and SQLite: the stored sums must equal
+the batch sums of the visitors' final values, whatever the order and repetition of updates."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.common.experiment_store import (
+    ExperimentStore,
+    ExposureWrite,
+    OutcomeWrite,
+    RedisExperimentStore,
+    SqliteExperimentStore,
+)
+from services.common.storage import make_redis_client
+from services.recommend.stats import ArmSums
+from tests.conftest import REDIS_URL, clean_namespace, unique_name
+
+EXP = "exp-a@1"
+T0 = 1_790_000_000.0
+
+
+@pytest.fixture(params=["redis", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ExperimentStore]:
+    if request.param == "redis":
+        namespace = unique_name("es")
+        backend: ExperimentStore = RedisExperimentStore(make_redis_client(REDIS_URL, False, 2.0), namespace)
+        yield backend
+        backend.close()
+        clean_namespace(REDIS_URL, namespace)
+    else:
+        backend = SqliteExperimentStore(tmp_path / "exp.db")
+        yield backend
+        backend.close()
+
+
+def expose(store: ExperimentStore, visitor: str, arm: str, ts: float, shown: dict[str, int], **extra: Any) -> Any:
+    denominators = {"all": {"ctr": float(sum(shown.values()))}}
+    denominators.update({f"slot:{slot}": {"ctr": float(n)} for slot, n in shown.items()})
+    return store.record_exposure(
+        ExposureWrite(EXP, visitor, arm, extra.pop("segment", "hemat"), ts, denominators, **extra)
+    )
+
+
+def outcome(store: ExperimentStore, visitor: str, event_id: str, ts: float, **values: Any) -> Any:
+    slot = values.pop("slot", None)
+    options = {k: values.pop(k) for k in ("expected_arm", "lower", "upper", "window_s") if k in values}
+    write = OutcomeWrite(EXP, visitor, event_id, ts, values, f"slot:{slot}" if slot else None, **options)
+    return store.record_outcomes([write])[0]
+
+
+def test_random_updates_match_batch_sums_per_group(store: ExperimentStore) -> None:
+    rng = random.Random(5)
+    visitors = [f"v{i}" for i in range(40)]
+    arms = {v: rng.choice(["control", "treatment"]) for v in visitors}
+    truth: dict[tuple[str, str], dict[str, float]] = {}  # (visitor, group) -> running values
+    exposed_slots: dict[str, set[str]] = {}
+    for step in range(400):
+        visitor = rng.choice(visitors)
+        ts = T0 + step
+        if rng.random() < 0.4 or visitor not in exposed_slots:
+            shown = {slot: rng.randint(0, 6) for slot in rng.sample(["home", "hero", "cta"], rng.randint(1, 3))}
+            assert expose(store, visitor, arms[visitor], ts, shown).status == "ok"
+            exposed_slots.setdefault(visitor, set()).update(shown)
+            for group, n in [("all", sum(shown.values())), *((f"slot:{s}", c) for s, c in shown.items())]:
+                row = truth.setdefault((visitor, group), {"ctr_x": 0, "ctr_y": 0, "conversion": 0, "revenue": 0})
+                row["ctr_y"] += n
+        else:
+            slot = rng.choice(sorted(exposed_slots[visitor]))
+            kind = rng.choice(["click", "purchase"])
+            values = (
+                {"ctr": 1.0} if kind == "click" else {"conversion": 1.0, "revenue": float(rng.randint(1, 9) * 1000)}
+            )
+            result = outcome(store, visitor, f"e{step}", ts, slot=slot, **values)
+            assert result.status == "ok" and result.arm == arms[visitor]
+            for group in ("all", f"slot:{slot}"):
+                row = truth[(visitor, group)]
+                if kind == "click":
+                    row["ctr_x"] += 1
+                else:
+                    row["conversion"] = 1
+                    row["revenue"] += values["revenue"]
+            # Re-delivery of the same event (at-least-once) changes nothing.
+            assert outcome(store, visitor, f"e{step}", ts, slot=slot, **values).status == "duplicate"
+
+    sums = store.sums(EXP)
+    for arm in ("control", "treatment"):
+        for group in ("all", "slot:home", "slot:hero", "slot:cta"):
+            rows = [r for (v, g), r in truth.items() if g == group and arms[v] == arm]
+            stored = sums[arm][group]
+            assert stored["n"] == len(rows)
+            expected = ArmSums.from_values([r["ctr_x"] for r in rows], [r["ctr_y"] for r in rows])
+            got = stored["ctr"]
+            assert got["y"] == pytest.approx(expected.sum_y) and got["y2"] == pytest.approx(expected.sum_y2)
+            assert got.get("x", 0) == pytest.approx(expected.sum_x)
+            assert got.get("x2", 0) == pytest.approx(expected.sum_x2)
+            assert got.get("xy", 0) == pytest.approx(expected.sum_xy)
+            revenue = ArmSums.from_values([r["revenue"] for r in rows])
+            assert stored.get("revenue", {}).get("x2", 0) == pytest.approx(revenue.sum_x2)
+            assert stored.get("conversion", {}).get("x", 0) == sum(r["conversion"] for r in rows)
+        # The persona group of every visitor here is "hemat": it mirrors the whole arm.
+        assert sums[arm]["seg:hemat"] == sums[arm]["all"]
+
+    # The per-day increments add up to the totals (they feed the cumulative chart).
+    days = store.days(EXP)
+    for arm in ("control", "treatment"):
+        assert sum(d[arm]["n"] for d in days.values() if arm in d) == sums[arm]["all"]["n"]
+        total_y2 = sum(d[arm]["ctr"]["y2"] for d in days.values() if arm in d)
+        assert total_y2 == pytest.approx(sums[arm]["all"]["ctr"]["y2"])
+
+
+def test_attribution_rules(store: ExperimentStore) -> None:
+    assert outcome(store, "ghost", "e0", T0, ctr=1.0).status == "not_exposed"
+    applied = expose(store, "v1", "treatment", T0, {"home": 4}, segment="Pemburu diskon")
+    assert applied.status == "ok"
+    assert applied.increments["all|n"] == 1 and applied.increments["slot:home|ctr|y"] == 4
+    # Sticky: the same visitor cannot show up in another arm.
+    assert expose(store, "v1", "control", T0 + 1, {"home": 4}).status == "arm_conflict"
+    assert outcome(store, "v1", "e1", T0 + 5, ctr=1.0, expected_arm="control").status == "arm_mismatch"
+    assert outcome(store, "v1", "e2", T0 + 5, ctr=1.0, lower=T0 + 10).status == "outside_window"
+    assert outcome(store, "v1", "e3", T0 + 3 * 3600, conversion=1.0, window_s=3600).status == "outside_window"
+    assert outcome(store, "v1", "e4", T0 - 60, conversion=1.0, window_s=3600).status == "outside_window"
+    within = outcome(store, "v1", "e5", T0 + 1800, conversion=1.0, window_s=3600)
+    assert within.status == "ok" and within.increments["all|conversion|x"] == 1
+    # Binary metrics count a visitor once; additive ones keep adding.
+    again = outcome(store, "v1", "e6", T0 + 1900, conversion=1.0, revenue=5000.0, window_s=3600)
+    assert "all|conversion|x" not in again.increments and again.increments["all|revenue|x"] == 5000
+    # The persona is frozen at the first exposure (pre-treatment), later exposures keep it.
+    expose(store, "v1", "treatment", T0 + 4000, {"home": 2}, segment="Sultan")
+    sums = store.sums(EXP)["treatment"]
+    assert "seg:Sultan" not in sums and sums["seg:Pemburu diskon"]["n"] == 1
+    assert sums["all"]["ctr"]["y"] == 6
+    heads = store.visitor_heads([EXP, "other@1"], ["v1", "v2"])
+    assert list(heads) == [(EXP, "v1")]
+    assert (heads[(EXP, "v1")].first, heads[(EXP, "v1")].last) == (T0, T0 + 4000)
+    assert store.forget_visitor([EXP], "v1") == 1
+    assert store.visitor_heads([EXP], ["v1"]) == {}
+
+
+def test_records_and_registry_round_trip(store: ExperimentStore) -> None:
+    record = {"visitor_id": "v1", "ts": T0, "slots": {"home": ["p1", "p2"]}}
+    expose(store, "v1", "control", T0, {"home": 2}, recommendation_id="rec-1", record=record)
+    assert store.exposure_records(["other@1", EXP], ["rec-1", "rec-2"]) == {"rec-1": (EXP, record)}
+    store.publish_registry({"exp-a": {"id": EXP, "window_s": 3600}})
+    store.publish_registry({"exp-b": {"id": "exp-b@1"}})
+    assert store.registry() == {"exp-b": {"id": "exp-b@1"}}
+
+
+def test_concurrent_writers_lose_nothing(store: ExperimentStore) -> None:
+    """Atomic updates: 4 threads updating the same visitors give the same sums as one thread would."""
+    visitors = [f"c{i}" for i in range(10)]
+    for v in visitors:
+        expose(store, v, "control", T0, {"home": 1})
+
+    def work(worker: int) -> None:
+        for i in range(50):
+            visitor = visitors[(worker + i) % len(visitors)]
+            expose(store, visitor, "control", T0 + i, {"home": 1})
+            outcome(store, visitor, f"w{worker}-{i}", T0 + i, ctr=1.0)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # Every visitor got 20 more impressions and 20 clicks: y = 21, x = 20 each.
+    ctr = store.sums(EXP)["control"]["all"]["ctr"]
+    expected = ArmSums.from_values([20.0] * 10, [21.0] * 10)
+    assert (ctr["x"], ctr["y"]) == (expected.sum_x, expected.sum_y)
+    assert ctr["x2"] == pytest.approx(expected.sum_x2) and ctr["y2"] == pytest.approx(expected.sum_y2)
+    assert ctr["xy"] == pytest.approx(expected.sum_xy)
