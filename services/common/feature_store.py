@@ -11,11 +11,10 @@ import fcntl
 import hashlib
 import importlib.util
 import logging
-import math
 import sys
 import threading
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -134,27 +133,16 @@ def open_feature_store(settings: CommonSettings) -> FeatureStore:
     return store
 
 
+def arrow_schema(key: str, features: Mapping[str, F.FeatureKind]) -> pa.Schema:
+    return pa.schema(
+        [pa.field(key, pa.string()), pa.field(F.TIMESTAMP_FIELD, pa.timestamp("us", tz="UTC"))]
+        + [pa.field(name, ARROW_TYPES[kind]) for name, kind in features.items()]
+    )
+
+
 def to_arrow_table(rows: Sequence[Mapping[str, Any]], key: str, features: Mapping[str, F.FeatureKind]) -> pa.Table:
     """Rows -> a typed arrow table (entity key, event timestamp, features); missing values become nulls."""
-    columns: dict[str, pa.Array] = {
-        key: pa.array([r[key] for r in rows], pa.string()),
-        F.TIMESTAMP_FIELD: pa.array([r[F.TIMESTAMP_FIELD] for r in rows], pa.timestamp("us", tz="UTC")),
-    }
-    for name, kind in features.items():
-        values = [_clean(r.get(name), kind) for r in rows]
-        columns[name] = pa.array(values, ARROW_TYPES[kind])
-    return pa.table(columns)
-
-
-def _clean(value: Any, kind: F.FeatureKind) -> Any:
-    if value is None:
-        return None
-    if kind == "float":
-        number = float(value)
-        return None if math.isnan(number) else number
-    if kind == "int":
-        return None if isinstance(value, float) and math.isnan(value) else int(value)
-    return value
+    return pa.Table.from_pylist(list(rows), schema=arrow_schema(key, features))
 
 
 class FeatureWriter:
@@ -197,3 +185,83 @@ def online_rows(store: FeatureStore, view: str, keys: Sequence[str]) -> list[dic
         features=[f"{view}:{name}" for name in features], entity_rows=[{key: k} for k in keys]
     ).to_dict()
     return [{name: response[name][i] for name in (key, *features)} for i in range(len(keys))]
+
+
+# -- deletion and rewriting (privacy: erasure, consent withdrawal, retention; persona backfill) -------------
+
+
+def delete_online_entities(store: FeatureStore, view: str, keys: Sequence[str]) -> int:
+    """Remove the entities' rows of `view` from the online store; returns how many rows existed.
+
+    Feast's SDK has no per-entity delete, so this uses the online store's own key layout (Redis: the view's
+    hash fields of the entity key; SQLite: the view's table rows). Any other store gets an all-null row,
+    which reads exactly like a missing entity.
+    """
+    from feast.infra.key_encoding_utils import serialize_entity_key
+    from feast.infra.online_stores.redis import RedisOnlineStore, _versioned_fv_name
+    from feast.infra.online_stores.sqlite import SqliteOnlineStore, _table_id
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    if not keys:
+        return 0
+    config = store.config
+    feature_view = store.get_feature_view(view)
+    join_key = F.VISITOR_KEY if view == F.VISITOR_VIEW else F.ITEM_KEY
+    entity_keys = [EntityKey(join_keys=[join_key], entity_values=[Value(string_val=k)]) for k in keys]
+    online = store._get_provider().online_store
+    if isinstance(online, RedisOnlineStore):
+        client = online._get_client(config.online_store)
+        redis_keys = online._generate_redis_keys_for_entities(config, entity_keys)
+        _, fields = online._generate_hset_keys_for_features(
+            feature_view, fv_name_override=_versioned_fv_name(feature_view, config)
+        )
+        # An entity's hash holds every view of that entity: drop this view's fields only (Redis removes
+        # the key once it is empty). One key per command keeps it valid on Redis Cluster too.
+        return sum(1 for key in redis_keys if client.hdel(key, *fields))
+    if isinstance(online, SqliteOnlineStore):
+        conn = online._get_conn(config)
+        table = _table_id(config.project, feature_view, config.registry.enable_online_feature_view_versioning)
+        version = config.entity_key_serialization_version
+        serialized = [serialize_entity_key(k, entity_key_serialization_version=version) for k in entity_keys]
+        with conn:
+            found = conn.execute(
+                f'SELECT COUNT(DISTINCT entity_key) FROM "{table}" WHERE entity_key IN ({",".join("?" * len(keys))})',
+                serialized,
+            ).fetchone()[0]
+            conn.executemany(f'DELETE FROM "{table}" WHERE entity_key = ?', [(s,) for s in serialized])
+        return int(found)
+    features = F.VISITOR_FEATURES if view == F.VISITOR_VIEW else F.ITEM_FEATURES
+    nulls = [{join_key: k, F.TIMESTAMP_FIELD: datetime.now(UTC)} for k in keys]
+    frame = to_arrow_table(nulls, join_key, features).to_pandas()
+    store.write_to_online_store(view, frame)
+    return len(keys)
+
+
+def offline_parts(offline_dir: Path, view: str) -> list[Path]:
+    return sorted((offline_dir / view).glob("*.parquet"))
+
+
+def rewrite_offline_parts(offline_dir: Path, view: str, transform: Callable[[Path], pa.Table | None]) -> int:
+    """Rewrite the view's parquet part files: `transform(path)` returns the new table, or None to keep the file.
+
+    Runs under a file lock (rewriters exclude each other) and replaces files atomically, so readers globbing
+    *.parquet see the old or the new file, never half of one; the writer only ever adds new part files.
+    A file left empty is deleted, unless it is the view's last one (DuckDB needs a file to read the schema).
+    Returns how many files changed.
+    """
+    directory = offline_dir / view
+    changed = 0
+    with file_lock(directory / "rewrite.lock"):
+        for path in offline_parts(offline_dir, view):
+            table = transform(path)
+            if table is None:
+                continue
+            changed += 1
+            if table.num_rows == 0 and len(offline_parts(offline_dir, view)) > 1:
+                path.unlink()
+                continue
+            tmp = path.with_suffix(".rewrite.tmp")
+            pq.write_table(table, tmp)
+            tmp.replace(path)
+    return changed

@@ -301,25 +301,35 @@ class SqliteStore(Store):
         now = time.time()
 
         def write(conn: sqlite3.Connection) -> tuple[str, ...]:
-            accepted: list[str] = []
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("BEGIN IMMEDIATE")  # the write lock makes check-then-insert atomic
             try:
-                for event in events:
-                    cursor = conn.execute(
-                        "INSERT OR IGNORE INTO seen_ids (event_id, expires_at) VALUES (?, ?)",
-                        (event.event_id, now + DEDUPE_TTL_S),
+                ids = list(dict.fromkeys(e.event_id for e in events))
+                seen: set[str] = set()
+                for start in range(0, len(ids), 500):
+                    chunk = ids[start : start + 500]
+                    marks = ",".join("?" * len(chunk))
+                    seen.update(
+                        row[0]
+                        for row in conn.execute(f"SELECT event_id FROM seen_ids WHERE event_id IN ({marks})", chunk)
                     )
-                    if cursor.rowcount == 1:
-                        conn.execute(
-                            "INSERT INTO events (event_id, visitor_id, payload) VALUES (?, ?, ?)",
-                            (event.event_id, event.visitor_id, event.payload),
-                        )
-                        accepted.append(event.event_id)
+                fresh: list[PendingEvent] = []
+                for event in events:
+                    if event.event_id not in seen:
+                        seen.add(event.event_id)
+                        fresh.append(event)
+                conn.executemany(
+                    "INSERT INTO seen_ids (event_id, expires_at) VALUES (?, ?)",
+                    [(e.event_id, now + DEDUPE_TTL_S) for e in fresh],
+                )
+                conn.executemany(
+                    "INSERT INTO events (event_id, visitor_id, payload) VALUES (?, ?, ?)",
+                    [(e.event_id, e.visitor_id, e.payload) for e in fresh],
+                )
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-            return tuple(accepted)
+            return tuple(e.event_id for e in fresh)
 
         ids = cast(tuple[str, ...], self._run(write))
         return AppendResult(len(ids), len(events) - len(ids), ids)
@@ -339,7 +349,9 @@ class SqliteStore(Store):
         return int(self._run(lambda c: c.execute("DELETE FROM events WHERE visitor_id = ?", (visitor_id,)).rowcount))
 
     def forget_event_ids(self, event_ids: Sequence[str]) -> None:
-        self._run(lambda c: c.executemany("DELETE FROM seen_ids WHERE event_id = ?", [(i,) for i in event_ids]))
+        self._run(
+            lambda c: self._transaction(c, "DELETE FROM seen_ids WHERE event_id = ?", [(i,) for i in event_ids])
+        )
 
     def get_many(self, namespace: str, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
@@ -363,12 +375,25 @@ class SqliteStore(Store):
         expires = time.time() + ttl_s if ttl_s else None
         rows = [(namespace, key, value, expires) for key, value in values.items()]
         self._run(
-            lambda c: c.executemany(
+            lambda c: self._transaction(
+                c,
                 "INSERT INTO blobs (ns, key, value, expires_at) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
                 rows,
             )
         )
+
+    @staticmethod
+    def _transaction(conn: sqlite3.Connection, sql: str, rows: Sequence[tuple[Any, ...]]) -> int:
+        """One transaction (one fsync) for many rows: autocommit would sync every row."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            count = conn.executemany(sql, rows).rowcount
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return int(count)
 
     def delete(self, namespace: str, keys: Sequence[str]) -> int:
         return int(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.context import is_payday_window, local_time, zone_for
@@ -103,7 +103,10 @@ def _bump(affinities: dict[str, list[float]], key: str, weight: float, ts: float
 
 
 def top_affinities(affinities: Mapping[str, list[float]], now: float) -> tuple[list[str], list[float]]:
-    scored = [(k, _decay(s, now - t, AFFINITY_HALF_LIFE_S)) for k, (s, t) in affinities.items()]
+    if not affinities:
+        return [], []
+    rate = math.log(0.5) / AFFINITY_HALF_LIFE_S
+    scored = [(k, s * math.exp(rate * max(now - t, 0.0))) for k, (s, t) in affinities.items()]
     scored = [(k, s) for k, s in scored if s > 1e-6]
     scored.sort(key=lambda kv: (-kv[1], kv[0]))
     scored = scored[:TOP_K]
@@ -158,9 +161,6 @@ class VisitorState:
     persona_id: int = -1
     # Log position of the last folded event: makes replays after a crash harmless.
     applied_position: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> VisitorState:
@@ -300,7 +300,9 @@ def _observe_activity(state: VisitorState, event: Event, ts: float) -> None:
         state.channels[event.context.channel] = state.channels.get(event.context.channel, 0) + 1
 
 
-def segments(state: VisitorState, now: float, rules: SegmentRules) -> dict[str, Any]:
+def segments(
+    state: VisitorState, now: float, rules: SegmentRules, category_scores: list[float] | None = None
+) -> dict[str, Any]:
     """Lifecycle, value tier, buyer-journey stage, price sensitivity and customer flag."""
     days_since_seen = (now - state.last_seen) / DAY if state.last_seen else math.inf
     age_days = (now - state.first_seen) / DAY if state.first_seen else 0.0
@@ -321,7 +323,8 @@ def segments(state: VisitorState, now: float, rules: SegmentRules) -> dict[str, 
 
     recent_views = count_since(state.views, now - 7 * DAY)
     recent_carts = count_since(state.carts, now - 7 * DAY)
-    _, category_scores = top_affinities(state.categories, now)
+    if category_scores is None:
+        _, category_scores = top_affinities(state.categories, now)
     focused = bool(category_scores) and category_scores[0] >= 0.5
     if state.cart or count_since(state.purchases, now - 7 * DAY):
         journey = "decision"
@@ -390,7 +393,7 @@ def visitor_features(state: VisitorState, rules: SegmentRules, now: float | None
         "locale": state.locale,
         "rfm_frequency": state.orders,
         "rfm_monetary": round(state.monetary, 2),
-        **segments(state, at, rules),
+        **segments(state, at, rules, category_scores),
         "persona_id": state.persona_id,
     }
 
@@ -419,9 +422,6 @@ class ItemState:
     buckets: dict[str, dict[str, int]] = field(default_factory=dict)  # counter -> {hour index: count}
     slot_buckets: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # slot -> counter -> ...
     last_ts: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ItemState:

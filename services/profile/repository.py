@@ -59,14 +59,14 @@ class ProfileRepository:
         }
 
     def save_visitor_states(self, states: Mapping[str, VisitorState], ttl_s: int | None) -> None:
-        self.store.put_many(Namespace.VISITOR_STATE, {k: orjson.dumps(s.to_dict()) for k, s in states.items()}, ttl_s)
+        self.store.put_many(Namespace.VISITOR_STATE, {k: orjson.dumps(s) for k, s in states.items()}, ttl_s)
 
     def item_states(self, item_ids: Sequence[str]) -> dict[str, ItemState]:
         raws = self.store.get_many(Namespace.ITEM_STATE, item_ids)
         return {iid: ItemState.from_dict(orjson.loads(raw)) for iid, raw in zip(item_ids, raws, strict=True) if raw}
 
     def save_item_states(self, states: Mapping[str, ItemState]) -> None:
-        self.store.put_many(Namespace.ITEM_STATE, {k: orjson.dumps(s.to_dict()) for k, s in states.items()})
+        self.store.put_many(Namespace.ITEM_STATE, {k: orjson.dumps(s) for k, s in states.items()})
 
     def consents(self, visitor_ids: Sequence[str]) -> dict[str, Consent]:
         raws = self.store.get_many(Namespace.CONSENT, visitor_ids)
