@@ -63,11 +63,22 @@ EXPLAIN_LIMIT = 3
 class ArmChooser(Protocol):
     """Experiments: which arm serves this visitor (None = no experiment covers the request)."""
 
-    def assign_recommend(self, visitor_id: str, slot_kinds: Sequence[str]) -> tuple[str, str, bool] | None: ...
+    def assign_recommend(
+        self, visitor_id: str, slot_kinds: Sequence[str], now: float
+    ) -> tuple[str, str, bool] | None: ...
 
     def record_exposure(
-        self, visitor_id: str, key: str, arm: str, slots: Sequence[str], persona: str | None
-    ) -> None: ...
+        self,
+        visitor_id: str,
+        key: str,
+        arm: str,
+        shown: Mapping[str, tuple[str, Sequence[str]]],
+        persona: str | None,
+        recommendation_id: str,
+        now: float,
+        took_s: float,
+    ) -> None:
+        """`shown` maps each slot name to (slot kind, item ids shown); `now` is the request time."""
 
 
 @dataclass
@@ -192,7 +203,9 @@ class RecommendService:
         experiment = None
         personalized = True
         if self.experiments is not None:
-            experiment = self.experiments.assign_recommend(request.visitor_id, [s.kind.value for s in request.slots])
+            experiment = self.experiments.assign_recommend(
+                request.visitor_id, [s.kind.value for s in request.slots], now
+            )
             if experiment is not None:
                 personalized = experiment[2]
         use_model = (
@@ -275,9 +288,16 @@ class RecommendService:
         fallback = fallback_reason is not None
         RECOMMENDATIONS.labels(strategy, str(fallback).lower()).inc()
         if experiment is not None:
-            shown_counts = {s["name"]: (s["kind"], len(s["items"])) for s in slots_out}
+            shown = {s["name"]: (s["kind"], [it["item_id"] for it in s["items"]]) for s in slots_out}
             self.experiments.record_exposure(  # type: ignore[union-attr]
-                request.visitor_id, experiment[0], experiment[1], shown_counts, persona, recommendation_id
+                request.visitor_id,
+                experiment[0],
+                experiment[1],
+                shown,
+                persona,
+                recommendation_id,
+                now,
+                time.perf_counter() - started,
             )
         if self.settings.log_impressions and impressions and not fallback:
             record = {
