@@ -29,6 +29,7 @@ from services.recommend.candidates import (
     context_keys_for,
 )
 from services.recommend.catalog_cache import ItemSnapshot, build_snapshot
+from services.recommend.exploration import exploration_for, explore
 from services.recommend.ranker import (
     IncompatibleModel,
     RankerModel,
@@ -87,6 +88,9 @@ class Ranked:
     scores: list[float]
     reasons: list[list[str]] | None
     propensities: list[float]
+    # With exploration: each item's rank in the deterministic eligible list, and that list's length.
+    ranks: list[int] | None = None
+    pool: int | None = None
 
 
 class RecommendService:
@@ -109,6 +113,7 @@ class RecommendService:
         self._stop = threading.Event()
         self._refresher: threading.Thread | None = None
         self._reload_lock = threading.Lock()
+        self._exploration_rng = np.random.default_rng(settings.exploration_seed)
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -279,6 +284,8 @@ class RecommendService:
                         ranked.propensities[position],
                         now,
                         experiment,
+                        rank=ranked.ranks[position] if ranked.ranks is not None else None,
+                        pool=ranked.pool,
                     )
                 )
             slots_out.append({"name": slot.name, "kind": slot.kind.value, "items": items})
@@ -379,11 +386,13 @@ class RecommendService:
             scores = self._popularity_scores(snapshot, candidates.idx, keys)
 
         stage = time.perf_counter()
+        exploration = exploration_for(self.settings.exploration, slot.name, slot.kind.value)
         chosen = apply_rules(
             snapshot,
             candidates.idx,
             scores,
-            slot.count,
+            # Exploring chooses among every rule-eligible item, so the rules see the whole ranked list.
+            len(candidates.idx) if exploration.active else slot.count,
             shown,
             just_bought=visitor.purchased_items if slot.kind is ItemKind.PRODUCT else (),
             max_per_category=(slot.max_per_category or self.settings.max_per_category)
@@ -391,11 +400,24 @@ class RecommendService:
             else None,
         )
         STAGE_SECONDS.labels("rules").observe(time.perf_counter() - stage)
+        propensities = [1.0] * min(len(chosen), slot.count)
+        ranks: list[int] | None = None
+        pool: int | None = None
+        if exploration.active:
+            pinned = 0  # merchandiser pins keep their places; exploration starts after them
+            while pinned < len(chosen) and snapshot.pinned[chosen[pinned][0]]:
+                pinned += 1
+            placement = explore(
+                np.array([s for _, s in chosen]), slot.count, exploration, self._exploration_rng, pinned
+            )
+            chosen = [chosen[int(r)] for r in placement.order]
+            propensities = placement.propensities.tolist()
+            ranks, pool = placement.order.tolist(), placement.pool
         idx = [i for i, _ in chosen]
         reasons = None
         if explain:
             reasons = self._explain(snapshot, model, X, candidates, idx, visitor, context_label)
-        return Ranked(idx, [s for _, s in chosen], reasons, [1.0] * len(idx))
+        return Ranked(idx, [s for _, s in chosen], reasons, propensities, ranks, pool)
 
     @staticmethod
     def _popularity_scores(snapshot: ItemSnapshot, idx: np.ndarray, keys: list[str]) -> np.ndarray:
@@ -476,6 +498,8 @@ class RecommendService:
         propensity: float,
         now: float,
         experiment: tuple[str, str, bool] | None,
+        rank: int | None = None,
+        pool: int | None = None,
     ) -> Event:
         ctx = request.context
         properties: dict[str, Any] = {
@@ -485,6 +509,9 @@ class RecommendService:
             "score": round(score, 6),
             "propensity": propensity,
         }
+        if rank is not None and pool is not None:
+            # Off-policy evaluation of other rankings of the same pool needs both (services/recommend/policy_eval.py).
+            properties["rank"], properties["pool"] = rank, pool
         if experiment:
             properties["experiment"], properties["arm"] = experiment[0], experiment[1]
         return Event(

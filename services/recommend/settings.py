@@ -8,6 +8,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import CommonSettings
+from services.recommend.exploration import Exploration
 
 
 class RecommendSettings(CommonSettings):
@@ -28,3 +29,8 @@ class RecommendSettings(CommonSettings):
     experiments_file: Path = Field(default=Path(__file__).resolve().parents[2] / "experiments.yaml")
     # Threads that rank (CPU work off the event loop); more than the cores only adds GIL contention.
     ranking_threads: int = Field(default=2, ge=1, le=64)
+    # Exploration with logged propensities, per slot name or slot kind ("*" = every slot); off by default and
+    # never set by a request. E.g. RECOMMEND_EXPLORATION='{"product": {"mode": "softmax", "temperature": 0.5}}'.
+    exploration: dict[str, Exploration] = Field(default_factory=dict)
+    # Seed of the exploration draws (None = fresh entropy; set it for reproducible simulations).
+    exploration_seed: int | None = None
