@@ -295,12 +295,12 @@ class RecommendService:
         fallback = fallback_reason is not None
         RECOMMENDATIONS.labels(strategy, str(fallback).lower()).inc()
         if experiment is not None:
-            shown = {s["name"]: (s["kind"], [it["item_id"] for it in s["items"]]) for s in slots_out}
+            shown_items = {s["name"]: (s["kind"], [it["item_id"] for it in s["items"]]) for s in slots_out}
             self.experiments.record_exposure(  # type: ignore[union-attr]
                 request.visitor_id,
                 experiment[0],
                 experiment[1],
-                shown,
+                shown_items,
                 persona,
                 recommendation_id,
                 now,
