@@ -15,6 +15,9 @@ from services.common.consent import ConsentDefaults
 from services.common.observability import MetricsMiddleware, configure_logging
 from services.common.security import install_security
 from services.profile.aggregations import SegmentRules
+from services.profile.observers import build_batch_observers
+from services.profile.persona_jobs import PersonaAssigner
+from services.profile.privacy import PrivacyService, privacy_holders
 from services.profile.repository import ProfileRepository
 from services.profile.service import Aggregator, IngestService
 from services.profile.settings import ProfileSettings
@@ -31,6 +34,8 @@ class ProfileState:
     auth: ApiKeyAuth
     consent_defaults: ConsentDefaults
     rules: SegmentRules
+    privacy: PrivacyService
+    personas: PersonaAssigner
 
 
 def segment_rules(settings: ProfileSettings) -> SegmentRules:
@@ -48,12 +53,15 @@ def build_state(settings: ProfileSettings) -> ProfileState:
     repository = ProfileRepository.open(settings)
     rules = segment_rules(settings)
     defaults = settings.consent_defaults()
+    personas = PersonaAssigner(repository.store)
     aggregator = Aggregator(
         repository,
         rules,
         defaults,
+        persona_assigner=personas,
         offline_rows=settings.offline_rows,
         retention_s=settings.retention_days * 86400,
+        observers=build_batch_observers(settings, repository),
     )
     return ProfileState(
         settings,
@@ -63,6 +71,15 @@ def build_state(settings: ProfileSettings) -> ProfileState:
         ApiKeyAuth(settings.api_keys),
         defaults,
         rules,
+        PrivacyService(
+            repository.store,
+            repository.feature_store,
+            settings.offline_dir,
+            defaults,
+            aggregator.fold_lock,
+            privacy_holders(settings),
+        ),
+        personas,
     )
 
 
