@@ -53,6 +53,21 @@ class CommonSettings(BaseSettings):
         default="opt_in", validation_alias=shared("consent_marketing")
     )
     redis_timeout_s: float = Field(default=0.5, gt=0, le=30, validation_alias=shared("redis_timeout_s"))
+    # HTTP hardening (services/common/security.py). Browser origins allowed by CORS, comma separated
+    # ("*" = any); empty = no CORS headers, so browsers refuse cross-origin calls.
+    cors_origins: str = Field(default="", validation_alias=shared("cors_origins"))
+    # Bodies above this get 413 before the app reads them (routes may set lower limits of their own).
+    max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, validation_alias=shared("max_request_bytes"))
+    # Per-API-key token buckets: sustained requests/s and burst. 0 = no default limit. Without API keys
+    # (development) requests are not limited unless SELARAS_RATE_LIMITS names "anonymous".
+    rate_limit_per_s: float = Field(default=1000.0, ge=0, validation_alias=shared("rate_limit_per_s"))
+    rate_limit_burst: int = Field(default=2000, ge=1, validation_alias=shared("rate_limit_burst"))
+    # Per-key overrides: "key-name=rate/burst,other=rate/burst" ("unauthenticated", "anonymous" also work).
+    rate_limits: str = Field(default="", validation_alias=shared("rate_limits"))
+    # Where buckets live: "auto" = Redis when REDIS_URL is set (replicas share limits), else in-process.
+    rate_limit_backend: Literal["auto", "redis", "memory"] = Field(
+        default="auto", validation_alias=shared("rate_limit_backend")
+    )
 
     @field_validator("redis_url")
     @classmethod
