@@ -74,6 +74,10 @@ class Store(ABC):
     def forget_event_ids(self, event_ids: Sequence[str]) -> None:
         """Drop idempotency keys (used by erasure so nothing of the visitor stays)."""
 
+    def delete_events(self, positions: Sequence[str]) -> int:
+        """Remove log entries by position (retention); returns how many existed."""
+        raise NotImplementedError(f"{type(self).__name__} cannot delete events by position")
+
     # -- blobs (namespaced key -> bytes, optional expiry) ------------------------------------------
     @abstractmethod
     def get_many(self, namespace: str, keys: Sequence[str]) -> list[bytes | None]: ...
@@ -195,6 +199,13 @@ class RedisStore(Store):
     def forget_event_ids(self, event_ids: Sequence[str]) -> None:
         if event_ids:
             self._call(lambda: self.client.delete(*[self._seen_key(i) for i in event_ids]))
+
+    def delete_events(self, positions: Sequence[str]) -> int:
+        deleted = 0
+        for start in range(0, len(positions), 1000):
+            chunk = list(positions[start : start + 1000])
+            deleted += int(self._call(lambda chunk=chunk: self.client.xdel(self.stream_key, *chunk)))
+        return deleted
 
     def get_many(self, namespace: str, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
@@ -344,6 +355,10 @@ class SqliteStore(Store):
 
     def log_length(self) -> int:
         return int(self._run(lambda c: c.execute("SELECT COUNT(*) FROM events").fetchone()[0]))
+
+    def delete_events(self, positions: Sequence[str]) -> int:
+        rows = [(int(p),) for p in positions]
+        return int(self._run(lambda c: self._transaction(c, "DELETE FROM events WHERE pos = ?", rows)))
 
     def delete_visitor_events(self, visitor_id: str, payload_marker: bytes) -> int:
         return int(self._run(lambda c: c.execute("DELETE FROM events WHERE visitor_id = ?", (visitor_id,)).rowcount))

@@ -16,7 +16,9 @@ from services.common.auth import ApiKeyAuth
 from services.common.consent import Consent
 from services.common.errors import InvalidPayload, NotFound, PayloadTooLarge
 from services.common.events import Event
+from services.profile.aggregations import segments
 from services.profile.app import ProfileState
+from services.profile.persona_jobs import persona_view
 from services.profile.schemas import ConsentUpdate, EventBatch, IngestResult, ProfileView
 
 router = APIRouter()
@@ -95,15 +97,17 @@ def get_profile(visitor_id: str, state: State, _: AdminKey) -> ProfileView:
     row = repo.online_visitor(visitor_id)
     row.pop("visitor_id", None)
     segment_names = ("lifecycle", "value_tier", "journey_stage", "price_sensitivity", "is_customer")
-    segments = {name: row.get(name) for name in segment_names}
     visitor_state = states.get(visitor_id)
+    # Segments as of now (lifecycle moves to at-risk/dormant with time alone); the online row's are as of
+    # the visitor's latest event.
+    live = segments(visitor_state, time.time(), state.rules) if visitor_state else {}
+    segments_view = {name: live.get(name, row.get(name)) for name in segment_names}
     traits = dict(visitor_state.traits) if visitor_state else {}
-    persona_id = row.get("persona_id")
-    persona = {"persona_id": persona_id} if isinstance(persona_id, int) and persona_id >= 0 else None
+    persona = persona_view(state.personas.current(), row.get("persona_id"))
     return ProfileView(
         visitor_id=visitor_id,
         features={k: v for k, v in row.items() if k not in segment_names},
-        segments=segments,
+        segments=segments_view,
         persona=persona,
         traits=traits,
         consent=consent.resolved(state.consent_defaults),
@@ -117,6 +121,8 @@ def put_consent(visitor_id: str, update: ConsentUpdate, state: State, _: IngestK
     repo = state.repository
     consent = repo.consents([visitor_id]).get(visitor_id, Consent()).merged(changes, time.time())
     repo.save_consents({visitor_id: consent})
+    if not consent.allows("personalization", state.consent_defaults):
+        state.privacy.withdraw_profile(visitor_id)  # no behavioural profile is kept without consent
     return {"visitor_id": visitor_id, "consent": consent.resolved(state.consent_defaults)}
 
 

@@ -30,6 +30,7 @@ from services.profile.aggregations import (
     item_features,
     visitor_features,
 )
+from services.profile.privacy import forget_profiles
 from services.profile.repository import ProfileRepository
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,9 @@ class Aggregator:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
+        # Held while a micro-batch is folded and written: erasure and consent withdrawal take it so that a
+        # batch in flight cannot write back a profile they just deleted (reentrant: the fold itself withdraws).
+        self.fold_lock = threading.RLock()
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self, batch_size: int, idle_s: float) -> None:
@@ -141,7 +145,8 @@ class Aggregator:
         backoff = idle_s
         while not self._stop.is_set():
             try:
-                outcome = self.run_once(batch_size)
+                with self.fold_lock:
+                    outcome = self.run_once(batch_size)
                 self.last_error = None
                 backoff = idle_s
                 if outcome.events == 0:
@@ -214,6 +219,15 @@ class Aggregator:
             if self.offline_rows:
                 offline.append(self._row(state, event.ts))
 
+        # Personalization consent withdrawn in this batch: no profile is kept, the existing one is deleted below.
+        withdrawn = sorted(
+            v for v, c in changed_consents.items() if not c.allows("personalization", self.consent_defaults)
+        )
+        for visitor_id in withdrawn:
+            touched_visitors.pop(visitor_id, None)
+            received.pop(visitor_id, None)
+        if withdrawn:
+            offline = [row for row in offline if row[F.VISITOR_KEY] not in set(withdrawn)]
         online = [self._row(state, state.last_seen) for state in touched_visitors.values()]
         item_rows = [
             {F.ITEM_KEY: item_id, F.TIMESTAMP_FIELD: _utc(state.last_ts), **item_features(state)}
@@ -227,6 +241,8 @@ class Aggregator:
         self.repository.save_indexes(self.covisitation, self.popularity)
         if changed_consents:
             self.repository.save_consents(changed_consents)
+        if withdrawn:
+            forget_profiles(self.repository.store, self.repository.feature_store, withdrawn)
         if self.observers:
             pairs = [(position, event) for position, _, event in decoded]
             for observer in self.observers:

@@ -1,0 +1,348 @@
+"""The persona job: learn personas from the visitors' behaviour, store the model, assign every visitor.
+
+Runs from `selaras personas` (schedule it, e.g. a nightly cron or Kubernetes CronJob) and from the demo
+world builder. One run:
+  1. reads every visitor state and turns it into the visitor's feature row (as of their latest event, exactly
+     the row the aggregator wrote online);
+  2. fits personas (services/profile/personas.py: silhouette-chosen k, ids matched to the previous model);
+  3. stores the model (`personas:current`, plus `personas:model:<version>` as history) and a report with
+     how visitors moved between the previous and the new personas;
+  4. rewrites the online rows with the persona id and with segments as of now (lifecycle only moves to
+     at-risk or dormant when time passes without events, which no event can trigger), and appends those
+     changed rows to the offline history stamped now, so training sees what serving sees;
+  5. optionally back-fills `persona_id` in the offline history, each row assigned from its own point-in-time
+     features, so a ranker trained afterwards learns from persona ids like the ones it will be served.
+Live updates between runs: the aggregator assigns each new row with `PersonaAssigner`, which follows the
+stored model.
+
+The job never writes visitor states (the aggregator owns them; a concurrent write could lose events).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+from feast import FeatureStore
+
+from services.common import features as F
+from services.common.feature_store import FeatureWriter, rewrite_offline_parts, to_arrow_table
+from services.common.storage import Namespace, Store
+from services.profile.aggregations import SegmentRules, VisitorState, segments, visitor_features
+from services.profile.personas import TRAIT_NAMES, PersonaModel, fit_personas, movement_report
+
+log = logging.getLogger(__name__)
+
+CURRENT_KEY = "current"
+VERSION_KEY = "version"
+REPORT_KEY = "report"
+HISTORY_PREFIX = "model:"
+CHUNK = 500
+# The fit runs on at most this many visitors (a seeded sample); every visitor is still assigned.
+MAX_FIT_VISITORS = 50_000
+SEGMENT_NAMES = ("lifecycle", "value_tier", "journey_stage", "price_sensitivity", "is_customer")
+# Columns of the visitor view that persona traits read (services/profile/personas.py _trait_row).
+TRAIT_COLUMNS = (
+    "event_count",
+    "views_30d",
+    "session_depth",
+    "carts_30d",
+    "purchases_30d",
+    "typical_price_viewed",
+    "discount_affinity",
+    "discount_views_30d",
+    "hour_histogram",
+    "payday_purchase_share",
+    "preferred_device",
+    "top_categories",
+    "top_category_scores",
+    "top_brand_scores",
+    "rfm_monetary",
+)
+
+
+# --------------------------------------------------------------------------------------------- storage
+
+
+def load_model(store: Store) -> PersonaModel | None:
+    raw = store.get(Namespace.PERSONAS, CURRENT_KEY)
+    return PersonaModel.from_json(raw.decode()) if raw else None
+
+
+def load_report(store: Store) -> dict[str, Any] | None:
+    raw = store.get(Namespace.PERSONAS, REPORT_KEY)
+    return dict(orjson.loads(raw)) if raw else None
+
+
+def save_model(store: Store, model: PersonaModel) -> None:
+    text = model.to_json().encode()
+    # History first, then the current model, then the version the live assigners poll.
+    store.put(Namespace.PERSONAS, f"{HISTORY_PREFIX}{model.version}", text)
+    store.put(Namespace.PERSONAS, CURRENT_KEY, text)
+    store.put(Namespace.PERSONAS, VERSION_KEY, str(model.version).encode())
+
+
+def iter_states(store: Store) -> Iterator[VisitorState]:
+    for _, raw in store.scan(Namespace.VISITOR_STATE):
+        yield VisitorState.from_dict(orjson.loads(raw))
+
+
+def persona_rows(store: Store, rules: SegmentRules) -> list[dict[str, Any]]:
+    """Every visitor's feature row (as of their latest event) with its visitor id."""
+    return [{**visitor_features(state, rules), F.VISITOR_KEY: state.visitor_id} for state in iter_states(store)]
+
+
+# --------------------------------------------------------------------------------------------- live
+
+
+class PersonaAssigner:
+    """`Aggregator(persona_assigner=...)`: the persona id of a fresh feature row, from the stored model.
+
+    Polls the stored model version at most every `check_every_s` and reloads the model when it changed, so a
+    persona job's new model reaches the live service without a restart. -1 until a model exists."""
+
+    def __init__(self, store: Store, check_every_s: float = 10.0):
+        self.store = store
+        self.check_every_s = check_every_s
+        self.model: PersonaModel | None = None
+        self._version: bytes | None = None
+        self._checked = -math.inf
+        self._lock = threading.Lock()
+
+    def current(self) -> PersonaModel | None:
+        now = time.monotonic()
+        if now - self._checked >= self.check_every_s:
+            with self._lock:
+                self._checked = now
+                try:
+                    version = self.store.get(Namespace.PERSONAS, VERSION_KEY)
+                    if version != self._version:
+                        model = load_model(self.store)
+                        if model is not None and model.trait_names != list(TRAIT_NAMES):
+                            log.warning("stored persona model uses other traits; run `selaras personas` again")
+                            model = None
+                        self.model, self._version = model, version
+                except Exception as exc:  # keep the last model when the store hiccups
+                    log.warning("persona model not reloaded: %s", type(exc).__name__)
+        return self.model
+
+    def __call__(self, row: Mapping[str, Any]) -> int:
+        model = self.current()
+        if model is None:
+            return -1
+        return int(model.assign([row])[0])
+
+
+# --------------------------------------------------------------------------------------------- the job
+
+
+@dataclass
+class PersonaJobResult:
+    model: PersonaModel
+    previous_version: int | None
+    movement: dict[str, Any] | None
+    visitors: int = 0
+    assigned: dict[int, int] = field(default_factory=dict)  # persona id -> visitors (all activity levels)
+    persona_changed: int = 0
+    segments_changed: int = 0
+    online_rows: int = 0
+    skipped_busy: int = 0
+    offline_rows_appended: int = 0
+    offline_rows_backfilled: int = 0
+    offline_files_rewritten: int = 0
+    seconds: float = 0.0
+
+    def report(self) -> dict[str, Any]:
+        """The JSON report stored next to the model and served by GET /v1/personas."""
+        model = self.model
+        return {
+            "version": model.version,
+            "previous_version": self.previous_version,
+            "created_at": model.created_at,
+            "k": model.k,
+            "silhouette_by_k": {str(k): round(v, 4) for k, v in model.silhouette_by_k.items()},
+            "n_fit": model.n_fit,
+            "visitors": self.visitors,
+            "assigned": {str(k): v for k, v in sorted(self.assigned.items())},
+            "persona_changed": self.persona_changed,
+            "segments_changed": self.segments_changed,
+            "movement": self.movement,
+            "offline_rows_backfilled": self.offline_rows_backfilled,
+            "seconds": self.seconds,
+        }
+
+
+def _sample(store: Store, rules: SegmentRules, limit: int, seed: int) -> tuple[list[dict[str, Any]], int]:
+    """A seeded reservoir sample of visitor rows (all of them when there are fewer than `limit`), and n."""
+    rng = random.Random(seed)
+    sample: list[dict[str, Any]] = []
+    n = 0
+    for state in iter_states(store):
+        n += 1
+        if len(sample) < limit:
+            sample.append(visitor_features(state, rules))
+        else:
+            j = rng.randrange(n)
+            if j < limit:
+                sample[j] = visitor_features(state, rules)
+    return sample, n
+
+
+def run_persona_job(
+    store: Store,
+    feature_store: FeatureStore,
+    offline_dir: Path,
+    rules: SegmentRules,
+    *,
+    k_range: range = range(3, 7),
+    seed: int = 0,
+    now: float | None = None,
+    backfill_offline: bool = True,
+    max_fit_visitors: int = MAX_FIT_VISITORS,
+) -> PersonaJobResult:
+    """Fit, store, assign and report (see the module docstring). Raises ValueError with too little data."""
+    started = time.perf_counter()
+    at = now if now is not None else time.time()
+    previous = load_model(store)
+    if previous is not None and previous.trait_names != list(TRAIT_NAMES):
+        log.warning("previous persona model uses other traits: persona ids start afresh")
+        previous = None
+    sample, _ = _sample(store, rules, max_fit_visitors, seed)
+    model = fit_personas(sample, k_range, seed, previous, now=datetime.fromtimestamp(at, tz=UTC))
+    movement = movement_report(previous, model, sample) if previous is not None else None
+    save_model(store, model)
+    result = PersonaJobResult(model, previous.version if previous else None, movement)
+
+    writer = FeatureWriter(feature_store, offline_dir)
+    stamp = datetime.fromtimestamp(at, tz=UTC)
+    chunk: list[VisitorState] = []
+
+    def flush() -> None:
+        rows = [visitor_features(state, rules) for state in chunk]
+        ids = model.assign(rows)
+        # Compare-and-skip: a visitor folded since we read the state has a fresher online row already.
+        current = store.get_many(Namespace.VISITOR_STATE, [s.visitor_id for s in chunk])
+        online: list[dict[str, Any]] = []
+        appended: list[dict[str, Any]] = []
+        for state, row, persona_id, raw in zip(chunk, rows, ids.tolist(), current, strict=True):
+            result.visitors += 1
+            persona = int(persona_id) if row["event_count"] else -1
+            result.assigned[persona] = result.assigned.get(persona, 0) + 1
+            now_segments = segments(state, at, rules)
+            persona_moved = persona != state.persona_id
+            segments_moved = any(now_segments[name] != row[name] for name in SEGMENT_NAMES)
+            result.persona_changed += persona_moved
+            result.segments_changed += segments_moved
+            if raw is None or orjson.loads(raw).get("applied_position") != state.applied_position:
+                result.skipped_busy += 1
+                continue
+            fresh = {**row, **now_segments, "persona_id": persona, F.VISITOR_KEY: state.visitor_id}
+            online.append({**fresh, F.TIMESTAMP_FIELD: stamp})
+            if persona_moved or segments_moved:
+                appended.append({**fresh, F.TIMESTAMP_FIELD: stamp})
+        writer.write(F.VISITOR_VIEW, online, offline=False)
+        if appended:
+            writer.append_offline(F.VISITOR_VIEW, to_arrow_table(appended, F.VISITOR_KEY, F.VISITOR_FEATURES))
+        result.online_rows += len(online)
+        result.offline_rows_appended += len(appended)
+        chunk.clear()
+
+    for state in iter_states(store):
+        chunk.append(state)
+        if len(chunk) >= CHUNK:
+            flush()
+    if chunk:
+        flush()
+
+    if backfill_offline:
+        result.offline_rows_backfilled, result.offline_files_rewritten = backfill_offline_personas(model, offline_dir)
+    result.seconds = round(time.perf_counter() - started, 2)
+    store.put(Namespace.PERSONAS, REPORT_KEY, orjson.dumps(result.report()))
+    log.info(
+        "personas refreshed: version %d, k=%d, %d visitors, %d changed persona",
+        model.version,
+        model.k,
+        result.visitors,
+        result.persona_changed,
+    )
+    return result
+
+
+def backfill_offline_personas(model: PersonaModel, offline_dir: Path) -> tuple[int, int]:
+    """Set `persona_id` of every offline visitor row from that row's own (point-in-time) features.
+
+    Returns (rows whose persona id changed, files rewritten). Rows without activity keep -1."""
+    changed = 0
+
+    def transform(path: Path) -> pa.Table | None:
+        nonlocal changed
+        probe = pq.read_table(path, columns=[*TRAIT_COLUMNS, "persona_id"])
+        rows = probe.select(list(TRAIT_COLUMNS)).to_pylist()
+        if not rows:
+            return None
+        ids = model.assign(rows)
+        active = np.array([bool(r.get("event_count")) for r in rows])
+        ids = np.where(active, ids, -1)
+        old = probe["persona_id"].to_numpy(zero_copy_only=False)
+        old = np.where(np.isnan(old.astype(np.float64)), -2, old).astype(np.int64)
+        moved = int((old != ids).sum())
+        if moved == 0:
+            return None
+        changed += moved
+        table = pq.read_table(path)
+        column = table.schema.get_field_index("persona_id")
+        return table.set_column(column, "persona_id", pa.array(ids, pa.int64()))
+
+    files = rewrite_offline_parts(offline_dir.resolve(), F.VISITOR_VIEW, transform)
+    return changed, files
+
+
+def persona_table(model: PersonaModel, assigned: Mapping[int, int] | None = None) -> list[dict[str, Any]]:
+    """One entry per persona, for the API and the CLI."""
+    out = []
+    for persona in model.personas:
+        out.append(
+            {
+                "persona_id": persona.persona_id,
+                "name_id": persona.name_id,
+                "name_en": persona.name_en,
+                "description_id": persona.description_id,
+                "description_en": persona.description_en,
+                "size": persona.size,
+                "share": round(persona.share, 4),
+                "visitors": (assigned or {}).get(persona.persona_id),
+                "top_traits": [dict(t) for t in persona.top_traits],
+            }
+        )
+    return out
+
+
+def persona_view(model: PersonaModel | None, persona_id: object) -> dict[str, Any] | None:
+    """The persona shown on a visitor's profile: id, names and description (None without a persona)."""
+    if isinstance(persona_id, bool) or not isinstance(persona_id, int | np.integer) or persona_id < 0:
+        return None
+    view: dict[str, Any] = {"persona_id": int(persona_id)}
+    if model is not None:
+        try:
+            persona = model.persona(int(persona_id))
+        except KeyError:
+            return view  # retired by a newer model; the row is re-assigned at the visitor's next event
+        view.update(
+            name_id=persona.name_id,
+            name_en=persona.name_en,
+            description_id=persona.description_id,
+            description_en=persona.description_en,
+        )
+    return view
