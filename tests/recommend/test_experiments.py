@@ -1,0 +1,482 @@
+"""Experiments end to end on real Redis: configuration, sticky assignment, tagged answers, attribution of
+outcomes through the profile service (exactly once), the admin API and the report."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
+
+from services.common.auth import hash_key
+from services.common.experiment_store import ExposureWrite, SqliteExperimentStore, open_experiment_store
+from services.common.storage import Namespace, open_store
+from services.profile.app import create_app as create_profile_app
+from services.profile.settings import ProfileSettings
+from services.recommend.app import create_app as create_recommend_app
+from services.recommend.assignment import growthbook_hash
+from services.recommend.experiments import (
+    ExperimentConfigError,
+    ExperimentRuntime,
+    ExperimentsFile,
+    build_report,
+    load_config,
+)
+from services.recommend.settings import RecommendSettings
+from services.recommend.stats import ArmSums, always_valid_interval, holm, relative_uplift, srm_check
+from tests.conftest import REDIS_URL, clean_namespace, unique_name
+from tests.factories import make_item
+
+ADMIN, READER = "admin-secret-key-1", "reader-secret-key-1"
+EXPERIMENTS_YAML = """
+holdout: 0.1
+experiments:
+  - key: home-test
+    description: personalized vs generic home
+    enabled: true
+    slot_kinds: [product, banner]
+    slots: [home]
+    arms:
+      - {name: control, weight: 0.5, personalized: false}
+      - {name: treatment, weight: 0.5, personalized: true}
+    attribution_window_hours: 2
+    min_visitors_per_arm: 5
+  - key: push-test
+    enabled: true
+    channels: [push]
+    arms:
+      - {name: control, weight: 0.5, personalized: false}
+      - {name: treatment, weight: 0.5, personalized: true}
+  - key: srm-test
+    enabled: true
+    slot_kinds: [cta]
+    start: 2020-01-01T00:00:00+07:00
+    end: 2020-02-01T00:00:00+07:00
+    arms:
+      - {name: control, weight: 0.5, personalized: false}
+      - {name: treatment, weight: 0.5, personalized: true}
+    min_visitors_per_arm: 10
+  - key: parked
+    slot_kinds: [product]
+    arms:
+      - {name: control, weight: 0.5, personalized: false}
+      - {name: treatment, weight: 0.5, personalized: true}
+"""
+CONTROL = {"name": "control", "weight": 0.5, "personalized": False}
+TREATMENT = {"name": "treatment", "weight": 0.5, "personalized": True}
+SLOTS = [{"name": "home", "kind": "product", "count": 5}, {"name": "side", "kind": "product", "count": 3}]
+
+
+@dataclass
+class Services:
+    profile: TestClient
+    recommend: TestClient
+    settings: RecommendSettings
+
+    def admin(self, path: str) -> Any:
+        response = self.recommend.get(path, headers={"X-API-Key": ADMIN})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def recommend_for(self, visitor: str, slots: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        response = self.recommend.post(
+            "/v1/recommend",
+            json={"visitor_id": visitor, "slots": slots or SLOTS, "context": {"device": "mobile", "city": "Jakarta"}},
+            headers={"X-API-Key": READER},
+        )
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    def send(self, events: list[dict[str, Any]]) -> dict[str, Any]:
+        response = self.profile.post("/v1/events", json={"events": events}, headers={"X-API-Key": ADMIN})
+        assert response.status_code == 202, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    def wait_report(self, key: str, done: Callable[[dict[str, Any]], bool], timeout: float = 15.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            report: dict[str, Any] = self.admin(f"/v1/experiments/{key}/report")
+            if done(report) or time.monotonic() > deadline:
+                return report
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    directory = tmp_path_factory.mktemp("experiments")
+    (directory / "experiments.yaml").write_text(EXPERIMENTS_YAML)
+    namespace = unique_name("ex")
+    keys = f"admin:admin:{hash_key(ADMIN)},reader:recommend:{hash_key(READER)}"
+    common: dict[str, Any] = {
+        "data_dir": directory / "data",
+        "redis_url": REDIS_URL,
+        "namespace": namespace,
+        "feast_project": namespace,
+        "environment": "test",
+        "api_keys": keys,
+    }
+    recommend_settings = RecommendSettings(
+        **common, experiments_file=directory / "experiments.yaml", refresh_interval_s=0.3
+    )
+    profile_settings = ProfileSettings(**common, aggregator_idle_s=0.01)
+    with (
+        TestClient(create_profile_app(profile_settings)) as profile,
+        TestClient(create_recommend_app(recommend_settings)) as recommend,
+    ):
+        items = [make_item(item_id=f"p{i:03d}", category=f"cat-{i % 6}").model_dump(mode="json") for i in range(60)]
+        assert (
+            recommend.put("/v1/catalog/items", json={"items": items}, headers={"X-API-Key": ADMIN}).status_code == 200
+        )
+        assert recommend.post("/v1/admin/reload", headers={"X-API-Key": ADMIN}).status_code == 200
+        yield Services(profile, recommend, recommend_settings)
+    clean_namespace(REDIS_URL, namespace)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def event(visitor: str, kind: str, at: datetime, **fields: Any) -> dict[str, Any]:
+    return {
+        "event_id": f"{kind}-{visitor}-{unique_name('')}",
+        "visitor_id": visitor,
+        "type": kind,
+        "timestamp": at.isoformat(),
+        **fields,
+    }
+
+
+# -- configuration -------------------------------------------------------------------------------------
+
+
+def test_shipped_experiments_file_is_valid_and_off() -> None:
+    config = load_config(Path(__file__).resolve().parents[2] / "experiments.yaml")
+    assert config.experiments, "ship one example experiment"
+    assert all(not e.enabled for e in config.experiments)
+    example = config.experiments[0]
+    assert {arm.name: arm.personalized for arm in example.arms} == {"control": False, "treatment": True}
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"arms": [{**CONTROL, "weight": 0.7}, {**TREATMENT, "weight": 0.7}]}, "sum to 1"),
+        ({"control": "baseline"}, "control arm 'baseline'"),
+        ({"slot_kinds": [], "channels": []}, "at least one slot kind"),
+        ({"slot_kinds": ["message"]}, "experiments.0.slot_kinds.0"),
+        ({"key": "Bad Key"}, "experiments.0.key"),
+        ({"arms": [CONTROL, {**TREATMENT, "name": "holdout"}]}, "reserved"),
+        ({"start": "2026-02-01T00:00:00+07:00", "end": "2026-01-01T00:00:00+07:00"}, "end must be after start"),
+        ({"weight_typo": 1}, "experiments.0.weight_typo"),
+    ],
+)  # fmt: skip
+def test_invalid_experiments_are_refused_with_the_field(tmp_path: Path, patch: dict[str, Any], message: str) -> None:
+    import yaml
+
+    experiment: dict[str, Any] = {
+        "key": "k",
+        "slot_kinds": ["product"],
+        "arms": [
+            {"name": "control", "weight": 0.5, "personalized": False},
+            {"name": "treatment", "weight": 0.5, "personalized": True},
+        ],
+    }
+    experiment.update(patch)
+    path = tmp_path / "experiments.yaml"
+    path.write_text(yaml.safe_dump({"experiments": [experiment]}))
+    with pytest.raises(ExperimentConfigError, match=message):
+        load_config(path)
+
+
+def test_duplicate_keys_are_refused() -> None:
+    arms = [
+        {"name": "control", "weight": 0.5, "personalized": False},
+        {"name": "t", "weight": 0.5, "personalized": True},
+    ]
+    spec = {"key": "k", "slot_kinds": ["product"], "arms": arms}
+    with pytest.raises(ValueError, match="unique"):
+        ExperimentsFile.model_validate({"experiments": [spec, spec]})
+
+
+# -- assignment -------------------------------------------------------------------------------------------
+
+
+def runtime_for(tmp_path: Path, experiments: list[dict[str, Any]], holdout: float = 0.0) -> ExperimentRuntime:
+    config = ExperimentsFile.model_validate({"holdout": holdout, "experiments": experiments})
+    return ExperimentRuntime(config, SqliteExperimentStore(tmp_path / f"{unique_name('rt')}.db"))
+
+
+def two_arms(weights: tuple[float, float] = (0.5, 0.5), **extra: Any) -> dict[str, Any]:
+    return {
+        "key": "exp",
+        "enabled": True,
+        "slot_kinds": ["product"],
+        "arms": [
+            {"name": "control", "weight": weights[0], "personalized": False},
+            {"name": "treatment", "weight": weights[1], "personalized": True},
+        ],
+        **extra,
+    }
+
+
+def test_assignment_is_sticky_balanced_and_holds_out(tmp_path: Path) -> None:
+    now = time.time()
+    runtime = runtime_for(tmp_path, [two_arms()], holdout=0.05)
+    visitors = [f"visitor-{i}" for i in range(20_000)]
+    arms = [runtime.assign_recommend(v, ["product"], now) for v in visitors]
+    assert all(a is not None for a in arms)
+    counts = Counter(a[1] for a in arms if a)
+    assert 0.04 < counts["holdout"] / len(visitors) < 0.06
+    _, p_value, flagged = srm_check([counts["control"], counts["treatment"]], [0.5, 0.5])
+    assert not flagged and p_value > 0.001, counts
+    assert all(a[2] is (a[1] == "treatment") for a in arms if a)  # holdout and control are never personalized
+    # Sticky: a second process (runtime) assigns every visitor to the same arm.
+    again = runtime_for(tmp_path, [two_arms()], holdout=0.05)
+    assert [again.assign_recommend(v, ["product"], now) for v in visitors[:2000]] == arms[:2000]
+    # A new bucket version re-randomizes: about half of the visitors change arm.
+    bumped = runtime_for(tmp_path, [two_arms(bucket_version=2)], holdout=0.05)
+    moved = sum(
+        bumped.assign_recommend(v, ["product"], now) != a for v, a in zip(visitors[:2000], arms[:2000], strict=True)
+    )
+    assert 800 < moved < 1200
+
+
+def test_assignment_follows_the_growthbook_hash_and_coverage(tmp_path: Path) -> None:
+    # Published vector: hash("seed", "a", v2) = 0.0505; it falls just past a 5% control range.
+    assert growthbook_hash("seed", "a", 2) == 0.0505
+    now = time.time()
+    assert runtime_for(tmp_path, [two_arms((0.05, 0.95), seed="seed")]).assign_recommend("a", ["product"], now) == (
+        "exp",
+        "treatment",
+        True,
+    )
+    assert runtime_for(tmp_path, [two_arms((0.06, 0.94), seed="seed")]).assign_recommend("a", ["product"], now) == (
+        "exp",
+        "control",
+        False,
+    )
+    half = runtime_for(tmp_path, [two_arms(coverage=0.5)])
+    full = runtime_for(tmp_path, [two_arms(coverage=1.0)])
+    visitors = [f"c{i}" for i in range(4000)]
+    enrolled = [v for v in visitors if half.assign_recommend(v, ["product"], now)]
+    assert 0.45 < len(enrolled) / len(visitors) < 0.55
+    # Raising coverage keeps everybody who was enrolled in the same arm.
+    assert all(
+        half.assign_recommend(v, ["product"], now) == full.assign_recommend(v, ["product"], now) for v in enrolled
+    )
+
+
+def test_assignment_respects_surfaces_and_schedule(tmp_path: Path) -> None:
+    start, end = datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 3, 8, tzinfo=UTC)
+    runtime = runtime_for(
+        tmp_path,
+        [
+            two_arms(start=start.isoformat(), end=end.isoformat(), channels=["push"]),
+            {**two_arms(), "key": "disabled", "enabled": False},
+        ],
+    )
+    inside = (start + timedelta(days=1)).timestamp()
+    assert runtime.assign_recommend("v1", ["banner"], inside) is None
+    assert runtime.assign_recommend("v1", ["banner", "product"], inside) is not None
+    assert runtime.assign_recommend("v1", ["product"], start.timestamp() - 1) is None
+    assert runtime.assign_recommend("v1", ["product"], end.timestamp()) is None
+    assert runtime.assign_message("v1", "push", inside) is not None
+    assert runtime.assign_message("v1", "email", inside) is None
+    assert [e["key"] for e in runtime.store.registry().values()] == ["exp"]
+
+
+# -- through the services ---------------------------------------------------------------------------------
+
+
+def test_answers_say_which_experiment_and_arm_served_them(services: Services) -> None:
+    seen: Counter[str] = Counter()
+    for i in range(60):
+        body = services.recommend_for(f"tag-{i}")
+        experiment = body["experiment"]
+        assert experiment["key"] == "home-test"
+        seen[experiment["arm"]] += 1
+        expected = {"control": "generic_control", "holdout": "generic_control", "treatment": "popular_in_context"}
+        assert body["strategy"] == expected[experiment["arm"]]  # unknown visitors: the model has nothing to use
+        # Same visitor, same arm.
+        assert services.recommend_for(f"tag-{i}")["experiment"] == experiment
+    assert seen["control"] > 10 and seen["treatment"] > 10
+    # A request with only uncovered slot kinds (cta) is in no running experiment.
+    assert services.recommend_for("tag-0", [{"name": "cta", "kind": "cta", "count": 1}])["experiment"] is None
+
+
+def test_outcomes_are_attributed_to_arm_and_slot_exactly_once(services: Services) -> None:
+    before = services.admin("/v1/experiments/home-test/report")
+    now = datetime.now(UTC)
+    events: list[dict[str, Any]] = []
+    expected = {"control": Counter[str](), "treatment": Counter[str]()}
+    visitors = [f"attr-{i}" for i in range(30)]
+    for visitor in visitors:
+        body = services.recommend_for(visitor)
+        arm = body["experiment"]["arm"]
+        if arm == "holdout":
+            continue
+        home, side = body["slots"]
+        rec = body["recommendation_id"]
+        events.append(event(visitor, "click", now, item_id=home["items"][0]["item_id"], recommendation_id=rec))
+        events.append(event(visitor, "click", now, item_id=side["items"][1]["item_id"], recommendation_id=rec))
+        price = 120_000.0
+        # A purchase without the id, within the 2 h window: counts for conversion and revenue.
+        events.append(event(visitor, "purchase", now + timedelta(minutes=30), item_id="p001", price=price, quantity=2))
+        # One outside the window does not.
+        events.append(event(visitor, "purchase", now + timedelta(hours=5), item_id="p002", price=price))
+        # Somebody else echoing the id (a shared link) is not this visitor's outcome.
+        events.append(event("stranger", "click", now, item_id=home["items"][0]["item_id"], recommendation_id=rec))
+        expected[arm].update(clicks=2, home_clicks=1, buyers=1, revenue=2 * price)
+    assert services.send(events)["accepted"] == len(events)
+
+    def totals(report: dict[str, Any], arm: str) -> tuple[float, float, float]:
+        metrics = next(a for a in report["arms"] if a["name"] == arm)["metrics"]
+        return metrics["ctr"]["total"], metrics["conversion"]["total"], metrics["revenue"]["total"]
+
+    def wanted(arm: str) -> tuple[float, float, float]:
+        base = totals(before, arm)
+        return (
+            base[0] + expected[arm]["clicks"],
+            base[1] + expected[arm]["buyers"],
+            base[2] + expected[arm]["revenue"],
+        )
+
+    report = services.wait_report(
+        "home-test", lambda r: all(totals(r, arm) == wanted(arm) for arm in ("control", "treatment"))
+    )
+    for arm in ("control", "treatment"):
+        assert totals(report, arm) == wanted(arm)
+    home = next(row for row in report["breakdowns"]["slot"] if row["group"] == "home")
+    other = next(row for row in report["breakdowns"]["slot"] if row["group"] == "other")  # "side" is not configured
+    before_home = {r["group"]: r for r in before["breakdowns"]["slot"]}.get("home")
+    for arm in ("control", "treatment"):
+        base = before_home["arms"][arm]["metrics"]["ctr"]["total"] if before_home else 0.0
+        assert home["arms"][arm]["metrics"]["ctr"]["total"] == base + expected[arm]["home_clicks"]
+        assert other["arms"][arm]["n"] > 0
+
+    # Re-sending the same events and replaying the whole log (at-least-once delivery) change nothing.
+    assert services.send(events)["duplicates"] == len(events)
+    store = open_store(services.settings)
+    try:
+        store.put(Namespace.CURSOR, "aggregator", b"0-0")
+        time.sleep(1.5)
+    finally:
+        store.close()
+    replayed = services.admin("/v1/experiments/home-test/report")
+    for arm in ("control", "treatment"):
+        assert totals(replayed, arm) == wanted(arm)
+    assert replayed["arms"] == report["arms"]
+
+
+def test_message_exposures_and_their_outcomes(services: Services) -> None:
+    runtime = services.recommend.app.state.recommend.service.experiments  # type: ignore[attr-defined]
+    now = datetime.now(UTC)
+    opened = 0
+    events = []
+    for i in range(20):
+        visitor = f"msg-{i}"
+        chosen = runtime.assign_message(visitor, "push", now.timestamp())
+        assert chosen is not None and chosen[0] == "push-test"
+        if chosen[1] == "holdout":
+            continue
+        rec = f"msg-rec-{i}-{unique_name('')}"
+        runtime.record_message_exposure(visitor, chosen[0], chosen[1], "push", rec, now.timestamp(), item_id="m1")
+        if i % 2 == 0:
+            opened += 1
+            events.append(
+                event(visitor, "message_open", now + timedelta(minutes=1), item_id="m1", recommendation_id=rec)
+            )
+            events.append(
+                event(visitor, "message_click", now + timedelta(minutes=2), item_id="m1", recommendation_id=rec)
+            )
+    services.send(events)
+    report = services.wait_report(
+        "push-test", lambda r: sum(a["metrics"]["open_rate"]["total"] for a in r["arms"]) == opened
+    )
+    assert sum(a["metrics"]["open_rate"]["total"] for a in report["arms"]) == opened
+    assert sum(a["metrics"]["ctr"]["total"] for a in report["arms"]) == opened
+    assert {row["group"] for row in report["breakdowns"]["slot"]} == {"push"}
+    assert sum(a["metrics"]["open_rate"]["denominator"] for a in report["arms"]) == sum(a["n"] for a in report["arms"])
+
+
+def test_srm_is_flagged_in_the_report_and_the_gauges(services: Services) -> None:
+    store = open_experiment_store(services.settings)
+    try:
+        for i in range(300):
+            arm = "control" if i % 4 else "treatment"  # 75/25 instead of the configured 50/50
+            store.record_exposure(
+                ExposureWrite("srm-test@1", f"srm-{i}", arm, "unknown", time.time(), {"all": {"ctr": 3}})
+            )
+    finally:
+        store.close()
+    report = services.admin("/v1/experiments/srm-test/report")
+    assert report["status"] == "ended"
+    assert report["srm"]["flagged"] and report["srm"]["p_value"] < 1e-10
+    assert report["srm"]["observed"] == {"control": 225.0, "treatment": 75.0}
+    assert report["verdict"] == {**report["verdict"], "ready": False, "decision": "investigate_srm"}
+    assert REGISTRY.get_sample_value("selaras_experiment_srm_flagged", {"experiment": "srm-test"}) == 1.0
+    assert REGISTRY.get_sample_value("selaras_experiment_srm_p_value", {"experiment": "srm-test"}) < 1e-10
+
+
+def test_admin_api_and_page(services: Services) -> None:
+    client = services.recommend
+    listed = services.admin("/v1/experiments")
+    assert [e["key"] for e in listed["experiments"]] == ["home-test", "push-test", "srm-test", "parked"]
+    assert [e["status"] for e in listed["experiments"]] == ["running", "running", "ended", "disabled"]
+    assert listed["holdout"] == 0.1
+    one = services.admin("/v1/experiments/home-test")
+    assert one["arms"][0] == {"name": "control", "weight": 0.5, "personalized": False, "description": ""}
+    assert client.get("/v1/experiments").status_code == 401
+    assert client.get("/v1/experiments/home-test/report", headers={"X-API-Key": READER}).status_code == 403
+    missing = client.get("/v1/experiments/nope/report", headers={"X-API-Key": ADMIN})
+    assert missing.status_code == 404 and missing.json()["error"] == "NotFound"
+    # Read-only: there is no way to change an experiment over HTTP.
+    assert client.put("/v1/experiments/home-test", json={}, headers={"X-API-Key": ADMIN}).status_code == 405
+    page = client.get("/experiments")
+    assert page.status_code == 200 and "experiments.js" in page.text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert client.get("/experiments/assets/experiments.js").headers["content-type"].startswith("text/javascript")
+    assert client.get("/experiments/assets/..%2Fexperiments.py").status_code == 404
+
+
+# -- the report (pure) ------------------------------------------------------------------------------------
+
+
+def test_report_numbers_are_the_stats_module_on_the_stored_sums() -> None:
+    config = ExperimentsFile.model_validate({"experiments": [two_arms(min_visitors_per_arm=50, planned_visitors=400)]})
+    experiment = config.experiments[0]
+    control = ArmSums.from_values([1, 0, 2, 0, 1] * 40, [10, 8, 12, 9, 10] * 40)
+    treatment = ArmSums.from_values([2, 1, 2, 0, 3] * 40, [10, 9, 11, 9, 10] * 40)
+
+    def group(sums: ArmSums) -> dict[str, Any]:
+        stats = {"x": sums.sum_x, "x2": sums.sum_x2, "y": sums.sum_y, "y2": sums.sum_y2, "xy": sums.sum_xy}
+        return {"n": sums.n, "ctr": stats}
+
+    tree = {"control": {"all": group(control)}, "treatment": {"all": group(treatment)}}
+    days = {"2026-03-01": {"control": group(control), "treatment": group(treatment)}}
+    report = build_report(experiment, tree, days, time.time())
+    ctr = next(r for r in report["results"] if r["metric"] == "ctr")
+    fixed = relative_uplift(control, treatment, ratio=True)
+    valid = always_valid_interval(control, treatment, ratio=True, planned_n=400)
+    assert (ctr["uplift"], ctr["ci_lower"], ctr["ci_upper"], ctr["p_value"]) == (
+        fixed.uplift,
+        fixed.ci_lower,
+        fixed.ci_upper,
+        fixed.p_value,
+    )
+    assert (ctr["always_valid"]["ci_lower"], ctr["always_valid"]["ci_upper"]) == (valid.ci_lower, valid.ci_upper)
+    p_values = [r["p_value"] if r["p_value"] is not None else float("nan") for r in report["results"]]
+    assert ctr["p_value_holm"] == pytest.approx(float(holm(p_values)[0][0]))
+    assert report["timeline"][-1]["arms"]["treatment"]["uplift"] == fixed.uplift
+    assert report["verdict"]["decision"] == "ship_treatment" and report["verdict"]["ready"]
+    assert report["verdict"]["reasons"][0]["code"] == "winner"
+    # Below the minimum sample, the same uplift is not a decision yet.
+    small = ExperimentsFile.model_validate({"experiments": [two_arms(min_visitors_per_arm=1000)]}).experiments[0]
+    assert build_report(small, tree, days, time.time())["verdict"]["decision"] == "keep_running"
