@@ -18,7 +18,7 @@ from services.common import features as F
 from services.common.catalog import ItemKind
 from services.common.context import daypart, local_time, zone_for
 from services.common.indexes import GLOBAL_CONTEXT
-from services.recommend.catalog_cache import KIND_CODES, ItemSnapshot
+from services.recommend.catalog_cache import KIND_CODES, ItemSnapshot, category_code
 
 SOURCES = ("covisitation", "category", "brand", "trending", "new_arrival", "cart", "popular")
 
@@ -108,62 +108,84 @@ class CandidateGenerator:
         filters: Filters,
         personalized: bool = True,
     ) -> CandidateSet:
-        chosen: dict[int, str] = {}
-        covis: dict[int, float] = {}
+        """Union of the generators in priority order, deduplicated, at most `max_candidates` (vectorised)."""
+        eligible = self._eligible_mask(snapshot, filters, KIND_CODES[ItemKind.PRODUCT])
+        parts: list[np.ndarray] = []
+        labels: list[int] = []
+        per_source = self.per_source
 
-        def add(indices: np.ndarray | Sequence[int], source: str, limit: int) -> None:
-            taken = 0
-            for i in indices:
-                i = int(i)
-                if i not in chosen:
-                    chosen[i] = source
-                taken += 1
-                if taken >= limit or len(chosen) >= self.max_candidates:
-                    return
+        def add(indices: np.ndarray | None, source: str, limit: int) -> None:
+            if indices is None or len(indices) == 0:
+                return
+            chosen = indices[eligible[indices]][:limit]
+            if len(chosen):
+                parts.append(chosen)
+                labels.append(SOURCES.index(source))
 
+        covis_idx = np.zeros(0, dtype=np.int64)
+        covis_scores = np.zeros(0)
         if personalized and visitor.known:
-            for rank, item_id in enumerate(visitor.recent_items[:6]):
-                neighbours = snapshot.covisitation.get(item_id)
-                if neighbours is not None:
-                    idx, scores = neighbours
-                    for i, s in zip(idx[: self.per_source], scores[: self.per_source], strict=False):
-                        covis[int(i)] = covis.get(int(i), 0.0) + float(s) / (rank + 1)
-            add(sorted(covis, key=lambda i: -covis[i]), "covisitation", 2 * self.per_source)
+            covis_idx, covis_scores = self._covisited(snapshot, visitor.recent_items[:6], per_source)
+            add(covis_idx[np.argsort(-covis_scores, kind="stable")], "covisitation", 2 * per_source)
             for item_id in visitor.cart_items:
                 neighbours = snapshot.covisitation.get(item_id)
                 if neighbours is not None:
-                    add(neighbours[0], "cart", self.per_source // 4)
+                    add(neighbours[0], "cart", per_source // 4)
             for category, score in sorted(visitor.category_affinity.items(), key=lambda kv: -kv[1])[:4]:
-                idx = snapshot.by_category.get(category)
-                if idx is not None:
-                    add(idx, "category", max(10, int(self.per_source * (0.5 + score))))
+                add(snapshot.by_category.get(category), "category", max(10, int(per_source * (0.5 + score))))
             for brand, _ in sorted(visitor.brand_affinity.items(), key=lambda kv: -kv[1])[:3]:
-                idx = snapshot.by_brand.get(brand)
-                if idx is not None:
-                    add(idx, "brand", self.per_source // 4)
+                add(snapshot.by_brand.get(brand), "brand", per_source // 4)
         for key in context_keys:
             entry = snapshot.popularity.get(key)
             if entry is not None:
-                add(entry[0], "trending", self.per_source // 2)
-        add(snapshot.new_arrivals, "new_arrival", self.per_source // 4)
-        add(snapshot.popular, "popular", self.per_source)
+                add(entry[0], "trending", per_source // 2)
+        add(snapshot.new_arrivals, "new_arrival", per_source // 4)
+        add(snapshot.popular, "popular", per_source)
+        for category in filters.categories:  # a category filter narrows a lot: top up from its own list
+            add(snapshot.by_category.get(category), "category", per_source)
 
-        idx = np.fromiter(chosen.keys(), dtype=np.int64, count=len(chosen))
-        keep = self._eligible(snapshot, idx, filters, KIND_CODES[ItemKind.PRODUCT])
-        if filters.categories and keep.sum() < self.per_source:
-            # A category filter narrows a lot: top up from the category lists themselves.
-            for category in filters.categories:
-                extra = snapshot.by_category.get(category)
-                if extra is not None:
-                    add(extra, "category", self.per_source)
-            idx = np.fromiter(chosen.keys(), dtype=np.int64, count=len(chosen))
-            keep = self._eligible(snapshot, idx, filters, KIND_CODES[ItemKind.PRODUCT])
-        idx = idx[keep]
+        if not parts:
+            return CandidateSet(np.zeros(0, dtype=np.int64), np.zeros(0), [])
+        every = np.concatenate(parts)
+        source_codes = np.repeat(np.array(labels, dtype=np.int8), [len(p) for p in parts])
+        _, first = np.unique(every, return_index=True)
+        keep = np.sort(first)[: self.max_candidates]  # first occurrence wins: generator priority order
+        idx = every[keep]
         return CandidateSet(
             idx=idx,
-            covisitation=np.array([covis.get(int(i), 0.0) for i in idx], dtype=np.float64),
-            sources=[chosen[int(i)] for i in idx],
+            covisitation=_lookup(covis_idx, covis_scores, idx),
+            sources=[SOURCES[c] for c in source_codes[keep]],
         )
+
+    @staticmethod
+    def _covisited(snapshot: ItemSnapshot, recent: Sequence[str], per_item: int) -> tuple[np.ndarray, np.ndarray]:
+        """Items co-visited with the recent ones, scores summed with 1/rank weights (most recent first)."""
+        idx_parts, score_parts = [], []
+        for rank, item_id in enumerate(recent):
+            neighbours = snapshot.covisitation.get(item_id)
+            if neighbours is not None and len(neighbours[0]):
+                idx_parts.append(neighbours[0][:per_item])
+                score_parts.append(neighbours[1][:per_item] / (rank + 1))
+        if not idx_parts:
+            return np.zeros(0, dtype=np.int64), np.zeros(0)
+        unique, inverse = np.unique(np.concatenate(idx_parts), return_inverse=True)
+        return unique, np.bincount(inverse, weights=np.concatenate(score_parts))
+
+    @staticmethod
+    def _eligible_mask(snapshot: ItemSnapshot, filters: Filters, kind_code: int) -> np.ndarray:
+        mask = snapshot.available & (snapshot.kind == kind_code)
+        if filters.categories:
+            mask = mask & np.isin(snapshot.category_code, [category_code(c) for c in filters.categories])
+        if filters.brands:
+            mask = mask & np.array([b in filters.brands for b in snapshot.brands], dtype=bool)
+        if filters.min_price is not None:
+            mask = mask & (snapshot.price >= filters.min_price)
+        if filters.max_price is not None:
+            mask = mask & (snapshot.price <= filters.max_price)
+        if filters.exclude:
+            mask = mask.copy()
+            mask[[snapshot.index[i] for i in filters.exclude if i in snapshot.index]] = False
+        return mask
 
     def creatives(self, snapshot: ItemSnapshot, kind: ItemKind, filters: Filters) -> CandidateSet:
         """Banners and CTAs: few enough to rank all that are available."""
@@ -171,23 +193,19 @@ class CandidateGenerator:
         idx = idx[self._eligible(snapshot, idx, filters, KIND_CODES[kind])]
         return CandidateSet(idx=idx, covisitation=np.zeros(len(idx)), sources=["catalog"] * len(idx))
 
-    @staticmethod
-    def _eligible(snapshot: ItemSnapshot, idx: np.ndarray, filters: Filters, kind_code: int) -> np.ndarray:
+    @classmethod
+    def _eligible(cls, snapshot: ItemSnapshot, idx: np.ndarray, filters: Filters, kind_code: int) -> np.ndarray:
         if len(idx) == 0:
             return np.zeros(0, dtype=bool)
-        keep = snapshot.available[idx] & (snapshot.kind[idx] == kind_code)
-        if filters.categories:
-            keep &= np.array([snapshot.categories[i] in filters.categories for i in idx], dtype=bool)
-        if filters.brands:
-            keep &= np.array([snapshot.brands[i] in filters.brands for i in idx], dtype=bool)
-        if filters.min_price is not None:
-            keep &= snapshot.price[idx] >= filters.min_price
-        if filters.max_price is not None:
-            keep &= snapshot.price[idx] <= filters.max_price
-        if filters.exclude:
-            keep &= np.array([snapshot.ids[i] not in filters.exclude for i in idx], dtype=bool)
-        return keep
+        return cls._eligible_mask(snapshot, filters, kind_code)[idx]
 
 
-def visitor_feature_names() -> list[str]:
-    return list(F.VISITOR_FEATURES)
+def _lookup(keys: np.ndarray, values: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """values[keys == wanted] per wanted row, 0 where absent (`keys` sorted, as np.unique returns them)."""
+    out = np.zeros(len(wanted))
+    if len(keys) == 0 or len(wanted) == 0:
+        return out
+    position = np.clip(np.searchsorted(keys, wanted), 0, len(keys) - 1)
+    found = keys[position] == wanted
+    out[found] = values[position[found]]
+    return out

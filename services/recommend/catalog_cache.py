@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import time
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +14,7 @@ import numpy as np
 
 from services.common import features as F
 from services.common.catalog import CatalogItem, ItemKind, Targeting
-from services.common.indexes import GLOBAL_CONTEXT
+from services.common.indexes import GLOBAL_CONTEXT, POPULARITY_HALF_LIFE_S
 
 KIND_CODES = {ItemKind.PRODUCT: 0, ItemKind.BANNER: 1, ItemKind.CTA: 2, ItemKind.MESSAGE: 3}
 NEW_ARRIVAL_DAYS = 14.0
@@ -77,8 +77,8 @@ class ItemSnapshot:
     by_brand: dict[str, IntArray]
     new_arrivals: IntArray
     popular: IntArray
-    covisitation: dict[str, tuple[IntArray, FloatArray]]
-    popularity: dict[str, tuple[IntArray, FloatArray]]
+    covisitation: Mapping[str, tuple[IntArray, FloatArray]]
+    popularity: Mapping[str, tuple[IntArray, FloatArray]]
     targeting: dict[int, Targeting]
     objects: dict[int, CatalogItem]  # banners, CTAs and messages (few): kept whole for rendering
     built_at: float = field(default_factory=time.time)
@@ -108,116 +108,221 @@ def _order_by(values: FloatArray, idx: IntArray) -> IntArray:
     return idx[np.argsort(-values[idx], kind="stable")] if len(idx) else idx
 
 
-def build_snapshot(
-    items: Iterable[CatalogItem],
-    stats_rows: Mapping[str, Mapping[str, Any]],
-    covisitation: Mapping[str, Sequence[Sequence[Any]]],
-    popularity: Mapping[str, Mapping[str, Sequence[float]]],
-    now: float | None = None,
-) -> ItemSnapshot:
-    """Columnar snapshot of the catalog plus statistics and indexes (rows of inactive items are kept so
-    ids stay resolvable; `available` excludes them from serving)."""
+@dataclass(frozen=True)
+class CatalogArrays:
+    """The static, catalog-only part of a snapshot (rebuilt only when the catalog is reloaded)."""
+
+    ids: list[str]
+    index: dict[str, int]
+    kind: IntArray
+    titles: list[str]
+    categories: list[str | None]
+    brands: list[str | None]
+    category_code: IntArray
+    price: FloatArray
+    discount: FloatArray
+    created_ts: FloatArray
+    stock: FloatArray
+    available: np.ndarray
+    pinned: np.ndarray
+    log_boost: FloatArray
+    urls: list[str | None]
+    image_urls: list[str | None]
+    by_kind: dict[int, IntArray]
+    by_category: dict[str, IntArray]
+    by_brand: dict[str, IntArray]
+    targeting: dict[int, Targeting]
+    objects: dict[int, CatalogItem]
+
+    @property
+    def size(self) -> int:
+        return len(self.ids)
+
+
+def catalog_arrays(items: Iterable[CatalogItem], now: float | None = None) -> CatalogArrays:
     now = now or time.time()
     catalog = list(items)
-    n = len(catalog)
     ids = [item.item_id for item in catalog]
-    index = {item_id: i for i, item_id in enumerate(ids)}
-    price = np.array([item.price if item.price is not None else np.nan for item in catalog], dtype=np.float64)
-    stock = np.array([item.stock if item.stock is not None else -1 for item in catalog], dtype=np.float64)
-    created = np.array(
-        [item.created_at.timestamp() if item.created_at else now - 365 * 86400.0 for item in catalog],
-        dtype=np.float64,
-    )
     kind = np.array([KIND_CODES[item.kind] for item in catalog], dtype=np.int8)
     available = np.array([item.active and item.in_stock for item in catalog], dtype=bool)
-
-    stats: dict[str, FloatArray] = {name: np.full(n, np.nan, dtype=np.float64) for name in STAT_COLUMNS}
-    slot_ctr: dict[str, FloatArray] = {}
-    for item_id, row in stats_rows.items():
-        i = index.get(item_id)
-        if i is None:
-            continue
-        for name in STAT_COLUMNS:
-            value = row.get(name)
-            if value is not None:
-                stats[name][i] = float(value)
-        for slot, ctr in zip(row.get("slot_names") or [], row.get("slot_ctr_7d") or [], strict=False):
-            slot_ctr.setdefault(slot, np.full(n, np.nan, dtype=np.float64))[i] = ctr
-
     categories = [item.category for item in catalog]
     brands = [item.brand for item in catalog]
     by_kind = {code: np.flatnonzero((kind == code) & available) for code in KIND_CODES.values()}
-    product_idx = by_kind[KIND_CODES[ItemKind.PRODUCT]]
-
-    popularity_arrays: dict[str, tuple[IntArray, FloatArray]] = {}
-    for key, row in popularity.items():
-        pairs = [(index[item_id], _decayed(entry, now)) for item_id, entry in row.items() if item_id in index]
-        pairs.sort(key=lambda p: -p[1])
-        popularity_arrays[key] = (
-            np.array([p[0] for p in pairs], dtype=np.int64),
-            np.array([p[1] for p in pairs], dtype=np.float64),
-        )
-    # Global popularity orders category/brand/new-arrival lists, so "the best of a category" comes first.
-    popularity_score = np.zeros(n, dtype=np.float64)
-    if GLOBAL_CONTEXT in popularity_arrays:
-        idx, scores = popularity_arrays[GLOBAL_CONTEXT]
-        popularity_score[idx] = scores
-    popularity_score += np.nan_to_num(stats["views_7d"], nan=0.0) * 1e-6  # tie-break by item stats
-
     by_category: dict[str, list[int]] = {}
     by_brand: dict[str, list[int]] = {}
-    for i in product_idx:
-        if categories[i]:
-            by_category.setdefault(categories[i], []).append(int(i))  # type: ignore[arg-type]
-        if brands[i]:
-            by_brand.setdefault(brands[i], []).append(int(i))  # type: ignore[arg-type]
-    new_idx = product_idx[(now - created[product_idx]) <= NEW_ARRIVAL_DAYS * 86400.0]
-
-    covis_arrays: dict[str, tuple[IntArray, FloatArray]] = {}
-    for item_id, neighbours in covisitation.items():
-        pairs = [(index[other], float(score)) for other, score in neighbours if other in index]
-        if pairs:
-            covis_arrays[item_id] = (
-                np.array([p[0] for p in pairs], dtype=np.int64),
-                np.array([p[1] for p in pairs], dtype=np.float64),
-            )
-
+    for i in by_kind[KIND_CODES[ItemKind.PRODUCT]]:
+        category, brand = categories[i], brands[i]
+        if category:
+            by_category.setdefault(category, []).append(int(i))
+        if brand:
+            by_brand.setdefault(brand, []).append(int(i))
     non_products = {i: item for i, item in enumerate(catalog) if item.kind is not ItemKind.PRODUCT}
-    return ItemSnapshot(
+    return CatalogArrays(
         ids=ids,
-        index=index,
+        index={item_id: i for i, item_id in enumerate(ids)},
         kind=kind,
         titles=[item.title for item in catalog],
         categories=categories,
         brands=brands,
         category_code=np.array([category_code(c) for c in categories], dtype=np.int64),
-        price=price,
-        log_price=np.log1p(price),
+        price=np.array([item.price if item.price is not None else np.nan for item in catalog], dtype=np.float64),
         discount=np.array([item.discount for item in catalog], dtype=np.float64),
-        created_ts=created,
-        stock=stock,
+        created_ts=np.array(
+            [item.created_at.timestamp() if item.created_at else now - 365 * 86400.0 for item in catalog],
+            dtype=np.float64,
+        ),
+        stock=np.array([item.stock if item.stock is not None else -1 for item in catalog], dtype=np.float64),
         available=available,
         pinned=np.array([item.pinned for item in catalog], dtype=bool),
         log_boost=np.log(np.array([max(item.boost, 1e-6) for item in catalog], dtype=np.float64)),
         urls=[item.url for item in catalog],
         image_urls=[item.image_url for item in catalog],
-        stats=stats,
-        slot_ctr=slot_ctr,
         by_kind=by_kind,
-        by_category={c: _order_by(popularity_score, np.array(v, dtype=np.int64)) for c, v in by_category.items()},
-        by_brand={b: _order_by(popularity_score, np.array(v, dtype=np.int64)) for b, v in by_brand.items()},
-        new_arrivals=_order_by(popularity_score, new_idx.astype(np.int64)),
-        popular=_order_by(popularity_score, product_idx.astype(np.int64)),
-        covisitation=covis_arrays,
-        popularity=popularity_arrays,
+        by_category={c: np.array(v, dtype=np.int64) for c, v in by_category.items()},
+        by_brand={b: np.array(v, dtype=np.int64) for b, v in by_brand.items()},
         targeting={i: item.targeting for i, item in non_products.items()},
         objects=non_products,
-        built_at=time.time(),
     )
 
 
-def _decayed(entry: Sequence[float], now: float) -> float:
-    from services.common.indexes import POPULARITY_HALF_LIFE_S
+def stats_columns(arrays: CatalogArrays, stats_rows: Mapping[str, Mapping[str, Any]]) -> dict[str, FloatArray]:
+    """Item statistics rows (item id -> feature dict) as columns aligned with the catalog; NaN = unknown."""
+    n = arrays.size
+    columns: dict[str, FloatArray] = {name: np.full(n, np.nan, dtype=np.float64) for name in STAT_COLUMNS}
+    for item_id, row in stats_rows.items():
+        i = arrays.index.get(item_id)
+        if i is None:
+            continue
+        for name in STAT_COLUMNS:
+            value = row.get(name)
+            if value is not None:
+                columns[name][i] = float(value)
+        for slot, ctr in zip(row.get("slot_names") or [], row.get("slot_ctr_7d") or [], strict=False):
+            columns.setdefault(f"slot:{slot}", np.full(n, np.nan, dtype=np.float64))[i] = ctr
+    return columns
 
-    score, last = float(entry[0]), float(entry[1])
-    return score * math.pow(0.5, max(now - last, 0.0) / POPULARITY_HALF_LIFE_S)
+
+class NeighbourArrays(Mapping[str, tuple[IntArray, FloatArray]]):
+    """Co-visitation lists converted to snapshot rows on first access (most items are never asked for)."""
+
+    def __init__(self, raw: Mapping[str, Sequence[Sequence[Any]]], index: Mapping[str, int], cache: bool = True):
+        self.raw = raw
+        self.index = index
+        self.cache: dict[str, tuple[IntArray, FloatArray]] | None = {} if cache else None
+
+    def __getitem__(self, item_id: str) -> tuple[IntArray, FloatArray]:
+        if self.cache is not None and item_id in self.cache:
+            return self.cache[item_id]
+        neighbours = self.raw[item_id]
+        index = self.index
+        rows = [(index[other], float(score)) for other, score in neighbours if other in index]
+        value = (np.array([r[0] for r in rows], dtype=np.int64), np.array([r[1] for r in rows], dtype=np.float64))
+        if self.cache is not None:
+            self.cache[item_id] = value
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.raw)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+
+class PopularityArrays(Mapping[str, tuple[IntArray, FloatArray]]):
+    """Per context key: item rows by decayed score, highest first; computed on first access (few keys are
+    asked for per request, while a shop has one per city × part of day)."""
+
+    def __init__(self, raw: Mapping[str, Mapping[str, Sequence[float]]], index: Mapping[str, int], now: float):
+        self.raw = raw
+        self.index = index
+        self.now = now
+        self.cache: dict[str, tuple[IntArray, FloatArray]] = {}
+
+    def __getitem__(self, key: str) -> tuple[IntArray, FloatArray]:
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        row = self.raw[key]
+        index = self.index
+        known = [(index[item_id], entry[0], entry[1]) for item_id, entry in row.items() if item_id in index]
+        value: tuple[IntArray, FloatArray] = (np.zeros(0, dtype=np.int64), np.zeros(0))
+        if known:
+            table = np.array(known, dtype=np.float64)
+            rate = math.log(0.5) / POPULARITY_HALF_LIFE_S
+            scores = table[:, 1] * np.exp(rate * np.maximum(self.now - table[:, 2], 0.0))
+            order = np.argsort(-scores, kind="stable")
+            value = (table[order, 0].astype(np.int64), scores[order])
+        self.cache[key] = value
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.raw)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+
+def build_snapshot(
+    items: Iterable[CatalogItem] | CatalogArrays,
+    stats: Mapping[str, Mapping[str, Any]] | Mapping[str, FloatArray],
+    covisitation: Mapping[str, Sequence[Sequence[Any]]],
+    popularity: Mapping[str, Mapping[str, Sequence[float]]],
+    now: float | None = None,
+    cache_neighbours: bool = True,
+) -> ItemSnapshot:
+    """Columnar snapshot of the catalog plus statistics and indexes (rows of inactive items are kept so
+    ids stay resolvable; `available` excludes them from serving). `stats` is either rows per item id or
+    columns aligned with the catalog (see `stats_columns`)."""
+    now = now or time.time()
+    arrays = items if isinstance(items, CatalogArrays) else catalog_arrays(items, now)
+    n = arrays.size
+    first = next(iter(stats.values()), None)
+    columns: Mapping[str, FloatArray]
+    if isinstance(first, np.ndarray):
+        columns = stats  # type: ignore[assignment]
+    else:
+        columns = stats_columns(arrays, stats)  # type: ignore[arg-type]
+    stat_values = {name: columns.get(name, np.full(n, np.nan)) for name in STAT_COLUMNS}
+    slot_ctr = {name[5:]: values for name, values in columns.items() if name.startswith("slot:")}
+
+    pop = PopularityArrays(popularity, arrays.index, now)
+    # Global popularity orders category/brand/new-arrival lists, so "the best of a category" comes first.
+    popularity_score = np.zeros(n, dtype=np.float64)
+    if GLOBAL_CONTEXT in pop:
+        idx, scores = pop[GLOBAL_CONTEXT]
+        popularity_score[idx] = scores
+    popularity_score += np.nan_to_num(stat_values["views_7d"], nan=0.0) * 1e-6  # tie-break by item stats
+    product_idx = arrays.by_kind[KIND_CODES[ItemKind.PRODUCT]].astype(np.int64)
+    new_idx = product_idx[(now - arrays.created_ts[product_idx]) <= NEW_ARRIVAL_DAYS * 86400.0]
+
+    return ItemSnapshot(
+        ids=arrays.ids,
+        index=arrays.index,
+        kind=arrays.kind,
+        titles=arrays.titles,
+        categories=arrays.categories,
+        brands=arrays.brands,
+        category_code=arrays.category_code,
+        price=arrays.price,
+        log_price=np.log1p(arrays.price),
+        discount=arrays.discount,
+        created_ts=arrays.created_ts,
+        stock=arrays.stock,
+        available=arrays.available,
+        pinned=arrays.pinned,
+        log_boost=arrays.log_boost,
+        urls=arrays.urls,
+        image_urls=arrays.image_urls,
+        stats=stat_values,
+        slot_ctr=slot_ctr,
+        by_kind=arrays.by_kind,
+        by_category={c: _order_by(popularity_score, v) for c, v in arrays.by_category.items()},
+        by_brand={b: _order_by(popularity_score, v) for b, v in arrays.by_brand.items()},
+        new_arrivals=_order_by(popularity_score, new_idx),
+        popular=_order_by(popularity_score, product_idx),
+        covisitation=NeighbourArrays(covisitation, arrays.index, cache=cache_neighbours),
+        popularity=pop,
+        targeting=arrays.targeting,
+        objects=arrays.objects,
+        built_at=time.time(),
+    )

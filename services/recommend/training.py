@@ -19,7 +19,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -33,7 +33,14 @@ from services.common.catalog import CatalogItem, ItemKind
 from services.common.events import Event, EventType
 from services.common.indexes import ContextPopularity, CoVisitation, context_keys
 from services.recommend.candidates import CandidateGenerator, Filters, VisitorVector, context_keys_for
-from services.recommend.catalog_cache import ItemSnapshot, build_snapshot
+from services.recommend.catalog_cache import (
+    KIND_CODES,
+    STAT_COLUMNS,
+    CatalogArrays,
+    ItemSnapshot,
+    build_snapshot,
+    catalog_arrays,
+)
 from services.recommend.ranker import ModelMeta, feature_matrix
 from services.recommend.ranking_metrics import rank_of, summarize
 from services.recommend.repository import RecommendRepository
@@ -48,6 +55,8 @@ POPULARITY_WEIGHTS = {
     EventType.CLICK: 1.5,
 }
 Progress = Callable[[str, float], None]
+# Offline evaluation (services/recommend/evaluation.py): a query's point-in-time inputs, instead of a group.
+QueryHook = Callable[[int, "Query", ItemSnapshot, VisitorVector, Mapping[str, int], list[str]], None]
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,7 @@ class TrainConfig:
     target: Literal["any", "product_view", "add_to_cart", "purchase", "click"] = "any"
     max_queries: int = 12_000
     candidates: int = 150
+    max_negatives: int = 50
     validation_fraction: float = 0.2
     snapshot_step_s: float | None = None  # None: spread ~120 snapshots over the log's time span
     num_boost_round: int = 300
@@ -67,7 +77,7 @@ class TrainConfig:
     personal: bool = True
     min_impression_groups: int = 300
     attribution_window_s: float = 24 * 3600.0
-    threads: int = 2
+    threads: int = 1  # OpenMP threads spin under contention: on a shared 2-core box 2 threads ran 6x slower
 
 
 @dataclass
@@ -212,27 +222,37 @@ class Trainer:
         times = list(np.arange(start + step, end + step, step))
         return [float(t) for t in times]
 
-    def item_stats_at(self, times: Sequence[float], item_ids: Sequence[str]) -> dict[float, dict[str, dict[str, Any]]]:
-        if not times or not item_ids:
+    def item_stats_at(self, times: Sequence[float], arrays: CatalogArrays) -> dict[float, dict[str, np.ndarray]]:
+        """Item statistics as of each snapshot time, as columns aligned with the catalog (Feast, point in time)."""
+        product_ids = [arrays.ids[i] for i in arrays.by_kind[KIND_CODES[ItemKind.PRODUCT]]]
+        if not times or not product_ids:
             return {}
         entity_df = pd.DataFrame(
             {
-                F.ITEM_KEY: np.tile(np.asarray(item_ids, dtype=object), len(times)),
-                F.TIMESTAMP_FIELD: np.repeat([_utc(t) for t in times], len(item_ids)),
-                "snapshot_ts": np.repeat(np.asarray(times), len(item_ids)),
+                F.ITEM_KEY: np.tile(np.asarray(product_ids, dtype=object), len(times)),
+                F.TIMESTAMP_FIELD: np.repeat([_utc(t) for t in times], len(product_ids)),
+                "snapshot_ts": np.repeat(np.asarray(times), len(product_ids)),
             }
         )
         joined = self.repository.historical_item_stats(entity_df)
-        stats: dict[float, dict[str, dict[str, Any]]] = {}
-        for record in joined.to_dict("records"):
-            if record.get("views_7d") is None or (
-                isinstance(record.get("views_7d"), float) and math.isnan(record["views_7d"])
+        joined["row"] = joined[F.ITEM_KEY].map(arrays.index)
+        n = arrays.size
+        out: dict[float, dict[str, np.ndarray]] = {}
+        for at, group in joined.groupby("snapshot_ts"):
+            rows = group["row"].to_numpy(dtype=np.int64)
+            columns: dict[str, np.ndarray] = {}
+            for name in STAT_COLUMNS:
+                column = np.full(n, np.nan)
+                column[rows] = pd.to_numeric(group[name], errors="coerce").to_numpy(dtype=np.float64)
+                columns[name] = column
+            with_slots = group[group["slot_names"].map(lambda v: v is not None and len(v) > 0)]
+            for row, slots, ctrs in zip(
+                with_slots["row"], with_slots["slot_names"], with_slots["slot_ctr_7d"], strict=True
             ):
-                continue
-            stats.setdefault(float(record["snapshot_ts"]), {})[record[F.ITEM_KEY]] = {
-                name: _clean(record.get(name)) for name in F.ITEM_FEATURES
-            }
-        return stats
+                for slot, ctr in zip(slots, ctrs, strict=False):
+                    columns.setdefault(f"slot:{slot}", np.full(n, np.nan))[int(row)] = float(ctr)
+            out[float(str(at)) if not isinstance(at, float) else at] = columns
+        return out
 
     # -- the set ----------------------------------------------------------------------------------------
     def build(
@@ -243,14 +263,18 @@ class Trainer:
         visitors: Sequence[tuple[VisitorVector, dict[str, int]]],
         personal: bool = True,
         evaluate_only: bool = False,
+        on_query: QueryHook | None = None,
     ) -> tuple[TrainingSet, list[dict[str, Any]]]:
         """Replay the log in time order, rebuild snapshots at the snapshot times, and turn each query into a
         group of candidate rows. Also returns, per query, the ranked ids of the model-free baselines."""
-        products = [item for item in catalog if item.kind is ItemKind.PRODUCT]
+        arrays = catalog_arrays(catalog)
         times = self.snapshot_times(events, queries)
         self.progress("item statistics (Feast, point in time)", 0.0)
-        stats = self.item_stats_at(times, [p.item_id for p in products])
+        stats = self.item_stats_at(times, arrays)
         covisitation, popularity = CoVisitation(), ContextPopularity()
+        # Co-visitation is read live from the replay (it is always exactly "before this query").
+        live_neighbours = LiveNeighbours(covisitation)
+        rng = np.random.default_rng(self.config.seed)
         recent: dict[str, list[str]] = {}
         snapshot: ItemSnapshot | None = None
         snapshot_index = -1
@@ -269,16 +293,20 @@ class Trainer:
             if snapshot is None or wanted != snapshot_index:
                 at = times[wanted] if wanted >= 0 else query.ts
                 snapshot = build_snapshot(
-                    catalog,
+                    arrays,
                     stats.get(at, {}) if wanted >= 0 else {},
-                    {i: covisitation.top(i, 60) for i in covisitation.neighbours},
-                    {k: popularity.scores[k] for k in popularity.scores},
+                    live_neighbours,
+                    popularity.scores,
                     now=query.ts,
+                    cache_neighbours=False,
                 )
                 snapshot_index = wanted
             if q_index % 200 == 0:
                 self.progress("building training groups", q_index / max(len(queries), 1))
             keys = context_keys_for(query.city or visitor.city, query.device, query.ts, query.utc_offset_min)
+            if on_query is not None:
+                on_query(q_index, query, snapshot, visitor, context, keys)
+                continue
             if query.shown:
                 idx = np.array([snapshot.index[i] for i in query.shown if i in snapshot.index], dtype=np.int64)
                 covis_scores = np.zeros(len(idx))
@@ -298,8 +326,21 @@ class Trainer:
             details.append(detail)
             if len(idx) == 0:
                 continue
-            if not evaluate_only and (grades.max() <= 0 or grades.min() == grades.max()):
-                continue  # a group without a positive (or only positives) teaches a ranker nothing
+            if not evaluate_only:
+                if grades.max() <= 0 or grades.min() == grades.max():
+                    continue  # a group without a positive (or only positives) teaches a ranker nothing
+                negatives = np.flatnonzero(grades == 0)
+                if len(negatives) > self.config.max_negatives:
+                    # Lambdarank costs grow with the square of the group: a sample of negatives suffices.
+                    keep = np.sort(
+                        np.concatenate(
+                            [
+                                np.flatnonzero(grades > 0),
+                                rng.choice(negatives, self.config.max_negatives, replace=False),
+                            ]
+                        )
+                    )
+                    idx, covis_scores, grades = idx[keep], covis_scores[keep], grades[keep]
             X = feature_matrix(
                 visitor,
                 context,
@@ -464,6 +505,24 @@ class Trainer:
             "candidate_recall": round(in_candidates / n, 4),
             "evaluated_queries": len(model_ranks),
         }
+
+
+class LiveNeighbours(Mapping[str, list[tuple[str, float]]]):
+    """A read-through view of the replayed co-visitation index."""
+
+    def __init__(self, covisitation: CoVisitation):
+        self.covisitation = covisitation
+
+    def __getitem__(self, item_id: str) -> list[tuple[str, float]]:
+        if item_id not in self.covisitation.neighbours:
+            raise KeyError(item_id)
+        return self.covisitation.top(item_id, 60)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.covisitation.neighbours)
+
+    def __len__(self) -> int:
+        return len(self.covisitation.neighbours)
 
 
 def _observe(
