@@ -59,7 +59,11 @@ class ItemInfo:
 
 @dataclass(frozen=True)
 class SegmentRules:
-    """Thresholds for the rule-based segments (configurable per shop)."""
+    """Thresholds for the rule-based segments (configurable per shop).
+
+    Lifecycle, first match wins: dormant (no visit for dormant_after_days), at_risk (at_risk_after_days),
+    loyal (loyal_min_purchases orders and a visit within active_within_days), new (first seen within
+    new_within_days), else active."""
 
     active_within_days: float = 14.0
     at_risk_after_days: float = 30.0
@@ -310,8 +314,8 @@ def segments(
         lifecycle = "dormant"
     elif days_since_seen >= rules.at_risk_after_days:
         lifecycle = "at_risk"
-    elif state.orders >= rules.loyal_min_purchases:
-        lifecycle = "loyal"
+    elif state.orders >= rules.loyal_min_purchases and days_since_seen < rules.active_within_days:
+        lifecycle = "loyal"  # a repeat buyer who is still around; away longer, they count as active"
     elif age_days <= rules.new_within_days:
         lifecycle = "new"
     else:
@@ -326,9 +330,11 @@ def segments(
     if category_scores is None:
         _, category_scores = top_affinities(state.categories, now)
     focused = bool(category_scores) and category_scores[0] >= 0.5
-    if state.cart or count_since(state.purchases, now - 7 * DAY):
+    # Decision = checkout behaviour: bought this week, or filled the cart within the last day. An older cart
+    # (abandoned or parked) means the visitor is still considering those items.
+    if count_since(state.purchases, now - 7 * DAY) or (state.cart and now - state.cart_updated < DAY):
         journey = "decision"
-    elif recent_carts or (focused and recent_views >= 4):
+    elif state.cart or recent_carts or (focused and recent_views >= 4):
         journey = "consideration"
     else:
         journey = "awareness"
