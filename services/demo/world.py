@@ -17,6 +17,7 @@ from services.common.settings import CommonSettings
 from services.demo.shop import DemoShop, generate_shop
 from services.demo.simulator import Simulator
 from services.profile.aggregations import SegmentRules
+from services.profile.persona_jobs import run_persona_job
 from services.profile.repository import ProfileRepository
 from services.profile.service import Aggregator, IngestService
 from services.recommend.repository import RecommendRepository
@@ -35,6 +36,7 @@ class World:
     train_metrics: dict[str, Any] = field(default_factory=dict)
     model_version: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    personas: dict[str, Any] = field(default_factory=dict)  # the persona job's report
 
 
 def _noop(_: str, __: float) -> None:
@@ -102,10 +104,26 @@ def build_world(
             on_batch=lambda last: progress("importing the shop's history", (last.ts - start.timestamp()) / span),
         )
         progress("importing the shop's history", 1.0)
+        timings["import"] = time.perf_counter() - began
+        # Personas before training, so the ranker learns from (and is served) persona ids.
+        began = time.perf_counter()
+        progress("learning personas", 0.0)
+        try:
+            personas = run_persona_job(
+                profile_repository.store,
+                profile_repository.feature_store,
+                settings.offline_dir,
+                SegmentRules(),
+                seed=seed,
+                now=end.timestamp(),
+            ).report()
+        except ValueError as exc:  # a tiny world has too few active visitors for personas
+            personas = {"skipped": str(exc)}
+        progress("learning personas", 1.0)
+        timings["personas"] = time.perf_counter() - began
     finally:
         profile_repository.close()
-    timings["import"] = time.perf_counter() - began
-    world = World(shop, simulator, start, end, events=count, seconds=timings)
+    world = World(shop, simulator, start, end, events=count, seconds=timings, personas=personas)
     if train:
         began = time.perf_counter()
         recommend_repository = RecommendRepository.open(settings)
