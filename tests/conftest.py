@@ -3,6 +3,7 @@ small demo world built once per session."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -124,10 +125,8 @@ def settings_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
     yield make
     for url, namespace in made:
         if url:
-            try:
+            with contextlib.suppress(redis.RedisError):
                 clean_namespace(url, namespace)
-            except redis.RedisError:
-                pass
 
 
 @pytest.fixture

@@ -150,7 +150,9 @@ class RedisStore(Store):
         # The hash tag keeps the stream and its idempotency keys in one cluster slot (the script needs it).
         self._tag = f"{{{namespace}:log}}"
         self.stream_key = f"{self._tag}:stream"
-        self._append = client.register_script(_APPEND_SCRIPT)
+        # redis-py's stubs type the sync/async/cluster clients as one union; these calls are synchronous.
+        self._sync: Any = cast(Any, client)
+        self._append = self._sync.register_script(_APPEND_SCRIPT)
 
     def _seen_key(self, event_id: str) -> str:
         return f"{self._tag}:seen:{event_id}"
@@ -173,14 +175,14 @@ class RedisStore(Store):
     def read_events(self, after: str | None, limit: int) -> list[LogEntry]:
         start = f"({after}" if after else "-"
         try:
-            rows = self.client.xrange(self.stream_key, min=start, max="+", count=limit)
+            rows = self._sync.xrange(self.stream_key, min=start, max="+", count=limit)
         except RedisError as exc:
             raise StorageUnavailable(f"event log unavailable: {type(exc).__name__}") from exc
         return [LogEntry(pos.decode(), fields[b"e"]) for pos, fields in rows]
 
     def log_length(self) -> int:
         try:
-            return int(self.client.xlen(self.stream_key))
+            return int(self._sync.xlen(self.stream_key))
         except RedisError as exc:
             raise StorageUnavailable("event log unavailable") from exc
 
@@ -193,7 +195,7 @@ class RedisStore(Store):
                 return deleted
             doomed = [entry.position for entry in batch if payload_marker in entry.payload]
             if doomed:
-                deleted += int(self.client.xdel(self.stream_key, *doomed))
+                deleted += int(self._sync.xdel(self.stream_key, *doomed))
             after = batch[-1].position
 
     def forget_event_ids(self, event_ids: Sequence[str]) -> None:

@@ -83,6 +83,7 @@ def build_world(
     train: bool = True,
     train_config: TrainConfig | None = None,
     progress: Progress | None = None,
+    n_products: int = 2000,
 ) -> World:
     progress = progress or _noop
     end = end or datetime.now(WIB).replace(minute=0, second=0, microsecond=0)
@@ -90,7 +91,7 @@ def build_world(
     timings: dict[str, float] = {}
 
     began = time.perf_counter()
-    shop = generate_shop(seed=seed, now=end)
+    shop = generate_shop(seed=seed, n_products=n_products, now=end)
     simulator = Simulator(shop, n_visitors=visitors, seed=seed, start=start)
     profile_repository = ProfileRepository.open(settings)
     try:

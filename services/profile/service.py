@@ -276,9 +276,9 @@ class Aggregator:
             return
         keys = context_keys(event.ts, state.city, event.context.device, state.utc_offset_min)
         self.popularity.observe(keys, event.item_id, weight, event.ts)
-        if event.type in (EventType.PRODUCT_VIEW, EventType.ADD_TO_CART) and previous_items:
-            if state.last_seen - event.ts < DAY:
-                self.covisitation.observe(previous_items, event.item_id, weight)
+        recent = state.last_seen - event.ts < DAY
+        if event.type in (EventType.PRODUCT_VIEW, EventType.ADD_TO_CART) and previous_items and recent:
+            self.covisitation.observe(previous_items, event.item_id, weight)
 
 
 def _utc(ts: float) -> datetime:

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from services.common import features as F
 from services.common.catalog import ItemKind
 from services.common.context import daypart, local_time, zone_for
 from services.common.indexes import GLOBAL_CONTEXT

@@ -202,6 +202,33 @@ def stats_columns(arrays: CatalogArrays, stats_rows: Mapping[str, Mapping[str, A
     return columns
 
 
+def catalog_arrays_of(snapshot: ItemSnapshot) -> CatalogArrays:
+    """The static catalog part of a built snapshot (shares its arrays)."""
+    return CatalogArrays(
+        ids=snapshot.ids,
+        index=snapshot.index,
+        kind=snapshot.kind,
+        titles=snapshot.titles,
+        categories=snapshot.categories,
+        brands=snapshot.brands,
+        category_code=snapshot.category_code,
+        price=snapshot.price,
+        discount=snapshot.discount,
+        created_ts=snapshot.created_ts,
+        stock=snapshot.stock,
+        available=snapshot.available,
+        pinned=snapshot.pinned,
+        log_boost=snapshot.log_boost,
+        urls=snapshot.urls,
+        image_urls=snapshot.image_urls,
+        by_kind=snapshot.by_kind,
+        by_category=snapshot.by_category,
+        by_brand=snapshot.by_brand,
+        targeting=snapshot.targeting,
+        objects=snapshot.objects,
+    )
+
+
 class NeighbourArrays(Mapping[str, tuple[IntArray, FloatArray]]):
     """Co-visitation lists converted to snapshot rows on first access (most items are never asked for)."""
 
@@ -277,11 +304,11 @@ def build_snapshot(
     arrays = items if isinstance(items, CatalogArrays) else catalog_arrays(items, now)
     n = arrays.size
     first = next(iter(stats.values()), None)
-    columns: Mapping[str, FloatArray]
-    if isinstance(first, np.ndarray):
-        columns = stats  # type: ignore[assignment]
-    else:
-        columns = stats_columns(arrays, stats)  # type: ignore[arg-type]
+    columns: Mapping[str, FloatArray] = (
+        stats  # type: ignore[assignment]
+        if isinstance(first, np.ndarray)
+        else stats_columns(arrays, stats)  # type: ignore[arg-type]
+    )
     stat_values = {name: columns.get(name, np.full(n, np.nan)) for name in STAT_COLUMNS}
     slot_ctr = {name[5:]: values for name, values in columns.items() if name.startswith("slot:")}
 

@@ -29,6 +29,8 @@ class RecommendSettings(CommonSettings):
     experiments_file: Path = Field(default=Path(__file__).resolve().parents[2] / "experiments.yaml")
     # Threads that rank (CPU work off the event loop); more than the cores only adds GIL contention.
     ranking_threads: int = Field(default=2, ge=1, le=64)
+    # Benchmark baseline only: fetch candidate item features through the Feast SDK per request.
+    naive_item_features: bool = False
     # Exploration with logged propensities, per slot name or slot kind ("*" = every slot); off by default and
     # never set by a request. E.g. RECOMMEND_EXPLORATION='{"product": {"mode": "softmax", "temperature": 0.5}}'.
     exploration: dict[str, Exploration] = Field(default_factory=dict)

@@ -443,7 +443,7 @@ class Trainer:
             free_raw_data=False,
         )
         valid_groups = [g for g in valid_set.groups]
-        callbacks = [lgb.log_evaluation(0)]
+        callbacks: list[Callable[..., Any]] = [lgb.log_evaluation(0)]
         valid_sets = []
         if valid_groups and valid_set.y.max() > 0:
             valid_data = lgb.Dataset(
@@ -473,7 +473,11 @@ class Trainer:
     ) -> dict[str, Any]:
         """NDCG@10 etc. on the later queries: the model over its candidates (a target no generator proposed is a
         miss) against popularity over the whole catalog, on exactly the same queries."""
-        scores = booster.predict(valid_set.X, num_threads=self.config.threads) if len(valid_set.X) else np.zeros(0)
+        scores = (
+            np.asarray(booster.predict(valid_set.X, num_threads=self.config.threads))
+            if len(valid_set.X)
+            else np.zeros(0)
+        )
         model_ranks: list[int | None] = []
         popular_ranks: list[int | None] = []
         in_candidates = 0

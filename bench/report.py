@@ -1,0 +1,120 @@
+"""bench/results.json -> a Markdown table of targets against measured medians."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _get(data: dict[str, Any], *path: str) -> Any:
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:,.1f}{unit}" if value >= 10 else f"{value:.2f}{unit}"
+    return f"{value:,}{unit}" if isinstance(value, int) else f"{value}{unit}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    b = results["benchmarks"]
+    rows: list[tuple[str, str, str]] = []
+    rec = b.get("recommend_200rps")
+    if rec:
+        rows.append(
+            (
+                "/v1/recommend 3 slots, 2,000 items, 200 req/s",
+                "p50 ≤ 3 ms, p99 ≤ 10 ms, 0 errors",
+                f"p50 {_fmt(rec['median_p50_ms'], ' ms')}, p99 {_fmt(rec['median_p99_ms'], ' ms')}, "
+                f"{rec['errors']} errors (median of {len(rec['runs'])})",
+            )
+        )
+    sat = b.get("recommend_saturation")
+    if sat:
+        sweep = ", ".join(f"{s['offered_rate']:.0f}→p99 {s['p99_ms']:.0f} ms" for s in sat["sweep"])
+        rows.append(
+            ("saturation (p99 ≤ 50 ms)", "≥ 500 req/s", f"{_fmt(sat['max_rate_with_p99_le_50ms'], ' req/s')} ({sweep})")
+        )
+    ratio = b.get("naive_ratio")
+    if ratio:
+        rows.append(
+            (
+                "naive baseline (Feast SDK per request), 30 req/s, same run",
+                "our p99 ≥ 10× lower",
+                f"naive p99 {_fmt(b['naive_30rps']['median_p99_ms'], ' ms')} vs ours "
+                f"{_fmt(b['recommend_30rps']['median_p99_ms'], ' ms')}: {ratio['p99_ratio']}× "
+                f"(p50 {ratio['p50_ratio']}×)",
+            )
+        )
+    big = b.get("catalog_100k_200rps")
+    if big:
+        rows.append(
+            (
+                "/v1/recommend, 100,000-item catalog, 200 req/s",
+                "p99 ≤ 15 ms, ≤ 500 MB",
+                f"p50 {_fmt(big['median_p50_ms'], ' ms')}, p99 {_fmt(big['median_p99_ms'], ' ms')}, "
+                f"RSS {_fmt(big['rss']['max_worker_mb'], ' MB')} per worker",
+            )
+        )
+    ingest = _get(b, "ingest_batches_of_100", "sweep")
+    if ingest:
+        best = max(ingest, key=lambda s: s["events_per_s"])
+        rows.append(
+            (
+                "ingestion, batches of 100",
+                "≥ 20,000 events/s; freshness p99 ≤ 1 s",
+                "; ".join(
+                    f"{s['offered_rate'] * 100:,.0f} offered → {s['events_per_s']:,.0f}/s accepted, "
+                    f"p99 ack {s['p99_ms']:.0f} ms, freshness p99 ≤ {s['freshness_p99_s_le']} s"
+                    for s in ingest
+                )
+                + f" (best {best['events_per_s']:,.0f}/s)",
+            )
+        )
+    world = b.get("world")
+    if world:
+        rows.append(
+            (
+                "bulk import (demo history, in-process)",
+                "≥ 20,000 events/s",
+                f"{_fmt(world['import_events_per_s'], ' events/s')} ({world['events']:,} events)",
+            )
+        )
+    train = b.get("training_1m_impressions")
+    if train:
+        rows.append(
+            (
+                "training, 1,000,000 logged impressions",
+                "≤ 120 s",
+                f"{_fmt(train.get('seconds'), ' s')} ({train.get('impressions', 0):,} impressions; "
+                f"{train.get('detail', '')})",
+            )
+        )
+    nbm = b.get("nbm_batch_1000")
+    if nbm:
+        rows.append(
+            (
+                "/v1/next-best-message:batch, 1,000 visitors",
+                "≥ 5,000 visitors/s",
+                nbm.get("skipped") or f"{_fmt(nbm.get('median_visitors_per_s'), ' visitors/s')}",
+            )
+        )
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Machine: {m['cores']} cores, {m['cpu_model']}, {m['memory_gb']} GB; Python {m['python']}; "
+        f"load average at start {m['load_average_at_start']}; commit {m['commit']}; {m['date']}.",
+        "Open-loop load generator in a separate process on loopback; latency from the scheduled send time.",
+        "",
+        "| benchmark | target | measured |",
+        "|---|---|---|",
+        *[f"| {a} | {t} | {v} |" for a, t, v in rows],
+        "",
+    ]
+    return "\n".join(lines)

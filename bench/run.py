@@ -1,0 +1,395 @@
+"""`make bench`: every benchmark of issue #7 against the real services on the Redis online store.
+
+Each HTTP benchmark runs an open-loop load generator (bench/loadgen.py) in its own process on loopback and
+repeats runs so medians can be quoted. Results go to bench/results.json and bench/results.md.
+
+    python -m bench.run [--quick] [--reuse-world] [--only recommend,naive,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+TMP = ROOT / "bench" / "tmp"
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+SLOTS = [
+    {"name": "home", "kind": "product", "count": 12},
+    {"name": "hero", "kind": "banner", "count": 1},
+    {"name": "cta", "kind": "cta", "count": 2},
+]
+
+
+def log(message: str) -> None:
+    print(f"[bench {datetime.now().strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "commit": commit.strip(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def env_for(namespace: str, data_dir: Path, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "REDIS_URL": REDIS_URL,
+        "SELARAS_DATA_DIR": str(data_dir),
+        "SELARAS_NAMESPACE": namespace,
+        "SELARAS_FEAST_PROJECT": namespace,
+        "SELARAS_LOG_LEVEL": "WARNING",
+        **extra,
+    }
+
+
+def wait_ready(url: str, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not become ready")
+
+
+@contextmanager
+def service(name: str, env: dict[str, str], workers: int = 1) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    port = free_port()
+    args = [sys.executable, "-m", "services.cli", "serve", name, "--port", str(port), "--workers", str(workers)]
+    process = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(f"{url}/readyz")
+        yield url, process
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def rss_mb(process: subprocess.Popen[bytes]) -> dict[str, float]:
+    parent = psutil.Process(process.pid)
+    workers = parent.children(recursive=True) or [parent]
+    sizes = [p.memory_info().rss / 2**20 for p in workers]
+    return {"max_worker_mb": round(max(sizes), 1), "total_mb": round(sum(sizes), 1), "workers": len(sizes)}
+
+
+def load(url: str, bodies: Path, rate: float, duration: float, connections: int = 64) -> dict[str, Any]:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.loadgen",
+            "--url",
+            url,
+            "--bodies",
+            str(bodies),
+            "--rate",
+            str(rate),
+            "--duration",
+            str(duration),
+            "--connections",
+            str(connections),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def repeated(runs: int, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    samples = [fn() for _ in range(runs)]
+    return {
+        "runs": samples,
+        "median_p50_ms": statistics.median(s["p50_ms"] for s in samples),
+        "median_p99_ms": statistics.median(s["p99_ms"] for s in samples),
+        "errors": sum(s["errors"] for s in samples),
+        "median_achieved_rate": statistics.median(s["achieved_rate"] for s in samples),
+    }
+
+
+def recommend_bodies(path: Path, visitors: list[str], n: int = 2000, anonymous_share: float = 0.2) -> Path:
+    rng = np.random.default_rng(1)
+    cities = ["Jakarta", "Surabaya", "Bandung", "Medan", "Makassar", "Denpasar"]
+    with path.open("w") as handle:
+        for i in range(n):
+            visitor = f"anon-{i}" if rng.random() < anonymous_share else str(rng.choice(visitors))
+            body = {
+                "visitor_id": visitor,
+                "slots": SLOTS,
+                "context": {
+                    "device": str(rng.choice(["mobile", "desktop", "app"])),
+                    "channel": "web",
+                    "city": str(rng.choice(cities)),
+                },
+            }
+            handle.write(orjson.dumps(body).decode() + "\n")
+    return path
+
+
+def event_bodies(path: Path, visitors: list[str], items: list[str], batches: int, size: int = 100) -> Path:
+    rng = np.random.default_rng(2)
+    now = datetime.now(UTC)
+    with path.open("w") as handle:
+        for b in range(batches):
+            events = []
+            for j in range(size):
+                events.append(
+                    {
+                        "event_id": f"bench-{os.getpid()}-{b}-{j}",
+                        "visitor_id": str(rng.choice(visitors)),
+                        "type": str(rng.choice(["product_view", "product_view", "product_view", "add_to_cart"])),
+                        "item_id": str(rng.choice(items)),
+                        "timestamp": (now + timedelta(milliseconds=b * size + j)).isoformat(),
+                        "context": {"device": "mobile", "city": "Jakarta"},
+                    }
+                )
+            handle.write(orjson.dumps({"events": events}).decode() + "\n")
+    return path
+
+
+def histogram_quantile(
+    metrics_text: str, name: str, q: float, before: dict[float, float] | None = None
+) -> tuple[float, dict[float, float]]:
+    """q-quantile of a Prometheus histogram from /metrics text (optionally the delta since `before`)."""
+    buckets: dict[float, float] = {}
+    for line in metrics_text.splitlines():
+        if line.startswith(f"{name}_bucket"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+    if before:
+        buckets = {le: count - before.get(le, 0.0) for le, count in buckets.items()}
+    total = buckets.get(float("inf"), 0.0)
+    if total <= 0:
+        return float("nan"), buckets
+    for le in sorted(buckets):
+        if buckets[le] >= q * total:
+            return le, buckets
+    return float("inf"), buckets
+
+
+def clean_namespace(namespace: str) -> None:
+    """Remove a previous run's keys (the log, state, idempotency keys) of this benchmark namespace."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    for pattern in (f"{namespace}:*", f"{{{namespace}:*"):
+        batch = []
+        for key in client.scan_iter(match=pattern, count=2000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                client.delete(*batch)
+                batch = []
+        if batch:
+            client.delete(*batch)
+    client.close()
+
+
+def get_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+def build(namespace: str, data_dir: Path, reuse: bool, **kwargs: Any) -> dict[str, Any]:
+    marker = data_dir / "bench-world.json"
+    if reuse and marker.exists():
+        log(f"reusing world {namespace}")
+        return dict(json.loads(marker.read_text()))
+    from services.common.settings import CommonSettings
+    from services.demo.world import build_world
+
+    clean_namespace(namespace)
+    if data_dir.exists():
+        import shutil
+
+        shutil.rmtree(data_dir)
+    settings = CommonSettings(data_dir=data_dir, redis_url=REDIS_URL, namespace=namespace, feast_project=namespace)
+    started = time.perf_counter()
+    world = build_world(settings, **kwargs)
+    info = {
+        "events": world.events,
+        "seconds": world.seconds,
+        "import_events_per_s": round(world.events / world.seconds["import"], 1),
+        "train": world.train_metrics,
+        "visitors": [v.visitor_id for v in world.simulator.visitors],
+        "items": [p.item_id for p in world.shop.products if p.in_stock],
+        "build_seconds": round(time.perf_counter() - started, 1),
+    }
+    marker.write_text(json.dumps(info))
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="short runs (smoke test of the harness)")
+    parser.add_argument("--reuse-world", action="store_true")
+    parser.add_argument("--only", default="", help="comma-separated benchmark names")
+    args = parser.parse_args()
+    only = set(filter(None, args.only.split(",")))
+
+    def wanted(name: str) -> bool:
+        return not only or name in only
+
+    duration = 5.0 if args.quick else 20.0
+    runs = 1 if args.quick else 3
+    TMP.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"machine": machine(), "benchmarks": {}}
+    bench = results["benchmarks"]
+
+    namespace, data_dir = "selbench", TMP / "world"
+    log("building the 2,000-item demo world (1,000 visitors × 30 days) on Redis")
+    world = build(
+        namespace,
+        data_dir,
+        args.reuse_world,
+        visitors=300 if args.quick else 1000,
+        days=10 if args.quick else 30,
+        seed=7,
+    )
+    bench["world"] = {k: v for k, v in world.items() if k not in ("visitors", "items")}
+    bodies = recommend_bodies(TMP / "recommend.jsonl", world["visitors"])
+    env = env_for(namespace, data_dir)
+
+    if wanted("recommend"):
+        with service("recommend", env, workers=2) as (url, process):
+            load(f"{url}/v1/recommend", bodies, 100, 3)  # warm-up
+            log("recommend at 200 req/s")
+            bench["recommend_200rps"] = repeated(runs, lambda: load(f"{url}/v1/recommend", bodies, 200, duration))
+            sweep = []
+            for rate in (300, 400, 500, 600, 800):
+                log(f"recommend saturation at {rate} req/s")
+                outcome = load(f"{url}/v1/recommend", bodies, rate, duration / 2)
+                sweep.append(outcome)
+                if outcome["p99_ms"] > 250 or outcome["errors"]:
+                    break
+            ok = [s["offered_rate"] for s in sweep if s["p99_ms"] <= 50 and not s["errors"]]
+            bench["recommend_saturation"] = {"sweep": sweep, "max_rate_with_p99_le_50ms": max(ok) if ok else None}
+            bench["recommend_200rps"]["rss"] = rss_mb(process)
+            log("our service at 30 req/s (same rate as the naive baseline)")
+            bench["recommend_30rps"] = repeated(runs, lambda: load(f"{url}/v1/recommend", bodies, 30, duration))
+
+    if wanted("naive"):
+        with service("recommend", {**env, "RECOMMEND_NAIVE_ITEM_FEATURES": "true"}, workers=2) as (url, _):
+            load(f"{url}/v1/recommend", bodies, 10, 3)
+            log("naive baseline (Feast SDK fetch of candidate features per request) at 30 req/s")
+            bench["naive_30rps"] = repeated(runs, lambda: load(f"{url}/v1/recommend", bodies, 30, duration))
+        if "recommend_30rps" in bench:
+            ours, naive = bench["recommend_30rps"], bench["naive_30rps"]
+            bench["naive_ratio"] = {
+                "p99_ratio": round(naive["median_p99_ms"] / ours["median_p99_ms"], 1),
+                "p50_ratio": round(naive["median_p50_ms"] / ours["median_p50_ms"], 1),
+            }
+
+    if wanted("ingest"):
+        batches = event_bodies(TMP / "events.jsonl", world["visitors"], world["items"], batches=6000)
+        with service("profile", env) as (url, _):
+            load(f"{url}/v1/events", batches, 20, 3)
+            sweep = []
+            for rate in (50, 100, 200):
+                before_text = get_text(f"{url}/metrics")
+                _, before = histogram_quantile(before_text, "selaras_feature_write_lag_seconds", 0.99)
+                log(f"ingestion at {rate * 100} events/s (batches of 100)")
+                outcome = load(f"{url}/v1/events", batches, rate, duration / 2, connections=32)
+                time.sleep(3)  # let the aggregator drain before reading freshness
+                lag_p99, _ = histogram_quantile(
+                    get_text(f"{url}/metrics"), "selaras_feature_write_lag_seconds", 0.99, before
+                )
+                lag_p50, _ = histogram_quantile(
+                    get_text(f"{url}/metrics"), "selaras_feature_write_lag_seconds", 0.5, before
+                )
+                outcome["events_per_s"] = round(
+                    outcome["achieved_rate"] * 100 * (1 - outcome["errors"] / max(outcome["requests"], 1)), 1
+                )
+                outcome["freshness_p50_s_le"] = lag_p50
+                outcome["freshness_p99_s_le"] = lag_p99
+                sweep.append(outcome)
+            bench["ingest_batches_of_100"] = {"sweep": sweep}
+
+    if wanted("catalog100k"):
+        namespace_big, big_dir = "selbench100k", TMP / "world100k"
+        log("building the 100,000-item world")
+        big = build(namespace_big, big_dir, args.reuse_world, visitors=200, days=5, seed=9, n_products=100_000)
+        bench["world_100k"] = {k: v for k, v in big.items() if k not in ("visitors", "items")}
+        big_bodies = recommend_bodies(TMP / "recommend100k.jsonl", big["visitors"])
+        with service("recommend", env_for(namespace_big, big_dir), workers=2) as (url, process):
+            load(f"{url}/v1/recommend", big_bodies, 50, 3)
+            log("100k catalog at 200 req/s")
+            bench["catalog_100k_200rps"] = repeated(
+                runs, lambda: load(f"{url}/v1/recommend", big_bodies, 200, duration)
+            )
+            bench["catalog_100k_200rps"]["rss"] = rss_mb(process)
+
+    if wanted("training"):
+        from bench.training_bench import train_on_impressions
+
+        log("training on 1,000,000 logged impressions")
+        bench["training_1m_impressions"] = train_on_impressions(
+            REDIS_URL, TMP / "train1m", impressions=100_000 if args.quick else 1_000_000
+        )
+
+    if wanted("nbm"):
+        try:
+            from bench.nbm_bench import nbm_batch
+        except ImportError:
+            bench["nbm_batch_1000"] = {"skipped": "next-best-message batch endpoint not available"}
+        else:
+            with service("recommend", env, workers=2) as (url, _):
+                bench["nbm_batch_1000"] = nbm_batch(url, world["visitors"], runs=runs)
+
+    out_json = ROOT / "bench" / ("results.quick.json" if args.quick else "results.json")
+    out_json.write_text(json.dumps(results, indent=2, default=str))
+    from bench.report import markdown
+
+    (out_json.with_suffix(".md")).write_text(markdown(results))
+    log(f"wrote {out_json} and {out_json.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
