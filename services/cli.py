@@ -171,9 +171,10 @@ def import_events_command(
     finally:
         repository.close()
     seconds = time.perf_counter() - started
+    rate = report.lines / max(seconds, 1e-9)
     console.print(
         f"{report.accepted:,} events imported, {report.duplicates:,} duplicates, "
-        f"{report.invalid_count:,} invalid lines in {seconds:.1f} s ({report.lines / max(seconds, 1e-9):,.0f} lines/s, {size / 1e6:.1f} MB)"
+        f"{report.invalid_count:,} invalid lines in {seconds:.1f} s ({rate:,.0f} lines/s, {size / 1e6:.1f} MB)"
     )
     for invalid in report.invalid[:20]:
         console.print(f"  line {invalid.line}: " + "; ".join(f"{e['field']}: {e['message']}" for e in invalid.errors))
