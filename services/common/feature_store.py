@@ -252,7 +252,8 @@ def rewrite_offline_parts(offline_dir: Path, view: str, transform: Callable[[Pat
     """
     directory = offline_dir / view
     changed = 0
-    with file_lock(directory / "rewrite.lock"):
+    # The lock file sits next to the view's folder: readers of the folder expect parquet files only.
+    with file_lock(offline_dir / f".{view}.rewrite.lock"):
         for path in offline_parts(offline_dir, view):
             table = transform(path)
             if table is None:
