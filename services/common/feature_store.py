@@ -250,7 +250,6 @@ def rewrite_offline_parts(offline_dir: Path, view: str, transform: Callable[[Pat
     A file left empty is deleted, unless it is the view's last one (DuckDB needs a file to read the schema).
     Returns how many files changed.
     """
-    directory = offline_dir / view
     changed = 0
     # The lock file sits next to the view's folder: readers of the folder expect parquet files only.
     with file_lock(offline_dir / f".{view}.rewrite.lock"):
