@@ -1,0 +1,488 @@
+"""Faults against real service processes (`python -m services.cli serve ...`) and real redis-servers.
+
+(a) Redis stops during a load of /v1/recommend: every request still answers 200 with `fallback: true` from the
+    in-process caches, and personalization resumes by itself when Redis is back.
+(b) Redis stops (SIGTERM) or dies (SIGKILL) in the middle of event ingestion, AOF `appendfsync always`: every
+    event that got 202 is in the log, every other batch got 503 and is re-sent, and nothing is logged twice.
+(c) SIGTERM to a service under load: requests in flight complete before the process exits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import redis
+
+from services.common.storage import RedisStore
+from tests.conftest import RedisServer, SessionWorld, free_port, unique_name
+
+REPO = Path(__file__).resolve().parents[2]
+SLOTS = [{"name": "home", "kind": "product", "count": 10}, {"name": "hero", "kind": "banner", "count": 1}]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Service processes and load
+# ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServiceProcess:
+    """One service started the way operators start it: `python -m services.cli serve NAME`."""
+
+    name: str
+    env: dict[str, str]
+    log_path: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 90.0) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "services.cli", "serve", self.name, "--port", str(self.port)],
+                cwd=REPO,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited at start:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} not ready in {timeout} s:\n{self.log_path.read_text()[-3000:]}")
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+def service_env(data_dir: Path, redis_url: str, namespace: str, project: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SELARAS_", "PROFILE_", "RECOMMEND_"))}
+    for name in ("PROMETHEUS_MULTIPROC_DIR", "PROMETHEUS_MULTIPROCESS_DIR", "prometheus_multiproc_dir"):
+        env.pop(name, None)
+    env.update(
+        {
+            "SELARAS_DATA_DIR": str(data_dir),
+            "REDIS_URL": redis_url,
+            "SELARAS_NAMESPACE": namespace,
+            "SELARAS_FEAST_PROJECT": project,
+            "SELARAS_ENVIRONMENT": "test",
+            "SELARAS_API_KEYS": "",
+            "RECOMMEND_REFRESH_INTERVAL_S": "0.5",
+            "PROFILE_AGGREGATOR_IDLE_S": "0.01",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def services_started() -> Iterator[list[ServiceProcess]]:
+    """Registry of started services, stopped at teardown whatever the test did."""
+    started: list[ServiceProcess] = []
+    yield started
+    for service in started:
+        service.stop()
+
+
+@dataclass
+class Outcome:
+    started: float
+    ended: float
+    status: int | None
+    body: dict[str, Any] | None = None
+    error: str | None = None
+
+
+class Load:
+    """Threads sending requests back to back until stopped (bounded by `max_seconds`)."""
+
+    def __init__(self, threads: int, send: Callable[[httpx.Client, int, int], Outcome], max_seconds: float = 60):
+        self.outcomes: list[Outcome] = []
+        self._send = send
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._deadline = time.monotonic() + max_seconds
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+    def _run(self, worker: int) -> None:
+        with httpx.Client(timeout=10) as client:
+            n = 0
+            while not self._stop.is_set() and time.monotonic() < self._deadline:
+                outcome = self._send(client, worker, n)
+                with self._lock:
+                    self.outcomes.append(outcome)
+                n += 1
+
+    def snapshot(self) -> list[Outcome]:
+        with self._lock:
+            return list(self.outcomes)
+
+
+def post(client: httpx.Client, url: str, payload: Any) -> Outcome:
+    started = time.monotonic()
+    try:
+        response = client.post(url, content=orjson.dumps(payload), headers={"content-type": "application/json"})
+    except httpx.HTTPError as exc:
+        return Outcome(started, time.monotonic(), None, error=type(exc).__name__)
+    body = response.json() if response.headers.get("content-type", "").startswith("application/json") else None
+    return Outcome(started, time.monotonic(), response.status_code, body)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------------
+# (a) Redis stops during a recommend load
+# ------------------------------------------------------------------------------------------------------
+
+
+def clone_world(world: SessionWorld, target_url: str) -> int:
+    """Copy the session world's keys (store namespace and Feast rows) into another Redis with DUMP/RESTORE.
+
+    The event log and its idempotency keys stay behind: serving needs neither."""
+    source = redis.Redis.from_url(world.settings.redis_url or "")
+    target = redis.Redis.from_url(target_url)
+    patterns = [f"{world.settings.namespace}:*", f"*{world.settings.feast_project}"]
+    copied = 0
+    for pattern in patterns:
+        keys = list(source.scan_iter(match=pattern, count=5000))
+        for start in range(0, len(keys), 1000):
+            chunk = keys[start : start + 1000]
+            read = source.pipeline(transaction=False)
+            for key in chunk:
+                read.dump(key)
+            dumps = read.execute()
+            write = target.pipeline(transaction=False)
+            for key, dumped in zip(chunk, dumps, strict=True):
+                if dumped is not None:
+                    write.restore(key, 0, dumped, replace=True)
+                    copied += 1
+            write.execute()
+    source.close()
+    target.close()
+    return copied
+
+
+def known_visitors(world: SessionWorld, count: int = 20) -> list[str]:
+    return [visitor.visitor_id for visitor in world.world.simulator.visitors[:count]]
+
+
+@pytest.mark.slow
+def test_redis_outage_during_recommend_load_falls_back_then_personalizes_again(
+    world: SessionWorld, redis_server: RedisServer, tmp_path: Path, services_started: list[ServiceProcess]
+) -> None:
+    assert clone_world(world, redis_server.url) > 1000
+    env = service_env(tmp_path / "data", redis_server.url, world.settings.namespace, world.settings.feast_project)
+    service = ServiceProcess("recommend", env, tmp_path / "recommend.log")
+    services_started.append(service)
+    service.start()
+    visitors = known_visitors(world)
+    url = f"{service.url}/v1/recommend"
+
+    def send(client: httpx.Client, worker: int, n: int) -> Outcome:
+        visitor = visitors[(worker * 7 + n) % len(visitors)]
+        return post(client, url, {"visitor_id": visitor, "context": {"device": "mobile"}, "slots": SLOTS})
+
+    with Load(4, send) as load:
+        assert wait_for(lambda: len(load.snapshot()) > 50, 20)
+        stopping_at = time.monotonic()
+        redis_server.stop()  # SIGTERM; returns when the process is gone
+        down_at = time.monotonic()
+        time.sleep(2.0)
+        restart_at = time.monotonic()
+        redis_server.start()  # same port and directory: the AOF brings the data back
+        up_at = time.monotonic()
+
+        def personalized_again() -> bool:
+            return any(o.started > up_at and o.body and not o.body["fallback"] for o in load.snapshot())
+
+        assert wait_for(personalized_again, 30), "personalization did not resume after Redis came back"
+        resumed_at = time.monotonic()
+        time.sleep(0.5)
+    outcomes = load.snapshot()
+
+    assert [o for o in outcomes if o.status != 200] == [], "a request did not answer 200"
+    before = [o for o in outcomes if o.ended < stopping_at]
+    during = [o for o in outcomes if o.started > down_at and o.ended < restart_at]
+    assert before and all(not o.body["fallback"] for o in before if o.body)
+    assert len(during) > 20, "too little load during the outage to say anything"
+    assert all(o.body and o.body["fallback"] is True for o in during), [
+        (round(o.started - down_at, 3), round(o.ended - o.started, 3), o.body and o.body["strategy"])
+        for o in during
+        if not (o.body and o.body["fallback"])
+    ][:20]
+    assert all(o.body and len(o.body["slots"][0]["items"]) == 10 for o in during), "fallback answered empty slots"
+    latencies = [o.ended - o.started for o in during]
+    assert percentile(latencies, 0.99) < 1.0, f"p99 during the outage {percentile(latencies, 0.99):.3f} s"
+    assert resumed_at - up_at < 15
+    last = [o for o in outcomes if o.started > resumed_at]
+    assert last and sum(not o.body["fallback"] for o in last if o.body) / len(last) > 0.9
+    print(
+        f"\nrecommend outage: {len(during)} fallback answers in 2 s, p99 {percentile(latencies, 0.99) * 1000:.1f} ms;"
+        f" personalization back {resumed_at - up_at:.2f} s after Redis"
+    )
+
+
+# ------------------------------------------------------------------------------------------------------
+# (b) Redis stops or dies during ingestion
+# ------------------------------------------------------------------------------------------------------
+
+BATCH = 20
+
+
+def batch_events(worker: int, n: int) -> list[dict[str, Any]]:
+    now = datetime.now(UTC)
+    return [
+        {
+            "event_id": f"w{worker}-b{n}-e{i}",
+            "visitor_id": f"fault-visitor-{worker}",
+            "type": "product_view",
+            "item_id": f"p{(n * BATCH + i) % 97:05d}",
+            "timestamp": (now - timedelta(seconds=1)).isoformat(),
+            "context": {"device": "mobile", "city": "Bandung"},
+        }
+        for i in range(BATCH)
+    ]
+
+
+def logged_event_ids(url: str, namespace: str) -> list[str]:
+    store = RedisStore(redis.Redis.from_url(url), namespace)
+    ids: list[str] = []
+    after: str | None = None
+    try:
+        while entries := store.read_events(after, 5000):
+            ids += [orjson.loads(entry.payload)["event"]["event_id"] for entry in entries]
+            after = entries[-1].position
+    finally:
+        store.close()
+    return ids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_redis_restart_during_ingestion_loses_no_acknowledged_event_and_dedupes_resends(
+    how: str, redis_server: RedisServer, tmp_path: Path, services_started: list[ServiceProcess]
+) -> None:
+    namespace = unique_name("f")
+    env = service_env(tmp_path / "data", redis_server.url, namespace, namespace)
+    service = ServiceProcess("profile", env, tmp_path / "profile.log")
+    services_started.append(service)
+    service.start()
+    url = f"{service.url}/v1/events"
+    sent: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    sent_lock = threading.Lock()
+
+    def send(client: httpx.Client, worker: int, n: int) -> Outcome:
+        events = batch_events(worker, n)
+        with sent_lock:
+            sent[(worker, n)] = events
+        outcome = post(client, url, {"events": events})
+        outcome.body = {**(outcome.body or {}), "batch": [worker, n]}
+        return outcome
+
+    with Load(3, send) as load:
+        assert wait_for(lambda: sum(o.status == 202 for o in load.snapshot()) > 30, 20)
+        redis_server.stop(kill=how == "sigkill")
+        down_at = time.monotonic()
+        time.sleep(1.5)
+        redis_server.start()
+        assert wait_for(lambda: any(o.started > down_at + 1.5 and o.status == 202 for o in load.snapshot()), 20)
+        time.sleep(0.5)
+    outcomes = load.snapshot()
+
+    statuses = Counter(o.status for o in outcomes)
+    assert set(statuses) <= {202, 503}, f"only 202 and 503 are allowed: {statuses}"
+    assert statuses[503] > 0, "the outage did not hit ingestion"
+    acknowledged = [tuple(o.body["batch"]) for o in outcomes if o.status == 202 and o.body]
+    refused = [tuple(o.body["batch"]) for o in outcomes if o.status == 503 and o.body]
+    logged = logged_event_ids(redis_server.url, namespace)
+    assert all(e["event_id"] in set(logged) for batch in acknowledged for e in sent[batch]), "an acked event is lost"
+
+    with httpx.Client(timeout=10) as client:
+        for batch in refused:  # the client's retry: every refused batch goes again until acknowledged
+            resend = post(client, url, {"events": sent[batch]})
+            assert resend.status == 202, resend
+        for batch in acknowledged[:50]:  # a retry of something already acknowledged is a pure duplicate
+            resend = post(client, url, {"events": sent[batch]})
+            assert resend.status == 202 and resend.body == {"accepted": 0, "duplicates": BATCH}
+
+    logged = logged_event_ids(redis_server.url, namespace)
+    every_event = {e["event_id"] for events in sent.values() for e in events}
+    counts = Counter(logged)
+    assert set(counts) == every_event
+    assert max(counts.values()) == 1, "an event is in the log twice"
+
+    # The aggregator resumed by itself and folded every event exactly once.
+    def folded() -> bool:
+        response = httpx.get(f"{service.url}/v1/profiles/fault-visitor-0", timeout=5)
+        return response.status_code == 200 and response.json()["features"].get("event_count") == sum(
+            BATCH for worker, _ in sent if worker == 0
+        )
+
+    assert wait_for(folded, 20), httpx.get(f"{service.url}/v1/profiles/fault-visitor-0").text[:500]
+    print(f"\ningest with Redis {how}: {statuses[202]} batches acknowledged, {statuses[503]} refused and re-sent")
+
+
+# ------------------------------------------------------------------------------------------------------
+# (c) SIGTERM under load: in-flight requests complete
+# ------------------------------------------------------------------------------------------------------
+
+
+class SlowBody:
+    """A request body sent in two halves: the server has the request (headers and part of the body) in
+    flight until `release` is set."""
+
+    def __init__(self, payload: bytes):
+        self.payload = payload
+        self.release = threading.Event()
+        self.sent_first_half = threading.Event()
+
+    def __iter__(self) -> Iterator[bytes]:
+        half = len(self.payload) // 2
+        yield self.payload[:half]
+        self.sent_first_half.set()
+        self.release.wait(15)
+        yield self.payload[half:]
+
+
+def in_flight_request(url: str, payload: Any, results: list[Outcome]) -> tuple[threading.Thread, SlowBody]:
+    body = SlowBody(orjson.dumps(payload))
+
+    def run() -> None:
+        started = time.monotonic()
+        try:
+            response = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30)
+            results.append(Outcome(started, time.monotonic(), response.status_code, response.json()))
+        except httpx.HTTPError as exc:
+            results.append(Outcome(started, time.monotonic(), None, error=type(exc).__name__))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, body
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["recommend", "profile"])
+def test_sigterm_under_load_completes_in_flight_requests(
+    name: str, world: SessionWorld, tmp_path: Path, services_started: list[ServiceProcess]
+) -> None:
+    shared = world.settings
+    if name == "recommend":
+        # The shared session world serves read-only: no impressions are logged into its event log.
+        env = service_env(
+            tmp_path / "data", shared.redis_url or "", shared.namespace, shared.feast_project,
+            RECOMMEND_LOG_IMPRESSIONS="false",
+        )  # fmt: skip
+        visitors = known_visitors(world)
+
+        def payload(worker: int, n: int) -> Any:
+            visitor = visitors[(worker + n) % len(visitors)]
+            return {"visitor_id": visitor, "context": {"device": "mobile"}, "slots": SLOTS, "explain": True}
+
+        path = "/v1/recommend"
+    else:
+        namespace = unique_name("g")
+        env = service_env(tmp_path / "data", shared.redis_url or "", namespace, namespace)
+
+        def payload(worker: int, n: int) -> Any:
+            return {"events": batch_events(worker, n)}
+
+        path = "/v1/events"
+    service = ServiceProcess(name, env, tmp_path / f"{name}.log")
+    services_started.append(service)
+    service.start()
+    url = f"{service.url}{path}"
+    expected = 200 if name == "recommend" else 202
+
+    slow_results: list[Outcome] = []
+    slow = [in_flight_request(url, payload(100 + i, 0), slow_results) for i in range(3)]
+    assert all(body.sent_first_half.wait(5) for _, body in slow)
+    with Load(4, lambda client, worker, n: post(client, url, payload(worker, n))) as load:
+        assert wait_for(lambda: len(load.snapshot()) > 40, 20)
+        time.sleep(0.2)  # let the server read the slow requests' headers
+        signalled = time.monotonic()
+        service.signal(signal.SIGTERM)
+        time.sleep(0.5)
+        for _, body in slow:
+            body.release.set()
+        exit_code = service.wait(20)
+        exited = time.monotonic()
+    for thread, _ in slow:
+        thread.join(10)
+    outcomes = load.snapshot()
+
+    assert exit_code == 0, service.log_path.read_text()[-2000:]
+    # The requests in flight at SIGTERM (still uploading their body) all completed with a normal answer.
+    assert [o.status for o in slow_results] == [expected] * 3, slow_results
+    assert all(o.ended > signalled + 0.4 for o in slow_results)
+    answered = [o for o in outcomes if o.status is not None]
+    assert answered and all(o.status == expected for o in answered), Counter(o.status for o in answered)
+    # After SIGTERM the listening socket is closed: later requests are refused at connect time (a proxy or
+    # the client retries them elsewhere); none is cut off after the server started answering it.
+    failed = [o for o in outcomes if o.status is None]
+    assert all(o.started > signalled - 0.05 for o in failed), [o.error for o in failed if o.started <= signalled]
+    print(
+        f"\nSIGTERM {name}: {len(answered)} answered, 3/3 in-flight completed, {len(failed)} refused after the "
+        f"signal, exit in {exited - signalled:.2f} s"
+    )
