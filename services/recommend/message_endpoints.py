@@ -2,6 +2,110 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import asyncio
+import threading
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import Response
+from pydantic import TypeAdapter, ValidationError
+
+from services.common.api import FastJSONResponse, read_json_body, require_scope, validation_failure
+from services.common.errors import InvalidPayload, PayloadTooLarge
+from services.recommend.app import RecommendState
+from services.recommend.endpoints import get_auth, get_state
+from services.recommend.message_repository import MessageRepository
+from services.recommend.messages import MessageBatchRequest, MessageRequest, MessageService, MessageSettings
 
 router = APIRouter()
+REQUEST_ADAPTER: TypeAdapter[MessageRequest] = TypeAdapter(MessageRequest)
+BATCH_ADAPTER: TypeAdapter[MessageBatchRequest] = TypeAdapter(MessageBatchRequest)
+_create_lock = threading.Lock()
+
+State = Annotated[RecommendState, Depends(get_state)]
+RecommendKey = Annotated[str, Depends(require_scope(get_auth, "recommend"))]
+
+
+def install_message_service(app: FastAPI, service: MessageService) -> None:
+    """Serve next-best messages from this service (tests and simulations pass their own settings)."""
+    app.state.messages = service
+
+
+def message_service(app: FastAPI, state: RecommendState) -> MessageService:
+    """The app's message service, built on first use from the recommend state (same store, Feast and item cache)."""
+    service: MessageService | None = getattr(app.state, "messages", None)
+    if service is None:
+        with _create_lock:
+            service = getattr(app.state, "messages", None)
+            if service is None:
+                service = MessageService(
+                    MessageRepository(state.repository),
+                    lambda: state.service.snapshot,
+                    MessageSettings(),
+                    state.settings.consent_defaults(),
+                    recommendation_ttl_s=state.settings.recommendation_ttl_s,
+                )
+                app.state.messages = service
+    # Experiments are configured (and reconfigured) on the recommend service; follow it.
+    service.experiments = state.service.experiments
+    return service
+
+
+def _schema(model: Any) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+@router.post(
+    "/v1/next-best-message",
+    openapi_extra=_schema(MessageRequest),
+    responses={422: {"description": "Invalid request, by field"}},
+)
+async def next_best_message(request: Request, state: State, _: RecommendKey) -> Response:
+    """The message to send a visitor next on a channel, with its send time, or `{"action": "none", "reason": ...}`."""
+    body = read_json_body(await request.body(), state.settings.max_body_bytes)
+    try:
+        parsed = REQUEST_ADAPTER.validate_python(body)
+    except ValidationError as exc:
+        raise validation_failure(exc) from exc
+    service = message_service(request.app, state)
+    loop = asyncio.get_running_loop()
+    result = await loop.run_in_executor(state.executor, service.decide, parsed)
+    return FastJSONResponse(result)
+
+
+@router.post(
+    "/v1/next-best-message:batch",
+    openapi_extra=_schema(MessageBatchRequest),
+    responses={
+        413: {"description": "More requests than the batch limit"},
+        422: {"description": "Invalid requests, by index and field"},
+    },
+)
+async def next_best_message_batch(request: Request, state: State, _: RecommendKey) -> Response:
+    """Next-best messages for up to 1,000 visitors in one call (push systems planning their sends)."""
+    started = time.perf_counter()
+    body = read_json_body(await request.body(), state.settings.max_body_bytes * 16)
+    service = message_service(request.app, state)
+    raw = body.get("requests") if isinstance(body, dict) else None
+    if isinstance(raw, list) and len(raw) > service.settings.max_batch:
+        raise PayloadTooLarge(f"batch has {len(raw)} requests; the limit is {service.settings.max_batch}")
+    if not isinstance(raw, list):
+        raise InvalidPayload(
+            'body must be {"requests": [...]}',
+            extra={"errors": [{"field": "requests", "message": "a non-empty list is required"}]},
+        )
+    try:
+        parsed = BATCH_ADAPTER.validate_python(body)
+    except ValidationError as exc:
+        raise validation_failure(exc, index_after="requests") from exc
+    loop = asyncio.get_running_loop()
+    results = await loop.run_in_executor(state.executor, service.decide_batch, parsed.requests)
+    return FastJSONResponse(
+        {
+            "count": len(results),
+            "sent": sum(1 for r in results if r["action"] == "send"),
+            "took_ms": round((time.perf_counter() - started) * 1000, 3),
+            "results": results,
+        }
+    )

@@ -1,0 +1,327 @@
+"""Drive the next-best-message policy over the demo simulator: logged decisions with propensities plus the
+simulated visitors' reactions, for training the uplift model and for offline policy evaluation.
+
+After `history_days` of browsing, every simulated morning (07:00 WIB) each visitor is asked about one channel (drawn at random) through the
+real `MessageService`: rows come from Feast, consent and caps from the store, decisions are logged as
+`message_sent` events. A sent message gets `Simulator.respond_message` (open, click, purchase, plus any
+organic purchase); a logged "nothing sent" gets `Simulator.respond_no_message`, drawn from the same random
+stream, so both arms face the same organic purchases. Behaviour history and outcomes are ingested in time
+order through the profile service's ingest path and aggregator, so features at each decision are the ones
+the live service would have read.
+
+`bench_nbm_batch` measures the batch endpoint's throughput for `make bench`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import statistics
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.common.catalog import CatalogItem, ItemKind
+from services.common.context import WIB
+from services.common.events import Event, EventContext, EventType
+from services.common.settings import CommonSettings
+from services.demo.shop import generate_shop
+from services.demo.simulator import Simulator, write_jsonl
+from services.demo.world import batched
+from services.profile.aggregations import SegmentRules
+from services.profile.repository import ProfileRepository
+from services.profile.service import Aggregator, IngestService
+from services.recommend.message_model import MessageTrainConfig, replay_decisions, train_message_model
+from services.recommend.message_repository import MessageRepository
+from services.recommend.messages import CHANNELS, MessageRequest, MessageService, MessageSettings
+from services.recommend.repository import RecommendRepository
+from services.recommend.service import RecommendService
+from services.recommend.settings import RecommendSettings
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, float], None]
+CATALOG_FILE = "catalog.jsonl"
+EVENTS_FILE = "events.jsonl.gz"
+
+
+@dataclass(frozen=True)
+class MessageSimConfig:
+    visitors: int = 300
+    history_days: int = 14
+    message_days: int = 14
+    seed: int = 7
+    end: datetime | None = None  # default: the current hour in WIB
+    channels: tuple[str, ...] = CHANNELS
+    # Share of visitors who opted in to each channel (marketing consent is opt-in by default).
+    consent: tuple[tuple[str, float], ...] = (("push", 0.85), ("email", 0.7), ("whatsapp", 0.6))
+    decision_hour_wib: int = 7
+    # Train the uplift model after this many message days and serve it from then on (None: never).
+    train_after_days: int | None = None
+    restock_share: float = 0.15  # of the sold-out products, restocked each simulated day (back in stock)
+    # Keep simulating browsing sessions during the message days. Off by default: their purchases do not
+    # react to messages and would bury the messages' effect in noise; the simulator's organic purchase
+    # (`respond_no_message`, same random stream as `respond_message`) is the designed counterfactual.
+    browsing_during_messages: bool = False
+    policy: MessageSettings = field(default_factory=lambda: MessageSettings(win_back_after_days=7.0))
+    batch_size: int = 1000
+
+
+@dataclass
+class MessageSimResult:
+    start: datetime
+    first_decision: datetime
+    end: datetime
+    decisions: int = 0
+    logged: int = 0
+    sent: int = 0
+    events: int = 0
+    answers: dict[str, int] = field(default_factory=dict)
+    model_version: str | None = None
+    train_metrics: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def _noop(_: str, __: float) -> None:
+    return None
+
+
+class _Timeline:
+    """History events and pending outcome events, released in time order."""
+
+    def __init__(self, history: Iterator[Event]):
+        self._history = history
+        self._next: Event | None = next(history, None)
+        self._pending: list[tuple[float, int, Event]] = []
+        self._sequence = itertools.count()
+
+    def push(self, events: Iterable[Event]) -> None:
+        for event in events:
+            heapq.heappush(self._pending, (event.ts, next(self._sequence), event))
+
+    def until(self, ts: float) -> Iterator[Event]:
+        while True:
+            history_ts = self._next.ts if self._next is not None else float("inf")
+            pending_ts = self._pending[0][0] if self._pending else float("inf")
+            if min(history_ts, pending_ts) >= ts:
+                return
+            if history_ts <= pending_ts:
+                assert self._next is not None
+                yield self._next
+                self._next = next(self._history, None)
+            else:
+                yield heapq.heappop(self._pending)[2]
+
+
+def _consent_events(sim: Simulator, config: MessageSimConfig, at: datetime) -> list[Event]:
+    rng = np.random.default_rng([config.seed, 41])
+    events: list[Event] = []
+    for visitor in sim.visitors:
+        given = {f"consent_marketing_{channel}": bool(rng.random() < share) for channel, share in config.consent}
+        events.append(
+            Event(
+                event_id=f"consent-{config.seed}-{visitor.visitor_id}",
+                visitor_id=visitor.visitor_id,
+                type=EventType.PROFILE_UPDATE,
+                timestamp=at,
+                context=EventContext(city=visitor.city, locale=visitor.locale),
+                properties=given,
+            )
+        )
+    return events
+
+
+def _restock(
+    products: list[CatalogItem], rng: np.random.Generator, share: float, profile: ProfileRepository
+) -> list[str]:
+    """Put a share of the sold-out products back in stock (the demo shop's catalog never changes otherwise)."""
+    sold_out = [i for i, item in enumerate(products) if item.stock == 0]
+    if not sold_out or share <= 0:
+        return []
+    picks = rng.choice(len(sold_out), size=max(1, int(len(sold_out) * share)), replace=False)
+    changed = []
+    for pick in picks:
+        index = sold_out[int(pick)]
+        products[index] = products[index].model_copy(update={"stock": int(rng.integers(5, 40))})
+        changed.append(products[index])
+    profile.upsert_catalog(changed)
+    return [item.item_id for item in changed]
+
+
+def simulate_messages(
+    settings: CommonSettings,
+    config: MessageSimConfig | None = None,
+    out_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> MessageSimResult:
+    """Run the simulation into the store of `settings` (its own namespace!) and optionally export JSONL."""
+    config = config or MessageSimConfig()
+    progress = progress or _noop
+    began = time.perf_counter()
+    end = config.end or datetime.now(WIB).replace(minute=0, second=0, microsecond=0)
+    total_days = config.history_days + config.message_days
+    start = end - timedelta(days=total_days)
+    shop = generate_shop(seed=config.seed, now=end)
+    sim = Simulator(shop, n_visitors=config.visitors, seed=config.seed, start=start)
+    products = list(shop.products)
+    first_day = (start + timedelta(days=config.history_days)).astimezone(WIB)
+    first_decision = first_day.replace(hour=config.decision_hour_wib, minute=0, second=0, microsecond=0)
+    result = MessageSimResult(start=start, first_decision=first_decision, end=end)
+
+    recommend_settings = RecommendSettings(
+        **{name: getattr(settings, name) for name in CommonSettings.model_fields}, refresh_interval_s=3600.0
+    )
+    profile = ProfileRepository.open(settings)
+    recommend_repository = RecommendRepository.open(recommend_settings)
+    try:
+        profile.upsert_catalog(shop.all_items())
+        aggregator = Aggregator(profile, SegmentRules(), settings.consent_defaults(), offline_rows=False)
+        ingest = IngestService(profile)
+        recommend = RecommendService(recommend_settings, recommend_repository, settings.consent_defaults())
+        messages = MessageService(
+            MessageRepository(recommend_repository),
+            lambda: recommend.snapshot,
+            config.policy,
+            settings.consent_defaults(),
+        )
+        timeline = _Timeline(sim.history(total_days if config.browsing_during_messages else config.history_days))
+        timeline.push(_consent_events(sim, config, start + timedelta(seconds=1)))
+        rng = np.random.default_rng([config.seed, 43])
+
+        def ingest_until(ts: float) -> None:
+            for batch in batched(timeline.until(ts), 5000):
+                ingest.ingest(batch)
+                result.events += len(batch)
+                while aggregator.run_once(10_000).events:
+                    pass
+
+        visitor_ids = [v.visitor_id for v in sim.visitors]
+        for day in range(config.message_days):
+            decided_at = first_decision + timedelta(days=day)
+            ingest_until(decided_at.timestamp())
+            _restock(products, rng, config.restock_share, profile)
+            recommend.refresh_cache()
+            channels = rng.choice(len(config.channels), size=len(visitor_ids))
+            requests = [
+                MessageRequest(visitor_id=v, channel=config.channels[int(c)], now=decided_at)
+                for v, c in zip(visitor_ids, channels, strict=True)
+            ]
+            for first in range(0, len(requests), config.batch_size):
+                for answer in messages.decide_batch(requests[first : first + config.batch_size]):
+                    result.decisions += 1
+                    key = answer["action"] if answer["action"] == "send" else answer["reason"]
+                    result.answers[key] = result.answers.get(key, 0) + 1
+                    timeline.push(_reaction(sim, answer))
+                    if answer["recommendation_id"]:
+                        result.logged += 1
+                        result.sent += answer["action"] == "send"
+            recommend_repository.flush()
+            if config.train_after_days is not None and day + 1 == config.train_after_days:
+                trained = train_message_model(
+                    replay_decisions(recommend_repository.logged_events(), recommend_repository.catalog()),
+                    MessageTrainConfig(seed=config.seed),
+                )
+                MessageRepository(recommend_repository).save_model(trained.model.version, trained.model.to_bytes())
+                messages.use_model(trained.model)
+                result.model_version = trained.model.version
+                result.train_metrics = trained.metrics
+            progress("simulating message days", (day + 1) / config.message_days)
+        ingest_until(float("inf"))
+        recommend_repository.flush()
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            result.files["catalog"] = out_dir / CATALOG_FILE
+            result.files["events"] = out_dir / EVENTS_FILE
+            write_jsonl(recommend_repository.catalog(), result.files["catalog"])
+            write_jsonl(recommend_repository.logged_events(), result.files["events"])
+    finally:
+        recommend_repository.close()
+        profile.close()
+    result.seconds = time.perf_counter() - began
+    return result
+
+
+def _reaction(sim: Simulator, answer: dict[str, Any]) -> list[Event]:
+    """The visitor's reaction to a logged decision (nothing for answers that were not logged)."""
+    recommendation_id = answer.get("recommendation_id")
+    if not recommendation_id:
+        return []
+    if answer["action"] == "send":
+        product = answer.get("product") or {}
+        return sim.respond_message(
+            answer["visitor_id"],
+            answer["message"]["item_id"],
+            product.get("item_id"),
+            answer["channel"],
+            datetime.fromisoformat(answer["send_at"]),
+            recommendation_id,
+        )
+    planned = datetime.fromisoformat(answer["planned_send_at"])
+    return sim.respond_no_message(answer["visitor_id"], planned, recommendation_id)
+
+
+def message_items(items: Iterable[CatalogItem]) -> list[CatalogItem]:
+    return [item for item in items if item.kind is ItemKind.MESSAGE]
+
+
+# ------------------------------------------------------------------------------------------------
+# Benchmark hook (bench/ is owned by the benchmark suite; it calls this)
+# ------------------------------------------------------------------------------------------------
+
+
+def bench_nbm_batch(
+    client: Any,
+    visitor_ids: Sequence[str],
+    channel: str = "push",
+    batch_size: int = 1000,
+    rounds: int = 5,
+    now: datetime | None = None,
+    headers: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Throughput of `POST /v1/next-best-message:batch` (visitors per second) and batch latencies.
+
+    `client` is an httpx.Client (or FastAPI TestClient) pointing at the recommend service. Requests are
+    `dry_run` so that rounds do not use up each other's frequency caps; everything else (bulk Feast read,
+    consent, caps, eligibility, one model predict per batch, rendering) runs as in production."""
+    if not visitor_ids:
+        raise ValueError("bench_nbm_batch needs visitor ids (known visitors make it realistic)")
+    extra = {"now": now.isoformat()} if now is not None else {}
+    bodies = []
+    for start in range(0, len(visitor_ids), batch_size):
+        chunk = visitor_ids[start : start + batch_size]
+        bodies.append({"requests": [{"visitor_id": v, "channel": channel, "dry_run": True, **extra} for v in chunk]})
+    # One warm-up call builds the message catalog and loads the model.
+    warm = client.post("/v1/next-best-message:batch", json=bodies[0], headers=headers or {})
+    if warm.status_code != 200:
+        raise RuntimeError(f"batch endpoint answered {warm.status_code}: {warm.text[:300]}")
+    latencies: list[float] = []
+    visitors = 0
+    sent = 0
+    began = time.perf_counter()
+    for _ in range(rounds):
+        for body in bodies:
+            t0 = time.perf_counter()
+            response = client.post("/v1/next-best-message:batch", json=body, headers=headers or {})
+            latencies.append(time.perf_counter() - t0)
+            if response.status_code != 200:
+                raise RuntimeError(f"batch endpoint answered {response.status_code}: {response.text[:300]}")
+            data = response.json()
+            visitors += data["count"]
+            sent += data["sent"]
+    seconds = time.perf_counter() - began
+    ordered = sorted(latencies)
+    return {
+        "visitors_per_s": round(visitors / seconds, 1),
+        "batches": len(latencies),
+        "batch_size": batch_size,
+        "visitors": visitors,
+        "send_share": round(sent / max(visitors, 1), 4),
+        "batch_ms_p50": round(statistics.median(ordered) * 1000, 2),
+        "batch_ms_p99": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000, 2),
+    }

@@ -1,0 +1,254 @@
+"""CLI commands for next-best messages: `selaras train-messages`, `selaras evaluate messages FILE` and
+`selaras simulate-messages`. Heavy modules are imported inside the commands so `selaras --help` stays fast."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from services.common.catalog import CatalogItem
+    from services.common.events import Event
+    from services.recommend.message_model import MessageModel
+    from services.recommend.message_ope import Evaluation
+
+console = Console()
+DataDir = Annotated[Path, typer.Option("--data-dir", envvar="SELARAS_DATA_DIR", help="Where Selaras keeps its data.")]
+
+
+def _settings(data_dir: Path) -> Any:
+    from services.recommend.settings import RecommendSettings
+
+    os.environ["SELARAS_DATA_DIR"] = str(data_dir.resolve())
+    return RecommendSettings(data_dir=data_dir)
+
+
+def _when(text: str | None) -> float | None:
+    if text is None:
+        return None
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise typer.BadParameter(f"{text!r} needs a time zone, e.g. 2026-11-20T00:00:00+07:00")
+    return moment.timestamp()
+
+
+def train_messages(
+    data_dir: DataDir = Path("data"),
+    window_hours: Annotated[float, typer.Option(help="Outcome window after the send time.")] = 24.0,
+    until: Annotated[
+        str | None, typer.Option(help="Only decisions sent before this ISO time (hold out the rest).")
+    ] = None,
+    seed: int = 7,
+) -> None:
+    """Train the next-best-message uplift model from the logged decisions and outcomes; save it as the newest."""
+    from services.recommend.message_model import MessageTrainConfig, replay_decisions, train_message_model
+    from services.recommend.message_repository import MessageRepository
+    from services.recommend.repository import RecommendRepository
+
+    repository = RecommendRepository.open(_settings(data_dir))
+    try:
+        messages = MessageRepository(repository)
+        with console.status("replaying the event log"):
+            data = replay_decisions(messages.logged_events(), messages.catalog(), window_hours)
+        cut = _when(until)
+        if cut is not None:
+            data = data.subset(data.send_at < cut)
+        with console.status(f"training on {data.size:,} decisions"):
+            result = train_message_model(data, MessageTrainConfig(window_h=window_hours, seed=seed))
+        messages.save_model(result.model.version, result.model.to_bytes())
+    except ValueError as exc:
+        console.print(f"[red]cannot train:[/] {exc}")
+        raise typer.Exit(2) from exc
+    finally:
+        repository.close()
+    table = Table(title=f"message model {result.model.version}")
+    table.add_column("stage")
+    table.add_column("rows", justify="right")
+    table.add_column("positives", justify="right")
+    table.add_column("kind")
+    table.add_column("valid AUC", justify="right")
+    for stage in ("open", "click", "purchase", "baseline"):
+        info = result.metrics[stage]
+        auc = info.get("valid_auc")
+        table.add_row(stage, f"{info['rows']:,}", f"{info['positives']:,}", info["kind"], f"{auc:.3f}" if auc else "-")
+    console.print(table)
+    console.print(
+        f"decisions {result.metrics['decisions']:,}, sent {result.metrics['sent']:,}, "
+        f"control {result.metrics['control']:,}; "
+        f"predicted mean uplift of the sends {result.metrics.get('predicted_uplift', 0):+.2%}, measured against the "
+        f"control group {result.metrics.get('measured_uplift', float('nan')):+.2%} "
+        f"(95% CI {result.metrics.get('measured_uplift_ci95', ['-', '-'])})"
+    )
+
+
+def _read_events(path: Path) -> Iterator[Event]:
+    from services.common.events import Event
+    from services.demo.simulator import read_jsonl
+
+    for row in read_jsonl(path):
+        yield Event.model_validate(row)
+
+
+def _read_catalog(path: Path) -> list[CatalogItem]:
+    from services.common.catalog import CatalogItem
+    from services.demo.simulator import read_jsonl
+
+    return [CatalogItem.model_validate(row) for row in read_jsonl(path)]
+
+
+def evaluate_messages_command(
+    file: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help="JSON Lines of events (.jsonl or .jsonl.gz)")
+    ],
+    catalog: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="Catalog JSON Lines (default: the store's)")
+    ] = None,
+    data_dir: DataDir = Path("data"),
+    model_version: Annotated[str | None, typer.Option(help="Message model to evaluate (default: the newest)")] = None,
+    since: Annotated[str | None, typer.Option(help="Only decisions sent at or after this ISO time")] = None,
+    until: Annotated[str | None, typer.Option(help="Only decisions sent before this ISO time")] = None,
+    window_hours: Annotated[float, typer.Option(help="Outcome window after the send time.")] = 24.0,
+    min_uplift: Annotated[float, typer.Option(help="The learned policy sends only above this uplift.")] = 0.001,
+    send_cost: Annotated[float, typer.Option(help="Reward subtracted per message sent (fatigue).")] = 0.0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
+) -> None:
+    """Estimate the value of the learned message policy, of every single-message policy and of sending
+    nothing from logged decisions (IPS, self-normalised IPS, doubly robust; 95% CIs, effective sample size)."""
+    from services.recommend.message_model import MessageModel, replay_decisions
+    from services.recommend.message_ope import evaluate_messages
+    from services.recommend.message_repository import MessageRepository
+    from services.recommend.repository import RecommendRepository
+
+    model: MessageModel | None = None
+    items: list[CatalogItem] | None = _read_catalog(catalog) if catalog else None
+    repository = RecommendRepository.open(_settings(data_dir))
+    try:
+        messages = MessageRepository(repository)
+        version = model_version or messages.latest_model_version()
+        blob = messages.model_blob(version) if version else None
+        if blob is not None:
+            model = MessageModel.from_bytes(blob)
+        elif model_version:
+            console.print(f"[red]message model {model_version} not found in {data_dir}[/]")
+            raise typer.Exit(2)
+        if items is None:
+            items = messages.catalog()
+    finally:
+        repository.close()
+    if model is None:
+        console.print("[yellow]no message model found: only 'send nothing' and single-message policies[/]")
+    with console.status(f"replaying {file.name}"):
+        data = replay_decisions(_read_events(file), items or [], window_hours)
+    start, stop = _when(since), _when(until)
+    if start is not None:
+        data = data.subset(data.send_at >= start)
+    if stop is not None:
+        data = data.subset(data.send_at < stop)
+    names = {i.item_id: f"{i.title} ({i.message.trigger})" for i in items or [] if i.message is not None}
+    try:
+        evaluation = evaluate_messages(data, model, min_uplift, send_cost, names)
+    except ValueError as exc:
+        console.print(f"[red]cannot evaluate:[/] {exc}")
+        raise typer.Exit(2) from exc
+    console.print(evaluation_table(evaluation))
+    comparison = evaluation.learned_vs_best_single
+    if comparison is not None:
+        difference = comparison.difference
+        value, low, high = difference.value, difference.ci_low, difference.ci_high
+        verdict = "beats" if low > 0 else ("is below" if high < 0 else "is not distinguishable from")
+        console.print(
+            f"learned policy {verdict} the best single message ({comparison.baseline}): "
+            f"DR difference {value:+.4f} (95% CI {low:+.4f} to {high:+.4f}) per decision"
+        )
+    if json_out is not None:
+        json_out.write_text(json.dumps(evaluation.to_json(), indent=2, ensure_ascii=False))
+        console.print(f"wrote {json_out}")
+
+
+def evaluation_table(evaluation: Evaluation) -> Table:
+    from services.recommend.message_ope import rank
+
+    table = Table(
+        title=f"message policies on {evaluation.decisions:,} decisions (conversion within "
+        f"{evaluation.window_h:g} h, {evaluation.visitors:,} visitors; logged policy {evaluation.logged_value:.4f})"
+    )
+    for column in ("policy", "DR [95% CI]", "SNIPS [95% CI]", "IPS [95% CI]", "ESS", "max w", "matched", "sends"):
+        table.add_column(column, justify="left" if column == "policy" else "right")
+    for p in rank(evaluation.policies):
+        table.add_row(
+            p.policy,
+            f"{p.dr.value:.4f} [{p.dr.ci_low:.4f}, {p.dr.ci_high:.4f}]",
+            f"{p.snips.value:.4f} [{p.snips.ci_low:.4f}, {p.snips.ci_high:.4f}]",
+            f"{p.ips.value:.4f} [{p.ips.ci_low:.4f}, {p.ips.ci_high:.4f}]",
+            f"{p.ess:,.0f}",
+            f"{p.max_weight:.1f}",
+            f"{p.matched:,}",
+            f"{p.send_share:.0%}",
+        )
+    return table
+
+
+def simulate_messages_command(
+    out: Annotated[Path, typer.Option(help="Where to write catalog.jsonl and events.jsonl.gz")] = Path("data/messages"),
+    data_dir: Annotated[
+        Path, typer.Option("--data-dir", envvar="SELARAS_DATA_DIR", help="A fresh data dir for the simulation")
+    ] = Path("data/message-sim"),
+    visitors: int = 1000,
+    history_days: int = 14,
+    message_days: int = 14,
+    train_after_days: Annotated[int | None, typer.Option(help="Train and serve the model after N message days")] = None,
+    control_rate: float = 0.05,
+    seed: int = 7,
+) -> None:
+    """Simulate message decisions (with exploration and a control group) and reactions on the demo shop."""
+    from services.demo.message_sim import MessageSimConfig, simulate_messages
+    from services.recommend.messages import MessageSettings
+
+    settings = _settings(data_dir)
+    from services.common.storage import open_store
+
+    store = open_store(settings)
+    try:
+        if store.log_length():
+            console.print(
+                f"[red]{data_dir} already holds events:[/] simulate into a fresh --data-dir "
+                "(and, with REDIS_URL, a fresh SELARAS_NAMESPACE and SELARAS_FEAST_PROJECT)"
+            )
+            raise typer.Exit(2)
+    finally:
+        store.close()
+    config = MessageSimConfig(
+        visitors=visitors,
+        history_days=history_days,
+        message_days=message_days,
+        seed=seed,
+        train_after_days=train_after_days,
+        policy=MessageSettings(win_back_after_days=7.0, control_rate=control_rate),
+    )
+    with console.status("simulating"):
+        result = simulate_messages(settings, config, out_dir=out)
+    console.print(
+        f"{result.decisions:,} decisions ({result.logged:,} logged, {result.sent:,} sent), {result.events:,} events "
+        f"in {result.seconds:.0f} s; answers {result.answers}"
+    )
+    for name, path in result.files.items():
+        console.print(f"  {name}: {path}")
+    console.print(
+        f"next: selaras train-messages --data-dir {data_dir} --until <time>; then "
+        f"selaras evaluate messages {result.files.get('events')} --data-dir {data_dir} --since <time>"
+    )
+
+
+def register_message_commands(app: typer.Typer, evaluate_app: typer.Typer) -> None:
+    """Add the message commands to the `selaras` CLI (and `messages` to its `evaluate` group)."""
+    app.command("train-messages")(train_messages)
+    app.command("simulate-messages")(simulate_messages_command)
+    evaluate_app.command("messages")(evaluate_messages_command)
