@@ -32,7 +32,7 @@ from services.recommend.experiments import (
 )
 from services.recommend.settings import RecommendSettings
 from services.recommend.stats import ArmSums, always_valid_interval, holm, relative_uplift, srm_check
-from tests.conftest import REDIS_URL, clean_namespace, unique_name
+from tests.conftest import RedisServer, free_port, unique_name
 from tests.factories import make_item
 
 ADMIN, READER = "admin-secret-key-1", "reader-secret-key-1"
@@ -116,10 +116,14 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     directory = tmp_path_factory.mktemp("experiments")
     (directory / "experiments.yaml").write_text(EXPERIMENTS_YAML)
     namespace = unique_name("ex")
+    # A private Redis: the services scan their namespaces, which is slow on a Redis shared with big test worlds.
+    redis_server = RedisServer(free_port(), directory / "redis")
+    redis_server.directory.mkdir()
+    redis_server.start()
     keys = f"admin:admin:{hash_key(ADMIN)},reader:recommend:{hash_key(READER)}"
     common: dict[str, Any] = {
         "data_dir": directory / "data",
-        "redis_url": REDIS_URL,
+        "redis_url": redis_server.url,
         "namespace": namespace,
         "feast_project": namespace,
         "environment": "test",
@@ -139,7 +143,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
         )
         assert recommend.post("/v1/admin/reload", headers={"X-API-Key": ADMIN}).status_code == 200
         yield Services(profile, recommend, recommend_settings)
-    clean_namespace(REDIS_URL, namespace)
+    redis_server.stop(kill=True)
     shutil.rmtree(directory, ignore_errors=True)
 
 
