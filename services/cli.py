@@ -341,3 +341,134 @@ def _run_services(data_dir: Path, profile_port: int, recommend_port: int, visito
 
 if __name__ == "__main__":
     app()
+# -- personas, retention, API keys (issue #5) ------------------------------------------------------------------
+
+
+@app.command()
+def personas(
+    data_dir: DataDir = Path("data"),
+    k_min: Annotated[int, typer.Option(help="Fewest personas to consider.")] = 3,
+    k_max: Annotated[int, typer.Option(help="Most personas to consider (the best by silhouette wins).")] = 6,
+    seed: int = 0,
+    backfill: Annotated[
+        bool, typer.Option(help="Re-assign persona ids in the offline history (what the next training sees).")
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON instead of tables.")] = False,
+) -> None:
+    """Learn personas from visitor behaviour, store them, assign every visitor; run it on a schedule."""
+    _settings_env(data_dir)
+    from services.profile.app import segment_rules
+    from services.profile.persona_jobs import persona_table, run_persona_job
+    from services.profile.repository import ProfileRepository
+    from services.profile.settings import ProfileSettings
+
+    settings = ProfileSettings(data_dir=data_dir)
+    repository = ProfileRepository.open(settings)
+    try:
+        result = run_persona_job(
+            repository.store,
+            repository.feature_store,
+            settings.offline_dir,
+            segment_rules(settings),
+            k_range=range(k_min, k_max + 1),
+            seed=seed,
+            backfill_offline=backfill,
+        )
+    except ValueError as exc:
+        console.print(f"[red]cannot learn personas:[/] {exc}")
+        raise typer.Exit(2) from exc
+    finally:
+        repository.close()
+    report = result.report()
+    if as_json:
+        console.print_json(json.dumps({**report, "personas": persona_table(result.model, result.assigned)}))
+        return
+    model = result.model
+    scores = ", ".join(f"k={k}: {v:.3f}" for k, v in sorted(model.silhouette_by_k.items()))
+    table = Table(
+        title=f"personas v{model.version}: k={model.k} by silhouette ({scores}); {result.visitors:,} visitors"
+    )
+    for column in ("id", "persona", "visitors", "share of fit", "what sets it apart"):
+        table.add_column(column, justify="right" if column in ("id", "visitors", "share of fit") else "left")
+    for entry in persona_table(model, result.assigned):
+        table.add_row(
+            str(entry["persona_id"]),
+            f"{entry['name_id']}\n{entry['name_en']}",
+            f"{entry['visitors'] or 0:,}",
+            f"{entry['share']:.0%}",
+            f"{entry['description_id']}\n{entry['description_en']}",
+        )
+    console.print(table)
+    movement = result.movement
+    if movement is None:
+        console.print("first persona model: no movement report yet")
+    else:
+        moves = Table(title=f"movement from v{result.previous_version}: {movement['stayed_share']:.0%} stayed")
+        new_ids = sorted({int(n) for row in movement["transitions"].values() for n in row})
+        moves.add_column("old \\ new")
+        for new_id in new_ids:
+            moves.add_column(str(new_id), justify="right")
+        for old_id, row in sorted(movement["transitions"].items(), key=lambda kv: int(kv[0])):
+            moves.add_row(old_id, *(str(row.get(str(n), 0)) for n in new_ids))
+        console.print(moves)
+        if movement["new_ids"] or movement["retired_ids"]:
+            console.print(f"new personas: {movement['new_ids']}, retired: {movement['retired_ids']}")
+    console.print(
+        f"{result.online_rows:,} online rows rewritten, {result.segments_changed:,} visitors changed segment, "
+        f"{result.offline_rows_backfilled:,} history rows re-assigned, in {result.seconds:.1f} s"
+    )
+
+
+@app.command()
+def retention(
+    data_dir: DataDir = Path("data"),
+    days: Annotated[
+        int | None, typer.Option(help="Keep this many days (default PROFILE_RETENTION_DAYS).", min=1)
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Count what would be deleted, delete nothing.")] = False,
+) -> None:
+    """Delete logged events and offline feature history older than the retention period (run daily)."""
+    _settings_env(data_dir)
+    from services.profile.privacy import PrivacyService
+    from services.profile.repository import ProfileRepository
+    from services.profile.settings import ProfileSettings
+
+    settings = ProfileSettings(data_dir=data_dir)
+    repository = ProfileRepository.open(settings)
+    try:
+        privacy = PrivacyService(
+            repository.store, repository.feature_store, settings.offline_dir, settings.consent_defaults()
+        )
+        report = privacy.apply_retention(days or settings.retention_days, dry_run=dry_run)
+    finally:
+        repository.close()
+    verb = "would delete" if dry_run else "deleted"
+    console.print(
+        f"{verb} {report.log_events:,} logged events and {report.offline_rows:,} offline feature rows older than "
+        f"{report.cutoff} ({report.offline_files_rewritten:,} files rewritten); visitor profiles expire on their own"
+    )
+
+
+keys_app = typer.Typer(help="API keys: create a key and its SELARAS_API_KEYS entry.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("new")
+def keys_new(
+    name: Annotated[str, typer.Option(help="A name for the key (shown in 403 errors and rate-limit metrics).")],
+    scopes: Annotated[
+        str, typer.Option(help="recommend (browser-safe, read-only), ingest (event senders), admin; join with +")
+    ] = "recommend",
+) -> None:
+    """Print a fresh random API key and the entry to add to SELARAS_API_KEYS (only its hash is stored)."""
+    from services.common.security import generate_api_key
+
+    try:
+        secret, entry = generate_api_key(name, scopes)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from exc
+    console.print(f"key (give it to the client; it is not stored anywhere): {secret}", markup=False, highlight=False)
+    console.print(f"SELARAS_API_KEYS entry (comma-separate several): {entry}", markup=False, highlight=False)
+
+

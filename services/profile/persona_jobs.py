@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from feast import FeatureStore
 
 from services.common import features as F
-from services.common.feature_store import FeatureWriter, rewrite_offline_parts, to_arrow_table
+from services.common.feature_store import FeatureWriter, online_rows, rewrite_offline_parts, to_arrow_table
 from services.common.storage import Namespace, Store
 from services.profile.aggregations import SegmentRules, VisitorState, segments, visitor_features
 from services.profile.personas import TRAIT_NAMES, PersonaModel, fit_personas, movement_report
@@ -184,20 +184,23 @@ class PersonaJobResult:
         }
 
 
-def _sample(store: Store, rules: SegmentRules, limit: int, seed: int) -> tuple[list[dict[str, Any]], int]:
-    """A seeded reservoir sample of visitor rows (all of them when there are fewer than `limit`), and n."""
+def _sample(store: Store, rules: SegmentRules, limit: int, seed: int) -> tuple[list[dict[str, Any]], list[str]]:
+    """A seeded reservoir sample of visitor rows (all of them when there are fewer than `limit`), and every
+    visitor id. One scan of the store: on a big Redis a scan walks the whole keyspace, so it is done once."""
     rng = random.Random(seed)
     sample: list[dict[str, Any]] = []
-    n = 0
-    for state in iter_states(store):
-        n += 1
-        if len(sample) < limit:
-            sample.append(visitor_features(state, rules))
-        else:
-            j = rng.randrange(n)
-            if j < limit:
-                sample[j] = visitor_features(state, rules)
-    return sample, n
+    visitor_ids: list[str] = []
+    for key, raw in store.scan(Namespace.VISITOR_STATE):
+        visitor_ids.append(key)
+        n = len(visitor_ids)
+        j = n - 1 if n <= limit else rng.randrange(n)
+        if j < limit:
+            row = visitor_features(VisitorState.from_dict(orjson.loads(raw)), rules)
+            if n <= limit:
+                sample.append(row)
+            else:
+                sample[j] = row
+    return sample, visitor_ids
 
 
 def run_persona_job(
@@ -219,7 +222,7 @@ def run_persona_job(
     if previous is not None and previous.trait_names != list(TRAIT_NAMES):
         log.warning("previous persona model uses other traits: persona ids start afresh")
         previous = None
-    sample, _ = _sample(store, rules, max_fit_visitors, seed)
+    sample, visitor_ids = _sample(store, rules, max_fit_visitors, seed)
     model = fit_personas(sample, k_range, seed, previous, now=datetime.fromtimestamp(at, tz=UTC))
     movement = movement_report(previous, model, sample) if previous is not None else None
     save_model(store, model)
@@ -227,44 +230,49 @@ def run_persona_job(
 
     writer = FeatureWriter(feature_store, offline_dir)
     stamp = datetime.fromtimestamp(at, tz=UTC)
-    chunk: list[VisitorState] = []
 
-    def flush() -> None:
+    def flush(chunk_ids: list[str]) -> None:
+        raws = store.get_many(Namespace.VISITOR_STATE, chunk_ids)
+        chunk = [VisitorState.from_dict(orjson.loads(raw)) for raw in raws if raw]  # erased/expired since: gone
+        visitor_ids = [state.visitor_id for state in chunk]
         rows = [visitor_features(state, rules) for state in chunk]
         ids = model.assign(rows)
+        online_now = online_rows(feature_store, F.VISITOR_VIEW, visitor_ids)
         # Compare-and-skip: a visitor folded since we read the state has a fresher online row already.
-        current = store.get_many(Namespace.VISITOR_STATE, [s.visitor_id for s in chunk])
-        online: list[dict[str, Any]] = []
-        appended: list[dict[str, Any]] = []
-        for state, row, persona_id, raw in zip(chunk, rows, ids.tolist(), current, strict=True):
+        current = store.get_many(Namespace.VISITOR_STATE, visitor_ids)
+        changed: list[dict[str, Any]] = []
+        for state, row, persona_id, served, raw in zip(chunk, rows, ids.tolist(), online_now, current, strict=True):
             result.visitors += 1
             persona = int(persona_id) if row["event_count"] else -1
             result.assigned[persona] = result.assigned.get(persona, 0) + 1
             now_segments = segments(state, at, rules)
-            persona_moved = persona != state.persona_id
-            segments_moved = any(now_segments[name] != row[name] for name in SEGMENT_NAMES)
-            result.persona_changed += persona_moved
-            result.segments_changed += segments_moved
+            # Compared with what is served now: only rows that change are written (online and offline).
+            persona_moved = persona != served.get("persona_id")
+            segments_moved = any(now_segments[name] != served.get(name) for name in SEGMENT_NAMES)
+            if not (persona_moved or segments_moved):
+                continue
             if raw is None or orjson.loads(raw).get("applied_position") != state.applied_position:
                 result.skipped_busy += 1
                 continue
-            fresh = {**row, **now_segments, "persona_id": persona, F.VISITOR_KEY: state.visitor_id}
-            online.append({**fresh, F.TIMESTAMP_FIELD: stamp})
-            if persona_moved or segments_moved:
-                appended.append({**fresh, F.TIMESTAMP_FIELD: stamp})
-        writer.write(F.VISITOR_VIEW, online, offline=False)
-        if appended:
-            writer.append_offline(F.VISITOR_VIEW, to_arrow_table(appended, F.VISITOR_KEY, F.VISITOR_FEATURES))
-        result.online_rows += len(online)
-        result.offline_rows_appended += len(appended)
-        chunk.clear()
+            result.persona_changed += persona_moved
+            result.segments_changed += segments_moved
+            changed.append(
+                {
+                    **row,
+                    **now_segments,
+                    "persona_id": persona,
+                    F.VISITOR_KEY: state.visitor_id,
+                    F.TIMESTAMP_FIELD: stamp,
+                }
+            )
+        if changed:
+            writer.write(F.VISITOR_VIEW, changed, offline=False)
+            writer.append_offline(F.VISITOR_VIEW, to_arrow_table(changed, F.VISITOR_KEY, F.VISITOR_FEATURES))
+        result.online_rows += len(changed)
+        result.offline_rows_appended += len(changed)
 
-    for state in iter_states(store):
-        chunk.append(state)
-        if len(chunk) >= CHUNK:
-            flush()
-    if chunk:
-        flush()
+    for start in range(0, len(visitor_ids), CHUNK):
+        flush(visitor_ids[start : start + CHUNK])
 
     if backfill_offline:
         result.offline_rows_backfilled, result.offline_files_rewritten = backfill_offline_personas(model, offline_dir)
