@@ -339,8 +339,6 @@ def _run_services(data_dir: Path, profile_port: int, recommend_port: int, visito
     stop()
 
 
-if __name__ == "__main__":
-    app()
 # -- personas, retention, API keys (issue #5) ------------------------------------------------------------------
 
 
@@ -472,3 +470,5 @@ def keys_new(
     console.print(f"SELARAS_API_KEYS entry (comma-separate several): {entry}", markup=False, highlight=False)
 
 
+if __name__ == "__main__":
+    app()
