@@ -142,15 +142,19 @@ def import_events_command(
 ) -> None:
     """Import events through the ingest path and fold them into features (point in time, file order)."""
     _settings_env(data_dir)
-    from services.profile.aggregations import SegmentRules
+    from services.profile.app import build_state
     from services.profile.importer import InvalidInput, import_events
-    from services.profile.repository import ProfileRepository
-    from services.profile.service import Aggregator, IngestService
     from services.profile.settings import ProfileSettings
 
-    settings = ProfileSettings(data_dir=data_dir)
-    repository = ProfileRepository.open(settings)
-    aggregator = Aggregator(repository, SegmentRules(), settings.consent_defaults())
+    # The profile service's own state (segment rules, consent defaults, personas, observers from the same
+    # settings), so imported features are the ones live ingestion would have built.
+    state = build_state(ProfileSettings(data_dir=data_dir))
+    repository = state.repository
+    state.aggregator.refresh_catalog(force=True)
+    if not state.aggregator.catalog:
+        console.print(
+            "[yellow]the catalog has no products: import it first, or category and brand features stay empty[/]"
+        )
     size = file.stat().st_size
     started = time.perf_counter()
     try:
@@ -158,15 +162,19 @@ def import_events_command(
             task = bar.add_task(f"importing {file.name}", total=None)
             report = import_events(
                 file,
-                IngestService(repository),
-                aggregator,
+                state.ingest,
+                state.aggregator,
                 batch_size,
                 skip_invalid,
                 progress=lambda line: bar.update(task, description=f"importing {file.name}: line {line:,}"),
             )
     except InvalidInput as exc:
-        console.print(f"[red]invalid input, nothing after it was imported:[/] {exc}")
-        console.print("re-run with --skip-invalid to import the valid lines and count the rest")
+        imported = exc.report.accepted if exc.report else 0
+        console.print(f"[red]invalid input:[/] {exc}")
+        console.print(
+            f"the {imported:,} events before line {exc.invalid.line:,} were imported, nothing after it; fix the "
+            "file and re-run (events already imported are recognised by event_id), or use --skip-invalid"
+        )
         raise typer.Exit(2) from exc
     finally:
         repository.close()

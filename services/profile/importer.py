@@ -4,25 +4,33 @@ Events go through the same path as `POST /v1/events` (validation, idempotent app
 are then folded by the same aggregator, so imported features equal live ones. Files must be in time order
 for point-in-time correct features (each event only sees what happened before it); a file out of order is
 reported.
+
+Without `skip_invalid` the import stops at the first invalid line; every line before it is imported (a
+re-run is harmless: events are deduplicated by event_id). A truncated or corrupt gzip file always stops.
 """
 
 from __future__ import annotations
 
 import gzip
-import io
+import logging
+import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
 from services.common.api import describe_errors
 from services.common.catalog import CatalogItem
+from services.common.errors import StorageUnavailable
 from services.common.events import Event
 from services.profile.service import Aggregator, IngestService
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 ITEM_ADAPTER: TypeAdapter[CatalogItem] = TypeAdapter(CatalogItem)
 
@@ -48,26 +56,52 @@ class InvalidInput(ValueError):
         first = invalid.errors[0] if invalid.errors else {"field": "?", "message": "invalid"}
         super().__init__(f"line {invalid.line}: {first['field']}: {first['message']}")
         self.invalid = invalid
+        self.report: ImportReport | None = None  # what was imported before the import stopped
 
 
-def open_text(path: Path) -> IO[str]:
+def open_binary(path: Path) -> IO[bytes] | gzip.GzipFile:
+    # Bytes, not text: orjson validates UTF-8 itself, so a bad byte is reported with its line number
+    # instead of aborting the whole file with a decode error.
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return path.open("r", encoding="utf-8")
+        return gzip.GzipFile(path, "rb")
+    return path.open("rb")
 
 
 def read_jsonl(path: Path, adapter: TypeAdapter[Any]) -> Iterator[tuple[int, Any | InvalidLine]]:
-    """(line number, parsed model or InvalidLine) for every non-blank line."""
-    with open_text(path) as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, adapter.validate_python(orjson.loads(line))
-            except orjson.JSONDecodeError as exc:
-                yield number, InvalidLine(number, [{"field": "(line)", "message": f"not JSON: {exc}"}])
-            except ValidationError as exc:
-                yield number, InvalidLine(number, describe_errors(exc.errors()))
+    """(line number, parsed model or InvalidLine) for every non-blank line.
+
+    Raises InvalidInput when the file itself cannot be read further (truncated or corrupt gzip)."""
+    number = 0
+    with open_binary(path) as handle:
+        try:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield number, adapter.validate_python(orjson.loads(line))
+                except orjson.JSONDecodeError as exc:
+                    yield number, InvalidLine(number, [{"field": "(line)", "message": f"not JSON: {exc}"}])
+                except ValidationError as exc:
+                    yield number, InvalidLine(number, describe_errors(exc.errors()))
+        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            message = f"the file is truncated or corrupt after line {number}: {type(exc).__name__}"
+            raise InvalidInput(InvalidLine(number + 1, [{"field": "(file)", "message": message}])) from exc
+
+
+def _retrying(action: Callable[[], T], attempts: int = 5) -> T:
+    """Retry a storage call that timed out (a loaded Redis can take longer than the fail-fast timeout on a
+    big batch). Both calls are safe to repeat: appends are idempotent on event_id and the aggregator is
+    at-least-once with an exactly-once effect. A retried append whose first try did land reports its
+    events as duplicates."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except StorageUnavailable:
+            if attempt == attempts:
+                raise
+            log.warning("storage unavailable during import, retrying (%d/%d)", attempt, attempts)
+            time.sleep(0.5 * attempt)
+    raise AssertionError("unreachable")
 
 
 def import_events(
@@ -86,30 +120,36 @@ def import_events(
     def flush() -> None:
         if not batch:
             return
-        result = ingest.ingest(batch)
+        result = _retrying(lambda: ingest.ingest(batch))
         report.accepted += result.accepted
         report.duplicates += result.duplicates
-        while aggregator.run_once(batch_size * 2).events:
+        while _retrying(lambda: aggregator.run_once(batch_size * 2)).events:
             pass
         batch.clear()
 
-    for number, parsed in read_jsonl(path, EVENT_ADAPTER):
-        report.lines = number
-        if isinstance(parsed, InvalidLine):
-            report.invalid_count += 1
-            if len(report.invalid) < 100:
-                report.invalid.append(parsed)
-            if not skip_invalid:
-                raise InvalidInput(parsed)
-            continue
-        if parsed.ts < last_ts:
-            report.out_of_order += 1
-        last_ts = max(last_ts, parsed.ts)
-        batch.append(parsed)
-        if len(batch) >= batch_size:
-            flush()
-            if progress:
-                progress(number)
+    try:
+        for number, parsed in read_jsonl(path, EVENT_ADAPTER):
+            report.lines = number
+            if isinstance(parsed, InvalidLine):
+                report.invalid_count += 1
+                if len(report.invalid) < 100:
+                    report.invalid.append(parsed)
+                if not skip_invalid:
+                    raise InvalidInput(parsed)
+                continue
+            if parsed.ts < last_ts:
+                report.out_of_order += 1
+            last_ts = max(last_ts, parsed.ts)
+            batch.append(parsed)
+            if len(batch) >= batch_size:
+                flush()
+                if progress:
+                    progress(number)
+    except InvalidInput as exc:
+        # Everything before the bad line goes in, so "imported up to line N" is exact.
+        flush()
+        exc.report = report
+        raise
     flush()
     if progress:
         progress(report.lines)
@@ -124,20 +164,27 @@ def import_catalog(
 ) -> ImportReport:
     report = ImportReport()
     batch: list[CatalogItem] = []
-    for number, parsed in read_jsonl(path, ITEM_ADAPTER):
-        report.lines = number
-        if isinstance(parsed, InvalidLine):
-            report.invalid_count += 1
-            if len(report.invalid) < 100:
-                report.invalid.append(parsed)
-            if not skip_invalid:
-                raise InvalidInput(parsed)
-            continue
-        batch.append(parsed)
-        if len(batch) >= batch_size:
+    try:
+        for number, parsed in read_jsonl(path, ITEM_ADAPTER):
+            report.lines = number
+            if isinstance(parsed, InvalidLine):
+                report.invalid_count += 1
+                if len(report.invalid) < 100:
+                    report.invalid.append(parsed)
+                if not skip_invalid:
+                    raise InvalidInput(parsed)
+                continue
+            batch.append(parsed)
+            if len(batch) >= batch_size:
+                upsert(batch)
+                report.accepted += len(batch)
+                batch = []
+    except InvalidInput as exc:
+        if batch:
             upsert(batch)
             report.accepted += len(batch)
-            batch = []
+        exc.report = report
+        raise
     if batch:
         upsert(batch)
         report.accepted += len(batch)
