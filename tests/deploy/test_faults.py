@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,8 @@ class Load:
                 with self._lock:
                     self.outcomes.append(outcome)
                 n += 1
+                if outcome.status is None:
+                    time.sleep(0.05)  # the server is gone: a client would back off before trying again
 
     def snapshot(self) -> list[Outcome]:
         with self._lock:
@@ -224,15 +227,27 @@ def clone_world(world: SessionWorld, target_url: str) -> int:
     return copied
 
 
+@pytest.fixture(scope="module")
+def world_redis(world: SessionWorld, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A private redis-server (AOF on) holding a copy of the session world, for tests that stop or restart it."""
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("world-redis"), appendonly=True)
+    server.start()
+    try:
+        assert clone_world(world, server.url) > 1000
+        yield server
+    finally:
+        server.stop(kill=True)
+
+
 def known_visitors(world: SessionWorld, count: int = 20) -> list[str]:
     return [visitor.visitor_id for visitor in world.world.simulator.visitors[:count]]
 
 
 @pytest.mark.slow
 def test_redis_outage_during_recommend_load_falls_back_then_personalizes_again(
-    world: SessionWorld, redis_server: RedisServer, tmp_path: Path, services_started: list[ServiceProcess]
+    world: SessionWorld, world_redis: RedisServer, tmp_path: Path, services_started: list[ServiceProcess]
 ) -> None:
-    assert clone_world(world, redis_server.url) > 1000
+    redis_server = world_redis
     env = service_env(tmp_path / "data", redis_server.url, world.settings.namespace, world.settings.feast_project)
     service = ServiceProcess("recommend", env, tmp_path / "recommend.log")
     services_started.append(service)
@@ -306,6 +321,10 @@ def batch_events(worker: int, n: int) -> list[dict[str, Any]]:
     ]
 
 
+def acknowledged_since(load: Load, since: float, at_least: int = 10) -> bool:
+    return sum(o.started > since and o.status == 202 for o in load.snapshot()) >= at_least
+
+
 def logged_event_ids(url: str, namespace: str) -> list[str]:
     store = RedisStore(redis.Redis.from_url(url), namespace)
     ids: list[str] = []
@@ -320,9 +339,8 @@ def logged_event_ids(url: str, namespace: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
-def test_redis_restart_during_ingestion_loses_no_acknowledged_event_and_dedupes_resends(
-    how: str, redis_server: RedisServer, tmp_path: Path, services_started: list[ServiceProcess]
+def test_redis_restarts_during_ingestion_lose_no_acknowledged_event_and_resends_are_deduped(
+    redis_server: RedisServer, tmp_path: Path, services_started: list[ServiceProcess]
 ) -> None:
     namespace = unique_name("f")
     env = service_env(tmp_path / "data", redis_server.url, namespace, namespace)
@@ -343,12 +361,14 @@ def test_redis_restart_during_ingestion_loses_no_acknowledged_event_and_dedupes_
 
     with Load(3, send) as load:
         assert wait_for(lambda: sum(o.status == 202 for o in load.snapshot()) > 30, 20)
-        redis_server.stop(kill=how == "sigkill")
-        down_at = time.monotonic()
-        time.sleep(1.5)
-        redis_server.start()
-        assert wait_for(lambda: any(o.started > down_at + 1.5 and o.status == 202 for o in load.snapshot()), 20)
-        time.sleep(0.5)
+        # Twice during one ingestion: a clean stop (SIGTERM), then a crash (SIGKILL) where only the fsynced AOF
+        # stands between an acknowledged event and its loss.
+        for kill in (False, True):
+            redis_server.stop(kill=kill)
+            time.sleep(1.0)
+            redis_server.start()
+            up_at = time.monotonic()
+            assert wait_for(partial(acknowledged_since, load, up_at), 20)
     outcomes = load.snapshot()
 
     statuses = Counter(o.status for o in outcomes)
@@ -381,7 +401,7 @@ def test_redis_restart_during_ingestion_loses_no_acknowledged_event_and_dedupes_
         )
 
     assert wait_for(folded, 20), httpx.get(f"{service.url}/v1/profiles/fault-visitor-0").text[:500]
-    print(f"\ningest with Redis {how}: {statuses[202]} batches acknowledged, {statuses[503]} refused and re-sent")
+    print(f"\ningest with Redis stopped and killed: {statuses[202]} batches acknowledged, {statuses[503]} refused")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -425,15 +445,11 @@ def in_flight_request(url: str, payload: Any, results: list[Outcome]) -> tuple[t
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["recommend", "profile"])
 def test_sigterm_under_load_completes_in_flight_requests(
-    name: str, world: SessionWorld, tmp_path: Path, services_started: list[ServiceProcess]
+    name: str, world: SessionWorld, world_redis: RedisServer, tmp_path: Path, services_started: list[ServiceProcess]
 ) -> None:
     shared = world.settings
     if name == "recommend":
-        # The shared session world serves read-only: no impressions are logged into its event log.
-        env = service_env(
-            tmp_path / "data", shared.redis_url or "", shared.namespace, shared.feast_project,
-            RECOMMEND_LOG_IMPRESSIONS="false",
-        )  # fmt: skip
+        env = service_env(tmp_path / "data", world_redis.url, shared.namespace, shared.feast_project)
         visitors = known_visitors(world)
 
         def payload(worker: int, n: int) -> Any:
@@ -472,7 +488,8 @@ def test_sigterm_under_load_completes_in_flight_requests(
         thread.join(10)
     outcomes = load.snapshot()
 
-    assert exit_code == 0, service.log_path.read_text()[-2000:]
+    # uvicorn re-raises the signal after its graceful shutdown, so a clean stop exits "killed by SIGTERM".
+    assert exit_code in (0, -signal.SIGTERM), service.log_path.read_text()[-2000:]
     # The requests in flight at SIGTERM (still uploading their body) all completed with a normal answer.
     assert [o.status for o in slow_results] == [expected] * 3, slow_results
     assert all(o.ended > signalled + 0.4 for o in slow_results)
