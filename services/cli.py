@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,6 +19,10 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from services.demo.commands import shop_app
+
+# DuckDB/ibis deprecation notices on every Feast offline query are noise for CLI users.
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+warnings.filterwarnings("ignore", category=FutureWarning)
 
 app = typer.Typer(help="Selaras: personalization for online shops.", no_args_is_help=True, add_completion=False)
 import_app = typer.Typer(help="Import JSON Lines files (optionally .gz) in the API's schemas.", no_args_is_help=True)
@@ -337,6 +342,7 @@ def _run_services(data_dir: Path, profile_port: int, recommend_port: int, visito
             ),
             highlight=False,
             markup=False,
+            soft_wrap=True,  # copy-paste curls must not be wrapped at the terminal width
         )
         console.print("Ctrl-C stops both services.")
         while all(child.poll() is None for child in children):

@@ -52,7 +52,7 @@ class CommonSettings(BaseSettings):
     consent_marketing: Literal["opt_in", "opt_out"] = Field(
         default="opt_in", validation_alias=shared("consent_marketing")
     )
-    redis_timeout_s: float = Field(default=0.5, gt=0, le=30, validation_alias=shared("redis_timeout_s"))
+    redis_timeout_s: float = Field(default=2.0, gt=0, le=30, validation_alias=shared("redis_timeout_s"))
     # HTTP hardening (services/common/security.py). Browser origins allowed by CORS, comma separated
     # ("*" = any); empty = no CORS headers, so browsers refuse cross-origin calls.
     cors_origins: str = Field(default="", validation_alias=shared("cors_origins"))

@@ -27,6 +27,7 @@ from services.common.errors import StorageUnavailable
 from services.common.settings import CommonSettings
 
 DEDUPE_TTL_S = 14 * 24 * 3600
+APPEND_CHUNK = 500
 
 
 @dataclass(frozen=True)
@@ -161,16 +162,20 @@ class RedisStore(Store):
         return f"{self.ns}:{namespace}:{key}"
 
     def append_events(self, events: Sequence[PendingEvent]) -> AppendResult:
-        if not events:
-            return AppendResult(0, 0, ())
-        keys = [self._seen_key(e.event_id) for e in events] + [self.stream_key]
-        args: list[Any] = [DEDUPE_TTL_S] + [e.payload for e in events]
-        try:
-            accepted_index = cast(list[int], self._append(keys=keys, args=args))
-        except RedisError as exc:
-            raise StorageUnavailable(f"event log unavailable: {type(exc).__name__}") from exc
-        ids = tuple(events[i - 1].event_id for i in accepted_index)
-        return AppendResult(len(ids), len(events) - len(ids), ids)
+        """Chunks of APPEND_CHUNK per script call: a long script blocks Redis for every other client. If a
+        later chunk fails the caller gets an error although earlier chunks are stored; a re-send then counts
+        those as duplicates, so nothing is lost and nothing is doubled."""
+        accepted: list[str] = []
+        for start in range(0, len(events), APPEND_CHUNK):
+            chunk = events[start : start + APPEND_CHUNK]
+            keys = [self._seen_key(e.event_id) for e in chunk] + [self.stream_key]
+            args: list[Any] = [DEDUPE_TTL_S] + [e.payload for e in chunk]
+            try:
+                accepted_index = cast(list[int], self._append(keys=keys, args=args))
+            except RedisError as exc:
+                raise StorageUnavailable(f"event log unavailable: {type(exc).__name__}") from exc
+            accepted.extend(chunk[i - 1].event_id for i in accepted_index)
+        return AppendResult(len(accepted), len(events) - len(accepted), tuple(accepted))
 
     def read_events(self, after: str | None, limit: int) -> list[LogEntry]:
         start = f"({after}" if after else "-"
@@ -366,9 +371,7 @@ class SqliteStore(Store):
         return int(self._run(lambda c: c.execute("DELETE FROM events WHERE visitor_id = ?", (visitor_id,)).rowcount))
 
     def forget_event_ids(self, event_ids: Sequence[str]) -> None:
-        self._run(
-            lambda c: self._transaction(c, "DELETE FROM seen_ids WHERE event_id = ?", [(i,) for i in event_ids])
-        )
+        self._run(lambda c: self._transaction(c, "DELETE FROM seen_ids WHERE event_id = ?", [(i,) for i in event_ids]))
 
     def get_many(self, namespace: str, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:

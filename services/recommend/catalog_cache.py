@@ -25,20 +25,25 @@ IntArray = np.ndarray
 FloatArray = np.ndarray
 
 
+CATEGORY_CODES = 998  # codes 0..997
+
+
 def category_code(category: str | None) -> int:
     """A stable small integer per category name (LightGBM categorical); 0 = none."""
     if not category:
         return 0
-    return 1 + zlib.crc32(category.encode()) % 997
+    return 1 + zlib.crc32(category.encode()) % (CATEGORY_CODES - 1)
 
 
 @dataclass(frozen=True)
 class ItemColumns:
-    """Item-side values for the rows of a feature matrix (one row per candidate)."""
+    """Item-side values for the rows of a feature matrix (one row per candidate). `rows` are snapshot rows;
+    `index` and `brand_index` are the snapshot's (shared, not copied) lookups for visitor crosses."""
 
-    item_ids: Sequence[str]
-    categories: Sequence[str | None]
-    brands: Sequence[str | None]
+    rows: IntArray
+    index: Mapping[str, int]
+    brand_index: Mapping[str, int]
+    brand_code: IntArray
     category_code: IntArray
     log_price: FloatArray
     price: FloatArray
@@ -60,6 +65,8 @@ class ItemSnapshot:
     categories: list[str | None]
     brands: list[str | None]
     category_code: IntArray
+    brand_index: dict[str, int]
+    brand_code: IntArray
     price: FloatArray
     log_price: FloatArray
     discount: FloatArray
@@ -90,9 +97,10 @@ class ItemSnapshot:
     def columns(self, idx: IntArray, slot: str, now: float) -> ItemColumns:
         slot_ctr = self.slot_ctr.get(slot)
         return ItemColumns(
-            item_ids=[self.ids[i] for i in idx],
-            categories=[self.categories[i] for i in idx],
-            brands=[self.brands[i] for i in idx],
+            rows=idx,
+            index=self.index,
+            brand_index=self.brand_index,
+            brand_code=self.brand_code[idx],
             category_code=self.category_code[idx],
             log_price=self.log_price[idx],
             price=self.price[idx],
@@ -119,6 +127,8 @@ class CatalogArrays:
     categories: list[str | None]
     brands: list[str | None]
     category_code: IntArray
+    brand_index: dict[str, int]
+    brand_code: IntArray
     price: FloatArray
     discount: FloatArray
     created_ts: FloatArray
@@ -157,6 +167,7 @@ def catalog_arrays(items: Iterable[CatalogItem], now: float | None = None) -> Ca
         if brand:
             by_brand.setdefault(brand, []).append(int(i))
     non_products = {i: item for i, item in enumerate(catalog) if item.kind is not ItemKind.PRODUCT}
+    brand_index = {brand: code for code, brand in enumerate(sorted({b for b in brands if b}), start=1)}
     return CatalogArrays(
         ids=ids,
         index={item_id: i for i, item_id in enumerate(ids)},
@@ -165,6 +176,8 @@ def catalog_arrays(items: Iterable[CatalogItem], now: float | None = None) -> Ca
         categories=categories,
         brands=brands,
         category_code=np.array([category_code(c) for c in categories], dtype=np.int64),
+        brand_index=brand_index,
+        brand_code=np.array([brand_index.get(b or "", 0) for b in brands], dtype=np.int64),
         price=np.array([item.price if item.price is not None else np.nan for item in catalog], dtype=np.float64),
         discount=np.array([item.discount for item in catalog], dtype=np.float64),
         created_ts=np.array(
@@ -212,6 +225,8 @@ def catalog_arrays_of(snapshot: ItemSnapshot) -> CatalogArrays:
         categories=snapshot.categories,
         brands=snapshot.brands,
         category_code=snapshot.category_code,
+        brand_index=snapshot.brand_index,
+        brand_code=snapshot.brand_code,
         price=snapshot.price,
         discount=snapshot.discount,
         created_ts=snapshot.created_ts,
@@ -330,6 +345,8 @@ def build_snapshot(
         categories=arrays.categories,
         brands=arrays.brands,
         category_code=arrays.category_code,
+        brand_index=arrays.brand_index,
+        brand_code=arrays.brand_code,
         price=arrays.price,
         log_price=np.log1p(arrays.price),
         discount=arrays.discount,

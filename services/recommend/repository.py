@@ -18,7 +18,7 @@ from services.common.catalog import CatalogItem
 from services.common.consent import Consent
 from services.common.errors import StorageUnavailable
 from services.common.events import Event, envelope, open_envelope
-from services.common.feature_store import online_rows, open_feature_store
+from services.common.feature_store import OnlineRowReader, online_rows, open_feature_store
 from services.common.settings import CommonSettings
 from services.common.storage import Namespace, PendingEvent, Store, open_store
 from services.recommend.ranker import ModelMeta
@@ -33,6 +33,7 @@ class RecommendRepository:
         self.store = store
         self.feature_store = feature_store
         self._visitor_refs = F.visitor_feature_refs()
+        self._reader: OnlineRowReader | None = None
         # Impression events and recommendation records, written off the request path.
         self._impressions: queue.Queue[tuple[list[Event], RecordWrite | None]] = queue.Queue(maxsize=10_000)
         self._writer: threading.Thread | None = None
@@ -50,11 +51,18 @@ class RecommendRepository:
 
     # -- visitor ----------------------------------------------------------------------------------
     def visitor_row(self, visitor_id: str) -> dict[str, Any] | None:
-        """The visitor's online row through Feast (one entity; ~1 ms). None when the visitor is unknown."""
+        """The visitor's online row from Feast's online store. None when the visitor is unknown."""
+        if self._reader is None:
+            self._reader = OnlineRowReader(self.feature_store, F.VISITOR_VIEW)
+        row = self._reader.read([visitor_id])[0]
+        return row if row and row.get("event_count") else None
+
+    def visitor_row_via_sdk(self, visitor_id: str) -> dict[str, Any] | None:
+        """The same row through `get_online_features` (the slower, fully general SDK path)."""
         response = self.feature_store.get_online_features(
             features=self._visitor_refs, entity_rows=[{F.VISITOR_KEY: visitor_id}]
         ).to_dict()
-        row = {name: values[0] for name, values in response.items()}
+        row = {name: values[0] for name, values in response.items() if name != F.VISITOR_KEY}
         return row if row.get("event_count") else None
 
     def consent(self, visitor_id: str) -> Consent:

@@ -51,8 +51,10 @@ def apply_rules(
     bought = set(just_bought)
     per_category: dict[str, int] = {}
     chosen: list[tuple[int, float]] = []
-    for position in order:
-        i = int(idx[position])
+    rows = idx.tolist()
+    boosted_values = boosted.tolist()
+    for position in order.tolist():
+        i = rows[position]
         item_id = snapshot.ids[i]
         if item_id in exclude_ids or item_id in bought:
             continue
@@ -61,7 +63,7 @@ def apply_rules(
             if per_category.get(category, 0) >= max_per_category:
                 continue
             per_category[category] = per_category.get(category, 0) + 1
-        chosen.append((i, float(boosted[position])))
+        chosen.append((i, boosted_values[position]))
         if len(chosen) >= count:
             break
     return chosen

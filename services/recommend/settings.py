@@ -16,6 +16,8 @@ class RecommendSettings(CommonSettings):
 
     host: str = "127.0.0.1"
     port: int = 8002
+    # A page view must not wait on a struggling Redis: fail fast and answer from the in-process caches.
+    redis_timeout_s: float = Field(default=0.25, gt=0, le=30, validation_alias="SELARAS_REDIS_TIMEOUT_S")
     max_candidates: int = Field(default=500, ge=10, le=5000)
     max_slots: int = Field(default=10, ge=1, le=50)
     max_count: int = Field(default=100, ge=1, le=500)

@@ -156,3 +156,20 @@ def test_reload_keeps_serving(clients: tuple[TestClient, TestClient], world: Ses
     assert response.status_code == 200
     assert response.json()["model_version"] == world.world.model_version
     assert client.get("/readyz").json()["ready"] is True
+
+
+def test_direct_online_read_equals_the_sdk_read(world: SessionWorld) -> None:
+    from services.recommend.repository import RecommendRepository
+
+    repository = RecommendRepository.open(world.settings)
+    try:
+        for visitor in world.world.simulator.visitors[:5]:
+            fast = repository.visitor_row(visitor.visitor_id)
+            slow = repository.visitor_row_via_sdk(visitor.visitor_id)
+            assert fast is not None and slow is not None
+            assert fast.keys() == slow.keys()
+            for name in fast:
+                assert fast[name] == slow[name] or (fast[name] != fast[name] and slow[name] != slow[name]), name
+        assert repository.visitor_row("never-seen") is None
+    finally:
+        repository.close()
