@@ -1,13 +1,13 @@
 """Drive the next-best-message policy over the demo simulator: logged decisions with propensities plus the
 simulated visitors' reactions, for training the uplift model and for offline policy evaluation.
 
-After `history_days` of browsing, every simulated morning (07:00 WIB) each visitor is asked about one channel (drawn at random) through the
-real `MessageService`: rows come from Feast, consent and caps from the store, decisions are logged as
-`message_sent` events. A sent message gets `Simulator.respond_message` (open, click, purchase, plus any
-organic purchase); a logged "nothing sent" gets `Simulator.respond_no_message`, drawn from the same random
-stream, so both arms face the same organic purchases. Behaviour history and outcomes are ingested in time
-order through the profile service's ingest path and aggregator, so features at each decision are the ones
-the live service would have read.
+After `history_days` of browsing, every simulated morning (07:00 WIB) each visitor is asked about one
+channel (drawn at random) through the real `MessageService`: rows come from Feast, consent and caps from
+the store, decisions are logged as `message_sent` events. A sent message gets `Simulator.respond_message`
+(open, click, purchase, plus any organic purchase); a logged "nothing sent" gets
+`Simulator.respond_no_message`, drawn from the same random stream, so both arms face the same organic
+purchases. History and outcomes are ingested in time order through the profile service's ingest path and
+aggregator, so features at each decision are the ones the live service would have read.
 
 `bench_nbm_batch` measures the batch endpoint's throughput for `make bench`.
 """
@@ -37,11 +37,11 @@ from services.demo.world import batched
 from services.profile.aggregations import SegmentRules
 from services.profile.repository import ProfileRepository
 from services.profile.service import Aggregator, IngestService
+from services.recommend.catalog_cache import build_snapshot
 from services.recommend.message_model import MessageTrainConfig, replay_decisions, train_message_model
 from services.recommend.message_repository import MessageRepository
 from services.recommend.messages import CHANNELS, MessageRequest, MessageService, MessageSettings
 from services.recommend.repository import RecommendRepository
-from services.recommend.service import RecommendService
 from services.recommend.settings import RecommendSettings
 
 log = logging.getLogger(__name__)
@@ -183,10 +183,13 @@ def simulate_messages(
         profile.upsert_catalog(shop.all_items())
         aggregator = Aggregator(profile, SegmentRules(), settings.consent_defaults(), offline_rows=False)
         ingest = IngestService(profile)
-        recommend = RecommendService(recommend_settings, recommend_repository, settings.consent_defaults())
+        # The item snapshot is built from the catalog in memory: the recommend service's refresh would scan the
+        # store's catalog and indexes every simulated day, which costs minutes on a busy shared Redis.
+        others = [*shop.banners, *shop.ctas, *shop.messages]
+        snapshot = [build_snapshot([*products, *others], {}, {}, {}, now=start.timestamp())]
         messages = MessageService(
             MessageRepository(recommend_repository),
-            lambda: recommend.snapshot,
+            lambda: snapshot[0],
             config.policy,
             settings.consent_defaults(),
         )
@@ -206,7 +209,7 @@ def simulate_messages(
             decided_at = first_decision + timedelta(days=day)
             ingest_until(decided_at.timestamp())
             _restock(products, rng, config.restock_share, profile)
-            recommend.refresh_cache()
+            snapshot[0] = build_snapshot([*products, *others], {}, {}, {}, now=decided_at.timestamp())
             channels = rng.choice(len(config.channels), size=len(visitor_ids))
             requests = [
                 MessageRequest(visitor_id=v, channel=config.channels[int(c)], now=decided_at)

@@ -120,6 +120,8 @@ class MessageRequest(BaseModel):
     now: AwareDatetime | None = None
     # Preview only: nothing is recorded (caps, cooldowns, decision log).
     dry_run: bool = False
+    # Also answer every eligible message with its expected uplift (debugging, CRM previews).
+    explain: bool = False
 
 
 class MessageBatchRequest(BaseModel):
@@ -673,13 +675,14 @@ class MessageService:
         self._lock = threading.Lock()
 
     # -- cached inputs --------------------------------------------------------------------------------
-    def catalog(self) -> MessageCatalog:
+    def catalog(self, now: float | None = None) -> MessageCatalog:
+        """The message catalog of the current item snapshot; `now` stamps restocks the watch notices."""
         snapshot = self.snapshot_source()
         catalog = self._catalog
         if catalog is None or catalog.snapshot is not snapshot:
             catalog = MessageCatalog.build(snapshot, self.settings.min_discount)
             self._catalog = catalog
-        self.watch.observe(snapshot, time.time(), self.settings.restock_days * 86_400.0)
+        self.watch.observe(snapshot, time.time() if now is None else now, self.settings.restock_days * 86_400.0)
         return catalog
 
     @property
@@ -738,7 +741,8 @@ class MessageService:
     def _decide(self, requests: Sequence[MessageRequest]) -> list[dict[str, Any]]:
         settings = self.settings
         wall = time.time()
-        catalog = self.catalog()
+        # A restock is noticed "now"; for replays and simulations that is the earliest decision time asked.
+        catalog = self.catalog(min((r.now.timestamp() if r.now else wall) for r in requests))
         eligibility = Eligibility(catalog, self.watch, settings)
         model = self.model
         personas = self.personas()
@@ -913,6 +917,8 @@ class MessageService:
             result["model_version"] = version
             # When the message would have gone out: outcomes of "nothing sent" are measured from then.
             result["planned_send_at"] = p.send_at.isoformat()
+            if request.explain:
+                result["candidates"] = self._explained(p, scores, snapshot)
             if not request.dry_run:
                 self._log(p, recommendation_id, None, None, propensity, control, reason, candidates_text, version, "")
             return result
@@ -966,7 +972,7 @@ class MessageService:
                 score,
             )
             SENDS.labels(request.channel, template.trigger).inc()
-        return {
+        answer: dict[str, Any] = {
             "recommendation_id": recommendation_id,
             "visitor_id": request.visitor_id,
             "channel": request.channel,
@@ -990,6 +996,22 @@ class MessageService:
             "model_version": version,
             "dry_run": request.dry_run,
         }
+        if request.explain:
+            answer["candidates"] = self._explained(p, scores, snapshot)
+        return answer
+
+    @staticmethod
+    def _explained(p: _Planned, scores: Sequence[float], snapshot: ItemSnapshot) -> list[dict[str, Any]]:
+        return [
+            {
+                "item_id": c.template.item_id,
+                "trigger": c.template.trigger,
+                "product_id": snapshot.ids[c.product] if c.product >= 0 else None,
+                "reason": c.reason,
+                "score": round(float(score), 6),
+            }
+            for c, score in zip(p.candidates, scores, strict=True)
+        ]
 
     def _tokens(
         self, p: _Planned, chosen: Candidate, traits: Mapping[str, Any], snapshot: ItemSnapshot, locale: str
