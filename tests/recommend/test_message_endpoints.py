@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from services.common.catalog import CatalogItem
@@ -201,7 +202,7 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
         profile.store.put(Namespace.PERSONAS, "current", orjson.dumps(personas))
     finally:
         profile.close()
-    settings = RecommendSettings(**common.model_dump(), refresh_interval_s=0.2)
+    settings = RecommendSettings(**common.model_dump(), refresh_interval_s=1.0)
     app = create_app(settings)
     with TestClient(app) as client:
         state: RecommendState = app.state.recommend
@@ -212,6 +213,16 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
         shop.use(shop.service())
         yield shop
     clean_namespace(REDIS_URL, namespace)
+    drop_feast_rows(REDIS_URL, namespace)
+
+
+def drop_feast_rows(url: str, project: str) -> None:
+    """Feast's Redis keys end with the project name (not under the namespace prefix): remove them too."""
+    client = redis.Redis.from_url(url)
+    keys = list(client.scan_iter(match=f"*{project}", count=5000))
+    for start in range(0, len(keys), 1000):
+        client.delete(*keys[start : start + 1000])
+    client.close()
 
 
 def triggers(answer: dict[str, Any]) -> dict[str, str | None]:
