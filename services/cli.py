@@ -19,6 +19,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from services.demo.commands import shop_app
+from services.recommend.message_cli import register_message_commands
 
 # DuckDB/ibis deprecation notices on every Feast offline query are noise for CLI users.
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -28,6 +29,9 @@ app = typer.Typer(help="Selaras: personalization for online shops.", no_args_is_
 import_app = typer.Typer(help="Import JSON Lines files (optionally .gz) in the API's schemas.", no_args_is_help=True)
 app.add_typer(shop_app, name="shop")
 app.add_typer(import_app, name="import")
+evaluate_app = typer.Typer(help="Offline evaluation: rankings, policies and messages.", no_args_is_help=True)
+app.add_typer(evaluate_app, name="evaluate")
+register_message_commands(app, evaluate_app)
 console = Console()
 
 DataDir = Annotated[Path, typer.Option("--data-dir", envvar="SELARAS_DATA_DIR", help="Where Selaras keeps its data.")]
