@@ -471,8 +471,8 @@ function renderTimeline(report) {
     return;
   }
   const width = 760, height = 260, left = 56, right = 16, top = 12, bottom = 34;
-  const values = points.flatMap((p) => [p.uplift, p.ci_lower, p.ci_upper, p.always_valid_lower, p.always_valid_upper])
-    .filter((v) => v != null && Number.isFinite(v));
+  // Scale on the uplift and its fixed interval: the early always-valid band is very wide and is clipped.
+  const values = points.flatMap((p) => [p.uplift, p.ci_lower, p.ci_upper]).filter((v) => v != null && Number.isFinite(v));
   const span = Math.min(Math.max(0.05, ...values.map(Math.abs)) * 1.1, 5);
   const x = (i) => left + (points.length === 1 ? 0.5 : i / (points.length - 1)) * (width - left - right);
   const y = (v) => top + (1 - (Math.max(-span, Math.min(span, v)) + span) / (2 * span)) * (height - top - bottom);
