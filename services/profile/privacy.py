@@ -85,13 +85,18 @@ class ExperimentStateHolder:
         finally:
             store.close()
 
+    @staticmethod
+    def _experiment_ids(store: Any) -> list[str]:
+        # The registry lists the running experiments by key; their state is stored under the entry's "id".
+        return sorted({str(entry.get("id", key)) for key, entry in store.registry().items()})
+
     def forget_visitor(self, visitor_id: str) -> int:
         with self._store() as store:
-            return int(store.forget_visitor(sorted(store.registry()), visitor_id))
+            return int(store.forget_visitor(self._experiment_ids(store), visitor_id))
 
     def export_visitor(self, visitor_id: str) -> Any:
         with self._store() as store:
-            heads = store.visitor_heads(sorted(store.registry()), [visitor_id])
+            heads = store.visitor_heads(self._experiment_ids(store), [visitor_id])
             return {experiment: dataclasses.asdict(head) for (experiment, _), head in heads.items()}
 
 

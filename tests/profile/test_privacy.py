@@ -1,0 +1,268 @@
+"""Erasure, export and retention on real Redis + Feast: an erased visitor is absent from the log, the online
+and offline stores, experiment state and a training set built afterwards; export returns what is kept;
+retention drops history older than the period. No visitor id reaches the service logs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import pyarrow.parquet as pq
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from services.cli import app as cli_app
+from services.common import features as F
+from services.common.events import Event
+from services.common.experiment_store import ExposureWrite, open_experiment_store
+from services.common.feature_store import online_rows
+from services.common.storage import Namespace
+from services.profile.aggregations import SegmentRules
+from services.profile.app import create_app
+from services.profile.privacy import PrivacyService
+from services.profile.repository import ProfileRepository
+from services.profile.service import Aggregator, IngestService
+from services.profile.settings import ProfileSettings
+from services.recommend.repository import RecommendRepository
+from services.recommend.training import Query, TrainConfig, Trainer
+from tests.conftest import REDIS_URL, clean_namespace, unique_name
+from tests.factories import BASE_TIME, make_event_dict, make_item
+
+ADMIN = {"X-API-Key": "privacy-admin-key-0123456789"}
+ERASED, KEPT = "erase-me", "keep-me"
+EXPERIMENT_ID = "exp-a-1"
+
+
+def history(visitor_id: str, start: datetime, days: int = 3) -> list[Event]:
+    events = []
+    for day in range(days):
+        at = start + timedelta(days=day)
+        for n, (kind, item) in enumerate(
+            [("product_view", "pv-1"), ("product_view", "pv-2"), ("add_to_cart", "pv-2"), ("purchase", "pv-2")]
+        ):
+            fields = {
+                "event_id": f"{visitor_id}-{day}-{n}",
+                "visitor_id": visitor_id,
+                "type": kind,
+                "item_id": item,
+                "timestamp": (at + timedelta(minutes=n)).isoformat(),
+            }
+            events.append(Event.model_validate(make_event_dict(**fields)))
+    return events
+
+
+@dataclass
+class Shop:
+    settings: ProfileSettings
+    client: TestClient
+    events: dict[str, list[Event]]
+
+    @property
+    def state(self) -> Any:
+        return self.client.app.state.profile  # type: ignore[attr-defined]
+
+    def fold(self) -> None:
+        while self.state.aggregator.run_once(5000).events:
+            pass
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
+    from services.common.auth import hash_key
+
+    namespace = unique_name("priv")
+    settings = ProfileSettings(
+        data_dir=tmp_path_factory.mktemp("privacy"),
+        redis_url=REDIS_URL,
+        namespace=namespace,
+        feast_project=namespace,
+        environment="test",
+        api_keys=f"ops:admin:{hash_key(ADMIN['X-API-Key'])}",
+        aggregator_enabled=False,  # the tests fold explicitly, so every step is deterministic
+    )
+    with TestClient(create_app(settings)) as client:
+        state = client.app.state.profile  # type: ignore[attr-defined]
+        state.repository.upsert_catalog([make_item(item_id="pv-1"), make_item(item_id="pv-2", price=90_000)])
+        events = {ERASED: history(ERASED, BASE_TIME), KEPT: history(KEPT, BASE_TIME + timedelta(hours=1))}
+        state.ingest.ingest(sorted(events[ERASED] + events[KEPT], key=lambda e: e.ts))
+        built = Shop(settings, client, events)
+        built.fold()
+        yield built
+    clean_namespace(REDIS_URL, namespace)
+
+
+def seed_other_holders(shop: Shop) -> None:
+    """A recommendation record and experiment state that name the visitor (written by the recommend side)."""
+    store = shop.state.repository.store
+    record = {"visitor_id": ERASED, "ts": time.time(), "slots": {"home": ["pv-1"]}, "experiment": "exp-a"}
+    store.put(Namespace.RECOMMENDATIONS, "rec-erased", orjson.dumps(record), 3600)
+    store.put(Namespace.RECOMMENDATIONS, "rec-kept", orjson.dumps({**record, "visitor_id": KEPT}), 3600)
+    experiments = open_experiment_store(shop.settings)
+    try:
+        entry = {
+            "key": "exp-a",
+            "id": EXPERIMENT_ID,
+            "window_s": 86400.0,
+            "slots": [],
+            "channels": [],
+            "arms": ["a", "b"],
+        }
+        experiments.publish_registry({"exp-a": entry})
+        for visitor_id in (ERASED, KEPT):
+            experiments.record_exposure(
+                ExposureWrite(EXPERIMENT_ID, visitor_id, "b", "all", BASE_TIME.timestamp(), {"all": {"ctr": 3.0}})
+            )
+    finally:
+        experiments.close()
+
+
+def training_view(settings: ProfileSettings, visitor_ids: list[str], at: datetime) -> tuple[set[str], list[bool]]:
+    """A training set built now: which visitors have queries, and whether point-in-time rows know them."""
+    repository = RecommendRepository.open(settings)
+    try:
+        trainer = Trainer(repository, TrainConfig())
+        events, catalog = trainer.load()
+        queries = trainer.behaviour_queries(events, {item.item_id for item in catalog})
+        probes = [Query(v, at.timestamp(), "mobile", "web", "Jakarta", 420) for v in visitor_ids]
+        rows = trainer.visitor_rows(probes)
+    finally:
+        repository.close()
+    return {q.visitor_id for q in queries}, [vector.known for vector, _ in rows]
+
+
+def test_export_returns_everything_kept(shop: Shop) -> None:
+    seed_other_holders(shop)
+    assert shop.client.put(f"/v1/profiles/{ERASED}/consent", json={"marketing_email": True}, headers=ADMIN).is_success
+    export = shop.client.get(f"/v1/profiles/{ERASED}/export", headers=ADMIN).json()
+    events = shop.events[ERASED]
+    assert export["visitor_id"] == ERASED
+    assert [e["event_id"] for e in export["events"]] == [e.event_id for e in events]
+    assert export["consent"]["given"] == {"marketing_email": True}
+    assert export["consent"]["resolved"]["marketing_email"] is True
+    assert export["profile_state"]["visitor_id"] == ERASED and export["profile_state"]["orders"] == 3
+    assert export["online_features"]["event_count"] == len(events)
+    assert len(export["feature_history"]) == len(events)  # one point-in-time row per folded event
+    assert {row[F.VISITOR_KEY] for row in export["feature_history"]} == {ERASED}
+    assert list(export["recommendations"]) == ["rec-erased"]
+    assert export["other"]["experiment_state"][EXPERIMENT_ID]["arm"] == "b"
+    orjson.dumps(export)  # plain JSON all the way down
+    assert shop.client.get("/v1/profiles/nobody-here/export", headers=ADMIN).status_code == 404
+
+
+def test_erasure_removes_the_visitor_everywhere_and_from_later_training(
+    shop: Shop, caplog: pytest.LogCaptureFixture
+) -> None:
+    seed_other_holders(shop)
+    probe_at = BASE_TIME + timedelta(days=2, hours=12)  # point in time inside both visitors' histories
+    visitors_before, known_before = training_view(shop.settings, [ERASED, KEPT], probe_at)
+    assert {ERASED, KEPT} <= visitors_before and known_before == [True, True]  # the control: both are there
+
+    caplog.set_level(logging.DEBUG)
+    response = shop.client.delete(f"/v1/profiles/{ERASED}", headers=ADMIN)
+    assert response.status_code == 200, response.text
+    receipt = response.json()
+    n = len(shop.events[ERASED])
+    assert receipt["visitor_id"] == ERASED
+    assert (receipt["log_events"], receipt["idempotency_keys"]) == (n, n)
+    assert (receipt["visitor_state"], receipt["online_rows"], receipt["consent"]) == (1, 1, 1)
+    assert receipt["offline_rows"] == n and receipt["offline_files_rewritten"] >= 1
+    assert receipt["recommendation_records"] == 1
+    assert receipt["holders"] == {"experiment_state": 1}
+    # No visitor id in what the services log.
+    service_logs = [r.getMessage() for r in caplog.records if not r.name.startswith("httpx")]
+    assert not [line for line in service_logs if ERASED in line]
+
+    # Gone from every store ...
+    repository = shop.state.repository
+    assert repository.visitor_states([ERASED]) == {}
+    assert repository.consents([ERASED]) == {}
+    assert online_rows(repository.feature_store, F.VISITOR_VIEW, [ERASED])[0]["event_count"] is None
+    history_ids = pq.read_table(shop.settings.offline_dir / F.VISITOR_VIEW, columns=[F.VISITOR_KEY])
+    assert ERASED not in set(history_ids[F.VISITOR_KEY].to_pylist())
+    assert repository.store.get(Namespace.RECOMMENDATIONS, "rec-erased") is None
+    experiments = open_experiment_store(shop.settings)
+    try:
+        assert experiments.visitor_heads([EXPERIMENT_ID], [ERASED]) == {}
+        assert experiments.visitor_heads([EXPERIMENT_ID], [KEPT])  # only the erased visitor is forgotten
+    finally:
+        experiments.close()
+    assert shop.client.get(f"/v1/profiles/{ERASED}/export", headers=ADMIN).status_code == 404
+
+    # ... and from a training set built afterwards; the other visitor is untouched.
+    visitors_after, known_after = training_view(shop.settings, [ERASED, KEPT], probe_at)
+    assert ERASED not in visitors_after and KEPT in visitors_after
+    assert known_after == [False, True]
+    assert repository.store.get(Namespace.RECOMMENDATIONS, "rec-kept") is not None
+    assert online_rows(repository.feature_store, F.VISITOR_VIEW, [KEPT])[0]["event_count"] == len(shop.events[KEPT])
+
+    # Erasure is idempotent, and the idempotency keys are gone too: re-sent events are new data.
+    again = shop.client.delete(f"/v1/profiles/{ERASED}", headers=ADMIN).json()
+    assert again["log_events"] == 0 and again["offline_rows"] == 0 and again["visitor_state"] == 0
+    assert shop.state.ingest.ingest(shop.events[ERASED][:2]).accepted == 2
+    shop.fold()
+    assert repository.visitor_states([ERASED])[ERASED].event_count == 2
+    shop.client.delete(f"/v1/profiles/{ERASED}", headers=ADMIN)
+
+
+def test_erasure_needs_the_admin_scope(shop: Shop) -> None:
+    assert shop.client.delete(f"/v1/profiles/{KEPT}").status_code == 401
+    assert shop.client.get(f"/v1/profiles/{KEPT}/export").status_code == 401
+
+
+def test_retention_drops_history_older_than_the_period(shop: Shop, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A visitor whose history is two years old, next to the recent visitors of this shop.
+    old_start = datetime.now(UTC) - timedelta(days=800)
+    old = history("old-visitor", old_start, days=2)
+    shop.state.ingest.ingest(old)
+    shop.fold()
+    repository = shop.state.repository
+    kept_before = repository.store.log_length() - len(old)
+    settings = shop.settings
+    for name, value in {
+        "SELARAS_DATA_DIR": str(settings.data_dir),
+        "REDIS_URL": REDIS_URL,
+        "SELARAS_NAMESPACE": settings.namespace,
+        "SELARAS_FEAST_PROJECT": settings.feast_project,
+    }.items():
+        monkeypatch.setenv(name, value)
+    # BASE_TIME (the other visitors) is in late 2026: keep 400 days from now.
+    dry = CliRunner().invoke(cli_app, ["retention", "--days", "400", "--dry-run", "--data-dir", str(settings.data_dir)])
+    assert dry.exit_code == 0, dry.output
+    assert f"would delete {len(old)} logged events and {len(old)} offline" in " ".join(dry.output.split())
+    assert repository.store.log_length() == kept_before + len(old)
+
+    result = CliRunner().invoke(cli_app, ["retention", "--days", "400", "--data-dir", str(settings.data_dir)])
+    assert result.exit_code == 0, result.output
+    assert repository.store.log_length() == kept_before
+    table = pq.read_table(settings.offline_dir / F.VISITOR_VIEW, columns=[F.VISITOR_KEY, F.TIMESTAMP_FIELD])
+    assert "old-visitor" not in set(table[F.VISITOR_KEY].to_pylist())
+    assert KEPT in set(table[F.VISITOR_KEY].to_pylist())
+
+
+def test_erasure_on_the_embedded_stores(settings_factory: Callable[..., Any]) -> None:
+    """The same erasure on SQLite (event log, blobs and the Feast online store): `make demo`'s stores."""
+    settings: ProfileSettings = settings_factory(ProfileSettings, redis_url=None)
+    repository = ProfileRepository.open(settings)
+    try:
+        repository.upsert_catalog([make_item(item_id="pv-1"), make_item(item_id="pv-2")])
+        aggregator = Aggregator(repository, SegmentRules(), settings.consent_defaults())
+        IngestService(repository).ingest(history(ERASED, BASE_TIME) + history(KEPT, BASE_TIME + timedelta(hours=1)))
+        while aggregator.run_once(5000).events:
+            pass
+        privacy = PrivacyService(
+            repository.store, repository.feature_store, settings.offline_dir, settings.consent_defaults()
+        )
+        receipt = privacy.erase(ERASED)
+        assert (receipt.log_events, receipt.visitor_state, receipt.online_rows, receipt.offline_rows) == (12, 1, 1, 12)
+        assert online_rows(repository.feature_store, F.VISITOR_VIEW, [ERASED])[0]["event_count"] is None
+        assert online_rows(repository.feature_store, F.VISITOR_VIEW, [KEPT])[0]["event_count"] == 12
+        assert repository.store.log_length() == 12
+        assert not privacy.known(ERASED) and privacy.known(KEPT)
+    finally:
+        repository.close()
