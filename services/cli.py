@@ -19,6 +19,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from services.demo.commands import shop_app
+from services.demo.simulate_ab import simulate_ab_command
 from services.recommend.message_cli import register_message_commands
 
 # DuckDB/ibis deprecation notices on every Feast offline query are noise for CLI users.
@@ -29,6 +30,7 @@ app = typer.Typer(help="Selaras: personalization for online shops.", no_args_is_
 import_app = typer.Typer(help="Import JSON Lines files (optionally .gz) in the API's schemas.", no_args_is_help=True)
 app.add_typer(shop_app, name="shop")
 app.add_typer(import_app, name="import")
+app.command("simulate-ab")(simulate_ab_command)
 evaluate_app = typer.Typer(help="Offline evaluation: rankings, policies and messages.", no_args_is_help=True)
 app.add_typer(evaluate_app, name="evaluate")
 register_message_commands(app, evaluate_app)

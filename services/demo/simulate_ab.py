@@ -1,0 +1,530 @@
+"""`selaras simulate-ab`: an A/B (and an A/A) experiment on the demo shop, end to end through the services.
+
+The demo simulator's visitors keep shopping after the demo world's history ends. At the start of every
+session a visitor asks `POST /v1/recommend` (with `context.now` set to the simulated time), reacts to what
+the experiment arm showed (`Simulator.respond`: clicks, add-to-carts, purchases echoing the recommendation
+id) and browses on as in the history; the events go to `POST /v1/events`. After each simulated day the
+profile service folds the day and the recommend service reloads, then the next day starts. The command
+prints the experiment report (uplift, intervals, p-values, SRM, verdict).
+
+Runs are reproducible: the simulator's reactions are drawn from a stream keyed by a per-session id (the
+real recommendation id is random), and nothing changes the services' state during a simulated day.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal, Protocol
+
+import orjson
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from services.common import features as F
+from services.common.events import Event
+from services.common.settings import CommonSettings
+from services.common.storage import Namespace, open_store
+from services.demo.simulator import ShownItem, Simulator
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, float], None]
+Mode = Literal["ab", "aa", "both"]
+
+DEFAULT_SLOTS: tuple[dict[str, Any], ...] = (
+    {"name": "home_products", "kind": "product", "count": 8},
+    {"name": "hero_banner", "kind": "banner", "count": 1},
+    {"name": "cta", "kind": "cta", "count": 2},
+)
+# Store namespaces that make up a demo world (the event log and cursors are not copied: a fork starts a
+# fresh log, which is why visitor states forget their applied log position).
+FORKED_NAMESPACES = (
+    Namespace.CATALOG,
+    Namespace.VISITOR_STATE,
+    Namespace.ITEM_STATE,
+    Namespace.COVISITATION,
+    Namespace.POPULARITY,
+    Namespace.CONSENT,
+    Namespace.PERSONAS,
+    Namespace.META,
+)
+EVENT_BATCH = 1000
+
+
+class HttpClient(Protocol):
+    """What the simulation needs from an HTTP client (httpx.Client and Starlette's TestClient fit)."""
+
+    def get(self, url: str, **kwargs: Any) -> Any: ...
+
+    def post(self, url: str, **kwargs: Any) -> Any: ...
+
+
+@dataclass
+class Services:
+    """The two services to drive, and how to wait until the profile service has folded what it got."""
+
+    profile: HttpClient
+    recommend: HttpClient
+    settle: Callable[[], None]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RunStats:
+    days: int = 0
+    sessions: int = 0
+    requests: int = 0
+    events: int = 0
+    responses: int = 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Forking a demo world
+# ------------------------------------------------------------------------------------------------
+
+
+def fork_world(
+    source: CommonSettings, target: CommonSettings, visitor_ids: Sequence[str], item_ids: Sequence[str]
+) -> dict[str, int]:
+    """Copy a built demo world (catalog, model, indexes, visitor/item state and online features) to other
+    settings (namespace, Feast project, data dir), so a simulation can change it without touching the
+    original."""
+    # Feast is imported here, not at module level, so `selaras --help` stays fast.
+    from services.common.feature_store import FeatureWriter, online_rows, open_feature_store
+
+    copied: dict[str, int] = {}
+    source_store, target_store = open_store(source), open_store(target)
+    try:
+        for namespace in FORKED_NAMESPACES:
+            values = dict(source_store.scan(namespace))
+            if namespace == Namespace.VISITOR_STATE:
+                values = {key: _forget_position(raw) for key, raw in values.items()}
+            for start in range(0, len(values), 2000):
+                chunk = dict(list(values.items())[start : start + 2000])
+                target_store.put_many(namespace, chunk)
+            copied[namespace] = len(values)
+    finally:
+        source_store.close()
+        target_store.close()
+    source_features, target_features = open_feature_store(source), open_feature_store(target)
+    writer = FeatureWriter(target_features, target.offline_dir)
+    stamp = datetime.now(UTC)
+    for view, keys, present in (
+        (F.VISITOR_VIEW, visitor_ids, "event_count"),
+        (F.ITEM_VIEW, item_ids, None),
+    ):
+        rows: list[dict[str, Any]] = []
+        for start in range(0, len(keys), 1000):
+            for row in online_rows(source_features, view, keys[start : start + 1000]):
+                known = row.get(present) if present else any(v is not None for k, v in row.items() if k != F.ITEM_KEY)
+                if known:
+                    rows.append({**row, F.TIMESTAMP_FIELD: stamp})
+        writer.write(view, rows, offline=False)
+        copied[view] = len(rows)
+    return copied
+
+
+def _forget_position(raw: bytes) -> bytes:
+    state = orjson.loads(raw)
+    state["applied_position"] = ""
+    return orjson.dumps(state)
+
+
+# ------------------------------------------------------------------------------------------------
+# The simulation
+# ------------------------------------------------------------------------------------------------
+
+
+def experiment_spec(
+    key: str, mode: Literal["ab", "aa"], start: datetime, end: datetime, visitors: int
+) -> dict[str, Any]:
+    """A/B: generic control vs personalized treatment. A/A: both arms personalized (must show nothing)."""
+    return {
+        "key": key,
+        "description": (
+            "Personalized ranking vs the generic popularity-in-context ranking"
+            if mode == "ab"
+            else "A/A check: both arms get the same personalized ranking"
+        ),
+        "enabled": True,
+        "slot_kinds": ["product", "banner", "cta"],
+        "slots": [slot["name"] for slot in DEFAULT_SLOTS],
+        "arms": [
+            {"name": "control", "weight": 0.5, "personalized": mode == "aa"},
+            {"name": "treatment", "weight": 0.5, "personalized": True},
+        ],
+        "start": start.isoformat(),
+        "end": end.isoformat(),
+        "attribution_window_hours": 24,
+        "primary_metric": "ctr",
+        "metrics": ["ctr", "conversion", "revenue", "add_to_cart"],
+        "min_visitors_per_arm": max(20, visitors // 10),
+        "planned_visitors": visitors,
+    }
+
+
+def _sessions(events: Sequence[Event]) -> list[list[Event]]:
+    """Organic events grouped by session, ordered by session start."""
+    grouped: dict[str, list[Event]] = {}
+    for event in events:
+        key = event.context.session_id or f"{event.visitor_id}-{event.timestamp.date()}"
+        grouped.setdefault(key, []).append(event)
+    return sorted(grouped.values(), key=lambda session: session[0].ts)
+
+
+def _post_events(services: Services, events: Sequence[Event]) -> None:
+    ordered = sorted(events, key=lambda e: e.ts)
+    for start in range(0, len(ordered), EVENT_BATCH):
+        body = {"events": [e.model_dump(mode="json", exclude_none=True) for e in ordered[start : start + EVENT_BATCH]]}
+        response = services.profile.post("/v1/events", json=body, headers=services.headers)
+        if response.status_code != 202:
+            raise RuntimeError(f"POST /v1/events answered {response.status_code}: {response.text[:300]}")
+
+
+def _reload(services: Services) -> None:
+    response = services.recommend.post("/v1/admin/reload", headers=services.headers)
+    if response.status_code != 200:
+        raise RuntimeError(f"POST /v1/admin/reload answered {response.status_code}: {response.text[:300]}")
+
+
+def simulate(
+    services: Services,
+    simulator: Simulator,
+    start: datetime,
+    days: int,
+    run_key: str,
+    slots: Sequence[Mapping[str, Any]] = DEFAULT_SLOTS,
+    progress: Progress | None = None,
+) -> RunStats:
+    """Visitors browse for `days` simulated days from `start`, asking for recommendations at each session."""
+    stats = RunStats()
+    # Same seed and visitors as the world's simulator, continuing at `start`.
+    continued = Simulator(simulator.shop, n_visitors=len(simulator.visitors), seed=simulator.seed, start=start)
+    organic = list(continued.history(days))
+    for day in range(days):
+        day_start, day_end = start + timedelta(days=day), start + timedelta(days=day + 1)
+        today = [e for e in organic if day_start.timestamp() <= e.ts < day_end.timestamp()]
+        outgoing: list[Event] = []
+        for number, session in enumerate(_sessions(today)):
+            first = session[0]
+            outgoing.extend(e.model_copy(update={"event_id": f"{run_key}-{e.event_id}"}) for e in session)
+            context = {
+                "device": first.context.device.value if first.context.device else None,
+                "channel": first.context.channel,
+                "city": first.context.city,
+                "locale": first.context.locale,
+                "now": first.timestamp.isoformat(),
+            }
+            body = {"visitor_id": first.visitor_id, "context": context, "slots": list(slots)}
+            response = services.recommend.post("/v1/recommend", json=body, headers=services.headers)
+            if response.status_code != 200:
+                raise RuntimeError(f"POST /v1/recommend answered {response.status_code}: {response.text[:300]}")
+            answer = response.json()
+            stats.requests += 1
+            # The reaction is drawn from a stream keyed by this stable id (the service's id is random), then
+            # attributed to the real recommendation id.
+            stable_id = f"{run_key}-d{day}-s{number}-{first.visitor_id}"
+            for slot in answer["slots"]:
+                shown = [ShownItem(item["item_id"], item["position"], slot["kind"]) for item in slot["items"]]
+                if not shown:
+                    continue
+                for reaction in simulator.respond(first.visitor_id, shown, first.timestamp, stable_id, slot["name"]):
+                    outgoing.append(reaction.model_copy(update={"recommendation_id": answer["recommendation_id"]}))
+                    stats.responses += 1
+            stats.sessions += 1
+        _post_events(services, outgoing)
+        stats.events += len(outgoing)
+        services.settle()
+        _reload(services)
+        stats.days += 1
+        if progress:
+            progress(run_key, (day + 1) / days)
+    return stats
+
+
+def fetch_report(services: Services, key: str) -> dict[str, Any]:
+    response = services.recommend.get(f"/v1/experiments/{key}/report", headers=services.headers)
+    if response.status_code != 200:
+        raise RuntimeError(f"report answered {response.status_code}: {response.text[:300]}")
+    report: dict[str, Any] = response.json()
+    return report
+
+
+@dataclass
+class AbResult:
+    key: str
+    mode: str
+    report: dict[str, Any]
+    stats: RunStats
+
+
+@contextmanager
+def in_process_services(
+    profile_settings: Any, recommend_settings: Any, api_key: str | None = None
+) -> Iterator[Services]:
+    """Both services as in-process ASGI apps (real HTTP handling, lifespans and background threads)."""
+    from starlette.testclient import TestClient
+
+    from services.profile.app import create_app as create_profile_app
+    from services.recommend.app import create_app as create_recommend_app
+
+    profile_app = create_profile_app(profile_settings)
+    recommend_app = create_recommend_app(recommend_settings)
+    with TestClient(profile_app) as profile, TestClient(recommend_app) as recommend:
+        state = profile_app.state.profile
+
+        def settle(timeout: float = 300.0) -> None:
+            # Folded when nothing is left after the aggregator's cursor (observers run before it moves).
+            deadline = time.monotonic() + timeout
+            while state.repository.read_log(state.repository.cursor(), 1):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the profile service did not fold the simulated day in time")
+                time.sleep(0.05)
+
+        yield Services(profile, recommend, settle, {"X-API-Key": api_key} if api_key else {})
+
+
+def run_simulation(
+    world_settings: CommonSettings,
+    simulator: Simulator,
+    world_end: datetime,
+    target: CommonSettings,
+    days: int = 7,
+    mode: Mode = "both",
+    progress: Progress | None = None,
+) -> list[AbResult]:
+    """Fork the demo world into `target`, run the A/B (and/or A/A) experiment back to back through in-process
+    services, and return the reports."""
+    from services.profile.settings import ProfileSettings
+    from services.recommend.settings import RecommendSettings
+
+    modes: list[Literal["ab", "aa"]] = ["ab", "aa"] if mode == "both" else [mode]
+    item_ids = [item.item_id for item in simulator.shop.products]
+    fork_world(world_settings, target, [v.visitor_id for v in simulator.visitors], item_ids)
+    if progress:
+        progress("fork the demo world", 1.0)
+    # Start on the next local midnight after the world's history, each run `days` long.
+    start = (world_end + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    specs = [
+        experiment_spec(
+            f"sim-{kind}",
+            kind,
+            start + timedelta(days=i * days),
+            start + timedelta(days=(i + 1) * days),
+            len(simulator.visitors),
+        )
+        for i, kind in enumerate(modes)
+    ]
+    experiments_file = target.data_dir / "simulate-ab-experiments.yaml"
+    experiments_file.parent.mkdir(parents=True, exist_ok=True)
+    experiments_file.write_text(yaml.safe_dump({"holdout": 0.0, "report_interval_s": 60, "experiments": specs}))
+    shared = target.model_dump(include={"data_dir", "redis_url", "redis_cluster", "namespace", "feast_project"})
+    profile_settings = ProfileSettings(**shared, environment="test", aggregator_idle_s=0.01, offline_rows=False)
+    # No background cache refresh and no impression log: nothing changes the services during a simulated day,
+    # which makes a run reproducible (the day's changes arrive with the reload at its end).
+    recommend_settings = RecommendSettings(
+        **shared,
+        environment="test",
+        experiments_file=experiments_file,
+        refresh_interval_s=24 * 3600.0,
+        log_impressions=False,
+    )
+    results: list[AbResult] = []
+    with in_process_services(profile_settings, recommend_settings) as services:
+        for i, spec in enumerate(specs):
+            stats = simulate(
+                services, simulator, start + timedelta(days=i * days), days, spec["key"], progress=progress
+            )
+            results.append(AbResult(spec["key"], modes[i], fetch_report(services, spec["key"]), stats))
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# Printing
+# ------------------------------------------------------------------------------------------------
+
+
+def _pct(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:+.{digits}%}"
+
+
+def _p(value: float | None) -> str:
+    return "–" if value is None else ("<0.0001" if value < 0.0001 else f"{value:.4f}")
+
+
+def print_report(console: Console, report: Mapping[str, Any], title: str | None = None) -> None:
+    arms = Table(title=title or f"experiment {report['key']}")
+    arms.add_column("arm")
+    arms.add_column("ranking")
+    arms.add_column("visitors", justify="right")
+    metrics = [m["name"] for m in report["metrics"]]
+    for metric in metrics:
+        arms.add_column(metric, justify="right")
+    for arm in report["arms"]:
+        values = []
+        for metric in metrics:
+            mean = arm["metrics"][metric]["mean"]
+            values.append("–" if mean is None else (f"{mean:,.0f}" if metric == "revenue" else f"{mean:.2%}"))
+        ranking = "personalized" if arm["personalized"] else "generic"
+        arms.add_row(arm["name"], ranking, f"{arm['n']:,.0f}", *values)
+    console.print(arms)
+    results = Table(title="uplift over control")
+    for column in ("metric", "arm", "uplift", "95% CI", "always-valid CI", "p-value", "p (Holm)", "chance to win"):
+        results.add_column(column, justify="left" if column in ("metric", "arm") else "right")
+    for r in report["results"]:
+        results.add_row(
+            r["metric"],
+            r["arm"],
+            _pct(r["uplift"]),
+            f"{_pct(r['ci_lower'])} … {_pct(r['ci_upper'])}",
+            f"{_pct(r['always_valid']['ci_lower'])} … {_pct(r['always_valid']['ci_upper'])}",
+            _p(r["p_value"]),
+            _p(r["p_value_holm"]),
+            "–" if r["chance_to_win"] is None else f"{r['chance_to_win']:.1%}",
+        )
+    console.print(results)
+    srm = report["srm"]
+    status = "[red]SAMPLE RATIO MISMATCH[/]" if srm["flagged"] else "ok"
+    chi2 = "–" if srm["chi2"] is None else f"{srm['chi2']:.3f}"
+    console.print(f"SRM: {status} (χ² = {chi2}, p = {_p(srm['p_value'])})")
+    verdict = report["verdict"]
+    console.print(f"verdict: [bold]{verdict['decision']}[/] (ready: {verdict['ready']})")
+    for reason in verdict["reasons"]:
+        console.print(f"  - {reason['text']}")
+
+
+def summary(result: AbResult) -> dict[str, Any]:
+    """The headline numbers of a run (primary metric), e.g. for a report or a log line."""
+    ctr = next(r for r in result.report["results"] if r["metric"] == result.report["primary_metric"])
+    return {
+        "experiment": result.key,
+        "mode": result.mode,
+        "visitors": {a["name"]: a["n"] for a in result.report["arms"]},
+        "uplift": ctr["uplift"],
+        "ci": [ctr["ci_lower"], ctr["ci_upper"]],
+        "always_valid_ci": [ctr["always_valid"]["ci_lower"], ctr["always_valid"]["ci_upper"]],
+        "p_value": ctr["p_value"],
+        "srm_p_value": result.report["srm"]["p_value"],
+        "verdict": result.report["verdict"]["decision"],
+        "requests": result.stats.requests,
+        "events": result.stats.events,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+
+
+def simulate_ab_command(
+    data_dir: Annotated[
+        Path, typer.Option("--data-dir", envvar="SELARAS_DATA_DIR", help="Where Selaras keeps its data.")
+    ] = Path("data"),
+    days: Annotated[int, typer.Option(help="Simulated days per experiment.", min=1, max=60)] = 7,
+    mode: Annotated[str, typer.Option(help="ab, aa or both (A/B then A/A).")] = "both",
+    visitors: Annotated[int, typer.Option(help="Visitors of the demo world.", min=50)] = 400,
+    history_days: Annotated[int, typer.Option(help="Days of history before the experiment.", min=3)] = 14,
+    seed: int = 7,
+    rebuild: Annotated[bool, typer.Option(help="Rebuild the demo world even if it exists.")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the reports as JSON here.")] = None,
+) -> None:
+    """Run an A/B (personalized vs generic) and an A/A experiment on the demo shop and print the reports.
+
+    Uses REDIS_URL when set, embedded stores otherwise. The demo world (shop, history, model) is built once
+    under DATA_DIR/simulate-ab/world and reused; every run works on a fresh copy of it."""
+    import os
+    import uuid
+
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    from services.demo.shop import generate_shop
+    from services.demo.world import build_world
+
+    if mode not in ("ab", "aa", "both"):
+        raise typer.BadParameter("mode must be ab, aa or both")
+    chosen: Mode = "ab" if mode == "ab" else "aa" if mode == "aa" else "both"
+    console = Console()
+    root = data_dir / "simulate-ab"
+    redis_url = os.environ.get("REDIS_URL") or None
+    world_settings = CommonSettings(
+        data_dir=root / "world", redis_url=redis_url, namespace="simab_world", feast_project="simab_world"
+    )
+    marker = root / "world.json"
+    wanted = {"visitors": visitors, "days": history_days, "seed": seed}
+    current = json.loads(marker.read_text()) if marker.exists() else {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn()) as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(stage: str, fraction: float) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=1.0)
+            bar.update(tasks[stage], completed=min(max(fraction, 0.0), 1.0))
+
+        if rebuild or current.get("params") != wanted:
+            shutil.rmtree(root / "world", ignore_errors=True)
+            if redis_url:
+                _drop_namespace(world_settings)
+            world = build_world(world_settings, visitors=visitors, days=history_days, seed=seed, progress=progress)
+            simulator, end = world.simulator, world.end
+            marker.write_text(json.dumps({"params": wanted, "end": end.isoformat()}))
+        else:
+            # The world is deterministic given its parameters and end: rebuild the shop and visitors only.
+            end = datetime.fromisoformat(current["end"])
+            shop = generate_shop(seed=seed, now=end)
+            simulator = Simulator(shop, n_visitors=visitors, seed=seed, start=end - timedelta(days=history_days))
+        # A fresh namespace and Feast project per run, so no state of an earlier run leaks into this one.
+        run_name = f"simab_{uuid.uuid4().hex[:8]}"
+        target = CommonSettings(
+            data_dir=root / "runs" / run_name, redis_url=redis_url, namespace=run_name, feast_project=run_name
+        )
+        try:
+            results = run_simulation(world_settings, simulator, end, target, days=days, mode=chosen, progress=progress)
+        finally:
+            if redis_url:
+                _drop_namespace(target)
+                _teardown_features(target)
+            shutil.rmtree(target.data_dir, ignore_errors=True)
+    for result in results:
+        label = "A/B: personalized vs generic" if result.mode == "ab" else "A/A: personalized vs personalized"
+        print_report(console, result.report, f"{label} ({result.key}, {days} simulated days)")
+        console.print(
+            f"{result.stats.sessions:,} sessions, {result.stats.requests:,} recommendation requests, "
+            f"{result.stats.events:,} events\n"
+        )
+    if json_out:
+        json_out.write_text(json.dumps([{"summary": summary(r), "report": r.report} for r in results], indent=2))
+
+
+def _drop_namespace(settings: CommonSettings) -> None:
+    """Remove a namespace's keys (Redis mode): the world before a rebuild, a run after it."""
+    from services.common.storage import make_redis_client
+
+    if not settings.redis_url:
+        return
+    client = make_redis_client(settings.redis_url, settings.redis_cluster, 5.0)
+    try:
+        for pattern in (f"{settings.namespace}:*", f"{{{settings.namespace}:*"):
+            keys = list(client.scan_iter(match=pattern, count=1000))
+            for start in range(0, len(keys), 500):
+                client.delete(*keys[start : start + 500])
+    finally:
+        client.close()
+
+
+def _teardown_features(settings: CommonSettings) -> None:
+    """Drop a run's Feast online rows (Redis mode); a failure only leaves unused keys behind."""
+    from services.common.feature_store import open_feature_store
+
+    try:
+        open_feature_store(settings).teardown()
+    except Exception as exc:
+        log.warning("could not tear down the run's feature store: %s", type(exc).__name__)
