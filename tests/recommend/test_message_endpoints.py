@@ -28,7 +28,7 @@ from services.profile.service import Aggregator, IngestService
 from services.recommend.app import RecommendState, create_app
 from services.recommend.message_endpoints import install_message_service
 from services.recommend.message_model import MessageModel, Stage
-from services.recommend.message_repository import MessageRepository
+from services.recommend.message_repository import MessageHistoryHolder, MessageRepository
 from services.recommend.messages import MessageRequest, MessageService, MessageSettings
 from services.recommend.settings import RecommendSettings
 from tests.conftest import REDIS_URL, clean_namespace, unique_name
@@ -421,3 +421,16 @@ def test_batch_limits_and_validation_errors(shop: Shop) -> None:
     assert shop.client.post("/v1/next-best-message:batch", json={"visitors": []}).status_code == 422
     single = shop.client.post("/v1/next-best-message", json={"channel": "push"})
     assert single.status_code == 422 and single.json()["errors"][0]["field"] == "visitor_id"
+
+
+def test_send_history_is_exported_and_erased_for_privacy_requests(shop: Shop) -> None:
+    answer = shop.ask("english", "email")
+    assert answer["action"] == "send"
+    holder = MessageHistoryHolder(shop.settings)
+    exported = holder.export_visitor("english")
+    assert exported["sends"] == [
+        {"send_at": datetime.fromisoformat(answer["send_at"]).timestamp(), "channel": "email", "message": "m002"}
+    ]
+    assert holder.forget_visitor("english") == 1
+    assert holder.export_visitor("english") is None
+    assert shop.ask("english", "email")["action"] == "send"  # no history left: caps start over
