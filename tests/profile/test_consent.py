@@ -1,0 +1,244 @@
+"""Consent per visitor and purpose on real Redis + Feast: configurable defaults, consent by API and by
+`profile_update` events, withdrawal deletes the behavioural profile, no personalization without consent
+(generic ranking), no marketing message without marketing consent."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+from fastapi.testclient import TestClient
+
+from services.common import features as F
+from services.common.consent import PURPOSES, Consent, ConsentDefaults, consent_changes_from_properties
+from services.common.events import Event
+from services.common.feature_store import online_rows
+from services.profile.app import create_app
+from services.profile.settings import ProfileSettings
+from services.recommend.app import create_app as create_recommend_app
+from services.recommend.settings import RecommendSettings
+from tests.conftest import REDIS_URL, SessionWorld, clean_namespace, unique_name
+from tests.factories import BASE_TIME, make_event_dict, make_item
+
+
+def views(visitor_id: str, n: int, start: float = 0.0, **extra: Any) -> list[Event]:
+    """`n` product views, `start` hours after BASE_TIME, one minute apart."""
+    return [
+        Event.model_validate(
+            make_event_dict(
+                visitor_id=visitor_id,
+                item_id="c-item",
+                timestamp=(BASE_TIME + timedelta(hours=start, minutes=i)).isoformat(),
+                **extra,
+            )
+        )
+        for i in range(n)
+    ]
+
+
+def profile_update(visitor_id: str, hours: float, **properties: Any) -> Event:
+    return Event.model_validate(
+        make_event_dict(
+            visitor_id=visitor_id,
+            type="profile_update",
+            item_id=None,
+            price=None,
+            timestamp=(BASE_TIME + timedelta(hours=hours)).isoformat(),
+            properties=properties,
+        )
+    )
+
+
+@dataclass
+class Shop:
+    settings: ProfileSettings
+    client: TestClient
+
+    @property
+    def state(self) -> Any:
+        return self.client.app.state.profile  # type: ignore[attr-defined]
+
+    def send(self, events: list[Event]) -> None:
+        self.state.ingest.ingest(events)
+        while self.state.aggregator.run_once(5000).events:
+            pass
+
+    def profile_kept(self, visitor_id: str) -> bool:
+        state = self.state.repository.visitor_states([visitor_id]).get(visitor_id)
+        row = online_rows(self.state.repository.feature_store, F.VISITOR_VIEW, [visitor_id])[0]
+        assert (state is None) == (row["event_count"] is None), "state and online row must agree"
+        return state is not None
+
+    def consent(self, visitor_id: str, **given: bool) -> dict[str, bool]:
+        response = self.client.put(f"/v1/profiles/{visitor_id}/consent", json=given)
+        assert response.status_code == 200, response.text
+        resolved: dict[str, bool] = response.json()["consent"]
+        return resolved
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
+    namespace = unique_name("consent")
+    settings = ProfileSettings(
+        data_dir=tmp_path_factory.mktemp("consent"),
+        redis_url=REDIS_URL,
+        namespace=namespace,
+        feast_project=namespace,
+        environment="test",
+        consent_personalization="opt_in",  # a strict shop: no profile until the visitor agrees
+        aggregator_enabled=False,  # folded explicitly by the tests
+    )
+    with TestClient(create_app(settings)) as client:
+        client.app.state.profile.repository.upsert_catalog([make_item(item_id="c-item")])  # type: ignore[attr-defined]
+        yield Shop(settings, client)
+    clean_namespace(REDIS_URL, namespace)
+
+
+def test_consent_record_resolves_against_defaults() -> None:
+    strict = ConsentDefaults(personalization="opt_in", analytics="opt_in", marketing="opt_in")
+    lenient = ConsentDefaults(personalization="opt_out", analytics="opt_out", marketing="opt_out")
+    nothing = Consent()
+    assert not any(nothing.resolved(strict).values()) and all(nothing.resolved(lenient).values())
+    given = nothing.merged({"marketing_whatsapp": True, "personalization": False}, 5.0)
+    assert given.resolved(strict)["marketing_whatsapp"] and not given.resolved(strict)["marketing_push"]
+    assert not given.resolved(lenient)["personalization"] and given.resolved(lenient)["analytics"]
+    assert Consent.from_bytes(given.to_bytes()) == given
+    assert consent_changes_from_properties({"consent_analytics": False, "consent_marketing_email": "yes"}) == {
+        "analytics": False  # only booleans count
+    }
+    assert set(given.resolved(strict)) == set(PURPOSES)
+
+
+def test_opt_in_default_keeps_no_profile_until_consent(shop: Shop) -> None:
+    shop.send(views("v-optin", 3))
+    assert not shop.profile_kept("v-optin")
+    assert shop.client.get("/v1/profiles/v-optin").status_code == 404  # nothing is kept about them
+    resolved = shop.consent("v-optin", personalization=True)
+    assert resolved["personalization"] and resolved["analytics"]  # analytics defaults to opt-out
+    assert not any(resolved[p] for p in PURPOSES if p.startswith("marketing_"))  # marketing: opt-in
+    shop.send(views("v-optin", 2, start=1))
+    assert shop.profile_kept("v-optin")
+    # Consent is not retroactive: only the events after it were profiled.
+    assert shop.state.repository.visitor_states(["v-optin"])["v-optin"].event_count == 2
+    profile = shop.client.get("/v1/profiles/v-optin").json()
+    assert profile["consent"]["personalization"] is True
+    assert profile["features"]["event_count"] == 2 and profile["segments"]["lifecycle"]
+
+
+def test_withdrawal_by_api_deletes_the_profile_and_keeps_the_choice(shop: Shop) -> None:
+    shop.consent("v-api", personalization=True)
+    shop.send(views("v-api", 4))
+    assert shop.profile_kept("v-api")
+    resolved = shop.consent("v-api", personalization=False, marketing_email=True)
+    assert resolved["personalization"] is False and resolved["marketing_email"] is True
+    assert not shop.profile_kept("v-api")  # state and online row are gone at once
+    shop.send(views("v-api", 3, start=2))
+    assert not shop.profile_kept("v-api")  # and nothing new is profiled
+    profile = shop.client.get("/v1/profiles/v-api").json()  # the consent record is what remains
+    assert profile["consent"]["personalization"] is False and profile["consent"]["marketing_email"] is True
+    assert profile["features"]["event_count"] is None and profile["persona"] is None
+
+
+def test_consent_by_profile_update_events(shop: Shop) -> None:
+    shop.send([profile_update("v-event", 0, consent_personalization=True, tier="gold"), *views("v-event", 3, 0.1)])
+    assert shop.profile_kept("v-event")
+    assert shop.state.repository.visitor_states(["v-event"])["v-event"].traits == {"tier": "gold"}
+    # Withdrawn in the middle of a batch: what came before in the batch is dropped too.
+    shop.send(
+        [
+            *views("v-event", 2, start=1),
+            profile_update("v-event", 1.5, consent_personalization=False, consent_marketing_push=True),
+            *views("v-event", 2, start=2),
+        ]
+    )
+    assert not shop.profile_kept("v-event")
+    consent = shop.state.repository.consents(["v-event"])["v-event"]
+    assert consent.given == {"personalization": False, "marketing_push": True}
+    # The offline history holds only the rows made while consent was given (erasure removes those too).
+    history = pq.read_table(shop.settings.offline_dir / F.VISITOR_VIEW, columns=[F.VISITOR_KEY])
+    assert history[F.VISITOR_KEY].to_pylist().count("v-event") == 4  # the first profile_update and 3 views
+
+
+# ------------------------------------------------------------------------------------------------ serving
+
+
+@dataclass
+class Serving:
+    profile: TestClient
+    recommend: TestClient
+    visitor_id: str
+
+
+@pytest.fixture
+def serving(world: SessionWorld, recommend_settings_for: Callable[..., RecommendSettings]) -> Iterator[Serving]:
+    """Both services on the demo world; a fresh visitor (page views and searches only, so item statistics
+    and indexes of the shared world do not move) who is erased again at the end."""
+    profile_settings = ProfileSettings(**world.settings.model_dump(), aggregator_enabled=False)
+    recommend_settings = recommend_settings_for(world.settings, log_impressions=False, refresh_interval_s=3600)
+    visitor_id = f"consent-{uuid.uuid4().hex[:8]}"
+    with (
+        TestClient(create_app(profile_settings)) as profile,
+        TestClient(create_recommend_app(recommend_settings)) as rec,
+    ):
+        yield Serving(profile, rec, visitor_id)
+        profile.delete(f"/v1/profiles/{visitor_id}")
+
+
+def test_without_personalization_consent_the_visitor_gets_the_generic_ranking(serving: Serving) -> None:
+    state = serving.profile.app.state.profile  # type: ignore[attr-defined]
+    now = BASE_TIME.isoformat()
+    events = [
+        Event.model_validate(
+            make_event_dict(visitor_id=serving.visitor_id, type=kind, item_id=None, price=None, query="sepatu", **t)
+        )
+        for kind, t in [("page_view", {}), ("search", {}), ("page_view", {}), ("search", {})]
+    ]
+    state.ingest.ingest(events)
+    while state.aggregator.run_once(5000).events:
+        pass
+
+    def recommend(visitor_id: str) -> dict[str, Any]:
+        body = {
+            "visitor_id": visitor_id,
+            "context": {"device": "mobile", "city": "Jakarta", "now": now},
+            "slots": [{"name": "home", "kind": "product", "count": 8}],
+        }
+        response = serving.recommend.post("/v1/recommend", json=body)
+        assert response.status_code == 200, response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+    def items(result: dict[str, Any]) -> list[str]:
+        return [item["item_id"] for item in result["slots"][0]["items"]]
+
+    generic = recommend(f"anonymous-{uuid.uuid4().hex[:8]}")
+    assert generic["strategy"] == "popular_in_context" and items(generic)
+    assert recommend(serving.visitor_id)["strategy"] == "personalized"  # known visitor, model loaded
+
+    assert serving.profile.put(f"/v1/profiles/{serving.visitor_id}/consent", json={"personalization": False}).is_success
+    refused = recommend(serving.visitor_id)
+    assert refused["strategy"] == "generic_no_consent"
+    assert items(refused) == items(generic)  # exactly the ranking an unknown visitor gets
+    assert state.repository.visitor_states([serving.visitor_id]) == {}
+
+
+def test_without_marketing_consent_no_message_is_proposed(serving: Serving) -> None:
+    def decide(channel: str) -> dict[str, Any]:
+        body = {"visitor_id": serving.visitor_id, "channel": channel, "dry_run": True}
+        response = serving.recommend.post("/v1/next-best-message", json=body)
+        assert response.status_code == 200, response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+    for channel in ("push", "email", "whatsapp"):  # marketing is opt-in by default
+        answer = decide(channel)
+        assert (answer["action"], answer["reason"]) == ("none", "no_consent")
+    put = serving.profile.put(f"/v1/profiles/{serving.visitor_id}/consent", json={"marketing_whatsapp": True})
+    assert put.json()["consent"]["marketing_whatsapp"] is True
+    assert decide("whatsapp")["reason"] != "no_consent"  # now other rules decide
+    assert decide("email")["reason"] == "no_consent"  # consent is per channel
