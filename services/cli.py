@@ -229,6 +229,187 @@ def import_catalog_command(
         console.print(f"  line {invalid.line}: " + "; ".join(f"{e['field']}: {e['message']}" for e in invalid.errors))
 
 
+@evaluate_app.command("ranking")
+def evaluate_ranking_command(
+    data_dir: DataDir = Path("data"),
+    protocol: Annotated[str, typer.Option(help="leave-last-out or time.")] = "leave-last-out",
+    target: Annotated[str, typer.Option(help="purchase, product_view, add_to_cart or click.")] = "product_view",
+    k: Annotated[list[int] | None, typer.Option("--k", help="Cut-offs; repeat for several (default 5 10 20).")] = None,
+    seed: int = 7,
+    max_visitors: Annotated[int | None, typer.Option(help="Evaluate a random sample of visitors (quick runs).")] = None,
+    cutoff: Annotated[str | None, typer.Option(help="time protocol: the cut-off, ISO date or date-time.")] = None,
+    max_queries: Annotated[int, typer.Option(help="Cap on training queries (sampled).")] = 12_000,
+    train_on: Annotated[str, typer.Option(help="target (the protocol) or behaviour (views, carts, purchases).")] = (
+        "target"
+    ),
+    out: Annotated[Path | None, typer.Option(help="JSON report (default DATA_DIR/evaluation/ranking.json).")] = None,
+) -> None:
+    """Rank held-out interactions with the served pipeline and with baselines; print a table, write JSON."""
+    _settings_env(data_dir)
+    from datetime import datetime
+
+    from services.recommend.evaluation import PIPELINE, EvalConfig, RankingEvaluator
+    from services.recommend.repository import RecommendRepository
+    from services.recommend.settings import RecommendSettings
+    from services.recommend.training import TrainConfig
+
+    if protocol not in ("leave-last-out", "time") or target not in ("purchase", "product_view", "add_to_cart", "click"):
+        raise typer.BadParameter("--protocol is leave-last-out|time, --target purchase|product_view|add_to_cart|click")
+    if train_on not in ("target", "behaviour"):
+        raise typer.BadParameter("--train-on is target or behaviour")
+    cut = None
+    if cutoff is not None:
+        moment = datetime.fromisoformat(cutoff)
+        cut = (moment if moment.tzinfo else moment.replace(tzinfo=datetime.now().astimezone().tzinfo)).timestamp()
+    ks = tuple(sorted(set(k or [5, 10, 20])))
+    config = EvalConfig(
+        protocol=protocol,  # type: ignore[arg-type]
+        target=target,  # type: ignore[arg-type]
+        ks=ks,
+        seed=seed,
+        max_visitors=max_visitors,
+        cutoff=cut,
+        train=TrainConfig(max_queries=max_queries, seed=seed),
+        train_on=train_on,  # type: ignore[arg-type]
+    )
+    settings = RecommendSettings(data_dir=data_dir)
+    repository = RecommendRepository.open(settings)
+    try:
+        with progress_bar() as bar:
+            result = RankingEvaluator(repository, settings, config, StageProgress(bar)).run()
+    except ValueError as exc:
+        console.print(f"[red]cannot evaluate:[/] {exc}")
+        raise typer.Exit(2) from exc
+    finally:
+        repository.close()
+    report = result.to_dict()
+    # Methods as columns: six narrow columns fit a terminal, eleven metric columns would not.
+    labels = {
+        PIPELINE: "LightGBM",
+        "popular": "popular",
+        "popular_24h": "pop. 24h",
+        "popular_7d": "pop. 7d",
+        "covisitation": "co-visit.",
+        "lightgbm_no_personal": "no person.",
+    }
+    table = Table(title=f"ranking evaluation: {protocol}, target {target}, {result.counts['test_queries']:,} queries")
+    table.add_column("metric")
+    for method in result.methods:
+        table.add_column(labels.get(method, method), justify="right")
+    metrics = [f"{m}@{cut_k}" for cut_k in ks for m in ("hr", "ndcg", "mrr")] + ["coverage", "candidate_recall"]
+    for metric in metrics:
+        name = metric.upper() if "@" in metric else metric.replace("_", " ")
+        table.add_row(name, *(f"{row[metric]:.4f}" for row in result.methods.values()))
+    console.print(table)
+    counts = result.counts
+    console.print(
+        f"{counts['visitors_evaluated']:,} visitors evaluated, {counts['visitors_skipped_few_interactions']:,} "
+        f"skipped (fewer than {config.min_interactions} {target} interactions); "
+        f"{counts['train_queries']:,} training queries"
+    )
+    for method, diff in result.comparisons.items():
+        key = next(iter(diff))
+        console.print(
+            f"  {PIPELINE} − {method}: {key.split('_')[0]} {diff[key]:+.4f} "
+            f"(95% CI {diff['ci95_low']:+.4f} … {diff['ci95_high']:+.4f})"
+        )
+    path = out or data_dir / "evaluation" / "ranking.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=float))
+    console.print(f"report written to {path}")
+
+
+@evaluate_app.command("policy")
+def evaluate_policy_command(
+    file: Annotated[
+        Path,
+        typer.Argument(exists=True, dir_okay=False, help="Logged events (.jsonl/.jsonl.gz): impressions and clicks."),
+    ],
+    data_dir: DataDir = Path("data"),
+    target: Annotated[
+        list[str] | None,
+        typer.Option("--target", help="model, epsilon:<e>, uniform, popular, logging; repeat for several."),
+    ] = None,
+    cluster: Annotated[str, typer.Option(help="Confidence intervals clustered by visitor or recommendation.")] = (
+        "visitor"
+    ),
+    window_hours: Annotated[float, typer.Option(help="A click counts this long after its impression.")] = 24.0,
+    history: Annotated[
+        str, typer.Option(help="Events for the popular target's replay: file (FILE itself) or store (the log).")
+    ] = "file",
+    out: Annotated[Path | None, typer.Option(help="JSON report (default DATA_DIR/evaluation/policy.json).")] = None,
+) -> None:
+    """Off-policy CTR of rankings from logged impressions with propensities (IPS, SNIPS, doubly robust)."""
+    _settings_env(data_dir)
+    from services.recommend.policy_eval import FileEvents, evaluate_file
+    from services.recommend.repository import RecommendRepository
+    from services.recommend.settings import RecommendSettings
+
+    if cluster not in ("visitor", "recommendation") or history not in ("file", "store"):
+        raise typer.BadParameter("--cluster is visitor|recommendation and --history is file|store")
+    targets = target or ["model", "uniform", "popular", "logging"]
+    settings = RecommendSettings(data_dir=data_dir)
+    repository = RecommendRepository.open(settings)
+    events = FileEvents(file)
+    try:
+        catalog = repository.catalog()
+        if "popular" in targets and not catalog:
+            console.print("[yellow]no catalog in the data directory: the popular target is left out[/]")
+            targets = [t for t in targets if t != "popular"]
+        replay = repository.logged_events() if history == "store" else None
+        with console.status("estimating"):
+            report = evaluate_file(
+                events,
+                targets,
+                catalog,
+                history=replay,
+                cluster=cluster,  # type: ignore[arg-type]
+                attribution_window_s=window_hours * 3600.0,
+                max_per_category=settings.max_per_category,
+            )
+    except ValueError as exc:
+        console.print(f"[red]cannot evaluate:[/] {exc}")
+        raise typer.Exit(2) from exc
+    finally:
+        repository.close()
+    report["invalid_lines"] = len(events.invalid_lines)
+    table = Table(title=f"off-policy CTR per impression ({report['slates']:,} slates, CIs by {cluster})")
+    for column in ("policy", "estimator", "CTR", "95% CI", "ESS", "max weight", "slates"):
+        table.add_column(column, justify="left" if column in ("policy", "estimator") else "right")
+    for policy in report["policies"]:
+        for estimator in ("ips", "snips", "dr"):
+            estimate = policy.get(estimator)
+            if estimate is None:
+                continue
+            low, high = estimate["ci95"]
+            table.add_row(
+                policy["policy"] if estimator == "ips" else "",
+                estimator,
+                f"{estimate['value']:.4f}",
+                f"{low:.4f} … {high:.4f}",
+                f"{estimate['ess']:,.0f}",
+                f"{estimate['max_weight']:,.1f}",
+                f"{policy['slates']:,}" if estimator == "ips" else "",
+            )
+    console.print(table)
+    console.print(
+        f"logged CTR {report['logged_ctr']:.4f}; "
+        f"{report['explored_slates']:,} of {report['slates']:,} slates explored; "
+        f"{report['clicks_attributed']:,} of {report['clicks']:,} clicks attributed; "
+        f"{report['malformed_slates']:,} malformed slates; {report['invalid_lines']:,} invalid lines"
+    )
+    for policy in report["policies"]:
+        if policy["skipped_slates"]:
+            console.print(
+                f"[yellow]{policy['policy']}: {policy['skipped_slates']:,} slates lack what it needs "
+                "(ranks and pool are logged only when exploring)[/]"
+            )
+    path = out or data_dir / "evaluation" / "policy.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=float))
+    console.print(f"report written to {path}")
+
+
 def _wait_ready(url: str, timeout: float = 120.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
