@@ -7,8 +7,9 @@ id) and browses on as in the history; the events go to `POST /v1/events`. After 
 profile service folds the day and the recommend service reloads, then the next day starts. The command
 prints the experiment report (uplift, intervals, p-values, SRM, verdict).
 
-Runs are reproducible: the simulator's reactions are drawn from a stream keyed by a per-session id (the
-real recommendation id is random), and nothing changes the services' state during a simulated day.
+Runs are close to reproducible: the simulator's reactions are drawn from a stream keyed by a per-session id
+(the real recommendation id is random) and nothing changes the services' state during a simulated day; what
+is left is the recommend service's item cache, which decays popularity against the wall clock.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ class RunStats:
     requests: int = 0
     events: int = 0
     responses: int = 0
+    # (arm, strategy) -> answers: shows that control was served generically and treatment personalized.
+    strategies: dict[str, int] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -230,6 +233,9 @@ def simulate(
                 raise RuntimeError(f"POST /v1/recommend answered {response.status_code}: {response.text[:300]}")
             answer = response.json()
             stats.requests += 1
+            arm = answer["experiment"]["arm"] if answer.get("experiment") else "none"
+            served = f"{arm}:{answer['strategy']}"
+            stats.strategies[served] = stats.strategies.get(served, 0) + 1
             # The reaction is drawn from a stream keyed by this stable id (the service's id is random), then
             # attributed to the real recommendation id.
             stable_id = f"{run_key}-d{day}-s{number}-{first.visitor_id}"
