@@ -7,7 +7,7 @@ import math
 import time
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -54,68 +54,6 @@ class ItemColumns:
     slot_ctr: FloatArray
 
 
-@dataclass
-class ItemSnapshot:
-    """Immutable once built; the refresher builds a new one and swaps the reference."""
-
-    ids: list[str]
-    index: dict[str, int]
-    kind: IntArray
-    titles: list[str]
-    categories: list[str | None]
-    brands: list[str | None]
-    category_code: IntArray
-    brand_index: dict[str, int]
-    brand_code: IntArray
-    price: FloatArray
-    log_price: FloatArray
-    discount: FloatArray
-    created_ts: FloatArray
-    stock: FloatArray
-    available: np.ndarray  # active and in stock
-    pinned: np.ndarray
-    log_boost: FloatArray
-    urls: list[str | None]
-    image_urls: list[str | None]
-    stats: dict[str, FloatArray]
-    slot_ctr: dict[str, FloatArray]
-    by_kind: dict[int, IntArray]
-    by_category: dict[str, IntArray]
-    by_brand: dict[str, IntArray]
-    new_arrivals: IntArray
-    popular: IntArray
-    covisitation: Mapping[str, tuple[IntArray, FloatArray]]
-    popularity: Mapping[str, tuple[IntArray, FloatArray]]
-    targeting: dict[int, Targeting]
-    objects: dict[int, CatalogItem]  # banners, CTAs and messages (few): kept whole for rendering
-    built_at: float = field(default_factory=time.time)
-
-    @property
-    def size(self) -> int:
-        return len(self.ids)
-
-    def columns(self, idx: IntArray, slot: str, now: float) -> ItemColumns:
-        slot_ctr = self.slot_ctr.get(slot)
-        return ItemColumns(
-            rows=idx,
-            index=self.index,
-            brand_index=self.brand_index,
-            brand_code=self.brand_code[idx],
-            category_code=self.category_code[idx],
-            log_price=self.log_price[idx],
-            price=self.price[idx],
-            discount=self.discount[idx],
-            age_days=(now - self.created_ts[idx]) / 86400.0,
-            low_stock=((self.stock[idx] >= 0) & (self.stock[idx] <= LOW_STOCK)).astype(np.float32),
-            stats={name: values[idx] for name, values in self.stats.items()},
-            slot_ctr=slot_ctr[idx] if slot_ctr is not None else self.stats["ctr_7d"][idx],
-        )
-
-
-def _order_by(values: FloatArray, idx: IntArray) -> IntArray:
-    return idx[np.argsort(-values[idx], kind="stable")] if len(idx) else idx
-
-
 @dataclass(frozen=True)
 class CatalogArrays:
     """The static, catalog-only part of a snapshot (rebuilt only when the catalog is reloaded)."""
@@ -147,6 +85,42 @@ class CatalogArrays:
     @property
     def size(self) -> int:
         return len(self.ids)
+
+
+@dataclass(frozen=True)
+class ItemSnapshot(CatalogArrays):
+    """Catalog arrays plus item statistics and candidate indexes. Immutable once built: the refresher builds a
+    new one and swaps the reference. `by_category`/`by_brand` are ordered by popularity here."""
+
+    log_price: FloatArray
+    stats: dict[str, FloatArray]
+    slot_ctr: dict[str, FloatArray]
+    new_arrivals: IntArray
+    popular: IntArray
+    covisitation: Mapping[str, tuple[IntArray, FloatArray]]
+    popularity: Mapping[str, tuple[IntArray, FloatArray]]
+    built_at: float = field(default_factory=time.time)
+
+    def columns(self, idx: IntArray, slot: str, now: float) -> ItemColumns:
+        slot_ctr = self.slot_ctr.get(slot)
+        return ItemColumns(
+            rows=idx,
+            index=self.index,
+            brand_index=self.brand_index,
+            brand_code=self.brand_code[idx],
+            category_code=self.category_code[idx],
+            log_price=self.log_price[idx],
+            price=self.price[idx],
+            discount=self.discount[idx],
+            age_days=(now - self.created_ts[idx]) / 86400.0,
+            low_stock=((self.stock[idx] >= 0) & (self.stock[idx] <= LOW_STOCK)).astype(np.float32),
+            stats={name: values[idx] for name, values in self.stats.items()},
+            slot_ctr=slot_ctr[idx] if slot_ctr is not None else self.stats["ctr_7d"][idx],
+        )
+
+
+def _order_by(values: FloatArray, idx: IntArray) -> IntArray:
+    return idx[np.argsort(-values[idx], kind="stable")] if len(idx) else idx
 
 
 def catalog_arrays(items: Iterable[CatalogItem], now: float | None = None) -> CatalogArrays:
@@ -213,35 +187,6 @@ def stats_columns(arrays: CatalogArrays, stats_rows: Mapping[str, Mapping[str, A
         for slot, ctr in zip(row.get("slot_names") or [], row.get("slot_ctr_7d") or [], strict=False):
             columns.setdefault(f"slot:{slot}", np.full(n, np.nan, dtype=np.float64))[i] = ctr
     return columns
-
-
-def catalog_arrays_of(snapshot: ItemSnapshot) -> CatalogArrays:
-    """The static catalog part of a built snapshot (shares its arrays)."""
-    return CatalogArrays(
-        ids=snapshot.ids,
-        index=snapshot.index,
-        kind=snapshot.kind,
-        titles=snapshot.titles,
-        categories=snapshot.categories,
-        brands=snapshot.brands,
-        category_code=snapshot.category_code,
-        brand_index=snapshot.brand_index,
-        brand_code=snapshot.brand_code,
-        price=snapshot.price,
-        discount=snapshot.discount,
-        created_ts=snapshot.created_ts,
-        stock=snapshot.stock,
-        available=snapshot.available,
-        pinned=snapshot.pinned,
-        log_boost=snapshot.log_boost,
-        urls=snapshot.urls,
-        image_urls=snapshot.image_urls,
-        by_kind=snapshot.by_kind,
-        by_category=snapshot.by_category,
-        by_brand=snapshot.by_brand,
-        targeting=snapshot.targeting,
-        objects=snapshot.objects,
-    )
 
 
 class NeighbourArrays(Mapping[str, tuple[IntArray, FloatArray]]):
@@ -337,36 +282,17 @@ def build_snapshot(
     product_idx = arrays.by_kind[KIND_CODES[ItemKind.PRODUCT]].astype(np.int64)
     new_idx = product_idx[(now - arrays.created_ts[product_idx]) <= NEW_ARRIVAL_DAYS * 86400.0]
 
+    catalog_part = {f.name: getattr(arrays, f.name) for f in fields(CatalogArrays)}
+    catalog_part["by_category"] = {c: _order_by(popularity_score, v) for c, v in arrays.by_category.items()}
+    catalog_part["by_brand"] = {b: _order_by(popularity_score, v) for b, v in arrays.by_brand.items()}
     return ItemSnapshot(
-        ids=arrays.ids,
-        index=arrays.index,
-        kind=arrays.kind,
-        titles=arrays.titles,
-        categories=arrays.categories,
-        brands=arrays.brands,
-        category_code=arrays.category_code,
-        brand_index=arrays.brand_index,
-        brand_code=arrays.brand_code,
-        price=arrays.price,
+        **catalog_part,
         log_price=np.log1p(arrays.price),
-        discount=arrays.discount,
-        created_ts=arrays.created_ts,
-        stock=arrays.stock,
-        available=arrays.available,
-        pinned=arrays.pinned,
-        log_boost=arrays.log_boost,
-        urls=arrays.urls,
-        image_urls=arrays.image_urls,
         stats=stat_values,
         slot_ctr=slot_ctr,
-        by_kind=arrays.by_kind,
-        by_category={c: _order_by(popularity_score, v) for c, v in arrays.by_category.items()},
-        by_brand={b: _order_by(popularity_score, v) for b, v in arrays.by_brand.items()},
         new_arrivals=_order_by(popularity_score, new_idx),
         popular=_order_by(popularity_score, product_idx),
         covisitation=NeighbourArrays(covisitation, arrays.index, cache=cache_neighbours),
         popularity=pop,
-        targeting=arrays.targeting,
-        objects=arrays.objects,
         built_at=time.time(),
     )

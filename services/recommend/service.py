@@ -28,7 +28,7 @@ from services.recommend.candidates import (
     VisitorVector,
     context_keys_for,
 )
-from services.recommend.catalog_cache import ItemColumns, ItemSnapshot, build_snapshot, catalog_arrays_of
+from services.recommend.catalog_cache import ItemColumns, ItemSnapshot, build_snapshot
 from services.recommend.exploration import exploration_for, explore
 from services.recommend.ranker import (
     IncompatibleModel,
@@ -431,7 +431,7 @@ class RecommendService:
         ids = [snapshot.ids[i] for i in idx]
         rows = self.repository.item_stats(ids)
         fresh = build_snapshot(
-            catalog_arrays_of(snapshot), {i: rows[i] for i in ids if i in rows}, {}, {}, now=now, cache_neighbours=False
+            snapshot, {i: rows[i] for i in ids if i in rows}, {}, {}, now=now, cache_neighbours=False
         )
         return fresh.columns(idx, slot, now)
 

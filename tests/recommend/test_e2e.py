@@ -173,3 +173,26 @@ def test_direct_online_read_equals_the_sdk_read(world: SessionWorld) -> None:
         assert repository.visitor_row("never-seen") is None
     finally:
         repository.close()
+
+
+def test_metrics_use_route_templates_and_never_visitor_ids(
+    clients: tuple[TestClient, TestClient], world: SessionWorld
+) -> None:
+    profile, client = clients
+    visitor = world.world.simulator.visitors[2].visitor_id
+    recommend(client, visitor)
+    profile.get(f"/v1/profiles/{visitor}")
+    profile_metrics = profile.get("/metrics").text
+    recommend_metrics = client.get("/metrics").text
+    assert 'route="/v1/profiles/{visitor_id}"' in profile_metrics
+    assert 'route="/v1/recommend"' in recommend_metrics
+    for text in (profile_metrics, recommend_metrics):
+        assert visitor not in text
+    for name in (
+        "selaras_recommendations_total",
+        "selaras_recommend_stage_seconds",
+        "selaras_model_loaded_timestamp_seconds",
+    ):
+        assert name in recommend_metrics
+    for name in ("selaras_events_ingested_total", "selaras_feature_write_lag_seconds"):
+        assert name in profile_metrics
