@@ -667,8 +667,10 @@ def keys_new(
     except ValueError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(2) from exc
-    console.print(f"key (give it to the client; it is not stored anywhere): {secret}", markup=False, highlight=False)
-    console.print(f"SELARAS_API_KEYS entry (comma-separate several): {entry}", markup=False, highlight=False)
+    # soft_wrap: both lines are copied and pasted, so they must not be broken at the terminal width.
+    plain: dict[str, Any] = {"markup": False, "highlight": False, "soft_wrap": True}
+    console.print(f"key (give it to the client; it is not stored anywhere): {secret}", **plain)
+    console.print(f"SELARAS_API_KEYS entry (comma-separate several): {entry}", **plain)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -174,12 +174,14 @@ class Serving:
     visitor_id: str
 
 
-@pytest.fixture
-def serving(world: SessionWorld, recommend_settings_for: Callable[..., RecommendSettings]) -> Iterator[Serving]:
+@pytest.fixture(scope="module")
+def serving(world: SessionWorld) -> Iterator[Serving]:
     """Both services on the demo world; a fresh visitor (page views and searches only, so item statistics
     and indexes of the shared world do not move) who is erased again at the end."""
     profile_settings = ProfileSettings(**world.settings.model_dump(), aggregator_enabled=False)
-    recommend_settings = recommend_settings_for(world.settings, log_impressions=False, refresh_interval_s=3600)
+    recommend_settings = RecommendSettings(
+        **world.settings.model_dump(), log_impressions=False, refresh_interval_s=3600
+    )
     visitor_id = f"consent-{uuid.uuid4().hex[:8]}"
     with (
         TestClient(create_app(profile_settings)) as profile,
