@@ -458,7 +458,8 @@ def simulate_ab_command(
     if mode not in ("ab", "aa", "both"):
         raise typer.BadParameter("mode must be ab, aa or both")
     chosen: Mode = "ab" if mode == "ab" else "aa" if mode == "aa" else "both"
-    console = Console()
+    # The report tables need about 120 columns; narrower (or piped) output would truncate the numbers.
+    console = Console(width=max(Console().width, 120))
     root = data_dir / "simulate-ab"
     redis_url = os.environ.get("REDIS_URL") or None
     world_settings = CommonSettings(
