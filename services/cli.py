@@ -115,7 +115,16 @@ def train(
     source: Annotated[str, typer.Option(help="auto, behaviour or impressions")] = "auto",
     max_queries: Annotated[int, typer.Option(help="Cap on training queries (sampled).")] = 12_000,
     seed: int = 7,
-    reload_url: Annotated[str | None, typer.Option(help="POST /v1/admin/reload here after training.")] = None,
+    reload_url: Annotated[
+        list[str] | None, typer.Option(help="POST /v1/admin/reload here after training (repeat per replica).")
+    ] = None,
+    engine: Annotated[str, typer.Option(help="local, or dask: LightGBM on the Dask cluster at --scheduler.")] = "local",
+    scheduler: Annotated[
+        str | None, typer.Option(envvar="SELARAS_DASK_SCHEDULER", help="Dask scheduler address (tcp://host:8786).")
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="SELARAS_ADMIN_API_KEY", help="Admin API key sent with the reload.")
+    ] = None,
 ) -> None:
     """Train the LightGBM ranker from the event log and Feast's offline store; save it as the newest model."""
     _settings_env(data_dir)
@@ -123,23 +132,37 @@ def train(
     from services.recommend.settings import RecommendSettings
     from services.recommend.training import TrainConfig, Trainer
 
+    if engine not in ("local", "dask"):
+        raise typer.BadParameter("engine must be 'local' or 'dask'")
+    if engine == "dask" and not scheduler:
+        raise typer.BadParameter("--engine dask needs --scheduler ADDRESS (or SELARAS_DASK_SCHEDULER)")
     settings = RecommendSettings(data_dir=data_dir)
     repository = RecommendRepository.open(settings)
+    client = None
     try:
         with progress_bar() as bar:
             config = TrainConfig(source=source, max_queries=max_queries, seed=seed)  # type: ignore[arg-type]
-            result = Trainer(repository, config, StageProgress(bar)).train()
+            trainer = Trainer(repository, config, StageProgress(bar))
+            if engine == "dask" and scheduler:
+                from services.recommend.distributed import DaskTrainer, connect
+
+                client = connect(scheduler)
+                trainer = DaskTrainer(repository, config, client, StageProgress(bar))
+            result = trainer.train()
         repository.save_model(result.model_text, result.meta)
     except ValueError as exc:
         console.print(f"[red]cannot train:[/] {exc}")
         raise typer.Exit(2) from exc
     finally:
+        if client is not None:
+            client.close()
         repository.close()
-    console.print(metrics_table(f"model {result.meta.version}", result.metrics))
-    if reload_url:
-        request = urllib.request.Request(f"{reload_url.rstrip('/')}/v1/admin/reload", method="POST")
+    console.print(metrics_table(f"model {result.meta.version} ({engine})", result.metrics))
+    for url in reload_url or []:
+        headers = {"X-API-Key": api_key} if api_key else {}
+        request = urllib.request.Request(f"{url.rstrip('/')}/v1/admin/reload", method="POST", headers=headers)
         with urllib.request.urlopen(request, timeout=30) as response:
-            console.print(f"reloaded: {response.read().decode()}")
+            console.print(f"reloaded {url}: {response.read().decode()}")
 
 
 @import_app.command("events")
