@@ -334,12 +334,16 @@ def run_simulation(
     experiments_file.parent.mkdir(parents=True, exist_ok=True)
     experiments_file.write_text(yaml.safe_dump({"holdout": 0.0, "report_interval_s": 60, "experiments": specs}))
     shared = target.model_dump(include={"data_dir", "redis_url", "redis_cluster", "namespace", "feast_project"})
-    profile_settings = ProfileSettings(**shared, environment="test", aggregator_idle_s=0.01, offline_rows=False)
+    # WARNING: the in-process HTTP client would otherwise log every simulated request.
+    profile_settings = ProfileSettings(
+        **shared, environment="test", log_level="WARNING", aggregator_idle_s=0.01, offline_rows=False
+    )
     # No background cache refresh and no impression log: nothing changes the services during a simulated day,
     # which makes a run reproducible (the day's changes arrive with the reload at its end).
     recommend_settings = RecommendSettings(
         **shared,
         environment="test",
+        log_level="WARNING",
         experiments_file=experiments_file,
         refresh_interval_s=24 * 3600.0,
         log_impressions=False,
