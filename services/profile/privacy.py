@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -343,14 +343,9 @@ class PrivacyService:
 
 
 def privacy_holders(settings: CommonSettings) -> list[VisitorDataHolder]:
-    """The other per-visitor data holders of this deployment."""
-    return [ExperimentStateHolder(settings)]
+    """The other per-visitor data holders of this deployment: experiment state and message send history."""
+    # Imported here: the message history holder lives with the recommend service that writes it, and the
+    # profile service only needs it when a visitor is erased or exported.
+    from services.recommend.message_repository import MessageHistoryHolder
 
-
-def consent_of(store: Store, visitor_id: str) -> Consent:
-    return Consent.from_bytes(store.get(Namespace.CONSENT, visitor_id))
-
-
-def states_by_id(store: Store, visitor_ids: Sequence[str]) -> Mapping[str, VisitorState]:
-    raws = store.get_many(Namespace.VISITOR_STATE, list(visitor_ids))
-    return {v: VisitorState.from_dict(orjson.loads(r)) for v, r in zip(visitor_ids, raws, strict=True) if r}
+    return [ExperimentStateHolder(settings), MessageHistoryHolder(settings)]

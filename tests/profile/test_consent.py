@@ -191,6 +191,7 @@ def serving(world: SessionWorld) -> Iterator[Serving]:
         profile.delete(f"/v1/profiles/{visitor_id}")
 
 
+@pytest.mark.slow
 def test_without_personalization_consent_the_visitor_gets_the_generic_ranking(serving: Serving) -> None:
     state = serving.profile.app.state.profile  # type: ignore[attr-defined]
     now = BASE_TIME.isoformat()
@@ -229,6 +230,7 @@ def test_without_personalization_consent_the_visitor_gets_the_generic_ranking(se
     assert state.repository.visitor_states([serving.visitor_id]) == {}
 
 
+@pytest.mark.slow
 def test_without_marketing_consent_no_message_is_proposed(serving: Serving) -> None:
     def decide(channel: str) -> dict[str, Any]:
         body = {"visitor_id": serving.visitor_id, "channel": channel, "dry_run": True}

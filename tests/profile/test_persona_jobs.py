@@ -47,6 +47,7 @@ RULES = SegmentRules()
 # ------------------------------------------------------------------------------------------------ demo world
 
 
+@pytest.mark.slow
 def test_personas_recover_the_simulators_hidden_types(world: SessionWorld) -> None:
     """Adjusted Rand index between the learned personas and the simulator's hidden types.
 
@@ -92,6 +93,7 @@ def test_personas_recover_the_simulators_hidden_types(world: SessionWorld) -> No
     assert max(best_k.values()) >= 0.65
 
 
+@pytest.mark.slow
 def test_every_world_visitor_has_a_persona_feature_the_ranker_sees(world: SessionWorld) -> None:
     repository = ProfileRepository.open(world.settings)
     try:
@@ -207,6 +209,7 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
     clean_namespace(REDIS_URL, namespace)
 
 
+@pytest.mark.slow
 def test_job_assigns_everyone_and_keeps_ids_across_refreshes(shop: Shop) -> None:
     store, feature_store = shop.repository.store, shop.repository.feature_store
     existing = load_model(store)

@@ -29,6 +29,7 @@ from services.profile.privacy import PrivacyService
 from services.profile.repository import ProfileRepository
 from services.profile.service import Aggregator, IngestService
 from services.profile.settings import ProfileSettings
+from services.recommend.message_repository import MESSAGE_HISTORY
 from services.recommend.repository import RecommendRepository
 from services.recommend.training import Query, TrainConfig, Trainer
 from tests.conftest import REDIS_URL, clean_namespace, unique_name
@@ -103,6 +104,8 @@ def seed_other_holders(shop: Shop) -> None:
     record = {"visitor_id": ERASED, "ts": time.time(), "slots": {"home": ["pv-1"]}, "experiment": "exp-a"}
     store.put(Namespace.RECOMMENDATIONS, "rec-erased", orjson.dumps(record), 3600)
     store.put(Namespace.RECOMMENDATIONS, "rec-kept", orjson.dumps({**record, "visitor_id": KEPT}), 3600)
+    sent = {"s": [[BASE_TIME.timestamp(), "push", "cart-reminder"]], "t": {"push": BASE_TIME.timestamp()}}
+    store.put(MESSAGE_HISTORY, ERASED, orjson.dumps(sent))
     experiments = open_experiment_store(shop.settings)
     try:
         entry = {
@@ -151,10 +154,12 @@ def test_export_returns_everything_kept(shop: Shop) -> None:
     assert {row[F.VISITOR_KEY] for row in export["feature_history"]} == {ERASED}
     assert list(export["recommendations"]) == ["rec-erased"]
     assert export["other"]["experiment_state"][EXPERIMENT_ID]["arm"] == "b"
+    assert export["other"]["message_history"]["sends"][0]["message"] == "cart-reminder"
     orjson.dumps(export)  # plain JSON all the way down
     assert shop.client.get("/v1/profiles/nobody-here/export", headers=ADMIN).status_code == 404
 
 
+@pytest.mark.slow
 def test_erasure_removes_the_visitor_everywhere_and_from_later_training(
     shop: Shop, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -173,7 +178,7 @@ def test_erasure_removes_the_visitor_everywhere_and_from_later_training(
     assert (receipt["visitor_state"], receipt["online_rows"], receipt["consent"]) == (1, 1, 1)
     assert receipt["offline_rows"] == n and receipt["offline_files_rewritten"] >= 1
     assert receipt["recommendation_records"] == 1
-    assert receipt["holders"] == {"experiment_state": 1}
+    assert receipt["holders"] == {"experiment_state": 1, "message_history": 1}
     # No visitor id in what the services log.
     service_logs = [r.getMessage() for r in caplog.records if not r.name.startswith("httpx")]
     assert not [line for line in service_logs if ERASED in line]
