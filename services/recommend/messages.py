@@ -37,6 +37,7 @@ from services.common.catalog import CatalogItem, ItemKind, Targeting
 from services.common.consent import ConsentDefaults
 from services.common.context import is_payday_window, local_time
 from services.common.events import Event, EventContext, EventType, Identifier
+from services.recommend.assignment import HOLDOUT_ARM
 from services.recommend.catalog_cache import ItemSnapshot
 from services.recommend.message_model import (
     ACTION_COLUMNS,
@@ -59,6 +60,21 @@ CHANNELS: Final = ("push", "email", "whatsapp")
 PURPOSE: Final = {channel: f"marketing_{channel}" for channel in CHANNELS}
 TONES: Final = ("short", "detailed")
 WEEK: Final = 7 * 86_400.0
+# The rules baseline (experiment arms that are not personalized): the most time-sensitive trigger first.
+RULE_PRIORITY: Final = {
+    trigger: rank
+    for rank, trigger in enumerate(
+        (
+            "cart_abandonment",
+            "back_in_stock",
+            "price_drop",
+            "payday_promo",
+            "new_arrivals",
+            "loyalty_reward",
+            "win_back",
+        )
+    )
+}
 
 DECISIONS = Counter(
     "selaras_nbm_decisions_total",
@@ -644,6 +660,7 @@ class _Planned:
     candidates: list[Candidate]
     history: SendHistory
     experiment: tuple[str, str] | None
+    personalized: bool = True  # False: the experiment arm gets the rules baseline, not the uplift model
     first: int = 0  # first candidate row in the batch matrices
     row: int = 0  # row of the decision in the batch's visitor matrix
 
@@ -747,29 +764,36 @@ class MessageService:
         model = self.model
         personas = self.personas()
         visitor_ids = list(dict.fromkeys(r.visitor_id for r in requests))
-        rows = self.repository.visitor_rows(visitor_ids)
         consents = dict(zip(visitor_ids, self.repository.consents(visitor_ids), strict=True))
+        # Consent first (one cheap read): features and send histories only for visitors who may be messaged.
+        consented = [
+            r.visitor_id for r in requests if consents[r.visitor_id].allows(PURPOSE[r.channel], self.consent_defaults)
+        ]
+        reachable = list(dict.fromkeys(consented))
+        rows = self.repository.visitor_rows(reachable)
         histories = {
             v: SendHistory.from_bytes(raw)
-            for v, raw in zip(visitor_ids, self.repository.histories(visitor_ids), strict=True)
+            for v, raw in zip(reachable, self.repository.histories(reachable), strict=True)
         }
-        views = {v: VisitorView.from_row(v, row) for v, row in zip(visitor_ids, rows, strict=True)}
+        views = {v: VisitorView.from_row(v, row) for v, row in zip(reachable, rows, strict=True)}
 
         allowed_hours = open_hours(settings)
         results: list[dict[str, Any] | None] = [None] * len(requests)
         planned: list[_Planned] = []
         for i, request in enumerate(requests):
             now = request.now.timestamp() if request.now else wall
-            view = views[request.visitor_id]
             channel = request.channel
             if not consents[request.visitor_id].allows(PURPOSE[channel], self.consent_defaults):
                 results[i] = self._none(request, "no_consent", f"no consent for {PURPOSE[channel]}")
                 continue
-            experiment = self._experiment(request)
-            if experiment is not None and not experiment[2]:
-                results[i] = self._none(request, "experiment_control", "the experiment arm sends nothing", experiment)
+            view = views[request.visitor_id]
+            experiment = self._experiment(request, now)
+            if experiment is not None and experiment[1] == HOLDOUT_ARM:
+                detail = "the experiments' global holdout gets no marketing messages"
+                results[i] = self._none(request, "experiment_holdout", detail, experiment)
                 continue
             tag = (experiment[0], experiment[1]) if experiment else None
+            personalized = experiment[2] if experiment else True
             if not view.known:
                 results[i] = self._none(request, "unknown_visitor", "no behaviour recorded for this visitor", tag)
                 continue
@@ -792,7 +816,7 @@ class MessageService:
             if not candidates:
                 results[i] = self._none(request, "cooldown", "every eligible message is cooling down", tag)
                 continue
-            planned.append(_Planned(i, request, view, now, send_at, candidates, history, tag))
+            planned.append(_Planned(i, request, view, now, send_at, candidates, history, tag, personalized))
 
         if planned:
             uplift, attributed, baseline = self._score(planned, catalog.snapshot, model)
@@ -812,13 +836,14 @@ class MessageService:
             DECISIONS.labels(result["channel"], result["action"], result.get("reason") or "send").inc()
         return out
 
-    def _experiment(self, request: MessageRequest) -> tuple[str, str, bool] | None:
-        """The experiment arm covering this decision, when the experiments runtime assigns messages."""
+    def _experiment(self, request: MessageRequest, now: float) -> tuple[str, str, bool] | None:
+        """(experiment key, arm, personalized) covering this decision, when the experiments runtime assigns
+        messages. The holdout arm gets nothing; a non-personalized arm gets the rules baseline."""
         assign = getattr(self.experiments, "assign_message", None)
         if assign is None:
             return None
         try:
-            assigned = assign(request.visitor_id, request.channel)
+            assigned = assign(request.visitor_id, request.channel, now)
         except Exception as exc:  # experiments must never take messages down
             log.warning("message experiment assignment failed: %s", type(exc).__name__)
             return None
@@ -873,9 +898,13 @@ class MessageService:
         s = self.settings
         request, k = p.request, len(p.candidates)
         scores = uplift[p.first : p.first + k].tolist()
-        best = max(range(k), key=scores.__getitem__)
-        greedy = best + 1 if model is None or scores[best] > s.min_uplift else 0  # 0 = send nothing
-        epsilon = s.cold_start_exploration if model is None else s.exploration
+        if p.personalized:
+            best = max(range(k), key=scores.__getitem__)
+            greedy = best + 1 if model is None or scores[best] > s.min_uplift else 0  # 0 = send nothing
+            epsilon = s.cold_start_exploration if model is None else s.exploration
+        else:  # rules baseline of an experiment: the most urgent trigger, no model, no exploration
+            greedy = 1 + min(range(k), key=lambda j: RULE_PRIORITY[p.candidates[j].template.trigger])
+            epsilon = 0.0
         # Action 0 is "send nothing", 1..k the candidates; the random control group comes on top.
         probabilities = [epsilon / (k + 1)] * (k + 1)
         probabilities[greedy] += 1.0 - epsilon
@@ -972,6 +1001,8 @@ class MessageService:
                 score,
             )
             SENDS.labels(request.channel, template.trigger).inc()
+            if p.experiment is not None:
+                self._record_exposure(p, recommendation_id, template.item_id, persona)
         answer: dict[str, Any] = {
             "recommendation_id": recommendation_id,
             "visitor_id": request.visitor_id,
@@ -1012,6 +1043,27 @@ class MessageService:
             }
             for c, score in zip(p.candidates, scores, strict=True)
         ]
+
+    def _record_exposure(
+        self, p: _Planned, recommendation_id: str, template_id: str, persona: Mapping[str, Any] | None
+    ) -> None:
+        """A message sent under an experiment arm: its opens, clicks and purchases count for the arm."""
+        record = getattr(self.experiments, "record_message_exposure", None)
+        if record is None or p.experiment is None:
+            return
+        try:
+            record(
+                p.request.visitor_id,
+                p.experiment[0],
+                p.experiment[1],
+                p.request.channel,
+                recommendation_id,
+                now=p.now,
+                persona=str(persona.get("name_en")) if persona else None,
+                item_id=template_id,
+            )
+        except Exception as exc:  # experiments must never take messages down
+            log.warning("message exposure not recorded: %s", type(exc).__name__)
 
     def _tokens(
         self, p: _Planned, chosen: Candidate, traits: Mapping[str, Any], snapshot: ItemSnapshot, locale: str

@@ -225,6 +225,12 @@ def drop_feast_rows(url: str, project: str) -> None:
     client.close()
 
 
+def constant_model(p_open: float) -> MessageModel:
+    """A model whose stages are constant rates (what training stores when data is thin)."""
+    stages = {"open": Stage(None, p_open), "click": Stage(None, 0.5), "purchase": Stage(None, 0.5)}
+    return MessageModel("const", 0.0, {**stages, "baseline": Stage(None, 0.2)}, 24.0)
+
+
 def triggers(answer: dict[str, Any]) -> dict[str, str | None]:
     return {c["trigger"]: c["product_id"] for c in answer.get("candidates", [])}
 
@@ -254,13 +260,9 @@ def test_back_in_stock_once_a_sold_out_viewed_product_returns(shop: Shop) -> Non
     restocked = next(p for p in products() if p.item_id == "p-restock").model_copy(update={"stock": 8})
     response = shop.client.put("/v1/catalog/items", json={"items": [restocked.model_dump(mode="json")]})
     assert response.status_code == 200, response.text
+    assert shop.client.post("/v1/admin/reload").status_code == 200  # rebuilds the item cache now
     snapshot = shop.state.service.snapshot
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        snapshot = shop.state.service.snapshot
-        if snapshot.available[snapshot.index["p-restock"]]:
-            break
-        time.sleep(0.05)
+    assert snapshot.available[snapshot.index["p-restock"]]
     assert triggers(shop.preview("restocker"))["back_in_stock"] == "p-restock"
 
 
@@ -356,10 +358,6 @@ def test_control_group_exploration_and_the_model_decide_with_logged_propensities
     assert logged.item_id == "none" and logged.properties["action"] == "none"
     assert logged.properties["control"] is True and logged.properties["propensity"] == 1.0
 
-    def constant_model(p_open: float) -> MessageModel:
-        stages = {"open": Stage(None, p_open), "click": Stage(None, 0.5), "purchase": Stage(None, 0.5)}
-        return MessageModel("const", 0.0, {**stages, "baseline": Stage(None, 0.2)}, 24.0)
-
     hopeless = shop.service()
     hopeless.use_model(constant_model(0.001))  # uplift 0.001 * 0.25 * 0.8 = 0.0002 < min_uplift
     nothing = hopeless.decide(MessageRequest(visitor_id="dropper", channel="push", now=NOW, dry_run=True))
@@ -379,14 +377,39 @@ def test_control_group_exploration_and_the_model_decide_with_logged_propensities
     assert greedy and greedy[0]["propensity"] == pytest.approx(0.9 * (0.8 + 0.2 / (k + 1)), abs=1e-6)
 
 
-def test_experiment_arm_that_sends_nothing(shop: Shop) -> None:
-    class Holdout:
-        def assign_message(self, visitor_id: str, channel: str) -> tuple[str, str, bool]:
-            return ("nbm-test", "holdout", False)
+def test_experiment_arms_holdout_rules_and_model(shop: Shop) -> None:
+    class Experiments:
+        def __init__(self, arm: str, personalized: bool):
+            self.arm, self.personalized = arm, personalized
+            self.exposures: list[tuple[Any, ...]] = []
 
-    service = shop.service(experiments=Holdout())
-    answer = service.decide(MessageRequest(visitor_id="cart", channel="push", now=NOW, dry_run=True))
-    assert (answer["reason"], answer["experiment"]) == ("experiment_control", {"key": "nbm-test", "arm": "holdout"})
+        def assign_message(self, visitor_id: str, channel: str, now: float) -> tuple[str, str, bool]:
+            return ("nbm-test", self.arm, self.personalized)
+
+        def record_message_exposure(self, *args: Any, **kwargs: Any) -> None:
+            self.exposures.append((*args, kwargs["item_id"]))
+
+    holdout = Experiments("holdout", False)
+    answer = shop.service(experiments=holdout).decide(MessageRequest(visitor_id="cart", channel="push", now=NOW))
+    assert (answer["reason"], answer["experiment"]) == ("experiment_holdout", {"key": "nbm-test", "arm": "holdout"})
+    assert holdout.exposures == []
+    # Under uniform exploration the model arm varies; the rules arm always sends the most urgent trigger.
+    exploring = MessageSettings(control_rate=0.0, cold_start_exploration=1.0)
+    days = [NOW + timedelta(days=d) for d in range(12)]
+    rules = Experiments("rules", False)
+    service = shop.service(exploring, experiments=rules)
+    previews = [MessageRequest(visitor_id="researcher", channel="push", now=d, dry_run=True) for d in days]
+    assert {service.decide(request)["message"]["trigger"] for request in previews} == {"cart_abandonment"}
+    assert rules.exposures == []  # previews are not exposures
+    sent = service.decide(MessageRequest(visitor_id="researcher", channel="push", now=NOW))
+    assert sent["experiment"] == {"key": "nbm-test", "arm": "rules"}
+    assert rules.exposures == [("researcher", "nbm-test", "rules", "push", sent["recommendation_id"], "m001")]
+    model_arm = shop.service(exploring, experiments=Experiments("model", True))
+    varied = [
+        model_arm.decide(MessageRequest(visitor_id="researcher", channel="push", now=d, dry_run=True)) for d in days
+    ]
+    assert {a["message"]["trigger"] if a["action"] == "send" else "none" for a in varied} != {"cart_abandonment"}
+    assert varied[0]["experiment"] == {"key": "nbm-test", "arm": "model"}
 
 
 # -- batch and validation ---------------------------------------------------------------------------------------------
