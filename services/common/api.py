@@ -23,13 +23,16 @@ class FastJSONResponse(JSONResponse):
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
 
 
-def describe_errors(errors: Sequence[Any], index_after: str | None = None) -> list[dict[str, Any]]:
+def describe_errors(
+    errors: Sequence[Any], index_after: str | None = None, prefix: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
     """Pydantic errors -> [{"index": i?, "field": "a.b", "message": ...}].
 
-    `index_after` names the list whose element index is reported separately (e.g. "events")."""
+    `index_after` names the list whose element index is reported separately (e.g. "events"); `prefix` is
+    prepended to locations of errors from validating that list on its own."""
     described: list[dict[str, Any]] = []
     for error in errors:
-        loc = [part for part in error.get("loc", ()) if part != "body"]
+        loc = [*prefix, *(part for part in error.get("loc", ()) if part != "body")]
         entry: dict[str, Any] = {}
         if index_after and len(loc) >= 2 and loc[0] == index_after and isinstance(loc[1], int):
             entry["index"] = loc[1]

@@ -114,7 +114,8 @@ class Event(BaseModel):
 
 def envelope(event: Event, received_at: float) -> bytes:
     """A log entry: the event plus when it was acknowledged (for the feature-lag metric)."""
-    return orjson.dumps({"at": received_at, "event": event.model_dump(mode="json", exclude_none=True)})
+    # pydantic's JSON serialiser runs in Rust: much cheaper than model_dump + orjson per event.
+    return b'{"at":%r,"event":%s}' % (received_at, event.model_dump_json(exclude_none=True).encode())
 
 
 def open_envelope(raw: bytes) -> tuple[float, Event]:

@@ -28,6 +28,8 @@ from services.common.settings import CommonSettings
 
 DEDUPE_TTL_S = 14 * 24 * 3600
 APPEND_CHUNK = 500
+# Namespaces with too many short-lived keys to keep a key index for; scanning them uses SCAN (rare: erasure).
+UNINDEXED_NAMESPACES = frozenset({"rec"})
 
 
 @dataclass(frozen=True)
@@ -230,14 +232,22 @@ class RedisStore(Store):
             pipe = self.client.pipeline(transaction=False)
             for key, value in values.items():
                 pipe.set(self._blob_key(namespace, key), value, ex=ttl_s)
+            if namespace not in UNINDEXED_NAMESPACES:
+                pipe.sadd(self._index_key(namespace), *values.keys())
             pipe.execute()
 
         self._call(write)
+
+    def _index_key(self, namespace: str) -> str:
+        """A set of the namespace's keys: scanning it costs O(namespace), SCAN costs O(whole Redis)."""
+        return f"{self.ns}:keys:{namespace}"
 
     def delete(self, namespace: str, keys: Sequence[str]) -> int:
         if not keys:
             return 0
         full = [self._blob_key(namespace, k) for k in keys]
+        if namespace not in UNINDEXED_NAMESPACES:
+            self._call(lambda: self._sync.srem(self._index_key(namespace), *keys))
         if isinstance(self.client, RedisCluster):
             return sum(int(self._call(lambda k=k: self.client.delete(k))) for k in full)
         return int(self._call(lambda: self.client.delete(*full)))
@@ -245,15 +255,23 @@ class RedisStore(Store):
     def scan(self, namespace: str) -> Iterator[tuple[str, bytes]]:
         prefix = self._blob_key(namespace, "")
         try:
-            keys = [k.decode() for k in self.client.scan_iter(match=f"{prefix}*", count=1000)]
+            if namespace in UNINDEXED_NAMESPACES:
+                keys = [k.decode() for k in self.client.scan_iter(match=f"{prefix}*", count=1000)]
+            else:
+                keys = [prefix + k.decode() for k in self._sync.sscan_iter(self._index_key(namespace), count=1000)]
         except RedisError as exc:
             raise StorageUnavailable("store unavailable") from exc
+        expired: list[str] = []
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
             values = self.get_many(namespace, [k[len(prefix) :] for k in chunk])
             for key, value in zip(chunk, values, strict=True):
                 if value is not None:
                     yield key[len(prefix) :], value
+                else:
+                    expired.append(key[len(prefix) :])
+        if expired and namespace not in UNINDEXED_NAMESPACES:  # members whose key expired (TTL)
+            self._call(lambda: self._sync.srem(self._index_key(namespace), *expired))
 
     def ping(self) -> bool:
         try:

@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from services.common.api import FastJSONResponse, read_json_body, require_scope
+from services.common.api import FastJSONResponse, describe_errors, read_json_body, require_scope
 from services.common.auth import ApiKeyAuth
 from services.common.consent import Consent
 from services.common.errors import InvalidPayload, NotFound, PayloadTooLarge
@@ -22,7 +22,7 @@ from services.profile.persona_jobs import persona_view
 from services.profile.schemas import ConsentUpdate, EventBatch, IngestResult, ProfileView
 
 router = APIRouter()
-EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+BATCH_ADAPTER: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
 
 
 def get_state(request: Request) -> ProfileState:
@@ -67,20 +67,15 @@ async def ingest_events(request: Request, state: State, _: IngestKey) -> Respons
     limit = state.settings.max_batch_events
     if len(raw_events) > limit:
         raise PayloadTooLarge(f"batch has {len(raw_events)} events; the limit is {limit}")
-    events: list[Event] = []
-    errors: list[dict[str, Any]] = []
-    for index, raw in enumerate(raw_events):
-        try:
-            events.append(EVENT_ADAPTER.validate_python(raw))
-        except ValidationError as exc:
-            for error in exc.errors():
-                loc = [str(p) for p in error["loc"] if not (isinstance(p, str) and "[" in p)]
-                errors.append({"index": index, "field": ".".join(loc) or "(event)", "message": error["msg"]})
-    if errors:
+    try:
+        # One validation call for the whole batch; its errors carry the event index as the first location.
+        events = BATCH_ADAPTER.validate_python(raw_events)
+    except ValidationError as exc:
+        errors = describe_errors(exc.errors(), index_after="events", prefix=("events",))
         raise InvalidPayload(
             f"{len({e['index'] for e in errors})} of {len(raw_events)} events are invalid; nothing was stored",
             extra={"errors": errors},
-        )
+        ) from exc
     # The durable append is a blocking call: run it in the thread pool, off the event loop.
     result = await run_in_threadpool(state.ingest.ingest, events)
     return FastJSONResponse({"accepted": result.accepted, "duplicates": result.duplicates}, status_code=202)

@@ -70,10 +70,13 @@ class IngestService:
             EVENTS_REFUSED.labels("storage_unavailable").inc(len(events))
             raise
         accepted = set(result.accepted_ids)
+        by_type: dict[str, int] = {}
         for event in events:
             if event.event_id in accepted:
-                EVENTS_INGESTED.labels(event.type.value).inc()
+                by_type[event.type.value] = by_type.get(event.type.value, 0) + 1
                 accepted.discard(event.event_id)
+        for kind, count in by_type.items():
+            EVENTS_INGESTED.labels(kind).inc(count)
         if result.duplicates:
             EVENTS_DUPLICATE.inc(result.duplicates)
         return result
