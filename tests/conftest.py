@@ -96,9 +96,13 @@ def unique_name(prefix: str) -> str:
 
 def clean_namespace(url: str, namespace: str) -> None:
     client = redis.Redis.from_url(url)
-    keys = list(client.scan_iter(match=f"{namespace}:*", count=1000)) + list(
-        client.scan_iter(match=f"{{{namespace}:*", count=1000)
-    )
+    # Our keys start with the namespace ("{ns:log}" for the stream); Feast's online rows end with the project
+    # name, which the fixtures set to the namespace.
+    keys = [
+        key
+        for pattern in (f"{namespace}:*", f"{{{namespace}:*", f"*{namespace}")
+        for key in client.scan_iter(match=pattern, count=5000)
+    ]
     for start in range(0, len(keys), 500):
         client.delete(*keys[start : start + 500])
     client.close()
