@@ -241,9 +241,13 @@ def simulate_messages_command(
     )
     for name, path in result.files.items():
         console.print(f"  {name}: {path}")
+    from datetime import timedelta
+
+    # Train on the first half of the message days, evaluate on the second (held out).
+    split = (result.first_decision + timedelta(days=message_days // 2)).replace(hour=0).isoformat()
     console.print(
-        f"next: selaras train-messages --data-dir {data_dir} --until <time>; then "
-        f"selaras evaluate messages {result.files.get('events')} --data-dir {data_dir} --since <time>"
+        f"next:\n  selaras train-messages --data-dir {data_dir} --until {split}\n"
+        f"  selaras evaluate messages {result.files.get('events')} --data-dir {data_dir} --since {split}"
     )
 
 
