@@ -28,10 +28,12 @@ COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 COPY feature_repo ./feature_repo
 COPY experiments.yaml ./experiments.yaml
-# The package is installed into site-packages, so the repository paths are given explicitly.
+# The package is installed into site-packages, so the repository paths are given explicitly. HOME is /tmp:
+# the root filesystem may be read-only (Kubernetes), and DuckDB and Feast keep small caches under HOME.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
     SELARAS_DATA_DIR=/data \
     SELARAS_FEATURE_REPO=/app/feature_repo \
     RECOMMEND_EXPERIMENTS_FILE=/app/experiments.yaml \
