@@ -5,6 +5,9 @@ in its own namespace, starts `selaras serve profile` and `selaras serve recommen
 (requests are scheduled at a fixed rate whatever the latency, like real traffic): `POST /v1/recommend` for
 known and new visitors, and `POST /v1/events` batches. The RSS of each service is sampled every few seconds.
 
+By default the soak starts its own redis-server (AOF, `appendfsync always`, as in production) so that the
+figures measure Selaras and not whatever else lives in a shared Redis; `--use-redis-url` runs on REDIS_URL.
+
 Passes when no request failed and no service grew by 10% or more (mean RSS of the last minute against the
 first minute after a warm-up). Figures go to bench/soak.json; the exit code is 1 when it did not pass.
 """
@@ -96,7 +99,7 @@ def start_service(name: str, env: dict[str, str], log_dir: Path) -> Service:
         stderr=subprocess.STDOUT,
     )
     service = Service(name, port, process)
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{name} exited at start; see {log_dir / (name + '.log')}")
@@ -106,7 +109,7 @@ def start_service(name: str, env: dict[str, str], log_dir: Path) -> Service:
         except httpx.HTTPError:
             pass
         time.sleep(0.25)
-    raise RuntimeError(f"{name} was not ready in 180 s")
+    raise RuntimeError(f"{name} was not ready in 300 s")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -114,6 +117,25 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A private redis-server configured as in production (AOF, fsync on every write)."""
+    port = free_port()
+    directory.mkdir(parents=True, exist_ok=True)
+    args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(directory)]
+    args += ["--appendonly", "yes", "--appendfsync", "always"]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if redis.Redis.from_url(url, socket_timeout=0.5).ping():
+                return process, url
+        except redis.RedisError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("redis-server did not start")
 
 
 def clean_namespace(url: str, namespace: str) -> None:
@@ -254,6 +276,7 @@ class Soak:
                 for s in samples[:: max(1, len(samples) // 60)]
             ],
             "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+            "redis": "REDIS_URL" if args.use_redis_url else "private redis-server, AOF appendfsync always",
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
 
@@ -271,10 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--days", type=int, default=14)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "soak.json")
+    parser.add_argument("--use-redis-url", action="store_true", help="run on REDIS_URL instead of a private Redis")
     args = parser.parse_args(argv)
     redis_url = os.environ.get("REDIS_URL")
-    if not redis_url:
-        parser.error("REDIS_URL must point at a Redis (make soak sets it)")
+    if args.use_redis_url and not redis_url:
+        parser.error("--use-redis-url needs REDIS_URL")
     args.warmup_s = min(args.warmup_s, max(args.duration - 120, 0.0))
     args.run_id = uuid.uuid4().hex[:8]
 
@@ -286,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     namespace = f"soak{args.run_id}"
     work = REPO / "bench" / "tmp" / namespace
     work.mkdir(parents=True, exist_ok=True)
+    private_redis = None
+    if not args.use_redis_url:
+        private_redis, redis_url = start_redis(work / "redis")
+    assert redis_url
     settings = CommonSettings(
         data_dir=work / "data", redis_url=redis_url, namespace=namespace, feast_project=namespace, environment="test"
     )
@@ -322,7 +350,11 @@ def main(argv: list[str] | None = None) -> int:
                 service.process.wait(30)
             except subprocess.TimeoutExpired:
                 service.process.kill()
-        clean_namespace(redis_url, namespace)
+        if private_redis is not None:
+            private_redis.terminate()
+            private_redis.wait(30)
+        else:
+            clean_namespace(redis_url, namespace)
         shutil.rmtree(work, ignore_errors=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: report[k] for k in ("passed", "requests", "errors", "latency", "memory")}, indent=2))
