@@ -146,7 +146,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "selaras-profile": [f"127.0.0.1:{ports['profile']}"],
         }
         for job in config["scrape_configs"]:
-            job["static_configs"][0]["targets"] = targets[job["job_name"]]
+            # The shipped jobs find replicas by DNS (compose); here they are two local ports.
+            job.pop("dns_sd_configs", None)
+            job["static_configs"] = [{"targets": targets[job["job_name"]]}]
         (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
         processes.append(
             start_process(
