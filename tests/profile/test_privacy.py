@@ -164,6 +164,7 @@ def test_erasure_removes_the_visitor_everywhere_and_from_later_training(
     shop: Shop, caplog: pytest.LogCaptureFixture
 ) -> None:
     seed_other_holders(shop)
+    assert shop.client.put(f"/v1/profiles/{ERASED}/consent", json={"marketing_push": True}, headers=ADMIN).is_success
     probe_at = BASE_TIME + timedelta(days=2, hours=12)  # point in time inside both visitors' histories
     visitors_before, known_before = training_view(shop.settings, [ERASED, KEPT], probe_at)
     assert {ERASED, KEPT} <= visitors_before and known_before == [True, True]  # the control: both are there
