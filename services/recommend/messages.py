@@ -193,6 +193,7 @@ class MessageCatalog:
     usable: dict[str, int] = field(default_factory=dict)  # available products: id -> row
     discount: list[float] = field(default_factory=list)
     created: list[float] = field(default_factory=list)
+    price: list[float] = field(default_factory=list)
 
     @classmethod
     def build(cls, snapshot: ItemSnapshot, min_discount: float) -> MessageCatalog:
@@ -244,6 +245,7 @@ class MessageCatalog:
             usable={snapshot.ids[i]: int(i) for i in products},
             discount=snapshot.discount.tolist(),
             created=snapshot.created_ts.tolist(),
+            price=snapshot.price.tolist(),
         )
 
 
@@ -657,6 +659,7 @@ class _Planned:
     view: VisitorView
     now: float
     send_at: datetime
+    send_ts: float
     candidates: list[Candidate]
     history: SendHistory
     experiment: tuple[str, str] | None
@@ -812,11 +815,12 @@ class MessageService:
             if not candidates:
                 results[i] = self._none(request, "no_eligible_message", "no trigger applies to this visitor now", tag)
                 continue
-            candidates = [c for c in candidates if not history.cooling(c.template, send_at.timestamp())]
+            send_ts = send_at.timestamp()
+            candidates = [c for c in candidates if not history.cooling(c.template, send_ts)]
             if not candidates:
                 results[i] = self._none(request, "cooldown", "every eligible message is cooling down", tag)
                 continue
-            planned.append(_Planned(i, request, view, now, send_at, candidates, history, tag, personalized))
+            planned.append(_Planned(i, request, view, now, send_at, send_ts, candidates, history, tag, personalized))
 
         if planned:
             uplift, attributed, baseline = self._score(planned, catalog.snapshot, model)
@@ -867,7 +871,7 @@ class MessageService:
         A = np.empty((total, len(ACTION_COLUMNS)), dtype=np.float64)
         owner = np.empty(total, dtype=np.int64)
         for k, p in enumerate(planned):
-            V[k] = visitor_vector(p.view, p.now, p.send_at.timestamp(), p.request.channel)
+            V[k] = visitor_vector(p.view, p.now, p.send_ts, p.request.channel)
             for j, c in enumerate(p.candidates):
                 A[p.first + j] = action_vector(
                     p.view, c.template.trigger, c.template.item_id, c.product, snapshot, p.now
@@ -927,15 +931,22 @@ class MessageService:
             cap = p.history.cap_reached(request.channel, p.send_at, s)
             if cap is not None:
                 return self._none(request, "frequency_cap", f"{cap} cap reached", p.experiment)
-            if p.history.cooling(p.candidates[action - 1].template, p.send_at.timestamp()):
+            if p.history.cooling(p.candidates[action - 1].template, p.send_ts):
                 return self._none(request, "cooldown", "every eligible message is cooling down", p.experiment)
         # What the logging policy gave this action, control group included (offline evaluation divides by it).
         propensity = (1.0 - s.control_rate) * probabilities[action] + (s.control_rate if action == 0 else 0.0)
         recommendation_id = next_id()
         snapshot = catalog.snapshot
         version = model.version if model else None
-        pairs = [(c.template.item_id, snapshot.ids[c.product] if c.product >= 0 else None) for c in p.candidates]
-        candidates_text = encode_candidates(pairs)
+        ids = snapshot.ids
+        # Only logged decisions need their candidates as text.
+        candidates_text = (
+            ""
+            if request.dry_run
+            else encode_candidates(
+                (c.template.item_id, ids[c.product] if c.product >= 0 else None) for c in p.candidates
+            )
+        )
         if action == 0:
             detail = {
                 "control_group": "random control group: measures what messages add over sending nothing",
@@ -980,13 +991,13 @@ class MessageService:
                 "item_id": snapshot.ids[product],
                 "title": snapshot.titles[product],
                 "category": snapshot.categories[product],
-                "price": None if math.isnan(snapshot.price[product]) else float(snapshot.price[product]),
-                "discount": round(float(snapshot.discount[product]), 4),
+                "price": None if math.isnan(catalog.price[product]) else catalog.price[product],
+                "discount": round(catalog.discount[product], 4),
                 "url": snapshot.urls[product],
                 "image_url": snapshot.image_urls[product],
             }
         if not request.dry_run:
-            p.history.record(p.send_at.timestamp(), request.channel, template.item_id)
+            p.history.record(p.send_ts, request.channel, template.item_id)
             self._log(
                 p,
                 recommendation_id,
@@ -1163,7 +1174,7 @@ class MessageService:
             "message": template.item_id if template else None,
             "trigger": template.trigger if template else None,
             "product": product_id,
-            "send_at": p.send_at.timestamp(),
+            "send_at": p.send_ts,
             "control": control,
             "experiment": p.experiment[0] if p.experiment else None,
             "arm": p.experiment[1] if p.experiment else None,
