@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,9 @@ from services.recommend.message_repository import MessageRepository
 from services.recommend.messages import MessageRequest, MessageService, MessageSettings
 from services.recommend.repository import RecommendRepository
 from services.recommend.settings import RecommendSettings
+from tests.conftest import REDIS_URL
 from tests.factories import make_event, make_item
+from tests.recommend.test_message_endpoints import drop_feast_rows
 
 NOW = datetime(2026, 11, 26, 2, tzinfo=UTC)  # payday window, 09:00 in Jakarta
 
@@ -38,8 +40,14 @@ def before(**delta: float) -> str:
     return (NOW - timedelta(**delta)).isoformat()
 
 
-def test_replayed_features_equal_the_features_served_from_feast(settings_factory: Callable[..., Any]) -> None:
-    settings: CommonSettings = settings_factory(CommonSettings, redis_timeout_s=5.0)
+@pytest.fixture
+def settings(settings_factory: Callable[..., Any]) -> Iterator[CommonSettings]:
+    made: CommonSettings = settings_factory(CommonSettings, redis_timeout_s=5.0)
+    yield made
+    drop_feast_rows(REDIS_URL, made.feast_project)
+
+
+def test_replayed_features_equal_the_features_served_from_feast(settings: CommonSettings) -> None:
     catalog: list[CatalogItem] = [
         make_item(item_id="p-a", price=80_000, original_price=100_000, created_at=before(days=90)),
         make_item(item_id="p-b", category="kecantikan", price=45_000, created_at=before(days=3)),
@@ -90,9 +98,8 @@ def test_replayed_features_equal_the_features_served_from_feast(settings_factory
 
 @pytest.mark.slow
 def test_simulated_decisions_train_and_evaluate_through_the_cli(
-    settings_factory: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    settings: CommonSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings: CommonSettings = settings_factory(CommonSettings, redis_timeout_s=5.0)
     control = 0.1
     config = MessageSimConfig(
         visitors=150,
