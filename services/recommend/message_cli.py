@@ -80,12 +80,17 @@ def train_messages(
         auc = info.get("valid_auc")
         table.add_row(stage, f"{info['rows']:,}", f"{info['positives']:,}", info["kind"], f"{auc:.3f}" if auc else "-")
     console.print(table)
+    metrics = result.metrics
+    measured = metrics.get("measured_uplift")
+    check = (
+        f"measured against the control group {measured:+.2%} "
+        f"(95% CI {metrics['measured_uplift_ci95'][0]:+.2%} to {metrics['measured_uplift_ci95'][1]:+.2%})"
+        if measured is not None
+        else "the control group is too small to measure it yet (20 decisions needed)"
+    )
     console.print(
-        f"decisions {result.metrics['decisions']:,}, sent {result.metrics['sent']:,}, "
-        f"control {result.metrics['control']:,}; "
-        f"predicted mean uplift of the sends {result.metrics.get('predicted_uplift', 0):+.2%}, measured against the "
-        f"control group {result.metrics.get('measured_uplift', float('nan')):+.2%} "
-        f"(95% CI {result.metrics.get('measured_uplift_ci95', ['-', '-'])})"
+        f"decisions {metrics['decisions']:,}, sent {metrics['sent']:,}, control {metrics['control']:,}; "
+        f"predicted mean uplift of the sends {metrics.get('predicted_uplift', 0):+.2%}; {check}"
     )
 
 

@@ -10,7 +10,9 @@ event (event id `msg:<recommendation_id>`, so a CRM that posts the same event ag
 propensity and candidates. Decisions that send nothing on purpose (control group, no expected uplift,
 exploration) are logged too, as `message_sent` with `item_id` "none" and `properties.action` "none": they
 are the comparison that uplift training and offline evaluation need; no message goes out for them.
-Caps are checked against the recorded history, including earlier decisions of the same batch.
+Caps are checked against the recorded history, including earlier decisions of the same batch. Two
+concurrent requests for the same visitor are not serialised (no cross-request lock): a CRM asks once per
+visitor and channel at a time, and a batch with repeated visitors is handled in order.
 """
 
 from __future__ import annotations
