@@ -212,6 +212,17 @@ class LoggedSlate:
     def deterministic(self) -> bool:
         return bool(np.all(self.propensities >= 1.0))
 
+    @property
+    def fixed(self) -> int:
+        """Leading positions held by merchandiser pins: placed with probability 1 although the pool still
+        offered a choice. Every target keeps them (the service places pins first whatever it ranks)."""
+        if self.pool is None:
+            return 0
+        count = 0
+        while count < len(self.items) and self.propensities[count] >= 1.0 and self.pool - count > 1:
+            count += 1
+        return count
+
 
 @dataclass
 class SlateLog:
@@ -348,7 +359,9 @@ class ModelRanking:
         taken: set[int] = set()
         for p, rank in enumerate(ranks):
             greedy = float(rank == _next_rank(taken))
-            if self.epsilon > 0.0:
+            if p < slate.fixed:
+                out[p] = 1.0
+            elif self.epsilon > 0.0:
                 remaining = (slate.pool or 0) - p
                 out[p] = (1 - self.epsilon) * greedy + (self.epsilon / remaining if remaining > 0 else 0.0)
             else:
@@ -362,7 +375,9 @@ class ModelRanking:
         taken: set[int] = set()
         for p, rank in enumerate(ranks):
             greedy = q.q(p, _next_rank(taken))
-            if self.epsilon > 0.0 and slate.pool:
+            if p < slate.fixed:
+                out[p] = q.q(p, rank)
+            elif self.epsilon > 0.0 and slate.pool:
                 out[p] = (1 - self.epsilon) * greedy + self.epsilon * _mean_free(q.row(p, slate.pool), taken)
             else:
                 out[p] = greedy
@@ -380,8 +395,8 @@ class UniformRandom:
         return slate.pool is not None and _ranks(slate) is not None
 
     def probabilities(self, slate: LoggedSlate) -> np.ndarray:
-        pool = slate.pool or 0
-        return np.array([1.0 / (pool - p) if pool > p else 0.0 for p in range(len(slate.items))])
+        pool, fixed = slate.pool or 0, slate.fixed
+        return np.array([1.0 if p < fixed else 1.0 / (pool - p) if pool > p else 0.0 for p in range(len(slate.items))])
 
     def expected_reward(self, slate: LoggedSlate, q: RankReward) -> np.ndarray:
         pool = slate.pool or 0
@@ -389,7 +404,7 @@ class UniformRandom:
         out = np.zeros(len(ranks))
         taken: set[int] = set()
         for p, rank in enumerate(ranks):
-            out[p] = _mean_free(q.row(p, pool), taken)
+            out[p] = q.q(p, rank) if p < slate.fixed else _mean_free(q.row(p, pool), taken)
             taken.add(rank)
         return out
 
@@ -428,7 +443,7 @@ class ItemLists:
         placed: set[str] = set()
         for p, item in enumerate(slate.items):
             following = next((candidate for candidate in wanted if candidate not in placed), None)
-            out[p] = float(item == following)
+            out[p] = 1.0 if p < slate.fixed else float(item == following)
             placed.add(item)
         return out
 
