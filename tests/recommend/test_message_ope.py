@@ -17,6 +17,7 @@ from services.recommend.message_model import (
     VISITOR_COLUMNS,
     LoggedDecisions,
     MessageTrainConfig,
+    MessageTrainResult,
     template_code,
     train_message_model,
 )
@@ -78,9 +79,13 @@ def synthetic_log(n: int, seed: int) -> LoggedDecisions:
     )
 
 
-def test_the_uplift_model_learns_which_message_works_for_whom() -> None:
-    result = train_message_model(synthetic_log(12_000, seed=1), MessageTrainConfig(seed=1))
-    model = result.model
+@pytest.fixture(scope="module")
+def trained() -> MessageTrainResult:
+    return train_message_model(synthetic_log(12_000, seed=1), MessageTrainConfig(seed=1))
+
+
+def test_the_uplift_model_learns_which_message_works_for_whom(trained: MessageTrainResult) -> None:
+    result, model = trained, trained.model
     assert result.metrics["purchase"]["kind"] == "lightgbm" and result.metrics["purchase"]["valid_auc"] > 0.75
     probe = synthetic_log(4, seed=2)
     probe.V[:, 0] = [0, 1, 0, 1]
@@ -93,8 +98,10 @@ def test_the_uplift_model_learns_which_message_works_for_whom() -> None:
     assert result.metrics["predicted_uplift"] < result.metrics["measured_uplift_ci95"][1]
 
 
-def test_learned_policy_beats_the_best_single_message_with_intervals_that_cover_the_truth() -> None:
-    model = train_message_model(synthetic_log(12_000, seed=3), MessageTrainConfig(seed=3)).model
+def test_learned_policy_beats_the_best_single_message_with_intervals_that_cover_the_truth(
+    trained: MessageTrainResult,
+) -> None:
+    model = trained.model
     held_out = synthetic_log(20_000, seed=4)
     x = held_out.V[:, 0]
     evaluation = evaluate_messages(held_out, model, min_uplift=0.001)
