@@ -162,7 +162,9 @@ class Soak:
     def client(self) -> httpx.Client:
         client: httpx.Client | None = getattr(self._local, "client", None)
         if client is None:
-            client = self._local.client = httpx.Client(timeout=5)
+            # Idle connections are dropped before the server's keep-alive timeout (uvicorn: 5 s) closes them:
+            # otherwise a request can race the close and fail with a read error that no server caused.
+            client = self._local.client = httpx.Client(timeout=5, limits=httpx.Limits(keepalive_expiry=2.0))
         return client
 
     def _post(self, kind: str, url: str, payload: Any, expected: int) -> None:
