@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -310,18 +311,18 @@ def evaluate_ranking_command(
     labels = {
         PIPELINE: "LightGBM",
         "popular": "popular",
-        "popular_24h": "pop. 24h",
-        "popular_7d": "pop. 7d",
-        "covisitation": "co-visit.",
-        "lightgbm_no_personal": "no person.",
+        "popular_24h": "pop 24h",
+        "popular_7d": "pop 7d",
+        "covisitation": "co-visit",
+        "lightgbm_no_personal": "no-pers.",
     }
-    table = Table(title=f"ranking evaluation: {protocol}, target {target}, {result.counts['test_queries']:,} queries")
+    table = Table(title=f"{protocol}, target {target}, {result.counts['test_queries']:,} queries", box=box.SIMPLE_HEAD)
     table.add_column("metric")
     for method in result.methods:
         table.add_column(labels.get(method, method), justify="right")
     metrics = [f"{m}@{cut_k}" for cut_k in ks for m in ("hr", "ndcg", "mrr")] + ["coverage", "candidate_recall"]
     for metric in metrics:
-        name = metric.upper() if "@" in metric else metric.replace("_", " ")
+        name = metric.upper() if "@" in metric else {"candidate_recall": "cand. recall"}.get(metric, metric)
         table.add_row(name, *(f"{row[metric]:.4f}" for row in result.methods.values()))
     console.print(table)
     counts = result.counts
