@@ -17,8 +17,11 @@ from services.recommend.exploration import (
     sequential_probabilities,
     softmax_weights,
 )
-from services.recommend.schemas import RecommendRequest
+from services.recommend.repository import RecommendRepository
+from services.recommend.schemas import RecommendRequest, RequestContext, SlotRequest
+from services.recommend.service import RecommendService
 from services.recommend.settings import RecommendSettings
+from tests.conftest import REDIS_URL, SessionWorld, clean_namespace
 
 SCORES = np.array([2.0, 1.4, 1.0, 0.2, -0.5])
 
@@ -156,3 +159,45 @@ def test_settings_read_exploration_from_the_environment_and_requests_cannot_set_
         )
     with pytest.raises(ValidationError):
         RecommendRequest.model_validate({"visitor_id": "v1", "slots": [{"name": "home"}], "exploration": "off"})
+
+
+def test_the_service_explores_among_rule_eligible_items_only(world: SessionWorld) -> None:
+    from tests.recommend.test_policy_eval import copy_serving_state
+
+    settings = copy_serving_state(world)
+    repository = RecommendRepository.open(settings)
+    try:
+        wild = Exploration(mode="softmax", temperature=50.0)  # close to uniform over the eligible items
+        explorer = RecommendService(
+            settings.model_copy(update={"exploration": {"home": wild}, "log_impressions": False}), repository
+        )
+        plain = RecommendService(settings.model_copy(update={"log_impressions": False}), repository)
+        for service in (explorer, plain):
+            service.refresh_cache()
+            service.reload_model()
+        catalog = {item.item_id: item for item in repository.catalog()}
+        simulator = world.world.simulator
+        explored = 0
+        for visitor in simulator.visitors[:25]:
+            row = repository.visitor_row(visitor.visitor_id) or {}
+            bought = set(row.get("purchased_items") or [])
+            request = RecommendRequest(
+                visitor_id=visitor.visitor_id,
+                context=RequestContext(device=visitor.device, city=visitor.city, now=world.world.end),
+                slots=[SlotRequest(name="home", count=6, max_per_category=1), SlotRequest(name="more", count=3)],
+            )
+            response = explorer.recommend(request)
+            home, more = response["slots"]
+            categories = [catalog[item["item_id"]].category for item in home["items"]]
+            assert len(categories) == len(set(categories))  # the slot's category cap holds
+            assert not bought & {item["item_id"] for item in home["items"]}  # not just bought
+            assert not {i["item_id"] for i in home["items"]} & {i["item_id"] for i in more["items"]}
+            assert all(0 < item["propensity"] <= 1 for item in home["items"])
+            explored += any(item["propensity"] < 1 for item in home["items"])
+            # Other slots (not configured) and the service without exploration stay deterministic.
+            assert all(item["propensity"] == 1.0 for item in more["items"])
+            assert all(item["propensity"] == 1.0 for item in plain.recommend(request)["slots"][0]["items"])
+        assert explored >= 20
+    finally:
+        repository.close()
+        clean_namespace(REDIS_URL, settings.namespace)
