@@ -233,47 +233,68 @@ class SlateLog:
     malformed: int = 0  # slates with missing positions or propensities
 
 
+@dataclass(frozen=True)
+class _Shown:
+    """What a slate needs of one impression (kept instead of the event: logs can be large)."""
+
+    item_id: str
+    visitor_id: str
+    ts: float
+    propensity: Any
+    rank: Any
+    pool: Any
+
+
 def load_slates(events: Iterable[Event], attribution_window_s: float = 24 * 3600.0) -> SlateLog:
     """Group impressions into slates and attach the clicks that echo their recommendation id."""
-    groups: dict[tuple[str, str], dict[int, Event]] = {}
-    clicks: dict[str, list[Event]] = {}
+    groups: dict[tuple[str, str], dict[int, _Shown]] = {}
+    clicks: dict[str, list[tuple[str, Any, float]]] = {}
     log = SlateLog()
     for event in events:
         if event.type is EventType.IMPRESSION and event.recommendation_id and event.item_id:
             log.impressions += 1
-            position = event.properties.get("position")
-            key = (event.recommendation_id, str(event.properties.get("slot", "")))
+            properties = event.properties
+            position = properties.get("position")
+            key = (event.recommendation_id, str(properties.get("slot", "")))
+            shown = _Shown(
+                event.item_id,
+                event.visitor_id,
+                event.ts,
+                properties.get("propensity"),
+                properties.get("rank"),
+                properties.get("pool"),
+            )
             if not isinstance(position, int) or isinstance(position, bool):
-                groups.setdefault(key, {})[-1] = event  # marks the slate malformed
-                continue
-            groups.setdefault(key, {})[position] = event
+                position = -1  # marks the slate malformed
+            groups.setdefault(key, {})[position] = shown
         elif event.type is EventType.CLICK and event.recommendation_id and event.item_id:
             log.clicks += 1
-            clicks.setdefault(event.recommendation_id, []).append(event)
+            clicks.setdefault(event.recommendation_id, []).append(
+                (event.item_id, event.properties.get("slot"), event.ts)
+            )
     slates: list[LoggedSlate] = []
     for (recommendation_id, slot), by_position in groups.items():
         positions = sorted(by_position)
         if positions != list(range(len(positions))):
             log.malformed += 1
             continue
-        shown = [by_position[p] for p in positions]
-        propensities = [e.properties.get("propensity") for e in shown]
+        shown_items = [by_position[p] for p in positions]
+        propensities = [e.propensity for e in shown_items]
         if not all(isinstance(p, int | float) and not isinstance(p, bool) and 0 < p <= 1 for p in propensities):
             log.malformed += 1
             continue
-        raw_ranks = [e.properties.get("rank") for e in shown]
-        pool_value = shown[0].properties.get("pool")
-        ranks = [int(r) for r in raw_ranks] if all(isinstance(r, int) for r in raw_ranks) else None  # type: ignore[arg-type]
-        items = [e.item_id or "" for e in shown]
+        raw_ranks = [e.rank for e in shown_items]
+        ranks = [int(r) for r in raw_ranks] if all(isinstance(r, int) for r in raw_ranks) else None
+        pool_value = shown_items[0].pool
+        items = [e.item_id for e in shown_items]
         rewards = np.zeros(len(items))
-        ts = shown[0].ts
-        for click in clicks.get(recommendation_id, []):
-            click_slot = click.properties.get("slot")
+        ts = shown_items[0].ts
+        for item_id, click_slot, click_ts in clicks.get(recommendation_id, []):
             if click_slot is not None and str(click_slot) != slot:
                 continue
-            if not 0 <= click.ts - ts <= attribution_window_s or click.item_id not in items:
+            if not 0 <= click_ts - ts <= attribution_window_s or item_id not in items:
                 continue
-            position = items.index(click.item_id)
+            position = items.index(item_id)
             if rewards[position] == 0:
                 log.clicks_attributed += 1
             rewards[position] = 1.0
@@ -281,7 +302,7 @@ def load_slates(events: Iterable[Event], attribution_window_s: float = 24 * 3600
             LoggedSlate(
                 recommendation_id,
                 slot,
-                shown[0].visitor_id,
+                shown_items[0].visitor_id,
                 ts,
                 items,
                 np.asarray(propensities, dtype=np.float64),
