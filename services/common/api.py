@@ -95,3 +95,39 @@ def add_metrics_route(app: FastAPI) -> None:
     def metrics() -> Response:
         payload, content_type = metrics_payload()
         return Response(payload, media_type=content_type)
+
+
+def install_openapi_components(app: FastAPI) -> None:
+    """Make the request bodies documented with `openapi_extra` resolvable.
+
+    They embed pydantic's schema, whose `$ref`s point at `#/$defs/...`; in an OpenAPI document that path is
+    resolved from the root, where nothing is, so /docs, generated clients and fuzzers saw no body schema. The
+    definitions move to `components/schemas` (an existing component of the same name is kept: FastAPI already
+    generated it from the same model) and the references follow."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        components: dict[str, Any] = schema.setdefault("components", {}).setdefault("schemas", {})
+
+        def move(node: Any) -> None:
+            if isinstance(node, dict):
+                for name, definition in (node.pop("$defs", None) or {}).items():
+                    move(definition)
+                    components.setdefault(name, definition)
+                ref = node.get("$ref")
+                if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                    node["$ref"] = "#/components/schemas/" + ref.removeprefix("#/$defs/")
+                for value in node.values():
+                    move(value)
+            elif isinstance(node, list):
+                for value in node:
+                    move(value)
+
+        move(schema.get("paths", {}))
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

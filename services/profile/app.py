@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI
 
-from services.common.api import add_metrics_route, install_error_handlers
+from services.common.api import add_metrics_route, install_error_handlers, install_openapi_components
 from services.common.auth import ApiKeyAuth
 from services.common.consent import ConsentDefaults
 from services.common.observability import MetricsMiddleware, configure_logging
@@ -111,6 +111,7 @@ def create_app(settings: ProfileSettings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     add_metrics_route(app)
+    install_openapi_components(app)
     app.include_router(router)
     app.include_router(privacy_router)
     install_security(app, settings)

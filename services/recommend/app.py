@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI
 
-from services.common.api import add_metrics_route, install_error_handlers
+from services.common.api import add_metrics_route, install_error_handlers, install_openapi_components
 from services.common.auth import ApiKeyAuth
 from services.common.observability import MetricsMiddleware, configure_logging
 from services.common.security import install_security
@@ -73,6 +73,7 @@ def create_app(settings: RecommendSettings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     add_metrics_route(app)
+    install_openapi_components(app)
     app.include_router(router)
     app.include_router(experiment_router)
     app.include_router(message_router)
