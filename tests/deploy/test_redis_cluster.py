@@ -7,7 +7,9 @@ ingest -> recommend path runs against it.
 
 from __future__ import annotations
 
+import random
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -29,7 +31,7 @@ from services.profile.settings import ProfileSettings
 from services.recommend.app import create_app as create_recommend_app
 from services.recommend.settings import RecommendSettings
 from services.recommend.training import TrainConfig
-from tests.conftest import free_port, unique_name
+from tests.conftest import unique_name
 
 SLOTS = [
     {"name": "home", "kind": "product", "count": 12},
@@ -50,7 +52,7 @@ class LocalRedisCluster:
         return f"redis://127.0.0.1:{self.ports[0]}/0"
 
     def start(self, masters: int = 3) -> None:
-        self.ports = [free_port() for _ in range(masters)]
+        self.ports = cluster_ports(masters)
         for port in self.ports:
             node_dir = self.directory / str(port)
             node_dir.mkdir(parents=True)
@@ -84,6 +86,26 @@ class LocalRedisCluster:
             process.kill()
         for process in self.processes:
             process.wait(10)
+
+
+def cluster_ports(count: int) -> list[int]:
+    """Free ports whose cluster bus port (port + 10000) is free and valid too (an OS-chosen port may be > 55535)."""
+    ports: list[int] = []
+    rng = random.Random()
+    while len(ports) < count:
+        port = rng.randrange(20000, 45000)
+        if port not in ports and all(bindable(p) for p in (port, port + 10000)):
+            ports.append(port)
+    return ports
+
+
+def bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _pings(port: int) -> bool:
