@@ -109,6 +109,8 @@ def start_service(name: str, env: dict[str, str], log_dir: Path) -> Service:
         except httpx.HTTPError:
             pass
         time.sleep(0.25)
+    process.terminate()
+    process.wait(30)
     raise RuntimeError(f"{name} was not ready in 300 s")
 
 
@@ -339,15 +341,18 @@ def main(argv: list[str] | None = None) -> int:
             "SELARAS_ENVIRONMENT": "test",
         }
     )
-    profile = start_service("profile", env, work)
-    recommend = start_service("recommend", env, work)
+    started: list[Service] = []
     try:
+        started.append(start_service("profile", env, work))
+        started.append(start_service("recommend", env, work))
+        profile, recommend = started
         print(f"soaking for {args.duration:.0f} s: {args.rate}/s recommend, {args.ingest_rate}/s event batches")
         report = Soak(args, profile, recommend, visitors).run()
     finally:
-        for service in (profile, recommend):
+        # Whatever happened (a service that never got ready included), no process is left behind.
+        for service in started:
             service.process.send_signal(signal.SIGTERM)
-        for service in (profile, recommend):
+        for service in started:
             try:
                 service.process.wait(30)
             except subprocess.TimeoutExpired:
