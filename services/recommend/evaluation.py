@@ -188,6 +188,11 @@ def split_queries(events: Sequence[Event], products: set[str], config: EvalConfi
     if len(train) > config.train.max_queries:
         keep = np.sort(rng.choice(len(train), config.train.max_queries, replace=False))
         train = [train[i] for i in keep]
+    # Early stopping needs a few thousand queries, not all of them (the time protocol's are many).
+    validation_cap = max(1000, config.train.max_queries // 4)
+    if len(validation) > validation_cap:
+        keep = np.sort(rng.choice(len(validation), validation_cap, replace=False))
+        validation = [validation[i] for i in keep]
     test.sort(key=lambda q: q.ts)
     validation.sort(key=lambda q: q.ts)
     counts.update({"train_queries": len(train), "validation_queries": len(validation), "test_queries": len(test)})
