@@ -496,9 +496,11 @@ def test_sigterm_under_load_completes_in_flight_requests(
     answered = [o for o in outcomes if o.status is not None]
     assert answered and all(o.status == expected for o in answered), Counter(o.status for o in answered)
     # After SIGTERM the listening socket is closed: later requests are refused at connect time (a proxy or
-    # the client retries them elsewhere); none is cut off after the server started answering it.
+    # the client retries them elsewhere). A request sent just before the signal may still sit in the kernel's
+    # accept queue, never seen by the server, hence the small allowance; anything older was being served and
+    # must have been answered.
     failed = [o for o in outcomes if o.status is None]
-    assert all(o.started > signalled - 0.05 for o in failed), [o.error for o in failed if o.started <= signalled]
+    assert all(o.started > signalled - 0.25 for o in failed), [o.error for o in failed if o.started <= signalled]
     print(
         f"\nSIGTERM {name}: {len(answered)} answered, 3/3 in-flight completed, {len(failed)} refused after the "
         f"signal, exit in {exited - signalled:.2f} s"
