@@ -94,18 +94,33 @@ def unique_name(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:10]}"
 
 
+_PENDING_CLEANUP: dict[str, set[str]] = {}
+
+
 def clean_namespace(url: str, namespace: str) -> None:
-    client = redis.Redis.from_url(url)
+    """Forget a test's keys at the end of the session (one pass over Redis for all namespaces: a SCAN per
+    test cost seconds each on a Redis shared with other runs)."""
+    _PENDING_CLEANUP.setdefault(url, set()).add(namespace)
+
+
+def purge_namespaces(url: str, namespaces: set[str]) -> None:
     # Our keys start with the namespace ("{ns:log}" for the stream); Feast's online rows end with the project
     # name, which the fixtures set to the namespace.
-    keys = [
-        key
-        for pattern in (f"{namespace}:*", f"{{{namespace}:*", f"*{namespace}")
-        for key in client.scan_iter(match=pattern, count=5000)
-    ]
-    for start in range(0, len(keys), 500):
-        client.delete(*keys[start : start + 500])
+    heads = tuple(f"{ns}:".encode() for ns in namespaces) + tuple(f"{{{ns}:".encode() for ns in namespaces)
+    tails = tuple(ns.encode() for ns in namespaces)
+    client = redis.Redis.from_url(url, socket_timeout=30)
+    doomed = [key for key in client.scan_iter(count=10_000) if key.startswith(heads) or key.endswith(tails)]
+    for start in range(0, len(doomed), 1000):
+        client.delete(*doomed[start : start + 1000])
     client.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _purge_test_keys_at_exit() -> Iterator[None]:
+    yield
+    for url, namespaces in _PENDING_CLEANUP.items():
+        with contextlib.suppress(redis.RedisError):
+            purge_namespaces(url, namespaces)
 
 
 @pytest.fixture

@@ -47,8 +47,12 @@ def test_personalized_arm_wins_on_ctr(results: list[AbResult]) -> None:
     ab = results[0]
     assert ab.mode == "ab" and ab.stats.days == DAYS and ab.stats.requests > 300
     print("A/B", summary(ab))  # the headline figures, visible with -s
-    # The arms were served as configured: control generically, treatment by the model.
-    assert set(ab.stats.strategies) == {"control:generic_control", "treatment:personalized"}, ab.stats.strategies
+    # The arms were served as configured: control generically, treatment by the model (a treatment visitor
+    # without any history yet is served the popular-in-context list, which is correct).
+    strategies = ab.stats.strategies
+    assert {s for s in strategies if s.startswith("control:")} == {"control:generic_control"}, strategies
+    treatment = {s: n for s, n in strategies.items() if s.startswith("treatment:")}
+    assert treatment.get("treatment:personalized", 0) >= 0.95 * sum(treatment.values()), strategies
     arms = {arm["name"]: arm for arm in ab.report["arms"]}
     assert min(arms["control"]["n"], arms["treatment"]["n"]) > 60
     srm = ab.report["srm"]
