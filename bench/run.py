@@ -380,7 +380,9 @@ def main() -> None:
         except ImportError:
             bench["nbm_batch_1000"] = {"skipped": "next-best-message batch endpoint not available"}
         else:
-            with service("recommend", env, workers=2) as (url, _):
+            # Marketing consent by default (opt-out) so answers reach the model instead of short-cutting.
+            with service("recommend", {**env, "SELARAS_CONSENT_MARKETING": "opt_out"}, workers=2) as (url, _):
+                log("next-best-message batches of 1,000")
                 bench["nbm_batch_1000"] = nbm_batch(url, world["visitors"], runs=runs)
 
     out_json = ROOT / "bench" / ("results.quick.json" if args.quick else "results.json")
