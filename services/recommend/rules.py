@@ -41,13 +41,22 @@ def apply_rules(
     exclude_ids: set[str],
     just_bought: Iterable[str] = (),
     max_per_category: int | None = None,
+    max_pinned: int = 1,
 ) -> list[tuple[int, float]]:
-    """Pick `count` rows: pinned first, then by boosted score, skipping excluded, bought and over-quota items."""
+    """Pick `count` rows: pinned first, then by boosted score, skipping excluded, bought and over-quota items.
+
+    At most `max_pinned` pinned items (the best-scored ones) jump the queue; further pinned items compete on
+    score like any other, so a merchandiser's pins cannot crowd out every personal pick."""
     if len(idx) == 0:
         return []
     boosted = scores + snapshot.log_boost[idx]
+    pinned = snapshot.pinned[idx].copy()
+    if pinned.sum() > max_pinned:
+        pinned_rows = np.flatnonzero(pinned)
+        pinned[:] = False
+        pinned[pinned_rows[np.argsort(-boosted[pinned_rows], kind="stable")[:max_pinned]]] = True
     # Pinned items first (stable among themselves by score), then everything else by score.
-    order = np.lexsort((-boosted, ~snapshot.pinned[idx]))
+    order = np.lexsort((-boosted, ~pinned))
     bought = set(just_bought)
     per_category: dict[str, int] = {}
     chosen: list[tuple[int, float]] = []

@@ -404,6 +404,7 @@ class RecommendService:
             max_per_category=(slot.max_per_category or self.settings.max_per_category)
             if slot.kind is ItemKind.PRODUCT
             else None,
+            max_pinned=self.settings.max_pinned_per_slot,
         )
         STAGE_RULES.observe(time.perf_counter() - stage)
         propensities = [1.0] * min(len(chosen), slot.count)

@@ -22,6 +22,8 @@ class RecommendSettings(CommonSettings):
     max_slots: int = Field(default=10, ge=1, le=50)
     max_count: int = Field(default=100, ge=1, le=500)
     max_per_category: int = Field(default=4, ge=1)
+    # Merchandiser pins that jump to the top of a slot (the best-scored ones); more pins compete on score.
+    max_pinned_per_slot: int = Field(default=1, ge=0, le=100)
     # How often the in-process item cache (catalog, item stats, indexes) is rebuilt in the background.
     refresh_interval_s: float = Field(default=10.0, gt=0)
     log_impressions: bool = True
