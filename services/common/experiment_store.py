@@ -23,6 +23,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final, cast
 
 import redis
@@ -32,7 +33,7 @@ from redis.exceptions import RedisError
 
 from services.common.errors import StorageUnavailable
 from services.common.settings import CommonSettings
-from services.common.storage import DEDUPE_TTL_S, make_redis_client
+from services.common.storage import DEDUPE_TTL_S, connect_sqlite, make_redis_client
 
 # Metrics measured per visitor. Ratio metrics have a denominator y (impressions or messages sent),
 # binary metrics become 1 at the visitor's first qualifying outcome, additive ones sum amounts.
@@ -573,12 +574,8 @@ class SqliteExperimentStore(ExperimentStore):
 
     def __init__(self, path: Any):
         # A connection of its own (the event store has another); WAL lets both services share the file.
-        self._conn = sqlite3.connect(str(path), timeout=30, check_same_thread=False, isolation_level=None)
+        self._conn = connect_sqlite(Path(path), _SCHEMA)
         self._lock = threading.Lock()
-        with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.executescript(_SCHEMA)
 
     def _transaction(self, fn: Any) -> Any:
         try:

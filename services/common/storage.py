@@ -312,19 +312,25 @@ CREATE TABLE IF NOT EXISTS blobs (
 """
 
 
+def connect_sqlite(path: Path, schema: str) -> sqlite3.Connection:
+    """A durable SQLite connection: WAL (readers never block the writer; both services share the file),
+    `synchronous=FULL` (a committed write survives power loss), explicit transactions, the schema applied."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), timeout=30, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.executescript(schema)
+    return conn
+
+
 class SqliteStore(Store):
     backend = "sqlite"
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         # One connection guarded by a lock: SQLite serialises writers anyway, and this keeps it simple.
-        self._conn = sqlite3.connect(str(path), timeout=30, check_same_thread=False, isolation_level=None)
+        self._conn = connect_sqlite(path, _SCHEMA)
         self._lock = threading.Lock()
-        with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.executescript(_SCHEMA)
 
     def _run(self, fn: Any) -> Any:
         try:

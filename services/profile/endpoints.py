@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from services.common.api import FastJSONResponse, describe_errors, read_json_body, require_scope
+from services.common.api import FastJSONResponse, describe_errors, json_body_schema, read_json_body, require_scope
 from services.common.auth import ApiKeyAuth
 from services.common.consent import Consent
 from services.common.errors import InvalidPayload, NotFound, PayloadTooLarge
@@ -43,12 +43,7 @@ AdminKey = Annotated[str, Depends(require_scope(get_auth, "admin"))]
     "/v1/events",
     status_code=202,
     response_model=IngestResult,
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": EventBatch.model_json_schema()}},
-        }
-    },
+    openapi_extra=json_body_schema(EventBatch),
     responses={
         413: {"description": "Batch or body too large"},
         422: {"description": "Invalid events, by index and field"},

@@ -11,7 +11,14 @@ from fastapi.responses import Response
 from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from services.common.api import FastJSONResponse, read_json_body, require_scope, validation_failure
+from services.common.api import (
+    FastJSONResponse,
+    json_body_schema,
+    parse_json_request,
+    read_json_body,
+    require_scope,
+    validation_failure,
+)
 from services.common.auth import ApiKeyAuth
 from services.common.catalog import CatalogItem
 from services.common.errors import InvalidPayload, PayloadTooLarge
@@ -46,21 +53,12 @@ AdminKey = Annotated[str, Depends(require_scope(get_auth, "admin"))]
 @router.post(
     "/v1/recommend",
     response_model=RecommendResponse,
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": RecommendRequest.model_json_schema()}},
-        }
-    },
+    openapi_extra=json_body_schema(RecommendRequest),
     responses={422: {"description": "Invalid request, by field"}},
 )
 async def recommend(request: Request, state: State, _: RecommendKey) -> Response:
     """Rank products, banners and CTAs for a visitor, one list per slot."""
-    body = read_json_body(await request.body(), state.settings.max_body_bytes)
-    try:
-        parsed = REQUEST_ADAPTER.validate_python(body)
-    except ValidationError as exc:
-        raise validation_failure(exc) from exc
+    parsed = await parse_json_request(request, REQUEST_ADAPTER, state.settings.max_body_bytes)
     # Ranking is CPU work: a small dedicated pool keeps it off the event loop without GIL thrash.
     loop = asyncio.get_running_loop()
     result = await loop.run_in_executor(state.executor, state.service.recommend, parsed)
@@ -70,12 +68,7 @@ async def recommend(request: Request, state: State, _: RecommendKey) -> Response
 @router.put(
     "/v1/catalog/items",
     response_model=CatalogUpsertResult,
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": CatalogUpsert.model_json_schema()}},
-        }
-    },
+    openapi_extra=json_body_schema(CatalogUpsert),
     responses={
         413: {"description": "Too many items"},
         422: {"description": "Invalid items, by index and field"},

@@ -5,13 +5,20 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
 from pydantic import TypeAdapter, ValidationError
 
-from services.common.api import FastJSONResponse, read_json_body, require_scope, validation_failure
+from services.common.api import (
+    FastJSONResponse,
+    json_body_schema,
+    parse_json_request,
+    read_json_body,
+    require_scope,
+    validation_failure,
+)
 from services.common.errors import InvalidPayload, PayloadTooLarge
 from services.recommend.app import RecommendState
 from services.recommend.endpoints import get_auth, get_state
@@ -52,22 +59,14 @@ def message_service(app: FastAPI, state: RecommendState) -> MessageService:
     return service
 
 
-def _schema(model: Any) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
-
-
 @router.post(
     "/v1/next-best-message",
-    openapi_extra=_schema(MessageRequest),
+    openapi_extra=json_body_schema(MessageRequest),
     responses={422: {"description": "Invalid request, by field"}},
 )
 async def next_best_message(request: Request, state: State, _: RecommendKey) -> Response:
     """The message to send a visitor next on a channel, with its send time, or `{"action": "none", "reason": ...}`."""
-    body = read_json_body(await request.body(), state.settings.max_body_bytes)
-    try:
-        parsed = REQUEST_ADAPTER.validate_python(body)
-    except ValidationError as exc:
-        raise validation_failure(exc) from exc
+    parsed = await parse_json_request(request, REQUEST_ADAPTER, state.settings.max_body_bytes)
     service = message_service(request.app, state)
     loop = asyncio.get_running_loop()
     result = await loop.run_in_executor(state.executor, service.decide, parsed)
@@ -76,7 +75,7 @@ async def next_best_message(request: Request, state: State, _: RecommendKey) -> 
 
 @router.post(
     "/v1/next-best-message:batch",
-    openapi_extra=_schema(MessageBatchRequest),
+    openapi_extra=json_body_schema(MessageBatchRequest),
     responses={
         413: {"description": "More requests than the batch limit"},
         422: {"description": "Invalid requests, by index and field"},
