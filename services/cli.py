@@ -571,7 +571,7 @@ def _run_services(data_dir: Path, profile_port: int, recommend_port: int, visito
 def personas(
     data_dir: DataDir = Path("data"),
     k_min: Annotated[int, typer.Option(help="Fewest personas to consider.")] = 3,
-    k_max: Annotated[int, typer.Option(help="Most personas to consider (the best by silhouette wins).")] = 6,
+    k_max: Annotated[int, typer.Option(help="Most personas to consider (the lowest Davies-Bouldin index wins).")] = 6,
     seed: int = 0,
     backfill: Annotated[
         bool, typer.Option(help="Re-assign persona ids in the offline history (what the next training sees).")
@@ -607,9 +607,12 @@ def personas(
         console.print_json(json.dumps({**report, "personas": persona_table(result.model, result.assigned)}))
         return
     model = result.model
-    scores = ", ".join(f"k={k}: {v:.3f}" for k, v in sorted(model.silhouette_by_k.items()))
+    scores = ", ".join(
+        f"k={k}: DB {v:.3f} / silhouette {model.silhouette_by_k.get(k, float('nan')):.3f}"
+        for k, v in sorted(model.davies_bouldin_by_k.items())
+    )
     table = Table(
-        title=f"personas v{model.version}: k={model.k} by silhouette ({scores}); {result.visitors:,} visitors"
+        title=f"personas v{model.version}: k={model.k} by Davies-Bouldin ({scores}); {result.visitors:,} visitors"
     )
     for column in ("id", "persona", "visitors", "share of fit", "what sets it apart"):
         table.add_column(column, justify="right" if column in ("id", "visitors", "share of fit") else "left")

@@ -4,7 +4,8 @@ Runs from `selaras personas` (schedule it, e.g. a nightly cron or Kubernetes Cro
 world builder. One run:
   1. reads every visitor state and turns it into the visitor's feature row (as of their latest event, exactly
      the row the aggregator wrote online);
-  2. fits personas (services/profile/personas.py: silhouette-chosen k, ids matched to the previous model);
+  2. fits personas (services/profile/personas.py: k chosen by the Davies-Bouldin index, ids matched to the
+     previous model);
   3. stores the model (`personas:current`, plus `personas:model:<version>` as history) and a report with
      how visitors moved between the previous and the new personas;
   4. rewrites the online rows with the persona id and with segments as of now (lifecycle only moves to
@@ -173,6 +174,7 @@ class PersonaJobResult:
             "created_at": model.created_at,
             "k": model.k,
             "silhouette_by_k": {str(k): round(v, 4) for k, v in model.silhouette_by_k.items()},
+            "davies_bouldin_by_k": {str(k): round(v, 4) for k, v in model.davies_bouldin_by_k.items()},
             "n_fit": model.n_fit,
             "visitors": self.visitors,
             "assigned": {str(k): v for k, v in sorted(self.assigned.items())},
