@@ -282,6 +282,14 @@ def main() -> None:
     TMP.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"machine": machine(), "benchmarks": {}}
     bench = results["benchmarks"]
+    out_json = ROOT / "bench" / ("results.quick.json" if args.quick else "results.json")
+
+    def save() -> None:
+        """Written after every benchmark, so a failure late in the run keeps what was measured."""
+        from bench.report import markdown
+
+        out_json.write_text(json.dumps(results, indent=2, default=str))
+        out_json.with_suffix(".md").write_text(markdown(results))
 
     namespace, data_dir = "selbench", TMP / "world"
     log("building the 2,000-item demo world (1,000 visitors × 30 days) on Redis")
@@ -294,6 +302,7 @@ def main() -> None:
         seed=7,
     )
     bench["world"] = {k: v for k, v in world.items() if k not in ("visitors", "items")}
+    save()
     bodies = recommend_bodies(TMP / "recommend.jsonl", world["visitors"])
     env = env_for(namespace, data_dir)
 
@@ -314,6 +323,7 @@ def main() -> None:
             bench["recommend_200rps"]["rss"] = rss_mb(process)
             log("our service at 30 req/s (same rate as the naive baseline)")
             bench["recommend_30rps"] = repeated(runs, lambda: load(f"{url}/v1/recommend", bodies, 30, duration))
+            save()
 
     if wanted("naive"):
         with service("recommend", {**env, "RECOMMEND_NAIVE_ITEM_FEATURES": "true"}, workers=2) as (url, _):
@@ -326,6 +336,7 @@ def main() -> None:
                 "p99_ratio": round(naive["median_p99_ms"] / ours["median_p99_ms"], 1),
                 "p50_ratio": round(naive["median_p50_ms"] / ours["median_p50_ms"], 1),
             }
+        save()
 
     if wanted("ingest"):
         batches = event_bodies(TMP / "events.jsonl", world["visitors"], world["items"], batches=6000)
@@ -351,6 +362,7 @@ def main() -> None:
                 outcome["freshness_p99_s_le"] = lag_p99
                 sweep.append(outcome)
             bench["ingest_batches_of_100"] = {"sweep": sweep}
+            save()
 
     if wanted("catalog100k"):
         namespace_big, big_dir = "selbench100k", TMP / "world100k"
@@ -365,6 +377,7 @@ def main() -> None:
                 runs, lambda: load(f"{url}/v1/recommend", big_bodies, 200, duration)
             )
             bench["catalog_100k_200rps"]["rss"] = rss_mb(process)
+            save()
 
     if wanted("training"):
         from bench.training_bench import train_on_impressions
@@ -373,6 +386,7 @@ def main() -> None:
         bench["training_1m_impressions"] = train_on_impressions(
             REDIS_URL, TMP / "train1m", impressions=100_000 if args.quick else 1_000_000
         )
+        save()
 
     if wanted("nbm"):
         try:
@@ -385,11 +399,7 @@ def main() -> None:
                 log("next-best-message batches of 1,000")
                 bench["nbm_batch_1000"] = nbm_batch(url, world["visitors"], runs=runs)
 
-    out_json = ROOT / "bench" / ("results.quick.json" if args.quick else "results.json")
-    out_json.write_text(json.dumps(results, indent=2, default=str))
-    from bench.report import markdown
-
-    (out_json.with_suffix(".md")).write_text(markdown(results))
+    save()
     log(f"wrote {out_json} and {out_json.with_suffix('.md')}")
 
 

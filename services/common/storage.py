@@ -491,4 +491,5 @@ class Namespace:
     CONSENT = "consent"
     PERSONAS = "personas"
     RECOMMENDATIONS = "rec"
+    MESSAGE_HISTORY = "msgcap"  # sends per visitor: frequency caps and cooldowns
     META = "meta"

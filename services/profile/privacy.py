@@ -42,7 +42,7 @@ from services.common.consent import Consent, ConsentDefaults
 from services.common.events import open_envelope
 from services.common.feature_store import delete_online_entities, online_rows, rewrite_offline_parts
 from services.common.settings import CommonSettings
-from services.common.storage import Namespace, Store
+from services.common.storage import Namespace, Store, open_store
 from services.profile.aggregations import VisitorState
 
 log = logging.getLogger(__name__)
@@ -342,10 +342,37 @@ class PrivacyService:
         return report
 
 
+class MessageHistoryHolder:
+    """A visitor's send history (caps and cooldowns) for erasure and export
+    (services/profile/privacy.py VisitorDataHolder). Opens the store per call: erasures are rare."""
+
+    name = "message_history"
+
+    def __init__(self, settings: CommonSettings):
+        self.settings = settings
+
+    def forget_visitor(self, visitor_id: str) -> int:
+        store = open_store(self.settings)
+        try:
+            return store.delete(Namespace.MESSAGE_HISTORY, [visitor_id])
+        finally:
+            store.close()
+
+    def export_visitor(self, visitor_id: str) -> Any:
+        store = open_store(self.settings)
+        try:
+            raw = store.get(Namespace.MESSAGE_HISTORY, visitor_id)
+        finally:
+            store.close()
+        if not raw:
+            return None
+        data = orjson.loads(raw)
+        return {
+            "sends": [{"send_at": s[0], "channel": s[1], "message": s[2]} for s in data.get("s", [])],
+            "last_sent": data.get("t", {}),
+        }
+
+
 def privacy_holders(settings: CommonSettings) -> list[VisitorDataHolder]:
     """The other per-visitor data holders of this deployment: experiment state and message send history."""
-    # Imported here: the message history holder lives with the recommend service that writes it, and the
-    # profile service only needs it when a visitor is erased or exported.
-    from services.recommend.message_repository import MessageHistoryHolder
-
     return [ExperimentStateHolder(settings), MessageHistoryHolder(settings)]

@@ -16,14 +16,13 @@ from services.common import features as F
 from services.common.catalog import CatalogItem
 from services.common.consent import Consent
 from services.common.events import Event
-from services.common.settings import CommonSettings
-from services.common.storage import Namespace, open_store
+from services.common.storage import Namespace
 from services.recommend.repository import RecommendRepository
 
 log = logging.getLogger(__name__)
 
 # Visitor-keyed namespaces of this module. Erasure must delete a visitor's key in MESSAGE_HISTORY too.
-MESSAGE_HISTORY: Final = "msgcap"
+MESSAGE_HISTORY: Final = Namespace.MESSAGE_HISTORY
 MESSAGE_STOCK: Final = "msgstock"
 MODEL_PREFIX: Final = "msgmodel"
 # The visitor-row features the message policy and its model read (a subset keeps the bulk read fast).
@@ -203,34 +202,3 @@ class MessageRepository:
 
     def logged_events(self) -> Iterator[Event]:
         return self.base.logged_events()
-
-
-class MessageHistoryHolder:
-    """A visitor's send history (caps and cooldowns) for erasure and export
-    (services/profile/privacy.py VisitorDataHolder). Opens the store per call: erasures are rare."""
-
-    name = "message_history"
-
-    def __init__(self, settings: CommonSettings):
-        self.settings = settings
-
-    def forget_visitor(self, visitor_id: str) -> int:
-        store = open_store(self.settings)
-        try:
-            return store.delete(MESSAGE_HISTORY, [visitor_id])
-        finally:
-            store.close()
-
-    def export_visitor(self, visitor_id: str) -> Any:
-        store = open_store(self.settings)
-        try:
-            raw = store.get(MESSAGE_HISTORY, visitor_id)
-        finally:
-            store.close()
-        if not raw:
-            return None
-        data = orjson.loads(raw)
-        return {
-            "sends": [{"send_at": s[0], "channel": s[1], "message": s[2]} for s in data.get("s", [])],
-            "last_sent": data.get("t", {}),
-        }
