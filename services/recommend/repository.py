@@ -35,7 +35,9 @@ class RecommendRepository:
         self._visitor_refs = F.visitor_feature_refs()
         self._reader: OnlineRowReader | None = None
         # Impression events and recommendation records, written off the request path.
-        self._impressions: queue.Queue[tuple[list[Event], RecordWrite | None]] = queue.Queue(maxsize=10_000)
+        self._impressions: queue.Queue[tuple[list[Event | dict[str, Any]], RecordWrite | None]] = queue.Queue(
+            maxsize=10_000
+        )
         self._writer: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -119,7 +121,7 @@ class RecommendRepository:
         raw = self.store.get(Namespace.RECOMMENDATIONS, recommendation_id)
         return orjson.loads(raw) if raw else None
 
-    def log_events_async(self, events: list[Event], record: RecordWrite | None = None) -> bool:
+    def log_events_async(self, events: list[Event | dict[str, Any]], record: RecordWrite | None = None) -> bool:
         """Queue impression events (and the recommendation record); False when the queue is full."""
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_loop, name="impression-writer", daemon=True)
@@ -165,9 +167,14 @@ class RecommendRepository:
             except StorageUnavailable:
                 log.warning("dropped %d recommendation records: the store is unavailable", len(values))
 
-    def _append_with_retry(self, events: Iterable[Event]) -> None:
+    def _append_with_retry(self, events: Iterable[Event | dict[str, Any]]) -> None:
         now = time.time()
-        pending = [PendingEvent(e.event_id, e.visitor_id, envelope(e, now)) for e in events]
+        pending = [
+            PendingEvent(e.event_id, e.visitor_id, envelope(e, now))
+            if isinstance(e, Event)
+            else PendingEvent(e["event_id"], e["visitor_id"], orjson.dumps({"at": now, "event": e}))
+            for e in events
+        ]
         for attempt in range(5):
             try:
                 self.store.append_events(pending)

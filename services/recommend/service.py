@@ -20,7 +20,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from services.common.catalog import ItemKind
 from services.common.consent import ConsentDefaults
 from services.common.context import context_features, daypart, local_time, zone_for
-from services.common.events import Event, EventContext, EventType
+from services.common.events import Event
 from services.recommend.candidates import (
     CandidateGenerator,
     CandidateSet,
@@ -173,7 +173,7 @@ class RecommendService:
                 if text is None:
                     continue
                 try:
-                    model = RankerModel.from_bytes(text, meta)
+                    model = RankerModel.from_bytes(text, meta, self.settings.data_dir / "compiled-models")
                 except IncompatibleModel as exc:
                     self.skipped_models[meta.version] = str(exc)
                     log.warning("skipping incompatible model: %s", exc)
@@ -198,10 +198,19 @@ class RecommendService:
         visitor = VisitorVector(request.visitor_id, False, {})
         personalization_allowed = True
         try:
-            consent = self.repository.consent(request.visitor_id)
-            personalization_allowed = consent.allows("personalization", self.consent_defaults)
+            # With an opt-out default, a visitor row exists only while personalization is allowed (the profile
+            # service keeps no profile without consent and deletes it on withdrawal), so a known row answers the
+            # consent question without a second Redis round trip. With opt-in, consent is always read.
+            row = None
+            if self.consent_defaults.personalization == "opt_out":
+                row = self.repository.visitor_row(request.visitor_id)
+            if row is None:
+                consent = self.repository.consent(request.visitor_id)
+                personalization_allowed = consent.allows("personalization", self.consent_defaults)
+                if personalization_allowed and self.consent_defaults.personalization == "opt_in":
+                    row = self.repository.visitor_row(request.visitor_id)
             if personalization_allowed:
-                visitor = VisitorVector.from_row(request.visitor_id, self.repository.visitor_row(request.visitor_id))
+                visitor = VisitorVector.from_row(request.visitor_id, row)
         except Exception as exc:  # store or Feast down: answer from the in-process caches
             fallback_reason = "store_unavailable"
             log.debug("visitor row unavailable: %s", type(exc).__name__)
@@ -242,7 +251,7 @@ class RecommendService:
 
         shown: set[str] = set()
         slots_out: list[dict[str, Any]] = []
-        impressions: list[Event] = []
+        impressions: list[Event | dict[str, Any]] = []
         for slot in request.slots:
             ranked = self._rank_slot(
                 slot,
@@ -518,7 +527,9 @@ class RecommendService:
         experiment: tuple[str, str, bool] | None,
         rank: int | None = None,
         pool: int | None = None,
-    ) -> Event:
+    ) -> dict[str, Any]:
+        """The impression event as its JSON dict (the log's schema): built for every shown item, so plain dicts
+        rather than validated models; the writer thread serialises them."""
         ctx = request.context
         properties: dict[str, Any] = {
             "slot": slot.name,
@@ -532,25 +543,23 @@ class RecommendService:
             properties["rank"], properties["pool"] = rank, pool
         if experiment:
             properties["experiment"], properties["arm"] = experiment[0], experiment[1]
-        # Built from already-validated values, so skip validation: this runs for every shown item.
-        return Event.model_construct(
-            event_id=f"imp:{recommendation_id}:{slot.name}:{position}",
-            visitor_id=request.visitor_id,
-            type=EventType.IMPRESSION,
-            timestamp=datetime.fromtimestamp(now, tz=UTC),
-            item_id=item_id,
-            quantity=None,
-            price=None,
-            query=None,
-            recommendation_id=recommendation_id,
-            context=EventContext.model_construct(
-                device=ctx.device,
-                channel=ctx.channel,
-                city=ctx.city,
-                region=None,
-                locale=ctx.locale,
-                referrer=None,
-                session_id=None,
-            ),
-            properties=properties,
-        )
+        context = {
+            name: value
+            for name, value in (
+                ("device", ctx.device.value if ctx.device else None),
+                ("channel", ctx.channel),
+                ("city", ctx.city),
+                ("locale", ctx.locale),
+            )
+            if value is not None
+        }
+        return {
+            "event_id": f"imp:{recommendation_id}:{slot.name}:{position}",
+            "visitor_id": request.visitor_id,
+            "type": "impression",
+            "timestamp": datetime.fromtimestamp(now, tz=UTC).isoformat(),
+            "item_id": item_id,
+            "recommendation_id": recommendation_id,
+            "context": context,
+            "properties": properties,
+        }

@@ -1,0 +1,48 @@
+"""The model runtime: compatibility checks and native compilation that must not change a single score."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+import pytest
+
+from services.common import features as F
+from services.recommend.ranker import IncompatibleModel, ModelMeta, RankerModel
+
+
+def tiny_booster(names: list[str]) -> bytes:
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(3000, len(names)))
+    X[rng.random(X.shape) < 0.1] = np.nan  # missing values take LightGBM's default branches
+    X[:, names.index("i_category_code")] = rng.integers(0, 30, size=len(X))
+    y = (X[:, 0] + rng.normal(size=len(X)) > 1).astype(float)
+    params = {"objective": "lambdarank", "num_leaves": 15, "verbosity": -1, "num_threads": 1, "min_data_in_leaf": 20}
+    data = lgb.Dataset(X, label=y, group=[50] * 60, feature_name=names, categorical_feature=["i_category_code"])
+    return lgb.train(params, data, num_boost_round=40).model_to_string().encode()
+
+
+def meta(version: str = "v1") -> ModelMeta:
+    return ModelMeta(version, 0.0, F.RANKER_FEATURES, F.FEATURE_SERVICE)
+
+
+def test_native_compilation_gives_lightgbms_scores(tmp_path: Path) -> None:
+    text = tiny_booster(list(F.RANKER_FEATURES))
+    native = RankerModel.from_bytes(text, meta(), compile_dir=tmp_path)
+    plain = RankerModel.from_bytes(text, meta())
+    assert native._native is not None, "lleaves should compile the model"
+    X = np.random.default_rng(4).normal(size=(500, len(F.RANKER_FEATURES)))
+    X[::7, 5] = np.nan
+    X[:, F.RANKER_FEATURES.index("i_category_code")] = np.arange(500) % 40  # includes unseen categories
+    np.testing.assert_allclose(native.predict(X), plain.predict(X), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(plain.predict(X), lgb.Booster(model_str=text.decode()).predict(X), atol=1e-12)
+    again = RankerModel.from_bytes(text, meta(), compile_dir=tmp_path)  # a second worker reuses the library
+    assert len(list(tmp_path.glob("*.so"))) == 1
+    np.testing.assert_allclose(again.predict(X), native.predict(X), atol=0)
+
+
+def test_a_model_over_other_features_is_refused() -> None:
+    names = [*F.RANKER_FEATURES[:-1], "x_something_else"]
+    with pytest.raises(IncompatibleModel, match="features differ"):
+        RankerModel.from_bytes(tiny_booster(names), ModelMeta("v2", 0.0, tuple(names), F.FEATURE_SERVICE))
