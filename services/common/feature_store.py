@@ -51,7 +51,8 @@ def redis_connection_string(redis_url: str, timeout_s: float) -> str:
         parts.append(f"password={unquote(url.password)}")
     if url.scheme == "rediss":
         parts.append("ssl=true")
-    parts += [f"socket_timeout={timeout_s}", f"socket_connect_timeout={timeout_s}"]
+    # retry=null: no retries with backoff (redis-py's default held reads for seconds while Redis was down).
+    parts += [f"socket_timeout={timeout_s}", f"socket_connect_timeout={timeout_s}", "retry=null"]
     return ",".join(parts)
 
 

@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any, cast
 
 import redis
+from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.exceptions import RedisError
+from redis.retry import Retry
 
 from services.common.errors import StorageUnavailable
 from services.common.settings import CommonSettings
@@ -134,11 +136,13 @@ def make_redis_client(url: str, cluster: bool, timeout_s: float) -> redis.Redis 
         return RedisCluster.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=False
         )
+    # One immediate retry (a pooled connection may be stale after a Redis restart), no backoff: redis-py's
+    # default retries with exponential backoff held a request for seconds while Redis was down.
     return redis.Redis.from_url(
         url,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
-        retry_on_timeout=False,
+        retry=Retry(NoBackoff(), 1),
         health_check_interval=10,
         decode_responses=False,
     )
@@ -493,3 +497,16 @@ class Namespace:
     RECOMMENDATIONS = "rec"
     MESSAGE_HISTORY = "msgcap"  # sends per visitor: frequency caps and cooldowns
     META = "meta"
+
+
+CATALOG_VERSION_KEY = "catalog_version"
+
+
+def save_catalog(store: Store, items: Sequence[Any]) -> None:
+    """Upsert catalog items (CatalogItem) and bump the catalog version, so item caches know to reload."""
+    store.put_many(Namespace.CATALOG, {item.item_id: item.model_dump_json().encode() for item in items})
+    store.put(Namespace.META, CATALOG_VERSION_KEY, str(time.time_ns()).encode())
+
+
+def catalog_version(store: Store) -> bytes | None:
+    return store.get(Namespace.META, CATALOG_VERSION_KEY)
