@@ -15,7 +15,7 @@ from services.common.consent import Consent
 from services.common.feature_store import FeatureWriter, online_rows, open_feature_store, to_arrow_table
 from services.common.indexes import ContextPopularity, CoVisitation
 from services.common.settings import CommonSettings
-from services.common.storage import AppendResult, LogEntry, Namespace, PendingEvent, Store, open_store
+from services.common.storage import AppendResult, LogEntry, Namespace, PendingEvent, Store, open_store, save_catalog
 from services.profile.aggregations import ItemInfo, ItemState, VisitorState
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class ProfileRepository:
 
     # -- catalog and indexes ------------------------------------------------------------------------
     def upsert_catalog(self, items: Sequence[CatalogItem]) -> None:
-        self.store.put_many(Namespace.CATALOG, {item.item_id: item.model_dump_json().encode() for item in items})
+        save_catalog(self.store, items)
 
     def catalog_info(self) -> dict[str, ItemInfo]:
         info: dict[str, ItemInfo] = {}

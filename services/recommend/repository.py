@@ -20,7 +20,7 @@ from services.common.errors import StorageUnavailable
 from services.common.events import Event, envelope, open_envelope
 from services.common.feature_store import OnlineRowReader, online_rows, open_feature_store
 from services.common.settings import CommonSettings
-from services.common.storage import Namespace, PendingEvent, Store, open_store
+from services.common.storage import Namespace, PendingEvent, Store, catalog_version, open_store, save_catalog
 from services.recommend.ranker import ModelMeta
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ class RecommendRepository:
         self.feature_store = feature_store
         self._visitor_refs = F.visitor_feature_refs()
         self._reader: OnlineRowReader | None = None
+        self._item_reader: OnlineRowReader | None = None
         # Impression events and recommendation records, written off the request path.
         self._impressions: queue.Queue[tuple[list[Event | dict[str, Any]], RecordWrite | None]] = queue.Queue(
             maxsize=10_000
@@ -72,24 +73,39 @@ class RecommendRepository:
 
     # -- catalog and item cache inputs --------------------------------------------------------------
     def upsert_catalog(self, items: Sequence[CatalogItem]) -> None:
-        self.store.put_many(Namespace.CATALOG, {item.item_id: item.model_dump_json().encode() for item in items})
+        save_catalog(self.store, items)
 
     def catalog(self) -> list[CatalogItem]:
         return [CatalogItem.model_validate_json(raw) for _, raw in self.store.scan(Namespace.CATALOG)]
 
-    def item_stats(self, item_ids: Sequence[str], chunk: int = 2000) -> dict[str, dict[str, Any]]:
+    def catalog_version(self) -> bytes | None:
+        return catalog_version(self.store)
+
+    def item_stats(self, item_ids: Sequence[str], chunk: int = 1000) -> dict[str, dict[str, Any]]:
+        """Item statistics rows from the online store, read in chunks. Between chunks the thread yields the
+        GIL, so a background refresh of a large catalog does not stall requests in flight."""
+        if self._item_reader is None:
+            self._item_reader = OnlineRowReader(self.feature_store, F.ITEM_VIEW)
         stats: dict[str, dict[str, Any]] = {}
         for start in range(0, len(item_ids), chunk):
-            for row in online_rows(self.feature_store, F.ITEM_VIEW, item_ids[start : start + chunk]):
-                if row.get("views_7d") is not None or row.get("impressions_7d") is not None:
-                    stats[row[F.ITEM_KEY]] = row
+            keys = item_ids[start : start + chunk]
+            for item_id, row in zip(keys, self._item_reader.read(keys), strict=True):
+                if row is not None and (row.get("views_7d") is not None or row.get("impressions_7d") is not None):
+                    stats[item_id] = row
+            time.sleep(0)
         return stats
 
-    def covisitation(self) -> dict[str, list[list[Any]]]:
-        return {item_id: orjson.loads(raw) for item_id, raw in self.store.scan(Namespace.COVISITATION)}
+    def item_stats_via_sdk(self, item_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The same rows through `get_online_features` (the benchmark's naive per-request baseline)."""
+        rows = online_rows(self.feature_store, F.ITEM_VIEW, item_ids)
+        return {row[F.ITEM_KEY]: row for row in rows if row.get("views_7d") is not None}
 
-    def popularity(self) -> dict[str, dict[str, list[float]]]:
-        return {key: orjson.loads(raw) for key, raw in self.store.scan(Namespace.POPULARITY)}
+    def covisitation(self) -> dict[str, bytes]:
+        """Stored JSON per item, parsed lazily by the item cache (services/recommend/catalog_cache.py)."""
+        return dict(self.store.scan(Namespace.COVISITATION))
+
+    def popularity(self) -> dict[str, bytes]:
+        return dict(self.store.scan(Namespace.POPULARITY))
 
     def persona_names(self) -> dict[int, str]:
         raw = self.store.get(Namespace.PERSONAS, "current")

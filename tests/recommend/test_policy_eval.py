@@ -276,12 +276,16 @@ LOGGING = Exploration(mode="softmax", temperature=0.5, top_n=10)
 
 def copy_serving_state(world: SessionWorld) -> RecommendSettings:
     """A private namespace with the world's catalog, indexes and model (Feast rows are shared read-only), so
-    logged impressions never touch the shared world's event log."""
+    logged impressions never touch the shared world's event log. Only the demo shop's own items are copied:
+    other tests upsert items the simulator cannot judge."""
     namespace = unique_name("ope")
     client = make_redis_client(REDIS_URL, False, 5.0)
     source, target = RedisStore(client, world.settings.namespace), RedisStore(client, namespace)
+    shop_items = set(world.world.shop.by_id())
     for kind in (Namespace.CATALOG, Namespace.COVISITATION, Namespace.POPULARITY, Namespace.META, Namespace.PERSONAS):
         rows = dict(source.scan(kind))
+        if kind == Namespace.CATALOG:
+            rows = {item_id: row for item_id, row in rows.items() if item_id in shop_items}
         if rows:
             target.put_many(kind, rows)
     client.close()
