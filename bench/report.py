@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 
@@ -116,5 +117,45 @@ def markdown(results: dict[str, Any]) -> str:
         "|---|---|---|",
         *[f"| {a} | {t} | {v} |" for a, t, v in rows],
         "",
+        *_where_the_time_goes(b, m["cores"]),
     ]
     return "\n".join(lines)
+
+
+def _median_of(runs: list[dict[str, Any]], key: str) -> dict[str, float]:
+    """Per-party median of a dict-valued field over runs (runs without it are ignored)."""
+    values = [run[key] for run in runs if key in run]
+    if not values:
+        return {}
+    return {party: statistics.median(v[party] for v in values) for party in values[0]}
+
+
+def _where_the_time_goes(b: dict[str, Any], cores: int) -> list[str]:
+    """The evidence behind the recommend latency: CPU per request of each party sharing the machine's cores,
+    and the mean time per ranking stage inside the service (from its own stage histogram)."""
+    rec = b.get("recommend_200rps")
+    if not rec:
+        return []
+    lines = ["## Where the time goes (/v1/recommend at 200 req/s)", ""]
+    cpu, busy = _median_of(rec["runs"], "cpu_ms_per_request"), _median_of(rec["runs"], "cores_busy")
+    if cpu:
+        lines += [
+            "| party | CPU per request | cores busy at 200 req/s |",
+            "|---|---|---|",
+            *[f"| {party} | {cpu[party]:.2f} ms | {busy[party]:.2f} |" for party in cpu],
+            f"| all | {sum(cpu.values()):.2f} ms | {sum(busy.values()):.2f} of {cores} |",
+            "",
+        ]
+    stages = rec.get("time_per_request_ms")
+    if stages:
+        ranking = sum(v for k, v in stages.items() if k != "http")
+        lines += [
+            "| stage (mean per request, all slots) | ms |",
+            "|---|---|",
+            *[f"| {stage} | {ms:.3f} |" for stage, ms in stages.items() if stage != "http"],
+            f"| ranking stages together | {ranking:.3f} |",
+            f"| whole ASGI app (routing, parsing, thread hand-off, response, waiting for a thread) | "
+            f"{stages.get('http', 0.0):.3f} |",
+            "",
+        ]
+    return lines

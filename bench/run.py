@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import socket
 import statistics
 import subprocess
@@ -22,7 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import orjson
@@ -118,7 +119,41 @@ def rss_mb(process: subprocess.Popen[bytes]) -> dict[str, float]:
     return {"max_worker_mb": round(max(sizes), 1), "total_mb": round(sum(sizes), 1), "workers": len(sizes)}
 
 
-def load(url: str, bodies: Path, rate: float, duration: float, connections: int = 64) -> dict[str, Any]:
+def cpu_seconds(process: subprocess.Popen[bytes] | None) -> float:
+    """User + system CPU of a service (its uvicorn workers included)."""
+    if process is None:
+        return 0.0
+    parent = psutil.Process(process.pid)
+    total = 0.0
+    for member in [parent, *parent.children(recursive=True)]:
+        times = member.cpu_times()
+        total += times.user + times.system
+    return total
+
+
+def redis_cpu_seconds() -> float:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        info = cast(dict[str, Any], client.info("cpu"))
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    finally:
+        client.close()
+
+
+def load(
+    url: str,
+    bodies: Path,
+    rate: float,
+    duration: float,
+    connections: int = 64,
+    process: subprocess.Popen[bytes] | None = None,
+) -> dict[str, Any]:
+    """One open-loop run; with the service's process, also the CPU each party spent per request (the evidence
+    for where a 2-core machine's time goes: service, load generator and Redis share the same cores)."""
+    service_before, redis_before = cpu_seconds(process), redis_cpu_seconds()
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(
         [
             sys.executable,
@@ -141,6 +176,16 @@ def load(url: str, bodies: Path, rate: float, duration: float, connections: int 
         check=True,
     )
     result: dict[str, Any] = json.loads(out.stdout)
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if process is not None and result["requests"]:
+        spent = {
+            "service": cpu_seconds(process) - service_before,
+            "load_generator": (children_after.ru_utime + children_after.ru_stime)
+            - (children_before.ru_utime + children_before.ru_stime),
+            "redis": redis_cpu_seconds() - redis_before,
+        }
+        result["cpu_ms_per_request"] = {k: round(1000 * v / result["requests"], 2) for k, v in spent.items()}
+        result["cores_busy"] = {k: round(v / duration, 2) for k, v in spent.items()}
     return result
 
 
@@ -202,8 +247,8 @@ def histogram_quantile(
     buckets: dict[float, float] = {}
     for line in metrics_text.splitlines():
         if line.startswith(f"{name}_bucket"):
-            le = line.split('le="', 1)[1].split('"', 1)[0]
-            buckets[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float("inf") if bound == "+Inf" else float(bound)] = float(line.rsplit(" ", 1)[1])
     if before:
         buckets = {le: count - before.get(le, 0.0) for le, count in buckets.items()}
     total = buckets.get(float("inf"), 0.0)
@@ -232,14 +277,57 @@ def clean_namespace(namespace: str) -> None:
     client.close()
 
 
+def metric_sums(text: str) -> dict[str, float]:
+    """`<stage>_sum` / `<stage>_count` of the recommend stage histogram, and `http_sum` / `http_count` of the
+    HTTP histogram of /v1/recommend (summed over workers by the multiprocess collector)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    http_names = ("selaras_http_request_duration_seconds_sum", "selaras_http_request_duration_seconds_count")
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            suffix = sample.name.rsplit("_", 1)[1]
+            if sample.name.startswith("selaras_recommend_stage_seconds_") and "stage" in sample.labels:
+                sums[f"{sample.labels['stage']}_{suffix}"] = sample.value
+            elif sample.name in http_names and sample.labels.get("route") == "/v1/recommend":
+                sums[f"http_{suffix}"] = sample.value
+    return sums
+
+
+def time_per_request_ms(before: str, after: str) -> dict[str, float]:
+    """Mean milliseconds per request in each ranking stage (summed over the request's slots) and in the whole
+    ASGI app ("http"), between two scrapes of the service's /metrics."""
+    start, end = metric_sums(before), metric_sums(after)
+
+    def delta(key: str) -> float:
+        return end.get(key, 0.0) - start.get(key, 0.0)
+
+    requests = delta("http_count")
+    if requests <= 0:
+        return {}
+    stages = ("visitor", "candidates", "features", "predict", "rules", "http")
+    return {stage: round(1000 * delta(f"{stage}_sum") / requests, 3) for stage in stages}
+
+
 def get_text(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as response:
         return response.read().decode()
 
 
+def world_in_redis(namespace: str) -> bool:
+    """A marker file outlives a flushed Redis: reuse a world only while its catalog is still stored."""
+    from services.common.storage import RedisStore, catalog_version, make_redis_client
+
+    store = RedisStore(make_redis_client(REDIS_URL, False, 5.0), namespace)
+    try:
+        return catalog_version(store) is not None
+    finally:
+        store.close()
+
+
 def build(namespace: str, data_dir: Path, reuse: bool, **kwargs: Any) -> dict[str, Any]:
     marker = data_dir / "bench-world.json"
-    if reuse and marker.exists():
+    if reuse and marker.exists() and world_in_redis(namespace):
         log(f"reusing world {namespace}")
         return dict(json.loads(marker.read_text()))
     from services.common.settings import CommonSettings
@@ -310,11 +398,17 @@ def main() -> None:
         with service("recommend", env, workers=2) as (url, process):
             load(f"{url}/v1/recommend", bodies, 100, 3)  # warm-up
             log("recommend at 200 req/s")
-            bench["recommend_200rps"] = repeated(runs, lambda: load(f"{url}/v1/recommend", bodies, 200, duration))
+            scrape_before = get_text(f"{url}/metrics")
+            bench["recommend_200rps"] = repeated(
+                runs, lambda: load(f"{url}/v1/recommend", bodies, 200, duration, process=process)
+            )
+            bench["recommend_200rps"]["time_per_request_ms"] = time_per_request_ms(
+                scrape_before, get_text(f"{url}/metrics")
+            )
             sweep = []
             for rate in (300, 400, 500, 600, 800):
                 log(f"recommend saturation at {rate} req/s")
-                outcome = load(f"{url}/v1/recommend", bodies, rate, duration / 2)
+                outcome = load(f"{url}/v1/recommend", bodies, rate, duration / 2, process=process)
                 sweep.append(outcome)
                 if outcome["p99_ms"] > 250 or outcome["errors"]:
                     break
@@ -322,7 +416,9 @@ def main() -> None:
             bench["recommend_saturation"] = {"sweep": sweep, "max_rate_with_p99_le_50ms": max(ok) if ok else None}
             bench["recommend_200rps"]["rss"] = rss_mb(process)
             log("our service at 30 req/s (same rate as the naive baseline)")
-            bench["recommend_30rps"] = repeated(runs, lambda: load(f"{url}/v1/recommend", bodies, 30, duration))
+            bench["recommend_30rps"] = repeated(
+                runs, lambda: load(f"{url}/v1/recommend", bodies, 30, duration, process=process)
+            )
             save()
 
     if wanted("naive"):
