@@ -31,7 +31,7 @@ from services.common.settings import CommonSettings
 DEDUPE_TTL_S = 14 * 24 * 3600
 APPEND_CHUNK = 500
 # Namespaces with too many short-lived keys to keep a key index for; scanning them uses SCAN (rare: erasure).
-UNINDEXED_NAMESPACES = frozenset({"rec"})
+UNINDEXED_NAMESPACES = frozenset({"rec", "itemchg"})  # never scanned; keys expire
 
 
 @dataclass(frozen=True)
@@ -496,6 +496,7 @@ class Namespace:
     PERSONAS = "personas"
     RECOMMENDATIONS = "rec"
     MESSAGE_HISTORY = "msgcap"  # sends per visitor: frequency caps and cooldowns
+    ITEM_CHANGES = "itemchg"  # ids of items whose statistics changed, per time bucket (common/item_changes.py)
     META = "meta"
 
 

@@ -18,6 +18,7 @@ from services.common.consent import Consent, ConsentDefaults, consent_changes_fr
 from services.common.errors import StorageUnavailable
 from services.common.events import Event, EventType, envelope, open_envelope
 from services.common.indexes import ContextPopularity, CoVisitation, context_keys
+from services.common.item_changes import ItemChangeRecorder
 from services.common.storage import AppendResult, LogEntry, PendingEvent
 from services.profile.aggregations import (
     DAY,
@@ -123,6 +124,7 @@ class Aggregator:
         self.popularity = ContextPopularity()
         self._indexes_loaded = False
         self.item_cache: dict[str, ItemState] = {}
+        self.item_changes = ItemChangeRecorder(repository.store)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
@@ -241,6 +243,7 @@ class Aggregator:
         # Order matters for recovery: state and features first, the cursor last (in run_once).
         self.repository.write_visitor_rows(online, offline)
         self.repository.write_item_rows(item_rows)
+        self.item_changes.record(touched_items, time.time())  # after the rows: a reader then finds them
         self.repository.save_visitor_states(touched_visitors, self.retention_s)
         self.repository.save_item_states(touched_items)
         self.repository.save_indexes(self.covisitation, self.popularity)

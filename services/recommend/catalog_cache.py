@@ -4,6 +4,7 @@ arrays, rebuilt in the background and swapped atomically. Requests never fetch i
 from __future__ import annotations
 
 import math
+import sys
 import time
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -125,46 +126,73 @@ def _order_by(values: FloatArray, idx: IntArray) -> IntArray:
 
 
 def catalog_arrays(items: Iterable[CatalogItem], now: float | None = None) -> CatalogArrays:
+    """One pass over the items, keeping only columns: a 100,000-item catalog is never held as model objects
+    (the list of parsed items cost ~350 MB per worker, memory the allocator then kept)."""
     now = now or time.time()
-    catalog = list(items)
-    ids = [item.item_id for item in catalog]
-    kind = np.array([KIND_CODES[item.kind] for item in catalog], dtype=np.int8)
-    available = np.array([item.active and item.in_stock for item in catalog], dtype=bool)
-    categories = [item.category for item in catalog]
-    brands = [item.brand for item in catalog]
+    ids: list[str] = []
+    kinds: list[int] = []
+    available_flags: list[bool] = []
+    titles: list[str] = []
+    categories: list[str | None] = []
+    brands: list[str | None] = []
+    prices: list[float] = []
+    discounts: list[float] = []
+    created: list[float] = []
+    stocks: list[float] = []
+    pins: list[bool] = []
+    boosts: list[float] = []
+    urls: list[str | None] = []
+    image_urls: list[str | None] = []
+    non_products: dict[int, CatalogItem] = {}
+    for i, item in enumerate(items):
+        ids.append(item.item_id)
+        kinds.append(KIND_CODES[item.kind])
+        available_flags.append(item.active and item.in_stock)
+        titles.append(item.title)
+        # Interned: thousands of items share a category or brand, one string object each is enough.
+        categories.append(sys.intern(item.category) if item.category else item.category)
+        brands.append(sys.intern(item.brand) if item.brand else item.brand)
+        prices.append(item.price if item.price is not None else np.nan)
+        discounts.append(item.discount)
+        created.append(item.created_at.timestamp() if item.created_at else now - 365 * 86400.0)
+        stocks.append(item.stock if item.stock is not None else -1)
+        pins.append(item.pinned)
+        boosts.append(max(item.boost, 1e-6))
+        urls.append(item.url)
+        image_urls.append(item.image_url)
+        if item.kind is not ItemKind.PRODUCT:
+            non_products[i] = item
+    kind = np.array(kinds, dtype=np.int8)
+    available = np.array(available_flags, dtype=bool)
     by_kind = {code: np.flatnonzero((kind == code) & available) for code in KIND_CODES.values()}
     by_category: dict[str, list[int]] = {}
     by_brand: dict[str, list[int]] = {}
-    for i in by_kind[KIND_CODES[ItemKind.PRODUCT]]:
-        category, brand = categories[i], brands[i]
+    for row in by_kind[KIND_CODES[ItemKind.PRODUCT]].tolist():
+        category, brand = categories[row], brands[row]
         if category:
-            by_category.setdefault(category, []).append(int(i))
+            by_category.setdefault(category, []).append(row)
         if brand:
-            by_brand.setdefault(brand, []).append(int(i))
-    non_products = {i: item for i, item in enumerate(catalog) if item.kind is not ItemKind.PRODUCT}
+            by_brand.setdefault(brand, []).append(row)
     brand_index = {brand: code for code, brand in enumerate(sorted({b for b in brands if b}), start=1)}
     return CatalogArrays(
         ids=ids,
         index={item_id: i for i, item_id in enumerate(ids)},
         kind=kind,
-        titles=[item.title for item in catalog],
+        titles=titles,
         categories=categories,
         brands=brands,
         category_code=np.array([category_code(c) for c in categories], dtype=np.int64),
         brand_index=brand_index,
         brand_code=np.array([brand_index.get(b or "", 0) for b in brands], dtype=np.int64),
-        price=np.array([item.price if item.price is not None else np.nan for item in catalog], dtype=np.float64),
-        discount=np.array([item.discount for item in catalog], dtype=np.float64),
-        created_ts=np.array(
-            [item.created_at.timestamp() if item.created_at else now - 365 * 86400.0 for item in catalog],
-            dtype=np.float64,
-        ),
-        stock=np.array([item.stock if item.stock is not None else -1 for item in catalog], dtype=np.float64),
+        price=np.array(prices, dtype=np.float64),
+        discount=np.array(discounts, dtype=np.float64),
+        created_ts=np.array(created, dtype=np.float64),
+        stock=np.array(stocks, dtype=np.float64),
         available=available,
-        pinned=np.array([item.pinned for item in catalog], dtype=bool),
-        log_boost=np.log(np.array([max(item.boost, 1e-6) for item in catalog], dtype=np.float64)),
-        urls=[item.url for item in catalog],
-        image_urls=[item.image_url for item in catalog],
+        pinned=np.array(pins, dtype=bool),
+        log_boost=np.log(np.array(boosts, dtype=np.float64)),
+        urls=urls,
+        image_urls=image_urls,
         by_kind=by_kind,
         by_category={c: np.array(v, dtype=np.int64) for c, v in by_category.items()},
         by_brand={b: np.array(v, dtype=np.int64) for b, v in by_brand.items()},

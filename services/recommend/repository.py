@@ -19,6 +19,7 @@ from services.common.consent import Consent
 from services.common.errors import StorageUnavailable
 from services.common.events import Event, envelope, open_envelope
 from services.common.feature_store import OnlineRowReader, online_rows, open_feature_store
+from services.common.item_changes import changed_items
 from services.common.settings import CommonSettings
 from services.common.storage import Namespace, PendingEvent, Store, catalog_version, open_store, save_catalog
 from services.recommend.ranker import ModelMeta
@@ -76,7 +77,12 @@ class RecommendRepository:
         save_catalog(self.store, items)
 
     def catalog(self) -> list[CatalogItem]:
-        return [CatalogItem.model_validate_json(raw) for _, raw in self.store.scan(Namespace.CATALOG)]
+        return list(self.iter_catalog())
+
+    def iter_catalog(self) -> Iterator[CatalogItem]:
+        """Parsed one at a time (the item cache keeps columns, not 100,000 model objects)."""
+        for _, raw in self.store.scan(Namespace.CATALOG):
+            yield CatalogItem.model_validate_json(raw)
 
     def catalog_version(self) -> bytes | None:
         return catalog_version(self.store)
@@ -94,6 +100,9 @@ class RecommendRepository:
                     stats[item_id] = row
             time.sleep(0)
         return stats
+
+    def changed_items(self, since: float, until: float) -> set[str] | None:
+        return changed_items(self.store, since, until)
 
     def item_stats_via_sdk(self, item_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """The same rows through `get_online_features` (the benchmark's naive per-request baseline)."""

@@ -123,6 +123,10 @@ class RecommendService:
         self.persona_names: dict[int, str] = {}
         self._catalog: CatalogArrays | None = None
         self._catalog_version: bytes | None = None
+        self._product_ids: list[str] = []
+        self._item_stats: dict[str, dict[str, Any]] = {}
+        self._stats_read_at: float | None = None
+        self._stats_full_read_at = 0.0
         self._stop = threading.Event()
         self._refresher: threading.Thread | None = None
         self._reload_lock = threading.Lock()
@@ -164,12 +168,14 @@ class RecommendService:
         repo = self.repository
         # Parsing the catalog is the costliest part of a refresh (seconds at 100k items): only on a change.
         version = repo.catalog_version()
-        if self._catalog is None or version is None or version != self._catalog_version:
-            self._catalog = catalog_arrays(repo.catalog())
+        catalog_changed = self._catalog is None or version is None or version != self._catalog_version
+        if catalog_changed or self._catalog is None:
+            self._catalog = catalog_arrays(repo.iter_catalog())
             self._catalog_version = version
+            self._product_ids = [self._catalog.ids[i] for i in self._catalog.by_kind[KIND_CODES[ItemKind.PRODUCT]]]
         arrays = self._catalog
-        product_ids = [arrays.ids[i] for i in arrays.by_kind[KIND_CODES[ItemKind.PRODUCT]]]
-        snapshot = build_snapshot(arrays, repo.item_stats(product_ids), repo.covisitation(), repo.popularity())
+        stats = self._read_item_stats(catalog_changed)
+        snapshot = build_snapshot(arrays, stats, repo.covisitation(), repo.popularity())
         self.snapshot = snapshot  # one reference swap: requests see the old or the new snapshot, never half
         self.persona_names = repo.persona_names()
         # Long-lived objects out of the cyclic GC's way: a full collection over them paused requests ~200 ms.
@@ -178,6 +184,28 @@ class RecommendService:
         CACHE_AGE.set(snapshot.built_at)
         CACHE_ITEMS.set(snapshot.size)
         return snapshot
+
+    def _read_item_stats(self, catalog_changed: bool) -> dict[str, dict[str, Any]]:
+        """Statistics rows of the catalog's products. Between full reads (at start, after a catalog change or a
+        gap, and every `item_stats_full_read_s`) only the rows the aggregator changed since the previous
+        refresh are read: a full read is O(catalog) (5.6 s of CPU at 100,000 items)."""
+        now = time.time()
+        changed = None
+        if (
+            not catalog_changed
+            and self._stats_read_at is not None
+            and now - self._stats_full_read_at < self.settings.item_stats_full_read_s
+        ):
+            changed = self.repository.changed_items(self._stats_read_at, now)
+        if changed is None:
+            stats = self.repository.item_stats(self._product_ids)
+            self._stats_full_read_at = now
+        else:
+            index = self._catalog.index if self._catalog is not None else {}
+            stats = dict(self._item_stats)
+            stats.update(self.repository.item_stats([item_id for item_id in changed if item_id in index]))
+        self._item_stats, self._stats_read_at = stats, now
+        return stats
 
     def reload_model(self, version: str | None = None) -> tuple[str | None, str | None]:
         """Load the given or newest compatible model; the swap is atomic, in-flight requests finish on the old."""

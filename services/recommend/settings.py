@@ -26,6 +26,8 @@ class RecommendSettings(CommonSettings):
     max_pinned_per_slot: int = Field(default=1, ge=0, le=100)
     # How often the in-process item cache (catalog, item stats, indexes) is rebuilt in the background.
     refresh_interval_s: float = Field(default=10.0, gt=0)
+    # Between full reads a refresh re-reads only the items whose statistics changed (common/item_changes.py).
+    item_stats_full_read_s: float = Field(default=600.0, gt=0)
     log_impressions: bool = True
     recommendation_ttl_s: int = Field(default=7 * 86400, ge=60)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
