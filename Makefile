@@ -42,10 +42,13 @@ format: $(STAMP) ## apply ruff's formatting and safe fixes
 bench: $(STAMP) ## run the benchmark suite (real services, Redis online store); writes bench/results.{json,md}
 	scripts/with_redis.sh $(PY) -m bench.run
 
+profile: $(STAMP) ## py-spy samples of both services under load (after make bench); writes bench/profile.md
+	scripts/with_redis.sh $(PY) -m bench.profile
+
 soak: $(STAMP) ## 10-minute soak at a fixed rate: memory growth and errors
 	scripts/with_redis.sh $(PY) -m bench.soak
 
 clean: ## remove generated data (keeps the virtualenv)
 	rm -rf $(DATA_DIR) bench/tmp
 
-.PHONY: help install demo test lint format bench soak clean
+.PHONY: help install demo test lint format bench profile soak clean

@@ -72,7 +72,8 @@ def markdown(results: dict[str, Any]) -> str:
                 "≥ 20,000 events/s; freshness p99 ≤ 1 s",
                 "; ".join(
                     f"{s['offered_rate'] * 100:,.0f} offered → {s['events_per_s']:,.0f}/s accepted, "
-                    f"p99 ack {s['p99_ms']:.0f} ms, freshness p99 ≤ {s['freshness_p99_s_le']} s"
+                    f"p99 ack {s['p99_ms']:.0f} ms, folded {_fmt(s.get('folded_per_s'), '/s')}, "
+                    f"freshness p99 ≤ {s['freshness_p99_s_le']} s"
                     for s in ingest
                 )
                 + f" (best {best['events_per_s']:,.0f}/s)",

@@ -219,23 +219,36 @@ def recommend_bodies(path: Path, visitors: list[str], n: int = 2000, anonymous_s
     return path
 
 
-def event_bodies(path: Path, visitors: list[str], items: list[str], batches: int, size: int = 100) -> Path:
+def event_bodies(
+    path: Path, visitors: list[str], items: list[str], batches: int, size: int = 100, label: str = ""
+) -> Path:
+    """Batches of new events (ids unique per process and label: a resent id would only be a cheap duplicate).
+
+    Visitors: half the events from the world's known visitors, half from 50,000 others. Live traffic comes
+    from many visitors at once; 1,000 visitors sending every event would each reach thousands of events in
+    minutes (a bot's profile), and the cost of folding grows with the size of a visitor's state."""
     rng = np.random.default_rng(2)
+    others = 50_000
+    population = [*visitors, *(f"bench-visitor-{i}" for i in range(others))]
+    weights = np.concatenate([np.full(len(visitors), 0.5 / len(visitors)), np.full(others, 0.5 / others)])
+    kinds = np.array(["product_view", "product_view", "product_view", "add_to_cart"])
     now = datetime.now(UTC)
     with path.open("w") as handle:
         for b in range(batches):
-            events = []
-            for j in range(size):
-                events.append(
-                    {
-                        "event_id": f"bench-{os.getpid()}-{b}-{j}",
-                        "visitor_id": str(rng.choice(visitors)),
-                        "type": str(rng.choice(["product_view", "product_view", "product_view", "add_to_cart"])),
-                        "item_id": str(rng.choice(items)),
-                        "timestamp": (now + timedelta(milliseconds=b * size + j)).isoformat(),
-                        "context": {"device": "mobile", "city": "Jakarta"},
-                    }
-                )
+            who = rng.choice(len(population), size=size, p=weights)
+            what = rng.choice(len(items), size=size)
+            kind = rng.choice(kinds, size=size)
+            events = [
+                {
+                    "event_id": f"bench-{os.getpid()}-{label}-{b}-{j}",
+                    "visitor_id": population[int(who[j])],
+                    "type": str(kind[j]),
+                    "item_id": items[int(what[j])],
+                    "timestamp": (now + timedelta(milliseconds=b * size + j)).isoformat(),
+                    "context": {"device": "mobile", "city": "Jakarta"},
+                }
+                for j in range(size)
+            ]
             handle.write(orjson.dumps({"events": events}).decode() + "\n")
     return path
 
@@ -307,6 +320,53 @@ def time_per_request_ms(before: str, after: str) -> dict[str, float]:
         return {}
     stages = ("visitor", "candidates", "features", "predict", "rules", "http")
     return {stage: round(1000 * delta(f"{stage}_sum") / requests, 3) for stage in stages}
+
+
+def counter_value(text: str, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    return 0.0
+
+
+def wait_folded(url: str, target: float, timeout: float) -> float | None:
+    """Poll the profile service until it has folded `target` events in total; when that happened (monotonic),
+    or None on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if counter_value(get_text(f"{url}/metrics"), "selaras_events_aggregated_total") >= target:
+            return time.monotonic()
+        time.sleep(0.1)
+    return None
+
+
+def skip_leftover_events(namespace: str) -> None:
+    """An ingestion run leaves events the aggregator had not folded when its service stopped; with a reused
+    world the next run would fold those first and count their age as its freshness. Start after them."""
+    from services.common.storage import Namespace, RedisStore, make_redis_client
+    from services.profile.repository import AGGREGATOR_CURSOR
+
+    store = RedisStore(make_redis_client(REDIS_URL, False, 5.0), namespace)
+    try:
+        last = cast(list[tuple[bytes, Any]], store.client.xrevrange(store.stream_key, count=1))
+        if last:
+            store.put(Namespace.CURSOR, AGGREGATOR_CURSOR, last[0][0])
+    finally:
+        store.close()
+
+
+def wait_drained(url: str, timeout: float) -> None:
+    """Until the aggregator has folded the whole log (events an earlier run left unfolded would otherwise be
+    counted in this run's freshness)."""
+    deadline = time.monotonic() + timeout
+    idle_polls = 0
+    while time.monotonic() < deadline and idle_polls < 3:
+        text = get_text(f"{url}/metrics")
+        idle_polls = idle_polls + 1 if counter_value(text, "selaras_aggregator_backlog_events") == 0 else 0
+        time.sleep(0.2)
 
 
 def get_text(url: str) -> str:
@@ -435,25 +495,33 @@ def main() -> None:
         save()
 
     if wanted("ingest"):
-        batches = event_bodies(TMP / "events.jsonl", world["visitors"], world["items"], batches=6000)
+        skip_leftover_events(namespace)
         with service("profile", env) as (url, _):
-            load(f"{url}/v1/events", batches, 20, 3)
+            warm = event_bodies(TMP / "events-warm.jsonl", world["visitors"], world["items"], 60, label="warm")
+            wait_drained(url, 120)
+            load(f"{url}/v1/events", warm, 20, 3)
+            wait_drained(url, 60)
             sweep = []
-            for rate in (50, 100, 200):
+            for rate in (10, 50, 100, 200):
+                batches = event_bodies(
+                    TMP / "events.jsonl", world["visitors"], world["items"], int(rate * duration / 2), label=str(rate)
+                )
                 before_text = get_text(f"{url}/metrics")
                 _, before = histogram_quantile(before_text, "selaras_feature_write_lag_seconds", 0.99)
+                folded_before = counter_value(before_text, "selaras_events_aggregated_total")
                 log(f"ingestion at {rate * 100} events/s (batches of 100)")
+                started = time.monotonic()
                 outcome = load(f"{url}/v1/events", batches, rate, duration / 2, connections=32)
-                time.sleep(3)  # let the aggregator drain before reading freshness
-                lag_p99, _ = histogram_quantile(
-                    get_text(f"{url}/metrics"), "selaras_feature_write_lag_seconds", 0.99, before
-                )
-                lag_p50, _ = histogram_quantile(
-                    get_text(f"{url}/metrics"), "selaras_feature_write_lag_seconds", 0.5, before
-                )
+                accepted = (outcome["requests"] - outcome["errors"]) * 100
+                drained = wait_folded(url, folded_before + accepted, 180)
+                after_text = get_text(f"{url}/metrics")
+                lag_p99, _ = histogram_quantile(after_text, "selaras_feature_write_lag_seconds", 0.99, before)
+                lag_p50, _ = histogram_quantile(after_text, "selaras_feature_write_lag_seconds", 0.5, before)
                 outcome["events_per_s"] = round(
                     outcome["achieved_rate"] * 100 * (1 - outcome["errors"] / max(outcome["requests"], 1)), 1
                 )
+                # The aggregator's own pace: events folded into features per second until it caught up.
+                outcome["folded_per_s"] = round(accepted / (drained - started), 1) if drained else None
                 outcome["freshness_p50_s_le"] = lag_p50
                 outcome["freshness_p99_s_le"] = lag_p99
                 sweep.append(outcome)
