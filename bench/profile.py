@@ -73,8 +73,8 @@ def breakdown(raw: Path) -> dict[str, float]:
     counts: Counter[str] = Counter()
     for line in raw.read_text().splitlines():
         stack, _, number = line.rpartition(" ")
-        if not stack:
-            continue
+        if not stack or not number.isdigit():
+            continue  # not a sample line
         frames = stack.split(";")
         innermost = frames[-1]
         if any(marker in innermost for marker in IDLE_FRAMES):

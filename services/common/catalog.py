@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Final
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
@@ -11,6 +11,18 @@ from services.common.events import Identifier
 
 Text = Annotated[str, StringConstraints(max_length=1000)]
 Label = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+# What a message template answers to (services/recommend/messages.py decides which one fires).
+MESSAGE_TRIGGERS: Final = (
+    "cart_abandonment",
+    "price_drop",
+    "back_in_stock",
+    "new_arrivals",
+    "win_back",
+    "loyalty_reward",
+    "payday_promo",
+)
 
 
 class ItemKind(StrEnum):
@@ -42,12 +54,7 @@ class MessageTemplate(BaseModel):
     channels: list[Annotated[str, StringConstraints(pattern=r"^(push|email|whatsapp)$")]] = Field(
         min_length=1, max_length=3
     )
-    trigger: Annotated[
-        str,
-        StringConstraints(
-            pattern=r"^(cart_abandonment|price_drop|back_in_stock|new_arrivals|win_back|loyalty_reward|payday_promo)$"
-        ),
-    ]
+    trigger: Annotated[str, StringConstraints(pattern=rf"^({'|'.join(MESSAGE_TRIGGERS)})$")]
     # texts[locale][tone] = {"title": ..., "body": ...}; locales "id" and "en", tones "short" and "detailed".
     texts: dict[Label, dict[Label, dict[Label, Text]]]
     deep_link: Annotated[str, StringConstraints(max_length=512)] = ""

@@ -7,7 +7,8 @@ str_list -> Array(String), float_list -> Array(Float64).
 
 from __future__ import annotations
 
-from typing import Final, Literal
+import math
+from typing import Any, Final, Literal
 
 FeatureKind = Literal["int", "float", "str", "str_list", "float_list"]
 
@@ -199,3 +200,13 @@ def default_value(kind: FeatureKind) -> object:
     if kind == "str":
         return ""
     return []
+
+
+def as_number(value: Any) -> float:
+    """A row's value as a float; None and anything float() refuses read as NaN (the model's "missing")."""
+    if value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan

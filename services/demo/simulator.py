@@ -21,7 +21,7 @@ from typing import Any, Final
 import numpy as np
 import orjson
 
-from services.common.catalog import CatalogItem, ItemKind
+from services.common.catalog import MESSAGE_TRIGGERS, CatalogItem, ItemKind
 from services.common.context import CITY_ZONES, WIB, is_payday_window
 from services.common.events import Device, Event, EventContext, EventType
 from services.demo.shop import CATEGORIES, CATEGORY_BY_SLUG, DemoShop
@@ -35,15 +35,7 @@ VISITOR_TYPES: Final = (
     "loyal_fashionista",
     "gadget_enthusiast",
 )
-TRIGGERS: Final = (
-    "cart_abandonment",
-    "price_drop",
-    "back_in_stock",
-    "new_arrivals",
-    "win_back",
-    "loyalty_reward",
-    "payday_promo",
-)
+TRIGGERS: Final = MESSAGE_TRIGGERS
 # A purchase within this many hours after `now` counts as "would have bought anyway".
 ORGANIC_WINDOW_HOURS: Final = 72.0
 DAY_SECONDS: Final = 86_400.0

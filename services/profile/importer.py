@@ -104,6 +104,15 @@ def _retrying(action: Callable[[], T], attempts: int = 5) -> T:
     raise AssertionError("unreachable")
 
 
+def _record_invalid(report: ImportReport, invalid: InvalidLine, skip_invalid: bool) -> None:
+    """Count an invalid line (the first 100 are kept for the report); stop the import unless told to skip."""
+    report.invalid_count += 1
+    if len(report.invalid) < 100:
+        report.invalid.append(invalid)
+    if not skip_invalid:
+        raise InvalidInput(invalid)
+
+
 def import_events(
     path: Path,
     ingest: IngestService,
@@ -131,11 +140,7 @@ def import_events(
         for number, parsed in read_jsonl(path, EVENT_ADAPTER):
             report.lines = number
             if isinstance(parsed, InvalidLine):
-                report.invalid_count += 1
-                if len(report.invalid) < 100:
-                    report.invalid.append(parsed)
-                if not skip_invalid:
-                    raise InvalidInput(parsed)
+                _record_invalid(report, parsed, skip_invalid)
                 continue
             if parsed.ts < last_ts:
                 report.out_of_order += 1
@@ -168,11 +173,7 @@ def import_catalog(
         for number, parsed in read_jsonl(path, ITEM_ADAPTER):
             report.lines = number
             if isinstance(parsed, InvalidLine):
-                report.invalid_count += 1
-                if len(report.invalid) < 100:
-                    report.invalid.append(parsed)
-                if not skip_invalid:
-                    raise InvalidInput(parsed)
+                _record_invalid(report, parsed, skip_invalid)
                 continue
             batch.append(parsed)
             if len(batch) >= batch_size:

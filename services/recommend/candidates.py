@@ -7,7 +7,6 @@ same generators with point-in-time inputs, so the ranker learns on the candidate
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +15,7 @@ import numpy as np
 
 from services.common.catalog import ItemKind
 from services.common.context import daypart, local_time, zone_for
+from services.common.features import as_number
 from services.common.indexes import GLOBAL_CONTEXT
 from services.recommend.catalog_cache import KIND_CODES, ItemSnapshot, category_code
 
@@ -56,13 +56,7 @@ class VisitorVector:
         )
 
     def value(self, name: str) -> float:
-        value = self.row.get(name)
-        if value is None:
-            return math.nan
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            return math.nan
+        return as_number(self.row.get(name))
 
 
 @dataclass(frozen=True)

@@ -37,25 +37,17 @@ import lightgbm as lgb
 import numpy as np
 import orjson
 
-from services.common.catalog import CatalogItem, ItemKind
+from services.common.catalog import MESSAGE_TRIGGERS, CatalogItem, ItemKind
 from services.common.consent import Consent, ConsentDefaults, consent_changes_from_properties
 from services.common.context import is_payday_window, local_time, zone_for
 from services.common.events import Event, EventType
-from services.common.features import CHANNEL_CODES
+from services.common.features import CHANNEL_CODES, as_number
 from services.recommend.catalog_cache import ItemSnapshot, build_snapshot
 
 log = logging.getLogger(__name__)
 
 DAY: Final = 86_400.0
-TRIGGERS: Final = (
-    "cart_abandonment",
-    "price_drop",
-    "back_in_stock",
-    "new_arrivals",
-    "win_back",
-    "loyalty_reward",
-    "payday_promo",
-)
+TRIGGERS: Final = MESSAGE_TRIGGERS
 TRIGGER_CODES: Final = {trigger: code for code, trigger in enumerate(TRIGGERS, start=1)}  # 0 = nothing sent
 NONE_ACTION: Final = "none"
 
@@ -107,15 +99,6 @@ def template_code(template_id: str) -> int:
     return 1 + zlib.crc32(template_id.encode()) % 997
 
 
-def _number(value: Any) -> float:
-    if value is None:
-        return math.nan
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 @dataclass(slots=True)
 class VisitorView:
     """A visitor's row parsed once into what eligibility, rendering and the model need."""
@@ -151,20 +134,20 @@ class VisitorView:
             zone=zone_for(city),
             locale=str(row.get("locale") or "id").split("-")[0].lower(),
             cart=tuple(row.get("cart_items") or ()),
-            cart_updated=_number(row.get("cart_updated_ts")),
+            cart_updated=as_number(row.get("cart_updated_ts")),
             recent=tuple(row.get("recent_items") or ()),
             purchased=frozenset(row.get("purchased_items") or ()),
             categories=categories,
             affinity=dict(zip(categories, row.get("top_category_scores") or (), strict=False)),
-            last_seen=_number(row.get("last_seen_ts")),
-            last_purchase=_number(row.get("last_purchase_ts")),
+            last_seen=as_number(row.get("last_seen_ts")),
+            last_purchase=as_number(row.get("last_purchase_ts")),
             orders=int(row.get("rfm_frequency") or 0),
             histogram=tuple(row.get("hour_histogram") or ()),
             persona_id=int(persona) if isinstance(persona, int | float) and not math.isnan(persona) else -1,
         )
 
     def value(self, name: str) -> float:
-        return _number(self.row.get(name))
+        return as_number(self.row.get(name))
 
 
 def visitor_vector(view: VisitorView, now: float, send_at: float, channel: str) -> list[float]:
@@ -479,7 +462,7 @@ def _pending_decision(
         return None
     row = visitor_features(state, rules, state.last_seen) if state is not None and state.event_count else None
     view = VisitorView.from_row(event.visitor_id, row)
-    decided_at = _number(props.get("decided_at"))
+    decided_at = as_number(props.get("decided_at"))
     send_at = event.ts
     now = decided_at if decided_at == decided_at else send_at
     channel = str(props.get("channel") or event.context.channel or "")

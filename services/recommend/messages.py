@@ -39,6 +39,7 @@ from services.common.catalog import CatalogItem, ItemKind, Targeting
 from services.common.consent import ConsentDefaults
 from services.common.context import is_payday_window, local_time
 from services.common.events import Event, EventContext, EventType, Identifier
+from services.common.features import as_number
 from services.recommend.assignment import HOLDOUT_ARM
 from services.recommend.catalog_cache import ItemSnapshot
 from services.recommend.message_model import (
@@ -575,7 +576,7 @@ def tone_for(view: VisitorView, persona: Mapping[str, Any] | None) -> tuple[str,
         for trait in persona.get("top_traits") or ():
             if not isinstance(trait, Mapping):
                 continue
-            direction = 1 if _number(trait.get("value")) > _number(trait.get("population_mean")) else -1
+            direction = 1 if as_number(trait.get("value")) > as_number(trait.get("population_mean")) else -1
             key = (str(trait.get("trait")), direction)
             detailed += key in DETAILED_SIGNS
             short += key in SHORT_SIGNS
@@ -591,13 +592,6 @@ def tone_for(view: VisitorView, persona: Mapping[str, Any] | None) -> tuple[str,
     if (depth == depth and depth >= 12) or (per_order == per_order and views >= 20 and per_order >= 40):
         return "detailed", "browses many products before buying"
     return "short", "decides quickly"
-
-
-def _number(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def format_price(price: float, locale: str) -> str:
