@@ -196,3 +196,27 @@ def test_metrics_use_route_templates_and_never_visitor_ids(
         assert name in recommend_metrics
     for name in ("selaras_events_ingested_total", "selaras_feature_write_lag_seconds"):
         assert name in profile_metrics
+
+
+def test_ranking_in_a_thread_pool_answers_the_same_as_on_the_event_loop(
+    clients: tuple[TestClient, TestClient], world: SessionWorld
+) -> None:
+    _, inline = clients
+    shared = world.settings
+    threaded_settings = RecommendSettings(
+        data_dir=shared.data_dir,
+        redis_url=shared.redis_url,
+        namespace=shared.namespace,
+        feast_project=shared.feast_project,
+        environment="test",
+        rank_on_event_loop=False,
+    )
+    visitor = world.world.simulator.visitors[5].visitor_id
+    now = world.world.end.isoformat()
+    with TestClient(create_recommend_app(threaded_settings)) as threaded:
+        answers = [
+            recommend(client, visitor, context={"device": "mobile", "city": "Jakarta", "now": now})
+            for client in (inline, threaded)
+        ]
+    ranked = [[[item["item_id"] for item in slot["items"]] for slot in answer["slots"]] for answer in answers]
+    assert ranked[0] == ranked[1] and ranked[0][0], ranked
