@@ -158,7 +158,7 @@ def _where_the_time_goes(b: dict[str, Any], cores: int) -> list[str]:
             "|---|---|",
             *[f"| {stage} | {ms:.3f} |" for stage, ms in stages.items() if stage != "http"],
             f"| ranking stages together | {ranking:.3f} |",
-            f"| whole ASGI app (routing, parsing, thread hand-off, response, waiting for a thread) | "
+            f"| whole request inside the service (middleware to response: parsing, ranking, JSON, queueing) | "
             f"{stages.get('http', 0.0):.3f} |",
             "",
         ]
