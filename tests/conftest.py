@@ -97,6 +97,26 @@ def unique_name(prefix: str) -> str:
 _PENDING_CLEANUP: dict[str, set[str]] = {}
 
 
+def copy_keys(
+    source: redis.Redis, target: redis.Redis, pattern: str, rename: Callable[[bytes], bytes] = lambda key: key
+) -> int:
+    """Copy the keys matching `pattern` with DUMP/RESTORE (values, types and all), optionally renamed."""
+    copied = 0
+    keys = list(source.scan_iter(match=pattern, count=5000))
+    for start in range(0, len(keys), 1000):
+        chunk = keys[start : start + 1000]
+        read = source.pipeline(transaction=False)
+        for key in chunk:
+            read.dump(key)
+        write = target.pipeline(transaction=False)
+        for key, dumped in zip(chunk, read.execute(), strict=True):
+            if dumped is not None:
+                write.restore(rename(key), 0, dumped, replace=True)
+                copied += 1
+        write.execute()
+    return copied
+
+
 def clean_namespace(url: str, namespace: str) -> None:
     """Forget a test's keys at the end of the session (one pass over Redis for all namespaces: a SCAN per
     test cost seconds each on a Redis shared with other runs)."""

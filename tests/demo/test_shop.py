@@ -9,20 +9,12 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from services.common.catalog import CatalogItem, ItemKind
+from services.common.catalog import MESSAGE_TRIGGERS, CatalogItem, ItemKind
 from services.common.context import CITY_ZONES, WIB
 from services.demo.shop import CATEGORIES, DemoShop, generate_shop, shop_price
 
 NOW = datetime(2025, 3, 31, tzinfo=WIB)
-TRIGGERS = {
-    "cart_abandonment",
-    "price_drop",
-    "back_in_stock",
-    "new_arrivals",
-    "win_back",
-    "loyalty_reward",
-    "payday_promo",
-}
+TRIGGERS = set(MESSAGE_TRIGGERS)
 TOKENS = {
     "first_name": "Putri",
     "product": "Wardah Lipstik Matte - 02 Rosy",

@@ -29,7 +29,7 @@ import pytest
 import redis
 
 from services.common.storage import RedisStore
-from tests.conftest import RedisServer, SessionWorld, free_port, unique_name
+from tests.conftest import RedisServer, SessionWorld, copy_keys, free_port, unique_name
 
 REPO = Path(__file__).resolve().parents[2]
 SLOTS = [{"name": "home", "kind": "product", "count": 10}, {"name": "hero", "kind": "banner", "count": 1}]
@@ -209,19 +209,7 @@ def clone_world(world: SessionWorld, target_url: str) -> int:
     patterns = [f"{world.settings.namespace}:*", f"*{world.settings.feast_project}"]
     copied = 0
     for pattern in patterns:
-        keys = list(source.scan_iter(match=pattern, count=5000))
-        for start in range(0, len(keys), 1000):
-            chunk = keys[start : start + 1000]
-            read = source.pipeline(transaction=False)
-            for key in chunk:
-                read.dump(key)
-            dumps = read.execute()
-            write = target.pipeline(transaction=False)
-            for key, dumped in zip(chunk, dumps, strict=True):
-                if dumped is not None:
-                    write.restore(key, 0, dumped, replace=True)
-                    copied += 1
-            write.execute()
+        copied += copy_keys(source, target, pattern)
     source.close()
     target.close()
     return copied

@@ -25,7 +25,7 @@ from services.profile.app import create_app as create_profile_app
 from services.profile.settings import ProfileSettings
 from services.recommend.app import create_app as create_recommend_app
 from services.recommend.settings import RecommendSettings
-from tests.conftest import REDIS_URL, SessionWorld, clean_namespace, unique_name
+from tests.conftest import REDIS_URL, SessionWorld, clean_namespace, copy_keys, unique_name
 
 FUZZ_SETTINGS = settings(
     max_examples=25,
@@ -46,18 +46,7 @@ def copy_world(world: SessionWorld, namespace: str) -> int:
         (f"*{old_project}", lambda key: key[: -len(old_project)] + namespace.encode()),
     ]
     for pattern, rename in renames:
-        keys = list(client.scan_iter(match=pattern, count=5000))
-        for start in range(0, len(keys), 1000):
-            chunk = keys[start : start + 1000]
-            read = client.pipeline(transaction=False)
-            for key in chunk:
-                read.dump(key)
-            write = client.pipeline(transaction=False)
-            for key, dumped in zip(chunk, read.execute(), strict=True):
-                if dumped is not None:
-                    write.restore(rename(key), 0, dumped, replace=True)
-                    copied += 1
-            write.execute()
+        copied += copy_keys(client, client, pattern, rename)
     client.close()
     return copied
 
