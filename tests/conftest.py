@@ -26,6 +26,36 @@ from services.recommend.settings import RecommendSettings
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--shift-clock-days",
+        type=float,
+        default=0.0,
+        help="Run with this process's wall clock shifted by N days (time-machine): a test that passes only on "
+        "some calendar dates depends on the wall clock instead of the business clock it sets.",
+    )
+
+
+_TRAVELLER: Any = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _TRAVELLER
+    days = config.getoption("--shift-clock-days")
+    if days:
+        import time_machine
+
+        # Shifted once for the whole run and still ticking: every wall-clock read in the process moves by the
+        # same offset (Redis, outside the process, only ever sees durations: TTLs).
+        _TRAVELLER = time_machine.travel(time.time() + days * 86_400.0, tick=True)
+        _TRAVELLER.start()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _TRAVELLER is not None:
+        _TRAVELLER.stop()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

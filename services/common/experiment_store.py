@@ -31,6 +31,7 @@ from prometheus_client import Counter
 from redis.cluster import RedisCluster
 from redis.exceptions import RedisError
 
+from services.common.clock import wall_time
 from services.common.errors import StorageUnavailable
 from services.common.settings import CommonSettings
 from services.common.storage import DEDUPE_TTL_S, connect_sqlite, make_redis_client
@@ -602,7 +603,7 @@ class SqliteExperimentStore(ExperimentStore):
     def _visitor(conn: sqlite3.Connection, experiment_id: str, visitor_id: str) -> dict[str, Any] | None:
         row = conn.execute(
             "SELECT data FROM exp_visitors WHERE exp = ? AND visitor_id = ? AND expires_at > ?",
-            (experiment_id, visitor_id, time.time()),
+            (experiment_id, visitor_id, wall_time()),
         ).fetchone()
         return cast(dict[str, Any], json.loads(row[0])) if row else None
 
@@ -659,7 +660,7 @@ class SqliteExperimentStore(ExperimentStore):
                     tx.add(g, f"{metric}|y2", 2 * y_old * dy + dy * dy)
                     if x_old > 0:
                         tx.add(g, f"{metric}|xy", x_old * dy)
-            now = time.time()
+            now = wall_time()
             conn.execute(
                 "INSERT INTO exp_visitors (exp, visitor_id, data, expires_at) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (exp, visitor_id) DO UPDATE SET data = excluded.data, expires_at = excluded.expires_at",
@@ -689,7 +690,7 @@ class SqliteExperimentStore(ExperimentStore):
             float(visitor["first"]) <= ts <= float(visitor["last"]) + write.window_s
         ):
             return Applied("outside_window", arm)
-        now = time.time()
+        now = wall_time()
         conn.execute("DELETE FROM exp_seen WHERE exp = ? AND event_id = ? AND expires_at <= ?", (
             write.experiment_id, write.event_id, now))  # fmt: skip
         inserted = conn.execute(
@@ -733,7 +734,7 @@ class SqliteExperimentStore(ExperimentStore):
         found: dict[str, tuple[str, dict[str, Any]]] = {}
         if not experiment_ids or not recommendation_ids:
             return found
-        now = time.time()
+        now = wall_time()
 
         def run(conn: sqlite3.Connection) -> None:
             for recommendation_id in dict.fromkeys(recommendation_ids):

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
 
@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.common import features as F
+from services.common.clock import wall_datetime
 from services.common.events import Event
 from services.common.settings import CommonSettings
 from services.common.storage import Namespace, open_store
@@ -120,7 +121,7 @@ def fork_world(
         target_store.close()
     source_features, target_features = open_feature_store(source), open_feature_store(target)
     writer = FeatureWriter(target_features, target.offline_dir)
-    stamp = datetime.now(UTC)
+    stamp = wall_datetime()  # online rows stamped with the write time, like the feature writer does
     for view, keys, present in (
         (F.VISITOR_VIEW, visitor_ids, "event_count"),
         (F.ITEM_VIEW, item_ids, None),

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from services.common.api import add_metrics_route, install_error_handlers, install_openapi_components
 from services.common.auth import ApiKeyAuth
+from services.common.clock import clock_for
 from services.common.observability import MetricsMiddleware, configure_logging
 from services.common.security import install_security
 from services.recommend.experiments import load_experiments
@@ -33,8 +34,9 @@ class RecommendState:
 
 def build_state(settings: RecommendSettings) -> RecommendState:
     repository = RecommendRepository.open(settings)
-    service = RecommendService(settings, repository, settings.consent_defaults())
-    service.experiments = load_experiments(settings, repository)
+    clock = clock_for(settings.clock_start)
+    service = RecommendService(settings, repository, settings.consent_defaults(), clock=clock)
+    service.experiments = load_experiments(settings, repository, clock)
     executor = ThreadPoolExecutor(max_workers=settings.ranking_threads, thread_name_prefix="rank")
     return RecommendState(settings, repository, service, ApiKeyAuth(settings.api_keys), executor)
 

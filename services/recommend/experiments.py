@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import time
 import weakref
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -28,6 +27,7 @@ import yaml
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
+from services.common.clock import SYSTEM_CLOCK, Clock
 from services.common.errors import StorageUnavailable
 from services.common.experiment_store import (
     ALL,
@@ -605,8 +605,15 @@ def build_report(
 class ExperimentRuntime(ArmChooser):
     """Assignment, exposure recording and reports for the configured experiments."""
 
-    def __init__(self, config: ExperimentsFile, store: ExperimentStore, record_ttl_s: int = 8 * 86400):
+    def __init__(
+        self,
+        config: ExperimentsFile,
+        store: ExperimentStore,
+        record_ttl_s: int = 8 * 86400,
+        clock: Clock = SYSTEM_CLOCK,
+    ):
         self.config = config
+        self.clock = clock
         self.store = store
         self.record_ttl_s = record_ttl_s
         self.by_key = {e.key: e for e in config.experiments}
@@ -662,7 +669,7 @@ class ExperimentRuntime(ArmChooser):
 
     def assign_message(self, visitor_id: str, channel: str, now: float | None = None) -> tuple[str, str, bool] | None:
         """For `/v1/next-best-message`: (experiment key, arm, personalized) or None (no experiment)."""
-        moment = time.time() if now is None else now
+        moment = self.clock.now() if now is None else now
         for experiment in self.enabled:
             if channel in experiment.channels and experiment.status(moment) == "running":
                 chosen = self._assign(experiment, visitor_id)
@@ -712,7 +719,7 @@ class ExperimentRuntime(ArmChooser):
         experiment = self.by_key.get(key)
         if experiment is None:
             return
-        moment = time.time() if now is None else now
+        moment = self.clock.now() if now is None else now
         sent = {"ctr": 1.0, "open_rate": 1.0}
         denominators = {ALL: dict(sent), f"slot:{channel}": dict(sent)}
         record = {
@@ -761,7 +768,7 @@ class ExperimentRuntime(ArmChooser):
 
     # -- reports --------------------------------------------------------------------------------------
     def describe(self, experiment: ExperimentConfig, now: float | None = None) -> dict[str, Any]:
-        moment = time.time() if now is None else now
+        moment = self.clock.now() if now is None else now
         data = experiment.model_dump(mode="json")
         data["status"] = experiment.status(moment)
         data["goal_metrics"] = experiment.goal_metrics
@@ -770,7 +777,7 @@ class ExperimentRuntime(ArmChooser):
 
     def report(self, key: str, now: float | None = None) -> dict[str, Any]:
         experiment = self.by_key[key]
-        moment = time.time() if now is None else now
+        moment = self.clock.now() if now is None else now
         report = build_report(
             experiment, self.store.sums(experiment.storage_id), self.store.days(experiment.storage_id), moment
         )
@@ -839,7 +846,9 @@ def _refresh_loop(runtime_ref: weakref.ref[ExperimentRuntime], stop: threading.E
         del runtime
 
 
-def load_experiments(settings: RecommendSettings, repository: RecommendRepository) -> ArmChooser | None:
+def load_experiments(
+    settings: RecommendSettings, repository: RecommendRepository, clock: Clock = SYSTEM_CLOCK
+) -> ArmChooser | None:
     """The experiment runtime for the service, or None when no experiments file exists or it is empty."""
     path = settings.experiments_file
     if not path.exists():
@@ -848,7 +857,7 @@ def load_experiments(settings: RecommendSettings, repository: RecommendRepositor
     config = load_config(path)
     if not config.experiments:
         return None
-    runtime = ExperimentRuntime(config, open_experiment_store(settings), settings.recommendation_ttl_s)
+    runtime = ExperimentRuntime(config, open_experiment_store(settings), settings.recommendation_ttl_s, clock)
     runtime.start_refresher()
     log.info("experiments loaded: %d configured, %d enabled", len(config.experiments), len(runtime.enabled))
     return runtime
