@@ -23,12 +23,26 @@ install: $(STAMP) ## create/update the virtualenv (.venv) with pinned dependenci
 demo: $(STAMP) ## generate the demo shop, train, start both services (embedded stores) and print curls
 	$(PY) -m services.cli demo --data-dir $(DATA_DIR)
 
-test: $(STAMP) ## ruff, mypy and the whole pytest suite against a real Redis
+# Tests of everything that depends on "now" (messages, experiments, policy evaluation, aggregation, the clock
+# itself), run again with the process's wall clock shifted 60 days either way: a test that passes only on some
+# calendar dates reads the wall clock where it should set the business clock.
+CLOCK_TESTS := tests/common/test_clock.py tests/profile/test_aggregations.py tests/recommend/test_messages.py \
+	tests/recommend/test_message_endpoints.py tests/recommend/test_message_model.py \
+	tests/recommend/test_message_ope.py tests/recommend/test_experiments.py \
+	tests/recommend/test_experiment_store.py tests/recommend/test_stats.py tests/recommend/test_assignment.py \
+	tests/recommend/test_policy_eval.py tests/recommend/test_item_cache.py tests/recommend/test_time_safety.py
+
+test: $(STAMP) ## ruff, mypy, the whole pytest suite against a real Redis, then the clock-shift runs
 	scripts/ensure_system_packages.sh
 	$(VENV)/bin/ruff check services tests bench
 	$(VENV)/bin/ruff format --check services tests bench
 	$(VENV)/bin/mypy
 	scripts/with_redis.sh $(PY) -m pytest $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-clock
+
+test-clock: $(STAMP) ## the date-dependent tests with the wall clock shifted +60 and -60 days
+	scripts/with_redis.sh $(PY) -m pytest -q -p no:cacheprovider --shift-clock-days=60 $(CLOCK_TESTS)
+	scripts/with_redis.sh $(PY) -m pytest -q -p no:cacheprovider --shift-clock-days=-60 $(CLOCK_TESTS)
 
 lint: $(STAMP) ## ruff + mypy only
 	$(VENV)/bin/ruff check services tests bench
@@ -51,4 +65,4 @@ soak: $(STAMP) ## 10-minute soak at a fixed rate: memory growth and errors
 clean: ## remove generated data (keeps the virtualenv)
 	rm -rf $(DATA_DIR) bench/tmp
 
-.PHONY: help install demo test lint format bench profile soak clean
+.PHONY: help install demo test test-clock lint format bench profile soak clean

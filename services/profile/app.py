@@ -51,11 +51,14 @@ def segment_rules(settings: ProfileSettings) -> SegmentRules:
     )
 
 
-def build_state(settings: ProfileSettings, aggregator_clock: Clock | None = None) -> ProfileState:
-    """The service's parts. `aggregator_clock`: the fold's business time when it is not the service clock (a
-    bulk import of history folds at the time of its events, `DataClock`)."""
+def build_state(
+    settings: ProfileSettings, clock: Clock | None = None, aggregator_clock: Clock | None = None
+) -> ProfileState:
+    """The service's parts. `clock`: business time (default: from the settings, `clock_for`); a simulation
+    passes the clock it drives. `aggregator_clock`: the fold's business time when it is not the service clock
+    (a bulk import of history folds at the time of its events, `DataClock`)."""
     repository = ProfileRepository.open(settings)
-    clock = clock_for(settings.clock_start)
+    clock = clock or clock_for(settings.clock_start)
     rules = segment_rules(settings)
     defaults = settings.consent_defaults()
     personas = PersonaAssigner(repository.store)
@@ -92,13 +95,14 @@ def build_state(settings: ProfileSettings, aggregator_clock: Clock | None = None
     )
 
 
-def create_app(settings: ProfileSettings | None = None) -> FastAPI:
+def create_app(settings: ProfileSettings | None = None, clock: Clock | None = None) -> FastAPI:
+    """The profile app. `clock` replaces the settings' business clock (simulations that drive time)."""
     settings = settings or ProfileSettings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.log_level)
-        state = build_state(settings)
+        state = build_state(settings, clock)
         app.state.profile = state
         if settings.aggregator_enabled:
             state.aggregator.start(settings.aggregator_batch, settings.aggregator_idle_s)
