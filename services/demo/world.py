@@ -106,6 +106,7 @@ def build_world(
             simulator.history(days),
             on_batch=lambda last: progress("importing the shop's history", (last.ts - start.timestamp()) / span),
         )
+        aggregator.age_item_rows(force=True)  # item windows as of the history's end
         progress("importing the shop's history", 1.0)
         timings["import"] = time.perf_counter() - began
         # Personas before training, so the ranker learns from (and is served) persona ids.

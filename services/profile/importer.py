@@ -160,6 +160,8 @@ def import_events(
         exc.report = report
         raise
     flush()
+    # Item windows as of the end of the file (items last seen early in it are aged to that moment).
+    _retrying(lambda: aggregator.age_item_rows(force=True))
     if progress:
         progress(report.lines)
     return report

@@ -300,19 +300,19 @@ class Aggregator:
         EVENTS_AGGREGATED.inc(len(entries))
         return BatchOutcome(len(entries), len(touched_visitors), len(touched_items), lags)
 
-    def age_item_rows(self) -> int:
+    def age_item_rows(self, force: bool = False) -> int:
         """Re-evaluate the windows of recently active items at the clock's now, once per clock hour; returns the
         number of rows rewritten.
 
         A row written when the item's last event was folded would otherwise keep that moment's "views in the
         last 24 hours" for ever, and an item last sold months ago would look hot. Only rows whose values changed
-        are written (windows are hourly buckets; most items' do not move in a given hour). Not for a clock that
-        follows the data (bulk import): no time passes between its events."""
-        if self.clock.follows_data:
+        are written (windows are hourly buckets; most items' do not move in a given hour). A clock that follows
+        the data (bulk import) ages only when `force`d, once at the end: no time passes between its events."""
+        if self.clock.follows_data and not force:
             return 0
         now = self.clock.now()
         hour = int(now // HOUR)
-        if hour == self._aged_hour:
+        if hour == self._aged_hour and not force:
             return 0
         if self._aged_hour is None:  # the first sweep also covers items folded before this process started
             for state in self.repository.all_item_states():

@@ -12,7 +12,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from services.common.auth import hash_key
-from services.common.clock import SYSTEM_CLOCK
 from services.profile.aggregations import ItemState, item_features
 from services.profile.app import create_app as create_profile_app
 from services.profile.repository import ProfileRepository
@@ -41,8 +40,8 @@ def apps(world: SessionWorld) -> Iterator[tuple[TestClient, TestClient, ProfileR
     }
     repository = ProfileRepository.open(ProfileSettings(**common))
     with (
-        TestClient(create_profile_app(ProfileSettings(**common, aggregator_idle_s=0.005))) as profile,
-        TestClient(create_recommend_app(RecommendSettings(**common, refresh_interval_s=0.5))) as recommend,
+        TestClient(create_profile_app(ProfileSettings(**common, aggregator_idle_s=0.005), world.clock)) as profile,
+        TestClient(create_recommend_app(RecommendSettings(**common, refresh_interval_s=0.5), world.clock)) as recommend,
     ):
         yield profile, recommend, repository
     repository.close()
@@ -76,7 +75,7 @@ def test_a_future_event_is_refused_by_index_and_field_and_nothing_is_stored(
     item_id = world.world.shop.products[0].item_id
     before = item_state(repository, item_id)
     visitor = unique_name("future")
-    now = SYSTEM_CLOCK.now_datetime()
+    now = world.clock.now_datetime()
     events = [
         make_event_dict(visitor_id=visitor, item_id=item_id, timestamp=now.isoformat()),
         make_event_dict(visitor_id=visitor, item_id=item_id, timestamp=FAR_FUTURE.isoformat()),
@@ -91,8 +90,8 @@ def test_a_future_event_is_refused_by_index_and_field_and_nothing_is_stored(
     assert again.json() == {"accepted": 1, "duplicates": 0}
     assert wait_for(lambda: item_state(repository, item_id).buckets.get("views") != before.buckets.get("views"))
     after = item_state(repository, item_id)
-    assert after.last_ts <= time.time() + 300
-    at = SYSTEM_CLOCK.now()
+    assert after.last_ts <= world.clock.now() + 300
+    at = world.clock.now()
     assert item_features(after, at)["views_7d"] == item_features(before, at)["views_7d"] + 1
 
 
@@ -104,7 +103,7 @@ def test_a_browser_key_cannot_choose_the_time_and_its_impressions_do_not_move_it
     answer = ask(recommend, BROWSER, visitor, FAR_FUTURE)
     assert answer["time"]["source"] == "clock" and "ignored" in answer["time"]
     used = datetime.fromisoformat(answer["time"]["now"])
-    assert abs(used.timestamp() - time.time()) < 60
+    assert abs(used.timestamp() - world.clock.now()) < 60
     shown = [item["item_id"] for item in answer["slots"][0]["items"]]
     assert shown and not answer["fallback"]
     before = {item_id: item_state(repository, item_id) for item_id in shown}
@@ -116,10 +115,10 @@ def test_a_browser_key_cannot_choose_the_time_and_its_impressions_do_not_move_it
     assert wait_for(
         lambda: all(impressions(item_state(repository, i)) > impressions(before[i]) for i in shown), timeout=30
     )
-    at = SYSTEM_CLOCK.now()
+    at = world.clock.now()
     for item_id in shown:
         after = item_state(repository, item_id)
-        assert after.last_ts <= time.time() + 300, item_id
+        assert after.last_ts <= world.clock.now() + 300, item_id
         for window in ("views_7d", "purchases_30d", "carts_7d"):
             assert item_features(after, at)[window] == item_features(before[item_id], at)[window], (item_id, window)
 
@@ -129,7 +128,7 @@ def test_an_admin_key_chooses_the_time(
 ) -> None:
     _, recommend, _ = apps
     visitor = world.world.simulator.visitors[2].visitor_id
-    asked = SYSTEM_CLOCK.now_datetime() - timedelta(days=3)
+    asked = world.clock.now_datetime() - timedelta(days=3)
     answer = ask(recommend, OPS, visitor, asked)
     assert answer["time"]["source"] == "request" and "ignored" not in answer["time"]
     assert abs(datetime.fromisoformat(answer["time"]["now"]).timestamp() - asked.timestamp()) < 0.01
