@@ -116,6 +116,9 @@ def test_profile_is_a_single_consumer_and_recommend_scales_out() -> None:
         assert target["kind"] == "Deployment" and target["name"] in deployments
     recommend = deployments["recommend"]["spec"]
     hpa = hpas["recommend"]["spec"]
+    # The HPA owns the replica count: a fixed value would reset it on every apply.
+    for owned in hpas.values():
+        assert "replicas" not in deployments[owned["spec"]["scaleTargetRef"]["name"]]["spec"]
     assert hpa["minReplicas"] >= 2 and hpa["maxReplicas"] > hpa["minReplicas"]
     assert recommend["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     pod_labels = recommend["template"]["metadata"]["labels"]
@@ -168,7 +171,7 @@ def test_offline_store_is_shared_read_write_many_only_where_used() -> None:
             if mount["name"] in claimed:
                 assert mount["mountPath"] == f"{data_dir}/offline", owner
                 users.add(owner)
-    assert users == {"profile", "train", "personas"}
+    assert users == {"profile", "train", "personas", "retention"}
 
 
 def test_experiments_configmap_is_what_the_service_loads(tmp_path: Path) -> None:
@@ -183,9 +186,9 @@ def test_experiments_configmap_is_what_the_service_loads(tmp_path: Path) -> None
     assert load_config(tmp_path / "experiments.yaml").experiments, "the shipped experiments must load"
 
 
-def test_cronjobs_train_and_refresh_personas_with_real_commands() -> None:
+def test_cronjobs_train_refresh_personas_and_apply_retention_with_real_commands() -> None:
     cronjobs = of_kind("CronJob")
-    assert set(cronjobs) == {"train", "personas"}
+    assert set(cronjobs) == {"train", "personas", "retention"}
     for name, job in cronjobs.items():
         assert job["spec"]["concurrencyPolicy"] == "Forbid" and job["spec"]["timeZone"] == "Asia/Jakarta"
         container = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
@@ -197,6 +200,11 @@ def test_cronjobs_train_and_refresh_personas_with_real_commands() -> None:
     # Personas are refreshed before training, so training sees the new persona ids.
     hour = {name: int(job["spec"]["schedule"].split()[1]) for name, job in cronjobs.items()}
     assert hour["personas"] < hour["train"]
+    # Retention trims the history first (and is over before the next job starts), so nothing learns from data
+    # past its retention period.
+    retention = cronjobs["retention"]["spec"]
+    assert hour["retention"] < hour["personas"]
+    assert retention["jobTemplate"]["spec"]["activeDeadlineSeconds"] <= 3600 * (hour["personas"] - hour["retention"])
 
 
 def test_redis_persists_every_acknowledged_write() -> None:
