@@ -3,7 +3,6 @@ cluster or network needed), then checked against each other and against the code
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import pytest
 import yaml
 
 from services.recommend.experiments import load_config
-from tests.deploy.deploy_checks import REPO, known_variables, parse_cli
+from tests.deploy.deploy_checks import REPO, cli_args, known_variables, parse_cli
 
 K8S = REPO / "deploy" / "k8s"
 VERSIONS = ["1.30.0", "1.37.0"]  # the oldest we support (CronJob timeZone, autoscaling/v2) and the newest
@@ -50,16 +49,6 @@ def selaras_containers() -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]
         for container in spec["containers"]:
             if container["image"].split(":")[0].endswith("selaras"):
                 yield owner, spec, container
-
-
-def cli_args(container: dict[str, Any]) -> list[str]:
-    """The `selaras` arguments a container runs (the training job wraps them in a shell for the reload list)."""
-    if container.get("command", [None])[0] == "/bin/sh":
-        script = " ".join(container["args"])
-        script = re.sub(r"\$\((?:[^()]|\([^()]*\))*\)", "--reload-url http://10.1.2.3:8002", script)
-        words = script.split()
-        return words[words.index("selaras") + 1 :]
-    return [str(arg) for arg in container["args"]]
 
 
 @pytest.mark.parametrize("version", VERSIONS)
