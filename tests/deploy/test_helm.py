@@ -28,7 +28,10 @@ KEYS = {"apiKeys": {"apiKeys": "shop-frontend:recommend:" + "ab" * 32}}
 FULL = {
     **KEYS,
     "ingress": {"enabled": True, "className": "nginx", "tls": {"secretName": "selaras-tls"}},
-    "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}}},
+    "metrics": {
+        "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+        "prometheusRule": {"enabled": True},
+    },
     "aggregator": {"enabled": True},
     "jobs": {"train": {"extraArgs": ["--engine", "dask"]}},
 }
@@ -41,8 +44,9 @@ EXTERNAL = {
     "networkPolicy": {"enabled": False},
 }
 VALUE_SETS = {"default": KEYS, "full": FULL, "external": EXTERNAL}
-# No schema of the Prometheus Operator's CRD ships offline; test_servicemonitor_* checks it against the Services.
-CUSTOM_KINDS = {"ServiceMonitor"}
+# No schema of the Prometheus Operator's CRDs ships offline: test_servicemonitor_* checks the ServiceMonitor
+# against the Services, test_prometheus_rule_* the PrometheusRule against the rule files promtool tests.
+CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule"}
 
 
 def render(values: dict[str, Any]) -> list[dict[str, Any]]:
@@ -116,7 +120,8 @@ def test_helm_lint_finds_nothing_and_every_option_renders() -> None:
         assert report["errors"] == [], report
         assert [m for m in report["messages"] if m["severity"] >= 2] == [], report
     kinds = {doc["kind"] for doc in RENDERED["full"]}
-    assert {"Ingress", "ServiceMonitor", "NetworkPolicy", "HorizontalPodAutoscaler", "CronJob", "Secret"} <= kinds
+    assert {"Ingress", "ServiceMonitor", "PrometheusRule", "NetworkPolicy", "HorizontalPodAutoscaler"} <= kinds
+    assert {"CronJob", "Secret", "ConfigMap", "Service", "Deployment", "StatefulSet"} <= kinds
     names = {doc["metadata"]["name"] for docs in RENDERED.values() for doc in docs}
     assert all(name.startswith(f"{RELEASE}-selaras") for name in names), "every object is named after the release"
 
@@ -383,3 +388,14 @@ def test_chart_keeps_the_settings_of_the_plain_manifests() -> None:
     chart_config = of_kind(RENDERED["default"], "ConfigMap")["config"]["data"]
     shared = set(plain_config) - {"REDIS_URL"}
     assert {k: plain_config[k] for k in shared} == {k: chart_config[k] for k in shared}
+
+
+def test_prometheus_rule_ships_the_rules_promtool_tests() -> None:
+    (rule,) = of_kind(RENDERED["full"], "PrometheusRule").values()
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    shipped = {group["name"]: group for group in rule["spec"]["groups"]}
+    files = sorted((REPO / "deploy" / "prometheus" / "rules").glob("*.yml"))
+    expected = {group["name"]: group for path in files for group in yaml.safe_load(path.read_text())["groups"]}
+    assert shipped == expected
+    assert {"selaras-ops", "selaras-ops-alerts", "selaras-experiments", "selaras-experiment-alerts"} <= set(shipped)
+    assert not of_kind(RENDERED["default"], "PrometheusRule"), "needs the operator's CRD: off unless asked for"
