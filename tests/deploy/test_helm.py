@@ -399,3 +399,19 @@ def test_prometheus_rule_ships_the_rules_promtool_tests() -> None:
     assert shipped == expected
     assert {"selaras-ops", "selaras-ops-alerts", "selaras-experiments", "selaras-experiment-alerts"} <= set(shipped)
     assert not of_kind(RENDERED["default"], "PrometheusRule"), "needs the operator's CRD: off unless asked for"
+
+
+def test_values_schema_refuses_misspelt_or_misplaced_values() -> None:
+    with helm.Chart.load(CHART) as chart:
+        for values in VALUE_SETS.values():
+            chart.validate_schema(values)
+    refused = [
+        {"recommend": {"autoscalling": {"enabled": False}}},  # a typo would silently keep the HPA
+        {"config": {"SELARAS_API_KEYS": "shop:admin:" + "ab" * 32}},  # a secret in a ConfigMap
+        {"config": {"REDIS_URL": "redis://elsewhere:6379/0"}},  # set by redis.*
+        {"jobs": {"train": {"schedule": "nightly"}}},
+        {"redis": {"enabled": False, "url": "elsewhere:6379"}},
+    ]
+    for values in refused:
+        with pytest.raises(helm.HelmError, match="schema"):
+            render({**KEYS, **values})
