@@ -311,6 +311,8 @@ def test_ingress_exposes_only_public_routes_of_the_right_service() -> None:
             backend = path["backend"]["service"]
             service = backend["name"].removeprefix(f"{RELEASE}-selaras-")
             assert backend["port"]["name"] in {p["name"] for p in services[service]["spec"]["ports"]}
+            # Prefix paths match whole segments; the one with a colon (ImplementationSpecific) exactly that route.
+            assert path["pathType"] == ("ImplementationSpecific" if ":" in path["path"] else "Prefix")
             prefix = path["path"].rstrip("/").split("/")
             matched = [r for r in routes[service] if r.split("/")[: len(prefix)] == prefix]
             assert matched, f"{path['path']} matches no route of {service}"
