@@ -341,7 +341,9 @@ def _compare(control: ArmSums, treatment: ArmSums, metric: str, config: Experime
         "always_valid": {
             "ci_lower": _num(valid.ci_lower),
             "ci_upper": _num(valid.ci_upper),
+            "method": valid.method,
             "significant": valid.significant,
+            "reason": valid.reason,
         },
         "reason": fixed.reason,
     }
@@ -489,6 +491,24 @@ def _verdict(
             decision = "keep_control"
             reasons.append(
                 _reason("loser", f"every arm is worse than {config.control} on {metric}", control=config.control)
+            )
+        elif fixed_only := [r for r in primary if r["significant"]]:
+            # The verdict must not call "no difference" what the fixed-horizon test calls a clear one: the
+            # peeking-safe interval is wider (or not shown yet), so this is "not confirmed yet", not "none".
+            strongest = min(fixed_only, key=lambda r: r["p_value"] if r["p_value"] is not None else 1.0)
+            p_text = f"{strongest['p_value']:.2g}" if strongest["p_value"] is not None else "n/a"
+            reasons.append(
+                _reason(
+                    "fixed_horizon_only",
+                    f"{strongest['arm']} differs from {config.control} on {metric} by {strongest['uplift']:+.1%} "
+                    f"(p = {p_text}), but the always-valid interval does not exclude zero yet "
+                    f"({strongest['always_valid']['reason'] or 'it is wider because it allows daily checks'}): "
+                    "keep running to confirm",
+                    arm=strongest["arm"],
+                    metric=metric,
+                    uplift=strongest["uplift"],
+                    p_value=strongest["p_value"],
+                )
             )
         elif total >= config.planned_visitors:
             decision = "no_detectable_difference"

@@ -22,6 +22,9 @@ NAN = math.nan
 SMALL_SAMPLE_PER_ARM = 5000
 LOW_BASE_RATE = 0.02
 DEFAULT_PLANNED_N = 5000
+# The always-valid interval is shown once every arm has this many effective events (conversions for a
+# 0/1 metric): the asymptotic confidence sequence over-rejects when peeking starts at ~3 conversions.
+MIN_EVENTS_PER_ARM = 5.0
 SRM_P_THRESHOLD = 0.001
 SRM_MIN_EXPECTED_PER_ARM = 8.0
 
@@ -148,10 +151,12 @@ class AlwaysValidResult:
     ci_upper: float
     std_error: float
     n_total: float
+    method: str = ""
     reason: str = ""
 
     @property
     def significant(self) -> bool:
+        """True when the interval excludes zero (NaN intervals, e.g. below the minimum sample, never are)."""
         return self.ci_lower > 0.0 or self.ci_upper < 0.0
 
 
@@ -197,6 +202,21 @@ def _t_test(
     return se, df, q, p, float(special.ndtr(z))
 
 
+def _choose_method(method: Method, mc: float, mt: float, nc: float, nt: float) -> str:
+    """The interval scale actually used: "auto" takes the log ratio at small samples or low base rates."""
+    if method != "auto":
+        return method
+    small = min(nc, nt) < SMALL_SAMPLE_PER_ARM or 0.0 < mc < LOW_BASE_RATE
+    # The log ratio needs both means positive; otherwise the delta interval is all we have.
+    return "log_ratio" if small and mc > 0.0 and mt > 0.0 else "delta"
+
+
+def _floor_at_minus_one(lower: float, mc: float, mt: float) -> float:
+    # A metric that cannot be negative cannot fall by more than 100%: the symmetric delta interval may
+    # reach below -1, which is outside the parameter space, so it is cut there (coverage can only grow).
+    return max(lower, -1.0) if mc > 0.0 and mt >= 0.0 else lower
+
+
 def relative_uplift(
     control: ArmSums,
     treatment: ArmSums,
@@ -210,6 +230,7 @@ def relative_uplift(
     r·exp(±q·se_log) - 1 on the log of r = mT/mC (needs positive means). "auto" uses log-ratio under
     ~5k visitors per arm or a control rate < 2%, where the delta interval under-covers.
     std_error is always the delta-method SE of the relative uplift; chance_to_win assumes higher is better.
+    With non-negative means the interval never goes below -100%.
     """
     mc, vc = mean_and_var(control, ratio)
     mt, vt = mean_and_var(treatment, ratio)
@@ -229,18 +250,13 @@ def relative_uplift(
     var_c_delta = vc / nc * ratio_tc * ratio_tc / mc / mc
     delta_se = math.sqrt(var_t_delta + var_c_delta)
 
-    positive = mc > 0.0 and mt > 0.0
-    chosen: str = method
-    if method == "auto":
-        small = min(nc, nt) < SMALL_SAMPLE_PER_ARM or 0.0 < mc < LOW_BASE_RATE
-        # The log-ratio needs both means positive; otherwise the delta interval is all we have.
-        chosen = "log_ratio" if small and positive else "delta"
-    elif method == "log_ratio" and not positive:
+    chosen = _choose_method(method, mc, mt, nc, nt)
+    if chosen == "log_ratio" and not (mc > 0.0 and mt > 0.0):
         return _invalid(method, mc, mt, "log-ratio interval needs positive means in both arms")
 
     if chosen == "delta":
         se, df, q, p, ctw = _t_test(uplift, var_t_delta, nt, var_c_delta, nc, alpha)
-        lower, upper = uplift - q * se, uplift + q * se
+        lower, upper = _floor_at_minus_one(uplift - q * se, mc, mt), uplift + q * se
     else:
         log_r = math.log(mt) - math.log(mc)
         se, df, q, p, ctw = _t_test(log_r, vt / nt / mt / mt, nt, vc / nc / mc / mc, nc, alpha)
@@ -262,33 +278,68 @@ def absolute_difference(control: ArmSums, treatment: ArmSums, ratio: bool = Fals
     return UpliftResult(diff, diff - q * se, diff + q * se, p, se, df, "welch_absolute", ctw, mc, mt, reason)
 
 
+def effective_events(sums: ArmSums) -> float:
+    """(Σx)²/Σx²: the number of conversions for a 0/1 metric, of buyers for revenue (fewer when a few
+    buyers carry most of it), of clicking visitors for clicks. The normal approximation behind the
+    always-valid interval needs enough of them, not just enough visitors."""
+    if not sums.sum_x2 > 0.0:
+        return 0.0
+    return sums.sum_x / sums.sum_x2 * sums.sum_x
+
+
+def confidence_sequence_multiplier(n_total: float, alpha: float, planned_n: float) -> float:
+    """Half-width of the always-valid interval in standard errors at N = n_total visitors.
+
+    GrowthBook's asymptotic confidence sequence (Waudby-Smith et al.):
+    √N·√(2(Nρ²+1)/(N²ρ²)·ln(√(Nρ²+1)/α)) with ρ² = (−2 ln α + ln(−2 ln α + 1))/N*, tightest near N*.
+    """
+    log_term = -2.0 * math.log(alpha)
+    rho2 = (log_term + math.log(log_term + 1.0)) / planned_n
+    n_rho2 = n_total * rho2
+    return math.sqrt(n_total) * math.sqrt(
+        2.0 * (n_rho2 + 1.0) / (n_total * n_total * rho2) * math.log(math.sqrt(n_rho2 + 1.0) / alpha)
+    )
+
+
 def always_valid_interval(
     control: ArmSums,
     treatment: ArmSums,
     ratio: bool = False,
     alpha: float = 0.05,
     planned_n: float = DEFAULT_PLANNED_N,
+    method: Method = "auto",
+    min_events: float = MIN_EVENTS_PER_ARM,
 ) -> AlwaysValidResult:
-    """Asymptotic confidence sequence (Waudby-Smith et al., as in GrowthBook) for the relative uplift.
+    """Peeking-safe interval for the relative uplift, on the same scale as `relative_uplift`.
 
-    Valid under continuous peeking: N = nC + nT, σ̂ = delta-method SE, and
-    half-width = σ̂·√N·√(2(Nρ²+1)/(N²ρ²)·ln(√(Nρ²+1)/α)) with ρ tuned so the interval is
-    tightest around N = planned_n.
+    The confidence-sequence multiplier (see `confidence_sequence_multiplier`, N = nC + nT) replaces the
+    fixed-horizon quantile. With the log-ratio scale ("auto" at small samples or low base rates, like the
+    fixed interval) the interval is exp(log r ± m·se_log) − 1, so it respects the range (> −100%) and is
+    asymmetric like the data; on the delta scale it is uplift ± m·SE, cut at −100% for non-negative metrics.
+    The asymptotic sequence does not hold at a handful of events, so no interval is given (NaN, with a
+    reason) until every arm has `min_events` effective events (`effective_events`).
     """
-    base = relative_uplift(control, treatment, ratio, alpha, method="delta")
+    base = relative_uplift(control, treatment, ratio, alpha, method=method)
     n_total = control.n + treatment.n
     if base.reason:
-        return AlwaysValidResult(base.uplift, NAN, NAN, base.std_error, n_total, base.reason)
+        return AlwaysValidResult(base.uplift, NAN, NAN, base.std_error, n_total, base.method, base.reason)
     if not planned_n > 0:
-        return AlwaysValidResult(base.uplift, NAN, NAN, base.std_error, n_total, "planned_n must be > 0")
-    log_term = -2.0 * math.log(alpha)
-    rho2 = (log_term + math.log(log_term + 1.0)) / planned_n
-    n_rho2 = n_total * rho2
-    width_factor = math.sqrt(
-        2.0 * (n_rho2 + 1.0) / (n_total * n_total * rho2) * math.log(math.sqrt(n_rho2 + 1.0) / alpha)
-    )
-    half = base.std_error * math.sqrt(n_total) * width_factor
-    return AlwaysValidResult(base.uplift, base.uplift - half, base.uplift + half, base.std_error, n_total)
+        return AlwaysValidResult(base.uplift, NAN, NAN, base.std_error, n_total, base.method, "planned_n must be > 0")
+    fewest = min(effective_events(control), effective_events(treatment))
+    if not fewest >= min_events:
+        reason = f"too few events for the always-valid interval ({fewest:.1f} of {min_events:g} in the smallest arm)"
+        return AlwaysValidResult(base.uplift, NAN, NAN, base.std_error, n_total, base.method, reason)
+    multiplier = confidence_sequence_multiplier(n_total, alpha, planned_n)
+    mc, vc = mean_and_var(control, ratio)
+    mt, vt = mean_and_var(treatment, ratio)
+    if base.method == "log_ratio":
+        log_r = math.log(mt) - math.log(mc)
+        half = multiplier * math.sqrt(vt / treatment.n / mt / mt + vc / control.n / mc / mc)
+        lower, upper = _expm1(log_r - half), _expm1(log_r + half)
+    else:
+        half = multiplier * base.std_error
+        lower, upper = _floor_at_minus_one(base.uplift - half, mc, mt), base.uplift + half
+    return AlwaysValidResult(base.uplift, lower, upper, base.std_error, n_total, base.method)
 
 
 def srm_check(counts: Sequence[float], weights: Sequence[float]) -> tuple[float, float, bool]:

@@ -484,3 +484,31 @@ def test_report_numbers_are_the_stats_module_on_the_stored_sums() -> None:
     # Below the minimum sample, the same uplift is not a decision yet.
     small = ExperimentsFile.model_validate({"experiments": [two_arms(min_visitors_per_arm=1000)]}).experiments[0]
     assert build_report(small, tree, days, time.time())["verdict"]["decision"] == "keep_running"
+
+
+def _conversion_tree(control: tuple[int, int], treatment: tuple[int, int]) -> dict[str, Any]:
+    def group(n: int, buyers: int) -> dict[str, Any]:
+        return {"n": float(n), "conversion": {"x": float(buyers), "x2": float(buyers)}}
+
+    return {"control": {"all": group(*control)}, "treatment": {"all": group(*treatment)}}
+
+
+def test_verdict_cannot_contradict_the_data() -> None:
+    # Issue 18's replay: 8 of 2,021 vs 39 of 1,979 (p = 3.4e-5) once ended "no_detectable_difference".
+    settings: dict[str, Any] = {"primary_metric": "conversion", "metrics": ["conversion"], "planned_visitors": 4000}
+    experiment = ExperimentsFile.model_validate({"experiments": [two_arms(**settings)]}).experiments[0]
+    report = build_report(experiment, _conversion_tree((2021, 8), (1979, 39)), {}, time.time())
+    result = report["results"][0]
+    assert result["p_value"] < 1e-4 and result["always_valid"]["method"] == "log_ratio"
+    assert result["always_valid"]["ci_lower"] > 0.0 and result["always_valid"]["significant"]
+    assert report["verdict"]["decision"] == "ship_treatment" and report["verdict"]["ready"]
+    # A difference the fixed-horizon test sees but the peeking-safe interval does not confirm yet is
+    # "keep running", never "no detectable difference", even with the planned sample reached.
+    report = build_report(experiment, _conversion_tree((2000, 100), (2000, 135)), {}, time.time())
+    result = report["results"][0]
+    assert result["significant"] and not result["always_valid"]["significant"]
+    assert report["verdict"]["decision"] == "keep_running" and not report["verdict"]["ready"]
+    assert report["verdict"]["reasons"][0]["code"] == "fixed_horizon_only"
+    # Neither interval excludes zero at the planned sample: now "no detectable difference" is the answer.
+    report = build_report(experiment, _conversion_tree((2000, 100), (2000, 104)), {}, time.time())
+    assert report["verdict"]["decision"] == "no_detectable_difference" and report["verdict"]["ready"]

@@ -21,6 +21,7 @@ from services.recommend.stats import (
     absolute_difference,
     always_valid_interval,
     benjamini_hochberg,
+    effective_events,
     holm,
     mean_and_var,
     relative_uplift,
@@ -234,23 +235,101 @@ def test_auto_method_selection() -> None:
     assert (small.method, large.method, low_rate.method) == ("log_ratio", "delta", "log_ratio")
 
 
-def test_always_valid_interval_golden() -> None:
+def _cs_half_width_in_se(big_n: float, planned_n: float) -> float:
+    # The GrowthBook / Waudby-Smith formula, written out independently of the module.
+    rho2 = (-2 * math.log(ALPHA) + math.log(-2 * math.log(ALPHA) + 1)) / planned_n
+    return math.sqrt(big_n) * math.sqrt(
+        2 * (big_n * rho2 + 1) / (big_n**2 * rho2) * math.log(math.sqrt(big_n * rho2 + 1) / ALPHA)
+    )
+
+
+def test_always_valid_interval_golden_delta() -> None:
     control = ArmSums(n=2500, sum_x=250, sum_x2=250)
     treatment = ArmSums(n=2500, sum_x=290, sum_x2=290)
-    res = always_valid_interval(control, treatment, planned_n=5000)
+    res = always_valid_interval(control, treatment, planned_n=5000, method="delta")
     se = relative_uplift(control, treatment, method="delta").std_error
-    big_n = 5000
-    rho2 = (-2 * math.log(ALPHA) + math.log(-2 * math.log(ALPHA) + 1)) / 5000
-    half = (
-        se
-        * math.sqrt(big_n)
-        * math.sqrt(2 * (big_n * rho2 + 1) / (big_n**2 * rho2) * math.log(math.sqrt(big_n * rho2 + 1) / ALPHA))
-    )
+    half = se * _cs_half_width_in_se(5000, 5000)
+    assert res.method == "delta" and res.reason == ""
     assert res.uplift == pytest.approx(0.16)
     assert res.ci_lower == pytest.approx(0.16 - half, rel=1e-10)
     assert res.ci_upper == pytest.approx(0.16 + half, rel=1e-10)
     # At N = N* the confidence sequence is ~3.04 SE wide each side vs 1.96 for the fixed test.
     assert half / se == pytest.approx(3.035, abs=0.001)
+
+
+def test_always_valid_interval_golden_log_ratio() -> None:
+    # 2,500 per arm is below the small-sample switch: "auto" builds the interval on log(mT/mC).
+    control = ArmSums(n=2500, sum_x=250, sum_x2=250)
+    treatment = ArmSums(n=2500, sum_x=290, sum_x2=290)
+    res = always_valid_interval(control, treatment, planned_n=5000)
+    mc, mt = 0.1, 0.116
+    vc, vt = (250 - 250**2 / 2500) / 2499, (290 - 290**2 / 2500) / 2499
+    se_log = math.sqrt(vt / (2500 * mt**2) + vc / (2500 * mc**2))
+    half = se_log * _cs_half_width_in_se(5000, 5000)
+    assert res.method == "log_ratio" and res.reason == ""
+    assert res.ci_lower == pytest.approx(mt / mc * math.exp(-half) - 1, rel=1e-10)
+    assert res.ci_upper == pytest.approx(mt / mc * math.exp(half) - 1, rel=1e-10)
+
+
+def test_low_base_rate_large_effect_is_significant_and_in_range() -> None:
+    # Issue 18's replay: control 8 of 2,021, treatment 39 of 1,979. The old always-valid interval (delta
+    # SE widened symmetrically) reached -187% and the verdict said "no detectable difference".
+    control = ArmSums(n=2021, sum_x=8, sum_x2=8)
+    treatment = ArmSums(n=1979, sum_x=39, sum_x2=39)
+    fixed = relative_uplift(control, treatment)
+    assert fixed.method == "log_ratio"
+    assert fixed.uplift == pytest.approx(39 / 1979 / (8 / 2021) - 1)
+    assert fixed.p_value == pytest.approx(3.4e-5, rel=0.02)
+    assert (round(fixed.ci_lower, 2), round(fixed.ci_upper, 2)) == (1.33, 9.63)
+    valid = always_valid_interval(control, treatment, planned_n=5000)
+    assert valid.method == "log_ratio" and valid.reason == ""
+    # Wider than the fixed interval on both sides, and still clear of zero.
+    assert 0.0 < valid.ci_lower < fixed.ci_lower and valid.ci_upper > fixed.ci_upper
+    assert valid.significant
+    # Forced onto the symmetric delta scale it would reach below -100%: it is cut there instead.
+    delta = always_valid_interval(control, treatment, planned_n=5000, method="delta")
+    assert delta.ci_lower == -1.0 and not delta.significant
+
+
+def test_always_valid_waits_for_a_minimum_of_events() -> None:
+    few = always_valid_interval(ArmSums(n=300, sum_x=4, sum_x2=4), ArmSums(n=300, sum_x=20, sum_x2=20))
+    assert "too few events" in few.reason and math.isnan(few.ci_lower) and not few.significant
+    enough = always_valid_interval(ArmSums(n=300, sum_x=5, sum_x2=5), ArmSums(n=300, sum_x=20, sum_x2=20))
+    assert enough.reason == "" and math.isfinite(enough.ci_lower)
+    # Revenue: one buyer with almost all of it counts as little more than one event.
+    assert effective_events(ArmSums.from_values([1000.0, 1.0, 1.0, 0.0])) == pytest.approx(1002**2 / 1000002)
+
+
+counts = st.integers(2, 20_000).flatmap(lambda n: st.tuples(st.just(n), st.integers(0, n)))
+
+
+@settings(max_examples=400, deadline=None)
+@given(control=counts, treatment=counts, planned=st.sampled_from([100.0, 5000.0, 1e6]))
+def test_intervals_never_go_below_minus_100_percent_binary(
+    control: tuple[int, int], treatment: tuple[int, int], planned: float
+) -> None:
+    c = ArmSums(n=control[0], sum_x=control[1], sum_x2=control[1])
+    t = ArmSums(n=treatment[0], sum_x=treatment[1], sum_x2=treatment[1])
+    for method in ("auto", "delta", "log_ratio"):
+        fixed = relative_uplift(c, t, method=method)  # type: ignore[arg-type]
+        valid = always_valid_interval(c, t, planned_n=planned, method=method)  # type: ignore[arg-type]
+        for lower, upper in ((fixed.ci_lower, fixed.ci_upper), (valid.ci_lower, valid.ci_upper)):
+            assert math.isnan(lower) or lower >= -1.0, (method, fixed, valid)
+            assert math.isnan(lower) or lower <= upper
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    control=st.lists(st.floats(0.0, 1e6), min_size=2, max_size=40),
+    treatment=st.lists(st.floats(0.0, 1e6), min_size=2, max_size=40),
+)
+def test_intervals_never_go_below_minus_100_percent_revenue(control: list[float], treatment: list[float]) -> None:
+    c, t = ArmSums.from_values(control), ArmSums.from_values(treatment)
+    for method in ("auto", "delta", "log_ratio"):
+        fixed = relative_uplift(c, t, method=method)  # type: ignore[arg-type]
+        valid = always_valid_interval(c, t, method=method, min_events=0.0)  # type: ignore[arg-type]
+        assert math.isnan(fixed.ci_lower) or fixed.ci_lower >= -1.0
+        assert math.isnan(valid.ci_lower) or valid.ci_lower >= -1.0
 
 
 def test_srm_matches_scipy_chisquare() -> None:
