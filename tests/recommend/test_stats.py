@@ -557,3 +557,26 @@ def test_peeking_naive_inflates_always_valid_does_not() -> None:
     assert naive.mean() > 0.15, f"naive peeking should be inflated: {rates}"
     assert always_valid.mean() <= ALPHA + TOLERANCE, f"always-valid interval under peeking: {rates}"
     assert abs(final.mean() - ALPHA) <= TOLERANCE, f"single final look: {rates}"
+
+
+def test_peeking_from_100_visitors_at_3_percent() -> None:
+    # Issue 18's check: 28 daily looks starting at 100 visitors per arm (about 3 conversions), 3%
+    # conversion, stop at the first look whose interval excludes zero. The old symmetric construction gave
+    # 6.6% here; the log-ratio confidence sequence (plus the minimum-events guard) must stay <= 5%.
+    rng = np.random.default_rng(501)
+    sims, days, per_day, p = 2000, 28, 100, 0.03
+    conv_c = rng.binomial(per_day, p, size=(sims, days)).cumsum(axis=1)
+    conv_t = rng.binomial(per_day, p, size=(sims, days)).cumsum(axis=1)
+    naive = np.zeros(sims, dtype=bool)
+    always_valid = np.zeros(sims, dtype=bool)
+    for i in range(sims):
+        for day in range(days):
+            n = per_day * (day + 1)
+            c = ArmSums(n=n, sum_x=float(conv_c[i, day]), sum_x2=float(conv_c[i, day]))
+            t = ArmSums(n=n, sum_x=float(conv_t[i, day]), sum_x2=float(conv_t[i, day]))
+            naive[i] |= relative_uplift(c, t).p_value < ALPHA
+            always_valid[i] |= always_valid_interval(c, t, planned_n=5000).significant
+    rates = f"naive {naive.mean():.4f}, always-valid {always_valid.mean():.4f}"
+    print(f"A/A at 3%, 28 daily looks from 100/arm, {sims} experiments: {rates}")
+    assert naive.mean() > 0.15, f"naive peeking should be inflated: {rates}"
+    assert always_valid.mean() <= ALPHA, f"always-valid interval under peeking from 100/arm: {rates}"
