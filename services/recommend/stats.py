@@ -342,6 +342,101 @@ def always_valid_interval(
     return AlwaysValidResult(base.uplift, lower, upper, base.std_error, n_total, base.method)
 
 
+# ------------------------------------------------------------------------------------------------
+# Heavy tails: revenue capped at a pre-registered quantile, from additive log-bucket histograms
+# ------------------------------------------------------------------------------------------------
+
+# Each positive per-visitor value falls in bucket k = ceil(4·log2(x)), i.e. (2^((k-1)/4), 2^(k/4)]: four
+# buckets per doubling (19% wide), any currency scale. Per bucket the store keeps the number of visitors
+# and their Σx, Σx², so capped sums can be computed for any cap on a bucket edge after the fact.
+BUCKETS_PER_DOUBLING = 4
+# Pre-registered before any data: revenue is capped at the 90th percentile of the positive per-visitor
+# values, pooled over the compared arms (blind to the arm); at 3% conversion that is the 99.7th percentile
+# of all visitors. With ~60 buyers per arm and log-normal order values (σ = 1–1.5), 6,000 simulated runs
+# gave A/A false positives 5.1–5.3% and coverage 94.3–94.9%; the uncapped mean gave 6.5–8% and 91–93%
+# (0.95 gave 5.8% at σ = 1.5). See tests/recommend/test_stats.py and docs/statistics.md.
+CAP_QUANTILE = 0.9
+
+# bucket index -> (visitors, Σx, Σx²) of the visitors whose value falls in the bucket.
+Histogram = Mapping[int, tuple[float, float, float]]
+
+
+def value_bucket(x: float) -> int:
+    """Histogram bucket of a positive value (the Lua script computes the same expression)."""
+    return math.ceil(BUCKETS_PER_DOUBLING * math.log(x) / math.log(2.0))
+
+
+def bucket_upper_edge(k: int) -> float:
+    return float(2.0 ** (k / BUCKETS_PER_DOUBLING))
+
+
+def histogram_from_values(x: ArrayLike) -> dict[int, tuple[float, float, float]]:
+    """Batch histogram of per-visitor values (zeros and negatives are not in any bucket)."""
+    xs = np.asarray(x, dtype=float).ravel()
+    xs = xs[xs > 0]
+    if xs.size == 0:
+        return {}
+    ks = np.ceil(BUCKETS_PER_DOUBLING * np.log(xs) / math.log(2.0)).astype(np.int64)
+    offset = ks - ks.min()
+    counts = np.bincount(offset)
+    sx = np.bincount(offset, weights=xs)
+    sx2 = np.bincount(offset, weights=xs * xs)
+    first = int(ks.min())
+    return {first + i: (float(counts[i]), float(sx[i]), float(sx2[i])) for i in np.flatnonzero(counts)}
+
+
+def histogram_cap(histograms: Sequence[Histogram], quantile: float = CAP_QUANTILE) -> float:
+    """Upper edge of the bucket holding the pooled `quantile` of the positive values (inf if none).
+
+    Rounding up to the bucket edge puts the cap at most 19% above the exact quantile.
+    """
+    pooled: dict[int, float] = {}
+    for histogram in histograms:
+        for k, (count, _sx, _sx2) in histogram.items():
+            pooled[k] = pooled.get(k, 0.0) + count
+    total = sum(c for c in pooled.values() if c > 0)
+    if not total > 0:
+        return math.inf
+    running = 0.0
+    for k in sorted(pooled):
+        running += max(pooled[k], 0.0)
+        # A tiny tolerance: counts are exact integers, the product q·total need not be.
+        if running >= quantile * total - 1e-9:
+            return bucket_upper_edge(k)
+    return math.inf
+
+
+def capped_sums(sums: ArmSums, histogram: Histogram, cap: float) -> ArmSums:
+    """The arm's sums with every visitor's value replaced by min(x, cap), for a cap on a bucket edge.
+
+    Visitors with x <= 0 (no purchase) are unchanged; buckets above the cap contribute cap and cap².
+    """
+    if math.isinf(cap):
+        return sums
+    sum_x = sum_x2 = 0.0
+    for k, (count, sx, sx2) in histogram.items():
+        # A bucket a visitor has left keeps float residue of its ± increments; an empty bucket is zero.
+        if count < 0.5:
+            continue
+        if bucket_upper_edge(k) <= cap:
+            sum_x += sx
+            sum_x2 += sx2
+        else:
+            sum_x += count * cap
+            sum_x2 += count * cap * cap
+    # Values <= 0 are in no bucket: keep their share of the sums (zero for revenue).
+    positive_x = sum(sx for count, sx, _ in histogram.values() if count >= 0.5)
+    positive_x2 = sum(sx2 for count, _, sx2 in histogram.values() if count >= 0.5)
+    return ArmSums(
+        n=sums.n,
+        sum_x=sums.sum_x - positive_x + sum_x,
+        sum_x2=sums.sum_x2 - positive_x2 + sum_x2,
+        sum_y=sums.sum_y,
+        sum_y2=sums.sum_y2,
+        sum_xy=sums.sum_xy,
+    )
+
+
 def srm_check(counts: Sequence[float], weights: Sequence[float]) -> tuple[float, float, bool]:
     """Sample-ratio mismatch: (chi2, p_value, flagged) against the configured weights.
 
