@@ -382,7 +382,7 @@ def histogram_from_values(x: ArrayLike) -> dict[int, tuple[float, float, float]]
     sx = np.bincount(offset, weights=xs)
     sx2 = np.bincount(offset, weights=xs * xs)
     first = int(ks.min())
-    return {first + i: (float(counts[i]), float(sx[i]), float(sx2[i])) for i in np.flatnonzero(counts)}
+    return {first + int(i): (float(counts[i]), float(sx[i]), float(sx2[i])) for i in np.flatnonzero(counts)}
 
 
 def histogram_cap(histograms: Sequence[Histogram], quantile: float = CAP_QUANTILE) -> float:
