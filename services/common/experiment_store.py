@@ -1,10 +1,10 @@
 """Experiment sufficient statistics, shared by the recommend service (exposures) and the profile service
 (outcomes), on both storage backends.
 
-Unit of analysis is the visitor (see shared/STATS.md). For every experiment, arm and *group* (`all`, one
+Unit of analysis is the visitor (see docs/statistics.md). For every experiment, arm and *group* (`all`, one
 per slot `slot:<name>`, one per persona frozen at first exposure `seg:<persona>`) the store keeps
 n (visitors), Σx, Σx², Σy, Σy², Σxy per metric; each visitor's running x and y live next to them. An
-update changes a visitor's value from x to x+δ and adds exactly the increments of STATS.md to the sums,
+update changes a visitor's value from x to x+δ and adds exactly the increments of docs/statistics.md to the sums,
 in one atomic step: a Lua script on Redis, one `BEGIN IMMEDIATE` transaction on SQLite. The applied
 increments are returned so the caller can add the same amounts to its Prometheus counters (each process
 exports only what it applied, so summing replicas equals the stored totals).
@@ -40,6 +40,12 @@ from services.common.storage import DEDUPE_TTL_S, connect_sqlite, make_redis_cli
 METRICS: Final = ("ctr", "conversion", "revenue", "add_to_cart", "open_rate")
 RATIO_METRICS: Final = frozenset({"ctr", "open_rate"})
 BINARY_METRICS: Final = frozenset({"conversion", "add_to_cart"})
+# Heavy-tailed additive metrics: besides Σx, Σx² the store keeps a log-bucket histogram of the visitors'
+# values (per bucket k: visitors, Σx, Σx² as stats "h<k>:n", "h<k>:x", "h<k>:x2"), so the report can cap
+# them at a quantile of the pooled data (services/recommend/stats.py, docs/statistics.md). Bucket
+# k = ceil(4·log2(x)) covers (2^((k-1)/4), 2^(k/4)]; stats.histogram_from_values uses the same expression.
+HISTOGRAM_METRICS: Final = frozenset({"revenue"})
+BUCKETS_PER_DOUBLING: Final = 4
 STATS: Final = ("x", "x2", "y", "y2", "xy")
 ALL: Final = "all"
 VISITOR_TTL_S: Final = 400 * 86400  # longer than any experiment: an expired visitor would be counted again
@@ -208,8 +214,49 @@ def _value_args(values: Mapping[str, float]) -> list[tuple[str, str, float]]:
         amount = float(values[metric])
         if amount < 0 or not math.isfinite(amount):
             raise ValueError(f"outcome values must be finite and >= 0, got {amount}")
-        entries.append((metric, "b" if metric in BINARY_METRICS else "a", amount))
+        mode = "b" if metric in BINARY_METRICS else "h" if metric in HISTOGRAM_METRICS else "a"
+        entries.append((metric, mode, amount))
     return entries
+
+
+def value_bucket(x: float) -> int:
+    """Histogram bucket of a positive value (the Lua script computes the same expression)."""
+    return math.ceil(BUCKETS_PER_DOUBLING * math.log(x) / math.log(2.0))
+
+
+def histogram_increments(x_old: float, d: float) -> list[tuple[str, float]]:
+    """(stat, amount) to move one visitor's value from x_old to x_old + d (d > 0) in the histogram.
+
+    Within a bucket only Σx and Σx² grow; crossing into another bucket takes the visitor out of the old
+    one (negative increments: histograms are Redis/SQLite sums, not Prometheus counters).
+    """
+    x_new = x_old + d
+    k_new = value_bucket(x_new)
+    if x_old > 0:
+        k_old = value_bucket(x_old)
+        if k_old == k_new:
+            return [(f"h{k_new}:x", d), (f"h{k_new}:x2", 2 * x_old * d + d * d)]
+        out = [(f"h{k_old}:n", -1.0), (f"h{k_old}:x", -x_old), (f"h{k_old}:x2", -x_old * x_old)]
+    else:
+        out = []
+    return [*out, (f"h{k_new}:n", 1.0), (f"h{k_new}:x", x_new), (f"h{k_new}:x2", x_new * x_new)]
+
+
+def parse_histogram(stats: Mapping[str, float]) -> dict[int, tuple[float, float, float]]:
+    """ "h<k>:n|x|x2" stats of one metric -> {k: (visitors, Σx, Σx²)} (stats.Histogram)."""
+    buckets: dict[int, list[float]] = {}
+    for name, value in stats.items():
+        if not name.startswith("h") or ":" not in name:
+            continue
+        bucket, _, stat = name[1:].partition(":")
+        index = {"n": 0, "x": 1, "x2": 2}.get(stat)
+        try:
+            k = int(bucket)
+        except ValueError:
+            continue
+        if index is not None:
+            buckets.setdefault(k, [0.0, 0.0, 0.0])[index] += float(value)
+    return {k: (v[0], v[1], v[2]) for k, v in buckets.items()}
 
 
 class ExperimentStore(ABC):
@@ -363,6 +410,26 @@ for i = 0, count - 1 do
       add(arm, day, g, metric .. '|x', d)
       add(arm, day, g, metric .. '|x2', 2 * x_old * d + d * d)
       if y_old > 0 then add(arm, day, g, metric .. '|xy', y_old * d) end
+      if mode == 'h' then
+        -- histogram_increments in Python: the same bucket expression and moves.
+        local x_new = x_old + d
+        local k_new = math.ceil(4 * math.log(x_new) / math.log(2))
+        local h_new = metric .. '|h' .. string.format('%d', k_new)
+        if x_old > 0 and math.ceil(4 * math.log(x_old) / math.log(2)) == k_new then
+          add(arm, day, g, h_new .. ':x', d)
+          add(arm, day, g, h_new .. ':x2', 2 * x_old * d + d * d)
+        else
+          if x_old > 0 then
+            local h_old = metric .. '|h' .. string.format('%d', math.ceil(4 * math.log(x_old) / math.log(2)))
+            add(arm, day, g, h_old .. ':n', -1)
+            add(arm, day, g, h_old .. ':x', -x_old)
+            add(arm, day, g, h_old .. ':x2', -x_old * x_old)
+          end
+          add(arm, day, g, h_new .. ':n', 1)
+          add(arm, day, g, h_new .. ':x', x_new)
+          add(arm, day, g, h_new .. ':x2', x_new * x_new)
+        end
+      end
     end
   end
 end
@@ -715,6 +782,9 @@ class SqliteExperimentStore(ExperimentStore):
                 tx.add(g, f"{metric}|x2", 2 * x_old * d + d * d)
                 if y_old > 0:
                     tx.add(g, f"{metric}|xy", y_old * d)
+                if mode == "h":
+                    for stat, amount in histogram_increments(x_old, d):
+                        tx.add(g, f"{metric}|{stat}", amount)
         conn.execute(
             "UPDATE exp_visitors SET data = ? WHERE exp = ? AND visitor_id = ?",
             (json.dumps(visitor), write.experiment_id, write.visitor_id),

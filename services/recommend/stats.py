@@ -348,7 +348,8 @@ def always_valid_interval(
 
 # Each positive per-visitor value falls in bucket k = ceil(4·log2(x)), i.e. (2^((k-1)/4), 2^(k/4)]: four
 # buckets per doubling (19% wide), any currency scale. Per bucket the store keeps the number of visitors
-# and their Σx, Σx², so capped sums can be computed for any cap on a bucket edge after the fact.
+# and their Σx, Σx² (services/common/experiment_store.py, same bucket expression), so capped sums can be
+# computed for any cap on a bucket edge after the fact.
 BUCKETS_PER_DOUBLING = 4
 # Pre-registered before any data: revenue is capped at the 90th percentile of the positive per-visitor
 # values, pooled over the compared arms (blind to the arm); at 3% conversion that is the 99.7th percentile
@@ -359,11 +360,6 @@ CAP_QUANTILE = 0.9
 
 # bucket index -> (visitors, Σx, Σx²) of the visitors whose value falls in the bucket.
 Histogram = Mapping[int, tuple[float, float, float]]
-
-
-def value_bucket(x: float) -> int:
-    """Histogram bucket of a positive value (the Lua script computes the same expression)."""
-    return math.ceil(BUCKETS_PER_DOUBLING * math.log(x) / math.log(2.0))
 
 
 def bucket_upper_edge(k: int) -> float:

@@ -17,9 +17,10 @@ from services.common.experiment_store import (
     OutcomeWrite,
     RedisExperimentStore,
     SqliteExperimentStore,
+    parse_histogram,
 )
 from services.common.storage import make_redis_client
-from services.recommend.stats import ArmSums
+from services.recommend.stats import ArmSums, histogram_from_values
 from tests.conftest import REDIS_URL, clean_namespace, unique_name
 
 EXP = "exp-a@1"
@@ -104,6 +105,15 @@ def test_random_updates_match_batch_sums_per_group(store: ExperimentStore) -> No
             revenue = ArmSums.from_values([r["revenue"] for r in rows])
             assert stored.get("revenue", {}).get("x2", 0) == pytest.approx(revenue.sum_x2)
             assert stored.get("conversion", {}).get("x", 0) == sum(r["conversion"] for r in rows)
+            # Revenue's log-bucket histogram (for capping) equals the batch histogram of the final values;
+            # buckets visitors moved out of are empty (float residue of the ± increments aside).
+            histogram = parse_histogram(stored.get("revenue", {}))
+            expected_histogram = histogram_from_values([r["revenue"] for r in rows])
+            assert {k for k, v in histogram.items() if v[0] > 0} == set(expected_histogram)
+            for k, (count, sx, sx2) in histogram.items():
+                want = expected_histogram.get(k, (0.0, 0.0, 0.0))
+                assert count == want[0]
+                assert sx == pytest.approx(want[1], abs=1e-6) and sx2 == pytest.approx(want[2], rel=1e-9, abs=1e-3)
         # The persona group of every visitor here is "hemat": it mirrors the whole arm.
         assert sums[arm]["seg:hemat"] == sums[arm]["all"]
 
