@@ -7,9 +7,11 @@
   visitor, seed and bucket version; a global holdout never gets personalization and is not compared.
 - Exposures are counted per visitor in the experiment store (services/common/experiment_store.py);
   outcomes are attributed by the profile service (services/profile/observers.py).
-- Reports follow shared/STATS.md: per-visitor means, relative uplift with a fixed-horizon and an
-  always-valid interval, Holm across goal metrics × arms, Benjamini–Hochberg across segments, an SRM check,
-  and a verdict that waits for a minimum sample and uses the peeking-safe interval.
+- Reports follow docs/statistics.md: per-visitor means, relative uplift with a fixed-horizon and an
+  always-valid interval (both on the log-ratio scale at small samples), revenue capped at a pre-registered
+  pooled quantile, Holm across goal metrics × arms, Benjamini–Hochberg across segments, an SRM check, and a
+  verdict that waits for a minimum sample, decides on the peeking-safe interval and never calls "no
+  difference" what the fixed-horizon interval calls significant.
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstrai
 from services.common.errors import StorageUnavailable
 from services.common.experiment_store import (
     ALL,
+    HISTOGRAM_METRICS,
     RATIO_METRICS,
     ExperimentStore,
     ExposureWrite,
     count_increments,
     open_experiment_store,
+    parse_histogram,
     touch_counters,
 )
 from services.recommend.assignment import DEFAULT_HOLDOUT_SEED, HOLDOUT_ARM, assign
@@ -43,9 +47,12 @@ from services.recommend.repository import RecommendRepository
 from services.recommend.service import ArmChooser
 from services.recommend.settings import RecommendSettings
 from services.recommend.stats import (
+    CAP_QUANTILE,
     ArmSums,
     always_valid_interval,
     benjamini_hochberg,
+    capped_sums,
+    histogram_cap,
     holm,
     mean_and_var,
     relative_uplift,
@@ -321,13 +328,43 @@ def _metric_summary(sums: ArmSums, metric: str) -> dict[str, Any]:
     return summary
 
 
-def _compare(control: ArmSums, treatment: ArmSums, metric: str, config: ExperimentConfig) -> dict[str, Any]:
+def _histogram(group: Mapping[str, Any] | None, metric: str) -> dict[int, tuple[float, float, float]]:
+    return parse_histogram(group.get(metric, {})) if group else {}
+
+
+def _compare(
+    control_group: Mapping[str, Any] | None,
+    treatment_group: Mapping[str, Any] | None,
+    metric: str,
+    config: ExperimentConfig,
+) -> dict[str, Any]:
+    """One arm against control on one metric, from the two groups' stored sums.
+
+    Heavy-tailed metrics (revenue) are compared on values capped at the pre-registered pooled quantile
+    (stats.CAP_QUANTILE of the positive per-visitor values of both arms, from the stored histograms):
+    every interval, p-value and the verdict use the capped sums; the uncapped uplift is shown beside them.
+    """
     ratio = metric in RATIO_METRICS
+    control, treatment = arm_sums(control_group, metric), arm_sums(treatment_group, metric)
+    uncapped: dict[str, Any] | None = None
+    cap = math.inf
+    if metric in HISTOGRAM_METRICS:
+        hist_c, hist_t = _histogram(control_group, metric), _histogram(treatment_group, metric)
+        cap = histogram_cap([hist_c, hist_t])
+        if math.isfinite(cap):
+            raw = relative_uplift(control, treatment, ratio=ratio, alpha=config.alpha)
+            uncapped = {
+                "uplift": _num(raw.uplift),
+                "ci_lower": _num(raw.ci_lower),
+                "ci_upper": _num(raw.ci_upper),
+                "p_value": _num(raw.p_value),
+            }
+            control, treatment = capped_sums(control, hist_c, cap), capped_sums(treatment, hist_t, cap)
     fixed = relative_uplift(control, treatment, ratio=ratio, alpha=config.alpha)
     valid = always_valid_interval(
         control, treatment, ratio=ratio, alpha=config.alpha, planned_n=float(config.planned_visitors)
     )
-    return {
+    result = {
         "metric": metric,
         "control_mean": _num(fixed.control_mean),
         "treatment_mean": _num(fixed.treatment_mean),
@@ -347,6 +384,12 @@ def _compare(control: ArmSums, treatment: ArmSums, metric: str, config: Experime
         },
         "reason": fixed.reason,
     }
+    if metric in HISTOGRAM_METRICS:
+        # null when no visitor has a positive value yet (nothing to cap).
+        result["capped_at"] = _num(cap)
+        result["cap_quantile"] = CAP_QUANTILE
+        result["uncapped"] = uncapped
+    return result
 
 
 def _breakdown(
@@ -368,9 +411,7 @@ def _breakdown(
             if arm == config.control:
                 continue
             for metric in metrics:
-                result = _compare(
-                    arm_sums(control, metric), arm_sums(tree.get(arm, {}).get(group), metric), metric, config
-                )
+                result = _compare(control, tree.get(arm, {}).get(group), metric, config)
                 row["results"].append({"arm": arm, **result})
         rows.append(row)
     # One BH family per (arm, metric) across the groups of this dimension.
@@ -399,12 +440,12 @@ def _timeline(days: Mapping[str, Mapping[str, Any]], config: ExperimentConfig) -
             running[arm]["n"] += float(values.get("n", 0.0))
             for stat, amount in values.get(metric, {}).items():
                 running[arm][metric][stat] = running[arm][metric].get(stat, 0.0) + float(amount)
-        control = arm_sums(running[config.control], metric)
+        control = running[config.control]
         point: dict[str, Any] = {"day": day, "n": {arm: running[arm]["n"] for arm in config.arm_names}, "arms": {}}
         for arm in config.arm_names:
             if arm == config.control:
                 continue
-            result = _compare(control, arm_sums(running[arm], metric), metric, config)
+            result = _compare(control, running[arm], metric, config)
             point["arms"][arm] = {
                 "uplift": result["uplift"],
                 "ci_lower": result["ci_lower"],
@@ -578,8 +619,7 @@ def build_report(
         if name == config.control:
             continue
         for metric in metrics:
-            treated = arm_sums(tree.get(name, {}).get(ALL), metric)
-            results.append({"arm": name, **_compare(arm_sums(control, metric), treated, metric, config)})
+            results.append({"arm": name, **_compare(control, tree.get(name, {}).get(ALL), metric, config)})
     adjusted, rejected = holm([r["p_value"] if r["p_value"] is not None else math.nan for r in results], config.alpha)
     for result, adj, rej in zip(results, adjusted, rejected, strict=True):
         result["p_value_holm"] = _num(float(adj))

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
@@ -31,7 +32,15 @@ from services.recommend.experiments import (
     load_config,
 )
 from services.recommend.settings import RecommendSettings
-from services.recommend.stats import ArmSums, always_valid_interval, holm, relative_uplift, srm_check
+from services.recommend.stats import (
+    ArmSums,
+    always_valid_interval,
+    histogram_cap,
+    histogram_from_values,
+    holm,
+    relative_uplift,
+    srm_check,
+)
 from tests.conftest import RedisServer, free_port, unique_name
 from tests.factories import make_item
 
@@ -512,3 +521,38 @@ def test_verdict_cannot_contradict_the_data() -> None:
     # Neither interval excludes zero at the planned sample: now "no detectable difference" is the answer.
     report = build_report(experiment, _conversion_tree((2000, 100), (2000, 104)), {}, time.time())
     assert report["verdict"]["decision"] == "no_detectable_difference" and report["verdict"]["ready"]
+
+
+def _revenue_group(values: list[float]) -> dict[str, Any]:
+    sums = ArmSums.from_values(values)
+    stats: dict[str, float] = {"x": sums.sum_x, "x2": sums.sum_x2}
+    for k, (count, sx, sx2) in histogram_from_values(values).items():
+        stats.update({f"h{k}:n": count, f"h{k}:x": sx, f"h{k}:x2": sx2})
+    return {"n": sums.n, "revenue": stats}
+
+
+def test_report_caps_revenue_at_the_pooled_quantile() -> None:
+    settings: dict[str, Any] = {"primary_metric": "revenue", "metrics": ["revenue"], "min_visitors_per_arm": 10}
+    experiment = ExperimentsFile.model_validate({"experiments": [two_arms(**settings)]}).experiments[0]
+    rng = np.random.default_rng(7)
+    control = (rng.lognormal(12.0, 1.5, 3000) * (rng.random(3000) < 0.05)).round().tolist()
+    treatment = (rng.lognormal(12.0, 1.5, 3000) * (rng.random(3000) < 0.06)).round().tolist()
+    tree = {"control": {"all": _revenue_group(control)}, "treatment": {"all": _revenue_group(treatment)}}
+    result = build_report(experiment, tree, {}, time.time())["results"][0]
+    cap = histogram_cap([histogram_from_values(control), histogram_from_values(treatment)])
+    capped = relative_uplift(
+        ArmSums.from_values(np.minimum(control, cap)), ArmSums.from_values(np.minimum(treatment, cap))
+    )
+    raw = relative_uplift(ArmSums.from_values(control), ArmSums.from_values(treatment))
+    assert result["capped_at"] == cap and result["cap_quantile"] == 0.9
+    assert result["uplift"] == pytest.approx(capped.uplift, rel=1e-9)
+    assert result["ci_lower"] == pytest.approx(capped.ci_lower, rel=1e-9)
+    assert result["p_value"] == pytest.approx(capped.p_value, rel=1e-7)
+    assert result["uncapped"]["uplift"] == pytest.approx(raw.uplift, rel=1e-12)
+    assert result["uncapped"]["ci_upper"] == pytest.approx(raw.ci_upper, rel=1e-12)
+    # Sums stored before histograms existed: nothing to cap, the report says so and uses the raw sums.
+    for group in tree.values():
+        group["all"]["revenue"] = {k: v for k, v in group["all"]["revenue"].items() if not k.startswith("h")}
+    result = build_report(experiment, tree, {}, time.time())["results"][0]
+    assert result["capped_at"] is None and result["uncapped"] is None
+    assert result["uplift"] == pytest.approx(raw.uplift, rel=1e-12)
