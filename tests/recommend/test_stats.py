@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import scipy.stats
+import statsmodels.api as sm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from statsmodels.stats.multitest import multipletests
@@ -18,11 +19,13 @@ from statsmodels.stats.weightstats import CompareMeans, DescrStatsW
 
 from services.recommend.stats import (
     ArmSums,
+    CupedSums,
     absolute_difference,
     always_valid_interval,
     benjamini_hochberg,
     bucket_upper_edge,
     capped_sums,
+    cuped_uplift,
     effective_events,
     histogram_cap,
     histogram_from_values,
@@ -660,3 +663,139 @@ def test_revenue_heavy_tail_aa_and_coverage_with_capping() -> None:
     assert abs(capped_cover / sims - 0.95) <= TOLERANCE, rates
     # Negative control: the uncapped mean is what the independent check flagged.
     assert raw_fp / sims > ALPHA + TOLERANCE and raw_cover / sims < 0.95 - TOLERANCE, rates
+
+
+# ---------------------------------------------------------------------------------------------
+# CUPED / regression adjustment
+# ---------------------------------------------------------------------------------------------
+
+
+def _visitors(
+    rng: np.random.Generator, n: int, rho: float, new_share: float, effect: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(y, x, new): y = 10 + effect + 2·(ρ·x + √(1−ρ²)·noise) with x standard normal for returning visitors;
+    new visitors have no pre-period (x = 0) and a lower mean."""
+    x = rng.standard_normal(n)
+    new = rng.random(n) < new_share
+    y = 10.0 + effect + 2.0 * (rho * x + math.sqrt(1 - rho * rho) * rng.standard_normal(n)) - 1.5 * new
+    return y, np.where(new, 0.0, x), new
+
+
+def test_cuped_point_estimate_equals_statsmodels_ols() -> None:
+    rng = np.random.default_rng(700)
+    yc, xc, nc = _visitors(rng, 900, 0.6, 0.25)
+    yt, xt, nt = _visitors(rng, 1100, 0.6, 0.25, effect=0.4)
+    res = cuped_uplift(CupedSums.from_values(yc, xc, nc), CupedSums.from_values(yt, xt, nt))
+    arm = np.r_[np.zeros(yc.size), np.ones(yt.size)]
+    design = np.column_stack([np.ones(arm.size), arm, np.r_[xc, xt], np.r_[nc, nt].astype(float)])
+    ols = sm.OLS(np.r_[yc, yt], design).fit()
+    assert res.reason == ""
+    assert res.adjusted_difference.uplift == pytest.approx(ols.params[1], rel=1e-9)
+    # θ is OLS's common slope on x and on the new-visitor indicator.
+    assert res.theta == pytest.approx((ols.params[2], ols.params[3]), rel=1e-9)
+    # The standard error is the heteroscedasticity-robust kind (per-arm residual variances): close to
+    # OLS's HC2 one, which equals the Welch form for a two-group regressor.
+    hc2 = sm.OLS(np.r_[yc, yt], design).fit(cov_type="HC2").bse[1]
+    assert res.adjusted_difference.std_error == pytest.approx(hc2, rel=0.02)
+    # The relative uplift is of the adjusted means, whose difference is the OLS coefficient.
+    assert res.adjusted.treatment_mean - res.adjusted.control_mean == pytest.approx(ols.params[1], rel=1e-9)
+    # Without new visitors the indicator column has no variation and is left out (OLS on arm + x).
+    yc2, xc2, _ = _visitors(rng, 500, 0.5, 0.0)
+    yt2, xt2, _ = _visitors(rng, 500, 0.5, 0.0)
+    res2 = cuped_uplift(CupedSums.from_values(yc2, xc2), CupedSums.from_values(yt2, xt2))
+    design2 = np.column_stack([np.ones(1000), np.r_[np.zeros(500), np.ones(500)], np.r_[xc2, xt2]])
+    ols2 = sm.OLS(np.r_[yc2, yt2], design2).fit()
+    assert res2.adjusted_difference.uplift == pytest.approx(ols2.params[1], rel=1e-9)
+    assert res2.theta[1] == 0.0
+
+
+def test_cuped_sums_merge_like_batches() -> None:
+    rng = np.random.default_rng(701)
+    y, x, new = _visitors(rng, 1000, 0.5, 0.3)
+    whole = CupedSums.from_values(y, x, new)
+    parts = CupedSums.from_values(y[:400], x[:400], new[:400]) + CupedSums.from_values(y[400:], x[400:], new[400:])
+    for name in ("n", "sum_y", "sum_y2", "sum_x", "sum_x2", "sum_xy", "n_new", "sum_y_new"):
+        assert getattr(parts, name) == pytest.approx(getattr(whole, name), rel=1e-12)
+
+
+def _cuped_simulation(
+    rng: np.random.Generator, sims: int, n: int, rho: float, new_share: float, effect: float
+) -> list[tuple[CupedSums, CupedSums]]:
+    # Per-arm sums of many experiments at once: (sims, n) draws reduced along the visitor axis.
+    pairs = []
+    arms = []
+    for arm_effect in (0.0, effect):
+        x = rng.standard_normal((sims, n))
+        new = rng.random((sims, n)) < new_share
+        y = 10.0 + arm_effect + 2.0 * (rho * x + math.sqrt(1 - rho * rho) * rng.standard_normal((sims, n)))
+        y = y - 1.5 * new
+        x = np.where(new, 0.0, x)
+        arms.append(
+            [
+                CupedSums(n, *values)
+                for values in zip(
+                    y.sum(1),
+                    (y * y).sum(1),
+                    x.sum(1),
+                    (x * x).sum(1),
+                    (x * y).sum(1),
+                    new.sum(1).astype(float),
+                    np.where(new, y, 0.0).sum(1),
+                    strict=True,
+                )
+            ]
+        )
+    pairs.extend(zip(arms[0], arms[1], strict=True))
+    return pairs
+
+
+def test_cuped_aa_false_positive_rate_and_width() -> None:
+    rng = np.random.default_rng(702)
+    sims, n, rho = 2000, 1000, 0.7
+    results = [cuped_uplift(c, t) for c, t in _cuped_simulation(rng, sims, n, rho, 0.0, 0.0)]
+    assert all(r.reason == "" for r in results)
+    adjusted_fp = _rate([r.adjusted.p_value < ALPHA for r in results])
+    unadjusted_fp = _rate([r.unadjusted.p_value < ALPHA for r in results])
+    width = np.array(
+        [(r.adjusted.ci_upper - r.adjusted.ci_lower) / (r.unadjusted.ci_upper - r.unadjusted.ci_lower) for r in results]
+    )
+    reduction = np.array([r.variance_reduction for r in results])
+    expected = math.sqrt(1 - rho**2)
+    summary = (
+        f"A/A with CUPED (ρ={rho}, {n}/arm, {sims} runs): false positives adjusted {adjusted_fp:.4f}, "
+        f"unadjusted {unadjusted_fp:.4f}; width ratio mean {width.mean():.4f} vs √(1−ρ²) {expected:.4f}; "
+        f"variance reduction mean {reduction.mean():.4f} vs ρ² {rho**2:.4f}"
+    )
+    print(summary)
+    assert abs(adjusted_fp - ALPHA) <= TOLERANCE, summary
+    assert abs(width.mean() - expected) <= 0.01, summary
+    assert abs(reduction.mean() - rho**2) <= 0.01, summary
+
+
+def test_cuped_aa_and_coverage_with_new_visitors() -> None:
+    # 30% new visitors (no pre-period, a lower mean): kept through the indicator, never dropped.
+    rng = np.random.default_rng(703)
+    sims, n, rho = 2000, 1000, 0.6
+    aa = [cuped_uplift(c, t) for c, t in _cuped_simulation(rng, sims, n, rho, 0.3, 0.0)]
+    fp = _rate([r.adjusted.p_value < ALPHA for r in aa])
+    # +0.2 on a mean of 10 − 1.5·0.3 = 9.55: relative uplift 0.2/9.55.
+    true_uplift = 0.2 / 9.55
+    effect = [cuped_uplift(c, t) for c, t in _cuped_simulation(rng, sims, n, rho, 0.3, 0.2)]
+    coverage = _rate([r.adjusted.ci_lower <= true_uplift <= r.adjusted.ci_upper for r in effect])
+    summary = f"CUPED with 30% new visitors, {n}/arm, {sims} runs: A/A {fp:.4f}, coverage {coverage:.4f}"
+    print(summary)
+    assert abs(fp - ALPHA) <= TOLERANCE, summary
+    assert abs(coverage - 0.95) <= TOLERANCE, summary
+    # The indicator is estimated (new visitors are 1.5 lower) rather than the visitors being dropped.
+    assert np.mean([r.theta[1] for r in aa]) == pytest.approx(-1.5, abs=0.02)
+    assert aa[0].adjusted_control.n == n
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    control=st.builds(CupedSums, *[finite] * 8),
+    treatment=st.builds(CupedSums, *[finite] * 8),
+)
+def test_cuped_garbage_sums_never_raise(control: CupedSums, treatment: CupedSums) -> None:
+    res = cuped_uplift(control, treatment)
+    assert res.reason or math.isfinite(res.adjusted.p_value)
