@@ -45,6 +45,12 @@ BINARY_METRICS: Final = frozenset({"conversion", "add_to_cart"})
 # them at a quantile of the pooled data (services/recommend/stats.py, docs/statistics.md). Bucket
 # k = ceil(4·log2(x)) covers (2^((k-1)/4), 2^(k/4)]; stats.histogram_from_values uses the same expression.
 HISTOGRAM_METRICS: Final = frozenset({"revenue"})
+# CUPED: a visitor's pre-exposure value c of a metric (ExposureWrite.covariates, frozen at the first
+# exposure) adds, per group and metric, Σc ("c"), Σc² ("c2"), the visitors with a pre-period ("cn"),
+# Σc·x ("cx") and Σx over visitors with a pre-period ("cxp"); for ratio metrics also Σc·y ("cy") and
+# Σy over them ("cyp"). Visitors without a pre-period (new, or none supplied) are the rest of n: x = 0 plus
+# an indicator in the regression (stats.CupedSums / RatioCupedSums via cuped_sums below).
+COVARIATE_STATS: Final = ("c", "c2", "cn", "cx", "cxp", "cy", "cyp")
 BUCKETS_PER_DOUBLING: Final = 4
 STATS: Final = ("x", "x2", "y", "y2", "xy")
 ALL: Final = "all"
@@ -81,6 +87,42 @@ _STAT_COUNTERS: Final = {
         "Σxy: sum over visitors of value × denominator",
         ["experiment", "arm", "metric", "slot"],
     ),
+    # CUPED (regression adjustment on the pre-exposure value c of the metric): enough to recompute it.
+    "c": Counter(
+        "selaras_experiment_covariate_sum",
+        "Σc: sum over visitors of the pre-exposure value (CUPED covariate)",
+        ["experiment", "arm", "metric", "slot"],
+    ),
+    "c2": Counter(
+        "selaras_experiment_covariate_squares_sum",
+        "Σc²: sum over visitors of the squared pre-exposure value",
+        ["experiment", "arm", "metric", "slot"],
+    ),
+    "cn": Counter(
+        "selaras_experiment_covariate_visitors",
+        "Visitors with a pre-period (the others are new: covariate 0 plus an indicator)",
+        ["experiment", "arm", "metric", "slot"],
+    ),
+    "cx": Counter(
+        "selaras_experiment_covariate_cross_sum",
+        "Σc·x: sum over visitors of pre-exposure value × metric value",
+        ["experiment", "arm", "metric", "slot"],
+    ),
+    "cxp": Counter(
+        "selaras_experiment_value_sum_with_pre_period",
+        "Σx over visitors with a pre-period",
+        ["experiment", "arm", "metric", "slot"],
+    ),
+    "cy": Counter(
+        "selaras_experiment_covariate_denominator_cross_sum",
+        "Σc·y: sum over visitors of pre-exposure value × ratio denominator",
+        ["experiment", "arm", "metric", "slot"],
+    ),
+    "cyp": Counter(
+        "selaras_experiment_denominator_sum_with_pre_period",
+        "Σy over visitors with a pre-period",
+        ["experiment", "arm", "metric", "slot"],
+    ),
 }
 
 
@@ -106,6 +148,9 @@ class ExposureWrite:
     recommendation_id: str | None = None
     record: Mapping[str, Any] | None = None
     record_ttl_s: int = 8 * 86400
+    # CUPED: metric -> the visitor's pre-exposure value (point-in-time, before the first exposure). Used
+    # at the first exposure only (frozen, like the segment); a metric left out = no pre-period (new visitor).
+    covariates: Mapping[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -205,6 +250,18 @@ def _denominator_args(denominators: Mapping[str, Mapping[str, float]]) -> list[t
             if amount < 0 or not math.isfinite(amount):
                 raise ValueError(f"denominator increments must be finite and >= 0, got {amount}")
             entries.append((group, metric, amount))
+    return entries
+
+
+def _covariate_args(covariates: Mapping[str, float] | None) -> list[tuple[str, float]]:
+    entries: list[tuple[str, float]] = []
+    for metric in sorted(covariates or {}):
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric for a covariate: {metric!r}")
+        value = float((covariates or {})[metric])
+        if value < 0 or not math.isfinite(value):
+            raise ValueError(f"covariates must be finite and >= 0, got {value}")
+        entries.append((metric, value))
     return entries
 
 
@@ -326,10 +383,18 @@ local function add(arm, day, group, name, v)
   out[#out + 1] = fmt(v)
 end
 local function num(v) if v then return tonumber(v) end return 0 end
-"""
+local METRICS = {__METRICS__}
+-- CUPED: the visitor's frozen pre-exposure value of a metric, or nil (no pre-period).
+local function covariate(visitor, metric)
+  local c = redis.call('HGET', visitor, 'cov|' .. metric)
+  if c then return tonumber(c) end
+  return nil
+end
+""".replace("__METRICS__", ", ".join(f"'{m}'" for m in METRICS))
 
 # KEYS: visitor, sums, days, record. ARGV: arm, segment, ts, day, record json ('' = none), record ttl,
-# visitor ttl, entry count, then (group, metric, dy) triples. The segment is frozen at first exposure.
+# visitor ttl, entry count, then (group, metric, dy) triples, then a covariate count and (metric, value)
+# pairs. The segment and the covariates are frozen at first exposure.
 _EXPOSURE_SCRIPT = (
     _LUA_COMMON
     + """
@@ -337,8 +402,13 @@ local visitor = KEYS[1]
 local arm, seg, ts, day = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local current = redis.call('HGET', visitor, 'arm')
 if current and current ~= arm then return {'arm_conflict', current} end
+local count = tonumber(ARGV[8])
 if not current then
   redis.call('HSET', visitor, 'arm', arm, 'seg', seg, 'first', ARGV[3], 'last', ARGV[3])
+  local base = 9 + 3 * count
+  for i = 0, tonumber(ARGV[base]) - 1 do
+    redis.call('HSET', visitor, 'cov|' .. ARGV[base + 1 + 2 * i], ARGV[base + 2 + 2 * i])
+  end
 else
   seg = redis.call('HGET', visitor, 'seg')
   if ts > num(redis.call('HGET', visitor, 'last')) then redis.call('HSET', visitor, 'last', ARGV[3]) end
@@ -346,11 +416,22 @@ else
 end
 local segment = 'seg:' .. seg
 local function enter(group)
-  if redis.call('HSETNX', visitor, group .. '|n', '1') == 1 then add(arm, day, group, 'n', 1) end
+  if redis.call('HSETNX', visitor, group .. '|n', '1') == 1 then
+    add(arm, day, group, 'n', 1)
+    for _, metric in ipairs(METRICS) do
+      local c = covariate(visitor, metric)
+      if c then
+        if c > 0 then
+          add(arm, day, group, metric .. '|c', c)
+          add(arm, day, group, metric .. '|c2', c * c)
+        end
+        add(arm, day, group, metric .. '|cn', 1)
+      end
+    end
+  end
 end
 enter('all')
 enter(segment)
-local count = tonumber(ARGV[8])
 for i = 0, count - 1 do
   local group, metric, dy = ARGV[9 + 3 * i], ARGV[10 + 3 * i], tonumber(ARGV[11 + 3 * i])
   local groups = {group}
@@ -364,6 +445,11 @@ for i = 0, count - 1 do
       add(arm, day, g, metric .. '|y', dy)
       add(arm, day, g, metric .. '|y2', 2 * y_old * dy + dy * dy)
       if x_old > 0 then add(arm, day, g, metric .. '|xy', x_old * dy) end
+      local c = covariate(visitor, metric)
+      if c then
+        if c > 0 then add(arm, day, g, metric .. '|cy', c * dy) end
+        add(arm, day, g, metric .. '|cyp', dy)
+      end
     end
   end
 end
@@ -410,6 +496,11 @@ for i = 0, count - 1 do
       add(arm, day, g, metric .. '|x', d)
       add(arm, day, g, metric .. '|x2', 2 * x_old * d + d * d)
       if y_old > 0 then add(arm, day, g, metric .. '|xy', y_old * d) end
+      local c = covariate(visitor, metric)
+      if c then
+        if c > 0 then add(arm, day, g, metric .. '|cx', c * d) end
+        add(arm, day, g, metric .. '|cxp', d)
+      end
       if mode == 'h' then
         -- histogram_increments in Python: the same bucket expression and moves.
         local x_new = x_old + d
@@ -500,6 +591,10 @@ class RedisExperimentStore(ExperimentStore):
         ]
         for entry in entries:
             args.extend(entry)
+        covariates = _covariate_args(write.covariates)
+        args.append(len(covariates))
+        for metric, value in covariates:
+            args.extend((metric, repr(value)))
         result = self._call(lambda: self._exposure(keys=keys, args=args))
         return _applied(cast(list[Any], result))
 
@@ -691,6 +786,7 @@ class SqliteExperimentStore(ExperimentStore):
 
     def record_exposure(self, write: ExposureWrite) -> Applied:
         entries = _denominator_args(write.denominators)
+        covariates = _covariate_args(write.covariates)
 
         def run(conn: sqlite3.Connection) -> Applied:
             visitor = self._visitor(conn, write.experiment_id, write.visitor_id)
@@ -698,6 +794,7 @@ class SqliteExperimentStore(ExperimentStore):
                 return Applied("arm_conflict", str(visitor["arm"]))
             if visitor is None:
                 visitor = {"arm": write.arm, "seg": clean_label(write.segment), "first": write.ts, "last": write.ts}
+                visitor.update({f"cov|{metric}": value for metric, value in covariates})
             else:
                 visitor["last"] = max(float(visitor["last"]), write.ts)
                 visitor["first"] = min(float(visitor["first"]), write.ts)
@@ -708,6 +805,13 @@ class SqliteExperimentStore(ExperimentStore):
                 if f"{group}|n" not in visitor:
                     visitor[f"{group}|n"] = 1.0
                     tx.add(group, "n", 1.0)
+                    for metric in METRICS:
+                        c = visitor.get(f"cov|{metric}")
+                        if c is not None:
+                            if c > 0:
+                                tx.add(group, f"{metric}|c", c)
+                                tx.add(group, f"{metric}|c2", c * c)
+                            tx.add(group, f"{metric}|cn", 1.0)
 
             enter(ALL)
             enter(segment)
@@ -726,6 +830,11 @@ class SqliteExperimentStore(ExperimentStore):
                     tx.add(g, f"{metric}|y2", 2 * y_old * dy + dy * dy)
                     if x_old > 0:
                         tx.add(g, f"{metric}|xy", x_old * dy)
+                    c = visitor.get(f"cov|{metric}")
+                    if c is not None:
+                        if c > 0:
+                            tx.add(g, f"{metric}|cy", c * dy)
+                        tx.add(g, f"{metric}|cyp", dy)
             now = time.time()
             conn.execute(
                 "INSERT INTO exp_visitors (exp, visitor_id, data, expires_at) VALUES (?, ?, ?, ?)"
@@ -782,6 +891,11 @@ class SqliteExperimentStore(ExperimentStore):
                 tx.add(g, f"{metric}|x2", 2 * x_old * d + d * d)
                 if y_old > 0:
                     tx.add(g, f"{metric}|xy", y_old * d)
+                c = visitor.get(f"cov|{metric}")
+                if c is not None:
+                    if c > 0:
+                        tx.add(g, f"{metric}|cx", c * d)
+                    tx.add(g, f"{metric}|cxp", d)
                 if mode == "h":
                     for stat, amount in histogram_increments(x_old, d):
                         tx.add(g, f"{metric}|{stat}", amount)

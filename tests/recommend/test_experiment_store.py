@@ -62,12 +62,22 @@ def test_random_updates_match_batch_sums_per_group(store: ExperimentStore) -> No
     arms = {v: rng.choice(["control", "treatment"]) for v in visitors}
     truth: dict[tuple[str, str], dict[str, float]] = {}  # (visitor, group) -> running values
     exposed_slots: dict[str, set[str]] = {}
+    # CUPED covariates: a pre-period for 3 visitors in 4 (the others are new); only the first exposure's
+    # values count (later exposures send different ones, which must be ignored).
+    first_covariates: dict[str, dict[str, float] | None] = {}
     for step in range(400):
         visitor = rng.choice(visitors)
         ts = T0 + step
         if rng.random() < 0.4 or visitor not in exposed_slots:
             shown = {slot: rng.randint(0, 6) for slot in rng.sample(["home", "hero", "cta"], rng.randint(1, 3))}
-            assert expose(store, visitor, arms[visitor], ts, shown).status == "ok"
+            has_pre = int(visitor[1:]) % 4 != 0
+            covariates = (
+                {"ctr": float(rng.randint(0, 5)), "conversion": float(rng.randint(0, 1)), "revenue": rng.random() * 9}
+                if has_pre
+                else None
+            )
+            first_covariates.setdefault(visitor, covariates)
+            assert expose(store, visitor, arms[visitor], ts, shown, covariates=covariates).status == "ok"
             exposed_slots.setdefault(visitor, set()).update(shown)
             for group, n in [("all", sum(shown.values())), *((f"slot:{s}", c) for s, c in shown.items())]:
                 row = truth.setdefault((visitor, group), {"ctr_x": 0, "ctr_y": 0, "conversion": 0, "revenue": 0})
@@ -105,6 +115,22 @@ def test_random_updates_match_batch_sums_per_group(store: ExperimentStore) -> No
             revenue = ArmSums.from_values([r["revenue"] for r in rows])
             assert stored.get("revenue", {}).get("x2", 0) == pytest.approx(revenue.sum_x2)
             assert stored.get("conversion", {}).get("x", 0) == sum(r["conversion"] for r in rows)
+            # CUPED sums: Σc, Σc², visitors with a pre-period, Σc·x and Σx over them (Σc·y, Σy for ratios).
+            for metric, x_key in (("ctr", "ctr_x"), ("conversion", "conversion"), ("revenue", "revenue")):
+                got = stored.get(metric, {})
+                pre = [
+                    (first_covariates[v][metric], r)
+                    for (v, g), r in truth.items()  # type: ignore[index]
+                    if g == group and arms[v] == arm and first_covariates[v] is not None
+                ]
+                assert got.get("cn", 0) == len(pre)
+                assert got.get("c", 0) == pytest.approx(sum(c for c, _ in pre))
+                assert got.get("c2", 0) == pytest.approx(sum(c * c for c, _ in pre))
+                assert got.get("cx", 0) == pytest.approx(sum(c * r[x_key] for c, r in pre))
+                assert got.get("cxp", 0) == pytest.approx(sum(r[x_key] for _, r in pre))
+                if metric == "ctr":
+                    assert got.get("cy", 0) == pytest.approx(sum(c * r["ctr_y"] for c, r in pre))
+                    assert got.get("cyp", 0) == pytest.approx(sum(r["ctr_y"] for _, r in pre))
             # Revenue's log-bucket histogram (for capping) equals the batch histogram of the final values;
             # buckets visitors moved out of are empty (float residue of the ± increments aside).
             histogram = parse_histogram(stored.get("revenue", {}))
