@@ -49,9 +49,12 @@ from services.recommend.settings import RecommendSettings
 from services.recommend.stats import (
     CAP_QUANTILE,
     ArmSums,
+    CupedSums,
+    RatioCupedSums,
     always_valid_interval,
     benjamini_hochberg,
     capped_sums,
+    cuped_uplift,
     histogram_cap,
     holm,
     mean_and_var,
@@ -328,6 +331,110 @@ def _metric_summary(sums: ArmSums, metric: str) -> dict[str, Any]:
     return summary
 
 
+def cuped_sums(group: Mapping[str, Any] | None, metric: str) -> CupedSums | RatioCupedSums | None:
+    """The group's CUPED sums for a metric (see experiment_store.COVARIATE_STATS), None without any
+    visitor with a pre-period. Visitors without one are the new-visitor indicator's, never dropped."""
+    if not group:
+        return None
+    stats = group.get(metric, {})
+    n = float(group.get("n", 0.0))
+    with_pre = float(stats.get("cn", 0.0))
+    if not with_pre > 0:
+        return None
+
+    def get(name: str) -> float:
+        return float(stats.get(name, 0.0))
+
+    if metric in RATIO_METRICS:
+        return RatioCupedSums(
+            n=n,
+            sum_m=get("x"),
+            sum_m2=get("x2"),
+            sum_d=get("y"),
+            sum_d2=get("y2"),
+            sum_md=get("xy"),
+            sum_x=get("c"),
+            sum_x2=get("c2"),
+            sum_xm=get("cx"),
+            sum_xd=get("cy"),
+            n_new=n - with_pre,
+            sum_m_new=get("x") - get("cxp"),
+            sum_d_new=get("y") - get("cyp"),
+        )
+    return CupedSums(
+        n=n,
+        sum_y=get("x"),
+        sum_y2=get("x2"),
+        sum_x=get("c"),
+        sum_x2=get("c2"),
+        sum_xy=get("cx"),
+        n_new=n - with_pre,
+        sum_y_new=get("x") - get("cxp"),
+    )
+
+
+def _cuped(
+    control_group: Mapping[str, Any] | None,
+    treatment_group: Mapping[str, Any] | None,
+    metric: str,
+    config: ExperimentConfig,
+) -> dict[str, Any] | None:
+    """The CUPED-adjusted comparison beside the unadjusted one, or None (no pre-period data)."""
+    control, treatment = cuped_sums(control_group, metric), cuped_sums(treatment_group, metric)
+    if control is None and treatment is None:
+        return None
+    # An arm without any visitor with a pre-period still has sums: all of its visitors are new.
+    control = control or _all_new(control_group, metric)
+    treatment = treatment or _all_new(treatment_group, metric)
+    result = cuped_uplift(control, treatment, alpha=config.alpha)
+    valid = always_valid_interval(
+        result.adjusted_control,
+        result.adjusted_treatment,
+        alpha=config.alpha,
+        planned_n=float(config.planned_visitors),
+    )
+    adjusted = result.adjusted
+    return {
+        "uplift": _num(adjusted.uplift),
+        "ci_lower": _num(adjusted.ci_lower),
+        "ci_upper": _num(adjusted.ci_upper),
+        "method": adjusted.method,
+        "p_value": _num(adjusted.p_value),
+        "significant": adjusted.significant,
+        "always_valid": {
+            "ci_lower": _num(valid.ci_lower),
+            "ci_upper": _num(valid.ci_upper),
+            "method": valid.method,
+            "significant": valid.significant,
+            "reason": valid.reason,
+        },
+        "variance_reduction_pct": _num(100.0 * result.variance_reduction),
+        "theta": [_num(result.theta[0]), _num(result.theta[1])],
+        "visitors_with_pre_period": {
+            "control": float(((control_group or {}).get(metric) or {}).get("cn", 0.0)),
+            "treatment": float(((treatment_group or {}).get(metric) or {}).get("cn", 0.0)),
+        },
+        "reason": result.reason,
+    }
+
+
+def _all_new(group: Mapping[str, Any] | None, metric: str) -> CupedSums | RatioCupedSums:
+    sums = arm_sums(group, metric)
+    if metric in RATIO_METRICS:
+        return RatioCupedSums(
+            n=sums.n,
+            sum_m=sums.sum_x,
+            sum_m2=sums.sum_x2,
+            sum_d=sums.sum_y,
+            sum_d2=sums.sum_y2,
+            sum_md=sums.sum_xy,
+            n_new=sums.n,
+            sum_m_new=sums.sum_x,
+            sum_d_new=sums.sum_y,
+        )
+    return CupedSums(n=sums.n, sum_y=sums.sum_x, sum_y2=sums.sum_x2, n_new=sums.n, sum_y_new=sums.sum_x)
+
+
 def _histogram(group: Mapping[str, Any] | None, metric: str) -> dict[int, tuple[float, float, float]]:
     return parse_histogram(group.get(metric, {})) if group else {}
 
@@ -389,6 +496,10 @@ def _compare(
         result["capped_at"] = _num(cap)
         result["cap_quantile"] = CAP_QUANTILE
         result["uncapped"] = uncapped
+        # The CUPED cross-sums are of the uncapped values: adjusting them would bring the heavy tail back.
+        result["cuped"] = None
+    else:
+        result["cuped"] = _cuped(control_group, treatment_group, metric, config)
     return result
 
 
@@ -463,9 +574,19 @@ def _reason(code: str, text: str, **params: Any) -> dict[str, Any]:
     return {"code": code, "text": text, "params": params}
 
 
+def _decisive(result: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The comparison the verdict reads: CUPED-adjusted when the metric has pre-period data (same
+    estimand, narrower interval), the unadjusted one otherwise."""
+    cuped = result.get("cuped")
+    return cuped if cuped and not cuped["reason"] else result
+
+
 def _verdict(
     config: ExperimentConfig, counts: Mapping[str, float], srm: Mapping[str, Any], results: Sequence[Mapping[str, Any]]
 ) -> dict[str, Any]:
+    results = [
+        {**_decisive(r), "arm": r["arm"], "metric": r["metric"], "adjusted": _decisive(r) is not r} for r in results
+    ]
     smallest = min(counts.values()) if counts else 0.0
     total = sum(counts.values())
     metric = config.primary_metric
@@ -521,11 +642,13 @@ def _verdict(
                     _reason(
                         "winner",
                         f"{best['arm']} beats {config.control} on {metric} by {best['uplift']:+.1%}: the "
-                        f"always-valid {1 - config.alpha:.0%} interval excludes zero",
+                        f"always-valid {1 - config.alpha:.0%} interval"
+                        f"{' (CUPED-adjusted)' if best['adjusted'] else ''} excludes zero",
                         arm=best["arm"],
                         control=config.control,
                         metric=metric,
                         uplift=best["uplift"],
+                        adjusted=best["adjusted"],
                     )
                 )
         elif primary and len(losers) == len(primary):

@@ -34,7 +34,9 @@ from services.recommend.experiments import (
 from services.recommend.settings import RecommendSettings
 from services.recommend.stats import (
     ArmSums,
+    CupedSums,
     always_valid_interval,
+    cuped_uplift,
     histogram_cap,
     histogram_from_values,
     holm,
@@ -556,3 +558,67 @@ def test_report_caps_revenue_at_the_pooled_quantile() -> None:
     result = build_report(experiment, tree, {}, time.time())["results"][0]
     assert result["capped_at"] is None and result["uncapped"] is None
     assert result["uplift"] == pytest.approx(raw.uplift, rel=1e-12)
+
+
+def _cuped_group(y: np.ndarray, pre: np.ndarray, new: np.ndarray, metric: str) -> dict[str, Any]:
+    # What the store keeps (experiment_store.COVARIATE_STATS) for a 0/1 metric with a pre-period value c.
+    c = np.where(new, 0.0, pre)
+    has_pre = ~new
+    stats = {
+        "x": float(y.sum()),
+        "x2": float((y * y).sum()),
+        "c": float(c.sum()),
+        "c2": float((c * c).sum()),
+        "cn": float(has_pre.sum()),
+        "cx": float((c * y).sum()),
+        "cxp": float(y[has_pre].sum()),
+    }
+    return {"n": float(y.size), metric: stats}
+
+
+def test_report_shows_cuped_beside_unadjusted_and_decides_on_it() -> None:
+    # Heterogeneous buyers (Beta(0.1, 0.9) propensity) whose pre-period purchases predict conversion;
+    # 20% new visitors (no pre-period). Treatment converts 25% more.
+    rng = np.random.default_rng(0)
+
+    def visitors(n: int, lift: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        p = rng.beta(0.1, 0.9, n)
+        pre = rng.binomial(30, p).astype(float)
+        y = (rng.random(n) < np.minimum(p * lift, 1.0)).astype(float)
+        return y, pre, rng.random(n) < 0.2
+
+    control, treatment = visitors(3000, 1.0), visitors(3000, 1.25)
+    settings: dict[str, Any] = {
+        "primary_metric": "conversion",
+        "metrics": ["conversion"],
+        "planned_visitors": 8000,
+        "min_visitors_per_arm": 100,
+    }
+    experiment = ExperimentsFile.model_validate({"experiments": [two_arms(**settings)]}).experiments[0]
+    tree = {
+        "control": {"all": _cuped_group(*control, "conversion")},
+        "treatment": {"all": _cuped_group(*treatment, "conversion")},
+    }
+    report = build_report(experiment, tree, {}, time.time())
+    result = report["results"][0]
+    expected = cuped_uplift(CupedSums.from_values(*control), CupedSums.from_values(*treatment))
+    cuped = result["cuped"]
+    assert cuped["uplift"] == pytest.approx(expected.adjusted.uplift, rel=1e-9)
+    assert cuped["ci_lower"] == pytest.approx(expected.adjusted.ci_lower, rel=1e-9)
+    assert cuped["variance_reduction_pct"] == pytest.approx(100 * expected.variance_reduction, rel=1e-9)
+    assert cuped["visitors_with_pre_period"]["control"] == float((~control[2]).sum())
+    # The unadjusted numbers stay as they were, side by side.
+    unadjusted = relative_uplift(ArmSums.from_values(control[0]), ArmSums.from_values(treatment[0]))
+    assert result["uplift"] == pytest.approx(unadjusted.uplift) and result["p_value"] == pytest.approx(
+        unadjusted.p_value
+    )
+    assert 30 < cuped["variance_reduction_pct"] < 60
+    # Only the adjusted peeking-safe interval excludes zero here: the verdict reads it.
+    assert not result["always_valid"]["significant"] and cuped["always_valid"]["significant"]
+    verdict = report["verdict"]
+    assert verdict["decision"] == "ship_treatment" and verdict["reasons"][0]["params"]["adjusted"] is True
+    # Without pre-period sums there is no CUPED block and the verdict reads the unadjusted interval.
+    for arm in tree.values():
+        arm["all"]["conversion"] = {k: v for k, v in arm["all"]["conversion"].items() if not k.startswith("c")}
+    plain = build_report(experiment, tree, {}, time.time())
+    assert plain["results"][0]["cuped"] is None and plain["verdict"]["decision"] == "keep_running"
