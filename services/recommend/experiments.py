@@ -864,6 +864,7 @@ class ExperimentRuntime(ArmChooser):
         recommendation_id: str,
         now: float,
         took_s: float,
+        covariates: Mapping[str, float] | None = None,
     ) -> None:
         experiment = self.by_key.get(key)
         if experiment is None:
@@ -877,7 +878,7 @@ class ExperimentRuntime(ArmChooser):
             denominators[ALL]["ctr"] += len(items)
             slots.setdefault(label, []).extend(items)
         record = {"visitor_id": visitor_id, "ts": now, "arm": arm, "kind": "recommend", "slots": slots}
-        self._write(experiment, visitor_id, arm, persona, now, denominators, recommendation_id, record)
+        self._write(experiment, visitor_id, arm, persona, now, denominators, recommendation_id, record, covariates)
         RANKING_SECONDS.labels(key, arm).observe(took_s)
 
     def record_message_exposure(
@@ -890,6 +891,7 @@ class ExperimentRuntime(ArmChooser):
         now: float | None = None,
         persona: str | None = None,
         item_id: str | None = None,
+        covariates: Mapping[str, float] | None = None,
     ) -> None:
         """One message sent under an experiment arm (its opens and clicks are attributed by the id)."""
         experiment = self.by_key.get(key)
@@ -905,7 +907,7 @@ class ExperimentRuntime(ArmChooser):
             "kind": "message",
             "slots": {channel: [item_id] if item_id else []},
         }
-        self._write(experiment, visitor_id, arm, persona, moment, denominators, recommendation_id, record)
+        self._write(experiment, visitor_id, arm, persona, moment, denominators, recommendation_id, record, covariates)
 
     def _write(
         self,
@@ -917,7 +919,10 @@ class ExperimentRuntime(ArmChooser):
         denominators: Mapping[str, Mapping[str, float]],
         recommendation_id: str,
         record: Mapping[str, Any],
+        covariates: Mapping[str, float] | None = None,
     ) -> None:
+        # covariates: metric -> the visitor's pre-exposure value for CUPED (used at the first exposure);
+        # the callers do not supply them yet, so every visitor counts as new and reports have no CUPED block.
         write = ExposureWrite(
             experiment.storage_id,
             visitor_id,
@@ -928,6 +933,7 @@ class ExperimentRuntime(ArmChooser):
             recommendation_id,
             record,
             record_ttl_s=int(experiment.attribution_window_hours * 3600) + self.record_ttl_s,
+            covariates=covariates,
         )
         try:
             applied = self.store.record_exposure(write)
