@@ -3,6 +3,7 @@
 Unit of randomization and analysis is the visitor: every sum below is over visitors, with x the
 visitor's metric value (or numerator, e.g. clicks) and y the denominator of a ratio metric
 (e.g. impressions). Degenerate inputs never raise: results carry NaN fields and a `reason`.
+The methods, their switches and the simulations that calibrate them are described in docs/statistics.md.
 """
 
 from __future__ import annotations
