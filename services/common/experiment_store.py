@@ -49,7 +49,7 @@ HISTOGRAM_METRICS: Final = frozenset({"revenue"})
 # exposure) adds, per group and metric, Σc ("c"), Σc² ("c2"), the visitors with a pre-period ("cn"),
 # Σc·x ("cx") and Σx over visitors with a pre-period ("cxp"); for ratio metrics also Σc·y ("cy") and
 # Σy over them ("cyp"). Visitors without a pre-period (new, or none supplied) are the rest of n: x = 0 plus
-# an indicator in the regression (stats.CupedSums / RatioCupedSums via cuped_sums below).
+# an indicator in the regression (stats.CupedSums / RatioCupedSums, built by experiments.cuped_sums).
 COVARIATE_STATS: Final = ("c", "c2", "cn", "cx", "cxp", "cy", "cyp")
 BUCKETS_PER_DOUBLING: Final = 4
 STATS: Final = ("x", "x2", "y", "y2", "xy")
