@@ -281,39 +281,57 @@ def value_bucket(x: float) -> int:
     return math.ceil(BUCKETS_PER_DOUBLING * math.log(x) / math.log(2.0))
 
 
-def histogram_increments(x_old: float, d: float) -> list[tuple[str, float]]:
+def histogram_increments(x_old: float, d: float, c: float | None = None) -> list[tuple[str, float]]:
     """(stat, amount) to move one visitor's value from x_old to x_old + d (d > 0) in the histogram.
 
     Within a bucket only Σx and Σx² grow; crossing into another bucket takes the visitor out of the old
-    one (negative increments: histograms are Redis/SQLite sums, not Prometheus counters).
+    one (negative increments: histograms are Redis/SQLite sums, not Prometheus counters). A visitor with
+    a pre-period value c is also counted in the bucket's "cn", "c", "cx" (Σc·x) and "xp" (Σx).
     """
     x_new = x_old + d
     k_new = value_bucket(x_new)
+    if x_old > 0 and value_bucket(x_old) == k_new:
+        out = [(f"h{k_new}:x", d), (f"h{k_new}:x2", 2 * x_old * d + d * d)]
+        if c is not None:
+            out += [(f"h{k_new}:cx", c * d), (f"h{k_new}:xp", d)]
+        return [(stat, amount) for stat, amount in out if amount != 0.0]
+    out = []
     if x_old > 0:
         k_old = value_bucket(x_old)
-        if k_old == k_new:
-            return [(f"h{k_new}:x", d), (f"h{k_new}:x2", 2 * x_old * d + d * d)]
-        out = [(f"h{k_old}:n", -1.0), (f"h{k_old}:x", -x_old), (f"h{k_old}:x2", -x_old * x_old)]
-    else:
-        out = []
-    return [*out, (f"h{k_new}:n", 1.0), (f"h{k_new}:x", x_new), (f"h{k_new}:x2", x_new * x_new)]
+        out += [(f"h{k_old}:n", -1.0), (f"h{k_old}:x", -x_old), (f"h{k_old}:x2", -x_old * x_old)]
+        if c is not None:
+            out += [(f"h{k_old}:cn", -1.0), (f"h{k_old}:c", -c), (f"h{k_old}:cx", -c * x_old)]
+            out += [(f"h{k_old}:xp", -x_old)]
+    out += [(f"h{k_new}:n", 1.0), (f"h{k_new}:x", x_new), (f"h{k_new}:x2", x_new * x_new)]
+    if c is not None:
+        out += [(f"h{k_new}:cn", 1.0), (f"h{k_new}:c", c), (f"h{k_new}:cx", c * x_new), (f"h{k_new}:xp", x_new)]
+    # Like the Lua script, a zero covariate adds no Σc / Σc·x entries.
+    return [(stat, amount) for stat, amount in out if amount != 0.0]
 
 
-def parse_histogram(stats: Mapping[str, float]) -> dict[int, tuple[float, float, float]]:
-    """ "h<k>:n|x|x2" stats of one metric -> {k: (visitors, Σx, Σx²)} (stats.Histogram)."""
+def _parse_buckets(stats: Mapping[str, float], names: Sequence[str]) -> dict[int, list[float]]:
     buckets: dict[int, list[float]] = {}
     for name, value in stats.items():
         if not name.startswith("h") or ":" not in name:
             continue
         bucket, _, stat = name[1:].partition(":")
-        index = {"n": 0, "x": 1, "x2": 2}.get(stat)
         try:
             k = int(bucket)
         except ValueError:
             continue
-        if index is not None:
-            buckets.setdefault(k, [0.0, 0.0, 0.0])[index] += float(value)
-    return {k: (v[0], v[1], v[2]) for k, v in buckets.items()}
+        if stat in names:
+            buckets.setdefault(k, [0.0] * len(names))[names.index(stat)] += float(value)
+    return buckets
+
+
+def parse_histogram(stats: Mapping[str, float]) -> dict[int, tuple[float, float, float]]:
+    """ "h<k>:n|x|x2" stats of one metric -> {k: (visitors, Σx, Σx²)} (stats.Histogram)."""
+    return {k: (v[0], v[1], v[2]) for k, v in _parse_buckets(stats, ("n", "x", "x2")).items()}
+
+
+def parse_covariate_histogram(stats: Mapping[str, float]) -> dict[int, tuple[float, float, float, float]]:
+    """ "h<k>:cn|c|cx|xp" -> {k: (visitors with a pre-period, Σc, Σc·x, Σx)} (stats.CovariateHistogram)."""
+    return {k: (v[0], v[1], v[2], v[3]) for k, v in _parse_buckets(stats, ("cn", "c", "cx", "xp")).items()}
 
 
 class ExperimentStore(ABC):
@@ -502,23 +520,44 @@ for i = 0, count - 1 do
         add(arm, day, g, metric .. '|cxp', d)
       end
       if mode == 'h' then
-        -- histogram_increments in Python: the same bucket expression and moves.
+        -- histogram_increments in Python: the same bucket expression and moves. For visitors with a
+        -- pre-period the bucket also keeps their count, Σc, Σc·x and Σx (CUPED on capped values).
         local x_new = x_old + d
         local k_new = math.ceil(4 * math.log(x_new) / math.log(2))
         local h_new = metric .. '|h' .. string.format('%d', k_new)
         if x_old > 0 and math.ceil(4 * math.log(x_old) / math.log(2)) == k_new then
           add(arm, day, g, h_new .. ':x', d)
           add(arm, day, g, h_new .. ':x2', 2 * x_old * d + d * d)
+          if c then
+            if c > 0 then add(arm, day, g, h_new .. ':cx', c * d) end
+            add(arm, day, g, h_new .. ':xp', d)
+          end
         else
           if x_old > 0 then
             local h_old = metric .. '|h' .. string.format('%d', math.ceil(4 * math.log(x_old) / math.log(2)))
             add(arm, day, g, h_old .. ':n', -1)
             add(arm, day, g, h_old .. ':x', -x_old)
             add(arm, day, g, h_old .. ':x2', -x_old * x_old)
+            if c then
+              add(arm, day, g, h_old .. ':cn', -1)
+              if c > 0 then
+                add(arm, day, g, h_old .. ':c', -c)
+                add(arm, day, g, h_old .. ':cx', -c * x_old)
+              end
+              add(arm, day, g, h_old .. ':xp', -x_old)
+            end
           end
           add(arm, day, g, h_new .. ':n', 1)
           add(arm, day, g, h_new .. ':x', x_new)
           add(arm, day, g, h_new .. ':x2', x_new * x_new)
+          if c then
+            add(arm, day, g, h_new .. ':cn', 1)
+            if c > 0 then
+              add(arm, day, g, h_new .. ':c', c)
+              add(arm, day, g, h_new .. ':cx', c * x_new)
+            end
+            add(arm, day, g, h_new .. ':xp', x_new)
+          end
         end
       end
     end
@@ -897,7 +936,7 @@ class SqliteExperimentStore(ExperimentStore):
                         tx.add(g, f"{metric}|cx", c * d)
                     tx.add(g, f"{metric}|cxp", d)
                 if mode == "h":
-                    for stat, amount in histogram_increments(x_old, d):
+                    for stat, amount in histogram_increments(x_old, d, c):
                         tx.add(g, f"{metric}|{stat}", amount)
         conn.execute(
             "UPDATE exp_visitors SET data = ? WHERE exp = ? AND visitor_id = ?",

@@ -39,6 +39,7 @@ from services.common.experiment_store import (
     ExposureWrite,
     count_increments,
     open_experiment_store,
+    parse_covariate_histogram,
     parse_histogram,
     touch_counters,
 )
@@ -53,6 +54,7 @@ from services.recommend.stats import (
     RatioCupedSums,
     always_valid_interval,
     benjamini_hochberg,
+    capped_cuped_sums,
     capped_sums,
     cuped_uplift,
     histogram_cap,
@@ -378,14 +380,32 @@ def _cuped(
     treatment_group: Mapping[str, Any] | None,
     metric: str,
     config: ExperimentConfig,
+    cap: float = math.inf,
 ) -> dict[str, Any] | None:
-    """The CUPED-adjusted comparison beside the unadjusted one, or None (no pre-period data)."""
+    """The CUPED-adjusted comparison beside the unadjusted one, or None (no pre-period data).
+
+    With a finite `cap` (heavy-tailed metrics) the metric values are capped like the unadjusted
+    comparison, from the per-bucket covariate sums.
+    """
     control, treatment = cuped_sums(control_group, metric), cuped_sums(treatment_group, metric)
     if control is None and treatment is None:
         return None
     # An arm without any visitor with a pre-period still has sums: all of its visitors are new.
     control = control or _all_new(control_group, metric)
     treatment = treatment or _all_new(treatment_group, metric)
+    if math.isfinite(cap) and isinstance(control, CupedSums) and isinstance(treatment, CupedSums):
+        control = capped_cuped_sums(
+            control,
+            _histogram(control_group, metric),
+            parse_covariate_histogram((control_group or {}).get(metric, {})),
+            cap,
+        )
+        treatment = capped_cuped_sums(
+            treatment,
+            _histogram(treatment_group, metric),
+            parse_covariate_histogram((treatment_group or {}).get(metric, {})),
+            cap,
+        )
     result = cuped_uplift(control, treatment, alpha=config.alpha)
     valid = always_valid_interval(
         result.adjusted_control,
@@ -496,10 +516,8 @@ def _compare(
         result["capped_at"] = _num(cap)
         result["cap_quantile"] = CAP_QUANTILE
         result["uncapped"] = uncapped
-        # The CUPED cross-sums are of the uncapped values: adjusting them would bring the heavy tail back.
-        result["cuped"] = None
-    else:
-        result["cuped"] = _cuped(control_group, treatment_group, metric, config)
+    # CUPED on the same (capped, for revenue) values as the unadjusted comparison.
+    result["cuped"] = _cuped(control_group, treatment_group, metric, config, cap)
     return result
 
 

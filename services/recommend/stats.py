@@ -434,6 +434,67 @@ def capped_sums(sums: ArmSums, histogram: Histogram, cap: float) -> ArmSums:
     )
 
 
+# bucket index -> (visitors with a pre-period, their Σc, Σc·x, Σx): CUPED on capped values.
+CovariateHistogram = Mapping[int, tuple[float, float, float, float]]
+
+
+def covariate_histogram_from_values(
+    y: ArrayLike, c: ArrayLike, new: ArrayLike | None = None
+) -> dict[int, tuple[float, float, float, float]]:
+    """Batch covariate histogram: buckets of y (as histogram_from_values), visitors with a pre-period only."""
+    ys = np.asarray(y, dtype=float).ravel()
+    is_new = np.zeros(ys.shape, dtype=bool) if new is None else np.asarray(new, dtype=bool).ravel()
+    cs = np.asarray(c, dtype=float).ravel()
+    keep = (ys > 0) & ~is_new
+    ys, cs = ys[keep], cs[keep]
+    if ys.size == 0:
+        return {}
+    ks = np.ceil(BUCKETS_PER_DOUBLING * np.log(ys) / math.log(2.0)).astype(np.int64)
+    offset = ks - ks.min()
+    count, sum_c = np.bincount(offset), np.bincount(offset, cs)
+    sum_cx, sum_x = np.bincount(offset, cs * ys), np.bincount(offset, ys)
+    first = int(ks.min())
+    return {
+        first + int(i): (float(count[i]), float(sum_c[i]), float(sum_cx[i]), float(sum_x[i]))
+        for i in np.flatnonzero(count)
+    }
+
+
+def capped_cuped_sums(
+    sums: CupedSums, histogram: Histogram, covariate_histogram: CovariateHistogram, cap: float
+) -> CupedSums:
+    """CupedSums with every visitor's y replaced by min(y, cap), for a cap on a bucket edge.
+
+    Σc·y and the pre-period visitors' Σy are rebuilt per bucket like `capped_sums` (buckets above the
+    cap contribute cap·Σc and cap·count); the covariate itself is not capped (pass a bounded predictor,
+    e.g. log(1 + pre-period revenue), if it is heavy-tailed).
+    """
+    if math.isinf(cap):
+        return sums
+    capped = capped_sums(sums.metric(), histogram, cap)
+    bucketed_cx = bucketed_xp = capped_cx = capped_xp = 0.0
+    for k, (count, sum_c, sum_cx, sum_x) in covariate_histogram.items():
+        bucketed_cx += sum_cx
+        bucketed_xp += sum_x
+        if bucket_upper_edge(k) <= cap:
+            capped_cx += sum_cx
+            capped_xp += sum_x
+        else:
+            capped_cx += cap * sum_c
+            capped_xp += cap * count
+    pre_period_y = (sums.sum_y - sums.sum_y_new) - bucketed_xp + capped_xp
+    return CupedSums(
+        n=sums.n,
+        sum_y=capped.sum_x,
+        sum_y2=capped.sum_x2,
+        sum_x=sums.sum_x,
+        sum_x2=sums.sum_x2,
+        sum_xy=sums.sum_xy - bucketed_cx + capped_cx,
+        n_new=sums.n_new,
+        sum_y_new=capped.sum_x - pre_period_y,
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # CUPED / regression adjustment from additive per-arm sums
 # ------------------------------------------------------------------------------------------------
@@ -619,7 +680,9 @@ def _regression_adjust(control: _Moments, treatment: _Moments) -> tuple[NDArray[
     theta = np.zeros(2)
     if keep.any():
         sub = szz[np.ix_(keep, keep)]
-        if np.all(np.isfinite(sub)) and np.all(np.isfinite(szy)) and np.linalg.cond(sub) < 1e12:
+        # det/Π diag is 1 − r² between the columns (1 for one column): near 0 they are collinear.
+        collinear = not np.linalg.det(sub) > 1e-9 * float(np.prod(np.diag(sub)))
+        if np.all(np.isfinite(sub)) and np.all(np.isfinite(szy)) and not collinear:
             theta[keep] = np.linalg.solve(sub, szy[keep])
     z_pooled = (control.z_sum + treatment.z_sum) / (control.n + treatment.n)
     adjusted_sums = []

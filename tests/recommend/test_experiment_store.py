@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from services.common.experiment_store import (
@@ -17,10 +18,11 @@ from services.common.experiment_store import (
     OutcomeWrite,
     RedisExperimentStore,
     SqliteExperimentStore,
+    parse_covariate_histogram,
     parse_histogram,
 )
 from services.common.storage import make_redis_client
-from services.recommend.stats import ArmSums, histogram_from_values
+from services.recommend.stats import ArmSums, covariate_histogram_from_values, histogram_from_values
 from tests.conftest import REDIS_URL, clean_namespace, unique_name
 
 EXP = "exp-a@1"
@@ -103,7 +105,8 @@ def test_random_updates_match_batch_sums_per_group(store: ExperimentStore) -> No
     sums = store.sums(EXP)
     for arm in ("control", "treatment"):
         for group in ("all", "slot:home", "slot:hero", "slot:cta"):
-            rows = [r for (v, g), r in truth.items() if g == group and arms[v] == arm]
+            row_visitors = [v for (v, g) in truth if g == group and arms[v] == arm]
+            rows = [truth[(v, group)] for v in row_visitors]
             stored = sums[arm][group]
             assert stored["n"] == len(rows)
             expected = ArmSums.from_values([r["ctr_x"] for r in rows], [r["ctr_y"] for r in rows])
@@ -140,6 +143,18 @@ def test_random_updates_match_batch_sums_per_group(store: ExperimentStore) -> No
                 want = expected_histogram.get(k, (0.0, 0.0, 0.0))
                 assert count == want[0]
                 assert sx == pytest.approx(want[1], abs=1e-6) and sx2 == pytest.approx(want[2], rel=1e-9, abs=1e-3)
+            # Its per-bucket covariate sums (CUPED on capped revenue) cover the visitors with a pre-period.
+            covariate_histogram = parse_covariate_histogram(stored.get("revenue", {}))
+            expected_covariates = covariate_histogram_from_values(
+                [r["revenue"] for r in rows],
+                [first_covariates[v]["revenue"] if first_covariates[v] else 0.0 for v in row_visitors],
+                [first_covariates[v] is None for v in row_visitors],
+            )
+            assert {k for k, v in covariate_histogram.items() if v[0] > 0} == set(expected_covariates)
+            for k, got_bucket in covariate_histogram.items():
+                want_bucket = expected_covariates.get(k, (0.0, 0.0, 0.0, 0.0))
+                assert got_bucket[0] == want_bucket[0]
+                np.testing.assert_allclose(got_bucket[1:], want_bucket[1:], rtol=1e-9, atol=1e-3)
         # The persona group of every visitor here is "hemat": it mirrors the whole arm.
         assert sums[arm]["seg:hemat"] == sums[arm]["all"]
 

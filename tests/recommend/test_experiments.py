@@ -36,6 +36,7 @@ from services.recommend.stats import (
     ArmSums,
     CupedSums,
     always_valid_interval,
+    covariate_histogram_from_values,
     cuped_uplift,
     histogram_cap,
     histogram_from_values,
@@ -622,3 +623,46 @@ def test_report_shows_cuped_beside_unadjusted_and_decides_on_it() -> None:
         arm["all"]["conversion"] = {k: v for k, v in arm["all"]["conversion"].items() if not k.startswith("c")}
     plain = build_report(experiment, tree, {}, time.time())
     assert plain["results"][0]["cuped"] is None and plain["verdict"]["decision"] == "keep_running"
+
+
+def test_report_cuped_on_capped_revenue() -> None:
+    # Revenue with a pre-period covariate: the CUPED block adjusts the same capped values as the main one.
+    rng = np.random.default_rng(11)
+
+    def visitors(n: int, rate: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        y = rng.lognormal(12.0, 1.5, n).round() * (rng.random(n) < rate)
+        c = np.log1p(y * rng.lognormal(0.0, 0.5, n) + rng.exponential(1000.0, n))
+        return y, c, rng.random(n) < 0.3
+
+    def group(y: np.ndarray, c: np.ndarray, new: np.ndarray) -> dict[str, Any]:
+        stats = _revenue_group(list(y))["revenue"]
+        cov = np.where(new, 0.0, c)
+        stats.update(
+            {
+                "c": float(cov.sum()),
+                "c2": float((cov * cov).sum()),
+                "cn": float((~new).sum()),
+                "cx": float((cov * y).sum()),
+                "cxp": float(y[~new].sum()),
+            }
+        )
+        for k, (count, sum_c, sum_cx, sum_x) in covariate_histogram_from_values(y, cov, new).items():
+            stats.update({f"h{k}:cn": count, f"h{k}:c": sum_c, f"h{k}:cx": sum_cx, f"h{k}:xp": sum_x})
+        return {"n": float(y.size), "revenue": stats}
+
+    control, treatment = visitors(3000, 0.05), visitors(3000, 0.06)
+    settings: dict[str, Any] = {"primary_metric": "revenue", "metrics": ["revenue"], "min_visitors_per_arm": 10}
+    experiment = ExperimentsFile.model_validate({"experiments": [two_arms(**settings)]}).experiments[0]
+    tree = {"control": {"all": group(*control)}, "treatment": {"all": group(*treatment)}}
+    result = build_report(experiment, tree, {}, time.time())["results"][0]
+    cap = result["capped_at"]
+    assert cap == histogram_cap([histogram_from_values(control[0]), histogram_from_values(treatment[0])])
+    expected = cuped_uplift(
+        CupedSums.from_values(np.minimum(control[0], cap), control[1], control[2]),
+        CupedSums.from_values(np.minimum(treatment[0], cap), treatment[1], treatment[2]),
+    )
+    assert result["cuped"]["uplift"] == pytest.approx(expected.adjusted.uplift, rel=1e-9)
+    assert result["cuped"]["ci_upper"] == pytest.approx(expected.adjusted.ci_upper, rel=1e-9)
+    assert result["cuped"]["variance_reduction_pct"] == pytest.approx(100 * expected.variance_reduction, rel=1e-6)
+    # The unadjusted side of the CUPED block is the main (capped) comparison.
+    assert expected.unadjusted.uplift == pytest.approx(result["uplift"], rel=1e-9)
