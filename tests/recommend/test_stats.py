@@ -700,6 +700,10 @@ def test_cuped_point_estimate_equals_statsmodels_ols() -> None:
     # OLS's HC2 one, which equals the Welch form for a two-group regressor.
     hc2 = sm.OLS(np.r_[yc, yt], design).fit(cov_type="HC2").bse[1]
     assert res.adjusted_difference.std_error == pytest.approx(hc2, rel=0.02)
+    # Units do not matter: a covariate in IDR (x·10⁷) gives the same adjustment, θ scaled by 10⁻⁷.
+    scaled = cuped_uplift(CupedSums.from_values(yc, xc * 1e7, nc), CupedSums.from_values(yt, xt * 1e7, nt))
+    assert scaled.adjusted_difference.uplift == pytest.approx(ols.params[1], rel=1e-9)
+    assert scaled.theta[1] == pytest.approx(ols.params[3], rel=1e-9)
     # The relative uplift is of the adjusted means, whose difference is the OLS coefficient.
     assert res.adjusted.treatment_mean - res.adjusted.control_mean == pytest.approx(ols.params[1], rel=1e-9)
     # Without new visitors the indicator column has no variation and is left out (OLS on arm + x).
