@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from services.common.experiment_store import (
     ExperimentStore,
@@ -18,6 +19,7 @@ from services.common.experiment_store import (
     OutcomeWrite,
     RedisExperimentStore,
     SqliteExperimentStore,
+    count_increments,
     parse_covariate_histogram,
     parse_histogram,
 )
@@ -226,3 +228,24 @@ def test_concurrent_writers_lose_nothing(store: ExperimentStore) -> None:
     assert (ctr["x"], ctr["y"]) == (expected.sum_x, expected.sum_y)
     assert ctr["x2"] == pytest.approx(expected.sum_x2) and ctr["y2"] == pytest.approx(expected.sum_y2)
     assert ctr["xy"] == pytest.approx(expected.sum_xy)
+
+
+def test_applied_cuped_increments_reach_the_prometheus_counters(store: ExperimentStore) -> None:
+    """The CUPED sums are exported as counters, so Prometheus can recompute the adjustment."""
+    experiment = unique_name("cuped")
+
+    def value(name: str, metric: str) -> float:
+        labels = {"experiment": experiment, "arm": "treatment", "metric": metric, "slot": "all"}
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    applied = expose(store, "v1", "treatment", T0, {"home": 3}, covariates={"revenue": 2.0, "ctr": 4.0})
+    count_increments(experiment, "treatment", applied.increments)
+    applied = outcome(store, "v1", "e1", T0 + 1, revenue=5000.0, ctr=1.0)
+    count_increments(experiment, "treatment", applied.increments)
+    assert value("selaras_experiment_covariate_sum_total", "revenue") == 2.0
+    assert value("selaras_experiment_covariate_squares_sum_total", "revenue") == 4.0
+    assert value("selaras_experiment_covariate_visitors_total", "revenue") == 1.0
+    assert value("selaras_experiment_covariate_cross_sum_total", "revenue") == 10000.0
+    assert value("selaras_experiment_value_sum_with_pre_period_total", "revenue") == 5000.0
+    assert value("selaras_experiment_covariate_denominator_cross_sum_total", "ctr") == 12.0
+    assert value("selaras_experiment_denominator_sum_with_pre_period_total", "ctr") == 3.0
