@@ -21,7 +21,7 @@ from rich.table import Table
 
 from services.demo.commands import shop_app
 from services.demo.simulate_ab import simulate_ab_command
-from services.recommend.message_cli import register_message_commands
+from services.messages.cli import register_message_commands
 
 # DuckDB/ibis deprecation notices on every Feast offline query are noise for CLI users.
 warnings.filterwarnings("ignore", category=DeprecationWarning)

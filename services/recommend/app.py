@@ -64,9 +64,9 @@ def create_app(settings: RecommendSettings | None = None, clock: Clock | None = 
             state.executor.shutdown(wait=True)
             state.repository.close()
 
+    from services.messages.endpoints import router as message_router
     from services.recommend.endpoints import router
     from services.recommend.experiment_endpoints import router as experiment_router
-    from services.recommend.message_endpoints import router as message_router
 
     app = FastAPI(
         title="Selaras recommend service",

@@ -41,9 +41,7 @@ from services.common.consent import ConsentDefaults
 from services.common.context import is_payday_window, local_time
 from services.common.events import Event, EventContext, EventType, Identifier
 from services.common.features import as_number
-from services.recommend.assignment import HOLDOUT_ARM
-from services.recommend.catalog_cache import ItemSnapshot
-from services.recommend.message_model import (
+from services.messages.model import (
     ACTION_COLUMNS,
     NONE_ACTION,
     TRIGGERS,
@@ -55,7 +53,9 @@ from services.recommend.message_model import (
     encode_candidates,
     visitor_vector,
 )
-from services.recommend.message_repository import MessageRepository
+from services.messages.repository import MessageRepository
+from services.recommend.assignment import HOLDOUT_ARM
+from services.recommend.catalog_cache import ItemSnapshot
 
 log = logging.getLogger(__name__)
 

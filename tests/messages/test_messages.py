@@ -11,9 +11,8 @@ import pytest
 from services.common.catalog import CatalogItem
 from services.common.context import WIB, WIT, WITA
 from services.demo.shop import generate_shop
-from services.recommend.catalog_cache import ItemSnapshot, build_snapshot
-from services.recommend.message_model import VisitorView
-from services.recommend.messages import (
+from services.messages.model import VisitorView
+from services.messages.service import (
     Eligibility,
     MessageCatalog,
     MessageSettings,
@@ -25,6 +24,7 @@ from services.recommend.messages import (
     render,
     tone_for,
 )
+from services.recommend.catalog_cache import ItemSnapshot, build_snapshot
 from tests.factories import make_item
 
 SETTINGS = MessageSettings()

@@ -17,8 +17,8 @@ from rich.table import Table
 if TYPE_CHECKING:
     from services.common.catalog import CatalogItem
     from services.common.events import Event
-    from services.recommend.message_model import MessageModel
-    from services.recommend.message_ope import Evaluation
+    from services.messages.model import MessageModel
+    from services.messages.ope import Evaluation
 
 console = Console()
 DataDir = Annotated[Path, typer.Option("--data-dir", envvar="SELARAS_DATA_DIR", help="Where Selaras keeps its data.")]
@@ -49,8 +49,8 @@ def train_messages(
     seed: int = 7,
 ) -> None:
     """Train the next-best-message uplift model from the logged decisions and outcomes; save it as the newest."""
-    from services.recommend.message_model import MessageTrainConfig, replay_decisions, train_message_model
-    from services.recommend.message_repository import MessageRepository
+    from services.messages.model import MessageTrainConfig, replay_decisions, train_message_model
+    from services.messages.repository import MessageRepository
     from services.recommend.repository import RecommendRepository
 
     repository = RecommendRepository.open(_settings(data_dir))
@@ -127,9 +127,9 @@ def evaluate_messages_command(
 ) -> None:
     """Estimate the value of the learned message policy, of every single-message policy and of sending
     nothing from logged decisions (IPS, self-normalised IPS, doubly robust; 95% CIs, effective sample size)."""
-    from services.recommend.message_model import MessageModel, replay_decisions
-    from services.recommend.message_ope import evaluate_messages
-    from services.recommend.message_repository import MessageRepository
+    from services.messages.model import MessageModel, replay_decisions
+    from services.messages.ope import evaluate_messages
+    from services.messages.repository import MessageRepository
     from services.recommend.repository import RecommendRepository
 
     model: MessageModel | None = None
@@ -179,7 +179,7 @@ def evaluate_messages_command(
 
 
 def evaluation_table(evaluation: Evaluation) -> Table:
-    from services.recommend.message_ope import rank
+    from services.messages.ope import rank
 
     table = Table(
         title=f"message policies on {evaluation.decisions:,} decisions (conversion within "
@@ -215,7 +215,7 @@ def simulate_messages_command(
 ) -> None:
     """Simulate message decisions (with exploration and a control group) and reactions on the demo shop."""
     from services.demo.message_sim import MessageSimConfig, simulate_messages
-    from services.recommend.messages import MessageSettings
+    from services.messages.service import MessageSettings
 
     settings = _settings(data_dir)
     from services.common.storage import open_store

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from services.recommend.message_model import (
+from services.messages.model import (
     ACTION_COLUMNS,
     VISITOR_COLUMNS,
     LoggedDecisions,
@@ -21,7 +21,7 @@ from services.recommend.message_model import (
     template_code,
     train_message_model,
 )
-from services.recommend.message_ope import LEARNED, NOTHING, evaluate_messages, greedy_actions
+from services.messages.ope import LEARNED, NOTHING, evaluate_messages, greedy_actions
 
 ORGANIC = 0.1
 OPEN, CLICK = 0.5, 0.5

@@ -20,10 +20,10 @@ from services.common.api import (
     validation_failure,
 )
 from services.common.errors import InvalidPayload, PayloadTooLarge
+from services.messages.repository import MessageRepository
+from services.messages.service import MessageBatchRequest, MessageRequest, MessageService, MessageSettings
 from services.recommend.app import RecommendState
 from services.recommend.endpoints import get_auth, get_state
-from services.recommend.message_repository import MessageRepository
-from services.recommend.messages import MessageBatchRequest, MessageRequest, MessageService, MessageSettings
 
 router = APIRouter()
 REQUEST_ADAPTER: TypeAdapter[MessageRequest] = TypeAdapter(MessageRequest)
