@@ -49,8 +49,9 @@ def train_messages(
     seed: int = 7,
 ) -> None:
     """Train the next-best-message uplift model from the logged decisions and outcomes; save it as the newest."""
-    from services.messages.model import MessageTrainConfig, replay_decisions, train_message_model
+    from services.messages.replay import replay_decisions
     from services.messages.repository import MessageRepository
+    from services.messages.train import MessageTrainConfig, train_message_model
     from services.recommend.repository import RecommendRepository
 
     repository = RecommendRepository.open(_settings(data_dir))
@@ -127,8 +128,9 @@ def evaluate_messages_command(
 ) -> None:
     """Estimate the value of the learned message policy, of every single-message policy and of sending
     nothing from logged decisions (IPS, self-normalised IPS, doubly robust; 95% CIs, effective sample size)."""
-    from services.messages.model import MessageModel, replay_decisions
+    from services.messages.model import MessageModel
     from services.messages.ope import evaluate_messages
+    from services.messages.replay import replay_decisions
     from services.messages.repository import MessageRepository
     from services.recommend.repository import RecommendRepository
 
@@ -215,7 +217,7 @@ def simulate_messages_command(
 ) -> None:
     """Simulate message decisions (with exploration and a control group) and reactions on the demo shop."""
     from services.demo.message_sim import MessageSimConfig, simulate_messages
-    from services.messages.service import MessageSettings
+    from services.messages.settings import MessageSettings
 
     settings = _settings(data_dir)
     from services.common.storage import open_store

@@ -21,7 +21,9 @@ from services.common.api import (
 )
 from services.common.errors import InvalidPayload, PayloadTooLarge
 from services.messages.repository import MessageRepository
-from services.messages.service import MessageBatchRequest, MessageRequest, MessageService, MessageSettings
+from services.messages.schemas import MessageBatchRequest, MessageRequest
+from services.messages.service import MessageService
+from services.messages.settings import MessageSettings
 from services.recommend.app import RecommendState
 from services.recommend.endpoints import get_auth, get_state
 

@@ -26,7 +26,9 @@ from services.demo.shop import generate_shop
 from services.messages.endpoints import install_message_service
 from services.messages.model import MessageModel, Stage
 from services.messages.repository import MessageRepository
-from services.messages.service import MessageRequest, MessageService, MessageSettings
+from services.messages.schemas import MessageRequest
+from services.messages.service import MessageService
+from services.messages.settings import MessageSettings
 from services.profile.aggregations import SegmentRules
 from services.profile.privacy import MessageHistoryHolder
 from services.profile.repository import ProfileRepository

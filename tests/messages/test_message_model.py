@@ -21,9 +21,12 @@ from services.common.settings import CommonSettings
 from services.demo.message_sim import MessageSimConfig, simulate_messages
 from services.demo.shop import generate_shop
 from services.demo.simulator import read_jsonl
-from services.messages.model import VisitorView, action_vector, replay_decisions, visitor_vector
+from services.messages.model import VisitorView, action_vector, visitor_vector
+from services.messages.replay import replay_decisions
 from services.messages.repository import MessageRepository
-from services.messages.service import MessageRequest, MessageService, MessageSettings
+from services.messages.schemas import MessageRequest
+from services.messages.service import MessageService
+from services.messages.settings import MessageSettings
 from services.profile.aggregations import SegmentRules
 from services.profile.repository import ProfileRepository
 from services.profile.service import Aggregator, IngestService
