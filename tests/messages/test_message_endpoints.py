@@ -33,7 +33,8 @@ from services.profile.aggregations import SegmentRules
 from services.profile.privacy import MessageHistoryHolder
 from services.profile.repository import ProfileRepository
 from services.profile.service import Aggregator, IngestService
-from services.recommend.app import RecommendState, create_app
+from services.recommend.app import create_app
+from services.recommend.deps import RecommendState
 from services.recommend.settings import RecommendSettings
 from tests.conftest import REDIS_URL, clean_namespace, unique_name
 from tests.factories import make_event, make_item
