@@ -15,7 +15,7 @@ import numpy as np
 from services.common.catalog import CatalogItem, ItemKind
 from services.common.consent import Consent, ConsentDefaults, consent_changes_from_properties
 from services.common.events import Event, EventType
-from services.common.features import as_number
+from services.common.features import as_number, visitor_row_at
 from services.messages.decision_log import decode_candidates
 from services.messages.model import ACTION_COLUMNS, VISITOR_COLUMNS, VisitorView, action_vector, visitor_vector
 from services.profile.aggregations import ItemInfo, SegmentRules, VisitorState, fold_visitor, visitor_features
@@ -170,11 +170,12 @@ def _pending_decision(
     props = event.properties
     if not event.recommendation_id:
         return None
-    row = visitor_features(state, rules, state.last_seen) if state is not None and state.event_count else None
-    view = VisitorView.from_row(event.visitor_id, row)
     decided_at = as_number(props.get("decided_at"))
     send_at = event.ts
     now = decided_at if decided_at == decided_at else send_at
+    row = visitor_features(state, rules, state.last_seen) if state is not None and state.event_count else None
+    # Windows seen from the decision time, as serving sees the online row.
+    view = VisitorView.from_row(event.visitor_id, visitor_row_at(row, now) if row else row)
     channel = str(props.get("channel") or event.context.channel or "")
     pairs = decode_candidates(str(props.get("candidates") or ""))
     logged_template = event.item_id if props.get("action") == "send" else None

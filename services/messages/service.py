@@ -31,6 +31,7 @@ from prometheus_client import Counter, Histogram
 
 from services.common.clock import SYSTEM_CLOCK, Clock, TimePolicy
 from services.common.consent import ConsentDefaults
+from services.common.features import visitor_row_at
 from services.messages.decision_log import DecisionEntry, encode_candidates, next_id
 from services.messages.eligibility import Candidate, Eligibility, StockWatch
 from services.messages.history import WEEK, SendHistory
@@ -204,7 +205,14 @@ class MessageService:
             v: SendHistory.from_bytes(raw)
             for v, raw in zip(reachable, self.repository.histories(reachable), strict=True)
         }
-        views = {v: VisitorView.from_row(v, row) for v, row in zip(reachable, rows, strict=True)}
+        # Windows seen from the (first) decision time for each visitor, not from the visitor's latest event.
+        decided: dict[str, float] = {}
+        for request, used in zip(requests, times, strict=True):
+            decided.setdefault(request.visitor_id, used.ts)
+        views = {
+            v: VisitorView.from_row(v, visitor_row_at(row, decided[v]) if row else row)
+            for v, row in zip(reachable, rows, strict=True)
+        }
 
         allowed_hours = open_hours(settings)
         results: list[dict[str, Any] | None] = [None] * len(requests)
