@@ -49,6 +49,7 @@ test: $(DEV_STAMP) ## ruff, mypy, the whole pytest suite against a real Redis, t
 	$(VENV)/bin/ruff check services tests bench
 	$(VENV)/bin/ruff format --check services tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 	scripts/with_redis.sh $(PY) -m pytest $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-clock
 
@@ -56,10 +57,11 @@ test-clock: $(DEV_STAMP) ## the date-dependent tests with the wall clock shifted
 	scripts/with_redis.sh $(PY) -m pytest -q -p no:cacheprovider --shift-clock-days=60 $(CLOCK_TESTS)
 	scripts/with_redis.sh $(PY) -m pytest -q -p no:cacheprovider --shift-clock-days=-60 $(CLOCK_TESTS)
 
-lint: $(DEV_STAMP) ## ruff + mypy only
+lint: $(DEV_STAMP) ## ruff, mypy and the import contracts (pyproject.toml [tool.importlinter])
 	$(VENV)/bin/ruff check services tests bench
 	$(VENV)/bin/ruff format --check services tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 format: $(DEV_STAMP) ## apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff format services tests bench
