@@ -1,8 +1,9 @@
-"""The next-best-message decision: one per (visitor, channel), alone or in a batch.
+"""The next-best-message decision, for one request or a batch.
 
-One decision per (visitor, channel): consent -> experiment -> send slot (quiet hours) -> frequency caps ->
-eligible messages (trigger rules on the visitor's features) -> cooldowns -> the uplift model (one vectorised
-predict for a whole batch) -> control group / exploration -> render in the visitor's locale and tone.
+One decision per (visitor, channel): consent -> experiment -> send slot (quiet hours, `timing`) -> frequency
+caps (`history`) -> eligible messages (trigger rules on the visitor's features, `eligibility`) -> cooldowns ->
+the uplift model (one vectorised predict for a whole batch, `model`) -> control group / exploration
+(`policy`) -> render in the visitor's locale and tone (`render`).
 
 Recording: the answer is the send. Unless the request says `dry_run`, Selaras records the send in the
 visitor's send history (caps and cooldowns) before answering, and logs the decision as a `message_sent`
