@@ -14,7 +14,7 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -93,6 +93,11 @@ class Store(ABC):
 
     @abstractmethod
     def delete(self, namespace: str, keys: Sequence[str]) -> int: ...
+
+    @abstractmethod
+    def update(self, namespace: str, key: str, change: Callable[[bytes | None], bytes]) -> bytes:
+        """Compare-and-set: store `change(current value)` only if the value did not change in between (else
+        read again and retry); returns what was stored. For records several writers merge (consent)."""
 
     @abstractmethod
     def scan(self, namespace: str) -> Iterator[tuple[str, bytes]]: ...
@@ -242,6 +247,23 @@ class RedisStore(Store):
             pipe.execute()
 
         self._call(write)
+
+    def update(self, namespace: str, key: str, change: Callable[[bytes | None], bytes]) -> bytes:
+        full = self._blob_key(namespace, key)
+        stored: list[bytes] = []
+
+        def attempt(pipe: Any) -> None:
+            # WATCH is set by `transaction`: if another client writes the key before EXEC, the transaction is
+            # discarded and this runs again on the new value.
+            value = change(pipe.get(full))
+            pipe.multi()
+            pipe.set(full, value)
+            stored[:] = [value]
+
+        self._call(lambda: self._sync.transaction(attempt, full))
+        if namespace not in UNINDEXED_NAMESPACES:  # the index is another slot in a cluster; SADD is idempotent
+            self._call(lambda: self._sync.sadd(self._index_key(namespace), key))
+        return stored[0]
 
     def _index_key(self, namespace: str) -> str:
         """A set of the namespace's keys: scanning it costs O(namespace), SCAN costs O(whole Redis)."""
@@ -431,6 +453,28 @@ class SqliteStore(Store):
                 rows,
             )
         )
+
+    def update(self, namespace: str, key: str, change: Callable[[bytes | None], bytes]) -> bytes:
+        def write(conn: sqlite3.Connection) -> bytes:
+            conn.execute("BEGIN IMMEDIATE")  # the write lock across processes: read, change and write as one
+            try:
+                row = conn.execute(
+                    "SELECT value FROM blobs WHERE ns = ? AND key = ? AND (expires_at IS NULL OR expires_at > ?)",
+                    (namespace, key, wall_time()),
+                ).fetchone()
+                value = change(bytes(row[0]) if row else None)
+                conn.execute(
+                    "INSERT INTO blobs (ns, key, value, expires_at) VALUES (?, ?, ?, NULL)"
+                    " ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value, expires_at = NULL",
+                    (namespace, key, value),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return value
+
+        return cast(bytes, self._run(write))
 
     @staticmethod
     def _transaction(conn: sqlite3.Connection, sql: str, rows: Sequence[tuple[Any, ...]]) -> int:

@@ -113,9 +113,9 @@ def get_profile(visitor_id: str, state: State, _: AdminKey) -> ProfileView:
 def put_consent(visitor_id: str, update: ConsentUpdate, state: State, _: IngestKey) -> dict[str, Any]:
     """Record the visitor's consent per purpose (unset purposes keep their value)."""
     changes = {k: v for k, v in update.model_dump().items() if v is not None}
-    repo = state.repository
-    consent = repo.consents([visitor_id]).get(visitor_id, Consent()).merged(changes, state.clock.now())
-    repo.save_consents({visitor_id: consent})
+    # Merged into the stored record atomically: the aggregator writing a batch's consents at the same time
+    # cannot overwrite this choice, nor this one a newer choice of the aggregator's.
+    consent = state.repository.save_consents({visitor_id: Consent().merged(changes, state.clock.now())})[visitor_id]
     if not consent.allows("personalization", state.consent_defaults):
         state.privacy.withdraw_profile(visitor_id)  # no behavioural profile is kept without consent
     return {"visitor_id": visitor_id, "consent": consent.resolved(state.consent_defaults)}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -77,8 +77,14 @@ class ProfileRepository:
         raws = self.store.get_many(Namespace.CONSENT, visitor_ids)
         return {vid: Consent.from_bytes(raw) for vid, raw in zip(visitor_ids, raws, strict=True) if raw}
 
-    def save_consents(self, consents: Mapping[str, Consent]) -> None:
-        self.store.put_many(Namespace.CONSENT, {k: c.to_bytes() for k, c in consents.items()})
+    def save_consents(self, consents: Mapping[str, Consent]) -> dict[str, Consent]:
+        """Merge each record into the stored one (compare-and-set, per purpose the later choice wins) and
+        return the records as stored: a concurrent writer's newer choice is kept, never overwritten."""
+        stored: dict[str, Consent] = {}
+        for visitor_id, consent in consents.items():
+            raw = self.store.update(Namespace.CONSENT, visitor_id, _merge_into(consent))
+            stored[visitor_id] = Consent.from_bytes(raw)
+        return stored
 
     # -- catalog and indexes ------------------------------------------------------------------------
     def upsert_catalog(self, items: Sequence[CatalogItem]) -> None:
@@ -122,3 +128,10 @@ class ProfileRepository:
 
     def persona_model_blob(self) -> bytes | None:
         return self.store.get(Namespace.PERSONAS, "current")
+
+
+def _merge_into(consent: Consent) -> Callable[[bytes | None], bytes]:
+    def merge(current: bytes | None) -> bytes:
+        return Consent.from_bytes(current).combined(consent).to_bytes()
+
+    return merge

@@ -98,3 +98,26 @@ def test_unreachable_redis_raises_storage_unavailable() -> None:
         dead.append_events(pending(1))
     with pytest.raises(StorageUnavailable):
         dead.get("x", "y")
+
+
+def test_update_is_compare_and_set_across_connections(store: Store, tmp_path: Path) -> None:
+    """Two connections (two processes' worth) increment one record concurrently: no increment is lost."""
+    import threading
+
+    if isinstance(store, RedisStore):
+        other: Store = RedisStore(make_redis_client(REDIS_URL, False, 1.0), store.ns)
+    else:
+        other = SqliteStore(tmp_path / "store.db")
+
+    def increment(target: Store) -> None:
+        for _ in range(100):
+            target.update("counter", "k", lambda raw: str(int(raw or b"0") + 1).encode())
+
+    threads = [threading.Thread(target=increment, args=(s,)) for s in (store, other)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    other.close()
+    assert store.get("counter", "k") == b"200"
+    assert [key for key, _ in store.scan("counter")] == ["k"]  # indexed like put_many
