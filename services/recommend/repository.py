@@ -16,7 +16,7 @@ from feast import FeatureStore
 from services.common import features as F
 from services.common.catalog import CatalogItem
 from services.common.clock import wall_time
-from services.common.consent import Consent
+from services.common.consent import Consent, ConsentDefaults
 from services.common.errors import StorageUnavailable
 from services.common.events import Event, envelope, open_envelope
 from services.common.feature_store import OnlineRowReader, online_rows, open_feature_store
@@ -72,6 +72,18 @@ class RecommendRepository:
 
     def consent(self, visitor_id: str) -> Consent:
         return Consent.from_bytes(self.store.get(Namespace.CONSENT, visitor_id))
+
+    def refusing(self, purpose: str, visitor_ids: Iterable[str], defaults: ConsentDefaults) -> set[str]:
+        """The visitors among `visitor_ids` whose consent (or the default) refuses `purpose`."""
+        ids = list(dict.fromkeys(visitor_ids))
+        refused: set[str] = set()
+        for start in range(0, len(ids), 1000):
+            chunk = ids[start : start + 1000]
+            raws = self.store.get_many(Namespace.CONSENT, chunk)
+            refused.update(
+                v for v, raw in zip(chunk, raws, strict=True) if not Consent.from_bytes(raw).allows(purpose, defaults)
+            )
+        return refused
 
     # -- catalog and item cache inputs --------------------------------------------------------------
     def upsert_catalog(self, items: Sequence[CatalogItem]) -> None:

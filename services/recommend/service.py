@@ -277,6 +277,8 @@ class RecommendService:
             experiment = self.experiments.assign_recommend(
                 request.visitor_id, [s.kind.value for s in request.slots], now
             )
+            if experiment is not None and not self._analytics_allowed(request.visitor_id):
+                experiment = None  # no exposure (and so no outcome) is tracked without `analytics` consent
             if experiment is not None:
                 personalized = experiment[2]
         use_model = (
@@ -396,6 +398,15 @@ class RecommendService:
             "time": used.to_dict(),
             "slots": slots_out,
         }
+
+    def _analytics_allowed(self, visitor_id: str) -> bool:
+        """Whether experiment exposures and outcomes may be tracked for the visitor (the `analytics` purpose).
+        If the store cannot answer, no: the visitor is then served outside the experiment."""
+        try:
+            return self.repository.consent(visitor_id).allows("analytics", self.consent_defaults)
+        except Exception as exc:
+            log.debug("consent unavailable: %s", type(exc).__name__)
+            return False
 
     def _rank_slot(
         self,

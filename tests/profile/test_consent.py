@@ -23,7 +23,9 @@ from services.common.feature_store import online_rows
 from services.profile.app import create_app
 from services.profile.settings import ProfileSettings
 from services.recommend.app import create_app as create_recommend_app
+from services.recommend.repository import RecommendRepository
 from services.recommend.settings import RecommendSettings
+from services.recommend.training import TrainConfig, Trainer
 from tests.conftest import REDIS_URL, SessionWorld, clean_namespace, unique_name
 from tests.factories import BASE_TIME, make_event_dict, make_item
 
@@ -306,3 +308,17 @@ def test_the_consent_api_racing_the_aggregator_loses_no_choice(shop: Shop) -> No
         assert not errors
         stored = shop.state.repository.consents([visitor_id])[visitor_id]
         assert stored.given == {"marketing_email": True, "marketing_push": True}, f"round {round_}"
+
+
+def test_training_leaves_out_visitors_who_refuse_analytics(shop: Shop) -> None:
+    shop.send(views("v-stats-yes", 2) + views("v-stats-no", 2) + views("v-stats-given", 2))
+    shop.consent("v-stats-no", analytics=False)
+    shop.consent("v-stats-given", analytics=True)
+    repository = RecommendRepository(shop.state.repository.store, shop.state.repository.feature_store)
+
+    def trained_on(default: Any) -> set[str]:
+        events, _ = Trainer(repository, TrainConfig(analytics_default=default)).load()
+        return {e.visitor_id for e in events} & {"v-stats-yes", "v-stats-no", "v-stats-given"}
+
+    assert trained_on("opt_out") == {"v-stats-yes", "v-stats-given"}
+    assert trained_on("opt_in") == {"v-stats-given"}  # a strict shop: only those who said yes

@@ -333,6 +333,20 @@ def test_answers_say_which_experiment_and_arm_served_them(services: Services) ->
     assert services.recommend_for("tag-0", [{"name": "cta", "kind": "cta", "count": 1}])["experiment"] is None
 
 
+def test_no_exposure_is_tracked_without_analytics_consent(services: Services) -> None:
+    before = services.admin("/v1/experiments/home-test/report")
+    refused = services.profile.put(
+        "/v1/profiles/no-stats/consent", json={"analytics": False}, headers={"X-API-Key": ADMIN}
+    )
+    assert refused.json()["consent"]["analytics"] is False
+    for _ in range(3):
+        body = services.recommend_for("no-stats")
+        assert body["experiment"] is None and body["slots"][0]["items"]  # served, outside the experiment
+    after = services.admin("/v1/experiments/home-test/report")
+    assert [a["n"] for a in after["arms"]] == [a["n"] for a in before["arms"]]  # nobody was counted in an arm
+    assert services.recommend_for("stats-ok")["experiment"] is not None  # the default (opt-out) allows it
+
+
 def test_outcomes_are_attributed_to_arm_and_slot_exactly_once(services: Services) -> None:
     before = services.admin("/v1/experiments/home-test/report")
     # Shown six hours ago (an admin may set the time), so that every outcome below is in the past: the
