@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -77,6 +77,15 @@ class Consent:
         updated_at = float(data.get("updated_at", 0.0))
         at = {p: float(t) for p, t in data.get("at", {}).items() if p in given}
         return cls(given, updated_at, {p: at.get(p, updated_at) for p in given})
+
+
+def merge_into(consent: Consent) -> Callable[[bytes | None], bytes]:
+    """A compare-and-set update (`Store.update`) that merges `consent` into the stored record."""
+
+    def merge(current: bytes | None) -> bytes:
+        return Consent.from_bytes(current).combined(consent).to_bytes()
+
+    return merge
 
 
 def refusing_all(at: float) -> Consent:

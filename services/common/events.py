@@ -137,6 +137,13 @@ def envelope(event: Event, received_at: float) -> bytes:
     return b'{"at":%r,"event":%s}' % (received_at, event.model_dump_json(exclude_none=True).encode())
 
 
+def envelope_visitor(raw: bytes) -> str | None:
+    """The visitor id of a log entry, parsed (cheaper than `open_envelope`: no validation)."""
+    event = orjson.loads(raw).get("event")
+    visitor_id = event.get("visitor_id") if isinstance(event, dict) else None
+    return visitor_id if isinstance(visitor_id, str) else None
+
+
 def open_envelope(raw: bytes) -> tuple[float, Event]:
     data = orjson.loads(raw)
     return float(data["at"]), Event.model_validate(data["event"])

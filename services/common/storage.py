@@ -27,6 +27,7 @@ from redis.retry import Retry
 
 from services.common.clock import wall_time
 from services.common.errors import StorageUnavailable
+from services.common.events import envelope_visitor
 from services.common.settings import CommonSettings
 
 DEDUPE_TTL_S = 14 * 24 * 3600
@@ -74,7 +75,8 @@ class Store(ABC):
 
     @abstractmethod
     def delete_visitor_events(self, visitor_id: str, payload_marker: bytes) -> int:
-        """Erasure: remove every logged event of the visitor; returns how many."""
+        """Erasure: remove every logged event of the visitor (by its parsed visitor id; `payload_marker`, bytes
+        every envelope of the visitor contains, only narrows the scan); returns how many."""
 
     @abstractmethod
     def forget_event_ids(self, event_ids: Sequence[str]) -> None:
@@ -210,7 +212,13 @@ class RedisStore(Store):
             batch = self.read_events(after, 5000)
             if not batch:
                 return deleted
-            doomed = [entry.position for entry in batch if payload_marker in entry.payload]
+            # The marker only narrows: another visitor's event can mention this id (in its properties), so the
+            # parsed visitor id decides.
+            doomed = [
+                entry.position
+                for entry in batch
+                if payload_marker in entry.payload and envelope_visitor(entry.payload) == visitor_id
+            ]
             if doomed:
                 deleted += int(self._sync.xdel(self.stream_key, *doomed))
             after = batch[-1].position

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -11,7 +11,7 @@ from feast import FeatureStore
 
 from services.common import features as F
 from services.common.catalog import CatalogItem, ItemKind
-from services.common.consent import Consent
+from services.common.consent import Consent, merge_into
 from services.common.feature_store import FeatureWriter, online_rows, open_feature_store, to_arrow_table
 from services.common.indexes import ContextPopularity, CoVisitation
 from services.common.settings import CommonSettings
@@ -82,7 +82,7 @@ class ProfileRepository:
         return the records as stored: a concurrent writer's newer choice is kept, never overwritten."""
         stored: dict[str, Consent] = {}
         for visitor_id, consent in consents.items():
-            raw = self.store.update(Namespace.CONSENT, visitor_id, _merge_into(consent))
+            raw = self.store.update(Namespace.CONSENT, visitor_id, merge_into(consent))
             stored[visitor_id] = Consent.from_bytes(raw)
         return stored
 
@@ -128,10 +128,3 @@ class ProfileRepository:
 
     def persona_model_blob(self) -> bytes | None:
         return self.store.get(Namespace.PERSONAS, "current")
-
-
-def _merge_into(consent: Consent) -> Callable[[bytes | None], bytes]:
-    def merge(current: bytes | None) -> bytes:
-        return Consent.from_bytes(current).combined(consent).to_bytes()
-
-    return merge

@@ -27,7 +27,10 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 
 
 def pending(n: int, visitor: str = "v1", prefix: str = "e") -> list[PendingEvent]:
-    return [PendingEvent(f"{prefix}{i}", visitor, f'{{"visitor_id":"{visitor}","n":{i}}}'.encode()) for i in range(n)]
+    return [
+        PendingEvent(f"{prefix}{i}", visitor, f'{{"at":0,"event":{{"visitor_id":"{visitor}","n":{i}}}}}'.encode())
+        for i in range(n)
+    ]
 
 
 def test_append_is_idempotent_on_event_id(store: Store) -> None:
@@ -56,11 +59,14 @@ def test_read_events_pages_in_order(store: Store) -> None:
 
 
 def test_delete_visitor_events_removes_only_that_visitor(store: Store) -> None:
-    store.append_events(pending(3, "alice", "a") + pending(2, "bob", "b"))
+    # Bob's last event mentions Alice's id in its properties (the bytes the scan narrows on): it stays.
+    mention = b'{"at":0,"event":{"visitor_id":"bob","properties":{"visitor_id":"alice"}}}'
+    store.append_events(pending(3, "alice", "a") + pending(2, "bob", "b") + [PendingEvent("m", "bob", mention)])
     deleted = store.delete_visitor_events("alice", b'"visitor_id":"alice"')
     assert deleted == 3
     remaining = [e.payload for e in store.read_events(None, 100)]
-    assert len(remaining) == 2 and all(b"bob" in p for p in remaining)
+    assert len(remaining) == 3 and all(b'"visitor_id":"bob"' in p for p in remaining)
+    assert remaining[-1] == mention
 
 
 def test_forgotten_event_ids_can_be_appended_again(store: Store) -> None:
