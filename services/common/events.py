@@ -31,6 +31,20 @@ class EventType(StrEnum):
     PROFILE_UPDATE = "profile_update"
 
 
+# What a browser (`collect` key, public) may send: behaviour on the shop's pages. Purchases (revenue, orders),
+# profile updates (consent, traits), impressions and message events come from the shop's servers.
+BROWSER_EVENT_TYPES = frozenset(
+    {
+        EventType.PAGE_VIEW,
+        EventType.PRODUCT_VIEW,
+        EventType.SEARCH,
+        EventType.ADD_TO_CART,
+        EventType.REMOVE_FROM_CART,
+        EventType.CLICK,
+        EventType.DISMISS,
+    }
+)
+
 # Events that are about one catalog item and are meaningless without it.
 ITEM_EVENT_TYPES = frozenset(
     {

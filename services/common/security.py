@@ -2,8 +2,9 @@
 
 `install_security(app, settings)` adds three pure ASGI middlewares. From the outside in:
   CORS       -> answers preflights and adds CORS headers, also to 413/429 answers (so browsers can read them);
-  rate limit -> one token bucket per API key (identified like the auth dependency does, by its SHA-256);
-                429 with Retry-After when empty;
+  rate limit -> one token bucket per API key (identified like the auth dependency does, by its SHA-256),
+                and per client for a browser key (its secret is public: one client must not be able to drain
+                the shop's whole limit); 429 with Retry-After when empty;
   size limit -> 413 for a body over `max_request_bytes`, by Content-Length or while reading a chunked body,
                 so an oversized upload is never held in memory.
 Authentication itself (401/403) stays in the route dependencies (services/common/api.py require_scope).
@@ -22,7 +23,7 @@ from fastapi import FastAPI
 from prometheus_client import Counter
 from starlette.middleware.cors import CORSMiddleware
 
-from services.common.auth import ApiKey, hash_key, parse_keys
+from services.common.auth import BROWSER_SCOPES, ApiKey, hash_key, parse_keys
 from services.common.errors import PayloadTooLarge, RateLimited, SelarasError
 from services.common.observability import UNTRACKED_PATHS, ASGIApp, Message, Receive, Scope, Send
 from services.common.ratelimit import Limit, MemoryRateLimiter, RateLimiter, RedisRateLimiter, parse_limits
@@ -100,7 +101,11 @@ class BodySizeLimitMiddleware:
 
 
 class RateLimitMiddleware:
-    """One bucket per API key name; health, metrics and CORS preflights are never limited."""
+    """One bucket per server key, one per (browser key, client) and per client without a valid key; the
+    limit is the key's. Health, metrics and CORS preflights are never limited.
+
+    The client is the ASGI peer address: behind a proxy, run uvicorn with `--proxy-headers` and
+    `--forwarded-allow-ips` set to the proxy, so that it is the browser's address and not the proxy's."""
 
     def __init__(
         self,
@@ -115,8 +120,18 @@ class RateLimitMiddleware:
         self.limiter = limiter
         self.default = default
         self.overrides = overrides
+        self._server_keys = frozenset(key.name for key in self.keys if not key.scopes <= BROWSER_SCOPES)
 
-    def bucket_of(self, scope: Scope) -> str:
+    def bucket_of(self, scope: Scope) -> tuple[str, str]:
+        """(key name, bucket): the bucket is the name, with `@client` for browser keys and for requests without
+        a valid key."""
+        name = self.key_name(scope)
+        if name == ANONYMOUS or name in self._server_keys:
+            return name, name
+        client = scope.get("client")
+        return name, f"{name}@{client[0] if client else 'unknown'}"
+
+    def key_name(self, scope: Scope) -> str:
         if not self.keys:
             return ANONYMOUS
         presented = _header(scope, b"x-api-key")
@@ -141,12 +156,12 @@ class RateLimitMiddleware:
         if scope["type"] != "http" or scope["path"] in UNTRACKED_PATHS or scope.get("method") == "OPTIONS":
             await self.app(scope, receive, send)
             return
-        bucket = self.bucket_of(scope)
-        limit = self.limit_for(bucket)
+        name, bucket = self.bucket_of(scope)
+        limit = self.limit_for(name)
         if limit is not None:
             wait = await self.limiter.acquire(bucket, limit)
             if wait > 0:
-                RATE_LIMITED.labels(bucket).inc()
+                RATE_LIMITED.labels(name).inc()  # key names only: the number of clients is unbounded
                 retry_after = max(1, math.ceil(wait))
                 await send_error(
                     send,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import orjson
@@ -13,8 +14,8 @@ from starlette.concurrency import run_in_threadpool
 from services.common.api import FastJSONResponse, describe_errors, json_body_schema, read_json_body, require_scope
 from services.common.auth import ApiKeyAuth
 from services.common.consent import Consent
-from services.common.errors import InvalidPayload, NotFound, PayloadTooLarge
-from services.common.events import Event
+from services.common.errors import Forbidden, InvalidPayload, NotFound, PayloadTooLarge
+from services.common.events import BROWSER_EVENT_TYPES, Event
 from services.profile.aggregations import segments
 from services.profile.app import ProfileState
 from services.profile.persona_jobs import persona_view
@@ -35,6 +36,7 @@ def get_auth(request: Request) -> ApiKeyAuth:
 
 State = Annotated[ProfileState, Depends(get_state)]
 IngestKey = Annotated[str, Depends(require_scope(get_auth, "ingest"))]
+EventsKey = Annotated[str, Depends(require_scope(get_auth, "ingest", "collect"))]
 AdminKey = Annotated[str, Depends(require_scope(get_auth, "admin"))]
 
 
@@ -49,7 +51,7 @@ AdminKey = Annotated[str, Depends(require_scope(get_auth, "admin"))]
         503: {"description": "Events could not be stored durably; nothing was acknowledged, re-send"},
     },
 )
-async def ingest_events(request: Request, state: State, _: IngestKey) -> Response:
+async def ingest_events(request: Request, state: State, key: EventsKey) -> Response:
     """Ingest a batch of 1–1,000 behaviour events (idempotent on event_id)."""
     body = read_json_body(await request.body(), state.settings.max_body_bytes)
     raw_events = body.get("events") if isinstance(body, dict) else None
@@ -70,6 +72,8 @@ async def ingest_events(request: Request, state: State, _: IngestKey) -> Respons
             f"{len({e['index'] for e in errors})} of {len(raw_events)} events are invalid; nothing was stored",
             extra={"errors": errors},
         ) from exc
+    if "ingest" not in state.auth.scopes_of(key):
+        refuse_beyond_collect(events)
     future = state.ingest.future_errors(events)
     if future:
         raise InvalidPayload(
@@ -79,6 +83,20 @@ async def ingest_events(request: Request, state: State, _: IngestKey) -> Respons
     # The durable append is a blocking call: run it in the thread pool, off the event loop.
     result = await run_in_threadpool(state.ingest.ingest, events)
     return FastJSONResponse({"accepted": result.accepted, "duplicates": result.duplicates}, status_code=202)
+
+
+def refuse_beyond_collect(events: Sequence[Event]) -> None:
+    """A browser (`collect`) key sends behaviour events of one visitor per request, nothing else: a public key
+    must not be able to record purchases, change consent or traits, or write into other visitors' profiles."""
+    errors = [
+        {"index": i, "field": "type", "message": f"a collect key may not send {e.type.value} events"}
+        for i, e in enumerate(events)
+        if e.type not in BROWSER_EVENT_TYPES
+    ]
+    if len({e.visitor_id for e in events}) > 1:
+        errors.append({"field": "visitor_id", "message": "a collect key sends events of one visitor per request"})
+    if errors:
+        raise Forbidden("this API key may only collect behaviour events of one visitor", extra={"errors": errors})
 
 
 @router.get("/v1/profiles/{visitor_id}", response_model=ProfileView)

@@ -31,7 +31,8 @@ BATCH_ADAPTER: TypeAdapter[MessageBatchRequest] = TypeAdapter(MessageBatchReques
 _create_lock = threading.Lock()
 
 State = Annotated[RecommendState, Depends(get_state)]
-RecommendKey = Annotated[str, Depends(require_scope(get_auth, "recommend"))]
+# Server-side only: a decision renders the visitor's name and cart, records sends and consumes caps.
+MessagesKey = Annotated[str, Depends(require_scope(get_auth, "messages"))]
 
 
 def install_message_service(app: FastAPI, service: MessageService) -> None:
@@ -66,7 +67,7 @@ def message_service(app: FastAPI, state: RecommendState) -> MessageService:
     openapi_extra=json_body_schema(MessageRequest),
     responses={422: {"description": "Invalid request, by field"}},
 )
-async def next_best_message(request: Request, state: State, key: RecommendKey) -> Response:
+async def next_best_message(request: Request, state: State, key: MessagesKey) -> Response:
     """The message to send a visitor next on a channel, with its send time, or `{"action": "none", "reason": ...}`."""
     parsed = await parse_json_request(request, REQUEST_ADAPTER, state.settings.max_body_bytes)
     service = message_service(request.app, state)
@@ -83,7 +84,7 @@ async def next_best_message(request: Request, state: State, key: RecommendKey) -
         422: {"description": "Invalid requests, by index and field"},
     },
 )
-async def next_best_message_batch(request: Request, state: State, key: RecommendKey) -> Response:
+async def next_best_message_batch(request: Request, state: State, key: MessagesKey) -> Response:
     """Next-best messages for up to 1,000 visitors in one call (push systems planning their sends)."""
     started = time.perf_counter()
     body = read_json_body(await request.body(), state.settings.max_body_bytes * 16)

@@ -73,6 +73,10 @@ IMPRESSIONS_DROPPED = Counter("selaras_impressions_dropped_total", "Impression b
 EXPLAIN_LIMIT = 3
 
 
+# The only explanation a browser-scoped key gets: it says nothing about the visitor.
+GENERIC_REASON = "recommended for this page"
+
+
 class ArmChooser(Protocol):
     """Experiments: which arm serves this visitor (None = no experiment covers the request)."""
 
@@ -236,9 +240,13 @@ class RecommendService:
             return previous, previous
 
     # -- ranking ------------------------------------------------------------------------------------
-    def recommend(self, request: RecommendRequest, caller_may_set_time: bool = True) -> dict[str, Any]:
+    def recommend(
+        self, request: RecommendRequest, caller_may_set_time: bool = True, personal_reasons: bool = True
+    ) -> dict[str, Any]:
         """Rank every slot. `caller_may_set_time`: whether `context.now` is honoured (the HTTP endpoint passes
-        False for non-admin keys; see `TimePolicy`); the answer says which time was used."""
+        False for non-admin keys; see `TimePolicy`); the answer says which time was used. `personal_reasons`:
+        whether `explain` may say what the visitor did ("still in your cart"); a browser key gets only
+        `GENERIC_REASON` (anyone holding the public key could otherwise read a visitor's behaviour)."""
         started = time.perf_counter()
         recommendation_id = uuid.uuid4().hex
         ctx = request.context
@@ -318,7 +326,7 @@ class RecommendService:
                 rule_ctx,
                 now,
                 shown,
-                request.explain,
+                request.explain and personal_reasons,
                 context_label,
                 persona,
             )
@@ -340,6 +348,8 @@ class RecommendService:
                 }
                 if ranked.reasons is not None:
                     entry["reasons"] = ranked.reasons[position]
+                elif request.explain:
+                    entry["reasons"] = [GENERIC_REASON]
                 items.append(entry)
                 impressions.append(
                     self._impression(
