@@ -5,8 +5,10 @@
   rate limit -> one token bucket per API key (identified like the auth dependency does, by its SHA-256),
                 and per client for a browser key (its secret is public: one client must not be able to drain
                 the shop's whole limit); 429 with Retry-After when empty;
-  size limit -> 413 for a body over `max_request_bytes`, by Content-Length or while reading a chunked body,
-                so an oversized upload is never held in memory.
+  size limit -> 413 for a body over the limit, by Content-Length or while reading a chunked body, so an
+                oversized upload is never held in memory. The limit is `max_request_bytes` for server keys
+                and `max_browser_request_bytes` for everything else (browser keys, no or unknown key): the
+                key is identified before the body is read.
 Authentication itself (401/403) stays in the route dependencies (services/common/api.py require_scope).
 """
 
@@ -53,22 +55,55 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+class KeyLookup:
+    """Which API key a request presents, identified like the auth dependency does (by its SHA-256, every key
+    compared so timing does not tell which matched), for the middlewares that run before authentication."""
+
+    def __init__(self, keys: Sequence[ApiKey]):
+        self.keys = list(keys)
+        self.server_keys = frozenset(key.name for key in self.keys if not key.scopes <= BROWSER_SCOPES)
+
+    def name_of(self, scope: Scope) -> str:
+        if not self.keys:
+            return ANONYMOUS
+        presented = _header(scope, b"x-api-key")
+        if not presented:
+            authorization = _header(scope, b"authorization") or ""
+            presented = authorization[7:] if authorization.lower().startswith("bearer ") else None
+        if not presented:
+            return UNAUTHENTICATED
+        digest = hashlib.sha256(presented.encode()).digest()
+        name = UNAUTHENTICATED
+        for key in self.keys:
+            if hmac.compare_digest(digest, key.digest):
+                name = key.name
+        return name
+
+    def is_server(self, name: str) -> bool:
+        """A server key, or development without keys (nothing is public then)."""
+        return name == ANONYMOUS or name in self.server_keys
+
+
 class BodySizeLimitMiddleware:
     """Reads the body up to the limit before the app runs; 413 as soon as it is exceeded.
 
-    Buffering is bounded by the limit, and both apps read whole JSON bodies anyway."""
+    Buffering is bounded by the limit (the smaller one unless a server key is presented), and both apps read
+    whole JSON bodies anyway."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, keys: Sequence[ApiKey] = (), browser_max_bytes: int = 0):
         self.app = app
         self.max_bytes = max_bytes
+        self.lookup = KeyLookup(keys)
+        self.browser_max_bytes = browser_max_bytes or max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.max_bytes if self.lookup.is_server(self.lookup.name_of(scope)) else self.browser_max_bytes
         declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send, f"request body is {int(declared)} bytes")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._refuse(send, f"request body is {int(declared)} bytes", limit)
             return
         chunks: list[bytes] = []
         total = 0
@@ -78,8 +113,8 @@ class BodySizeLimitMiddleware:
                 return  # the client went away before sending the body: nothing to answer
             body = message.get("body", b"")
             total += len(body)
-            if total > self.max_bytes:
-                await self._refuse(send, f"request body exceeds {self.max_bytes} bytes")
+            if total > limit:
+                await self._refuse(send, f"request body exceeds {limit} bytes", limit)
                 return
             chunks.append(body)
             if not message.get("more_body", False):
@@ -95,9 +130,9 @@ class BodySizeLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send: Send, what: str) -> None:
+    async def _refuse(self, send: Send, what: str, limit: int) -> None:
         TOO_LARGE.inc()
-        await send_error(send, PayloadTooLarge(f"{what}; the limit is {self.max_bytes} bytes"))
+        await send_error(send, PayloadTooLarge(f"{what}; the limit is {limit} bytes"))
 
 
 class RateLimitMiddleware:
@@ -116,36 +151,19 @@ class RateLimitMiddleware:
         overrides: dict[str, Limit],
     ):
         self.app = app
-        self.keys = list(keys)
+        self.lookup = KeyLookup(keys)
         self.limiter = limiter
         self.default = default
         self.overrides = overrides
-        self._server_keys = frozenset(key.name for key in self.keys if not key.scopes <= BROWSER_SCOPES)
 
     def bucket_of(self, scope: Scope) -> tuple[str, str]:
         """(key name, bucket): the bucket is the name, with `@client` for browser keys and for requests without
         a valid key."""
-        name = self.key_name(scope)
-        if name == ANONYMOUS or name in self._server_keys:
+        name = self.lookup.name_of(scope)
+        if self.lookup.is_server(name):
             return name, name
         client = scope.get("client")
         return name, f"{name}@{client[0] if client else 'unknown'}"
-
-    def key_name(self, scope: Scope) -> str:
-        if not self.keys:
-            return ANONYMOUS
-        presented = _header(scope, b"x-api-key")
-        if not presented:
-            authorization = _header(scope, b"authorization") or ""
-            presented = authorization[7:] if authorization.lower().startswith("bearer ") else None
-        if not presented:
-            return UNAUTHENTICATED
-        digest = hashlib.sha256(presented.encode()).digest()
-        name = UNAUTHENTICATED
-        for key in self.keys:  # every key is compared, as in ApiKeyAuth, so timing does not tell which matched
-            if hmac.compare_digest(digest, key.digest):
-                name = key.name
-        return name
 
     def limit_for(self, bucket: str) -> Limit | None:
         if bucket in self.overrides:
@@ -192,10 +210,15 @@ def cors_origins(settings: CommonSettings) -> list[str]:
 
 def install_security(app: FastAPI, settings: CommonSettings) -> None:
     """Size limit (innermost), rate limit, CORS (outermost); call before the metrics middleware is added."""
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    keys = parse_keys(settings.api_keys)
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_bytes=settings.max_request_bytes,
+        keys=keys,
+        browser_max_bytes=min(settings.max_browser_request_bytes, settings.max_request_bytes),
+    )
     default = Limit(settings.rate_limit_per_s, settings.rate_limit_burst) if settings.rate_limit_per_s > 0 else None
     overrides = parse_limits(settings.rate_limits)
-    keys = parse_keys(settings.api_keys)
     if default is not None or overrides:
         limiter = make_limiter(settings)
         app.add_middleware(RateLimitMiddleware, keys=keys, limiter=limiter, default=default, overrides=overrides)

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
 from services.common.auth import hash_key
@@ -339,3 +339,35 @@ def test_oversized_bodies_get_413_with_or_without_content_length(apps: Apps) -> 
 
 def make_event_json() -> bytes:
     return orjson.dumps(make_event_dict(visitor_id="sec-visitor"))
+
+
+def test_requests_without_a_server_key_get_the_small_body_limit(tmp_path: Path) -> None:
+    """A browser key, an unknown key or none: the small limit applies before the body is read (the public key
+    must not make the service buffer large bodies); a server key gets the large one."""
+    app = FastAPI()
+
+    @app.post("/echo")
+    async def echo(request: Request) -> dict[str, int]:
+        return {"bytes": len(await request.body())}
+
+    settings = CommonSettings(
+        data_dir=tmp_path,
+        api_keys=API_KEYS,
+        max_request_bytes=64 * 1024,
+        max_browser_request_bytes=4 * 1024,
+        environment="test",
+    )
+    install_security(app, settings)
+    body = b"x" * (8 * 1024)
+
+    def streamed() -> Iterator[bytes]:
+        yield body[:4000]
+        yield body[4000:]
+
+    with TestClient(app) as client:
+        for headers in (key("web"), key("collector"), {"X-API-Key": "sk_unknown"}, {}):
+            assert_error(client.post("/echo", content=body, headers=headers), 413, "PayloadTooLarge")
+            assert_error(client.post("/echo", content=streamed(), headers=headers), 413, "PayloadTooLarge")
+        for name in ("sender", "crm", "ops", "limited"):
+            assert client.post("/echo", content=body, headers=key(name)).json() == {"bytes": len(body)}
+        assert client.post("/echo", content=body[:4000], headers=key("web")).json() == {"bytes": 4000}
