@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -138,18 +139,37 @@ class RecommendRepository:
 
     # -- models -----------------------------------------------------------------------------------
     def save_model(self, model_text: bytes, meta: ModelMeta) -> None:
+        # The digest lets a loader tell a damaged text from a whole one before LightGBM parses it.
+        digest = hashlib.sha256(model_text).hexdigest().encode()
         self.store.put_many(
             Namespace.META,
-            {f"model:{meta.version}:text": model_text, f"model:{meta.version}:meta": meta.to_json()},
+            {
+                f"model:{meta.version}:text": model_text,
+                f"model:{meta.version}:sha256": digest,
+                f"model:{meta.version}:meta": meta.to_json(),
+            },
         )
         self.store.put(Namespace.META, f"model:{LATEST_MODEL_KEY}", meta.version.encode())
 
     def model_versions(self) -> list[ModelMeta]:
-        metas = [ModelMeta.from_json(raw) for key, raw in self.store.scan(Namespace.META) if key.endswith(":meta")]
+        """Stored models, newest first; a model whose metadata cannot be read is left out (logged), so one
+        corrupt record does not hide the good models."""
+        metas = []
+        for key, raw in self.store.scan(Namespace.META):
+            if key.endswith(":meta"):
+                try:
+                    metas.append(ModelMeta.from_json(raw))
+                except Exception as exc:
+                    log.warning("skipping unreadable model metadata %s: %s", key, type(exc).__name__)
         return sorted(metas, key=lambda m: m.created_at, reverse=True)
 
     def model_text(self, version: str) -> bytes | None:
         return self.store.get(Namespace.META, f"model:{version}:text")
+
+    def model_digest(self, version: str) -> str | None:
+        """The sha256 stored with the model (None for models saved before digests were kept)."""
+        raw = self.store.get(Namespace.META, f"model:{version}:sha256")
+        return raw.decode() if raw else None
 
     # -- recommendations and impressions --------------------------------------------------------------
     def save_recommendation(self, recommendation_id: str, record: Mapping[str, Any], ttl_s: int) -> None:

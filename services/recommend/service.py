@@ -44,6 +44,7 @@ from services.recommend.ranker import (
     explain_item,
     feature_matrix,
     targeting_match,
+    verify_model_text,
 )
 from services.recommend.repository import RecommendRepository
 from services.recommend.rules import RuleContext, apply_rules, targeting_allows
@@ -227,10 +228,15 @@ class RecommendService:
                 if text is None:
                     continue
                 try:
+                    verify_model_text(text, self.repository.model_digest(meta.version))
                     model = RankerModel.from_bytes(text, meta, self.settings.data_dir / "compiled-models")
                 except IncompatibleModel as exc:
                     self.skipped_models[meta.version] = str(exc)
                     log.warning("skipping incompatible model: %s", exc)
+                    continue
+                except Exception as exc:  # damaged (CorruptModel) or unparsable: the next newest may be whole
+                    self.skipped_models[meta.version] = f"unreadable: {exc}"
+                    log.warning("skipping unreadable model %s: %s", meta.version, exc)
                     continue
                 self.model = model
                 if previous:
