@@ -209,11 +209,30 @@ class RecommendRepository:
                 if more_record:
                     records.append(more_record)
             try:
-                self._write_records(records)
-                self._append_with_retry(batch)
+                # Re-checked at write time: a visitor erased (or refusing analytics) since the request was served
+                # gets neither a recommendation record (it names them) nor impression events.
+                refused = self._refusing_analytics(
+                    [r[1].get("visitor_id") for r in records] + [_visitor(e) for e in batch]
+                )
+                self._write_records([r for r in records if r[1].get("visitor_id") not in refused])
+                self._append_with_retry([e for e in batch if _visitor(e) not in refused])
             finally:
                 for _ in range(taken):
                     self._impressions.task_done()
+
+    def _refusing_analytics(self, visitor_ids: Sequence[Any]) -> set[str]:
+        """Visitors whose consent record explicitly refuses `analytics` (an erasure's tombstone refuses every
+        purpose). If consent cannot be read the writes go ahead: they would most likely fail the same way."""
+        ids = sorted({v for v in visitor_ids if isinstance(v, str)})
+        try:
+            raws = self.store.get_many(Namespace.CONSENT, ids)
+        except StorageUnavailable:
+            return set()
+        return {
+            v
+            for v, raw in zip(ids, raws, strict=True)
+            if raw and Consent.from_bytes(raw).given.get("analytics") is False
+        }
 
     def _write_records(self, records: list[RecordWrite]) -> None:
         by_ttl: dict[int, dict[str, bytes]] = {}
@@ -279,3 +298,7 @@ class RecommendRepository:
         if not parts:
             return entity_df.iloc[0:0]
         return pd.concat(parts, ignore_index=True)
+
+
+def _visitor(event: Event | Mapping[str, Any]) -> Any:
+    return event.visitor_id if isinstance(event, Event) else event.get("visitor_id")
