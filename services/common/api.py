@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -11,6 +11,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -167,7 +168,95 @@ def install_openapi_components(app: FastAPI) -> None:
                     move(value)
 
         move(schema.get("paths", {}))
+        document_errors_and_security(app, schema)
         app.openapi_schema = schema
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+ERROR_SCHEMA: dict[str, Any] = {
+    "title": "ErrorBody",
+    "description": "Every answer that is not a success: the error's name, a sentence, and for 422 the fields.",
+    "type": "object",
+    "required": ["error", "detail"],
+    "properties": {
+        "error": {"type": "string", "examples": ["InvalidPayload"]},
+        "detail": {"type": "string"},
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["field", "message"],
+                "properties": {
+                    "index": {"type": "integer", "description": "position in the batch, for batch bodies"},
+                    "field": {"type": "string", "examples": ["events.timestamp"]},
+                    "message": {"type": "string"},
+                },
+            },
+        },
+    },
+}
+ERROR_REF = {"$ref": "#/components/schemas/ErrorBody"}
+AUTH_ERRORS = {
+    "401": "No API key, or an unknown one",
+    "403": "The key lacks the scope this route needs",
+    "429": "Rate limit of the key (or browser client) reached; see Retry-After",
+}
+
+
+def api_routes(routes: Sequence[Any]) -> Iterator[APIRoute]:
+    """Every API route, those of included routers too (this FastAPI keeps them behind a wrapper)."""
+    for route in routes:
+        original = getattr(route, "original_router", None)
+        if original is not None:
+            yield from api_routes(original.routes)
+        elif isinstance(route, APIRoute):
+            yield route
+
+
+def route_scopes(route: APIRoute) -> frozenset[str] | None:
+    """The scopes a route's key dependency accepts (`require_scope`), or None for an open route."""
+    pending = list(route.dependant.dependencies)
+    while pending:
+        dependant = pending.pop()
+        scopes = getattr(dependant.call, "required_scopes", None)
+        if scopes is not None:
+            return frozenset(scopes)
+        pending.extend(dependant.dependencies)
+    return None
+
+
+def document_errors_and_security(app: FastAPI, schema: dict[str, Any]) -> None:
+    """What generated clients need and FastAPI does not write: the API-key security schemes on the routes that
+    require a key (with 401/403/429), and the one error envelope as the body of every error response (FastAPI
+    documents its own 422 shape, which this service never sends)."""
+    components = schema.setdefault("components", {})
+    components.setdefault("schemas", {})["ErrorBody"] = ERROR_SCHEMA
+    components["securitySchemes"] = {
+        "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        "Bearer": {"type": "http", "scheme": "bearer", "description": "the same API key as a bearer token"},
+    }
+    routes = {(r.path, method.lower()): r for r in api_routes(app.routes) for method in (r.methods or ())}
+    for path, operations in schema.get("paths", {}).items():
+        for method, operation in operations.items():
+            route = routes.get((path, method))
+            if route is None:
+                continue
+            responses = operation.setdefault("responses", {})
+            scopes = route_scopes(route)
+            if scopes is not None:
+                operation["security"] = [{"ApiKey": []}, {"Bearer": []}]
+                listed = " or ".join(sorted(scopes))
+                operation["description"] = (operation.get("description") or "") + f"\n\nAPI key scope: {listed}."
+                for status, text in AUTH_ERRORS.items():
+                    responses.setdefault(status, {"description": text})
+            responses.setdefault("500", {"description": "Unexpected error (details only in the service log)"})
+            for status, response in responses.items():
+                if status.startswith(("4", "5")):
+                    response["content"] = {"application/json": {"schema": ERROR_REF}}
+                    if status == "422" and response.get("description") == "Validation Error":
+                        response["description"] = "Invalid request, by field"
+    # Nothing refers to FastAPI's own validation shapes any more.
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components["schemas"].pop(unused, None)
