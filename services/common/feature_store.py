@@ -154,7 +154,10 @@ class FeatureWriter:
         self.offline_dir = offline_dir.resolve()
         self._lock = threading.Lock()
 
-    def write(self, view: str, rows: Sequence[Mapping[str, Any]], offline: bool = True) -> None:
+    def write(
+        self, view: str, rows: Sequence[Mapping[str, Any]], offline: bool = True, part: str | None = None
+    ) -> None:
+        """`part`: a stable name for the offline part file (see `append_offline`)."""
         if not rows:
             return
         key, features = (F.VISITOR_KEY, F.VISITOR_FEATURES) if view == F.VISITOR_VIEW else (F.ITEM_KEY, F.ITEM_FEATURES)
@@ -166,13 +169,18 @@ class FeatureWriter:
         online[F.TIMESTAMP_FIELD] = pd.Timestamp(wall_datetime())
         self.store.write_to_online_store(view, online)
         if offline:
-            self.append_offline(view, table)
+            self.append_offline(view, table, part)
 
-    def append_offline(self, view: str, table: pa.Table) -> Path:
+    def append_offline(self, view: str, table: pa.Table, part: str | None = None) -> Path:
+        """Write one parquet part file. With a `part` name the file is `part-<part>.parquet` and writing the same
+        part again replaces it: the aggregator names parts after the log position a batch starts at, so a
+        batch folded again after a failure replaces its rows instead of adding them a second time."""
         directory = self.offline_dir / view
         directory.mkdir(parents=True, exist_ok=True)
-        stamp = wall_datetime().strftime("%Y%m%dT%H%M%S%f")
-        path = directory / f"part-{stamp}-{uuid.uuid4().hex[:8]}.parquet"
+        if part is None:
+            stamp = wall_datetime().strftime("%Y%m%dT%H%M%S%f")
+            part = f"{stamp}-{uuid.uuid4().hex[:8]}"
+        path = directory / f"part-{part}.parquet"
         tmp = path.with_suffix(".tmp")
         pq.write_table(table, tmp)
         tmp.rename(path)  # readers glob *.parquet and never see a half-written file

@@ -97,6 +97,10 @@ class Store(ABC):
     @abstractmethod
     def scan(self, namespace: str) -> Iterator[tuple[str, bytes]]: ...
 
+    def count(self, namespace: str) -> int:
+        """How many keys the namespace holds (dead letters; small namespaces)."""
+        return sum(1 for _ in self.scan(namespace))
+
     @abstractmethod
     def ping(self) -> bool: ...
 
@@ -277,6 +281,11 @@ class RedisStore(Store):
                     expired.append(key[len(prefix) :])
         if expired and namespace not in UNINDEXED_NAMESPACES:  # members whose key expired (TTL)
             self._call(lambda: self._sync.srem(self._index_key(namespace), *expired))
+
+    def count(self, namespace: str) -> int:
+        if namespace in UNINDEXED_NAMESPACES:
+            return super().count(namespace)
+        return int(self._call(lambda: self._sync.scard(self._index_key(namespace))))
 
     def ping(self) -> bool:
         try:
@@ -464,6 +473,11 @@ class SqliteStore(Store):
         for key, value in rows:
             yield key, bytes(value)
 
+    def count(self, namespace: str) -> int:
+        now = wall_time()
+        sql = "SELECT COUNT(*) FROM blobs WHERE ns = ? AND (expires_at IS NULL OR expires_at > ?)"
+        return int(self._run(lambda c: c.execute(sql, (namespace, now)).fetchone()[0]))
+
     def ping(self) -> bool:
         try:
             self._run(lambda c: c.execute("SELECT 1").fetchone())
@@ -499,6 +513,9 @@ class Namespace:
     MESSAGE_HISTORY = "msgcap"  # sends per visitor: frequency caps and cooldowns
     ITEM_CHANGES = "itemchg"  # ids of items whose statistics changed, per time bucket (common/item_changes.py)
     META = "meta"
+    COMMIT = "commit"  # per log: the writes of the batch being committed (profile/commit.py)
+    DEAD_LETTERS = "deadletter"  # log entries the aggregator could not fold, "<log>:<position>"
+    AGGREGATOR_STATUS = "aggstatus"  # per log: cursor, lag, errors of its aggregator (readiness, metrics)
 
 
 CATALOG_VERSION_KEY = "catalog_version"
