@@ -27,7 +27,7 @@ from services.common.api import describe_errors
 from services.common.catalog import CatalogItem
 from services.common.errors import StorageUnavailable
 from services.common.events import Event, future_timestamp_error
-from services.profile.service import Aggregator, IngestService
+from services.profile.service import Aggregator, EntryFailed, IngestService
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -92,11 +92,11 @@ def _retrying(action: Callable[[], T], attempts: int = 5) -> T:
     """Retry a storage call that timed out (a loaded Redis can take longer than the fail-fast timeout on a
     big batch). Both calls are safe to repeat: appends are idempotent on event_id and the aggregator is
     at-least-once with an exactly-once effect. A retried append whose first try did land reports its
-    events as duplicates."""
+    events as duplicates. A log entry that keeps failing to fold goes to the dead letters after a few tries."""
     for attempt in range(1, attempts + 1):
         try:
             return action()
-        except StorageUnavailable:
+        except (StorageUnavailable, EntryFailed):
             if attempt == attempts:
                 raise
             log.warning("storage unavailable during import, retrying (%d/%d)", attempt, attempts)

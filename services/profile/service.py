@@ -165,6 +165,7 @@ class Aggregator:
         self.max_attempts = max_attempts
         self._attempts: dict[str, int] = {}  # failures per log position (in memory: a restart starts over)
         self._errors: dict[str, str] = {}
+        self._dead: set[str] = set()  # positions set aside in the batch being folded
         self.backlog = 0
         self.lag_s = 0.0
         self._reported_at = float("-inf")
@@ -276,17 +277,27 @@ class Aggregator:
         self._aged_hour = None  # the next sweep reloads recently active items
 
     def _decode(self, entries: Sequence[LogEntry]) -> list[tuple[str, float, Event]]:
-        """Decode the entries; an entry that failed `max_attempts` times before is set aside as a dead letter."""
+        """Decode the entries. An entry that failed `max_attempts` times (here or in the fold) is set aside as
+        a dead letter; one that failed fewer times fails the batch again (after a backoff)."""
         decoded: list[tuple[str, float, Event]] = []
+        failed: list[EntryFailed] = []
         for entry in entries:
+            if entry.position in self._dead:
+                continue
             if self._attempts.get(entry.position, 0) >= self.max_attempts:
                 self._dead_letter(entry)
                 continue
             try:
                 received_at, event = open_envelope(entry.payload)
             except Exception as exc:  # a schema rollback, a corrupt payload: deterministic, never transient
-                raise self._entry_failed(entry, exc) from exc
+                failed.append(self._entry_failed(entry, exc))
+                if self._attempts[entry.position] >= self.max_attempts:
+                    self._dead_letter(entry)
+                continue
             decoded.append((entry.position, received_at, event))
+        retry = [error for error in failed if error.position not in self._dead]
+        if retry:
+            raise retry[0]
         return decoded
 
     def _entry_failed(self, entry: LogEntry, exc: Exception) -> EntryFailed:
@@ -307,10 +318,9 @@ class Aggregator:
             "at": wall_time(),
         }
         self.repository.save_dead_letter(self.log, entry.position, record)
+        self._dead.add(entry.position)
         DEAD_LETTERS.inc()
         log.error("log entry %s moved to the dead letters after %d attempts", entry.position, record["attempts"])
-        self._attempts.pop(entry.position, None)
-        self._errors.pop(entry.position, None)
 
     def fold_entries(self, entries: Sequence[LogEntry]) -> BatchOutcome:
         """Fold the entries and commit their effect exactly once (see `services/profile/commit.py`), then
@@ -398,7 +408,10 @@ class Aggregator:
         )
         self.repository.save_commit_record(self.log, commit.to_bytes())
         self._finish(commit, [(position, event) for position, _, event in decoded])
-        # 3. Only now the caches take the batch's changes.
+        # 3. Only now the caches take the batch's changes; failures counted so far are behind the cursor.
+        self._attempts.clear()
+        self._errors.clear()
+        self._dead.clear()
         self.item_cache.update(touched_items)
         self.covisitation.dirty.clear()
         self.popularity.dirty.clear()
