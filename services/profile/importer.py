@@ -49,6 +49,7 @@ class ImportReport:
     invalid: list[InvalidLine] = field(default_factory=list)
     out_of_order: int = 0
     invalid_count: int = 0
+    folded_by_live_aggregator: bool = False  # another process held the log's lease and folded the events
 
 
 class InvalidInput(ValueError):
@@ -104,6 +105,22 @@ def _retrying(action: Callable[[], T], attempts: int = 5) -> T:
     raise AssertionError("unreachable")
 
 
+def fold_or_wait(aggregator: Aggregator, batch_size: int) -> bool:
+    """Fold the log to its end; True when this aggregator folded it. While another process holds the log's
+    lease (a running service) this waits until that one has folded everything instead, taking the lease over
+    if its holder stops renewing it."""
+    repository = aggregator.repository
+    while True:
+        outcome = _retrying(lambda: aggregator.run_once(batch_size))
+        if outcome.held:
+            if not outcome.events:
+                return True
+            continue
+        if not _retrying(lambda: repository.read_log(repository.cursor(aggregator.log), 1)):
+            return False
+        time.sleep(0.2)
+
+
 def _record_invalid(report: ImportReport, invalid: InvalidLine, skip_invalid: bool) -> None:
     """Count an invalid line (the first 100 are kept for the report); stop the import unless told to skip."""
     report.invalid_count += 1
@@ -125,6 +142,7 @@ def import_events(
     report = ImportReport()
     batch: list[Event] = []
     last_ts = float("-inf")
+    folded_here = [True]  # whether the last flush folded the log itself (else a running aggregator did)
 
     def flush() -> None:
         if not batch:
@@ -132,8 +150,7 @@ def import_events(
         result = _retrying(lambda: ingest.ingest(batch))
         report.accepted += result.accepted
         report.duplicates += result.duplicates
-        while _retrying(lambda: aggregator.run_once(batch_size * 2)).events:
-            pass
+        folded_here[0] = fold_or_wait(aggregator, batch_size * 2)
         batch.clear()
 
     try:
@@ -160,8 +177,13 @@ def import_events(
         exc.report = report
         raise
     flush()
-    # Item windows as of the end of the file (items last seen early in it are aged to that moment).
-    _retrying(lambda: aggregator.age_item_rows(force=True))
+    if not folded_here[0]:
+        # A running aggregator held the log's lease: it folded what was appended, on its own clock, and ages
+        # item windows itself.
+        report.folded_by_live_aggregator = True
+    else:
+        # Item windows as of the end of the file (items last seen early in it are aged to that moment).
+        _retrying(lambda: aggregator.age_item_rows(force=True))
     if progress:
         progress(report.lines)
     return report

@@ -36,6 +36,7 @@ from services.profile.aggregations import (
     visitor_features,
 )
 from services.profile.commit import BatchCommit
+from services.profile.lease import Lease
 from services.profile.privacy import forget_profiles
 from services.profile.repository import AGGREGATOR_CURSOR, ProfileRepository, index_dumps
 
@@ -129,6 +130,11 @@ class BatchOutcome:
     items: int = 0
     lag_s: list[float] = field(default_factory=list)
     last_received_at: float = 0.0  # when the log acknowledged the batch's newest entry
+    held: bool = True  # False: another process holds the log's lease, nothing was folded
+
+
+class LeaseLost(Exception):
+    """Another process took the log's lease while this one folded a batch: the batch is not committed."""
 
 
 class EntryFailed(Exception):
@@ -158,10 +164,13 @@ class Aggregator:
         max_skew_s: float = 300.0,
         log_name: str = AGGREGATOR_CURSOR,
         max_attempts: int = MAX_ATTEMPTS,
+        lease: Lease | None = None,
     ):
         self.repository = repository
         # The log this aggregator folds: names its cursor, commit record, dead letters and status.
         self.log = log_name
+        # Without a lease the caller guarantees a single consumer (tests, the demo world's own store).
+        self.lease = lease
         self.max_attempts = max_attempts
         self._attempts: dict[str, int] = {}  # failures per log position (in memory: a restart starts over)
         self._errors: dict[str, str] = {}
@@ -206,6 +215,8 @@ class Aggregator:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout)
+        if self.lease is not None:
+            self.lease.release()  # a standby takes over at once instead of after the lease expires
 
     @property
     def alive(self) -> bool:
@@ -219,7 +230,9 @@ class Aggregator:
                     outcome = self.run_once(batch_size)
                 self.last_error = None
                 backoff = idle_s
-                if outcome.events == 0:
+                if not outcome.held and self.lease is not None:
+                    self._stop.wait(self.lease.ttl_s / 3)  # standby: try to take the lease now and then
+                elif outcome.events == 0:
                     self._stop.wait(idle_s)
             except Exception as exc:  # keep consuming after Redis/Feast hiccups; the batch is retried
                 AGGREGATOR_ERRORS.inc()
@@ -247,6 +260,12 @@ class Aggregator:
         return outcome
 
     def _run_once(self, batch_size: int) -> BatchOutcome:
+        if self.lease is not None:
+            if not self.lease.hold():
+                return BatchOutcome(held=False)
+            if self.lease.acquired:  # another process may have folded since this one last did
+                log.info("aggregator %s holds the lease of log %s", self.lease.holder, self.log)
+                self._discard_caches()
         self._recover()
         if not self._indexes_loaded:
             self.covisitation, self.popularity = self.repository.load_indexes()
@@ -406,6 +425,8 @@ class Aggregator:
             withdrawn,
             sorted(touched_items),
         )
+        if self.lease is not None and not self.lease.hold():
+            raise LeaseLost(f"the lease of log {self.log} expired during the batch")
         self.repository.save_commit_record(self.log, commit.to_bytes())
         self._finish(commit, [(position, event) for position, _, event in decoded])
         # 3. Only now the caches take the batch's changes; failures counted so far are behind the cursor.
@@ -468,12 +489,15 @@ class Aggregator:
     def _report(self, error: str | None = None) -> None:
         """Publish the aggregator's status for readiness (any process) at most once a second."""
         self.last_error = error
+        if self.lease is not None and not self.lease.held:
+            return  # a standby: the holder reports for the log
         now = time.monotonic()
         if error is None and now - self._reported_at < 1.0:
             return
         self._reported_at = now
         status = {
             "log": self.log,
+            "holder": self.lease.holder if self.lease is not None else None,
             "lag_s": round(self.lag_s, 3),
             "backlog": self.backlog,
             "error": error,

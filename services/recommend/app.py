@@ -15,6 +15,7 @@ from services.common.auth import ApiKeyAuth
 from services.common.clock import Clock, clock_for
 from services.common.observability import MetricsMiddleware, configure_logging
 from services.common.security import install_security
+from services.common.storage import check_redis_durability
 from services.recommend.experiments import load_experiments
 from services.recommend.repository import RecommendRepository
 from services.recommend.service import RecommendService
@@ -49,6 +50,7 @@ def create_app(settings: RecommendSettings | None = None, clock: Clock | None = 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.log_level)
         state = build_state(settings, clock)
+        check_redis_durability(state.repository.store, settings.environment)
         app.state.recommend = state
         state.service.start()
         log.info(
