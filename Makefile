@@ -69,6 +69,9 @@ format: $(DEV_STAMP) ## apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff format services tests bench
 	$(VENV)/bin/ruff check --fix services tests bench
 
+aggregator: $(PROD_STAMP) ## the aggregator as its own process (set PROFILE_AGGREGATOR_ENABLED=false on the profile API)
+	$(PY) -m services.cli run aggregator --data-dir $(DATA_DIR)
+
 bench: $(DEV_STAMP) ## run the benchmark suite (real services, Redis online store); writes bench/results.{json,md}
 	scripts/with_redis.sh $(PY) -m bench.run
 
@@ -81,4 +84,4 @@ soak: $(DEV_STAMP) ## 10-minute soak at a fixed rate: memory growth and errors
 clean: ## remove generated data (keeps the virtualenv)
 	rm -rf $(DATA_DIR) bench/tmp
 
-.PHONY: help install install-dev demo test test-clock lint format bench profile soak clean
+.PHONY: help install install-dev demo aggregator test test-clock lint format bench profile soak clean

@@ -90,8 +90,6 @@ def serve(
 
     if service not in ("profile", "recommend"):
         raise typer.BadParameter("service must be 'profile' or 'recommend'")
-    if service == "profile" and workers > 1:
-        raise typer.BadParameter("the profile service runs one worker (its aggregator is the log's single consumer)")
     if workers > 1 and not os.environ.get("SELARAS_METRICS_DIR"):
         metrics_dir = Path(os.environ.get("SELARAS_DATA_DIR", "data")) / "metrics" / service
         metrics_dir.mkdir(parents=True, exist_ok=True)
@@ -109,6 +107,53 @@ def serve(
         access_log=False,
         timeout_graceful_shutdown=10,
     )
+
+
+run_app = typer.Typer(help="Run a background process (the aggregator).", no_args_is_help=True)
+app.add_typer(run_app, name="run")
+
+
+@run_app.command("aggregator")
+def run_aggregator(
+    data_dir: DataDir = Path("data"),
+    host: Annotated[str, typer.Option(help="Bind address of /healthz, /readyz and /metrics.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of /healthz, /readyz and /metrics (0: none).")] = 8003,
+) -> None:
+    """Fold the event log into features, as its own process (production: set PROFILE_AGGREGATOR_ENABLED=false
+    on the profile API). It folds only while it holds the log's lease; started twice, one folds and the other
+    waits as a standby that takes over within the lease time if the first stops or dies."""
+    _settings_env(data_dir)
+    from services.common.observability import configure_logging
+    from services.common.storage import check_redis_durability
+    from services.profile.app import build_state
+    from services.profile.probe_server import serve_probes
+    from services.profile.settings import ProfileSettings
+
+    settings = ProfileSettings(data_dir=data_dir)
+    configure_logging(settings.log_level)
+    state = build_state(settings)
+    check_redis_durability(state.repository.store, settings.environment)
+    aggregator = state.aggregator
+    probes = serve_probes(host, port, aggregator) if port else None
+    stopped = False
+
+    def stop(*_: Any) -> None:
+        nonlocal stopped
+        stopped = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    assert aggregator.lease is not None
+    console.print(f"aggregator {aggregator.lease.holder} on log {aggregator.log} ({state.repository.store.backend})")
+    aggregator.start(settings.aggregator_batch, settings.aggregator_idle_s)
+    try:
+        while not stopped and aggregator.alive:
+            time.sleep(0.2)
+    finally:
+        aggregator.stop()  # finishes the batch in flight, then releases the lease
+        if probes is not None:
+            probes.shutdown()
+        state.repository.close()
 
 
 @app.command()
@@ -221,6 +266,7 @@ def import_events_command(
         )
         raise typer.Exit(2) from exc
     finally:
+        state.aggregator.stop()  # releases the log's lease for the live aggregator
         repository.close()
     seconds = time.perf_counter() - started
     rate = report.lines / max(seconds, 1e-9)
@@ -230,6 +276,8 @@ def import_events_command(
     )
     for invalid in report.invalid[:20]:
         console.print(f"  line {invalid.line}: " + "; ".join(f"{e['field']}: {e['message']}" for e in invalid.errors))
+    if report.folded_by_live_aggregator:
+        console.print("a running aggregator held the log: it folded the imported events on its own clock")
     if report.out_of_order:
         console.print(
             f"[yellow]{report.out_of_order:,} events were older than an earlier line: sort files by "

@@ -10,6 +10,7 @@ recommendation records. Feast's online store is separate (see `feature_store.py`
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -29,6 +30,8 @@ from services.common.clock import wall_time
 from services.common.errors import StorageUnavailable
 from services.common.events import envelope_visitor
 from services.common.settings import CommonSettings
+
+log = logging.getLogger(__name__)
 
 DEDUPE_TTL_S = 14 * 24 * 3600
 APPEND_CHUNK = 500
@@ -104,6 +107,23 @@ class Store(ABC):
     @abstractmethod
     def scan(self, namespace: str) -> Iterator[tuple[str, bytes]]: ...
 
+    # -- leases (a single consumer per log) ---------------------------------------------------------
+    @abstractmethod
+    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take the lease if it is free or expired, or renew it if `holder` has it; True when `holder` holds
+        it for the next `ttl_s` seconds."""
+
+    @abstractmethod
+    def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease up, if `holder` has it (another holder's lease is left alone)."""
+
+    @abstractmethod
+    def lease_holder(self, name: str) -> str | None: ...
+
+    def count(self, namespace: str) -> int:
+        """How many keys the namespace holds (dead letters; small namespaces)."""
+        return sum(1 for _ in self.scan(namespace))
+
     @abstractmethod
     def ping(self) -> bool: ...
 
@@ -138,6 +158,18 @@ return accepted
 """
 
 
+# Take (SET NX PX) or renew (same holder: PEXPIRE) a lease in one atomic step.
+_LEASE_SCRIPT = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+return 0
+"""
+_RELEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 def make_redis_client(url: str, cluster: bool, timeout_s: float) -> redis.Redis | RedisCluster:
     """A client that fails fast: redis-py's default retries stall a request for seconds while Redis is down."""
     if cluster:
@@ -168,6 +200,8 @@ class RedisStore(Store):
         # redis-py's stubs type the sync/async/cluster clients as one union; these calls are synchronous.
         self._sync: Any = cast(Any, client)
         self._append = self._sync.register_script(_APPEND_SCRIPT)
+        self._lease = self._sync.register_script(_LEASE_SCRIPT)
+        self._release = self._sync.register_script(_RELEASE_SCRIPT)
 
     def _seen_key(self, event_id: str) -> str:
         return f"{self._tag}:seen:{event_id}"
@@ -308,6 +342,25 @@ class RedisStore(Store):
         if expired and namespace not in UNINDEXED_NAMESPACES:  # members whose key expired (TTL)
             self._call(lambda: self._sync.srem(self._index_key(namespace), *expired))
 
+    def _lease_key(self, name: str) -> str:
+        return f"{self._tag}:lease:{name}"
+
+    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        ttl_ms = max(1, int(ttl_s * 1000))
+        return bool(self._call(lambda: self._lease(keys=[self._lease_key(name)], args=[holder, ttl_ms])))
+
+    def release_lease(self, name: str, holder: str) -> None:
+        self._call(lambda: self._release(keys=[self._lease_key(name)], args=[holder]))
+
+    def lease_holder(self, name: str) -> str | None:
+        raw = self._call(lambda: self._sync.get(self._lease_key(name)))
+        return raw.decode() if raw else None
+
+    def count(self, namespace: str) -> int:
+        if namespace in UNINDEXED_NAMESPACES:
+            return super().count(namespace)
+        return int(self._call(lambda: self._sync.scard(self._index_key(namespace))))
+
     def ping(self) -> bool:
         try:
             return bool(self.client.ping())
@@ -337,6 +390,7 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_visitor ON events (visitor_id);
 CREATE TABLE IF NOT EXISTS seen_ids (event_id TEXT PRIMARY KEY, expires_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS blobs (
     ns TEXT NOT NULL,
     key TEXT NOT NULL,
@@ -516,6 +570,44 @@ class SqliteStore(Store):
         for key, value in rows:
             yield key, bytes(value)
 
+    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        now = wall_time()  # lease expiry is infrastructure time, like Redis's PX
+
+        def take(conn: sqlite3.Connection) -> bool:
+            conn.execute("BEGIN IMMEDIATE")  # the write lock makes check-then-set atomic across processes
+            try:
+                row = conn.execute("SELECT holder, expires_at FROM leases WHERE name = ?", (name,)).fetchone()
+                free = row is None or row[0] == holder or row[1] <= now
+                if free:
+                    conn.execute(
+                        "INSERT INTO leases (name, holder, expires_at) VALUES (?, ?, ?) ON CONFLICT (name)"
+                        " DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at",
+                        (name, holder, now + ttl_s),
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return free
+
+        return bool(self._run(take))
+
+    def release_lease(self, name: str, holder: str) -> None:
+        self._run(lambda c: c.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder)))
+
+    def lease_holder(self, name: str) -> str | None:
+        row = self._run(
+            lambda c: c.execute(
+                "SELECT holder FROM leases WHERE name = ? AND expires_at > ?", (name, wall_time())
+            ).fetchone()
+        )
+        return str(row[0]) if row else None
+
+    def count(self, namespace: str) -> int:
+        now = wall_time()
+        sql = "SELECT COUNT(*) FROM blobs WHERE ns = ? AND (expires_at IS NULL OR expires_at > ?)"
+        return int(self._run(lambda c: c.execute(sql, (namespace, now)).fetchone()[0]))
+
     def ping(self) -> bool:
         try:
             self._run(lambda c: c.execute("SELECT 1").fetchone())
@@ -526,6 +618,37 @@ class SqliteStore(Store):
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+def redis_durability_problems(client: redis.Redis | RedisCluster) -> list[str]:
+    """What in the Redis configuration can lose acknowledged data: no AOF (a restart loses the last writes)
+    or an eviction policy (under memory pressure Redis silently drops idempotency keys, consent records,
+    states or the log itself). Read with INFO, which managed Redis services allow (CONFIG is often refused)."""
+    raw: Any = cast(Any, client).info()
+    nodes = [raw] if "redis_version" in raw else list(raw.values())  # a cluster answers per node
+    problems: set[str] = set()
+    for info in nodes:
+        if str(info.get("aof_enabled", "0")) not in ("1", "True"):
+            problems.add("appendonly is off (set appendonly yes, appendfsync always)")
+        policy = str(info.get("maxmemory_policy", "noeviction"))
+        if policy != "noeviction":
+            problems.add(f"maxmemory-policy is {policy} (set noeviction: a full Redis must refuse writes, not evict)")
+    return sorted(problems)
+
+
+def check_redis_durability(store: Store, environment: str) -> list[str]:
+    """At start: refuse to run in production on a Redis that can lose data, warn elsewhere."""
+    if not isinstance(store, RedisStore):
+        return []
+    try:
+        problems = redis_durability_problems(store.client)
+    except RedisError as exc:
+        raise StorageUnavailable(f"cannot read the Redis configuration: {type(exc).__name__}") from exc
+    if problems and environment == "production":
+        raise RuntimeError("Redis can lose acknowledged data: " + "; ".join(problems))
+    for problem in problems:
+        log.warning("Redis can lose acknowledged data: %s", problem)
+    return problems
 
 
 def open_store(settings: CommonSettings) -> Store:
@@ -551,6 +674,9 @@ class Namespace:
     MESSAGE_HISTORY = "msgcap"  # sends per visitor: frequency caps and cooldowns
     ITEM_CHANGES = "itemchg"  # ids of items whose statistics changed, per time bucket (common/item_changes.py)
     META = "meta"
+    COMMIT = "commit"  # per log: the writes of the batch being committed (profile/commit.py)
+    DEAD_LETTERS = "deadletter"  # log entries the aggregator could not fold, "<log>:<position>"
+    AGGREGATOR_STATUS = "aggstatus"  # per log: cursor, lag, errors of its aggregator (readiness, metrics)
 
 
 CATALOG_VERSION_KEY = "catalog_version"

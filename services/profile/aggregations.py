@@ -428,11 +428,25 @@ class ItemState:
     buckets: dict[str, dict[str, int]] = field(default_factory=dict)  # counter -> {hour index: count}
     slot_buckets: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # slot -> counter -> ...
     last_ts: float = 0.0
+    # Per log (partition): the last position folded in. A batch folded again after the cursor was lost
+    # skips what the state already holds (the commit record covers the usual failures; this is a backstop).
+    applied: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ItemState:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+    def copy(self) -> ItemState:
+        """An independent copy: the aggregator folds a batch into copies and keeps them only once the batch's
+        writes have succeeded, so a failed batch never leaves counts in its cache."""
+        return ItemState(
+            self.item_id,
+            {counter: dict(hours) for counter, hours in self.buckets.items()},
+            {slot: {c: dict(h) for c, h in per_slot.items()} for slot, per_slot in self.slot_buckets.items()},
+            self.last_ts,
+            dict(self.applied),
+        )
 
 
 def _hour_index(ts: float) -> int:

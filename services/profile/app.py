@@ -13,14 +13,16 @@ from services.common.auth import ApiKeyAuth
 from services.common.clock import Clock, clock_for
 from services.common.observability import MetricsMiddleware, configure_logging
 from services.common.security import install_security
+from services.common.storage import check_redis_durability
 from services.profile.aggregations import SegmentRules
 from services.profile.deps import ProfileState
 from services.profile.endpoints import router
+from services.profile.lease import Lease
 from services.profile.observers import build_batch_observers
 from services.profile.persona_jobs import PersonaAssigner
 from services.profile.privacy import PrivacyService, privacy_holders
 from services.profile.privacy_endpoints import router as privacy_router
-from services.profile.repository import ProfileRepository
+from services.profile.repository import AGGREGATOR_CURSOR, ProfileRepository
 from services.profile.service import Aggregator, IngestService
 from services.profile.settings import ProfileSettings
 
@@ -59,6 +61,7 @@ def build_state(
         observers=build_batch_observers(settings, repository),
         clock=aggregator_clock or clock,
         max_skew_s=settings.max_clock_skew_s,
+        lease=Lease(repository.store, AGGREGATOR_CURSOR, settings.aggregator_lease_s),
     )
     return ProfileState(
         settings,
@@ -90,6 +93,7 @@ def create_app(settings: ProfileSettings | None = None, clock: Clock | None = No
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.log_level)
         state = build_state(settings, clock)
+        check_redis_durability(state.repository.store, settings.environment)
         app.state.profile = state
         if settings.aggregator_enabled:
             state.aggregator.start(settings.aggregator_batch, settings.aggregator_idle_s)

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from services.common.api import FastJSONResponse, describe_errors, json_body_schema, read_json_body
 from services.common.consent import Consent
-from services.common.errors import Forbidden, InvalidPayload, NotFound, PayloadTooLarge
+from services.common.errors import Forbidden, InvalidPayload, NotFound, PayloadTooLarge, StorageUnavailable
 from services.common.events import BROWSER_EVENT_TYPES, Event
 from services.profile.aggregations import segments
 from services.profile.deps import AdminKey, EventsKey, IngestKey, State
@@ -133,10 +133,20 @@ def readyz(state: State) -> Response:
     store_ok = state.repository.store.ping()
     aggregator_ok = state.aggregator.alive or not state.settings.aggregator_enabled
     ready = store_ok and aggregator_ok
-    body = {
+    body: dict[str, Any] = {
         "ready": ready,
         "store": store_ok,
         "aggregator": aggregator_ok,
         "aggregator_error": state.aggregator.last_error,
     }
+    if store_ok:
+        # What every aggregator (in this process or its own) last published: lag, errors, dead letters. The
+        # API stays ready while they lag (ingest still acknowledges); monitoring alerts on these values.
+        try:
+            statuses = state.repository.aggregator_statuses()
+            body["aggregator_lag_s"] = max((s.get("lag_s", 0.0) for s in statuses.values()), default=None)
+            body["aggregator_errors"] = {log: s["error"] for log, s in statuses.items() if s.get("error")}
+            body["dead_letters"] = state.repository.dead_letter_count()
+        except StorageUnavailable:
+            body["store"] = body["ready"] = ready = False
     return Response(orjson.dumps(body), status_code=200 if ready else 503, media_type="application/json")

@@ -27,7 +27,7 @@ from services.common.api import describe_errors
 from services.common.catalog import CatalogItem
 from services.common.errors import StorageUnavailable
 from services.common.events import Event, future_timestamp_error
-from services.profile.service import Aggregator, IngestService
+from services.profile.service import Aggregator, EntryFailed, IngestService
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,6 +49,7 @@ class ImportReport:
     invalid: list[InvalidLine] = field(default_factory=list)
     out_of_order: int = 0
     invalid_count: int = 0
+    folded_by_live_aggregator: bool = False  # another process held the log's lease and folded the events
 
 
 class InvalidInput(ValueError):
@@ -92,16 +93,32 @@ def _retrying(action: Callable[[], T], attempts: int = 5) -> T:
     """Retry a storage call that timed out (a loaded Redis can take longer than the fail-fast timeout on a
     big batch). Both calls are safe to repeat: appends are idempotent on event_id and the aggregator is
     at-least-once with an exactly-once effect. A retried append whose first try did land reports its
-    events as duplicates."""
+    events as duplicates. A log entry that keeps failing to fold goes to the dead letters after a few tries."""
     for attempt in range(1, attempts + 1):
         try:
             return action()
-        except StorageUnavailable:
+        except (StorageUnavailable, EntryFailed):
             if attempt == attempts:
                 raise
             log.warning("storage unavailable during import, retrying (%d/%d)", attempt, attempts)
             time.sleep(0.5 * attempt)
     raise AssertionError("unreachable")
+
+
+def fold_or_wait(aggregator: Aggregator, batch_size: int) -> bool:
+    """Fold the log to its end; True when this aggregator folded it. While another process holds the log's
+    lease (a running service) this waits until that one has folded everything instead, taking the lease over
+    if its holder stops renewing it."""
+    repository = aggregator.repository
+    while True:
+        outcome = _retrying(lambda: aggregator.run_once(batch_size))
+        if outcome.held:
+            if not outcome.events:
+                return True
+            continue
+        if not _retrying(lambda: repository.read_log(repository.cursor(aggregator.log), 1)):
+            return False
+        time.sleep(0.2)
 
 
 def _record_invalid(report: ImportReport, invalid: InvalidLine, skip_invalid: bool) -> None:
@@ -125,6 +142,7 @@ def import_events(
     report = ImportReport()
     batch: list[Event] = []
     last_ts = float("-inf")
+    folded_here = [True]  # whether the last flush folded the log itself (else a running aggregator did)
 
     def flush() -> None:
         if not batch:
@@ -132,8 +150,7 @@ def import_events(
         result = _retrying(lambda: ingest.ingest(batch))
         report.accepted += result.accepted
         report.duplicates += result.duplicates
-        while _retrying(lambda: aggregator.run_once(batch_size * 2)).events:
-            pass
+        folded_here[0] = fold_or_wait(aggregator, batch_size * 2)
         batch.clear()
 
     try:
@@ -160,8 +177,13 @@ def import_events(
         exc.report = report
         raise
     flush()
-    # Item windows as of the end of the file (items last seen early in it are aged to that moment).
-    _retrying(lambda: aggregator.age_item_rows(force=True))
+    if not folded_here[0]:
+        # A running aggregator held the log's lease: it folded what was appended, on its own clock, and ages
+        # item windows itself.
+        report.folded_by_live_aggregator = True
+    else:
+        # Item windows as of the end of the file (items last seen early in it are aged to that moment).
+        _retrying(lambda: aggregator.age_item_rows(force=True))
     if progress:
         progress(report.lines)
     return report

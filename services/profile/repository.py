@@ -107,24 +107,59 @@ class ProfileRepository:
         return covisitation, popularity
 
     def save_indexes(self, covisitation: CoVisitation, popularity: ContextPopularity) -> None:
-        if covisitation.dirty:
-            self.store.put_many(Namespace.COVISITATION, {i: covisitation.dump(i) for i in covisitation.dirty})
-            covisitation.dirty.clear()
-        if popularity.dirty:
-            self.store.put_many(Namespace.POPULARITY, {k: popularity.dump(k) for k in popularity.dirty})
-            popularity.dirty.clear()
+        for namespace, values in index_dumps(covisitation, popularity).items():
+            self.store.put_many(namespace, values)
+        covisitation.dirty.clear()
+        popularity.dirty.clear()
+
+    # -- the aggregator's bookkeeping: commit records, dead letters, status -------------------------
+    def commit_record(self, log: str) -> bytes | None:
+        return self.store.get(Namespace.COMMIT, log)
+
+    def save_commit_record(self, log: str, raw: bytes) -> None:
+        self.store.put(Namespace.COMMIT, log, raw)
+
+    def delete_commit_record(self, log: str) -> None:
+        self.store.delete(Namespace.COMMIT, [log])
+
+    def save_dead_letter(self, log: str, position: str, record: Mapping[str, Any]) -> None:
+        self.store.put(Namespace.DEAD_LETTERS, f"{log}:{position}", orjson.dumps(record))
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        return [orjson.loads(raw) for _, raw in self.store.scan(Namespace.DEAD_LETTERS)]
+
+    def dead_letter_count(self) -> int:
+        return self.store.count(Namespace.DEAD_LETTERS)
+
+    def save_aggregator_status(self, log: str, status: Mapping[str, Any]) -> None:
+        self.store.put(Namespace.AGGREGATOR_STATUS, log, orjson.dumps(status))
+
+    def aggregator_statuses(self) -> dict[str, dict[str, Any]]:
+        return {log: orjson.loads(raw) for log, raw in self.store.scan(Namespace.AGGREGATOR_STATUS)}
 
     # -- features ---------------------------------------------------------------------------------
-    def write_visitor_rows(self, online: Sequence[Mapping[str, Any]], offline: Sequence[Mapping[str, Any]]) -> None:
+    def write_visitor_rows(
+        self, online: Sequence[Mapping[str, Any]], offline: Sequence[Mapping[str, Any]], part: str | None = None
+    ) -> None:
+        """`part` names the offline part file so that writing a batch again replaces it (exactly-once)."""
         self.writer.write(F.VISITOR_VIEW, online, offline=False)
         if offline:
-            self.writer.append_offline(F.VISITOR_VIEW, to_arrow_table(offline, F.VISITOR_KEY, F.VISITOR_FEATURES))
+            table = to_arrow_table(offline, F.VISITOR_KEY, F.VISITOR_FEATURES)
+            self.writer.append_offline(F.VISITOR_VIEW, table, part)
 
-    def write_item_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        self.writer.write(F.ITEM_VIEW, rows, offline=True)
+    def write_item_rows(self, rows: Sequence[Mapping[str, Any]], part: str | None = None) -> None:
+        self.writer.write(F.ITEM_VIEW, rows, offline=True, part=part)
 
     def online_visitor(self, visitor_id: str) -> dict[str, Any]:
         return online_rows(self.feature_store, F.VISITOR_VIEW, [visitor_id])[0]
 
     def persona_model_blob(self) -> bytes | None:
         return self.store.get(Namespace.PERSONAS, "current")
+
+
+def index_dumps(covisitation: CoVisitation, popularity: ContextPopularity) -> dict[str, dict[str, bytes]]:
+    """The stored form of the index entries changed since they were last saved (their `dirty` keys)."""
+    return {
+        Namespace.COVISITATION: {i: covisitation.dump(i) for i in covisitation.dirty},
+        Namespace.POPULARITY: {k: popularity.dump(k) for k in popularity.dirty},
+    }

@@ -3,6 +3,7 @@ visitor/item state, candidate indexes and Feast feature rows."""
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 import time
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.common import features as F
@@ -20,7 +22,7 @@ from services.common.errors import StorageUnavailable
 from services.common.events import Event, EventType, envelope, future_timestamp_error, not_after, open_envelope
 from services.common.indexes import ContextPopularity, CoVisitation, context_keys
 from services.common.item_changes import ItemChangeRecorder
-from services.common.storage import AppendResult, LogEntry, PendingEvent
+from services.common.storage import AppendResult, LogEntry, Namespace, PendingEvent
 from services.profile.aggregations import (
     DAY,
     HOUR,
@@ -33,8 +35,10 @@ from services.profile.aggregations import (
     item_features,
     visitor_features,
 )
+from services.profile.commit import BatchCommit
+from services.profile.lease import Lease
 from services.profile.privacy import forget_profiles
-from services.profile.repository import ProfileRepository
+from services.profile.repository import AGGREGATOR_CURSOR, ProfileRepository, index_dumps
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,13 @@ FEATURE_WRITE_LAG = Histogram(
 )
 AGGREGATOR_BACKLOG = Gauge("selaras_aggregator_backlog_events", "Log entries not yet folded (last poll)")
 AGGREGATOR_ERRORS = Counter("selaras_aggregator_errors_total", "Micro-batches that failed and will be retried")
+AGGREGATOR_LAG = Gauge(
+    "selaras_aggregator_lag_seconds", "How long the newest folded event waited, while a backlog remains (0: none)"
+)
+DEAD_LETTERS = Counter("selaras_aggregator_dead_letters_total", "Log entries set aside after failing to fold")
+AGGREGATOR_DEAD_LETTERS = Gauge("selaras_aggregator_dead_letters_stored", "Log entries in the dead-letter list")
+# A log entry that fails this many times to decode or fold is moved to the dead letters.
+MAX_ATTEMPTS = 3
 
 # The longest item window (30 days) plus a day: an item idle for longer has an all-zero row.
 ITEM_WINDOW_S = 31 * DAY
@@ -118,11 +129,27 @@ class BatchOutcome:
     visitors: int = 0
     items: int = 0
     lag_s: list[float] = field(default_factory=list)
+    last_received_at: float = 0.0  # when the log acknowledged the batch's newest entry
+    held: bool = True  # False: another process holds the log's lease, nothing was folded
+
+
+class LeaseLost(Exception):
+    """Another process took the log's lease while this one folded a batch: the batch is not committed."""
+
+
+class EntryFailed(Exception):
+    """One log entry could not be decoded or folded; the batch is retried and, after `max_attempts`, the
+    entry is moved to the dead letters and the aggregator moves on."""
+
+    def __init__(self, position: str, error: str):
+        super().__init__(f"log entry {position}: {error}")
+        self.position = position
 
 
 class Aggregator:
-    """Single consumer of the log. At-least-once: a visitor's state remembers the last position it folded,
-    so a batch replayed after a crash does not count anything twice."""
+    """Single consumer of the log. Reads are at-least-once; the effect is exactly-once: every state write of
+    a batch goes through one commit record (`services/profile/commit.py`), feature rows are overwrites, and
+    the caches take a batch's changes only after its writes succeeded."""
 
     def __init__(
         self,
@@ -135,8 +162,22 @@ class Aggregator:
         observers: Sequence[Any] = (),
         clock: Clock = SYSTEM_CLOCK,
         max_skew_s: float = 300.0,
+        log_name: str = AGGREGATOR_CURSOR,
+        max_attempts: int = MAX_ATTEMPTS,
+        lease: Lease | None = None,
     ):
         self.repository = repository
+        # The log this aggregator folds: names its cursor, commit record, dead letters and status.
+        self.log = log_name
+        # Without a lease the caller guarantees a single consumer (tests, the demo world's own store).
+        self.lease = lease
+        self.max_attempts = max_attempts
+        self._attempts: dict[str, int] = {}  # failures per log position (in memory: a restart starts over)
+        self._errors: dict[str, str] = {}
+        self._dead: set[str] = set()  # positions set aside in the batch being folded
+        self.backlog = 0
+        self.lag_s = 0.0
+        self._reported_at = float("-inf")
         # Business time of the fold: windows of item rows are evaluated at the clock's now, and no event may
         # move an item's or visitor's time further ahead of it than `max_skew_s` (bulk imports of history pass
         # a DataClock that follows the events).
@@ -174,6 +215,8 @@ class Aggregator:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout)
+        if self.lease is not None:
+            self.lease.release()  # a standby takes over at once instead of after the lease expires
 
     @property
     def alive(self) -> bool:
@@ -187,7 +230,9 @@ class Aggregator:
                     outcome = self.run_once(batch_size)
                 self.last_error = None
                 backoff = idle_s
-                if outcome.events == 0:
+                if not outcome.held and self.lease is not None:
+                    self._stop.wait(self.lease.ttl_s / 3)  # standby: try to take the lease now and then
+                elif outcome.events == 0:
                     self._stop.wait(idle_s)
             except Exception as exc:  # keep consuming after Redis/Feast hiccups; the batch is retried
                 AGGREGATOR_ERRORS.inc()
@@ -203,26 +248,103 @@ class Aggregator:
             self._catalog_loaded_at = time.monotonic()
 
     def run_once(self, batch_size: int) -> BatchOutcome:
+        """Fold the next micro-batch of the log. On any error the in-memory caches are dropped (reloaded from
+        the store on the next call), so a failed batch leaves no trace in memory and is folded again."""
+        try:
+            outcome = self._run_once(batch_size)
+        except Exception as exc:
+            self._discard_caches()
+            self._report(error=type(exc).__name__)
+            raise
+        self._report()
+        return outcome
+
+    def _run_once(self, batch_size: int) -> BatchOutcome:
+        if self.lease is not None:
+            if not self.lease.hold():
+                return BatchOutcome(held=False)
+            if self.lease.acquired:  # another process may have folded since this one last did
+                log.info("aggregator %s holds the lease of log %s", self.lease.holder, self.log)
+                self._discard_caches()
+        self._recover()
         if not self._indexes_loaded:
             self.covisitation, self.popularity = self.repository.load_indexes()
             self._indexes_loaded = True
         self.refresh_catalog()
         self.age_item_rows()
-        cursor = self.repository.cursor()
+        cursor = self.repository.cursor(self.log)
         entries = self.repository.read_log(cursor, batch_size)
         if not entries:
+            self.backlog, self.lag_s = 0, 0.0
             AGGREGATOR_BACKLOG.set(0)
+            AGGREGATOR_LAG.set(0.0)
             return BatchOutcome()
         outcome = self.fold_entries(entries)
-        self.repository.set_cursor(entries[-1].position)
-        if len(entries) == batch_size:
-            AGGREGATOR_BACKLOG.set(batch_size)
-        else:
-            AGGREGATOR_BACKLOG.set(0)
+        # A full batch means more is waiting: the lag is then how long the newest folded event waited.
+        self.backlog = batch_size if len(entries) == batch_size else 0
+        self.lag_s = max(0.0, wall_time() - outcome.last_received_at) if self.backlog else 0.0
+        AGGREGATOR_BACKLOG.set(self.backlog)
+        AGGREGATOR_LAG.set(self.lag_s)
         return outcome
 
+    def _discard_caches(self) -> None:
+        """Forget everything held in memory that a failed batch may have changed; the store is the truth."""
+        self.item_cache.clear()
+        self._item_digests.clear()
+        self._indexes_loaded = False
+        self.covisitation, self.popularity = CoVisitation(), ContextPopularity()
+        self._aged_hour = None  # the next sweep reloads recently active items
+
+    def _decode(self, entries: Sequence[LogEntry]) -> list[tuple[str, float, Event]]:
+        """Decode the entries. An entry that failed `max_attempts` times (here or in the fold) is set aside as
+        a dead letter; one that failed fewer times fails the batch again (after a backoff)."""
+        decoded: list[tuple[str, float, Event]] = []
+        failed: list[EntryFailed] = []
+        for entry in entries:
+            if entry.position in self._dead:
+                continue
+            if self._attempts.get(entry.position, 0) >= self.max_attempts:
+                self._dead_letter(entry)
+                continue
+            try:
+                received_at, event = open_envelope(entry.payload)
+            except Exception as exc:  # a schema rollback, a corrupt payload: deterministic, never transient
+                failed.append(self._entry_failed(entry, exc))
+                if self._attempts[entry.position] >= self.max_attempts:
+                    self._dead_letter(entry)
+                continue
+            decoded.append((entry.position, received_at, event))
+        retry = [error for error in failed if error.position not in self._dead]
+        if retry:
+            raise retry[0]
+        return decoded
+
+    def _entry_failed(self, entry: LogEntry, exc: Exception) -> EntryFailed:
+        self._attempts[entry.position] = self._attempts.get(entry.position, 0) + 1
+        self._errors[entry.position] = f"{type(exc).__name__}: {exc}"[:500]
+        log.warning(
+            "log entry %s failed (%d/%d): %s", entry.position, self._attempts[entry.position], self.max_attempts, exc
+        )
+        return EntryFailed(entry.position, self._errors[entry.position])
+
+    def _dead_letter(self, entry: LogEntry) -> None:
+        record = {
+            "log": self.log,
+            "position": entry.position,
+            "attempts": self._attempts.get(entry.position, 0),
+            "error": self._errors.get(entry.position, ""),
+            "payload_b64": base64.b64encode(entry.payload).decode(),
+            "at": wall_time(),
+        }
+        self.repository.save_dead_letter(self.log, entry.position, record)
+        self._dead.add(entry.position)
+        DEAD_LETTERS.inc()
+        log.error("log entry %s moved to the dead letters after %d attempts", entry.position, record["attempts"])
+
     def fold_entries(self, entries: Sequence[LogEntry]) -> BatchOutcome:
-        decoded = [(entry.position, *open_envelope(entry.payload)) for entry in entries]
+        """Fold the entries and commit their effect exactly once (see `services/profile/commit.py`), then
+        move the log's cursor past them. In-memory caches take the batch's changes only after that."""
+        decoded = self._decode(entries)
         for _, _, event in decoded:
             self.clock.observe(event.ts)  # a DataClock (bulk import of history) follows the events
         latest_allowed = self.clock.now() + self.max_skew_s
@@ -233,36 +355,39 @@ class Aggregator:
         changed_consents: dict[str, Consent] = {}
         item_ids = sorted({event.item_id for _, _, event in decoded if event.item_id} - set(self.item_cache))
         if item_ids:
-            self.item_cache.update(self.repository.item_states(item_ids))
+            self.item_cache.update(self.repository.item_states(item_ids))  # as stored: no batch's effect yet
 
         touched_visitors: dict[str, VisitorState] = {}
         touched_items: dict[str, ItemState] = {}
         offline: list[dict[str, Any]] = []
         received: dict[str, float] = {}
         for position, received_at, event in decoded:
-            if event.type is EventType.PROFILE_UPDATE:
-                changes = consent_changes_from_properties(event.properties)
-                if changes:
-                    merged = consents.get(event.visitor_id, Consent()).merged(changes, event.ts)
-                    consents[event.visitor_id] = changed_consents[event.visitor_id] = merged
-            self._fold_item_side(event, touched_items)
-            consent = consents.get(event.visitor_id, Consent())
-            if not consent.allows("personalization", self.consent_defaults):
-                continue  # no behavioural profile without consent (item statistics are anonymous)
-            state = states.get(event.visitor_id) or VisitorState(event.visitor_id)
-            if state.applied_position and position_key(position) <= position_key(state.applied_position):
-                continue  # already folded before a crash: at-least-once delivery, exactly-once effect
-            previous_items = list(state.recent_items)
-            if not fold_visitor(state, event, self.catalog.get(event.item_id or "")):
-                continue
-            state.applied_position = position
-            states[event.visitor_id] = touched_visitors[event.visitor_id] = state
-            received[event.visitor_id] = received_at
-            self._fold_indexes(event, state, previous_items)
-            if self.offline_rows:
-                # Persona assignment (~0.1-0.3 ms) runs once per visitor and batch, for the online row; the
-                # history rows carry the persona known so far (the persona job re-assigns them nightly).
-                offline.append(self._row(state, event.ts, assign=False))
+            try:
+                if event.type is EventType.PROFILE_UPDATE:
+                    changes = consent_changes_from_properties(event.properties)
+                    if changes:
+                        merged = consents.get(event.visitor_id, Consent()).merged(changes, event.ts)
+                        consents[event.visitor_id] = changed_consents[event.visitor_id] = merged
+                self._fold_item_side(position, event, touched_items)
+                consent = consents.get(event.visitor_id, Consent())
+                if not consent.allows("personalization", self.consent_defaults):
+                    continue  # no behavioural profile without consent (item statistics are anonymous)
+                state = states.get(event.visitor_id) or VisitorState(event.visitor_id)
+                if state.applied_position and position_key(position) <= position_key(state.applied_position):
+                    continue  # folded before (a defence: the commit record already makes replays harmless)
+                previous_items = list(state.recent_items)
+                if not fold_visitor(state, event, self.catalog.get(event.item_id or "")):
+                    continue
+                state.applied_position = position
+                states[event.visitor_id] = touched_visitors[event.visitor_id] = state
+                received[event.visitor_id] = received_at
+                self._fold_indexes(event, state, previous_items)
+                if self.offline_rows:
+                    # Persona assignment (~0.1-0.3 ms) runs once per visitor and batch, for the online row; the
+                    # history rows carry the persona known so far (the persona job re-assigns them nightly).
+                    offline.append(self._row(state, event.ts, assign=False))
+            except Exception as exc:  # this entry cannot be folded: after a few attempts it is set aside
+                raise self._entry_failed(LogEntry(position, b""), exc) from exc
 
         # Consent changed in this batch, merged into the stored records first (compare-and-set, the later choice
         # per purpose wins): a choice made through the API while this batch ran is kept, and decides below.
@@ -282,25 +407,111 @@ class Aggregator:
         # in the last 7 days; `age_item_rows` keeps them so as time passes); stamped with that time.
         fold_now = max(self.clock.now(), max((s.last_ts for s in touched_items.values()), default=0.0))
         item_rows = self._item_rows(touched_items, fold_now)
-        # Order matters for recovery: state and features first, the cursor last (in run_once).
-        self.repository.write_visitor_rows(online, offline)
-        self.repository.write_item_rows(item_rows)
-        self.item_changes.record(touched_items, wall_time())  # after the rows: a reader then finds them
-        self.repository.save_visitor_states(touched_visitors, self.retention_s)
-        self.repository.save_item_states(touched_items)
-        self.repository.save_indexes(self.covisitation, self.popularity)
-        if withdrawn:
-            forget_profiles(self.repository.store, self.repository.feature_store, withdrawn)
-        if self.observers:
-            pairs = [(position, event) for position, _, event in decoded]
-            for observer in self.observers:
-                observer.observe(pairs)
+
+        # 1. Feature rows: online rows are overwrites, offline part files are named after the batch's first
+        #    position, so folding the batch again after a failure replaces them.
+        part = f"{self.log}-{entries[0].position}"
+        self.repository.write_visitor_rows(online, offline, part)
+        self.repository.write_item_rows(item_rows, part)
+        # 2. Every state write of the batch as one record, then applied (a failure from here on is repaired
+        #    by applying the record again before the next batch).
+        commit = BatchCommit(
+            self.log,
+            entries[0].position,
+            entries[-1].position,
+            {
+                Namespace.VISITOR_STATE: {k: orjson.dumps(s) for k, s in touched_visitors.items()},
+                Namespace.ITEM_STATE: {k: orjson.dumps(s) for k, s in touched_items.items()},
+                **index_dumps(self.covisitation, self.popularity),
+            },
+            {Namespace.VISITOR_STATE: self.retention_s} if self.retention_s else {},
+            {},  # consents were merged into the stored records above (compare-and-set): never overwritten here
+            withdrawn,
+            sorted(touched_items),
+        )
+        if self.lease is not None and not self.lease.hold():
+            raise LeaseLost(f"the lease of log {self.log} expired during the batch")
+        self.repository.save_commit_record(self.log, commit.to_bytes())
+        self._finish(commit, [(position, event) for position, _, event in decoded])
+        # 3. Only now the caches take the batch's changes; failures counted so far are behind the cursor.
+        self._attempts.clear()
+        self._errors.clear()
+        self._dead.clear()
+        self.item_cache.update(touched_items)
+        self.covisitation.dirty.clear()
+        self.popularity.dirty.clear()
+
         now = wall_time()
         lags = [now - at for at in received.values()]
         for lag in lags:
             FEATURE_WRITE_LAG.observe(lag)
         EVENTS_AGGREGATED.inc(len(entries))
-        return BatchOutcome(len(entries), len(touched_visitors), len(touched_items), lags)
+        last_received = max((at for _, at, _ in decoded), default=now)
+        return BatchOutcome(len(entries), len(touched_visitors), len(touched_items), lags, last_received)
+
+    def _finish(self, commit: BatchCommit, batch: Sequence[tuple[str, Event]]) -> None:
+        """Apply a commit record (idempotent), run the observers (idempotent per event), move the cursor,
+        drop the record. Also the recovery path for a record a failed run left behind."""
+        store = self.repository.store
+        for namespace, values in commit.blobs.items():
+            store.put_many(namespace, values, commit.ttl(namespace))
+        if commit.consents:
+            self.repository.save_consents({k: Consent.from_bytes(raw) for k, raw in commit.consents.items()})
+        if commit.withdrawn:
+            forget_profiles(store, self.repository.feature_store, commit.withdrawn)
+        self.item_changes.record(commit.changed_items, wall_time())  # after the rows: a reader then finds them
+        if self.observers and batch:
+            for observer in self.observers:
+                observer.observe(batch)
+        self.repository.set_cursor(commit.last, self.log)
+        self.repository.delete_commit_record(self.log)
+
+    def _recover(self) -> None:
+        """A commit record left by a failed or killed run: apply it before folding anything else."""
+        raw = self.repository.commit_record(self.log)
+        if raw is None:
+            return
+        commit = BatchCommit.from_bytes(raw)
+        log.warning("re-applying the commit of log %s up to %s after a failure", self.log, commit.last)
+        batch: list[tuple[str, Event]] = []  # the batch's events again, for the observers
+        after = self.repository.cursor(self.log)
+        last = position_key(commit.last)
+        while entries := self.repository.read_log(after, 5000):
+            for entry in entries:
+                if position_key(entry.position) > last:
+                    break
+                try:
+                    batch.append((entry.position, open_envelope(entry.payload)[1]))
+                except Exception:
+                    log.info("log entry %s skipped: set aside as a dead letter", entry.position)
+            if position_key(entries[-1].position) >= last:
+                break
+            after = entries[-1].position
+        self._finish(commit, batch)
+        self._discard_caches()  # the store moved on under the caches
+
+    def _report(self, error: str | None = None) -> None:
+        """Publish the aggregator's status for readiness (any process) at most once a second."""
+        self.last_error = error
+        if self.lease is not None and not self.lease.held:
+            return  # a standby: the holder reports for the log
+        now = time.monotonic()
+        if error is None and now - self._reported_at < 1.0:
+            return
+        self._reported_at = now
+        status = {
+            "log": self.log,
+            "holder": self.lease.holder if self.lease is not None else None,
+            "lag_s": round(self.lag_s, 3),
+            "backlog": self.backlog,
+            "error": error,
+            "at": wall_time(),
+        }
+        try:
+            self.repository.save_aggregator_status(self.log, status)
+            AGGREGATOR_DEAD_LETTERS.set(self.repository.dead_letter_count())
+        except StorageUnavailable:
+            pass  # the store is down: readiness reports that itself
 
     def age_item_rows(self, force: bool = False) -> int:
         """Re-evaluate the windows of recently active items at the clock's now, once per clock hour; returns the
@@ -359,12 +570,20 @@ class Aggregator:
         row[F.TIMESTAMP_FIELD] = _utc(at)
         return row
 
-    def _fold_item_side(self, event: Event, touched: dict[str, ItemState]) -> None:
+    def _fold_item_side(self, position: str, event: Event, touched: dict[str, ItemState]) -> None:
+        """Folds into the batch's own copy of the item state; the cache takes it after the commit."""
         if not event.item_id:
             return
-        state = self.item_cache.get(event.item_id) or ItemState(event.item_id)
+        state = touched.get(event.item_id)
+        if state is None:
+            cached = self.item_cache.get(event.item_id)
+            state = cached.copy() if cached else ItemState(event.item_id)
+        applied = state.applied.get(self.log)
+        if applied and position_key(position) <= position_key(applied):
+            return  # already in the stored state
         if fold_item(state, event):
-            self.item_cache[event.item_id] = touched[event.item_id] = state
+            state.applied[self.log] = position
+            touched[event.item_id] = state
 
     def _fold_indexes(self, event: Event, state: VisitorState, previous_items: list[str]) -> None:
         weight = POPULARITY_WEIGHTS.get(event.type)

@@ -18,7 +18,11 @@ class ProfileSettings(CommonSettings):
     # Aggregator: how many log entries one micro-batch folds, and how long it sleeps when idle.
     aggregator_batch: int = Field(default=2000, ge=1, le=50_000)
     aggregator_idle_s: float = Field(default=0.02, gt=0, le=5)
+    # True: the aggregator runs as a thread of the HTTP app (embedded and demo mode). Production runs it as its
+    # own process (`selaras run aggregator`) and sets this false so the API scales out on its own.
     aggregator_enabled: bool = True
+    # The log's lease: a holder that stops renewing loses it after this long and a standby takes over.
+    aggregator_lease_s: float = Field(default=10.0, gt=0.5, le=300)
     # Write every event's feature row to the offline store (point-in-time training data).
     offline_rows: bool = True
     # Lifecycle thresholds (days) and RFM value tiers (IDR).

@@ -14,6 +14,7 @@ from services.common.auth import ApiKeyAuth
 from services.common.clock import Clock, clock_for
 from services.common.observability import MetricsMiddleware, configure_logging
 from services.common.security import install_security
+from services.common.storage import check_redis_durability
 from services.messages.endpoints import router as message_router
 from services.messages.repository import MessageRepository
 from services.messages.service import MessageService
@@ -59,6 +60,7 @@ def create_app(settings: RecommendSettings | None = None, clock: Clock | None = 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.log_level)
         state = build_state(settings, clock)
+        check_redis_durability(state.repository.store, settings.environment)
         app.state.recommend = state
         state.service.start()
         log.info(

@@ -7,9 +7,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
-from services.common.storage import PendingEvent, RedisStore, SqliteStore, Store, make_redis_client
-from tests.conftest import REDIS_URL, clean_namespace, unique_name
+from services.common.storage import (
+    PendingEvent,
+    RedisStore,
+    SqliteStore,
+    Store,
+    check_redis_durability,
+    make_redis_client,
+)
+from tests.conftest import REDIS_URL, RedisServer, clean_namespace, unique_name
 
 
 @pytest.fixture(params=["redis", "sqlite"])
@@ -127,3 +135,41 @@ def test_update_is_compare_and_set_across_connections(store: Store, tmp_path: Pa
     other.close()
     assert store.get("counter", "k") == b"200"
     assert [key for key, _ in store.scan("counter")] == ["k"]  # indexed like put_many
+
+
+def test_a_lease_has_one_holder_until_it_expires_or_is_released(store: Store) -> None:
+    assert store.acquire_lease("log-0", "a", 0.4)
+    assert store.acquire_lease("log-0", "a", 0.4), "the holder renews its own lease"
+    assert not store.acquire_lease("log-0", "b", 0.4), "a second holder is refused while the lease runs"
+    assert store.lease_holder("log-0") == "a"
+    assert store.acquire_lease("log-1", "b", 0.4), "another log's lease is independent"
+    time.sleep(0.6)
+    assert store.acquire_lease("log-0", "b", 5.0), "an expired lease can be taken"
+    store.release_lease("log-0", "a")  # not the holder: nothing happens
+    assert store.lease_holder("log-0") == "b"
+    store.release_lease("log-0", "b")
+    assert store.lease_holder("log-0") is None
+    assert store.acquire_lease("log-0", "a", 5.0)
+
+
+def test_count_counts_a_namespace(store: Store) -> None:
+    store.put_many("deadletter", {"0:1": b"x", "0:2": b"y"})
+    store.put("other", "k", b"z")
+    assert store.count("deadletter") == 2
+
+
+def test_a_redis_that_can_lose_data_is_refused_in_production_and_warned_about_elsewhere(
+    redis_server: RedisServer,
+) -> None:
+    client = redis.Redis.from_url(redis_server.url)
+    store = RedisStore(client, unique_name("st"))
+    try:
+        assert check_redis_durability(store, "production") == []  # AOF on, noeviction (the default)
+        client.config_set("maxmemory-policy", "allkeys-lru")
+        client.config_set("appendonly", "no")
+        problems = check_redis_durability(store, "development")
+        assert len(problems) == 2 and "allkeys-lru" in problems[1]
+        with pytest.raises(RuntimeError, match="appendonly is off"):
+            check_redis_durability(store, "production")
+    finally:
+        store.close()

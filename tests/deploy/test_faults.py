@@ -28,7 +28,7 @@ import orjson
 import pytest
 import redis
 
-from services.common.storage import RedisStore
+from services.common.storage import Namespace, RedisStore
 from tests.conftest import RedisServer, SessionWorld, copy_keys, free_port, unique_name
 
 REPO = Path(__file__).resolve().parents[2]
@@ -389,6 +389,27 @@ def test_redis_restarts_during_ingestion_lose_no_acknowledged_event_and_resends_
         )
 
     assert wait_for(folded, 20), httpx.get(f"{service.url}/v1/profiles/fault-visitor-0").text[:500]
+
+    # Every visitor's and every item's totals equal the logged events, exactly (the batches that failed while
+    # Redis went away were folded again: nothing is counted twice, items included).
+    every = [e for events in sent.values() for e in events]
+    expected_items = Counter(e["item_id"] for e in every)
+    expected_visitors = Counter(e["visitor_id"] for e in every)
+
+    def totals() -> tuple[dict[str, int], dict[str, int]]:
+        store = RedisStore(redis.Redis.from_url(redis_server.url), namespace)
+        try:
+            items = dict(zip(expected_items, store.get_many(Namespace.ITEM_STATE, list(expected_items)), strict=True))
+            visitors = store.get_many(Namespace.VISITOR_STATE, list(expected_visitors))
+        finally:
+            store.close()
+        item_views = {i: sum(orjson.loads(raw)["buckets"]["views"].values()) for i, raw in items.items() if raw}
+        counts = {
+            v: orjson.loads(raw)["event_count"] for v, raw in zip(expected_visitors, visitors, strict=True) if raw
+        }
+        return item_views, counts
+
+    assert wait_for(lambda: totals() == (dict(expected_items), dict(expected_visitors)), 30), totals()
     print(f"\ningest with Redis stopped and killed: {statuses[202]} batches acknowledged, {statuses[503]} refused")
 
 
@@ -493,3 +514,127 @@ def test_sigterm_under_load_completes_in_flight_requests(
         f"\nSIGTERM {name}: {len(answered)} answered, 3/3 in-flight completed, {len(failed)} refused after the "
         f"signal, exit in {exited - signalled:.2f} s"
     )
+
+
+# ------------------------------------------------------------------------------------------------------
+# (d) Two aggregator processes for one log; the holder is killed mid-ingest
+# ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AggregatorProcess:
+    """`python -m services.cli run aggregator`, as operators start it."""
+
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "services.cli", "run", "aggregator", "--port", "0"],
+                cwd=REPO,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def took_lease(self) -> bool:
+        return "holds the lease" in self.log_path.read_text()
+
+    def stop(self, kill: bool = False) -> None:
+        if self.process is not None and self.process.poll() is None:
+            if kill:
+                self.process.kill()
+            else:
+                self.process.terminate()
+            self.process.wait(20)
+
+
+@pytest.mark.slow
+def test_two_aggregators_for_one_log_fold_it_once_and_the_standby_takes_over_a_killed_holder(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    from services.profile.aggregations import ItemState, fold_item
+    from services.profile.app import build_state
+    from services.profile.settings import ProfileSettings
+
+    namespace = unique_name("a")
+    env = service_env(
+        tmp_path / "data",
+        redis_server.url,
+        namespace,
+        namespace,
+        PROFILE_AGGREGATOR_LEASE_S="2",
+        PROFILE_AGGREGATOR_BATCH="50",
+    )
+    settings = ProfileSettings(
+        data_dir=tmp_path / "client",
+        redis_url=redis_server.url,
+        namespace=namespace,
+        feast_project=namespace,
+        environment="test",
+    )
+    client = build_state(settings)  # the ingest side only: its aggregator is never started
+    processes = [AggregatorProcess(env, tmp_path / f"aggregator-{i}.log") for i in range(2)]
+    sent: list[Any] = []
+
+    def send(batches: int) -> None:
+        from services.common.events import Event
+
+        for _ in range(batches):
+            n0 = len(sent)
+            now = datetime.now(UTC) - timedelta(seconds=5)
+            events = [
+                Event.model_validate(
+                    {
+                        "event_id": f"agg-{n}",
+                        "visitor_id": f"agg-visitor-{n % 13}",
+                        "type": ("product_view", "add_to_cart", "purchase")[n % 3],
+                        "item_id": f"agg-item-{n % 17}",
+                        "timestamp": now.isoformat(),
+                        "price": 10_000,
+                        "quantity": 1 + n % 2,
+                    }
+                )
+                for n in range(n0, n0 + 40)
+            ]
+            client.ingest.ingest(events)
+            sent.extend(events)
+            time.sleep(0.02)
+
+    def folded() -> bool:
+        states = client.repository.visitor_states([f"agg-visitor-{i}" for i in range(13)])
+        return sum(s.event_count for s in states.values()) == len(sent)
+
+    try:
+        for process in processes:
+            process.start()
+        send(50)
+        assert wait_for(lambda: any(p.took_lease() for p in processes), 90), "no aggregator took the lease"
+        assert wait_for(folded, 60)
+        holders = [p for p in processes if p.took_lease()]
+        assert len(holders) == 1, "both aggregators folded the log"
+        holder, standby = holders[0], next(p for p in processes if p is not holders[0])
+
+        # Kill the holder while events keep arriving and it is folding them; the standby takes over.
+        killer = threading.Timer(0.5, holder.stop, kwargs={"kill": True})
+        killer.start()
+        send(100)
+        killer.join()
+        assert wait_for(standby.took_lease, 30), "the standby did not take over"
+        assert wait_for(folded, 60), "events acknowledged after the kill were not folded"
+
+        expected: dict[str, ItemState] = {}
+        for event in sent:
+            fold_item(expected.setdefault(event.item_id, ItemState(event.item_id)), event)
+        stored = {s.item_id: s.buckets for s in client.repository.all_item_states()}
+        assert stored == {item_id: s.buckets for item_id, s in expected.items()}, "item totals differ from the log"
+        visitors = client.repository.visitor_states([f"agg-visitor-{i}" for i in range(13)])
+        assert {v: s.event_count for v, s in visitors.items()} == dict(Counter(e.visitor_id for e in sent))
+        assert client.repository.commit_record("aggregator") is None
+    finally:
+        for process in processes:
+            process.stop(kill=True)
+        client.repository.close()
+    print(f"\ntwo aggregators: {len(sent)} events folded exactly once across a SIGKILL of the lease holder")

@@ -1,0 +1,195 @@
+"""Exactly-once folding on real Redis + Feast: a batch folded again, or a write that fails midway and is
+retried (by the same aggregator or by a fresh one after a crash), leaves item statistics, visitor states,
+candidate indexes and offline history rows equal to the logged events, exactly."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from services.common import features as F
+from services.common.clock import FixedClock
+from services.common.errors import StorageUnavailable
+from services.common.events import Event
+from services.common.storage import Namespace
+from services.profile.aggregations import ItemState, SegmentRules, fold_item
+from services.profile.app import ProfileState, build_state
+from services.profile.service import Aggregator
+from services.profile.settings import ProfileSettings
+from tests.factories import BASE_TIME, make_event
+
+CLOCK = FixedClock(BASE_TIME + timedelta(days=1))
+BATCH = 40
+
+
+def shop_events() -> list[Event]:
+    """Views, carts and purchases (quantity 2) of 6 visitors over 5 items, in time order."""
+    events = []
+    for n in range(150):
+        kind = ("product_view", "product_view", "add_to_cart", "purchase")[n % 4]
+        extra = {"quantity": 2} if kind == "purchase" else {}
+        events.append(
+            make_event(
+                event_id=f"eo-{n}",
+                visitor_id=f"eo-visitor-{n % 6}",
+                type=kind,
+                item_id=f"eo-item-{n % 5}",
+                timestamp=(BASE_TIME + timedelta(minutes=n)).isoformat(),
+                **extra,
+            )
+        )
+    return events
+
+
+def aggregator_for(state: ProfileState) -> Aggregator:
+    """A fresh aggregator on the same storage (what a restarted process builds)."""
+    return Aggregator(state.repository, SegmentRules(), state.consent_defaults, clock=CLOCK)
+
+
+def fold_all(aggregator: Aggregator) -> None:
+    while aggregator.run_once(BATCH).events:
+        pass
+
+
+def expected_items(events: list[Event]) -> dict[str, dict[str, dict[str, int]]]:
+    states: dict[str, ItemState] = {}
+    for event in events:
+        assert event.item_id
+        fold_item(states.setdefault(event.item_id, ItemState(event.item_id)), event)
+    return {item_id: s.buckets for item_id, s in states.items()}
+
+
+def stored(state: ProfileState) -> dict[str, Any]:
+    """What the fold left in storage: item buckets, visitor event counts, index blobs, offline rows."""
+    repository = state.repository
+    items = {s.item_id: s.buckets for s in repository.all_item_states()}
+    visitors = {
+        vid: s.event_count for vid, s in repository.visitor_states([f"eo-visitor-{i}" for i in range(6)]).items()
+    }
+    indexes = {
+        namespace: dict(repository.store.scan(namespace))
+        for namespace in (Namespace.COVISITATION, Namespace.POPULARITY)
+    }
+    offline = Counter[str]()
+    for path in (state.settings.offline_dir / F.VISITOR_VIEW).glob("*.parquet"):
+        offline.update(pq.read_table(path, columns=[F.VISITOR_KEY]).column(F.VISITOR_KEY).to_pylist())
+    return {"items": items, "visitors": visitors, "indexes": indexes, "offline": dict(offline)}
+
+
+def assert_exact(state: ProfileState, events: list[Event], reference: dict[str, Any] | None = None) -> None:
+    found = stored(state)
+    per_visitor = dict(Counter(e.visitor_id for e in events))
+    assert found["items"] == expected_items(events), "item statistics differ from the logged events"
+    assert found["visitors"] == per_visitor, "visitor event counts differ from the logged events"
+    assert found["offline"] == per_visitor, "offline history rows differ from the logged events"
+    assert state.repository.commit_record(AGGREGATOR_LOG) is None
+    if reference is not None:
+        assert found["indexes"] == reference["indexes"], "candidate indexes differ from a run without faults"
+
+
+AGGREGATOR_LOG = "aggregator"
+
+
+@pytest.fixture
+def make_state(settings_factory: Callable[..., Any], tmp_path: Path) -> Callable[[str], ProfileState]:
+    """Profile parts on their own namespace, Feast project and data directory."""
+
+    def make(name: str) -> ProfileState:
+        settings: ProfileSettings = settings_factory(ProfileSettings, data_dir=tmp_path / name, offline_rows=True)
+        return build_state(settings, clock=CLOCK)
+
+    return make
+
+
+@pytest.fixture
+def reference(make_state: Callable[[str], ProfileState]) -> dict[str, Any]:
+    """The same events folded without any fault."""
+    state = make_state("reference")
+    try:
+        state.ingest.ingest(shop_events())
+        fold_all(aggregator_for(state))
+        result = stored(state)
+    finally:
+        state.repository.close()
+    return result
+
+
+def test_a_batch_folded_again_from_an_old_cursor_counts_nothing_twice(
+    make_state: Callable[[str], ProfileState], reference: dict[str, Any]
+) -> None:
+    state = make_state("faulty")
+    try:
+        events = shop_events()
+        state.ingest.ingest(events)
+        fold_all(aggregator_for(state))
+        assert_exact(state, events, reference)
+        # The cursor is lost (set back to the start): every batch is read and folded a second time.
+        state.repository.store.delete(Namespace.CURSOR, [AGGREGATOR_LOG])
+        fold_all(aggregator_for(state))
+        assert_exact(state, events, reference)
+    finally:
+        state.repository.close()
+
+
+class Fault:
+    """Makes the `nth` matching call of `owner.name` raise StorageUnavailable, once."""
+
+    def __init__(self, owner: Any, name: str, nth: int, when: Callable[..., bool] = lambda *a, **k: True):
+        self.original = getattr(owner, name)
+        self.calls = 0
+        self.fired = False
+        self.when = when
+        self.nth = nth
+        setattr(owner, name, self)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.fired and self.when(*args, **kwargs):
+            self.calls += 1
+            if self.calls == self.nth:
+                self.fired = True
+                raise StorageUnavailable("injected fault")
+        return self.original(*args, **kwargs)
+
+
+def in_namespace(namespace: str) -> Callable[..., bool]:
+    return lambda ns, *args, **kwargs: ns == namespace
+
+
+# Each point of a batch's writes, in order: feature rows, the commit record, its application (visitor
+# states, item states, indexes), the cursor, the record's removal.
+FAULTS: dict[str, Callable[[ProfileState], Fault]] = {
+    "item rows": lambda s: Fault(s.repository, "write_item_rows", 2),
+    "commit record": lambda s: Fault(s.repository, "save_commit_record", 2),
+    "item states": lambda s: Fault(s.repository.store, "put_many", 2, in_namespace(Namespace.ITEM_STATE)),
+    "indexes": lambda s: Fault(s.repository.store, "put_many", 2, in_namespace(Namespace.POPULARITY)),
+    "cursor": lambda s: Fault(s.repository, "set_cursor", 2),
+    "record removal": lambda s: Fault(s.repository, "delete_commit_record", 2),
+}
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["retried", "restarted"])
+@pytest.mark.parametrize("point", list(FAULTS))
+def test_a_write_failing_midway_then_retried_leaves_exact_totals(
+    point: str, restart: bool, make_state: Callable[[str], ProfileState], reference: dict[str, Any]
+) -> None:
+    state = make_state("faulty")
+    try:
+        events = shop_events()
+        state.ingest.ingest(events)
+        fault = FAULTS[point](state)
+        aggregator = aggregator_for(state)
+        with pytest.raises(StorageUnavailable):
+            fold_all(aggregator)
+        assert fault.fired
+        if restart:  # the process died: a new one starts from what is stored
+            aggregator = aggregator_for(state)
+        fold_all(aggregator)
+        assert_exact(state, events, reference)
+    finally:
+        state.repository.close()
