@@ -17,15 +17,15 @@ from services.common import features as F
 from services.common.consent import Consent, ConsentDefaults, consent_changes_from_properties
 from services.common.errors import StorageUnavailable
 from services.common.events import Event, EventType, envelope, open_envelope
-from services.common.indexes import ContextPopularity, CoVisitation, context_keys
+from services.common.indexes import ContextPopularity, CoVisitation
 from services.common.item_changes import ItemChangeRecorder
 from services.common.storage import AppendResult, LogEntry, PendingEvent
 from services.profile.aggregations import (
-    DAY,
     ItemInfo,
     ItemState,
     SegmentRules,
     VisitorState,
+    fold_indexes,
     fold_item,
     fold_visitor,
     item_features,
@@ -47,13 +47,6 @@ FEATURE_WRITE_LAG = Histogram(
 )
 AGGREGATOR_BACKLOG = Gauge("selaras_aggregator_backlog_events", "Log entries not yet folded (last poll)")
 AGGREGATOR_ERRORS = Counter("selaras_aggregator_errors_total", "Micro-batches that failed and will be retried")
-
-POPULARITY_WEIGHTS = {
-    EventType.PRODUCT_VIEW: 1.0,
-    EventType.ADD_TO_CART: 3.0,
-    EventType.PURCHASE: 5.0,
-    EventType.CLICK: 1.5,
-}
 
 
 class IngestService:
@@ -220,7 +213,7 @@ class Aggregator:
             state.applied_position = position
             states[event.visitor_id] = touched_visitors[event.visitor_id] = state
             received[event.visitor_id] = received_at
-            self._fold_indexes(event, state, previous_items)
+            fold_indexes(self.covisitation, self.popularity, event, state, previous_items)
             if self.offline_rows:
                 # Persona assignment (~0.1-0.3 ms) runs once per visitor and batch, for the online row; the
                 # history rows carry the persona known so far (the persona job re-assigns them nightly).
@@ -277,16 +270,6 @@ class Aggregator:
         state = self.item_cache.get(event.item_id) or ItemState(event.item_id)
         if fold_item(state, event):
             self.item_cache[event.item_id] = touched[event.item_id] = state
-
-    def _fold_indexes(self, event: Event, state: VisitorState, previous_items: list[str]) -> None:
-        weight = POPULARITY_WEIGHTS.get(event.type)
-        if weight is None or not event.item_id:
-            return
-        keys = context_keys(event.ts, state.city, event.context.device, state.utc_offset_min)
-        self.popularity.observe(keys, event.item_id, weight, event.ts)
-        recent = state.last_seen - event.ts < DAY
-        if event.type in (EventType.PRODUCT_VIEW, EventType.ADD_TO_CART) and previous_items and recent:
-            self.covisitation.observe(previous_items, event.item_id, weight)
 
 
 def _utc(ts: float) -> datetime:

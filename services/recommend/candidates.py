@@ -19,6 +19,10 @@ from services.common.features import as_number
 from services.common.indexes import GLOBAL_CONTEXT
 from services.recommend.catalog_cache import KIND_CODES, ItemSnapshot, category_code
 
+# The next item follows from the last few: the simple next-item model that public purchase histories are
+# compared against (docs/quality.md) reads the last 5 with a decay of 0.6 per step.
+NEXT_ITEM_HISTORY = 5
+NEXT_ITEM_DECAY = 0.6
 SOURCES = ("covisitation", "category", "brand", "trending", "new_arrival", "cart", "popular")
 
 
@@ -118,7 +122,7 @@ class CandidateGenerator:
         covis_idx = np.zeros(0, dtype=np.int64)
         covis_scores = np.zeros(0)
         if personalized and visitor.known:
-            covis_idx, covis_scores = self._covisited(snapshot, visitor.recent_items[:6], per_source)
+            covis_idx, covis_scores = self._covisited(snapshot, visitor.recent_items[:NEXT_ITEM_HISTORY], per_source)
             add(covis_idx[np.argsort(-covis_scores, kind="stable")], "covisitation", 2 * per_source)
             for item_id in visitor.cart_items:
                 neighbours = snapshot.covisitation.get(item_id)
@@ -152,13 +156,14 @@ class CandidateGenerator:
 
     @staticmethod
     def _covisited(snapshot: ItemSnapshot, recent: Sequence[str], per_item: int) -> tuple[np.ndarray, np.ndarray]:
-        """Items co-visited with the recent ones, scores summed with 1/rank weights (most recent first)."""
+        """What tends to come next after the recent items: their (damped) neighbour scores summed, each older
+        item weighing NEXT_ITEM_DECAY times less than the one after it (most recent first)."""
         idx_parts, score_parts = [], []
         for rank, item_id in enumerate(recent):
             neighbours = snapshot.covisitation.get(item_id)
             if neighbours is not None and len(neighbours[0]):
                 idx_parts.append(neighbours[0][:per_item])
-                score_parts.append(neighbours[1][:per_item] / (rank + 1))
+                score_parts.append(neighbours[1][:per_item] * NEXT_ITEM_DECAY**rank)
         if not idx_parts:
             return np.zeros(0, dtype=np.int64), np.zeros(0)
         unique, inverse = np.unique(np.concatenate(idx_parts), return_inverse=True)

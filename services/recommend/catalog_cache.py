@@ -219,7 +219,8 @@ def stats_columns(arrays: CatalogArrays, stats_rows: Mapping[str, Mapping[str, A
 
 
 class NeighbourArrays(Mapping[str, tuple[IntArray, FloatArray]]):
-    """Co-visitation lists converted to snapshot rows on first access (most items are never asked for).
+    """Co-visitation lists converted to snapshot rows on first access (most items are never asked for), scores
+    divided by the square root of the listed total.
 
     `raw` values may be the stored JSON bytes: parsed only when asked for, and bytes are invisible to the
     cyclic GC, whose full passes over millions of small decoded lists were a source of p99 pauses."""
@@ -239,7 +240,11 @@ class NeighbourArrays(Mapping[str, tuple[IntArray, FloatArray]]):
             neighbours = orjson.loads(neighbours)
         index = self.index
         rows = [(index[other], float(score)) for other, score in neighbours if other in index]
-        value = (np.array([r[0] for r in rows], dtype=np.int64), np.array([r[1] for r in rows], dtype=np.float64))
+        scores = np.array([r[1] for r in rows], dtype=np.float64)
+        # Rows damped by the square root of their total: a hub item followed by everything says less about
+        # any one follower than a niche item followed by two.
+        total = float(scores.sum())
+        value = (np.array([r[0] for r in rows], dtype=np.int64), scores / math.sqrt(total) if total > 0 else scores)
         if self.cache is not None:
             self.cache[item_id] = value
         return value

@@ -31,7 +31,7 @@ import pandas as pd
 from services.common import features as F
 from services.common.catalog import CatalogItem, ItemKind
 from services.common.events import Event, EventType
-from services.common.indexes import ContextPopularity, CoVisitation, context_keys
+from services.common.indexes import ContextPopularity, CoVisitation, context_keys, observe_interaction, push_recent
 from services.recommend.candidates import CandidateGenerator, Filters, VisitorVector, context_keys_for
 from services.recommend.catalog_cache import (
     KIND_CODES,
@@ -48,12 +48,6 @@ from services.recommend.repository import RecommendRepository
 log = logging.getLogger(__name__)
 
 GRADES = {EventType.PRODUCT_VIEW: 1, EventType.CLICK: 1, EventType.ADD_TO_CART: 2, EventType.PURCHASE: 3}
-POPULARITY_WEIGHTS = {
-    EventType.PRODUCT_VIEW: 1.0,
-    EventType.ADD_TO_CART: 3.0,
-    EventType.PURCHASE: 5.0,
-    EventType.CLICK: 1.5,
-}
 Progress = Callable[[str, float], None]
 # Offline evaluation (services/recommend/evaluation.py): a query's point-in-time inputs, instead of a group.
 QueryHook = Callable[[int, "Query", ItemSnapshot, VisitorVector, Mapping[str, int], list[str]], None]
@@ -271,11 +265,10 @@ class Trainer:
         times = self.snapshot_times(events, queries)
         self.progress("item statistics (Feast, point in time)", 0.0)
         stats = self.item_stats_at(times, arrays)
-        covisitation, popularity = CoVisitation(), ContextPopularity()
+        replay = Replay()
         # Co-visitation is read live from the replay (it is always exactly "before this query").
-        live_neighbours = LiveNeighbours(covisitation)
+        live_neighbours = LiveNeighbours(replay.covisitation)
         rng = np.random.default_rng(self.config.seed)
-        recent: dict[str, list[str]] = {}
         snapshot: ItemSnapshot | None = None
         snapshot_index = -1
         event_pos = 0
@@ -287,7 +280,7 @@ class Trainer:
         for q_index, (query, (visitor, context)) in enumerate(zip(queries, visitors, strict=True)):
             # Advance the replay to just before the query.
             while event_pos < len(events) and events[event_pos].ts < query.ts:
-                _observe(events[event_pos], covisitation, popularity, recent)
+                replay.observe(events[event_pos])
                 event_pos += 1
             wanted = bisect.bisect_right(times, query.ts) - 1
             if snapshot is None or wanted != snapshot_index:
@@ -296,7 +289,7 @@ class Trainer:
                     arrays,
                     stats.get(at, {}) if wanted >= 0 else {},
                     live_neighbours,
-                    popularity.scores,
+                    replay.popularity.scores,
                     now=query.ts,
                     cache_neighbours=False,
                 )
@@ -414,55 +407,10 @@ class Trainer:
         return TrainResult(meta, text, metrics)
 
     def params(self) -> dict[str, Any]:
-        return {
-            "objective": "lambdarank",
-            "metric": "ndcg",
-            "ndcg_eval_at": [10],
-            "learning_rate": self.config.learning_rate,
-            "num_leaves": self.config.num_leaves,
-            "min_data_in_leaf": self.config.min_data_in_leaf,
-            "feature_fraction": 0.9,
-            "bagging_fraction": 0.9,
-            "bagging_freq": 1,
-            "lambdarank_truncation_level": 20,
-            "num_threads": self.config.threads,
-            "seed": self.config.seed,
-            "deterministic": True,
-            "force_row_wise": True,
-            "verbosity": -1,
-        }
+        return ranker_params(self.config)
 
     def fit(self, train_set: TrainingSet, valid_set: TrainingSet) -> lgb.Booster:
-        names = list(F.RANKER_FEATURES)
-        train_data = lgb.Dataset(
-            train_set.X,
-            label=train_set.y,
-            group=train_set.groups,
-            feature_name=names,
-            categorical_feature=list(F.CATEGORICAL_FEATURES),
-            free_raw_data=False,
-        )
-        valid_groups = [g for g in valid_set.groups]
-        callbacks: list[Callable[..., Any]] = [lgb.log_evaluation(0)]
-        valid_sets = []
-        if valid_groups and valid_set.y.max() > 0:
-            valid_data = lgb.Dataset(
-                valid_set.X,
-                label=valid_set.y,
-                group=valid_groups,
-                reference=train_data,
-                feature_name=names,
-                categorical_feature=list(F.CATEGORICAL_FEATURES),
-            )
-            valid_sets = [valid_data]
-            callbacks.append(lgb.early_stopping(self.config.early_stopping_rounds, verbose=False))
-        return lgb.train(
-            self.params(),
-            train_data,
-            num_boost_round=self.config.num_boost_round,
-            valid_sets=valid_sets,
-            callbacks=callbacks,
-        )
+        return fit_ranker(self.config, train_set, valid_set)
 
     def evaluate(
         self,
@@ -511,6 +459,59 @@ class Trainer:
         }
 
 
+def ranker_params(config: TrainConfig) -> dict[str, Any]:
+    return {
+        "objective": "lambdarank",
+        "metric": "ndcg",
+        "ndcg_eval_at": [10],
+        "learning_rate": config.learning_rate,
+        "num_leaves": config.num_leaves,
+        "min_data_in_leaf": config.min_data_in_leaf,
+        "feature_fraction": 0.9,
+        "bagging_fraction": 0.9,
+        "bagging_freq": 1,
+        "lambdarank_truncation_level": 20,
+        "num_threads": config.threads,
+        "seed": config.seed,
+        "deterministic": True,
+        "force_row_wise": True,
+        "verbosity": -1,
+    }
+
+
+def fit_ranker(config: TrainConfig, train_set: TrainingSet, valid_set: TrainingSet) -> lgb.Booster:
+    names = list(F.RANKER_FEATURES)
+    train_data = lgb.Dataset(
+        train_set.X,
+        label=train_set.y,
+        group=train_set.groups,
+        feature_name=names,
+        categorical_feature=list(F.CATEGORICAL_FEATURES),
+        free_raw_data=False,
+    )
+    valid_groups = [g for g in valid_set.groups]
+    callbacks: list[Callable[..., Any]] = [lgb.log_evaluation(0)]
+    valid_sets = []
+    if valid_groups and valid_set.y.max() > 0:
+        valid_data = lgb.Dataset(
+            valid_set.X,
+            label=valid_set.y,
+            group=valid_groups,
+            reference=train_data,
+            feature_name=names,
+            categorical_feature=list(F.CATEGORICAL_FEATURES),
+        )
+        valid_sets = [valid_data]
+        callbacks.append(lgb.early_stopping(config.early_stopping_rounds, verbose=False))
+    return lgb.train(
+        ranker_params(config),
+        train_data,
+        num_boost_round=config.num_boost_round,
+        valid_sets=valid_sets,
+        callbacks=callbacks,
+    )
+
+
 class LiveNeighbours(Mapping[str, list[tuple[str, float]]]):
     """A read-through view of the replayed co-visitation index."""
 
@@ -529,25 +530,28 @@ class LiveNeighbours(Mapping[str, list[tuple[str, float]]]):
         return len(self.covisitation.neighbours)
 
 
-def _observe(
-    event: Event, covisitation: CoVisitation, popularity: ContextPopularity, recent: dict[str, list[str]]
-) -> None:
-    """The same index updates the profile aggregator makes, replayed for point-in-time training."""
-    weight = POPULARITY_WEIGHTS.get(event.type)
-    if weight is None or not event.item_id:
-        return
-    if event.type is EventType.CLICK and not event.recommendation_id:
-        return
-    keys = context_keys(event.ts, event.context.city, _device(event), _offset(event))
-    popularity.observe(keys, event.item_id, weight, event.ts)
-    if event.type in (EventType.PRODUCT_VIEW, EventType.ADD_TO_CART):
-        previous = recent.setdefault(event.visitor_id, [])
-        if previous:
-            covisitation.observe(previous, event.item_id, weight)
-        if event.item_id in previous:
-            previous.remove(event.item_id)
-        previous.insert(0, event.item_id)
-        del previous[20:]
+@dataclass
+class Replay:
+    """The candidate indexes replayed from the log in time order, with each visitor's recent items and last
+    known place, updated by the aggregator's own rule (`observe_interaction`)."""
+
+    covisitation: CoVisitation = field(default_factory=CoVisitation)
+    popularity: ContextPopularity = field(default_factory=ContextPopularity)
+    recent: dict[str, list[str]] = field(default_factory=dict)
+    places: dict[str, tuple[str, int | None]] = field(default_factory=dict)
+
+    def observe(self, event: Event) -> None:
+        # The visitor's city and UTC offset as the aggregator's visitor state keeps them: the last known.
+        city, offset = self.places.get(event.visitor_id, ("", None))
+        city = event.context.city or city
+        offset = _offset(event) if _offset(event) is not None else offset
+        self.places[event.visitor_id] = (city, offset)
+        previous = self.recent.setdefault(event.visitor_id, [])
+        keys = context_keys(event.ts, city, event.context.device, offset)
+        if observe_interaction(
+            self.covisitation, self.popularity, event.type.value, event.item_id, previous, keys, event.ts
+        ):
+            push_recent(previous, event.item_id or "")
 
 
 def _device(event: Event) -> str | None:
