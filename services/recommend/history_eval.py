@@ -23,11 +23,13 @@ from typing import Any, cast
 
 import numpy as np
 
+from services.common.indexes import COVISIT_MAX_NEIGHBOURS
 from services.profile.aggregations import SegmentRules
 from services.profile.sequences import Histories, catalog_items
-from services.recommend.candidates import NEXT_ITEM_HISTORY, CandidateGenerator
+from services.recommend.candidates import CandidateGenerator
 from services.recommend.catalog_cache import catalog_arrays
 from services.recommend.history_training import catalog_info, fold_world, seen_filter, train_on_histories
+from services.recommend.next_item import next_item_scores
 from services.recommend.ranking_metrics import hit_at, ndcg_at
 from services.recommend.repository import RecommendRepository
 from services.recommend.rules import RuleContext
@@ -174,7 +176,7 @@ def evaluate_histories(
         values[seen] = -1.0
         scores["popular"].add(np.argsort(-values, kind="stable")[:K].tolist(), target)
 
-        covis_idx, covis_scores = generator._covisited(snapshot, visitor.recent_items[:NEXT_ITEM_HISTORY], 10**6)
+        covis_idx, covis_scores = next_item_scores(snapshot, visitor.recent_items, COVISIT_MAX_NEIGHBOURS).next_item
         values = tie_break.copy()
         values[covis_idx] += covis_scores * 1e6
         values[seen] = -1.0

@@ -106,15 +106,16 @@ def train_on_histories(
         grades = (candidates.idx == target).astype(np.float64)
         if grades.max() <= 0:
             continue
-        idx, covis = candidates.idx, candidates.covisitation
+        idx, signals = candidates.idx, candidates.signals
         negatives = np.flatnonzero(grades == 0)
         if len(negatives) > config.max_negatives:
             keep = np.sort(
                 np.concatenate([np.flatnonzero(grades > 0), rng.choice(negatives, config.max_negatives, replace=False)])
             )
-            idx, covis, grades = idx[keep], covis[keep], grades[keep]
+            idx, grades = idx[keep], grades[keep]
+            signals = {name: values[keep] for name, values in signals.items()}
         X = feature_matrix(
-            visitor, context, world.snapshot.columns(idx, "", world.at), covis, np.full(len(idx), 0.5), world.at
+            visitor, context, world.snapshot.columns(idx, "", world.at), signals, np.full(len(idx), 0.5), world.at
         )
         sets["valid" if valid_every and n % valid_every == 0 else "train"].add(X, grades)
         if n % 1000 == 0:

@@ -423,6 +423,7 @@ class RecommendService:
                 candidates.idx[allowed] if len(allowed) else candidates.idx,
                 candidates.covisitation[allowed] if len(allowed) else candidates.covisitation,
                 [s for s, a in zip(candidates.sources, allowed, strict=True) if a],
+                {name: values[allowed] for name, values in candidates.signals.items()} if len(allowed) else {},
             )
         STAGE_CANDIDATES.observe(time.perf_counter() - stage)
 
@@ -437,7 +438,7 @@ class RecommendService:
                 if slot.kind is not ItemKind.PRODUCT
                 else np.full(len(candidates.idx), 0.5)
             )
-            X = feature_matrix(visitor, context, columns, candidates.covisitation, targeting, now)
+            X = feature_matrix(visitor, context, columns, candidates.signals, targeting, now)
             STAGE_FEATURES.observe(time.perf_counter() - stage)
             stage = time.perf_counter()
             scores = model.predict(X)

@@ -302,11 +302,11 @@ class Trainer:
                 continue
             if query.shown:
                 idx = np.array([snapshot.index[i] for i in query.shown if i in snapshot.index], dtype=np.int64)
-                covis_scores = np.zeros(len(idx))
+                signals = self.generator.signals(snapshot, visitor, idx) if personal else {}
                 grades = np.array([query.labels.get(snapshot.ids[i], 0) for i in idx], dtype=np.float64)
             else:
                 candidates = self.generator.products(snapshot, visitor, keys, Filters(), personalized=personal)
-                idx, covis_scores = candidates.idx, candidates.covisitation
+                idx, signals = candidates.idx, dict(candidates.signals)
                 grades = np.array(
                     [query.grade if snapshot.ids[i] == query.target else 0 for i in idx], dtype=np.float64
                 )
@@ -333,12 +333,13 @@ class Trainer:
                             ]
                         )
                     )
-                    idx, covis_scores, grades = idx[keep], covis_scores[keep], grades[keep]
+                    idx, grades = idx[keep], grades[keep]
+                    signals = {name: values[keep] for name, values in signals.items()}
             X = feature_matrix(
                 visitor,
                 context,
                 snapshot.columns(idx, query.slot, query.ts),
-                covis_scores,
+                signals,
                 np.full(len(idx), 0.5),
                 query.ts,
                 personal=personal,
