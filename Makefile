@@ -48,7 +48,13 @@ profile: $(STAMP) ## py-spy samples of both services under load (after make benc
 soak: $(STAMP) ## 10-minute soak at a fixed rate: memory growth and errors
 	scripts/with_redis.sh $(PY) -m bench.soak
 
+# Public purchase histories (NAME.txt + NAME_item2attributes.json); the default is the team's shared copy.
+DATA ?= $(if $(wildcard ../shared/data/amazon),../shared/data/amazon,)
+eval-public: $(STAMP) ## published-protocol ranking evaluation of every NAME.txt in DATA=folder; writes docs/quality.md
+	@test -n "$(DATA)" || { echo "usage: make eval-public DATA=<folder with NAME.txt histories>"; exit 2; }
+	$(PY) -m services.cli evaluate public $(DATA) --report docs/quality.md
+
 clean: ## remove generated data (keeps the virtualenv)
 	rm -rf $(DATA_DIR) bench/tmp
 
-.PHONY: help install demo test lint format bench profile soak clean
+.PHONY: help install demo test lint format bench profile soak eval-public clean

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from services.demo.commands import shop_app
 from services.demo.simulate_ab import simulate_ab_command
+from services.recommend.history_cli import register_history_commands
 from services.recommend.message_cli import register_message_commands
 
 # DuckDB/ibis deprecation notices on every Feast offline query are noise for CLI users.
@@ -35,6 +36,7 @@ app.command("simulate-ab")(simulate_ab_command)
 evaluate_app = typer.Typer(help="Offline evaluation: rankings, policies and messages.", no_args_is_help=True)
 app.add_typer(evaluate_app, name="evaluate")
 register_message_commands(app, evaluate_app)
+register_history_commands(import_app, evaluate_app)
 console = Console()
 
 DataDir = Annotated[Path, typer.Option("--data-dir", envvar="SELARAS_DATA_DIR", help="Where Selaras keeps its data.")]
@@ -221,11 +223,6 @@ def import_events_command(
     )
     for invalid in report.invalid[:20]:
         console.print(f"  line {invalid.line}: " + "; ".join(f"{e['field']}: {e['message']}" for e in invalid.errors))
-    if report.out_of_order:
-        console.print(
-            f"[yellow]{report.out_of_order:,} events were older than an earlier line: sort files by "
-            "timestamp for point-in-time correct features[/]"
-        )
 
 
 @import_app.command("catalog")
@@ -267,8 +264,18 @@ def evaluate_ranking_command(
         "target"
     ),
     out: Annotated[Path | None, typer.Option(help="JSON report (default DATA_DIR/evaluation/ranking.json).")] = None,
+    histories: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help='"user item item ..." file: the published protocol on it.'),
+    ] = None,
+    attributes: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="With --histories.")] = None,
 ) -> None:
     """Rank held-out interactions with the served pipeline and with baselines; print a table, write JSON."""
+    if histories is not None:
+        from services.recommend.history_cli import evaluate_histories_file
+
+        evaluate_histories_file(histories, attributes, max_visitors, seed, out)
+        return
     _settings_env(data_dir)
     from datetime import datetime
 
