@@ -26,7 +26,6 @@ import numpy as np
 from services.common.indexes import COVISIT_MAX_NEIGHBOURS
 from services.profile.aggregations import SegmentRules
 from services.profile.sequences import Histories, catalog_items
-from services.recommend.candidates import CandidateGenerator
 from services.recommend.catalog_cache import catalog_arrays
 from services.recommend.history_training import catalog_info, fold_world, seen_filter, train_on_histories
 from services.recommend.next_item import next_item_scores
@@ -140,7 +139,6 @@ def evaluate_histories(
     snapshot = world.snapshot
     # Ranking reads only in-process state (snapshot, model, visitor row): no store is touched here.
     service = RecommendService(settings.model_copy(update={"exploration": {}}), cast(RecommendRepository, None))
-    generator: CandidateGenerator = service.generator
     context, keys = world.context()
     rule_ctx = RuleContext(context["hour"], None, None, bool(context["is_payday_window"]))
     popularity = np.zeros(snapshot.size)
@@ -169,8 +167,7 @@ def evaluate_histories(
         ranked = service._rank_slot(
             slot, snapshot, model, visitor, dict(context), keys, rule_ctx, world.at, set(), False, "", None
         )
-        candidates = generator.products(snapshot, visitor, keys, filters)
-        scores[PIPELINE].add(list(ranked.idx), target, candidates.idx)
+        scores[PIPELINE].add(list(ranked.idx), target, ranked.candidates)
 
         values = tie_break.copy()
         values[seen] = -1.0

@@ -140,7 +140,8 @@ def train_on_histories(
         params=ranker_params(config),
     )
     text = booster.model_to_string().encode()
-    return RankerModel(booster, meta), text, metrics
+    # Loaded the way the service loads a saved model (compatibility check, one long-lived predictor).
+    return RankerModel.from_bytes(text, meta), text, metrics
 
 
 class _Groups:

@@ -102,6 +102,7 @@ class Ranked:
     # With exploration: each item's rank in the deterministic eligible list, and that list's length.
     ranks: list[int] | None = None
     pool: int | None = None
+    candidates: np.ndarray | None = None  # the generators' rows before scoring (offline candidate recall)
 
 
 class RecommendService:
@@ -479,7 +480,7 @@ class RecommendService:
         reasons = None
         if explain:
             reasons = self._explain(snapshot, model, X, candidates, idx, visitor, context_label)
-        return Ranked(idx, [s for _, s in chosen], reasons, propensities, ranks, pool)
+        return Ranked(idx, [s for _, s in chosen], reasons, propensities, ranks, pool, candidates.idx)
 
     def _naive_columns(self, snapshot: ItemSnapshot, idx: np.ndarray, slot: str, now: float) -> ItemColumns:
         """The baseline the benchmark compares against: candidate item features fetched through the Feast SDK
