@@ -128,9 +128,19 @@ def train(
     api_key: Annotated[
         str | None, typer.Option(envvar="SELARAS_ADMIN_API_KEY", help="Admin API key sent with the reload.")
     ] = None,
+    histories: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help='Train on a "user item item ..." file (folded in-process).'),
+    ] = None,
+    attributes: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="With --histories.")] = None,
 ) -> None:
     """Train the LightGBM ranker from the event log and Feast's offline store; save it as the newest model."""
     _settings_env(data_dir)
+    if histories is not None:
+        from services.recommend.history_cli import train_on_histories_file
+
+        train_on_histories_file(histories, attributes, data_dir, seed)
+        return
     from services.recommend.repository import RecommendRepository
     from services.recommend.settings import RecommendSettings
     from services.recommend.training import TrainConfig, Trainer

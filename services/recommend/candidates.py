@@ -101,9 +101,13 @@ def context_keys_for(city: str | None, device: str | None, now: float, utc_offse
 
 
 class CandidateGenerator:
-    def __init__(self, max_candidates: int = 500, per_source: int = 80):
+    def __init__(self, max_candidates: int = 500, per_source: int = 80, sources: Sequence[str] = SOURCES):
         self.max_candidates = max_candidates
         self.per_source = per_source
+        unknown = set(sources) - set(SOURCES)
+        if unknown:
+            raise ValueError(f"unknown candidate sources {sorted(unknown)}; known: {', '.join(SOURCES)}")
+        self.sources = frozenset(sources)
 
     def products(
         self,
@@ -120,7 +124,7 @@ class CandidateGenerator:
         per_source = self.per_source
 
         def add(indices: np.ndarray | None, source: str, limit: int) -> None:
-            if indices is None or len(indices) == 0:
+            if indices is None or len(indices) == 0 or source not in self.sources:
                 return
             chosen = indices[eligible[indices]][:limit]
             if len(chosen):

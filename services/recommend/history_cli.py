@@ -8,6 +8,7 @@ import json
 import resource
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -47,6 +48,32 @@ def import_histories_command(
     console.print(
         f"next: selaras import catalog {out / 'catalog.jsonl'} && selaras import events {out / 'events.jsonl'}"
     )
+
+
+def train_on_histories_file(file: Path, attributes: Path | None, data_dir: Path, seed: int) -> None:
+    """`selaras train --histories FILE`: the model `evaluate ranking --histories` measures (there, trained
+    without each user's last interaction), trained on everything and saved as the newest model."""
+    from services.profile.sequences import read_histories
+    from services.recommend.history_training import train_on_histories
+    from services.recommend.repository import RecommendRepository
+    from services.recommend.settings import RecommendSettings
+    from services.recommend.training import TrainConfig
+
+    settings = RecommendSettings(data_dir=data_dir)
+    histories = read_histories(file, attributes)
+    config = TrainConfig(max_queries=10**9, seed=seed)
+    model, text, metrics = train_on_histories(
+        histories, settings.max_candidates, config, settings.candidate_sources, progress=_stage_printer()
+    )
+    # Models are ordered by when they were made (wall time, as `selaras train` stamps them), not by data time.
+    made = time.time()
+    meta = replace(model.meta, version=f"{model.meta.version}-{int(made)}", created_at=made)
+    repository = RecommendRepository.open(settings)
+    try:
+        repository.save_model(text, meta)
+    finally:
+        repository.close()
+    console.print(f"model {meta.version} saved: {metrics}")
 
 
 def evaluate_histories_file(

@@ -96,6 +96,7 @@ class HistoryEvaluation:
     interactions: int
     items: int
     max_candidates: int
+    sources: tuple[str, ...]
     methods: dict[str, dict[str, float]]
     published: Mapping[str, tuple[float, float]]
     seconds: dict[str, float]
@@ -108,6 +109,7 @@ class HistoryEvaluation:
             "interactions": self.interactions,
             "items": self.items,
             "max_candidates": self.max_candidates,
+            "sources": list(self.sources),
             "methods": self.methods,
             "published": {k: {"hr@10": v[0], "ndcg@10": v[1]} for k, v in self.published.items()},
             "seconds": self.seconds,
@@ -127,7 +129,7 @@ def evaluate_histories(
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     model, _, model_metrics = train_on_histories(
-        histories.truncated(1), settings.max_candidates, config, progress=report
+        histories.truncated(1), settings.max_candidates, config, settings.candidate_sources, progress=report
     )
     seconds["train"] = round(time.perf_counter() - started, 1)
 
@@ -187,6 +189,7 @@ def evaluate_histories(
         interactions=histories.interactions,
         items=len(items),
         max_candidates=settings.max_candidates,
+        sources=tuple(settings.candidate_sources),
         methods={method: s.summary() for method, s in scores.items()},
         published=PUBLISHED.get(name, {}),
         seconds=seconds,

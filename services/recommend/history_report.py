@@ -46,7 +46,7 @@ def markdown(results: Sequence[HistoryEvaluation], timings: dict[str, dict[str, 
             f"## {result.name}",
             "",
             f"{result.users:,} users, {result.interactions:,} interactions, {result.items:,} items; "
-            f"{result.max_candidates} candidates served per request.",
+            f"{result.max_candidates} candidates served per request, generators: {', '.join(result.sources)}.",
             "",
             "| method | HR@10 (95% CI) | NDCG@10 (95% CI) | candidate recall |",
             "|---|---|---|---|",

@@ -23,7 +23,7 @@ from services.common.indexes import COVISIT_MAX_NEIGHBOURS
 from services.profile.aggregations import ItemInfo, SegmentRules
 from services.profile.bulk_fold import FoldedHistory, fold_history
 from services.profile.sequences import SYNTHETIC_STEP_S, Histories, catalog_items, purchase_events
-from services.recommend.candidates import CandidateGenerator, Filters, VisitorVector, context_keys_for
+from services.recommend.candidates import SOURCES, CandidateGenerator, Filters, VisitorVector, context_keys_for
 from services.recommend.catalog_cache import CatalogArrays, ItemSnapshot, build_snapshot, catalog_arrays
 from services.recommend.ranker import ModelMeta, RankerModel, feature_matrix
 from services.recommend.training import TrainConfig, TrainingSet, fit_ranker, ranker_params
@@ -77,6 +77,7 @@ def train_on_histories(
     histories: Histories,
     max_candidates: int,
     config: TrainConfig,
+    sources: Sequence[str] = SOURCES,
     rules: SegmentRules | None = None,
     progress: Progress | None = None,
 ) -> tuple[RankerModel, bytes, dict[str, float]]:
@@ -92,7 +93,7 @@ def train_on_histories(
         users = sorted(rng.choice(users, config.max_queries, replace=False).tolist())
     report("folding the histories", 0.0)
     world = fold_world(histories.truncated(1), arrays, catalog_info(items), rules)
-    generator = CandidateGenerator(max_candidates=max_candidates)
+    generator = CandidateGenerator(max_candidates, sources=sources)
     context, keys = world.context()
     valid_every = max(round(1 / config.validation_fraction), 2) if config.validation_fraction > 0 else 0
     sets = {"train": _Groups(), "valid": _Groups()}

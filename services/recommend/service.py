@@ -117,7 +117,7 @@ class RecommendService:
         self.repository = repository
         self.consent_defaults = consent_defaults or ConsentDefaults()
         self.experiments = experiments
-        self.generator = CandidateGenerator(max_candidates=settings.max_candidates)
+        self.generator = CandidateGenerator(settings.max_candidates, sources=settings.candidate_sources)
         self.snapshot: ItemSnapshot = build_snapshot([], {}, {}, {})
         self.model: RankerModel | None = None
         self.skipped_models: dict[str, str] = {}
