@@ -1,9 +1,11 @@
 # Selaras: `make help` lists the targets.
 SHELL := /bin/bash
-PYTHON ?= python3.11
+# The first supported interpreter on the machine (3.11 first: CI tests on it); override with PYTHON=python3.13.
+PYTHON ?= $(firstword $(foreach candidate,python3.11 python3.12 python3.13,$(if $(shell command -v $(candidate)),$(candidate))) python3.11)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+PROD_STAMP := $(VENV)/.installed-prod
+DEV_STAMP := $(VENV)/.installed-dev
 DATA_DIR ?= data
 
 .DEFAULT_GOAL := help
@@ -11,41 +13,65 @@ DATA_DIR ?= data
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml constraints.txt
-	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(PY):
+	@command -v $(PYTHON) >/dev/null || { echo "need Python 3.11, 3.12 or 3.13 (set PYTHON=...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+
+# Both install the exact versions of constraints.txt; pyproject.toml only holds the compatible ranges.
+$(PROD_STAMP): pyproject.toml constraints.txt | $(PY)
+	$(PY) -m pip install --quiet -c constraints.txt -e .
+	@touch $(PROD_STAMP)
+
+# The dev install is a superset of the production one, so it satisfies the production stamp too.
+$(DEV_STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,dask]"
-	@touch $(STAMP)
+	@touch $(DEV_STAMP) $(PROD_STAMP)
 
-install: $(STAMP) ## create/update the virtualenv (.venv) with pinned dependencies
+install: $(PROD_STAMP) ## production virtualenv (.venv): the services and the CLI, pinned, no dev tools
 
-demo: $(STAMP) ## generate the demo shop, train, start both services (embedded stores) and print curls
+install-dev: $(DEV_STAMP) ## development virtualenv: production + test, lint and Dask tools
+
+demo: $(PROD_STAMP) ## generate the demo shop, train, start both services (embedded stores) and print curls
 	$(PY) -m services.cli demo --data-dir $(DATA_DIR)
 
-test: $(STAMP) ## ruff, mypy and the whole pytest suite against a real Redis
+# Tests of everything that depends on "now" (messages, experiments, policy evaluation, aggregation, the clock
+# itself), run again with the process's wall clock shifted 60 days either way: a test that passes only on some
+# calendar dates reads the wall clock where it should set the business clock.
+CLOCK_TESTS := tests/common/test_clock.py tests/profile/test_aggregations.py tests/recommend/test_messages.py \
+	tests/recommend/test_message_endpoints.py tests/recommend/test_message_model.py \
+	tests/recommend/test_message_ope.py tests/recommend/test_experiments.py \
+	tests/recommend/test_experiment_store.py tests/recommend/test_stats.py tests/recommend/test_assignment.py \
+	tests/recommend/test_policy_eval.py tests/recommend/test_item_cache.py tests/recommend/test_time_safety.py
+
+test: $(DEV_STAMP) ## ruff, mypy, the whole pytest suite against a real Redis, then the clock-shift runs
 	scripts/ensure_system_packages.sh
 	$(VENV)/bin/ruff check services tests bench
 	$(VENV)/bin/ruff format --check services tests bench
 	$(VENV)/bin/mypy
 	scripts/with_redis.sh $(PY) -m pytest $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-clock
 
-lint: $(STAMP) ## ruff + mypy only
+test-clock: $(DEV_STAMP) ## the date-dependent tests with the wall clock shifted +60 and -60 days
+	scripts/with_redis.sh $(PY) -m pytest -q -p no:cacheprovider --shift-clock-days=60 $(CLOCK_TESTS)
+	scripts/with_redis.sh $(PY) -m pytest -q -p no:cacheprovider --shift-clock-days=-60 $(CLOCK_TESTS)
+
+lint: $(DEV_STAMP) ## ruff + mypy only
 	$(VENV)/bin/ruff check services tests bench
 	$(VENV)/bin/ruff format --check services tests bench
 	$(VENV)/bin/mypy
 
-format: $(STAMP) ## apply ruff's formatting and safe fixes
+format: $(DEV_STAMP) ## apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff format services tests bench
 	$(VENV)/bin/ruff check --fix services tests bench
 
-bench: $(STAMP) ## run the benchmark suite (real services, Redis online store); writes bench/results.{json,md}
+bench: $(DEV_STAMP) ## run the benchmark suite (real services, Redis online store); writes bench/results.{json,md}
 	scripts/with_redis.sh $(PY) -m bench.run
 
-profile: $(STAMP) ## py-spy samples of both services under load (after make bench); writes bench/profile.md
+profile: $(DEV_STAMP) ## py-spy samples of both services under load (after make bench); writes bench/profile.md
 	scripts/with_redis.sh $(PY) -m bench.profile
 
-soak: $(STAMP) ## 10-minute soak at a fixed rate: memory growth and errors
+soak: $(DEV_STAMP) ## 10-minute soak at a fixed rate: memory growth and errors
 	scripts/with_redis.sh $(PY) -m bench.soak
 
 # Public purchase histories (NAME.txt + NAME_item2attributes.json); the default is the team's shared copy.
@@ -57,4 +83,4 @@ eval-public: $(STAMP) ## published-protocol ranking evaluation of every NAME.txt
 clean: ## remove generated data (keeps the virtualenv)
 	rm -rf $(DATA_DIR) bench/tmp
 
-.PHONY: help install demo test lint format bench profile soak eval-public clean
+.PHONY: help install install-dev demo test test-clock lint format bench profile soak eval-public clean

@@ -189,13 +189,16 @@ def import_events_command(
 ) -> None:
     """Import events through the ingest path and fold them into features (point in time, file order)."""
     _settings_env(data_dir)
+    from services.common.clock import DataClock
     from services.profile.app import build_state
     from services.profile.importer import InvalidInput, import_events
     from services.profile.settings import ProfileSettings
 
     # The profile service's own state (segment rules, consent defaults, personas, observers from the same
     # settings), so imported features are the ones live ingestion would have built.
-    state = build_state(ProfileSettings(data_dir=data_dir))
+    # The fold follows the file's own time (a DataClock): windows and decay of a history imported today are
+    # those of its own days, not of today's wall clock.
+    state = build_state(ProfileSettings(data_dir=data_dir), aggregator_clock=DataClock())
     repository = state.repository
     state.aggregator.refresh_catalog(force=True)
     if not state.aggregator.catalog:
@@ -301,7 +304,7 @@ def evaluate_ranking_command(
     cut = None
     if cutoff is not None:
         moment = datetime.fromisoformat(cutoff)
-        cut = (moment if moment.tzinfo else moment.replace(tzinfo=datetime.now().astimezone().tzinfo)).timestamp()
+        cut = moment.astimezone().timestamp()  # a naive time is local time
     ks = tuple(sorted(set(k or [5, 10, 20])))
     config = EvalConfig(
         protocol=protocol,  # type: ignore[arg-type]
@@ -554,7 +557,7 @@ def _run_services(data_dir: Path, profile_port: int, recommend_port: int, visito
         if not (_wait_ready(f"{profile_url}/readyz") and _wait_ready(f"{recommend_url}/readyz")):
             console.print("[red]a service did not become ready; see its log above[/]")
             stop()
-        from datetime import UTC, datetime
+        from services.common.clock import clock_for
 
         console.print(
             f"\n[bold green]Selaras is running[/]\n  profile:   {profile_url}/docs\n"
@@ -566,7 +569,7 @@ def _run_services(data_dir: Path, profile_port: int, recommend_port: int, visito
                 profile=profile_url,
                 visitor=visitor,
                 item=item,
-                now=datetime.now(UTC).isoformat(timespec="seconds"),
+                now=clock_for(None).now_datetime().isoformat(timespec="seconds"),
             ),
             highlight=False,
             markup=False,
@@ -597,6 +600,7 @@ def personas(
 ) -> None:
     """Learn personas from visitor behaviour, store them, assign every visitor; run it on a schedule."""
     _settings_env(data_dir)
+    from services.common.clock import clock_for
     from services.profile.app import segment_rules
     from services.profile.persona_jobs import persona_table, run_persona_job
     from services.profile.repository import ProfileRepository
@@ -612,6 +616,7 @@ def personas(
             segment_rules(settings),
             k_range=range(k_min, k_max + 1),
             seed=seed,
+            now=clock_for(settings.clock_start).now(),
             backfill_offline=backfill,
         )
     except ValueError as exc:
@@ -672,6 +677,7 @@ def retention(
 ) -> None:
     """Delete logged events and offline feature history older than the retention period (run daily)."""
     _settings_env(data_dir)
+    from services.common.clock import clock_for
     from services.profile.privacy import PrivacyService
     from services.profile.repository import ProfileRepository
     from services.profile.settings import ProfileSettings
@@ -680,7 +686,11 @@ def retention(
     repository = ProfileRepository.open(settings)
     try:
         privacy = PrivacyService(
-            repository.store, repository.feature_store, settings.offline_dir, settings.consent_defaults()
+            repository.store,
+            repository.feature_store,
+            settings.offline_dir,
+            settings.consent_defaults(),
+            clock=clock_for(settings.clock_start),
         )
         report = privacy.apply_retention(days or settings.retention_days, dry_run=dry_run)
     finally:

@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,42 @@ import pytest
 import redis
 
 import services  # noqa: F401  (fixes prometheus_client's mode before Feast is imported)
+from services.common.clock import Clock, OffsetClock
 from services.common.settings import CommonSettings
 from services.profile.settings import ProfileSettings
 from services.recommend.settings import RecommendSettings
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--shift-clock-days",
+        type=float,
+        default=0.0,
+        help="Run with this process's wall clock shifted by N days (time-machine): a test that passes only on "
+        "some calendar dates depends on the wall clock instead of the business clock it sets.",
+    )
+
+
+_TRAVELLER: Any = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _TRAVELLER
+    days = config.getoption("--shift-clock-days")
+    if days:
+        import time_machine
+
+        # Shifted once for the whole run and still ticking: every wall-clock read in the process moves by the
+        # same offset (Redis, outside the process, only ever sees durations: TTLs).
+        _TRAVELLER = time_machine.travel(time.time() + days * 86_400.0, tick=True)
+        _TRAVELLER.start()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _TRAVELLER is not None:
+        _TRAVELLER.stop()
 
 
 def free_port() -> int:
@@ -201,12 +233,18 @@ def recommend_settings_for(
 
 WORLD_VISITORS = 300
 WORLD_DAYS = 14
+# The world's history ends at a fixed moment, never "today": simulated behaviour depends on the calendar
+# (paydays, weekends), so a world ending today made the suite's results change with the date it ran on.
+WORLD_END = datetime(2026, 11, 29, 21, tzinfo=timezone(timedelta(hours=7)))
 
 
 @dataclass
 class SessionWorld:
     settings: CommonSettings
     world: Any
+    # Business time for everything served from the world: it starts at the history's end and runs at wall
+    # speed. In-process services get it (`create_app(settings, world.clock)`), tests take times from it.
+    clock: Clock
 
 
 @pytest.fixture(scope="session")
@@ -227,8 +265,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SessionWorld]:
         visitors=WORLD_VISITORS,
         days=WORLD_DAYS,
         seed=11,
+        end=WORLD_END,
         train_config=TrainConfig(seed=11, max_queries=4000),
     )
-    yield SessionWorld(settings, built)
+    yield SessionWorld(settings, built, OffsetClock(WORLD_END))
     clean_namespace(REDIS_URL, namespace)
     shutil.rmtree(settings.data_dir, ignore_errors=True)

@@ -52,6 +52,12 @@ class ApiKeyAuth:
     def enabled(self) -> bool:
         return bool(self.keys)
 
+    def is_admin(self, name: str) -> bool:
+        """True for an admin key, and for everyone when auth is off (development)."""
+        if not self.enabled:
+            return True
+        return any(key.name == name and "admin" in key.scopes for key in self.keys)
+
     def authenticate(self, presented: str | None, scope: str) -> str:
         """The key's name, or 401 (no/unknown key) / 403 (known key, wrong scope)."""
         if not self.enabled:

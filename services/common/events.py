@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated
 
@@ -110,6 +111,24 @@ class Event(BaseModel):
     def ts(self) -> float:
         """Unix seconds: aggregations work on floats, not datetimes."""
         return self.timestamp.timestamp()
+
+
+def future_timestamp_error(event: Event, now: float, max_skew_s: float) -> str | None:
+    """Why the event is refused as coming from the future, or None. One event dated years ahead would
+    otherwise become the item's and visitor's latest time and push every window and bucket out of range."""
+    ahead = event.ts - now
+    if ahead <= max_skew_s:
+        return None
+    return f"timestamp is {ahead:,.0f} s ahead of the service clock (at most {max_skew_s:,.0f} s allowed)"
+
+
+def not_after(event: Event, latest: float) -> Event:
+    """The event with its time capped at `latest`: folding never lets one event move an item's or visitor's
+    time further ahead than the allowed skew (ingest refuses such events; this also covers older log entries
+    and other writers)."""
+    if event.ts <= latest:
+        return event
+    return event.model_copy(update={"timestamp": datetime.fromtimestamp(latest, tz=UTC)})
 
 
 def envelope(event: Event, received_at: float) -> bytes:

@@ -1,10 +1,10 @@
 """Experiment sufficient statistics, shared by the recommend service (exposures) and the profile service
 (outcomes), on both storage backends.
 
-Unit of analysis is the visitor (see shared/STATS.md). For every experiment, arm and *group* (`all`, one
+Unit of analysis is the visitor (see docs/statistics.md). For every experiment, arm and *group* (`all`, one
 per slot `slot:<name>`, one per persona frozen at first exposure `seg:<persona>`) the store keeps
 n (visitors), Σx, Σx², Σy, Σy², Σxy per metric; each visitor's running x and y live next to them. An
-update changes a visitor's value from x to x+δ and adds exactly the increments of STATS.md to the sums,
+update changes a visitor's value from x to x+δ and adds exactly the increments of docs/statistics.md to the sums,
 in one atomic step: a Lua script on Redis, one `BEGIN IMMEDIATE` transaction on SQLite. The applied
 increments are returned so the caller can add the same amounts to its Prometheus counters (each process
 exports only what it applied, so summing replicas equals the stored totals).
@@ -31,6 +31,7 @@ from prometheus_client import Counter
 from redis.cluster import RedisCluster
 from redis.exceptions import RedisError
 
+from services.common.clock import wall_time
 from services.common.errors import StorageUnavailable
 from services.common.settings import CommonSettings
 from services.common.storage import DEDUPE_TTL_S, connect_sqlite, make_redis_client
@@ -40,6 +41,18 @@ from services.common.storage import DEDUPE_TTL_S, connect_sqlite, make_redis_cli
 METRICS: Final = ("ctr", "conversion", "revenue", "add_to_cart", "open_rate")
 RATIO_METRICS: Final = frozenset({"ctr", "open_rate"})
 BINARY_METRICS: Final = frozenset({"conversion", "add_to_cart"})
+# Heavy-tailed additive metrics: besides Σx, Σx² the store keeps a log-bucket histogram of the visitors'
+# values (per bucket k: visitors, Σx, Σx² as stats "h<k>:n", "h<k>:x", "h<k>:x2"), so the report can cap
+# them at a quantile of the pooled data (services/recommend/stats.py, docs/statistics.md). Bucket
+# k = ceil(4·log2(x)) covers (2^((k-1)/4), 2^(k/4)]; stats.histogram_from_values uses the same expression.
+HISTOGRAM_METRICS: Final = frozenset({"revenue"})
+# CUPED: a visitor's pre-exposure value c of a metric (ExposureWrite.covariates, frozen at the first
+# exposure) adds, per group and metric, Σc ("c"), Σc² ("c2"), the visitors with a pre-period ("cn"),
+# Σc·x ("cx") and Σx over visitors with a pre-period ("cxp"); for ratio metrics also Σc·y ("cy") and
+# Σy over them ("cyp"). Visitors without a pre-period (new, or none supplied) are the rest of n: x = 0 plus
+# an indicator in the regression (stats.CupedSums / RatioCupedSums, built by experiments.cuped_sums).
+COVARIATE_STATS: Final = ("c", "c2", "cn", "cx", "cxp", "cy", "cyp")
+BUCKETS_PER_DOUBLING: Final = 4
 STATS: Final = ("x", "x2", "y", "y2", "xy")
 ALL: Final = "all"
 VISITOR_TTL_S: Final = 400 * 86400  # longer than any experiment: an expired visitor would be counted again
@@ -75,6 +88,42 @@ _STAT_COUNTERS: Final = {
         "Σxy: sum over visitors of value × denominator",
         ["experiment", "arm", "metric", "slot"],
     ),
+    # CUPED (regression adjustment on the pre-exposure value c of the metric): enough to recompute it.
+    "c": Counter(
+        "selaras_experiment_covariate_sum",
+        "Σc: sum over visitors of the pre-exposure value (CUPED covariate)",
+        ["experiment", "arm", "metric", "slot"],
+    ),
+    "c2": Counter(
+        "selaras_experiment_covariate_squares_sum",
+        "Σc²: sum over visitors of the squared pre-exposure value",
+        ["experiment", "arm", "metric", "slot"],
+    ),
+    "cn": Counter(
+        "selaras_experiment_covariate_visitors",
+        "Visitors with a pre-period (the others are new: covariate 0 plus an indicator)",
+        ["experiment", "arm", "metric", "slot"],
+    ),
+    "cx": Counter(
+        "selaras_experiment_covariate_cross_sum",
+        "Σc·x: sum over visitors of pre-exposure value × metric value",
+        ["experiment", "arm", "metric", "slot"],
+    ),
+    "cxp": Counter(
+        "selaras_experiment_value_sum_with_pre_period",
+        "Σx over visitors with a pre-period",
+        ["experiment", "arm", "metric", "slot"],
+    ),
+    "cy": Counter(
+        "selaras_experiment_covariate_denominator_cross_sum",
+        "Σc·y: sum over visitors of pre-exposure value × ratio denominator",
+        ["experiment", "arm", "metric", "slot"],
+    ),
+    "cyp": Counter(
+        "selaras_experiment_denominator_sum_with_pre_period",
+        "Σy over visitors with a pre-period",
+        ["experiment", "arm", "metric", "slot"],
+    ),
 }
 
 
@@ -100,6 +149,9 @@ class ExposureWrite:
     recommendation_id: str | None = None
     record: Mapping[str, Any] | None = None
     record_ttl_s: int = 8 * 86400
+    # CUPED: metric -> the visitor's pre-exposure value (point-in-time, before the first exposure). Used
+    # at the first exposure only (frozen, like the segment); a metric left out = no pre-period (new visitor).
+    covariates: Mapping[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -202,14 +254,85 @@ def _denominator_args(denominators: Mapping[str, Mapping[str, float]]) -> list[t
     return entries
 
 
+def _covariate_args(covariates: Mapping[str, float] | None) -> list[tuple[str, float]]:
+    entries: list[tuple[str, float]] = []
+    for metric in sorted(covariates or {}):
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric for a covariate: {metric!r}")
+        value = float((covariates or {})[metric])
+        if value < 0 or not math.isfinite(value):
+            raise ValueError(f"covariates must be finite and >= 0, got {value}")
+        entries.append((metric, value))
+    return entries
+
+
 def _value_args(values: Mapping[str, float]) -> list[tuple[str, str, float]]:
     entries: list[tuple[str, str, float]] = []
     for metric in sorted(values):
         amount = float(values[metric])
         if amount < 0 or not math.isfinite(amount):
             raise ValueError(f"outcome values must be finite and >= 0, got {amount}")
-        entries.append((metric, "b" if metric in BINARY_METRICS else "a", amount))
+        mode = "b" if metric in BINARY_METRICS else "h" if metric in HISTOGRAM_METRICS else "a"
+        entries.append((metric, mode, amount))
     return entries
+
+
+def value_bucket(x: float) -> int:
+    """Histogram bucket of a positive value (the Lua script computes the same expression)."""
+    return math.ceil(BUCKETS_PER_DOUBLING * math.log(x) / math.log(2.0))
+
+
+def histogram_increments(x_old: float, d: float, c: float | None = None) -> list[tuple[str, float]]:
+    """(stat, amount) to move one visitor's value from x_old to x_old + d (d > 0) in the histogram.
+
+    Within a bucket only Σx and Σx² grow; crossing into another bucket takes the visitor out of the old
+    one (negative increments: histograms are Redis/SQLite sums, not Prometheus counters). A visitor with
+    a pre-period value c is also counted in the bucket's "cn", "c", "cx" (Σc·x) and "xp" (Σx).
+    """
+    x_new = x_old + d
+    k_new = value_bucket(x_new)
+    if x_old > 0 and value_bucket(x_old) == k_new:
+        out = [(f"h{k_new}:x", d), (f"h{k_new}:x2", 2 * x_old * d + d * d)]
+        if c is not None:
+            out += [(f"h{k_new}:cx", c * d), (f"h{k_new}:xp", d)]
+        return [(stat, amount) for stat, amount in out if amount != 0.0]
+    out = []
+    if x_old > 0:
+        k_old = value_bucket(x_old)
+        out += [(f"h{k_old}:n", -1.0), (f"h{k_old}:x", -x_old), (f"h{k_old}:x2", -x_old * x_old)]
+        if c is not None:
+            out += [(f"h{k_old}:cn", -1.0), (f"h{k_old}:c", -c), (f"h{k_old}:cx", -c * x_old)]
+            out += [(f"h{k_old}:xp", -x_old)]
+    out += [(f"h{k_new}:n", 1.0), (f"h{k_new}:x", x_new), (f"h{k_new}:x2", x_new * x_new)]
+    if c is not None:
+        out += [(f"h{k_new}:cn", 1.0), (f"h{k_new}:c", c), (f"h{k_new}:cx", c * x_new), (f"h{k_new}:xp", x_new)]
+    # Like the Lua script, a zero covariate adds no Σc / Σc·x entries.
+    return [(stat, amount) for stat, amount in out if amount != 0.0]
+
+
+def _parse_buckets(stats: Mapping[str, float], names: Sequence[str]) -> dict[int, list[float]]:
+    buckets: dict[int, list[float]] = {}
+    for name, value in stats.items():
+        if not name.startswith("h") or ":" not in name:
+            continue
+        bucket, _, stat = name[1:].partition(":")
+        try:
+            k = int(bucket)
+        except ValueError:
+            continue
+        if stat in names:
+            buckets.setdefault(k, [0.0] * len(names))[names.index(stat)] += float(value)
+    return buckets
+
+
+def parse_histogram(stats: Mapping[str, float]) -> dict[int, tuple[float, float, float]]:
+    """ "h<k>:n|x|x2" stats of one metric -> {k: (visitors, Σx, Σx²)} (stats.Histogram)."""
+    return {k: (v[0], v[1], v[2]) for k, v in _parse_buckets(stats, ("n", "x", "x2")).items()}
+
+
+def parse_covariate_histogram(stats: Mapping[str, float]) -> dict[int, tuple[float, float, float, float]]:
+    """ "h<k>:cn|c|cx|xp" -> {k: (visitors with a pre-period, Σc, Σc·x, Σx)} (stats.CovariateHistogram)."""
+    return {k: (v[0], v[1], v[2], v[3]) for k, v in _parse_buckets(stats, ("cn", "c", "cx", "xp")).items()}
 
 
 class ExperimentStore(ABC):
@@ -279,10 +402,18 @@ local function add(arm, day, group, name, v)
   out[#out + 1] = fmt(v)
 end
 local function num(v) if v then return tonumber(v) end return 0 end
-"""
+local METRICS = {__METRICS__}
+-- CUPED: the visitor's frozen pre-exposure value of a metric, or nil (no pre-period).
+local function covariate(visitor, metric)
+  local c = redis.call('HGET', visitor, 'cov|' .. metric)
+  if c then return tonumber(c) end
+  return nil
+end
+""".replace("__METRICS__", ", ".join(f"'{m}'" for m in METRICS))
 
 # KEYS: visitor, sums, days, record. ARGV: arm, segment, ts, day, record json ('' = none), record ttl,
-# visitor ttl, entry count, then (group, metric, dy) triples. The segment is frozen at first exposure.
+# visitor ttl, entry count, then (group, metric, dy) triples, then a covariate count and (metric, value)
+# pairs. The segment and the covariates are frozen at first exposure.
 _EXPOSURE_SCRIPT = (
     _LUA_COMMON
     + """
@@ -290,8 +421,13 @@ local visitor = KEYS[1]
 local arm, seg, ts, day = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local current = redis.call('HGET', visitor, 'arm')
 if current and current ~= arm then return {'arm_conflict', current} end
+local count = tonumber(ARGV[8])
 if not current then
   redis.call('HSET', visitor, 'arm', arm, 'seg', seg, 'first', ARGV[3], 'last', ARGV[3])
+  local base = 9 + 3 * count
+  for i = 0, tonumber(ARGV[base]) - 1 do
+    redis.call('HSET', visitor, 'cov|' .. ARGV[base + 1 + 2 * i], ARGV[base + 2 + 2 * i])
+  end
 else
   seg = redis.call('HGET', visitor, 'seg')
   if ts > num(redis.call('HGET', visitor, 'last')) then redis.call('HSET', visitor, 'last', ARGV[3]) end
@@ -299,11 +435,22 @@ else
 end
 local segment = 'seg:' .. seg
 local function enter(group)
-  if redis.call('HSETNX', visitor, group .. '|n', '1') == 1 then add(arm, day, group, 'n', 1) end
+  if redis.call('HSETNX', visitor, group .. '|n', '1') == 1 then
+    add(arm, day, group, 'n', 1)
+    for _, metric in ipairs(METRICS) do
+      local c = covariate(visitor, metric)
+      if c then
+        if c > 0 then
+          add(arm, day, group, metric .. '|c', c)
+          add(arm, day, group, metric .. '|c2', c * c)
+        end
+        add(arm, day, group, metric .. '|cn', 1)
+      end
+    end
+  end
 end
 enter('all')
 enter(segment)
-local count = tonumber(ARGV[8])
 for i = 0, count - 1 do
   local group, metric, dy = ARGV[9 + 3 * i], ARGV[10 + 3 * i], tonumber(ARGV[11 + 3 * i])
   local groups = {group}
@@ -317,6 +464,11 @@ for i = 0, count - 1 do
       add(arm, day, g, metric .. '|y', dy)
       add(arm, day, g, metric .. '|y2', 2 * y_old * dy + dy * dy)
       if x_old > 0 then add(arm, day, g, metric .. '|xy', x_old * dy) end
+      local c = covariate(visitor, metric)
+      if c then
+        if c > 0 then add(arm, day, g, metric .. '|cy', c * dy) end
+        add(arm, day, g, metric .. '|cyp', dy)
+      end
     end
   end
 end
@@ -363,6 +515,52 @@ for i = 0, count - 1 do
       add(arm, day, g, metric .. '|x', d)
       add(arm, day, g, metric .. '|x2', 2 * x_old * d + d * d)
       if y_old > 0 then add(arm, day, g, metric .. '|xy', y_old * d) end
+      local c = covariate(visitor, metric)
+      if c then
+        if c > 0 then add(arm, day, g, metric .. '|cx', c * d) end
+        add(arm, day, g, metric .. '|cxp', d)
+      end
+      if mode == 'h' then
+        -- histogram_increments in Python: the same bucket expression and moves. For visitors with a
+        -- pre-period the bucket also keeps their count, Σc, Σc·x and Σx (CUPED on capped values).
+        local x_new = x_old + d
+        local k_new = math.ceil(4 * math.log(x_new) / math.log(2))
+        local h_new = metric .. '|h' .. string.format('%d', k_new)
+        if x_old > 0 and math.ceil(4 * math.log(x_old) / math.log(2)) == k_new then
+          add(arm, day, g, h_new .. ':x', d)
+          add(arm, day, g, h_new .. ':x2', 2 * x_old * d + d * d)
+          if c then
+            if c > 0 then add(arm, day, g, h_new .. ':cx', c * d) end
+            add(arm, day, g, h_new .. ':xp', d)
+          end
+        else
+          if x_old > 0 then
+            local h_old = metric .. '|h' .. string.format('%d', math.ceil(4 * math.log(x_old) / math.log(2)))
+            add(arm, day, g, h_old .. ':n', -1)
+            add(arm, day, g, h_old .. ':x', -x_old)
+            add(arm, day, g, h_old .. ':x2', -x_old * x_old)
+            if c then
+              add(arm, day, g, h_old .. ':cn', -1)
+              if c > 0 then
+                add(arm, day, g, h_old .. ':c', -c)
+                add(arm, day, g, h_old .. ':cx', -c * x_old)
+              end
+              add(arm, day, g, h_old .. ':xp', -x_old)
+            end
+          end
+          add(arm, day, g, h_new .. ':n', 1)
+          add(arm, day, g, h_new .. ':x', x_new)
+          add(arm, day, g, h_new .. ':x2', x_new * x_new)
+          if c then
+            add(arm, day, g, h_new .. ':cn', 1)
+            if c > 0 then
+              add(arm, day, g, h_new .. ':c', c)
+              add(arm, day, g, h_new .. ':cx', c * x_new)
+            end
+            add(arm, day, g, h_new .. ':xp', x_new)
+          end
+        end
+      end
     end
   end
 end
@@ -433,6 +631,10 @@ class RedisExperimentStore(ExperimentStore):
         ]
         for entry in entries:
             args.extend(entry)
+        covariates = _covariate_args(write.covariates)
+        args.append(len(covariates))
+        for metric, value in covariates:
+            args.extend((metric, repr(value)))
         result = self._call(lambda: self._exposure(keys=keys, args=args))
         return _applied(cast(list[Any], result))
 
@@ -602,7 +804,7 @@ class SqliteExperimentStore(ExperimentStore):
     def _visitor(conn: sqlite3.Connection, experiment_id: str, visitor_id: str) -> dict[str, Any] | None:
         row = conn.execute(
             "SELECT data FROM exp_visitors WHERE exp = ? AND visitor_id = ? AND expires_at > ?",
-            (experiment_id, visitor_id, time.time()),
+            (experiment_id, visitor_id, wall_time()),
         ).fetchone()
         return cast(dict[str, Any], json.loads(row[0])) if row else None
 
@@ -624,6 +826,7 @@ class SqliteExperimentStore(ExperimentStore):
 
     def record_exposure(self, write: ExposureWrite) -> Applied:
         entries = _denominator_args(write.denominators)
+        covariates = _covariate_args(write.covariates)
 
         def run(conn: sqlite3.Connection) -> Applied:
             visitor = self._visitor(conn, write.experiment_id, write.visitor_id)
@@ -631,6 +834,7 @@ class SqliteExperimentStore(ExperimentStore):
                 return Applied("arm_conflict", str(visitor["arm"]))
             if visitor is None:
                 visitor = {"arm": write.arm, "seg": clean_label(write.segment), "first": write.ts, "last": write.ts}
+                visitor.update({f"cov|{metric}": value for metric, value in covariates})
             else:
                 visitor["last"] = max(float(visitor["last"]), write.ts)
                 visitor["first"] = min(float(visitor["first"]), write.ts)
@@ -641,6 +845,13 @@ class SqliteExperimentStore(ExperimentStore):
                 if f"{group}|n" not in visitor:
                     visitor[f"{group}|n"] = 1.0
                     tx.add(group, "n", 1.0)
+                    for metric in METRICS:
+                        c = visitor.get(f"cov|{metric}")
+                        if c is not None:
+                            if c > 0:
+                                tx.add(group, f"{metric}|c", c)
+                                tx.add(group, f"{metric}|c2", c * c)
+                            tx.add(group, f"{metric}|cn", 1.0)
 
             enter(ALL)
             enter(segment)
@@ -659,7 +870,12 @@ class SqliteExperimentStore(ExperimentStore):
                     tx.add(g, f"{metric}|y2", 2 * y_old * dy + dy * dy)
                     if x_old > 0:
                         tx.add(g, f"{metric}|xy", x_old * dy)
-            now = time.time()
+                    c = visitor.get(f"cov|{metric}")
+                    if c is not None:
+                        if c > 0:
+                            tx.add(g, f"{metric}|cy", c * dy)
+                        tx.add(g, f"{metric}|cyp", dy)
+            now = wall_time()
             conn.execute(
                 "INSERT INTO exp_visitors (exp, visitor_id, data, expires_at) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (exp, visitor_id) DO UPDATE SET data = excluded.data, expires_at = excluded.expires_at",
@@ -689,7 +905,7 @@ class SqliteExperimentStore(ExperimentStore):
             float(visitor["first"]) <= ts <= float(visitor["last"]) + write.window_s
         ):
             return Applied("outside_window", arm)
-        now = time.time()
+        now = wall_time()
         conn.execute("DELETE FROM exp_seen WHERE exp = ? AND event_id = ? AND expires_at <= ?", (
             write.experiment_id, write.event_id, now))  # fmt: skip
         inserted = conn.execute(
@@ -715,6 +931,14 @@ class SqliteExperimentStore(ExperimentStore):
                 tx.add(g, f"{metric}|x2", 2 * x_old * d + d * d)
                 if y_old > 0:
                     tx.add(g, f"{metric}|xy", y_old * d)
+                c = visitor.get(f"cov|{metric}")
+                if c is not None:
+                    if c > 0:
+                        tx.add(g, f"{metric}|cx", c * d)
+                    tx.add(g, f"{metric}|cxp", d)
+                if mode == "h":
+                    for stat, amount in histogram_increments(x_old, d, c):
+                        tx.add(g, f"{metric}|{stat}", amount)
         conn.execute(
             "UPDATE exp_visitors SET data = ? WHERE exp = ? AND visitor_id = ?",
             (json.dumps(visitor), write.experiment_id, write.visitor_id),
@@ -733,7 +957,7 @@ class SqliteExperimentStore(ExperimentStore):
         found: dict[str, tuple[str, dict[str, Any]]] = {}
         if not experiment_ids or not recommendation_ids:
             return found
-        now = time.time()
+        now = wall_time()
 
         def run(conn: sqlite3.Connection) -> None:
             for recommendation_id in dict.fromkeys(recommendation_ids):

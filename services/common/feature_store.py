@@ -16,7 +16,6 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -27,6 +26,7 @@ import pyarrow.parquet as pq
 from feast import FeatureStore, RepoConfig
 
 from services.common import features as F
+from services.common.clock import wall_datetime
 from services.common.settings import CommonSettings
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class FeatureWriter:
         # The online row is stamped with the write time: Feast keeps the newest-stamped row, and a late
         # event (older event time) must still replace what is online.
         online = frame.copy()
-        online[F.TIMESTAMP_FIELD] = pd.Timestamp(datetime.now(UTC))
+        online[F.TIMESTAMP_FIELD] = pd.Timestamp(wall_datetime())
         self.store.write_to_online_store(view, online)
         if offline:
             self.append_offline(view, table)
@@ -171,7 +171,7 @@ class FeatureWriter:
     def append_offline(self, view: str, table: pa.Table) -> Path:
         directory = self.offline_dir / view
         directory.mkdir(parents=True, exist_ok=True)
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+        stamp = wall_datetime().strftime("%Y%m%dT%H%M%S%f")
         path = directory / f"part-{stamp}-{uuid.uuid4().hex[:8]}.parquet"
         tmp = path.with_suffix(".tmp")
         pq.write_table(table, tmp)
@@ -272,7 +272,7 @@ def delete_online_entities(store: FeatureStore, view: str, keys: Sequence[str]) 
             conn.executemany(f'DELETE FROM "{table}" WHERE entity_key = ?', [(s,) for s in serialized])
         return int(found)
     features = F.VISITOR_FEATURES if view == F.VISITOR_VIEW else F.ITEM_FEATURES
-    nulls = [{join_key: k, F.TIMESTAMP_FIELD: datetime.now(UTC)} for k in keys]
+    nulls = [{join_key: k, F.TIMESTAMP_FIELD: wall_datetime()} for k in keys]
     frame = to_arrow_table(nulls, join_key, features).to_pandas()
     store.write_to_online_store(view, frame)
     return len(keys)

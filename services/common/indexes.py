@@ -122,8 +122,12 @@ class ContextPopularity:
 
     @staticmethod
     def _ranked(row: dict[str, list[float]], now: float) -> list[tuple[str, list[float]]]:
+        # Ordered by the score decayed to the row's newest entry (or `now`, if earlier): the order is the
+        # same as at any later time, and a history far older than `now` does not underflow to all zeros.
+        reference = min(now, max((entry[1] for entry in row.values()), default=now))
+
         def decayed(entry: list[float]) -> float:
-            return entry[0] * math.pow(0.5, max(now - entry[1], 0.0) / POPULARITY_HALF_LIFE_S)
+            return entry[0] * math.pow(0.5, max(reference - entry[1], 0.0) / POPULARITY_HALF_LIFE_S)
 
         return sorted(row.items(), key=lambda kv: -decayed(kv[1]))
 

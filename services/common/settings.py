@@ -5,6 +5,7 @@ Shared values are read from `SELARAS_*` (and `REDIS_URL`), so one environment co
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
@@ -69,6 +70,15 @@ class CommonSettings(BaseSettings):
         default="auto", validation_alias=shared("rate_limit_backend")
     )
 
+    # Business time (services/common/clock.py). Unset = wall time. An ISO moment starts the service clock
+    # there, running at wall speed: a replay of history through the live services.
+    clock_start: datetime | None = Field(default=None, validation_alias=shared("clock_start"))
+    # A simulation deployment honours a request's own `now` from any key (otherwise only admin keys may).
+    simulation: bool = Field(default=False, validation_alias=shared("simulation"))
+    # Events more than this far ahead of the clock are refused (ingest 422, import invalid line) and
+    # never move an item's or visitor's time forward by more than this when folded.
+    max_clock_skew_s: float = Field(default=300.0, ge=0, le=86_400, validation_alias=shared("max_clock_skew_s"))
+
     @field_validator("redis_url")
     @classmethod
     def _empty_is_none(cls, value: str | None) -> str | None:
@@ -83,6 +93,13 @@ class CommonSettings(BaseSettings):
                 if entry.strip().rsplit(":", 1)[-1].lower() in PLACEHOLDER_SECRETS:
                     raise ValueError("SELARAS_API_KEYS holds a placeholder secret; set real key hashes")
         return self
+
+    @field_validator("clock_start")
+    @classmethod
+    def _aware_clock_start(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("SELARAS_CLOCK_START needs a time zone, e.g. 2014-06-01T00:00:00+00:00")
+        return value
 
     def consent_defaults(self) -> ConsentDefaults:
         return ConsentDefaults(self.consent_personalization, self.consent_analytics, self.consent_marketing)
@@ -99,7 +116,3 @@ class CommonSettings(BaseSettings):
     @property
     def offline_dir(self) -> Path:
         return self.data_dir / "offline"
-
-    @property
-    def models_dir(self) -> Path:
-        return self.data_dir / "models"

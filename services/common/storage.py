@@ -25,6 +25,7 @@ from redis.cluster import RedisCluster
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
+from services.common.clock import wall_time
 from services.common.errors import StorageUnavailable
 from services.common.settings import CommonSettings
 
@@ -344,7 +345,7 @@ class SqliteStore(Store):
             raise StorageUnavailable(f"store unavailable: {type(exc).__name__}") from exc
 
     def append_events(self, events: Sequence[PendingEvent]) -> AppendResult:
-        now = time.time()
+        now = wall_time()
 
         def write(conn: sqlite3.Connection) -> tuple[str, ...]:
             conn.execute("BEGIN IMMEDIATE")  # the write lock makes check-then-insert atomic
@@ -404,7 +405,7 @@ class SqliteStore(Store):
     def get_many(self, namespace: str, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
             return []
-        now = time.time()
+        now = wall_time()
         found: dict[str, bytes] = {}
         for start in range(0, len(keys), 500):
             chunk = list(keys[start : start + 500])
@@ -420,7 +421,7 @@ class SqliteStore(Store):
         return [found.get(k) for k in keys]
 
     def put_many(self, namespace: str, values: Mapping[str, bytes], ttl_s: int | None = None) -> None:
-        expires = time.time() + ttl_s if ttl_s else None
+        expires = wall_time() + ttl_s if ttl_s else None
         rows = [(namespace, key, value, expires) for key, value in values.items()]
         self._run(
             lambda c: self._transaction(
@@ -453,7 +454,7 @@ class SqliteStore(Store):
         )
 
     def scan(self, namespace: str) -> Iterator[tuple[str, bytes]]:
-        now = time.time()
+        now = wall_time()
         rows = self._run(
             lambda c: c.execute(
                 "SELECT key, value FROM blobs WHERE ns = ? AND (expires_at IS NULL OR expires_at > ?)",

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from services.common.clock import SYSTEM_CLOCK
 from services.common.context import WIB
 from services.common.events import Event
 from services.demo.shop import generate_shop
@@ -62,7 +63,7 @@ def generate_dataset(
     """
     began = time.perf_counter()
     if end is None:
-        end = datetime.now(WIB).replace(hour=0, minute=0, second=0, microsecond=0)
+        end = SYSTEM_CLOCK.now_datetime().astimezone(WIB).replace(hour=0, minute=0, second=0, microsecond=0)
     start = end - timedelta(days=days)
     shop = generate_shop(seed=seed, now=end)
     simulator = Simulator(shop, n_visitors=visitors, seed=seed, start=start)

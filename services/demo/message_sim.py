@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from services.common.catalog import CatalogItem, ItemKind
+from services.common.clock import SYSTEM_CLOCK, DataClock
 from services.common.context import WIB
 from services.common.events import Event, EventContext, EventType
 from services.common.settings import CommonSettings
@@ -164,7 +165,7 @@ def simulate_messages(
     config = config or MessageSimConfig()
     progress = progress or _noop
     began = time.perf_counter()
-    end = config.end or datetime.now(WIB).replace(minute=0, second=0, microsecond=0)
+    end = config.end or SYSTEM_CLOCK.now_datetime().astimezone(WIB).replace(minute=0, second=0, microsecond=0)
     total_days = config.history_days + config.message_days
     start = end - timedelta(days=total_days)
     shop = generate_shop(seed=config.seed, now=end)
@@ -181,7 +182,9 @@ def simulate_messages(
     recommend_repository = RecommendRepository.open(recommend_settings)
     try:
         profile.upsert_catalog(shop.all_items())
-        aggregator = Aggregator(profile, SegmentRules(), settings.consent_defaults(), offline_rows=False)
+        aggregator = Aggregator(
+            profile, SegmentRules(), settings.consent_defaults(), offline_rows=False, clock=DataClock()
+        )
         ingest = IngestService(profile)
         # The item snapshot is built from the catalog in memory: the recommend service's refresh would scan the
         # store's catalog and indexes every simulated day, which costs minutes on a busy shared Redis.

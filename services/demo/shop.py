@@ -13,6 +13,7 @@ from typing import Final
 import numpy as np
 
 from services.common.catalog import CatalogItem, ItemKind, MessageTemplate, Targeting
+from services.common.clock import SYSTEM_CLOCK
 from services.common.context import CITY_ZONES, WIB, WIT, WITA
 
 SHOP_URL: Final = "https://tokodemo.example"
@@ -400,7 +401,7 @@ def shop_price(raw: float) -> float:
 def generate_shop(seed: int = 7, n_products: int = 2000, now: datetime | None = None) -> DemoShop:
     """The demo catalog. `now` defaults to today's midnight in WIB, so ages are stable within a day."""
     if now is None:
-        now = datetime.now(WIB).replace(hour=0, minute=0, second=0, microsecond=0)
+        now = SYSTEM_CLOCK.now_datetime().astimezone(WIB).replace(hour=0, minute=0, second=0, microsecond=0)
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     rng = np.random.default_rng(seed)

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
 
@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.common import features as F
+from services.common.clock import FixedClock, wall_datetime
 from services.common.events import Event
 from services.common.settings import CommonSettings
 from services.common.storage import Namespace, open_store
@@ -77,6 +78,7 @@ class Services:
     recommend: HttpClient
     settle: Callable[[], None]
     headers: dict[str, str] = field(default_factory=dict)
+    clock: FixedClock | None = None  # the business clock the simulation moves through its days
 
 
 @dataclass
@@ -120,7 +122,7 @@ def fork_world(
         target_store.close()
     source_features, target_features = open_feature_store(source), open_feature_store(target)
     writer = FeatureWriter(target_features, target.offline_dir)
-    stamp = datetime.now(UTC)
+    stamp = wall_datetime()  # online rows stamped with the write time, like the feature writer does
     for view, keys, present in (
         (F.VISITOR_VIEW, visitor_ids, "event_count"),
         (F.ITEM_VIEW, item_ids, None),
@@ -247,6 +249,8 @@ def simulate(
                     outgoing.append(reaction.model_copy(update={"recommendation_id": answer["recommendation_id"]}))
                     stats.responses += 1
             stats.sessions += 1
+        if services.clock is not None:
+            services.clock.set(day_end)  # the day is over: its events are in the past, none from the future
         _post_events(services, outgoing)
         stats.events += len(outgoing)
         services.settle()
@@ -275,16 +279,17 @@ class AbResult:
 
 @contextmanager
 def in_process_services(
-    profile_settings: Any, recommend_settings: Any, api_key: str | None = None
+    profile_settings: Any, recommend_settings: Any, api_key: str | None = None, clock: FixedClock | None = None
 ) -> Iterator[Services]:
-    """Both services as in-process ASGI apps (real HTTP handling, lifespans and background threads)."""
+    """Both services as in-process ASGI apps (real HTTP handling, lifespans and background threads), on one
+    business clock when given (a simulation drives it)."""
     from starlette.testclient import TestClient
 
     from services.profile.app import create_app as create_profile_app
     from services.recommend.app import create_app as create_recommend_app
 
-    profile_app = create_profile_app(profile_settings)
-    recommend_app = create_recommend_app(recommend_settings)
+    profile_app = create_profile_app(profile_settings, clock)
+    recommend_app = create_recommend_app(recommend_settings, clock)
     with TestClient(profile_app) as profile, TestClient(recommend_app) as recommend:
         state = profile_app.state.profile
 
@@ -296,7 +301,7 @@ def in_process_services(
                     raise RuntimeError("the profile service did not fold the simulated day in time")
                 time.sleep(0.05)
 
-        yield Services(profile, recommend, settle, {"X-API-Key": api_key} if api_key else {})
+        yield Services(profile, recommend, settle, {"X-API-Key": api_key} if api_key else {}, clock)
 
 
 def run_simulation(
@@ -349,7 +354,9 @@ def run_simulation(
         log_impressions=False,
     )
     results: list[AbResult] = []
-    with in_process_services(profile_settings, recommend_settings) as services:
+    # Simulated days lie after today: the services run on a clock the simulation moves through them.
+    clock = FixedClock(start)
+    with in_process_services(profile_settings, recommend_settings, clock=clock) as services:
         for i, spec in enumerate(specs):
             stats = simulate(
                 services, simulator, start + timedelta(days=i * days), days, spec["key"], progress=progress

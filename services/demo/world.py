@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from services.common.clock import SYSTEM_CLOCK, DataClock
 from services.common.context import WIB
 from services.common.events import Event
 from services.common.settings import CommonSettings
@@ -86,7 +87,7 @@ def build_world(
     n_products: int = 2000,
 ) -> World:
     progress = progress or _noop
-    end = end or datetime.now(WIB).replace(minute=0, second=0, microsecond=0)
+    end = end or SYSTEM_CLOCK.now_datetime().astimezone(WIB).replace(minute=0, second=0, microsecond=0)
     start = end - timedelta(days=days)
     timings: dict[str, float] = {}
 
@@ -96,7 +97,8 @@ def build_world(
     profile_repository = ProfileRepository.open(settings)
     try:
         profile_repository.upsert_catalog(shop.all_items())
-        aggregator = Aggregator(profile_repository, SegmentRules(), settings.consent_defaults())
+        # The fold follows the simulated history's own time, like an import (`DataClock`).
+        aggregator = Aggregator(profile_repository, SegmentRules(), settings.consent_defaults(), clock=DataClock())
         span = max((end - start).total_seconds(), 1.0)
         count = ingest_events(
             profile_repository,
@@ -104,6 +106,7 @@ def build_world(
             simulator.history(days),
             on_batch=lambda last: progress("importing the shop's history", (last.ts - start.timestamp()) / span),
         )
+        aggregator.age_item_rows(force=True)  # item windows as of the history's end
         progress("importing the shop's history", 1.0)
         timings["import"] = time.perf_counter() - began
         # Personas before training, so the ranker learns from (and is served) persona ids.

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from services.common.api import add_metrics_route, install_error_handlers, install_openapi_components
 from services.common.auth import ApiKeyAuth
+from services.common.clock import Clock, clock_for
 from services.common.consent import ConsentDefaults
 from services.common.observability import MetricsMiddleware, configure_logging
 from services.common.security import install_security
@@ -36,6 +37,7 @@ class ProfileState:
     rules: SegmentRules
     privacy: PrivacyService
     personas: PersonaAssigner
+    clock: Clock
 
 
 def segment_rules(settings: ProfileSettings) -> SegmentRules:
@@ -49,8 +51,14 @@ def segment_rules(settings: ProfileSettings) -> SegmentRules:
     )
 
 
-def build_state(settings: ProfileSettings) -> ProfileState:
+def build_state(
+    settings: ProfileSettings, clock: Clock | None = None, aggregator_clock: Clock | None = None
+) -> ProfileState:
+    """The service's parts. `clock`: business time (default: from the settings, `clock_for`); a simulation
+    passes the clock it drives. `aggregator_clock`: the fold's business time when it is not the service clock
+    (a bulk import of history folds at the time of its events, `DataClock`)."""
     repository = ProfileRepository.open(settings)
+    clock = clock or clock_for(settings.clock_start)
     rules = segment_rules(settings)
     defaults = settings.consent_defaults()
     personas = PersonaAssigner(repository.store)
@@ -62,11 +70,13 @@ def build_state(settings: ProfileSettings) -> ProfileState:
         offline_rows=settings.offline_rows,
         retention_s=settings.retention_days * 86400,
         observers=build_batch_observers(settings, repository),
+        clock=aggregator_clock or clock,
+        max_skew_s=settings.max_clock_skew_s,
     )
     return ProfileState(
         settings,
         repository,
-        IngestService(repository),
+        IngestService(repository, clock, settings.max_clock_skew_s),
         aggregator,
         ApiKeyAuth(settings.api_keys),
         defaults,
@@ -78,18 +88,21 @@ def build_state(settings: ProfileSettings) -> ProfileState:
             defaults,
             aggregator.fold_lock,
             privacy_holders(settings),
+            clock,
         ),
         personas,
+        clock,
     )
 
 
-def create_app(settings: ProfileSettings | None = None) -> FastAPI:
+def create_app(settings: ProfileSettings | None = None, clock: Clock | None = None) -> FastAPI:
+    """The profile app. `clock` replaces the settings' business clock (simulations that drive time)."""
     settings = settings or ProfileSettings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.log_level)
-        state = build_state(settings)
+        state = build_state(settings, clock)
         app.state.profile = state
         if settings.aggregator_enabled:
             state.aggregator.start(settings.aggregator_batch, settings.aggregator_idle_s)

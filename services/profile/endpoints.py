@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any
 
 import orjson
@@ -71,6 +70,12 @@ async def ingest_events(request: Request, state: State, _: IngestKey) -> Respons
             f"{len({e['index'] for e in errors})} of {len(raw_events)} events are invalid; nothing was stored",
             extra={"errors": errors},
         ) from exc
+    future = state.ingest.future_errors(events)
+    if future:
+        raise InvalidPayload(
+            f"{len(future)} of {len(raw_events)} events are dated in the future; nothing was stored",
+            extra={"errors": future},
+        )
     # The durable append is a blocking call: run it in the thread pool, off the event loop.
     result = await run_in_threadpool(state.ingest.ingest, events)
     return FastJSONResponse({"accepted": result.accepted, "duplicates": result.duplicates}, status_code=202)
@@ -90,7 +95,7 @@ def get_profile(visitor_id: str, state: State, _: AdminKey) -> ProfileView:
     visitor_state = states.get(visitor_id)
     # Segments as of now (lifecycle moves to at-risk/dormant with time alone); the online row's are as of
     # the visitor's latest event.
-    live = segments(visitor_state, time.time(), state.rules) if visitor_state else {}
+    live = segments(visitor_state, state.clock.now(), state.rules) if visitor_state else {}
     segments_view = {name: live.get(name, row.get(name)) for name in segment_names}
     traits = dict(visitor_state.traits) if visitor_state else {}
     persona = persona_view(state.personas.current(), row.get("persona_id"))
@@ -109,7 +114,7 @@ def put_consent(visitor_id: str, update: ConsentUpdate, state: State, _: IngestK
     """Record the visitor's consent per purpose (unset purposes keep their value)."""
     changes = {k: v for k, v in update.model_dump().items() if v is not None}
     repo = state.repository
-    consent = repo.consents([visitor_id]).get(visitor_id, Consent()).merged(changes, time.time())
+    consent = repo.consents([visitor_id]).get(visitor_id, Consent()).merged(changes, state.clock.now())
     repo.save_consents({visitor_id: consent})
     if not consent.allows("personalization", state.consent_defaults):
         state.privacy.withdraw_profile(visitor_id)  # no behavioural profile is kept without consent

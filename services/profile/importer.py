@@ -27,7 +27,7 @@ from pydantic import TypeAdapter, ValidationError
 from services.common.api import describe_errors
 from services.common.catalog import CatalogItem
 from services.common.errors import StorageUnavailable
-from services.common.events import Event
+from services.common.events import Event, future_timestamp_error
 from services.profile.service import Aggregator, IngestService
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,10 @@ def import_events(
             if isinstance(parsed, InvalidLine):
                 _record_invalid(report, parsed, skip_invalid)
                 continue
+            future = future_timestamp_error(parsed, ingest.clock.now(), ingest.max_skew_s)
+            if future is not None:
+                _record_invalid(report, InvalidLine(number, [{"field": "timestamp", "message": future}]), skip_invalid)
+                continue
             if parsed.ts < last_ts:
                 report.out_of_order += 1
                 message = (
@@ -162,6 +166,8 @@ def import_events(
         exc.report = report
         raise
     flush()
+    # Item windows as of the end of the file (items last seen early in it are aged to that moment).
+    _retrying(lambda: aggregator.age_item_rows(force=True))
     if progress:
         progress(report.lines)
     return report

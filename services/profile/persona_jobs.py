@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from feast import FeatureStore
 
 from services.common import features as F
+from services.common.clock import SYSTEM_CLOCK
 from services.common.feature_store import FeatureWriter, online_rows, rewrite_offline_parts, to_arrow_table
 from services.common.storage import Namespace, Store
 from services.profile.aggregations import SegmentRules, VisitorState, segments, visitor_features
@@ -219,7 +220,7 @@ def run_persona_job(
 ) -> PersonaJobResult:
     """Fit, store, assign and report (see the module docstring). Raises ValueError with too little data."""
     started = time.perf_counter()
-    at = now if now is not None else time.time()
+    at = now if now is not None else SYSTEM_CLOCK.now()
     previous = load_model(store)
     if previous is not None and previous.trait_names != list(TRAIT_NAMES):
         log.warning("previous persona model uses other traits: persona ids start afresh")

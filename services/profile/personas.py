@@ -18,7 +18,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Final, TypedDict
 
 import numpy as np
@@ -27,6 +27,7 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 from sklearn.metrics import davies_bouldin_score, silhouette_score
 
+from services.common.clock import wall_datetime
 from services.common.context import daypart
 
 FloatArray = npt.NDArray[np.float64]
@@ -914,7 +915,7 @@ def fit_personas(
     order = sorted(range(best_k), key=lambda c: ids[c])
     return PersonaModel(
         version=version,
-        created_at=(now or datetime.now(UTC)).isoformat(),
+        created_at=(now or wall_datetime()).isoformat(),
         k=best_k,
         silhouette_by_k=silhouette_by_k,
         davies_bouldin_by_k=davies_bouldin_by_k,

@@ -38,6 +38,7 @@ from feast import FeatureStore
 from prometheus_client import Counter
 
 from services.common import features as F
+from services.common.clock import SYSTEM_CLOCK, Clock, wall_datetime
 from services.common.consent import Consent, ConsentDefaults
 from services.common.events import open_envelope
 from services.common.feature_store import delete_online_entities, online_rows, rewrite_offline_parts
@@ -175,8 +176,10 @@ class PrivacyService:
         consent_defaults: ConsentDefaults,
         fold_lock: contextlib.AbstractContextManager[Any] | None = None,
         holders: Sequence[VisitorDataHolder] = (),
+        clock: Clock = SYSTEM_CLOCK,
     ):
         self.store = store
+        self.clock = clock
         self.feature_store = feature_store
         self.offline_dir = offline_dir.resolve()
         self.consent_defaults = consent_defaults
@@ -236,7 +239,7 @@ class PrivacyService:
         return _json_safe(
             {
                 "visitor_id": visitor_id,
-                "exported_at": datetime.now(UTC).isoformat(),
+                "exported_at": wall_datetime().isoformat(),
                 "consent": {
                     "given": dict(consent.given),
                     "updated_at": consent.updated_at or None,
@@ -257,7 +260,7 @@ class PrivacyService:
     def erase(self, visitor_id: str) -> ErasureReceipt:
         """Remove the visitor everywhere (see the module docstring for the places and the ordering)."""
         started = time.perf_counter()
-        receipt = ErasureReceipt(visitor_id, datetime.now(UTC).isoformat())
+        receipt = ErasureReceipt(visitor_id, wall_datetime().isoformat())
         event_ids = [event["event_id"] for _, event in self._log_entries(visitor_id)]
         receipt.log_events = self.store.delete_visitor_events(visitor_id, visitor_marker(visitor_id))
         if event_ids:
@@ -315,7 +318,7 @@ class PrivacyService:
 
         Visitor state blobs expire on their own (TTL refreshed at each event); consent records are kept as
         the proof of what the visitor decided."""
-        cutoff = (now if now is not None else time.time()) - days * 86400.0
+        cutoff = (now if now is not None else self.clock.now()) - days * 86400.0
         cutoff_dt = datetime.fromtimestamp(cutoff, tz=UTC)
         report = RetentionReport(cutoff_dt.isoformat(), dry_run=dry_run)
         doomed: list[str] = []

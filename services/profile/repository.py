@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -64,6 +64,11 @@ class ProfileRepository:
     def item_states(self, item_ids: Sequence[str]) -> dict[str, ItemState]:
         raws = self.store.get_many(Namespace.ITEM_STATE, item_ids)
         return {iid: ItemState.from_dict(orjson.loads(raw)) for iid, raw in zip(item_ids, raws, strict=True) if raw}
+
+    def all_item_states(self) -> Iterator[ItemState]:
+        """Every stored item state (one pass over the item-state namespace)."""
+        for _, raw in self.store.scan(Namespace.ITEM_STATE):
+            yield ItemState.from_dict(orjson.loads(raw))
 
     def save_item_states(self, states: Mapping[str, ItemState]) -> None:
         self.store.put_many(Namespace.ITEM_STATE, {k: orjson.dumps(s) for k, s in states.items()})

@@ -14,13 +14,16 @@ from typing import Any
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.common import features as F
+from services.common.clock import SYSTEM_CLOCK, Clock, wall_time
 from services.common.consent import Consent, ConsentDefaults, consent_changes_from_properties
 from services.common.errors import StorageUnavailable
-from services.common.events import Event, EventType, envelope, open_envelope
+from services.common.events import Event, EventType, envelope, future_timestamp_error, not_after, open_envelope
 from services.common.indexes import ContextPopularity, CoVisitation
 from services.common.item_changes import ItemChangeRecorder
 from services.common.storage import AppendResult, LogEntry, PendingEvent
 from services.profile.aggregations import (
+    DAY,
+    HOUR,
     ItemInfo,
     ItemState,
     SegmentRules,
@@ -48,14 +51,35 @@ FEATURE_WRITE_LAG = Histogram(
 AGGREGATOR_BACKLOG = Gauge("selaras_aggregator_backlog_events", "Log entries not yet folded (last poll)")
 AGGREGATOR_ERRORS = Counter("selaras_aggregator_errors_total", "Micro-batches that failed and will be retried")
 
+# The longest item window (30 days) plus a day: an item idle for longer has an all-zero row.
+ITEM_WINDOW_S = 31 * DAY
+# At start, items idle for longer than this are assumed to have been aged to zero by an earlier process.
+AGE_AT_START_S = 90 * DAY
+
+COUNT_FEATURES = tuple(name for name, kind in F.ITEM_FEATURES.items() if kind == "int")
+
 
 class IngestService:
-    def __init__(self, repository: ProfileRepository):
+    def __init__(self, repository: ProfileRepository, clock: Clock = SYSTEM_CLOCK, max_skew_s: float = 300.0):
         self.repository = repository
+        self.clock = clock
+        self.max_skew_s = max_skew_s
+
+    def future_errors(self, events: Sequence[Event]) -> list[dict[str, Any]]:
+        """Events dated further ahead of the clock than the allowed skew, as errors by index and field."""
+        now = self.clock.now()
+        errors = []
+        for index, event in enumerate(events):
+            message = future_timestamp_error(event, now, self.max_skew_s)
+            if message is not None:
+                errors.append({"index": index, "field": "timestamp", "message": message})
+        if errors:
+            EVENTS_REFUSED.labels("future_timestamp").inc(len(errors))
+        return errors
 
     def ingest(self, events: Sequence[Event]) -> AppendResult:
         """Append validated events to the durable log. Raises StorageUnavailable: nothing is acknowledged."""
-        now = time.time()
+        now = wall_time()  # when the log received it (the freshness metric), not business time
         pending = [PendingEvent(e.event_id, e.visitor_id, envelope(e, now)) for e in events]
         # An event id repeated inside one batch counts as a duplicate, like a re-sent one.
         try:
@@ -103,8 +127,15 @@ class Aggregator:
         retention_s: int | None = None,
         persona_assigner: Callable[[Mapping[str, Any]], int] | None = None,
         observers: Sequence[Any] = (),
+        clock: Clock = SYSTEM_CLOCK,
+        max_skew_s: float = 300.0,
     ):
         self.repository = repository
+        # Business time of the fold: windows of item rows are evaluated at the clock's now, and no event may
+        # move an item's or visitor's time further ahead of it than `max_skew_s` (bulk imports of history pass
+        # a DataClock that follows the events).
+        self.clock = clock
+        self.max_skew_s = max_skew_s
         self.rules = rules
         self.consent_defaults = consent_defaults
         self.offline_rows = offline_rows
@@ -117,6 +148,9 @@ class Aggregator:
         self.popularity = ContextPopularity()
         self._indexes_loaded = False
         self.item_cache: dict[str, ItemState] = {}
+        self._item_digests: dict[str, int] = {}  # of each item's last written row: rewrite only what changed
+        self._nonzero_rows: set[str] = set()  # items whose last written row counts something: to be aged
+        self._aged_hour: int | None = None
         self.item_changes = ItemChangeRecorder(repository.store)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -167,6 +201,7 @@ class Aggregator:
             self.covisitation, self.popularity = self.repository.load_indexes()
             self._indexes_loaded = True
         self.refresh_catalog()
+        self.age_item_rows()
         cursor = self.repository.cursor()
         entries = self.repository.read_log(cursor, batch_size)
         if not entries:
@@ -182,6 +217,10 @@ class Aggregator:
 
     def fold_entries(self, entries: Sequence[LogEntry]) -> BatchOutcome:
         decoded = [(entry.position, *open_envelope(entry.payload)) for entry in entries]
+        for _, _, event in decoded:
+            self.clock.observe(event.ts)  # a DataClock (bulk import of history) follows the events
+        latest_allowed = self.clock.now() + self.max_skew_s
+        decoded = [(position, at, not_after(event, latest_allowed)) for position, at, event in decoded]
         visitor_ids = sorted({event.visitor_id for _, _, event in decoded})
         states = self.repository.visitor_states(visitor_ids)
         consents = self.repository.consents(visitor_ids)
@@ -229,14 +268,14 @@ class Aggregator:
         if withdrawn:
             offline = [row for row in offline if row[F.VISITOR_KEY] not in set(withdrawn)]
         online = [self._row(state, state.last_seen) for state in touched_visitors.values()]
-        item_rows = [
-            {F.ITEM_KEY: item_id, F.TIMESTAMP_FIELD: _utc(state.last_ts), **item_features(state)}
-            for item_id, state in touched_items.items()
-        ]
+        # Windows as of the clock (not the item's own last event: an item last sold months ago has sold nothing
+        # in the last 7 days; `age_item_rows` keeps them so as time passes); stamped with that time.
+        fold_now = max(self.clock.now(), max((s.last_ts for s in touched_items.values()), default=0.0))
+        item_rows = self._item_rows(touched_items, fold_now)
         # Order matters for recovery: state and features first, the cursor last (in run_once).
         self.repository.write_visitor_rows(online, offline)
         self.repository.write_item_rows(item_rows)
-        self.item_changes.record(touched_items, time.time())  # after the rows: a reader then finds them
+        self.item_changes.record(touched_items, wall_time())  # after the rows: a reader then finds them
         self.repository.save_visitor_states(touched_visitors, self.retention_s)
         self.repository.save_item_states(touched_items)
         self.repository.save_indexes(self.covisitation, self.popularity)
@@ -248,12 +287,60 @@ class Aggregator:
             pairs = [(position, event) for position, _, event in decoded]
             for observer in self.observers:
                 observer.observe(pairs)
-        now = time.time()
+        now = wall_time()
         lags = [now - at for at in received.values()]
         for lag in lags:
             FEATURE_WRITE_LAG.observe(lag)
         EVENTS_AGGREGATED.inc(len(entries))
         return BatchOutcome(len(entries), len(touched_visitors), len(touched_items), lags)
+
+    def age_item_rows(self, force: bool = False) -> int:
+        """Re-evaluate the windows of recently active items at the clock's now, once per clock hour; returns the
+        number of rows rewritten.
+
+        A row written when the item's last event was folded would otherwise keep that moment's "views in the
+        last 24 hours" for ever, and an item last sold months ago would look hot. Only rows whose values changed
+        are written (windows are hourly buckets; most items' do not move in a given hour). A clock that follows
+        the data (bulk import) ages only when `force`d, once at the end: no time passes between its events."""
+        if self.clock.follows_data and not force:
+            return 0
+        now = self.clock.now()
+        hour = int(now // HOUR)
+        if hour == self._aged_hour and not force:
+            return 0
+        if self._aged_hour is None:  # the first sweep also covers items folded before this process started
+            for state in self.repository.all_item_states():
+                if now - state.last_ts < AGE_AT_START_S:
+                    self.item_cache.setdefault(state.item_id, state)
+                    self._nonzero_rows.add(state.item_id)
+        self._aged_hour = hour
+        warm = {
+            item_id: s
+            for item_id, s in self.item_cache.items()
+            if now - s.last_ts < ITEM_WINDOW_S or item_id in self._nonzero_rows
+        }
+        rows = self._item_rows(warm, now, only_changed=True)
+        if rows:
+            self.repository.write_item_rows(rows)
+            self.item_changes.record([row[F.ITEM_KEY] for row in rows], wall_time())
+        return len(rows)
+
+    def _item_rows(
+        self, states: Mapping[str, ItemState], at: float, only_changed: bool = False
+    ) -> list[dict[str, Any]]:
+        rows = []
+        for item_id, state in states.items():
+            features = item_features(state, at)
+            digest = hash(tuple(tuple(v) if isinstance(v, list) else v for v in features.values()))
+            if only_changed and self._item_digests.get(item_id) == digest:
+                continue
+            self._item_digests[item_id] = digest
+            if any(features[name] for name in COUNT_FEATURES):
+                self._nonzero_rows.add(item_id)
+            else:
+                self._nonzero_rows.discard(item_id)
+            rows.append({F.ITEM_KEY: item_id, F.TIMESTAMP_FIELD: _utc(at), **features})
+        return rows
 
     def _row(self, state: VisitorState, at: float, assign: bool = True) -> dict[str, Any]:
         row = visitor_features(state, self.rules, at)

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from services.common.api import add_metrics_route, install_error_handlers, install_openapi_components
 from services.common.auth import ApiKeyAuth
+from services.common.clock import Clock, clock_for
 from services.common.observability import MetricsMiddleware, configure_logging
 from services.common.security import install_security
 from services.recommend.experiments import load_experiments
@@ -31,21 +32,23 @@ class RecommendState:
     executor: ThreadPoolExecutor
 
 
-def build_state(settings: RecommendSettings) -> RecommendState:
+def build_state(settings: RecommendSettings, clock: Clock | None = None) -> RecommendState:
     repository = RecommendRepository.open(settings)
-    service = RecommendService(settings, repository, settings.consent_defaults())
-    service.experiments = load_experiments(settings, repository)
+    clock = clock or clock_for(settings.clock_start)
+    service = RecommendService(settings, repository, settings.consent_defaults(), clock=clock)
+    service.experiments = load_experiments(settings, repository, clock)
     executor = ThreadPoolExecutor(max_workers=settings.ranking_threads, thread_name_prefix="rank")
     return RecommendState(settings, repository, service, ApiKeyAuth(settings.api_keys), executor)
 
 
-def create_app(settings: RecommendSettings | None = None) -> FastAPI:
+def create_app(settings: RecommendSettings | None = None, clock: Clock | None = None) -> FastAPI:
+    """The recommend app. `clock` replaces the settings' business clock (simulations that drive time)."""
     settings = settings or RecommendSettings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.log_level)
-        state = build_state(settings)
+        state = build_state(settings, clock)
         app.state.recommend = state
         state.service.start()
         log.info(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -16,6 +15,7 @@ import orjson
 
 from services.common import features as F
 from services.common.catalog import CatalogItem, ItemKind, Targeting
+from services.common.clock import wall_time
 from services.common.indexes import GLOBAL_CONTEXT, POPULARITY_HALF_LIFE_S
 
 KIND_CODES = {ItemKind.PRODUCT: 0, ItemKind.BANNER: 1, ItemKind.CTA: 2, ItemKind.MESSAGE: 3}
@@ -110,7 +110,7 @@ class ItemSnapshot(CatalogArrays):
     popularity_score: FloatArray
     covisitation: Mapping[str, tuple[IntArray, FloatArray]]
     popularity: Mapping[str, tuple[IntArray, FloatArray]]
-    built_at: float = field(default_factory=time.time)
+    built_at: float = field(default_factory=wall_time)  # infrastructure: the cache-age metric
 
     def columns(self, idx: IntArray, slot: str, now: float) -> ItemColumns:
         slot_ctr = self.slot_ctr.get(slot)
@@ -135,10 +135,10 @@ def _order_by(values: FloatArray, idx: IntArray) -> IntArray:
     return idx[np.argsort(-values[idx], kind="stable")] if len(idx) else idx
 
 
-def catalog_arrays(items: Iterable[CatalogItem], now: float | None = None) -> CatalogArrays:
+def catalog_arrays(items: Iterable[CatalogItem]) -> CatalogArrays:
     """One pass over the items, keeping only columns: a 100,000-item catalog is never held as model objects
-    (the list of parsed items cost ~350 MB per worker, memory the allocator then kept)."""
-    now = now or time.time()
+    (the list of parsed items cost ~350 MB per worker, memory the allocator then kept). An item without
+    `created_at` has an unknown age (NaN): never a new arrival, and the ranker sees a missing value."""
     ids: list[str] = []
     kinds: list[int] = []
     available_flags: list[bool] = []
@@ -165,7 +165,7 @@ def catalog_arrays(items: Iterable[CatalogItem], now: float | None = None) -> Ca
         brands.append(sys.intern(item.brand) if item.brand else item.brand)
         prices.append(item.price if item.price is not None else np.nan)
         discounts.append(item.discount)
-        created.append(item.created_at.timestamp() if item.created_at else now - 365 * 86400.0)
+        created.append(item.created_at.timestamp() if item.created_at else np.nan)
         stocks.append(item.stock if item.stock is not None else -1)
         pins.append(item.pinned)
         boosts.append(max(item.boost, 1e-6))
@@ -283,12 +283,15 @@ class NeighbourArrays(Mapping[str, tuple[IntArray, FloatArray]]):
 
 class PopularityArrays(Mapping[str, tuple[IntArray, FloatArray]]):
     """Per context key: item rows by decayed score, highest first; computed on first access (few keys are
-    asked for per request, while a shop has one per city × part of day)."""
+    asked for per request, while a shop has one per city × part of day).
 
-    def __init__(self, raw: Mapping[str, Mapping[str, Sequence[float]] | bytes], index: Mapping[str, int], now: float):
+    Scores are decayed to the newest entry of the row, not to the clock: decaying every entry by the same
+    further time does not change their order, while history far older than the clock (an imported year,
+    a quiet context) would underflow to 0 and lose its order altogether."""
+
+    def __init__(self, raw: Mapping[str, Mapping[str, Sequence[float]] | bytes], index: Mapping[str, int]):
         self.raw = raw
         self.index = index
-        self.now = now
         self.cache: dict[str, tuple[IntArray, FloatArray]] = {}
 
     def __getitem__(self, key: str) -> tuple[IntArray, FloatArray]:
@@ -304,7 +307,7 @@ class PopularityArrays(Mapping[str, tuple[IntArray, FloatArray]]):
         if known:
             table = np.array(known, dtype=np.float64)
             rate = math.log(0.5) / POPULARITY_HALF_LIFE_S
-            scores = table[:, 1] * np.exp(rate * np.maximum(self.now - table[:, 2], 0.0))
+            scores = table[:, 1] * np.exp(rate * (table[:, 2].max() - table[:, 2]))
             order = np.argsort(-scores, kind="stable")
             value = (table[order, 0].astype(np.int64), scores[order])
         self.cache[key] = value
@@ -322,14 +325,13 @@ def build_snapshot(
     stats: Mapping[str, Mapping[str, Any]] | Mapping[str, FloatArray],
     covisitation: Mapping[str, Sequence[Sequence[Any]] | bytes],
     popularity: Mapping[str, Mapping[str, Sequence[float]] | bytes],
-    now: float | None = None,
+    now: float,
     cache_neighbours: bool = True,
 ) -> ItemSnapshot:
     """Columnar snapshot of the catalog plus statistics and indexes (rows of inactive items are kept so
     ids stay resolvable; `available` excludes them from serving). `stats` is either rows per item id or
-    columns aligned with the catalog (see `stats_columns`)."""
-    now = now or time.time()
-    arrays = items if isinstance(items, CatalogArrays) else catalog_arrays(items, now)
+    columns aligned with the catalog (see `stats_columns`). `now` is business time (what is a new arrival)."""
+    arrays = items if isinstance(items, CatalogArrays) else catalog_arrays(items)
     n = arrays.size
     first = next(iter(stats.values()), None)
     columns: Mapping[str, FloatArray] = (
@@ -340,7 +342,7 @@ def build_snapshot(
     stat_values = {name: columns.get(name, np.full(n, np.nan)) for name in STAT_COLUMNS}
     slot_ctr = {name[5:]: values for name, values in columns.items() if name.startswith("slot:")}
 
-    pop = PopularityArrays(popularity, arrays.index, now)
+    pop = PopularityArrays(popularity, arrays.index)
     # Global popularity orders category/brand/new-arrival lists, so "the best of a category" comes first.
     popularity_score = np.zeros(n, dtype=np.float64)
     if GLOBAL_CONTEXT in pop:
@@ -364,5 +366,5 @@ def build_snapshot(
         popularity_score=popularity_score,
         covisitation=NeighbourArrays(covisitation, arrays.index, cache=cache_neighbours),
         popularity=pop,
-        built_at=time.time(),
+        built_at=wall_time(),
     )

@@ -56,14 +56,17 @@ AdminKey = Annotated[str, Depends(require_scope(get_auth, "admin"))]
     openapi_extra=json_body_schema(RecommendRequest),
     responses={422: {"description": "Invalid request, by field"}},
 )
-async def recommend(request: Request, state: State, _: RecommendKey) -> Response:
+async def recommend(request: Request, state: State, key: RecommendKey) -> Response:
     """Rank products, banners and CTAs for a visitor, one list per slot."""
     parsed = await parse_json_request(request, REQUEST_ADAPTER, state.settings.max_body_bytes)
+    may_set_time = state.auth.is_admin(key)
     if state.settings.rank_on_event_loop:
         # ~5 ms of CPU under the GIL: a thread would add hand-offs, not parallelism (workers are the cores).
-        result = state.service.recommend(parsed)
+        result = state.service.recommend(parsed, may_set_time)
     else:
-        result = await asyncio.get_running_loop().run_in_executor(state.executor, state.service.recommend, parsed)
+        result = await asyncio.get_running_loop().run_in_executor(
+            state.executor, state.service.recommend, parsed, may_set_time
+        )
     return FastJSONResponse(result)
 
 

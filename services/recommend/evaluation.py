@@ -34,6 +34,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from services.common.catalog import CatalogItem, ItemKind
+from services.common.clock import wall_time
 from services.common.events import Event, EventType
 from services.common.indexes import COVISIT_MAX_NEIGHBOURS
 from services.recommend.candidates import Filters, VisitorVector
@@ -281,7 +282,7 @@ class RankingEvaluator:
         self.progress = progress or (lambda _stage, _fraction: None)
 
     def run(self) -> Evaluation:
-        started = time.time()
+        started = time.perf_counter()
         config = self.config
         self.progress("reading the event log", 0.0)
         events, catalog = Trainer(self.repository, config.train, self.progress).load()
@@ -309,7 +310,7 @@ class RankingEvaluator:
         personal = self._fit(trainer, events, catalog, split, rows, personal=True)
         anonymous = self._fit(anonymous_trainer, events, catalog, split, rows, personal=False)
         scores = self._rank_test_queries(trainer, events, catalog, split, personal, anonymous)
-        return self._summarise(split, scores, catalog, time.time() - started)
+        return self._summarise(split, scores, catalog, time.perf_counter() - started)
 
     # -- models -------------------------------------------------------------------------------------------
     def _fit(
@@ -339,7 +340,7 @@ class RankingEvaluator:
         self.progress(f"training LightGBM ({label})", 1.0)
         meta = ModelMeta(
             version=f"evaluation-{'personal' if personal else 'anonymous'}",
-            created_at=time.time(),
+            created_at=wall_time(),
             features=tuple(booster.feature_name()),
             feature_service="",
             personal=personal,

@@ -7,9 +7,11 @@
   visitor, seed and bucket version; a global holdout never gets personalization and is not compared.
 - Exposures are counted per visitor in the experiment store (services/common/experiment_store.py);
   outcomes are attributed by the profile service (services/profile/observers.py).
-- Reports follow shared/STATS.md: per-visitor means, relative uplift with a fixed-horizon and an
-  always-valid interval, Holm across goal metrics × arms, Benjamini–Hochberg across segments, an SRM check,
-  and a verdict that waits for a minimum sample and uses the peeking-safe interval.
+- Reports follow docs/statistics.md: per-visitor means, relative uplift with a fixed-horizon and an
+  always-valid interval (both on the log-ratio scale at small samples), revenue capped at a pre-registered
+  pooled quantile, Holm across goal metrics × arms, Benjamini–Hochberg across segments, an SRM check, and a
+  verdict that waits for a minimum sample, decides on the peeking-safe interval and never calls "no
+  difference" what the fixed-horizon interval calls significant.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import time
 import weakref
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -28,14 +29,18 @@ import yaml
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
+from services.common.clock import SYSTEM_CLOCK, Clock
 from services.common.errors import StorageUnavailable
 from services.common.experiment_store import (
     ALL,
+    HISTOGRAM_METRICS,
     RATIO_METRICS,
     ExperimentStore,
     ExposureWrite,
     count_increments,
     open_experiment_store,
+    parse_covariate_histogram,
+    parse_histogram,
     touch_counters,
 )
 from services.recommend.assignment import DEFAULT_HOLDOUT_SEED, HOLDOUT_ARM, assign
@@ -43,9 +48,16 @@ from services.recommend.repository import RecommendRepository
 from services.recommend.service import ArmChooser
 from services.recommend.settings import RecommendSettings
 from services.recommend.stats import (
+    CAP_QUANTILE,
     ArmSums,
+    CupedSums,
+    RatioCupedSums,
     always_valid_interval,
     benjamini_hochberg,
+    capped_cuped_sums,
+    capped_sums,
+    cuped_uplift,
+    histogram_cap,
     holm,
     mean_and_var,
     relative_uplift,
@@ -321,13 +333,165 @@ def _metric_summary(sums: ArmSums, metric: str) -> dict[str, Any]:
     return summary
 
 
-def _compare(control: ArmSums, treatment: ArmSums, metric: str, config: ExperimentConfig) -> dict[str, Any]:
+def cuped_sums(group: Mapping[str, Any] | None, metric: str) -> CupedSums | RatioCupedSums | None:
+    """The group's CUPED sums for a metric (see experiment_store.COVARIATE_STATS), None without any
+    visitor with a pre-period. Visitors without one are the new-visitor indicator's, never dropped."""
+    if not group:
+        return None
+    stats = group.get(metric, {})
+    n = float(group.get("n", 0.0))
+    with_pre = float(stats.get("cn", 0.0))
+    if not with_pre > 0:
+        return None
+
+    def get(name: str) -> float:
+        return float(stats.get(name, 0.0))
+
+    if metric in RATIO_METRICS:
+        return RatioCupedSums(
+            n=n,
+            sum_m=get("x"),
+            sum_m2=get("x2"),
+            sum_d=get("y"),
+            sum_d2=get("y2"),
+            sum_md=get("xy"),
+            sum_x=get("c"),
+            sum_x2=get("c2"),
+            sum_xm=get("cx"),
+            sum_xd=get("cy"),
+            n_new=n - with_pre,
+            sum_m_new=get("x") - get("cxp"),
+            sum_d_new=get("y") - get("cyp"),
+        )
+    return CupedSums(
+        n=n,
+        sum_y=get("x"),
+        sum_y2=get("x2"),
+        sum_x=get("c"),
+        sum_x2=get("c2"),
+        sum_xy=get("cx"),
+        n_new=n - with_pre,
+        sum_y_new=get("x") - get("cxp"),
+    )
+
+
+def _cuped(
+    control_group: Mapping[str, Any] | None,
+    treatment_group: Mapping[str, Any] | None,
+    metric: str,
+    config: ExperimentConfig,
+    cap: float = math.inf,
+) -> dict[str, Any] | None:
+    """The CUPED-adjusted comparison beside the unadjusted one, or None (no pre-period data).
+
+    With a finite `cap` (heavy-tailed metrics) the metric values are capped like the unadjusted
+    comparison, from the per-bucket covariate sums.
+    """
+    control, treatment = cuped_sums(control_group, metric), cuped_sums(treatment_group, metric)
+    if control is None and treatment is None:
+        return None
+    # An arm without any visitor with a pre-period still has sums: all of its visitors are new.
+    control = control or _all_new(control_group, metric)
+    treatment = treatment or _all_new(treatment_group, metric)
+    if math.isfinite(cap) and isinstance(control, CupedSums) and isinstance(treatment, CupedSums):
+        control = capped_cuped_sums(
+            control,
+            _histogram(control_group, metric),
+            parse_covariate_histogram((control_group or {}).get(metric, {})),
+            cap,
+        )
+        treatment = capped_cuped_sums(
+            treatment,
+            _histogram(treatment_group, metric),
+            parse_covariate_histogram((treatment_group or {}).get(metric, {})),
+            cap,
+        )
+    result = cuped_uplift(control, treatment, alpha=config.alpha)
+    valid = always_valid_interval(
+        result.adjusted_control,
+        result.adjusted_treatment,
+        alpha=config.alpha,
+        planned_n=float(config.planned_visitors),
+    )
+    adjusted = result.adjusted
+    return {
+        "uplift": _num(adjusted.uplift),
+        "ci_lower": _num(adjusted.ci_lower),
+        "ci_upper": _num(adjusted.ci_upper),
+        "method": adjusted.method,
+        "p_value": _num(adjusted.p_value),
+        "significant": adjusted.significant,
+        "always_valid": {
+            "ci_lower": _num(valid.ci_lower),
+            "ci_upper": _num(valid.ci_upper),
+            "method": valid.method,
+            "significant": valid.significant,
+            "reason": valid.reason,
+        },
+        "variance_reduction_pct": _num(100.0 * result.variance_reduction),
+        "theta": [_num(result.theta[0]), _num(result.theta[1])],
+        "visitors_with_pre_period": {
+            "control": float(((control_group or {}).get(metric) or {}).get("cn", 0.0)),
+            "treatment": float(((treatment_group or {}).get(metric) or {}).get("cn", 0.0)),
+        },
+        "reason": result.reason,
+    }
+
+
+def _all_new(group: Mapping[str, Any] | None, metric: str) -> CupedSums | RatioCupedSums:
+    sums = arm_sums(group, metric)
+    if metric in RATIO_METRICS:
+        return RatioCupedSums(
+            n=sums.n,
+            sum_m=sums.sum_x,
+            sum_m2=sums.sum_x2,
+            sum_d=sums.sum_y,
+            sum_d2=sums.sum_y2,
+            sum_md=sums.sum_xy,
+            n_new=sums.n,
+            sum_m_new=sums.sum_x,
+            sum_d_new=sums.sum_y,
+        )
+    return CupedSums(n=sums.n, sum_y=sums.sum_x, sum_y2=sums.sum_x2, n_new=sums.n, sum_y_new=sums.sum_x)
+
+
+def _histogram(group: Mapping[str, Any] | None, metric: str) -> dict[int, tuple[float, float, float]]:
+    return parse_histogram(group.get(metric, {})) if group else {}
+
+
+def _compare(
+    control_group: Mapping[str, Any] | None,
+    treatment_group: Mapping[str, Any] | None,
+    metric: str,
+    config: ExperimentConfig,
+) -> dict[str, Any]:
+    """One arm against control on one metric, from the two groups' stored sums.
+
+    Heavy-tailed metrics (revenue) are compared on values capped at the pre-registered pooled quantile
+    (stats.CAP_QUANTILE of the positive per-visitor values of both arms, from the stored histograms):
+    every interval, p-value and the verdict use the capped sums; the uncapped uplift is shown beside them.
+    """
     ratio = metric in RATIO_METRICS
+    control, treatment = arm_sums(control_group, metric), arm_sums(treatment_group, metric)
+    uncapped: dict[str, Any] | None = None
+    cap = math.inf
+    if metric in HISTOGRAM_METRICS:
+        hist_c, hist_t = _histogram(control_group, metric), _histogram(treatment_group, metric)
+        cap = histogram_cap([hist_c, hist_t])
+        if math.isfinite(cap):
+            raw = relative_uplift(control, treatment, ratio=ratio, alpha=config.alpha)
+            uncapped = {
+                "uplift": _num(raw.uplift),
+                "ci_lower": _num(raw.ci_lower),
+                "ci_upper": _num(raw.ci_upper),
+                "p_value": _num(raw.p_value),
+            }
+            control, treatment = capped_sums(control, hist_c, cap), capped_sums(treatment, hist_t, cap)
     fixed = relative_uplift(control, treatment, ratio=ratio, alpha=config.alpha)
     valid = always_valid_interval(
         control, treatment, ratio=ratio, alpha=config.alpha, planned_n=float(config.planned_visitors)
     )
-    return {
+    result = {
         "metric": metric,
         "control_mean": _num(fixed.control_mean),
         "treatment_mean": _num(fixed.treatment_mean),
@@ -341,10 +505,20 @@ def _compare(control: ArmSums, treatment: ArmSums, metric: str, config: Experime
         "always_valid": {
             "ci_lower": _num(valid.ci_lower),
             "ci_upper": _num(valid.ci_upper),
+            "method": valid.method,
             "significant": valid.significant,
+            "reason": valid.reason,
         },
         "reason": fixed.reason,
     }
+    if metric in HISTOGRAM_METRICS:
+        # null when no visitor has a positive value yet (nothing to cap).
+        result["capped_at"] = _num(cap)
+        result["cap_quantile"] = CAP_QUANTILE
+        result["uncapped"] = uncapped
+    # CUPED on the same (capped, for revenue) values as the unadjusted comparison.
+    result["cuped"] = _cuped(control_group, treatment_group, metric, config, cap)
+    return result
 
 
 def _breakdown(
@@ -366,9 +540,7 @@ def _breakdown(
             if arm == config.control:
                 continue
             for metric in metrics:
-                result = _compare(
-                    arm_sums(control, metric), arm_sums(tree.get(arm, {}).get(group), metric), metric, config
-                )
+                result = _compare(control, tree.get(arm, {}).get(group), metric, config)
                 row["results"].append({"arm": arm, **result})
         rows.append(row)
     # One BH family per (arm, metric) across the groups of this dimension.
@@ -397,12 +569,12 @@ def _timeline(days: Mapping[str, Mapping[str, Any]], config: ExperimentConfig) -
             running[arm]["n"] += float(values.get("n", 0.0))
             for stat, amount in values.get(metric, {}).items():
                 running[arm][metric][stat] = running[arm][metric].get(stat, 0.0) + float(amount)
-        control = arm_sums(running[config.control], metric)
+        control = running[config.control]
         point: dict[str, Any] = {"day": day, "n": {arm: running[arm]["n"] for arm in config.arm_names}, "arms": {}}
         for arm in config.arm_names:
             if arm == config.control:
                 continue
-            result = _compare(control, arm_sums(running[arm], metric), metric, config)
+            result = _compare(control, running[arm], metric, config)
             point["arms"][arm] = {
                 "uplift": result["uplift"],
                 "ci_lower": result["ci_lower"],
@@ -420,9 +592,19 @@ def _reason(code: str, text: str, **params: Any) -> dict[str, Any]:
     return {"code": code, "text": text, "params": params}
 
 
+def _decisive(result: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The comparison the verdict reads: CUPED-adjusted when the metric has pre-period data (same
+    estimand, narrower interval), the unadjusted one otherwise."""
+    cuped = result.get("cuped")
+    return cuped if cuped and not cuped["reason"] else result
+
+
 def _verdict(
     config: ExperimentConfig, counts: Mapping[str, float], srm: Mapping[str, Any], results: Sequence[Mapping[str, Any]]
 ) -> dict[str, Any]:
+    results = [
+        {**_decisive(r), "arm": r["arm"], "metric": r["metric"], "adjusted": _decisive(r) is not r} for r in results
+    ]
     smallest = min(counts.values()) if counts else 0.0
     total = sum(counts.values())
     metric = config.primary_metric
@@ -478,17 +660,37 @@ def _verdict(
                     _reason(
                         "winner",
                         f"{best['arm']} beats {config.control} on {metric} by {best['uplift']:+.1%}: the "
-                        f"always-valid {1 - config.alpha:.0%} interval excludes zero",
+                        f"always-valid {1 - config.alpha:.0%} interval"
+                        f"{' (CUPED-adjusted)' if best['adjusted'] else ''} excludes zero",
                         arm=best["arm"],
                         control=config.control,
                         metric=metric,
                         uplift=best["uplift"],
+                        adjusted=best["adjusted"],
                     )
                 )
         elif primary and len(losers) == len(primary):
             decision = "keep_control"
             reasons.append(
                 _reason("loser", f"every arm is worse than {config.control} on {metric}", control=config.control)
+            )
+        elif fixed_only := [r for r in primary if r["significant"]]:
+            # The verdict must not call "no difference" what the fixed-horizon test calls a clear one: the
+            # peeking-safe interval is wider (or not shown yet), so this is "not confirmed yet", not "none".
+            strongest = min(fixed_only, key=lambda r: r["p_value"] if r["p_value"] is not None else 1.0)
+            p_text = f"{strongest['p_value']:.2g}" if strongest["p_value"] is not None else "n/a"
+            reasons.append(
+                _reason(
+                    "fixed_horizon_only",
+                    f"{strongest['arm']} differs from {config.control} on {metric} by {strongest['uplift']:+.1%} "
+                    f"(p = {p_text}), but the always-valid interval does not exclude zero yet "
+                    f"({strongest['always_valid']['reason'] or 'it is wider because it allows daily checks'}): "
+                    "keep running to confirm",
+                    arm=strongest["arm"],
+                    metric=metric,
+                    uplift=strongest["uplift"],
+                    p_value=strongest["p_value"],
+                )
             )
         elif total >= config.planned_visitors:
             decision = "no_detectable_difference"
@@ -558,8 +760,7 @@ def build_report(
         if name == config.control:
             continue
         for metric in metrics:
-            treated = arm_sums(tree.get(name, {}).get(ALL), metric)
-            results.append({"arm": name, **_compare(arm_sums(control, metric), treated, metric, config)})
+            results.append({"arm": name, **_compare(control, tree.get(name, {}).get(ALL), metric, config)})
     adjusted, rejected = holm([r["p_value"] if r["p_value"] is not None else math.nan for r in results], config.alpha)
     for result, adj, rej in zip(results, adjusted, rejected, strict=True):
         result["p_value_holm"] = _num(float(adj))
@@ -605,8 +806,15 @@ def build_report(
 class ExperimentRuntime(ArmChooser):
     """Assignment, exposure recording and reports for the configured experiments."""
 
-    def __init__(self, config: ExperimentsFile, store: ExperimentStore, record_ttl_s: int = 8 * 86400):
+    def __init__(
+        self,
+        config: ExperimentsFile,
+        store: ExperimentStore,
+        record_ttl_s: int = 8 * 86400,
+        clock: Clock = SYSTEM_CLOCK,
+    ):
         self.config = config
+        self.clock = clock
         self.store = store
         self.record_ttl_s = record_ttl_s
         self.by_key = {e.key: e for e in config.experiments}
@@ -662,7 +870,7 @@ class ExperimentRuntime(ArmChooser):
 
     def assign_message(self, visitor_id: str, channel: str, now: float | None = None) -> tuple[str, str, bool] | None:
         """For `/v1/next-best-message`: (experiment key, arm, personalized) or None (no experiment)."""
-        moment = time.time() if now is None else now
+        moment = self.clock.now() if now is None else now
         for experiment in self.enabled:
             if channel in experiment.channels and experiment.status(moment) == "running":
                 chosen = self._assign(experiment, visitor_id)
@@ -681,6 +889,7 @@ class ExperimentRuntime(ArmChooser):
         recommendation_id: str,
         now: float,
         took_s: float,
+        covariates: Mapping[str, float] | None = None,
     ) -> None:
         experiment = self.by_key.get(key)
         if experiment is None:
@@ -694,7 +903,7 @@ class ExperimentRuntime(ArmChooser):
             denominators[ALL]["ctr"] += len(items)
             slots.setdefault(label, []).extend(items)
         record = {"visitor_id": visitor_id, "ts": now, "arm": arm, "kind": "recommend", "slots": slots}
-        self._write(experiment, visitor_id, arm, persona, now, denominators, recommendation_id, record)
+        self._write(experiment, visitor_id, arm, persona, now, denominators, recommendation_id, record, covariates)
         RANKING_SECONDS.labels(key, arm).observe(took_s)
 
     def record_message_exposure(
@@ -707,12 +916,13 @@ class ExperimentRuntime(ArmChooser):
         now: float | None = None,
         persona: str | None = None,
         item_id: str | None = None,
+        covariates: Mapping[str, float] | None = None,
     ) -> None:
         """One message sent under an experiment arm (its opens and clicks are attributed by the id)."""
         experiment = self.by_key.get(key)
         if experiment is None:
             return
-        moment = time.time() if now is None else now
+        moment = self.clock.now() if now is None else now
         sent = {"ctr": 1.0, "open_rate": 1.0}
         denominators = {ALL: dict(sent), f"slot:{channel}": dict(sent)}
         record = {
@@ -722,7 +932,7 @@ class ExperimentRuntime(ArmChooser):
             "kind": "message",
             "slots": {channel: [item_id] if item_id else []},
         }
-        self._write(experiment, visitor_id, arm, persona, moment, denominators, recommendation_id, record)
+        self._write(experiment, visitor_id, arm, persona, moment, denominators, recommendation_id, record, covariates)
 
     def _write(
         self,
@@ -734,7 +944,10 @@ class ExperimentRuntime(ArmChooser):
         denominators: Mapping[str, Mapping[str, float]],
         recommendation_id: str,
         record: Mapping[str, Any],
+        covariates: Mapping[str, float] | None = None,
     ) -> None:
+        # covariates: metric -> the visitor's pre-exposure value for CUPED (used at the first exposure);
+        # the callers do not supply them yet, so every visitor counts as new and reports have no CUPED block.
         write = ExposureWrite(
             experiment.storage_id,
             visitor_id,
@@ -745,6 +958,7 @@ class ExperimentRuntime(ArmChooser):
             recommendation_id,
             record,
             record_ttl_s=int(experiment.attribution_window_hours * 3600) + self.record_ttl_s,
+            covariates=covariates,
         )
         try:
             applied = self.store.record_exposure(write)
@@ -761,7 +975,7 @@ class ExperimentRuntime(ArmChooser):
 
     # -- reports --------------------------------------------------------------------------------------
     def describe(self, experiment: ExperimentConfig, now: float | None = None) -> dict[str, Any]:
-        moment = time.time() if now is None else now
+        moment = self.clock.now() if now is None else now
         data = experiment.model_dump(mode="json")
         data["status"] = experiment.status(moment)
         data["goal_metrics"] = experiment.goal_metrics
@@ -770,7 +984,7 @@ class ExperimentRuntime(ArmChooser):
 
     def report(self, key: str, now: float | None = None) -> dict[str, Any]:
         experiment = self.by_key[key]
-        moment = time.time() if now is None else now
+        moment = self.clock.now() if now is None else now
         report = build_report(
             experiment, self.store.sums(experiment.storage_id), self.store.days(experiment.storage_id), moment
         )
@@ -839,7 +1053,9 @@ def _refresh_loop(runtime_ref: weakref.ref[ExperimentRuntime], stop: threading.E
         del runtime
 
 
-def load_experiments(settings: RecommendSettings, repository: RecommendRepository) -> ArmChooser | None:
+def load_experiments(
+    settings: RecommendSettings, repository: RecommendRepository, clock: Clock = SYSTEM_CLOCK
+) -> ArmChooser | None:
     """The experiment runtime for the service, or None when no experiments file exists or it is empty."""
     path = settings.experiments_file
     if not path.exists():
@@ -848,7 +1064,7 @@ def load_experiments(settings: RecommendSettings, repository: RecommendRepositor
     config = load_config(path)
     if not config.experiments:
         return None
-    runtime = ExperimentRuntime(config, open_experiment_store(settings), settings.recommendation_ttl_s)
+    runtime = ExperimentRuntime(config, open_experiment_store(settings), settings.recommendation_ttl_s, clock)
     runtime.start_refresher()
     log.info("experiments loaded: %d configured, %d enabled", len(config.experiments), len(runtime.enabled))
     return runtime

@@ -136,7 +136,7 @@ def evaluate_histories(
     started = time.perf_counter()
     rules = SegmentRules()
     items = catalog_items(histories)
-    arrays = catalog_arrays(items, now=0.0)
+    arrays = catalog_arrays(items)
     world = fold_world(histories.truncated(1), arrays, catalog_info(items), rules)
     snapshot = world.snapshot
     # Ranking reads only in-process state (snapshot, model, visitor row): no store is touched here.

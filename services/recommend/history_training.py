@@ -86,7 +86,7 @@ def train_on_histories(
     report = progress or (lambda _stage, _fraction: None)
     rules = rules or SegmentRules()
     items = catalog_items(histories)
-    arrays = catalog_arrays(items, now=0.0)
+    arrays = catalog_arrays(items)
     users = [i for i, s in enumerate(histories.sequences) if len(s) >= 2]
     rng = np.random.default_rng(config.seed)
     if len(users) > config.max_queries:

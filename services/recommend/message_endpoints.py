@@ -52,6 +52,8 @@ def message_service(app: FastAPI, state: RecommendState) -> MessageService:
                     MessageSettings(),
                     state.settings.consent_defaults(),
                     recommendation_ttl_s=state.settings.recommendation_ttl_s,
+                    clock=state.service.clock,
+                    simulation=state.settings.simulation,
                 )
                 app.state.messages = service
     # Experiments are configured (and reconfigured) on the recommend service; follow it.
@@ -64,12 +66,12 @@ def message_service(app: FastAPI, state: RecommendState) -> MessageService:
     openapi_extra=json_body_schema(MessageRequest),
     responses={422: {"description": "Invalid request, by field"}},
 )
-async def next_best_message(request: Request, state: State, _: RecommendKey) -> Response:
+async def next_best_message(request: Request, state: State, key: RecommendKey) -> Response:
     """The message to send a visitor next on a channel, with its send time, or `{"action": "none", "reason": ...}`."""
     parsed = await parse_json_request(request, REQUEST_ADAPTER, state.settings.max_body_bytes)
     service = message_service(request.app, state)
     loop = asyncio.get_running_loop()
-    result = await loop.run_in_executor(state.executor, service.decide, parsed)
+    result = await loop.run_in_executor(state.executor, service.decide, parsed, state.auth.is_admin(key))
     return FastJSONResponse(result)
 
 
@@ -81,7 +83,7 @@ async def next_best_message(request: Request, state: State, _: RecommendKey) -> 
         422: {"description": "Invalid requests, by index and field"},
     },
 )
-async def next_best_message_batch(request: Request, state: State, _: RecommendKey) -> Response:
+async def next_best_message_batch(request: Request, state: State, key: RecommendKey) -> Response:
     """Next-best messages for up to 1,000 visitors in one call (push systems planning their sends)."""
     started = time.perf_counter()
     body = read_json_body(await request.body(), state.settings.max_body_bytes * 16)
@@ -99,7 +101,9 @@ async def next_best_message_batch(request: Request, state: State, _: RecommendKe
     except ValidationError as exc:
         raise validation_failure(exc, index_after="requests") from exc
     loop = asyncio.get_running_loop()
-    results = await loop.run_in_executor(state.executor, service.decide_batch, parsed.requests)
+    results = await loop.run_in_executor(
+        state.executor, service.decide_batch, parsed.requests, state.auth.is_admin(key)
+    )
     return FastJSONResponse(
         {
             "count": len(results),

@@ -30,7 +30,7 @@ import uuid
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timezone
+from datetime import timezone
 from typing import Any, Final
 
 import lightgbm as lgb
@@ -38,6 +38,7 @@ import numpy as np
 import orjson
 
 from services.common.catalog import MESSAGE_TRIGGERS, CatalogItem, ItemKind
+from services.common.clock import wall_datetime, wall_time
 from services.common.consent import Consent, ConsentDefaults, consent_changes_from_properties
 from services.common.context import is_payday_window, local_time, zone_for
 from services.common.events import Event, EventType
@@ -400,7 +401,9 @@ def replay_decisions(
 
     defaults = consent_defaults or ConsentDefaults()
     rules = SegmentRules()
-    snapshot = build_snapshot(list(catalog), {}, {}, {})
+    # Only ids, prices and creation times are read (ages are taken at each decision's own time), so the
+    # snapshot's own "now" (which items are new arrivals) does not matter here.
+    snapshot = build_snapshot(list(catalog), {}, {}, {}, now=0.0)
     templates = {
         item.item_id: item.message.trigger
         for item in catalog
@@ -671,8 +674,8 @@ def train_message_model(data: LoggedDecisions, config: MessageTrainConfig | None
         VISITOR_COLUMNS,
         config,
     )
-    version = f"msg-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    model = MessageModel(version, time.time(), stages, data.window_h)
+    version = f"msg-{wall_datetime().strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    model = MessageModel(version, wall_time(), stages, data.window_h)
     metrics.update(uplift_check(model, data))
     metrics["seconds"] = round(time.perf_counter() - started, 2)
     model.metrics = metrics

@@ -36,6 +36,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.catalog import CatalogItem, ItemKind, Targeting
+from services.common.clock import SYSTEM_CLOCK, Clock, TimePolicy
 from services.common.consent import ConsentDefaults
 from services.common.context import is_payday_window, local_time
 from services.common.events import Event, EventContext, EventType, Identifier
@@ -135,7 +136,8 @@ class MessageRequest(BaseModel):
 
     visitor_id: Identifier
     channel: Channel
-    # The decision time; defaults to now. Simulations and replays set it.
+    # The decision time; defaults to the service clock. Honoured only for admin keys or in a simulation
+    # deployment (SELARAS_SIMULATION); the answer's `time` says which time was used.
     now: AwareDatetime | None = None
     # Preview only: nothing is recorded (caps, cooldowns, decision log).
     dry_run: bool = False
@@ -231,7 +233,9 @@ class MessageCatalog:
             category = snapshot.categories[i]
             if category:
                 by_category.setdefault(category, []).append(int(i))
-        newest = snapshot.new_arrivals[np.argsort(-snapshot.created_ts[snapshot.new_arrivals], kind="stable")]
+        # Every available product, newest first: what counts as new depends on the decision time (a replay or
+        # an admin's `now`), so the trigger applies the cut-off, not the snapshot.
+        newest = products[np.argsort(-snapshot.created_ts[products], kind="stable")]
         new_by: dict[str, list[int]] = {}
         for i in newest:
             category = snapshot.categories[i]
@@ -497,8 +501,10 @@ class Eligibility:
             for category in view.categories[:3]:
                 for row in self.catalog.new_by_category.get(category, ()):
                     created = self.catalog.created[row]
+                    if created < cutoff:
+                        break  # newest first: the rest are older still
                     item_id = self.snapshot.ids[row]
-                    if cutoff <= created <= now and item_id not in view.recent and item_id not in view.purchased:
+                    if created <= now and item_id not in view.recent and item_id not in view.purchased:
                         return int(row), f"new in {category}, one of their favourite categories"
             return None
         if trigger == "win_back":
@@ -675,8 +681,12 @@ class MessageService:
         consent_defaults: ConsentDefaults | None = None,
         experiments: Any = None,
         recommendation_ttl_s: int = 7 * 86_400,
+        clock: Clock = SYSTEM_CLOCK,
+        simulation: bool = False,
     ):
         self.repository = repository
+        self.clock = clock
+        self.time_policy = TimePolicy(clock, simulation)
         self.snapshot_source = snapshot_source
         self.settings = settings or MessageSettings()
         self.consent_defaults = consent_defaults or ConsentDefaults()
@@ -691,14 +701,14 @@ class MessageService:
         self._lock = threading.Lock()
 
     # -- cached inputs --------------------------------------------------------------------------------
-    def catalog(self, now: float | None = None) -> MessageCatalog:
+    def catalog(self, now: float) -> MessageCatalog:
         """The message catalog of the current item snapshot; `now` stamps restocks the watch notices."""
         snapshot = self.snapshot_source()
         catalog = self._catalog
         if catalog is None or catalog.snapshot is not snapshot:
             catalog = MessageCatalog.build(snapshot, self.settings.min_discount)
             self._catalog = catalog
-        self.watch.observe(snapshot, time.time() if now is None else now, self.settings.restock_days * 86_400.0)
+        self.watch.observe(snapshot, now, self.settings.restock_days * 86_400.0)
         return catalog
 
     @property
@@ -742,23 +752,27 @@ class MessageService:
         return self._personas
 
     # -- deciding ------------------------------------------------------------------------------------
-    def decide(self, request: MessageRequest) -> dict[str, Any]:
+    def decide(self, request: MessageRequest, caller_may_set_time: bool = True) -> dict[str, Any]:
+        """One decision. `caller_may_set_time`: whether the request's `now` is honoured (the HTTP endpoints pass
+        False for non-admin keys; see `TimePolicy`); the answer says which time was used."""
         started = time.perf_counter()
-        result = self._decide([request])[0]
+        result = self._decide([request], caller_may_set_time)[0]
         BATCH_SECONDS.labels("single").observe(time.perf_counter() - started)
         return result
 
-    def decide_batch(self, requests: Sequence[MessageRequest]) -> list[dict[str, Any]]:
+    def decide_batch(
+        self, requests: Sequence[MessageRequest], caller_may_set_time: bool = True
+    ) -> list[dict[str, Any]]:
         started = time.perf_counter()
-        results = self._decide(requests)
+        results = self._decide(requests, caller_may_set_time)
         BATCH_SECONDS.labels("batch").observe(time.perf_counter() - started)
         return results
 
-    def _decide(self, requests: Sequence[MessageRequest]) -> list[dict[str, Any]]:
+    def _decide(self, requests: Sequence[MessageRequest], caller_may_set_time: bool) -> list[dict[str, Any]]:
         settings = self.settings
-        wall = time.time()
+        times = [self.time_policy.resolve(r.now, caller_may_set_time) for r in requests]
         # A restock is noticed "now"; for replays and simulations that is the earliest decision time asked.
-        catalog = self.catalog(min((r.now.timestamp() if r.now else wall) for r in requests))
+        catalog = self.catalog(min(t.ts for t in times))
         eligibility = Eligibility(catalog, self.watch, settings)
         model = self.model
         personas = self.personas()
@@ -780,7 +794,7 @@ class MessageService:
         results: list[dict[str, Any] | None] = [None] * len(requests)
         planned: list[_Planned] = []
         for i, request in enumerate(requests):
-            now = request.now.timestamp() if request.now else wall
+            now = times[i].ts
             channel = request.channel
             if not consents[request.visitor_id].allows(PURPOSE[channel], self.consent_defaults):
                 results[i] = self._none(request, "no_consent", f"no consent for {PURPOSE[channel]}")
@@ -825,12 +839,15 @@ class MessageService:
                 results[p.index] = self._choose(p, uplift, attributed, baseline, model, catalog, traits, personas)
 
         writes = {
-            visitor_id: history.to_bytes(wall, catalog.max_cooldown_s + WEEK)
+            visitor_id: history.to_bytes(max(t.ts for t in times), catalog.max_cooldown_s + WEEK)
             for visitor_id, history in histories.items()
             if history.changed
         }
         if writes:
             self.repository.save_histories(writes, int(max(catalog.max_cooldown_s, WEEK) + 86_400))
+        for result, used in zip(results, times, strict=True):
+            if result is not None:
+                result["time"] = used.to_dict()
         out = [r for r in results if r is not None]
         for result in out:
             DECISIONS.labels(result["channel"], result["action"], result.get("reason") or "send").inc()

@@ -15,6 +15,7 @@ from feast import FeatureStore
 
 from services.common import features as F
 from services.common.catalog import CatalogItem
+from services.common.clock import wall_time
 from services.common.consent import Consent
 from services.common.errors import StorageUnavailable
 from services.common.events import Event, envelope, open_envelope
@@ -193,7 +194,7 @@ class RecommendRepository:
                 log.warning("dropped %d recommendation records: the store is unavailable", len(values))
 
     def _append_with_retry(self, events: Iterable[Event | dict[str, Any]]) -> None:
-        now = time.time()
+        now = wall_time()  # when the log received it (freshness lag), not business time
         pending = [
             PendingEvent(e.event_id, e.visitor_id, envelope(e, now))
             if isinstance(e, Event)

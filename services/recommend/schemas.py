@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
@@ -21,7 +21,8 @@ class RequestContext(BaseModel):
     locale: Annotated[str, StringConstraints(max_length=16)] | None = None
     utc_offset_min: Annotated[int, Field(ge=-720, le=840)] | None = None
     page: Annotated[str, StringConstraints(max_length=64)] | None = None
-    # The request time; defaults to now. Simulations and replays set it.
+    # The request time; defaults to the service clock. Honoured only for admin keys or in a simulation
+    # deployment (SELARAS_SIMULATION): the answer's `time` says which time was used.
     now: AwareDatetime | None = None
 
 
@@ -92,6 +93,14 @@ class ExperimentTag(BaseModel):
     arm: str
 
 
+class TimeUsed(BaseModel):
+    """The business time a request was answered at: the service clock, or the request's own `now`."""
+
+    now: str
+    source: Literal["clock", "request"]
+    ignored: str | None = None  # set when the request asked for a time it may not choose
+
+
 class RecommendResponse(BaseModel):
     recommendation_id: str
     visitor_id: str
@@ -100,6 +109,7 @@ class RecommendResponse(BaseModel):
     strategy: str
     experiment: ExperimentTag | None
     took_ms: float
+    time: TimeUsed
     slots: list[SlotResult]
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.catalog import ItemKind
+from services.common.clock import SYSTEM_CLOCK, Clock, TimePolicy, wall_time
 from services.common.consent import ConsentDefaults
 from services.common.context import context_features, daypart, local_time, zone_for
 from services.common.events import Event
@@ -112,13 +113,16 @@ class RecommendService:
         repository: RecommendRepository,
         consent_defaults: ConsentDefaults | None = None,
         experiments: ArmChooser | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ):
         self.settings = settings
+        self.clock = clock
+        self.time_policy = TimePolicy(clock, settings.simulation)
         self.repository = repository
         self.consent_defaults = consent_defaults or ConsentDefaults()
         self.experiments = experiments
         self.generator = CandidateGenerator(settings.max_candidates, sources=settings.candidate_sources)
-        self.snapshot: ItemSnapshot = build_snapshot([], {}, {}, {})
+        self.snapshot: ItemSnapshot = build_snapshot([], {}, {}, {}, now=clock.now())
         self.model: RankerModel | None = None
         self.skipped_models: dict[str, str] = {}
         self.persona_names: dict[int, str] = {}
@@ -176,7 +180,7 @@ class RecommendService:
             self._product_ids = [self._catalog.ids[i] for i in self._catalog.by_kind[KIND_CODES[ItemKind.PRODUCT]]]
         arrays = self._catalog
         stats = self._read_item_stats(catalog_changed)
-        snapshot = build_snapshot(arrays, stats, repo.covisitation(), repo.popularity())
+        snapshot = build_snapshot(arrays, stats, repo.covisitation(), repo.popularity(), now=self.clock.now())
         self.snapshot = snapshot  # one reference swap: requests see the old or the new snapshot, never half
         self.persona_names = repo.persona_names()
         # Long-lived objects out of the cyclic GC's way: a full collection over them paused requests ~200 ms.
@@ -189,8 +193,9 @@ class RecommendService:
     def _read_item_stats(self, catalog_changed: bool) -> dict[str, dict[str, Any]]:
         """Statistics rows of the catalog's products. Between full reads (at start, after a catalog change or a
         gap, and every `item_stats_full_read_s`) only the rows the aggregator changed since the previous
-        refresh are read: a full read is O(catalog) (5.6 s of CPU at 100,000 items)."""
-        now = time.time()
+        refresh are read: a full read is O(catalog) (5.6 s of CPU at 100,000 items). The change log is stamped
+        with wall time by the aggregator (it tracks writes, not business events), so it is read in wall time."""
+        now = wall_time()
         changed = None
         if (
             not catalog_changed
@@ -232,11 +237,14 @@ class RecommendService:
             return previous, previous
 
     # -- ranking ------------------------------------------------------------------------------------
-    def recommend(self, request: RecommendRequest) -> dict[str, Any]:
+    def recommend(self, request: RecommendRequest, caller_may_set_time: bool = True) -> dict[str, Any]:
+        """Rank every slot. `caller_may_set_time`: whether `context.now` is honoured (the HTTP endpoint passes
+        False for non-admin keys; see `TimePolicy`); the answer says which time was used."""
         started = time.perf_counter()
         recommendation_id = uuid.uuid4().hex
         ctx = request.context
-        now = ctx.now.timestamp() if ctx.now else time.time()
+        used = self.time_policy.resolve(ctx.now, caller_may_set_time)
+        now = used.ts
         snapshot, model = self.snapshot, self.model
         fallback_reason: str | None = None
 
@@ -386,6 +394,7 @@ class RecommendService:
             "strategy": strategy,
             "experiment": {"key": experiment[0], "arm": experiment[1]} if experiment else None,
             "took_ms": round((time.perf_counter() - started) * 1000, 3),
+            "time": used.to_dict(),
             "slots": slots_out,
         }
 

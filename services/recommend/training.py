@@ -30,6 +30,7 @@ import pandas as pd
 
 from services.common import features as F
 from services.common.catalog import CatalogItem, ItemKind
+from services.common.clock import wall_datetime, wall_time
 from services.common.events import Event, EventType
 from services.common.indexes import ContextPopularity, CoVisitation, context_keys, observe_interaction, push_recent
 from services.recommend.candidates import CandidateGenerator, Filters, VisitorVector, context_keys_for
@@ -363,7 +364,7 @@ class Trainer:
 
     # -- training -----------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
-        started = time.time()
+        started = time.perf_counter()
         self.progress("reading the event log", 0.0)
         events, catalog = self.load()
         products = {item.item_id for item in catalog if item.kind is ItemKind.PRODUCT}
@@ -411,13 +412,13 @@ class Trainer:
                 "validation_queries": len(valid_details),
                 "split_ts": split_ts,
                 "best_iteration": measured_iteration,
-                "seconds": round(time.time() - started, 1),
+                "seconds": round(time.perf_counter() - started, 1),
             }
         )
-        version = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        version = wall_datetime().strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
         meta = ModelMeta(
             version=version,
-            created_at=time.time(),
+            created_at=wall_time(),
             features=F.RANKER_FEATURES,
             feature_service=F.FEATURE_SERVICE,
             metrics=metrics,

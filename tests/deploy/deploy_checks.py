@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -54,3 +56,13 @@ def parse_cli(args: Sequence[str]) -> Any:
         command = sub
         context = command.context_class(command, info_name=name, parent=context)
     return command.make_context(context.info_name, remaining, parent=context.parent)
+
+
+def cli_args(container: dict[str, Any]) -> list[str]:
+    """The `selaras` arguments a container runs (the training job wraps them in a shell for the reload list)."""
+    if container.get("command", [None])[0] == "/bin/sh":
+        script = " ".join(container["args"])
+        script = re.sub(r"\$\((?:[^()]|\([^()]*\))*\)", "--reload-url http://10.1.2.3:8002", script)
+        words = shlex.split(script)
+        return words[words.index("selaras") + 1 :]
+    return [str(arg) for arg in container["args"]]

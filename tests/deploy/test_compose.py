@@ -17,7 +17,7 @@ from tests.deploy.deploy_checks import REPO, known_variables, parse_cli, selaras
 
 COMPOSE_FILE = REPO / "deploy" / "compose.yaml"
 SECRETS = {"SELARAS_API_KEYS": "shop:admin:" + "ab" * 32, "GRAFANA_ADMIN_PASSWORD": "not-a-real-password"}
-SELARAS_SERVICES = ("profile", "recommend-1", "recommend-2", "train", "personas")
+SELARAS_SERVICES = ("profile", "recommend-1", "recommend-2", "train", "personas", "retention")
 
 
 def compose_command() -> list[str]:
@@ -60,11 +60,12 @@ def config() -> dict[str, Any]:
 
 def test_compose_accepts_the_file_and_lists_every_service(config: dict[str, Any]) -> None:
     assert set(config["services"]) == {
-        "redis", "profile", "recommend-1", "recommend-2", "proxy", "train", "personas", "prometheus", "grafana",
+        "redis", "profile", "recommend-1", "recommend-2", "proxy", "train", "personas", "retention", "prometheus",
+        "grafana",
     }  # fmt: skip
     profiles = {name: set(service.get("profiles", [])) for name, service in config["services"].items()}
     assert profiles["prometheus"] == profiles["grafana"] == {"monitoring"}
-    assert profiles["train"] == profiles["personas"] == {"jobs"}
+    assert profiles["train"] == profiles["personas"] == profiles["retention"] == {"jobs"}
     assert all(not profiles[name] for name in ("redis", "profile", "recommend-1", "recommend-2", "proxy"))
 
 
@@ -86,7 +87,7 @@ def test_every_selaras_command_parses_with_the_real_cli(config: dict[str, Any]) 
         service = config["services"][name]
         assert service["build"]["dockerfile"] == "Dockerfile" and Path(service["build"]["context"]) == REPO
         context = parse_cli([str(arg) for arg in service["command"]])
-        assert context.command.name in ("serve", "train", "personas")
+        assert context.command.name in ("serve", "train", "personas", "retention")
         assert service.get("user") in (None, "10001", "10001:10001"), "services run as the image's non-root user"
     serve = {name: parse_cli(config["services"][name]["command"]).params for name in ("profile", "recommend-1")}
     assert serve["profile"]["service"] == "profile" and serve["profile"]["workers"] == 1
@@ -116,9 +117,10 @@ def test_offline_store_is_the_only_shared_disk_and_mounted_files_exist(config: d
     def mounts(name: str) -> dict[str, str]:
         return {target: source for source, target in map(volume, config["services"][name].get("volumes", []))}
 
-    writer, trainer = mounts("profile"), mounts("train")
+    writer, trainer, retention = mounts("profile"), mounts("train"), mounts("retention")
     data_dir = config["services"]["profile"]["environment"]["SELARAS_DATA_DIR"]
-    assert writer[f"{data_dir}/offline"] == trainer[f"{data_dir}/offline"] == "offline"
+    assert writer[f"{data_dir}/offline"] == trainer[f"{data_dir}/offline"] == retention[f"{data_dir}/offline"]
+    assert writer[f"{data_dir}/offline"] == "offline"
     assert data_dir not in writer, "the Feast registry stays local to each container"
     experiments = config["services"]["recommend-1"]["environment"]["RECOMMEND_EXPERIMENTS_FILE"]
     assert Path(mounts("recommend-1")[experiments]) == REPO / "experiments.yaml"
@@ -136,6 +138,9 @@ def test_proxy_balances_exactly_the_recommend_replicas_with_readiness_checks(con
     assert sorted(host for _, host, _ in servers) == replicas
     assert {int(port) for _, _, port in servers} == {8002}
     assert "option httpchk GET /readyz" in text and "option redispatch" in text
+    # Only requests that never reached a replica are retried: the POST routes are not idempotent.
+    retry_on = re.findall(r"^\s*retry-on\s+(.+)$", text, flags=re.M)
+    assert [line.split() for line in retry_on] == [["conn-failure"]]
     published = config["services"]["proxy"]["ports"][0]
     assert int(published["published"]) == 8002
     haproxy = shutil.which("haproxy")

@@ -3,7 +3,6 @@ cluster or network needed), then checked against each other and against the code
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import pytest
 import yaml
 
 from services.recommend.experiments import load_config
-from tests.deploy.deploy_checks import REPO, known_variables, parse_cli
+from tests.deploy.deploy_checks import REPO, cli_args, known_variables, parse_cli
 
 K8S = REPO / "deploy" / "k8s"
 VERSIONS = ["1.30.0", "1.37.0"]  # the oldest we support (CronJob timeZone, autoscaling/v2) and the newest
@@ -50,16 +49,6 @@ def selaras_containers() -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]
         for container in spec["containers"]:
             if container["image"].split(":")[0].endswith("selaras"):
                 yield owner, spec, container
-
-
-def cli_args(container: dict[str, Any]) -> list[str]:
-    """The `selaras` arguments a container runs (the training job wraps them in a shell for the reload list)."""
-    if container.get("command", [None])[0] == "/bin/sh":
-        script = " ".join(container["args"])
-        script = re.sub(r"\$\((?:[^()]|\([^()]*\))*\)", "--reload-url http://10.1.2.3:8002", script)
-        words = script.split()
-        return words[words.index("selaras") + 1 :]
-    return [str(arg) for arg in container["args"]]
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -116,6 +105,9 @@ def test_profile_is_a_single_consumer_and_recommend_scales_out() -> None:
         assert target["kind"] == "Deployment" and target["name"] in deployments
     recommend = deployments["recommend"]["spec"]
     hpa = hpas["recommend"]["spec"]
+    # The HPA owns the replica count: a fixed value would reset it on every apply.
+    for owned in hpas.values():
+        assert "replicas" not in deployments[owned["spec"]["scaleTargetRef"]["name"]]["spec"]
     assert hpa["minReplicas"] >= 2 and hpa["maxReplicas"] > hpa["minReplicas"]
     assert recommend["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     pod_labels = recommend["template"]["metadata"]["labels"]
@@ -168,7 +160,7 @@ def test_offline_store_is_shared_read_write_many_only_where_used() -> None:
             if mount["name"] in claimed:
                 assert mount["mountPath"] == f"{data_dir}/offline", owner
                 users.add(owner)
-    assert users == {"profile", "train", "personas"}
+    assert users == {"profile", "train", "personas", "retention"}
 
 
 def test_experiments_configmap_is_what_the_service_loads(tmp_path: Path) -> None:
@@ -183,9 +175,9 @@ def test_experiments_configmap_is_what_the_service_loads(tmp_path: Path) -> None
     assert load_config(tmp_path / "experiments.yaml").experiments, "the shipped experiments must load"
 
 
-def test_cronjobs_train_and_refresh_personas_with_real_commands() -> None:
+def test_cronjobs_train_refresh_personas_and_apply_retention_with_real_commands() -> None:
     cronjobs = of_kind("CronJob")
-    assert set(cronjobs) == {"train", "personas"}
+    assert set(cronjobs) == {"train", "personas", "retention"}
     for name, job in cronjobs.items():
         assert job["spec"]["concurrencyPolicy"] == "Forbid" and job["spec"]["timeZone"] == "Asia/Jakarta"
         container = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
@@ -197,6 +189,11 @@ def test_cronjobs_train_and_refresh_personas_with_real_commands() -> None:
     # Personas are refreshed before training, so training sees the new persona ids.
     hour = {name: int(job["spec"]["schedule"].split()[1]) for name, job in cronjobs.items()}
     assert hour["personas"] < hour["train"]
+    # Retention trims the history first (and is over before the next job starts), so nothing learns from data
+    # past its retention period.
+    retention = cronjobs["retention"]["spec"]
+    assert hour["retention"] < hour["personas"]
+    assert retention["jobTemplate"]["spec"]["activeDeadlineSeconds"] <= 3600 * (hour["personas"] - hour["retention"])
 
 
 def test_redis_persists_every_acknowledged_write() -> None:

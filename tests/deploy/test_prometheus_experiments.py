@@ -30,6 +30,7 @@ from tests.factories import make_item
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "selaras-experiments.json"
+OPS_DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "selaras-operations.json"
 EXPERIMENT = "prom-ab"
 EXPERIMENTS_YAML = f"""
 holdout: 0.1
@@ -53,7 +54,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
 def test_shipped_config_and_rules_pass_promtool() -> None:
     checked = promtool("check", "config", str(PROMETHEUS_DIR / "prometheus.yml"))
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "SUCCESS: 2 rule files found" in checked.stdout
+    assert "SUCCESS: 4 rule files found" in checked.stdout  # experiments and operations, rules and alerts
     tested = promtool("test", "rules", str(PROMETHEUS_DIR / "tests" / "selaras-experiments.test.yml"))
     assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
 
@@ -328,10 +329,12 @@ def test_recording_rules_agree_with_the_report_across_two_replicas(stack: Stack)
     lower = value_of(f'max by (arm) (selaras_experiment_uplift_ci_lower{{experiment="{EXPERIMENT}",metric="ctr"}})')
     assert close(lower, ctr_result["ci_lower"])
 
-    # Every rule evaluates without errors, and every dashboard query parses and runs.
+    # Every rule (experiments and operations) evaluates without errors, and every dashboard query parses and runs.
     groups = http_json(f"{stack.prometheus}/api/v1/rules")["data"]["groups"]
     rules = [rule for group in groups for rule in group["rules"]]
-    assert len(rules) == 18 and all(rule["health"] == "ok" for rule in rules), [r for r in rules if r["health"] != "ok"]
+    assert all(rule["health"] == "ok" for rule in rules), [r for r in rules if r["health"] != "ok"]
+    experiment_rules = [r for g in groups if g["name"].startswith("selaras-experiment") for r in g["rules"]]
+    assert len(experiment_rules) == 18 and len(rules) == 18 + 17
     dashboard = json.loads(DASHBOARD.read_text())
     with_data = 0
     for panel in dashboard["panels"]:
@@ -339,3 +342,18 @@ def test_recording_rules_agree_with_the_report_across_two_replicas(stack: Stack)
             expr = target["expr"].replace("$experiment", EXPERIMENT).replace("$metric", "ctr")
             with_data += bool(stack.query(expr))
     assert with_data >= 12, with_data
+    # The operations dashboard over the same live services: the request, latency and fallback panels have data.
+    operations = json.loads(OPS_DASHBOARD.read_text())
+    answered = {
+        target["expr"]: bool(stack.query(target["expr"]))
+        for panel in operations["panels"]
+        for target in panel.get("targets", [])
+    }
+    for expr in (
+        "service:selaras_http_requests_5xx:ratio_rate5m",
+        "service_route:selaras_http_request_duration_seconds:p99_rate5m",
+        "service:selaras_recommendations_fallback:ratio_rate5m",
+        "instance:selaras_item_cache_age_seconds:max",
+    ):
+        wait_for(lambda e=expr: bool(stack.query(e)), 30, f"{expr} to have data")
+    assert sum(answered.values()) >= 10, answered

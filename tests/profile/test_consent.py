@@ -184,8 +184,8 @@ def serving(world: SessionWorld) -> Iterator[Serving]:
     )
     visitor_id = f"consent-{uuid.uuid4().hex[:8]}"
     with (
-        TestClient(create_app(profile_settings)) as profile,
-        TestClient(create_recommend_app(recommend_settings)) as rec,
+        TestClient(create_app(profile_settings, world.clock)) as profile,
+        TestClient(create_recommend_app(recommend_settings, world.clock)) as rec,
     ):
         yield Serving(profile, rec, visitor_id)
         profile.delete(f"/v1/profiles/{visitor_id}")

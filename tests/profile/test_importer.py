@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from services.cli import app as cli
 from services.common import features as F
+from services.common.clock import FixedClock
 from services.common.events import Event, EventType
 from services.common.storage import Namespace
 from services.demo.shop import generate_shop
@@ -105,7 +106,8 @@ def imported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Imported]:
         monkeypatch.undo()
 
         # The live path: the profile service's API in batches of 1,000 and its own aggregator thread.
-        with TestClient(create_app(live_settings)) as client:
+        # Live traffic arriving as it happens: the service's clock is at the newest event.
+        with TestClient(create_app(live_settings, FixedClock(max(e.ts for e in events)))) as client:
             state = client.app.state.profile  # type: ignore[attr-defined]
             import_catalog(catalog_file, state.repository.upsert_catalog)
             state.aggregator.refresh_catalog(force=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -36,8 +36,8 @@ def clients(world: SessionWorld) -> Iterator[tuple[TestClient, TestClient]]:
     profile = ProfileSettings(**common, aggregator_idle_s=0.005)
     recommend = RecommendSettings(**common, refresh_interval_s=0.5)
     with (
-        TestClient(create_profile_app(profile)) as profile_client,
-        TestClient(create_recommend_app(recommend)) as recommend_client,
+        TestClient(create_profile_app(profile, world.clock)) as profile_client,
+        TestClient(create_recommend_app(recommend, world.clock)) as recommend_client,
     ):
         yield profile_client, recommend_client
 
@@ -91,7 +91,7 @@ def test_viewing_a_category_ranks_it_higher_within_one_second(
     shown_categories = {item["category"] for item in before}
     category = next(p.category for p in shop.products if p.category not in shown_categories and p.in_stock)
     items = [p for p in shop.products if p.category == category and p.in_stock][:6]
-    now = datetime.now(UTC)
+    now = world.clock.now_datetime()
     events = [
         {
             "event_id": f"e2e-{visitor}-{i}",
@@ -213,7 +213,7 @@ def test_ranking_in_a_thread_pool_answers_the_same_as_on_the_event_loop(
     )
     visitor = world.world.simulator.visitors[5].visitor_id
     now = world.world.end.isoformat()
-    with TestClient(create_recommend_app(threaded_settings)) as threaded:
+    with TestClient(create_recommend_app(threaded_settings, world.clock)) as threaded:
         answers = [
             recommend(client, visitor, context={"device": "mobile", "city": "Jakarta", "now": now})
             for client in (inline, threaded)

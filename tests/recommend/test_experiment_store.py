@@ -9,7 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from services.common.experiment_store import (
     ExperimentStore,
@@ -17,9 +19,12 @@ from services.common.experiment_store import (
     OutcomeWrite,
     RedisExperimentStore,
     SqliteExperimentStore,
+    count_increments,
+    parse_covariate_histogram,
+    parse_histogram,
 )
 from services.common.storage import make_redis_client
-from services.recommend.stats import ArmSums
+from services.recommend.stats import ArmSums, covariate_histogram_from_values, histogram_from_values
 from tests.conftest import REDIS_URL, clean_namespace, unique_name
 
 EXP = "exp-a@1"
@@ -61,12 +66,22 @@ def test_random_updates_match_batch_sums_per_group(store: ExperimentStore) -> No
     arms = {v: rng.choice(["control", "treatment"]) for v in visitors}
     truth: dict[tuple[str, str], dict[str, float]] = {}  # (visitor, group) -> running values
     exposed_slots: dict[str, set[str]] = {}
+    # CUPED covariates: a pre-period for 3 visitors in 4 (the others are new); only the first exposure's
+    # values count (later exposures send different ones, which must be ignored).
+    first_covariates: dict[str, dict[str, float] | None] = {}
     for step in range(400):
         visitor = rng.choice(visitors)
         ts = T0 + step
         if rng.random() < 0.4 or visitor not in exposed_slots:
             shown = {slot: rng.randint(0, 6) for slot in rng.sample(["home", "hero", "cta"], rng.randint(1, 3))}
-            assert expose(store, visitor, arms[visitor], ts, shown).status == "ok"
+            has_pre = int(visitor[1:]) % 4 != 0
+            covariates = (
+                {"ctr": float(rng.randint(0, 5)), "conversion": float(rng.randint(0, 1)), "revenue": rng.random() * 9}
+                if has_pre
+                else None
+            )
+            first_covariates.setdefault(visitor, covariates)
+            assert expose(store, visitor, arms[visitor], ts, shown, covariates=covariates).status == "ok"
             exposed_slots.setdefault(visitor, set()).update(shown)
             for group, n in [("all", sum(shown.values())), *((f"slot:{s}", c) for s, c in shown.items())]:
                 row = truth.setdefault((visitor, group), {"ctr_x": 0, "ctr_y": 0, "conversion": 0, "revenue": 0})
@@ -92,7 +107,8 @@ def test_random_updates_match_batch_sums_per_group(store: ExperimentStore) -> No
     sums = store.sums(EXP)
     for arm in ("control", "treatment"):
         for group in ("all", "slot:home", "slot:hero", "slot:cta"):
-            rows = [r for (v, g), r in truth.items() if g == group and arms[v] == arm]
+            row_visitors = [v for (v, g) in truth if g == group and arms[v] == arm]
+            rows = [truth[(v, group)] for v in row_visitors]
             stored = sums[arm][group]
             assert stored["n"] == len(rows)
             expected = ArmSums.from_values([r["ctr_x"] for r in rows], [r["ctr_y"] for r in rows])
@@ -104,6 +120,43 @@ def test_random_updates_match_batch_sums_per_group(store: ExperimentStore) -> No
             revenue = ArmSums.from_values([r["revenue"] for r in rows])
             assert stored.get("revenue", {}).get("x2", 0) == pytest.approx(revenue.sum_x2)
             assert stored.get("conversion", {}).get("x", 0) == sum(r["conversion"] for r in rows)
+            # CUPED sums: Σc, Σc², visitors with a pre-period, Σc·x and Σx over them (Σc·y, Σy for ratios).
+            for metric, x_key in (("ctr", "ctr_x"), ("conversion", "conversion"), ("revenue", "revenue")):
+                got = stored.get(metric, {})
+                pre = [
+                    (first_covariates[v][metric], r)
+                    for (v, g), r in truth.items()  # type: ignore[index]
+                    if g == group and arms[v] == arm and first_covariates[v] is not None
+                ]
+                assert got.get("cn", 0) == len(pre)
+                assert got.get("c", 0) == pytest.approx(sum(c for c, _ in pre))
+                assert got.get("c2", 0) == pytest.approx(sum(c * c for c, _ in pre))
+                assert got.get("cx", 0) == pytest.approx(sum(c * r[x_key] for c, r in pre))
+                assert got.get("cxp", 0) == pytest.approx(sum(r[x_key] for _, r in pre))
+                if metric == "ctr":
+                    assert got.get("cy", 0) == pytest.approx(sum(c * r["ctr_y"] for c, r in pre))
+                    assert got.get("cyp", 0) == pytest.approx(sum(r["ctr_y"] for _, r in pre))
+            # Revenue's log-bucket histogram (for capping) equals the batch histogram of the final values;
+            # buckets visitors moved out of are empty (float residue of the ± increments aside).
+            histogram = parse_histogram(stored.get("revenue", {}))
+            expected_histogram = histogram_from_values([r["revenue"] for r in rows])
+            assert {k for k, v in histogram.items() if v[0] > 0} == set(expected_histogram)
+            for k, (count, sx, sx2) in histogram.items():
+                want = expected_histogram.get(k, (0.0, 0.0, 0.0))
+                assert count == want[0]
+                assert sx == pytest.approx(want[1], abs=1e-6) and sx2 == pytest.approx(want[2], rel=1e-9, abs=1e-3)
+            # Its per-bucket covariate sums (CUPED on capped revenue) cover the visitors with a pre-period.
+            covariate_histogram = parse_covariate_histogram(stored.get("revenue", {}))
+            expected_covariates = covariate_histogram_from_values(
+                [r["revenue"] for r in rows],
+                [first_covariates[v]["revenue"] if first_covariates[v] else 0.0 for v in row_visitors],
+                [first_covariates[v] is None for v in row_visitors],
+            )
+            assert {k for k, v in covariate_histogram.items() if v[0] > 0} == set(expected_covariates)
+            for k, got_bucket in covariate_histogram.items():
+                want_bucket = expected_covariates.get(k, (0.0, 0.0, 0.0, 0.0))
+                assert got_bucket[0] == want_bucket[0]
+                np.testing.assert_allclose(got_bucket[1:], want_bucket[1:], rtol=1e-9, atol=1e-3)
         # The persona group of every visitor here is "hemat": it mirrors the whole arm.
         assert sums[arm]["seg:hemat"] == sums[arm]["all"]
 
@@ -175,3 +228,24 @@ def test_concurrent_writers_lose_nothing(store: ExperimentStore) -> None:
     assert (ctr["x"], ctr["y"]) == (expected.sum_x, expected.sum_y)
     assert ctr["x2"] == pytest.approx(expected.sum_x2) and ctr["y2"] == pytest.approx(expected.sum_y2)
     assert ctr["xy"] == pytest.approx(expected.sum_xy)
+
+
+def test_applied_cuped_increments_reach_the_prometheus_counters(store: ExperimentStore) -> None:
+    """The CUPED sums are exported as counters, so Prometheus can recompute the adjustment."""
+    experiment = unique_name("cuped")
+
+    def value(name: str, metric: str) -> float:
+        labels = {"experiment": experiment, "arm": "treatment", "metric": metric, "slot": "all"}
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    applied = expose(store, "v1", "treatment", T0, {"home": 3}, covariates={"revenue": 2.0, "ctr": 4.0})
+    count_increments(experiment, "treatment", applied.increments)
+    applied = outcome(store, "v1", "e1", T0 + 1, revenue=5000.0, ctr=1.0)
+    count_increments(experiment, "treatment", applied.increments)
+    assert value("selaras_experiment_covariate_sum_total", "revenue") == 2.0
+    assert value("selaras_experiment_covariate_squares_sum_total", "revenue") == 4.0
+    assert value("selaras_experiment_covariate_visitors_total", "revenue") == 1.0
+    assert value("selaras_experiment_covariate_cross_sum_total", "revenue") == 10000.0
+    assert value("selaras_experiment_value_sum_with_pre_period_total", "revenue") == 5000.0
+    assert value("selaras_experiment_covariate_denominator_cross_sum_total", "ctr") == 12.0
+    assert value("selaras_experiment_denominator_sum_with_pre_period_total", "ctr") == 3.0

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
@@ -31,7 +32,18 @@ from services.recommend.experiments import (
     load_config,
 )
 from services.recommend.settings import RecommendSettings
-from services.recommend.stats import ArmSums, always_valid_interval, holm, relative_uplift, srm_check
+from services.recommend.stats import (
+    ArmSums,
+    CupedSums,
+    always_valid_interval,
+    covariate_histogram_from_values,
+    cuped_uplift,
+    histogram_cap,
+    histogram_from_values,
+    holm,
+    relative_uplift,
+    srm_check,
+)
 from tests.conftest import RedisServer, free_port, unique_name
 from tests.factories import make_item
 
@@ -86,11 +98,17 @@ class Services:
         assert response.status_code == 200, response.text
         return response.json()
 
-    def recommend_for(self, visitor: str, slots: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    def recommend_for(
+        self, visitor: str, slots: list[dict[str, Any]] | None = None, now: datetime | None = None
+    ) -> dict[str, Any]:
+        """As the browser would ask; with `now`, as an admin replaying an earlier moment (only admins may)."""
+        context: dict[str, Any] = {"device": "mobile", "city": "Jakarta"}
+        if now is not None:
+            context["now"] = now.isoformat()
         response = self.recommend.post(
             "/v1/recommend",
-            json={"visitor_id": visitor, "slots": slots or SLOTS, "context": {"device": "mobile", "city": "Jakarta"}},
-            headers={"X-API-Key": READER},
+            json={"visitor_id": visitor, "slots": slots or SLOTS, "context": context},
+            headers={"X-API-Key": READER if now is None else ADMIN},
         )
         assert response.status_code == 200, response.text
         body: dict[str, Any] = response.json()
@@ -317,12 +335,14 @@ def test_answers_say_which_experiment_and_arm_served_them(services: Services) ->
 
 def test_outcomes_are_attributed_to_arm_and_slot_exactly_once(services: Services) -> None:
     before = services.admin("/v1/experiments/home-test/report")
-    now = datetime.now(UTC)
+    # Shown six hours ago (an admin may set the time), so that every outcome below is in the past: the
+    # service refuses events from the future.
+    now = datetime.now(UTC) - timedelta(hours=6)
     events: list[dict[str, Any]] = []
     expected = {"control": Counter[str](), "treatment": Counter[str]()}
     visitors = [f"attr-{i}" for i in range(30)]
     for visitor in visitors:
-        body = services.recommend_for(visitor)
+        body = services.recommend_for(visitor, now=now)
         arm = body["experiment"]["arm"]
         if arm == "holdout":
             continue
@@ -484,3 +504,173 @@ def test_report_numbers_are_the_stats_module_on_the_stored_sums() -> None:
     # Below the minimum sample, the same uplift is not a decision yet.
     small = ExperimentsFile.model_validate({"experiments": [two_arms(min_visitors_per_arm=1000)]}).experiments[0]
     assert build_report(small, tree, days, time.time())["verdict"]["decision"] == "keep_running"
+
+
+def _conversion_tree(control: tuple[int, int], treatment: tuple[int, int]) -> dict[str, Any]:
+    def group(n: int, buyers: int) -> dict[str, Any]:
+        return {"n": float(n), "conversion": {"x": float(buyers), "x2": float(buyers)}}
+
+    return {"control": {"all": group(*control)}, "treatment": {"all": group(*treatment)}}
+
+
+def test_verdict_cannot_contradict_the_data() -> None:
+    # Issue 18's replay: 8 of 2,021 vs 39 of 1,979 (p = 3.4e-5) once ended "no_detectable_difference".
+    settings: dict[str, Any] = {"primary_metric": "conversion", "metrics": ["conversion"], "planned_visitors": 4000}
+    experiment = ExperimentsFile.model_validate({"experiments": [two_arms(**settings)]}).experiments[0]
+    report = build_report(experiment, _conversion_tree((2021, 8), (1979, 39)), {}, time.time())
+    result = report["results"][0]
+    assert result["p_value"] < 1e-4 and result["always_valid"]["method"] == "log_ratio"
+    assert result["always_valid"]["ci_lower"] > 0.0 and result["always_valid"]["significant"]
+    assert report["verdict"]["decision"] == "ship_treatment" and report["verdict"]["ready"]
+    # A difference the fixed-horizon test sees but the peeking-safe interval does not confirm yet is
+    # "keep running", never "no detectable difference", even with the planned sample reached.
+    report = build_report(experiment, _conversion_tree((2000, 100), (2000, 135)), {}, time.time())
+    result = report["results"][0]
+    assert result["significant"] and not result["always_valid"]["significant"]
+    assert report["verdict"]["decision"] == "keep_running" and not report["verdict"]["ready"]
+    assert report["verdict"]["reasons"][0]["code"] == "fixed_horizon_only"
+    # Neither interval excludes zero at the planned sample: now "no detectable difference" is the answer.
+    report = build_report(experiment, _conversion_tree((2000, 100), (2000, 104)), {}, time.time())
+    assert report["verdict"]["decision"] == "no_detectable_difference" and report["verdict"]["ready"]
+
+
+def _revenue_group(values: list[float]) -> dict[str, Any]:
+    sums = ArmSums.from_values(values)
+    stats: dict[str, float] = {"x": sums.sum_x, "x2": sums.sum_x2}
+    for k, (count, sx, sx2) in histogram_from_values(values).items():
+        stats.update({f"h{k}:n": count, f"h{k}:x": sx, f"h{k}:x2": sx2})
+    return {"n": sums.n, "revenue": stats}
+
+
+def test_report_caps_revenue_at_the_pooled_quantile() -> None:
+    settings: dict[str, Any] = {"primary_metric": "revenue", "metrics": ["revenue"], "min_visitors_per_arm": 10}
+    experiment = ExperimentsFile.model_validate({"experiments": [two_arms(**settings)]}).experiments[0]
+    rng = np.random.default_rng(7)
+    control = (rng.lognormal(12.0, 1.5, 3000) * (rng.random(3000) < 0.05)).round().tolist()
+    treatment = (rng.lognormal(12.0, 1.5, 3000) * (rng.random(3000) < 0.06)).round().tolist()
+    tree = {"control": {"all": _revenue_group(control)}, "treatment": {"all": _revenue_group(treatment)}}
+    result = build_report(experiment, tree, {}, time.time())["results"][0]
+    cap = histogram_cap([histogram_from_values(control), histogram_from_values(treatment)])
+    capped = relative_uplift(
+        ArmSums.from_values(np.minimum(control, cap)), ArmSums.from_values(np.minimum(treatment, cap))
+    )
+    raw = relative_uplift(ArmSums.from_values(control), ArmSums.from_values(treatment))
+    assert result["capped_at"] == cap and result["cap_quantile"] == 0.9
+    assert result["uplift"] == pytest.approx(capped.uplift, rel=1e-9)
+    assert result["ci_lower"] == pytest.approx(capped.ci_lower, rel=1e-9)
+    assert result["p_value"] == pytest.approx(capped.p_value, rel=1e-7)
+    assert result["uncapped"]["uplift"] == pytest.approx(raw.uplift, rel=1e-12)
+    assert result["uncapped"]["ci_upper"] == pytest.approx(raw.ci_upper, rel=1e-12)
+    # Sums stored before histograms existed: nothing to cap, the report says so and uses the raw sums.
+    for group in tree.values():
+        group["all"]["revenue"] = {k: v for k, v in group["all"]["revenue"].items() if not k.startswith("h")}
+    result = build_report(experiment, tree, {}, time.time())["results"][0]
+    assert result["capped_at"] is None and result["uncapped"] is None
+    assert result["uplift"] == pytest.approx(raw.uplift, rel=1e-12)
+
+
+def _cuped_group(y: np.ndarray, pre: np.ndarray, new: np.ndarray, metric: str) -> dict[str, Any]:
+    # What the store keeps (experiment_store.COVARIATE_STATS) for a 0/1 metric with a pre-period value c.
+    c = np.where(new, 0.0, pre)
+    has_pre = ~new
+    stats = {
+        "x": float(y.sum()),
+        "x2": float((y * y).sum()),
+        "c": float(c.sum()),
+        "c2": float((c * c).sum()),
+        "cn": float(has_pre.sum()),
+        "cx": float((c * y).sum()),
+        "cxp": float(y[has_pre].sum()),
+    }
+    return {"n": float(y.size), metric: stats}
+
+
+def test_report_shows_cuped_beside_unadjusted_and_decides_on_it() -> None:
+    # Heterogeneous buyers (Beta(0.1, 0.9) propensity) whose pre-period purchases predict conversion;
+    # 20% new visitors (no pre-period). Treatment converts 25% more.
+    rng = np.random.default_rng(0)
+
+    def visitors(n: int, lift: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        p = rng.beta(0.1, 0.9, n)
+        pre = rng.binomial(30, p).astype(float)
+        y = (rng.random(n) < np.minimum(p * lift, 1.0)).astype(float)
+        return y, pre, rng.random(n) < 0.2
+
+    control, treatment = visitors(3000, 1.0), visitors(3000, 1.25)
+    settings: dict[str, Any] = {
+        "primary_metric": "conversion",
+        "metrics": ["conversion"],
+        "planned_visitors": 8000,
+        "min_visitors_per_arm": 100,
+    }
+    experiment = ExperimentsFile.model_validate({"experiments": [two_arms(**settings)]}).experiments[0]
+    tree = {
+        "control": {"all": _cuped_group(*control, "conversion")},
+        "treatment": {"all": _cuped_group(*treatment, "conversion")},
+    }
+    report = build_report(experiment, tree, {}, time.time())
+    result = report["results"][0]
+    expected = cuped_uplift(CupedSums.from_values(*control), CupedSums.from_values(*treatment))
+    cuped = result["cuped"]
+    assert cuped["uplift"] == pytest.approx(expected.adjusted.uplift, rel=1e-9)
+    assert cuped["ci_lower"] == pytest.approx(expected.adjusted.ci_lower, rel=1e-9)
+    assert cuped["variance_reduction_pct"] == pytest.approx(100 * expected.variance_reduction, rel=1e-9)
+    assert cuped["visitors_with_pre_period"]["control"] == float((~control[2]).sum())
+    # The unadjusted numbers stay as they were, side by side.
+    unadjusted = relative_uplift(ArmSums.from_values(control[0]), ArmSums.from_values(treatment[0]))
+    assert result["uplift"] == pytest.approx(unadjusted.uplift) and result["p_value"] == pytest.approx(
+        unadjusted.p_value
+    )
+    assert 30 < cuped["variance_reduction_pct"] < 60
+    # Only the adjusted peeking-safe interval excludes zero here: the verdict reads it.
+    assert not result["always_valid"]["significant"] and cuped["always_valid"]["significant"]
+    verdict = report["verdict"]
+    assert verdict["decision"] == "ship_treatment" and verdict["reasons"][0]["params"]["adjusted"] is True
+    # Without pre-period sums there is no CUPED block and the verdict reads the unadjusted interval.
+    for arm in tree.values():
+        arm["all"]["conversion"] = {k: v for k, v in arm["all"]["conversion"].items() if not k.startswith("c")}
+    plain = build_report(experiment, tree, {}, time.time())
+    assert plain["results"][0]["cuped"] is None and plain["verdict"]["decision"] == "keep_running"
+
+
+def test_report_cuped_on_capped_revenue() -> None:
+    # Revenue with a pre-period covariate: the CUPED block adjusts the same capped values as the main one.
+    rng = np.random.default_rng(11)
+
+    def visitors(n: int, rate: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        y = rng.lognormal(12.0, 1.5, n).round() * (rng.random(n) < rate)
+        c = np.log1p(y * rng.lognormal(0.0, 0.5, n) + rng.exponential(1000.0, n))
+        return y, c, rng.random(n) < 0.3
+
+    def group(y: np.ndarray, c: np.ndarray, new: np.ndarray) -> dict[str, Any]:
+        stats = _revenue_group(list(y))["revenue"]
+        cov = np.where(new, 0.0, c)
+        stats.update(
+            {
+                "c": float(cov.sum()),
+                "c2": float((cov * cov).sum()),
+                "cn": float((~new).sum()),
+                "cx": float((cov * y).sum()),
+                "cxp": float(y[~new].sum()),
+            }
+        )
+        for k, (count, sum_c, sum_cx, sum_x) in covariate_histogram_from_values(y, cov, new).items():
+            stats.update({f"h{k}:cn": count, f"h{k}:c": sum_c, f"h{k}:cx": sum_cx, f"h{k}:xp": sum_x})
+        return {"n": float(y.size), "revenue": stats}
+
+    control, treatment = visitors(3000, 0.05), visitors(3000, 0.06)
+    settings: dict[str, Any] = {"primary_metric": "revenue", "metrics": ["revenue"], "min_visitors_per_arm": 10}
+    experiment = ExperimentsFile.model_validate({"experiments": [two_arms(**settings)]}).experiments[0]
+    tree = {"control": {"all": group(*control)}, "treatment": {"all": group(*treatment)}}
+    result = build_report(experiment, tree, {}, time.time())["results"][0]
+    cap = result["capped_at"]
+    assert cap == histogram_cap([histogram_from_values(control[0]), histogram_from_values(treatment[0])])
+    expected = cuped_uplift(
+        CupedSums.from_values(np.minimum(control[0], cap), control[1], control[2]),
+        CupedSums.from_values(np.minimum(treatment[0], cap), treatment[1], treatment[2]),
+    )
+    assert result["cuped"]["uplift"] == pytest.approx(expected.adjusted.uplift, rel=1e-9)
+    assert result["cuped"]["ci_upper"] == pytest.approx(expected.adjusted.ci_upper, rel=1e-9)
+    assert result["cuped"]["variance_reduction_pct"] == pytest.approx(100 * expected.variance_reduction, rel=1e-6)
+    # The unadjusted side of the CUPED block is the main (capped) comparison.
+    assert expected.unadjusted.uplift == pytest.approx(result["uplift"], rel=1e-9)

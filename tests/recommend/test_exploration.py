@@ -169,9 +169,11 @@ def test_the_service_explores_among_rule_eligible_items_only(world: SessionWorld
     try:
         wild = Exploration(mode="softmax", temperature=50.0)  # close to uniform over the eligible items
         explorer = RecommendService(
-            settings.model_copy(update={"exploration": {"home": wild}, "log_impressions": False}), repository
+            settings.model_copy(update={"exploration": {"home": wild}, "log_impressions": False}),
+            repository,
+            clock=world.clock,
         )
-        plain = RecommendService(settings.model_copy(update={"log_impressions": False}), repository)
+        plain = RecommendService(settings.model_copy(update={"log_impressions": False}), repository, clock=world.clock)
         for service in (explorer, plain):
             service.refresh_cache()
             service.reload_model()

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import Any
 
+from services.common.clock import FixedClock
 from services.profile.aggregations import SegmentRules
 from services.profile.repository import ProfileRepository
 from services.profile.service import Aggregator, IngestService
 from services.recommend.repository import RecommendRepository
 from services.recommend.service import RecommendService
 from services.recommend.settings import RecommendSettings
-from tests.factories import make_event, make_item
+from tests.factories import BASE_TIME, make_event, make_item
 
 
 def views(item_id: str, n: int) -> list[Any]:
@@ -27,7 +29,9 @@ def test_a_refresh_reads_only_changed_items_and_sees_their_new_statistics(
     recommend = RecommendRepository.open(settings)
     try:
         profile.upsert_catalog(catalog)
-        aggregator = Aggregator(profile, SegmentRules(), settings.consent_defaults(), offline_rows=False)
+        aggregator = Aggregator(
+            profile, SegmentRules(), settings.consent_defaults(), offline_rows=False, clock=FixedClock(BASE_TIME)
+        )
 
         def ingest(events: list[Any]) -> None:
             IngestService(profile).ingest(events)
@@ -74,3 +78,44 @@ def test_a_refresh_reads_only_changed_items_and_sees_their_new_statistics(
     finally:
         recommend.close()
         profile.close()
+
+
+def test_item_windows_follow_the_clock_not_the_items_last_event(settings_factory: Callable[..., Any]) -> None:
+    """A slow seller's "last 7 days" empties as time passes, though no event of its own says so."""
+    settings: RecommendSettings = settings_factory(RecommendSettings)
+    clock = FixedClock(BASE_TIME + timedelta(minutes=5))
+    profile = ProfileRepository.open(settings)
+    recommend = RecommendRepository.open(settings)
+    try:
+        profile.upsert_catalog([make_item(item_id="slow"), make_item(item_id="busy")])
+        aggregator = Aggregator(profile, SegmentRules(), settings.consent_defaults(), offline_rows=False, clock=clock)
+
+        def happen(item_id: str, kind: str, n: int) -> None:
+            at = clock.now_datetime().isoformat()
+            events = [make_event(visitor_id=f"v{i}", item_id=item_id, type=kind, timestamp=at) for i in range(n)]
+            IngestService(profile, clock).ingest(events)
+            while aggregator.run_once(1000).events:
+                pass
+
+        def row(item_id: str) -> dict[str, Any]:
+            return recommend.item_stats([item_id])[item_id]
+
+        happen("slow", "product_view", 6)
+        happen("slow", "purchase", 4)
+        assert (row("slow")["views_24h"], row("slow")["purchases_7d"], row("slow")["purchases_30d"]) == (6, 4, 4)
+        clock.advance(3 * 86_400)  # no event for the item: the aggregator's next pass ages its row
+        aggregator.run_once(1000)
+        assert (row("slow")["views_24h"], row("slow")["views_7d"], row("slow")["purchases_7d"]) == (0, 6, 4)
+        clock.advance(10 * 86_400)
+        happen("busy", "product_view", 1)
+        assert (row("slow")["purchases_7d"], row("slow")["purchases_30d"], row("busy")["views_24h"]) == (0, 4, 1)
+        clock.advance(30 * 86_400)
+        aggregator.run_once(1000)
+        assert (row("slow")["purchases_30d"], row("busy")["views_7d"]) == (0, 0)
+        # The serving cache sees the aged rows too.
+        service = RecommendService(settings, recommend, clock=clock)
+        service.refresh_cache()
+        assert service.snapshot.stats["purchases_30d"][service.snapshot.index["slow"]] == 0
+    finally:
+        profile.close()
+        recommend.close()

@@ -17,6 +17,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from services.common.catalog import CatalogItem
+from services.common.clock import FixedClock
 from services.common.consent import ConsentDefaults
 from services.common.events import Event
 from services.common.settings import CommonSettings
@@ -144,6 +145,7 @@ class Shop:
             lambda: state.service.snapshot,
             settings,
             kwargs.pop("consent_defaults", state.settings.consent_defaults()),
+            clock=state.service.clock,
             **kwargs,
         )
 
@@ -172,12 +174,15 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
         feast_project=namespace,
         environment="test",
         redis_timeout_s=5.0,
+        clock_start=NOW,  # the services' clock starts at the test's NOW (and runs at wall speed)
     )
     profile = ProfileRepository.open(common)
     try:
         profile.upsert_catalog([*products(), *generate_shop(seed=3, n_products=10, now=NOW).messages])
         IngestService(profile).ingest(visitor_events())
-        aggregator = Aggregator(profile, SegmentRules(), common.consent_defaults(), offline_rows=False)
+        aggregator = Aggregator(
+            profile, SegmentRules(), common.consent_defaults(), offline_rows=False, clock=FixedClock(NOW)
+        )
         while aggregator.run_once(5000).events:
             pass
         # A persona visitor: rows assigned to persona 7, described as careful researchers.
@@ -187,7 +192,12 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
              make_event(visitor_id="persona", type="add_to_cart", item_id="p-cart", timestamp=ago(hours=3))]
         )  # fmt: skip
         with_persona = Aggregator(
-            profile, SegmentRules(), common.consent_defaults(), offline_rows=False, persona_assigner=lambda row: 7
+            profile,
+            SegmentRules(),
+            common.consent_defaults(),
+            offline_rows=False,
+            persona_assigner=lambda row: 7,
+            clock=FixedClock(NOW),
         )
         while with_persona.run_once(5000).events:
             pass

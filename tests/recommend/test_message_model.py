@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from services.common.catalog import CatalogItem
+from services.common.clock import FixedClock
 from services.common.events import Event
 from services.common.settings import CommonSettings
 from services.demo.message_sim import MessageSimConfig, simulate_messages
@@ -66,7 +67,9 @@ def test_replayed_features_equal_the_features_served_from_feast(settings: Common
     try:
         profile.upsert_catalog(catalog)
         IngestService(profile).ingest(events)
-        aggregator = Aggregator(profile, SegmentRules(), settings.consent_defaults(), offline_rows=False)
+        aggregator = Aggregator(
+            profile, SegmentRules(), settings.consent_defaults(), offline_rows=False, clock=FixedClock(NOW)
+        )
         while aggregator.run_once(1000).events:
             pass
     finally:

@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from services.cli import app as cli
+from services.common.clock import Clock
 from services.common.events import Event, EventType
 from services.common.storage import Namespace, RedisStore, make_redis_client
 from services.demo.simulator import ShownItem
@@ -307,7 +308,7 @@ class Validation:
 
 
 def _service(
-    settings: RecommendSettings, repository: RecommendRepository, exploration: Exploration | None
+    settings: RecommendSettings, repository: RecommendRepository, exploration: Exploration | None, clock: Clock
 ) -> RecommendService:
     tuned = settings.model_copy(
         update={
@@ -316,7 +317,7 @@ def _service(
             "log_impressions": exploration is LOGGING,
         }
     )
-    service = RecommendService(tuned, repository)
+    service = RecommendService(tuned, repository, clock=clock)
     service.refresh_cache()
     service.reload_model()
     assert service.model is not None
@@ -329,9 +330,11 @@ def validation(world: SessionWorld, tmp_path_factory: pytest.TempPathFactory) ->
     simulator = world.world.simulator
     repository = RecommendRepository.open(settings)
     try:
-        logging = _service(settings, repository, LOGGING)
-        greedy = _service(settings, repository, None)
-        uniform = _service(settings, repository, Exploration(mode="epsilon_greedy", epsilon=1.0, top_n=LOGGING.top_n))
+        logging = _service(settings, repository, LOGGING, world.clock)
+        greedy = _service(settings, repository, None, world.clock)
+        uniform = _service(
+            settings, repository, Exploration(mode="epsilon_greedy", epsilon=1.0, top_n=LOGGING.top_n), world.clock
+        )
         rng = np.random.default_rng(5)
         contexts = []
         for _ in range(REQUESTS):

@@ -6,7 +6,7 @@ import numpy as np
 
 from services.recommend.catalog_cache import build_snapshot
 from services.recommend.rules import apply_rules
-from tests.factories import make_item
+from tests.factories import BASE_TIME, make_item
 
 
 def test_only_the_best_pin_jumps_the_queue_and_boosts_add_to_the_score() -> None:
@@ -16,7 +16,7 @@ def test_only_the_best_pin_jumps_the_queue_and_boosts_add_to_the_score() -> None
         make_item(item_id="c", category="c3", pinned=True),
         make_item(item_id="d", category="c4", boost=np.e**2),
     ]
-    snapshot = build_snapshot(items, {}, {}, {})
+    snapshot = build_snapshot(items, {}, {}, {}, now=BASE_TIME.timestamp())
     idx = np.arange(4)
     scores = np.array([3.0, 1.0, 0.5, 0.0])
     chosen = apply_rules(snapshot, idx, scores, count=4, exclude_ids=set(), max_pinned=1)
@@ -30,7 +30,7 @@ def test_only_the_best_pin_jumps_the_queue_and_boosts_add_to_the_score() -> None
 
 def test_exclusions_bought_items_and_category_quota() -> None:
     items = [make_item(item_id=f"i{n}", category="same" if n < 4 else "other") for n in range(6)]
-    snapshot = build_snapshot(items, {}, {}, {})
+    snapshot = build_snapshot(items, {}, {}, {}, now=BASE_TIME.timestamp())
     scores = np.arange(6, 0, -1, dtype=float)
     chosen = apply_rules(
         snapshot, np.arange(6), scores, count=5, exclude_ids={"i0"}, just_bought=["i1"], max_per_category=1

@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import scipy.stats
+import statsmodels.api as sm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from statsmodels.stats.multitest import multipletests
@@ -18,9 +19,19 @@ from statsmodels.stats.weightstats import CompareMeans, DescrStatsW
 
 from services.recommend.stats import (
     ArmSums,
+    CupedSums,
+    RatioCupedSums,
     absolute_difference,
     always_valid_interval,
     benjamini_hochberg,
+    bucket_upper_edge,
+    capped_cuped_sums,
+    capped_sums,
+    covariate_histogram_from_values,
+    cuped_uplift,
+    effective_events,
+    histogram_cap,
+    histogram_from_values,
     holm,
     mean_and_var,
     relative_uplift,
@@ -234,23 +245,101 @@ def test_auto_method_selection() -> None:
     assert (small.method, large.method, low_rate.method) == ("log_ratio", "delta", "log_ratio")
 
 
-def test_always_valid_interval_golden() -> None:
+def _cs_half_width_in_se(big_n: float, planned_n: float) -> float:
+    # The GrowthBook / Waudby-Smith formula, written out independently of the module.
+    rho2 = (-2 * math.log(ALPHA) + math.log(-2 * math.log(ALPHA) + 1)) / planned_n
+    return math.sqrt(big_n) * math.sqrt(
+        2 * (big_n * rho2 + 1) / (big_n**2 * rho2) * math.log(math.sqrt(big_n * rho2 + 1) / ALPHA)
+    )
+
+
+def test_always_valid_interval_golden_delta() -> None:
     control = ArmSums(n=2500, sum_x=250, sum_x2=250)
     treatment = ArmSums(n=2500, sum_x=290, sum_x2=290)
-    res = always_valid_interval(control, treatment, planned_n=5000)
+    res = always_valid_interval(control, treatment, planned_n=5000, method="delta")
     se = relative_uplift(control, treatment, method="delta").std_error
-    big_n = 5000
-    rho2 = (-2 * math.log(ALPHA) + math.log(-2 * math.log(ALPHA) + 1)) / 5000
-    half = (
-        se
-        * math.sqrt(big_n)
-        * math.sqrt(2 * (big_n * rho2 + 1) / (big_n**2 * rho2) * math.log(math.sqrt(big_n * rho2 + 1) / ALPHA))
-    )
+    half = se * _cs_half_width_in_se(5000, 5000)
+    assert res.method == "delta" and res.reason == ""
     assert res.uplift == pytest.approx(0.16)
     assert res.ci_lower == pytest.approx(0.16 - half, rel=1e-10)
     assert res.ci_upper == pytest.approx(0.16 + half, rel=1e-10)
     # At N = N* the confidence sequence is ~3.04 SE wide each side vs 1.96 for the fixed test.
     assert half / se == pytest.approx(3.035, abs=0.001)
+
+
+def test_always_valid_interval_golden_log_ratio() -> None:
+    # 2,500 per arm is below the small-sample switch: "auto" builds the interval on log(mT/mC).
+    control = ArmSums(n=2500, sum_x=250, sum_x2=250)
+    treatment = ArmSums(n=2500, sum_x=290, sum_x2=290)
+    res = always_valid_interval(control, treatment, planned_n=5000)
+    mc, mt = 0.1, 0.116
+    vc, vt = (250 - 250**2 / 2500) / 2499, (290 - 290**2 / 2500) / 2499
+    se_log = math.sqrt(vt / (2500 * mt**2) + vc / (2500 * mc**2))
+    half = se_log * _cs_half_width_in_se(5000, 5000)
+    assert res.method == "log_ratio" and res.reason == ""
+    assert res.ci_lower == pytest.approx(mt / mc * math.exp(-half) - 1, rel=1e-10)
+    assert res.ci_upper == pytest.approx(mt / mc * math.exp(half) - 1, rel=1e-10)
+
+
+def test_low_base_rate_large_effect_is_significant_and_in_range() -> None:
+    # Issue 18's replay: control 8 of 2,021, treatment 39 of 1,979. The old always-valid interval (delta
+    # SE widened symmetrically) reached -187% and the verdict said "no detectable difference".
+    control = ArmSums(n=2021, sum_x=8, sum_x2=8)
+    treatment = ArmSums(n=1979, sum_x=39, sum_x2=39)
+    fixed = relative_uplift(control, treatment)
+    assert fixed.method == "log_ratio"
+    assert fixed.uplift == pytest.approx(39 / 1979 / (8 / 2021) - 1)
+    assert fixed.p_value == pytest.approx(3.4e-5, rel=0.02)
+    assert (round(fixed.ci_lower, 2), round(fixed.ci_upper, 2)) == (1.33, 9.63)
+    valid = always_valid_interval(control, treatment, planned_n=5000)
+    assert valid.method == "log_ratio" and valid.reason == ""
+    # Wider than the fixed interval on both sides, and still clear of zero.
+    assert 0.0 < valid.ci_lower < fixed.ci_lower and valid.ci_upper > fixed.ci_upper
+    assert valid.significant
+    # Forced onto the symmetric delta scale it would reach below -100%: it is cut there instead.
+    delta = always_valid_interval(control, treatment, planned_n=5000, method="delta")
+    assert delta.ci_lower == -1.0 and not delta.significant
+
+
+def test_always_valid_waits_for_a_minimum_of_events() -> None:
+    few = always_valid_interval(ArmSums(n=300, sum_x=4, sum_x2=4), ArmSums(n=300, sum_x=20, sum_x2=20))
+    assert "too few events" in few.reason and math.isnan(few.ci_lower) and not few.significant
+    enough = always_valid_interval(ArmSums(n=300, sum_x=5, sum_x2=5), ArmSums(n=300, sum_x=20, sum_x2=20))
+    assert enough.reason == "" and math.isfinite(enough.ci_lower)
+    # Revenue: one buyer with almost all of it counts as little more than one event.
+    assert effective_events(ArmSums.from_values([1000.0, 1.0, 1.0, 0.0])) == pytest.approx(1002**2 / 1000002)
+
+
+counts = st.integers(2, 20_000).flatmap(lambda n: st.tuples(st.just(n), st.integers(0, n)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(control=counts, treatment=counts, planned=st.sampled_from([100.0, 5000.0, 1e6]))
+def test_intervals_never_go_below_minus_100_percent_binary(
+    control: tuple[int, int], treatment: tuple[int, int], planned: float
+) -> None:
+    c = ArmSums(n=control[0], sum_x=control[1], sum_x2=control[1])
+    t = ArmSums(n=treatment[0], sum_x=treatment[1], sum_x2=treatment[1])
+    for method in ("auto", "delta", "log_ratio"):
+        fixed = relative_uplift(c, t, method=method)  # type: ignore[arg-type]
+        valid = always_valid_interval(c, t, planned_n=planned, method=method)  # type: ignore[arg-type]
+        for lower, upper in ((fixed.ci_lower, fixed.ci_upper), (valid.ci_lower, valid.ci_upper)):
+            assert math.isnan(lower) or lower >= -1.0, (method, fixed, valid)
+            assert math.isnan(lower) or lower <= upper
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    control=st.lists(st.floats(0.0, 1e6), min_size=2, max_size=40),
+    treatment=st.lists(st.floats(0.0, 1e6), min_size=2, max_size=40),
+)
+def test_intervals_never_go_below_minus_100_percent_revenue(control: list[float], treatment: list[float]) -> None:
+    c, t = ArmSums.from_values(control), ArmSums.from_values(treatment)
+    for method in ("auto", "delta", "log_ratio"):
+        fixed = relative_uplift(c, t, method=method)  # type: ignore[arg-type]
+        valid = always_valid_interval(c, t, method=method, min_events=0.0)  # type: ignore[arg-type]
+        assert math.isnan(fixed.ci_lower) or fixed.ci_lower >= -1.0
+        assert math.isnan(valid.ci_lower) or valid.ci_lower >= -1.0
 
 
 def test_srm_matches_scipy_chisquare() -> None:
@@ -478,3 +567,430 @@ def test_peeking_naive_inflates_always_valid_does_not() -> None:
     assert naive.mean() > 0.15, f"naive peeking should be inflated: {rates}"
     assert always_valid.mean() <= ALPHA + TOLERANCE, f"always-valid interval under peeking: {rates}"
     assert abs(final.mean() - ALPHA) <= TOLERANCE, f"single final look: {rates}"
+
+
+def test_peeking_from_100_visitors_at_3_percent() -> None:
+    # Issue 18's check: 28 daily looks starting at 100 visitors per arm (about 3 conversions), 3%
+    # conversion, stop at the first look whose interval excludes zero. The old symmetric construction gave
+    # 6.6% here; the log-ratio confidence sequence (plus the minimum-events guard) must stay <= 5%.
+    rng = np.random.default_rng(501)
+    sims, days, per_day, p = 2000, 28, 100, 0.03
+    conv_c = rng.binomial(per_day, p, size=(sims, days)).cumsum(axis=1)
+    conv_t = rng.binomial(per_day, p, size=(sims, days)).cumsum(axis=1)
+    naive = np.zeros(sims, dtype=bool)
+    always_valid = np.zeros(sims, dtype=bool)
+    for i in range(sims):
+        for day in range(days):
+            n = per_day * (day + 1)
+            c = ArmSums(n=n, sum_x=float(conv_c[i, day]), sum_x2=float(conv_c[i, day]))
+            t = ArmSums(n=n, sum_x=float(conv_t[i, day]), sum_x2=float(conv_t[i, day]))
+            naive[i] |= relative_uplift(c, t).p_value < ALPHA
+            always_valid[i] |= always_valid_interval(c, t, planned_n=5000).significant
+    rates = f"naive {naive.mean():.4f}, always-valid {always_valid.mean():.4f}"
+    print(f"A/A at 3%, 28 daily looks from 100/arm, {sims} experiments: {rates}")
+    assert naive.mean() > 0.15, f"naive peeking should be inflated: {rates}"
+    assert always_valid.mean() <= ALPHA, f"always-valid interval under peeking from 100/arm: {rates}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Heavy tails: revenue capped at the pre-registered pooled quantile (log-bucket histograms)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_histogram_capping_equals_winsorizing_the_raw_values() -> None:
+    rng = np.random.default_rng(600)
+    control = rng.lognormal(11.0, 1.5, size=400) * (rng.random(400) < 0.2)
+    treatment = rng.lognormal(11.0, 1.5, size=450) * (rng.random(450) < 0.2)
+    hc, ht = histogram_from_values(control), histogram_from_values(treatment)
+    cap = histogram_cap([hc, ht])
+    positive = np.concatenate([control, treatment])
+    positive = positive[positive > 0]
+    exact = float(np.quantile(positive, 0.9, method="inverted_cdf"))
+    # The cap is the edge of the bucket holding the quantile: at most one bucket (19%) above it.
+    assert exact <= cap <= exact * bucket_upper_edge(1) * (1 + 1e-12)
+    for values, histogram in ((control, hc), (treatment, ht)):
+        capped = capped_sums(ArmSums.from_values(values), histogram, cap)
+        reference = ArmSums.from_values(np.minimum(values, cap))
+        assert capped.n == reference.n
+        assert capped.sum_x == pytest.approx(reference.sum_x, rel=1e-12)
+        assert capped.sum_x2 == pytest.approx(reference.sum_x2, rel=1e-12)
+    # Histograms are additive: two shards' buckets merge into the batch histogram.
+    half = histogram_from_values(control[:200])
+    rest = histogram_from_values(control[200:])
+    merged = {
+        k: tuple(a + b for a, b in zip(half.get(k, (0, 0, 0)), rest.get(k, (0, 0, 0)), strict=True))
+        for k in set(half) | set(rest)
+    }
+    assert merged.keys() == hc.keys()
+    for k, stats in hc.items():
+        np.testing.assert_allclose(merged[k], stats, rtol=1e-12)
+    # No positive values: nothing to cap.
+    assert histogram_cap([{}, {}]) == math.inf
+    assert capped_sums(ArmSums(n=5), {}, math.inf) == ArmSums(n=5)
+
+
+def test_revenue_heavy_tail_aa_and_coverage_with_capping() -> None:
+    # Revenue per visitor: 3% of 2,000 visitors per arm buy, order values log-normal (median 150k IDR,
+    # σ = 1.5: the top 1% of orders are ~30x the median). "+20%" = 20% more buyers with the same orders,
+    # so the capped metric's true uplift is exactly +20% whatever the cap.
+    rng = np.random.default_rng(601)
+    sims, n, sigma = 3000, 2000, 1.5
+
+    def revenue(rate: float) -> np.ndarray:
+        values = np.zeros((sims, n))
+        buys = rng.random((sims, n)) < rate
+        values[buys] = np.round(rng.lognormal(math.log(150_000), sigma, size=int(buys.sum())))
+        return values
+
+    control, aa, better = revenue(0.03), revenue(0.03), revenue(0.036)
+    capped_fp = raw_fp = capped_cover = raw_cover = 0
+    for i in range(sims):
+        c, hc = ArmSums.from_values(control[i]), histogram_from_values(control[i])
+        for values, is_aa in ((aa[i], True), (better[i], False)):
+            t, ht = ArmSums.from_values(values), histogram_from_values(values)
+            cap = histogram_cap([hc, ht])
+            capped = relative_uplift(capped_sums(c, hc, cap), capped_sums(t, ht, cap))
+            raw = relative_uplift(c, t)
+            if is_aa:
+                capped_fp += capped.p_value < ALPHA
+                raw_fp += raw.p_value < ALPHA
+            else:
+                capped_cover += capped.ci_lower <= 0.2 <= capped.ci_upper
+                raw_cover += raw.ci_lower <= 0.2 <= raw.ci_upper
+    rates = (
+        f"capped: A/A {capped_fp / sims:.4f}, coverage {capped_cover / sims:.4f}; "
+        f"uncapped: A/A {raw_fp / sims:.4f}, coverage {raw_cover / sims:.4f}"
+    )
+    print(f"revenue per visitor, log-normal σ={sigma}, {n}/arm, {sims} runs: {rates}")
+    assert abs(capped_fp / sims - ALPHA) <= TOLERANCE, rates
+    assert abs(capped_cover / sims - 0.95) <= TOLERANCE, rates
+    # Negative control: the uncapped mean is what the independent check flagged.
+    assert raw_fp / sims > ALPHA + TOLERANCE and raw_cover / sims < 0.95 - TOLERANCE, rates
+
+
+# ---------------------------------------------------------------------------------------------
+# CUPED / regression adjustment
+# ---------------------------------------------------------------------------------------------
+
+
+def _visitors(
+    rng: np.random.Generator, n: int, rho: float, new_share: float, effect: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(y, x, new): y = 10 + effect + 2·(ρ·x + √(1−ρ²)·noise) with x standard normal for returning visitors;
+    new visitors have no pre-period (x = 0) and a lower mean."""
+    x = rng.standard_normal(n)
+    new = rng.random(n) < new_share
+    y = 10.0 + effect + 2.0 * (rho * x + math.sqrt(1 - rho * rho) * rng.standard_normal(n)) - 1.5 * new
+    return y, np.where(new, 0.0, x), new
+
+
+def test_cuped_point_estimate_equals_statsmodels_ols() -> None:
+    rng = np.random.default_rng(700)
+    yc, xc, nc = _visitors(rng, 900, 0.6, 0.25)
+    yt, xt, nt = _visitors(rng, 1100, 0.6, 0.25, effect=0.4)
+    res = cuped_uplift(CupedSums.from_values(yc, xc, nc), CupedSums.from_values(yt, xt, nt))
+    arm = np.r_[np.zeros(yc.size), np.ones(yt.size)]
+    design = np.column_stack([np.ones(arm.size), arm, np.r_[xc, xt], np.r_[nc, nt].astype(float)])
+    ols = sm.OLS(np.r_[yc, yt], design).fit()
+    assert res.reason == ""
+    assert res.adjusted_difference.uplift == pytest.approx(ols.params[1], rel=1e-9)
+    # θ is OLS's common slope on x and on the new-visitor indicator.
+    assert res.theta == pytest.approx((ols.params[2], ols.params[3]), rel=1e-9)
+    # The standard error is the heteroscedasticity-robust kind (per-arm residual variances): close to
+    # OLS's HC2 one, which equals the Welch form for a two-group regressor.
+    hc2 = sm.OLS(np.r_[yc, yt], design).fit(cov_type="HC2").bse[1]
+    assert res.adjusted_difference.std_error == pytest.approx(hc2, rel=0.02)
+    # Units do not matter: a covariate in IDR (x·10⁷) gives the same adjustment, θ scaled by 10⁻⁷.
+    scaled = cuped_uplift(CupedSums.from_values(yc, xc * 1e7, nc), CupedSums.from_values(yt, xt * 1e7, nt))
+    assert scaled.adjusted_difference.uplift == pytest.approx(ols.params[1], rel=1e-9)
+    assert scaled.theta[1] == pytest.approx(ols.params[3], rel=1e-9)
+    # The relative uplift is of the adjusted means, whose difference is the OLS coefficient.
+    assert res.adjusted.treatment_mean - res.adjusted.control_mean == pytest.approx(ols.params[1], rel=1e-9)
+    # Without new visitors the indicator column has no variation and is left out (OLS on arm + x).
+    yc2, xc2, _ = _visitors(rng, 500, 0.5, 0.0)
+    yt2, xt2, _ = _visitors(rng, 500, 0.5, 0.0)
+    res2 = cuped_uplift(CupedSums.from_values(yc2, xc2), CupedSums.from_values(yt2, xt2))
+    design2 = np.column_stack([np.ones(1000), np.r_[np.zeros(500), np.ones(500)], np.r_[xc2, xt2]])
+    ols2 = sm.OLS(np.r_[yc2, yt2], design2).fit()
+    assert res2.adjusted_difference.uplift == pytest.approx(ols2.params[1], rel=1e-9)
+    assert res2.theta[1] == 0.0
+
+
+def test_cuped_sums_merge_like_batches() -> None:
+    rng = np.random.default_rng(701)
+    y, x, new = _visitors(rng, 1000, 0.5, 0.3)
+    whole = CupedSums.from_values(y, x, new)
+    parts = CupedSums.from_values(y[:400], x[:400], new[:400]) + CupedSums.from_values(y[400:], x[400:], new[400:])
+    for name in ("n", "sum_y", "sum_y2", "sum_x", "sum_x2", "sum_xy", "n_new", "sum_y_new"):
+        assert getattr(parts, name) == pytest.approx(getattr(whole, name), rel=1e-12)
+
+
+def _cuped_simulation(
+    rng: np.random.Generator, sims: int, n: int, rho: float, new_share: float, effect: float
+) -> list[tuple[CupedSums, CupedSums]]:
+    # Per-arm sums of many experiments at once: (sims, n) draws reduced along the visitor axis.
+    pairs = []
+    arms = []
+    for arm_effect in (0.0, effect):
+        x = rng.standard_normal((sims, n))
+        new = rng.random((sims, n)) < new_share
+        y = 10.0 + arm_effect + 2.0 * (rho * x + math.sqrt(1 - rho * rho) * rng.standard_normal((sims, n)))
+        y = y - 1.5 * new
+        x = np.where(new, 0.0, x)
+        arms.append(
+            [
+                CupedSums(n, *values)
+                for values in zip(
+                    y.sum(1),
+                    (y * y).sum(1),
+                    x.sum(1),
+                    (x * x).sum(1),
+                    (x * y).sum(1),
+                    new.sum(1).astype(float),
+                    np.where(new, y, 0.0).sum(1),
+                    strict=True,
+                )
+            ]
+        )
+    pairs.extend(zip(arms[0], arms[1], strict=True))
+    return pairs
+
+
+def test_cuped_aa_false_positive_rate_and_width() -> None:
+    rng = np.random.default_rng(702)
+    sims, n, rho = 2000, 1000, 0.7
+    results = [cuped_uplift(c, t) for c, t in _cuped_simulation(rng, sims, n, rho, 0.0, 0.0)]
+    assert all(r.reason == "" for r in results)
+    adjusted_fp = _rate([r.adjusted.p_value < ALPHA for r in results])
+    unadjusted_fp = _rate([r.unadjusted.p_value < ALPHA for r in results])
+    width = np.array(
+        [(r.adjusted.ci_upper - r.adjusted.ci_lower) / (r.unadjusted.ci_upper - r.unadjusted.ci_lower) for r in results]
+    )
+    reduction = np.array([r.variance_reduction for r in results])
+    expected = math.sqrt(1 - rho**2)
+    summary = (
+        f"A/A with CUPED (ρ={rho}, {n}/arm, {sims} runs): false positives adjusted {adjusted_fp:.4f}, "
+        f"unadjusted {unadjusted_fp:.4f}; width ratio mean {width.mean():.4f} vs √(1−ρ²) {expected:.4f}; "
+        f"variance reduction mean {reduction.mean():.4f} vs ρ² {rho**2:.4f}"
+    )
+    print(summary)
+    assert abs(adjusted_fp - ALPHA) <= TOLERANCE, summary
+    assert abs(width.mean() - expected) <= 0.01, summary
+    assert abs(reduction.mean() - rho**2) <= 0.01, summary
+
+
+def test_cuped_aa_and_coverage_with_new_visitors() -> None:
+    # 30% new visitors (no pre-period, a lower mean): kept through the indicator, never dropped.
+    rng = np.random.default_rng(703)
+    sims, n, rho = 2000, 1000, 0.6
+    aa = [cuped_uplift(c, t) for c, t in _cuped_simulation(rng, sims, n, rho, 0.3, 0.0)]
+    fp = _rate([r.adjusted.p_value < ALPHA for r in aa])
+    # +0.2 on a mean of 10 − 1.5·0.3 = 9.55: relative uplift 0.2/9.55.
+    true_uplift = 0.2 / 9.55
+    effect = [cuped_uplift(c, t) for c, t in _cuped_simulation(rng, sims, n, rho, 0.3, 0.2)]
+    coverage = _rate([r.adjusted.ci_lower <= true_uplift <= r.adjusted.ci_upper for r in effect])
+    summary = f"CUPED with 30% new visitors, {n}/arm, {sims} runs: A/A {fp:.4f}, coverage {coverage:.4f}"
+    print(summary)
+    assert abs(fp - ALPHA) <= TOLERANCE, summary
+    assert abs(coverage - 0.95) <= TOLERANCE, summary
+    # The indicator is estimated (new visitors are 1.5 lower) rather than the visitors being dropped.
+    assert np.mean([r.theta[1] for r in aa]) == pytest.approx(-1.5, abs=0.02)
+    assert aa[0].adjusted_control.n == n
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    control=st.builds(CupedSums, *[finite] * 8),
+    treatment=st.builds(CupedSums, *[finite] * 8),
+)
+def test_cuped_garbage_sums_never_raise(control: CupedSums, treatment: CupedSums) -> None:
+    res = cuped_uplift(control, treatment)
+    assert res.reason or math.isfinite(res.adjusted.p_value)
+
+
+def _ctr_visitors(
+    rng: np.random.Generator, shape: tuple[int, ...], new_share: float, ctr_scale: float = 1.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(clicks, impressions, pre-period clicks, new): a visitor's CTR drives both periods."""
+    # Strongly heterogeneous CTRs (Beta(0.5, 4.5), mean 10%) and 20 pre-period impressions on average:
+    # the pre-period clicks predict this period's clicks per impression.
+    ctr = rng.beta(0.5, 4.5, size=shape)
+    impressions = 1 + rng.poisson(4.0, size=shape)
+    clicks = rng.binomial(impressions, np.minimum(ctr * ctr_scale, 1.0))
+    pre_clicks = rng.binomial(1 + rng.poisson(20.0, size=shape), ctr).astype(float)
+    new = rng.random(shape) < new_share
+    return clicks.astype(float), impressions.astype(float), np.where(new, 0.0, pre_clicks), new
+
+
+def test_ratio_cuped_equals_ols_on_the_linearised_ratio() -> None:
+    rng = np.random.default_rng(710)
+    arms = [_ctr_visitors(rng, (1200,), 0.3), _ctr_visitors(rng, (1300,), 0.3, ctr_scale=1.1)]
+    sums = [RatioCupedSums.from_values(m, d, x, new) for m, d, x, new in arms]
+    res = cuped_uplift(sums[0], sums[1])
+    # Per visitor: the arm's ratio plus the linearised deviation (m − R d)/d̄, regressed on arm + x + new.
+    values = [m.sum() / d.sum() + (m - m.sum() / d.sum() * d) / d.mean() for m, d, _, _ in arms]
+    design = np.column_stack(
+        [
+            np.ones(2500),
+            np.r_[np.zeros(1200), np.ones(1300)],
+            np.r_[arms[0][2], arms[1][2]],
+            np.r_[arms[0][3], arms[1][3]].astype(float),
+        ]
+    )
+    ols = sm.OLS(np.r_[values[0], values[1]], design).fit()
+    assert res.reason == "" and res.unadjusted.method == "log_ratio"
+    assert res.adjusted_difference.uplift == pytest.approx(ols.params[1], rel=1e-9)
+    assert res.theta == pytest.approx((ols.params[2], ols.params[3]), rel=1e-9)
+    # The unadjusted side is the module's ratio comparison; the pre-period CTR explains some variance.
+    unadjusted = relative_uplift(sums[0].metric(), sums[1].metric(), ratio=True)
+    assert res.unadjusted == unadjusted
+    assert 0.05 < res.variance_reduction < 0.9
+
+
+def test_ratio_cuped_aa_false_positive_rate() -> None:
+    rng = np.random.default_rng(711)
+    sims, n = 2000, 800
+    arms = []
+    for _ in range(2):
+        m, d, x, new = _ctr_visitors(rng, (sims, n), 0.3)
+        arms.append(
+            [
+                RatioCupedSums(n, *values)
+                for values in zip(
+                    m.sum(1),
+                    (m * m).sum(1),
+                    d.sum(1),
+                    (d * d).sum(1),
+                    (m * d).sum(1),
+                    x.sum(1),
+                    (x * x).sum(1),
+                    (x * m).sum(1),
+                    (x * d).sum(1),
+                    new.sum(1).astype(float),
+                    np.where(new, m, 0.0).sum(1),
+                    np.where(new, d, 0.0).sum(1),
+                    strict=True,
+                )
+            ]
+        )
+    results = [cuped_uplift(c, t) for c, t in zip(arms[0], arms[1], strict=True)]
+    fp = _rate([r.adjusted.p_value < ALPHA for r in results])
+    reduction = float(np.mean([r.variance_reduction for r in results]))
+    summary = f"A/A ratio CUPED (CTR, 30% new), {n}/arm, {sims} runs: false positives {fp:.4f}, "
+    summary += f"variance reduction {reduction:.3f}"
+    print(summary)
+    assert abs(fp - ALPHA) <= TOLERANCE, summary
+    assert reduction > 0.05, summary
+
+
+def _revenue_visitors(
+    rng: np.random.Generator, shape: tuple[int, ...], lift: float = 1.0, new_share: float = 0.3
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(revenue, covariate, new): a visitor's buying propensity drives both periods (70% of visitors at
+    0.5%, 25% at 5%, 5% at 25%: mean 3%); order values are log-normal (median 150k IDR, σ = 1.5). The
+    covariate is the bounded predictor log(1 + pre-period revenue) over 10 pre-period visits."""
+    level = rng.random(shape)
+    propensity = np.where(level < 0.7, 0.005, np.where(level < 0.95, 0.05, 0.25))
+    revenue = np.zeros(shape)
+    buys = rng.random(shape) < propensity * lift
+    revenue[buys] = np.round(rng.lognormal(math.log(150_000), 1.5, size=int(buys.sum())))
+    # Pre-period orders ~ Poisson(10·p): cheaper to draw than a binomial and the same for small p.
+    pre_orders = rng.poisson(10.0 * propensity)
+    pre_revenue = np.zeros(shape)
+    has_orders = pre_orders > 0
+    pre_revenue[has_orders] = pre_orders[has_orders] * rng.lognormal(math.log(150_000), 1.0, int(has_orders.sum()))
+    new = rng.random(shape) < new_share
+    return revenue, np.where(new, 0.0, np.log1p(pre_revenue)), new
+
+
+def test_capped_cuped_sums_equal_cuped_sums_of_capped_values() -> None:
+    rng = np.random.default_rng(720)
+    y, c, new = _revenue_visitors(rng, (5000,))
+    cap = histogram_cap([histogram_from_values(y)])
+    got = capped_cuped_sums(
+        CupedSums.from_values(y, c, new), histogram_from_values(y), covariate_histogram_from_values(y, c, new), cap
+    )
+    want = CupedSums.from_values(np.minimum(y, cap), c, new)
+    for name in ("n", "sum_y", "sum_y2", "sum_x", "sum_x2", "sum_xy", "n_new", "sum_y_new"):
+        assert getattr(got, name) == pytest.approx(getattr(want, name), rel=1e-9, abs=1e-6), name
+    assert capped_cuped_sums(want, {}, {}, math.inf) == want
+
+
+def _arm_batches(
+    y: np.ndarray, c: np.ndarray, new: np.ndarray
+) -> list[tuple[CupedSums, dict[int, tuple[float, float, float]], dict[int, tuple[float, float, float, float]]]]:
+    """Per row (one simulated arm): CupedSums, histogram and covariate histogram, drawn with one
+    bincount over all rows (the same bucket expression as histogram_from_values, checked below)."""
+    sims, n = y.shape
+    pre = ~new
+    cov = np.where(new, 0.0, c)
+    positive = y > 0
+    k = np.zeros(y.shape, dtype=np.int64)
+    k[positive] = np.ceil(4 * np.log(y[positive]) / math.log(2.0)).astype(np.int64)
+    k_min, width = int(k[positive].min()), int(k[positive].max() - k[positive].min()) + 1
+    index = (np.arange(sims)[:, None] * width + (k - k_min))[positive]
+
+    def per_bucket(weights: np.ndarray) -> np.ndarray:
+        return np.bincount(index, weights=weights[positive], minlength=sims * width).reshape(sims, width)
+
+    counts, sx, sx2 = per_bucket(np.ones(y.shape)), per_bucket(y), per_bucket(y * y)
+    cn, sc, scx, sxp = per_bucket(pre * 1.0), per_bucket(cov), per_bucket(cov * y), per_bucket(np.where(pre, y, 0.0))
+    totals = zip(
+        y.sum(1),
+        (y * y).sum(1),
+        cov.sum(1),
+        (cov * cov).sum(1),
+        (cov * y).sum(1),
+        new.sum(1) * 1.0,
+        np.where(new, y, 0.0).sum(1),
+        strict=True,
+    )
+    out = []
+    for row, values in enumerate(totals):
+        filled = np.flatnonzero(counts[row])
+        histogram = {k_min + int(j): (counts[row, j], sx[row, j], sx2[row, j]) for j in filled}
+        with_pre = np.flatnonzero(cn[row])
+        covariates = {k_min + int(j): (cn[row, j], sc[row, j], scx[row, j], sxp[row, j]) for j in with_pre}
+        out.append((CupedSums(float(n), *(float(v) for v in values)), histogram, covariates))
+    return out
+
+
+@pytest.mark.slow
+def test_capped_revenue_with_cuped_aa_and_coverage() -> None:
+    # Revenue capped at the pooled quantile and adjusted on log(1 + pre-period revenue), 30% new visitors.
+    rng = np.random.default_rng(721)
+    sims, n = 2000, 1500
+    control, aa, better = (_arm_batches(*_revenue_visitors(rng, (sims, n), lift)) for lift in (1.0, 1.0, 1.2))
+    # The batched histograms are the module's (spot check on the first rows).
+    y, c, new = _revenue_visitors(np.random.default_rng(722), (3, n))
+    for row, (sums, histogram, covariates) in enumerate(_arm_batches(y, c, new)):
+        single = CupedSums.from_values(y[row], c[row], new[row])
+        for name in ("n", "sum_y", "sum_y2", "sum_x", "sum_x2", "sum_xy", "n_new", "sum_y_new"):
+            assert getattr(sums, name) == pytest.approx(getattr(single, name), rel=1e-12)
+        expected_histogram = histogram_from_values(y[row])
+        expected_covariates = covariate_histogram_from_values(y[row], c[row], new[row])
+        assert histogram.keys() == expected_histogram.keys() and covariates.keys() == expected_covariates.keys()
+        for k in histogram:
+            np.testing.assert_allclose(histogram[k], expected_histogram[k], rtol=1e-12)
+        for k in covariates:
+            np.testing.assert_allclose(covariates[k], expected_covariates[k], rtol=1e-12)
+    fp = covered = 0
+    reductions = []
+    for (c_sums, h_c, ch_c), (a_sums, h_a, ch_a), (b_sums, h_b, ch_b) in zip(control, aa, better, strict=True):
+        for t_sums, h_t, ch_t, is_aa in ((a_sums, h_a, ch_a, True), (b_sums, h_b, ch_b, False)):
+            cap = histogram_cap([h_c, h_t])
+            res = cuped_uplift(capped_cuped_sums(c_sums, h_c, ch_c, cap), capped_cuped_sums(t_sums, h_t, ch_t, cap))
+            if is_aa:
+                fp += res.adjusted.p_value < ALPHA
+                reductions.append(res.variance_reduction)
+            else:
+                # 20% more buyers with the same orders: the capped metric's uplift is exactly +20%.
+                covered += res.adjusted.ci_lower <= 0.2 <= res.adjusted.ci_upper
+    summary = (
+        f"capped revenue + CUPED, {n}/arm, {sims} runs: A/A {fp / sims:.4f}, coverage {covered / sims:.4f}, "
+        f"variance reduction {np.mean(reductions):.3f}"
+    )
+    print(summary)
+    assert abs(fp / sims - ALPHA) <= TOLERANCE, summary
+    assert abs(covered / sims - 0.95) <= TOLERANCE, summary
+    assert np.mean(reductions) > 0.0, summary
