@@ -29,6 +29,7 @@ from services.profile.sequences import Histories, catalog_items
 from services.recommend.catalog_cache import catalog_arrays
 from services.recommend.history_training import catalog_info, fold_world, seen_filter, train_on_histories
 from services.recommend.next_item import next_item_scores
+from services.recommend.ranker import RankerModel
 from services.recommend.ranking_metrics import hit_at, ndcg_at
 from services.recommend.repository import RecommendRepository
 from services.recommend.rules import RuleContext
@@ -124,13 +125,18 @@ def evaluate_histories(
     config: TrainConfig,
     progress: Progress | None = None,
     max_users: int | None = None,
+    model: RankerModel | None = None,
 ) -> HistoryEvaluation:
+    """`model`: a model already trained by `train_on_histories(histories.truncated(1), ...)` (one is trained
+    here otherwise)."""
     report = progress or (lambda _stage, _fraction: None)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    model, _, model_metrics = train_on_histories(
-        histories.truncated(1), settings.max_candidates, config, settings.candidate_sources, progress=report
-    )
+    model_metrics: dict[str, float] = {}
+    if model is None:
+        model, _, model_metrics = train_on_histories(
+            histories.truncated(1), settings.max_candidates, config, settings.candidate_sources, progress=report
+        )
     seconds["train"] = round(time.perf_counter() - started, 1)
 
     started = time.perf_counter()
