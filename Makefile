@@ -80,7 +80,12 @@ eval-public: $(STAMP) ## published-protocol ranking evaluation of every NAME.txt
 	@test -n "$(DATA)" || { echo "usage: make eval-public DATA=<folder with NAME.txt histories>"; exit 2; }
 	$(PY) -m services.cli evaluate public $(DATA) --report docs/quality.md
 
+ABLATION ?= Toys_and_Games
+eval-ablation: $(STAMP) ## generators added one at a time on DATA/ABLATION.txt; writes docs/quality-ablation.md
+	@test -n "$(DATA)" || { echo "usage: make eval-ablation DATA=<folder> ABLATION=<name>"; exit 2; }
+	$(PY) -m services.cli evaluate ablation $(DATA)/$(ABLATION).txt --attributes $(DATA)/$(ABLATION)_item2attributes.json
+
 clean: ## remove generated data (keeps the virtualenv)
 	rm -rf $(DATA_DIR) bench/tmp
 
-.PHONY: help install install-dev demo test test-clock lint format bench profile soak eval-public clean
+.PHONY: help install install-dev demo test test-clock lint format bench profile soak eval-public eval-ablation clean

@@ -83,3 +83,16 @@ def test_evaluate_ranking_with_histories_uses_the_published_protocol(
     assert result.exit_code == 0, result.output
     report = orjson.loads(out.read_bytes())
     assert report["users"] == 100 and report["methods"][PIPELINE]["candidate_recall"] > 0.5
+
+
+def test_ablation_adds_generators_one_at_a_time(histories: tuple[Path, Histories], tmp_path: Path) -> None:
+    folder, _ = histories
+    report = tmp_path / "ablation.md"
+    args = ["evaluate", "ablation", str(folder / "Walk.txt"), "--report", str(report), "--max-users", "100"]
+    # 20 of the 60 items per request: the generators then have to choose.
+    result = CliRunner().invoke(cli, args, env={"RECOMMEND_MAX_CANDIDATES": "20"}, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = [line for line in report.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 4
+    recalls = [float(row.split("|")[2]) for row in rows]
+    assert recalls[1] > recalls[0]  # the next-item generator finds what popularity and categories miss
