@@ -23,6 +23,7 @@ from services.recommend.catalog_cache import ItemSnapshot
 NEXT_ITEM_HISTORY = 5
 NEXT_ITEM_DECAY = 0.6
 TWO_STEP_SEEDS = 20  # the best next items whose own neighbours are followed
+TAGS_PER_ITEM = 8  # an item's most specific tags only: the work per request stays bounded (tag lists: 300)
 EMPTY = (np.zeros(0, dtype=np.int64), np.zeros(0))
 Sparse = tuple[np.ndarray, np.ndarray]  # (snapshot rows, sorted ascending and unique; scores)
 
@@ -99,11 +100,9 @@ def _shared_tags(snapshot: ItemSnapshot, recent: Sequence[str]) -> Sparse:
         row = snapshot.index.get(item_id)
         if row is None:
             continue
-        for tag in snapshot.tags[row]:
-            weight = snapshot.tag_weight.get(tag)
-            members = snapshot.by_tag.get(tag)
-            if weight is None or members is None:
-                continue
+        weighted = [(snapshot.tag_weight[t], t) for t in snapshot.tags[row] if t in snapshot.tag_weight]
+        for weight, tag in sorted(weighted, reverse=True)[:TAGS_PER_ITEM]:
+            members = snapshot.by_tag[tag]
             idx_parts.append(members)
             score_parts.append(np.full(len(members), weight * NEXT_ITEM_DECAY**rank))
     if not idx_parts:
