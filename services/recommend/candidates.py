@@ -33,6 +33,9 @@ SOURCES = (
 )
 
 
+PER_SOURCE = 80  # the base budget of one generator (some take multiples or fractions of it)
+
+
 @dataclass(frozen=True)
 class VisitorVector:
     """A visitor's online row, parsed once per request into what generators and the ranker need."""
@@ -101,7 +104,7 @@ def context_keys_for(city: str | None, device: str | None, now: float, utc_offse
 
 
 class CandidateGenerator:
-    def __init__(self, max_candidates: int = 500, per_source: int = 80, sources: Sequence[str] = SOURCES):
+    def __init__(self, max_candidates: int = 500, per_source: int = PER_SOURCE, sources: Sequence[str] = SOURCES):
         self.max_candidates = max_candidates
         self.per_source = per_source
         unknown = set(sources) - set(SOURCES)

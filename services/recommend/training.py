@@ -33,7 +33,7 @@ from services.common.catalog import CatalogItem, ItemKind
 from services.common.clock import wall_datetime, wall_time
 from services.common.events import Event, EventType
 from services.common.indexes import ContextPopularity, CoVisitation, context_keys, observe_interaction, push_recent
-from services.recommend.candidates import CandidateGenerator, Filters, VisitorVector, context_keys_for
+from services.recommend.candidates import PER_SOURCE, CandidateGenerator, Filters, VisitorVector, context_keys_for
 from services.recommend.catalog_cache import (
     KIND_CODES,
     STAT_COLUMNS,
@@ -59,7 +59,9 @@ class TrainConfig:
     source: Literal["auto", "behaviour", "impressions"] = "auto"
     target: Literal["any", "product_view", "add_to_cart", "purchase", "click"] = "any"
     max_queries: int = 12_000
-    candidates: int = 150
+    # The served candidate count (RecommendSettings.max_candidates): a ranker trained on a smaller pool never
+    # sees the candidates of the generators that only fill a larger one, and ranks them blindly.
+    candidates: int = 500
     max_negatives: int = 50
     validation_fraction: float = 0.2
     snapshot_step_s: float | None = None  # None: spread ~120 snapshots over the log's time span
@@ -126,9 +128,7 @@ class Trainer:
         self.repository = repository
         self.config = config
         self.progress = progress or _noop
-        self.generator = CandidateGenerator(
-            max_candidates=config.candidates, per_source=max(20, config.candidates // 3)
-        )
+        self.generator = CandidateGenerator(max_candidates=config.candidates, per_source=PER_SOURCE)
 
     # -- queries ------------------------------------------------------------------------------------
     def load(self) -> tuple[list[Event], list[CatalogItem]]:
