@@ -38,9 +38,9 @@ demo: $(PROD_STAMP) ## generate the demo shop, train, start both services (embed
 # Tests of everything that depends on "now" (messages, experiments, policy evaluation, aggregation, the clock
 # itself), run again with the process's wall clock shifted 60 days either way: a test that passes only on some
 # calendar dates reads the wall clock where it should set the business clock.
-CLOCK_TESTS := tests/common/test_clock.py tests/profile/test_aggregations.py tests/recommend/test_messages.py \
-	tests/recommend/test_message_endpoints.py tests/recommend/test_message_model.py \
-	tests/recommend/test_message_ope.py tests/recommend/test_experiments.py \
+CLOCK_TESTS := tests/common/test_clock.py tests/profile/test_aggregations.py tests/messages/test_messages.py \
+	tests/messages/test_message_endpoints.py tests/messages/test_message_model.py \
+	tests/messages/test_message_ope.py tests/recommend/test_experiments.py \
 	tests/recommend/test_experiment_store.py tests/recommend/test_stats.py tests/recommend/test_assignment.py \
 	tests/recommend/test_policy_eval.py tests/recommend/test_item_cache.py tests/recommend/test_time_safety.py
 
@@ -49,6 +49,7 @@ test: $(DEV_STAMP) ## ruff, mypy, the whole pytest suite against a real Redis, t
 	$(VENV)/bin/ruff check services tests bench
 	$(VENV)/bin/ruff format --check services tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 	scripts/with_redis.sh $(PY) -m pytest $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-clock
 
@@ -56,10 +57,11 @@ test-clock: $(DEV_STAMP) ## the date-dependent tests with the wall clock shifted
 	scripts/with_redis.sh $(PY) -m pytest -q -p no:cacheprovider --shift-clock-days=60 $(CLOCK_TESTS)
 	scripts/with_redis.sh $(PY) -m pytest -q -p no:cacheprovider --shift-clock-days=-60 $(CLOCK_TESTS)
 
-lint: $(DEV_STAMP) ## ruff + mypy only
+lint: $(DEV_STAMP) ## ruff, mypy and the import contracts (pyproject.toml [tool.importlinter])
 	$(VENV)/bin/ruff check services tests bench
 	$(VENV)/bin/ruff format --check services tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 format: $(DEV_STAMP) ## apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff format services tests bench

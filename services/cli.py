@@ -19,10 +19,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from services.demo.commands import shop_app
+from services.demo.commands import shop_app, simulate_messages_command
 from services.demo.simulate_ab import simulate_ab_command
+from services.messages.cli import register_message_commands
 from services.recommend.history_cli import register_history_commands
-from services.recommend.message_cli import register_message_commands
 
 # DuckDB/ibis deprecation notices on every Feast offline query are noise for CLI users.
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -37,6 +37,7 @@ evaluate_app = typer.Typer(help="Offline evaluation: rankings, policies and mess
 app.add_typer(evaluate_app, name="evaluate")
 register_message_commands(app, evaluate_app)
 register_history_commands(import_app, evaluate_app)
+app.command("simulate-messages")(simulate_messages_command)
 console = Console()
 
 DataDir = Annotated[Path, typer.Option("--data-dir", envvar="SELARAS_DATA_DIR", help="Where Selaras keeps its data.")]

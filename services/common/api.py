@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
+from http import HTTPStatus
 from typing import Any
 
 import orjson
@@ -10,10 +12,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.auth import ApiKeyAuth
 from services.common.errors import InvalidPayload, PayloadTooLarge, SelarasError
 from services.common.observability import metrics_payload
+
+log = logging.getLogger(__name__)
 
 
 class FastJSONResponse(JSONResponse):
@@ -57,6 +62,25 @@ def install_error_handlers(app: FastAPI) -> None:
             {"error": "InvalidPayload", "detail": f"{len(errors)} invalid field(s)", "errors": errors},
             status_code=422,
         )
+
+    # Unknown routes, wrong methods and other HTTP errors raised by the framework: the same envelope.
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        name = HTTP_ERROR_NAMES.get(exc.status_code) or HTTPStatus(exc.status_code).phrase.replace(" ", "")
+        return FastJSONResponse(
+            {"error": name, "detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+        )
+
+    # A bug: the envelope without internals (the traceback goes to the log, never to the client).
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> Response:
+        log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path, exc_info=exc)
+        return FastJSONResponse(
+            {"error": "InternalError", "detail": "unexpected error; the service log has the details"}, status_code=500
+        )
+
+
+HTTP_ERROR_NAMES = {404: "NotFound", 405: "MethodNotAllowed"}
 
 
 def read_json_body(raw: bytes, max_bytes: int) -> Any:

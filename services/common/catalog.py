@@ -13,7 +13,7 @@ Text = Annotated[str, StringConstraints(max_length=1000)]
 Label = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
 
-# What a message template answers to (services/recommend/messages.py decides which one fires).
+# What a message template answers to (services/messages/service.py decides which one fires).
 MESSAGE_TRIGGERS: Final = (
     "cart_abandonment",
     "price_drop",

@@ -201,6 +201,44 @@ def item_feature_refs() -> list[str]:
     return [f"{ITEM_VIEW}:{name}" for name in ITEM_FEATURES]
 
 
+_HOUR, _DAY = 3600.0, 86_400.0
+# The span of each windowed visitor count. A row holds the counts as of the visitor's latest event.
+VISITOR_WINDOWS: Final[dict[str, float]] = {
+    "views_1h": _HOUR,
+    "views_24h": _DAY,
+    "carts_24h": _DAY,
+    "searches_24h": _DAY,
+    "views_7d": 7 * _DAY,
+    "carts_7d": 7 * _DAY,
+    "purchases_7d": 7 * _DAY,
+    "rec_impressions_7d": 7 * _DAY,
+    "rec_clicks_7d": 7 * _DAY,
+    "views_30d": 30 * _DAY,
+    "carts_30d": 30 * _DAY,
+    "purchases_30d": 30 * _DAY,
+    "sessions_30d": 30 * _DAY,
+    "discount_views_30d": 30 * _DAY,
+}
+
+
+def visitor_row_at(row: dict[str, Any], now: float) -> dict[str, Any]:
+    """The visitor's row with its windows seen from `now` instead of from the visitor's latest event: a count
+    whose whole window has passed since then is 0 ("views in the last 7 days" of a visitor last seen a month
+    ago). A window still open keeps its count, which is then an upper bound (the row holds no finer detail).
+    Serving applies it at the request time and training at the query time, so both see the same."""
+    last_seen = row.get("last_seen_ts")
+    if not isinstance(last_seen, int | float) or last_seen != last_seen:
+        return row
+    idle = now - float(last_seen)
+    if idle < _HOUR:
+        return row  # nothing has expired yet: no copy on the hot path
+    aged = dict(row)
+    for name, span in VISITOR_WINDOWS.items():
+        if idle >= span and aged.get(name):
+            aged[name] = 0
+    return aged
+
+
 def default_value(kind: FeatureKind) -> object:
     """What a missing feature reads as: numbers NaN (LightGBM treats it as missing), strings empty."""
     if kind in ("int", "float"):

@@ -1,7 +1,9 @@
-"""`selaras shop ...`: generate the demo shop's catalog and a simulated visitor history."""
+"""The demo's commands: `selaras shop ...` (the demo shop's catalog and a simulated visitor history) and
+`selaras simulate-messages` (message decisions and reactions on the demo shop)."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -141,4 +143,58 @@ def generate(
         f"Wrote {dataset.catalog_items:,} catalog items and {dataset.events:,} events "
         f"({dataset.visitors:,} visitors, {dataset.days} days to {dataset.end.date()}) "
         f"to {dataset.out} in {dataset.seconds:.1f} s"
+    )
+
+
+def simulate_messages_command(
+    out: Annotated[Path, typer.Option(help="Where to write catalog.jsonl and events.jsonl.gz")] = Path("data/messages"),
+    data_dir: Annotated[
+        Path, typer.Option("--data-dir", envvar="SELARAS_DATA_DIR", help="A fresh data dir for the simulation")
+    ] = Path("data/message-sim"),
+    visitors: int = 1000,
+    history_days: int = 14,
+    message_days: int = 14,
+    train_after_days: Annotated[int | None, typer.Option(help="Train and serve the model after N message days")] = None,
+    control_rate: float = 0.05,
+    seed: int = 7,
+) -> None:
+    """Simulate message decisions (with exploration and a control group) and reactions on the demo shop."""
+    from services.common.storage import open_store
+    from services.demo.message_sim import MessageSimConfig, simulate_messages
+    from services.messages.settings import MessageSettings
+    from services.recommend.settings import RecommendSettings
+
+    os.environ["SELARAS_DATA_DIR"] = str(data_dir.resolve())
+    settings = RecommendSettings(data_dir=data_dir)
+    store = open_store(settings)
+    try:
+        if store.log_length():
+            console.print(
+                f"[red]{data_dir} already holds events:[/] simulate into a fresh --data-dir "
+                "(and, with REDIS_URL, a fresh SELARAS_NAMESPACE and SELARAS_FEAST_PROJECT)"
+            )
+            raise typer.Exit(2)
+    finally:
+        store.close()
+    config = MessageSimConfig(
+        visitors=visitors,
+        history_days=history_days,
+        message_days=message_days,
+        seed=seed,
+        train_after_days=train_after_days,
+        policy=MessageSettings(win_back_after_days=7.0, control_rate=control_rate),
+    )
+    with console.status("simulating"):
+        result = simulate_messages(settings, config, out_dir=out)
+    console.print(
+        f"{result.decisions:,} decisions ({result.logged:,} logged, {result.sent:,} sent), {result.events:,} events "
+        f"in {result.seconds:.0f} s; answers {result.answers}"
+    )
+    for name, path in result.files.items():
+        console.print(f"  {name}: {path}")
+    # Train on the first half of the message days, evaluate on the second (held out).
+    split = (result.first_decision + timedelta(days=message_days // 2)).replace(hour=0).isoformat()
+    console.print(
+        f"next:\n  selaras train-messages --data-dir {data_dir} --until {split}\n"
+        f"  selaras evaluate messages {result.files.get('events')} --data-dir {data_dir} --since {split}"
     )

@@ -35,13 +35,16 @@ from services.common.settings import CommonSettings
 from services.demo.shop import generate_shop
 from services.demo.simulator import Simulator, write_jsonl
 from services.demo.world import batched
+from services.messages.replay import replay_decisions
+from services.messages.repository import MessageRepository
+from services.messages.schemas import MessageRequest
+from services.messages.service import MessageService
+from services.messages.settings import CHANNELS, MessageSettings
+from services.messages.train import MessageTrainConfig, train_message_model
 from services.profile.aggregations import SegmentRules
 from services.profile.repository import ProfileRepository
 from services.profile.service import Aggregator, IngestService
 from services.recommend.catalog_cache import build_snapshot
-from services.recommend.message_model import MessageTrainConfig, replay_decisions, train_message_model
-from services.recommend.message_repository import MessageRepository
-from services.recommend.messages import CHANNELS, MessageRequest, MessageService, MessageSettings
 from services.recommend.repository import RecommendRepository
 from services.recommend.settings import RecommendSettings
 

@@ -5,39 +5,26 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from fastapi import FastAPI
 
 from services.common.api import add_metrics_route, install_error_handlers, install_openapi_components
 from services.common.auth import ApiKeyAuth
 from services.common.clock import Clock, clock_for
-from services.common.consent import ConsentDefaults
 from services.common.observability import MetricsMiddleware, configure_logging
 from services.common.security import install_security
 from services.profile.aggregations import SegmentRules
+from services.profile.deps import ProfileState
+from services.profile.endpoints import router
 from services.profile.observers import build_batch_observers
 from services.profile.persona_jobs import PersonaAssigner
 from services.profile.privacy import PrivacyService, privacy_holders
+from services.profile.privacy_endpoints import router as privacy_router
 from services.profile.repository import ProfileRepository
 from services.profile.service import Aggregator, IngestService
 from services.profile.settings import ProfileSettings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ProfileState:
-    settings: ProfileSettings
-    repository: ProfileRepository
-    ingest: IngestService
-    aggregator: Aggregator
-    auth: ApiKeyAuth
-    consent_defaults: ConsentDefaults
-    rules: SegmentRules
-    privacy: PrivacyService
-    personas: PersonaAssigner
-    clock: Clock
 
 
 def segment_rules(settings: ProfileSettings) -> SegmentRules:
@@ -112,9 +99,6 @@ def create_app(settings: ProfileSettings | None = None, clock: Clock | None = No
         finally:
             state.aggregator.stop()
             state.repository.close()
-
-    from services.profile.endpoints import router
-    from services.profile.privacy_endpoints import router as privacy_router
 
     app = FastAPI(
         title="Selaras profile service",

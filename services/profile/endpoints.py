@@ -2,40 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 import orjson
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from services.common.api import FastJSONResponse, describe_errors, json_body_schema, read_json_body, require_scope
-from services.common.auth import ApiKeyAuth
+from services.common.api import FastJSONResponse, describe_errors, json_body_schema, read_json_body
 from services.common.consent import Consent
 from services.common.errors import InvalidPayload, NotFound, PayloadTooLarge
 from services.common.events import Event
 from services.profile.aggregations import segments
-from services.profile.app import ProfileState
+from services.profile.deps import AdminKey, IngestKey, State
 from services.profile.persona_jobs import persona_view
 from services.profile.schemas import ConsentUpdate, EventBatch, IngestResult, ProfileView
 
 router = APIRouter()
 BATCH_ADAPTER: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
-
-
-def get_state(request: Request) -> ProfileState:
-    state: ProfileState = request.app.state.profile
-    return state
-
-
-def get_auth(request: Request) -> ApiKeyAuth:
-    return get_state(request).auth
-
-
-State = Annotated[ProfileState, Depends(get_state)]
-IngestKey = Annotated[str, Depends(require_scope(get_auth, "ingest"))]
-AdminKey = Annotated[str, Depends(require_scope(get_auth, "admin"))]
 
 
 @router.post(

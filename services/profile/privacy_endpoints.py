@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 
 from services.common.errors import NotFound
-from services.profile.app import ProfileState
-from services.profile.endpoints import AdminKey, get_state
+from services.profile.deps import AdminKey, State
 from services.profile.persona_jobs import load_model, load_report, persona_table
 
 router = APIRouter()
-State = Annotated[ProfileState, Depends(get_state)]
 
 
 @router.delete("/v1/profiles/{visitor_id}", responses={200: {"description": "Receipt of what was deleted"}})

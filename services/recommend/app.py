@@ -6,7 +6,6 @@ import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from fastapi import FastAPI
 
@@ -15,6 +14,13 @@ from services.common.auth import ApiKeyAuth
 from services.common.clock import Clock, clock_for
 from services.common.observability import MetricsMiddleware, configure_logging
 from services.common.security import install_security
+from services.messages.endpoints import router as message_router
+from services.messages.repository import MessageRepository
+from services.messages.service import MessageService
+from services.messages.settings import MessageSettings
+from services.recommend.deps import RecommendState
+from services.recommend.endpoints import router
+from services.recommend.experiment_endpoints import router as experiment_router
 from services.recommend.experiments import load_experiments
 from services.recommend.repository import RecommendRepository
 from services.recommend.service import RecommendService
@@ -23,22 +29,26 @@ from services.recommend.settings import RecommendSettings
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class RecommendState:
-    settings: RecommendSettings
-    repository: RecommendRepository
-    service: RecommendService
-    auth: ApiKeyAuth
-    executor: ThreadPoolExecutor
-
-
 def build_state(settings: RecommendSettings, clock: Clock | None = None) -> RecommendState:
+    """Every part of the service, built once: one store, one clock and one experiment runtime shared by
+    ranking and next-best messages (messages decide on the ranking's item snapshot)."""
     repository = RecommendRepository.open(settings)
     clock = clock or clock_for(settings.clock_start)
-    service = RecommendService(settings, repository, settings.consent_defaults(), clock=clock)
-    service.experiments = load_experiments(settings, repository, clock)
+    consent_defaults = settings.consent_defaults()
+    experiments = load_experiments(settings, repository, clock)
+    service = RecommendService(settings, repository, consent_defaults, experiments=experiments, clock=clock)
+    messages = MessageService(
+        MessageRepository(repository),
+        lambda: service.snapshot,
+        MessageSettings(),
+        consent_defaults,
+        experiments=experiments,
+        recommendation_ttl_s=settings.recommendation_ttl_s,
+        clock=clock,
+        simulation=settings.simulation,
+    )
     executor = ThreadPoolExecutor(max_workers=settings.ranking_threads, thread_name_prefix="rank")
-    return RecommendState(settings, repository, service, ApiKeyAuth(settings.api_keys), executor)
+    return RecommendState(settings, repository, service, messages, ApiKeyAuth(settings.api_keys), executor)
 
 
 def create_app(settings: RecommendSettings | None = None, clock: Clock | None = None) -> FastAPI:
@@ -63,10 +73,6 @@ def create_app(settings: RecommendSettings | None = None, clock: Clock | None = 
             state.service.stop()
             state.executor.shutdown(wait=True)
             state.repository.close()
-
-    from services.recommend.endpoints import router
-    from services.recommend.experiment_endpoints import router as experiment_router
-    from services.recommend.message_endpoints import router as message_router
 
     app = FastAPI(
         title="Selaras recommend service",

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+from typing import Any
 
 import orjson
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -16,13 +16,11 @@ from services.common.api import (
     json_body_schema,
     parse_json_request,
     read_json_body,
-    require_scope,
     validation_failure,
 )
-from services.common.auth import ApiKeyAuth
 from services.common.catalog import CatalogItem
 from services.common.errors import InvalidPayload, PayloadTooLarge
-from services.recommend.app import RecommendState
+from services.recommend.deps import AdminKey, RecommendKey, State
 from services.recommend.schemas import (
     CatalogUpsert,
     CatalogUpsertResult,
@@ -34,20 +32,6 @@ from services.recommend.schemas import (
 router = APIRouter()
 ITEM_ADAPTER: TypeAdapter[CatalogItem] = TypeAdapter(CatalogItem)
 REQUEST_ADAPTER: TypeAdapter[RecommendRequest] = TypeAdapter(RecommendRequest)
-
-
-def get_state(request: Request) -> RecommendState:
-    state: RecommendState = request.app.state.recommend
-    return state
-
-
-def get_auth(request: Request) -> ApiKeyAuth:
-    return get_state(request).auth
-
-
-State = Annotated[RecommendState, Depends(get_state)]
-RecommendKey = Annotated[str, Depends(require_scope(get_auth, "recommend"))]
-AdminKey = Annotated[str, Depends(require_scope(get_auth, "admin"))]
 
 
 @router.post(

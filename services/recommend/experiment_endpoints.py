@@ -16,8 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from services.common.api import FastJSONResponse
 from services.common.errors import NotFound
-from services.recommend.app import RecommendState
-from services.recommend.endpoints import AdminKey, State
+from services.recommend.deps import AdminKey, RecommendState, State
 from services.recommend.experiments import ExperimentConfig, ExperimentRuntime
 
 router = APIRouter()

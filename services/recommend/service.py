@@ -22,6 +22,7 @@ from services.common.clock import SYSTEM_CLOCK, Clock, TimePolicy, wall_time
 from services.common.consent import ConsentDefaults
 from services.common.context import context_features, daypart, local_time, zone_for
 from services.common.events import Event
+from services.common.features import visitor_row_at
 from services.recommend.candidates import (
     CandidateGenerator,
     CandidateSet,
@@ -264,7 +265,7 @@ class RecommendService:
                 if personalization_allowed and self.consent_defaults.personalization == "opt_in":
                     row = self.repository.visitor_row(request.visitor_id)
             if personalization_allowed:
-                visitor = VisitorVector.from_row(request.visitor_id, row)
+                visitor = VisitorVector.from_row(request.visitor_id, visitor_row_at(row, now) if row else row)
         except Exception as exc:  # store or Feast down: answer from the in-process caches
             fallback_reason = "store_unavailable"
             log.debug("visitor row unavailable: %s", type(exc).__name__)

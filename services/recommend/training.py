@@ -214,7 +214,7 @@ class Trainer:
             row = {name: _clean(record.get(name)) for name in F.VISITOR_FEATURES}
             # Context features come from the on-demand feature view, as the FeatureService defines them.
             context = {name: int(record[name]) for name in F.CONTEXT_FEATURES}
-            out.append((VisitorVector.from_row(query.visitor_id, row), context))
+            out.append((VisitorVector.from_row(query.visitor_id, F.visitor_row_at(row, query.ts)), context))
         return out
 
     def snapshot_times(self, events: Sequence[Event], queries: Sequence[Query]) -> list[float]:

@@ -84,3 +84,17 @@ def test_clock_start_needs_a_time_zone(zone: object) -> None:
             CommonSettings(clock_start=start)
     else:
         assert CommonSettings(clock_start=start).clock_start == start
+
+
+def test_visitor_windows_are_seen_from_the_request_time_not_the_last_event() -> None:
+    from services.common.features import visitor_row_at
+
+    last = AT.timestamp()
+    row = {"last_seen_ts": last, "views_1h": 3, "views_24h": 5, "views_7d": 9, "views_30d": 20, "event_count": 40}
+    assert visitor_row_at(row, last + 60) is row  # nothing expired: the row itself
+    two_days = visitor_row_at(row, last + 2 * 86_400)
+    assert (two_days["views_1h"], two_days["views_24h"], two_days["views_7d"], two_days["views_30d"]) == (0, 0, 9, 20)
+    month = visitor_row_at(row, last + 31 * 86_400)
+    assert (month["views_7d"], month["views_30d"], month["event_count"]) == (0, 0, 40)  # totals are not windows
+    assert row["views_7d"] == 9  # the stored row is not changed
+    assert visitor_row_at({"views_7d": 2}, last) == {"views_7d": 2}  # no last-seen time: nothing to age from

@@ -23,13 +23,13 @@ from services.common.events import Event
 from services.common.experiment_store import ExposureWrite, open_experiment_store
 from services.common.feature_store import online_rows
 from services.common.storage import Namespace
+from services.messages.repository import MESSAGE_HISTORY
 from services.profile.aggregations import SegmentRules
 from services.profile.app import create_app
 from services.profile.privacy import PrivacyService
 from services.profile.repository import ProfileRepository
 from services.profile.service import Aggregator, IngestService
 from services.profile.settings import ProfileSettings
-from services.recommend.message_repository import MESSAGE_HISTORY
 from services.recommend.repository import RecommendRepository
 from services.recommend.training import Query, TrainConfig, Trainer
 from tests.conftest import REDIS_URL, clean_namespace, unique_name

@@ -33,7 +33,8 @@ def clients(world: SessionWorld) -> Iterator[tuple[TestClient, TestClient]]:
         "feast_project": shared.feast_project,
         "environment": "test",
     }
-    profile = ProfileSettings(**common, aggregator_idle_s=0.005)
+    # No offline rows: training and offline evaluation of the shared world must not see this module's events.
+    profile = ProfileSettings(**common, aggregator_idle_s=0.005, offline_rows=False)
     recommend = RecommendSettings(**common, refresh_interval_s=0.5)
     with (
         TestClient(create_profile_app(profile, world.clock)) as profile_client,

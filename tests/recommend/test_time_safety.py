@@ -25,6 +25,13 @@ BROWSER, SENDER, OPS = "browser-key-1234", "sender-key-5678", "ops-key-9012"
 KEYS = f"web:recommend:{hash_key(BROWSER)},shop:ingest:{hash_key(SENDER)},ops:admin:{hash_key(OPS)}"
 FAR_FUTURE = datetime(2100, 1, 1, tzinfo=UTC)
 SLOTS = [{"name": "home", "kind": "product", "count": 8}]
+CREATED: list[str] = []
+
+
+def new_visitor(prefix: str) -> str:
+    visitor = unique_name(prefix)
+    CREATED.append(visitor)
+    return visitor
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +47,17 @@ def apps(world: SessionWorld) -> Iterator[tuple[TestClient, TestClient, ProfileR
     }
     repository = ProfileRepository.open(ProfileSettings(**common))
     with (
-        TestClient(create_profile_app(ProfileSettings(**common, aggregator_idle_s=0.005), world.clock)) as profile,
+        TestClient(
+            # No offline rows: training and offline evaluation of the shared world must not see these events.
+            create_profile_app(ProfileSettings(**common, aggregator_idle_s=0.005, offline_rows=False), world.clock)
+        ) as profile,
         TestClient(create_recommend_app(RecommendSettings(**common, refresh_interval_s=0.5), world.clock)) as recommend,
     ):
         yield profile, recommend, repository
+        # The visitors these tests made are erased again: other tests count the shared world's visitors.
+        recommend.app.state.recommend.repository.flush()  # type: ignore[attr-defined]
+        for visitor in CREATED:
+            assert profile.delete(f"/v1/profiles/{visitor}", headers={"X-API-Key": OPS}).status_code == 200
     repository.close()
 
 
@@ -74,7 +88,7 @@ def test_a_future_event_is_refused_by_index_and_field_and_nothing_is_stored(
     profile, _, repository = apps
     item_id = world.world.shop.products[0].item_id
     before = item_state(repository, item_id)
-    visitor = unique_name("future")
+    visitor = new_visitor("future")
     now = world.clock.now_datetime()
     events = [
         make_event_dict(visitor_id=visitor, item_id=item_id, timestamp=now.isoformat()),
@@ -99,7 +113,7 @@ def test_a_browser_key_cannot_choose_the_time_and_its_impressions_do_not_move_it
     apps: tuple[TestClient, TestClient, ProfileRepository], world: SessionWorld
 ) -> None:
     _, recommend, repository = apps
-    visitor = world.world.simulator.visitors[1].visitor_id
+    visitor = new_visitor("browser")
     answer = ask(recommend, BROWSER, visitor, FAR_FUTURE)
     assert answer["time"]["source"] == "clock" and "ignored" in answer["time"]
     used = datetime.fromisoformat(answer["time"]["now"])
@@ -127,7 +141,7 @@ def test_an_admin_key_chooses_the_time(
     apps: tuple[TestClient, TestClient, ProfileRepository], world: SessionWorld
 ) -> None:
     _, recommend, _ = apps
-    visitor = world.world.simulator.visitors[2].visitor_id
+    visitor = new_visitor("admin")
     asked = world.clock.now_datetime() - timedelta(days=3)
     answer = ask(recommend, OPS, visitor, asked)
     assert answer["time"]["source"] == "request" and "ignored" not in answer["time"]

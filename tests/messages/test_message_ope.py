@@ -12,16 +12,10 @@ import math
 import numpy as np
 import pytest
 
-from services.recommend.message_model import (
-    ACTION_COLUMNS,
-    VISITOR_COLUMNS,
-    LoggedDecisions,
-    MessageTrainConfig,
-    MessageTrainResult,
-    template_code,
-    train_message_model,
-)
-from services.recommend.message_ope import LEARNED, NOTHING, evaluate_messages, greedy_actions
+from services.messages.model import ACTION_COLUMNS, VISITOR_COLUMNS, template_code
+from services.messages.ope import LEARNED, NOTHING, evaluate_messages, greedy_actions
+from services.messages.replay import LoggedDecisions
+from services.messages.train import MessageTrainConfig, MessageTrainResult, train_message_model
 
 ORGANIC = 0.1
 OPEN, CLICK = 0.5, 0.5

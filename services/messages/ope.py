@@ -28,7 +28,8 @@ from typing import Any, Final
 
 import numpy as np
 
-from services.recommend.message_model import LoggedDecisions, MessageModel
+from services.messages.model import MessageModel
+from services.messages.replay import LoggedDecisions
 from services.recommend.policy_eval import Estimate, doubly_robust, ips, snips
 
 LEARNED: Final = "learned"

@@ -11,20 +11,14 @@ import pytest
 from services.common.catalog import CatalogItem
 from services.common.context import WIB, WIT, WITA
 from services.demo.shop import generate_shop
+from services.messages.eligibility import Eligibility, StockWatch
+from services.messages.history import SendHistory
+from services.messages.model import VisitorView
+from services.messages.render import fill, format_price, render, tone_for
+from services.messages.settings import MessageSettings
+from services.messages.templates import MessageCatalog
+from services.messages.timing import plan_send
 from services.recommend.catalog_cache import ItemSnapshot, build_snapshot
-from services.recommend.message_model import VisitorView
-from services.recommend.messages import (
-    Eligibility,
-    MessageCatalog,
-    MessageSettings,
-    SendHistory,
-    StockWatch,
-    fill,
-    format_price,
-    plan_send,
-    render,
-    tone_for,
-)
 from tests.factories import make_item
 
 SETTINGS = MessageSettings()

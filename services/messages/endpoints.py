@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 from pydantic import TypeAdapter, ValidationError
 
@@ -16,49 +14,22 @@ from services.common.api import (
     json_body_schema,
     parse_json_request,
     read_json_body,
-    require_scope,
     validation_failure,
 )
 from services.common.errors import InvalidPayload, PayloadTooLarge
-from services.recommend.app import RecommendState
-from services.recommend.endpoints import get_auth, get_state
-from services.recommend.message_repository import MessageRepository
-from services.recommend.messages import MessageBatchRequest, MessageRequest, MessageService, MessageSettings
+from services.messages.schemas import MessageBatchRequest, MessageRequest
+from services.messages.service import MessageService
+from services.recommend.deps import RecommendKey, RecommendState, State
 
 router = APIRouter()
 REQUEST_ADAPTER: TypeAdapter[MessageRequest] = TypeAdapter(MessageRequest)
 BATCH_ADAPTER: TypeAdapter[MessageBatchRequest] = TypeAdapter(MessageBatchRequest)
-_create_lock = threading.Lock()
-
-State = Annotated[RecommendState, Depends(get_state)]
-RecommendKey = Annotated[str, Depends(require_scope(get_auth, "recommend"))]
 
 
 def install_message_service(app: FastAPI, service: MessageService) -> None:
-    """Serve next-best messages from this service (tests and simulations pass their own settings)."""
-    app.state.messages = service
-
-
-def message_service(app: FastAPI, state: RecommendState) -> MessageService:
-    """The app's message service, built on first use from the recommend state (same store, Feast and item cache)."""
-    service: MessageService | None = getattr(app.state, "messages", None)
-    if service is None:
-        with _create_lock:
-            service = getattr(app.state, "messages", None)
-            if service is None:
-                service = MessageService(
-                    MessageRepository(state.repository),
-                    lambda: state.service.snapshot,
-                    MessageSettings(),
-                    state.settings.consent_defaults(),
-                    recommendation_ttl_s=state.settings.recommendation_ttl_s,
-                    clock=state.service.clock,
-                    simulation=state.settings.simulation,
-                )
-                app.state.messages = service
-    # Experiments are configured (and reconfigured) on the recommend service; follow it.
-    service.experiments = state.service.experiments
-    return service
+    """Serve next-best messages with `service` instead of the one the app built (tests with other settings)."""
+    state: RecommendState = app.state.recommend
+    state.messages = service
 
 
 @router.post(
@@ -69,7 +40,7 @@ def message_service(app: FastAPI, state: RecommendState) -> MessageService:
 async def next_best_message(request: Request, state: State, key: RecommendKey) -> Response:
     """The message to send a visitor next on a channel, with its send time, or `{"action": "none", "reason": ...}`."""
     parsed = await parse_json_request(request, REQUEST_ADAPTER, state.settings.max_body_bytes)
-    service = message_service(request.app, state)
+    service = state.messages
     loop = asyncio.get_running_loop()
     result = await loop.run_in_executor(state.executor, service.decide, parsed, state.auth.is_admin(key))
     return FastJSONResponse(result)
@@ -87,7 +58,7 @@ async def next_best_message_batch(request: Request, state: State, key: Recommend
     """Next-best messages for up to 1,000 visitors in one call (push systems planning their sends)."""
     started = time.perf_counter()
     body = read_json_body(await request.body(), state.settings.max_body_bytes * 16)
-    service = message_service(request.app, state)
+    service = state.messages
     raw = body.get("requests") if isinstance(body, dict) else None
     if isinstance(raw, list) and len(raw) > service.settings.max_batch:
         raise PayloadTooLarge(f"batch has {len(raw)} requests; the limit is {service.settings.max_batch}")

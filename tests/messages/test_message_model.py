@@ -21,18 +21,21 @@ from services.common.settings import CommonSettings
 from services.demo.message_sim import MessageSimConfig, simulate_messages
 from services.demo.shop import generate_shop
 from services.demo.simulator import read_jsonl
+from services.messages.model import VisitorView, action_vector, visitor_vector
+from services.messages.replay import replay_decisions
+from services.messages.repository import MessageRepository
+from services.messages.schemas import MessageRequest
+from services.messages.service import MessageService
+from services.messages.settings import MessageSettings
 from services.profile.aggregations import SegmentRules
 from services.profile.repository import ProfileRepository
 from services.profile.service import Aggregator, IngestService
 from services.recommend.catalog_cache import build_snapshot
-from services.recommend.message_model import VisitorView, action_vector, replay_decisions, visitor_vector
-from services.recommend.message_repository import MessageRepository
-from services.recommend.messages import MessageRequest, MessageService, MessageSettings
 from services.recommend.repository import RecommendRepository
 from services.recommend.settings import RecommendSettings
 from tests.conftest import REDIS_URL
 from tests.factories import make_event, make_item
-from tests.recommend.test_message_endpoints import drop_feast_rows
+from tests.messages.test_message_endpoints import drop_feast_rows
 
 NOW = datetime(2026, 11, 26, 2, tzinfo=UTC)  # payday window, 09:00 in Jakarta
 

@@ -1,5 +1,6 @@
-"""CLI commands for next-best messages: `selaras train-messages`, `selaras evaluate messages FILE` and
-`selaras simulate-messages`. Heavy modules are imported inside the commands so `selaras --help` stays fast."""
+"""CLI commands for next-best messages: `selaras train-messages` and `selaras evaluate messages FILE` (the
+demo's `selaras simulate-messages` lives with the demo). Heavy modules are imported inside the commands so
+`selaras --help` stays fast."""
 
 from __future__ import annotations
 
@@ -8,17 +9,20 @@ import os
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from pydantic import TypeAdapter
+
     from services.common.catalog import CatalogItem
-    from services.common.events import Event
-    from services.recommend.message_model import MessageModel
-    from services.recommend.message_ope import Evaluation
+    from services.messages.model import MessageModel
+    from services.messages.ope import Evaluation
+
+T = TypeVar("T")
 
 console = Console()
 DataDir = Annotated[Path, typer.Option("--data-dir", envvar="SELARAS_DATA_DIR", help="Where Selaras keeps its data.")]
@@ -49,8 +53,9 @@ def train_messages(
     seed: int = 7,
 ) -> None:
     """Train the next-best-message uplift model from the logged decisions and outcomes; save it as the newest."""
-    from services.recommend.message_model import MessageTrainConfig, replay_decisions, train_message_model
-    from services.recommend.message_repository import MessageRepository
+    from services.messages.replay import replay_decisions
+    from services.messages.repository import MessageRepository
+    from services.messages.train import MessageTrainConfig, train_message_model
     from services.recommend.repository import RecommendRepository
 
     repository = RecommendRepository.open(_settings(data_dir))
@@ -94,19 +99,15 @@ def train_messages(
     )
 
 
-def _read_events(path: Path) -> Iterator[Event]:
-    from services.common.events import Event
-    from services.demo.simulator import read_jsonl
+def _read_jsonl(path: Path, adapter: TypeAdapter[T]) -> Iterator[T]:
+    """The file's records (JSON Lines, .gz too) in the API's schema; raises InvalidInput (a ValueError naming
+    the line) at the first line that is not."""
+    from services.profile.importer import InvalidInput, InvalidLine, read_jsonl
 
-    for row in read_jsonl(path):
-        yield Event.model_validate(row)
-
-
-def _read_catalog(path: Path) -> list[CatalogItem]:
-    from services.common.catalog import CatalogItem
-    from services.demo.simulator import read_jsonl
-
-    return [CatalogItem.model_validate(row) for row in read_jsonl(path)]
+    for _, parsed in read_jsonl(path, adapter):
+        if isinstance(parsed, InvalidLine):
+            raise InvalidInput(parsed)
+        yield parsed
 
 
 def evaluate_messages_command(
@@ -127,13 +128,19 @@ def evaluate_messages_command(
 ) -> None:
     """Estimate the value of the learned message policy, of every single-message policy and of sending
     nothing from logged decisions (IPS, self-normalised IPS, doubly robust; 95% CIs, effective sample size)."""
-    from services.recommend.message_model import MessageModel, replay_decisions
-    from services.recommend.message_ope import evaluate_messages
-    from services.recommend.message_repository import MessageRepository
+    from services.messages.model import MessageModel
+    from services.messages.ope import evaluate_messages
+    from services.messages.replay import replay_decisions
+    from services.messages.repository import MessageRepository
+    from services.profile.importer import EVENT_ADAPTER, ITEM_ADAPTER, InvalidInput
     from services.recommend.repository import RecommendRepository
 
     model: MessageModel | None = None
-    items: list[CatalogItem] | None = _read_catalog(catalog) if catalog else None
+    try:
+        items: list[CatalogItem] | None = list(_read_jsonl(catalog, ITEM_ADAPTER)) if catalog else None
+    except InvalidInput as exc:
+        console.print(f"[red]cannot read {catalog}:[/] {exc}")
+        raise typer.Exit(2) from exc
     repository = RecommendRepository.open(_settings(data_dir))
     try:
         messages = MessageRepository(repository)
@@ -150,8 +157,12 @@ def evaluate_messages_command(
         repository.close()
     if model is None:
         console.print("[yellow]no message model found: only 'send nothing' and single-message policies[/]")
-    with console.status(f"replaying {file.name}"):
-        data = replay_decisions(_read_events(file), items or [], window_hours)
+    try:
+        with console.status(f"replaying {file.name}"):
+            data = replay_decisions(_read_jsonl(file, EVENT_ADAPTER), items or [], window_hours)
+    except InvalidInput as exc:
+        console.print(f"[red]cannot read {file}:[/] {exc}")
+        raise typer.Exit(2) from exc
     start, stop = _when(since), _when(until)
     if start is not None:
         data = data.subset(data.send_at >= start)
@@ -179,7 +190,7 @@ def evaluate_messages_command(
 
 
 def evaluation_table(evaluation: Evaluation) -> Table:
-    from services.recommend.message_ope import rank
+    from services.messages.ope import rank
 
     table = Table(
         title=f"message policies on {evaluation.decisions:,} decisions (conversion within "
@@ -201,63 +212,7 @@ def evaluation_table(evaluation: Evaluation) -> Table:
     return table
 
 
-def simulate_messages_command(
-    out: Annotated[Path, typer.Option(help="Where to write catalog.jsonl and events.jsonl.gz")] = Path("data/messages"),
-    data_dir: Annotated[
-        Path, typer.Option("--data-dir", envvar="SELARAS_DATA_DIR", help="A fresh data dir for the simulation")
-    ] = Path("data/message-sim"),
-    visitors: int = 1000,
-    history_days: int = 14,
-    message_days: int = 14,
-    train_after_days: Annotated[int | None, typer.Option(help="Train and serve the model after N message days")] = None,
-    control_rate: float = 0.05,
-    seed: int = 7,
-) -> None:
-    """Simulate message decisions (with exploration and a control group) and reactions on the demo shop."""
-    from services.demo.message_sim import MessageSimConfig, simulate_messages
-    from services.recommend.messages import MessageSettings
-
-    settings = _settings(data_dir)
-    from services.common.storage import open_store
-
-    store = open_store(settings)
-    try:
-        if store.log_length():
-            console.print(
-                f"[red]{data_dir} already holds events:[/] simulate into a fresh --data-dir "
-                "(and, with REDIS_URL, a fresh SELARAS_NAMESPACE and SELARAS_FEAST_PROJECT)"
-            )
-            raise typer.Exit(2)
-    finally:
-        store.close()
-    config = MessageSimConfig(
-        visitors=visitors,
-        history_days=history_days,
-        message_days=message_days,
-        seed=seed,
-        train_after_days=train_after_days,
-        policy=MessageSettings(win_back_after_days=7.0, control_rate=control_rate),
-    )
-    with console.status("simulating"):
-        result = simulate_messages(settings, config, out_dir=out)
-    console.print(
-        f"{result.decisions:,} decisions ({result.logged:,} logged, {result.sent:,} sent), {result.events:,} events "
-        f"in {result.seconds:.0f} s; answers {result.answers}"
-    )
-    for name, path in result.files.items():
-        console.print(f"  {name}: {path}")
-    from datetime import timedelta
-
-    # Train on the first half of the message days, evaluate on the second (held out).
-    split = (result.first_decision + timedelta(days=message_days // 2)).replace(hour=0).isoformat()
-    console.print(
-        f"next:\n  selaras train-messages --data-dir {data_dir} --until {split}\n"
-        f"  selaras evaluate messages {result.files.get('events')} --data-dir {data_dir} --since {split}"
-    )
-
-
 def register_message_commands(app: typer.Typer, evaluate_app: typer.Typer) -> None:
     """Add the message commands to the `selaras` CLI (and `messages` to its `evaluate` group)."""
     app.command("train-messages")(train_messages)
-    app.command("simulate-messages")(simulate_messages_command)
     evaluate_app.command("messages")(evaluate_messages_command)

@@ -23,15 +23,18 @@ from services.common.events import Event
 from services.common.settings import CommonSettings
 from services.common.storage import Namespace
 from services.demo.shop import generate_shop
+from services.messages.endpoints import install_message_service
+from services.messages.model import MessageModel, Stage
+from services.messages.repository import MessageRepository
+from services.messages.schemas import MessageRequest
+from services.messages.service import MessageService
+from services.messages.settings import MessageSettings
 from services.profile.aggregations import SegmentRules
 from services.profile.privacy import MessageHistoryHolder
 from services.profile.repository import ProfileRepository
 from services.profile.service import Aggregator, IngestService
-from services.recommend.app import RecommendState, create_app
-from services.recommend.message_endpoints import install_message_service
-from services.recommend.message_model import MessageModel, Stage
-from services.recommend.message_repository import MessageRepository
-from services.recommend.messages import MessageRequest, MessageService, MessageSettings
+from services.recommend.app import create_app
+from services.recommend.deps import RecommendState
 from services.recommend.settings import RecommendSettings
 from tests.conftest import REDIS_URL, clean_namespace, unique_name
 from tests.factories import make_event, make_item

@@ -1,0 +1,280 @@
+"""The next-best-message uplift model and its features, shared by serving, training (`train.py`) and offline
+evaluation (`replay.py`, `ope.py`).
+
+The model follows the funnel the events record. A message can only cause a purchase through its own
+open -> click -> purchase chain (outcome events echo the decision's `recommendation_id`), so three LightGBM
+classifiers learn P(open | sent), P(click | open) and P(purchase | click) from the sends, and a fourth
+learns the baseline b(x) = P(any purchase in the outcome window | nothing sent) from the decisions that
+sent nothing (the random control group, exploration and "no uplift" answers). A message-driven purchase
+replaces a purchase the visitor would have made anyway with probability b(x), so the expected uplift of
+message a is
+
+    uplift(x, a) = P(open) * P(click | open) * P(purchase | click) * (1 - b(x)).
+
+Chained models learn from the frequent events (opens are 10-30% of sends) instead of the rare purchase
+difference between two noisy groups, which is what lets a few thousand sends rank messages. The control
+group checks the model: training reports the measured incremental conversion (sent vs control) next to
+the model's predicted mean uplift.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timezone
+from typing import Any, Final
+
+import lightgbm as lgb
+import numpy as np
+import orjson
+
+from services.common.catalog import MESSAGE_TRIGGERS
+from services.common.context import is_payday_window, local_time, zone_for
+from services.common.features import CHANNEL_CODES, as_number
+from services.recommend.catalog_cache import ItemSnapshot
+
+DAY: Final = 86_400.0
+TRIGGERS: Final = MESSAGE_TRIGGERS
+TRIGGER_CODES: Final = {trigger: code for code, trigger in enumerate(TRIGGERS, start=1)}  # 0 = nothing sent
+
+VISITOR_COLUMNS: Final[tuple[str, ...]] = (
+    "v_days_since_seen",
+    "v_days_since_purchase",
+    "v_views_7d",
+    "v_views_30d",
+    "v_carts_7d",
+    "v_purchases_30d",
+    "v_orders",
+    "v_session_depth",
+    "v_discount_affinity",
+    "v_price_sensitivity",
+    "v_payday_share",
+    "v_log_cart_value",
+    "v_cart_items",
+    "v_cart_age_h",
+    "v_activity_at_send",
+    "v_peak_activity",
+    "v_views_per_order",
+    "v_locale_en",
+    "c_send_hour",
+    "c_delay_h",
+    "c_day_of_week",
+    "c_is_payday_window",
+    "c_channel_code",
+)
+ACTION_COLUMNS: Final[tuple[str, ...]] = (
+    "a_trigger_code",
+    "a_template_code",
+    "a_has_product",
+    "p_discount",
+    "p_log_price",
+    "p_price_ratio",
+    "p_category_affinity",
+    "p_in_cart",
+    "p_recently_viewed",
+    "p_age_days",
+)
+MESSAGE_FEATURES: Final = VISITOR_COLUMNS + ACTION_COLUMNS
+CATEGORICAL: Final = ("c_channel_code", "a_trigger_code", "a_template_code")
+STAGES: Final = ("open", "click", "purchase")
+MODEL_FORMAT: Final = 1
+
+
+def template_code(template_id: str) -> int:
+    """A stable small integer per template id (LightGBM categorical)."""
+    return 1 + zlib.crc32(template_id.encode()) % 997
+
+
+@dataclass(slots=True)
+class VisitorView:
+    """A visitor's row parsed once into what eligibility, rendering and the model need."""
+
+    visitor_id: str
+    known: bool
+    row: Mapping[str, Any]
+    zone: timezone
+    locale: str
+    cart: tuple[str, ...] = ()
+    cart_updated: float = math.nan
+    recent: tuple[str, ...] = ()
+    purchased: frozenset[str] = frozenset()
+    categories: tuple[str, ...] = ()
+    affinity: Mapping[str, float] = field(default_factory=dict)
+    last_seen: float = math.nan
+    last_purchase: float = math.nan
+    orders: int = 0
+    histogram: tuple[float, ...] = ()
+    persona_id: int = -1
+
+    @classmethod
+    def from_row(cls, visitor_id: str, row: Mapping[str, Any] | None) -> VisitorView:
+        if not row or not row.get("event_count"):
+            return cls(visitor_id, False, row or {}, zone_for(None), "id")
+        city = row.get("city") or None
+        categories = tuple(row.get("top_categories") or ())
+        persona = row.get("persona_id")
+        return cls(
+            visitor_id=visitor_id,
+            known=True,
+            row=row,
+            zone=zone_for(city),
+            locale=str(row.get("locale") or "id").split("-")[0].lower(),
+            cart=tuple(row.get("cart_items") or ()),
+            cart_updated=as_number(row.get("cart_updated_ts")),
+            recent=tuple(row.get("recent_items") or ()),
+            purchased=frozenset(row.get("purchased_items") or ()),
+            categories=categories,
+            affinity=dict(zip(categories, row.get("top_category_scores") or (), strict=False)),
+            last_seen=as_number(row.get("last_seen_ts")),
+            last_purchase=as_number(row.get("last_purchase_ts")),
+            orders=int(row.get("rfm_frequency") or 0),
+            histogram=tuple(row.get("hour_histogram") or ()),
+            persona_id=int(persona) if isinstance(persona, int | float) and not math.isnan(persona) else -1,
+        )
+
+    def value(self, name: str) -> float:
+        return as_number(self.row.get(name))
+
+
+def visitor_vector(view: VisitorView, now: float, send_at: float, channel: str) -> list[float]:
+    """VISITOR_COLUMNS for one decision (the same for every candidate message of it)."""
+    local = local_time(send_at, view.zone)
+    histogram = view.histogram
+    views_30d = view.value("views_30d")
+    cart_value = view.value("cart_value")
+    return [
+        (now - view.last_seen) / DAY,
+        (now - view.last_purchase) / DAY,
+        view.value("views_7d"),
+        views_30d,
+        view.value("carts_7d"),
+        view.value("purchases_30d"),
+        float(view.orders),
+        view.value("session_depth"),
+        view.value("discount_affinity"),
+        view.value("price_sensitivity"),
+        view.value("payday_purchase_share"),
+        math.log1p(cart_value) if cart_value == cart_value and cart_value >= 0 else math.nan,
+        float(len(view.cart)),
+        (now - view.cart_updated) / 3600.0 if view.cart else math.nan,
+        float(histogram[local.hour]) if len(histogram) == 24 else math.nan,
+        float(max(histogram)) if len(histogram) == 24 else math.nan,
+        views_30d / max(view.orders, 1) if views_30d == views_30d else math.nan,
+        1.0 if view.locale == "en" else 0.0,
+        float(local.hour),
+        (send_at - now) / 3600.0,
+        float(local.weekday()),
+        float(is_payday_window(local.day)),
+        float(CHANNEL_CODES.get(channel, 0)),
+    ]
+
+
+def action_vector(
+    view: VisitorView, trigger: str, template_id: str, product: int, snapshot: ItemSnapshot, now: float
+) -> list[float]:
+    """ACTION_COLUMNS for one candidate message (template + product; product -1 = none)."""
+    head = [float(TRIGGER_CODES.get(trigger, 0)), float(template_code(template_id))]
+    if product < 0:
+        return [*head, 0.0, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan]
+    item_id = snapshot.ids[product]
+    price = float(snapshot.price[product])
+    typical = view.value("typical_price_viewed")
+    category = snapshot.categories[product] or ""
+    recent_rank = view.recent.index(item_id) if item_id in view.recent else -1
+    return [
+        *head,
+        1.0,
+        float(snapshot.discount[product]),
+        math.log1p(price) if price == price else math.nan,
+        price / typical if typical == typical and typical > 0 and price == price else math.nan,
+        float(view.affinity.get(category, 0.0)),
+        1.0 if item_id in view.cart else 0.0,
+        1.0 / (1 + recent_rank) if recent_rank >= 0 else 0.0,
+        (now - float(snapshot.created_ts[product])) / DAY,
+    ]
+
+
+# ------------------------------------------------------------------------------------------------
+# The model
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    """One classifier of the funnel, or a constant rate when there was too little data to learn more."""
+
+    booster: lgb.Booster | None
+    constant: float
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        if len(X) == 0:
+            return np.zeros(0)
+        if self.booster is None:
+            return np.full(len(X), self.constant)
+        return np.asarray(self.booster.predict(X, num_threads=1), dtype=np.float64)
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.booster is None:
+            return {"constant": self.constant}
+        return {"model": self.booster.model_to_string(), "constant": self.constant}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Stage:
+        text = data.get("model")
+        return cls(lgb.Booster(model_str=text) if text else None, float(data.get("constant", 0.0)))
+
+
+class IncompatibleMessageModel(ValueError):
+    """The stored model was trained on other features than this code builds."""
+
+
+@dataclass
+class MessageModel:
+    version: str
+    created_at: float
+    stages: dict[str, Stage]  # open, click, purchase (on MESSAGE_FEATURES) and baseline (on VISITOR_COLUMNS)
+    window_h: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def uplift(self, V: np.ndarray, A: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per candidate row: (uplift, P(message-driven purchase)); per decision row of V: baseline b(x).
+
+        `V` holds one row per decision, `A` one row per candidate, `owner[j]` the decision of candidate j."""
+        baseline = np.clip(self.stages["baseline"].predict(V), 0.0, 1.0)
+        if len(A) == 0:
+            return np.zeros(0), np.zeros(0), baseline
+        X = np.hstack([V[owner], A])
+        attributed = (
+            self.stages["open"].predict(X) * self.stages["click"].predict(X) * self.stages["purchase"].predict(X)
+        )
+        attributed = np.clip(attributed, 0.0, 1.0)
+        return attributed * (1.0 - baseline[owner]), attributed, baseline
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(
+            {
+                "format": MODEL_FORMAT,
+                "version": self.version,
+                "created_at": self.created_at,
+                "features": list(MESSAGE_FEATURES),
+                "window_h": self.window_h,
+                "metrics": self.metrics,
+                "stages": {name: stage.to_dict() for name, stage in self.stages.items()},
+            },
+            option=orjson.OPT_SERIALIZE_NUMPY,
+        )
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> MessageModel:
+        data = orjson.loads(raw)
+        if data.get("format") != MODEL_FORMAT or tuple(data.get("features", ())) != MESSAGE_FEATURES:
+            raise IncompatibleMessageModel(f"message model {data.get('version')} was trained on other features")
+        return cls(
+            version=str(data["version"]),
+            created_at=float(data["created_at"]),
+            stages={name: Stage.from_dict(stage) for name, stage in data["stages"].items()},
+            window_h=float(data.get("window_h", 24.0)),
+            metrics=dict(data.get("metrics", {})),
+        )

@@ -1,0 +1,258 @@
+"""Replay of logged decisions: the event log folded into the training and evaluation data of the uplift model.
+
+Visitor features at a decision are the visitor's row as of that moment. Training and offline evaluation
+replay the events through the profile service's own pure aggregation code (`services.profile.aggregations`),
+the same code that writes the online rows the service reads, so serving and training see the same values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from services.common.catalog import CatalogItem, ItemKind
+from services.common.consent import Consent, ConsentDefaults, consent_changes_from_properties
+from services.common.events import Event, EventType
+from services.common.features import as_number, visitor_row_at
+from services.messages.decision_log import decode_candidates
+from services.messages.model import ACTION_COLUMNS, VISITOR_COLUMNS, VisitorView, action_vector, visitor_vector
+from services.profile.aggregations import ItemInfo, SegmentRules, VisitorState, fold_visitor, visitor_features
+from services.recommend.catalog_cache import ItemSnapshot, build_snapshot
+
+
+@dataclass
+class LoggedDecisions:
+    """Decisions that had at least one eligible message, with their candidates and outcomes (arrays)."""
+
+    visitor_ids: list[str]
+    recommendation_ids: list[str]
+    channels: list[str]
+    send_at: np.ndarray
+    V: np.ndarray  # decision x VISITOR_COLUMNS
+    propensity: np.ndarray
+    action: np.ndarray  # candidate row of the logged action, -1 = nothing sent
+    control: np.ndarray  # bool: the random control group
+    opened: np.ndarray
+    clicked: np.ndarray
+    attributed: np.ndarray  # a purchase echoing the decision's recommendation id
+    converted: np.ndarray  # any purchase by the visitor within the outcome window after send_at
+    cand_owner: np.ndarray  # candidate -> decision
+    cand_template: list[str]
+    cand_product: list[str | None]
+    A: np.ndarray  # candidate x ACTION_COLUMNS
+    window_h: float
+
+    @property
+    def size(self) -> int:
+        return len(self.visitor_ids)
+
+    def sent(self) -> np.ndarray:
+        return self.action >= 0
+
+    def candidates_of(self, i: int) -> np.ndarray:
+        return np.flatnonzero(self.cand_owner == i)
+
+    def subset(self, mask: np.ndarray) -> LoggedDecisions:
+        """Decisions where `mask` is true, with their candidates re-indexed."""
+        keep = np.flatnonzero(mask)
+        new_index = -np.ones(self.size, dtype=np.int64)
+        new_index[keep] = np.arange(len(keep))
+        cand_keep = np.flatnonzero(mask[self.cand_owner]) if len(self.cand_owner) else np.zeros(0, dtype=np.int64)
+        cand_new = -np.ones(len(self.cand_owner), dtype=np.int64)
+        cand_new[cand_keep] = np.arange(len(cand_keep))
+        action = np.where(self.action[keep] >= 0, cand_new[np.maximum(self.action[keep], 0)], -1)
+        return LoggedDecisions(
+            visitor_ids=[self.visitor_ids[i] for i in keep],
+            recommendation_ids=[self.recommendation_ids[i] for i in keep],
+            channels=[self.channels[i] for i in keep],
+            send_at=self.send_at[keep],
+            V=self.V[keep],
+            propensity=self.propensity[keep],
+            action=action,
+            control=self.control[keep],
+            opened=self.opened[keep],
+            clicked=self.clicked[keep],
+            attributed=self.attributed[keep],
+            converted=self.converted[keep],
+            cand_owner=new_index[self.cand_owner[cand_keep]],
+            cand_template=[self.cand_template[j] for j in cand_keep],
+            cand_product=[self.cand_product[j] for j in cand_keep],
+            A=self.A[cand_keep],
+            window_h=self.window_h,
+        )
+
+
+@dataclass
+class _Pending:
+    visitor_id: str
+    recommendation_id: str
+    channel: str
+    send_at: float
+    vector: list[float]
+    propensity: float
+    control: bool
+    candidates: list[tuple[str, str | None, list[float]]]
+    logged: int  # index into candidates, -1 = none
+
+
+def replay_decisions(
+    events: Iterable[Event],
+    catalog: Sequence[CatalogItem],
+    window_h: float = 24.0,
+    consent_defaults: ConsentDefaults | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> LoggedDecisions:
+    """Fold events (in log or file order) through the profile aggregation code and collect every logged
+    decision (`message_sent` with `properties.propensity`) with the visitor's row as of that moment, its
+    candidates and its outcomes."""
+    defaults = consent_defaults or ConsentDefaults()
+    rules = SegmentRules()
+    # Only ids, prices and creation times are read (ages are taken at each decision's own time), so the
+    # snapshot's own "now" (which items are new arrivals) does not matter here.
+    snapshot = build_snapshot(list(catalog), {}, {}, {}, now=0.0)
+    templates = {
+        item.item_id: item.message.trigger
+        for item in catalog
+        if item.kind is ItemKind.MESSAGE and item.message is not None
+    }
+    info = {
+        item.item_id: ItemInfo(item.category, item.brand, item.price, item.discount)
+        for item in catalog
+        if item.kind is ItemKind.PRODUCT
+    }
+    states: dict[str, VisitorState] = {}
+    consents: dict[str, Consent] = {}
+    pending: list[_Pending] = []
+    purchases: dict[str, list[float]] = {}
+    outcomes: dict[str, set[str]] = {}
+    count = 0
+    for event in events:
+        count += 1
+        if progress is not None and count % 50_000 == 0:
+            progress(count)
+        visitor_id = event.visitor_id
+        if event.type is EventType.MESSAGE_SENT and "propensity" in event.properties:
+            decision = _pending_decision(event, states.get(visitor_id), rules, templates, snapshot)
+            if decision is not None:
+                pending.append(decision)
+            continue
+        if event.type is EventType.PURCHASE:
+            purchases.setdefault(visitor_id, []).append(event.ts)
+        if event.recommendation_id and event.type in (
+            EventType.MESSAGE_OPEN,
+            EventType.MESSAGE_CLICK,
+            EventType.PURCHASE,
+        ):
+            outcomes.setdefault(event.recommendation_id, set()).add(event.type.value)
+        if event.type is EventType.PROFILE_UPDATE:
+            changes = consent_changes_from_properties(event.properties)
+            if changes:
+                consents[visitor_id] = consents.get(visitor_id, Consent()).merged(changes, event.ts)
+        # Mirror the aggregator: no behavioural profile without consent.
+        if not consents.get(visitor_id, Consent()).allows("personalization", defaults):
+            continue
+        state = states.get(visitor_id)
+        if state is None:
+            state = states[visitor_id] = VisitorState(visitor_id)
+        fold_visitor(state, event, info.get(event.item_id or ""))
+    return _assemble(pending, purchases, outcomes, snapshot, window_h)
+
+
+def _pending_decision(
+    event: Event,
+    state: VisitorState | None,
+    rules: SegmentRules,
+    templates: Mapping[str, str],
+    snapshot: ItemSnapshot,
+) -> _Pending | None:
+    props = event.properties
+    if not event.recommendation_id:
+        return None
+    decided_at = as_number(props.get("decided_at"))
+    send_at = event.ts
+    now = decided_at if decided_at == decided_at else send_at
+    row = visitor_features(state, rules, state.last_seen) if state is not None and state.event_count else None
+    # Windows seen from the decision time, as serving sees the online row.
+    view = VisitorView.from_row(event.visitor_id, visitor_row_at(row, now) if row else row)
+    channel = str(props.get("channel") or event.context.channel or "")
+    pairs = decode_candidates(str(props.get("candidates") or ""))
+    logged_template = event.item_id if props.get("action") == "send" else None
+    product_id = props.get("product_id")
+    logged_product = product_id if isinstance(product_id, str) else None
+    if logged_template is not None and (logged_template, logged_product) not in pairs:
+        pairs.append((logged_template, logged_product))
+    candidates: list[tuple[str, str | None, list[float]]] = []
+    logged = -1
+    for template, product in pairs:
+        trigger = templates.get(template)
+        if trigger is None:
+            continue  # the template left the catalog: its features are unknown
+        product_row = snapshot.index.get(product, -1) if product else -1
+        if template == logged_template and product == logged_product:
+            logged = len(candidates)
+        candidates.append((template, product, action_vector(view, trigger, template, product_row, snapshot, now)))
+    if logged_template is not None and logged < 0:
+        return None
+    return _Pending(
+        visitor_id=event.visitor_id,
+        recommendation_id=event.recommendation_id,
+        channel=channel,
+        send_at=send_at,
+        vector=visitor_vector(view, now, send_at, channel),
+        propensity=float(props["propensity"]),  # type: ignore[arg-type]
+        control=bool(props.get("control", False)),
+        candidates=candidates,
+        logged=logged,
+    )
+
+
+def _assemble(
+    pending: Sequence[_Pending],
+    purchases: Mapping[str, list[float]],
+    outcomes: Mapping[str, set[str]],
+    snapshot: ItemSnapshot,
+    window_h: float,
+) -> LoggedDecisions:
+    n = len(pending)
+    window = window_h * 3600.0
+    sorted_purchases = {visitor: np.sort(np.array(ts)) for visitor, ts in purchases.items()}
+    cand_owner: list[int] = []
+    cand_template: list[str] = []
+    cand_product: list[str | None] = []
+    rows: list[list[float]] = []
+    action = np.full(n, -1, dtype=np.int64)
+    converted = np.zeros(n, dtype=bool)
+    for i, decision in enumerate(pending):
+        for k, (template, product, vector) in enumerate(decision.candidates):
+            if k == decision.logged:
+                action[i] = len(cand_owner)
+            cand_owner.append(i)
+            cand_template.append(template)
+            cand_product.append(product)
+            rows.append(vector)
+        times = sorted_purchases.get(decision.visitor_id)
+        if times is not None:
+            first = np.searchsorted(times, decision.send_at, side="left")
+            converted[i] = first < len(times) and times[first] < decision.send_at + window
+    seen = [outcomes.get(d.recommendation_id, set()) for d in pending]
+    return LoggedDecisions(
+        visitor_ids=[d.visitor_id for d in pending],
+        recommendation_ids=[d.recommendation_id for d in pending],
+        channels=[d.channel for d in pending],
+        send_at=np.array([d.send_at for d in pending], dtype=np.float64),
+        V=np.array([d.vector for d in pending], dtype=np.float64).reshape(n, len(VISITOR_COLUMNS)),
+        propensity=np.array([d.propensity for d in pending], dtype=np.float64),
+        action=action,
+        control=np.array([d.control for d in pending], dtype=bool),
+        opened=np.array(["message_open" in s for s in seen], dtype=bool),
+        clicked=np.array(["message_click" in s for s in seen], dtype=bool),
+        attributed=np.array(["purchase" in s for s in seen], dtype=bool),
+        converted=converted,
+        cand_owner=np.array(cand_owner, dtype=np.int64),
+        cand_template=cand_template,
+        cand_product=cand_product,
+        A=np.array(rows, dtype=np.float64).reshape(len(rows), len(ACTION_COLUMNS)),
+        window_h=window_h,
+    )
