@@ -38,7 +38,9 @@ def markdown(results: Sequence[HistoryEvaluation], timings: dict[str, dict[str, 
         "95% intervals. Candidate recall: the share of test targets among the served candidates. The model is",
         "the one `selaras train --histories` produces, trained on every user's history without the test item;",
         "ranking runs through the serving code (`RecommendService._rank_slot`). Reproduce with",
-        "`make eval-public DATA=<folder with the .txt and _item2attributes.json files>`.",
+        "`make eval-public DATA=<folder with the .txt and _item2attributes.json files>`. What each candidate",
+        "generator adds: docs/quality-ablation.md (`make eval-ablation`); the demo shop before and after:",
+        "docs/quality-demo.md.",
         "",
     ]
     for result in results:
