@@ -30,10 +30,13 @@ COPY feature_repo ./feature_repo
 COPY experiments.yaml ./experiments.yaml
 # The package is installed into site-packages, so the repository paths are given explicitly. HOME is /tmp:
 # the root filesystem may be read-only (Kubernetes), and DuckDB and Feast keep small caches under HOME.
+# Fails closed: production by default (no start without SELARAS_API_KEYS); development (no auth) only when
+# asked for with `-e SELARAS_ENVIRONMENT=development`.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp \
+    SELARAS_ENVIRONMENT=production \
     SELARAS_DATA_DIR=/data \
     SELARAS_FEATURE_REPO=/app/feature_repo \
     RECOMMEND_EXPERIMENTS_FILE=/app/experiments.yaml \

@@ -43,6 +43,7 @@ CLOCK_TESTS := tests/common/test_clock.py tests/profile/test_aggregations.py tes
 	tests/messages/test_message_ope.py tests/recommend/test_experiments.py \
 	tests/recommend/test_experiment_store.py tests/recommend/test_stats.py tests/recommend/test_assignment.py \
 	tests/recommend/test_policy_eval.py tests/recommend/test_item_cache.py tests/recommend/test_time_safety.py
+CLOCK_SHIFTED := scripts/with_redis.sh $(PY) -m pytest -q -p no:cacheprovider
 
 test: $(DEV_STAMP) ## ruff, mypy, the whole pytest suite against a real Redis, then the clock-shift runs
 	scripts/ensure_system_packages.sh
@@ -51,11 +52,12 @@ test: $(DEV_STAMP) ## ruff, mypy, the whole pytest suite against a real Redis, t
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 	scripts/with_redis.sh $(PY) -m pytest $(PYTEST_ARGS)
-	$(MAKE) --no-print-directory test-clock
+	$(CLOCK_SHIFTED) --shift-clock-days=60 $(CLOCK_TESTS)
+	$(CLOCK_SHIFTED) --shift-clock-days=-60 $(CLOCK_TESTS)
 
-test-clock: $(DEV_STAMP) ## the date-dependent tests with the wall clock shifted +60 and -60 days
-	scripts/with_redis.sh $(PY) -m pytest -q -p no:cacheprovider --shift-clock-days=60 $(CLOCK_TESTS)
-	scripts/with_redis.sh $(PY) -m pytest -q -p no:cacheprovider --shift-clock-days=-60 $(CLOCK_TESTS)
+test-clock: $(DEV_STAMP) ## only the date-dependent tests, with the wall clock shifted +60 and -60 days
+	$(CLOCK_SHIFTED) --shift-clock-days=60 $(CLOCK_TESTS)
+	$(CLOCK_SHIFTED) --shift-clock-days=-60 $(CLOCK_TESTS)
 
 lint: $(DEV_STAMP) ## ruff, mypy and the import contracts (pyproject.toml [tool.importlinter])
 	$(VENV)/bin/ruff check services tests bench

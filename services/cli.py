@@ -155,7 +155,12 @@ def train(
     client = None
     try:
         with progress_bar() as bar:
-            config = TrainConfig(source=source, max_queries=max_queries, seed=seed)  # type: ignore[arg-type]
+            config = TrainConfig(
+                source=source,  # type: ignore[arg-type]
+                max_queries=max_queries,
+                seed=seed,
+                analytics_default=settings.consent_analytics,
+            )
             trainer = Trainer(repository, config, StageProgress(bar))
             if engine == "dask" and scheduler:
                 from services.recommend.distributed import DaskTrainer, connect

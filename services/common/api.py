@@ -119,12 +119,14 @@ def api_key_of(request: Request) -> str | None:
     return authorization[7:] if authorization.lower().startswith("bearer ") else None
 
 
-def require_scope(auth: Callable[[Request], ApiKeyAuth], scope: str) -> Callable[[Request], str]:
-    """A FastAPI dependency that authenticates the request for `scope` and returns the key name."""
+def require_scope(auth: Callable[[Request], ApiKeyAuth], *scopes: str) -> Callable[[Request], str]:
+    """A FastAPI dependency that authenticates the request for one of `scopes` and returns the key name.
+    The scopes are kept on the function (`required_scopes`) so a test can check every route against a list."""
 
     def dependency(request: Request) -> str:
-        return auth(request).authenticate(api_key_of(request), scope)
+        return auth(request).authenticate(api_key_of(request), *scopes)
 
+    dependency.required_scopes = frozenset(scopes)  # type: ignore[attr-defined]
     return dependency
 
 

@@ -1,7 +1,13 @@
 """API keys with scopes. Keys are stored as SHA-256 hashes and compared in constant time.
 
-Scopes: `recommend` (read-only, safe in a browser), `ingest` (event senders), `admin` (catalog, experiments,
-reload, erasure). `admin` includes the others.
+Scopes, by threat model. Browser scopes (the key is public: anyone can copy it from the shop's pages):
+  * `recommend`: rankings; no personal data in answers (`explain` gives generic reasons), no chosen `now`;
+  * `collect`: behaviour events (views, searches, carts, clicks) of one visitor per request; no purchases,
+    no profile updates (they carry consent and traits), no consent API.
+Server scopes (secret keys on the shop's backend):
+  * `ingest`: any event, consent changes;
+  * `messages`: next-best message decisions (they render the visitor's name and cart, record sends, use caps);
+  * `admin`: catalog, experiments, reload, profiles, erasure; includes every other scope.
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ from typing import Final
 
 from services.common.errors import Forbidden, Unauthorized
 
-SCOPES: Final = frozenset({"recommend", "ingest", "admin"})
+SCOPES: Final = frozenset({"recommend", "collect", "ingest", "messages", "admin"})
+BROWSER_SCOPES: Final = frozenset({"recommend", "collect"})
 
 
 @dataclass(frozen=True)
@@ -58,8 +65,21 @@ class ApiKeyAuth:
             return True
         return any(key.name == name and "admin" in key.scopes for key in self.keys)
 
-    def authenticate(self, presented: str | None, scope: str) -> str:
-        """The key's name, or 401 (no/unknown key) / 403 (known key, wrong scope)."""
+    def scopes_of(self, name: str) -> frozenset[str]:
+        """The key's scopes (every scope when auth is off: development)."""
+        if not self.enabled:
+            return SCOPES
+        for key in self.keys:
+            if key.name == name:
+                return SCOPES if "admin" in key.scopes else key.scopes
+        return frozenset()
+
+    def is_browser(self, name: str) -> bool:
+        """True for a key that holds only browser scopes: it gets no personal data."""
+        return self.scopes_of(name) <= BROWSER_SCOPES
+
+    def authenticate(self, presented: str | None, *scopes: str) -> str:
+        """The key's name if it holds one of `scopes`, or 401 (no/unknown key) / 403 (known key, wrong scope)."""
         if not self.enabled:
             return "anonymous"
         if not presented:
@@ -71,6 +91,6 @@ class ApiKeyAuth:
                 match = key
         if match is None:
             raise Unauthorized("unknown API key")
-        if scope not in match.scopes and "admin" not in match.scopes:
-            raise Forbidden(f"API key {match.name!r} lacks the {scope!r} scope")
+        if not match.scopes & {*scopes, "admin"}:
+            raise Forbidden(f"API key {match.name!r} lacks the {' or '.join(map(repr, scopes))} scope")
         return match.name

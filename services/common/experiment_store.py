@@ -172,6 +172,12 @@ class OutcomeWrite:
 
 
 @dataclass(frozen=True)
+class ErasedVisitor:
+    running_values: int  # per-experiment visitor state (arm, first/last exposure, values so far)
+    exposure_records: int  # recommendation id -> exposure record (visitor id, arm, items shown)
+
+
+@dataclass(frozen=True)
 class VisitorHead:
     arm: str
     first: float
@@ -374,6 +380,12 @@ class ExperimentStore(ABC):
     @abstractmethod
     def forget_visitor(self, experiment_ids: Sequence[str], visitor_id: str) -> int:
         """Erasure: drop the visitor's running values (the anonymous sums stay)."""
+
+    @abstractmethod
+    def erase_visitor(self, visitor_id: str) -> ErasedVisitor:
+        """Erasure in every experiment the store holds (running, disabled or removed from the config): the
+        visitor's running values and the exposure records that name them (matched on the parsed record's
+        visitor id, exactly). The anonymous sums stay."""
 
     @abstractmethod
     def close(self) -> None: ...
@@ -585,6 +597,20 @@ def _applied(result: Sequence[Any]) -> Applied:
     return Applied(status, arm, increments)
 
 
+def _glob_escape(text: str) -> str:
+    """`text` matched literally by a Redis SCAN pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def _names(raw: str | bytes, visitor_id: str) -> bool:
+    """Whether an exposure record (JSON) is the visitor's: the parsed visitor id, not a substring."""
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and record.get("visitor_id") == visitor_id
+
+
 def _opt(value: float | None) -> str:
     return "" if value is None else repr(float(value))
 
@@ -734,6 +760,30 @@ class RedisExperimentStore(ExperimentStore):
         return sum(
             int(self._call(lambda e=e: self.client.delete(self._keys(e, visitor_id)[0]))) for e in experiment_ids
         )
+
+    def erase_visitor(self, visitor_id: str) -> ErasedVisitor:
+        # Erasure is rare: a SCAN over the experiment keys is acceptable. The patterns narrow the scan; the
+        # exact checks below decide (a visitor id may contain glob characters or "}:v:").
+        prefix = "{" + self.ns + ":exp:"
+
+        def scan(pattern: str) -> list[str]:
+            return [_decode(k) for k in self.client.scan_iter(match=pattern, count=1000)]
+
+        values = [
+            key
+            for key in self._call(lambda: scan(_glob_escape(prefix) + "*" + _glob_escape("}:v:" + visitor_id)))
+            if key[len(prefix) :].split("}:v:", 1)[-1] == visitor_id
+        ]
+        records = self._call(lambda: scan(_glob_escape(prefix) + "*}:rec:*"))
+        doomed: list[str] = []
+        for start in range(0, len(records), 500):
+            chunk = records[start : start + 500]
+            raws = self._call(lambda chunk=chunk: [self.client.get(k) for k in chunk])
+            doomed.extend(k for k, raw in zip(chunk, raws, strict=True) if raw and _names(raw, visitor_id))
+        # One key per call: in a cluster the keys live in different slots.
+        deleted_values = sum(int(self._call(lambda k=k: self.client.delete(k))) for k in values)
+        deleted_records = sum(int(self._call(lambda k=k: self.client.delete(k))) for k in doomed)
+        return ErasedVisitor(deleted_values, deleted_records)
 
     def close(self) -> None:
         self.client.close()
@@ -1023,6 +1073,16 @@ class SqliteExperimentStore(ExperimentStore):
             )
 
         return cast(int, self._transaction(run))
+
+    def erase_visitor(self, visitor_id: str) -> ErasedVisitor:
+        def run(conn: sqlite3.Connection) -> ErasedVisitor:
+            values = conn.execute("DELETE FROM exp_visitors WHERE visitor_id = ?", (visitor_id,)).rowcount
+            rows = conn.execute("SELECT exp, rec_id, data FROM exp_records").fetchall()
+            doomed = [(exp, rec_id) for exp, rec_id, data in rows if _names(data, visitor_id)]
+            conn.executemany("DELETE FROM exp_records WHERE exp = ? AND rec_id = ?", doomed)
+            return ErasedVisitor(int(values), len(doomed))
+
+        return cast(ErasedVisitor, self._transaction(run))
 
     def close(self) -> None:
         with self._lock:

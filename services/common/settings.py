@@ -59,6 +59,11 @@ class CommonSettings(BaseSettings):
     cors_origins: str = Field(default="", validation_alias=shared("cors_origins"))
     # Bodies above this get 413 before the app reads them (routes may set lower limits of their own).
     max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, validation_alias=shared("max_request_bytes"))
+    # The body limit for requests that do not carry a server key (browser keys, no or unknown key): checked
+    # before the body is read, so a holder of the public key cannot make the service buffer 16 MiB per request.
+    max_browser_request_bytes: int = Field(
+        default=256 * 1024, ge=1024, validation_alias=shared("max_browser_request_bytes")
+    )
     # Per-API-key token buckets: sustained requests/s and burst. 0 = no default limit. Without API keys
     # (development) requests are not limited unless SELARAS_RATE_LIMITS names "anonymous".
     rate_limit_per_s: float = Field(default=1000.0, ge=0, validation_alias=shared("rate_limit_per_s"))

@@ -14,7 +14,7 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -27,6 +27,7 @@ from redis.retry import Retry
 
 from services.common.clock import wall_time
 from services.common.errors import StorageUnavailable
+from services.common.events import envelope_visitor
 from services.common.settings import CommonSettings
 
 DEDUPE_TTL_S = 14 * 24 * 3600
@@ -74,7 +75,8 @@ class Store(ABC):
 
     @abstractmethod
     def delete_visitor_events(self, visitor_id: str, payload_marker: bytes) -> int:
-        """Erasure: remove every logged event of the visitor; returns how many."""
+        """Erasure: remove every logged event of the visitor (by its parsed visitor id; `payload_marker`, bytes
+        every envelope of the visitor contains, only narrows the scan); returns how many."""
 
     @abstractmethod
     def forget_event_ids(self, event_ids: Sequence[str]) -> None:
@@ -93,6 +95,11 @@ class Store(ABC):
 
     @abstractmethod
     def delete(self, namespace: str, keys: Sequence[str]) -> int: ...
+
+    @abstractmethod
+    def update(self, namespace: str, key: str, change: Callable[[bytes | None], bytes]) -> bytes:
+        """Compare-and-set: store `change(current value)` only if the value did not change in between (else
+        read again and retry); returns what was stored. For records several writers merge (consent)."""
 
     @abstractmethod
     def scan(self, namespace: str) -> Iterator[tuple[str, bytes]]: ...
@@ -205,7 +212,13 @@ class RedisStore(Store):
             batch = self.read_events(after, 5000)
             if not batch:
                 return deleted
-            doomed = [entry.position for entry in batch if payload_marker in entry.payload]
+            # The marker only narrows: another visitor's event can mention this id (in its properties), so the
+            # parsed visitor id decides.
+            doomed = [
+                entry.position
+                for entry in batch
+                if payload_marker in entry.payload and envelope_visitor(entry.payload) == visitor_id
+            ]
             if doomed:
                 deleted += int(self._sync.xdel(self.stream_key, *doomed))
             after = batch[-1].position
@@ -242,6 +255,23 @@ class RedisStore(Store):
             pipe.execute()
 
         self._call(write)
+
+    def update(self, namespace: str, key: str, change: Callable[[bytes | None], bytes]) -> bytes:
+        full = self._blob_key(namespace, key)
+        stored: list[bytes] = []
+
+        def attempt(pipe: Any) -> None:
+            # WATCH is set by `transaction`: if another client writes the key before EXEC, the transaction is
+            # discarded and this runs again on the new value.
+            value = change(pipe.get(full))
+            pipe.multi()
+            pipe.set(full, value)
+            stored[:] = [value]
+
+        self._call(lambda: self._sync.transaction(attempt, full))
+        if namespace not in UNINDEXED_NAMESPACES:  # the index is another slot in a cluster; SADD is idempotent
+            self._call(lambda: self._sync.sadd(self._index_key(namespace), key))
+        return stored[0]
 
     def _index_key(self, namespace: str) -> str:
         """A set of the namespace's keys: scanning it costs O(namespace), SCAN costs O(whole Redis)."""
@@ -431,6 +461,28 @@ class SqliteStore(Store):
                 rows,
             )
         )
+
+    def update(self, namespace: str, key: str, change: Callable[[bytes | None], bytes]) -> bytes:
+        def write(conn: sqlite3.Connection) -> bytes:
+            conn.execute("BEGIN IMMEDIATE")  # the write lock across processes: read, change and write as one
+            try:
+                row = conn.execute(
+                    "SELECT value FROM blobs WHERE ns = ? AND key = ? AND (expires_at IS NULL OR expires_at > ?)",
+                    (namespace, key, wall_time()),
+                ).fetchone()
+                value = change(bytes(row[0]) if row else None)
+                conn.execute(
+                    "INSERT INTO blobs (ns, key, value, expires_at) VALUES (?, ?, ?, NULL)"
+                    " ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value, expires_at = NULL",
+                    (namespace, key, value),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return value
+
+        return cast(bytes, self._run(write))
 
     @staticmethod
     def _transaction(conn: sqlite3.Connection, sql: str, rows: Sequence[tuple[Any, ...]]) -> int:

@@ -250,7 +250,8 @@ def simulate(
                     stats.responses += 1
             stats.sessions += 1
         if services.clock is not None:
-            services.clock.set(day_end)  # the day is over: its events are in the past, none from the future
+            # The day is over (reactions to its last sessions included): none of its events is in the future.
+            services.clock.set(max([day_end.timestamp(), *(e.ts for e in outgoing)]))
         _post_events(services, outgoing)
         stats.events += len(outgoing)
         services.settle()

@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import numpy as np
 import orjson
@@ -162,6 +164,20 @@ class Eligibility:
             if category not in targeting.categories and not set(view.categories[:3]) & set(targeting.categories):
                 return False
         return not (targeting.hours and send_at.hour not in targeting.hours)
+
+
+def explain(candidates: Sequence[Candidate], scores: Sequence[float], snapshot: ItemSnapshot) -> list[dict[str, Any]]:
+    """The eligible messages as an `explain` answer lists them: trigger, product, why, expected uplift."""
+    return [
+        {
+            "item_id": c.template.item_id,
+            "trigger": c.template.trigger,
+            "product_id": snapshot.ids[c.product] if c.product >= 0 else None,
+            "reason": c.reason,
+            "score": round(float(score), 6),
+        }
+        for c, score in zip(candidates, scores, strict=True)
+    ]
 
 
 class StockWatch:

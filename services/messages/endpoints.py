@@ -19,7 +19,7 @@ from services.common.api import (
 from services.common.errors import InvalidPayload, PayloadTooLarge
 from services.messages.schemas import MessageBatchRequest, MessageRequest
 from services.messages.service import MessageService
-from services.recommend.deps import RecommendKey, RecommendState, State
+from services.recommend.deps import MessagesKey, RecommendState, State
 
 router = APIRouter()
 REQUEST_ADAPTER: TypeAdapter[MessageRequest] = TypeAdapter(MessageRequest)
@@ -37,7 +37,7 @@ def install_message_service(app: FastAPI, service: MessageService) -> None:
     openapi_extra=json_body_schema(MessageRequest),
     responses={422: {"description": "Invalid request, by field"}},
 )
-async def next_best_message(request: Request, state: State, key: RecommendKey) -> Response:
+async def next_best_message(request: Request, state: State, key: MessagesKey) -> Response:
     """The message to send a visitor next on a channel, with its send time, or `{"action": "none", "reason": ...}`."""
     parsed = await parse_json_request(request, REQUEST_ADAPTER, state.settings.max_body_bytes)
     service = state.messages
@@ -54,7 +54,7 @@ async def next_best_message(request: Request, state: State, key: RecommendKey) -
         422: {"description": "Invalid requests, by index and field"},
     },
 )
-async def next_best_message_batch(request: Request, state: State, key: RecommendKey) -> Response:
+async def next_best_message_batch(request: Request, state: State, key: MessagesKey) -> Response:
     """Next-best messages for up to 1,000 visitors in one call (push systems planning their sends)."""
     started = time.perf_counter()
     body = read_json_body(await request.body(), state.settings.max_body_bytes * 16)

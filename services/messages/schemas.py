@@ -1,6 +1,8 @@
-"""Request bodies of the next-best-message endpoints."""
+"""Request bodies of the next-best-message endpoints, and the answer that sends nothing."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
@@ -30,3 +32,23 @@ class MessageBatchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     requests: list[MessageRequest] = Field(min_length=1, max_length=10_000)
+
+
+def none_answer(
+    request: MessageRequest,
+    reason: str,
+    detail: str,
+    experiment: tuple[str, str] | tuple[str, str, bool] | None = None,
+    recommendation_id: str | None = None,
+) -> dict[str, Any]:
+    """The answer when no message is sent: why (`reason`, a fixed code) and a sentence (`detail`)."""
+    return {
+        "recommendation_id": recommendation_id,
+        "visitor_id": request.visitor_id,
+        "channel": request.channel,
+        "action": "none",
+        "reason": reason,
+        "detail": detail,
+        "experiment": {"key": experiment[0], "arm": experiment[1]} if experiment else None,
+        "dry_run": request.dry_run,
+    }

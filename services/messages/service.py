@@ -1,8 +1,9 @@
-"""The next-best-message decision: one per (visitor, channel), alone or in a batch.
+"""The next-best-message decision, for one request or a batch.
 
-One decision per (visitor, channel): consent -> experiment -> send slot (quiet hours) -> frequency caps ->
-eligible messages (trigger rules on the visitor's features) -> cooldowns -> the uplift model (one vectorised
-predict for a whole batch) -> control group / exploration -> render in the visitor's locale and tone.
+One decision per (visitor, channel): consent -> experiment -> send slot (quiet hours, `timing`) -> frequency
+caps (`history`) -> eligible messages (trigger rules on the visitor's features, `eligibility`) -> cooldowns ->
+the uplift model (one vectorised predict for a whole batch, `model`) -> control group / exploration
+(`policy`) -> render in the visitor's locale and tone (`render`).
 
 Recording: the answer is the send. Unless the request says `dry_run`, Selaras records the send in the
 visitor's send history (caps and cooldowns) before answering, and logs the decision as a `message_sent`
@@ -33,7 +34,7 @@ from services.common.clock import SYSTEM_CLOCK, Clock, TimePolicy
 from services.common.consent import ConsentDefaults
 from services.common.features import visitor_row_at
 from services.messages.decision_log import DecisionEntry, encode_candidates, next_id
-from services.messages.eligibility import Candidate, Eligibility, StockWatch
+from services.messages.eligibility import Candidate, Eligibility, StockWatch, explain
 from services.messages.history import WEEK, SendHistory
 from services.messages.model import (
     ACTION_COLUMNS,
@@ -47,7 +48,7 @@ from services.messages.model import (
 from services.messages.policy import choose, uniforms
 from services.messages.render import fill, render, tokens_for, tone_for
 from services.messages.repository import MessageRepository
-from services.messages.schemas import MessageRequest
+from services.messages.schemas import MessageRequest, none_answer
 from services.messages.settings import PURPOSE, MessageSettings
 from services.messages.templates import MessageCatalog, Template
 from services.messages.timing import open_hours, plan_send
@@ -221,38 +222,38 @@ class MessageService:
             now = times[i].ts
             channel = request.channel
             if not consents[request.visitor_id].allows(PURPOSE[channel], self.consent_defaults):
-                results[i] = self._none(request, "no_consent", f"no consent for {PURPOSE[channel]}")
+                results[i] = none_answer(request, "no_consent", f"no consent for {PURPOSE[channel]}")
                 continue
             view = views[request.visitor_id]
             experiment = self._experiment(request, now)
             if experiment is not None and experiment[1] == HOLDOUT_ARM:
                 detail = "the experiments' global holdout gets no marketing messages"
-                results[i] = self._none(request, "experiment_holdout", detail, experiment)
+                results[i] = none_answer(request, "experiment_holdout", detail, experiment)
                 continue
             tag = (experiment[0], experiment[1]) if experiment else None
             personalized = experiment[2] if experiment else True
             if not view.known:
-                results[i] = self._none(request, "unknown_visitor", "no behaviour recorded for this visitor", tag)
+                results[i] = none_answer(request, "unknown_visitor", "no behaviour recorded for this visitor", tag)
                 continue
             send_at = plan_send(now, view.zone, view.histogram, settings, allowed_hours)
             if send_at is None:
-                results[i] = self._none(
+                results[i] = none_answer(
                     request, "quiet_hours", "quiet hours until tomorrow in the visitor's time zone", tag
                 )
                 continue
             history = histories[request.visitor_id]
             cap = history.cap_reached(channel, send_at, settings)
             if cap is not None:
-                results[i] = self._none(request, "frequency_cap", f"{cap} cap reached", tag)
+                results[i] = none_answer(request, "frequency_cap", f"{cap} cap reached", tag)
                 continue
             candidates = eligibility.candidates(view, channel, now, send_at)
             if not candidates:
-                results[i] = self._none(request, "no_eligible_message", "no trigger applies to this visitor now", tag)
+                results[i] = none_answer(request, "no_eligible_message", "no trigger applies to this visitor now", tag)
                 continue
             send_ts = send_at.timestamp()
             candidates = [c for c in candidates if not history.cooling(c.template, send_ts)]
             if not candidates:
-                results[i] = self._none(request, "cooldown", "every eligible message is cooling down", tag)
+                results[i] = none_answer(request, "cooldown", "every eligible message is cooling down", tag)
                 continue
             planned.append(_Planned(i, request, view, now, send_at, send_ts, candidates, history, tag, personalized))
 
@@ -347,9 +348,9 @@ class MessageService:
         if action > 0:
             cap = p.history.cap_reached(request.channel, p.send_at, s)
             if cap is not None:
-                return self._none(request, "frequency_cap", f"{cap} cap reached", p.experiment)
+                return none_answer(request, "frequency_cap", f"{cap} cap reached", p.experiment)
             if p.history.cooling(p.candidates[action - 1].template, p.send_ts):
-                return self._none(request, "cooldown", "every eligible message is cooling down", p.experiment)
+                return none_answer(request, "cooldown", "every eligible message is cooling down", p.experiment)
         recommendation_id = next_id()
         snapshot = catalog.snapshot
         version = model.version if model else None
@@ -368,12 +369,12 @@ class MessageService:
                 "no_expected_uplift": f"no message is expected to add over {s.min_uplift:.2%} purchase probability",
                 "exploration": "exploration: sending nothing this time to keep the model's estimates honest",
             }[reason]
-            result = self._none(request, reason, detail, p.experiment, recommendation_id)
+            result = none_answer(request, reason, detail, p.experiment, recommendation_id)
             result["model_version"] = version
             # When the message would have gone out: outcomes of "nothing sent" are measured from then.
             result["planned_send_at"] = p.send_at.isoformat()
             if request.explain:
-                result["candidates"] = self._explained(p, scores, snapshot)
+                result["candidates"] = explain(p.candidates, scores, snapshot)
             if not request.dry_run:
                 self._log(p, recommendation_id, propensity, choice.control, reason, candidates_text, version)
             return result
@@ -401,17 +402,6 @@ class MessageService:
             reasons.append(f"expected uplift {score:+.2%} purchase probability (baseline {row_baseline:.1%})")
         if reason == "exploration" or action != greedy:
             reasons.append("exploration: a less certain message, to keep learning")
-        product_out = None
-        if product >= 0:
-            product_out = {
-                "item_id": snapshot.ids[product],
-                "title": snapshot.titles[product],
-                "category": snapshot.categories[product],
-                "price": None if math.isnan(catalog.price[product]) else catalog.price[product],
-                "discount": round(catalog.discount[product], 4),
-                "url": snapshot.urls[product],
-                "image_url": snapshot.image_urls[product],
-            }
         if not request.dry_run:
             p.history.record(p.send_ts, request.channel, template.item_id)
             product_id = snapshot.ids[product] if product >= 0 else None
@@ -423,10 +413,10 @@ class MessageService:
                 "send",
                 candidates_text,
                 version,
-                template,
-                product_id,
-                used_tone,
-                score,
+                template=template,
+                product_id=product_id,
+                tone=used_tone,
+                score=score,
             )
             SENDS.labels(request.channel, template.trigger).inc()
             if p.experiment is not None:
@@ -446,7 +436,7 @@ class MessageService:
                 "tone": used_tone,
                 "deep_link": deep_link,
             },
-            "product": product_out,
+            "product": catalog.product_card(product) if product >= 0 else None,
             "send_at": p.send_at.isoformat(),
             "reasons": reasons,
             "score": round(score, 6),
@@ -456,21 +446,8 @@ class MessageService:
             "dry_run": request.dry_run,
         }
         if request.explain:
-            answer["candidates"] = self._explained(p, scores, snapshot)
+            answer["candidates"] = explain(p.candidates, scores, snapshot)
         return answer
-
-    @staticmethod
-    def _explained(p: _Planned, scores: Sequence[float], snapshot: ItemSnapshot) -> list[dict[str, Any]]:
-        return [
-            {
-                "item_id": c.template.item_id,
-                "trigger": c.template.trigger,
-                "product_id": snapshot.ids[c.product] if c.product >= 0 else None,
-                "reason": c.reason,
-                "score": round(float(score), 6),
-            }
-            for c, score in zip(p.candidates, scores, strict=True)
-        ]
 
     def _record_exposure(
         self, p: _Planned, recommendation_id: str, template_id: str, persona: Mapping[str, Any] | None
@@ -492,25 +469,6 @@ class MessageService:
             )
         except Exception as exc:  # experiments must never take messages down
             log.warning("message exposure not recorded: %s", type(exc).__name__)
-
-    def _none(
-        self,
-        request: MessageRequest,
-        reason: str,
-        detail: str,
-        experiment: tuple[str, str] | tuple[str, str, bool] | None = None,
-        recommendation_id: str | None = None,
-    ) -> dict[str, Any]:
-        return {
-            "recommendation_id": recommendation_id,
-            "visitor_id": request.visitor_id,
-            "channel": request.channel,
-            "action": "none",
-            "reason": reason,
-            "detail": detail,
-            "experiment": {"key": experiment[0], "arm": experiment[1]} if experiment else None,
-            "dry_run": request.dry_run,
-        }
 
     def _log(
         self,

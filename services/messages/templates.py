@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -106,3 +108,16 @@ class MessageCatalog:
             created=snapshot.created_ts.tolist(),
             price=snapshot.price.tolist(),
         )
+
+    def product_card(self, row: int) -> dict[str, Any]:
+        """A product as the answer shows it."""
+        snapshot = self.snapshot
+        return {
+            "item_id": snapshot.ids[row],
+            "title": snapshot.titles[row],
+            "category": snapshot.categories[row],
+            "price": None if math.isnan(self.price[row]) else self.price[row],
+            "discount": round(self.discount[row], 4),
+            "url": snapshot.urls[row],
+            "image_url": snapshot.image_urls[row],
+        }

@@ -45,4 +45,6 @@ def get_auth(request: Request) -> ApiKeyAuth:
 
 State = Annotated[ProfileState, Depends(get_state)]
 IngestKey = Annotated[str, Depends(require_scope(get_auth, "ingest"))]
+# POST /v1/events: server senders (`ingest`) or a browser (`collect`: its own visitor's behaviour only).
+EventsKey = Annotated[str, Depends(require_scope(get_auth, "ingest", "collect"))]
 AdminKey = Annotated[str, Depends(require_scope(get_auth, "admin"))]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -12,10 +13,10 @@ from starlette.concurrency import run_in_threadpool
 
 from services.common.api import FastJSONResponse, describe_errors, json_body_schema, read_json_body
 from services.common.consent import Consent
-from services.common.errors import InvalidPayload, NotFound, PayloadTooLarge
-from services.common.events import Event
+from services.common.errors import Forbidden, InvalidPayload, NotFound, PayloadTooLarge
+from services.common.events import BROWSER_EVENT_TYPES, Event
 from services.profile.aggregations import segments
-from services.profile.deps import AdminKey, IngestKey, State
+from services.profile.deps import AdminKey, EventsKey, IngestKey, State
 from services.profile.persona_jobs import persona_view
 from services.profile.schemas import ConsentUpdate, EventBatch, IngestResult, ProfileView
 
@@ -34,7 +35,7 @@ BATCH_ADAPTER: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
         503: {"description": "Events could not be stored durably; nothing was acknowledged, re-send"},
     },
 )
-async def ingest_events(request: Request, state: State, _: IngestKey) -> Response:
+async def ingest_events(request: Request, state: State, key: EventsKey) -> Response:
     """Ingest a batch of 1–1,000 behaviour events (idempotent on event_id)."""
     body = read_json_body(await request.body(), state.settings.max_body_bytes)
     raw_events = body.get("events") if isinstance(body, dict) else None
@@ -55,6 +56,8 @@ async def ingest_events(request: Request, state: State, _: IngestKey) -> Respons
             f"{len({e['index'] for e in errors})} of {len(raw_events)} events are invalid; nothing was stored",
             extra={"errors": errors},
         ) from exc
+    if "ingest" not in state.auth.scopes_of(key):
+        refuse_beyond_collect(events)
     future = state.ingest.future_errors(events)
     if future:
         raise InvalidPayload(
@@ -64,6 +67,20 @@ async def ingest_events(request: Request, state: State, _: IngestKey) -> Respons
     # The durable append is a blocking call: run it in the thread pool, off the event loop.
     result = await run_in_threadpool(state.ingest.ingest, events)
     return FastJSONResponse({"accepted": result.accepted, "duplicates": result.duplicates}, status_code=202)
+
+
+def refuse_beyond_collect(events: Sequence[Event]) -> None:
+    """A browser (`collect`) key sends behaviour events of one visitor per request, nothing else: a public key
+    must not be able to record purchases, change consent or traits, or write into other visitors' profiles."""
+    errors = [
+        {"index": i, "field": "type", "message": f"a collect key may not send {e.type.value} events"}
+        for i, e in enumerate(events)
+        if e.type not in BROWSER_EVENT_TYPES
+    ]
+    if len({e.visitor_id for e in events}) > 1:
+        errors.append({"field": "visitor_id", "message": "a collect key sends events of one visitor per request"})
+    if errors:
+        raise Forbidden("this API key may only collect behaviour events of one visitor", extra={"errors": errors})
 
 
 @router.get("/v1/profiles/{visitor_id}", response_model=ProfileView)
@@ -98,9 +115,9 @@ def get_profile(visitor_id: str, state: State, _: AdminKey) -> ProfileView:
 def put_consent(visitor_id: str, update: ConsentUpdate, state: State, _: IngestKey) -> dict[str, Any]:
     """Record the visitor's consent per purpose (unset purposes keep their value)."""
     changes = {k: v for k, v in update.model_dump().items() if v is not None}
-    repo = state.repository
-    consent = repo.consents([visitor_id]).get(visitor_id, Consent()).merged(changes, state.clock.now())
-    repo.save_consents({visitor_id: consent})
+    # Merged into the stored record atomically: the aggregator writing a batch's consents at the same time
+    # cannot overwrite this choice, nor this one a newer choice of the aggregator's.
+    consent = state.repository.save_consents({visitor_id: Consent().merged(changes, state.clock.now())})[visitor_id]
     if not consent.allows("personalization", state.consent_defaults):
         state.privacy.withdraw_profile(visitor_id)  # no behavioural profile is kept without consent
     return {"visitor_id": visitor_id, "consent": consent.resolved(state.consent_defaults)}

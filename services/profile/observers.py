@@ -7,11 +7,12 @@ cursor moves, so an observer failure makes the batch retry (observers must there
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Protocol
 
 from prometheus_client import Counter
 
+from services.common.consent import Consent
 from services.common.events import OUTCOME_EVENT_TYPES, Event, EventType
 from services.common.experiment_store import (
     ExperimentStore,
@@ -78,11 +79,16 @@ class ExperimentAttribution:
     to every experiment that exposed the visitor within the window before it. The store applies each event
     at most once per experiment, which makes re-delivered batches harmless."""
 
-    def __init__(self, store: ExperimentStore):
+    def __init__(self, store: ExperimentStore, refusing_analytics: Callable[[Sequence[str]], set[str]] | None = None):
         self.store = store
+        # Visitors (of those given) whose consent refuses `analytics`: their outcomes are not tracked.
+        self.refusing_analytics = refusing_analytics
 
     def observe(self, batch: Sequence[tuple[str, Event]]) -> None:
         outcomes = [event for _, event in batch if event.type in OUTCOME_EVENT_TYPES]
+        if outcomes and self.refusing_analytics is not None:
+            refused = self.refusing_analytics(sorted({e.visitor_id for e in outcomes}))
+            outcomes = [e for e in outcomes if e.visitor_id not in refused]
         if not outcomes:
             return
         registry = self.store.registry()
@@ -145,4 +151,10 @@ class ExperimentAttribution:
 
 
 def build_batch_observers(settings: ProfileSettings, repository: ProfileRepository) -> list[BatchObserver]:
-    return [ExperimentAttribution(open_experiment_store(settings))]
+    defaults = settings.consent_defaults()
+
+    def refusing_analytics(visitor_ids: Sequence[str]) -> set[str]:
+        consents = repository.consents(visitor_ids)
+        return {v for v in visitor_ids if not consents.get(v, Consent()).allows("analytics", defaults)}
+
+    return [ExperimentAttribution(open_experiment_store(settings), refusing_analytics)]

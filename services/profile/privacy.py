@@ -2,18 +2,22 @@
 
 Where Selaras keeps data about a visitor (everything below is covered by `erase` and `export`):
   * the durable event log: the visitor's events, and their idempotency keys;
-  * the aggregator's visitor state and the consent record (store blobs);
+  * the aggregator's visitor state (store blob); the consent record is kept, every purpose refused as of the
+    erasure (the proof of the request, and what stops the next visit or a late event from rebuilding a
+    profile: the aggregator reads it before folding any batch);
   * the Feast online row (`visitor_features`) and the offline history (parquet part files that training
     reads point in time): rows are removed from the files, so a training set built afterwards never sees
     the visitor;
   * recommendation records (they name the visitor, kept 7 days for attribution);
-  * holders registered by other modules, e.g. experiment per-visitor running values.
+  * holders registered by other modules: experiment per-visitor running values and exposure records (of
+    every experiment the store holds, running or not), message send history.
 Anonymous aggregates (item statistics, co-visitation, popularity, experiment sums) are not personal data
 and stay. Logs never carry visitor ids, so there is nothing to erase there.
 
-Ordering against the live aggregator: the log is purged first, then state and online row are deleted while
-holding the aggregator's fold lock. A micro-batch that read the visitor's events before the purge has
-finished by then, and later batches cannot see them, so nothing is resurrected.
+Ordering against the live aggregator: the consent tombstone is written first (no later batch folds the
+visitor, whatever reaches the log afterwards), then the log is purged (exact visitor id of the parsed event),
+then state and online row are deleted while holding the aggregator's fold lock. A micro-batch that read the
+visitor's events before the tombstone has finished by then, so nothing is resurrected.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,7 +43,7 @@ from prometheus_client import Counter
 
 from services.common import features as F
 from services.common.clock import SYSTEM_CLOCK, Clock, wall_datetime
-from services.common.consent import Consent, ConsentDefaults
+from services.common.consent import Consent, ConsentDefaults, merge_into, refusing_all
 from services.common.events import open_envelope
 from services.common.feature_store import delete_online_entities, online_rows, rewrite_offline_parts
 from services.common.settings import CommonSettings
@@ -58,11 +62,12 @@ LOG_SCAN_BATCH = 5000
 
 class VisitorDataHolder(Protocol):
     """Something else that keeps per-visitor data (experiment state, message caps...): erasure and export
-    call it. `forget_visitor` returns how many records it deleted."""
+    call it. `forget_visitor` returns how many records it deleted, or counts per place (the receipt lists
+    them under those names)."""
 
     name: str
 
-    def forget_visitor(self, visitor_id: str) -> int: ...
+    def forget_visitor(self, visitor_id: str) -> int | Mapping[str, int]: ...
 
     def export_visitor(self, visitor_id: str) -> Any: ...
 
@@ -91,9 +96,11 @@ class ExperimentStateHolder:
         # The registry lists the running experiments by key; their state is stored under the entry's "id".
         return sorted({str(entry.get("id", key)) for key, entry in store.registry().items()})
 
-    def forget_visitor(self, visitor_id: str) -> int:
+    def forget_visitor(self, visitor_id: str) -> dict[str, int]:
+        # Every experiment in the store, not only those running: a disabled or removed one keeps its records.
         with self._store() as store:
-            return int(store.forget_visitor(self._experiment_ids(store), visitor_id))
+            erased = store.erase_visitor(visitor_id)
+        return {"experiment_state": erased.running_values, "experiment_exposures": erased.exposure_records}
 
     def export_visitor(self, visitor_id: str) -> Any:
         with self._store() as store:
@@ -110,7 +117,7 @@ class ErasureReceipt:
     log_events: int = 0
     idempotency_keys: int = 0
     visitor_state: int = 0
-    consent: int = 0
+    consent: str = "kept_as_refused"  # the tombstone: every purpose refused as of the erasure
     online_rows: int = 0
     offline_rows: int = 0
     offline_files_rewritten: int = 0
@@ -261,6 +268,11 @@ class PrivacyService:
         """Remove the visitor everywhere (see the module docstring for the places and the ordering)."""
         started = time.perf_counter()
         receipt = ErasureReceipt(visitor_id, wall_datetime().isoformat())
+        # The tombstone before anything else: from here on the aggregator folds nothing of the visitor (it reads
+        # consent before each batch), so impressions still queued in a recommend process, or events re-sent
+        # later, cannot rebuild the profile. Merged (compare-and-set) like any consent write: a newer explicit
+        # choice wins.
+        self.store.update(Namespace.CONSENT, visitor_id, merge_into(refusing_all(self.clock.now())))
         event_ids = [event["event_id"] for _, event in self._log_entries(visitor_id)]
         receipt.log_events = self.store.delete_visitor_events(visitor_id, visitor_marker(visitor_id))
         if event_ids:
@@ -268,14 +280,17 @@ class PrivacyService:
         receipt.idempotency_keys = len(event_ids)
         with self.fold_lock:
             receipt.visitor_state, receipt.online_rows = forget_profiles(self.store, self.feature_store, [visitor_id])
-            receipt.consent = self.store.delete(Namespace.CONSENT, [visitor_id])
         receipt.offline_rows, receipt.offline_files_rewritten = self._purge_offline(
             lambda table: pc.not_equal(table[F.VISITOR_KEY], visitor_id), [F.VISITOR_KEY]
         )
         records = self._recommendation_records(visitor_id)
         receipt.recommendation_records = self.store.delete(Namespace.RECOMMENDATIONS, list(records)) if records else 0
         for holder in self.holders:
-            receipt.holders[holder.name] = holder.forget_visitor(visitor_id)
+            removed = holder.forget_visitor(visitor_id)
+            if isinstance(removed, Mapping):
+                receipt.holders.update(removed)
+            else:
+                receipt.holders[holder.name] = removed
         receipt.seconds = round(time.perf_counter() - started, 3)
         ERASURES.inc()
         log.info(

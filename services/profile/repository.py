@@ -11,7 +11,7 @@ from feast import FeatureStore
 
 from services.common import features as F
 from services.common.catalog import CatalogItem, ItemKind
-from services.common.consent import Consent
+from services.common.consent import Consent, merge_into
 from services.common.feature_store import FeatureWriter, online_rows, open_feature_store, to_arrow_table
 from services.common.indexes import ContextPopularity, CoVisitation
 from services.common.settings import CommonSettings
@@ -77,8 +77,14 @@ class ProfileRepository:
         raws = self.store.get_many(Namespace.CONSENT, visitor_ids)
         return {vid: Consent.from_bytes(raw) for vid, raw in zip(visitor_ids, raws, strict=True) if raw}
 
-    def save_consents(self, consents: Mapping[str, Consent]) -> None:
-        self.store.put_many(Namespace.CONSENT, {k: c.to_bytes() for k, c in consents.items()})
+    def save_consents(self, consents: Mapping[str, Consent]) -> dict[str, Consent]:
+        """Merge each record into the stored one (compare-and-set, per purpose the later choice wins) and
+        return the records as stored: a concurrent writer's newer choice is kept, never overwritten."""
+        stored: dict[str, Consent] = {}
+        for visitor_id, consent in consents.items():
+            raw = self.store.update(Namespace.CONSENT, visitor_id, merge_into(consent))
+            stored[visitor_id] = Consent.from_bytes(raw)
+        return stored
 
     # -- catalog and indexes ------------------------------------------------------------------------
     def upsert_catalog(self, items: Sequence[CatalogItem]) -> None:

@@ -258,6 +258,10 @@ class Aggregator:
                 # history rows carry the persona known so far (the persona job re-assigns them nightly).
                 offline.append(self._row(state, event.ts, assign=False))
 
+        # Consent changed in this batch, merged into the stored records first (compare-and-set, the later choice
+        # per purpose wins): a choice made through the API while this batch ran is kept, and decides below.
+        if changed_consents:
+            changed_consents = self.repository.save_consents(changed_consents)
         # Personalization consent withdrawn in this batch: no profile is kept, the existing one is deleted below.
         withdrawn = sorted(
             v for v, c in changed_consents.items() if not c.allows("personalization", self.consent_defaults)
@@ -279,8 +283,6 @@ class Aggregator:
         self.repository.save_visitor_states(touched_visitors, self.retention_s)
         self.repository.save_item_states(touched_items)
         self.repository.save_indexes(self.covisitation, self.popularity)
-        if changed_consents:
-            self.repository.save_consents(changed_consents)
         if withdrawn:
             forget_profiles(self.repository.store, self.repository.feature_store, withdrawn)
         if self.observers:

@@ -39,3 +39,5 @@ def get_auth(request: Request) -> ApiKeyAuth:
 State = Annotated[RecommendState, Depends(get_state)]
 RecommendKey = Annotated[str, Depends(require_scope(get_auth, "recommend"))]
 AdminKey = Annotated[str, Depends(require_scope(get_auth, "admin"))]
+# Server-side only: a decision renders the visitor's name and cart, records sends and consumes caps.
+MessagesKey = Annotated[str, Depends(require_scope(get_auth, "messages"))]

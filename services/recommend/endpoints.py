@@ -44,12 +44,13 @@ async def recommend(request: Request, state: State, key: RecommendKey) -> Respon
     """Rank products, banners and CTAs for a visitor, one list per slot."""
     parsed = await parse_json_request(request, REQUEST_ADAPTER, state.settings.max_body_bytes)
     may_set_time = state.auth.is_admin(key)
+    personal = not state.auth.is_browser(key)  # a public (browser) key never reads a visitor's behaviour
     if state.settings.rank_on_event_loop:
         # ~5 ms of CPU under the GIL: a thread would add hand-offs, not parallelism (workers are the cores).
-        result = state.service.recommend(parsed, may_set_time)
+        result = state.service.recommend(parsed, may_set_time, personal)
     else:
         result = await asyncio.get_running_loop().run_in_executor(
-            state.executor, state.service.recommend, parsed, may_set_time
+            state.executor, state.service.recommend, parsed, may_set_time, personal
         )
     return FastJSONResponse(result)
 

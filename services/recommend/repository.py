@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -16,7 +17,7 @@ from feast import FeatureStore
 from services.common import features as F
 from services.common.catalog import CatalogItem
 from services.common.clock import wall_time
-from services.common.consent import Consent
+from services.common.consent import Consent, ConsentDefaults
 from services.common.errors import StorageUnavailable
 from services.common.events import Event, envelope, open_envelope
 from services.common.feature_store import OnlineRowReader, online_rows, open_feature_store
@@ -73,6 +74,18 @@ class RecommendRepository:
     def consent(self, visitor_id: str) -> Consent:
         return Consent.from_bytes(self.store.get(Namespace.CONSENT, visitor_id))
 
+    def refusing(self, purpose: str, visitor_ids: Iterable[str], defaults: ConsentDefaults) -> set[str]:
+        """The visitors among `visitor_ids` whose consent (or the default) refuses `purpose`."""
+        ids = list(dict.fromkeys(visitor_ids))
+        refused: set[str] = set()
+        for start in range(0, len(ids), 1000):
+            chunk = ids[start : start + 1000]
+            raws = self.store.get_many(Namespace.CONSENT, chunk)
+            refused.update(
+                v for v, raw in zip(chunk, raws, strict=True) if not Consent.from_bytes(raw).allows(purpose, defaults)
+            )
+        return refused
+
     # -- catalog and item cache inputs --------------------------------------------------------------
     def upsert_catalog(self, items: Sequence[CatalogItem]) -> None:
         save_catalog(self.store, items)
@@ -126,18 +139,37 @@ class RecommendRepository:
 
     # -- models -----------------------------------------------------------------------------------
     def save_model(self, model_text: bytes, meta: ModelMeta) -> None:
+        # The digest lets a loader tell a damaged text from a whole one before LightGBM parses it.
+        digest = hashlib.sha256(model_text).hexdigest().encode()
         self.store.put_many(
             Namespace.META,
-            {f"model:{meta.version}:text": model_text, f"model:{meta.version}:meta": meta.to_json()},
+            {
+                f"model:{meta.version}:text": model_text,
+                f"model:{meta.version}:sha256": digest,
+                f"model:{meta.version}:meta": meta.to_json(),
+            },
         )
         self.store.put(Namespace.META, f"model:{LATEST_MODEL_KEY}", meta.version.encode())
 
     def model_versions(self) -> list[ModelMeta]:
-        metas = [ModelMeta.from_json(raw) for key, raw in self.store.scan(Namespace.META) if key.endswith(":meta")]
+        """Stored models, newest first; a model whose metadata cannot be read is left out (logged), so one
+        corrupt record does not hide the good models."""
+        metas = []
+        for key, raw in self.store.scan(Namespace.META):
+            if key.endswith(":meta"):
+                try:
+                    metas.append(ModelMeta.from_json(raw))
+                except Exception as exc:
+                    log.warning("skipping unreadable model metadata %s: %s", key, type(exc).__name__)
         return sorted(metas, key=lambda m: m.created_at, reverse=True)
 
     def model_text(self, version: str) -> bytes | None:
         return self.store.get(Namespace.META, f"model:{version}:text")
+
+    def model_digest(self, version: str) -> str | None:
+        """The sha256 stored with the model (None for models saved before digests were kept)."""
+        raw = self.store.get(Namespace.META, f"model:{version}:sha256")
+        return raw.decode() if raw else None
 
     # -- recommendations and impressions --------------------------------------------------------------
     def save_recommendation(self, recommendation_id: str, record: Mapping[str, Any], ttl_s: int) -> None:
@@ -177,11 +209,30 @@ class RecommendRepository:
                 if more_record:
                     records.append(more_record)
             try:
-                self._write_records(records)
-                self._append_with_retry(batch)
+                # Re-checked at write time: a visitor erased (or refusing analytics) since the request was served
+                # gets neither a recommendation record (it names them) nor impression events.
+                refused = self._refusing_analytics(
+                    [r[1].get("visitor_id") for r in records] + [_visitor(e) for e in batch]
+                )
+                self._write_records([r for r in records if r[1].get("visitor_id") not in refused])
+                self._append_with_retry([e for e in batch if _visitor(e) not in refused])
             finally:
                 for _ in range(taken):
                     self._impressions.task_done()
+
+    def _refusing_analytics(self, visitor_ids: Sequence[Any]) -> set[str]:
+        """Visitors whose consent record explicitly refuses `analytics` (an erasure's tombstone refuses every
+        purpose). If consent cannot be read the writes go ahead: they would most likely fail the same way."""
+        ids = sorted({v for v in visitor_ids if isinstance(v, str)})
+        try:
+            raws = self.store.get_many(Namespace.CONSENT, ids)
+        except StorageUnavailable:
+            return set()
+        return {
+            v
+            for v, raw in zip(ids, raws, strict=True)
+            if raw and Consent.from_bytes(raw).given.get("analytics") is False
+        }
 
     def _write_records(self, records: list[RecordWrite]) -> None:
         by_ttl: dict[int, dict[str, bytes]] = {}
@@ -247,3 +298,7 @@ class RecommendRepository:
         if not parts:
             return entity_df.iloc[0:0]
         return pd.concat(parts, ignore_index=True)
+
+
+def _visitor(event: Event | Mapping[str, Any]) -> Any:
+    return event.visitor_id if isinstance(event, Event) else event.get("visitor_id")

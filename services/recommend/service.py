@@ -45,6 +45,7 @@ from services.recommend.ranker import (
     explain_item,
     feature_matrix,
     targeting_match,
+    verify_model_text,
 )
 from services.recommend.repository import RecommendRepository
 from services.recommend.rules import RuleContext, apply_rules, targeting_allows
@@ -72,6 +73,10 @@ CACHE_AGE = Gauge("selaras_item_cache_built_timestamp_seconds", "When the in-pro
 CACHE_ITEMS = Gauge("selaras_item_cache_items", "Items in the in-process cache")
 IMPRESSIONS_DROPPED = Counter("selaras_impressions_dropped_total", "Impression batches dropped (queue full)")
 EXPLAIN_LIMIT = 3
+
+
+# The only explanation a browser-scoped key gets: it says nothing about the visitor.
+GENERIC_REASON = "recommended for this page"
 
 
 class ArmChooser(Protocol):
@@ -225,10 +230,15 @@ class RecommendService:
                 if text is None:
                     continue
                 try:
+                    verify_model_text(text, self.repository.model_digest(meta.version))
                     model = RankerModel.from_bytes(text, meta, self.settings.data_dir / "compiled-models")
                 except IncompatibleModel as exc:
                     self.skipped_models[meta.version] = str(exc)
                     log.warning("skipping incompatible model: %s", exc)
+                    continue
+                except Exception as exc:  # damaged (CorruptModel) or unparsable: the next newest may be whole
+                    self.skipped_models[meta.version] = f"unreadable: {exc}"
+                    log.warning("skipping unreadable model %s: %s", meta.version, exc)
                     continue
                 self.model = model
                 if previous:
@@ -238,9 +248,13 @@ class RecommendService:
             return previous, previous
 
     # -- ranking ------------------------------------------------------------------------------------
-    def recommend(self, request: RecommendRequest, caller_may_set_time: bool = True) -> dict[str, Any]:
+    def recommend(
+        self, request: RecommendRequest, caller_may_set_time: bool = True, personal_reasons: bool = True
+    ) -> dict[str, Any]:
         """Rank every slot. `caller_may_set_time`: whether `context.now` is honoured (the HTTP endpoint passes
-        False for non-admin keys; see `TimePolicy`); the answer says which time was used."""
+        False for non-admin keys; see `TimePolicy`); the answer says which time was used. `personal_reasons`:
+        whether `explain` may say what the visitor did ("still in your cart"); a browser key gets only
+        `GENERIC_REASON` (anyone holding the public key could otherwise read a visitor's behaviour)."""
         started = time.perf_counter()
         recommendation_id = uuid.uuid4().hex
         ctx = request.context
@@ -279,6 +293,8 @@ class RecommendService:
             experiment = self.experiments.assign_recommend(
                 request.visitor_id, [s.kind.value for s in request.slots], now
             )
+            if experiment is not None and not self._analytics_allowed(request.visitor_id):
+                experiment = None  # no exposure (and so no outcome) is tracked without `analytics` consent
             if experiment is not None:
                 personalized = experiment[2]
         use_model = (
@@ -318,7 +334,7 @@ class RecommendService:
                 rule_ctx,
                 now,
                 shown,
-                request.explain,
+                request.explain and personal_reasons,
                 context_label,
                 persona,
             )
@@ -340,6 +356,8 @@ class RecommendService:
                 }
                 if ranked.reasons is not None:
                     entry["reasons"] = ranked.reasons[position]
+                elif request.explain:
+                    entry["reasons"] = [GENERIC_REASON]
                 items.append(entry)
                 impressions.append(
                     self._impression(
@@ -398,6 +416,15 @@ class RecommendService:
             "time": used.to_dict(),
             "slots": slots_out,
         }
+
+    def _analytics_allowed(self, visitor_id: str) -> bool:
+        """Whether experiment exposures and outcomes may be tracked for the visitor (the `analytics` purpose).
+        If the store cannot answer, no: the visitor is then served outside the experiment."""
+        try:
+            return self.repository.consent(visitor_id).allows("analytics", self.consent_defaults)
+        except Exception as exc:
+            log.debug("consent unavailable: %s", type(exc).__name__)
+            return False
 
     def _rank_slot(
         self,

@@ -31,6 +31,7 @@ import pandas as pd
 from services.common import features as F
 from services.common.catalog import CatalogItem, ItemKind
 from services.common.clock import wall_datetime, wall_time
+from services.common.consent import ConsentDefaults
 from services.common.events import Event, EventType
 from services.common.indexes import ContextPopularity, CoVisitation, context_keys, observe_interaction, push_recent
 from services.recommend.candidates import PER_SOURCE, CandidateGenerator, Filters, VisitorVector, context_keys_for
@@ -75,6 +76,9 @@ class TrainConfig:
     min_impression_groups: int = 300
     attribution_window_s: float = 24 * 3600.0
     threads: int = 1  # OpenMP threads spin under contention: on a shared 2-core box 2 threads ran 6x slower
+    # The deployment's default for the `analytics` purpose: visitors whom it (or their choice) refuses are left
+    # out of training entirely.
+    analytics_default: Literal["opt_in", "opt_out"] = "opt_out"
 
 
 @dataclass
@@ -132,8 +136,12 @@ class Trainer:
 
     # -- queries ------------------------------------------------------------------------------------
     def load(self) -> tuple[list[Event], list[CatalogItem]]:
-        events = sorted(self.repository.logged_events(), key=lambda e: e.ts)
-        return events, self.repository.catalog()
+        """The logged events of visitors who allow `analytics` (training is analytics use), and the catalog."""
+        events = list(self.repository.logged_events())
+        defaults = ConsentDefaults(analytics=self.config.analytics_default)
+        refused = self.repository.refusing("analytics", (e.visitor_id for e in events), defaults)
+        kept = sorted((e for e in events if e.visitor_id not in refused), key=lambda e: e.ts)
+        return kept, self.repository.catalog()
 
     def behaviour_queries(self, events: Sequence[Event], products: set[str]) -> list[Query]:
         wanted = set(GRADES) - {EventType.CLICK}

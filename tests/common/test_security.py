@@ -9,10 +9,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
 from services.common.auth import hash_key
@@ -22,9 +23,10 @@ from services.common.settings import CommonSettings
 from services.profile.app import create_app as create_profile_app
 from services.profile.settings import ProfileSettings
 from services.recommend.app import create_app as create_recommend_app
+from services.recommend.service import GENERIC_REASON
 from services.recommend.settings import RecommendSettings
 from tests.conftest import REDIS_URL, clean_namespace, unique_name
-from tests.factories import make_event_dict
+from tests.factories import make_event_dict, make_item
 
 ORIGIN = "https://toko.example"
 KEYS = {
@@ -32,6 +34,8 @@ KEYS = {
     "sender": ("ingest", "sk_sender_secret_0123456789"),
     "ops": ("admin", "sk_ops_secret_0123456789"),
     "limited": ("recommend+ingest", "sk_limited_secret_0123456789"),
+    "collector": ("collect", "pk_collector_secret_0123456789"),
+    "crm": ("messages", "sk_crm_secret_0123456789"),
 }
 API_KEYS = ",".join(f"{name}:{scopes}:{hash_key(secret)}" for name, (scopes, secret) in KEYS.items())
 MAX_REQUEST_BYTES = 8192
@@ -114,6 +118,57 @@ def test_wrong_scope_gets_403_and_right_scope_passes(apps: Apps) -> None:
     bearer = {"Authorization": f"Bearer {KEYS['ops'][1]}"}
     assert apps.profile.post("/v1/events", json=events_body(), headers=bearer).status_code == 202
     assert apps.recommend.post("/v1/recommend", json=RECOMMEND_BODY, headers=key("ops")).status_code == 200
+
+
+def test_collect_key_sends_behaviour_of_one_visitor_only(apps: Apps) -> None:
+    def post(*events: dict[str, object]) -> Any:
+        return apps.profile.post("/v1/events", json={"events": list(events)}, headers=key("collector"))
+
+    def event(kind: str = "product_view", visitor: str = "sec-browser", **extra: object) -> dict[str, object]:
+        return make_event_dict(visitor_id=visitor, type=kind, **extra)
+
+    assert (
+        post(event(), event("add_to_cart"), event("search", item_id=None, price=None, query="tas")).status_code == 202
+    )
+    purchase = post(event(), event("purchase"))
+    assert_error(purchase, 403, "Forbidden")
+    assert purchase.json()["errors"] == [
+        {"index": 1, "field": "type", "message": "a collect key may not send purchase events"}
+    ]
+    update = event("profile_update", item_id=None, price=None, properties={"consent_personalization": True})
+    assert_error(post(update), 403, "Forbidden")  # consent and traits come from the shop's servers
+    assert_error(post(event(), event(visitor="someone-else")), 403, "Forbidden")  # one visitor per request
+    consent = apps.profile.put("/v1/profiles/sec-browser/consent", json={"analytics": True}, headers=key("collector"))
+    assert_error(consent, 403, "Forbidden")
+    # The collect key reads nothing either.
+    assert_error(apps.recommend.post("/v1/recommend", json=RECOMMEND_BODY, headers=key("collector")), 403, "Forbidden")
+    # A server key (ingest) may send all of it.
+    assert (
+        apps.profile.post("/v1/events", json={"events": [event("purchase")]}, headers=key("sender")).status_code == 202
+    )
+
+
+def test_messages_need_the_server_side_messages_scope(apps: Apps) -> None:
+    body = {"visitor_id": "sec-visitor", "channel": "push", "dry_run": True}
+    for path, payload in (("/v1/next-best-message", body), ("/v1/next-best-message:batch", {"requests": [body]})):
+        assert_error(apps.recommend.post(path, json=payload, headers=key("web")), 403, "Forbidden")  # browser key
+        assert apps.recommend.post(path, json=payload, headers=key("crm")).status_code == 200
+        assert apps.recommend.post(path, json=payload, headers=key("ops")).status_code == 200
+
+
+def test_a_browser_key_gets_no_behavioural_explanations(apps: Apps) -> None:
+    apps.recommend.put(
+        "/v1/catalog/items",
+        json={"items": [make_item(item_id=f"sec-{i}").model_dump(mode="json") for i in range(5)]},
+        headers=key("ops"),
+    )
+    assert apps.recommend.post("/v1/admin/reload", headers=key("ops")).status_code == 200
+    body = {**RECOMMEND_BODY, "explain": True}
+    browser = apps.recommend.post("/v1/recommend", json=body, headers=key("web")).json()
+    server = apps.recommend.post("/v1/recommend", json=body, headers=key("ops")).json()
+    browser_items, server_items = browser["slots"][0]["items"], server["slots"][0]["items"]
+    assert browser_items and all(item["reasons"] == [GENERIC_REASON] for item in browser_items)
+    assert server_items and all(item["reasons"] != [GENERIC_REASON] for item in server_items)
 
 
 # ------------------------------------------------------------------------------------------------- 429
@@ -205,6 +260,27 @@ def test_in_process_limits_without_redis_and_anonymous_development(tmp_path: Pat
         assert all(client.get("/ping").status_code == 200 for _ in range(5))
 
 
+def test_a_browser_key_is_limited_per_client(tmp_path: Path) -> None:
+    """The public key is shared by every browser: each client has its own bucket, so one client cannot drain
+    the shop's limit. A server key has one bucket whatever the client."""
+    app = FastAPI()
+
+    @app.get("/ping")
+    def ping() -> dict[str, bool]:
+        return {"ok": True}
+
+    settings = CommonSettings(
+        data_dir=tmp_path, api_keys=API_KEYS, rate_limits="web=1/1,sender=1/1", environment="test"
+    )
+    install_security(app, settings)
+    one, other = TestClient(app, client=("203.0.113.1", 1000)), TestClient(app, client=("203.0.113.2", 1000))
+    assert one.get("/ping", headers=key("web")).status_code == 200
+    assert one.get("/ping", headers=key("web")).status_code == 429  # this client's bucket is empty ...
+    assert other.get("/ping", headers=key("web")).status_code == 200  # ... the next browser's is not
+    assert one.get("/ping", headers=key("sender")).status_code == 200
+    assert other.get("/ping", headers=key("sender")).status_code == 429  # a server key: one bucket
+
+
 # ------------------------------------------------------------------------------------------------- CORS
 
 
@@ -263,3 +339,35 @@ def test_oversized_bodies_get_413_with_or_without_content_length(apps: Apps) -> 
 
 def make_event_json() -> bytes:
     return orjson.dumps(make_event_dict(visitor_id="sec-visitor"))
+
+
+def test_requests_without_a_server_key_get_the_small_body_limit(tmp_path: Path) -> None:
+    """A browser key, an unknown key or none: the small limit applies before the body is read (the public key
+    must not make the service buffer large bodies); a server key gets the large one."""
+    app = FastAPI()
+
+    @app.post("/echo")
+    async def echo(request: Request) -> dict[str, int]:
+        return {"bytes": len(await request.body())}
+
+    settings = CommonSettings(
+        data_dir=tmp_path,
+        api_keys=API_KEYS,
+        max_request_bytes=64 * 1024,
+        max_browser_request_bytes=4 * 1024,
+        environment="test",
+    )
+    install_security(app, settings)
+    body = b"x" * (8 * 1024)
+
+    def streamed() -> Iterator[bytes]:
+        yield body[:4000]
+        yield body[4000:]
+
+    with TestClient(app) as client:
+        for headers in (key("web"), key("collector"), {"X-API-Key": "sk_unknown"}, {}):
+            assert_error(client.post("/echo", content=body, headers=headers), 413, "PayloadTooLarge")
+            assert_error(client.post("/echo", content=streamed(), headers=headers), 413, "PayloadTooLarge")
+        for name in ("sender", "crm", "ops", "limited"):
+            assert client.post("/echo", content=body, headers=key(name)).json() == {"bytes": len(body)}
+        assert client.post("/echo", content=body[:4000], headers=key("web")).json() == {"bytes": 4000}

@@ -27,7 +27,10 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 
 
 def pending(n: int, visitor: str = "v1", prefix: str = "e") -> list[PendingEvent]:
-    return [PendingEvent(f"{prefix}{i}", visitor, f'{{"visitor_id":"{visitor}","n":{i}}}'.encode()) for i in range(n)]
+    return [
+        PendingEvent(f"{prefix}{i}", visitor, f'{{"at":0,"event":{{"visitor_id":"{visitor}","n":{i}}}}}'.encode())
+        for i in range(n)
+    ]
 
 
 def test_append_is_idempotent_on_event_id(store: Store) -> None:
@@ -56,11 +59,14 @@ def test_read_events_pages_in_order(store: Store) -> None:
 
 
 def test_delete_visitor_events_removes_only_that_visitor(store: Store) -> None:
-    store.append_events(pending(3, "alice", "a") + pending(2, "bob", "b"))
+    # Bob's last event mentions Alice's id in its properties (the bytes the scan narrows on): it stays.
+    mention = b'{"at":0,"event":{"visitor_id":"bob","properties":{"visitor_id":"alice"}}}'
+    store.append_events(pending(3, "alice", "a") + pending(2, "bob", "b") + [PendingEvent("m", "bob", mention)])
     deleted = store.delete_visitor_events("alice", b'"visitor_id":"alice"')
     assert deleted == 3
     remaining = [e.payload for e in store.read_events(None, 100)]
-    assert len(remaining) == 2 and all(b"bob" in p for p in remaining)
+    assert len(remaining) == 3 and all(b'"visitor_id":"bob"' in p for p in remaining)
+    assert remaining[-1] == mention
 
 
 def test_forgotten_event_ids_can_be_appended_again(store: Store) -> None:
@@ -98,3 +104,26 @@ def test_unreachable_redis_raises_storage_unavailable() -> None:
         dead.append_events(pending(1))
     with pytest.raises(StorageUnavailable):
         dead.get("x", "y")
+
+
+def test_update_is_compare_and_set_across_connections(store: Store, tmp_path: Path) -> None:
+    """Two connections (two processes' worth) increment one record concurrently: no increment is lost."""
+    import threading
+
+    if isinstance(store, RedisStore):
+        other: Store = RedisStore(make_redis_client(REDIS_URL, False, 1.0), store.ns)
+    else:
+        other = SqliteStore(tmp_path / "store.db")
+
+    def increment(target: Store) -> None:
+        for _ in range(100):
+            target.update("counter", "k", lambda raw: str(int(raw or b"0") + 1).encode())
+
+    threads = [threading.Thread(target=increment, args=(s,)) for s in (store, other)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    other.close()
+    assert store.get("counter", "k") == b"200"
+    assert [key for key, _ in store.scan("counter")] == ["k"]  # indexed like put_many

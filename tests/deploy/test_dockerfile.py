@@ -10,6 +10,9 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
+from services.common.auth import hash_key
 from services.common.settings import CommonSettings
 from services.recommend.settings import RecommendSettings
 from tests.deploy.deploy_checks import REPO, known_variables, parse_cli
@@ -101,7 +104,13 @@ def test_image_environment_points_settings_at_the_copied_files() -> None:
     assert env["RECOMMEND_EXPERIMENTS_FILE"] == f"{workdir}/experiments.yaml" and "experiments.yaml" in copied
     saved = dict(os.environ)
     try:
+        os.environ.pop("SELARAS_API_KEYS", None)
         os.environ.update({k: v for k, v in env.items() if k.startswith(("SELARAS_", "RECOMMEND_"))})
+        # Fails closed: the image is production unless development is asked for, and refuses to run without keys.
+        assert env["SELARAS_ENVIRONMENT"] == "production"
+        with pytest.raises(ValueError, match="SELARAS_API_KEYS must be set"):
+            CommonSettings()
+        os.environ["SELARAS_API_KEYS"] = f"ops:admin:{hash_key('a-real-secret-for-the-test')}"
         common, recommend = CommonSettings(), RecommendSettings()
     finally:
         os.environ.clear()

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +23,9 @@ from services.common.feature_store import online_rows
 from services.profile.app import create_app
 from services.profile.settings import ProfileSettings
 from services.recommend.app import create_app as create_recommend_app
+from services.recommend.repository import RecommendRepository
 from services.recommend.settings import RecommendSettings
+from services.recommend.training import TrainConfig, Trainer
 from tests.conftest import REDIS_URL, SessionWorld, clean_namespace, unique_name
 from tests.factories import BASE_TIME, make_event_dict, make_item
 
@@ -246,3 +250,75 @@ def test_without_marketing_consent_no_message_is_proposed(serving: Serving) -> N
     assert put.json()["consent"]["marketing_whatsapp"] is True
     assert decide("whatsapp")["reason"] != "no_consent"  # now other rules decide
     assert decide("email")["reason"] == "no_consent"  # consent is per channel
+
+
+# ------------------------------------------------------------------------------------------------ races
+
+
+def test_choices_merge_per_purpose_by_time_whatever_the_order() -> None:
+    api = Consent().merged({"marketing_email": True, "personalization": False}, 200.0)
+    late_event = Consent().merged({"marketing_email": False, "marketing_push": True}, 100.0)
+    both = {"marketing_email": True, "personalization": False, "marketing_push": True}
+    assert api.combined(late_event).given == late_event.combined(api).given == both
+    assert api.combined(late_event).time_of("marketing_push") == 100.0
+    # Same moment: refusal wins (the privacy-safe side), from either side.
+    assert Consent().merged({"analytics": True}, 5.0).merged({"analytics": False}, 5.0).given == {"analytics": False}
+    assert Consent().merged({"analytics": False}, 5.0).merged({"analytics": True}, 5.0).given == {"analytics": False}
+    # A record written before per-purpose times existed dates its choices at `updated_at`.
+    old = Consent.from_bytes(b'{"given": {"analytics": true}, "updated_at": 50.0}')
+    assert old.time_of("analytics") == 50.0 and old.merged({"analytics": False}, 40.0).given == {"analytics": True}
+
+
+def test_a_late_profile_update_never_overrides_a_newer_explicit_choice(shop: Shop) -> None:
+    shop.consent("v-late", personalization=True, marketing_push=False)  # now (the service's clock)
+    shop.send([profile_update("v-late", 0, consent_personalization=False, consent_marketing_push=True)])  # Nov 20
+    assert shop.state.repository.consents(["v-late"])["v-late"].given == {
+        "personalization": True,
+        "marketing_push": False,
+    }
+    shop.send(views("v-late", 2, start=1))
+    assert shop.profile_kept("v-late")
+
+
+def test_the_consent_api_racing_the_aggregator_loses_no_choice(shop: Shop) -> None:
+    """Every round the aggregator folds an (older) `profile_update` while the API stores a newer choice at the
+    same moment: the record ends with the API's choice and the event's other purpose, whatever the
+    interleaving."""
+    errors: list[BaseException] = []
+    for round_ in range(25):
+        visitor_id = f"v-race-{round_}"
+        event = profile_update(visitor_id, 0, consent_marketing_email=False, consent_marketing_push=True)
+        start = threading.Barrier(2)
+
+        def fold(event: Event = event, start: threading.Barrier = start) -> None:
+            try:
+                shop.state.ingest.ingest([event])
+                start.wait()
+                while shop.state.aggregator.run_once(5000).events:
+                    pass
+            except BaseException as exc:  # reported by the main thread
+                errors.append(exc)
+
+        folder = threading.Thread(target=fold)
+        folder.start()
+        start.wait()
+        time.sleep(round_ % 5 * 0.002)  # vary the interleaving
+        shop.consent(visitor_id, marketing_email=True)
+        folder.join(30)
+        assert not errors
+        stored = shop.state.repository.consents([visitor_id])[visitor_id]
+        assert stored.given == {"marketing_email": True, "marketing_push": True}, f"round {round_}"
+
+
+def test_training_leaves_out_visitors_who_refuse_analytics(shop: Shop) -> None:
+    shop.send(views("v-stats-yes", 2) + views("v-stats-no", 2) + views("v-stats-given", 2))
+    shop.consent("v-stats-no", analytics=False)
+    shop.consent("v-stats-given", analytics=True)
+    repository = RecommendRepository(shop.state.repository.store, shop.state.repository.feature_store)
+
+    def trained_on(default: Any) -> set[str]:
+        events, _ = Trainer(repository, TrainConfig(analytics_default=default)).load()
+        return {e.visitor_id for e in events} & {"v-stats-yes", "v-stats-no", "v-stats-given"}
+
+    assert trained_on("opt_out") == {"v-stats-yes", "v-stats-given"}
+    assert trained_on("opt_in") == {"v-stats-given"}  # a strict shop: only those who said yes

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from services.cli import app as cli_app
 from services.common import features as F
+from services.common.consent import PURPOSES
 from services.common.events import Event
 from services.common.experiment_store import ExposureWrite, open_experiment_store
 from services.common.feature_store import online_rows
@@ -38,6 +39,8 @@ from tests.factories import BASE_TIME, make_event_dict, make_item
 ADMIN = {"X-API-Key": "privacy-admin-key-0123456789"}
 ERASED, KEPT = "erase-me", "keep-me"
 EXPERIMENT_ID = "exp-a-1"
+REMOVED_EXPERIMENT_ID = "exp-old-1"  # state of an experiment no longer in the config (not in the registry)
+MENTION = "keep-me-mentions-erase-me"
 
 
 def history(visitor_id: str, start: datetime, days: int = 3) -> list[Event]:
@@ -90,7 +93,19 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
     with TestClient(create_app(settings)) as client:
         state = client.app.state.profile  # type: ignore[attr-defined]
         state.repository.upsert_catalog([make_item(item_id="pv-1"), make_item(item_id="pv-2", price=90_000)])
-        events = {ERASED: history(ERASED, BASE_TIME), KEPT: history(KEPT, BASE_TIME + timedelta(hours=1))}
+        # The other visitor's last event mentions the erased id (the bytes a substring match would hit).
+        mention = Event.model_validate(
+            make_event_dict(
+                event_id=MENTION,
+                visitor_id=KEPT,
+                type="page_view",
+                item_id=None,
+                price=None,
+                timestamp=(BASE_TIME + timedelta(days=3)).isoformat(),
+                properties={"visitor_id": ERASED},
+            )
+        )
+        events = {ERASED: history(ERASED, BASE_TIME), KEPT: [*history(KEPT, BASE_TIME + timedelta(hours=1)), mention]}
         state.ingest.ingest(sorted(events[ERASED] + events[KEPT], key=lambda e: e.ts))
         built = Shop(settings, client, events)
         built.fold()
@@ -120,6 +135,20 @@ def seed_other_holders(shop: Shop) -> None:
         for visitor_id in (ERASED, KEPT):
             experiments.record_exposure(
                 ExposureWrite(EXPERIMENT_ID, visitor_id, "b", "all", BASE_TIME.timestamp(), {"all": {"ctr": 3.0}})
+            )
+            # An exposure record (kept for attribution) that names the visitor, in an experiment since removed.
+            record = {"visitor_id": visitor_id, "ts": BASE_TIME.timestamp(), "arm": "a", "slots": {}}
+            experiments.record_exposure(
+                ExposureWrite(
+                    REMOVED_EXPERIMENT_ID,
+                    visitor_id,
+                    "a",
+                    "all",
+                    BASE_TIME.timestamp(),
+                    {"all": {"ctr": 1.0}},
+                    recommendation_id=f"rec-{visitor_id}",
+                    record=record,
+                )
             )
     finally:
         experiments.close()
@@ -176,10 +205,10 @@ def test_erasure_removes_the_visitor_everywhere_and_from_later_training(
     n = len(shop.events[ERASED])
     assert receipt["visitor_id"] == ERASED
     assert (receipt["log_events"], receipt["idempotency_keys"]) == (n, n)
-    assert (receipt["visitor_state"], receipt["online_rows"], receipt["consent"]) == (1, 1, 1)
+    assert (receipt["visitor_state"], receipt["online_rows"], receipt["consent"]) == (1, 1, "kept_as_refused")
     assert receipt["offline_rows"] == n and receipt["offline_files_rewritten"] >= 1
     assert receipt["recommendation_records"] == 1
-    assert receipt["holders"] == {"experiment_state": 1, "message_history": 1}
+    assert receipt["holders"] == {"experiment_state": 2, "experiment_exposures": 1, "message_history": 1}
     # No visitor id in what the services log.
     service_logs = [r.getMessage() for r in caplog.records if not r.name.startswith("httpx")]
     assert not [line for line in service_logs if ERASED in line]
@@ -187,18 +216,24 @@ def test_erasure_removes_the_visitor_everywhere_and_from_later_training(
     # Gone from every store ...
     repository = shop.state.repository
     assert repository.visitor_states([ERASED]) == {}
-    assert repository.consents([ERASED]) == {}
+    tombstone = repository.consents([ERASED])[ERASED]  # the proof of the request: every purpose refused
+    assert set(tombstone.given) == set(PURPOSES) and not any(tombstone.given.values())
+    assert any(MENTION.encode() in entry.payload for entry in repository.store.read_events(None, 10_000))
     assert online_rows(repository.feature_store, F.VISITOR_VIEW, [ERASED])[0]["event_count"] is None
     history_ids = pq.read_table(shop.settings.offline_dir / F.VISITOR_VIEW, columns=[F.VISITOR_KEY])
     assert ERASED not in set(history_ids[F.VISITOR_KEY].to_pylist())
     assert repository.store.get(Namespace.RECOMMENDATIONS, "rec-erased") is None
     experiments = open_experiment_store(shop.settings)
     try:
-        assert experiments.visitor_heads([EXPERIMENT_ID], [ERASED]) == {}
-        assert experiments.visitor_heads([EXPERIMENT_ID], [KEPT])  # only the erased visitor is forgotten
+        assert experiments.visitor_heads([EXPERIMENT_ID, REMOVED_EXPERIMENT_ID], [ERASED]) == {}
+        assert len(experiments.visitor_heads([EXPERIMENT_ID, REMOVED_EXPERIMENT_ID], [KEPT])) == 2  # only ERASED
+        records = experiments.exposure_records([REMOVED_EXPERIMENT_ID], [f"rec-{ERASED}", f"rec-{KEPT}"])
+        assert list(records) == [f"rec-{KEPT}"]
     finally:
         experiments.close()
-    assert shop.client.get(f"/v1/profiles/{ERASED}/export", headers=ADMIN).status_code == 404
+    export = shop.client.get(f"/v1/profiles/{ERASED}/export", headers=ADMIN).json()  # what is kept: the refusal
+    assert export["events"] == [] and export["profile_state"] is None and export["feature_history"] == []
+    assert not any(export["consent"]["resolved"].values())
 
     # ... and from a training set built afterwards; the other visitor is untouched.
     visitors_after, known_after = training_view(shop.settings, [ERASED, KEPT], probe_at)
@@ -207,12 +242,14 @@ def test_erasure_removes_the_visitor_everywhere_and_from_later_training(
     assert repository.store.get(Namespace.RECOMMENDATIONS, "rec-kept") is not None
     assert online_rows(repository.feature_store, F.VISITOR_VIEW, [KEPT])[0]["event_count"] == len(shop.events[KEPT])
 
-    # Erasure is idempotent, and the idempotency keys are gone too: re-sent events are new data.
+    # Erasure is idempotent, and the idempotency keys are gone too: re-sent events are new data ...
     again = shop.client.delete(f"/v1/profiles/{ERASED}", headers=ADMIN).json()
     assert again["log_events"] == 0 and again["offline_rows"] == 0 and again["visitor_state"] == 0
     assert shop.state.ingest.ingest(shop.events[ERASED][:2]).accepted == 2
     shop.fold()
-    assert repository.visitor_states([ERASED])[ERASED].event_count == 2
+    # ... but the tombstone keeps them from rebuilding a profile (the next visit, re-sent events).
+    assert repository.visitor_states([ERASED]) == {}
+    assert online_rows(repository.feature_store, F.VISITOR_VIEW, [ERASED])[0]["event_count"] is None
     shop.client.delete(f"/v1/profiles/{ERASED}", headers=ADMIN)
 
 
@@ -269,6 +306,48 @@ def test_erasure_on_the_embedded_stores(settings_factory: Callable[..., Any]) ->
         assert online_rows(repository.feature_store, F.VISITOR_VIEW, [ERASED])[0]["event_count"] is None
         assert online_rows(repository.feature_store, F.VISITOR_VIEW, [KEPT])[0]["event_count"] == 12
         assert repository.store.log_length() == 12
-        assert not privacy.known(ERASED) and privacy.known(KEPT)
+        assert repository.visitor_states([ERASED]) == {} and privacy.known(KEPT)
+        assert not any(repository.consents([ERASED])[ERASED].given.values())  # the tombstone
     finally:
         repository.close()
+
+
+def test_impressions_written_after_the_erasure_do_not_rebuild_the_profile(shop: Shop) -> None:
+    """A recommend process still holds impressions and a recommendation record of the visitor (queued before
+    the erasure) and writes them after it: its writer re-checks consent and drops them; and impressions that
+    reach the log anyway are not folded, because the aggregator reads the tombstone."""
+    visitor = "erased-in-flight"
+    shop.state.ingest.ingest(history(visitor, BASE_TIME, days=1))
+    shop.fold()
+    assert shop.state.repository.visitor_states([visitor])
+    impressions = [
+        Event.model_validate(
+            make_event_dict(
+                visitor_id=visitor,
+                type="impression",
+                item_id="pv-1",
+                recommendation_id="rec-in-flight",
+                timestamp=(BASE_TIME + timedelta(days=1, minutes=n)).isoformat(),
+            )
+        )
+        for n in range(3)
+    ]
+    receipt = shop.client.delete(f"/v1/profiles/{visitor}", headers=ADMIN).json()
+    assert receipt["visitor_state"] == 1 and receipt["consent"] == "kept_as_refused"
+
+    store = shop.state.repository.store
+    before = store.log_length()
+    recommend_side = RecommendRepository.open(shop.settings)
+    record = {"visitor_id": visitor, "ts": BASE_TIME.timestamp(), "slots": {"home": ["pv-1"]}}
+    try:
+        assert recommend_side.log_events_async(list(impressions[:2]), ("rec-in-flight", record, 3600))
+    finally:
+        recommend_side.close()  # drains the writer's queue
+    assert store.log_length() == before  # the writer dropped them ...
+    assert store.get(Namespace.RECOMMENDATIONS, "rec-in-flight") is None
+
+    shop.state.ingest.ingest(impressions[2:])  # ... and one that reaches the log anyway is not folded
+    assert store.log_length() == before + 1
+    shop.fold()
+    assert shop.state.repository.visitor_states([visitor]) == {}
+    assert online_rows(shop.state.repository.feature_store, F.VISITOR_VIEW, [visitor])[0]["event_count"] is None

@@ -249,3 +249,25 @@ def test_applied_cuped_increments_reach_the_prometheus_counters(store: Experimen
     assert value("selaras_experiment_value_sum_with_pre_period_total", "revenue") == 5000.0
     assert value("selaras_experiment_covariate_denominator_cross_sum_total", "ctr") == 12.0
     assert value("selaras_experiment_denominator_sum_with_pre_period_total", "ctr") == 3.0
+
+
+def test_erasure_reaches_every_experiment_and_its_exposure_records(store: ExperimentStore) -> None:
+    """Running values and exposure records of the visitor in any experiment (in the registry or not) go; an
+    id with glob characters is matched literally; other visitors' records stay, even one that starts with the
+    same id."""
+    visitor = "v[1]*"
+    for experiment_id in (EXP, "removed@3"):
+        for who in (visitor, "v[1]*x", "v11"):
+            record = {"visitor_id": who, "ts": T0, "slots": {}}
+            store.record_exposure(
+                ExposureWrite(experiment_id, who, "a", "s", T0, {"all": {"ctr": 1.0}}, f"{experiment_id}-{who}", record)
+            )
+    erased = store.erase_visitor(visitor)
+    assert (erased.running_values, erased.exposure_records) == (2, 2)
+    assert store.visitor_heads([EXP, "removed@3"], [visitor]) == {}
+    assert len(store.visitor_heads([EXP, "removed@3"], ["v[1]*x", "v11"])) == 4
+    ids = [f"{e}-{w}" for e in (EXP, "removed@3") for w in (visitor, "v[1]*x", "v11")]
+    kept = store.exposure_records([EXP, "removed@3"], ids)
+    assert sorted(kept) == sorted(i for i in ids if not i.endswith(f"-{visitor}"))
+    assert store.sums(EXP)["a"]["all"]["n"] == 3  # the anonymous sums stay
+    assert store.erase_visitor(visitor) == erased.__class__(0, 0)  # idempotent
