@@ -81,7 +81,18 @@ profile: $(DEV_STAMP) ## py-spy samples of both services under load (after make 
 soak: $(DEV_STAMP) ## 10-minute soak at a fixed rate: memory growth and errors
 	scripts/with_redis.sh $(PY) -m bench.soak
 
+# Public purchase histories (NAME.txt + NAME_item2attributes.json); the default is the team's shared copy.
+DATA ?= $(if $(wildcard ../shared/data/amazon),../shared/data/amazon,)
+eval-public: $(STAMP) ## published-protocol ranking evaluation of every NAME.txt in DATA=folder; writes docs/quality.md
+	@test -n "$(DATA)" || { echo "usage: make eval-public DATA=<folder with NAME.txt histories>"; exit 2; }
+	$(PY) -m services.cli evaluate public $(DATA) --report docs/quality.md
+
+ABLATION ?= Toys_and_Games
+eval-ablation: $(STAMP) ## generators added one at a time on DATA/ABLATION.txt; writes docs/quality-ablation.md
+	@test -n "$(DATA)" || { echo "usage: make eval-ablation DATA=<folder> ABLATION=<name>"; exit 2; }
+	$(PY) -m services.cli evaluate ablation $(DATA)/$(ABLATION).txt --attributes $(DATA)/$(ABLATION)_item2attributes.json
+
 clean: ## remove generated data (keeps the virtualenv)
 	rm -rf $(DATA_DIR) bench/tmp
 
-.PHONY: help install install-dev demo aggregator test test-clock lint format bench profile soak clean
+.PHONY: help install install-dev demo aggregator test test-clock lint format bench profile soak eval-public eval-ablation clean

@@ -22,6 +22,7 @@ from rich.table import Table
 from services.demo.commands import shop_app, simulate_messages_command
 from services.demo.simulate_ab import simulate_ab_command
 from services.messages.cli import register_message_commands
+from services.recommend.history_cli import register_history_commands
 
 # DuckDB/ibis deprecation notices on every Feast offline query are noise for CLI users.
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -35,6 +36,7 @@ app.command("simulate-ab")(simulate_ab_command)
 evaluate_app = typer.Typer(help="Offline evaluation: rankings, policies and messages.", no_args_is_help=True)
 app.add_typer(evaluate_app, name="evaluate")
 register_message_commands(app, evaluate_app)
+register_history_commands(import_app, evaluate_app)
 app.command("simulate-messages")(simulate_messages_command)
 console = Console()
 
@@ -172,9 +174,19 @@ def train(
     api_key: Annotated[
         str | None, typer.Option(envvar="SELARAS_ADMIN_API_KEY", help="Admin API key sent with the reload.")
     ] = None,
+    histories: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help='Train on a "user item item ..." file (folded in-process).'),
+    ] = None,
+    attributes: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="With --histories.")] = None,
 ) -> None:
     """Train the LightGBM ranker from the event log and Feast's offline store; save it as the newest model."""
     _settings_env(data_dir)
+    if histories is not None:
+        from services.recommend.history_cli import train_on_histories_file
+
+        train_on_histories_file(histories, attributes, data_dir, seed)
+        return
     from services.recommend.repository import RecommendRepository
     from services.recommend.settings import RecommendSettings
     from services.recommend.training import TrainConfig, Trainer
@@ -278,11 +290,6 @@ def import_events_command(
         console.print(f"  line {invalid.line}: " + "; ".join(f"{e['field']}: {e['message']}" for e in invalid.errors))
     if report.folded_by_live_aggregator:
         console.print("a running aggregator held the log: it folded the imported events on its own clock")
-    if report.out_of_order:
-        console.print(
-            f"[yellow]{report.out_of_order:,} events were older than an earlier line: sort files by "
-            "timestamp for point-in-time correct features[/]"
-        )
 
 
 @import_app.command("catalog")
@@ -324,8 +331,18 @@ def evaluate_ranking_command(
         "target"
     ),
     out: Annotated[Path | None, typer.Option(help="JSON report (default DATA_DIR/evaluation/ranking.json).")] = None,
+    histories: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help='"user item item ..." file: the published protocol on it.'),
+    ] = None,
+    attributes: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="With --histories.")] = None,
 ) -> None:
     """Rank held-out interactions with the served pipeline and with baselines; print a table, write JSON."""
+    if histories is not None:
+        from services.recommend.history_cli import evaluate_histories_file
+
+        evaluate_histories_file(histories, attributes, max_visitors, seed, out)
+        return
     _settings_env(data_dir)
     from datetime import datetime
 

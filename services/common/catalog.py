@@ -24,6 +24,9 @@ MESSAGE_TRIGGERS: Final = (
     "payday_promo",
 )
 
+# Real catalogs carry long attribute lists (public splits: up to ~60 per item); tags stay a bounded list.
+MAX_TAGS = 100
+
 
 class ItemKind(StrEnum):
     PRODUCT = "product"
@@ -76,7 +79,7 @@ class CatalogItem(BaseModel):
     stock: Annotated[int, Field(ge=0)] | None = None
     created_at: AwareDatetime | None = None
     active: bool = True
-    tags: list[Label] = Field(default_factory=list, max_length=30)
+    tags: list[Label] = Field(default_factory=list, max_length=MAX_TAGS)
     # Merchandiser controls: pinned items go first in their slot, boost multiplies the model score.
     pinned: bool = False
     boost: Annotated[float, Field(ge=0, le=100)] = 1.0

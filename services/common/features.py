@@ -159,6 +159,7 @@ RANKER_FEATURES: Final[tuple[str, ...]] = (
     "i_trend_score",
     "i_slot_ctr_7d",
     "i_category_code",
+    "i_popularity",
     # visitor x item crosses
     "x_category_affinity",
     "x_brand_affinity",
@@ -167,6 +168,12 @@ RANKER_FEATURES: Final[tuple[str, ...]] = (
     "x_recently_viewed",
     "x_covisitation",
     "x_targeting_match",
+    # what comes next after the visitor's last items (services/recommend/next_item.py)
+    "x_covisitation_rank",
+    "x_last_item_transition",
+    "x_two_step",
+    "x_shared_tags",
+    "x_generator",
 )
 PERSONAL_FEATURE_PREFIXES: Final = ("v_", "x_")
 CATEGORICAL_FEATURES: Final = (
@@ -176,6 +183,7 @@ CATEGORICAL_FEATURES: Final = (
     "c_device_code",
     "c_channel_code",
     "i_category_code",
+    "x_generator",
 )
 
 LIFECYCLE_CODES: Final = {"new": 0, "active": 1, "loyal": 2, "at_risk": 3, "dormant": 4}

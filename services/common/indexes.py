@@ -1,21 +1,32 @@
 """Candidate indexes kept by the profile service and read by the recommend service (pure, no I/O).
 
-- Co-visitation: items viewed close together by the same visitor ("people who viewed this also viewed").
+- Co-visitation: what a visitor interacted with next ("after this, people went to ..."). Order-aware: the
+  item interacted with d steps after another (d <= 3) adds 1/d to the pair in that direction and a weaker
+  share in the reverse direction. Views, carts, purchases and clicks all count: a shop that only exports
+  orders must still teach it something.
 - Context popularity: decayed interaction scores per context (city, part of day, device), for
   "trending in Jakarta this evening".
+
+`observe_interaction` is the one update rule: the profile aggregator, training replays and the bulk history
+builder (services/recommend/bulk_history.py, proven equal by a parity test) all go through it or match it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import orjson
 
 from services.common.context import daypart, local_time, zone_for
 
 COVISIT_WINDOW = 3  # the previous N items of the visitor count as co-visited
+# "b after a" predicts the next item; "a after b" says the two belong together, more weakly.
+COVISIT_REVERSE_WEIGHT = 0.5
 COVISIT_MAX_NEIGHBOURS = 60
+RECENT_ITEMS = 20
+# Popularity weight of each interaction type (co-visitation counts every interaction alike: order matters).
+INTERACTION_WEIGHTS = {"product_view": 1.0, "add_to_cart": 3.0, "purchase": 5.0, "click": 1.5}
 POPULARITY_HALF_LIFE_S = 3 * 24 * 3600.0
 POPULARITY_MAX_ITEMS = 300
 GLOBAL_CONTEXT = "all"
@@ -27,14 +38,15 @@ class CoVisitation:
         self.dirty: set[str] = set()
 
     def observe(self, previous_items: Iterable[str], item_id: str, weight: float = 1.0) -> None:
+        """`previous_items` most recent first: the one just before `item_id` is at distance 1."""
         for rank, other in enumerate(previous_items):
             if rank >= COVISIT_WINDOW:
                 break
             if other == item_id:
                 continue
             w = weight / (rank + 1)
-            self._add(item_id, other, w)
             self._add(other, item_id, w)
+            self._add(item_id, other, w * COVISIT_REVERSE_WEIGHT)
 
     def _add(self, item_id: str, other: str, weight: float) -> None:
         row = self.neighbours.setdefault(item_id, {})
@@ -53,6 +65,33 @@ class CoVisitation:
 
     def dump(self, item_id: str) -> bytes:
         return orjson.dumps(self.top(item_id, COVISIT_MAX_NEIGHBOURS))
+
+
+def push_recent(items: list[str], item_id: str, cap: int = RECENT_ITEMS) -> None:
+    """A visitor's recent items, most recent first, each once (the visitor row's `recent_items`)."""
+    if item_id in items:
+        items.remove(item_id)
+    items.insert(0, item_id)
+    del items[cap:]
+
+
+def observe_interaction(
+    covisitation: CoVisitation,
+    popularity: ContextPopularity,
+    event_type: str,
+    item_id: str | None,
+    previous_items: Sequence[str],
+    keys: Iterable[str],
+    ts: float,
+) -> bool:
+    """The index update of one interaction (`previous_items`: the visitor's recent items before it, most
+    recent first). Returns False for events that are not interactions with an item."""
+    weight = INTERACTION_WEIGHTS.get(event_type)
+    if weight is None or not item_id:
+        return False
+    popularity.observe(keys, item_id, weight, ts)
+    covisitation.observe(previous_items, item_id)
+    return True
 
 
 def context_keys(ts: float, city: str | None, device: str | None, utc_offset_min: int | None) -> list[str]:

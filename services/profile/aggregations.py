@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.context import is_payday_window, local_time, zone_for
 from services.common.events import Event, EventType
+from services.common.indexes import ContextPopularity, CoVisitation, context_keys, observe_interaction, push_recent
 
 HOUR = 3600.0
 DAY = 24 * HOUR
@@ -24,7 +25,6 @@ HOUR_HISTOGRAM_HALF_LIFE_S = 30 * DAY
 PRICE_EWM_ALPHA = 0.15
 DISCOUNT_THRESHOLD = 0.1
 TOP_K = 8
-RECENT = 20
 BEHAVIOUR_TYPES = frozenset(
     {
         EventType.PAGE_VIEW,
@@ -116,13 +116,6 @@ def top_affinities(affinities: Mapping[str, list[float]], now: float) -> tuple[l
     scored = scored[:TOP_K]
     total = sum(s for _, s in scored) or 1.0
     return [k for k, _ in scored], [round(s / total, 6) for _, s in scored]
-
-
-def _push_recent(items: list[str], item_id: str, cap: int = RECENT) -> None:
-    if item_id in items:
-        items.remove(item_id)
-    items.insert(0, item_id)
-    del items[cap:]
 
 
 @dataclass
@@ -243,7 +236,7 @@ def fold_visitor(state: VisitorState, event: Event, item: ItemInfo | None) -> bo
         state.discount_affinity = (1 - PRICE_EWM_ALPHA) * state.discount_affinity + PRICE_EWM_ALPHA * float(
             discount >= DISCOUNT_THRESHOLD
         )
-        _push_recent(state.recent_items, item_id)
+        push_recent(state.recent_items, item_id)
     elif kind is EventType.SEARCH:
         _insert(state.searches, ts)
     elif kind is EventType.ADD_TO_CART and item_id:
@@ -251,7 +244,7 @@ def fold_visitor(state: VisitorState, event: Event, item: ItemInfo | None) -> bo
         quantity, _, _ = state.cart.get(item_id, (0.0, 0.0, ts))
         state.cart[item_id] = [quantity + (event.quantity or 1), float(price or 0.0), ts]
         state.cart_updated = ts
-        _push_recent(state.recent_items, item_id)
+        push_recent(state.recent_items, item_id)
     elif kind is EventType.REMOVE_FROM_CART and item_id:
         if item_id in state.cart:
             remaining = state.cart[item_id][0] - (event.quantity or state.cart[item_id][0])
@@ -272,7 +265,9 @@ def fold_visitor(state: VisitorState, event: Event, item: ItemInfo | None) -> bo
             state.log_price_paid = _ewm(state.log_price_paid, math.log(price))
         state.cart.pop(item_id, None)
         state.cart_updated = ts
-        _push_recent(state.purchased_items, item_id)
+        push_recent(state.purchased_items, item_id)
+        # A purchase is the strongest interaction: shops that export only orders have no other sequence.
+        push_recent(state.recent_items, item_id)
     for timestamps in (
         state.views,
         state.carts,
@@ -285,6 +280,19 @@ def fold_visitor(state: VisitorState, event: Event, item: ItemInfo | None) -> bo
     ):
         _prune(timestamps, state.last_seen)
     return True
+
+
+def fold_indexes(
+    covisitation: CoVisitation,
+    popularity: ContextPopularity,
+    event: Event,
+    state: VisitorState,
+    previous_items: Sequence[str],
+) -> None:
+    """The candidate indexes' share of an event, after `fold_visitor` (`previous_items`: the visitor's recent
+    items before the event). The aggregator and the in-process bulk fold both call this."""
+    keys = context_keys(event.ts, state.city, event.context.device, state.utc_offset_min)
+    observe_interaction(covisitation, popularity, event.type.value, event.item_id, previous_items, keys, event.ts)
 
 
 def _ewm(previous: float | None, value: float) -> float:

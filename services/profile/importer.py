@@ -2,8 +2,9 @@
 
 Events go through the same path as `POST /v1/events` (validation, idempotent append to the durable log) and
 are then folded by the same aggregator, so imported features equal live ones. Files must be in time order
-for point-in-time correct features (each event only sees what happened before it); a file out of order is
-reported.
+for point-in-time correct features (each event only sees what happened before it): the first event older than
+an earlier line stops the import with a clear message (everything before it is imported and folded in
+order; nothing is folded out of order), even with `skip_invalid`.
 
 Without `skip_invalid` the import stops at the first invalid line; every line before it is imported (a
 re-run is harmless: events are deduplicated by event_id). A truncated or corrupt gzip file always stops.
@@ -165,7 +166,12 @@ def import_events(
                 continue
             if parsed.ts < last_ts:
                 report.out_of_order += 1
-            last_ts = max(last_ts, parsed.ts)
+                message = (
+                    f"{parsed.timestamp.isoformat()} is earlier than an event on an earlier line: the file must be "
+                    "sorted by timestamp (events already imported are deduplicated on a re-run)"
+                )
+                raise InvalidInput(InvalidLine(number, [{"field": "timestamp", "message": message}]))
+            last_ts = parsed.ts
             batch.append(parsed)
             if len(batch) >= batch_size:
                 flush()

@@ -20,7 +20,7 @@ from services.common.clock import SYSTEM_CLOCK, Clock, wall_time
 from services.common.consent import Consent, ConsentDefaults, consent_changes_from_properties
 from services.common.errors import StorageUnavailable
 from services.common.events import Event, EventType, envelope, future_timestamp_error, not_after, open_envelope
-from services.common.indexes import ContextPopularity, CoVisitation, context_keys
+from services.common.indexes import ContextPopularity, CoVisitation
 from services.common.item_changes import ItemChangeRecorder
 from services.common.storage import AppendResult, LogEntry, Namespace, PendingEvent
 from services.profile.aggregations import (
@@ -30,6 +30,7 @@ from services.profile.aggregations import (
     ItemState,
     SegmentRules,
     VisitorState,
+    fold_indexes,
     fold_item,
     fold_visitor,
     item_features,
@@ -67,13 +68,6 @@ ITEM_WINDOW_S = 31 * DAY
 AGE_AT_START_S = 90 * DAY
 
 COUNT_FEATURES = tuple(name for name, kind in F.ITEM_FEATURES.items() if kind == "int")
-
-POPULARITY_WEIGHTS = {
-    EventType.PRODUCT_VIEW: 1.0,
-    EventType.ADD_TO_CART: 3.0,
-    EventType.PURCHASE: 5.0,
-    EventType.CLICK: 1.5,
-}
 
 
 class IngestService:
@@ -381,7 +375,7 @@ class Aggregator:
                 state.applied_position = position
                 states[event.visitor_id] = touched_visitors[event.visitor_id] = state
                 received[event.visitor_id] = received_at
-                self._fold_indexes(event, state, previous_items)
+                fold_indexes(self.covisitation, self.popularity, event, state, previous_items)
                 if self.offline_rows:
                     # Persona assignment (~0.1-0.3 ms) runs once per visitor and batch, for the online row; the
                     # history rows carry the persona known so far (the persona job re-assigns them nightly).
@@ -584,16 +578,6 @@ class Aggregator:
         if fold_item(state, event):
             state.applied[self.log] = position
             touched[event.item_id] = state
-
-    def _fold_indexes(self, event: Event, state: VisitorState, previous_items: list[str]) -> None:
-        weight = POPULARITY_WEIGHTS.get(event.type)
-        if weight is None or not event.item_id:
-            return
-        keys = context_keys(event.ts, state.city, event.context.device, state.utc_offset_min)
-        self.popularity.observe(keys, event.item_id, weight, event.ts)
-        recent = state.last_seen - event.ts < DAY
-        if event.type in (EventType.PRODUCT_VIEW, EventType.ADD_TO_CART) and previous_items and recent:
-            self.covisitation.observe(previous_items, event.item_id, weight)
 
 
 def _utc(ts: float) -> datetime:

@@ -18,8 +18,22 @@ from services.common.context import daypart, local_time, zone_for
 from services.common.features import as_number
 from services.common.indexes import GLOBAL_CONTEXT
 from services.recommend.catalog_cache import KIND_CODES, ItemSnapshot, category_code
+from services.recommend.next_item import NextItemScores, next_item_scores
 
-SOURCES = ("covisitation", "category", "brand", "trending", "new_arrival", "cart", "popular")
+SOURCES = (
+    "covisitation",
+    "category",
+    "brand",
+    "trending",
+    "new_arrival",
+    "cart",
+    "popular",
+    "two_step",
+    "shared_tags",
+)
+
+
+PER_SOURCE = 80  # the base budget of one generator (some take multiples or fractions of it)
 
 
 @dataclass(frozen=True)
@@ -64,6 +78,7 @@ class CandidateSet:
     idx: np.ndarray  # item rows in the snapshot
     covisitation: np.ndarray  # co-visitation score per candidate (0 when not co-visited)
     sources: list[str]  # the first generator that proposed each candidate (for explanations)
+    signals: Mapping[str, np.ndarray] = field(default_factory=dict)  # ranker columns ("x_...") per candidate
 
 
 @dataclass(frozen=True)
@@ -89,9 +104,13 @@ def context_keys_for(city: str | None, device: str | None, now: float, utc_offse
 
 
 class CandidateGenerator:
-    def __init__(self, max_candidates: int = 500, per_source: int = 80):
+    def __init__(self, max_candidates: int = 500, per_source: int = PER_SOURCE, sources: Sequence[str] = SOURCES):
         self.max_candidates = max_candidates
         self.per_source = per_source
+        unknown = set(sources) - set(SOURCES)
+        if unknown:
+            raise ValueError(f"unknown candidate sources {sorted(unknown)}; known: {', '.join(SOURCES)}")
+        self.sources = frozenset(sources)
 
     def products(
         self,
@@ -108,18 +127,20 @@ class CandidateGenerator:
         per_source = self.per_source
 
         def add(indices: np.ndarray | None, source: str, limit: int) -> None:
-            if indices is None or len(indices) == 0:
+            if indices is None or len(indices) == 0 or source not in self.sources:
                 return
             chosen = indices[eligible[indices]][:limit]
             if len(chosen):
                 parts.append(chosen)
                 labels.append(SOURCES.index(source))
 
-        covis_idx = np.zeros(0, dtype=np.int64)
-        covis_scores = np.zeros(0)
+        scores = NextItemScores()
         if personalized and visitor.known:
-            covis_idx, covis_scores = self._covisited(snapshot, visitor.recent_items[:6], per_source)
-            add(covis_idx[np.argsort(-covis_scores, kind="stable")], "covisitation", 2 * per_source)
+            scores = next_item_scores(snapshot, visitor.recent_items, per_source)
+            # Budgets: what comes next first, then what comes two steps later, then items sharing tags.
+            add(scores.ranked("next_item"), "covisitation", 2 * per_source)
+            add(scores.ranked("two_step"), "two_step", 2 * per_source)
+            add(scores.ranked("shared_tags"), "shared_tags", per_source + per_source // 4)
             for item_id in visitor.cart_items:
                 neighbours = snapshot.covisitation.get(item_id)
                 if neighbours is not None:
@@ -144,25 +165,22 @@ class CandidateGenerator:
         _, first = np.unique(every, return_index=True)
         keep = np.sort(first)[: self.max_candidates]  # first occurrence wins: generator priority order
         idx = every[keep]
+        signals = scores.columns(idx)
+        signals["x_generator"] = source_codes[keep].astype(np.float64)
         return CandidateSet(
             idx=idx,
-            covisitation=_lookup(covis_idx, covis_scores, idx),
+            covisitation=signals["x_covisitation"],
             sources=[SOURCES[c] for c in source_codes[keep]],
+            signals=signals,
         )
 
-    @staticmethod
-    def _covisited(snapshot: ItemSnapshot, recent: Sequence[str], per_item: int) -> tuple[np.ndarray, np.ndarray]:
-        """Items co-visited with the recent ones, scores summed with 1/rank weights (most recent first)."""
-        idx_parts, score_parts = [], []
-        for rank, item_id in enumerate(recent):
-            neighbours = snapshot.covisitation.get(item_id)
-            if neighbours is not None and len(neighbours[0]):
-                idx_parts.append(neighbours[0][:per_item])
-                score_parts.append(neighbours[1][:per_item] / (rank + 1))
-        if not idx_parts:
-            return np.zeros(0, dtype=np.int64), np.zeros(0)
-        unique, inverse = np.unique(np.concatenate(idx_parts), return_inverse=True)
-        return unique, np.bincount(inverse, weights=np.concatenate(score_parts))
+    def signals(self, snapshot: ItemSnapshot, visitor: VisitorVector, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """The ranker's candidate columns for rows chosen elsewhere (logged impressions): no generator proposed
+        them, so `x_generator` is missing."""
+        scores = next_item_scores(snapshot, visitor.recent_items, self.per_source) if visitor.known else None
+        signals = (scores or NextItemScores()).columns(idx)
+        signals["x_generator"] = np.full(len(idx), np.nan)
+        return signals
 
     @staticmethod
     def _eligible_mask(snapshot: ItemSnapshot, filters: Filters, kind_code: int) -> np.ndarray:
@@ -191,14 +209,3 @@ class CandidateGenerator:
         if len(idx) == 0:
             return np.zeros(0, dtype=bool)
         return cls._eligible_mask(snapshot, filters, kind_code)[idx]
-
-
-def _lookup(keys: np.ndarray, values: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-    """values[keys == wanted] per wanted row, 0 where absent (`keys` sorted, as np.unique returns them)."""
-    out = np.zeros(len(wanted))
-    if len(keys) == 0 or len(wanted) == 0:
-        return out
-    position = np.clip(np.searchsorted(keys, wanted), 0, len(keys) - 1)
-    found = keys[position] == wanted
-    out[found] = values[position[found]]
-    return out

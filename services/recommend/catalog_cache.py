@@ -28,6 +28,10 @@ FloatArray = np.ndarray
 
 
 CATEGORY_CODES = 998  # codes 0..997
+# A tag carried by more than this share of the products says little about an item ("sale", a root category):
+# only rarer tags make items neighbours. Each tag's item list is capped (most popular first).
+SPECIFIC_TAG_SHARE = 0.05
+TAG_LIST_CAP = 300
 
 
 def category_code(category: str | None) -> int:
@@ -53,6 +57,7 @@ class ItemColumns:
     age_days: FloatArray
     low_stock: FloatArray
     stats: Mapping[str, FloatArray]
+    popularity: FloatArray
     slot_ctr: FloatArray
 
 
@@ -81,6 +86,9 @@ class CatalogArrays:
     by_kind: dict[int, IntArray]
     by_category: dict[str, IntArray]
     by_brand: dict[str, IntArray]
+    tags: list[tuple[str, ...]]
+    by_tag: dict[str, IntArray]
+    tag_weight: dict[str, float]  # specific tags only (see SPECIFIC_TAG_SHARE), weighted by rarity
     targeting: dict[int, Targeting]
     objects: dict[int, CatalogItem]
 
@@ -99,6 +107,7 @@ class ItemSnapshot(CatalogArrays):
     slot_ctr: dict[str, FloatArray]
     new_arrivals: IntArray
     popular: IntArray
+    popularity_score: FloatArray
     covisitation: Mapping[str, tuple[IntArray, FloatArray]]
     popularity: Mapping[str, tuple[IntArray, FloatArray]]
     built_at: float = field(default_factory=wall_time)  # infrastructure: the cache-age metric
@@ -117,6 +126,7 @@ class ItemSnapshot(CatalogArrays):
             age_days=(now - self.created_ts[idx]) / 86400.0,
             low_stock=((self.stock[idx] >= 0) & (self.stock[idx] <= LOW_STOCK)).astype(np.float32),
             stats={name: values[idx] for name, values in self.stats.items()},
+            popularity=np.log1p(self.popularity_score[idx]),
             slot_ctr=slot_ctr[idx] if slot_ctr is not None else self.stats["ctr_7d"][idx],
         )
 
@@ -143,6 +153,7 @@ def catalog_arrays(items: Iterable[CatalogItem]) -> CatalogArrays:
     boosts: list[float] = []
     urls: list[str | None] = []
     image_urls: list[str | None] = []
+    tags: list[tuple[str, ...]] = []
     non_products: dict[int, CatalogItem] = {}
     for i, item in enumerate(items):
         ids.append(item.item_id)
@@ -160,6 +171,7 @@ def catalog_arrays(items: Iterable[CatalogItem]) -> CatalogArrays:
         boosts.append(max(item.boost, 1e-6))
         urls.append(item.url)
         image_urls.append(item.image_url)
+        tags.append(tuple(sys.intern(t) for t in item.tags))
         if item.kind is not ItemKind.PRODUCT:
             non_products[i] = item
     kind = np.array(kinds, dtype=np.int8)
@@ -167,12 +179,22 @@ def catalog_arrays(items: Iterable[CatalogItem]) -> CatalogArrays:
     by_kind = {code: np.flatnonzero((kind == code) & available) for code in KIND_CODES.values()}
     by_category: dict[str, list[int]] = {}
     by_brand: dict[str, list[int]] = {}
-    for row in by_kind[KIND_CODES[ItemKind.PRODUCT]].tolist():
+    by_tag: dict[str, list[int]] = {}
+    product_rows = by_kind[KIND_CODES[ItemKind.PRODUCT]].tolist()
+    for row in product_rows:
         category, brand = categories[row], brands[row]
         if category:
             by_category.setdefault(category, []).append(row)
         if brand:
             by_brand.setdefault(brand, []).append(row)
+        for tag in tags[row]:
+            by_tag.setdefault(tag, []).append(row)
+    specific = max(SPECIFIC_TAG_SHARE * len(product_rows), 2.0)
+    tag_weight = {
+        tag: math.log((len(product_rows) + 1) / (len(rows) + 1))
+        for tag, rows in by_tag.items()
+        if len(rows) <= specific
+    }
     brand_index = {brand: code for code, brand in enumerate(sorted({b for b in brands if b}), start=1)}
     return CatalogArrays(
         ids=ids,
@@ -196,6 +218,9 @@ def catalog_arrays(items: Iterable[CatalogItem]) -> CatalogArrays:
         by_kind=by_kind,
         by_category={c: np.array(v, dtype=np.int64) for c, v in by_category.items()},
         by_brand={b: np.array(v, dtype=np.int64) for b, v in by_brand.items()},
+        tags=tags,
+        by_tag={t: np.array(by_tag[t], dtype=np.int64) for t in tag_weight},
+        tag_weight=tag_weight,
         targeting={i: item.targeting for i, item in non_products.items()},
         objects=non_products,
     )
@@ -219,7 +244,8 @@ def stats_columns(arrays: CatalogArrays, stats_rows: Mapping[str, Mapping[str, A
 
 
 class NeighbourArrays(Mapping[str, tuple[IntArray, FloatArray]]):
-    """Co-visitation lists converted to snapshot rows on first access (most items are never asked for).
+    """Co-visitation lists converted to snapshot rows on first access (most items are never asked for), scores
+    divided by the square root of the listed total.
 
     `raw` values may be the stored JSON bytes: parsed only when asked for, and bytes are invisible to the
     cyclic GC, whose full passes over millions of small decoded lists were a source of p99 pauses."""
@@ -239,7 +265,11 @@ class NeighbourArrays(Mapping[str, tuple[IntArray, FloatArray]]):
             neighbours = orjson.loads(neighbours)
         index = self.index
         rows = [(index[other], float(score)) for other, score in neighbours if other in index]
-        value = (np.array([r[0] for r in rows], dtype=np.int64), np.array([r[1] for r in rows], dtype=np.float64))
+        scores = np.array([r[1] for r in rows], dtype=np.float64)
+        # Rows damped by the square root of their total: a hub item followed by everything says less about
+        # any one follower than a niche item followed by two.
+        total = float(scores.sum())
+        value = (np.array([r[0] for r in rows], dtype=np.int64), scores / math.sqrt(total) if total > 0 else scores)
         if self.cache is not None:
             self.cache[item_id] = value
         return value
@@ -325,6 +355,7 @@ def build_snapshot(
     catalog_part = {f.name: getattr(arrays, f.name) for f in fields(CatalogArrays)}
     catalog_part["by_category"] = {c: _order_by(popularity_score, v) for c, v in arrays.by_category.items()}
     catalog_part["by_brand"] = {b: _order_by(popularity_score, v) for b, v in arrays.by_brand.items()}
+    catalog_part["by_tag"] = {t: _order_by(popularity_score, v)[:TAG_LIST_CAP] for t, v in arrays.by_tag.items()}
     return ItemSnapshot(
         **catalog_part,
         log_price=np.log1p(arrays.price),
@@ -332,6 +363,7 @@ def build_snapshot(
         slot_ctr=slot_ctr,
         new_arrivals=_order_by(popularity_score, new_idx),
         popular=_order_by(popularity_score, product_idx),
+        popularity_score=popularity_score,
         covisitation=NeighbourArrays(covisitation, arrays.index, cache=cache_neighbours),
         popularity=pop,
         built_at=wall_time(),

@@ -36,8 +36,10 @@ import numpy as np
 from services.common.catalog import CatalogItem, ItemKind
 from services.common.clock import wall_time
 from services.common.events import Event, EventType
+from services.common.indexes import COVISIT_MAX_NEIGHBOURS
 from services.recommend.candidates import Filters, VisitorVector
 from services.recommend.catalog_cache import KIND_CODES, CatalogArrays, ItemSnapshot
+from services.recommend.next_item import next_item_scores
 from services.recommend.policy_eval import cluster_se
 from services.recommend.ranker import ModelMeta, RankerModel, feature_matrix
 from services.recommend.ranking_metrics import hit_at, mrr_at, ndcg_at, rank_of
@@ -397,7 +399,7 @@ class RankingEvaluator:
                 visitor,
                 context,
                 snapshot.columns(plain.idx, slot.name, query.ts),
-                plain.covisitation,
+                plain.signals,
                 np.full(len(plain.idx), 0.5),
                 query.ts,
                 personal=False,
@@ -414,16 +416,10 @@ class RankingEvaluator:
                 chosen = apply_rules(snapshot, universe, values, depth, set(), just_bought, max_per_category)
                 self._record(scores[method], snapshot, [snapshot.ids[i] for i, _ in chosen], target, universe)
 
-            # Co-visitation alone: neighbours of the visitor's recent items, closer items weigh more.
-            covis: dict[int, float] = {}
-            for position, item_id in enumerate(visitor.recent_items[:6]):
-                neighbours = snapshot.covisitation.get(item_id)
-                if neighbours is not None:
-                    for i, s in zip(neighbours[0], neighbours[1], strict=False):
-                        covis[int(i)] = covis.get(int(i), 0.0) + float(s) / (position + 1)
-            idx = np.fromiter(covis, dtype=np.int64, count=len(covis))
-            idx = idx[snapshot.available[idx]] if len(idx) else idx
-            values = np.array([covis[int(i)] for i in idx], dtype=np.float64)
+            # Co-visitation alone: the next-item score of the visitor's last items (as the generator reads it).
+            idx, values = next_item_scores(snapshot, visitor.recent_items, COVISIT_MAX_NEIGHBOURS).next_item
+            available = snapshot.available[idx] if len(idx) else np.zeros(0, dtype=bool)
+            idx, values = idx[available], values[available]
             chosen = apply_rules(snapshot, idx, values, depth, set(), just_bought, max_per_category)
             self._record(scores["covisitation"], snapshot, [snapshot.ids[i] for i, _ in chosen], target, idx)
             if q_index % 100 == 0:

@@ -74,7 +74,7 @@ def feature_matrix(
     visitor: VisitorVector,
     context: Mapping[str, int],
     items: ItemColumns,
-    covisitation: np.ndarray,
+    signals: Mapping[str, np.ndarray],
     targeting: np.ndarray,
     now: float,
     personal: bool = True,
@@ -108,8 +108,10 @@ def feature_matrix(
             if row is not None:
                 recently[items.rows == row] = 1.0 / (1 + rank)
         X[:, FEATURE_INDEX["x_recently_viewed"]] = recently
-        X[:, FEATURE_INDEX["x_covisitation"]] = covisitation
         X[:, FEATURE_INDEX["x_targeting_match"]] = targeting
+        # Candidate signals (next-item scores, generator): computed once by the generators, for these rows.
+        for name, values in signals.items():
+            X[:, FEATURE_INDEX[name]] = values
     for name in ("hour", "day_of_week", "is_weekend", "is_payday_window", "device_code", "channel_code"):
         X[:, FEATURE_INDEX[f"c_{name}"]] = context.get(name, math.nan)
     X[:, FEATURE_INDEX["i_log_price"]] = items.log_price
@@ -128,6 +130,7 @@ def feature_matrix(
         X[:, FEATURE_INDEX[f"i_{name}"]] = items.stats[name]
     X[:, FEATURE_INDEX["i_slot_ctr_7d"]] = items.slot_ctr
     X[:, FEATURE_INDEX["i_category_code"]] = items.category_code
+    X[:, FEATURE_INDEX["i_popularity"]] = items.popularity
     return X
 
 
@@ -309,8 +312,10 @@ def _reason(
         return f"you often browse {category}"
     if name == "x_brand_affinity" and value > 0 and brand:
         return f"you like {brand}"
-    if name == "x_covisitation" and value > 0 and recent_titles:
-        return f"often viewed together with {recent_titles[0]}"
+    if name in ("x_covisitation", "x_last_item_transition", "x_two_step") and value > 0 and recent_titles:
+        return f"often chosen after {recent_titles[0]}"
+    if name == "x_shared_tags" and value > 0 and recent_titles:
+        return f"like {recent_titles[0]}"
     if name == "x_recently_viewed" and value > 0:
         return "you looked at this recently"
     if name == "x_in_cart" and value > 0:

@@ -109,6 +109,7 @@ class Ranked:
     # With exploration: each item's rank in the deterministic eligible list, and that list's length.
     ranks: list[int] | None = None
     pool: int | None = None
+    candidates: np.ndarray | None = None  # the generators' rows before scoring (offline candidate recall)
 
 
 class RecommendService:
@@ -126,7 +127,7 @@ class RecommendService:
         self.repository = repository
         self.consent_defaults = consent_defaults or ConsentDefaults()
         self.experiments = experiments
-        self.generator = CandidateGenerator(max_candidates=settings.max_candidates)
+        self.generator = CandidateGenerator(settings.max_candidates, sources=settings.candidate_sources)
         self.snapshot: ItemSnapshot = build_snapshot([], {}, {}, {}, now=clock.now())
         self.model: RankerModel | None = None
         self.skipped_models: dict[str, str] = {}
@@ -460,6 +461,7 @@ class RecommendService:
                 candidates.idx[allowed] if len(allowed) else candidates.idx,
                 candidates.covisitation[allowed] if len(allowed) else candidates.covisitation,
                 [s for s, a in zip(candidates.sources, allowed, strict=True) if a],
+                {name: values[allowed] for name, values in candidates.signals.items()} if len(allowed) else {},
             )
         STAGE_CANDIDATES.observe(time.perf_counter() - stage)
 
@@ -474,7 +476,7 @@ class RecommendService:
                 if slot.kind is not ItemKind.PRODUCT
                 else np.full(len(candidates.idx), 0.5)
             )
-            X = feature_matrix(visitor, context, columns, candidates.covisitation, targeting, now)
+            X = feature_matrix(visitor, context, columns, candidates.signals, targeting, now)
             STAGE_FEATURES.observe(time.perf_counter() - stage)
             stage = time.perf_counter()
             scores = model.predict(X)
@@ -515,7 +517,7 @@ class RecommendService:
         reasons = None
         if explain:
             reasons = self._explain(snapshot, model, X, candidates, idx, visitor, context_label)
-        return Ranked(idx, [s for _, s in chosen], reasons, propensities, ranks, pool)
+        return Ranked(idx, [s for _, s in chosen], reasons, propensities, ranks, pool, candidates.idx)
 
     def _naive_columns(self, snapshot: ItemSnapshot, idx: np.ndarray, slot: str, now: float) -> ItemColumns:
         """The baseline the benchmark compares against: candidate item features fetched through the Feast SDK

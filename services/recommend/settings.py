@@ -8,6 +8,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import CommonSettings
+from services.recommend.candidates import SOURCES
 from services.recommend.exploration import Exploration
 
 
@@ -19,6 +20,8 @@ class RecommendSettings(CommonSettings):
     # A page view must not wait on a struggling Redis: fail fast and answer from the in-process caches.
     redis_timeout_s: float = Field(default=0.25, gt=0, le=30, validation_alias="SELARAS_REDIS_TIMEOUT_S")
     max_candidates: int = Field(default=500, ge=10, le=5000)
+    # Candidate generators in use (all by default; fewer for ablations, see docs/quality.md).
+    candidate_sources: tuple[str, ...] = SOURCES
     max_slots: int = Field(default=10, ge=1, le=50)
     max_count: int = Field(default=100, ge=1, le=500)
     max_per_category: int = Field(default=4, ge=1)

@@ -20,7 +20,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -33,8 +33,8 @@ from services.common.catalog import CatalogItem, ItemKind
 from services.common.clock import wall_datetime, wall_time
 from services.common.consent import ConsentDefaults
 from services.common.events import Event, EventType
-from services.common.indexes import ContextPopularity, CoVisitation, context_keys
-from services.recommend.candidates import CandidateGenerator, Filters, VisitorVector, context_keys_for
+from services.common.indexes import ContextPopularity, CoVisitation, context_keys, observe_interaction, push_recent
+from services.recommend.candidates import PER_SOURCE, CandidateGenerator, Filters, VisitorVector, context_keys_for
 from services.recommend.catalog_cache import (
     KIND_CODES,
     STAT_COLUMNS,
@@ -50,12 +50,6 @@ from services.recommend.repository import RecommendRepository
 log = logging.getLogger(__name__)
 
 GRADES = {EventType.PRODUCT_VIEW: 1, EventType.CLICK: 1, EventType.ADD_TO_CART: 2, EventType.PURCHASE: 3}
-POPULARITY_WEIGHTS = {
-    EventType.PRODUCT_VIEW: 1.0,
-    EventType.ADD_TO_CART: 3.0,
-    EventType.PURCHASE: 5.0,
-    EventType.CLICK: 1.5,
-}
 Progress = Callable[[str, float], None]
 # Offline evaluation (services/recommend/evaluation.py): a query's point-in-time inputs, instead of a group.
 QueryHook = Callable[[int, "Query", ItemSnapshot, VisitorVector, Mapping[str, int], list[str]], None]
@@ -66,7 +60,9 @@ class TrainConfig:
     source: Literal["auto", "behaviour", "impressions"] = "auto"
     target: Literal["any", "product_view", "add_to_cart", "purchase", "click"] = "any"
     max_queries: int = 12_000
-    candidates: int = 150
+    # The served candidate count (RecommendSettings.max_candidates): a ranker trained on a smaller pool never
+    # sees the candidates of the generators that only fill a larger one, and ranks them blindly.
+    candidates: int = 500
     max_negatives: int = 50
     validation_fraction: float = 0.2
     snapshot_step_s: float | None = None  # None: spread ~120 snapshots over the log's time span
@@ -107,6 +103,14 @@ class TrainingSet:
     groups: list[int]
     query_ts: list[float]
 
+    def extended(self, other: TrainingSet) -> TrainingSet:
+        return TrainingSet(
+            np.vstack([self.X, other.X]),
+            np.concatenate([self.y, other.y]),
+            self.groups + other.groups,
+            self.query_ts + other.query_ts,
+        )
+
 
 @dataclass
 class TrainResult:
@@ -128,9 +132,7 @@ class Trainer:
         self.repository = repository
         self.config = config
         self.progress = progress or _noop
-        self.generator = CandidateGenerator(
-            max_candidates=config.candidates, per_source=max(20, config.candidates // 3)
-        )
+        self.generator = CandidateGenerator(max_candidates=config.candidates, per_source=PER_SOURCE)
 
     # -- queries ------------------------------------------------------------------------------------
     def load(self) -> tuple[list[Event], list[CatalogItem]]:
@@ -280,11 +282,10 @@ class Trainer:
         times = self.snapshot_times(events, queries)
         self.progress("item statistics (Feast, point in time)", 0.0)
         stats = self.item_stats_at(times, arrays)
-        covisitation, popularity = CoVisitation(), ContextPopularity()
+        replay = Replay()
         # Co-visitation is read live from the replay (it is always exactly "before this query").
-        live_neighbours = LiveNeighbours(covisitation)
+        live_neighbours = LiveNeighbours(replay.covisitation)
         rng = np.random.default_rng(self.config.seed)
-        recent: dict[str, list[str]] = {}
         snapshot: ItemSnapshot | None = None
         snapshot_index = -1
         event_pos = 0
@@ -296,7 +297,7 @@ class Trainer:
         for q_index, (query, (visitor, context)) in enumerate(zip(queries, visitors, strict=True)):
             # Advance the replay to just before the query.
             while event_pos < len(events) and events[event_pos].ts < query.ts:
-                _observe(events[event_pos], covisitation, popularity, recent)
+                replay.observe(events[event_pos])
                 event_pos += 1
             wanted = bisect.bisect_right(times, query.ts) - 1
             if snapshot is None or wanted != snapshot_index:
@@ -305,7 +306,7 @@ class Trainer:
                     arrays,
                     stats.get(at, {}) if wanted >= 0 else {},
                     live_neighbours,
-                    popularity.scores,
+                    replay.popularity.scores,
                     now=query.ts,
                     cache_neighbours=False,
                 )
@@ -318,11 +319,11 @@ class Trainer:
                 continue
             if query.shown:
                 idx = np.array([snapshot.index[i] for i in query.shown if i in snapshot.index], dtype=np.int64)
-                covis_scores = np.zeros(len(idx))
+                signals = self.generator.signals(snapshot, visitor, idx) if personal else {}
                 grades = np.array([query.labels.get(snapshot.ids[i], 0) for i in idx], dtype=np.float64)
             else:
                 candidates = self.generator.products(snapshot, visitor, keys, Filters(), personalized=personal)
-                idx, covis_scores = candidates.idx, candidates.covisitation
+                idx, signals = candidates.idx, dict(candidates.signals)
                 grades = np.array(
                     [query.grade if snapshot.ids[i] == query.target else 0 for i in idx], dtype=np.float64
                 )
@@ -349,12 +350,13 @@ class Trainer:
                             ]
                         )
                     )
-                    idx, covis_scores, grades = idx[keep], covis_scores[keep], grades[keep]
+                    idx, grades = idx[keep], grades[keep]
+                    signals = {name: values[keep] for name, values in signals.items()}
             X = feature_matrix(
                 visitor,
                 context,
                 snapshot.columns(idx, query.slot, query.ts),
-                covis_scores,
+                signals,
                 np.full(len(idx), 0.5),
                 query.ts,
                 personal=personal,
@@ -398,14 +400,26 @@ class Trainer:
         self.progress("training LightGBM", 0.0)
         booster = self.fit(train_set, valid_set)
         metrics = self.evaluate(booster, valid_set, valid_details, queries[cut:])
+        measured_iteration = booster.best_iteration
+        # The figures above are for a model that never saw the later queries; the model served learns from all
+        # of them too, with as many rounds as early stopping chose.
+        self.progress("training LightGBM on every query", 0.0)
+        later_set, _ = self.build(events, catalog, queries[cut:], visitors[cut:], personal=self.config.personal)
+        every_set = train_set.extended(later_set)
+        configured = self.config
+        self.config = replace(configured, num_boost_round=max(measured_iteration, 1))
+        try:  # self.fit: a Dask trainer fits on its cluster
+            booster = self.fit(every_set, TrainingSet(np.zeros((0, every_set.X.shape[1])), np.zeros(0), [], []))
+        finally:
+            self.config = configured
         metrics.update(
             {
                 "source": used,
-                "train_queries": len(train_set.groups),
-                "train_rows": int(train_set.X.shape[0]),
+                "train_queries": len(every_set.groups),
+                "train_rows": int(every_set.X.shape[0]),
                 "validation_queries": len(valid_details),
                 "split_ts": split_ts,
-                "best_iteration": booster.best_iteration,
+                "best_iteration": measured_iteration,
                 "seconds": round(time.perf_counter() - started, 1),
             }
         )
@@ -423,55 +437,10 @@ class Trainer:
         return TrainResult(meta, text, metrics)
 
     def params(self) -> dict[str, Any]:
-        return {
-            "objective": "lambdarank",
-            "metric": "ndcg",
-            "ndcg_eval_at": [10],
-            "learning_rate": self.config.learning_rate,
-            "num_leaves": self.config.num_leaves,
-            "min_data_in_leaf": self.config.min_data_in_leaf,
-            "feature_fraction": 0.9,
-            "bagging_fraction": 0.9,
-            "bagging_freq": 1,
-            "lambdarank_truncation_level": 20,
-            "num_threads": self.config.threads,
-            "seed": self.config.seed,
-            "deterministic": True,
-            "force_row_wise": True,
-            "verbosity": -1,
-        }
+        return ranker_params(self.config)
 
     def fit(self, train_set: TrainingSet, valid_set: TrainingSet) -> lgb.Booster:
-        names = list(F.RANKER_FEATURES)
-        train_data = lgb.Dataset(
-            train_set.X,
-            label=train_set.y,
-            group=train_set.groups,
-            feature_name=names,
-            categorical_feature=list(F.CATEGORICAL_FEATURES),
-            free_raw_data=False,
-        )
-        valid_groups = [g for g in valid_set.groups]
-        callbacks: list[Callable[..., Any]] = [lgb.log_evaluation(0)]
-        valid_sets = []
-        if valid_groups and valid_set.y.max() > 0:
-            valid_data = lgb.Dataset(
-                valid_set.X,
-                label=valid_set.y,
-                group=valid_groups,
-                reference=train_data,
-                feature_name=names,
-                categorical_feature=list(F.CATEGORICAL_FEATURES),
-            )
-            valid_sets = [valid_data]
-            callbacks.append(lgb.early_stopping(self.config.early_stopping_rounds, verbose=False))
-        return lgb.train(
-            self.params(),
-            train_data,
-            num_boost_round=self.config.num_boost_round,
-            valid_sets=valid_sets,
-            callbacks=callbacks,
-        )
+        return fit_ranker(self.config, train_set, valid_set)
 
     def evaluate(
         self,
@@ -520,6 +489,59 @@ class Trainer:
         }
 
 
+def ranker_params(config: TrainConfig) -> dict[str, Any]:
+    return {
+        "objective": "lambdarank",
+        "metric": "ndcg",
+        "ndcg_eval_at": [10],
+        "learning_rate": config.learning_rate,
+        "num_leaves": config.num_leaves,
+        "min_data_in_leaf": config.min_data_in_leaf,
+        "feature_fraction": 0.9,
+        "bagging_fraction": 0.9,
+        "bagging_freq": 1,
+        "lambdarank_truncation_level": 20,
+        "num_threads": config.threads,
+        "seed": config.seed,
+        "deterministic": True,
+        "force_row_wise": True,
+        "verbosity": -1,
+    }
+
+
+def fit_ranker(config: TrainConfig, train_set: TrainingSet, valid_set: TrainingSet) -> lgb.Booster:
+    names = list(F.RANKER_FEATURES)
+    train_data = lgb.Dataset(
+        train_set.X,
+        label=train_set.y,
+        group=train_set.groups,
+        feature_name=names,
+        categorical_feature=list(F.CATEGORICAL_FEATURES),
+        free_raw_data=False,
+    )
+    valid_groups = [g for g in valid_set.groups]
+    callbacks: list[Callable[..., Any]] = [lgb.log_evaluation(0)]
+    valid_sets = []
+    if valid_groups and valid_set.y.max() > 0:
+        valid_data = lgb.Dataset(
+            valid_set.X,
+            label=valid_set.y,
+            group=valid_groups,
+            reference=train_data,
+            feature_name=names,
+            categorical_feature=list(F.CATEGORICAL_FEATURES),
+        )
+        valid_sets = [valid_data]
+        callbacks.append(lgb.early_stopping(config.early_stopping_rounds, verbose=False))
+    return lgb.train(
+        ranker_params(config),
+        train_data,
+        num_boost_round=config.num_boost_round,
+        valid_sets=valid_sets,
+        callbacks=callbacks,
+    )
+
+
 class LiveNeighbours(Mapping[str, list[tuple[str, float]]]):
     """A read-through view of the replayed co-visitation index."""
 
@@ -538,25 +560,28 @@ class LiveNeighbours(Mapping[str, list[tuple[str, float]]]):
         return len(self.covisitation.neighbours)
 
 
-def _observe(
-    event: Event, covisitation: CoVisitation, popularity: ContextPopularity, recent: dict[str, list[str]]
-) -> None:
-    """The same index updates the profile aggregator makes, replayed for point-in-time training."""
-    weight = POPULARITY_WEIGHTS.get(event.type)
-    if weight is None or not event.item_id:
-        return
-    if event.type is EventType.CLICK and not event.recommendation_id:
-        return
-    keys = context_keys(event.ts, event.context.city, _device(event), _offset(event))
-    popularity.observe(keys, event.item_id, weight, event.ts)
-    if event.type in (EventType.PRODUCT_VIEW, EventType.ADD_TO_CART):
-        previous = recent.setdefault(event.visitor_id, [])
-        if previous:
-            covisitation.observe(previous, event.item_id, weight)
-        if event.item_id in previous:
-            previous.remove(event.item_id)
-        previous.insert(0, event.item_id)
-        del previous[20:]
+@dataclass
+class Replay:
+    """The candidate indexes replayed from the log in time order, with each visitor's recent items and last
+    known place, updated by the aggregator's own rule (`observe_interaction`)."""
+
+    covisitation: CoVisitation = field(default_factory=CoVisitation)
+    popularity: ContextPopularity = field(default_factory=ContextPopularity)
+    recent: dict[str, list[str]] = field(default_factory=dict)
+    places: dict[str, tuple[str, int | None]] = field(default_factory=dict)
+
+    def observe(self, event: Event) -> None:
+        # The visitor's city and UTC offset as the aggregator's visitor state keeps them: the last known.
+        city, offset = self.places.get(event.visitor_id, ("", None))
+        city = event.context.city or city
+        offset = _offset(event) if _offset(event) is not None else offset
+        self.places[event.visitor_id] = (city, offset)
+        previous = self.recent.setdefault(event.visitor_id, [])
+        keys = context_keys(event.ts, city, event.context.device, offset)
+        if observe_interaction(
+            self.covisitation, self.popularity, event.type.value, event.item_id, previous, keys, event.ts
+        ):
+            push_recent(previous, event.item_id or "")
 
 
 def _device(event: Event) -> str | None:

@@ -297,3 +297,29 @@ def test_catalog_import_reports_lines_and_reads_gzip(imported: Imported, tmp_pat
     report = import_catalog(path, lambda items: upserted.extend(i.item_id for i in items), skip_invalid=True)
     assert (report.accepted, report.invalid_count, [i.line for i in report.invalid]) == (2, 1, [2])
     assert upserted == ["imp-1", "imp-1", "imp-3"]
+
+
+def test_events_out_of_time_order_stop_the_import_and_nothing_is_folded_out_of_order(
+    imported: Imported, tmp_path: Path
+) -> None:
+    later, earlier = END - timedelta(hours=1), END - timedelta(hours=2)
+    path = write_lines(
+        tmp_path / "events.jsonl",
+        [
+            event_line(visitor_id="ord-a", timestamp=earlier.isoformat()),
+            event_line(visitor_id="ord-a", timestamp=later.isoformat()),
+            event_line(visitor_id="ord-a", timestamp=earlier.isoformat()),  # line 3: older than line 2
+            event_line(visitor_id="ord-a", timestamp=later.isoformat()),
+        ],
+    )
+    state = build_state(imported.cli)
+    try:
+        for skip_invalid in (False, True):  # skipping invalid lines does not skip the order check
+            with pytest.raises(InvalidInput) as stopped:
+                import_events(path, state.ingest, state.aggregator, skip_invalid=skip_invalid)
+            assert stopped.value.invalid.line == 3
+            assert "must be sorted by timestamp" in str(stopped.value)
+        folded = state.repository.visitor_states(["ord-a"])["ord-a"]
+        assert folded.event_count == 2  # the two lines before it, in order
+    finally:
+        state.repository.close()
