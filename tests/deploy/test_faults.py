@@ -29,7 +29,7 @@ import pytest
 import redis
 
 from services.common.storage import Namespace, RedisStore
-from tests.conftest import RedisServer, SessionWorld, copy_keys, free_port, unique_name
+from tests.conftest import RedisServer, SessionWorld, copy_keys, free_port, unique_name, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 SLOTS = [{"name": "home", "kind": "product", "count": 10}, {"name": "hero", "kind": "banner", "count": 1}]
@@ -179,15 +179,6 @@ def post(client: httpx.Client, url: str, payload: Any) -> Outcome:
         return Outcome(started, time.monotonic(), None, error=type(exc).__name__)
     body = response.json() if response.headers.get("content-type", "").startswith("application/json") else None
     return Outcome(started, time.monotonic(), response.status_code, body)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -4,7 +4,6 @@ a schema rolled back) is retried a few times, then set aside in the stored dead-
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
@@ -17,6 +16,7 @@ from services.common.clock import FixedClock
 from services.common.storage import PendingEvent
 from services.profile.app import create_app
 from services.profile.settings import ProfileSettings
+from tests.conftest import wait_for
 from tests.factories import BASE_TIME, make_event_dict
 
 CLOCK = FixedClock(BASE_TIME + timedelta(days=1))
@@ -37,15 +37,6 @@ def events(start: int, count: int) -> list[dict[str, Any]]:
         )
         for n in range(start, start + count)
     ]
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_poison_entries_go_to_the_dead_letters_and_the_aggregator_moves_on(

@@ -12,17 +12,8 @@ from fastapi.testclient import TestClient
 from services.common.auth import hash_key
 from services.profile.app import create_app
 from services.profile.settings import ProfileSettings
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, wait_for
 from tests.factories import make_event_dict
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def features(client: TestClient, visitor: str) -> dict[str, Any] | None:

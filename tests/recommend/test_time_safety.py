@@ -3,8 +3,7 @@ on the session's demo world (real Redis, Feast, the trained model, both apps wit
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,7 +17,7 @@ from services.profile.repository import ProfileRepository
 from services.profile.settings import ProfileSettings
 from services.recommend.app import create_app as create_recommend_app
 from services.recommend.settings import RecommendSettings
-from tests.conftest import SessionWorld, unique_name
+from tests.conftest import SessionWorld, unique_name, wait_for
 from tests.factories import make_event_dict
 
 BROWSER, SENDER, OPS = "browser-key-1234", "sender-key-5678", "ops-key-9012"
@@ -61,15 +60,6 @@ def apps(world: SessionWorld) -> Iterator[tuple[TestClient, TestClient, ProfileR
     repository.close()
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def item_state(repository: ProfileRepository, item_id: str) -> ItemState:
     return repository.item_states([item_id]).get(item_id) or ItemState(item_id)
 
@@ -102,7 +92,7 @@ def test_a_future_event_is_refused_by_index_and_field_and_nothing_is_stored(
     # Nothing of the batch was stored: the valid event can be re-sent on its own and is new.
     again = profile.post("/v1/events", json={"events": events[:1]}, headers={"X-API-Key": SENDER})
     assert again.json() == {"accepted": 1, "duplicates": 0}
-    assert wait_for(lambda: item_state(repository, item_id).buckets.get("views") != before.buckets.get("views"))
+    assert wait_for(lambda: item_state(repository, item_id).buckets.get("views") != before.buckets.get("views"), 20.0)
     after = item_state(repository, item_id)
     assert after.last_ts <= world.clock.now() + 300
     at = world.clock.now()
