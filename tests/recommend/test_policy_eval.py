@@ -355,12 +355,18 @@ def validation(world: SessionWorld, tmp_path_factory: pytest.TempPathFactory) ->
 
         clicks: list[Event] = []
         truth = {"logging": 0.0, "model": 0.0, "uniform": 0.0}
-        for visitor, now in contexts:
+        for number, (visitor, now) in enumerate(contexts):
             response = serve(logging, visitor, now)
             items = [item["item_id"] for item in response["slots"][0]["items"]]
             shown = [ShownItem(item, position) for position, item in enumerate(items)]
-            reaction = simulator.respond(visitor.visitor_id, shown, now, response["recommendation_id"], "home")
-            clicks += [event for event in reaction if event.type is EventType.CLICK]
+            # The reaction is drawn from a stream keyed by a stable id (the service's id is random, which made
+            # every run draw other clicks), then attributed to the real recommendation id.
+            reaction = simulator.respond(visitor.visitor_id, shown, now, f"ope-{number}", "home")
+            clicks += [
+                event.model_copy(update={"recommendation_id": response["recommendation_id"]})
+                for event in reaction
+                if event.type is EventType.CLICK
+            ]
             # The truth: expected clicks per impression of each policy on the same requests.
             truth["logging"] += expected_ctr(visitor, now, items) / REQUESTS
             for name, service in (("model", greedy), ("uniform", uniform)):
