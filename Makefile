@@ -83,12 +83,12 @@ soak: $(DEV_STAMP) ## 10-minute soak at a fixed rate: memory growth and errors
 
 # Public purchase histories (NAME.txt + NAME_item2attributes.json); the default is the team's shared copy.
 DATA ?= $(if $(wildcard ../shared/data/amazon),../shared/data/amazon,)
-eval-public: $(STAMP) ## published-protocol ranking evaluation of every NAME.txt in DATA=folder; writes docs/quality.md
+eval-public: $(PROD_STAMP) ## published-protocol ranking evaluation of every NAME.txt in DATA=folder; writes docs/quality.md
 	@test -n "$(DATA)" || { echo "usage: make eval-public DATA=<folder with NAME.txt histories>"; exit 2; }
 	$(PY) -m services.cli evaluate public $(DATA) --report docs/quality.md
 
 ABLATION ?= Toys_and_Games
-eval-ablation: $(STAMP) ## generators added one at a time on DATA/ABLATION.txt; writes docs/quality-ablation.md
+eval-ablation: $(PROD_STAMP) ## generators added one at a time on DATA/ABLATION.txt; writes docs/quality-ablation.md
 	@test -n "$(DATA)" || { echo "usage: make eval-ablation DATA=<folder> ABLATION=<name>"; exit 2; }
 	$(PY) -m services.cli evaluate ablation $(DATA)/$(ABLATION).txt --attributes $(DATA)/$(ABLATION)_item2attributes.json
 

@@ -638,7 +638,7 @@ def _run_services(data_dir: Path, profile_port: int, recommend_port: int, visito
     stop()
 
 
-# -- personas, retention, API keys (issue #5) ------------------------------------------------------------------
+# -- personas, retention, API keys --------------------------------------------------------------------
 
 
 @app.command()

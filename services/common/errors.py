@@ -52,7 +52,3 @@ class StorageUnavailable(SelarasError):
     """The durable store cannot take the write: the client must retry (nothing was acknowledged)."""
 
     status_code = 503
-
-
-class NotReady(SelarasError):
-    status_code = 503

@@ -75,7 +75,7 @@ VISITOR_FEATURES: Final[dict[str, FeatureKind]] = {
     # RFM raw values
     "rfm_frequency": "int",
     "rfm_monetary": "float",
-    # segments (issue #5) and persona
+    # segments and persona
     "lifecycle": "str",
     "value_tier": "str",
     "journey_stage": "str",

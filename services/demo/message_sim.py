@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from services.common.catalog import CatalogItem, ItemKind
+from services.common.catalog import CatalogItem
 from services.common.clock import SYSTEM_CLOCK, DataClock
 from services.common.context import WIB
 from services.common.events import Event, EventContext, EventType
@@ -273,10 +273,6 @@ def _reaction(sim: Simulator, answer: dict[str, Any]) -> list[Event]:
         )
     planned = datetime.fromisoformat(answer["planned_send_at"])
     return sim.respond_no_message(answer["visitor_id"], planned, recommendation_id)
-
-
-def message_items(items: Iterable[CatalogItem]) -> list[CatalogItem]:
-    return [item for item in items if item.kind is ItemKind.MESSAGE]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -51,9 +51,6 @@ class LoggedDecisions:
     def sent(self) -> np.ndarray:
         return self.action >= 0
 
-    def candidates_of(self, i: int) -> np.ndarray:
-        return np.flatnonzero(self.cand_owner == i)
-
     def subset(self, mask: np.ndarray) -> LoggedDecisions:
         """Decisions where `mask` is true, with their candidates re-indexed."""
         keep = np.flatnonzero(mask)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -537,8 +537,3 @@ def item_features(state: ItemState, now: float | None = None) -> dict[str, Any]:
             for s in slots
         ],
     }
-
-
-def iter_item_ids(event: Event) -> Iterable[str]:
-    if event.item_id:
-        yield event.item_id

@@ -153,9 +153,6 @@ class ProfileRepository:
     def online_visitor(self, visitor_id: str) -> dict[str, Any]:
         return online_rows(self.feature_store, F.VISITOR_VIEW, [visitor_id])[0]
 
-    def persona_model_blob(self) -> bytes | None:
-        return self.store.get(Namespace.PERSONAS, "current")
-
 
 def index_dumps(covisitation: CoVisitation, popularity: ContextPopularity) -> dict[str, dict[str, bytes]]:
     """The stored form of the index entries changed since they were last saved (their `dirty` keys)."""

@@ -521,7 +521,7 @@ class RecommendService:
 
     def _naive_columns(self, snapshot: ItemSnapshot, idx: np.ndarray, slot: str, now: float) -> ItemColumns:
         """The baseline the benchmark compares against: candidate item features fetched through the Feast SDK
-        on every request (what ARCHITECTURE.md measured at 130-150 ms p99), instead of the in-process cache."""
+        on every request (130-150 ms p99 when it was measured at the first review), instead of the in-process cache."""
         ids = [snapshot.ids[i] for i in idx]
         rows = self.repository.item_stats_via_sdk(ids)
         fresh = build_snapshot(
