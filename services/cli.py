@@ -165,7 +165,10 @@ def train(
     max_queries: Annotated[int, typer.Option(help="Cap on training queries (sampled).")] = 12_000,
     seed: int = 7,
     reload_url: Annotated[
-        list[str] | None, typer.Option(help="POST /v1/admin/reload here after training (repeat per replica).")
+        list[str] | None,
+        typer.Option(
+            help="POST /v1/admin/reload here after training to serve at once (replicas follow the registry anyway)."
+        ),
     ] = None,
     engine: Annotated[str, typer.Option(help="local, or dask: LightGBM on the Dask cluster at --scheduler.")] = "local",
     scheduler: Annotated[

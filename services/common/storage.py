@@ -674,6 +674,7 @@ class Namespace:
     MESSAGE_HISTORY = "msgcap"  # sends per visitor: frequency caps and cooldowns
     ITEM_CHANGES = "itemchg"  # ids of items whose statistics changed, per time bucket (common/item_changes.py)
     META = "meta"
+    MODELS = "models"  # trained models of every kind, their versions and the production pin (common/models.py)
     COMMIT = "commit"  # per log: the writes of the batch being committed (profile/commit.py)
     DEAD_LETTERS = "deadletter"  # log entries the aggregator could not fold, "<log>:<position>"
     AGGREGATOR_STATUS = "aggstatus"  # per log: cursor, lag, errors of its aggregator (readiness, metrics)

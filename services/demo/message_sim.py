@@ -236,7 +236,9 @@ def simulate_messages(
                     replay_decisions(recommend_repository.logged_events(), recommend_repository.catalog()),
                     MessageTrainConfig(seed=config.seed),
                 )
-                MessageRepository(recommend_repository).save_model(trained.model.version, trained.model.to_bytes())
+                MessageRepository(recommend_repository).save_model(
+                    trained.model.version, trained.model.to_bytes(), trained.model.created_at
+                )
                 messages.use_model(trained.model)
                 result.model_version = trained.model.version
                 result.train_metrics = trained.metrics

@@ -58,6 +58,7 @@ FORKED_NAMESPACES = (
     Namespace.CONSENT,
     Namespace.PERSONAS,
     Namespace.META,
+    Namespace.MODELS,
 )
 EVENT_BATCH = 1000
 

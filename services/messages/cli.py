@@ -68,7 +68,7 @@ def train_messages(
             data = data.subset(data.send_at < cut)
         with console.status(f"training on {data.size:,} decisions"):
             result = train_message_model(data, MessageTrainConfig(window_h=window_hours, seed=seed))
-        messages.save_model(result.model.version, result.model.to_bytes())
+        messages.save_model(result.model.version, result.model.to_bytes(), result.model.created_at)
     except ValueError as exc:
         console.print(f"[red]cannot train:[/] {exc}")
         raise typer.Exit(2) from exc
@@ -144,7 +144,7 @@ def evaluate_messages_command(
     repository = RecommendRepository.open(_settings(data_dir))
     try:
         messages = MessageRepository(repository)
-        version = model_version or messages.latest_model_version()
+        version = model_version or messages.model_index().serving
         blob = messages.model_blob(version) if version else None
         if blob is not None:
             model = MessageModel.from_bytes(blob)

@@ -16,6 +16,7 @@ from services.common import features as F
 from services.common.catalog import CatalogItem
 from services.common.consent import Consent
 from services.common.events import Event
+from services.common.models import ModelIndex, ModelKind
 from services.common.storage import Namespace
 from services.recommend.repository import RecommendRepository
 
@@ -24,7 +25,6 @@ log = logging.getLogger(__name__)
 # Visitor-keyed namespaces of this module. Erasure must delete a visitor's key in MESSAGE_HISTORY too.
 MESSAGE_HISTORY: Final = Namespace.MESSAGE_HISTORY
 MESSAGE_STOCK: Final = "msgstock"
-MODEL_PREFIX: Final = "msgmodel"
 # The visitor-row features the message policy and its model read (a subset keeps the bulk read fast).
 MESSAGE_VISITOR_FEATURES: Final[tuple[str, ...]] = (
     "event_count",
@@ -152,11 +152,11 @@ class MessageRepository:
 
     def persona_profiles(self) -> dict[int, dict[str, Any]]:
         """Persona descriptions by id (name and top traits); empty when no persona model exists."""
-        raw = self.store.get(Namespace.PERSONAS, "current")
-        if not raw:
+        serving = self.base.models.serving_blob(ModelKind.PERSONAS)
+        if serving is None:
             return {}
         try:
-            data = orjson.loads(raw)
+            data = orjson.loads(serving[1])
             return {int(p["persona_id"]): p for p in data.get("personas", []) if isinstance(p, dict)}
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             log.warning("persona model is unreadable: tones fall back to behaviour")
@@ -185,16 +185,15 @@ class MessageRepository:
         self.base.flush(timeout)
 
     # -- model --------------------------------------------------------------------------------------
-    def save_model(self, version: str, blob: bytes) -> None:
-        self.store.put_many(Namespace.META, {f"{MODEL_PREFIX}:{version}": blob})
-        self.store.put(Namespace.META, f"{MODEL_PREFIX}-latest", version.encode())
+    def save_model(self, version: str, blob: bytes, created_at: float) -> None:
+        self.base.models.publish(ModelKind.MESSAGE, version, blob, created_at)
 
-    def latest_model_version(self) -> str | None:
-        raw = self.store.get(Namespace.META, f"{MODEL_PREFIX}-latest")
-        return raw.decode() if raw else None
+    def model_index(self) -> ModelIndex:
+        return self.base.models.index(ModelKind.MESSAGE)
 
-    def model_blob(self, version: str) -> bytes | None:
-        return self.store.get(Namespace.META, f"{MODEL_PREFIX}:{version}")
+    def model_blob(self, version: str, index: ModelIndex | None = None) -> bytes | None:
+        """The model's bytes, checked against the published sha256 (DamagedModel when they differ)."""
+        return self.base.models.blob(ModelKind.MESSAGE, version, index)
 
     # -- training inputs ------------------------------------------------------------------------------
     def catalog(self) -> list[CatalogItem]:

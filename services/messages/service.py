@@ -39,7 +39,6 @@ from services.messages.history import WEEK, SendHistory
 from services.messages.model import (
     ACTION_COLUMNS,
     VISITOR_COLUMNS,
-    IncompatibleMessageModel,
     MessageModel,
     VisitorView,
     action_vector,
@@ -140,17 +139,28 @@ class MessageService:
                     self._reload_model()
         return self._model
 
+    def follow_model_registry(self) -> None:
+        """Check the model registry now (after a pin on this replica) instead of at the next interval."""
+        with self._lock:
+            self._model_checked = time.monotonic()
+            self._reload_model()
+
     def _reload_model(self) -> None:
+        """Serve what the model registry says (the pinned version, else the newest that loads)."""
         try:
-            version = self.repository.latest_model_version()
-            if version is None or (self._model is not None and self._model.version == version):
-                return
-            blob = self.repository.model_blob(version)
-            if blob is not None:
-                self._model = MessageModel.from_bytes(blob)
-                log.info("message model %s loaded", version)
-        except IncompatibleMessageModel as exc:
-            log.warning("message model skipped: %s", exc)
+            index = self.repository.model_index()
+            for version in index.load_order():
+                if self._model is not None and self._model.version == version:
+                    return
+                try:
+                    blob = self.repository.model_blob(version, index)
+                    if blob is None:
+                        continue
+                    self._model = MessageModel.from_bytes(blob)
+                    log.info("message model %s loaded", version)
+                    return
+                except Exception as exc:  # incompatible or damaged: the one before may load
+                    log.warning("message model %s skipped: %s", version, exc)
         except Exception as exc:  # keep the current model when the store hiccups
             log.warning("message model not reloaded: %s", type(exc).__name__)
 

@@ -43,5 +43,6 @@ class MessageSettings(BaseSettings):
     cold_start_exploration: float = Field(default=1.0, ge=0, le=1)  # without a model: uniform over actions
     min_uplift: float = Field(default=0.001, ge=0)  # P(purchase) points a send must add to be worth its fatigue
     max_batch: int = Field(default=1000, ge=1, le=10_000)
-    model_check_interval_s: float = Field(default=30.0, gt=0)
+    # How often each replica reads the model registry (one small read): a new or pinned model serves within it.
+    model_check_interval_s: float = Field(default=10.0, gt=0)
     salt: str = "nbm"

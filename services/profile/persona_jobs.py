@@ -41,16 +41,14 @@ from feast import FeatureStore
 from services.common import features as F
 from services.common.clock import SYSTEM_CLOCK
 from services.common.feature_store import FeatureWriter, online_rows, rewrite_offline_parts, to_arrow_table
+from services.common.models import ModelKind, ModelRegistry
 from services.common.storage import Namespace, Store
 from services.profile.aggregations import SegmentRules, VisitorState, segments, visitor_features
 from services.profile.personas import TRAIT_NAMES, PersonaModel, fit_personas, movement_report
 
 log = logging.getLogger(__name__)
 
-CURRENT_KEY = "current"
-VERSION_KEY = "version"
 REPORT_KEY = "report"
-HISTORY_PREFIX = "model:"
 CHUNK = 500
 # The fit runs on at most this many visitors (a seeded sample); every visitor is still assigned.
 MAX_FIT_VISITORS = 50_000
@@ -79,8 +77,17 @@ TRAIT_COLUMNS = (
 
 
 def load_model(store: Store) -> PersonaModel | None:
-    raw = store.get(Namespace.PERSONAS, CURRENT_KEY)
-    return PersonaModel.from_json(raw.decode()) if raw else None
+    """The persona model that serves (pinned, else the newest; see services/common/models.py)."""
+    serving = ModelRegistry(store).serving_blob(ModelKind.PERSONAS)
+    return PersonaModel.from_json(serving[1].decode()) if serving else None
+
+
+def newest_model(store: Store) -> PersonaModel | None:
+    """The newest persona model published, pinned or not: the next fit continues its persona ids."""
+    registry = ModelRegistry(store)
+    index = registry.index(ModelKind.PERSONAS)
+    blob = registry.blob(ModelKind.PERSONAS, index.newest, index) if index.newest else None
+    return PersonaModel.from_json(blob.decode()) if blob else None
 
 
 def load_report(store: Store) -> dict[str, Any] | None:
@@ -89,11 +96,8 @@ def load_report(store: Store) -> dict[str, Any] | None:
 
 
 def save_model(store: Store, model: PersonaModel) -> None:
-    text = model.to_json().encode()
-    # History first, then the current model, then the version the live assigners poll.
-    store.put(Namespace.PERSONAS, f"{HISTORY_PREFIX}{model.version}", text)
-    store.put(Namespace.PERSONAS, CURRENT_KEY, text)
-    store.put(Namespace.PERSONAS, VERSION_KEY, str(model.version).encode())
+    created_at = datetime.fromisoformat(model.created_at).timestamp()
+    ModelRegistry(store).publish(ModelKind.PERSONAS, str(model.version), model.to_json().encode(), created_at)
 
 
 def iter_states(store: Store) -> Iterator[VisitorState]:
@@ -117,9 +121,10 @@ class PersonaAssigner:
 
     def __init__(self, store: Store, check_every_s: float = 10.0):
         self.store = store
+        self.registry = ModelRegistry(store)
         self.check_every_s = check_every_s
         self.model: PersonaModel | None = None
-        self._version: bytes | None = None
+        self._serving: str | None = None
         self._checked = -math.inf
         self._lock = threading.Lock()
 
@@ -129,13 +134,14 @@ class PersonaAssigner:
             with self._lock:
                 self._checked = now
                 try:
-                    version = self.store.get(Namespace.PERSONAS, VERSION_KEY)
-                    if version != self._version:
-                        model = load_model(self.store)
+                    index = self.registry.index(ModelKind.PERSONAS)
+                    if index.serving != self._serving:
+                        blob = self.registry.blob(ModelKind.PERSONAS, index.serving, index) if index.serving else None
+                        model = PersonaModel.from_json(blob.decode()) if blob else None
                         if model is not None and model.trait_names != list(TRAIT_NAMES):
                             log.warning("stored persona model uses other traits; run `selaras personas` again")
                             model = None
-                        self.model, self._version = model, version
+                        self.model, self._serving = model, index.serving
                 except Exception as exc:  # keep the last model when the store hiccups
                     log.warning("persona model not reloaded: %s", type(exc).__name__)
         return self.model
@@ -221,7 +227,7 @@ def run_persona_job(
     """Fit, store, assign and report (see the module docstring). Raises ValueError with too little data."""
     started = time.perf_counter()
     at = now if now is not None else SYSTEM_CLOCK.now()
-    previous = load_model(store)
+    previous = newest_model(store)
     if previous is not None and previous.trait_names != list(TRAIT_NAMES):
         log.warning("previous persona model uses other traits: persona ids start afresh")
         previous = None
@@ -230,6 +236,9 @@ def run_persona_job(
     movement = movement_report(previous, model, sample) if previous is not None else None
     save_model(store, model)
     result = PersonaJobResult(model, previous.version if previous else None, movement)
+    # Rows get the personas of the model that serves: with a version pinned (a rollback), the new fit is
+    # published for review but the live assigner keeps the pinned one, and so does this job.
+    serving = load_model(store) or model
 
     writer = FeatureWriter(feature_store, offline_dir)
     stamp = datetime.fromtimestamp(at, tz=UTC)
@@ -239,7 +248,7 @@ def run_persona_job(
         chunk = [VisitorState.from_dict(orjson.loads(raw)) for raw in raws if raw]  # erased/expired since: gone
         visitor_ids = [state.visitor_id for state in chunk]
         rows = [visitor_features(state, rules) for state in chunk]
-        ids = model.assign(rows)
+        ids = serving.assign(rows)
         online_now = online_rows(feature_store, F.VISITOR_VIEW, visitor_ids)
         # Compare-and-skip: a visitor folded since we read the state has a fresher online row already.
         current = store.get_many(Namespace.VISITOR_STATE, visitor_ids)
@@ -278,7 +287,7 @@ def run_persona_job(
         flush(visitor_ids[start : start + CHUNK])
 
     if backfill_offline:
-        result.offline_rows_backfilled, result.offline_files_rewritten = backfill_offline_personas(model, offline_dir)
+        result.offline_rows_backfilled, result.offline_files_rewritten = backfill_offline_personas(serving, offline_dir)
     result.seconds = round(time.perf_counter() - started, 2)
     store.put(Namespace.PERSONAS, REPORT_KEY, orjson.dumps(result.report()))
     log.info(

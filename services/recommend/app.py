@@ -23,6 +23,7 @@ from services.recommend.deps import RecommendState
 from services.recommend.endpoints import router
 from services.recommend.experiment_endpoints import router as experiment_router
 from services.recommend.experiments import load_experiments
+from services.recommend.model_endpoints import router as model_router
 from services.recommend.repository import RecommendRepository
 from services.recommend.service import RecommendService
 from services.recommend.settings import RecommendSettings
@@ -88,6 +89,7 @@ def create_app(settings: RecommendSettings | None = None, clock: Clock | None = 
     app.include_router(router)
     app.include_router(experiment_router)
     app.include_router(message_router)
+    app.include_router(model_router)
     install_security(app, settings)
     app.add_middleware(MetricsMiddleware, service="recommend")
     return app

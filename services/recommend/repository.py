@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import threading
@@ -22,12 +21,12 @@ from services.common.errors import StorageUnavailable
 from services.common.events import Event, envelope, open_envelope
 from services.common.feature_store import OnlineRowReader, online_rows, open_feature_store
 from services.common.item_changes import changed_items
+from services.common.models import ModelIndex, ModelKind, ModelRegistry
 from services.common.settings import CommonSettings
 from services.common.storage import Namespace, PendingEvent, Store, catalog_version, open_store, save_catalog
 from services.recommend.ranker import ModelMeta
 
 log = logging.getLogger(__name__)
-LATEST_MODEL_KEY = "latest"
 RecordWrite = tuple[str, Mapping[str, Any], int]  # recommendation id, record, ttl seconds
 
 
@@ -35,6 +34,7 @@ class RecommendRepository:
     def __init__(self, store: Store, feature_store: FeatureStore):
         self.store = store
         self.feature_store = feature_store
+        self.models = ModelRegistry(store)
         self._visitor_refs = F.visitor_feature_refs()
         self._reader: OnlineRowReader | None = None
         self._item_reader: OnlineRowReader | None = None
@@ -131,45 +131,34 @@ class RecommendRepository:
         return dict(self.store.scan(Namespace.POPULARITY))
 
     def persona_names(self) -> dict[int, str]:
-        raw = self.store.get(Namespace.PERSONAS, "current")
-        if not raw:
+        serving = self.models.serving_blob(ModelKind.PERSONAS)
+        if serving is None:
             return {}
-        data = orjson.loads(raw)
+        data = orjson.loads(serving[1])
         return {int(p["persona_id"]): str(p.get("name_en", "")) for p in data.get("personas", [])}
 
-    # -- models -----------------------------------------------------------------------------------
+    # -- models (stored by the one model registry, services/common/models.py) ----------------------------
     def save_model(self, model_text: bytes, meta: ModelMeta) -> None:
-        # The digest lets a loader tell a damaged text from a whole one before LightGBM parses it.
-        digest = hashlib.sha256(model_text).hexdigest().encode()
-        self.store.put_many(
-            Namespace.META,
-            {
-                f"model:{meta.version}:text": model_text,
-                f"model:{meta.version}:sha256": digest,
-                f"model:{meta.version}:meta": meta.to_json(),
-            },
-        )
-        self.store.put(Namespace.META, f"model:{LATEST_MODEL_KEY}", meta.version.encode())
+        self.models.publish(ModelKind.RANKER, meta.version, model_text, meta.created_at, meta=meta.to_json())
 
-    def model_versions(self) -> list[ModelMeta]:
-        """Stored models, newest first; a model whose metadata cannot be read is left out (logged), so one
-        corrupt record does not hide the good models."""
-        metas = []
-        for key, raw in self.store.scan(Namespace.META):
-            if key.endswith(":meta"):
-                try:
-                    metas.append(ModelMeta.from_json(raw))
-                except Exception as exc:
-                    log.warning("skipping unreadable model metadata %s: %s", key, type(exc).__name__)
-        return sorted(metas, key=lambda m: m.created_at, reverse=True)
+    def model_index(self) -> ModelIndex:
+        return self.models.index(ModelKind.RANKER)
 
-    def model_text(self, version: str) -> bytes | None:
-        return self.store.get(Namespace.META, f"model:{version}:text")
+    def model_meta(self, version: str) -> ModelMeta | None:
+        """The version's metadata, None when it is missing or unreadable (logged): one corrupt record must not
+        hide the good models."""
+        raw = self.models.metas(ModelKind.RANKER, [version])[0]
+        if raw is None:
+            return None
+        try:
+            return ModelMeta.from_json(raw)
+        except Exception as exc:
+            log.warning("skipping unreadable model metadata of %s: %s", version, type(exc).__name__)
+            return None
 
-    def model_digest(self, version: str) -> str | None:
-        """The sha256 stored with the model (None for models saved before digests were kept)."""
-        raw = self.store.get(Namespace.META, f"model:{version}:sha256")
-        return raw.decode() if raw else None
+    def model_text(self, version: str, index: ModelIndex | None = None) -> bytes | None:
+        """The model text, checked against its published sha256 (DamagedModel when it does not match)."""
+        return self.models.blob(ModelKind.RANKER, version, index)
 
     # -- recommendations and impressions --------------------------------------------------------------
     def save_recommendation(self, recommendation_id: str, record: Mapping[str, Any], ttl_s: int) -> None:

@@ -23,6 +23,7 @@ from services.common.consent import ConsentDefaults
 from services.common.context import context_features, daypart, local_time, zone_for
 from services.common.events import Event
 from services.common.features import visitor_row_at
+from services.common.models import ModelIndex
 from services.recommend.candidates import (
     CandidateGenerator,
     CandidateSet,
@@ -141,6 +142,7 @@ class RecommendService:
         self._stop = threading.Event()
         self._refresher: threading.Thread | None = None
         self._reload_lock = threading.Lock()
+        self._model_generation = -1  # of the registry index the loaded model was chosen from
         self._exploration_rng = np.random.default_rng(settings.exploration_seed)
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -170,6 +172,10 @@ class RecommendService:
                 self.refresh_cache()
             except Exception as exc:
                 log.warning("item cache refresh failed, keeping the previous one: %s", type(exc).__name__)
+            try:
+                self.follow_model_registry()
+            except Exception as exc:
+                log.warning("model registry not read, keeping the current model: %s", type(exc).__name__)
 
     @property
     def ready(self) -> bool:
@@ -220,32 +226,49 @@ class RecommendService:
         return stats
 
     def reload_model(self, version: str | None = None) -> tuple[str | None, str | None]:
-        """Load the given or newest compatible model; the swap is atomic, in-flight requests finish on the old."""
+        """Load `version`, else what the model registry says serves (the pinned version, else the newest that
+        loads: a damaged or incompatible newest falls back to the one before). The swap is atomic; in-flight
+        requests finish on the old model. Returns (serving version, previous version)."""
         with self._reload_lock:
             previous = self.model.meta.version if self.model else None
-            for meta in self.repository.model_versions():
-                if version and meta.version != version:
-                    continue
-                text = self.repository.model_text(meta.version)
-                if text is None:
-                    continue
-                try:
-                    verify_model_text(text, self.repository.model_digest(meta.version))
-                    model = RankerModel.from_bytes(text, meta, self.settings.data_dir / "compiled-models")
-                except IncompatibleModel as exc:
-                    self.skipped_models[meta.version] = str(exc)
-                    log.warning("skipping incompatible model: %s", exc)
-                    continue
-                except Exception as exc:  # damaged (CorruptModel) or unparsable: the next newest may be whole
-                    self.skipped_models[meta.version] = f"unreadable: {exc}"
-                    log.warning("skipping unreadable model %s: %s", meta.version, exc)
+            index = self.repository.model_index()
+            self._model_generation = index.generation
+            for candidate in [version] if version else index.load_order():
+                model = self._load_model(candidate, index)
+                if model is None:
                     continue
                 self.model = model
-                if previous:
-                    MODEL_INFO.remove(previous) if previous != meta.version else None
-                MODEL_INFO.labels(meta.version).set(meta.created_at)
-                return meta.version, previous
+                if previous and previous != candidate:
+                    MODEL_INFO.remove(previous)
+                MODEL_INFO.labels(candidate).set(model.meta.created_at)
+                return candidate, previous
             return previous, previous
+
+    def _load_model(self, version: str, index: ModelIndex) -> RankerModel | None:
+        """The version loaded, or None with the reason kept in `skipped_models` (readiness shows it)."""
+        if self.model is not None and self.model.meta.version == version:
+            return self.model
+        try:
+            meta = self.repository.model_meta(version)
+            text = self.repository.model_text(version, index)
+            if meta is None or text is None:
+                self.skipped_models[version] = "not found"
+                return None
+            verify_model_text(text)
+            return RankerModel.from_bytes(text, meta, self.settings.data_dir / "compiled-models")
+        except IncompatibleModel as exc:
+            self.skipped_models[version] = str(exc)
+            log.warning("skipping incompatible model: %s", exc)
+        except Exception as exc:  # damaged (DamagedModel, CorruptModel) or unparsable
+            self.skipped_models[version] = f"unreadable: {exc}"
+            log.warning("skipping unreadable model %s: %s", version, exc)
+        return None
+
+    def follow_model_registry(self) -> None:
+        """Reload when the registry changed (a training published, an operator pinned): one small read. Runs
+        on every cache refresh, so every replica and worker converges within `refresh_interval_s`."""
+        if self.repository.model_index().generation != self._model_generation:
+            self.reload_model()
 
     # -- ranking ------------------------------------------------------------------------------------
     def recommend(

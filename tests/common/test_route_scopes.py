@@ -33,6 +33,8 @@ EXPECTED: dict[tuple[str, str, str], frozenset[str]] = {
     ("recommend", "POST", "/v1/recommend"): frozenset({"recommend"}),
     ("recommend", "PUT", "/v1/catalog/items"): ADMIN,
     ("recommend", "POST", "/v1/admin/reload"): ADMIN,
+    ("recommend", "GET", "/v1/admin/models/{kind}"): ADMIN,
+    ("recommend", "POST", "/v1/admin/models/{kind}/production"): ADMIN,
     ("recommend", "GET", "/v1/experiments"): ADMIN,
     ("recommend", "GET", "/v1/experiments/{key}"): ADMIN,
     ("recommend", "GET", "/v1/experiments/{key}/report"): ADMIN,

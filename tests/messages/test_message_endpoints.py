@@ -20,8 +20,8 @@ from services.common.catalog import CatalogItem
 from services.common.clock import FixedClock
 from services.common.consent import ConsentDefaults
 from services.common.events import Event
+from services.common.models import ModelKind, ModelRegistry
 from services.common.settings import CommonSettings
-from services.common.storage import Namespace
 from services.demo.shop import generate_shop
 from services.messages.endpoints import install_message_service
 from services.messages.model import MessageModel, Stage
@@ -213,7 +213,7 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
                 }
             ]
         }
-        profile.store.put(Namespace.PERSONAS, "current", orjson.dumps(personas))
+        ModelRegistry(profile.store).publish(ModelKind.PERSONAS, "7", orjson.dumps(personas), created_at=0.0)
     finally:
         profile.close()
     settings = RecommendSettings(**common.model_dump(), refresh_interval_s=1.0)

@@ -23,7 +23,7 @@ from services.cli import app as cli_app
 from services.common import features as F
 from services.common.events import Event
 from services.common.feature_store import online_rows
-from services.common.storage import Namespace
+from services.common.models import ModelKind, ModelRegistry
 from services.profile.aggregations import SegmentRules
 from services.profile.app import create_app
 from services.profile.persona_jobs import (
@@ -243,7 +243,8 @@ def test_job_assigns_everyone_and_keeps_ids_across_refreshes(shop: Shop) -> None
     assert second.movement is not None and second.movement["stayed_share"] == 1.0
     assert second.persona_changed == 0 and second.offline_rows_backfilled == 0
     assert second.online_rows == 0 and second.offline_rows_appended == 0  # nothing changed, nothing written
-    assert store.get(Namespace.PERSONAS, f"model:{start + 1}") is not None  # history of models
+    index = ModelRegistry(store).index(ModelKind.PERSONAS)  # history of models
+    assert [v.version for v in index.versions][-2:] == [str(start + 1), str(start + 2)]
     assert load_report(store)["version"] == start + 2  # type: ignore[index]
 
 

@@ -283,7 +283,7 @@ def copy_serving_state(world: SessionWorld) -> RecommendSettings:
     client = make_redis_client(REDIS_URL, False, 5.0)
     source, target = RedisStore(client, world.settings.namespace), RedisStore(client, namespace)
     shop_items = set(world.world.shop.by_id())
-    for kind in (Namespace.CATALOG, Namespace.COVISITATION, Namespace.POPULARITY, Namespace.META, Namespace.PERSONAS):
+    for kind in (Namespace.CATALOG, Namespace.COVISITATION, Namespace.POPULARITY, Namespace.META, Namespace.MODELS):
         rows = dict(source.scan(kind))
         if kind == Namespace.CATALOG:
             rows = {item_id: row for item_id, row in rows.items() if item_id in shop_items}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightgbm as lgb
 import numpy as np
@@ -52,24 +54,26 @@ def test_a_model_over_other_features_is_refused() -> None:
         RankerModel.from_bytes(tiny_booster(names), ModelMeta("v2", 0.0, tuple(names), F.FEATURE_SERVICE))
 
 
-def test_a_corrupt_newest_model_falls_back_to_the_newest_good_one(tmp_path: Path) -> None:
+def test_a_corrupt_newest_model_falls_back_to_the_newest_good_one(settings_factory: Callable[..., Any]) -> None:
     """Truncated, altered or unreadable newer models leave the service on the newest model that loads (before:
     LightGBM aborted the whole process on the truncated text)."""
-    settings = RecommendSettings(data_dir=tmp_path, environment="test", log_impressions=False)
+    settings: RecommendSettings = settings_factory(RecommendSettings, log_impressions=False)
     repository = RecommendRepository.open(settings)
     try:
         text = tiny_booster(list(F.RANKER_FEATURES))
         repository.save_model(text, ModelMeta("old-good", 1.0, F.RANKER_FEATURES, F.FEATURE_SERVICE))
         repository.save_model(text, ModelMeta("good", 2.0, F.RANKER_FEATURES, F.FEATURE_SERVICE))
         repository.save_model(text[: len(text) // 2], ModelMeta("corrupt", 3.0, F.RANKER_FEATURES, F.FEATURE_SERVICE))
-        repository.store.put(Namespace.META, "model:broken:meta", b'{"version": "broken"')  # unreadable JSON
-        # Altered after it was saved (structure intact, LightGBM would load it): the stored digest catches it.
+        repository.save_model(text, ModelMeta("broken", 3.5, F.RANKER_FEATURES, F.FEATURE_SERVICE))
+        repository.store.put(Namespace.MODELS, "ranker:broken:meta", b'{"version": "broken"')  # unreadable JSON
+        # Altered after it was saved (structure intact, LightGBM would load it): the published digest catches it.
         repository.save_model(text, ModelMeta("altered", 4.0, F.RANKER_FEATURES, F.FEATURE_SERVICE))
-        repository.store.put(Namespace.META, "model:altered:text", text.replace(b"leaf_value=", b"leaf_value=9", 1))
+        repository.store.put(Namespace.MODELS, "ranker:altered", text.replace(b"leaf_value=", b"leaf_value=9", 1))
         service = RecommendService(settings, repository)
         loaded, _ = service.reload_model()
         assert loaded == "good" and service.model is not None and service.model.meta.version == "good"
         assert "truncated" in service.skipped_models["corrupt"] or "whole" in service.skipped_models["corrupt"]
         assert "sha256" in service.skipped_models["altered"]
+        assert "broken" in service.skipped_models
     finally:
         repository.close()
