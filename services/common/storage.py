@@ -686,6 +686,11 @@ CATALOG_VERSION_KEY = "catalog_version"
 def save_catalog(store: Store, items: Sequence[Any]) -> None:
     """Upsert catalog items (CatalogItem) and bump the catalog version, so item caches know to reload."""
     store.put_many(Namespace.CATALOG, {item.item_id: item.model_dump_json().encode() for item in items})
+    bump_catalog_version(store)
+
+
+def bump_catalog_version(store: Store) -> None:
+    """After any catalog change: every item cache compares this and rebuilds when it moved."""
     store.put(Namespace.META, CATALOG_VERSION_KEY, str(time.time_ns()).encode())
 
 

@@ -19,6 +19,7 @@ from services.messages.endpoints import router as message_router
 from services.messages.repository import MessageRepository
 from services.messages.service import MessageService
 from services.messages.settings import MessageSettings
+from services.recommend.catalog_endpoints import router as catalog_router
 from services.recommend.deps import RecommendState
 from services.recommend.endpoints import router
 from services.recommend.experiment_endpoints import router as experiment_router
@@ -87,6 +88,7 @@ def create_app(settings: RecommendSettings | None = None, clock: Clock | None = 
     add_metrics_route(app)
     install_openapi_components(app)
     app.include_router(router)
+    app.include_router(catalog_router)
     app.include_router(experiment_router)
     app.include_router(message_router)
     app.include_router(model_router)

@@ -3,34 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import TypeAdapter, ValidationError
+from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
 from services.common.api import (
     FastJSONResponse,
     json_body_schema,
     parse_json_request,
-    read_json_body,
-    validation_failure,
 )
-from services.common.catalog import CatalogItem
-from services.common.errors import InvalidPayload, PayloadTooLarge
 from services.recommend.deps import AdminKey, RecommendKey, State
 from services.recommend.schemas import (
-    CatalogUpsert,
-    CatalogUpsertResult,
     RecommendRequest,
     RecommendResponse,
     ReloadResult,
 )
 
 router = APIRouter()
-ITEM_ADAPTER: TypeAdapter[CatalogItem] = TypeAdapter(CatalogItem)
 REQUEST_ADAPTER: TypeAdapter[RecommendRequest] = TypeAdapter(RecommendRequest)
 
 
@@ -53,43 +45,6 @@ async def recommend(request: Request, state: State, key: RecommendKey) -> Respon
             state.executor, state.service.recommend, parsed, may_set_time, personal
         )
     return FastJSONResponse(result)
-
-
-@router.put(
-    "/v1/catalog/items",
-    response_model=CatalogUpsertResult,
-    openapi_extra=json_body_schema(CatalogUpsert),
-    responses={
-        413: {"description": "Too many items"},
-        422: {"description": "Invalid items, by index and field"},
-    },
-)
-async def upsert_catalog(request: Request, state: State, _: AdminKey) -> Response:
-    """Insert or update catalog items (products, banners, CTAs, message templates)."""
-    body = read_json_body(await request.body(), state.settings.max_body_bytes * 16)
-    raw_items = body.get("items") if isinstance(body, dict) else None
-    if not isinstance(raw_items, list) or not raw_items:
-        raise InvalidPayload(
-            'body must be {"items": [...]} with at least one item',
-            extra={"errors": [{"field": "items", "message": "a non-empty list is required"}]},
-        )
-    if len(raw_items) > state.settings.max_catalog_batch:
-        raise PayloadTooLarge(f"batch has {len(raw_items)} items; the limit is {state.settings.max_catalog_batch}")
-    items: list[CatalogItem] = []
-    errors: list[dict[str, Any]] = []
-    for index, raw in enumerate(raw_items):
-        try:
-            items.append(ITEM_ADAPTER.validate_python(raw))
-        except ValidationError as exc:
-            for error in validation_failure(exc).extra["errors"]:
-                errors.append({"index": index, **error})
-    if errors:
-        raise InvalidPayload(
-            f"{len({e['index'] for e in errors})} of {len(raw_items)} items are invalid; nothing was stored",
-            extra={"errors": errors},
-        )
-    await run_in_threadpool(state.repository.upsert_catalog, items)
-    return FastJSONResponse({"upserted": len(items)})
 
 
 @router.post("/v1/admin/reload", response_model=ReloadResult)

@@ -6,7 +6,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -23,11 +23,23 @@ from services.common.feature_store import OnlineRowReader, online_rows, open_fea
 from services.common.item_changes import changed_items
 from services.common.models import ModelIndex, ModelKind, ModelRegistry
 from services.common.settings import CommonSettings
-from services.common.storage import Namespace, PendingEvent, Store, catalog_version, open_store, save_catalog
+from services.common.storage import (
+    Namespace,
+    PendingEvent,
+    Store,
+    bump_catalog_version,
+    catalog_version,
+    open_store,
+    save_catalog,
+)
 from services.recommend.ranker import ModelMeta
 
 log = logging.getLogger(__name__)
 RecordWrite = tuple[str, Mapping[str, Any], int]  # recommendation id, record, ttl seconds
+
+
+class ItemGone(LookupError):
+    """The catalog item was deleted while it was being updated."""
 
 
 class RecommendRepository:
@@ -92,6 +104,34 @@ class RecommendRepository:
 
     def catalog(self) -> list[CatalogItem]:
         return list(self.iter_catalog())
+
+    def catalog_item(self, item_id: str) -> CatalogItem | None:
+        raw = self.store.get(Namespace.CATALOG, item_id)
+        return CatalogItem.model_validate_json(raw) if raw else None
+
+    def update_catalog_item(self, item_id: str, change: Callable[[CatalogItem], CatalogItem]) -> CatalogItem | None:
+        """Compare-and-set one item (concurrent partial updates both land); None when there is no such item.
+        `change` may raise (an invalid merge): nothing is written then."""
+        if self.store.get(Namespace.CATALOG, item_id) is None:
+            return None
+
+        def apply(raw: bytes | None) -> bytes:
+            if raw is None:  # deleted between the check and the write
+                raise ItemGone(item_id)
+            return change(CatalogItem.model_validate_json(raw)).model_dump_json().encode()
+
+        try:
+            stored = self.store.update(Namespace.CATALOG, item_id, apply)
+        except ItemGone:
+            return None
+        bump_catalog_version(self.store)
+        return CatalogItem.model_validate_json(stored)
+
+    def delete_catalog_item(self, item_id: str) -> bool:
+        deleted = self.store.delete(Namespace.CATALOG, [item_id]) > 0
+        if deleted:
+            bump_catalog_version(self.store)
+        return deleted
 
     def iter_catalog(self) -> Iterator[CatalogItem]:
         """Parsed one at a time (the item cache keeps columns, not 100,000 model objects)."""

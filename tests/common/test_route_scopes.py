@@ -32,6 +32,10 @@ EXPECTED: dict[tuple[str, str, str], frozenset[str]] = {
     # recommend
     ("recommend", "POST", "/v1/recommend"): frozenset({"recommend"}),
     ("recommend", "PUT", "/v1/catalog/items"): ADMIN,
+    ("recommend", "GET", "/v1/catalog/items"): ADMIN,
+    ("recommend", "GET", "/v1/catalog/items/{item_id}"): ADMIN,
+    ("recommend", "PATCH", "/v1/catalog/items/{item_id}"): ADMIN,
+    ("recommend", "DELETE", "/v1/catalog/items/{item_id}"): ADMIN,
     ("recommend", "POST", "/v1/admin/reload"): ADMIN,
     ("recommend", "GET", "/v1/admin/models/{kind}"): ADMIN,
     ("recommend", "POST", "/v1/admin/models/{kind}/production"): ADMIN,
