@@ -29,7 +29,9 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 app = typer.Typer(help="Selaras: personalization for online shops.", no_args_is_help=True, add_completion=False)
-import_app = typer.Typer(help="Import JSON Lines files (optionally .gz) in the API's schemas.", no_args_is_help=True)
+import_app = typer.Typer(
+    help="Import JSON Lines or CSV files (optionally .gz) in the API's schemas.", no_args_is_help=True
+)
 app.add_typer(shop_app, name="shop")
 app.add_typer(import_app, name="import")
 app.command("simulate-ab")(simulate_ab_command)
@@ -235,7 +237,10 @@ def train(
 @import_app.command("events")
 def import_events_command(
     file: Annotated[
-        Path, typer.Argument(exists=True, dir_okay=False, help="JSON Lines of events (.jsonl or .jsonl.gz)")
+        Path,
+        typer.Argument(
+            exists=True, dir_okay=False, help="Events: JSON Lines (.jsonl) or CSV with a header (.csv), optionally .gz"
+        ),
     ],
     data_dir: DataDir = Path("data"),
     skip_invalid: Annotated[bool, typer.Option(help="Skip invalid lines (reported) instead of stopping.")] = False,
@@ -297,7 +302,12 @@ def import_events_command(
 
 @import_app.command("catalog")
 def import_catalog_command(
-    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSON Lines of catalog items")],
+    file: Annotated[
+        Path,
+        typer.Argument(
+            exists=True, dir_okay=False, help="Catalog items: JSON Lines or CSV with a header, optionally .gz"
+        ),
+    ],
     data_dir: DataDir = Path("data"),
     skip_invalid: bool = False,
 ) -> None:

@@ -1,4 +1,4 @@
-"""Bulk import of events and catalog items from JSON Lines (optionally gzipped), streamed in batches.
+"""Bulk import of events and catalog items from JSON Lines or CSV (optionally gzipped), streamed in batches.
 
 Events go through the same path as `POST /v1/events` (validation, idempotent append to the durable log) and
 are then folded by the same aggregator, so imported features equal live ones. Files must be in time order
@@ -28,6 +28,7 @@ from services.common.api import describe_errors
 from services.common.catalog import CatalogItem
 from services.common.errors import StorageUnavailable
 from services.common.events import Event, future_timestamp_error
+from services.common.tabular import CsvProblem, csv_records, is_csv
 from services.profile.service import Aggregator, EntryFailed, IngestService
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,35 @@ def read_jsonl(path: Path, adapter: TypeAdapter[Any]) -> Iterator[tuple[int, Any
                     yield number, InvalidLine(number, [{"field": "(line)", "message": f"not JSON: {exc}"}])
                 except ValidationError as exc:
                     yield number, InvalidLine(number, describe_errors(exc.errors()))
+        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            message = f"the file is truncated or corrupt after line {number}: {type(exc).__name__}"
+            raise InvalidInput(InvalidLine(number + 1, [{"field": "(file)", "message": message}])) from exc
+
+
+# Catalog fields that are lists: in CSV their values are separated by "|" (services/common/tabular.py).
+CATALOG_LIST_FIELDS = frozenset(
+    {"tags", *(f"targeting.{name}" for name in ("categories", "devices", "cities", "personas", "segments", "hours"))}
+)
+
+
+def read_records(
+    path: Path, adapter: TypeAdapter[Any], list_fields: frozenset[str] = frozenset()
+) -> Iterator[tuple[int, Any | InvalidLine]]:
+    """JSON Lines or, for `.csv`/`.csv.gz`, CSV with a header (services/common/tabular.py): the same
+    validation and the same (line number, model or InvalidLine) for both."""
+    if not is_csv(path.name):
+        yield from read_jsonl(path, adapter)
+        return
+    number = 1
+    with open_binary(path) as handle:
+        try:
+            for number, record in csv_records(handle, list_fields):
+                try:
+                    yield number, adapter.validate_python(record)
+                except ValidationError as exc:
+                    yield number, InvalidLine(number, describe_errors(exc.errors()))
+        except CsvProblem as exc:
+            raise InvalidInput(InvalidLine(exc.line, [{"field": "(file)", "message": exc.message}])) from exc
         except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
             message = f"the file is truncated or corrupt after line {number}: {type(exc).__name__}"
             raise InvalidInput(InvalidLine(number + 1, [{"field": "(file)", "message": message}])) from exc
@@ -155,7 +185,7 @@ def import_events(
         batch.clear()
 
     try:
-        for number, parsed in read_jsonl(path, EVENT_ADAPTER):
+        for number, parsed in read_records(path, EVENT_ADAPTER):
             report.lines = number
             if isinstance(parsed, InvalidLine):
                 _record_invalid(report, parsed, skip_invalid)
@@ -204,7 +234,7 @@ def import_catalog(
     report = ImportReport()
     batch: list[CatalogItem] = []
     try:
-        for number, parsed in read_jsonl(path, ITEM_ADAPTER):
+        for number, parsed in read_records(path, ITEM_ADAPTER, CATALOG_LIST_FIELDS):
             report.lines = number
             if isinstance(parsed, InvalidLine):
                 _record_invalid(report, parsed, skip_invalid)
