@@ -10,8 +10,9 @@ import sys
 import time
 import urllib.request
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich import box
@@ -41,6 +42,8 @@ register_message_commands(app, evaluate_app)
 register_history_commands(import_app, evaluate_app)
 app.command("simulate-messages")(simulate_messages_command)
 console = Console()
+err_console = Console(stderr=True)  # summaries of commands whose output is data on standard output
+T = TypeVar("T")
 
 DataDir = Annotated[Path, typer.Option("--data-dir", envvar="SELARAS_DATA_DIR", help="Where Selaras keeps its data.")]
 
@@ -113,6 +116,8 @@ def serve(
     )
 
 
+export_app = typer.Typer(help="Export audiences (segment or persona members) as CSV.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
 run_app = typer.Typer(help="Run a background process (the aggregator).", no_args_is_help=True)
 app.add_typer(run_app, name="run")
 
@@ -649,6 +654,68 @@ def _run_services(data_dir: Path, profile_port: int, recommend_port: int, visito
     except KeyboardInterrupt:
         pass
     stop()
+
+
+@export_app.command("audience")
+def export_audience(
+    data_dir: DataDir = Path("data"),
+    where: Annotated[
+        list[str] | None,
+        typer.Option(help="column=value on a segment column (lifecycle=at_risk); repeat a column for any of."),
+    ] = None,
+    persona: Annotated[list[int] | None, typer.Option(help="Persona id; repeat for any of.")] = None,
+    channel: Annotated[
+        str | None, typer.Option(help="push, email or whatsapp: only visitors who allow marketing on it.")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="CSV file to write ('-': standard output).")] = Path("-"),
+) -> None:
+    """Visitors of a segment or persona as CSV (pseudonymous ids, persona, segments), for a broadcast."""
+    _settings_env(data_dir)
+    from services.common.clock import clock_for
+    from services.profile.app import segment_rules
+    from services.profile.audiences import AudienceCount, AudienceFilter, InvalidAudience, audience_rows, write_csv
+    from services.profile.repository import ProfileRepository
+    from services.profile.settings import ProfileSettings
+
+    try:
+        audience = AudienceFilter.parse(where or [], persona or [], channel)
+    except InvalidAudience as exc:
+        console.print(f"[red]invalid audience:[/] {exc}")
+        raise typer.Exit(2) from exc
+    settings = ProfileSettings(data_dir=data_dir)
+    repository = ProfileRepository.open(settings)
+    count = AudienceCount()
+    try:
+        rows = audience_rows(
+            repository.iter_visitor_states(),
+            repository.consents,
+            segment_rules(settings),
+            settings.consent_defaults(),
+            clock_for(settings.clock_start).now(),
+            audience,
+            count,
+        )
+        if str(out) == "-":
+            write_csv(rows, sys.stdout)
+        else:
+            with out.open("w", newline="", encoding="utf-8") as handle, progress_bar() as bar:
+                task = bar.add_task("exporting the audience", total=None)
+                write_csv(_counting(rows, lambda n: bar.update(task, completed=n)), handle)
+    finally:
+        repository.close()
+    summary = f"{count.matched:,} of {count.visitors:,} visitors in the audience"
+    if channel:
+        summary += f"; {count.without_consent:,} more left out: no marketing consent for {channel}"
+    err_console.print(summary)
+
+
+def _counting(rows: Iterable[T], report: Callable[[int], None], every: int = 1000) -> Iterator[T]:
+    n = 0
+    for n, row in enumerate(rows, start=1):
+        if n % every == 0:
+            report(n)
+        yield row
+    report(n)
 
 
 # -- personas, retention, API keys --------------------------------------------------------------------

@@ -58,6 +58,17 @@ class ProfileRepository:
             vid: VisitorState.from_dict(orjson.loads(raw)) for vid, raw in zip(visitor_ids, raws, strict=True) if raw
         }
 
+    def iter_visitor_states(self, chunk: int = 1000) -> Iterator[list[VisitorState]]:
+        """Every stored visitor state, in chunks (audiences, persona jobs): memory bounded by the chunk."""
+        batch: list[VisitorState] = []
+        for _, raw in self.store.scan(Namespace.VISITOR_STATE):
+            batch.append(VisitorState.from_dict(orjson.loads(raw)))
+            if len(batch) >= chunk:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
     def save_visitor_states(self, states: Mapping[str, VisitorState], ttl_s: int | None) -> None:
         self.store.put_many(Namespace.VISITOR_STATE, {k: orjson.dumps(s) for k, s in states.items()}, ttl_s)
 
