@@ -709,6 +709,57 @@ def export_audience(
     err_console.print(summary)
 
 
+@export_app.command("recommendations")
+def export_recommendations(
+    visitors: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help="CSV with a visitor_id column (an exported audience)")
+    ],
+    data_dir: DataDir = Path("data"),
+    kind: Annotated[str, typer.Option(help="product, banner or cta.")] = "product",
+    count: Annotated[int, typer.Option(min=1, max=100, help="Items per visitor.")] = 6,
+    channel: Annotated[str, typer.Option(help="Context channel the ranking sees (email, whatsapp, push).")] = "email",
+    log_impressions: Annotated[
+        bool, typer.Option(help="Log the lists as impressions (do it when they are sent: training and attribution).")
+    ] = False,
+    out: Annotated[Path, typer.Option(help="CSV file to write ('-': standard output).")] = Path("-"),
+) -> None:
+    """Personal recommendations for every visitor of a list, as CSV rows (visitor, position, item, link)."""
+    _settings_env(data_dir)
+    from services.common.catalog import ItemKind
+    from services.recommend.batch_export import InvalidVisitorFile, batch_rows, read_visitor_ids, write_csv
+    from services.recommend.repository import RecommendRepository
+    from services.recommend.service import RecommendService
+    from services.recommend.settings import RecommendSettings
+
+    if kind not in {k.value for k in ItemKind} - {"message"}:
+        console.print(f"[red]invalid kind:[/] {kind!r}; use product, banner or cta")
+        raise typer.Exit(2)
+    settings = RecommendSettings(data_dir=data_dir, log_impressions=log_impressions)
+    repository = RecommendRepository.open(settings)
+    service = RecommendService(settings, repository, settings.consent_defaults())
+    written = 0
+    try:
+        service.refresh_cache()
+        service.reload_model()
+        if service.model is None:
+            err_console.print("[yellow]no trained model: the lists are the fallback ranking (run selaras train)[/]")
+        with visitors.open(newline="", encoding="utf-8-sig") as source:
+            rows = batch_rows(service, read_visitor_ids(source), ItemKind(kind), count, channel)
+            if str(out) == "-":
+                written = write_csv(rows, sys.stdout)
+            else:
+                with out.open("w", newline="", encoding="utf-8") as handle, progress_bar() as bar:
+                    task = bar.add_task("ranking", total=None)
+                    written = write_csv(_counting(rows, lambda n: bar.update(task, completed=n)), handle)
+    except InvalidVisitorFile as exc:
+        console.print(f"[red]invalid visitor list {visitors}:[/] {exc}")
+        raise typer.Exit(2) from exc
+    finally:
+        repository.flush()
+        repository.close()
+    err_console.print(f"{written:,} rows written")
+
+
 def _counting(rows: Iterable[T], report: Callable[[int], None], every: int = 1000) -> Iterator[T]:
     n = 0
     for n, row in enumerate(rows, start=1):
