@@ -1,0 +1,106 @@
+"""Both services on real HTTP ports (a browser and a generated client need sockets, not a TestClient), with a
+browser key (`recommend` + `collect`), an admin key and a small catalog, on real Redis."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from services.common.auth import hash_key
+from services.profile.app import create_app as create_profile_app
+from services.profile.settings import ProfileSettings
+from services.recommend.app import create_app as create_recommend_app
+from services.recommend.settings import RecommendSettings
+from tests.conftest import REDIS_URL, clean_namespace, free_port, unique_name, wait_for
+
+BROWSER_KEY = "pk-browser-0123456789"
+ADMIN_KEY = "sk-admin-0123456789"
+CATEGORIES = ("sepatu", "tas", "kaos")
+
+
+@dataclass
+class Services:
+    profile_url: str
+    recommend_url: str
+    directory: Path
+    catalog: dict[str, dict[str, Any]]
+
+    def admin(self) -> httpx.Client:
+        return httpx.Client(headers={"X-API-Key": ADMIN_KEY}, timeout=30)
+
+
+def serve(app: FastAPI) -> tuple[str, uvicorn.Server, threading.Thread]:
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    assert wait_for(lambda: server.started, timeout=120), "a service did not start"
+    return f"http://127.0.0.1:{port}", server, thread
+
+
+def catalog_items(shop_url: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "item_id": f"sku-{i}",
+            "title": f"Produk {CATEGORIES[i % 3]} nomor {i}",
+            "category": CATEGORIES[i % 3],
+            "brand": "Lokal",
+            "price": 50_000.0 + 1000 * i,
+            "stock": 10,
+            "url": f"{shop_url}/product.html?item=sku-{i}",
+        }
+        for i in range(12)
+    ]
+
+
+def start_services(directory: Path, shop_origin: str) -> tuple[Services, list[tuple[uvicorn.Server, threading.Thread]]]:
+    namespace = unique_name("sdk")
+    keys = f"browser:recommend+collect:{hash_key(BROWSER_KEY)},ops:admin:{hash_key(ADMIN_KEY)}"
+    common: dict[str, Any] = {
+        "data_dir": directory / "data",
+        "redis_url": REDIS_URL,
+        "namespace": namespace,
+        "feast_project": namespace,
+        "environment": "test",
+        "api_keys": keys,
+        "cors_origins": shop_origin,  # the shop's pages are another origin than the services
+    }
+    clean_namespace(REDIS_URL, namespace)
+    profile_url, *profile = serve(create_profile_app(ProfileSettings(**common, aggregator_idle_s=0.01)))
+    recommend_url, *recommend = serve(create_recommend_app(RecommendSettings(**common, refresh_interval_s=0.3)))
+    items = catalog_items(shop_origin)
+    with httpx.Client(headers={"X-API-Key": ADMIN_KEY}, timeout=30) as admin:
+        response = admin.put(f"{recommend_url}/v1/catalog/items", json={"items": items})
+        assert response.status_code == 200, response.text
+
+        def serves_items() -> bool:
+            body = {"visitor_id": "warmup", "slots": [{"name": "home", "count": 4}]}
+            answer = admin.post(f"{recommend_url}/v1/recommend", json=body)
+            return answer.status_code == 200 and len(answer.json()["slots"][0]["items"]) == 4
+
+        assert wait_for(serves_items, timeout=30), "the recommend service never served the catalog"
+    services = Services(profile_url, recommend_url, directory, {item["item_id"]: item for item in items})
+    return services, [tuple(profile), tuple(recommend)]  # type: ignore[list-item]
+
+
+def stop(servers: list[tuple[uvicorn.Server, threading.Thread]]) -> None:
+    for server, _ in servers:
+        server.should_exit = True
+    for _, thread in servers:
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    directory = tmp_path_factory.mktemp("sdk")
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)

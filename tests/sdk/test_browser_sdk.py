@@ -1,0 +1,164 @@
+"""The browser SDK (sdk/js/) in headless Chromium against both services on real HTTP ports: a shop page on
+its own origin includes the SDK with a `<script>` tag, renders a recommended slot, a real click sends a click
+event echoing the recommendation id, the product page (loading the ES module) tracks a view that echoes it
+too, and leaving the page flushes the queue. What the profile service stored is read back with an admin key."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import free_port, unique_name, wait_for
+from tests.sdk.conftest import BROWSER_KEY, Services, start_services, stop
+from tests.sdk.webdriver import Chromium
+
+SDK = Path(__file__).resolve().parents[2] / "sdk" / "js"
+
+HOME = """<!doctype html>
+<html><head><meta charset="utf-8"><title>Toko Demo</title></head>
+<body>
+<h1>Toko Demo</h1>
+<p id="status">loading</p>
+<div id="home"></div>
+<script src="/selaras.js"></script>
+<script>
+  Selaras.init({endpoint: __ENDPOINT__, key: "__KEY__", flushIntervalMs: 200});
+  Selaras.track("page_view", {page: "home"});
+  Selaras.recommend([{name: "home", count: 4}], {page: "home"})
+    .then(function () { return Selaras.render("home", document.getElementById("home")); })
+    .then(function (slot) { document.getElementById("status").textContent = "rendered " + slot.items.length; })
+    .catch(function (error) { document.getElementById("status").textContent = "error " + error.message; });
+</script>
+</body></html>
+"""
+
+# The product page loads the ES module and has no flush timer: only leaving the page sends its events.
+PRODUCT = """<!doctype html>
+<html><head><meta charset="utf-8"><title>Produk</title></head>
+<body>
+<p id="status">loading</p>
+<script type="module">
+  import Selaras from "/selaras.mjs";
+  Selaras.init({endpoint: __ENDPOINT__, key: "__KEY__", flushIntervalMs: 0});
+  const item = new URLSearchParams(location.search).get("item");
+  Selaras.track("product_view", {item_id: item});
+  document.getElementById("status").textContent = "viewed " + item + " as " + Selaras.visitorId();
+</script>
+</body></html>
+"""
+
+
+@dataclass
+class Shop:
+    url: str
+    services: Services
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def shop(workdir: Path) -> Iterator[Shop]:
+    site = workdir / "site"
+    site.mkdir()
+    port = free_port()
+    origin = f"http://127.0.0.1:{port}"
+    services, servers = start_services(workdir, origin)
+    endpoint = json.dumps({"profile": services.profile_url, "recommend": services.recommend_url})
+    for name, page in (("index.html", HOME), ("product.html", PRODUCT)):
+        (site / name).write_text(page.replace("__ENDPOINT__", endpoint).replace("__KEY__", BROWSER_KEY))
+    for name in ("selaras.js", "selaras.mjs"):
+        shutil.copy(SDK / name, site / name)
+    httpd = ThreadingHTTPServer(("127.0.0.1", port), functools.partial(QuietHandler, directory=str(site)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield Shop(origin, services)
+    finally:
+        httpd.shutdown()
+        stop(servers)
+
+
+@pytest.fixture
+def browser(workdir: Path) -> Iterator[Chromium]:
+    chromium = Chromium(workdir / unique_name("chrome"))
+    yield chromium
+    chromium.quit()
+
+
+def stored_events(shop: Shop, visitor: str) -> list[dict[str, Any]]:
+    with shop.services.admin() as admin:
+        response = admin.get(f"{shop.services.profile_url}/v1/profiles/{visitor}/export")
+    if response.status_code == 404:
+        return []
+    assert response.status_code == 200, response.text
+    events: list[dict[str, Any]] = response.json()["events"]
+    return events
+
+
+def test_slot_renders_and_a_click_echoes_the_recommendation_id(shop: Shop, browser: Chromium) -> None:
+    browser.get(f"{shop.url}/index.html")
+    assert browser.wait_text("#status", lambda text: text != "loading") == "rendered 4"
+    rendered = browser.find_all("#home [data-selaras-item]")
+    assert len(rendered) == 4
+    items = [browser.attribute(element, "data-selaras-item") for element in rendered]
+    titles = [browser.text(browser.find_all(f'[data-selaras-item="{item}"] .selaras-title')[0]) for item in items]
+    assert titles == [shop.services.catalog[str(item)]["title"] for item in items]
+    recommendation_id = browser.attribute(browser.find_all("#home")[0], "data-selaras-recommendation")
+    assert recommendation_id
+    visitor = browser.execute("return Selaras.visitorId()")
+    assert visitor.startswith("sv-")
+    assert browser.execute("return localStorage.getItem('selaras_vid')") == visitor
+
+    clicked = str(items[1])
+    browser.click(rendered[1])  # a user's click: the link navigates to the item's product page
+    status = browser.wait_text("#status", lambda text: text.startswith("viewed"))
+    assert status == f"viewed {clicked} as {visitor}", "the visitor id did not survive the navigation"
+    browser.get("about:blank")  # pagehide: the product page's queued view goes out with keepalive
+
+    def stored() -> dict[str, dict[str, Any]]:
+        return {event["type"]: event for event in stored_events(shop, visitor)}
+
+    assert wait_for(lambda: {"page_view", "click", "product_view"} <= stored().keys(), timeout=20), stored()
+    events = stored()
+    assert events["click"]["item_id"] == clicked
+    assert events["click"]["recommendation_id"] == recommendation_id
+    assert events["click"]["properties"] == {"slot": "home", "position": 1}
+    assert events["product_view"]["item_id"] == clicked
+    assert events["product_view"]["recommendation_id"] == recommendation_id, "the product view did not echo it"
+    assert events["page_view"]["properties"] == {"page": "home"}
+    assert all(event["visitor_id"] == visitor for event in events.values())
+
+
+def test_browser_key_may_not_send_purchases(shop: Shop, browser: Chromium) -> None:
+    browser.get(f"{shop.url}/index.html")
+    browser.wait_text("#status", lambda text: text != "loading")
+    refused = browser.execute(
+        "try { Selaras.track('purchase', {item_id: 'sku-1'}); return null; } catch (e) { return e.message; }"
+    )
+    assert "server" in refused
+    # And the service refuses it too, whatever a modified page sends with the public key.
+    answer = browser.execute(
+        """
+        return fetch(arguments[0] + '/v1/events', {
+          method: 'POST', headers: {'Content-Type': 'application/json', 'X-API-Key': arguments[1]},
+          body: JSON.stringify({events: [{event_id: 'p1', visitor_id: Selaras.visitorId(), type: 'purchase',
+                                          item_id: 'sku-1', timestamp: new Date().toISOString()}]}),
+        }).then(r => r.json().then(body => [r.status, body]));
+        """,
+        shop.services.profile_url,
+        BROWSER_KEY,
+    )
+    status, body = answer
+    assert status == 403 and body["errors"][0]["field"] == "type", body
