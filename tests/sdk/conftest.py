@@ -25,6 +25,19 @@ from tests.conftest import REDIS_URL, clean_namespace, free_port, unique_name, w
 BROWSER_KEY = "pk-browser-0123456789"
 ADMIN_KEY = "sk-admin-0123456789"
 CATEGORIES = ("sepatu", "tas", "kaos")
+EXPERIMENT = "sdk-home"
+# Every visitor in the experiment (no holdout): a click the SDK sends must reach the arm that served it.
+EXPERIMENTS_YAML = f"""
+holdout: 0
+experiments:
+  - key: {EXPERIMENT}
+    enabled: true
+    slot_kinds: [product]
+    slots: [home]
+    arms:
+      - {{name: control, weight: 0.5, personalized: false}}
+      - {{name: treatment, weight: 0.5, personalized: true}}
+"""
 
 
 @dataclass
@@ -38,13 +51,20 @@ class Services:
         return httpx.Client(headers={"X-API-Key": ADMIN_KEY}, timeout=30)
 
 
-def serve(app: FastAPI) -> tuple[str, uvicorn.Server, threading.Thread]:
+@dataclass
+class Running:
+    url: str
+    server: uvicorn.Server
+    thread: threading.Thread
+
+
+def serve(app: FastAPI) -> Running:
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     assert wait_for(lambda: server.started, timeout=120), "a service did not start"
-    return f"http://127.0.0.1:{port}", server, thread
+    return Running(f"http://127.0.0.1:{port}", server, thread)
 
 
 def catalog_items(shop_url: str) -> list[dict[str, Any]]:
@@ -62,7 +82,7 @@ def catalog_items(shop_url: str) -> list[dict[str, Any]]:
     ]
 
 
-def start_services(directory: Path, shop_origin: str) -> tuple[Services, list[tuple[uvicorn.Server, threading.Thread]]]:
+def start_services(directory: Path, shop_origin: str) -> tuple[Services, list[Running]]:
     namespace = unique_name("sdk")
     keys = f"browser:recommend+collect:{hash_key(BROWSER_KEY)},ops:admin:{hash_key(ADMIN_KEY)}"
     common: dict[str, Any] = {
@@ -75,8 +95,12 @@ def start_services(directory: Path, shop_origin: str) -> tuple[Services, list[tu
         "cors_origins": shop_origin,  # the shop's pages are another origin than the services
     }
     clean_namespace(REDIS_URL, namespace)
-    profile_url, *profile = serve(create_profile_app(ProfileSettings(**common, aggregator_idle_s=0.01)))
-    recommend_url, *recommend = serve(create_recommend_app(RecommendSettings(**common, refresh_interval_s=0.3)))
+    experiments = directory / "experiments.yaml"
+    experiments.write_text(EXPERIMENTS_YAML)
+    profile = serve(create_profile_app(ProfileSettings(**common, aggregator_idle_s=0.01)))
+    recommend_settings = RecommendSettings(**common, refresh_interval_s=0.3, experiments_file=experiments)
+    recommend = serve(create_recommend_app(recommend_settings))
+    recommend_url = recommend.url
     items = catalog_items(shop_origin)
     with httpx.Client(headers={"X-API-Key": ADMIN_KEY}, timeout=30) as admin:
         response = admin.put(f"{recommend_url}/v1/catalog/items", json={"items": items})
@@ -88,15 +112,15 @@ def start_services(directory: Path, shop_origin: str) -> tuple[Services, list[tu
             return answer.status_code == 200 and len(answer.json()["slots"][0]["items"]) == 4
 
         assert wait_for(serves_items, timeout=30), "the recommend service never served the catalog"
-    services = Services(profile_url, recommend_url, directory, {item["item_id"]: item for item in items})
-    return services, [tuple(profile), tuple(recommend)]  # type: ignore[list-item]
+    services = Services(profile.url, recommend_url, directory, {item["item_id"]: item for item in items})
+    return services, [profile, recommend]
 
 
-def stop(servers: list[tuple[uvicorn.Server, threading.Thread]]) -> None:
-    for server, _ in servers:
-        server.should_exit = True
-    for _, thread in servers:
-        thread.join(30)
+def stop(running: list[Running]) -> None:
+    for service in running:
+        service.server.should_exit = True
+    for service in running:
+        service.thread.join(30)
 
 
 @pytest.fixture(scope="module")

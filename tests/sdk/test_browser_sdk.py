@@ -1,7 +1,8 @@
 """The browser SDK (sdk/js/) in headless Chromium against both services on real HTTP ports: a shop page on
 its own origin includes the SDK with a `<script>` tag, renders a recommended slot, a real click sends a click
 event echoing the recommendation id, the product page (loading the ES module) tracks a view that echoes it
-too, and leaving the page flushes the queue. What the profile service stored is read back with an admin key."""
+too, and leaving the page flushes the queue. What the profile service stored is read back with an admin key, and
+the click is counted in the experiment report for the arm that served the slot."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import free_port, unique_name, wait_for
-from tests.sdk.conftest import BROWSER_KEY, Services, start_services, stop
+from tests.sdk.conftest import BROWSER_KEY, EXPERIMENT, Services, start_services, stop
 from tests.sdk.webdriver import Chromium
 
 SDK = Path(__file__).resolve().parents[2] / "sdk" / "js"
@@ -139,6 +140,16 @@ def test_slot_renders_and_a_click_echoes_the_recommendation_id(shop: Shop, brows
     assert events["product_view"]["recommendation_id"] == recommendation_id, "the product view did not echo it"
     assert events["page_view"]["properties"] == {"page": "home"}
     assert all(event["visitor_id"] == visitor for event in events.values())
+
+    # The echoed id attributes the click to the experiment exposure: one click, in the "home" slot.
+    def clicks(report: dict[str, Any]) -> tuple[float, float]:
+        home = [row for row in report["breakdowns"]["slot"] if row["group"] == "home"]
+        in_home = sum(arm["metrics"]["ctr"]["total"] for row in home for arm in row["arms"].values())
+        return sum(arm["metrics"]["ctr"]["total"] for arm in report["arms"]), in_home
+
+    with shop.services.admin() as admin:
+        url = f"{shop.services.recommend_url}/v1/experiments/{EXPERIMENT}/report"
+        assert wait_for(lambda: clicks(admin.get(url).json()) == (1.0, 1.0), timeout=20), admin.get(url).json()
 
 
 def test_browser_key_may_not_send_purchases(shop: Shop, browser: Chromium) -> None:

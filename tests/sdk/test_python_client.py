@@ -30,10 +30,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 def generator() -> Path:
     """openapi-python-client of `make codegen` (OPENAPI_PYTHON_CLIENT is set by the Makefile)."""
-    candidates = [os.environ.get("OPENAPI_PYTHON_CLIENT"), REPO / ".venv-codegen/bin/openapi-python-client"]
-    for candidate in filter(None, candidates):
-        if Path(candidate).is_file():
-            return Path(candidate)
+    candidates = [REPO / ".venv-codegen/bin/openapi-python-client"]
+    if os.environ.get("OPENAPI_PYTHON_CLIENT"):
+        candidates.insert(0, Path(os.environ["OPENAPI_PYTHON_CLIENT"]))
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
     raise AssertionError("openapi-python-client is not installed: run `make codegen`")
 
 
