@@ -16,6 +16,7 @@
   var STORAGE_KEY = "selaras_vid";
   var SESSION_KEY = "selaras_sid";
   var ATTRIBUTION_KEY = "selaras_attribution";
+  var CLOCK_KEY = "selaras_clock_offset";
   // What a `collect` key may send (services/common/events.py BROWSER_EVENT_TYPES). Refused here, before a
   // request, so a mistake shows in the console instead of as a 403 for the whole batch.
   var BROWSER_EVENT_TYPES = [
@@ -32,6 +33,9 @@
   var consented = true;
   var slots = {}; // slot name -> {recommendation_id, slot} of the latest answer on this page
   var listening = false;
+  // The service clock minus this browser's, learned from the `time` of recommend answers. Visitors' clocks
+  // are often minutes off, and the profile service refuses a batch with events dated in its future.
+  var clockOffsetMs = 0;
 
   function randomId() {
     if (root.crypto && typeof root.crypto.randomUUID === "function") return root.crypto.randomUUID();
@@ -120,6 +124,7 @@
       flushIntervalMs: options.flushIntervalMs === undefined ? 2000 : options.flushIntervalMs,
       onError: options.onError || function (error) { root.console.warn("Selaras:", error); },
     };
+    clockOffsetMs = Number(readStorage("sessionStorage", CLOCK_KEY)) || 0;
     // With `requireConsent`, nothing is sent until the shop's consent banner calls Selaras.consent(true).
     consented = !options.requireConsent;
     if (!listening) {
@@ -150,7 +155,7 @@
       event_id: randomId(),
       visitor_id: config.visitorId,
       type: type,
-      timestamp: new Date().toISOString(),
+      timestamp: null, // stamped when sent, with the latest known offset to the service clock
       context: eventContext(),
       properties: {},
     };
@@ -163,7 +168,7 @@
       var known = attribution()[event.item_id];
       if (known) event.recommendation_id = known;
     }
-    queue.push(event);
+    queue.push({ at: Date.now(), event: event });
     if (queue.length >= config.batchSize) flush(false);
     else if (!timer && config.flushIntervalMs > 0) {
       timer = root.setTimeout(function () { timer = null; flush(false); }, config.flushIntervalMs);
@@ -178,7 +183,12 @@
     if (timer) { root.clearTimeout(timer); timer = null; }
     if (!config || !consented || queue.length === 0) return Promise.resolve(null);
     var sending = [];
-    while (queue.length) sending.push(queue.splice(0, MAX_BATCH));
+    var stamped = queue.map(function (queued) {
+      queued.event.timestamp = new Date(queued.at + clockOffsetMs).toISOString();
+      return queued.event;
+    });
+    queue = [];
+    while (stamped.length) sending.push(stamped.splice(0, MAX_BATCH));
     return Promise.all(sending.map(function (events) {
       return post(base("profile") + "/v1/events", { events: events }, unloading).catch(function (error) {
         config.onError(error);
@@ -215,7 +225,12 @@
     var requested = slotList.map(function (slot) { return typeof slot === "string" ? { name: slot } : slot; });
     var body = { visitor_id: config.visitorId, slots: requested };
     if (context) body.context = context;
+    var sent = Date.now();
     return post(base("recommend") + "/v1/recommend", body, false).then(function (answer) {
+      if (answer.time && answer.time.source === "clock") {
+        clockOffsetMs = Date.parse(answer.time.now) - (sent + Date.now()) / 2;
+        writeStorage("sessionStorage", CLOCK_KEY, String(Math.round(clockOffsetMs))); // for the next pages
+      }
       answer.slots.forEach(function (slot) {
         slots[slot.name] = { recommendation_id: answer.recommendation_id, slot: slot };
       });

@@ -12,6 +12,7 @@ import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,11 @@ HOME = """<!doctype html>
 <h1>Toko Demo</h1>
 <p id="status">loading</p>
 <div id="home"></div>
+<script>
+  // A visitor whose clock runs ahead: ?skew=<ms>.
+  const skew = Number(new URLSearchParams(location.search).get("skew") || 0);
+  if (skew) { const realNow = Date.now; Date.now = () => realNow() + skew; }
+</script>
 <script src="/selaras.js"></script>
 <script>
   Selaras.init({endpoint: __ENDPOINT__, key: "__KEY__", flushIntervalMs: 200});
@@ -58,10 +64,26 @@ PRODUCT = """<!doctype html>
 """
 
 
+# A page whose shop asks for consent first: nothing may leave the browser before Selaras.consent(true).
+CONSENT = """<!doctype html>
+<html><head><meta charset="utf-8"><title>Izin</title></head>
+<body>
+<p id="status">loading</p>
+<script src="/selaras.js"></script>
+<script>
+  Selaras.init({endpoint: __ENDPOINT__, key: "__KEY__", flushIntervalMs: 50, requireConsent: true});
+  Selaras.track("page_view", {page: "before-consent"});
+  document.getElementById("status").textContent = "waiting";
+</script>
+</body></html>
+"""
+
+
 @dataclass
 class Shop:
     url: str
     services: Services
+    other_origin: str  # serves the same pages from an origin the services do not allow
 
 
 class QuietHandler(SimpleHTTPRequestHandler):
@@ -77,17 +99,19 @@ def shop(workdir: Path) -> Iterator[Shop]:
     origin = f"http://127.0.0.1:{port}"
     services, servers = start_services(workdir, origin)
     endpoint = json.dumps({"profile": services.profile_url, "recommend": services.recommend_url})
-    for name, page in (("index.html", HOME), ("product.html", PRODUCT)):
+    for name, page in (("index.html", HOME), ("product.html", PRODUCT), ("consent.html", CONSENT)):
         (site / name).write_text(page.replace("__ENDPOINT__", endpoint).replace("__KEY__", BROWSER_KEY))
     for name in ("selaras.js", "selaras.mjs"):
         shutil.copy(SDK / name, site / name)
-    httpd = ThreadingHTTPServer(("127.0.0.1", port), functools.partial(QuietHandler, directory=str(site)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
+    handler = functools.partial(QuietHandler, directory=str(site))
+    httpds = [ThreadingHTTPServer(("127.0.0.1", port), handler), ThreadingHTTPServer(("127.0.0.1", 0), handler)]
+    for httpd in httpds:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
-        yield Shop(origin, services)
+        yield Shop(origin, services, f"http://127.0.0.1:{httpds[1].server_address[1]}")
     finally:
-        httpd.shutdown()
+        for httpd in httpds:
+            httpd.shutdown()
         stop(servers)
 
 
@@ -173,3 +197,34 @@ def test_browser_key_may_not_send_purchases(shop: Shop, browser: Chromium) -> No
     )
     status, body = answer
     assert status == 403 and body["errors"][0]["field"] == "type", body
+
+
+def test_a_visitor_clock_an_hour_fast_still_gets_its_events_stored(shop: Shop, browser: Chromium) -> None:
+    # The service refuses events dated more than 5 minutes in its future; the SDK stamps them with the
+    # service clock it learned from the recommend answer.
+    browser.get(f"{shop.url}/index.html?skew=3600000")
+    assert browser.wait_text("#status", lambda text: text != "loading") == "rendered 4"
+    visitor = browser.execute("return Selaras.visitorId()")
+    browser.execute("return Selaras.flush()")
+    assert wait_for(lambda: bool(stored_events(shop, visitor)), timeout=20), "the page view was refused"
+    (page_view,) = stored_events(shop, visitor)
+    # These services run on wall time (no clock is injected), so the service's "now" is the test's.
+    assert abs((datetime.fromisoformat(page_view["timestamp"]) - datetime.now(UTC)).total_seconds()) < 60
+
+
+def test_nothing_is_sent_before_consent(shop: Shop, browser: Chromium) -> None:
+    browser.get(f"{shop.url}/consent.html")
+    browser.wait_text("#status", lambda text: text == "waiting")
+    visitor = browser.execute("return Selaras.visitorId()")
+    browser.execute("return Selaras.flush()")
+    assert stored_events(shop, visitor) == []
+    browser.execute("Selaras.consent(true); Selaras.track('search', {query: 'sepatu lari'}); return Selaras.flush()")
+    assert wait_for(lambda: bool(stored_events(shop, visitor)), timeout=20)
+    assert [(e["type"], e.get("query")) for e in stored_events(shop, visitor)] == [("search", "sepatu lari")]
+
+
+def test_origins_outside_the_allow_list_are_refused_by_the_browser(shop: Shop, browser: Chromium) -> None:
+    browser.get(f"{shop.other_origin}/index.html")
+    status = browser.wait_text("#status", lambda text: text != "loading")
+    assert status.startswith("error"), status
+    assert browser.find_all("#home [data-selaras-item]") == []
