@@ -63,7 +63,8 @@
     var id = readStorage("localStorage", STORAGE_KEY) || readCookie(STORAGE_KEY);
     if (!id) id = "sv-" + randomId();
     writeStorage("localStorage", STORAGE_KEY, id);
-    root.document.cookie = STORAGE_KEY + "=" + encodeURIComponent(id) + "; path=/; max-age=31536000; SameSite=Lax";
+    var secure = root.location.protocol === "https:" ? "; Secure" : "";
+    root.document.cookie = STORAGE_KEY + "=" + encodeURIComponent(id) + "; path=/; max-age=31536000; SameSite=Lax" + secure;
     return id;
   }
 
@@ -189,12 +190,21 @@
     });
     queue = [];
     while (stamped.length) sending.push(stamped.splice(0, MAX_BATCH));
-    return Promise.all(sending.map(function (events) {
-      return post(base("profile") + "/v1/events", { events: events }, unloading).catch(function (error) {
-        config.onError(error);
-        return null;
-      });
-    }));
+    return Promise.all(sending.map(function (events) { return send(events, unloading, true); }));
+  }
+
+  // The service stores nothing of a batch with an invalid event and names the invalid ones by index: those
+  // are reported and the others sent again, once, so one bad property does not lose a visitor's page views.
+  function send(events, unloading, retry) {
+    return post(base("profile") + "/v1/events", { events: events }, unloading).catch(function (error) {
+      config.onError(error);
+      var invalid = error.status === 422 && error.answer && error.answer.errors;
+      if (!retry || !invalid) return null;
+      var bad = invalid.map(function (e) { return e.index; });
+      if (bad.some(function (index) { return typeof index !== "number"; })) return null;
+      var valid = events.filter(function (_, index) { return bad.indexOf(index) < 0; });
+      return valid.length ? send(valid, unloading, false) : null;
+    });
   }
 
   function post(url, body, keepalive) {

@@ -228,3 +228,20 @@ def test_origins_outside_the_allow_list_are_refused_by_the_browser(shop: Shop, b
     status = browser.wait_text("#status", lambda text: text != "loading")
     assert status.startswith("error"), status
     assert browser.find_all("#home [data-selaras-item]") == []
+
+
+def test_an_invalid_event_does_not_lose_the_rest_of_its_batch(shop: Shop, browser: Chromium) -> None:
+    browser.get(f"{shop.url}/consent.html")
+    browser.wait_text("#status", lambda text: text == "waiting")
+    visitor = browser.execute("return Selaras.visitorId()")
+    browser.execute(
+        """
+        Selaras.consent(true);
+        Selaras.track('search', {query: 'tas kulit'});
+        Selaras.track('product_view', {item_id: 'sku-2', note: 'x'.repeat(600)});  // longer than 512: 422
+        Selaras.track('add_to_cart', {item_id: 'sku-3', quantity: 1});
+        return Selaras.flush();
+        """
+    )
+    assert wait_for(lambda: len(stored_events(shop, visitor)) == 2, timeout=20), stored_events(shop, visitor)
+    assert sorted(e["type"] for e in stored_events(shop, visitor)) == ["add_to_cart", "search"]
