@@ -59,13 +59,16 @@
 
   // A pseudonymous id, kept in localStorage and a first-party cookie (whichever survives): it names a browser,
   // never a person. The shop links it to a customer on its server, with its secret key, if it wants to.
-  function persistentVisitorId() {
-    var id = readStorage("localStorage", STORAGE_KEY) || readCookie(STORAGE_KEY);
-    if (!id) id = "sv-" + randomId();
-    writeStorage("localStorage", STORAGE_KEY, id);
+  function storedVisitorId() {
+    return readStorage("localStorage", STORAGE_KEY) || readCookie(STORAGE_KEY);
+  }
+
+  function keepVisitorId(id, days) {
+    if (days > 0) writeStorage("localStorage", STORAGE_KEY, id);
+    else try { root.localStorage.removeItem(STORAGE_KEY); } catch (e) { /* blocked storage */ }
     var secure = root.location.protocol === "https:" ? "; Secure" : "";
-    root.document.cookie = STORAGE_KEY + "=" + encodeURIComponent(id) + "; path=/; max-age=31536000; SameSite=Lax" + secure;
-    return id;
+    root.document.cookie = STORAGE_KEY + "=" + encodeURIComponent(id) + "; path=/; max-age=" + days * 86400 +
+      "; SameSite=Lax" + secure;
   }
 
   function sessionId() {
@@ -117,17 +120,21 @@
     if (!options || !options.endpoint || !options.key) {
       throw new Error("Selaras.init needs {endpoint, key}: endpoint is a URL or {profile, recommend} URLs");
     }
+    // With `requireConsent`, nothing is sent and no identifier is stored in the browser until the shop's
+    // consent banner calls Selaras.consent(true); until then recommendations use an id kept in memory only.
+    consented = !options.requireConsent;
+    var visitorId = options.visitorId || storedVisitorId() || "sv-" + randomId();
+    if (!options.visitorId && consented) keepVisitorId(visitorId, 365);
     config = {
       endpoint: options.endpoint,
       key: options.key,
-      visitorId: options.visitorId || persistentVisitorId(),
+      ownVisitorId: !options.visitorId,
+      visitorId: visitorId,
       batchSize: Math.min(options.batchSize || 10, MAX_BATCH),
       flushIntervalMs: options.flushIntervalMs === undefined ? 2000 : options.flushIntervalMs,
       onError: options.onError || function (error) { root.console.warn("Selaras:", error); },
     };
     clockOffsetMs = Number(readStorage("sessionStorage", CLOCK_KEY)) || 0;
-    // With `requireConsent`, nothing is sent until the shop's consent banner calls Selaras.consent(true).
-    consented = !options.requireConsent;
     if (!listening) {
       listening = true;
       // The last moment a page is known to be alive: send what is queued. A keepalive request outlives it.
@@ -140,8 +147,11 @@
   }
 
   function consent(granted) {
+    requireInit();
     consented = Boolean(granted);
-    if (!consented) queue = []; // refused: what was waiting is dropped, not sent later
+    // Refused: what was waiting is dropped, not sent later, and the stored id is removed.
+    if (config.ownVisitorId) keepVisitorId(config.visitorId, consented ? 365 : 0);
+    if (!consented) queue = [];
     else flush(false);
   }
 

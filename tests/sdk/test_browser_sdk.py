@@ -218,9 +218,14 @@ def test_nothing_is_sent_before_consent(shop: Shop, browser: Chromium) -> None:
     visitor = browser.execute("return Selaras.visitorId()")
     browser.execute("return Selaras.flush()")
     assert stored_events(shop, visitor) == []
+    stored_id = "return [localStorage.getItem('selaras_vid'), document.cookie.includes('selaras_vid=')]"
+    assert browser.execute(stored_id) == [None, False], "an identifier was stored before consent"
     browser.execute("Selaras.consent(true); Selaras.track('search', {query: 'sepatu lari'}); return Selaras.flush()")
     assert wait_for(lambda: bool(stored_events(shop, visitor)), timeout=20)
     assert [(e["type"], e.get("query")) for e in stored_events(shop, visitor)] == [("search", "sepatu lari")]
+    assert browser.execute(stored_id) == [visitor, True]
+    browser.execute("Selaras.consent(false)")
+    assert browser.execute(stored_id) == [None, False], "a refusal must remove the stored identifier"
 
 
 def test_origins_outside_the_allow_list_are_refused_by_the_browser(shop: Shop, browser: Chromium) -> None:
