@@ -4,6 +4,7 @@ package beyond the driver the system package manager installs."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -29,9 +30,8 @@ class Chromium:
             ["chromedriver", f"--port={self.port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
-        self._wait_ready()
         options = {
-            "binary": "/usr/bin/chromium",
+            "binary": shutil.which("chromium") or "/usr/bin/chromium",
             "args": [
                 "--headless=new",
                 "--no-sandbox",  # tests run as root in CI containers
@@ -43,7 +43,12 @@ class Chromium:
             ],
         }
         capabilities = {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": options}}
-        self.session = self._call("POST", "/session", {"capabilities": capabilities})["sessionId"]
+        try:
+            self._wait_ready()
+            self.session = self._call("POST", "/session", {"capabilities": capabilities})["sessionId"]
+        except Exception:
+            self._stop_driver()
+            raise
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + 20
@@ -106,6 +111,9 @@ class Chromium:
         try:
             self._call("DELETE", f"/session/{self.session}")
         finally:
-            self.http.close()
-            self.process.terminate()
-            self.process.wait(10)
+            self._stop_driver()
+
+    def _stop_driver(self) -> None:
+        self.http.close()
+        self.process.terminate()
+        self.process.wait(10)
