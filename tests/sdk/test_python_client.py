@@ -198,3 +198,10 @@ def test_generated_error_model_parses_real_errors(services: Services, clients: t
     # And an admin key may send it.
     with authenticated(profile_client, services.profile_url, ADMIN_KEY) as client:
         assert ingest.sync_detailed(client=client, body=purchase).status_code == 202
+    # Without a key: 401 in the same envelope (the document declares the X-API-Key scheme, so the generator
+    # made the endpoints take an AuthenticatedClient; a plain client shows what a forgotten key gets).
+    with profile_client.Client(base_url=services.profile_url) as anonymous:
+        unauthorized = ingest.sync_detailed(client=anonymous, body=purchase)
+    assert unauthorized.status_code == 401
+    assert isinstance(unauthorized.parsed, model(profile_client, "ErrorBody"))
+    assert unauthorized.parsed.error == "Unauthorized"
