@@ -6,6 +6,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROD_STAMP := $(VENV)/.installed-prod
 DEV_STAMP := $(VENV)/.installed-dev
+# The OpenAPI client generator in its own virtualenv: it pins typer below the version the selaras CLI needs.
+CODEGEN_VENV ?= $(VENV)-codegen
+CODEGEN := $(CODEGEN_VENV)/bin/openapi-python-client
+export OPENAPI_PYTHON_CLIENT := $(abspath $(CODEGEN))
 DATA_DIR ?= data
 
 .DEFAULT_GOAL := help
@@ -28,9 +32,16 @@ $(DEV_STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,dask]"
 	@touch $(DEV_STAMP) $(PROD_STAMP)
 
+$(CODEGEN): constraints-codegen.txt
+	$(PYTHON) -m venv $(CODEGEN_VENV)
+	$(CODEGEN_VENV)/bin/pip install --quiet -c constraints-codegen.txt "openapi-python-client>=0.29,<0.30"
+	@touch $(CODEGEN)
+
 install: $(PROD_STAMP) ## production virtualenv (.venv): the services and the CLI, pinned, no dev tools
 
 install-dev: $(DEV_STAMP) ## development virtualenv: production + test, lint and Dask tools
+
+codegen: $(CODEGEN) ## the OpenAPI Python client generator in its own virtualenv ($(CODEGEN_VENV), for the client test)
 
 demo: $(PROD_STAMP) ## generate the demo shop, train, start both services (embedded stores) and print curls
 	$(PY) -m services.cli demo --data-dir $(DATA_DIR)
@@ -45,7 +56,7 @@ CLOCK_TESTS := tests/common/test_clock.py tests/profile/test_aggregations.py tes
 	tests/recommend/test_policy_eval.py tests/recommend/test_item_cache.py tests/recommend/test_time_safety.py
 CLOCK_SHIFTED := scripts/with_redis.sh $(PY) -m pytest -q -p no:cacheprovider
 
-test: $(DEV_STAMP) ## ruff, mypy, the whole pytest suite against a real Redis, then the clock-shift runs
+test: $(DEV_STAMP) $(CODEGEN) ## ruff, mypy, the whole pytest suite against a real Redis, then the clock-shift runs
 	scripts/ensure_system_packages.sh
 	$(VENV)/bin/ruff check services tests bench
 	$(VENV)/bin/ruff format --check services tests bench
@@ -95,4 +106,4 @@ eval-ablation: $(PROD_STAMP) ## generators added one at a time on DATA/ABLATION.
 clean: ## remove generated data (keeps the virtualenv)
 	rm -rf $(DATA_DIR) bench/tmp
 
-.PHONY: help install install-dev demo aggregator test test-clock lint format bench profile soak eval-public eval-ablation clean
+.PHONY: help install install-dev codegen demo aggregator test test-clock lint format bench profile soak eval-public eval-ablation clean

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite runs for real, when they are missing:
 #   redis-server (storage tests, private servers), prometheus (experiment metrics as Prometheus sees them),
-#   chromium (the /experiments page in a headless browser), docker-compose (validates deploy/compose.yaml),
+#   chromium (the /experiments page in a headless browser), chromium-driver (the browser SDK's test clicks through
+#   WebDriver: tests/sdk/), docker-compose (validates deploy/compose.yaml),
 #   haproxy (validates deploy/haproxy.cfg, the proxy in front of the recommend replicas).
 set -euo pipefail
 declare -A wanted=(
   [redis-server]=redis-server
   [prometheus]=prometheus
   [chromium]=chromium
+  [chromedriver]=chromium-driver
   [docker-compose]=docker-compose
   [haproxy]=haproxy
 )
