@@ -16,10 +16,10 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from services.common.terminal import console, err_console, record_to_html, save_html
 from services.demo.commands import shop_app, simulate_messages_command
 from services.demo.simulate_ab import simulate_ab_command
 from services.messages.cli import register_message_commands
@@ -41,9 +41,22 @@ app.add_typer(evaluate_app, name="evaluate")
 register_message_commands(app, evaluate_app)
 register_history_commands(import_app, evaluate_app)
 app.command("simulate-messages")(simulate_messages_command)
-console = Console()
-err_console = Console(stderr=True)  # summaries of commands whose output is data on standard output
 T = TypeVar("T")
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    html: Annotated[
+        Path | None,
+        typer.Option("--html", dir_okay=False, help="Also save what the command prints (tables, reports) as HTML."),
+    ] = None,
+) -> None:
+    """Selaras: personalization for online shops."""
+    if html is not None:
+        record_to_html()
+        ctx.call_on_close(lambda: save_html(str(html)))
+
 
 DataDir = Annotated[Path, typer.Option("--data-dir", envvar="SELARAS_DATA_DIR", help="Where Selaras keeps its data.")]
 

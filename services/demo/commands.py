@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from services.common.clock import SYSTEM_CLOCK
 from services.common.context import WIB
 from services.common.events import Event
+from services.common.terminal import console
 from services.demo.shop import generate_shop
 from services.demo.simulator import Simulator, write_jsonl
 
@@ -29,7 +29,6 @@ shop_app = typer.Typer(
     help="The demo shop: an Indonesian catalog and simulated visitors with hidden tastes.",
     no_args_is_help=True,
 )
-console = Console()
 
 
 @shop_app.callback()

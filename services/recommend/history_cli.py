@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
+from services.common.terminal import console
 
 HistoriesFile = Annotated[Path, typer.Argument(exists=True, dir_okay=False, help='"user item item ..." lines')]
 AttributesFile = Annotated[
