@@ -685,7 +685,7 @@ def export_audience(
     """Visitors of a segment or persona as CSV (pseudonymous ids, persona, segments), for a broadcast."""
     _settings_env(data_dir)
     from services.common.clock import clock_for
-    from services.profile.app import segment_rules
+    from services.profile.aggregations import SegmentRules
     from services.profile.audiences import AudienceCount, AudienceFilter, InvalidAudience, audience_rows, write_csv
     from services.profile.repository import ProfileRepository
     from services.profile.settings import ProfileSettings
@@ -702,7 +702,7 @@ def export_audience(
         rows = audience_rows(
             repository.iter_visitor_states(),
             repository.consents,
-            segment_rules(settings),
+            SegmentRules.from_settings(settings),
             settings.consent_defaults(),
             clock_for(settings.clock_start).now(),
             audience,
@@ -799,7 +799,7 @@ def personas(
     """Learn personas from visitor behaviour, store them, assign every visitor; run it on a schedule."""
     _settings_env(data_dir)
     from services.common.clock import clock_for
-    from services.profile.app import segment_rules
+    from services.profile.aggregations import SegmentRules
     from services.profile.persona_jobs import persona_table, run_persona_job
     from services.profile.repository import ProfileRepository
     from services.profile.settings import ProfileSettings
@@ -811,7 +811,7 @@ def personas(
             repository.store,
             repository.feature_store,
             settings.offline_dir,
-            segment_rules(settings),
+            SegmentRules.from_settings(settings),
             k_range=range(k_min, k_max + 1),
             seed=seed,
             now=clock_for(settings.clock_start).now(),

@@ -14,6 +14,7 @@ import logging
 import sys
 import threading
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -30,6 +31,9 @@ from services.common.clock import wall_datetime
 from services.common.settings import CommonSettings
 
 log = logging.getLogger(__name__)
+# Feast warns on every `get_online_features` that on-demand views are "experimental"; ours are only
+# request-time transforms, and the warning on each call is noise in every log and first-run output.
+warnings.filterwarnings("ignore", message="On demand feature view is an experimental feature", category=RuntimeWarning)
 
 ARROW_TYPES: dict[str, pa.DataType] = {
     "int": pa.int64(),

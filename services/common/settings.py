@@ -22,6 +22,11 @@ def shared(name: str, *aliases: str) -> AliasChoices:
     return AliasChoices(f"SELARAS_{name.upper()}", *aliases)
 
 
+def _segment_alias(name: str) -> AliasChoices:
+    """SELARAS_<NAME>, the PROFILE_<NAME> these had when only the profile service read them, or the field name."""
+    return AliasChoices(f"SELARAS_{name.upper()}", f"PROFILE_{name.upper()}", name)
+
+
 class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
 
@@ -52,6 +57,17 @@ class CommonSettings(BaseSettings):
     )
     consent_marketing: Literal["opt_in", "opt_out"] = Field(
         default="opt_in", validation_alias=shared("consent_marketing")
+    )
+    # Segment rules (lifecycle thresholds in days, RFM value tiers in IDR): shared, so the profile service,
+    # message replay, training and evaluation segment visitors the same way. PROFILE_* names still work.
+    active_within_days: float = Field(default=14.0, gt=0, validation_alias=_segment_alias("active_within_days"))
+    at_risk_after_days: float = Field(default=30.0, gt=0, validation_alias=_segment_alias("at_risk_after_days"))
+    dormant_after_days: float = Field(default=60.0, gt=0, validation_alias=_segment_alias("dormant_after_days"))
+    new_within_days: float = Field(default=7.0, gt=0, validation_alias=_segment_alias("new_within_days"))
+    loyal_min_purchases: int = Field(default=3, ge=1, validation_alias=_segment_alias("loyal_min_purchases"))
+    value_tier_mid_idr: float = Field(default=500_000.0, ge=0, validation_alias=_segment_alias("value_tier_mid_idr"))
+    value_tier_high_idr: float = Field(
+        default=3_000_000.0, ge=0, validation_alias=_segment_alias("value_tier_high_idr")
     )
     redis_timeout_s: float = Field(default=2.0, gt=0, le=30, validation_alias=shared("redis_timeout_s"))
     # HTTP hardening (services/common/security.py). Browser origins allowed by CORS, comma separated

@@ -186,7 +186,11 @@ def simulate_messages(
     try:
         profile.upsert_catalog(shop.all_items())
         aggregator = Aggregator(
-            profile, SegmentRules(), settings.consent_defaults(), offline_rows=False, clock=DataClock()
+            profile,
+            SegmentRules.from_settings(settings),
+            settings.consent_defaults(),
+            offline_rows=False,
+            clock=DataClock(),
         )
         ingest = IngestService(profile)
         # The item snapshot is built from the catalog in memory: the recommend service's refresh would scan the

@@ -98,7 +98,8 @@ def build_world(
     try:
         profile_repository.upsert_catalog(shop.all_items())
         # The fold follows the simulated history's own time, like an import (`DataClock`).
-        aggregator = Aggregator(profile_repository, SegmentRules(), settings.consent_defaults(), clock=DataClock())
+        rules = SegmentRules.from_settings(settings)
+        aggregator = Aggregator(profile_repository, rules, settings.consent_defaults(), clock=DataClock())
         span = max((end - start).total_seconds(), 1.0)
         count = ingest_events(
             profile_repository,
@@ -117,7 +118,7 @@ def build_world(
                 profile_repository.store,
                 profile_repository.feature_store,
                 settings.offline_dir,
-                SegmentRules(),
+                rules,
                 seed=seed,
                 now=end.timestamp(),
             ).report()

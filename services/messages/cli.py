@@ -15,6 +15,7 @@ import typer
 from rich.table import Table
 
 from services.common.terminal import console
+from services.profile.aggregations import SegmentRules
 
 if TYPE_CHECKING:
     from pydantic import TypeAdapter
@@ -58,11 +59,18 @@ def train_messages(
     from services.messages.train import MessageTrainConfig, train_message_model
     from services.recommend.repository import RecommendRepository
 
-    repository = RecommendRepository.open(_settings(data_dir))
+    settings = _settings(data_dir)
+    repository = RecommendRepository.open(settings)
     try:
         messages = MessageRepository(repository)
         with console.status("replaying the event log"):
-            data = replay_decisions(messages.logged_events(), messages.catalog(), window_hours)
+            data = replay_decisions(
+                messages.logged_events(),
+                messages.catalog(),
+                window_hours,
+                consent_defaults=settings.consent_defaults(),
+                rules=SegmentRules.from_settings(settings),
+            )
         cut = _when(until)
         if cut is not None:
             data = data.subset(data.send_at < cut)
@@ -141,7 +149,8 @@ def evaluate_messages_command(
     except InvalidInput as exc:
         console.print(f"[red]cannot read {catalog}:[/] {exc}")
         raise typer.Exit(2) from exc
-    repository = RecommendRepository.open(_settings(data_dir))
+    settings = _settings(data_dir)
+    repository = RecommendRepository.open(settings)
     try:
         messages = MessageRepository(repository)
         version = model_version or messages.model_index().serving
@@ -159,7 +168,13 @@ def evaluate_messages_command(
         console.print("[yellow]no message model found: only 'send nothing' and single-message policies[/]")
     try:
         with console.status(f"replaying {file.name}"):
-            data = replay_decisions(_read_jsonl(file, EVENT_ADAPTER), items or [], window_hours)
+            data = replay_decisions(
+                _read_jsonl(file, EVENT_ADAPTER),
+                items or [],
+                window_hours,
+                consent_defaults=settings.consent_defaults(),
+                rules=SegmentRules.from_settings(settings),
+            )
     except InvalidInput as exc:
         console.print(f"[red]cannot read {file}:[/] {exc}")
         raise typer.Exit(2) from exc

@@ -100,12 +100,13 @@ def replay_decisions(
     window_h: float = 24.0,
     consent_defaults: ConsentDefaults | None = None,
     progress: Callable[[int], None] | None = None,
+    rules: SegmentRules | None = None,
 ) -> LoggedDecisions:
     """Fold events (in log or file order) through the profile aggregation code and collect every logged
     decision (`message_sent` with `properties.propensity`) with the visitor's row as of that moment, its
     candidates and its outcomes."""
     defaults = consent_defaults or ConsentDefaults()
-    rules = SegmentRules()
+    rules = rules or SegmentRules()  # callers with settings pass SegmentRules.from_settings (serving's rules)
     # Only ids, prices and creation times are read (ages are taken at each decision's own time), so the
     # snapshot's own "now" (which items are new arrivals) does not matter here.
     snapshot = build_snapshot(list(catalog), {}, {}, {}, now=0.0)

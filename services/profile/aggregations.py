@@ -15,6 +15,7 @@ from typing import Any
 from services.common.context import is_payday_window, local_time, zone_for
 from services.common.events import Event, EventType
 from services.common.indexes import ContextPopularity, CoVisitation, context_keys, observe_interaction, push_recent
+from services.common.settings import CommonSettings
 
 HOUR = 3600.0
 DAY = 24 * HOUR
@@ -71,6 +72,19 @@ class SegmentRules:
     new_within_days: float = 7.0
     loyal_min_purchases: int = 3
     value_tiers_idr: tuple[float, float] = (500_000.0, 3_000_000.0)  # low < t0 <= mid < t1 <= high
+
+    @classmethod
+    def from_settings(cls, settings: CommonSettings) -> SegmentRules:
+        """The shop's configured rules: every path that segments visitors (the aggregator, message replay,
+        training, evaluation, audiences) must use these, not the defaults."""
+        return cls(
+            active_within_days=settings.active_within_days,
+            at_risk_after_days=settings.at_risk_after_days,
+            dormant_after_days=settings.dormant_after_days,
+            new_within_days=settings.new_within_days,
+            loyal_min_purchases=settings.loyal_min_purchases,
+            value_tiers_idr=(settings.value_tier_mid_idr, settings.value_tier_high_idr),
+        )
 
 
 def _prune(timestamps: list[float], now: float, horizon: float = 30 * DAY) -> None:

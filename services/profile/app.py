@@ -29,17 +29,6 @@ from services.profile.settings import ProfileSettings
 log = logging.getLogger(__name__)
 
 
-def segment_rules(settings: ProfileSettings) -> SegmentRules:
-    return SegmentRules(
-        active_within_days=settings.active_within_days,
-        at_risk_after_days=settings.at_risk_after_days,
-        dormant_after_days=settings.dormant_after_days,
-        new_within_days=settings.new_within_days,
-        loyal_min_purchases=settings.loyal_min_purchases,
-        value_tiers_idr=(settings.value_tier_mid_idr, settings.value_tier_high_idr),
-    )
-
-
 def build_state(
     settings: ProfileSettings, clock: Clock | None = None, aggregator_clock: Clock | None = None
 ) -> ProfileState:
@@ -48,7 +37,7 @@ def build_state(
     (a bulk import of history folds at the time of its events, `DataClock`)."""
     repository = ProfileRepository.open(settings)
     clock = clock or clock_for(settings.clock_start)
-    rules = segment_rules(settings)
+    rules = SegmentRules.from_settings(settings)
     defaults = settings.consent_defaults()
     personas = PersonaAssigner(repository.store)
     aggregator = Aggregator(

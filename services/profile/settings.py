@@ -25,12 +25,5 @@ class ProfileSettings(CommonSettings):
     aggregator_lease_s: float = Field(default=10.0, gt=0.5, le=300)
     # Write every event's feature row to the offline store (point-in-time training data).
     offline_rows: bool = True
-    # Lifecycle thresholds (days) and RFM value tiers (IDR).
-    active_within_days: float = 14.0
-    at_risk_after_days: float = 30.0
-    dormant_after_days: float = 60.0
-    new_within_days: float = 7.0
-    loyal_min_purchases: int = 3
-    value_tier_mid_idr: float = 500_000.0
-    value_tier_high_idr: float = 3_000_000.0
+    # Segment thresholds are shared settings (CommonSettings): every service reads the same ones.
     retention_days: int = Field(default=395, ge=1)

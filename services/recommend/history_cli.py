@@ -53,6 +53,7 @@ def train_on_histories_file(file: Path, attributes: Path | None, data_dir: Path,
     """`selaras train --histories FILE`: the model `evaluate ranking --histories` measures (there, trained
     without each user's last interaction), trained on everything and saved as the newest model."""
     from services.common.clock import wall_time
+    from services.profile.aggregations import SegmentRules
     from services.profile.sequences import read_histories
     from services.recommend.history_training import train_on_histories
     from services.recommend.repository import RecommendRepository
@@ -63,7 +64,12 @@ def train_on_histories_file(file: Path, attributes: Path | None, data_dir: Path,
     histories = read_histories(file, attributes)
     config = TrainConfig(max_queries=10**9, seed=seed)
     model, text, metrics = train_on_histories(
-        histories, settings.max_candidates, config, settings.candidate_sources, progress=_stage_printer()
+        histories,
+        settings.max_candidates,
+        config,
+        settings.candidate_sources,
+        rules=SegmentRules.from_settings(settings),
+        progress=_stage_printer(),
     )
     # Models are ordered by when they were made (wall time, as `selaras train` stamps them), not by data time.
     made = wall_time()

@@ -135,12 +135,17 @@ def evaluate_histories(
     model_metrics: dict[str, float] = {}
     if model is None:
         model, _, model_metrics = train_on_histories(
-            histories.truncated(1), settings.max_candidates, config, settings.candidate_sources, progress=report
+            histories.truncated(1),
+            settings.max_candidates,
+            config,
+            settings.candidate_sources,
+            rules=SegmentRules.from_settings(settings),
+            progress=report,
         )
     seconds["train"] = round(time.perf_counter() - started, 1)
 
     started = time.perf_counter()
-    rules = SegmentRules()
+    rules = SegmentRules.from_settings(settings)
     items = catalog_items(histories)
     arrays = catalog_arrays(items)
     world = fold_world(histories.truncated(1), arrays, catalog_info(items), rules)

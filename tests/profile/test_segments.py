@@ -227,3 +227,18 @@ def test_segments_are_written_to_feast_in_real_time(settings_factory: Callable[.
         assert (row["journey_stage"], row["is_customer"], row["value_tier"]) == ("decision", 1, "high")
     finally:
         repository.close()
+
+
+def test_every_service_reads_the_same_configured_segment_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thresholds are shared settings: message replay and training (recommend settings) segment visitors
+    exactly like the profile service (before, they used the defaults whatever the shop configured)."""
+    from services.common.settings import CommonSettings
+    from services.profile.settings import ProfileSettings
+    from services.recommend.settings import RecommendSettings
+
+    monkeypatch.setenv("PROFILE_AT_RISK_AFTER_DAYS", "21")  # the profile-only name of earlier versions
+    monkeypatch.setenv("SELARAS_VALUE_TIER_HIGH_IDR", "2000000")
+    rules = [SegmentRules.from_settings(kind()) for kind in (CommonSettings, ProfileSettings, RecommendSettings)]
+    assert rules[0] == rules[1] == rules[2]
+    assert rules[0].at_risk_after_days == 21 and rules[0].value_tiers_idr == (500_000.0, 2_000_000.0)
+    assert rules[0] != SegmentRules()
