@@ -14,7 +14,7 @@ from prometheus_client import Counter
 
 from services.common.consent import Consent
 from services.common.events import OUTCOME_EVENT_TYPES, Event, EventType
-from services.common.experiment_store import (
+from services.experiments.store.base import (
     ExperimentStore,
     OutcomeWrite,
     count_increments,

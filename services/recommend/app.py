@@ -15,14 +15,14 @@ from services.common.clock import Clock, clock_for
 from services.common.observability import MetricsMiddleware, configure_logging
 from services.common.security import install_security
 from services.common.storage import check_redis_durability
+from services.experiments.endpoints import router as experiment_router
+from services.experiments.runtime import load_experiments
 from services.messages.endpoints import router as message_router
 from services.messages.repository import MessageRepository
 from services.messages.service import MessageService
 from services.messages.settings import MessageSettings
 from services.recommend.deps import RecommendState
 from services.recommend.endpoints import router
-from services.recommend.experiment_endpoints import router as experiment_router
-from services.recommend.experiments import load_experiments
 from services.recommend.repository import RecommendRepository
 from services.recommend.service import RecommendService
 from services.recommend.settings import RecommendSettings

@@ -20,8 +20,7 @@ from services.common.clock import Clock
 from services.common.events import Event, EventType
 from services.common.storage import Namespace, RedisStore, make_redis_client
 from services.demo.simulator import ShownItem
-from services.recommend.exploration import Exploration, explore
-from services.recommend.policy_eval import (
+from services.offline.policy import (
     ItemLists,
     LoggedSlate,
     LoggingPolicy,
@@ -38,6 +37,7 @@ from services.recommend.policy_eval import (
     popular_lists,
     snips,
 )
+from services.recommend.exploration import Exploration, explore
 from services.recommend.repository import RecommendRepository
 from services.recommend.schemas import RecommendRequest, RequestContext, SlotRequest
 from services.recommend.service import RecommendService

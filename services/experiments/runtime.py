@@ -3,9 +3,9 @@
 - Configuration is a YAML file loaded at start (`RECOMMEND_EXPERIMENTS_FILE`, default `experiments.yaml`);
   the admin API only reads it. An experiment covers slot kinds (`/v1/recommend`) and/or message channels
   (`/v1/next-best-message`); the first enabled, running experiment that covers a request serves it.
-- Assignment is GrowthBook's hash v2 (services/recommend/assignment.py): deterministic and sticky per
+- Assignment is GrowthBook's hash v2 (services/experiments/assignment.py): deterministic and sticky per
   visitor, seed and bucket version; a global holdout never gets personalization and is not compared.
-- Exposures are counted per visitor in the experiment store (services/common/experiment_store.py);
+- Exposures are counted per visitor in the experiment store (services/experiments/store/base.py);
   outcomes are attributed by the profile service (services/profile/observers.py).
 - Reports follow docs/statistics.md: per-visitor means, relative uplift with a fixed-horizon and an
   always-valid interval (both on the log-ratio scale at small samples), revenue capped at a pre-registered
@@ -31,23 +31,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstrai
 
 from services.common.clock import SYSTEM_CLOCK, Clock
 from services.common.errors import StorageUnavailable
-from services.common.experiment_store import (
-    ALL,
-    HISTOGRAM_METRICS,
-    RATIO_METRICS,
-    ExperimentStore,
-    ExposureWrite,
-    count_increments,
-    open_experiment_store,
-    parse_covariate_histogram,
-    parse_histogram,
-    touch_counters,
-)
-from services.recommend.assignment import DEFAULT_HOLDOUT_SEED, HOLDOUT_ARM, assign
-from services.recommend.repository import RecommendRepository
-from services.recommend.service import ArmChooser
-from services.recommend.settings import RecommendSettings
-from services.recommend.stats import (
+from services.experiments.assignment import DEFAULT_HOLDOUT_SEED, HOLDOUT_ARM, assign
+from services.experiments.stats import (
     CAP_QUANTILE,
     ArmSums,
     CupedSums,
@@ -63,6 +48,21 @@ from services.recommend.stats import (
     relative_uplift,
     srm_check,
 )
+from services.experiments.store.base import (
+    ALL,
+    HISTOGRAM_METRICS,
+    RATIO_METRICS,
+    ExperimentStore,
+    ExposureWrite,
+    count_increments,
+    open_experiment_store,
+    parse_covariate_histogram,
+    parse_histogram,
+    touch_counters,
+)
+from services.recommend.repository import RecommendRepository
+from services.recommend.service import ArmChooser
+from services.recommend.settings import RecommendSettings
 
 log = logging.getLogger(__name__)
 

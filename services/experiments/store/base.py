@@ -43,7 +43,7 @@ RATIO_METRICS: Final = frozenset({"ctr", "open_rate"})
 BINARY_METRICS: Final = frozenset({"conversion", "add_to_cart"})
 # Heavy-tailed additive metrics: besides Σx, Σx² the store keeps a log-bucket histogram of the visitors'
 # values (per bucket k: visitors, Σx, Σx² as stats "h<k>:n", "h<k>:x", "h<k>:x2"), so the report can cap
-# them at a quantile of the pooled data (services/recommend/stats.py, docs/statistics.md). Bucket
+# them at a quantile of the pooled data (services/experiments/stats.py, docs/statistics.md). Bucket
 # k = ceil(4·log2(x)) covers (2^((k-1)/4), 2^(k/4)]; stats.histogram_from_values uses the same expression.
 HISTOGRAM_METRICS: Final = frozenset({"revenue"})
 # CUPED: a visitor's pre-exposure value c of a metric (ExposureWrite.covariates, frozen at the first

@@ -349,14 +349,14 @@ def always_valid_interval(
 
 # Each positive per-visitor value falls in bucket k = ceil(4·log2(x)), i.e. (2^((k-1)/4), 2^(k/4)]: four
 # buckets per doubling (19% wide), any currency scale. Per bucket the store keeps the number of visitors
-# and their Σx, Σx² (services/common/experiment_store.py, same bucket expression), so capped sums can be
+# and their Σx, Σx² (services/experiments/store/base.py, same bucket expression), so capped sums can be
 # computed for any cap on a bucket edge after the fact.
 BUCKETS_PER_DOUBLING = 4
 # Pre-registered before any data: revenue is capped at the 90th percentile of the positive per-visitor
 # values, pooled over the compared arms (blind to the arm); at 3% conversion that is the 99.7th percentile
 # of all visitors. With ~60 buyers per arm and log-normal order values (σ = 1–1.5), 6,000 simulated runs
 # gave A/A false positives 5.1–5.3% and coverage 94.3–94.9%; the uncapped mean gave 6.3–8.2% and
-# 90.5–94.9% in 2,000-run checks (a 0.95 cap gave 5.8% at σ = 1.5). See tests/recommend/test_stats.py
+# 90.5–94.9% in 2,000-run checks (a 0.95 cap gave 5.8% at σ = 1.5). See tests/experiments/test_stats.py
 # and docs/statistics.md.
 CAP_QUANTILE = 0.9
 

@@ -18,21 +18,16 @@ from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
 from services.common.auth import hash_key
-from services.common.experiment_store import ExposureWrite, SqliteExperimentStore, open_experiment_store
 from services.common.storage import Namespace, open_store
-from services.profile.app import create_app as create_profile_app
-from services.profile.settings import ProfileSettings
-from services.recommend.app import create_app as create_recommend_app
-from services.recommend.assignment import growthbook_hash
-from services.recommend.experiments import (
+from services.experiments.assignment import growthbook_hash
+from services.experiments.runtime import (
     ExperimentConfigError,
     ExperimentRuntime,
     ExperimentsFile,
     build_report,
     load_config,
 )
-from services.recommend.settings import RecommendSettings
-from services.recommend.stats import (
+from services.experiments.stats import (
     ArmSums,
     CupedSums,
     always_valid_interval,
@@ -44,6 +39,11 @@ from services.recommend.stats import (
     relative_uplift,
     srm_check,
 )
+from services.experiments.store.base import ExposureWrite, SqliteExperimentStore, open_experiment_store
+from services.profile.app import create_app as create_profile_app
+from services.profile.settings import ProfileSettings
+from services.recommend.app import create_app as create_recommend_app
+from services.recommend.settings import RecommendSettings
 from tests.conftest import RedisServer, free_port, unique_name
 from tests.factories import make_item
 

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from services.common.experiment_store import (
+from services.common.storage import make_redis_client
+from services.experiments.stats import ArmSums, covariate_histogram_from_values, histogram_from_values
+from services.experiments.store.base import (
     ExperimentStore,
     ExposureWrite,
     OutcomeWrite,
@@ -23,8 +25,6 @@ from services.common.experiment_store import (
     parse_covariate_histogram,
     parse_histogram,
 )
-from services.common.storage import make_redis_client
-from services.recommend.stats import ArmSums, covariate_histogram_from_values, histogram_from_values
 from tests.conftest import REDIS_URL, clean_namespace, unique_name
 
 EXP = "exp-a@1"

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.weightstats import CompareMeans, DescrStatsW
 
-from services.recommend.stats import (
+from services.experiments.stats import (
     ArmSums,
     CupedSums,
     RatioCupedSums,

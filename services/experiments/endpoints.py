@@ -16,8 +16,8 @@ from starlette.concurrency import run_in_threadpool
 
 from services.common.api import FastJSONResponse
 from services.common.errors import NotFound
+from services.experiments.runtime import ExperimentConfig, ExperimentRuntime
 from services.recommend.deps import AdminKey, RecommendState, State
-from services.recommend.experiments import ExperimentConfig, ExperimentRuntime
 
 router = APIRouter()
 STATIC_DIR: Final = Path(__file__).resolve().parent / "static"
