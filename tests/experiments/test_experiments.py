@@ -20,13 +20,9 @@ from prometheus_client import REGISTRY
 from services.common.auth import hash_key
 from services.common.storage import Namespace, open_store
 from services.experiments.assignment import growthbook_hash
-from services.experiments.runtime import (
-    ExperimentConfigError,
-    ExperimentRuntime,
-    ExperimentsFile,
-    build_report,
-    load_config,
-)
+from services.experiments.config import ExperimentConfigError, ExperimentsFile, load_config
+from services.experiments.report import build_report
+from services.experiments.runtime import ExperimentRuntime
 from services.experiments.stats import (
     ArmSums,
     CupedSums,
