@@ -16,22 +16,12 @@ from typing import Any, Final
 
 from services.experiments.assignment import HOLDOUT_ARM
 from services.experiments.config import ExperimentConfig
-from services.experiments.stats import (
-    CAP_QUANTILE,
-    ArmSums,
-    CupedSums,
-    RatioCupedSums,
-    always_valid_interval,
-    benjamini_hochberg,
-    capped_cuped_sums,
-    capped_sums,
-    cuped_uplift,
-    histogram_cap,
-    holm,
-    mean_and_var,
-    relative_uplift,
-    srm_check,
-)
+from services.experiments.stats.capping import CAP_QUANTILE, capped_cuped_sums, capped_sums, histogram_cap
+from services.experiments.stats.cuped import CupedSums, RatioCupedSums, cuped_uplift
+from services.experiments.stats.intervals import ArmSums, mean_and_var, relative_uplift
+from services.experiments.stats.multiplicity import benjamini_hochberg, holm
+from services.experiments.stats.sequential import always_valid_interval
+from services.experiments.stats.srm import srm_check
 from services.experiments.store.base import (
     ALL,
     HISTOGRAM_METRICS,
@@ -79,7 +69,7 @@ def _metric_summary(sums: ArmSums, metric: str) -> dict[str, Any]:
 
 
 def cuped_sums(group: Mapping[str, Any] | None, metric: str) -> CupedSums | RatioCupedSums | None:
-    """The group's CUPED sums for a metric (see experiment_store.COVARIATE_STATS), None without any
+    """The group's CUPED sums for a metric (see store.base.COVARIATE_STATS), None without any
     visitor with a pre-period. Visitors without one are the new-visitor indicator's, never dropped."""
     if not group:
         return None
@@ -213,7 +203,7 @@ def _compare(
     """One arm against control on one metric, from the two groups' stored sums.
 
     Heavy-tailed metrics (revenue) are compared on values capped at the pre-registered pooled quantile
-    (stats.CAP_QUANTILE of the positive per-visitor values of both arms, from the stored histograms):
+    (capping.CAP_QUANTILE of the positive per-visitor values of both arms, from the stored histograms):
     every interval, p-value and the verdict use the capped sums; the uncapped uplift is shown beside them.
     """
     ratio = metric in RATIO_METRICS

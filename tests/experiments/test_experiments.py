@@ -23,18 +23,12 @@ from services.experiments.assignment import growthbook_hash
 from services.experiments.config import ExperimentConfigError, ExperimentsFile, load_config
 from services.experiments.report import build_report
 from services.experiments.runtime import ExperimentRuntime
-from services.experiments.stats import (
-    ArmSums,
-    CupedSums,
-    always_valid_interval,
-    covariate_histogram_from_values,
-    cuped_uplift,
-    histogram_cap,
-    histogram_from_values,
-    holm,
-    relative_uplift,
-    srm_check,
-)
+from services.experiments.stats.capping import covariate_histogram_from_values, histogram_cap, histogram_from_values
+from services.experiments.stats.cuped import CupedSums, cuped_uplift
+from services.experiments.stats.intervals import ArmSums, relative_uplift
+from services.experiments.stats.multiplicity import holm
+from services.experiments.stats.sequential import always_valid_interval
+from services.experiments.stats.srm import srm_check
 from services.experiments.store.base import ExposureWrite, SqliteExperimentStore, open_experiment_store
 from services.profile.app import create_app as create_profile_app
 from services.profile.settings import ProfileSettings

@@ -14,7 +14,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.common.storage import make_redis_client
-from services.experiments.stats import ArmSums, covariate_histogram_from_values, histogram_from_values
+from services.experiments.stats.capping import covariate_histogram_from_values, histogram_from_values
+from services.experiments.stats.intervals import ArmSums
 from services.experiments.store.base import (
     ExperimentStore,
     ExposureWrite,

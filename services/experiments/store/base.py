@@ -43,14 +43,14 @@ RATIO_METRICS: Final = frozenset({"ctr", "open_rate"})
 BINARY_METRICS: Final = frozenset({"conversion", "add_to_cart"})
 # Heavy-tailed additive metrics: besides Σx, Σx² the store keeps a log-bucket histogram of the visitors'
 # values (per bucket k: visitors, Σx, Σx² as stats "h<k>:n", "h<k>:x", "h<k>:x2"), so the report can cap
-# them at a quantile of the pooled data (services/experiments/stats.py, docs/statistics.md). Bucket
-# k = ceil(4·log2(x)) covers (2^((k-1)/4), 2^(k/4)]; stats.histogram_from_values uses the same expression.
+# them at a quantile of the pooled data (services/experiments/stats/capping.py, docs/statistics.md). Bucket
+# k = ceil(4·log2(x)) covers (2^((k-1)/4), 2^(k/4)]; capping.histogram_from_values uses the same expression.
 HISTOGRAM_METRICS: Final = frozenset({"revenue"})
 # CUPED: a visitor's pre-exposure value c of a metric (ExposureWrite.covariates, frozen at the first
 # exposure) adds, per group and metric, Σc ("c"), Σc² ("c2"), the visitors with a pre-period ("cn"),
 # Σc·x ("cx") and Σx over visitors with a pre-period ("cxp"); for ratio metrics also Σc·y ("cy") and
 # Σy over them ("cyp"). Visitors without a pre-period (new, or none supplied) are the rest of n: x = 0 plus
-# an indicator in the regression (stats.CupedSums / RatioCupedSums, built by experiments.cuped_sums).
+# an indicator in the regression (stats.cuped.CupedSums / RatioCupedSums, built by report.cuped_sums).
 COVARIATE_STATS: Final = ("c", "c2", "cn", "cx", "cxp", "cy", "cyp")
 BUCKETS_PER_DOUBLING: Final = 4
 STATS: Final = ("x", "x2", "y", "y2", "xy")
@@ -332,12 +332,12 @@ def _parse_buckets(stats: Mapping[str, float], names: Sequence[str]) -> dict[int
 
 
 def parse_histogram(stats: Mapping[str, float]) -> dict[int, tuple[float, float, float]]:
-    """ "h<k>:n|x|x2" stats of one metric -> {k: (visitors, Σx, Σx²)} (stats.Histogram)."""
+    """ "h<k>:n|x|x2" stats of one metric -> {k: (visitors, Σx, Σx²)} (stats.capping.Histogram)."""
     return {k: (v[0], v[1], v[2]) for k, v in _parse_buckets(stats, ("n", "x", "x2")).items()}
 
 
 def parse_covariate_histogram(stats: Mapping[str, float]) -> dict[int, tuple[float, float, float, float]]:
-    """ "h<k>:cn|c|cx|xp" -> {k: (visitors with a pre-period, Σc, Σc·x, Σx)} (stats.CovariateHistogram)."""
+    """ "h<k>:cn|c|cx|xp" -> {k: (visitors with a pre-period, Σc, Σc·x, Σx)} (stats.capping.CovariateHistogram)."""
     return {k: (v[0], v[1], v[2], v[3]) for k, v in _parse_buckets(stats, ("cn", "c", "cx", "xp")).items()}
 
 
