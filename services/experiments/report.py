@@ -22,7 +22,7 @@ from services.experiments.stats.intervals import ArmSums, mean_and_var, relative
 from services.experiments.stats.multiplicity import benjamini_hochberg, holm
 from services.experiments.stats.sequential import always_valid_interval
 from services.experiments.stats.srm import srm_check
-from services.experiments.store.base import (
+from services.experiments.store.sums import (
     ALL,
     HISTOGRAM_METRICS,
     RATIO_METRICS,

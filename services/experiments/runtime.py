@@ -25,14 +25,9 @@ from services.common.settings import CommonSettings
 from services.experiments.assignment import HOLDOUT_ARM, assign
 from services.experiments.config import ExperimentConfig, ExperimentsFile, load_config
 from services.experiments.report import build_report
-from services.experiments.store.base import (
-    ALL,
-    ExperimentStore,
-    ExposureWrite,
-    count_increments,
-    open_experiment_store,
-    touch_counters,
-)
+from services.experiments.store import open_experiment_store
+from services.experiments.store.base import ExperimentStore, ExposureWrite
+from services.experiments.store.sums import ALL, count_increments, touch_counters
 
 log = logging.getLogger(__name__)
 

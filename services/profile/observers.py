@@ -14,12 +14,9 @@ from prometheus_client import Counter
 
 from services.common.consent import Consent
 from services.common.events import OUTCOME_EVENT_TYPES, Event, EventType
-from services.experiments.store.base import (
-    ExperimentStore,
-    OutcomeWrite,
-    count_increments,
-    open_experiment_store,
-)
+from services.experiments.store import open_experiment_store
+from services.experiments.store.base import ExperimentStore, OutcomeWrite
+from services.experiments.store.sums import count_increments
 from services.profile.repository import ProfileRepository
 from services.profile.settings import ProfileSettings
 

@@ -83,7 +83,7 @@ class ExperimentStateHolder:
 
     @contextlib.contextmanager
     def _store(self) -> Iterator[Any]:
-        from services.experiments.store.base import open_experiment_store
+        from services.experiments.store import open_experiment_store
 
         store = open_experiment_store(self.settings)
         try:

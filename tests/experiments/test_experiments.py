@@ -29,7 +29,9 @@ from services.experiments.stats.intervals import ArmSums, relative_uplift
 from services.experiments.stats.multiplicity import holm
 from services.experiments.stats.sequential import always_valid_interval
 from services.experiments.stats.srm import srm_check
-from services.experiments.store.base import ExposureWrite, SqliteExperimentStore, open_experiment_store
+from services.experiments.store import open_experiment_store
+from services.experiments.store.base import ExposureWrite
+from services.experiments.store.sqlite_store import SqliteExperimentStore
 from services.profile.app import create_app as create_profile_app
 from services.profile.settings import ProfileSettings
 from services.recommend.app import create_app as create_recommend_app

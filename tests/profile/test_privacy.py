@@ -23,7 +23,8 @@ from services.common.consent import PURPOSES
 from services.common.events import Event
 from services.common.feature_store import online_rows
 from services.common.storage import Namespace
-from services.experiments.store.base import ExposureWrite, open_experiment_store
+from services.experiments.store import open_experiment_store
+from services.experiments.store.base import ExposureWrite
 from services.messages.repository import MESSAGE_HISTORY
 from services.profile.aggregations import SegmentRules
 from services.profile.app import create_app
