@@ -73,7 +73,7 @@ class VisitorDataHolder(Protocol):
 
 
 class ExperimentStateHolder:
-    """Experiment per-visitor running values (services/experiments/store/base.py), opened per call: erasure
+    """Experiment per-visitor running values (services/experiments/store/), opened per call: erasure
     and export are rare, and this keeps the profile service free of another long-lived connection."""
 
     name = "experiment_state"

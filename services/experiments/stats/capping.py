@@ -13,7 +13,7 @@ from services.experiments.stats.intervals import ArmSums
 
 # Each positive per-visitor value falls in bucket k = ceil(4·log2(x)), i.e. (2^((k-1)/4), 2^(k/4)]: four
 # buckets per doubling (19% wide), any currency scale. Per bucket the store keeps the number of visitors
-# and their Σx, Σx² (services/experiments/store/base.py, same bucket expression), so capped sums can be
+# and their Σx, Σx² (services/experiments/store/sums.py, same bucket expression), so capped sums can be
 # computed for any cap on a bucket edge after the fact.
 BUCKETS_PER_DOUBLING = 4
 # Pre-registered before any data: revenue is capped at the 90th percentile of the positive per-visitor
