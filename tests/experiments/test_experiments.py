@@ -611,7 +611,7 @@ def test_report_caps_revenue_at_the_pooled_quantile() -> None:
 
 
 def _cuped_group(y: np.ndarray, pre: np.ndarray, new: np.ndarray, metric: str) -> dict[str, Any]:
-    # What the store keeps (experiment_store.COVARIATE_STATS) for a 0/1 metric with a pre-period value c.
+    # What the store keeps (store.sums.COVARIATE_STATS) for a 0/1 metric with a pre-period value c.
     c = np.where(new, 0.0, pre)
     has_pre = ~new
     stats = {
