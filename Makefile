@@ -51,9 +51,9 @@ demo: $(PROD_STAMP) ## generate the demo shop, train, start both services (embed
 # calendar dates reads the wall clock where it should set the business clock.
 CLOCK_TESTS := tests/common/test_clock.py tests/profile/test_aggregations.py tests/messages/test_messages.py \
 	tests/messages/test_message_endpoints.py tests/messages/test_message_model.py \
-	tests/messages/test_message_ope.py tests/recommend/test_experiments.py \
-	tests/recommend/test_experiment_store.py tests/recommend/test_stats.py tests/recommend/test_assignment.py \
-	tests/recommend/test_policy_eval.py tests/recommend/test_item_cache.py tests/recommend/test_time_safety.py
+	tests/messages/test_message_ope.py tests/experiments/test_experiments.py \
+	tests/experiments/test_store.py tests/experiments/test_stats.py tests/experiments/test_assignment.py \
+	tests/offline/test_policy_eval.py tests/recommend/test_item_cache.py tests/recommend/test_time_safety.py
 CLOCK_SHIFTED := scripts/with_redis.sh $(PY) -m pytest -q -p no:cacheprovider
 
 test: $(DEV_STAMP) $(CODEGEN) ## ruff, mypy, the whole pytest suite against a real Redis, then the clock-shift runs

@@ -43,7 +43,7 @@ PARTS: list[tuple[str, tuple[str, ...]]] = [
     ("candidate generation", ("services/recommend/candidates.py",)),
     ("feature matrix", ("services/recommend/ranker.py", "services/recommend/catalog_cache.py")),
     ("business rules", ("services/recommend/rules.py",)),
-    ("experiment assignment and exposure", ("services/recommend/experiments.py", "services/recommend/assignment")),
+    ("experiment assignment and exposure", ("services/experiments/runtime.py", "services/experiments/assignment")),
     ("request parsing, response building, the rest of recommend()", ("services/recommend/",)),
     # profile
     ("Feast online write of feature rows", ("write_to_online_store",)),

@@ -470,7 +470,8 @@ def evaluate_policy_command(
 ) -> None:
     """Off-policy CTR of rankings from logged impressions with propensities (IPS, SNIPS, doubly robust)."""
     _settings_env(data_dir)
-    from services.recommend.policy_eval import FileEvents, evaluate_file
+    from services.offline.policy import evaluate_file
+    from services.offline.slates import FileEvents
     from services.recommend.repository import RecommendRepository
     from services.recommend.settings import RecommendSettings
 

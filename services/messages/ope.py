@@ -10,7 +10,7 @@ message sent). For a deterministic target policy pi with w_i = 1[a_i = pi(x_i)] 
     DR    = mean(r^(x_i, pi(x_i)) + w_i (r_i - r^(x_i, a_i)))
 
 with r^ from the uplift model (baseline b(x) for "nothing", b(x) + uplift for a message). The estimators
-are the shared ones of `services/recommend/policy_eval.py`: normal 95% intervals with a cluster-robust
+are the shared ones of `services/offline/estimators.py`: normal 95% intervals with a cluster-robust
 variance over visitors, the effective sample size (sum w)^2 / sum w^2 and the largest weight. The learned policy is
 compared with the best single-message policy on the same decisions (paired DR differences), which is far
 tighter than comparing two separate intervals.
@@ -30,7 +30,7 @@ import numpy as np
 
 from services.messages.model import MessageModel
 from services.messages.replay import LoggedDecisions
-from services.recommend.policy_eval import Estimate, doubly_robust, ips, snips
+from services.offline.estimators import Estimate, doubly_robust, ips, snips
 
 LEARNED: Final = "learned"
 NOTHING: Final = "send_nothing"

@@ -73,7 +73,7 @@ class VisitorDataHolder(Protocol):
 
 
 class ExperimentStateHolder:
-    """Experiment per-visitor running values (services/common/experiment_store.py), opened per call: erasure
+    """Experiment per-visitor running values (services/experiments/store/), opened per call: erasure
     and export are rare, and this keeps the profile service free of another long-lived connection."""
 
     name = "experiment_state"
@@ -83,7 +83,7 @@ class ExperimentStateHolder:
 
     @contextlib.contextmanager
     def _store(self) -> Iterator[Any]:
-        from services.common.experiment_store import open_experiment_store
+        from services.experiments.store import open_experiment_store
 
         store = open_experiment_store(self.settings)
         try:

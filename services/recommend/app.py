@@ -15,6 +15,9 @@ from services.common.clock import Clock, clock_for
 from services.common.observability import MetricsMiddleware, configure_logging
 from services.common.security import install_security
 from services.common.storage import check_redis_durability
+from services.experiments.deps import ExperimentsState
+from services.experiments.endpoints import router as experiment_router
+from services.experiments.runtime import load_experiments
 from services.messages.endpoints import router as message_router
 from services.messages.repository import MessageRepository
 from services.messages.service import MessageService
@@ -22,8 +25,6 @@ from services.messages.settings import MessageSettings
 from services.recommend.catalog_endpoints import router as catalog_router
 from services.recommend.deps import RecommendState
 from services.recommend.endpoints import router
-from services.recommend.experiment_endpoints import router as experiment_router
-from services.recommend.experiments import load_experiments
 from services.recommend.model_endpoints import router as model_router
 from services.recommend.repository import RecommendRepository
 from services.recommend.service import RecommendService
@@ -38,7 +39,7 @@ def build_state(settings: RecommendSettings, clock: Clock | None = None) -> Reco
     repository = RecommendRepository.open(settings)
     clock = clock or clock_for(settings.clock_start)
     consent_defaults = settings.consent_defaults()
-    experiments = load_experiments(settings, repository, clock)
+    experiments = load_experiments(settings.experiments_file, settings, settings.recommendation_ttl_s, clock)
     service = RecommendService(settings, repository, consent_defaults, experiments=experiments, clock=clock)
     messages = MessageService(
         MessageRepository(repository),
@@ -51,7 +52,9 @@ def build_state(settings: RecommendSettings, clock: Clock | None = None) -> Reco
         simulation=settings.simulation,
     )
     executor = ThreadPoolExecutor(max_workers=settings.ranking_threads, thread_name_prefix="rank")
-    return RecommendState(settings, repository, service, messages, ApiKeyAuth(settings.api_keys), executor)
+    auth = ApiKeyAuth(settings.api_keys)
+    experiment_state = ExperimentsState(experiments, settings.experiments_file, auth)
+    return RecommendState(settings, repository, service, messages, auth, executor, experiment_state)
 
 
 def create_app(settings: RecommendSettings | None = None, clock: Clock | None = None) -> FastAPI:
@@ -64,6 +67,7 @@ def create_app(settings: RecommendSettings | None = None, clock: Clock | None = 
         state = build_state(settings, clock)
         check_redis_durability(state.repository.store, settings.environment)
         app.state.recommend = state
+        app.state.experiments = state.experiments  # the experiment routes' own state (services/experiments/deps.py)
         state.service.start()
         log.info(
             "recommend service started (store=%s, items=%d, model=%s)",

@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 
 from services.common.api import require_scope
 from services.common.auth import ApiKeyAuth
+from services.experiments.deps import ExperimentsState
 from services.messages.service import MessageService
 from services.recommend.repository import RecommendRepository
 from services.recommend.service import RecommendService
@@ -25,6 +26,7 @@ class RecommendState:
     messages: MessageService
     auth: ApiKeyAuth
     executor: ThreadPoolExecutor
+    experiments: ExperimentsState  # also the experiment routes' state (app.state.experiments)
 
 
 def get_state(request: Request) -> RecommendState:

@@ -37,12 +37,12 @@ from services.common.catalog import CatalogItem, ItemKind
 from services.common.clock import wall_time
 from services.common.events import Event, EventType
 from services.common.indexes import COVISIT_MAX_NEIGHBOURS
+from services.offline.estimators import cluster_se
+from services.offline.metrics import hit_at, mrr_at, ndcg_at, rank_of
 from services.recommend.candidates import Filters, VisitorVector
 from services.recommend.catalog_cache import KIND_CODES, CatalogArrays, ItemSnapshot
 from services.recommend.next_item import next_item_scores
-from services.recommend.policy_eval import cluster_se
 from services.recommend.ranker import ModelMeta, RankerModel, feature_matrix
-from services.recommend.ranking_metrics import hit_at, mrr_at, ndcg_at, rank_of
 from services.recommend.repository import RecommendRepository
 from services.recommend.rules import RuleContext, apply_rules
 from services.recommend.schemas import SlotRequest

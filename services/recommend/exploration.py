@@ -2,7 +2,7 @@
 
 A deterministic top-k gives every unshown item probability zero, so its logs cannot say what another
 ranking would have earned. A little randomness, with the exact probability of every placement logged,
-makes the logs usable for off-policy evaluation (services/recommend/policy_eval.py).
+makes the logs usable for off-policy evaluation (services/offline/policy.py).
 
 Placement is sequential: position 0 is filled first, then position 1 from the items left, and so on.
 The logged propensity of an item is the probability that it was chosen *at its position, given the items

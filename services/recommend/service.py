@@ -646,7 +646,7 @@ class RecommendService:
             "propensity": propensity,
         }
         if rank is not None and pool is not None:
-            # Off-policy evaluation of other rankings of the same pool needs both (services/recommend/policy_eval.py).
+            # Off-policy evaluation of other rankings of the same pool needs both (services/offline/policy.py).
             properties["rank"], properties["pool"] = rank, pool
         if experiment:
             properties["experiment"], properties["arm"] = experiment[0], experiment[1]

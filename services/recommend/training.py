@@ -34,6 +34,7 @@ from services.common.clock import wall_datetime, wall_time
 from services.common.consent import ConsentDefaults
 from services.common.events import Event, EventType
 from services.common.indexes import ContextPopularity, CoVisitation, context_keys, observe_interaction, push_recent
+from services.offline.metrics import rank_of, summarize
 from services.recommend.candidates import PER_SOURCE, CandidateGenerator, Filters, VisitorVector, context_keys_for
 from services.recommend.catalog_cache import (
     KIND_CODES,
@@ -44,7 +45,6 @@ from services.recommend.catalog_cache import (
     catalog_arrays,
 )
 from services.recommend.ranker import ModelMeta, feature_matrix
-from services.recommend.ranking_metrics import rank_of, summarize
 from services.recommend.repository import RecommendRepository
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import typer
 import yaml
 
 from services.cli import app as cli_app
-from services.recommend.experiments import load_config
+from services.experiments.config import load_config
 from tests.deploy.deploy_checks import REPO, cli_args, known_variables, parse_cli
 
 CHART = REPO / "deploy" / "helm" / "selaras"

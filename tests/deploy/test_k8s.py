@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from services.recommend.experiments import load_config
+from services.experiments.config import load_config
 from tests.deploy.deploy_checks import REPO, cli_args, known_variables, parse_cli
 
 K8S = REPO / "deploy" / "k8s"

@@ -21,9 +21,10 @@ from services.cli import app as cli_app
 from services.common import features as F
 from services.common.consent import PURPOSES
 from services.common.events import Event
-from services.common.experiment_store import ExposureWrite, open_experiment_store
 from services.common.feature_store import online_rows
 from services.common.storage import Namespace
+from services.experiments.store import open_experiment_store
+from services.experiments.store.base import ExposureWrite
 from services.messages.repository import MESSAGE_HISTORY
 from services.profile.aggregations import SegmentRules
 from services.profile.app import create_app

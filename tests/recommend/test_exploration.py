@@ -162,7 +162,7 @@ def test_settings_read_exploration_from_the_environment_and_requests_cannot_set_
 
 
 def test_the_service_explores_among_rule_eligible_items_only(world: SessionWorld) -> None:
-    from tests.recommend.test_policy_eval import copy_serving_state
+    from tests.offline.test_policy_eval import copy_serving_state
 
     settings = copy_serving_state(world)
     repository = RecommendRepository.open(settings)

@@ -1,21 +1,14 @@
 """Off-policy evaluation: the click-through rate another ranking would have had, from logged impressions.
 
-Data. The recommend service logs one impression event per placed item with `properties.position` and
-`properties.propensity` (the probability of placing that item at that position given the items placed
-before it, services/recommend/exploration.py), and, when it explores, `rank` (the item's place in the
-deterministic ranked list) and `pool` (how many eligible items it chose from). Impressions of one
-(recommendation_id, slot) form a slate; a click that echoes the recommendation id and names a shown item
-(within the attribution window) is the reward of that item's position.
+Data: the logged slates of slates.py (impressions with their propensities, and the clicks that answer them).
 
 Estimand. CTR per impression: the expected number of clicks per slate divided by the slate length. Clicks
 at a position depend on the item placed there and on the position, so the value of a target policy π is
 Σ_p E_π[r_p]; per-decision importance weighting makes each term unbiased: the reward at position p is
 weighted by w_{0:p} = Π_{q≤p} π(a_q | a_<q) / μ(a_q | a_<q) (μ = the logging policy's propensities).
 
-Estimators (generic, on arrays, reused by message OPE): IPS, self-normalised IPS (per stratum, here per
-position) and doubly robust with a reward model q̂ (cross-fitted on two visitor folds); 95% intervals from
-a cluster-robust variance (clusters = visitors or recommendations), plus the effective sample size
-(Σw)²/Σw² and the largest weight, which say how far the target is from the logging policy.
+Estimators: IPS, SNIPS per position and doubly robust (estimators.py), with a reward model q̂ cross-fitted
+on two visitor folds (here).
 
 Targets: `model` (the served ranking without exploration: ranks 0, 1, 2, ... of the logged list),
 `epsilon:<ε>` (the same ranking with ε-greedy exploration), `uniform` (uniformly random over the logged
@@ -26,23 +19,20 @@ evaluated where the logging policy had support: items outside the logged pool ar
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import numpy as np
-import orjson
-from pydantic import ValidationError
 
 from services.common.catalog import CatalogItem, ItemKind
 from services.common.events import Event, EventType
 from services.common.indexes import GLOBAL_CONTEXT, ContextPopularity
+from services.offline.estimators import Estimate, doubly_robust, ips, snips
+from services.offline.slates import LoggedSlate, SlateLog, load_slates
 
-Z95 = 1.959963984540054
 MAX_POSITIONS = 10  # positions beyond this share one reward-model indicator
 # The same weights the profile aggregator folds into the popularity index (services/profile/service.py).
 POPULARITY_WEIGHTS = {
@@ -52,268 +42,6 @@ POPULARITY_WEIGHTS = {
     EventType.CLICK: 1.5,
 }
 RECENT_PURCHASES = 20  # the visitor row keeps this many purchased items (services/profile/aggregations.py)
-
-
-# ------------------------------------------------------------------------------------------------------
-# Estimators (generic: arrays of rewards, weights, reward-model values)
-# ------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Estimate:
-    estimator: str
-    value: float
-    ci_low: float
-    ci_high: float
-    se: float
-    n: int  # decisions (rows)
-    clusters: int
-    ess: float
-    max_weight: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "estimator": self.estimator,
-            "value": self.value,
-            "ci95": [self.ci_low, self.ci_high],
-            "se": self.se,
-            "n": self.n,
-            "clusters": self.clusters,
-            "ess": self.ess,
-            "max_weight": self.max_weight,
-        }
-
-    def covers(self, truth: float) -> bool:
-        return self.ci_low <= truth <= self.ci_high
-
-
-def effective_sample_size(weights: np.ndarray) -> float:
-    """(Σw)²/Σw²: how many on-policy samples the weighted sample is worth."""
-    w = np.asarray(weights, dtype=np.float64)
-    squares = float(np.sum(w * w))
-    return float(np.sum(w)) ** 2 / squares if squares > 0 else 0.0
-
-
-def cluster_se(influence: np.ndarray, clusters: np.ndarray | None = None) -> tuple[float, int]:
-    """Standard error of an estimate whose linearisation is Σ influence, robust to correlation within a
-    cluster (e.g. the impressions of one visitor): √(C/(C−1) · Σ_c (Σ_{i∈c} ψ_i)²)."""
-    psi = np.asarray(influence, dtype=np.float64)
-    sums: np.ndarray
-    if clusters is None:
-        sums = psi
-    else:
-        _, inverse = np.unique(clusters, return_inverse=True)
-        sums = np.bincount(inverse, weights=psi)
-    count = len(sums)
-    if count < 2:
-        return math.inf, count
-    return math.sqrt(count / (count - 1) * float(np.sum(sums * sums))), count
-
-
-def _estimate(
-    name: str, value: float, influence: np.ndarray, clusters: np.ndarray | None, weights: np.ndarray
-) -> Estimate:
-    se, count = cluster_se(influence, clusters)
-    return Estimate(
-        name,
-        value,
-        value - Z95 * se,
-        value + Z95 * se,
-        se,
-        len(influence),
-        count,
-        effective_sample_size(weights),
-        float(np.max(weights)) if len(weights) else 0.0,
-    )
-
-
-def ips(rewards: np.ndarray, weights: np.ndarray, clusters: np.ndarray | None = None) -> Estimate:
-    """Inverse propensity scoring: mean of w·r (unbiased when the logging policy covers the target)."""
-    r, w = np.asarray(rewards, dtype=np.float64), np.asarray(weights, dtype=np.float64)
-    n = len(r)
-    if n == 0:
-        return Estimate("ips", math.nan, math.nan, math.nan, math.nan, 0, 0, 0.0, 0.0)
-    z = w * r
-    value = float(z.mean())
-    return _estimate("ips", value, (z - value) / n, clusters, w)
-
-
-def snips(
-    rewards: np.ndarray,
-    weights: np.ndarray,
-    clusters: np.ndarray | None = None,
-    strata: np.ndarray | None = None,
-) -> Estimate:
-    """Self-normalised IPS: Σw·r/Σw within each stratum (e.g. position), strata averaged by their size.
-
-    Slightly biased, much less variable than IPS when weights are large. A stratum where every weight is 0
-    (no support for the target) contributes 0."""
-    r, w = np.asarray(rewards, dtype=np.float64), np.asarray(weights, dtype=np.float64)
-    n = len(r)
-    if n == 0:
-        return Estimate("snips", math.nan, math.nan, math.nan, math.nan, 0, 0, 0.0, 0.0)
-    groups = np.zeros(n, dtype=np.int64) if strata is None else np.unique(strata, return_inverse=True)[1]
-    value = 0.0
-    influence = np.zeros(n)
-    for g in np.unique(groups):
-        rows = groups == g
-        total = float(w[rows].sum())
-        share = float(rows.sum()) / n
-        if total <= 0:
-            continue
-        stratum_value = float((w[rows] * r[rows]).sum()) / total
-        value += share * stratum_value
-        influence[rows] = share * w[rows] * (r[rows] - stratum_value) / total
-    return _estimate("snips", value, influence, clusters, w)
-
-
-def doubly_robust(
-    rewards: np.ndarray,
-    weights: np.ndarray,
-    q_logged: np.ndarray,
-    q_target: np.ndarray,
-    prefix_weights: np.ndarray | None = None,
-    clusters: np.ndarray | None = None,
-) -> Estimate:
-    """Doubly robust: w_prefix·E_π[q̂] + w·(r − q̂(logged action)).
-
-    `q_target` is the reward model's expectation under the target policy at the decision, `q_logged` its
-    value for the logged action; `prefix_weights` the weight of the decisions before this one (1 for a
-    single decision). Unbiased for any reward model when the propensities are right; a good q̂ only
-    lowers the variance."""
-    r, w = np.asarray(rewards, dtype=np.float64), np.asarray(weights, dtype=np.float64)
-    n = len(r)
-    if n == 0:
-        return Estimate("dr", math.nan, math.nan, math.nan, math.nan, 0, 0, 0.0, 0.0)
-    prefix = np.ones(n) if prefix_weights is None else np.asarray(prefix_weights, dtype=np.float64)
-    z = prefix * np.asarray(q_target, dtype=np.float64) + w * (r - np.asarray(q_logged, dtype=np.float64))
-    value = float(z.mean())
-    return _estimate("dr", value, (z - value) / n, clusters, w)
-
-
-# ------------------------------------------------------------------------------------------------------
-# Logged slates
-# ------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LoggedSlate:
-    recommendation_id: str
-    slot: str
-    visitor_id: str
-    ts: float
-    items: list[str]
-    propensities: np.ndarray
-    ranks: list[int] | None  # None when the service did not log them (exploration off)
-    pool: int | None
-    rewards: np.ndarray  # 1 where the item at that position was clicked
-
-    @property
-    def deterministic(self) -> bool:
-        return bool(np.all(self.propensities >= 1.0))
-
-    @property
-    def fixed(self) -> int:
-        """Leading positions held by merchandiser pins: placed with probability 1 although the pool still
-        offered a choice. Every target keeps them (the service places pins first whatever it ranks)."""
-        if self.pool is None:
-            return 0
-        count = 0
-        while count < len(self.items) and self.propensities[count] >= 1.0 and self.pool - count > 1:
-            count += 1
-        return count
-
-
-@dataclass
-class SlateLog:
-    slates: list[LoggedSlate] = field(default_factory=list)
-    impressions: int = 0
-    clicks: int = 0
-    clicks_attributed: int = 0
-    malformed: int = 0  # slates with missing positions or propensities
-
-
-@dataclass(frozen=True)
-class _Shown:
-    """What a slate needs of one impression (kept instead of the event: logs can be large)."""
-
-    item_id: str
-    visitor_id: str
-    ts: float
-    propensity: Any
-    rank: Any
-    pool: Any
-
-
-def load_slates(events: Iterable[Event], attribution_window_s: float = 24 * 3600.0) -> SlateLog:
-    """Group impressions into slates and attach the clicks that echo their recommendation id."""
-    groups: dict[tuple[str, str], dict[int, _Shown]] = {}
-    clicks: dict[str, list[tuple[str, Any, float]]] = {}
-    log = SlateLog()
-    for event in events:
-        if event.type is EventType.IMPRESSION and event.recommendation_id and event.item_id:
-            log.impressions += 1
-            properties = event.properties
-            position = properties.get("position")
-            key = (event.recommendation_id, str(properties.get("slot", "")))
-            shown = _Shown(
-                event.item_id,
-                event.visitor_id,
-                event.ts,
-                properties.get("propensity"),
-                properties.get("rank"),
-                properties.get("pool"),
-            )
-            if not isinstance(position, int) or isinstance(position, bool):
-                position = -1  # marks the slate malformed
-            groups.setdefault(key, {})[position] = shown
-        elif event.type is EventType.CLICK and event.recommendation_id and event.item_id:
-            log.clicks += 1
-            clicks.setdefault(event.recommendation_id, []).append(
-                (event.item_id, event.properties.get("slot"), event.ts)
-            )
-    slates: list[LoggedSlate] = []
-    for (recommendation_id, slot), by_position in groups.items():
-        positions = sorted(by_position)
-        if positions != list(range(len(positions))):
-            log.malformed += 1
-            continue
-        shown_items = [by_position[p] for p in positions]
-        propensities = [e.propensity for e in shown_items]
-        if not all(isinstance(p, int | float) and not isinstance(p, bool) and 0 < p <= 1 for p in propensities):
-            log.malformed += 1
-            continue
-        raw_ranks = [e.rank for e in shown_items]
-        ranks = [int(r) for r in raw_ranks] if all(isinstance(r, int) for r in raw_ranks) else None
-        pool_value = shown_items[0].pool
-        items = [e.item_id for e in shown_items]
-        rewards = np.zeros(len(items))
-        ts = shown_items[0].ts
-        for item_id, click_slot, click_ts in clicks.get(recommendation_id, []):
-            if click_slot is not None and str(click_slot) != slot:
-                continue
-            if not 0 <= click_ts - ts <= attribution_window_s or item_id not in items:
-                continue
-            position = items.index(item_id)
-            if rewards[position] == 0:
-                log.clicks_attributed += 1
-            rewards[position] = 1.0
-        slates.append(
-            LoggedSlate(
-                recommendation_id,
-                slot,
-                shown_items[0].visitor_id,
-                ts,
-                items,
-                np.asarray(propensities, dtype=np.float64),
-                ranks,
-                int(pool_value) if isinstance(pool_value, int) else None,
-                rewards,
-            )
-        )
-    slates.sort(key=lambda s: s.ts)
-    log.slates = slates
-    return log
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -723,26 +451,6 @@ def parse_targets(names: Sequence[str], popular: Mapping[tuple[str, str], Sequen
 # ------------------------------------------------------------------------------------------------------
 # From a file of logged events to a report
 # ------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FileEvents:
-    """Events of a JSON Lines file (optionally gzipped), re-readable; invalid lines are counted and skipped."""
-
-    path: Path
-    invalid_lines: list[int] = field(default_factory=list)
-
-    def __iter__(self) -> Iterator[Event]:
-        self.invalid_lines = []
-        opener = gzip.open if self.path.suffix == ".gz" else open
-        with opener(self.path, "rb") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield Event.model_validate(orjson.loads(line))
-                except (orjson.JSONDecodeError, ValidationError):
-                    self.invalid_lines.append(number)
 
 
 def evaluate_file(

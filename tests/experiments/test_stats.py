@@ -17,26 +17,19 @@ from hypothesis import strategies as st
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.weightstats import CompareMeans, DescrStatsW
 
-from services.recommend.stats import (
-    ArmSums,
-    CupedSums,
-    RatioCupedSums,
-    absolute_difference,
-    always_valid_interval,
-    benjamini_hochberg,
+from services.experiments.stats.capping import (
     bucket_upper_edge,
     capped_cuped_sums,
     capped_sums,
     covariate_histogram_from_values,
-    cuped_uplift,
-    effective_events,
     histogram_cap,
     histogram_from_values,
-    holm,
-    mean_and_var,
-    relative_uplift,
-    srm_check,
 )
+from services.experiments.stats.cuped import CupedSums, RatioCupedSums, cuped_uplift
+from services.experiments.stats.intervals import ArmSums, absolute_difference, mean_and_var, relative_uplift
+from services.experiments.stats.multiplicity import benjamini_hochberg, holm
+from services.experiments.stats.sequential import always_valid_interval, effective_events
+from services.experiments.stats.srm import srm_check
 
 ALPHA = 0.05
 TOLERANCE = 0.015  # ±1.5 points around the nominal rate

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.recommend.assignment import (
+from services.experiments.assignment import (
     HOLDOUT_ARM,
     Assignment,
     assign,

@@ -20,24 +20,18 @@ from services.common.clock import Clock
 from services.common.events import Event, EventType
 from services.common.storage import Namespace, RedisStore, make_redis_client
 from services.demo.simulator import ShownItem
-from services.recommend.exploration import Exploration, explore
-from services.recommend.policy_eval import (
+from services.offline.estimators import cluster_se, doubly_robust, effective_sample_size, ips, snips
+from services.offline.policy import (
     ItemLists,
-    LoggedSlate,
     LoggingPolicy,
     ModelRanking,
-    SlateLog,
     UniformRandom,
-    cluster_se,
-    doubly_robust,
-    effective_sample_size,
     evaluate_file,
     evaluate_policies,
-    ips,
-    load_slates,
     popular_lists,
-    snips,
 )
+from services.offline.slates import LoggedSlate, SlateLog, load_slates
+from services.recommend.exploration import Exploration, explore
 from services.recommend.repository import RecommendRepository
 from services.recommend.schemas import RecommendRequest, RequestContext, SlotRequest
 from services.recommend.service import RecommendService

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import uvicorn
 
-from services.common.experiment_store import ExposureWrite, OutcomeWrite, open_experiment_store
+from services.experiments.store import open_experiment_store
+from services.experiments.store.base import ExposureWrite, OutcomeWrite
 from services.recommend.app import create_app
 from services.recommend.settings import RecommendSettings
 from tests.conftest import RedisServer, free_port, unique_name

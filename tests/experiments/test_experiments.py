@@ -18,32 +18,24 @@ from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
 from services.common.auth import hash_key
-from services.common.experiment_store import ExposureWrite, SqliteExperimentStore, open_experiment_store
 from services.common.storage import Namespace, open_store
+from services.experiments.assignment import growthbook_hash
+from services.experiments.config import ExperimentConfigError, ExperimentsFile, load_config
+from services.experiments.report import build_report
+from services.experiments.runtime import ExperimentRuntime
+from services.experiments.stats.capping import covariate_histogram_from_values, histogram_cap, histogram_from_values
+from services.experiments.stats.cuped import CupedSums, cuped_uplift
+from services.experiments.stats.intervals import ArmSums, relative_uplift
+from services.experiments.stats.multiplicity import holm
+from services.experiments.stats.sequential import always_valid_interval
+from services.experiments.stats.srm import srm_check
+from services.experiments.store import open_experiment_store
+from services.experiments.store.base import ExposureWrite
+from services.experiments.store.sqlite_store import SqliteExperimentStore
 from services.profile.app import create_app as create_profile_app
 from services.profile.settings import ProfileSettings
 from services.recommend.app import create_app as create_recommend_app
-from services.recommend.assignment import growthbook_hash
-from services.recommend.experiments import (
-    ExperimentConfigError,
-    ExperimentRuntime,
-    ExperimentsFile,
-    build_report,
-    load_config,
-)
 from services.recommend.settings import RecommendSettings
-from services.recommend.stats import (
-    ArmSums,
-    CupedSums,
-    always_valid_interval,
-    covariate_histogram_from_values,
-    cuped_uplift,
-    histogram_cap,
-    histogram_from_values,
-    holm,
-    relative_uplift,
-    srm_check,
-)
 from tests.conftest import RedisServer, free_port, unique_name
 from tests.factories import make_item
 
@@ -619,7 +611,7 @@ def test_report_caps_revenue_at_the_pooled_quantile() -> None:
 
 
 def _cuped_group(y: np.ndarray, pre: np.ndarray, new: np.ndarray, metric: str) -> dict[str, Any]:
-    # What the store keeps (experiment_store.COVARIATE_STATS) for a 0/1 metric with a pre-period value c.
+    # What the store keeps (store.sums.COVARIATE_STATS) for a 0/1 metric with a pre-period value c.
     c = np.where(new, 0.0, pre)
     has_pre = ~new
     stats = {

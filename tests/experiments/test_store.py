@@ -13,18 +13,13 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from services.common.experiment_store import (
-    ExperimentStore,
-    ExposureWrite,
-    OutcomeWrite,
-    RedisExperimentStore,
-    SqliteExperimentStore,
-    count_increments,
-    parse_covariate_histogram,
-    parse_histogram,
-)
 from services.common.storage import make_redis_client
-from services.recommend.stats import ArmSums, covariate_histogram_from_values, histogram_from_values
+from services.experiments.stats.capping import covariate_histogram_from_values, histogram_from_values
+from services.experiments.stats.intervals import ArmSums
+from services.experiments.store.base import ExperimentStore, ExposureWrite, OutcomeWrite
+from services.experiments.store.redis_store import RedisExperimentStore
+from services.experiments.store.sqlite_store import SqliteExperimentStore
+from services.experiments.store.sums import count_increments, parse_covariate_histogram, parse_histogram
 from tests.conftest import REDIS_URL, clean_namespace, unique_name
 
 EXP = "exp-a@1"

@@ -1,4 +1,4 @@
-"""Experiment routes of the recommend service (admin API, report, dashboard page).
+"""Experiment routes (admin API, report, dashboard page), mounted by the recommend service.
 
 The JSON routes need an `admin` key. The page `/experiments` is static HTML/JS without any data in it:
 it calls the JSON routes with the key the user types (kept in the tab's sessionStorage) or passes in the
@@ -16,8 +16,9 @@ from starlette.concurrency import run_in_threadpool
 
 from services.common.api import FastJSONResponse
 from services.common.errors import NotFound
-from services.recommend.deps import AdminKey, RecommendState, State
-from services.recommend.experiments import ExperimentConfig, ExperimentRuntime
+from services.experiments.config import ExperimentConfig
+from services.experiments.deps import AdminKey, ExperimentsState, State
+from services.experiments.runtime import ExperimentRuntime
 
 router = APIRouter()
 STATIC_DIR: Final = Path(__file__).resolve().parent / "static"
@@ -37,13 +38,8 @@ PAGE_HEADERS: Final = {
 }
 
 
-def runtime_of(state: RecommendState) -> ExperimentRuntime | None:
-    experiments = state.service.experiments
-    return experiments if isinstance(experiments, ExperimentRuntime) else None
-
-
-def experiment_of(state: RecommendState, key: str) -> tuple[ExperimentRuntime, ExperimentConfig]:
-    runtime = runtime_of(state)
+def experiment_of(state: ExperimentsState, key: str) -> tuple[ExperimentRuntime, ExperimentConfig]:
+    runtime = state.runtime
     experiment = runtime.by_key.get(key) if runtime else None
     if runtime is None or experiment is None:
         raise NotFound(f"no experiment {key!r} is configured")
@@ -53,13 +49,13 @@ def experiment_of(state: RecommendState, key: str) -> tuple[ExperimentRuntime, E
 @router.get("/v1/experiments")
 def list_experiments(state: State, _: AdminKey) -> dict[str, Any]:
     """Every configured experiment with its status (read-only: experiments are configured in experiments.yaml)."""
-    runtime = runtime_of(state)
+    runtime = state.runtime
     if runtime is None:
-        return {"experiments": [], "holdout": 0.0, "file": str(state.settings.experiments_file)}
+        return {"experiments": [], "holdout": 0.0, "file": str(state.experiments_file)}
     return {
         "experiments": [runtime.describe(e) for e in runtime.config.experiments],
         "holdout": runtime.config.holdout,
-        "file": str(state.settings.experiments_file),
+        "file": str(state.experiments_file),
     }
 
 

@@ -1,0 +1,166 @@
+"""Experiment configuration: experiments.yaml, its arms, and what each experiment covers and measures.
+
+Configuration is a YAML file loaded at start (`RECOMMEND_EXPERIMENTS_FILE`, default `experiments.yaml`); the
+admin API only reads it. An experiment covers slot kinds (`/v1/recommend`) and/or message channels
+(`/v1/next-best-message`); the first enabled, running experiment that covers a request serves it (runtime.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal
+
+import yaml
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+
+from services.experiments.assignment import DEFAULT_HOLDOUT_SEED, HOLDOUT_ARM
+
+Key = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,47}$")]
+ArmName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")]
+SlotLabel = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,32}$")]
+Metric = Literal["ctr", "conversion", "revenue", "add_to_cart", "open_rate"]
+OTHER_SLOT: Final = "other"
+RECOMMEND_METRICS: Final = ("ctr", "conversion", "revenue", "add_to_cart")
+MESSAGE_METRICS: Final = ("open_rate", "ctr", "conversion", "revenue")
+
+
+class ExperimentConfigError(ValueError):
+    """experiments.yaml is invalid: the service refuses to start rather than run a broken experiment."""
+
+
+class ArmConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: ArmName
+    weight: float = Field(ge=0, le=1)
+    # False = the generic ranking by popularity in context (no visitor features), True = the model.
+    personalized: bool
+    description: str = ""
+
+
+class ExperimentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: Key
+    description: str = ""
+    enabled: bool = False
+    slot_kinds: list[Literal["product", "banner", "cta"]] = Field(default_factory=list)
+    channels: list[Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]] = Field(default_factory=list)
+    # Slot names reported on their own (report breakdown, Prometheus `slot` label); others count as "other".
+    slots: list[SlotLabel] = Field(default_factory=list, max_length=20)
+    arms: list[ArmConfig] = Field(min_length=2, max_length=8)
+    control: ArmName = "control"
+    coverage: float = Field(default=1.0, ge=0, le=1)
+    seed: str | None = None
+    # Bump to re-randomize everybody (e.g. after a broken launch); results start from zero.
+    bucket_version: int = Field(default=1, ge=1, le=1000)
+    start: AwareDatetime | None = None
+    end: AwareDatetime | None = None
+    attribution_window_hours: float = Field(default=24.0, gt=0, le=24 * 30)
+    primary_metric: Metric = "ctr"
+    metrics: list[Metric] = Field(default_factory=list)
+    min_visitors_per_arm: int = Field(default=100, ge=2)
+    # Planned total sample N* for the always-valid interval (tightest around it).
+    planned_visitors: int = Field(default=5000, ge=10)
+    alpha: float = Field(default=0.05, gt=0, lt=0.5)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExperimentConfig:
+        names = [arm.name for arm in self.arms]
+        if len(set(names)) != len(names):
+            raise ValueError("arm names must be unique")
+        if HOLDOUT_ARM in names:
+            raise ValueError(f"{HOLDOUT_ARM!r} is reserved for the global holdout")
+        if self.control not in names:
+            raise ValueError(f"control arm {self.control!r} is not one of the arms {names}")
+        total = sum(arm.weight for arm in self.arms)
+        if not 0.99 <= total <= 1.01:
+            raise ValueError(f"arm weights must sum to 1, got {total:g}")
+        if not self.slot_kinds and not self.channels:
+            raise ValueError("an experiment must cover at least one slot kind or message channel")
+        if self.start and self.end and self.end <= self.start:
+            raise ValueError("end must be after start")
+        if self.metrics and self.primary_metric not in self.metrics:
+            raise ValueError(f"primary_metric {self.primary_metric!r} must be one of metrics")
+        return self
+
+    @property
+    def storage_id(self) -> str:
+        return f"{self.key}@{self.bucket_version}"
+
+    @property
+    def arm_names(self) -> list[str]:
+        return [arm.name for arm in self.arms]
+
+    @property
+    def goal_metrics(self) -> list[str]:
+        if self.metrics:
+            return list(self.metrics)
+        chosen = list(RECOMMEND_METRICS if self.slot_kinds else ())
+        for metric in MESSAGE_METRICS if self.channels else ():
+            if metric not in chosen:
+                chosen.append(metric)
+        if self.primary_metric not in chosen:
+            chosen.insert(0, self.primary_metric)
+        return chosen
+
+    @property
+    def slot_labels(self) -> list[str]:
+        labels = list(dict.fromkeys([*self.slots, *self.channels]))
+        return [*labels, OTHER_SLOT] if self.slot_kinds else labels
+
+    def slot_label(self, slot_name: str) -> str:
+        return slot_name if slot_name in self.slots else OTHER_SLOT
+
+    def status(self, now: float) -> str:
+        if not self.enabled:
+            return "disabled"
+        if self.start and now < self.start.timestamp():
+            return "scheduled"
+        if self.end and now >= self.end.timestamp():
+            return "ended"
+        return "running"
+
+    def registry_entry(self) -> dict[str, Any]:
+        """What the profile service needs to attribute outcomes (published through the store)."""
+        return {
+            "key": self.key,
+            "id": self.storage_id,
+            "window_s": self.attribution_window_hours * 3600.0,
+            "slots": list(self.slots),
+            "channels": list(self.channels),
+            "arms": self.arm_names,
+        }
+
+
+class ExperimentsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Share of all visitors (by its own hash seed) that never gets personalization in any experiment.
+    holdout: float = Field(default=0.0, ge=0, le=0.5)
+    holdout_seed: str = DEFAULT_HOLDOUT_SEED
+    # How often the recommend service recomputes the Prometheus result gauges.
+    report_interval_s: float = Field(default=15.0, ge=1, le=3600)
+    experiments: list[ExperimentConfig] = Field(default_factory=list, max_length=50)
+
+    @model_validator(mode="after")
+    def _unique_keys(self) -> ExperimentsFile:
+        keys = [e.key for e in self.experiments]
+        if len(set(keys)) != len(keys):
+            raise ValueError("experiment keys must be unique")
+        return self
+
+
+def load_config(path: Path) -> ExperimentsFile:
+    """Parse and validate experiments.yaml; errors name the experiment index and field."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ExperimentConfigError(f"{path}: cannot read experiments: {exc}") from exc
+    try:
+        return ExperimentsFile.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc']) or '(file)'}: {error['msg']}" for error in exc.errors()
+        )
+        raise ExperimentConfigError(f"{path}: invalid experiments: {problems}") from exc

@@ -1,0 +1,370 @@
+"""Experiments at serve time: sticky assignment, exposure recording, reports on demand and their gauges.
+
+- Assignment is GrowthBook's hash v2 (services/experiments/assignment.py): deterministic and sticky per
+  visitor, seed and bucket version; a global holdout never gets personalization and is not compared.
+- Exposures are counted per visitor in the experiment store (services/experiments/store/);
+  outcomes are attributed by the profile service (services/experiments/attribution.py).
+- Reports are computed from the stored sums by services/experiments/report.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import weakref
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.common.clock import SYSTEM_CLOCK, Clock
+from services.common.errors import StorageUnavailable
+from services.common.settings import CommonSettings
+from services.experiments.assignment import HOLDOUT_ARM, assign
+from services.experiments.config import ExperimentConfig, ExperimentsFile, load_config
+from services.experiments.report import build_report
+from services.experiments.store import open_experiment_store
+from services.experiments.store.base import ExperimentStore, ExposureWrite
+from services.experiments.store.sums import ALL, count_increments, touch_counters
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT_REQUESTS = Counter(
+    "selaras_experiment_requests", "Requests assigned to an experiment arm", ["experiment", "arm"]
+)
+EXPERIMENT_SERVED = Counter(
+    "selaras_experiment_served",
+    "Requests of an arm that were answered and recorded (requests - served = failures)",
+    ["experiment", "arm"],
+)
+EXPOSURES_DROPPED = Counter(
+    "selaras_experiment_exposures_dropped", "Exposures not recorded (store unavailable, arm conflict)", ["experiment"]
+)
+RANKING_SECONDS = Histogram(
+    "selaras_experiment_ranking_seconds",
+    "Time to rank a request, by experiment arm (guardrail: treatment must not be slower)",
+    ["experiment", "arm"],
+    buckets=(0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
+# Computed results: every replica computes the same values from the shared store, so take max/avg of
+# these across replicas in PromQL, never sum ("mostrecent" does the same across uvicorn workers).
+_RESULT_LABELS = ["experiment", "arm", "metric"]
+UPLIFT = Gauge(
+    "selaras_experiment_uplift",
+    "Relative uplift of the arm over control",
+    _RESULT_LABELS,
+    multiprocess_mode="mostrecent",
+)
+UPLIFT_LOWER = Gauge(
+    "selaras_experiment_uplift_ci_lower", "Fixed-horizon CI lower bound", _RESULT_LABELS, multiprocess_mode="mostrecent"
+)
+UPLIFT_UPPER = Gauge(
+    "selaras_experiment_uplift_ci_upper", "Fixed-horizon CI upper bound", _RESULT_LABELS, multiprocess_mode="mostrecent"
+)
+ALWAYS_VALID_LOWER = Gauge(
+    "selaras_experiment_uplift_always_valid_lower",
+    "Always-valid (peeking-safe) CI lower bound",
+    _RESULT_LABELS,
+    multiprocess_mode="mostrecent",
+)
+ALWAYS_VALID_UPPER = Gauge(
+    "selaras_experiment_uplift_always_valid_upper",
+    "Always-valid (peeking-safe) CI upper bound",
+    _RESULT_LABELS,
+    multiprocess_mode="mostrecent",
+)
+P_VALUE = Gauge("selaras_experiment_p_value", "Welch p-value", _RESULT_LABELS, multiprocess_mode="mostrecent")
+CHANCE_TO_WIN = Gauge(
+    "selaras_experiment_chance_to_win", "Chance the arm beats control", _RESULT_LABELS, multiprocess_mode="mostrecent"
+)
+SRM_P_VALUE = Gauge(
+    "selaras_experiment_srm_p_value", "Sample-ratio-mismatch p-value", ["experiment"], multiprocess_mode="mostrecent"
+)
+SRM_CHI2 = Gauge(
+    "selaras_experiment_srm_chi2", "Sample-ratio-mismatch χ²", ["experiment"], multiprocess_mode="mostrecent"
+)
+SRM_FLAGGED = Gauge(
+    "selaras_experiment_srm_flagged", "1 when the SRM check fails", ["experiment"], multiprocess_mode="mostrecent"
+)
+ARM_WEIGHT = Gauge(
+    "selaras_experiment_arm_weight",
+    "Configured traffic weight of the arm",
+    ["experiment", "arm"],
+    multiprocess_mode="max",
+)
+READY = Gauge(
+    "selaras_experiment_ready_to_decide",
+    "1 when the report's verdict is final",
+    ["experiment"],
+    multiprocess_mode="mostrecent",
+)
+
+
+class ExperimentRuntime:
+    """Assignment, exposure recording and reports for the configured experiments (the recommend service's
+    `ArmChooser`, and the message service's experiments, by shape)."""
+
+    def __init__(
+        self,
+        config: ExperimentsFile,
+        store: ExperimentStore,
+        record_ttl_s: int = 8 * 86400,
+        clock: Clock = SYSTEM_CLOCK,
+    ):
+        self.config = config
+        self.clock = clock
+        self.store = store
+        self.record_ttl_s = record_ttl_s
+        self.by_key = {e.key: e for e in config.experiments}
+        self.enabled = [e for e in config.experiments if e.enabled]
+        self._registry_published = False
+        self._stop = threading.Event()
+        self._refresher: threading.Thread | None = None
+        for experiment in self.enabled:
+            touch_counters(experiment.key, experiment.arm_names, experiment.goal_metrics, experiment.slot_labels)
+            for arm in experiment.arms:
+                ARM_WEIGHT.labels(experiment.key, arm.name).set(arm.weight)
+        self.publish_registry()
+
+    def publish_registry(self) -> bool:
+        try:
+            self.store.publish_registry({e.key: e.registry_entry() for e in self.enabled})
+            self._registry_published = True
+        except StorageUnavailable:
+            log.warning("experiment registry not published (store unavailable); retrying in the background")
+        return self._registry_published
+
+    # -- assignment ---------------------------------------------------------------------------------
+    def _assign(self, experiment: ExperimentConfig, visitor_id: str) -> tuple[str, str, bool] | None:
+        assignment = assign(
+            experiment.key,
+            visitor_id,
+            experiment.arm_names,
+            [arm.weight for arm in experiment.arms],
+            experiment.coverage,
+            seed=experiment.seed,
+            holdout=self.config.holdout,
+            holdout_seed=self.config.holdout_seed,
+            bucket_version=experiment.bucket_version,
+        )
+        if assignment is None:
+            return None
+        if assignment.arm == HOLDOUT_ARM:
+            chosen = (experiment.key, HOLDOUT_ARM, False)
+        else:
+            arm = next(a for a in experiment.arms if a.name == assignment.arm)
+            chosen = (experiment.key, arm.name, arm.personalized)
+        EXPERIMENT_REQUESTS.labels(experiment.key, chosen[1]).inc()
+        return chosen
+
+    def assign_recommend(self, visitor_id: str, slot_kinds: Sequence[str], now: float) -> tuple[str, str, bool] | None:
+        kinds = set(slot_kinds)
+        for experiment in self.enabled:
+            if kinds.intersection(experiment.slot_kinds) and experiment.status(now) == "running":
+                chosen = self._assign(experiment, visitor_id)
+                if chosen is not None:
+                    return chosen
+        return None
+
+    def assign_message(self, visitor_id: str, channel: str, now: float | None = None) -> tuple[str, str, bool] | None:
+        """For `/v1/next-best-message`: (experiment key, arm, personalized) or None (no experiment)."""
+        moment = self.clock.now() if now is None else now
+        for experiment in self.enabled:
+            if channel in experiment.channels and experiment.status(moment) == "running":
+                chosen = self._assign(experiment, visitor_id)
+                if chosen is not None:
+                    return chosen
+        return None
+
+    # -- exposures ----------------------------------------------------------------------------------
+    def record_exposure(
+        self,
+        visitor_id: str,
+        key: str,
+        arm: str,
+        shown: Mapping[str, tuple[str, Sequence[str]]],
+        persona: str | None,
+        recommendation_id: str,
+        now: float,
+        took_s: float,
+        covariates: Mapping[str, float] | None = None,
+    ) -> None:
+        experiment = self.by_key.get(key)
+        if experiment is None:
+            return
+        denominators: dict[str, dict[str, float]] = {ALL: {"ctr": 0.0}}
+        slots: dict[str, list[str]] = {}
+        for slot_name, (_kind, items) in shown.items():
+            label = experiment.slot_label(slot_name)
+            group = denominators.setdefault(f"slot:{label}", {"ctr": 0.0})
+            group["ctr"] += len(items)
+            denominators[ALL]["ctr"] += len(items)
+            slots.setdefault(label, []).extend(items)
+        record = {"visitor_id": visitor_id, "ts": now, "arm": arm, "kind": "recommend", "slots": slots}
+        self._write(experiment, visitor_id, arm, persona, now, denominators, recommendation_id, record, covariates)
+        RANKING_SECONDS.labels(key, arm).observe(took_s)
+
+    def record_message_exposure(
+        self,
+        visitor_id: str,
+        key: str,
+        arm: str,
+        channel: str,
+        recommendation_id: str,
+        now: float | None = None,
+        persona: str | None = None,
+        item_id: str | None = None,
+        covariates: Mapping[str, float] | None = None,
+    ) -> None:
+        """One message sent under an experiment arm (its opens and clicks are attributed by the id)."""
+        experiment = self.by_key.get(key)
+        if experiment is None:
+            return
+        moment = self.clock.now() if now is None else now
+        sent = {"ctr": 1.0, "open_rate": 1.0}
+        denominators = {ALL: dict(sent), f"slot:{channel}": dict(sent)}
+        record = {
+            "visitor_id": visitor_id,
+            "ts": moment,
+            "arm": arm,
+            "kind": "message",
+            "slots": {channel: [item_id] if item_id else []},
+        }
+        self._write(experiment, visitor_id, arm, persona, moment, denominators, recommendation_id, record, covariates)
+
+    def _write(
+        self,
+        experiment: ExperimentConfig,
+        visitor_id: str,
+        arm: str,
+        persona: str | None,
+        now: float,
+        denominators: Mapping[str, Mapping[str, float]],
+        recommendation_id: str,
+        record: Mapping[str, Any],
+        covariates: Mapping[str, float] | None = None,
+    ) -> None:
+        # covariates: metric -> the visitor's pre-exposure value for CUPED (used at the first exposure);
+        # the callers do not supply them yet, so every visitor counts as new and reports have no CUPED block.
+        write = ExposureWrite(
+            experiment.storage_id,
+            visitor_id,
+            arm,
+            persona or "unknown",
+            now,
+            denominators,
+            recommendation_id,
+            record,
+            record_ttl_s=int(experiment.attribution_window_hours * 3600) + self.record_ttl_s,
+            covariates=covariates,
+        )
+        try:
+            applied = self.store.record_exposure(write)
+        except StorageUnavailable:
+            # Never fail a recommendation because the experiment store hiccuped; the drop is counted.
+            EXPOSURES_DROPPED.labels(experiment.key).inc()
+            return
+        if applied.status != "ok":
+            EXPOSURES_DROPPED.labels(experiment.key).inc()
+            log.warning("exposure not recorded: %s", applied.status)
+            return
+        count_increments(experiment.key, arm, applied.increments)
+        EXPERIMENT_SERVED.labels(experiment.key, arm).inc()
+
+    # -- reports --------------------------------------------------------------------------------------
+    def describe(self, experiment: ExperimentConfig, now: float | None = None) -> dict[str, Any]:
+        moment = self.clock.now() if now is None else now
+        data = experiment.model_dump(mode="json")
+        data["status"] = experiment.status(moment)
+        data["goal_metrics"] = experiment.goal_metrics
+        data["holdout"] = self.config.holdout
+        return data
+
+    def report(self, key: str, now: float | None = None) -> dict[str, Any]:
+        experiment = self.by_key[key]
+        moment = self.clock.now() if now is None else now
+        report = build_report(
+            experiment, self.store.sums(experiment.storage_id), self.store.days(experiment.storage_id), moment
+        )
+        if experiment.enabled:
+            self._set_gauges(experiment, report)
+        return report
+
+    def _set_gauges(self, experiment: ExperimentConfig, report: Mapping[str, Any]) -> None:
+        key = experiment.key
+
+        def value(v: float | None) -> float:
+            return math.nan if v is None else float(v)
+
+        for result in report["results"]:
+            labels = (key, result["arm"], result["metric"])
+            UPLIFT.labels(*labels).set(value(result["uplift"]))
+            UPLIFT_LOWER.labels(*labels).set(value(result["ci_lower"]))
+            UPLIFT_UPPER.labels(*labels).set(value(result["ci_upper"]))
+            ALWAYS_VALID_LOWER.labels(*labels).set(value(result["always_valid"]["ci_lower"]))
+            ALWAYS_VALID_UPPER.labels(*labels).set(value(result["always_valid"]["ci_upper"]))
+            P_VALUE.labels(*labels).set(value(result["p_value"]))
+            CHANCE_TO_WIN.labels(*labels).set(value(result["chance_to_win"]))
+        srm = report["srm"]
+        SRM_P_VALUE.labels(key).set(value(srm["p_value"]))
+        SRM_CHI2.labels(key).set(value(srm["chi2"]))
+        SRM_FLAGGED.labels(key).set(1.0 if srm["flagged"] else 0.0)
+        READY.labels(key).set(1.0 if report["verdict"]["ready"] else 0.0)
+
+    def refresh_gauges(self) -> None:
+        if not self._registry_published:
+            self.publish_registry()
+        for experiment in self.enabled:
+            try:
+                self.report(experiment.key)
+            except StorageUnavailable:
+                log.warning("experiment gauges not refreshed: the store is unavailable")
+                return
+
+    def start_refresher(self) -> None:
+        """Recompute the result gauges periodically (a daemon thread that ends with the runtime)."""
+        if self._refresher is not None or not self.enabled:
+            return
+        self._refresher = threading.Thread(
+            target=_refresh_loop,
+            args=(weakref.ref(self), self._stop, self.config.report_interval_s),
+            name="experiment-gauges",
+            daemon=True,
+        )
+        self._refresher.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.store.close()
+
+
+def _refresh_loop(runtime_ref: weakref.ref[ExperimentRuntime], stop: threading.Event, interval: float) -> None:
+    # A weak reference: an app that is thrown away (tests) does not keep its runtime alive through this.
+    while not stop.wait(interval):
+        runtime = runtime_ref()
+        if runtime is None:
+            return
+        try:
+            runtime.refresh_gauges()
+        except Exception as exc:  # keep refreshing after a bad cycle
+            log.warning("experiment gauge refresh failed: %s", type(exc).__name__)
+        del runtime
+
+
+def load_experiments(
+    path: Path, settings: CommonSettings, record_ttl_s: int, clock: Clock = SYSTEM_CLOCK
+) -> ExperimentRuntime | None:
+    """The experiment runtime for a service, or None when no experiments file exists at `path` or it is empty.
+    `record_ttl_s` is how long exposure records outlive the attribution window (the recommendation TTL)."""
+    if not path.exists():
+        log.info("no experiments file at %s: experiments are off", path)
+        return None
+    config = load_config(path)
+    if not config.experiments:
+        return None
+    runtime = ExperimentRuntime(config, open_experiment_store(settings), record_ttl_s, clock)
+    runtime.start_refresher()
+    log.info("experiments loaded: %d configured, %d enabled", len(config.experiments), len(runtime.enabled))
+    return runtime

@@ -1,0 +1,2 @@
+"""Experiment statistics from per-arm sufficient statistics (pure numpy/scipy, no I/O), one module per method
+of docs/statistics.md."""
