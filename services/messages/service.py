@@ -46,7 +46,7 @@ from services.messages.model import (
     visitor_vector,
 )
 from services.messages.policy import choose, uniforms
-from services.messages.render import fill, render, tokens_for, tone_for
+from services.messages.render import deep_link, render, tokens_for, tone_for
 from services.messages.repository import MessageRepository
 from services.messages.schemas import MessageRequest, none_answer
 from services.messages.settings import PURPOSE, MessageSettings
@@ -388,8 +388,8 @@ class MessageService:
         locale = p.view.locale if p.view.locale in ("id", "en") else "id"
         visitor_traits = traits.get(request.visitor_id, {})
         tokens = tokens_for(p.view, chosen, visitor_traits, snapshot, locale, s.voucher_discount)
-        title, body, used_locale, used_tone = render(template, locale, tone, tokens)
-        deep_link = fill(template.deep_link, tokens)
+        title, body, used_locale, used_tone = render(template, locale, tone, tokens, request.channel)
+        link = deep_link(template, tokens)
         score = float(scores[action - 1])
         zone_name = p.send_at.tzname() or "local"
         reasons = [
@@ -434,7 +434,7 @@ class MessageService:
                 "body": body,
                 "locale": used_locale,
                 "tone": used_tone,
-                "deep_link": deep_link,
+                "deep_link": link,
             },
             "product": catalog.product_card(product) if product >= 0 else None,
             "send_at": p.send_at.isoformat(),
