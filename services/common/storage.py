@@ -23,6 +23,7 @@ from typing import Any, cast
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
@@ -177,12 +178,14 @@ def make_redis_client(url: str, cluster: bool, timeout_s: float) -> redis.Redis 
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=False
         )
     # One immediate retry (a pooled connection may be stale after a Redis restart), no backoff: redis-py's
-    # default retries with exponential backoff held a request for seconds while Redis was down.
+    # default retries with exponential backoff held a request for seconds while Redis was down. Only on
+    # connection errors, never on timeouts: a timed-out command may still run (a slow Redis had it queued), so
+    # sending it again ran non-idempotent scripts twice (an exposure counted 2x) and doubled the wait.
     return redis.Redis.from_url(
         url,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 1),
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         health_check_interval=10,
         decode_responses=False,
     )
