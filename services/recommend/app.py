@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from services.common.api import add_metrics_route, install_error_handlers, install_openapi_components
 from services.common.auth import ApiKeyAuth
+from services.common.breaker import CircuitBreaker, StoreGuard
 from services.common.clock import Clock, clock_for
 from services.common.observability import MetricsMiddleware, configure_logging
 from services.common.security import install_security
@@ -49,7 +50,9 @@ def build_state(settings: RecommendSettings, clock: Clock | None = None) -> Reco
         simulation=settings.simulation,
     )
     executor = ThreadPoolExecutor(max_workers=settings.ranking_threads, thread_name_prefix="rank")
-    return RecommendState(settings, repository, service, messages, ApiKeyAuth(settings.api_keys), executor)
+    breaker = CircuitBreaker("store", settings.breaker_failures, settings.breaker_reset_s)
+    guard = StoreGuard(breaker, settings.store_budget_s, settings.store_io_threads)
+    return RecommendState(settings, repository, service, messages, ApiKeyAuth(settings.api_keys), executor, guard)
 
 
 def create_app(settings: RecommendSettings | None = None, clock: Clock | None = None) -> FastAPI:
@@ -74,6 +77,7 @@ def create_app(settings: RecommendSettings | None = None, clock: Clock | None = 
         finally:
             state.service.stop()
             state.executor.shutdown(wait=True)
+            state.store_guard.close()
             state.repository.close()
 
     app = FastAPI(
