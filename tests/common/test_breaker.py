@@ -1,12 +1,13 @@
 """The circuit breaker and the store guard (services/common/breaker.py): opening after consecutive failures,
-one trial call when half-open, and blocking calls that overrun their budget abandoned without blocking the loop.
-The stalled-Redis behaviour of the whole service is tested against a real redis-server in
-tests/deploy/test_faults.py."""
+one trial call when half-open, blocking calls that overrun their budget abandoned without blocking the loop,
+and the Redis rate limiter on a stalled redis-server. The stalled-Redis behaviour of the whole service is
+tested against a real redis-server in tests/deploy/test_faults.py."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import signal
 import threading
 import time
 
@@ -14,6 +15,8 @@ import pytest
 
 from services.common.breaker import CircuitBreaker, StoreGuard
 from services.common.errors import StorageUnavailable
+from services.common.ratelimit import Limit, RedisRateLimiter
+from tests.conftest import RedisServer, unique_name
 
 
 class SteppedClock:
@@ -121,3 +124,39 @@ def test_guard_returns_results_and_keeps_the_breaker_closed() -> None:
         assert guard.breaker.state == "closed"
     finally:
         guard.close()
+
+
+def test_rate_limiter_on_a_stalled_redis_lets_requests_through_without_waiting_each_time(
+    redis_server: RedisServer,
+) -> None:
+    """The Redis rate limiter fails open; on a stalled Redis only the first request may wait (one socket
+    timeout, no retries with backoff), the next ones pass at once until the breaker tries Redis again."""
+    limiter = RedisRateLimiter(redis_server.url, unique_name("rl"), timeout_s=0.2)
+    limit = Limit(rate=100.0, burst=10)
+    assert redis_server.process is not None
+
+    async def scenario() -> tuple[float, list[float], float]:
+        assert await limiter.acquire("k", limit) == 0.0  # connected and the script loaded
+        redis_server.process.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+        try:
+            started = time.perf_counter()
+            assert await limiter.acquire("k", limit) == 0.0
+            first = time.perf_counter() - started
+            later = []
+            for _ in range(20):
+                started = time.perf_counter()
+                assert await limiter.acquire("k", limit) == 0.0
+                later.append(time.perf_counter() - started)
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+        await asyncio.sleep(1.05)  # the breaker tries Redis again: the bucket is counted again
+        for _ in range(15):
+            await limiter.acquire("k", limit)
+        refused_wait = await limiter.acquire("k", limit)
+        await limiter.close()
+        return first, later, refused_wait
+
+    first, later, refused_wait = asyncio.run(scenario())
+    assert first < 0.35, f"the first request waited {first:.3f} s"
+    assert max(later) < 0.01, f"later requests waited up to {max(later):.3f} s"
+    assert refused_wait > 0, "the limiter did not use Redis again after the stall"

@@ -29,6 +29,7 @@ import orjson
 import pytest
 import redis
 
+from services.common.auth import hash_key
 from services.common.storage import Namespace, RedisStore
 from tests.conftest import RedisServer, SessionWorld, copy_keys, free_port, unique_name, wait_for
 
@@ -172,10 +173,12 @@ class Load:
             return list(self.outcomes)
 
 
-def post(client: httpx.Client, url: str, payload: Any) -> Outcome:
+def post(client: httpx.Client, url: str, payload: Any, headers: dict[str, str] | None = None) -> Outcome:
     started = time.monotonic()
     try:
-        response = client.post(url, content=orjson.dumps(payload), headers={"content-type": "application/json"})
+        response = client.post(
+            url, content=orjson.dumps(payload), headers={"content-type": "application/json", **(headers or {})}
+        )
     except httpx.HTTPError as exc:
         return Outcome(started, time.monotonic(), None, error=type(exc).__name__)
     body = response.json() if response.headers.get("content-type", "").startswith("application/json") else None
@@ -646,8 +649,17 @@ def test_stalled_redis_gives_fast_fallbacks_keeps_healthz_fast_and_recovers(
 ) -> None:
     """A stalled Redis is worse than a dead one: a dead one refuses connections at once, a stalled one holds
     every read until the socket timeout. Ranking must not wait on it: the answers come within the latency
-    budget with the fallback ranking, liveness stays fast, and personalization resumes after SIGCONT."""
-    env = service_env(tmp_path / "data", world_redis.url, world.settings.namespace, world.settings.feast_project)
+    budget with the fallback ranking, liveness stays fast, and personalization resumes after SIGCONT. With API
+    keys, as in production, so the rate limiter asks the same stalled Redis on every request."""
+    secret = "stall-test-secret"
+    env = service_env(
+        tmp_path / "data",
+        world_redis.url,
+        world.settings.namespace,
+        world.settings.feast_project,
+        SELARAS_API_KEYS=f"shop-backend:recommend+messages:{hash_key(secret)}",
+    )
+    headers = {"x-api-key": secret}
     service = ServiceProcess("recommend", env, tmp_path / "recommend.log")
     services_started.append(service)
     service.start()
@@ -656,7 +668,7 @@ def test_stalled_redis_gives_fast_fallbacks_keeps_healthz_fast_and_recovers(
 
     def send(client: httpx.Client, worker: int, n: int) -> Outcome:
         visitor = visitors[(worker * 7 + n) % len(visitors)]
-        return post(client, url, {"visitor_id": visitor, "context": {"device": "mobile"}, "slots": SLOTS})
+        return post(client, url, {"visitor_id": visitor, "context": {"device": "mobile"}, "slots": SLOTS}, headers)
 
     def probe(client: httpx.Client, worker: int, n: int) -> Outcome:
         started = time.monotonic()
