@@ -26,6 +26,9 @@ from services.common.breaker import CircuitBreaker
 
 log = logging.getLogger(__name__)
 
+# The most a request waits on Redis for its rate-limit check (less when SELARAS_REDIS_TIMEOUT_S is lower).
+RATE_LIMIT_TIMEOUT_S = 0.1
+
 
 @dataclass(frozen=True)
 class Limit:

