@@ -208,6 +208,16 @@ def test_records_and_registry_round_trip(store: ExperimentStore) -> None:
     assert store.registry() == {"exp-b": {"id": "exp-b@1"}}
 
 
+def test_an_exposure_sent_again_for_the_same_recommendation_adds_nothing(store: ExperimentStore) -> None:
+    record = {"visitor_id": "v1", "ts": T0, "slots": {"home": ["p1", "p2"]}}
+    assert expose(store, "v1", "control", T0, {"home": 2}, recommendation_id="rec-1", record=record).status == "ok"
+    again = expose(store, "v1", "control", T0, {"home": 2}, recommendation_id="rec-1", record=record)
+    assert again.status == "duplicate" and again.increments == {}
+    assert expose(store, "v1", "control", T0 + 5, {"home": 1}, recommendation_id="rec-2", record=record).status == "ok"
+    group = store.sums(EXP)["control"]["all"]
+    assert (group["n"], group["ctr"]["y"]) == (1.0, 3.0)
+
+
 def test_a_timed_out_exposure_script_is_counted_once(redis_server: RedisServer) -> None:
     """A stalled Redis (SIGSTOP) makes the exposure script time out on the client while Redis keeps it queued.
     The client must not send it again (a retry after a timeout ran it twice), and an exposure re-sent with the
