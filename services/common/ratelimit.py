@@ -17,9 +17,17 @@ from typing import Any, Protocol
 
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from services.common.breaker import CircuitBreaker
+
 log = logging.getLogger(__name__)
+
+# The most a request waits on Redis for its rate-limit check (less when SELARAS_REDIS_TIMEOUT_S is lower).
+RATE_LIMIT_TIMEOUT_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,13 @@ return '0'
 """
 
 
+def _retry() -> AsyncRetry:
+    """One immediate retry on a connection error (a stale pooled connection), none on timeouts: redis-py's
+    default (3 retries, backoff from 1 s) held every request for seconds while Redis was stalled or down, and
+    a timed-out GCRA script may still have run (a retry would take two tokens)."""
+    return AsyncRetry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+
+
 class RedisRateLimiter:
     """Buckets in Redis under `<namespace>:ratelimit:<bucket>`. Fails open: a Redis outage must not turn
     into an API outage (the services already degrade without Redis), so requests pass and a warning is logged."""
@@ -109,6 +124,9 @@ class RedisRateLimiter:
         # reloads run several loops, so each loop gets its own client.
         self._clients: dict[int, tuple[asyncio.AbstractEventLoop, Any, Any]] = {}
         self._last_warning = 0.0
+        # A stalled Redis would add the socket timeout to every request: after one failure, requests pass
+        # without asking Redis for a second, then one request tries again.
+        self._breaker = CircuitBreaker("ratelimit", failures=1, reset_s=1.0)
 
     def _client(self) -> tuple[Any, Any]:
         loop = asyncio.get_running_loop()
@@ -117,26 +135,33 @@ class RedisRateLimiter:
             client: Any
             if self.cluster:
                 client = AsyncRedisCluster.from_url(
-                    self.url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s
+                    self.url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s, retry=_retry()
                 )
             else:
                 client = AsyncRedis.from_url(
-                    self.url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s
+                    self.url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s, retry=_retry()
                 )
             entry = (loop, client, client.register_script(_GCRA_SCRIPT))
             self._clients[id(loop)] = entry
         return entry[1], entry[2]
 
     async def acquire(self, bucket: str, limit: Limit) -> float:
+        if not self._breaker.allow():
+            return 0.0
         _, script = self._client()
         try:
             wait = await script(keys=[f"{self.namespace}:ratelimit:{bucket}"], args=[limit.rate, limit.burst])
+        except asyncio.CancelledError:
+            self._breaker.release()
+            raise
         except (RedisError, OSError) as exc:
+            self._breaker.failure()
             now = time.monotonic()
             if now - self._last_warning > 30:
                 self._last_warning = now
                 log.warning("rate limiter unavailable, letting requests through: %s", type(exc).__name__)
             return 0.0
+        self._breaker.success()
         return float(wait.decode() if isinstance(wait, bytes) else wait)
 
     async def close(self) -> None:

@@ -28,7 +28,14 @@ from starlette.middleware.cors import CORSMiddleware
 from services.common.auth import BROWSER_SCOPES, ApiKey, hash_key, parse_keys
 from services.common.errors import PayloadTooLarge, RateLimited, SelarasError
 from services.common.observability import UNTRACKED_PATHS, ASGIApp, Message, Receive, Scope, Send
-from services.common.ratelimit import Limit, MemoryRateLimiter, RateLimiter, RedisRateLimiter, parse_limits
+from services.common.ratelimit import (
+    RATE_LIMIT_TIMEOUT_S,
+    Limit,
+    MemoryRateLimiter,
+    RateLimiter,
+    RedisRateLimiter,
+    parse_limits,
+)
 from services.common.settings import CommonSettings
 
 RATE_LIMITED = Counter("selaras_rate_limited_total", "Requests refused with 429, by API key name", ["key"])
@@ -198,9 +205,9 @@ def make_limiter(settings: CommonSettings) -> RateLimiter:
     if backend == "redis" or (backend == "auto" and settings.redis_url):
         if not settings.redis_url:
             raise ValueError("SELARAS_RATE_LIMIT_BACKEND=redis needs REDIS_URL")
-        return RedisRateLimiter(
-            settings.redis_url, settings.namespace, settings.redis_cluster, settings.redis_timeout_s
-        )
+        # The check is one tiny script and fails open anyway: no request should wait long on a slow Redis for it.
+        timeout_s = min(settings.redis_timeout_s, RATE_LIMIT_TIMEOUT_S)
+        return RedisRateLimiter(settings.redis_url, settings.namespace, settings.redis_cluster, timeout_s)
     return MemoryRateLimiter()
 
 

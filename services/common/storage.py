@@ -23,6 +23,7 @@ from typing import Any, cast
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
@@ -100,9 +101,12 @@ class Store(ABC):
     def delete(self, namespace: str, keys: Sequence[str]) -> int: ...
 
     @abstractmethod
-    def update(self, namespace: str, key: str, change: Callable[[bytes | None], bytes]) -> bytes:
+    def update(
+        self, namespace: str, key: str, change: Callable[[bytes | None], bytes], ttl_s: int | None = None
+    ) -> bytes:
         """Compare-and-set: store `change(current value)` only if the value did not change in between (else
-        read again and retry); returns what was stored. For records several writers merge (consent)."""
+        read again and retry); returns what was stored. For records several writers merge (consent) and
+        check-then-consume limits (message frequency caps). `ttl_s`: the stored value's expiry (None = none)."""
 
     @abstractmethod
     def scan(self, namespace: str) -> Iterator[tuple[str, bytes]]: ...
@@ -177,12 +181,14 @@ def make_redis_client(url: str, cluster: bool, timeout_s: float) -> redis.Redis 
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=False
         )
     # One immediate retry (a pooled connection may be stale after a Redis restart), no backoff: redis-py's
-    # default retries with exponential backoff held a request for seconds while Redis was down.
+    # default retries with exponential backoff held a request for seconds while Redis was down. Only on
+    # connection errors, never on timeouts: a timed-out command may still run (a slow Redis had it queued), so
+    # sending it again ran non-idempotent scripts twice (an exposure counted 2x) and doubled the wait.
     return redis.Redis.from_url(
         url,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 1),
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         health_check_interval=10,
         decode_responses=False,
     )
@@ -290,7 +296,9 @@ class RedisStore(Store):
 
         self._call(write)
 
-    def update(self, namespace: str, key: str, change: Callable[[bytes | None], bytes]) -> bytes:
+    def update(
+        self, namespace: str, key: str, change: Callable[[bytes | None], bytes], ttl_s: int | None = None
+    ) -> bytes:
         full = self._blob_key(namespace, key)
         stored: list[bytes] = []
 
@@ -299,7 +307,7 @@ class RedisStore(Store):
             # discarded and this runs again on the new value.
             value = change(pipe.get(full))
             pipe.multi()
-            pipe.set(full, value)
+            pipe.set(full, value, ex=ttl_s)
             stored[:] = [value]
 
         self._call(lambda: self._sync.transaction(attempt, full))
@@ -516,7 +524,9 @@ class SqliteStore(Store):
             )
         )
 
-    def update(self, namespace: str, key: str, change: Callable[[bytes | None], bytes]) -> bytes:
+    def update(
+        self, namespace: str, key: str, change: Callable[[bytes | None], bytes], ttl_s: int | None = None
+    ) -> bytes:
         def write(conn: sqlite3.Connection) -> bytes:
             conn.execute("BEGIN IMMEDIATE")  # the write lock across processes: read, change and write as one
             try:
@@ -526,9 +536,9 @@ class SqliteStore(Store):
                 ).fetchone()
                 value = change(bytes(row[0]) if row else None)
                 conn.execute(
-                    "INSERT INTO blobs (ns, key, value, expires_at) VALUES (?, ?, ?, NULL)"
-                    " ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value, expires_at = NULL",
-                    (namespace, key, value),
+                    "INSERT INTO blobs (ns, key, value, expires_at) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
+                    (namespace, key, value, None if ttl_s is None else wall_time() + ttl_s),
                 )
                 conn.execute("COMMIT")
             except BaseException:

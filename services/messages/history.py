@@ -1,6 +1,8 @@
 """A visitor's send history: the frequency caps and per-template cooldowns a decision must respect.
 
-Stored per visitor as `{"s": [[send time, channel, template], ...], "t": {template: last send time}}`."""
+Stored per visitor as `{"s": [[send time, channel, template], ...], "t": {template: last send time}}`. A send
+is checked against the caps and cooldowns and recorded in one step on the stored value (`try_send`, run by
+`MessageRepository.record_send` as a compare-and-set), never read in one request and written in another."""
 
 from __future__ import annotations
 
@@ -65,6 +67,22 @@ class SendHistory:
     def cooling(self, template: Template, send_at: float) -> bool:
         last = self.last.get(template.item_id)
         return last is not None and send_at - last < template.cooldown_s
+
+    def try_send(self, channel: str, send_at: datetime, template: Template, settings: MessageSettings) -> str | None:
+        """Record the send unless a cap or the template's cooldown refuses it; the refusal ("channel_day", ...,
+        "cooldown") or None. Run on the stored history inside one compare-and-set (`record_send` of the
+        repository), so concurrent decisions for a visitor cannot together send more than the caps allow."""
+        cap = self.cap_reached(channel, send_at, settings)
+        if cap is not None:
+            return cap
+        if self.cooling(template, send_at.timestamp()):
+            return "cooldown"
+        self.record(send_at.timestamp(), channel, template.item_id)
+        return None
+
+    def replace(self, other: SendHistory) -> None:
+        """Take the stored history's contents (later decisions of a batch then see every recorded send)."""
+        self.sends, self.last = list(other.sends), dict(other.last)
 
     def record(self, send_at: float, channel: str, template_id: str) -> None:
         self.sends.append((send_at, channel, template_id))

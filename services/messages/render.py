@@ -1,11 +1,15 @@
-"""Tone and rendering: short or detailed text for the visitor, prices in the locale's format, {token}s filled."""
+"""Tone and rendering: short or detailed text for the visitor, prices in the locale's format, {token}s filled
+with values escaped per channel (HTML for e-mail, plain single lines for push and WhatsApp, percent-encoded in
+deep links)."""
 
 from __future__ import annotations
 
+import html
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
+from urllib.parse import quote
 
 from services.common.features import as_number
 from services.messages.eligibility import Candidate
@@ -62,19 +66,55 @@ def format_price(price: float, locale: str) -> str:
 FALLBACK_NAME: Final = {"id": "Kak", "en": "friend"}
 
 
-def fill(text: str, tokens: Mapping[str, str]) -> str:
-    """Replace {token}s (unknown tokens become empty: a half-filled sentence beats a literal brace)."""
-    return _TOKEN.sub(lambda m: tokens.get(m.group(1), ""), text)
+# Control characters (C0, DEL, C1: CR/LF would start new header or text lines), zero-width and bidi controls
+# (an RLO can make "gnp.exe" read as "exe.png"): never in a message. Other whitespace runs become one space.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]+")
+_SPACES = re.compile(r"\s+")
+MAX_NAME_CHARS: Final = 40
 
 
-def render(template: Template, locale: str, tone: str, tokens: Mapping[str, str]) -> tuple[str, str, str, str]:
-    """(title, body, locale, tone) actually used: falls back to Indonesian, then any locale/tone present."""
+def plain(value: str) -> str:
+    """A token value as one line of plain text: control characters become spaces, spaces are collapsed."""
+    return _SPACES.sub(" ", _CONTROL.sub(" ", value)).strip()
+
+
+def escape_for(channel: str) -> Callable[[str], str]:
+    """How token values enter a channel's text: e-mail bodies are HTML, so values are HTML-escaped (a name
+    cannot add markup or links); push and WhatsApp are plain text, so values are plain single lines."""
+    if channel == "email":
+        return lambda value: html.escape(plain(value), quote=True)
+    return plain
+
+
+def link_value(value: str) -> str:
+    """A token value inside a deep link: percent-encoded, so it stays one path segment or query value (a "/",
+    "?", "#" or "&" in an id or category cannot change where the link goes)."""
+    return quote(plain(value), safe="")
+
+
+def fill(text: str, tokens: Mapping[str, str], escape: Callable[[str], str] = plain) -> str:
+    """Replace {token}s with `escape`d values (unknown tokens become empty: a half-filled sentence beats a
+    literal brace). The template text itself is the shop's and is kept as written."""
+    return _TOKEN.sub(lambda m: escape(tokens.get(m.group(1), "")), text)
+
+
+def deep_link(template: Template, tokens: Mapping[str, str]) -> str:
+    return fill(template.deep_link, tokens, link_value)
+
+
+def render(
+    template: Template, locale: str, tone: str, tokens: Mapping[str, str], channel: str
+) -> tuple[str, str, str, str]:
+    """(title, body, locale, tone) actually used: falls back to Indonesian, then any locale/tone present.
+    Token values are escaped for `channel` (`escape_for`)."""
     texts = template.texts
     used_locale = locale if locale in texts else ("id" if "id" in texts else next(iter(texts)))
     tones = texts[used_locale]
     used_tone = tone if tone in tones else ("short" if "short" in tones else next(iter(tones)))
     parts = tones[used_tone]
-    title, body = fill(parts.get("title", ""), tokens).strip(), fill(parts.get("body", ""), tokens).strip()
+    escape = escape_for(channel)
+    title = fill(parts.get("title", ""), tokens, escape).strip()
+    body = fill(parts.get("body", ""), tokens, escape).strip()
     return title[:1].upper() + title[1:], body[:1].upper() + body[1:], used_locale, used_tone
 
 
@@ -90,7 +130,9 @@ def tokens_for(
     category and the discount (`voucher_discount` when the message has no discounted product)."""
     product = chosen.product
     name = traits.get("first_name")
-    first_name = str(name).strip().split(" ")[0].title() if isinstance(name, str) and name.strip() else ""
+    # The first word of the plain name (a "first name" of "Ana\r\nBcc: x" is "Ana"), of a sane length.
+    words = plain(name).split(" ") if isinstance(name, str) else []
+    first_name = words[0][:MAX_NAME_CHARS].title() if words and words[0] else ""
     discount = float(snapshot.discount[product]) if product >= 0 else 0.0
     if discount <= 0:
         discount = voucher_discount

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 import orjson
@@ -18,6 +18,7 @@ from services.common.consent import Consent
 from services.common.events import Event
 from services.common.models import ModelIndex, ModelKind
 from services.common.storage import Namespace
+from services.messages.history import SendHistory
 from services.recommend.repository import RecommendRepository
 
 log = logging.getLogger(__name__)
@@ -166,8 +167,23 @@ class MessageRepository:
     def histories(self, visitor_ids: Sequence[str]) -> list[bytes | None]:
         return self.store.get_many(MESSAGE_HISTORY, visitor_ids)
 
-    def save_histories(self, values: Mapping[str, bytes], ttl_s: int) -> None:
-        self.store.put_many(MESSAGE_HISTORY, values, ttl_s)
+    def record_send(
+        self, visitor_id: str, attempt: Callable[[SendHistory], str | None], now: float, keep_s: float, ttl_s: int
+    ) -> tuple[str | None, SendHistory]:
+        """Check and consume the visitor's caps in one compare-and-set on the stored history: `attempt` (e.g.
+        `SendHistory.try_send`) runs on the current stored value and its send is stored only if nobody wrote
+        the history in between (else it runs again on the new value). Returns (refusal or None, the history
+        as stored)."""
+        outcome: list[tuple[str | None, SendHistory]] = []
+
+        def change(raw: bytes | None) -> bytes:
+            history = SendHistory.from_bytes(raw)
+            refused = attempt(history)
+            outcome[:] = [(refused, history)]
+            return history.to_bytes(now, keep_s)
+
+        self.store.update(MESSAGE_HISTORY, visitor_id, change, ttl_s)
+        return outcome[0]
 
     # -- stock watch (back in stock) -----------------------------------------------------------------
     def stock_watch(self) -> bytes | None:

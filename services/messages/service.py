@@ -11,9 +11,9 @@ event (event id `msg:<recommendation_id>`, so a CRM that posts the same event ag
 propensity and candidates. Decisions that send nothing on purpose (control group, no expected uplift,
 exploration) are logged too, as `message_sent` with `item_id` "none" and `properties.action` "none": they
 are the comparison that uplift training and offline evaluation need; no message goes out for them.
-Caps are checked against the recorded history, including earlier decisions of the same batch. Two
-concurrent requests for the same visitor are not serialised (no cross-request lock): a CRM asks once per
-visitor and channel at a time, and a batch with repeated visitors is handled in order.
+Caps are checked against the recorded history, including earlier decisions of the same batch, and a send is
+checked and recorded in one compare-and-set on the stored history (`MessageRepository.record_send`): of
+concurrent requests for one visitor, only as many send as the caps and cooldowns allow, in any process.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from services.messages.model import (
     visitor_vector,
 )
 from services.messages.policy import choose, uniforms
-from services.messages.render import fill, render, tokens_for, tone_for
+from services.messages.render import deep_link, render, tokens_for, tone_for
 from services.messages.repository import MessageRepository
 from services.messages.schemas import MessageRequest, none_answer
 from services.messages.settings import PURPOSE, MessageSettings
@@ -273,13 +273,6 @@ class MessageService:
             for p in planned:
                 results[p.index] = self._choose(p, uplift, attributed, baseline, model, catalog, traits, personas)
 
-        writes = {
-            visitor_id: history.to_bytes(max(t.ts for t in times), catalog.max_cooldown_s + WEEK)
-            for visitor_id, history in histories.items()
-            if history.changed
-        }
-        if writes:
-            self.repository.save_histories(writes, int(max(catalog.max_cooldown_s, WEEK) + 86_400))
         for result, used in zip(results, times, strict=True):
             if result is not None:
                 result["time"] = used.to_dict()
@@ -398,8 +391,8 @@ class MessageService:
         locale = p.view.locale if p.view.locale in ("id", "en") else "id"
         visitor_traits = traits.get(request.visitor_id, {})
         tokens = tokens_for(p.view, chosen, visitor_traits, snapshot, locale, s.voucher_discount)
-        title, body, used_locale, used_tone = render(template, locale, tone, tokens)
-        deep_link = fill(template.deep_link, tokens)
+        title, body, used_locale, used_tone = render(template, locale, tone, tokens, request.channel)
+        link = deep_link(template, tokens)
         score = float(scores[action - 1])
         zone_name = p.send_at.tzname() or "local"
         reasons = [
@@ -413,7 +406,20 @@ class MessageService:
         if reason == "exploration" or action != greedy:
             reasons.append("exploration: a less certain message, to keep learning")
         if not request.dry_run:
-            p.history.record(p.send_ts, request.channel, template.item_id)
+            # The caps and the cooldown checked above were read at the start; this is the decisive check, on the
+            # stored history in one compare-and-set: a concurrent decision for the visitor may have sent since.
+            refused, stored = self.repository.record_send(
+                request.visitor_id,
+                lambda history: history.try_send(request.channel, p.send_at, template, s),
+                p.now,
+                catalog.max_cooldown_s + WEEK,
+                int(max(catalog.max_cooldown_s, WEEK) + 86_400),
+            )
+            p.history.replace(stored)
+            if refused == "cooldown":
+                return none_answer(request, "cooldown", "every eligible message is cooling down", p.experiment)
+            if refused is not None:
+                return none_answer(request, "frequency_cap", f"{refused} cap reached", p.experiment)
             product_id = snapshot.ids[product] if product >= 0 else None
             self._log(
                 p,
@@ -444,7 +450,7 @@ class MessageService:
                 "body": body,
                 "locale": used_locale,
                 "tone": used_tone,
-                "deep_link": deep_link,
+                "deep_link": link,
             },
             "product": catalog.product_card(product) if product >= 0 else None,
             "send_at": p.send_at.isoformat(),

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from services.common.api import add_metrics_route, install_error_handlers, install_openapi_components
 from services.common.auth import ApiKeyAuth
+from services.common.breaker import CircuitBreaker, StoreGuard
 from services.common.clock import Clock, clock_for
 from services.common.observability import MetricsMiddleware, configure_logging
 from services.common.security import install_security
@@ -54,7 +55,9 @@ def build_state(settings: RecommendSettings, clock: Clock | None = None) -> Reco
     executor = ThreadPoolExecutor(max_workers=settings.ranking_threads, thread_name_prefix="rank")
     auth = ApiKeyAuth(settings.api_keys)
     experiment_state = ExperimentsState(experiments, settings.experiments_file, auth)
-    return RecommendState(settings, repository, service, messages, auth, executor, experiment_state)
+    breaker = CircuitBreaker("store", settings.breaker_failures, settings.breaker_reset_s)
+    guard = StoreGuard(breaker, settings.store_budget_s, settings.store_io_threads)
+    return RecommendState(settings, repository, service, messages, auth, executor, experiment_state, guard)
 
 
 def create_app(settings: RecommendSettings | None = None, clock: Clock | None = None) -> FastAPI:
@@ -80,6 +83,7 @@ def create_app(settings: RecommendSettings | None = None, clock: Clock | None = 
         finally:
             state.service.stop()
             state.executor.shutdown(wait=True)
+            state.store_guard.close()
             state.repository.close()
 
     app = FastAPI(

@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 
 from services.common.api import require_scope
 from services.common.auth import ApiKeyAuth
+from services.common.breaker import StoreGuard
 from services.experiments.deps import ExperimentsState
 from services.messages.service import MessageService
 from services.recommend.repository import RecommendRepository
@@ -27,6 +28,8 @@ class RecommendState:
     auth: ApiKeyAuth
     executor: ThreadPoolExecutor
     experiments: ExperimentsState  # also the experiment routes' state (app.state.experiments)
+    # The visitor reads of /v1/recommend: off the event loop, within a budget, behind a circuit breaker.
+    store_guard: StoreGuard
 
 
 def get_state(request: Request) -> RecommendState:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
 import orjson
 from fastapi import APIRouter, Request
@@ -15,12 +16,14 @@ from services.common.api import (
     json_body_schema,
     parse_json_request,
 )
+from services.common.errors import StorageUnavailable
 from services.recommend.deps import AdminKey, RecommendKey, State
 from services.recommend.schemas import (
     RecommendRequest,
     RecommendResponse,
     ReloadResult,
 )
+from services.recommend.service import StoredVisitor
 
 router = APIRouter()
 REQUEST_ADAPTER: TypeAdapter[RecommendRequest] = TypeAdapter(RecommendRequest)
@@ -37,12 +40,19 @@ async def recommend(request: Request, state: State, key: RecommendKey) -> Respon
     parsed = await parse_json_request(request, REQUEST_ADAPTER, state.settings.max_body_bytes)
     may_set_time = state.auth.is_admin(key)
     personal = not state.auth.is_browser(key)  # a public (browser) key never reads a visitor's behaviour
+    service = state.service
+    # The only storage reads of ranking, awaited off the event loop: a stalled Redis costs this request at most
+    # the budget (then the breaker skips the reads), never the other requests or /healthz.
+    try:
+        stored = await state.store_guard.run(partial(service.read_visitor, parsed.visitor_id))
+    except StorageUnavailable:
+        stored = StoredVisitor.UNAVAILABLE
     if state.settings.rank_on_event_loop:
         # ~5 ms of CPU under the GIL: a thread would add hand-offs, not parallelism (workers are the cores).
-        result = state.service.recommend(parsed, may_set_time, personal)
+        result = service.recommend(parsed, may_set_time, personal, stored)
     else:
         result = await asyncio.get_running_loop().run_in_executor(
-            state.executor, state.service.recommend, parsed, may_set_time, personal
+            state.executor, service.recommend, parsed, may_set_time, personal, stored
         )
     return FastJSONResponse(result)
 
@@ -60,15 +70,22 @@ async def reload(state: State, _: AdminKey, version: str | None = None) -> Reloa
 
 
 @router.get("/healthz", include_in_schema=False)
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
+    # Liveness: on the event loop (no thread hand-off) and never touches storage, so a stalled Redis cannot
+    # make the orchestrator restart healthy pods.
     return {"status": "alive"}
 
 
 @router.get("/readyz", include_in_schema=False)
 def readyz(state: State) -> Response:
     service = state.service
+    breaker = state.store_guard.breaker.state
     body = {
         "ready": service.ready,
+        # Degraded, still ready: every replica shares the store, so taking pods out would not help; the open
+        # breaker means answers are the fallback ranking until the store answers again.
+        "store": breaker,
+        "degraded": breaker != "closed",
         "model_version": service.model.meta.version if service.model else None,
         "items": service.snapshot.size,
         "skipped_models": service.skipped_models,

@@ -12,14 +12,14 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.catalog import ItemKind
 from services.common.clock import SYSTEM_CLOCK, Clock, TimePolicy, wall_time
-from services.common.consent import ConsentDefaults
+from services.common.consent import Consent, ConsentDefaults
 from services.common.context import context_features, daypart, local_time, zone_for
 from services.common.events import Event
 from services.common.features import visitor_row_at
@@ -99,6 +99,22 @@ class ArmChooser(Protocol):
         took_s: float,
     ) -> None:
         """`shown` maps each slot name to (slot kind, item ids shown); `now` is the request time."""
+
+
+@dataclass(frozen=True)
+class StoredVisitor:
+    """The visitor's stored inputs to ranking. `available` False: the store did not answer (fallback);
+    `consent` None: not read (a known visitor under the opt-out default, no experiments)."""
+
+    available: bool
+    personalization_allowed: bool
+    row: dict[str, Any] | None
+    consent: Consent | None
+
+    UNAVAILABLE: ClassVar[StoredVisitor]
+
+
+StoredVisitor.UNAVAILABLE = StoredVisitor(False, True, None, None)
 
 
 @dataclass
@@ -271,13 +287,36 @@ class RecommendService:
             self.reload_model()
 
     # -- ranking ------------------------------------------------------------------------------------
+    def read_visitor(self, visitor_id: str) -> StoredVisitor:
+        """What ranking reads from the store about the visitor (blocking I/O: the endpoint runs it in the store
+        guard's threads, within a budget). Raises when the store or Feast fails."""
+        # With an opt-out default, a visitor row exists only while personalization is allowed (the profile
+        # service keeps no profile without consent and deletes it on withdrawal), so a known row answers the
+        # consent question without a second Redis round trip. With opt-in, consent is always read.
+        opt_out = self.consent_defaults.personalization == "opt_out"
+        row = self.repository.visitor_row(visitor_id) if opt_out else None
+        consent: Consent | None = None
+        if row is None or self.experiments is not None:  # experiments also need the `analytics` purpose
+            consent = self.repository.consent(visitor_id)
+        allowed = (opt_out and row is not None) or (
+            consent is not None and consent.allows("personalization", self.consent_defaults)
+        )
+        if allowed and not opt_out:
+            row = self.repository.visitor_row(visitor_id)
+        return StoredVisitor(True, allowed, row if allowed else None, consent)
+
     def recommend(
-        self, request: RecommendRequest, caller_may_set_time: bool = True, personal_reasons: bool = True
+        self,
+        request: RecommendRequest,
+        caller_may_set_time: bool = True,
+        personal_reasons: bool = True,
+        stored: StoredVisitor | None = None,
     ) -> dict[str, Any]:
         """Rank every slot. `caller_may_set_time`: whether `context.now` is honoured (the HTTP endpoint passes
         False for non-admin keys; see `TimePolicy`); the answer says which time was used. `personal_reasons`:
         whether `explain` may say what the visitor did ("still in your cart"); a browser key gets only
-        `GENERIC_REASON` (anyone holding the public key could otherwise read a visitor's behaviour)."""
+        `GENERIC_REASON` (anyone holding the public key could otherwise read a visitor's behaviour). `stored`:
+        what `read_visitor` returned, read beforehand off the event loop (None = read it here, blocking)."""
         started = time.perf_counter()
         recommendation_id = uuid.uuid4().hex
         ctx = request.context
@@ -287,25 +326,19 @@ class RecommendService:
         fallback_reason: str | None = None
 
         stage = time.perf_counter()
+        if stored is None:
+            try:
+                stored = self.read_visitor(request.visitor_id)
+            except Exception as exc:  # store or Feast down: answer from the in-process caches
+                log.debug("visitor row unavailable: %s", type(exc).__name__)
+                stored = StoredVisitor.UNAVAILABLE
         visitor = VisitorVector(request.visitor_id, False, {})
-        personalization_allowed = True
-        try:
-            # With an opt-out default, a visitor row exists only while personalization is allowed (the profile
-            # service keeps no profile without consent and deletes it on withdrawal), so a known row answers the
-            # consent question without a second Redis round trip. With opt-in, consent is always read.
-            row = None
-            if self.consent_defaults.personalization == "opt_out":
-                row = self.repository.visitor_row(request.visitor_id)
-            if row is None:
-                consent = self.repository.consent(request.visitor_id)
-                personalization_allowed = consent.allows("personalization", self.consent_defaults)
-                if personalization_allowed and self.consent_defaults.personalization == "opt_in":
-                    row = self.repository.visitor_row(request.visitor_id)
-            if personalization_allowed:
-                visitor = VisitorVector.from_row(request.visitor_id, visitor_row_at(row, now) if row else row)
-        except Exception as exc:  # store or Feast down: answer from the in-process caches
+        personalization_allowed = stored.personalization_allowed
+        if not stored.available:
             fallback_reason = "store_unavailable"
-            log.debug("visitor row unavailable: %s", type(exc).__name__)
+        elif personalization_allowed:
+            row = stored.row
+            visitor = VisitorVector.from_row(request.visitor_id, visitor_row_at(row, now) if row else row)
         STAGE_VISITOR.observe(time.perf_counter() - stage)
         if model is None and fallback_reason is None:
             fallback_reason = "no_model"
@@ -316,7 +349,7 @@ class RecommendService:
             experiment = self.experiments.assign_recommend(
                 request.visitor_id, [s.kind.value for s in request.slots], now
             )
-            if experiment is not None and not self._analytics_allowed(request.visitor_id):
+            if experiment is not None and not self._analytics_allowed(request.visitor_id, stored):
                 experiment = None  # no exposure (and so no outcome) is tracked without `analytics` consent
             if experiment is not None:
                 personalized = experiment[2]
@@ -440,9 +473,13 @@ class RecommendService:
             "slots": slots_out,
         }
 
-    def _analytics_allowed(self, visitor_id: str) -> bool:
+    def _analytics_allowed(self, visitor_id: str, stored: StoredVisitor) -> bool:
         """Whether experiment exposures and outcomes may be tracked for the visitor (the `analytics` purpose).
         If the store cannot answer, no: the visitor is then served outside the experiment."""
+        if not stored.available:
+            return False
+        if stored.consent is not None:
+            return stored.consent.allows("analytics", self.consent_defaults)
         try:
             return self.repository.consent(visitor_id).allows("analytics", self.consent_defaults)
         except Exception as exc:

@@ -19,6 +19,14 @@ class RecommendSettings(CommonSettings):
     port: int = 8002
     # A page view must not wait on a struggling Redis: fail fast and answer from the in-process caches.
     redis_timeout_s: float = Field(default=0.25, gt=0, le=30, validation_alias="SELARAS_REDIS_TIMEOUT_S")
+    # A stalled (not dead) Redis holds each read until the socket timeout. The visitor's stored inputs are read
+    # off the event loop and waited for at most `store_budget_s`; after `breaker_failures` failed reads in a row
+    # the reads are skipped (fallback ranking at once) for `breaker_reset_s`, then one trial read decides
+    # (services/common/breaker.py).
+    store_budget_s: float = Field(default=0.15, gt=0, le=5)
+    store_io_threads: int = Field(default=8, ge=1, le=64)
+    breaker_failures: int = Field(default=3, ge=1, le=100)
+    breaker_reset_s: float = Field(default=1.0, gt=0, le=60)
     max_candidates: int = Field(default=500, ge=10, le=5000)
     # Candidate generators in use (all by default; fewer for ablations, see docs/quality.md).
     candidate_sources: tuple[str, ...] = SOURCES

@@ -4,7 +4,9 @@ the batch sums of the visitors' final values, whatever the order and repetition 
 from __future__ import annotations
 
 import random
+import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
+from services.common.errors import StorageUnavailable
 from services.common.storage import make_redis_client
 from services.experiments.stats.capping import covariate_histogram_from_values, histogram_from_values
 from services.experiments.stats.intervals import ArmSums
@@ -20,7 +23,7 @@ from services.experiments.store.base import ExperimentStore, ExposureWrite, Outc
 from services.experiments.store.redis_store import RedisExperimentStore
 from services.experiments.store.sqlite_store import SqliteExperimentStore
 from services.experiments.store.sums import count_increments, parse_covariate_histogram, parse_histogram
-from tests.conftest import REDIS_URL, clean_namespace, unique_name
+from tests.conftest import REDIS_URL, RedisServer, clean_namespace, unique_name
 
 EXP = "exp-a@1"
 T0 = 1_790_000_000.0
@@ -198,6 +201,43 @@ def test_records_and_registry_round_trip(store: ExperimentStore) -> None:
     store.publish_registry({"exp-a": {"id": EXP, "window_s": 3600}})
     store.publish_registry({"exp-b": {"id": "exp-b@1"}})
     assert store.registry() == {"exp-b": {"id": "exp-b@1"}}
+
+
+def test_an_exposure_sent_again_for_the_same_recommendation_adds_nothing(store: ExperimentStore) -> None:
+    record = {"visitor_id": "v1", "ts": T0, "slots": {"home": ["p1", "p2"]}}
+    assert expose(store, "v1", "control", T0, {"home": 2}, recommendation_id="rec-1", record=record).status == "ok"
+    again = expose(store, "v1", "control", T0, {"home": 2}, recommendation_id="rec-1", record=record)
+    assert again.status == "duplicate" and again.increments == {}
+    assert expose(store, "v1", "control", T0 + 5, {"home": 1}, recommendation_id="rec-2", record=record).status == "ok"
+    group = store.sums(EXP)["control"]["all"]
+    assert (group["n"], group["ctr"]["y"]) == (1.0, 3.0)
+
+
+def test_a_timed_out_exposure_script_is_counted_once(redis_server: RedisServer) -> None:
+    """A stalled Redis (SIGSTOP) makes the exposure script time out on the client while Redis keeps it queued.
+    The client must not send it again (a retry after a timeout ran it twice), and an exposure re-sent with the
+    same recommendation id (a caller that retries what it saw fail) adds nothing."""
+    store = RedisExperimentStore(make_redis_client(redis_server.url, False, 0.2), unique_name("es"))
+    # Connected, and the script loaded (a stalled EVALSHA of an unknown script would only fail with NOSCRIPT).
+    store.record_exposure(ExposureWrite("warm-up@1", "v0", "a", "s", T0, {"all": {"ctr": 1.0}}))
+    assert redis_server.process is not None
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailable):
+            expose(store, "v1", "treatment", T0, {"home": 3}, recommendation_id="rec-slow")
+        took = time.monotonic() - started
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    # Whatever was queued has run once Redis answers again.
+    assert store.visitor_heads([EXP], ["v1"])[(EXP, "v1")].arm == "treatment"
+    assert expose(store, "v1", "treatment", T0 + 1, {"home": 3}, recommendation_id="rec-slow").status == "duplicate"
+    group = store.sums(EXP)["treatment"]["all"]
+    assert (group["n"], group["ctr"]["y"]) == (1.0, 3.0), "the exposure was counted more than once"
+    assert took < 0.35, f"the client waited {took:.2f} s: the timed-out script was sent again"
+    assert expose(store, "v1", "treatment", T0 + 2, {"home": 2}, recommendation_id="rec-next").status == "ok"
+    assert store.sums(EXP)["treatment"]["all"]["ctr"]["y"] == 5.0
+    store.close()
 
 
 def test_concurrent_writers_lose_nothing(store: ExperimentStore) -> None:

@@ -4,8 +4,10 @@ zones, caps, cooldowns, consent, the batch endpoint, the "none" answers and the 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,11 +26,13 @@ from services.common.models import ModelKind, ModelRegistry
 from services.common.settings import CommonSettings
 from services.demo.shop import generate_shop
 from services.messages.endpoints import install_message_service
+from services.messages.history import SendHistory
 from services.messages.model import MessageModel, Stage
 from services.messages.repository import MessageRepository
 from services.messages.schemas import MessageRequest
 from services.messages.service import MessageService
 from services.messages.settings import MessageSettings
+from services.messages.templates import MessageCatalog
 from services.profile.aggregations import SegmentRules
 from services.profile.privacy import MessageHistoryHolder
 from services.profile.repository import ProfileRepository
@@ -89,6 +93,7 @@ def visitor_events() -> list[Event]:
         profile("researcher", "Ayu"),
         profile("capper", "Andi"),
         profile("batcher", "Citra"),
+        profile("racer", "Rudi"),
         profile("refuser", "Joko", {"consent_marketing_push": False, "consent_marketing_email": True}),
         # "silent" never says anything about consent: marketing is opt-in by default.
     ]
@@ -98,6 +103,7 @@ def visitor_events() -> list[Event]:
         ("english", "Jakarta", "en"),
         ("capper", "Jakarta", "id"),
         ("batcher", "Jakarta", "id"),
+        ("racer", "Jakarta", "id"),
         ("refuser", "Jakarta", "id"),
         ("silent", "Jakarta", "id"),
     ):
@@ -350,6 +356,54 @@ def test_caps_per_channel_and_across_channels_then_cooldown(shop: Shop) -> None:
     assert logged.properties["propensity"] == 1.0 and logged.properties["action"] == "send"
     assert "m001:p-cart" in str(logged.properties["candidates"])
     assert set(sent) == {first["recommendation_id"], email["recommendation_id"]}  # refusals are not decisions
+
+
+def test_concurrent_requests_for_one_visitor_send_no_more_than_the_caps_allow(shop: Shop) -> None:
+    """Caps are checked and consumed in one step on the stored history: 12 decisions racing for one visitor
+    (threads of one process here; replicas race the same way through Redis) send exactly once."""
+    service = shop.service()
+    start = threading.Barrier(12)
+
+    def decide(_: int) -> dict[str, Any]:
+        start.wait()
+        return service.decide(MessageRequest(visitor_id="racer", channel="push", now=NOW))
+
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(decide, range(12)))
+    sent = [a for a in answers if a["action"] == "send"]
+    assert len(sent) == 1, [(a["action"], a.get("reason")) for a in answers]
+    assert {a["reason"] for a in answers if a["action"] != "send"} <= {"frequency_cap", "cooldown"}
+    stored = SendHistory.from_bytes(MessageRepository(shop.state.repository).histories(["racer"])[0])
+    assert [(channel, template) for _, channel, template in stored.sends] == [("push", sent[0]["message"]["item_id"])]
+
+
+def test_record_send_consumes_a_cap_of_k_exactly_k_times_under_contention(shop: Shop) -> None:
+    """The repository's compare-and-set with a cap of 3 a day: 12 threads, each with a message template of
+    its own, record exactly 3 sends (a read-then-write across threads recorded up to 12, losing some)."""
+    repository = MessageRepository(shop.state.repository)
+    templates = MessageCatalog.build(shop.state.service.snapshot, 0.1).templates
+    assert len(templates) >= 3
+    settings = DETERMINISTIC.model_copy(update={"cap_channel_day": 3, "cap_total_day": 3})
+    send_at = NOW + timedelta(hours=10)
+    start = threading.Barrier(12)
+
+    def record(i: int) -> str | None:
+        template = templates[i % len(templates)]
+        start.wait()
+        refused, _ = repository.record_send(
+            "cap-contender",
+            lambda history: history.try_send("push", send_at, template, settings),
+            NOW.timestamp(),
+            14 * 86_400,
+            30 * 86_400,
+        )
+        return refused
+
+    with ThreadPoolExecutor(12) as pool:
+        refusals = list(pool.map(record, range(12)))
+    assert refusals.count(None) == 3, refusals
+    stored = SendHistory.from_bytes(repository.histories(["cap-contender"])[0])
+    assert len(stored.sends) == 3 and len({template for _, _, template in stored.sends}) == 3
 
 
 def test_consent_is_required_per_channel(shop: Shop) -> None:

@@ -3,6 +3,7 @@ per trigger, tone, rendering."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,10 +12,10 @@ import pytest
 from services.common.catalog import CatalogItem
 from services.common.context import WIB, WIT, WITA
 from services.demo.shop import generate_shop
-from services.messages.eligibility import Eligibility, StockWatch
+from services.messages.eligibility import Candidate, Eligibility, StockWatch
 from services.messages.history import SendHistory
 from services.messages.model import VisitorView
-from services.messages.render import fill, format_price, render, tone_for
+from services.messages.render import deep_link, fill, format_price, render, tokens_for, tone_for
 from services.messages.settings import MessageSettings
 from services.messages.templates import MessageCatalog
 from services.messages.timing import plan_send
@@ -250,15 +251,61 @@ def test_render_picks_locale_and_tone_and_fills_tokens(messages: list[CatalogIte
     snapshot = snapshot_of(messages)
     cart = next(t for t in MessageCatalog.build(snapshot, 0.1).templates if t.item_id == "m001")
     tokens = {"first_name": "Putri", "product": "Sepatu Lari", "price": format_price(149_000, "id")}
-    title, body, locale, tone = render(cart, "id", "short", tokens)
+    title, body, locale, tone = render(cart, "id", "short", tokens, "push")
     assert (title, body, locale, tone) == (
         "Sepatu Lari masih di keranjang",
         "Checkout sekarang sebelum kehabisan, Putri!",
         "id",
         "short",
     )
-    title, body, locale, tone = render(cart, "en", "detailed", {**tokens, "price": format_price(149_000, "en")})
+    title, body, locale, tone = render(cart, "en", "detailed", {**tokens, "price": format_price(149_000, "en")}, "push")
     assert title == "Putri, your cart is waiting" and "Sepatu Lari at Rp149,000" in body and tone == "detailed"
-    assert render(cart, "jv", "chatty", tokens)[2:] == ("id", "short")  # unknown locale/tone: Indonesian, short
+    assert render(cart, "jv", "chatty", tokens, "push")[2:] == ("id", "short")  # unknown locale/tone: Indonesian, short
     assert fill("{first_name}, {unknown}!", {"first_name": "Budi"}) == "Budi, !"
     assert format_price(1_299_000, "id") == "Rp1.299.000"
+
+
+HOSTILE_NAME = "Putri\r\nBcc: all@example.com\u202e <a href='https://evil.example'>klik</a>"
+
+
+def test_tokens_are_escaped_per_channel(messages: list[CatalogItem]) -> None:
+    """A visitor-supplied first name (or any token value) cannot add lines, controls or markup to a message."""
+    snapshot = snapshot_of(messages)
+    cart = next(t for t in MessageCatalog.build(snapshot, 0.1).templates if t.item_id == "m001")
+    tokens = {"first_name": HOSTILE_NAME, "product": "Kaos <b>Polo</b>\tPria\x00", "price": "Rp1"}
+    for channel in ("push", "whatsapp"):
+        title, body, _, _ = render(cart, "id", "short", tokens, channel)
+        for text in (title, body):
+            assert not any(ord(c) < 32 or 0x7F <= ord(c) <= 0x9F or c == "\u202e" for c in text), repr(text)
+        assert title == "Kaos <b>Polo</b> Pria masih di keranjang"  # plain text: markup is shown, not run
+        assert "Putri Bcc: all@example.com <a href='https://evil.example'>klik</a>!" in body
+    title, body, _, _ = render(cart, "id", "short", tokens, "email")
+    assert title == "Kaos &lt;b&gt;Polo&lt;/b&gt; Pria masih di keranjang"
+    assert "<" not in body and "&lt;a href=&#x27;https://evil.example&#x27;&gt;klik&lt;/a&gt;" in body
+    assert "\n" not in body and "\r" not in body
+
+
+def test_first_name_token_is_the_first_plain_word(messages: list[CatalogItem]) -> None:
+    snapshot = snapshot_of(messages)
+    cart = next(t for t in MessageCatalog.build(snapshot, 0.1).templates if t.item_id == "m001")
+    chosen = Candidate(cart, -1, "test")
+
+    def first_name(name: Any) -> str:
+        return tokens_for(view(), chosen, {"first_name": name}, snapshot, "id", 0.1)["first_name"]
+
+    assert first_name(HOSTILE_NAME) == "Putri"
+    assert first_name("\r\n  budi\tsantoso") == "Budi"
+    assert first_name("\x1b[31m") == "[31M"  # the escape character itself is gone
+    assert first_name("\r\n\t ") == "Kak" and first_name(None) == "Kak"  # nothing left: the greeting
+    assert len(first_name("a" * 500)) == 40
+
+
+def test_deep_link_tokens_are_url_encoded(messages: list[CatalogItem]) -> None:
+    snapshot = snapshot_of(messages)
+    cart = next(t for t in MessageCatalog.build(snapshot, 0.1).templates if t.item_id == "m001")
+    template = dataclasses.replace(cart, deep_link="selaras://category/{category}?item={item_id}&ref=msg")
+    link = deep_link(template, {"category": "fashion/pria?x=1#top", "item_id": "p 1&ref=evil\r\n"})
+    assert link == "selaras://category/fashion%2Fpria%3Fx%3D1%23top?item=p%201%26ref%3Devil&ref=msg"
+    assert deep_link(template, {"category": "sepatu", "item_id": "p-cart"}) == (
+        "selaras://category/sepatu?item=p-cart&ref=msg"
+    )

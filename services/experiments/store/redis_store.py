@@ -59,9 +59,10 @@ local function covariate(visitor, metric)
 end
 """.replace("__METRICS__", ", ".join(f"'{m}'" for m in METRICS))
 
-# KEYS: visitor, sums, days, record. ARGV: arm, segment, ts, day, record json ('' = none), record ttl,
-# visitor ttl, entry count, then (group, metric, dy) triples, then a covariate count and (metric, value)
-# pairs. The segment and the covariates are frozen at first exposure.
+# KEYS: visitor, sums, days, record, then (with a recommendation id) the recommendation's "exposed" marker.
+# ARGV: arm, segment, ts, day, record json ('' = none), record ttl, visitor ttl, entry count, then (group,
+# metric, dy) triples, then a covariate count and (metric, value) pairs. The segment and the covariates are
+# frozen at first exposure.
 _EXPOSURE_SCRIPT = (
     _LUA_COMMON
     + """
@@ -69,6 +70,8 @@ local visitor = KEYS[1]
 local arm, seg, ts, day = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local current = redis.call('HGET', visitor, 'arm')
 if current and current ~= arm then return {'arm_conflict', current} end
+-- KEYS[5] (with a recommendation id): one exposure per recommendation, so a re-sent script adds nothing.
+if KEYS[5] and not redis.call('SET', KEYS[5], '1', 'NX', 'EX', tonumber(ARGV[6])) then return {'duplicate', arm} end
 local count = tonumber(ARGV[8])
 if not current then
   redis.call('HSET', visitor, 'arm', arm, 'seg', seg, 'first', ARGV[3], 'last', ARGV[3])
@@ -271,6 +274,8 @@ class RedisExperimentStore(ExperimentStore):
         entries = denominator_args(write.denominators)
         tag = self._tag(write.experiment_id)
         keys = [*self._keys(write.experiment_id, write.visitor_id), f"{tag}:rec:{write.recommendation_id or ''}"]
+        if write.recommendation_id:
+            keys.append(f"{tag}:exposed:{write.recommendation_id}")
         record = json.dumps(write.record, separators=(",", ":")) if write.record and write.recommendation_id else ""
         args: list[Any] = [
             write.arm,

@@ -123,6 +123,16 @@ class SqliteExperimentStore(ExperimentStore):
             visitor = self._visitor(conn, write.experiment_id, write.visitor_id)
             if visitor is not None and visitor["arm"] != write.arm:
                 return Applied("arm_conflict", str(visitor["arm"]))
+            # One exposure per recommendation (its stored record marks it), as the Redis script does.
+            if (
+                write.record
+                and write.recommendation_id
+                and conn.execute(
+                    "SELECT 1 FROM exp_records WHERE exp = ? AND rec_id = ? AND expires_at > ?",
+                    (write.experiment_id, write.recommendation_id, wall_time()),
+                ).fetchone()
+            ):
+                return Applied("duplicate", write.arm)
             if visitor is None:
                 visitor = {"arm": write.arm, "seg": clean_label(write.segment), "first": write.ts, "last": write.ts}
                 visitor.update({f"cov|{metric}": value for metric, value in covariates})
