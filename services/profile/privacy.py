@@ -91,11 +91,6 @@ class ExperimentStateHolder:
         finally:
             store.close()
 
-    @staticmethod
-    def _experiment_ids(store: Any) -> list[str]:
-        # The registry lists the running experiments by key; their state is stored under the entry's "id".
-        return sorted({str(entry.get("id", key)) for key, entry in store.registry().items()})
-
     def forget_visitor(self, visitor_id: str) -> dict[str, int]:
         # Every experiment in the store, not only those running: a disabled or removed one keeps its records.
         with self._store() as store:
@@ -104,7 +99,8 @@ class ExperimentStateHolder:
 
     def export_visitor(self, visitor_id: str) -> Any:
         with self._store() as store:
-            heads = store.visitor_heads(self._experiment_ids(store), [visitor_id])
+            # Every experiment holding the visitor's values, not only the running ones (as erasure does).
+            heads = store.visitor_heads(store.visitor_experiments(visitor_id), [visitor_id])
             return {experiment: dataclasses.asdict(head) for (experiment, _), head in heads.items()}
 
 

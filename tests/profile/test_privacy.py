@@ -184,6 +184,8 @@ def test_export_returns_everything_kept(shop: Shop) -> None:
     assert {row[F.VISITOR_KEY] for row in export["feature_history"]} == {ERASED}
     assert list(export["recommendations"]) == ["rec-erased"]
     assert export["other"]["experiment_state"][EXPERIMENT_ID]["arm"] == "b"
+    # An experiment no longer configured still holds the visitor's values: the export shows them too.
+    assert export["other"]["experiment_state"][REMOVED_EXPERIMENT_ID]["arm"] == "a"
     assert export["other"]["message_history"]["sends"][0]["message"] == "cart-reminder"
     orjson.dumps(export)  # plain JSON all the way down
     assert shop.client.get("/v1/profiles/nobody-here/export", headers=ADMIN).status_code == 404

@@ -173,6 +173,11 @@ class ExperimentStore(ABC):
         """Erasure: drop the visitor's running values (the anonymous sums stay)."""
 
     @abstractmethod
+    def visitor_experiments(self, visitor_id: str) -> list[str]:
+        """Ids of every experiment holding running values of the visitor (running, disabled or removed from the
+        config): what an export must cover. Sorted."""
+
+    @abstractmethod
     def erase_visitor(self, visitor_id: str) -> ErasedVisitor:
         """Erasure in every experiment the store holds (running, disabled or removed from the config): the
         visitor's running values and the exposure records that name them (matched on the parsed record's

@@ -393,20 +393,30 @@ class RedisExperimentStore(ExperimentStore):
             int(self._call(lambda e=e: self.client.delete(self._keys(e, visitor_id)[0]))) for e in experiment_ids
         )
 
-    def erase_visitor(self, visitor_id: str) -> ErasedVisitor:
-        # Erasure is rare: a SCAN over the experiment keys is acceptable. The patterns narrow the scan; the
-        # exact checks below decide (a visitor id may contain glob characters or "}:v:").
+    def _scan(self, pattern: str) -> list[str]:
+        return cast(
+            list[str], self._call(lambda: [_decode(k) for k in self.client.scan_iter(match=pattern, count=1000)])
+        )
+
+    def _visitor_value_keys(self, visitor_id: str) -> list[str]:
+        """The visitor's running-value keys in every experiment. Export and erasure are rare: a SCAN over the
+        experiment keys is acceptable. The pattern narrows the scan; the exact check decides (a visitor id may
+        contain glob characters or "}:v:")."""
         prefix = "{" + self.ns + ":exp:"
-
-        def scan(pattern: str) -> list[str]:
-            return [_decode(k) for k in self.client.scan_iter(match=pattern, count=1000)]
-
-        values = [
+        return [
             key
-            for key in self._call(lambda: scan(_glob_escape(prefix) + "*" + _glob_escape("}:v:" + visitor_id)))
+            for key in self._scan(_glob_escape(prefix) + "*" + _glob_escape("}:v:" + visitor_id))
             if key[len(prefix) :].split("}:v:", 1)[-1] == visitor_id
         ]
-        records = self._call(lambda: scan(_glob_escape(prefix) + "*}:rec:*"))
+
+    def visitor_experiments(self, visitor_id: str) -> list[str]:
+        prefix = "{" + self.ns + ":exp:"
+        return sorted({key[len(prefix) :].split("}:v:", 1)[0] for key in self._visitor_value_keys(visitor_id)})
+
+    def erase_visitor(self, visitor_id: str) -> ErasedVisitor:
+        prefix = "{" + self.ns + ":exp:"
+        values = self._visitor_value_keys(visitor_id)
+        records = self._scan(_glob_escape(prefix) + "*}:rec:*")
         doomed: list[str] = []
         for start in range(0, len(records), 500):
             chunk = records[start : start + 500]

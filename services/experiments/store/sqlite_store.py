@@ -325,6 +325,13 @@ class SqliteExperimentStore(ExperimentStore):
 
         return cast(int, self._transaction(run))
 
+    def visitor_experiments(self, visitor_id: str) -> list[str]:
+        def run(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute("SELECT DISTINCT exp FROM exp_visitors WHERE visitor_id = ?", (visitor_id,))
+            return sorted(str(row[0]) for row in rows.fetchall())
+
+        return cast(list[str], self._transaction(run))
+
     def erase_visitor(self, visitor_id: str) -> ErasedVisitor:
         def run(conn: sqlite3.Connection) -> ErasedVisitor:
             values = conn.execute("DELETE FROM exp_visitors WHERE visitor_id = ?", (visitor_id,)).rowcount
