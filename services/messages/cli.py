@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from services.common.catalog import CatalogItem
     from services.messages.model import MessageModel
     from services.messages.ope import Evaluation
+    from services.messages.replay import LoggedDecisions
 
 T = TypeVar("T")
 
@@ -44,6 +45,19 @@ def _when(text: str | None) -> float | None:
     return moment.timestamp()
 
 
+def report_exclusions(data: LoggedDecisions) -> None:
+    """Say which logged decisions were left out and why (never estimate silently on a damaged log)."""
+    from services.messages.replay import EXCLUSION_REASONS
+
+    total = sum(data.excluded.values())
+    if not total:
+        return
+    console.print(
+        f"[yellow]{total:,} of {total + data.size:,} logged decisions left out:[/] "
+        + "; ".join(f"{count:,} {EXCLUSION_REASONS.get(reason, reason)}" for reason, count in data.excluded.items())
+    )
+
+
 def train_messages(
     data_dir: DataDir = Path("data"),
     window_hours: Annotated[float, typer.Option(help="Outcome window after the send time.")] = 24.0,
@@ -58,11 +72,15 @@ def train_messages(
     from services.messages.train import MessageTrainConfig, train_message_model
     from services.recommend.repository import RecommendRepository
 
-    repository = RecommendRepository.open(_settings(data_dir))
+    settings = _settings(data_dir)
+    repository = RecommendRepository.open(settings)
     try:
         messages = MessageRepository(repository)
         with console.status("replaying the event log"):
-            data = replay_decisions(messages.logged_events(), messages.catalog(), window_hours)
+            data = replay_decisions(
+                messages.logged_events(), messages.catalog(), window_hours, traits=settings.trait_schema()
+            )
+        report_exclusions(data)
         cut = _when(until)
         if cut is not None:
             data = data.subset(data.send_at < cut)
@@ -136,12 +154,13 @@ def evaluate_messages_command(
     from services.recommend.repository import RecommendRepository
 
     model: MessageModel | None = None
+    settings = _settings(data_dir)
     try:
         items: list[CatalogItem] | None = list(_read_jsonl(catalog, ITEM_ADAPTER)) if catalog else None
     except InvalidInput as exc:
         console.print(f"[red]cannot read {catalog}:[/] {exc}")
         raise typer.Exit(2) from exc
-    repository = RecommendRepository.open(_settings(data_dir))
+    repository = RecommendRepository.open(settings)
     try:
         messages = MessageRepository(repository)
         version = model_version or messages.model_index().serving
@@ -157,12 +176,15 @@ def evaluate_messages_command(
         repository.close()
     if model is None:
         console.print("[yellow]no message model found: only 'send nothing' and single-message policies[/]")
+    # The model's own trait columns (and category codes); without a model, the ones declared now.
+    traits = model.traits if model is not None else settings.trait_schema()
     try:
         with console.status(f"replaying {file.name}"):
-            data = replay_decisions(_read_jsonl(file, EVENT_ADAPTER), items or [], window_hours)
+            data = replay_decisions(_read_jsonl(file, EVENT_ADAPTER), items or [], window_hours, traits=traits)
     except InvalidInput as exc:
         console.print(f"[red]cannot read {file}:[/] {exc}")
         raise typer.Exit(2) from exc
+    report_exclusions(data)
     start, stop = _when(since), _when(until)
     if start is not None:
         data = data.subset(data.send_at >= start)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
@@ -92,6 +92,7 @@ class Evaluation:
     policies: list[PolicyValue]
     learned_vs_best_single: Comparison | None
     model_version: str | None
+    excluded: dict[str, int] = field(default_factory=dict)  # logged decisions left out, by reason
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -101,6 +102,7 @@ class Evaluation:
             "send_cost": self.send_cost,
             "model_version": self.model_version,
             "logged_value": round(self.logged_value, 6),
+            "excluded": self.excluded,
             "policies": [p.to_json() for p in rank(self.policies)],
             "learned_vs_best_single": self.learned_vs_best_single.to_json() if self.learned_vs_best_single else None,
         }
@@ -160,6 +162,8 @@ class _Terms:
 def _terms(
     data: LoggedDecisions, target: np.ndarray, r_nothing: np.ndarray, r_candidates: np.ndarray, send_cost: float
 ) -> _Terms:
+    if len(r_candidates) == 0:
+        r_candidates = np.zeros(1)  # no candidate rows: every action is "nothing", the row is never read
     matched = target == data.action
     weights = np.where(matched, 1.0 / data.propensity, 0.0)
     q_target = np.where(target >= 0, r_candidates[np.maximum(target, 0)] - send_cost, r_nothing)
@@ -236,6 +240,7 @@ def evaluate_messages(
         policies=policies,
         learned_vs_best_single=comparison,
         model_version=model.version if model else None,
+        excluded=dict(data.excluded),
     )
 
 

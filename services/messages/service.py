@@ -38,11 +38,10 @@ from services.messages.eligibility import Candidate, Eligibility, StockWatch, ex
 from services.messages.history import WEEK, SendHistory
 from services.messages.model import (
     ACTION_COLUMNS,
-    VISITOR_COLUMNS,
     MessageModel,
     VisitorView,
     action_vector,
-    visitor_vector,
+    decision_vector,
 )
 from services.messages.policy import choose, uniforms
 from services.messages.render import fill, render, tokens_for, tone_for
@@ -220,8 +219,11 @@ class MessageService:
         decided: dict[str, float] = {}
         for request, used in zip(requests, times, strict=True):
             decided.setdefault(request.visitor_id, used.ts)
+        # Traits before the views: a customer known only from CRM traits is a known visitor, and the model
+        # reads the declared ones as features.
+        traits = self._traits_for(reachable)
         views = {
-            v: VisitorView.from_row(v, visitor_row_at(row, decided[v]) if row else row)
+            v: VisitorView.from_row(v, visitor_row_at(row, decided[v]) if row else row, traits.get(v))
             for v, row in zip(reachable, rows, strict=True)
         }
 
@@ -243,7 +245,9 @@ class MessageService:
             tag = (experiment[0], experiment[1]) if experiment else None
             personalized = experiment[2] if experiment else True
             if not view.known:
-                results[i] = none_answer(request, "unknown_visitor", "no behaviour recorded for this visitor", tag)
+                results[i] = none_answer(
+                    request, "unknown_visitor", "no behaviour or traits recorded for this visitor", tag
+                )
                 continue
             send_at = plan_send(now, view.zone, view.histogram, settings, allowed_hours)
             if send_at is None:
@@ -269,7 +273,6 @@ class MessageService:
 
         if planned:
             uplift, attributed, baseline = self._score(planned, catalog.snapshot, model)
-            traits = self._traits_for(planned)
             for p in planned:
                 results[p.index] = self._choose(p, uplift, attributed, baseline, model, catalog, traits, personas)
 
@@ -315,11 +318,11 @@ class MessageService:
             total += len(p.candidates)
         if model is None:
             return np.zeros(total), np.zeros(total), np.zeros(len(planned))
-        V = np.empty((len(planned), len(VISITOR_COLUMNS)), dtype=np.float64)
+        V = np.empty((len(planned), len(model.visitor_columns)), dtype=np.float64)
         A = np.empty((total, len(ACTION_COLUMNS)), dtype=np.float64)
         owner = np.empty(total, dtype=np.int64)
         for k, p in enumerate(planned):
-            V[k] = visitor_vector(p.view, p.now, p.send_ts, p.request.channel)
+            V[k] = decision_vector(p.view, p.now, p.send_ts, p.request.channel, model.traits)
             for j, c in enumerate(p.candidates):
                 A[p.first + j] = action_vector(
                     p.view, c.template.trigger, c.template.item_id, c.product, snapshot, p.now
@@ -328,11 +331,12 @@ class MessageService:
         uplift, attributed, baseline = model.uplift(V, A, owner)
         return uplift, attributed, baseline
 
-    def _traits_for(self, planned: Sequence[_Planned]) -> dict[str, dict[str, Any]]:
-        visitor_ids = list(dict.fromkeys(p.request.visitor_id for p in planned))
+    def _traits_for(self, visitor_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        if not visitor_ids:
+            return {}
         try:
             return dict(zip(visitor_ids, self.repository.visitor_traits(visitor_ids), strict=True))
-        except Exception as exc:  # names are a nicety: render with the fallback greeting
+        except Exception as exc:  # a nicety: the fallback greeting, behaviour-only features
             log.warning("visitor traits unavailable: %s", type(exc).__name__)
             return {}
 

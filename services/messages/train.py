@@ -14,7 +14,7 @@ import lightgbm as lgb
 import numpy as np
 
 from services.common.clock import wall_datetime, wall_time
-from services.messages.model import CATEGORICAL, MESSAGE_FEATURES, VISITOR_COLUMNS, MessageModel, Stage
+from services.messages.model import MessageModel, Stage, categorical_columns, model_features, visitor_columns
 from services.messages.replay import LoggedDecisions
 
 
@@ -47,7 +47,12 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float | None:
 
 
 def _fit_stage(
-    X: np.ndarray, y: np.ndarray, order: np.ndarray, names: Sequence[str], config: MessageTrainConfig
+    X: np.ndarray,
+    y: np.ndarray,
+    order: np.ndarray,
+    names: Sequence[str],
+    categoricals: Sequence[str],
+    config: MessageTrainConfig,
 ) -> tuple[Stage, dict[str, Any]]:
     """Time split: the latest `validation_fraction` of rows stops boosting early and reports the AUC."""
     n, positives = len(y), int(y.sum())
@@ -59,7 +64,7 @@ def _fit_stage(
     ranked = X[order], y[order]
     cut = int(n * (1 - config.validation_fraction))
     X_train, y_train, X_valid, y_valid = ranked[0][:cut], ranked[1][:cut], ranked[0][cut:], ranked[1][cut:]
-    categorical = [c for c in CATEGORICAL if c in names]
+    categorical = [c for c in categoricals if c in names]
     params = {
         "objective": "binary",
         "learning_rate": config.learning_rate,
@@ -108,25 +113,41 @@ def train_message_model(data: LoggedDecisions, config: MessageTrainConfig | None
     if not sent.any():
         raise ValueError("no message was sent in the logged decisions")
     started = time.perf_counter()
+    features, visitor, categoricals = (
+        model_features(data.traits),
+        visitor_columns(data.traits),
+        categorical_columns(data.traits),
+    )
     rows = data.action[sent]
     owners = np.flatnonzero(sent)
     X = np.hstack([data.V[owners], data.A[rows]])
     order = np.argsort(data.send_at[owners], kind="stable")
     stages: dict[str, Stage] = {}
-    metrics: dict[str, Any] = {"decisions": data.size, "sent": int(sent.sum()), "control": int(data.control.sum())}
+    metrics: dict[str, Any] = {
+        "decisions": data.size,
+        "sent": int(sent.sum()),
+        "control": int(data.control.sum()),
+        "traits": [t.name for t in data.traits.traits],
+    }
     opened = data.opened[owners]
     clicked = data.clicked[owners]
-    stages["open"], metrics["open"] = _fit_stage(X, opened, order, MESSAGE_FEATURES, config)
+    stages["open"], metrics["open"] = _fit_stage(X, opened, order, features, categoricals, config)
     mask = opened
     stages["click"], metrics["click"] = _fit_stage(
-        X[mask], clicked[mask], np.argsort(data.send_at[owners][mask], kind="stable"), MESSAGE_FEATURES, config
+        X[mask],
+        clicked[mask],
+        np.argsort(data.send_at[owners][mask], kind="stable"),
+        features,
+        categoricals,
+        config,
     )
     mask = clicked
     stages["purchase"], metrics["purchase"] = _fit_stage(
         X[mask],
         data.attributed[owners][mask],
         np.argsort(data.send_at[owners][mask], kind="stable"),
-        MESSAGE_FEATURES,
+        features,
+        categoricals,
         config,
     )
     unsent = ~sent
@@ -134,11 +155,12 @@ def train_message_model(data: LoggedDecisions, config: MessageTrainConfig | None
         data.V[unsent],
         data.converted[unsent],
         np.argsort(data.send_at[unsent], kind="stable"),
-        VISITOR_COLUMNS,
+        visitor,
+        categoricals,
         config,
     )
     version = f"msg-{wall_datetime().strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    model = MessageModel(version, wall_time(), stages, data.window_h)
+    model = MessageModel(version, wall_time(), stages, data.window_h, traits=data.traits)
     metrics.update(uplift_check(model, data))
     metrics["seconds"] = round(time.perf_counter() - started, 2)
     model.metrics = metrics
