@@ -169,3 +169,14 @@ def test_import_customers_needs_a_declared_schema(
     path.write_text("visitor_id,newbie\nc-1,true\n")
     code, output = run_cli(monkeypatch, settings, "import", "customers", str(path), traits="")
     assert code == 2 and "SELARAS_TRAITS" in output
+
+
+def test_import_events_names_the_line_of_a_refused_trait(
+    settings: ProfileSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "events.jsonl"
+    rows = [update("e-1", newbie=True), update("e-1", channel="fax")]
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    code, output = run_cli(monkeypatch, settings, "import", "events", str(path))
+    assert code == 2
+    assert "line 2: properties.channel: channel must be one of web, phone, multichannel" in " ".join(output.split())
