@@ -16,6 +16,12 @@ difference between two noisy groups, which is what lets a few thousand sends ran
 group checks the model: training reports the measured incremental conversion (sent vs control) next to
 the model's predicted mean uplift.
 
+Direct uplift learning (`learner="uplift"`) needs no opens or clicks: a T-learner whose two LightGBM models
+learn the chosen reward (`reward.py`: conversion, visit, capped revenue or a mix) of the decisions that sent a
+message (on the decision and message columns) and of those that sent nothing (the random control group,
+exploration; on the decision columns), each weighted by 1 / logged propensity so the logging policy's
+preferences do not bias either arm. uplift(x, a) = mu_sent(x, a) - mu_nothing(x).
+
 A decision's visitor row is VISITOR_COLUMNS followed by one column per declared customer trait
 (`services/common/traits.py`, `decision_vector`). The model stores the trait schema it was trained with, so
 serving builds exactly its columns (and category codes) whatever the settings declare today.
@@ -38,6 +44,7 @@ from services.common.catalog import MESSAGE_TRIGGERS
 from services.common.context import is_payday_window, local_time, zone_for
 from services.common.features import CHANNEL_CODES, as_number
 from services.common.traits import TraitSchema
+from services.messages.reward import Reward
 from services.recommend.catalog_cache import ItemSnapshot
 
 DAY: Final = 86_400.0
@@ -84,6 +91,7 @@ ACTION_COLUMNS: Final[tuple[str, ...]] = (
 MESSAGE_FEATURES: Final = VISITOR_COLUMNS + ACTION_COLUMNS
 CATEGORICAL: Final = ("c_channel_code", "a_trigger_code", "a_template_code")
 STAGES: Final = ("open", "click", "purchase")
+LEARNERS: Final = ("funnel", "uplift")
 MODEL_FORMAT: Final = 1
 
 
@@ -271,6 +279,9 @@ class MessageModel:
     window_h: float
     metrics: dict[str, Any] = field(default_factory=dict)
     traits: TraitSchema = field(default_factory=TraitSchema)  # the trait columns it was trained on
+    # "funnel": open/click/purchase stages + baseline; "uplift": treated (mu_sent) + baseline (mu_nothing).
+    learner: str = "funnel"
+    reward: Reward = field(default_factory=Reward)  # what "uplift" is measured in
 
     @property
     def visitor_columns(self) -> tuple[str, ...]:
@@ -284,10 +295,18 @@ class MessageModel:
         """Per candidate row: (uplift, P(message-driven purchase)); per decision row of V: baseline b(x).
 
         `V` holds one row per decision, `A` one row per candidate, `owner[j]` the decision of candidate j."""
-        baseline = np.clip(self.stages["baseline"].predict(V), 0.0, 1.0)
+        baseline = self.stages["baseline"].predict(V)
+        if self.learner == "funnel" or self.reward.binary:
+            baseline = np.clip(baseline, 0.0, 1.0)
         if len(A) == 0:
             return np.zeros(0), np.zeros(0), baseline
         X = np.hstack([V[owner], A])
+        if self.learner == "uplift":
+            treated = self.stages["treated"].predict(X)
+            if self.reward.binary:
+                treated = np.clip(treated, 0.0, 1.0)
+            uplift = treated - baseline[owner]
+            return uplift, np.maximum(uplift, 0.0), baseline
         attributed = (
             self.stages["open"].predict(X) * self.stages["click"].predict(X) * self.stages["purchase"].predict(X)
         )
@@ -302,6 +321,8 @@ class MessageModel:
                 "created_at": self.created_at,
                 "features": list(self.features),
                 "traits": self.traits.model_dump(mode="json"),
+                "learner": self.learner,
+                "reward": self.reward.to_dict(),
                 "window_h": self.window_h,
                 "metrics": self.metrics,
                 "stages": {name: stage.to_dict() for name, stage in self.stages.items()},
@@ -322,4 +343,6 @@ class MessageModel:
             window_h=float(data.get("window_h", 24.0)),
             metrics=dict(data.get("metrics", {})),
             traits=traits,
+            learner=str(data.get("learner", "funnel")),
+            reward=Reward.from_dict(data.get("reward")),
         )

@@ -2,14 +2,16 @@
 
 Every logged decision i has the visitor's context x_i, its eligible actions (send nothing, or one of the
 candidate messages), the logged action a_i with its propensity p_i = pi_0(a_i | x_i), and the reward r_i
-(1 if the visitor bought anything within the outcome window after the send time, minus `send_cost` per
-message sent). For a deterministic target policy pi with w_i = 1[a_i = pi(x_i)] / p_i:
+(`reward.py`: by default 1 if the visitor bought anything within the outcome window after the send time;
+or a visit, capped revenue, a mix; minus `send_cost` per message sent). For a deterministic target policy
+pi with w_i = 1[a_i = pi(x_i)] / p_i:
 
     IPS   = mean(w_i r_i)
     SNIPS = sum(w_i r_i) / sum(w_i)
     DR    = mean(r^(x_i, pi(x_i)) + w_i (r_i - r^(x_i, a_i)))
 
-with r^ from the uplift model (baseline b(x) for "nothing", b(x) + uplift for a message). The estimators
+with r^ from the uplift model (baseline b(x) for "nothing", b(x) + uplift for a message) when it predicts the
+reward evaluated, else from the arms' means (DR is unbiased either way; a good r^ only narrows it). The estimators
 are the shared ones of `services/recommend/policy_eval.py`: normal 95% intervals with a cluster-robust
 variance over visitors, the effective sample size (sum w)^2 / sum w^2 and the largest weight. The learned policy is
 compared with the best single-message policy on the same decisions (paired DR differences), which is far
@@ -30,6 +32,7 @@ import numpy as np
 
 from services.messages.model import MessageModel
 from services.messages.replay import LoggedDecisions
+from services.messages.reward import Reward
 from services.recommend.policy_eval import Estimate, doubly_robust, ips, snips
 
 LEARNED: Final = "learned"
@@ -93,6 +96,7 @@ class Evaluation:
     learned_vs_best_single: Comparison | None
     model_version: str | None
     excluded: dict[str, int] = field(default_factory=dict)  # logged decisions left out, by reason
+    reward: Reward = field(default_factory=Reward)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -100,6 +104,7 @@ class Evaluation:
             "visitors": self.visitors,
             "window_h": self.window_h,
             "send_cost": self.send_cost,
+            "reward": self.reward.describe(),
             "model_version": self.model_version,
             "logged_value": round(self.logged_value, 6),
             "excluded": self.excluded,
@@ -108,15 +113,19 @@ class Evaluation:
         }
 
 
-def reward_model(data: LoggedDecisions, model: MessageModel | None) -> tuple[np.ndarray, np.ndarray]:
-    """r^(x, nothing) per decision and r^(x, message) per candidate row (conversion probability)."""
+def reward_model(
+    data: LoggedDecisions, model: MessageModel | None, outcome: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """r^(x, nothing) per decision and r^(x, message) per candidate row, in the units of `outcome` (default:
+    conversion). A model is used when given: the caller passes it only when it predicts that outcome."""
     if model is not None:
         uplift, _, baseline = model.uplift(data.V, data.A, data.cand_owner)
         return baseline, baseline[data.cand_owner] + uplift
     # Without a model the direct method falls back to group means (DR then equals IPS plus a constant shift).
+    y = data.converted.astype(np.float64) if outcome is None else outcome
     sent = data.sent()
-    nothing_rate = float(data.converted[~sent].mean()) if (~sent).any() else 0.0
-    sent_rate = float(data.converted[sent].mean()) if sent.any() else nothing_rate
+    nothing_rate = float(y[~sent].mean()) if (~sent).any() else 0.0
+    sent_rate = float(y[sent].mean()) if sent.any() else nothing_rate
     return np.full(data.size, nothing_rate), np.full(len(data.cand_owner), sent_rate)
 
 
@@ -178,6 +187,7 @@ def evaluate_messages(
     send_cost: float = 0.0,
     template_names: Mapping[str, str] | None = None,
     min_matched: int = 30,
+    reward: Reward | None = None,
 ) -> Evaluation:
     """Value of the learned policy, "send nothing" and every single-message policy on the logged decisions.
 
@@ -187,9 +197,13 @@ def evaluate_messages(
     if (data.propensity <= 0).any():
         raise ValueError("every logged decision needs a positive propensity")
     names = template_names or {}
-    reward = data.converted.astype(np.float64) - send_cost * data.sent()
+    chosen = reward or Reward()
+    outcome = chosen.values(data.converted, data.visited, data.revenue)
+    reward_values = outcome - send_cost * data.sent()
     clusters = np.unique(np.array(data.visitor_ids), return_inverse=True)[1]
-    r_nothing, r_candidates = reward_model(data, model)
+    # The model's predictions are an outcome model only for the reward it predicts (the funnel: conversion).
+    same_units = model is not None and model.reward == chosen
+    r_nothing, r_candidates = reward_model(data, model if same_units else None, outcome)
     policies: list[PolicyValue] = []
     terms: dict[str, _Terms] = {}
 
@@ -200,9 +214,9 @@ def evaluate_messages(
             PolicyValue(
                 policy=name,
                 description=description,
-                ips=ips(reward, t.weights, clusters),
-                snips=snips(reward, t.weights, clusters),
-                dr=doubly_robust(reward, t.weights, t.q_logged, t.q_target, clusters=clusters),
+                ips=ips(reward_values, t.weights, clusters),
+                snips=snips(reward_values, t.weights, clusters),
+                dr=doubly_robust(reward_values, t.weights, t.q_logged, t.q_target, clusters=clusters),
                 matched=int((t.weights > 0).sum()),
                 send_share=float((target >= 0).mean()),
             )
@@ -228,7 +242,7 @@ def evaluate_messages(
         a, b = terms[LEARNED], terms[best.policy]
         # DR is linear in (weight, q_target): the paired difference is a DR estimate with weight a.w - b.w.
         difference = doubly_robust(
-            reward, a.weights - b.weights, a.q_logged, a.q_target - b.q_target, clusters=clusters
+            reward_values, a.weights - b.weights, a.q_logged, a.q_target - b.q_target, clusters=clusters
         )
         comparison = Comparison(LEARNED, best.policy, difference)
     return Evaluation(
@@ -236,11 +250,12 @@ def evaluate_messages(
         visitors=int(clusters.max()) + 1 if data.size else 0,
         window_h=data.window_h,
         send_cost=send_cost,
-        logged_value=float(reward.mean()),
+        logged_value=float(reward_values.mean()),
         policies=policies,
         learned_vs_best_single=comparison,
         model_version=model.version if model else None,
         excluded=dict(data.excluded),
+        reward=chosen,
     )
 
 

@@ -29,6 +29,19 @@ from services.messages.model import ACTION_COLUMNS, VisitorView, action_vector, 
 from services.profile.aggregations import ItemInfo, SegmentRules, VisitorState, fold_visitor, visitor_features
 from services.recommend.catalog_cache import ItemSnapshot, build_snapshot
 
+# What counts as a visit to the shop (a reward of its own, services/messages/reward.py).
+VISIT_TYPES: Final = frozenset(
+    {
+        EventType.PAGE_VIEW,
+        EventType.PRODUCT_VIEW,
+        EventType.SEARCH,
+        EventType.ADD_TO_CART,
+        EventType.REMOVE_FROM_CART,
+        EventType.PURCHASE,
+        EventType.CLICK,
+    }
+)
+
 # Why a logged decision is left out, as the CLI reports it.
 EXCLUSION_REASONS: Final = {
     "no_propensity": "message_sent without properties.propensity (not logged by a Selaras policy)",
@@ -62,6 +75,9 @@ class LoggedDecisions:
     A: np.ndarray  # candidate x ACTION_COLUMNS
     window_h: float
     traits: TraitSchema = field(default_factory=TraitSchema)  # the trait columns at the end of V
+    # Outcomes without opens or clicks, within the window after send_at: a visit, and the money spent.
+    visited: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    revenue: np.ndarray = field(default_factory=lambda: np.zeros(0))
     excluded: dict[str, int] = field(default_factory=dict)  # left-out decisions by reason (EXCLUSION_REASONS)
 
     @property
@@ -100,6 +116,8 @@ class LoggedDecisions:
             window_h=self.window_h,
             traits=self.traits,
             excluded=dict(self.excluded),
+            visited=self.visited[keep] if len(self.visited) == self.size else self.visited,
+            revenue=self.revenue[keep] if len(self.revenue) == self.size else self.revenue,
         )
 
 
@@ -148,6 +166,8 @@ def replay_decisions(
     consents: dict[str, Consent] = {}
     pending: list[_Pending] = []
     purchases: dict[str, list[float]] = {}
+    spent: dict[str, list[tuple[float, float]]] = {}
+    visits: dict[str, list[float]] = {}
     outcomes: dict[str, set[str]] = {}
     count = 0
     for event in events:
@@ -164,6 +184,11 @@ def replay_decisions(
             continue
         if event.type is EventType.PURCHASE:
             purchases.setdefault(visitor_id, []).append(event.ts)
+            item = info.get(event.item_id or "")
+            price = event.price if event.price is not None else (item.price if item is not None else None)
+            spent.setdefault(visitor_id, []).append((event.ts, float(price or 0.0) * (event.quantity or 1)))
+        if event.type in VISIT_TYPES:
+            visits.setdefault(visitor_id, []).append(event.ts)
         if event.recommendation_id and event.type in (
             EventType.MESSAGE_OPEN,
             EventType.MESSAGE_CLICK,
@@ -183,6 +208,7 @@ def replay_decisions(
         fold_visitor(state, event, info.get(event.item_id or ""))
     data = _assemble(pending, purchases, outcomes, snapshot, window_h, schema)
     data.excluded = excluded
+    data.visited, data.revenue = _window_outcomes(pending, visits, spent, window_h)
     return data
 
 
@@ -247,6 +273,36 @@ def _pending_decision(
         candidates=candidates,
         logged=logged,
     )
+
+
+def _window_outcomes(
+    pending: Sequence[_Pending],
+    visits: Mapping[str, list[float]],
+    spent: Mapping[str, list[tuple[float, float]]],
+    window_h: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per decision: whether the visitor visited, and what they spent, in [send_at, send_at + window)."""
+    window = window_h * 3600.0
+    visit_times = {visitor: np.sort(np.array(ts)) for visitor, ts in visits.items()}
+    spend: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for visitor, rows in spent.items():
+        ordered = sorted(rows)
+        spend[visitor] = (
+            np.array([t for t, _ in ordered]),
+            np.concatenate([[0.0], np.cumsum([a for _, a in ordered])]),
+        )
+    visited = np.zeros(len(pending), dtype=bool)
+    revenue = np.zeros(len(pending))
+    for i, decision in enumerate(pending):
+        times = visit_times.get(decision.visitor_id)
+        if times is not None:
+            first = np.searchsorted(times, decision.send_at, side="left")
+            visited[i] = first < len(times) and times[first] < decision.send_at + window
+        paid = spend.get(decision.visitor_id)
+        if paid is not None:
+            start, stop = np.searchsorted(paid[0], [decision.send_at, decision.send_at + window], side="left")
+            revenue[i] = paid[1][stop] - paid[1][start]
+    return visited, revenue
 
 
 def _assemble(

@@ -413,7 +413,12 @@ class MessageService:
             f"{used_tone} tone: {tone_reason}",
         ]
         if model is not None:
-            reasons.append(f"expected uplift {score:+.2%} purchase probability (baseline {row_baseline:.1%})")
+            if model.learner == "funnel" or model.reward.binary:
+                unit = "purchase probability" if model.learner == "funnel" else f"{model.reward.kind} probability"
+                reasons.append(f"expected uplift {score:+.2%} {unit} (baseline {row_baseline:.1%})")
+            else:
+                unit = model.reward.describe()
+                reasons.append(f"expected uplift {score:+,.4g} {unit} (baseline {row_baseline:,.4g})")
         if reason == "exploration" or action != greedy:
             reasons.append("exploration: a less certain message, to keep learning")
         if not request.dry_run:
