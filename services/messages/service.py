@@ -219,9 +219,9 @@ class MessageService:
         decided: dict[str, float] = {}
         for request, used in zip(requests, times, strict=True):
             decided.setdefault(request.visitor_id, used.ts)
-        # Traits before the views: a customer known only from CRM traits is a known visitor, and the model
-        # reads the declared ones as features.
-        traits = self._traits_for(reachable)
+        # Traits of visitors without behaviour first: a customer known only from CRM traits is a known visitor.
+        # The others' traits are read below for the planned decisions only (the state blob is not small).
+        traits = self._traits_for([v for v, row in zip(reachable, rows, strict=True) if row is None])
         views = {
             v: VisitorView.from_row(v, visitor_row_at(row, decided[v]) if row else row, traits.get(v))
             for v, row in zip(reachable, rows, strict=True)
@@ -272,6 +272,11 @@ class MessageService:
             planned.append(_Planned(i, request, view, now, send_at, send_ts, candidates, history, tag, personalized))
 
         if planned:
+            # Traits are model features (declared ones) and rendering tokens (first name).
+            unread = [v for v in dict.fromkeys(p.request.visitor_id for p in planned) if v not in traits]
+            traits.update(self._traits_for(unread))
+            for p in planned:
+                p.view.traits = traits.get(p.request.visitor_id, {})
             uplift, attributed, baseline = self._score(planned, catalog.snapshot, model)
             for p in planned:
                 results[p.index] = self._choose(p, uplift, attributed, baseline, model, catalog, traits, personas)
