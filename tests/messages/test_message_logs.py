@@ -25,6 +25,7 @@ from services.messages.replay import replay_decisions
 from services.profile.repository import ProfileRepository
 from services.profile.service import IngestService
 from tests.conftest import REDIS_URL
+from tests.factories import make_item
 from tests.messages.test_message_endpoints import drop_feast_rows
 
 START = datetime(2026, 11, 2, 3, tzinfo=UTC)
@@ -71,6 +72,12 @@ def purchase(i: int) -> dict[str, Any]:
         "item_id": "p-1",
         "price": 10_000,
     }
+
+
+def page_view(visitor_id: str, **after_start: float) -> dict[str, Any]:
+    moment = START + timedelta(**after_start)
+    return {"event_id": f"view:{visitor_id}:{moment}", "visitor_id": visitor_id, "type": "page_view",
+            "timestamp": moment.isoformat()}  # fmt: skip
 
 
 def log(n: int, **changes: Any) -> list[dict[str, Any]]:
@@ -199,3 +206,54 @@ def test_train_messages_reports_exclusions_and_refuses_a_log_with_nothing_valid(
     assert code == 2
     assert "40 of 40 logged decisions left out: 40 without properties.action" in output
     assert "cannot train: no logged message decisions" in output
+
+
+def test_replay_measures_visits_and_revenue_in_the_outcome_window() -> None:
+    product = make_item(item_id="p-9", price=40_000)
+    rows = [decision(0), decision(1), decision(2)]  # v0 nothing, v1 sent A, v2 sent B; each at START + i min
+    rows += [
+        {**purchase(1), "price": None, "quantity": 2, "item_id": "p-9"},  # 2 x catalog price, 2 h after
+        {**purchase(1), "event_id": "buy:late", "timestamp": (START + timedelta(hours=30)).isoformat()},
+        page_view("v0", hours=3),
+        page_view("v2", hours=-1),
+    ]
+    rows.sort(key=lambda row: row["timestamp"])
+    data = replay_decisions(events(rows), [*CATALOG, product], window_h=24.0)
+    assert data.visitor_ids == ["v0", "v1", "v2"]
+    assert data.visited.tolist() == [True, True, False]  # a purchase is a visit; v2's view came before the send
+    assert data.revenue.tolist() == [0.0, 80_000.0, 0.0]  # the purchase 30 h later is outside the window
+    assert data.subset(np.array([False, True, True])).revenue.tolist() == [80_000.0, 0.0]
+
+
+def test_train_messages_learns_visits_directly_and_evaluate_scores_them(
+    settings: CommonSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = log(240)
+    # Message A brings most visitors back within a day, B some, nothing few (no opens or clicks logged).
+    share = {0: 0.1, 1: 0.8, 2: 0.4}
+    rng = np.random.default_rng(5)
+    rows += [page_view(f"v{i}", hours=5, minutes=i) for i in range(240) if rng.random() < share[i % 3]]
+    rows.sort(key=lambda row: row["timestamp"])
+    profile = ProfileRepository.open(settings)
+    try:
+        profile.upsert_catalog(CATALOG)
+        IngestService(profile).ingest(events(rows))
+    finally:
+        profile.close()
+    code, output = run_cli(monkeypatch, settings, "train-messages", "--learner", "uplift", "--reward", "visit")
+    assert code == 0, output
+    assert "(uplift, visit)" in output and "treated" in output and "measured against the control group" not in output
+    catalog = write(tmp_path / "catalog.jsonl", [item.model_dump(mode="json") for item in CATALOG])
+    file = write(tmp_path / "log.jsonl", rows)
+    report = tmp_path / "ope.json"
+    code, output = run_cli(
+        monkeypatch, settings, "evaluate", "messages", str(file), "--catalog", str(catalog), "--reward", "visit",
+        "--json", str(report),
+    )  # fmt: skip
+    assert code == 0, output
+    body = orjson.loads(report.read_bytes())
+    assert body["reward"] == "visit" and body["decisions"] == 240
+    policies = {p["policy"]: p for p in body["policies"]}
+    assert policies[f"only:{A}"]["dr"][0] > policies[NOTHING]["dr"][0] + 0.4
+    code, output = run_cli(monkeypatch, settings, "train-messages", "--reward", "clicks")
+    assert code == 2 and "reward must be one of" in output
