@@ -30,6 +30,7 @@ from services.messages.model import (
 from services.messages.ope import learned_actions
 from services.messages.replay import LoggedDecisions, replay_decisions
 from services.messages.repository import MessageRepository
+from services.messages.reward import Reward
 from services.messages.schemas import MessageRequest
 from services.messages.service import MessageService
 from services.messages.settings import MessageSettings
@@ -137,7 +138,7 @@ def test_served_decision_rows_with_traits_equal_the_replayed_ones(settings: Comm
         make_event(visitor_id="v", item_id="p-a", timestamp=before(hours=5)),
         make_event(visitor_id="v", type="add_to_cart", item_id="p-a", timestamp=before(hours=4)),
         make_event(visitor_id="crm-only", type="profile_update", item_id=None, price=None, timestamp=before(days=2),
-                   properties={"segment": "basic", "consent_marketing_push": True}),
+                   properties={"segment": "basic", "consent_marketing_push": True, "consent_marketing_email": True}),
         make_event(visitor_id="nobody", type="profile_update", item_id=None, price=None, timestamp=before(days=2),
                    properties={"consent_marketing_push": True}),  # consent is not a trait: still unknown
     ]  # fmt: skip
@@ -168,6 +169,12 @@ def test_served_decision_rows_with_traits_equal_the_replayed_ones(settings: Comm
         assert answer["action"] == "send"
         recommend.flush()
         logged = list(recommend.logged_events())
+        # A direct-uplift model on revenue explains itself in the reward's units.
+        treated_and_baseline = {"treated": Stage(None, 5000.0), "baseline": Stage(None, 1000.0)}
+        revenue = MessageModel("rev", 0.0, treated_and_baseline, 24.0, traits=SCHEMA, learner="uplift",
+                               reward=Reward("revenue"))  # fmt: skip
+        service.use_model(revenue)
+        by_revenue = service.decide(MessageRequest(visitor_id="crm-only", channel="email", now=NOW, dry_run=True))
         online = dict(zip(["v", "crm-only"], repository.visitor_rows(["v", "crm-only"]), strict=True))
         stored = dict(zip(["v", "crm-only"], repository.visitor_traits(["v", "crm-only"]), strict=True))
     finally:
@@ -175,6 +182,8 @@ def test_served_decision_rows_with_traits_equal_the_replayed_ones(settings: Comm
     # The CRM-only customer (no behaviour, so no online row) gets a message; a visitor nobody told us about does not.
     assert crm_only["action"] == "send" and online["crm-only"] is None
     assert never_seen["reason"] == "unknown_visitor"
+    assert by_revenue["action"] == "send" and by_revenue["score"] == 4000.0
+    assert "expected uplift +4,000 revenue (baseline 1,000)" in by_revenue["reasons"]
     assert stored["v"] == traits
     data = replay_decisions(logged, catalog, traits=SCHEMA)
     assert data.visitor_ids == ["v", "crm-only"] and data.V.shape[1] == len(VISITOR_COLUMNS) + 3
