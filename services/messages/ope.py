@@ -17,8 +17,9 @@ variance over visitors, the effective sample size (sum w)^2 / sum w^2 and the la
 compared with the best single-message policy on the same decisions (paired DR differences), which is far
 tighter than comparing two separate intervals.
 
-Policies: the learned one (the message with the highest expected uplift when it beats `min_uplift`, else
-nothing), "send nothing", and for every template "always this message when eligible, else nothing".
+Policies: the learned one (the message with the highest expected uplift when it beats the send cost plus
+`min_uplift`, else nothing), "send nothing", and for every template "always this message when eligible, else
+nothing".
 """
 
 from __future__ import annotations
@@ -223,8 +224,10 @@ def evaluate_messages(
         )
 
     if model is not None:
-        description = f"model {model.version}: highest expected uplift above {min_uplift:.2%}, else nothing"
-        add(LEARNED, description, learned_actions(data, model, min_uplift))
+        # A message is worth sending when its uplift pays for its cost (both in the reward's units).
+        bar = min_uplift + send_cost
+        description = f"model {model.version}: highest expected uplift above {bar:.4g}, else nothing"
+        add(LEARNED, description, learned_actions(data, model, bar))
     add(NOTHING, "never send", np.full(data.size, -1, dtype=np.int64))
     singles: list[str] = []
     for template in sorted(set(data.cand_template)):
