@@ -318,6 +318,77 @@ def import_events_command(
         console.print("a running aggregator held the log: it folded the imported events on its own clock")
 
 
+@import_app.command("customers")
+def import_customers_command(
+    file: Annotated[
+        Path,
+        typer.Argument(
+            exists=True, dir_okay=False, help="CSV with a header, or JSON Lines (.gz too): visitor_id + trait columns"
+        ),
+    ],
+    data_dir: DataDir = Path("data"),
+    at: Annotated[
+        str | None, typer.Option(help="When the attributes were true (ISO time with a zone; default: now)")
+    ] = None,
+    skip_invalid: Annotated[bool, typer.Option(help="Skip invalid lines (reported) instead of stopping.")] = False,
+    batch_size: int = 5000,
+) -> None:
+    """Import customer attributes (the traits declared in SELARAS_TRAITS) as profile updates: checked, folded,
+    read by the message model, exported and erased with the profile."""
+    _settings_env(data_dir)
+    from datetime import datetime
+
+    from services.profile.app import build_state
+    from services.profile.customers import import_customers
+    from services.profile.importer import InvalidInput
+    from services.profile.settings import ProfileSettings
+
+    try:
+        when = datetime.fromisoformat(at) if at else None
+    except ValueError as exc:
+        raise typer.BadParameter(f"{at!r} is not an ISO time") from exc
+    if when is not None and when.tzinfo is None:
+        raise typer.BadParameter(f"{at!r} needs a time zone, e.g. 2026-11-20T00:00:00+07:00")
+    try:
+        settings = ProfileSettings(data_dir=data_dir)
+    except ValueError as exc:  # a bad SELARAS_TRAITS names what is wrong
+        console.print(f"[red]invalid settings:[/] {exc}")
+        raise typer.Exit(2) from exc
+    state = build_state(settings)
+    started = time.perf_counter()
+    try:
+        with progress_bar() as bar:
+            task = bar.add_task(f"importing {file.name}", total=None)
+            report = import_customers(
+                file,
+                state.ingest,
+                state.aggregator,
+                when,
+                batch_size,
+                skip_invalid,
+                progress=lambda line: bar.update(task, description=f"importing {file.name}: line {line:,}"),
+            )
+    except InvalidInput as exc:
+        imported = exc.report.accepted if exc.report else 0
+        console.print(f"[red]invalid input:[/] {exc}")
+        if exc.invalid.line > 1:
+            console.print(
+                f"the {imported:,} customers before line {exc.invalid.line:,} were imported, nothing after it; fix "
+                "the file and re-run (lines already imported are recognised), or use --skip-invalid"
+            )
+        raise typer.Exit(2) from exc
+    finally:
+        state.aggregator.stop()
+        state.repository.close()
+    seconds = time.perf_counter() - started
+    console.print(
+        f"{report.accepted:,} customers imported, {report.duplicates:,} unchanged, "
+        f"{report.invalid_count:,} invalid lines in {seconds:.1f} s"
+    )
+    for invalid in report.invalid[:20]:
+        console.print(f"  line {invalid.line}: " + "; ".join(f"{e['field']}: {e['message']}" for e in invalid.errors))
+
+
 @import_app.command("catalog")
 def import_catalog_command(
     file: Annotated[

@@ -13,6 +13,7 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.consent import ConsentDefaults
+from services.common.traits import TraitSchema
 
 PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "secret", "dev", "test", "password"})
 
@@ -99,6 +100,9 @@ class CommonSettings(BaseSettings):
     # Events more than this far ahead of the clock are refused (ingest 422, import invalid line) and
     # never move an item's or visitor's time forward by more than this when folded.
     max_clock_skew_s: float = Field(default=300.0, ge=0, le=86_400, validation_alias=shared("max_clock_skew_s"))
+    # Declared customer attributes (services/common/traits.py): JSON, or the path of a JSON/YAML file. Empty =
+    # no schema: `profile_update` properties are stored unchecked and no model reads them.
+    traits: str = Field(default="", validation_alias=shared("traits"))
 
     @field_validator("redis_url")
     @classmethod
@@ -121,6 +125,15 @@ class CommonSettings(BaseSettings):
         if value is not None and value.tzinfo is None:
             raise ValueError("SELARAS_CLOCK_START needs a time zone, e.g. 2014-06-01T00:00:00+00:00")
         return value
+
+    @field_validator("traits")
+    @classmethod
+    def _readable_traits(cls, value: str) -> str:
+        TraitSchema.parse(value)  # a bad schema stops the service at start, naming what is wrong
+        return value
+
+    def trait_schema(self) -> TraitSchema:
+        return TraitSchema.parse(self.traits)
 
     def consent_defaults(self) -> ConsentDefaults:
         return ConsentDefaults(self.consent_personalization, self.consent_analytics, self.consent_marketing)

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from services.common.catalog import CatalogItem
     from services.messages.model import MessageModel
     from services.messages.ope import Evaluation
+    from services.messages.replay import LoggedDecisions
+    from services.messages.reward import Reward
 
 T = TypeVar("T")
 
@@ -45,6 +47,55 @@ def _when(text: str | None) -> float | None:
     return moment.timestamp()
 
 
+RewardOption = Annotated[
+    str | None,
+    typer.Option(help="conversion, visit, revenue or mix (default: RECOMMEND_MESSAGES_REWARD, else conversion)"),
+]
+RevenueCapOption = Annotated[float | None, typer.Option(help="Cap on one decision's revenue (reward revenue, mix).")]
+MixOption = Annotated[
+    str | None, typer.Option(help="Weights of reward mix, e.g. conversion=1,visit=0.2,revenue=0.00001")
+]
+
+
+def chosen_reward(kind: str | None, revenue_cap: float | None, mix: str | None) -> Reward:
+    """The reward from the CLI options over the settings (RECOMMEND_MESSAGES_REWARD...)."""
+    import dataclasses
+
+    from services.messages.settings import MessageSettings
+
+    reward = MessageSettings().reward_spec()
+    changes: dict[str, Any] = {}
+    if kind is not None:
+        changes["kind"] = kind
+    if revenue_cap is not None:
+        changes["revenue_cap"] = revenue_cap
+    for part in filter(None, (mix or "").split(",")):
+        name, _, value = part.partition("=")
+        if name.strip() not in ("conversion", "visit", "revenue"):
+            raise typer.BadParameter(f"--mix names conversion, visit or revenue, got {name!r}")
+        try:
+            changes[f"{name.strip()}_weight"] = float(value)
+        except ValueError as exc:
+            raise typer.BadParameter(f"--mix: {part!r} needs a number after '='") from exc
+    try:
+        return dataclasses.replace(reward, **changes)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+def report_exclusions(data: LoggedDecisions) -> None:
+    """Say which logged decisions were left out and why (never estimate silently on a damaged log)."""
+    from services.messages.replay import EXCLUSION_REASONS
+
+    total = sum(data.excluded.values())
+    if not total:
+        return
+    console.print(
+        f"[yellow]{total:,} of {total + data.size:,} logged decisions left out:[/] "
+        + "; ".join(f"{count:,} {EXCLUSION_REASONS.get(reason, reason)}" for reason, count in data.excluded.items())
+    )
+
+
 def train_messages(
     data_dir: DataDir = Path("data"),
     window_hours: Annotated[float, typer.Option(help="Outcome window after the send time.")] = 24.0,
@@ -52,10 +103,17 @@ def train_messages(
         str | None, typer.Option(help="Only decisions sent before this ISO time (hold out the rest).")
     ] = None,
     seed: int = 7,
+    learner: Annotated[
+        str | None, typer.Option(help="funnel (opens, clicks, purchases) or uplift (the reward directly)")
+    ] = None,
+    reward: RewardOption = None,
+    revenue_cap: RevenueCapOption = None,
+    mix: MixOption = None,
 ) -> None:
     """Train the next-best-message uplift model from the logged decisions and outcomes; save it as the newest."""
     from services.messages.replay import replay_decisions
     from services.messages.repository import MessageRepository
+    from services.messages.settings import MessageSettings
     from services.messages.train import MessageTrainConfig, train_message_model
     from services.recommend.repository import RecommendRepository
 
@@ -70,40 +128,61 @@ def train_messages(
                 window_hours,
                 consent_defaults=settings.consent_defaults(),
                 rules=SegmentRules.from_settings(settings),
+                traits=settings.trait_schema(),
             )
+        # The analytics purpose as stored now (a withdrawal applies to past data too): never trained on.
+        refused = messages.refusing_analytics(data.visitor_ids, settings.consent_defaults())
+        data = data.without_visitors(refused, "no_analytics_consent")
+        report_exclusions(data)
         cut = _when(until)
         if cut is not None:
             data = data.subset(data.send_at < cut)
+        chosen_learner = learner or MessageSettings().learner
+        if chosen_learner not in ("funnel", "uplift"):
+            raise typer.BadParameter(f"--learner is funnel or uplift, got {chosen_learner!r}")
+        config = MessageTrainConfig(
+            window_h=window_hours, seed=seed, learner=chosen_learner, reward=chosen_reward(reward, revenue_cap, mix)
+        )
         with console.status(f"training on {data.size:,} decisions"):
-            result = train_message_model(data, MessageTrainConfig(window_h=window_hours, seed=seed))
+            result = train_message_model(data, config)
         messages.save_model(result.model.version, result.model.to_bytes(), result.model.created_at)
     except ValueError as exc:
         console.print(f"[red]cannot train:[/] {exc}")
         raise typer.Exit(2) from exc
     finally:
         repository.close()
-    table = Table(title=f"message model {result.model.version}")
+    table = Table(
+        title=f"message model {result.model.version} ({result.model.learner}, {result.model.reward.describe()})"
+    )
     table.add_column("stage")
     table.add_column("rows", justify="right")
     table.add_column("positives", justify="right")
     table.add_column("kind")
     table.add_column("valid AUC", justify="right")
-    for stage in ("open", "click", "purchase", "baseline"):
+    table.add_column("valid RMSE", justify="right")
+    for stage in result.model.stages:
         info = result.metrics[stage]
-        auc = info.get("valid_auc")
-        table.add_row(stage, f"{info['rows']:,}", f"{info['positives']:,}", info["kind"], f"{auc:.3f}" if auc else "-")
+        auc, rmse = info.get("valid_auc"), info.get("valid_rmse")
+        table.add_row(
+            stage,
+            f"{info['rows']:,}",
+            f"{info['positives']:,}",
+            info["kind"],
+            f"{auc:.3f}" if auc else "-",
+            f"{rmse:.4f}" if rmse is not None else "-",
+        )
     console.print(table)
     metrics = result.metrics
     measured = metrics.get("measured_uplift")
     check = (
-        f"measured against the control group {measured:+.2%} "
-        f"(95% CI {metrics['measured_uplift_ci95'][0]:+.2%} to {metrics['measured_uplift_ci95'][1]:+.2%})"
+        f"measured against the control group {measured:+.4f} "
+        f"(95% CI {metrics['measured_uplift_ci95'][0]:+.4f} to {metrics['measured_uplift_ci95'][1]:+.4f})"
         if measured is not None
         else "the control group is too small to measure it yet (20 decisions needed)"
     )
     console.print(
         f"decisions {metrics['decisions']:,}, sent {metrics['sent']:,}, control {metrics['control']:,}; "
-        f"predicted mean uplift of the sends {metrics.get('predicted_uplift', 0):+.2%}; {check}"
+        f"predicted mean uplift of the sends {metrics.get('predicted_uplift', 0):+.4f}; {check}"
     )
 
 
@@ -132,6 +211,9 @@ def evaluate_messages_command(
     window_hours: Annotated[float, typer.Option(help="Outcome window after the send time.")] = 24.0,
     min_uplift: Annotated[float, typer.Option(help="The learned policy sends only above this uplift.")] = 0.001,
     send_cost: Annotated[float, typer.Option(help="Reward subtracted per message sent (fatigue).")] = 0.0,
+    reward: RewardOption = None,
+    revenue_cap: RevenueCapOption = None,
+    mix: MixOption = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
 ) -> None:
     """Estimate the value of the learned message policy, of every single-message policy and of sending
@@ -144,12 +226,13 @@ def evaluate_messages_command(
     from services.recommend.repository import RecommendRepository
 
     model: MessageModel | None = None
+    chosen = chosen_reward(reward, revenue_cap, mix)
+    settings = _settings(data_dir)
     try:
         items: list[CatalogItem] | None = list(_read_jsonl(catalog, ITEM_ADAPTER)) if catalog else None
     except InvalidInput as exc:
         console.print(f"[red]cannot read {catalog}:[/] {exc}")
         raise typer.Exit(2) from exc
-    settings = _settings(data_dir)
     repository = RecommendRepository.open(settings)
     try:
         messages = MessageRepository(repository)
@@ -166,6 +249,8 @@ def evaluate_messages_command(
         repository.close()
     if model is None:
         console.print("[yellow]no message model found: only 'send nothing' and single-message policies[/]")
+    # The model's own trait columns (and category codes); without a model, the ones declared now.
+    traits = model.traits if model is not None else settings.trait_schema()
     try:
         with console.status(f"replaying {file.name}"):
             data = replay_decisions(
@@ -174,10 +259,12 @@ def evaluate_messages_command(
                 window_hours,
                 consent_defaults=settings.consent_defaults(),
                 rules=SegmentRules.from_settings(settings),
+                traits=traits,
             )
     except InvalidInput as exc:
         console.print(f"[red]cannot read {file}:[/] {exc}")
         raise typer.Exit(2) from exc
+    report_exclusions(data)
     start, stop = _when(since), _when(until)
     if start is not None:
         data = data.subset(data.send_at >= start)
@@ -185,7 +272,7 @@ def evaluate_messages_command(
         data = data.subset(data.send_at < stop)
     names = {i.item_id: f"{i.title} ({i.message.trigger})" for i in items or [] if i.message is not None}
     try:
-        evaluation = evaluate_messages(data, model, min_uplift, send_cost, names)
+        evaluation = evaluate_messages(data, model, min_uplift, send_cost, names, reward=chosen)
     except ValueError as exc:
         console.print(f"[red]cannot evaluate:[/] {exc}")
         raise typer.Exit(2) from exc
@@ -208,7 +295,7 @@ def evaluation_table(evaluation: Evaluation) -> Table:
     from services.messages.ope import rank
 
     table = Table(
-        title=f"message policies on {evaluation.decisions:,} decisions (conversion within "
+        title=f"message policies on {evaluation.decisions:,} decisions ({evaluation.reward.describe()} within "
         f"{evaluation.window_h:g} h, {evaluation.visitors:,} visitors; logged policy {evaluation.logged_value:.4f})"
     )
     for column in ("policy", "DR [95% CI]", "SNIPS [95% CI]", "IPS [95% CI]", "ESS", "max w", "matched", "sends"):

@@ -15,6 +15,16 @@ Chained models learn from the frequent events (opens are 10-30% of sends) instea
 difference between two noisy groups, which is what lets a few thousand sends rank messages. The control
 group checks the model: training reports the measured incremental conversion (sent vs control) next to
 the model's predicted mean uplift.
+
+Direct uplift learning (`learner="uplift"`) needs no opens or clicks: a T-learner whose two LightGBM models
+learn the chosen reward (`reward.py`: conversion, visit, capped revenue or a mix) of the decisions that sent a
+message (on the decision and message columns) and of those that sent nothing (the random control group,
+exploration; on the decision columns), each weighted by 1 / logged propensity so the logging policy's
+preferences do not bias either arm. uplift(x, a) = mu_sent(x, a) - mu_nothing(x).
+
+A decision's visitor row is VISITOR_COLUMNS followed by one column per declared customer trait
+(`services/common/traits.py`, `decision_vector`). The model stores the trait schema it was trained with, so
+serving builds exactly its columns (and category codes) whatever the settings declare today.
 """
 
 from __future__ import annotations
@@ -33,6 +43,8 @@ import orjson
 from services.common.catalog import MESSAGE_TRIGGERS
 from services.common.context import is_payday_window, local_time, zone_for
 from services.common.features import CHANNEL_CODES, as_number
+from services.common.traits import TraitSchema
+from services.messages.reward import Reward
 from services.recommend.catalog_cache import ItemSnapshot
 
 DAY: Final = 86_400.0
@@ -79,7 +91,22 @@ ACTION_COLUMNS: Final[tuple[str, ...]] = (
 MESSAGE_FEATURES: Final = VISITOR_COLUMNS + ACTION_COLUMNS
 CATEGORICAL: Final = ("c_channel_code", "a_trigger_code", "a_template_code")
 STAGES: Final = ("open", "click", "purchase")
+LEARNERS: Final = ("funnel", "uplift")
 MODEL_FORMAT: Final = 1
+
+
+def visitor_columns(traits: TraitSchema) -> tuple[str, ...]:
+    """The columns of a decision row (`decision_vector`) for a trait schema."""
+    return VISITOR_COLUMNS + traits.columns
+
+
+def model_features(traits: TraitSchema) -> tuple[str, ...]:
+    return visitor_columns(traits) + ACTION_COLUMNS
+
+
+def categorical_columns(traits: TraitSchema) -> tuple[str, ...]:
+    """LightGBM categoricals: codes, not quantities (trait categories use the schema's fixed code table)."""
+    return CATEGORICAL + traits.categorical_columns
 
 
 def template_code(template_id: str) -> int:
@@ -107,11 +134,19 @@ class VisitorView:
     orders: int = 0
     histogram: tuple[float, ...] = ()
     persona_id: int = -1
+    traits: Mapping[str, Any] = field(default_factory=dict)  # from `profile_update` events and customer imports
 
     @classmethod
-    def from_row(cls, visitor_id: str, row: Mapping[str, Any] | None) -> VisitorView:
+    def from_row(
+        cls, visitor_id: str, row: Mapping[str, Any] | None, traits: Mapping[str, Any] | None = None
+    ) -> VisitorView:
+        traits = traits or {}
         if not row or not row.get("event_count"):
-            return cls(visitor_id, False, row or {}, zone_for(None), "id")
+            # A customer the shop told us about (CRM traits) is known even before any behaviour is recorded.
+            city = traits.get("city")
+            locale = str(traits.get("locale") or "id").split("-")[0].lower()
+            zone = zone_for(city if isinstance(city, str) else None)
+            return cls(visitor_id, bool(traits), row or {}, zone, locale, traits=traits)
         city = row.get("city") or None
         categories = tuple(row.get("top_categories") or ())
         persona = row.get("persona_id")
@@ -132,6 +167,7 @@ class VisitorView:
             orders=int(row.get("rfm_frequency") or 0),
             histogram=tuple(row.get("hour_histogram") or ()),
             persona_id=int(persona) if isinstance(persona, int | float) and not math.isnan(persona) else -1,
+            traits=traits,
         )
 
     def value(self, name: str) -> float:
@@ -169,6 +205,11 @@ def visitor_vector(view: VisitorView, now: float, send_at: float, channel: str) 
         float(is_payday_window(local.day)),
         float(CHANNEL_CODES.get(channel, 0)),
     ]
+
+
+def decision_vector(view: VisitorView, now: float, send_at: float, channel: str, traits: TraitSchema) -> list[float]:
+    """A decision's model row: VISITOR_COLUMNS then the declared traits (`traits.columns`) at decision time."""
+    return [*visitor_vector(view, now, send_at, channel), *traits.vector(view.traits, now)]
 
 
 def action_vector(
@@ -234,18 +275,38 @@ class IncompatibleMessageModel(ValueError):
 class MessageModel:
     version: str
     created_at: float
-    stages: dict[str, Stage]  # open, click, purchase (on MESSAGE_FEATURES) and baseline (on VISITOR_COLUMNS)
+    stages: dict[str, Stage]  # open, click, purchase (on `features`) and baseline (on `visitor_columns`)
     window_h: float
     metrics: dict[str, Any] = field(default_factory=dict)
+    traits: TraitSchema = field(default_factory=TraitSchema)  # the trait columns it was trained on
+    # "funnel": open/click/purchase stages + baseline; "uplift": treated (mu_sent) + baseline (mu_nothing).
+    learner: str = "funnel"
+    reward: Reward = field(default_factory=Reward)  # what "uplift" is measured in
+
+    @property
+    def visitor_columns(self) -> tuple[str, ...]:
+        return visitor_columns(self.traits)
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return model_features(self.traits)
 
     def uplift(self, V: np.ndarray, A: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per candidate row: (uplift, P(message-driven purchase)); per decision row of V: baseline b(x).
 
         `V` holds one row per decision, `A` one row per candidate, `owner[j]` the decision of candidate j."""
-        baseline = np.clip(self.stages["baseline"].predict(V), 0.0, 1.0)
+        baseline = self.stages["baseline"].predict(V)
+        if self.learner == "funnel" or self.reward.binary:
+            baseline = np.clip(baseline, 0.0, 1.0)
         if len(A) == 0:
             return np.zeros(0), np.zeros(0), baseline
         X = np.hstack([V[owner], A])
+        if self.learner == "uplift":
+            treated = self.stages["treated"].predict(X)
+            if self.reward.binary:
+                treated = np.clip(treated, 0.0, 1.0)
+            uplift = treated - baseline[owner]
+            return uplift, np.maximum(uplift, 0.0), baseline
         attributed = (
             self.stages["open"].predict(X) * self.stages["click"].predict(X) * self.stages["purchase"].predict(X)
         )
@@ -258,7 +319,10 @@ class MessageModel:
                 "format": MODEL_FORMAT,
                 "version": self.version,
                 "created_at": self.created_at,
-                "features": list(MESSAGE_FEATURES),
+                "features": list(self.features),
+                "traits": self.traits.model_dump(mode="json"),
+                "learner": self.learner,
+                "reward": self.reward.to_dict(),
                 "window_h": self.window_h,
                 "metrics": self.metrics,
                 "stages": {name: stage.to_dict() for name, stage in self.stages.items()},
@@ -269,7 +333,8 @@ class MessageModel:
     @classmethod
     def from_bytes(cls, raw: bytes) -> MessageModel:
         data = orjson.loads(raw)
-        if data.get("format") != MODEL_FORMAT or tuple(data.get("features", ())) != MESSAGE_FEATURES:
+        traits = TraitSchema.model_validate(data.get("traits") or {})
+        if data.get("format") != MODEL_FORMAT or tuple(data.get("features", ())) != model_features(traits):
             raise IncompatibleMessageModel(f"message model {data.get('version')} was trained on other features")
         return cls(
             version=str(data["version"]),
@@ -277,4 +342,7 @@ class MessageModel:
             stages={name: Stage.from_dict(stage) for name, stage in data["stages"].items()},
             window_h=float(data.get("window_h", 24.0)),
             metrics=dict(data.get("metrics", {})),
+            traits=traits,
+            learner=str(data.get("learner", "funnel")),
+            reward=Reward.from_dict(data.get("reward")),
         )

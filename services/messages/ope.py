@@ -2,34 +2,38 @@
 
 Every logged decision i has the visitor's context x_i, its eligible actions (send nothing, or one of the
 candidate messages), the logged action a_i with its propensity p_i = pi_0(a_i | x_i), and the reward r_i
-(1 if the visitor bought anything within the outcome window after the send time, minus `send_cost` per
-message sent). For a deterministic target policy pi with w_i = 1[a_i = pi(x_i)] / p_i:
+(`reward.py`: by default 1 if the visitor bought anything within the outcome window after the send time;
+or a visit, capped revenue, a mix; minus `send_cost` per message sent). For a deterministic target policy
+pi with w_i = 1[a_i = pi(x_i)] / p_i:
 
     IPS   = mean(w_i r_i)
     SNIPS = sum(w_i r_i) / sum(w_i)
     DR    = mean(r^(x_i, pi(x_i)) + w_i (r_i - r^(x_i, a_i)))
 
-with r^ from the uplift model (baseline b(x) for "nothing", b(x) + uplift for a message). The estimators
+with r^ from the uplift model (baseline b(x) for "nothing", b(x) + uplift for a message) when it predicts the
+reward evaluated, else from the arms' means (DR is unbiased either way; a good r^ only narrows it). The estimators
 are the shared ones of `services/offline/estimators.py`: normal 95% intervals with a cluster-robust
 variance over visitors, the effective sample size (sum w)^2 / sum w^2 and the largest weight. The learned policy is
 compared with the best single-message policy on the same decisions (paired DR differences), which is far
 tighter than comparing two separate intervals.
 
-Policies: the learned one (the message with the highest expected uplift when it beats `min_uplift`, else
-nothing), "send nothing", and for every template "always this message when eligible, else nothing".
+Policies: the learned one (the message with the highest expected uplift when it beats the send cost plus
+`min_uplift`, else nothing), "send nothing", and for every template "always this message when eligible, else
+nothing".
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
 
 from services.messages.model import MessageModel
 from services.messages.replay import LoggedDecisions
+from services.messages.reward import Reward
 from services.offline.estimators import Estimate, doubly_robust, ips, snips
 
 LEARNED: Final = "learned"
@@ -92,6 +96,8 @@ class Evaluation:
     policies: list[PolicyValue]
     learned_vs_best_single: Comparison | None
     model_version: str | None
+    excluded: dict[str, int] = field(default_factory=dict)  # logged decisions left out, by reason
+    reward: Reward = field(default_factory=Reward)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -99,22 +105,28 @@ class Evaluation:
             "visitors": self.visitors,
             "window_h": self.window_h,
             "send_cost": self.send_cost,
+            "reward": self.reward.describe(),
             "model_version": self.model_version,
             "logged_value": round(self.logged_value, 6),
+            "excluded": self.excluded,
             "policies": [p.to_json() for p in rank(self.policies)],
             "learned_vs_best_single": self.learned_vs_best_single.to_json() if self.learned_vs_best_single else None,
         }
 
 
-def reward_model(data: LoggedDecisions, model: MessageModel | None) -> tuple[np.ndarray, np.ndarray]:
-    """r^(x, nothing) per decision and r^(x, message) per candidate row (conversion probability)."""
+def reward_model(
+    data: LoggedDecisions, model: MessageModel | None, outcome: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """r^(x, nothing) per decision and r^(x, message) per candidate row, in the units of `outcome` (default:
+    conversion). A model is used when given: the caller passes it only when it predicts that outcome."""
     if model is not None:
         uplift, _, baseline = model.uplift(data.V, data.A, data.cand_owner)
         return baseline, baseline[data.cand_owner] + uplift
     # Without a model the direct method falls back to group means (DR then equals IPS plus a constant shift).
+    y = data.converted.astype(np.float64) if outcome is None else outcome
     sent = data.sent()
-    nothing_rate = float(data.converted[~sent].mean()) if (~sent).any() else 0.0
-    sent_rate = float(data.converted[sent].mean()) if sent.any() else nothing_rate
+    nothing_rate = float(y[~sent].mean()) if (~sent).any() else 0.0
+    sent_rate = float(y[sent].mean()) if sent.any() else nothing_rate
     return np.full(data.size, nothing_rate), np.full(len(data.cand_owner), sent_rate)
 
 
@@ -160,6 +172,8 @@ class _Terms:
 def _terms(
     data: LoggedDecisions, target: np.ndarray, r_nothing: np.ndarray, r_candidates: np.ndarray, send_cost: float
 ) -> _Terms:
+    if len(r_candidates) == 0:
+        r_candidates = np.zeros(1)  # no candidate rows: every action is "nothing", the row is never read
     matched = target == data.action
     weights = np.where(matched, 1.0 / data.propensity, 0.0)
     q_target = np.where(target >= 0, r_candidates[np.maximum(target, 0)] - send_cost, r_nothing)
@@ -174,6 +188,7 @@ def evaluate_messages(
     send_cost: float = 0.0,
     template_names: Mapping[str, str] | None = None,
     min_matched: int = 30,
+    reward: Reward | None = None,
 ) -> Evaluation:
     """Value of the learned policy, "send nothing" and every single-message policy on the logged decisions.
 
@@ -183,9 +198,13 @@ def evaluate_messages(
     if (data.propensity <= 0).any():
         raise ValueError("every logged decision needs a positive propensity")
     names = template_names or {}
-    reward = data.converted.astype(np.float64) - send_cost * data.sent()
+    chosen = reward or Reward()
+    outcome = chosen.values(data.converted, data.visited, data.revenue)
+    reward_values = outcome - send_cost * data.sent()
     clusters = np.unique(np.array(data.visitor_ids), return_inverse=True)[1]
-    r_nothing, r_candidates = reward_model(data, model)
+    # The model's predictions are an outcome model only for the reward it predicts (the funnel: conversion).
+    same_units = model is not None and model.reward == chosen
+    r_nothing, r_candidates = reward_model(data, model if same_units else None, outcome)
     policies: list[PolicyValue] = []
     terms: dict[str, _Terms] = {}
 
@@ -196,17 +215,19 @@ def evaluate_messages(
             PolicyValue(
                 policy=name,
                 description=description,
-                ips=ips(reward, t.weights, clusters),
-                snips=snips(reward, t.weights, clusters),
-                dr=doubly_robust(reward, t.weights, t.q_logged, t.q_target, clusters=clusters),
+                ips=ips(reward_values, t.weights, clusters),
+                snips=snips(reward_values, t.weights, clusters),
+                dr=doubly_robust(reward_values, t.weights, t.q_logged, t.q_target, clusters=clusters),
                 matched=int((t.weights > 0).sum()),
                 send_share=float((target >= 0).mean()),
             )
         )
 
     if model is not None:
-        description = f"model {model.version}: highest expected uplift above {min_uplift:.2%}, else nothing"
-        add(LEARNED, description, learned_actions(data, model, min_uplift))
+        # A message is worth sending when its uplift pays for its cost (both in the reward's units).
+        bar = min_uplift + send_cost
+        description = f"model {model.version}: highest expected uplift above {bar:.4g}, else nothing"
+        add(LEARNED, description, learned_actions(data, model, bar))
     add(NOTHING, "never send", np.full(data.size, -1, dtype=np.int64))
     singles: list[str] = []
     for template in sorted(set(data.cand_template)):
@@ -224,7 +245,7 @@ def evaluate_messages(
         a, b = terms[LEARNED], terms[best.policy]
         # DR is linear in (weight, q_target): the paired difference is a DR estimate with weight a.w - b.w.
         difference = doubly_robust(
-            reward, a.weights - b.weights, a.q_logged, a.q_target - b.q_target, clusters=clusters
+            reward_values, a.weights - b.weights, a.q_logged, a.q_target - b.q_target, clusters=clusters
         )
         comparison = Comparison(LEARNED, best.policy, difference)
     return Evaluation(
@@ -232,10 +253,12 @@ def evaluate_messages(
         visitors=int(clusters.max()) + 1 if data.size else 0,
         window_h=data.window_h,
         send_cost=send_cost,
-        logged_value=float(reward.mean()),
+        logged_value=float(reward_values.mean()),
         policies=policies,
         learned_vs_best_single=comparison,
         model_version=model.version if model else None,
+        excluded=dict(data.excluded),
+        reward=chosen,
     )
 
 

@@ -3,12 +3,19 @@
 Visitor features at a decision are the visitor's row as of that moment. Training and offline evaluation
 replay the events through the profile service's own pure aggregation code (`services.profile.aggregations`),
 the same code that writes the online rows the service reads, so serving and training see the same values.
+Declared customer traits (`services/common/traits.py`) come from the same visitor state the service reads.
+
+Every logged decision is checked: one that cannot be replayed faithfully (no `properties.action`, no
+candidates, a propensity outside (0, 1], its message gone from the catalog) is left out and counted by
+reason in `LoggedDecisions.excluded`, so the caller can say what was dropped instead of estimating on a
+silently wrong log (a decision without `action` would otherwise read as "sent nothing").
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final
 
 import numpy as np
 
@@ -16,10 +23,35 @@ from services.common.catalog import CatalogItem, ItemKind
 from services.common.consent import Consent, ConsentDefaults, consent_changes_from_properties
 from services.common.events import Event, EventType
 from services.common.features import as_number, visitor_row_at
+from services.common.traits import TraitSchema
 from services.messages.decision_log import decode_candidates
-from services.messages.model import ACTION_COLUMNS, VISITOR_COLUMNS, VisitorView, action_vector, visitor_vector
+from services.messages.model import ACTION_COLUMNS, VisitorView, action_vector, decision_vector, visitor_columns
 from services.profile.aggregations import ItemInfo, SegmentRules, VisitorState, fold_visitor, visitor_features
 from services.recommend.catalog_cache import ItemSnapshot, build_snapshot
+
+# What counts as a visit to the shop (a reward of its own, services/messages/reward.py).
+VISIT_TYPES: Final = frozenset(
+    {
+        EventType.PAGE_VIEW,
+        EventType.PRODUCT_VIEW,
+        EventType.SEARCH,
+        EventType.ADD_TO_CART,
+        EventType.REMOVE_FROM_CART,
+        EventType.PURCHASE,
+        EventType.CLICK,
+    }
+)
+
+# Why a logged decision is left out, as the CLI reports it.
+EXCLUSION_REASONS: Final = {
+    "no_propensity": "message_sent without properties.propensity (not logged by a Selaras policy)",
+    "no_recommendation_id": "without recommendation_id (outcomes cannot be joined)",
+    "invalid_propensity": "properties.propensity not a number in (0, 1]",
+    "no_action": "without properties.action (send or none)",
+    "no_candidates": "without properties.candidates (the eligible messages)",
+    "unknown_message": "the logged message is not in the catalog",
+    "no_analytics_consent": "of visitors who refuse analytics (their behaviour is not used for training)",
+}
 
 
 @dataclass
@@ -43,6 +75,11 @@ class LoggedDecisions:
     cand_product: list[str | None]
     A: np.ndarray  # candidate x ACTION_COLUMNS
     window_h: float
+    traits: TraitSchema = field(default_factory=TraitSchema)  # the trait columns at the end of V
+    # Outcomes without opens or clicks, within the window after send_at: a visit, and the money spent.
+    visited: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    revenue: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    excluded: dict[str, int] = field(default_factory=dict)  # left-out decisions by reason (EXCLUSION_REASONS)
 
     @property
     def size(self) -> int:
@@ -50,6 +87,15 @@ class LoggedDecisions:
 
     def sent(self) -> np.ndarray:
         return self.action >= 0
+
+    def without_visitors(self, refused: Collection[str], reason: str) -> LoggedDecisions:
+        """These decisions without those of `refused` visitors, counted under `reason` in `excluded`."""
+        keep = np.array([visitor not in refused for visitor in self.visitor_ids], dtype=bool)
+        kept = self.subset(keep)
+        dropped = int(self.size - keep.sum())
+        if dropped:
+            kept.excluded[reason] = kept.excluded.get(reason, 0) + dropped
+        return kept
 
     def subset(self, mask: np.ndarray) -> LoggedDecisions:
         """Decisions where `mask` is true, with their candidates re-indexed."""
@@ -78,6 +124,10 @@ class LoggedDecisions:
             cand_product=[self.cand_product[j] for j in cand_keep],
             A=self.A[cand_keep],
             window_h=self.window_h,
+            traits=self.traits,
+            excluded=dict(self.excluded),
+            visited=self.visited[keep] if len(self.visited) == self.size else self.visited,
+            revenue=self.revenue[keep] if len(self.revenue) == self.size else self.revenue,
         )
 
 
@@ -101,11 +151,14 @@ def replay_decisions(
     consent_defaults: ConsentDefaults | None = None,
     progress: Callable[[int], None] | None = None,
     rules: SegmentRules | None = None,
+    traits: TraitSchema | None = None,
 ) -> LoggedDecisions:
     """Fold events (in log or file order) through the profile aggregation code and collect every logged
-    decision (`message_sent` with `properties.propensity`) with the visitor's row as of that moment, its
-    candidates and its outcomes."""
+    decision (`message_sent` with `properties.propensity`) with the visitor's row (and declared `traits`) as
+    of that moment, its candidates and its outcomes."""
     defaults = consent_defaults or ConsentDefaults()
+    schema = traits or TraitSchema()
+    excluded: dict[str, int] = {}
     rules = rules or SegmentRules()  # callers with settings pass SegmentRules.from_settings (serving's rules)
     # Only ids, prices and creation times are read (ages are taken at each decision's own time), so the
     # snapshot's own "now" (which items are new arrivals) does not matter here.
@@ -124,6 +177,8 @@ def replay_decisions(
     consents: dict[str, Consent] = {}
     pending: list[_Pending] = []
     purchases: dict[str, list[float]] = {}
+    spent: dict[str, list[tuple[float, float]]] = {}
+    visits: dict[str, list[float]] = {}
     outcomes: dict[str, set[str]] = {}
     count = 0
     for event in events:
@@ -131,13 +186,20 @@ def replay_decisions(
         if progress is not None and count % 50_000 == 0:
             progress(count)
         visitor_id = event.visitor_id
-        if event.type is EventType.MESSAGE_SENT and "propensity" in event.properties:
-            decision = _pending_decision(event, states.get(visitor_id), rules, templates, snapshot)
-            if decision is not None:
+        if event.type is EventType.MESSAGE_SENT:
+            decision = _pending_decision(event, states.get(visitor_id), rules, templates, snapshot, schema)
+            if isinstance(decision, str):
+                excluded[decision] = excluded.get(decision, 0) + 1
+            else:
                 pending.append(decision)
             continue
         if event.type is EventType.PURCHASE:
             purchases.setdefault(visitor_id, []).append(event.ts)
+            item = info.get(event.item_id or "")
+            price = event.price if event.price is not None else (item.price if item is not None else None)
+            spent.setdefault(visitor_id, []).append((event.ts, float(price or 0.0) * (event.quantity or 1)))
+        if event.type in VISIT_TYPES:
+            visits.setdefault(visitor_id, []).append(event.ts)
         if event.recommendation_id and event.type in (
             EventType.MESSAGE_OPEN,
             EventType.MESSAGE_CLICK,
@@ -155,7 +217,10 @@ def replay_decisions(
         if state is None:
             state = states[visitor_id] = VisitorState(visitor_id)
         fold_visitor(state, event, info.get(event.item_id or ""))
-    return _assemble(pending, purchases, outcomes, snapshot, window_h)
+    data = _assemble(pending, purchases, outcomes, snapshot, window_h, schema)
+    data.excluded = excluded
+    data.visited, data.revenue = _window_outcomes(pending, visits, spent, window_h)
+    return data
 
 
 def _pending_decision(
@@ -164,16 +229,29 @@ def _pending_decision(
     rules: SegmentRules,
     templates: Mapping[str, str],
     snapshot: ItemSnapshot,
-) -> _Pending | None:
+    traits: TraitSchema,
+) -> _Pending | str:
+    """The decision, or why it is left out (a key of EXCLUSION_REASONS)."""
     props = event.properties
+    if "propensity" not in props:
+        return "no_propensity"
     if not event.recommendation_id:
-        return None
+        return "no_recommendation_id"
+    propensity = props["propensity"]
+    if isinstance(propensity, bool) or not isinstance(propensity, int | float) or not 0 < propensity <= 1:
+        return "invalid_propensity"
+    if props.get("action") not in ("send", "none"):
+        return "no_action"
+    if not props.get("candidates"):
+        return "no_candidates"
     decided_at = as_number(props.get("decided_at"))
     send_at = event.ts
     now = decided_at if decided_at == decided_at else send_at
     row = visitor_features(state, rules, state.last_seen) if state is not None and state.event_count else None
-    # Windows seen from the decision time, as serving sees the online row.
-    view = VisitorView.from_row(event.visitor_id, visitor_row_at(row, now) if row else row)
+    # Windows seen from the decision time, as serving sees the online row; traits as the service reads them.
+    view = VisitorView.from_row(
+        event.visitor_id, visitor_row_at(row, now) if row else row, state.traits if state is not None else None
+    )
     channel = str(props.get("channel") or event.context.channel or "")
     pairs = decode_candidates(str(props.get("candidates") or ""))
     logged_template = event.item_id if props.get("action") == "send" else None
@@ -192,18 +270,50 @@ def _pending_decision(
             logged = len(candidates)
         candidates.append((template, product, action_vector(view, trigger, template, product_row, snapshot, now)))
     if logged_template is not None and logged < 0:
-        return None
+        return "unknown_message"
+    if not candidates:
+        return "no_candidates"  # every candidate left the catalog: nothing to compare with
     return _Pending(
         visitor_id=event.visitor_id,
         recommendation_id=event.recommendation_id,
         channel=channel,
         send_at=send_at,
-        vector=visitor_vector(view, now, send_at, channel),
-        propensity=float(props["propensity"]),  # type: ignore[arg-type]
+        vector=decision_vector(view, now, send_at, channel, traits),
+        propensity=float(propensity),
         control=bool(props.get("control", False)),
         candidates=candidates,
         logged=logged,
     )
+
+
+def _window_outcomes(
+    pending: Sequence[_Pending],
+    visits: Mapping[str, list[float]],
+    spent: Mapping[str, list[tuple[float, float]]],
+    window_h: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per decision: whether the visitor visited, and what they spent, in [send_at, send_at + window)."""
+    window = window_h * 3600.0
+    visit_times = {visitor: np.sort(np.array(ts)) for visitor, ts in visits.items()}
+    spend: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for visitor, rows in spent.items():
+        ordered = sorted(rows)
+        spend[visitor] = (
+            np.array([t for t, _ in ordered]),
+            np.concatenate([[0.0], np.cumsum([a for _, a in ordered])]),
+        )
+    visited = np.zeros(len(pending), dtype=bool)
+    revenue = np.zeros(len(pending))
+    for i, decision in enumerate(pending):
+        times = visit_times.get(decision.visitor_id)
+        if times is not None:
+            first = np.searchsorted(times, decision.send_at, side="left")
+            visited[i] = first < len(times) and times[first] < decision.send_at + window
+        paid = spend.get(decision.visitor_id)
+        if paid is not None:
+            start, stop = np.searchsorted(paid[0], [decision.send_at, decision.send_at + window], side="left")
+            revenue[i] = paid[1][stop] - paid[1][start]
+    return visited, revenue
 
 
 def _assemble(
@@ -212,6 +322,7 @@ def _assemble(
     outcomes: Mapping[str, set[str]],
     snapshot: ItemSnapshot,
     window_h: float,
+    traits: TraitSchema,
 ) -> LoggedDecisions:
     n = len(pending)
     window = window_h * 3600.0
@@ -240,7 +351,7 @@ def _assemble(
         recommendation_ids=[d.recommendation_id for d in pending],
         channels=[d.channel for d in pending],
         send_at=np.array([d.send_at for d in pending], dtype=np.float64),
-        V=np.array([d.vector for d in pending], dtype=np.float64).reshape(n, len(VISITOR_COLUMNS)),
+        V=np.array([d.vector for d in pending], dtype=np.float64).reshape(n, len(visitor_columns(traits))),
         propensity=np.array([d.propensity for d in pending], dtype=np.float64),
         action=action,
         control=np.array([d.control for d in pending], dtype=bool),
@@ -253,4 +364,5 @@ def _assemble(
         cand_product=cand_product,
         A=np.array(rows, dtype=np.float64).reshape(len(rows), len(ACTION_COLUMNS)),
         window_h=window_h,
+        traits=traits,
     )

@@ -7,14 +7,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 import orjson
 
 from services.common import features as F
 from services.common.catalog import CatalogItem
-from services.common.consent import Consent
+from services.common.consent import Consent, ConsentDefaults
 from services.common.events import Event
 from services.common.models import ModelIndex, ModelKind
 from services.common.storage import Namespace
@@ -139,6 +139,17 @@ class MessageRepository:
             row = _decode_row(values)
             out.append(row if row.get("event_count") else None)
         return out
+
+    def refusing_analytics(self, visitor_ids: Iterable[str], defaults: ConsentDefaults) -> set[str]:
+        """Those of the visitors whose stored consent refuses `analytics`: training must not use their data."""
+        unique = sorted(set(visitor_ids))
+        refused: set[str] = set()
+        for start in range(0, len(unique), 1000):
+            chunk = unique[start : start + 1000]
+            refused.update(
+                v for v, c in zip(chunk, self.consents(chunk), strict=True) if not c.allows("analytics", defaults)
+            )
+        return refused
 
     def consents(self, visitor_ids: Sequence[str]) -> list[Consent]:
         return [Consent.from_bytes(raw) for raw in self.store.get_many(Namespace.CONSENT, visitor_ids)]

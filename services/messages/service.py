@@ -39,11 +39,10 @@ from services.messages.eligibility import Candidate, Eligibility, StockWatch, ex
 from services.messages.history import WEEK, SendHistory
 from services.messages.model import (
     ACTION_COLUMNS,
-    VISITOR_COLUMNS,
     MessageModel,
     VisitorView,
     action_vector,
-    visitor_vector,
+    decision_vector,
 )
 from services.messages.policy import choose, uniforms
 from services.messages.render import deep_link, render, tokens_for, tone_for
@@ -220,8 +219,11 @@ class MessageService:
         decided: dict[str, float] = {}
         for request, used in zip(requests, times, strict=True):
             decided.setdefault(request.visitor_id, used.ts)
+        # Traits of visitors without behaviour first: a customer known only from CRM traits is a known visitor.
+        # The others' traits are read below for the planned decisions only (the state blob is not small).
+        traits = self._traits_for([v for v, row in zip(reachable, rows, strict=True) if row is None])
         views = {
-            v: VisitorView.from_row(v, visitor_row_at(row, decided[v]) if row else row)
+            v: VisitorView.from_row(v, visitor_row_at(row, decided[v]) if row else row, traits.get(v))
             for v, row in zip(reachable, rows, strict=True)
         }
 
@@ -243,7 +245,9 @@ class MessageService:
             tag = (experiment[0], experiment[1]) if experiment else None
             personalized = experiment[2] if experiment else True
             if not view.known:
-                results[i] = none_answer(request, "unknown_visitor", "no behaviour recorded for this visitor", tag)
+                results[i] = none_answer(
+                    request, "unknown_visitor", "no behaviour or traits recorded for this visitor", tag
+                )
                 continue
             send_at = plan_send(now, view.zone, view.histogram, settings, allowed_hours)
             if send_at is None:
@@ -268,8 +272,12 @@ class MessageService:
             planned.append(_Planned(i, request, view, now, send_at, send_ts, candidates, history, tag, personalized))
 
         if planned:
+            # Traits are model features (declared ones) and rendering tokens (first name).
+            unread = [v for v in dict.fromkeys(p.request.visitor_id for p in planned) if v not in traits]
+            traits.update(self._traits_for(unread))
+            for p in planned:
+                p.view.traits = traits.get(p.request.visitor_id, {})
             uplift, attributed, baseline = self._score(planned, catalog.snapshot, model)
-            traits = self._traits_for(planned)
             for p in planned:
                 results[p.index] = self._choose(p, uplift, attributed, baseline, model, catalog, traits, personas)
 
@@ -308,11 +316,11 @@ class MessageService:
             total += len(p.candidates)
         if model is None:
             return np.zeros(total), np.zeros(total), np.zeros(len(planned))
-        V = np.empty((len(planned), len(VISITOR_COLUMNS)), dtype=np.float64)
+        V = np.empty((len(planned), len(model.visitor_columns)), dtype=np.float64)
         A = np.empty((total, len(ACTION_COLUMNS)), dtype=np.float64)
         owner = np.empty(total, dtype=np.int64)
         for k, p in enumerate(planned):
-            V[k] = visitor_vector(p.view, p.now, p.send_ts, p.request.channel)
+            V[k] = decision_vector(p.view, p.now, p.send_ts, p.request.channel, model.traits)
             for j, c in enumerate(p.candidates):
                 A[p.first + j] = action_vector(
                     p.view, c.template.trigger, c.template.item_id, c.product, snapshot, p.now
@@ -321,11 +329,12 @@ class MessageService:
         uplift, attributed, baseline = model.uplift(V, A, owner)
         return uplift, attributed, baseline
 
-    def _traits_for(self, planned: Sequence[_Planned]) -> dict[str, dict[str, Any]]:
-        visitor_ids = list(dict.fromkeys(p.request.visitor_id for p in planned))
+    def _traits_for(self, visitor_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        if not visitor_ids:
+            return {}
         try:
             return dict(zip(visitor_ids, self.repository.visitor_traits(visitor_ids), strict=True))
-        except Exception as exc:  # names are a nicety: render with the fallback greeting
+        except Exception as exc:  # a nicety: the fallback greeting, behaviour-only features
             log.warning("visitor traits unavailable: %s", type(exc).__name__)
             return {}
 
@@ -402,7 +411,12 @@ class MessageService:
             f"{used_tone} tone: {tone_reason}",
         ]
         if model is not None:
-            reasons.append(f"expected uplift {score:+.2%} purchase probability (baseline {row_baseline:.1%})")
+            if model.learner == "funnel" or model.reward.binary:
+                unit = "purchase probability" if model.learner == "funnel" else f"{model.reward.kind} probability"
+                reasons.append(f"expected uplift {score:+.2%} {unit} (baseline {row_baseline:.1%})")
+            else:
+                unit = model.reward.describe()
+                reasons.append(f"expected uplift {score:+,.4g} {unit} (baseline {row_baseline:,.4g})")
         if reason == "exploration" or action != greedy:
             reasons.append("exploration: a less certain message, to keep learning")
         if not request.dry_run:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Final, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.messages.reward import Reward, RewardKind
 
 Channel = Literal["push", "email", "whatsapp"]
 CHANNELS: Final = ("push", "email", "whatsapp")
@@ -46,3 +49,20 @@ class MessageSettings(BaseSettings):
     # How often each replica reads the model registry (one small read): a new or pinned model serves within it.
     model_check_interval_s: float = Field(default=10.0, gt=0)
     salt: str = "nbm"
+    # What `selaras train-messages` learns and `evaluate messages` scores (services/messages/reward.py); the CLI
+    # options of the same names override these. "uplift" learns the reward directly, without opens or clicks.
+    learner: Literal["funnel", "uplift"] = "funnel"
+    reward: RewardKind = "conversion"
+    reward_revenue_cap: float | None = Field(default=None, gt=0)
+    reward_conversion_weight: float = 1.0  # the weights of reward "mix"
+    reward_visit_weight: float = 0.0
+    reward_revenue_weight: float = 0.0
+
+    def reward_spec(self) -> Reward:
+        return Reward(
+            self.reward,
+            math.inf if self.reward_revenue_cap is None else self.reward_revenue_cap,
+            self.reward_conversion_weight,
+            self.reward_visit_weight,
+            self.reward_revenue_weight,
+        )

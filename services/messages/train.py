@@ -1,5 +1,6 @@
 """Training of the uplift model on logged decisions: one LightGBM classifier per funnel stage (or a constant
-rate when data is thin), validated on the latest decisions, and a check against the control group."""
+rate when data is thin), or the direct T-learner on a chosen reward (`learner="uplift"`, see model.py),
+validated on the latest decisions, and a check of the predicted uplift against the control group."""
 
 from __future__ import annotations
 
@@ -7,15 +8,16 @@ import math
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightgbm as lgb
 import numpy as np
 
 from services.common.clock import wall_datetime, wall_time
-from services.messages.model import CATEGORICAL, MESSAGE_FEATURES, VISITOR_COLUMNS, MessageModel, Stage
+from services.messages.model import MessageModel, Stage, categorical_columns, model_features, visitor_columns
 from services.messages.replay import LoggedDecisions
+from services.messages.reward import Reward
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,8 @@ class MessageTrainConfig:
     min_rows: int = 60  # fewer rows (or fewer than 5 of each class) -> a constant rate for the stage
     seed: int = 7
     threads: int = 2
+    learner: str = "funnel"  # or "uplift": no opens or clicks needed
+    reward: Reward = field(default_factory=Reward)  # the uplift learner's target (the funnel: purchases)
 
 
 @dataclass
@@ -47,21 +51,31 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float | None:
 
 
 def _fit_stage(
-    X: np.ndarray, y: np.ndarray, order: np.ndarray, names: Sequence[str], config: MessageTrainConfig
+    X: np.ndarray,
+    y: np.ndarray,
+    order: np.ndarray,
+    names: Sequence[str],
+    categoricals: Sequence[str],
+    config: MessageTrainConfig,
+    weights: np.ndarray | None = None,
+    binary: bool = True,
 ) -> tuple[Stage, dict[str, Any]]:
-    """Time split: the latest `validation_fraction` of rows stops boosting early and reports the AUC."""
-    n, positives = len(y), int(y.sum())
-    rate = float(y.mean()) if n else 0.0
+    """Time split: the latest `validation_fraction` of rows stops boosting early and reports the AUC (or, for a
+    regression, the validation RMSE). `weights`: per-row sample weights (the constant is their weighted mean)."""
+    n, positives = len(y), int((y > 0).sum())
+    w = np.ones(n) if weights is None else weights
+    rate = float(np.average(y, weights=w)) if n else 0.0
     info: dict[str, Any] = {"rows": n, "positives": positives, "rate": round(rate, 5)}
-    if n < config.min_rows or positives < 5 or n - positives < 5:
+    if n < config.min_rows or positives < 5 or (binary and n - positives < 5):
         info["kind"] = "constant"
         return Stage(None, rate), info
-    ranked = X[order], y[order]
+    ranked = X[order], y[order], w[order]
     cut = int(n * (1 - config.validation_fraction))
     X_train, y_train, X_valid, y_valid = ranked[0][:cut], ranked[1][:cut], ranked[0][cut:], ranked[1][cut:]
-    categorical = [c for c in CATEGORICAL if c in names]
+    w_train, w_valid = ranked[2][:cut], ranked[2][cut:]
+    categorical = [c for c in categoricals if c in names]
     params = {
-        "objective": "binary",
+        "objective": "binary" if binary else "regression",
         "learning_rate": config.learning_rate,
         "num_leaves": config.num_leaves,
         "min_data_in_leaf": config.min_data_in_leaf,
@@ -76,10 +90,12 @@ def _fit_stage(
         "verbose": -1,
         "deterministic": True,
     }
-    train_set = lgb.Dataset(X_train, y_train.astype(float), feature_name=list(names), categorical_feature=categorical)
-    has_valid = bool(len(y_valid) and y_valid.any() and not y_valid.all())
+    train_set = lgb.Dataset(
+        X_train, y_train.astype(float), weight=w_train, feature_name=list(names), categorical_feature=categorical
+    )
+    has_valid = bool(len(y_valid) and y_valid.any() and (not binary or not y_valid.all()))
     if has_valid:
-        valid_set = lgb.Dataset(X_valid, y_valid.astype(float), reference=train_set)
+        valid_set = lgb.Dataset(X_valid, y_valid.astype(float), weight=w_valid, reference=train_set)
         booster = lgb.train(
             params,
             train_set,
@@ -87,8 +103,12 @@ def _fit_stage(
             valid_sets=[valid_set],
             callbacks=[lgb.early_stopping(config.early_stopping_rounds, verbose=False)],
         )
-        auc = _auc(y_valid, np.asarray(booster.predict(X_valid, num_iteration=booster.best_iteration)))
-        info["valid_auc"] = round(auc, 4) if auc is not None else None
+        predicted = np.asarray(booster.predict(X_valid, num_iteration=booster.best_iteration))
+        if binary:
+            auc = _auc(y_valid, predicted)
+            info["valid_auc"] = round(auc, 4) if auc is not None else None
+        else:
+            info["valid_rmse"] = round(float(np.sqrt(np.average((predicted - y_valid) ** 2, weights=w_valid))), 5)
     else:
         booster = lgb.train(params, train_set, num_boost_round=min(100, config.num_boost_round))
     info["kind"] = "lightgbm"
@@ -107,26 +127,46 @@ def train_message_model(data: LoggedDecisions, config: MessageTrainConfig | None
     sent = data.sent()
     if not sent.any():
         raise ValueError("no message was sent in the logged decisions")
+    if config.learner == "uplift":
+        return _train_uplift(data, config)
+    if config.learner != "funnel":
+        raise ValueError(f"learner must be funnel or uplift, got {config.learner!r}")
     started = time.perf_counter()
+    features, visitor, categoricals = (
+        model_features(data.traits),
+        visitor_columns(data.traits),
+        categorical_columns(data.traits),
+    )
     rows = data.action[sent]
     owners = np.flatnonzero(sent)
     X = np.hstack([data.V[owners], data.A[rows]])
     order = np.argsort(data.send_at[owners], kind="stable")
     stages: dict[str, Stage] = {}
-    metrics: dict[str, Any] = {"decisions": data.size, "sent": int(sent.sum()), "control": int(data.control.sum())}
+    metrics: dict[str, Any] = {
+        "decisions": data.size,
+        "sent": int(sent.sum()),
+        "control": int(data.control.sum()),
+        "traits": [t.name for t in data.traits.traits],
+    }
     opened = data.opened[owners]
     clicked = data.clicked[owners]
-    stages["open"], metrics["open"] = _fit_stage(X, opened, order, MESSAGE_FEATURES, config)
+    stages["open"], metrics["open"] = _fit_stage(X, opened, order, features, categoricals, config)
     mask = opened
     stages["click"], metrics["click"] = _fit_stage(
-        X[mask], clicked[mask], np.argsort(data.send_at[owners][mask], kind="stable"), MESSAGE_FEATURES, config
+        X[mask],
+        clicked[mask],
+        np.argsort(data.send_at[owners][mask], kind="stable"),
+        features,
+        categoricals,
+        config,
     )
     mask = clicked
     stages["purchase"], metrics["purchase"] = _fit_stage(
         X[mask],
         data.attributed[owners][mask],
         np.argsort(data.send_at[owners][mask], kind="stable"),
-        MESSAGE_FEATURES,
+        features,
+        categoricals,
         config,
     )
     unsent = ~sent
@@ -134,11 +174,69 @@ def train_message_model(data: LoggedDecisions, config: MessageTrainConfig | None
         data.V[unsent],
         data.converted[unsent],
         np.argsort(data.send_at[unsent], kind="stable"),
-        VISITOR_COLUMNS,
+        visitor,
+        categoricals,
         config,
     )
     version = f"msg-{wall_datetime().strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    model = MessageModel(version, wall_time(), stages, data.window_h)
+    model = MessageModel(version, wall_time(), stages, data.window_h, traits=data.traits)
+    metrics.update(uplift_check(model, data))
+    metrics["seconds"] = round(time.perf_counter() - started, 2)
+    model.metrics = metrics
+    return MessageTrainResult(model, metrics)
+
+
+def _train_uplift(data: LoggedDecisions, config: MessageTrainConfig) -> MessageTrainResult:
+    """The T-learner: mu_sent on the sends (decision + message columns), mu_nothing on the decisions that sent
+    nothing (decision columns), both on the chosen reward and weighted by 1 / logged propensity."""
+    started = time.perf_counter()
+    if data.control.sum() + (~data.sent()).sum() == 0:
+        raise ValueError("no decision sent nothing: the uplift learner needs the control group")
+    y = config.reward.values(data.converted, data.visited, data.revenue)
+    weights = 1.0 / data.propensity
+    features, visitor, categoricals = (
+        model_features(data.traits),
+        visitor_columns(data.traits),
+        categorical_columns(data.traits),
+    )
+    sent = data.sent()
+    owners = np.flatnonzero(sent)
+    X = np.hstack([data.V[owners], data.A[data.action[owners]]])
+    binary = config.reward.binary
+    stages: dict[str, Stage] = {}
+    metrics: dict[str, Any] = {
+        "learner": "uplift",
+        "reward": config.reward.describe(),
+        "decisions": data.size,
+        "sent": int(sent.sum()),
+        "control": int(data.control.sum()),
+        "traits": [t.name for t in data.traits.traits],
+    }
+    stages["treated"], metrics["treated"] = _fit_stage(
+        X,
+        y[owners],
+        np.argsort(data.send_at[owners], kind="stable"),
+        features,
+        categoricals,
+        config,
+        weights[owners],
+        binary,
+    )
+    unsent = ~sent
+    stages["baseline"], metrics["baseline"] = _fit_stage(
+        data.V[unsent],
+        y[unsent],
+        np.argsort(data.send_at[unsent], kind="stable"),
+        visitor,
+        categoricals,
+        config,
+        weights[unsent],
+        binary,
+    )
+    version = f"msg-{wall_datetime().strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    model = MessageModel(
+        version, wall_time(), stages, data.window_h, traits=data.traits, learner="uplift", reward=config.reward
+    )
     metrics.update(uplift_check(model, data))
     metrics["seconds"] = round(time.perf_counter() - started, 2)
     model.metrics = metrics
@@ -155,12 +253,14 @@ def uplift_check(model: MessageModel, data: LoggedDecisions) -> dict[str, Any]:
     uplift, _, _ = model.uplift(data.V[owners], data.A[data.action[owners]], np.arange(len(owners)))
     out: dict[str, Any] = {"predicted_uplift": round(float(uplift.mean()), 5)}
     control = data.control
-    if control.sum() >= 20:
-        treated_rate = float(data.converted[sent & ~control].mean())
-        control_rate = float(data.converted[control].mean())
+    treated = sent & ~control
+    if control.sum() >= 20 and treated.any():
+        outcome = model.reward.values(data.converted, data.visited, data.revenue)
+        treated_rate = float(outcome[treated].mean())
+        control_rate = float(outcome[control].mean())
         se = math.sqrt(
-            treated_rate * (1 - treated_rate) / max(int((sent & ~control).sum()), 1)
-            + control_rate * (1 - control_rate) / int(control.sum())
+            float(outcome[treated].var()) / max(int(treated.sum()), 1)
+            + float(outcome[control].var()) / int(control.sum())
         )
         out["measured_uplift"] = round(treated_rate - control_rate, 5)
         out["measured_uplift_ci95"] = [

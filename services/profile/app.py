@@ -55,7 +55,7 @@ def build_state(
     return ProfileState(
         settings,
         repository,
-        IngestService(repository, clock, settings.max_clock_skew_s),
+        IngestService(repository, clock, settings.max_clock_skew_s, settings.trait_schema()),
         aggregator,
         ApiKeyAuth(settings.api_keys),
         defaults,

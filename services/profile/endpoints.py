@@ -64,6 +64,13 @@ async def ingest_events(request: Request, state: State, key: EventsKey) -> Respo
             f"{len(future)} of {len(raw_events)} events are dated in the future; nothing was stored",
             extra={"errors": future},
         )
+    traits = state.ingest.trait_errors(events)
+    if traits:
+        raise InvalidPayload(
+            f"{len({e['index'] for e in traits})} of {len(raw_events)} events carry traits the declared schema "
+            "refuses; nothing was stored",
+            extra={"errors": traits},
+        )
     # The durable append is a blocking call: run it in the thread pool, off the event loop.
     result = await run_in_threadpool(state.ingest.ingest, events)
     return FastJSONResponse({"accepted": result.accepted, "duplicates": result.duplicates}, status_code=202)

@@ -194,6 +194,11 @@ def import_events(
             if future is not None:
                 _record_invalid(report, InvalidLine(number, [{"field": "timestamp", "message": future}]), skip_invalid)
                 continue
+            traits = ingest.trait_errors([parsed])
+            if traits:
+                errors = [{"field": e["field"], "message": e["message"]} for e in traits]
+                _record_invalid(report, InvalidLine(number, errors), skip_invalid)
+                continue
             if parsed.ts < last_ts:
                 report.out_of_order += 1
                 message = (

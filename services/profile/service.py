@@ -23,6 +23,7 @@ from services.common.events import Event, EventType, envelope, future_timestamp_
 from services.common.indexes import ContextPopularity, CoVisitation
 from services.common.item_changes import ItemChangeRecorder
 from services.common.storage import AppendResult, LogEntry, Namespace, PendingEvent
+from services.common.traits import TraitSchema
 from services.profile.aggregations import (
     DAY,
     HOUR,
@@ -71,10 +72,30 @@ COUNT_FEATURES = tuple(name for name, kind in F.ITEM_FEATURES.items() if kind ==
 
 
 class IngestService:
-    def __init__(self, repository: ProfileRepository, clock: Clock = SYSTEM_CLOCK, max_skew_s: float = 300.0):
+    def __init__(
+        self,
+        repository: ProfileRepository,
+        clock: Clock = SYSTEM_CLOCK,
+        max_skew_s: float = 300.0,
+        traits: TraitSchema | None = None,
+    ):
         self.repository = repository
         self.clock = clock
         self.max_skew_s = max_skew_s
+        self.traits = traits or TraitSchema()
+
+    def trait_errors(self, events: Sequence[Event]) -> list[dict[str, Any]]:
+        """`profile_update` properties the declared trait schema refuses, as errors by index and field (so a
+        stored trait is always of its declared type)."""
+        errors = [
+            {"index": index, "field": f"properties.{name}", "message": message}
+            for index, event in enumerate(events)
+            if event.type is EventType.PROFILE_UPDATE
+            for name, message in self.traits.errors(event.properties)
+        ]
+        if errors:
+            EVENTS_REFUSED.labels("invalid_trait").inc(len({e["index"] for e in errors}))
+        return errors
 
     def future_errors(self, events: Sequence[Event]) -> list[dict[str, Any]]:
         """Events dated further ahead of the clock than the allowed skew, as errors by index and field."""
