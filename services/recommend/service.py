@@ -836,6 +836,8 @@ class RecommendService:
             "score": round(score, 6),
             "propensity": propensity,
         }
+        if slot.strategy != "personal":  # training and reports can tell item-to-item and reranked lists apart
+            properties["strategy"] = slot.strategy
         if rank is not None and pool is not None:
             # Off-policy evaluation of other rankings of the same pool needs both (services/recommend/policy_eval.py).
             properties["rank"], properties["pool"] = rank, pool

@@ -234,3 +234,20 @@ def test_bad_candidate_lists_are_422_naming_the_field(
     assert field in [e["field"] for e in body["errors"]], body
     wrong_slot = post(client, {"visitor_id": "v", "slots": [{"name": "home", "candidate_ids": ["a"]}]}, 422)
     assert "slots.0.candidate_ids" in [e["field"] for e in wrong_slot["errors"]]
+
+
+def test_impressions_of_item_to_item_and_rerank_slots_say_their_strategy() -> None:
+    from services.recommend.schemas import RecommendRequest
+
+    request = RecommendRequest.model_validate(
+        {
+            "visitor_id": "v",
+            "context": {"item_ids": ["a"]},
+            "slots": [{"name": "home"}, {"name": "pdp", "strategy": "similar"}, rerank_slot(["a", "b"])],
+        }
+    )
+    strategies = [
+        RecommendService._impression(request, "r1", slot, "x", 0, 1.0, 1.0, 0.0, None)["properties"].get("strategy")
+        for slot in request.slots
+    ]
+    assert strategies == [None, "similar", "rerank"]
