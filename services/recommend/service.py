@@ -298,14 +298,7 @@ class RecommendService:
         use_model = (
             personalized and personalization_allowed and visitor.known and model is not None and fallback_reason is None
         )
-        if not personalization_allowed:
-            strategy = "generic_no_consent"
-        elif not personalized:
-            strategy = "generic_control"
-        elif use_model:
-            strategy = "personalized"
-        else:
-            strategy = "popular_in_context"
+        strategy = self._strategy_name(personalization_allowed, personalized, use_model)
         rank = self._rank_context(
             request,
             snapshot,
@@ -338,6 +331,15 @@ class RecommendService:
             "time": used.to_dict(),
             "slots": slots_out,
         }
+
+    @staticmethod
+    def _strategy_name(personalization_allowed: bool, personalized: bool, use_model: bool) -> str:
+        """The answer's `strategy` (and the metric label): why the visitor got the model or a generic order."""
+        if not personalization_allowed:
+            return "generic_no_consent"
+        if not personalized:
+            return "generic_control"
+        return "personalized" if use_model else "popular_in_context"
 
     def _anchor_rows(self, request: RecommendRequest, snapshot: ItemSnapshot) -> tuple[int, ...]:
         """Snapshot rows of `context.item_ids`. Unknown ids are the caller's error (422 naming each), as is an
