@@ -426,10 +426,16 @@ def evaluate_item2item_command(
     max_users: Annotated[int | None, typer.Option(help="Evaluate a random sample of users (quick runs).")] = None,
     seed: int = 7,
     out: Annotated[Path | None, typer.Option(help="JSON report.")] = None,
+    personal: Annotated[
+        bool, typer.Option(help="Also train the ranker (minutes) and measure the strategies re-ranked per user.")
+    ] = False,
 ) -> None:
     """HR@10 / NDCG@10 of the item-to-item strategies predicting each user's last item from the one before."""
     from services.profile.sequences import SequenceFileError, read_histories
+    from services.recommend.history_training import train_on_histories
     from services.recommend.item2item_eval import evaluate_item2item, markdown_rows
+    from services.recommend.settings import RecommendSettings
+    from services.recommend.training import TrainConfig
 
     started = time.perf_counter()
     try:
@@ -437,7 +443,13 @@ def evaluate_item2item_command(
     except SequenceFileError as exc:
         console.print(f"[red]invalid input:[/] {exc}")
         raise typer.Exit(2) from exc
-    result = evaluate_item2item(histories.stem, data, max_users, seed)
+    model = None
+    if personal:
+        settings = RecommendSettings()
+        config = TrainConfig(max_queries=10**9, seed=seed)
+        model, _, _ = train_on_histories(data.truncated(1), settings.max_candidates, config, settings.candidate_sources)
+        console.print(f"ranker trained in {time.perf_counter() - started:.0f} s")
+    result = evaluate_item2item(histories.stem, data, max_users, seed, model=model)
     console.print(f"{histories.stem}: {result.users:,} users, {result.items:,} items, leave-last-out")
     for row in markdown_rows(result):
         console.print(row, markup=False)
