@@ -122,7 +122,9 @@ class RecommendRequest(BaseModel):
         return self
 
 
-class RecommendedItem(BaseModel):
+class ItemCard(BaseModel):
+    """What a widget shows of one item."""
+
     item_id: str
     position: int
     score: float
@@ -132,6 +134,9 @@ class RecommendedItem(BaseModel):
     price: float | None = None
     url: str | None = None
     image_url: str | None = None
+
+
+class RecommendedItem(ItemCard):
     propensity: float = 1.0
     reasons: list[str] | None = None
 
@@ -144,24 +149,12 @@ class SlotResult(BaseModel):
     unknown_candidates: int | None = None  # rerank: how many candidate_ids the catalog does not know
 
 
-class SimilarItem(BaseModel):
-    item_id: str
-    position: int
-    score: float
-    title: str
-    category: str | None = None
-    brand: str | None = None
-    price: float | None = None
-    url: str | None = None
-    image_url: str | None = None
-
-
 class SimilarItems(BaseModel):
     """GET /v1/items/{item_id}/similar: the item's neighbours, the same for every visitor."""
 
     item_id: str
     strategy: Literal["similar", "bought_together"]
-    items: list[SimilarItem]
+    items: list[ItemCard]
 
 
 class ExperimentTag(BaseModel):

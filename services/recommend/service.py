@@ -441,18 +441,8 @@ class RecommendService:
         for position, (i, score) in enumerate(zip(ranked.idx, ranked.scores, strict=True)):
             item_id = snapshot.ids[i]
             shown.add(item_id)
-            entry: dict[str, Any] = {
-                "item_id": item_id,
-                "position": position,
-                "score": round(score, 6),
-                "title": snapshot.titles[i],
-                "category": snapshot.categories[i],
-                "brand": snapshot.brands[i],
-                "price": None if math.isnan(snapshot.price[i]) else float(snapshot.price[i]),
-                "url": snapshot.urls[i],
-                "image_url": snapshot.image_urls[i],
-                "propensity": ranked.propensities[position],
-            }
+            entry = self._item_card(snapshot, i, position, score)
+            entry["propensity"] = ranked.propensities[position]
             if ranked.reasons is not None:
                 entry["reasons"] = ranked.reasons[position]
             elif request.explain:
@@ -719,20 +709,25 @@ class RecommendService:
             raise NotFound(f"unknown item {item_id!r}")
         found = neighbours(snapshot, [row], strategy, eligible_products(snapshot, Filters()), limit)
         items = [
-            {
-                "item_id": snapshot.ids[i],
-                "position": position,
-                "score": round(float(score), 6),
-                "title": snapshot.titles[i],
-                "category": snapshot.categories[i],
-                "brand": snapshot.brands[i],
-                "price": None if math.isnan(snapshot.price[i]) else float(snapshot.price[i]),
-                "url": snapshot.urls[i],
-                "image_url": snapshot.image_urls[i],
-            }
+            self._item_card(snapshot, i, position, score)
             for position, (i, score) in enumerate(zip(found.idx.tolist(), found.scores.tolist(), strict=True))
         ]
         return {"item_id": item_id, "strategy": strategy, "items": items}
+
+    @staticmethod
+    def _item_card(snapshot: ItemSnapshot, i: int, position: int, score: float) -> dict[str, Any]:
+        """An answer's item (`ItemCard` in schemas.py) as a plain dict: built for every shown item."""
+        return {
+            "item_id": snapshot.ids[i],
+            "position": position,
+            "score": round(score, 6),
+            "title": snapshot.titles[i],
+            "category": snapshot.categories[i],
+            "brand": snapshot.brands[i],
+            "price": None if math.isnan(snapshot.price[i]) else float(snapshot.price[i]),
+            "url": snapshot.urls[i],
+            "image_url": snapshot.image_urls[i],
+        }
 
     def _naive_columns(self, snapshot: ItemSnapshot, idx: np.ndarray, slot: str, now: float) -> ItemColumns:
         """The baseline the benchmark compares against: candidate item features fetched through the Feast SDK
