@@ -519,6 +519,49 @@ def evaluate_ranking_command(
     console.print(f"report written to {path}")
 
 
+@evaluate_app.command("item2item")
+def evaluate_item2item_command(
+    histories: Annotated[
+        Path, typer.Option(exists=True, dir_okay=False, help='"user item item ..." file (leave-last-out).')
+    ],
+    attributes: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="item -> attribute ids")] = None,
+    max_users: Annotated[int | None, typer.Option(help="Evaluate a random sample of users (quick runs).")] = None,
+    seed: int = 7,
+    out: Annotated[Path | None, typer.Option(help="JSON report.")] = None,
+    personal: Annotated[
+        bool, typer.Option(help="Also train the ranker (minutes) and measure the strategies re-ranked per user.")
+    ] = False,
+) -> None:
+    """HR@10 / NDCG@10 of the item-to-item strategies predicting each user's last item from the one before."""
+    from services.profile.sequences import SequenceFileError, read_histories
+    from services.recommend.history_training import train_on_histories
+    from services.recommend.item2item_eval import evaluate_item2item, markdown_rows
+    from services.recommend.settings import RecommendSettings
+    from services.recommend.training import TrainConfig
+
+    started = time.perf_counter()
+    try:
+        data = read_histories(histories, attributes)
+    except SequenceFileError as exc:
+        console.print(f"[red]invalid input:[/] {exc}")
+        raise typer.Exit(2) from exc
+    model = None
+    if personal:
+        settings = RecommendSettings()
+        config = TrainConfig(max_queries=10**9, seed=seed)
+        model, _, _ = train_on_histories(data.truncated(1), settings.max_candidates, config, settings.candidate_sources)
+        console.print(f"ranker trained in {time.perf_counter() - started:.0f} s")
+    result = evaluate_item2item(histories.stem, data, max_users, seed, model=model)
+    console.print(f"{histories.stem}: {result.users:,} users, {result.items:,} items, leave-last-out")
+    for row in markdown_rows(result):
+        console.print(row, markup=False)
+    console.print(f"{time.perf_counter() - started:.1f} s")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result.to_dict(), indent=2, default=float))
+        console.print(f"report written to {out}")
+
+
 @evaluate_app.command("policy")
 def evaluate_policy_command(
     file: Annotated[

@@ -209,3 +209,9 @@ class CandidateGenerator:
         if len(idx) == 0:
             return np.zeros(0, dtype=bool)
         return cls._eligible_mask(snapshot, filters, kind_code)[idx]
+
+
+def eligible_products(snapshot: ItemSnapshot, filters: Filters) -> np.ndarray:
+    """Available products passing a slot's filters (a mask over snapshot rows): the eligibility of candidates
+    chosen outside the generators (item-to-item neighbours, a shop's own list)."""
+    return CandidateGenerator._eligible_mask(snapshot, filters, KIND_CODES[ItemKind.PRODUCT])

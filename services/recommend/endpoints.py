@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from functools import partial
+from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
@@ -18,10 +19,12 @@ from services.common.api import (
 )
 from services.common.errors import StorageUnavailable
 from services.recommend.deps import AdminKey, RecommendKey, State
+from services.recommend.item2item import Strategy
 from services.recommend.schemas import (
     RecommendRequest,
     RecommendResponse,
     ReloadResult,
+    SimilarItems,
 )
 from services.recommend.service import StoredVisitor
 
@@ -36,7 +39,15 @@ REQUEST_ADAPTER: TypeAdapter[RecommendRequest] = TypeAdapter(RecommendRequest)
     responses={422: {"description": "Invalid request, by field"}},
 )
 async def recommend(request: Request, state: State, key: RecommendKey) -> Response:
-    """Rank products, banners and CTAs for a visitor, one list per slot."""
+    """Rank products, banners and CTAs for a visitor, one list per slot.
+
+    Slot strategies: `personal` (default); `similar` and `bought_together` rank the neighbours of
+    `context.item_ids` (a product page's item, the cart), never the anchors themselves, re-ranked by the model
+    for a known visitor, in neighbour order otherwise; `rerank` orders the shop's own `candidate_ids` (1 to 1000
+    search or category results) for the visitor with the same rules, explanations and impression logging.
+    Unknown ids in `context.item_ids` are a 422 naming `context.item_ids.<i>`; unknown `candidate_ids` are
+    ignored and counted in the slot's `unknown_candidates` (a search index may know items the catalog does
+    not yet)."""
     parsed = await parse_json_request(request, REQUEST_ADAPTER, state.settings.max_body_bytes)
     may_set_time = state.auth.is_admin(key)
     personal = not state.auth.is_browser(key)  # a public (browser) key never reads a visitor's behaviour
@@ -54,6 +65,24 @@ async def recommend(request: Request, state: State, key: RecommendKey) -> Respon
         result = await asyncio.get_running_loop().run_in_executor(
             state.executor, service.recommend, parsed, may_set_time, personal, stored
         )
+    return FastJSONResponse(result)
+
+
+@router.get(
+    "/v1/items/{item_id}/similar",
+    response_model=SimilarItems,
+    responses={404: {"description": "Unknown item"}, 422: {"description": "Invalid strategy or limit"}},
+)
+async def similar_items(
+    item_id: str,
+    state: State,
+    _: RecommendKey,
+    strategy: Annotated[Strategy, Query(description="similar (attributes) or bought_together")] = "similar",
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+) -> Response:
+    """An item's neighbours among available products, the same for every visitor: no personal data is read and
+    nothing is logged (for a personal widget use a `similar` or `bought_together` slot of /v1/recommend)."""
+    result = await run_in_threadpool(state.service.similar_items, item_id, strategy, limit)
     return FastJSONResponse(result)
 
 

@@ -4,12 +4,27 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from services.common.catalog import CatalogItem, ItemKind
 from services.common.events import Device, Identifier
 
 SlotName = Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.:-]+$")]
+# personal: the visitor's own candidates; similar / bought_together: neighbours of `context.item_ids`;
+# rerank: the shop's own list (`candidate_ids`) in the visitor's order.
+SlotStrategy = Literal["personal", "similar", "bought_together", "rerank"]
+ANCHORED: frozenset[str] = frozenset({"similar", "bought_together"})
+MAX_ANCHORS = 20
+MAX_CANDIDATE_IDS = 1000
 
 
 class RequestContext(BaseModel):
@@ -21,6 +36,9 @@ class RequestContext(BaseModel):
     locale: Annotated[str, StringConstraints(max_length=16)] | None = None
     utc_offset_min: Annotated[int, Field(ge=-720, le=840)] | None = None
     page: Annotated[str, StringConstraints(max_length=64)] | None = None
+    # The items the page is about (a product page's item, the cart's items): the anchors of "similar" and
+    # "bought_together" slots, never recommended back. Unknown ids are a 422 naming `context.item_ids.<i>`.
+    item_ids: list[Identifier] = Field(default_factory=list, max_length=MAX_ANCHORS)
     # The request time; defaults to the service clock. Honoured only for admin keys or in a simulation
     # deployment (SELARAS_SIMULATION): the answer's `time` says which time was used.
     now: AwareDatetime | None = None
@@ -44,12 +62,48 @@ class SlotRequest(BaseModel):
     count: Annotated[int, Field(ge=1, le=100)] = 10
     filters: SlotFilters = Field(default_factory=SlotFilters)
     max_per_category: Annotated[int, Field(ge=1, le=100)] | None = None
+    strategy: SlotStrategy = Field(
+        default="personal",
+        description=(
+            "personal (default); similar or bought_together: neighbours of context.item_ids, re-ranked for a "
+            "known visitor; rerank: candidate_ids in the visitor's order. Non-personal strategies rank products "
+            "only; similar and rerank apply a per-category quota only when max_per_category is set."
+        ),
+    )
+    candidate_ids: list[Identifier] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_CANDIDATE_IDS,
+        validate_default=True,
+        description=(
+            "rerank only: the shop's own list (search or category results), 1 to 1000 item ids. Ids the catalog "
+            "does not know are ignored and counted in the slot's `unknown_candidates`; the answer holds the best "
+            "`count` of the known, available ones."
+        ),
+    )
 
     @model_validator(mode="after")
     def _no_messages(self) -> SlotRequest:
         if self.kind is ItemKind.MESSAGE:
             raise ValueError("messages are chosen by POST /v1/next-best-message, not by a slot")
         return self
+
+    @field_validator("strategy")
+    @classmethod
+    def _products_only(cls, strategy: str, info: ValidationInfo) -> str:
+        if strategy != "personal" and info.data.get("kind", ItemKind.PRODUCT) is not ItemKind.PRODUCT:
+            raise ValueError(f"strategy {strategy!r} ranks products only")
+        return strategy
+
+    @field_validator("candidate_ids")
+    @classmethod
+    def _candidates_for_rerank(cls, ids: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        strategy = info.data.get("strategy")
+        if strategy == "rerank" and ids is None:
+            raise ValueError("a rerank slot needs candidate_ids (1 to 1000 item ids)")
+        if strategy is not None and strategy != "rerank" and ids is not None:
+            raise ValueError("candidate_ids are only read by a rerank slot")
+        return ids
 
 
 class RecommendRequest(BaseModel):
@@ -68,7 +122,9 @@ class RecommendRequest(BaseModel):
         return self
 
 
-class RecommendedItem(BaseModel):
+class ItemCard(BaseModel):
+    """What a widget shows of one item."""
+
     item_id: str
     position: int
     score: float
@@ -78,6 +134,9 @@ class RecommendedItem(BaseModel):
     price: float | None = None
     url: str | None = None
     image_url: str | None = None
+
+
+class RecommendedItem(ItemCard):
     propensity: float = 1.0
     reasons: list[str] | None = None
 
@@ -86,6 +145,16 @@ class SlotResult(BaseModel):
     name: str
     kind: ItemKind
     items: list[RecommendedItem]
+    strategy: SlotStrategy | None = None  # set for slots that are not "personal"
+    unknown_candidates: int | None = None  # rerank: how many candidate_ids the catalog does not know
+
+
+class SimilarItems(BaseModel):
+    """GET /v1/items/{item_id}/similar: the item's neighbours, the same for every visitor."""
+
+    item_id: str
+    strategy: Literal["similar", "bought_together"]
+    items: list[ItemCard]
 
 
 class ExperimentTag(BaseModel):

@@ -10,7 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Protocol
 
@@ -21,15 +21,18 @@ from services.common.catalog import ItemKind
 from services.common.clock import SYSTEM_CLOCK, Clock, TimePolicy, wall_time
 from services.common.consent import Consent, ConsentDefaults
 from services.common.context import context_features, daypart, local_time, zone_for
+from services.common.errors import InvalidPayload, NotFound
 from services.common.events import Event
 from services.common.features import visitor_row_at
 from services.common.models import ModelIndex
 from services.recommend.candidates import (
+    SOURCES,
     CandidateGenerator,
     CandidateSet,
     Filters,
     VisitorVector,
     context_keys_for,
+    eligible_products,
 )
 from services.recommend.catalog_cache import (
     KIND_CODES,
@@ -40,6 +43,7 @@ from services.recommend.catalog_cache import (
     catalog_arrays,
 )
 from services.recommend.exploration import exploration_for, explore
+from services.recommend.item2item import PER_ANCHOR, Strategy, neighbours
 from services.recommend.ranker import (
     IncompatibleModel,
     RankerModel,
@@ -50,7 +54,7 @@ from services.recommend.ranker import (
 )
 from services.recommend.repository import RecommendRepository
 from services.recommend.rules import RuleContext, apply_rules, targeting_allows
-from services.recommend.schemas import RecommendRequest, SlotRequest
+from services.recommend.schemas import ANCHORED, RecommendRequest, SlotRequest
 from services.recommend.settings import RecommendSettings
 
 log = logging.getLogger(__name__)
@@ -127,6 +131,32 @@ class Ranked:
     ranks: list[int] | None = None
     pool: int | None = None
     candidates: np.ndarray | None = None  # the generators' rows before scoring (offline candidate recall)
+    unknown: int | None = None  # rerank slots: given ids the catalog does not know (ignored)
+
+
+@dataclass(frozen=True)
+class RankContext:
+    """What every slot of one request is ranked with, resolved once per request."""
+
+    snapshot: ItemSnapshot
+    model: RankerModel | None  # None: not personalised (generic order, or the neighbour / shop order)
+    visitor: VisitorVector
+    context: dict[str, int]  # context features (hour, device, ...) of the request
+    keys: list[str]  # context popularity keys, most specific first
+    rules: RuleContext
+    now: float  # business time of the request
+    explain: bool  # personal reasons allowed (`explain` asked by a non-browser key)
+    context_label: str = ""  # "in Jakarta this evening"
+    persona: str | None = None
+    anchors: tuple[int, ...] = ()  # snapshot rows of `context.item_ids`
+    experiment: tuple[str, str, bool] | None = None  # (key, arm, personalised)
+
+
+@dataclass(frozen=True)
+class SlotCandidates:
+    candidates: CandidateSet
+    unknown: int | None = None  # rerank: given ids the catalog does not know
+    via: np.ndarray | None = None  # anchored: per candidate, the position in `anchors` it is closest to
 
 
 class RecommendService:
@@ -319,152 +349,49 @@ class RecommendService:
         what `read_visitor` returned, read beforehand off the event loop (None = read it here, blocking)."""
         started = time.perf_counter()
         recommendation_id = uuid.uuid4().hex
-        ctx = request.context
-        used = self.time_policy.resolve(ctx.now, caller_may_set_time)
-        now = used.ts
+        used = self.time_policy.resolve(request.context.now, caller_may_set_time)
         snapshot, model = self.snapshot, self.model
-        fallback_reason: str | None = None
-
-        stage = time.perf_counter()
+        anchors = self._anchor_rows(request, snapshot)
         if stored is None:
             try:
                 stored = self.read_visitor(request.visitor_id)
             except Exception as exc:  # store or Feast down: answer from the in-process caches
                 log.debug("visitor row unavailable: %s", type(exc).__name__)
                 stored = StoredVisitor.UNAVAILABLE
-        visitor = VisitorVector(request.visitor_id, False, {})
-        personalization_allowed = stored.personalization_allowed
-        if not stored.available:
-            fallback_reason = "store_unavailable"
-        elif personalization_allowed:
-            row = stored.row
-            visitor = VisitorVector.from_row(request.visitor_id, visitor_row_at(row, now) if row else row)
-        STAGE_VISITOR.observe(time.perf_counter() - stage)
+        visitor, personalization_allowed, fallback_reason = self._visitor(request.visitor_id, used.ts, stored)
         if model is None and fallback_reason is None:
             fallback_reason = "no_model"
-
-        experiment = None
-        personalized = True
-        if self.experiments is not None:
-            experiment = self.experiments.assign_recommend(
-                request.visitor_id, [s.kind.value for s in request.slots], now
-            )
-            if experiment is not None and not self._analytics_allowed(request.visitor_id, stored):
-                experiment = None  # no exposure (and so no outcome) is tracked without `analytics` consent
-            if experiment is not None:
-                personalized = experiment[2]
+        experiment = self._experiment(request, used.ts, stored)
+        personalized = experiment[2] if experiment is not None else True
         use_model = (
             personalized and personalization_allowed and visitor.known and model is not None and fallback_reason is None
         )
-        if not personalization_allowed:
-            strategy = "generic_no_consent"
-        elif not personalized:
-            strategy = "generic_control"
-        elif use_model:
-            strategy = "personalized"
-        else:
-            strategy = "popular_in_context"
-
-        city = ctx.city or visitor.city
-        offset = ctx.utc_offset_min
-        context = context_features(now, offset, ctx.device.value if ctx.device else None, ctx.channel, city)
-        keys = context_keys_for(city, ctx.device.value if ctx.device else None, now, offset)
-        rule_ctx = RuleContext(
-            context["hour"], ctx.device.value if ctx.device else None, city, bool(context["is_payday_window"])
+        strategy = self._strategy_name(personalization_allowed, personalized, use_model)
+        rank = self._rank_context(
+            request,
+            snapshot,
+            model if use_model else None,
+            visitor,
+            used.ts,
+            request.explain and personal_reasons,
+            anchors,
+            experiment,
         )
-        context_label = self._context_label(city, now, offset)
-        persona_id = visitor.row.get("persona_id") if visitor.known else None
-        persona = self.persona_names.get(int(persona_id)) if isinstance(persona_id, int) else None
 
         shown: set[str] = set()
         slots_out: list[dict[str, Any]] = []
         impressions: list[Event | dict[str, Any]] = []
         for slot in request.slots:
-            ranked = self._rank_slot(
-                slot,
-                snapshot,
-                model if use_model else None,
-                visitor,
-                context,
-                keys,
-                rule_ctx,
-                now,
-                shown,
-                request.explain and personal_reasons,
-                context_label,
-                persona,
-            )
-            items = []
-            for position, (i, score) in enumerate(zip(ranked.idx, ranked.scores, strict=True)):
-                item_id = snapshot.ids[i]
-                shown.add(item_id)
-                entry: dict[str, Any] = {
-                    "item_id": item_id,
-                    "position": position,
-                    "score": round(score, 6),
-                    "title": snapshot.titles[i],
-                    "category": snapshot.categories[i],
-                    "brand": snapshot.brands[i],
-                    "price": None if math.isnan(snapshot.price[i]) else float(snapshot.price[i]),
-                    "url": snapshot.urls[i],
-                    "image_url": snapshot.image_urls[i],
-                    "propensity": ranked.propensities[position],
-                }
-                if ranked.reasons is not None:
-                    entry["reasons"] = ranked.reasons[position]
-                elif request.explain:
-                    entry["reasons"] = [GENERIC_REASON]
-                items.append(entry)
-                impressions.append(
-                    self._impression(
-                        request,
-                        recommendation_id,
-                        slot,
-                        item_id,
-                        position,
-                        score,
-                        ranked.propensities[position],
-                        now,
-                        experiment,
-                        rank=ranked.ranks[position] if ranked.ranks is not None else None,
-                        pool=ranked.pool,
-                    )
-                )
-            slots_out.append({"name": slot.name, "kind": slot.kind.value, "items": items})
+            slot_out, slot_impressions = self._answer_slot(request, rank, slot, shown, recommendation_id)
+            slots_out.append(slot_out)
+            impressions.extend(slot_impressions)
 
-        if fallback_reason:
-            FALLBACKS.labels(fallback_reason).inc()
         fallback = fallback_reason is not None
-        RECOMMENDATIONS.labels(strategy, str(fallback).lower()).inc()
-        if experiment is not None:
-            shown_items = {s["name"]: (s["kind"], [it["item_id"] for it in s["items"]]) for s in slots_out}
-            self.experiments.record_exposure(  # type: ignore[union-attr]
-                request.visitor_id,
-                experiment[0],
-                experiment[1],
-                shown_items,
-                persona,
-                recommendation_id,
-                now,
-                time.perf_counter() - started,
-            )
-        if self.settings.log_impressions and impressions and not fallback:
-            record = {
-                "visitor_id": request.visitor_id,
-                "ts": now,
-                "experiment": experiment[0] if experiment else None,
-                "arm": experiment[1] if experiment else None,
-                "slots": {s["name"]: [it["item_id"] for it in s["items"]] for s in slots_out},
-                "persona": persona,
-            }
-            if not self.repository.log_events_async(
-                impressions, (recommendation_id, record, self.settings.recommendation_ttl_s)
-            ):
-                IMPRESSIONS_DROPPED.inc()
+        self._record(request, rank, slots_out, impressions, recommendation_id, strategy, fallback_reason, started)
         return {
             "recommendation_id": recommendation_id,
             "visitor_id": request.visitor_id,
-            "model_version": model.meta.version if model and use_model else (model.meta.version if model else None),
+            "model_version": model.meta.version if model else None,
             "fallback": fallback,
             "strategy": strategy,
             "experiment": {"key": experiment[0], "arm": experiment[1]} if experiment else None,
@@ -472,6 +399,174 @@ class RecommendService:
             "time": used.to_dict(),
             "slots": slots_out,
         }
+
+    @staticmethod
+    def _strategy_name(personalization_allowed: bool, personalized: bool, use_model: bool) -> str:
+        """The answer's `strategy` (and the metric label): why the visitor got the model or a generic order."""
+        if not personalization_allowed:
+            return "generic_no_consent"
+        if not personalized:
+            return "generic_control"
+        return "personalized" if use_model else "popular_in_context"
+
+    def _anchor_rows(self, request: RecommendRequest, snapshot: ItemSnapshot) -> tuple[int, ...]:
+        """Snapshot rows of `context.item_ids`. Unknown ids are the caller's error (422 naming each), as is an
+        item-anchored slot without anchors; with an empty item cache (store down at start) nothing is known,
+        and the anchored slots answer empty instead."""
+        ids = request.context.item_ids
+        errors: list[dict[str, Any]] = []
+        if not ids:
+            for i, slot in enumerate(request.slots):
+                if slot.strategy in ANCHORED:
+                    errors.append(
+                        {"field": "context.item_ids", "message": f"slots.{i} ({slot.strategy}) needs anchor items"}
+                    )
+        elif snapshot.size:
+            errors = [
+                {"field": f"context.item_ids.{j}", "message": f"unknown item {item_id!r}"}
+                for j, item_id in enumerate(ids)
+                if item_id not in snapshot.index
+            ]
+        if errors:
+            raise InvalidPayload(f"{len(errors)} invalid field(s)", extra={"errors": errors})
+        return tuple(dict.fromkeys(snapshot.index[i] for i in ids if i in snapshot.index))
+
+    def _visitor(self, visitor_id: str, now: float, stored: StoredVisitor) -> tuple[VisitorVector, bool, str | None]:
+        """(visitor, personalization allowed, fallback reason) from what `read_visitor` read."""
+        stage = time.perf_counter()
+        visitor = VisitorVector(visitor_id, False, {})
+        fallback_reason: str | None = None
+        if not stored.available:
+            fallback_reason = "store_unavailable"
+        elif stored.personalization_allowed:
+            row = stored.row
+            visitor = VisitorVector.from_row(visitor_id, visitor_row_at(row, now) if row else row)
+        STAGE_VISITOR.observe(time.perf_counter() - stage)
+        return visitor, stored.personalization_allowed, fallback_reason
+
+    def _experiment(self, request: RecommendRequest, now: float, stored: StoredVisitor) -> tuple[str, str, bool] | None:
+        """(experiment key, arm, personalised) of the visitor, None outside experiments."""
+        if self.experiments is None:
+            return None
+        experiment = self.experiments.assign_recommend(request.visitor_id, [s.kind.value for s in request.slots], now)
+        if experiment is not None and not self._analytics_allowed(request.visitor_id, stored):
+            return None  # no exposure (and so no outcome) is tracked without `analytics` consent
+        return experiment
+
+    def _rank_context(
+        self,
+        request: RecommendRequest,
+        snapshot: ItemSnapshot,
+        model: RankerModel | None,
+        visitor: VisitorVector,
+        now: float,
+        explain: bool,
+        anchors: tuple[int, ...],
+        experiment: tuple[str, str, bool] | None,
+    ) -> RankContext:
+        ctx = request.context
+        device = ctx.device.value if ctx.device else None
+        city = ctx.city or visitor.city
+        offset = ctx.utc_offset_min
+        context = context_features(now, offset, device, ctx.channel, city)
+        persona_id = visitor.row.get("persona_id") if visitor.known else None
+        return RankContext(
+            snapshot=snapshot,
+            model=model,
+            visitor=visitor,
+            context=context,
+            keys=context_keys_for(city, device, now, offset),
+            rules=RuleContext(context["hour"], device, city, bool(context["is_payday_window"])),
+            now=now,
+            explain=explain,
+            context_label=self._context_label(city, now, offset),
+            persona=self.persona_names.get(int(persona_id)) if isinstance(persona_id, int) else None,
+            anchors=anchors,
+            experiment=experiment,
+        )
+
+    def _answer_slot(
+        self, request: RecommendRequest, rank: RankContext, slot: SlotRequest, shown: set[str], recommendation_id: str
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """One slot's answer and its impressions; the slot's items join `shown` (no repeats across slots)."""
+        snapshot = rank.snapshot
+        ranked = self.rank_slot(slot, rank, shown)
+        items = []
+        impressions = []
+        for position, (i, score) in enumerate(zip(ranked.idx, ranked.scores, strict=True)):
+            item_id = snapshot.ids[i]
+            shown.add(item_id)
+            entry = self._item_card(snapshot, i, position, score)
+            entry["propensity"] = ranked.propensities[position]
+            if ranked.reasons is not None:
+                entry["reasons"] = ranked.reasons[position]
+            elif request.explain:
+                entry["reasons"] = [GENERIC_REASON]
+            items.append(entry)
+            impressions.append(
+                self._impression(
+                    request,
+                    recommendation_id,
+                    slot,
+                    item_id,
+                    position,
+                    score,
+                    ranked.propensities[position],
+                    rank.now,
+                    rank.experiment,
+                    rank=ranked.ranks[position] if ranked.ranks is not None else None,
+                    pool=ranked.pool,
+                )
+            )
+        slot_out: dict[str, Any] = {"name": slot.name, "kind": slot.kind.value, "items": items}
+        if slot.strategy != "personal":
+            slot_out["strategy"] = slot.strategy
+        if ranked.unknown is not None:
+            slot_out["unknown_candidates"] = ranked.unknown
+        return slot_out, impressions
+
+    def _record(
+        self,
+        request: RecommendRequest,
+        rank: RankContext,
+        slots_out: list[dict[str, Any]],
+        impressions: list[Event | dict[str, Any]],
+        recommendation_id: str,
+        strategy: str,
+        fallback_reason: str | None,
+        started: float,
+    ) -> None:
+        """Metrics, the experiment exposure and the impression log of one answer."""
+        if fallback_reason:
+            FALLBACKS.labels(fallback_reason).inc()
+        fallback = fallback_reason is not None
+        RECOMMENDATIONS.labels(strategy, str(fallback).lower()).inc()
+        experiment = rank.experiment
+        if experiment is not None:
+            shown_items = {s["name"]: (s["kind"], [it["item_id"] for it in s["items"]]) for s in slots_out}
+            self.experiments.record_exposure(  # type: ignore[union-attr]
+                request.visitor_id,
+                experiment[0],
+                experiment[1],
+                shown_items,
+                rank.persona,
+                recommendation_id,
+                rank.now,
+                time.perf_counter() - started,
+            )
+        if self.settings.log_impressions and impressions and not fallback:
+            record = {
+                "visitor_id": request.visitor_id,
+                "ts": rank.now,
+                "experiment": experiment[0] if experiment else None,
+                "arm": experiment[1] if experiment else None,
+                "slots": {s["name"]: [it["item_id"] for it in s["items"]] for s in slots_out},
+                "persona": rank.persona,
+            }
+            if not self.repository.log_events_async(
+                impressions, (recommendation_id, record, self.settings.recommendation_ttl_s)
+            ):
+                IMPRESSIONS_DROPPED.inc()
 
     def _analytics_allowed(self, visitor_id: str, stored: StoredVisitor) -> bool:
         """Whether experiment exposures and outcomes may be tracked for the visitor (the `analytics` purpose).
@@ -501,6 +596,13 @@ class RecommendService:
         context_label: str,
         persona: str | None,
     ) -> Ranked:
+        """The positional form the offline evaluators (evaluation.py, history_eval.py) still call; it goes
+        when they build a `RankContext` themselves."""
+        rank = RankContext(snapshot, model, visitor, context, keys, rule_ctx, now, explain, context_label, persona)
+        return self.rank_slot(slot, rank, shown)
+
+    def rank_slot(self, slot: SlotRequest, rank: RankContext, shown: set[str]) -> Ranked:
+        """Candidates -> scores -> rules (-> exploration) -> explanations for one slot."""
         filters = Filters(
             categories=frozenset(slot.filters.categories),
             brands=frozenset(slot.filters.brands),
@@ -509,40 +611,34 @@ class RecommendService:
             exclude=frozenset(slot.filters.exclude_items),
         )
         stage = time.perf_counter()
-        if slot.kind is ItemKind.PRODUCT:
-            candidates = self.generator.products(snapshot, visitor, keys, filters, personalized=model is not None)
-        else:
-            candidates = self.generator.creatives(snapshot, slot.kind, filters)
-            allowed = np.array(
-                [targeting_allows(snapshot.targeting.get(int(i)), rule_ctx) for i in candidates.idx],
-                dtype=bool,
-            )
-            candidates = CandidateSet(
-                candidates.idx[allowed] if len(allowed) else candidates.idx,
-                candidates.covisitation[allowed] if len(allowed) else candidates.covisitation,
-                [s for s, a in zip(candidates.sources, allowed, strict=True) if a],
-                {name: values[allowed] for name, values in candidates.signals.items()} if len(allowed) else {},
-            )
+        found = self._candidates(slot, rank, filters)
+        candidates = found.candidates
         STAGE_CANDIDATES.observe(time.perf_counter() - stage)
+        snapshot, model = rank.snapshot, rank.model
+        # Item-anchored slots are ranked as if the anchors were the visitor's latest items (they are on the page).
+        visitor = self._anchored_visitor(rank) if slot.strategy in ANCHORED else rank.visitor
 
         X = None
         if model is not None and len(candidates.idx):
             stage = time.perf_counter()
-            columns = snapshot.columns(candidates.idx, slot.name, now)
+            columns = snapshot.columns(candidates.idx, slot.name, rank.now)
             if self.settings.naive_item_features:
-                columns = self._naive_columns(snapshot, candidates.idx, slot.name, now)
+                columns = self._naive_columns(snapshot, candidates.idx, slot.name, rank.now)
             targeting = np.array(
-                [targeting_match(snapshot.targeting.get(int(i)), visitor, persona) for i in candidates.idx]
+                [targeting_match(snapshot.targeting.get(int(i)), visitor, rank.persona) for i in candidates.idx]
                 if slot.kind is not ItemKind.PRODUCT
                 else np.full(len(candidates.idx), 0.5)
             )
-            X = feature_matrix(visitor, context, columns, candidates.signals, targeting, now)
+            X = feature_matrix(visitor, rank.context, columns, candidates.signals, targeting, rank.now)
             STAGE_FEATURES.observe(time.perf_counter() - stage)
             stage = time.perf_counter()
             scores = model.predict(X)
             STAGE_PREDICT.observe(time.perf_counter() - stage)
+        elif slot.strategy == "personal":
+            scores = self._popularity_scores(snapshot, candidates.idx, rank.keys)
         else:
-            scores = self._popularity_scores(snapshot, candidates.idx, keys)
+            # Without a personal model: the neighbour order, or the shop's own order of its list.
+            scores = np.linspace(1.0, 0.0, num=len(candidates.idx), endpoint=False)
 
         stage = time.perf_counter()
         exploration = exploration_for(self.settings.exploration, slot.name, slot.kind.value)
@@ -553,10 +649,8 @@ class RecommendService:
             # Exploring chooses among every rule-eligible item, so the rules see the whole ranked list.
             len(candidates.idx) if exploration.active else slot.count,
             shown,
-            just_bought=visitor.purchased_items if slot.kind is ItemKind.PRODUCT else (),
-            max_per_category=(slot.max_per_category or self.settings.max_per_category)
-            if slot.kind is ItemKind.PRODUCT
-            else None,
+            just_bought=rank.visitor.purchased_items if slot.kind is ItemKind.PRODUCT else (),
+            max_per_category=self._category_quota(slot),
             max_pinned=self.settings.max_pinned_per_slot,
         )
         STAGE_RULES.observe(time.perf_counter() - stage)
@@ -575,9 +669,124 @@ class RecommendService:
             ranks, pool = placement.order.tolist(), placement.pool
         idx = [i for i, _ in chosen]
         reasons = None
-        if explain:
-            reasons = self._explain(snapshot, model, X, candidates, idx, visitor, context_label)
-        return Ranked(idx, [s for _, s in chosen], reasons, propensities, ranks, pool, candidates.idx)
+        if rank.explain:
+            if model is None and slot.strategy != "personal":
+                reasons = self._item_reasons(slot, rank, found, idx)
+            else:
+                reasons = self._explain(snapshot, model, X, candidates, idx, visitor, rank.context_label)
+        return Ranked(idx, [s for _, s in chosen], reasons, propensities, ranks, pool, candidates.idx, found.unknown)
+
+    def _candidates(self, slot: SlotRequest, rank: RankContext, filters: Filters) -> SlotCandidates:
+        snapshot = rank.snapshot
+        if slot.strategy in ANCHORED:
+            return self._anchored_candidates(slot, rank, filters)
+        if slot.strategy == "rerank":
+            return self._given_candidates(slot, rank, filters)
+        if slot.kind is ItemKind.PRODUCT:
+            personalized = rank.model is not None
+            return SlotCandidates(self.generator.products(snapshot, rank.visitor, rank.keys, filters, personalized))
+        candidates = self.generator.creatives(snapshot, slot.kind, filters)
+        allowed = np.array(
+            [targeting_allows(snapshot.targeting.get(int(i)), rank.rules) for i in candidates.idx], dtype=bool
+        )
+        return SlotCandidates(
+            CandidateSet(
+                candidates.idx[allowed] if len(allowed) else candidates.idx,
+                candidates.covisitation[allowed] if len(allowed) else candidates.covisitation,
+                [s for s, a in zip(candidates.sources, allowed, strict=True) if a],
+                {name: values[allowed] for name, values in candidates.signals.items()} if len(allowed) else {},
+            )
+        )
+
+    def _anchored_candidates(self, slot: SlotRequest, rank: RankContext, filters: Filters) -> SlotCandidates:
+        """Neighbours of the anchors in the strategy's order; with a model, the ranker's columns for them."""
+        snapshot = rank.snapshot
+        strategy: Strategy = "similar" if slot.strategy == "similar" else "bought_together"
+        found = neighbours(
+            snapshot, rank.anchors, strategy, eligible_products(snapshot, filters), PER_ANCHOR * len(rank.anchors)
+        )
+        source = "shared_tags" if strategy == "similar" else "covisitation"
+        candidates = self._given_set(rank, found.idx, self._anchored_visitor(rank), source)
+        return SlotCandidates(candidates, via=found.via)
+
+    def _given_candidates(self, slot: SlotRequest, rank: RankContext, filters: Filters) -> SlotCandidates:
+        """The shop's list in its own order: known ids only (unknown ones counted), each once, rule-eligible."""
+        snapshot = rank.snapshot
+        given = list(dict.fromkeys(slot.candidate_ids or ()))
+        rows = np.array([snapshot.index[i] for i in given if i in snapshot.index], dtype=np.int64)
+        unknown = len(given) - len(rows)
+        rows = rows[eligible_products(snapshot, filters)[rows]] if len(rows) else rows
+        return SlotCandidates(self._given_set(rank, rows, rank.visitor, "given"), unknown=unknown)
+
+    def _given_set(self, rank: RankContext, idx: np.ndarray, visitor: VisitorVector, source: str) -> CandidateSet:
+        """Candidates chosen outside the generators; the ranker's columns are computed only when a model will
+        read them. `x_generator` is the generator whose kind of neighbour they are (NaN for the shop's list)."""
+        signals: dict[str, np.ndarray] = {}
+        if rank.model is not None:
+            signals = self.generator.signals(rank.snapshot, visitor, idx)
+            if source in SOURCES:
+                signals["x_generator"] = np.full(len(idx), float(SOURCES.index(source)))
+        covisitation = signals.get("x_covisitation", np.zeros(len(idx)))
+        return CandidateSet(idx, covisitation, [source] * len(idx), signals)
+
+    @staticmethod
+    def _anchored_visitor(rank: RankContext) -> VisitorVector:
+        visitor = rank.visitor
+        anchor_ids = tuple(rank.snapshot.ids[a] for a in rank.anchors)
+        recent = (*anchor_ids, *(i for i in visitor.recent_items if i not in anchor_ids))
+        return replace(visitor, recent_items=recent)
+
+    def _category_quota(self, slot: SlotRequest) -> int | None:
+        """Diversity per category: personal and bought-together product slots by default; a similar or rerank
+        slot (often one category by nature: a category page, look-alikes) only when it asks for one."""
+        if slot.kind is not ItemKind.PRODUCT:
+            return None
+        if slot.strategy in ("similar", "rerank"):
+            return slot.max_per_category
+        return slot.max_per_category or self.settings.max_per_category
+
+    @staticmethod
+    def _item_reasons(
+        slot: SlotRequest, rank: RankContext, found: SlotCandidates, chosen: list[int]
+    ) -> list[list[str]]:
+        """Explanations of the neighbour order or the shop's order (no model): which anchor an item is close to.
+        An anchor is never among the candidates, so no item is explained by itself."""
+        snapshot = rank.snapshot
+        if slot.strategy == "rerank" or found.via is None:
+            return [[GENERIC_REASON] for _ in chosen]
+        row_of = {int(i): r for r, i in enumerate(found.candidates.idx)}
+        via = found.via
+        phrase = "similar to" if slot.strategy == "similar" else "often bought together with"
+        return [[f"{phrase} {snapshot.titles[rank.anchors[int(via[row_of[i]])]]}"] for i in chosen]
+
+    def similar_items(self, item_id: str, strategy: Strategy, limit: int) -> dict[str, Any]:
+        """GET /v1/items/{item_id}/similar: the item's neighbours among available products, the same for every
+        visitor (no personal data is read, nothing is logged)."""
+        snapshot = self.snapshot
+        row = snapshot.index.get(item_id)
+        if row is None:
+            raise NotFound(f"unknown item {item_id!r}")
+        found = neighbours(snapshot, [row], strategy, eligible_products(snapshot, Filters()), limit)
+        items = [
+            self._item_card(snapshot, i, position, score)
+            for position, (i, score) in enumerate(zip(found.idx.tolist(), found.scores.tolist(), strict=True))
+        ]
+        return {"item_id": item_id, "strategy": strategy, "items": items}
+
+    @staticmethod
+    def _item_card(snapshot: ItemSnapshot, i: int, position: int, score: float) -> dict[str, Any]:
+        """An answer's item (`ItemCard` in schemas.py) as a plain dict: built for every shown item."""
+        return {
+            "item_id": snapshot.ids[i],
+            "position": position,
+            "score": round(score, 6),
+            "title": snapshot.titles[i],
+            "category": snapshot.categories[i],
+            "brand": snapshot.brands[i],
+            "price": None if math.isnan(snapshot.price[i]) else float(snapshot.price[i]),
+            "url": snapshot.urls[i],
+            "image_url": snapshot.image_urls[i],
+        }
 
     def _naive_columns(self, snapshot: ItemSnapshot, idx: np.ndarray, slot: str, now: float) -> ItemColumns:
         """The baseline the benchmark compares against: candidate item features fetched through the Feast SDK
@@ -621,7 +830,8 @@ class RecommendService:
         context_label: str,
     ) -> list[list[str]]:
         row_of = {int(i): r for r, i in enumerate(candidates.idx)}
-        recent_titles = [snapshot.titles[snapshot.index[i]] for i in visitor.recent_items[:3] if i in snapshot.index]
+        # "often chosen after X" must never name the item itself: each item reads the recent items other than it.
+        recent_rows = [snapshot.index[i] for i in visitor.recent_items[:4] if i in snapshot.index]
         recent_categories = [
             snapshot.categories[snapshot.index[i]] for i in visitor.recent_items if i in snapshot.index
         ]
@@ -637,7 +847,7 @@ class RecommendService:
                     snapshot.brands[i],
                     visitor,
                     recent_categories.count(snapshot.categories[i]),
-                    recent_titles,
+                    [snapshot.titles[other] for other in recent_rows if other != i][:3],
                     context_label,
                     candidates.sources[r],
                     EXPLAIN_LIMIT,
@@ -682,6 +892,8 @@ class RecommendService:
             "score": round(score, 6),
             "propensity": propensity,
         }
+        if slot.strategy != "personal":  # training and reports can tell item-to-item and reranked lists apart
+            properties["strategy"] = slot.strategy
         if rank is not None and pool is not None:
             # Off-policy evaluation of other rankings of the same pool needs both (services/offline/policy.py).
             properties["rank"], properties["pool"] = rank, pool

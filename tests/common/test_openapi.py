@@ -70,6 +70,16 @@ def test_documented_errors_are_the_bodies_the_services_send(settings_factory: An
             (422, recommend.post("/v1/recommend", json={"visitor_id": "v", "slots": []}, headers={"X-API-Key": OPS})),
             (422, recommend.put("/v1/catalog/items", json={"items": [{"kind": "x"}]}, headers={"X-API-Key": OPS})),
             (404, recommend.get("/v1/experiments/nope", headers={"X-API-Key": OPS})),
+            (404, recommend.get("/v1/items/nope/similar", headers={"X-API-Key": BROWSER})),
+            (422, recommend.get("/v1/items/nope/similar?limit=0", headers={"X-API-Key": BROWSER})),
+            (
+                422,
+                recommend.post(
+                    "/v1/recommend",
+                    json={"visitor_id": "v", "slots": [{"name": "s", "strategy": "rerank", "candidate_ids": []}]},
+                    headers={"X-API-Key": BROWSER},
+                ),
+            ),
         ]
     profile_settings = settings_factory(ProfileSettings, redis_url=None, api_keys=KEYS, aggregator_enabled=False)
     with TestClient(create_profile_app(profile_settings)) as profile:
@@ -81,3 +91,12 @@ def test_documented_errors_are_the_bodies_the_services_send(settings_factory: An
         validate(response.json())
     first_invalid = answers[3][1].json()["errors"][0]
     assert first_invalid["index"] == 0 and first_invalid["field"]
+
+
+def test_the_recommend_document_tells_what_happens_to_unknown_ids(settings_factory: Any) -> None:
+    document = create_recommend_app(settings_factory(RecommendSettings, redis_url=None, api_keys=KEYS)).openapi()
+    description = document["paths"]["/v1/recommend"]["post"]["description"]
+    assert "unknown_candidates" in description and "context.item_ids" in description
+    similar = document["paths"]["/v1/items/{item_id}/similar"]["get"]
+    assert {"404", "422"} <= set(similar["responses"])
+    assert {p["name"] for p in similar["parameters"]} == {"item_id", "strategy", "limit"}

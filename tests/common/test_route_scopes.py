@@ -31,6 +31,7 @@ EXPECTED: dict[tuple[str, str, str], frozenset[str]] = {
     ("profile", "GET", "/metrics"): OPEN,
     # recommend
     ("recommend", "POST", "/v1/recommend"): frozenset({"recommend"}),
+    ("recommend", "GET", "/v1/items/{item_id}/similar"): frozenset({"recommend"}),
     ("recommend", "PUT", "/v1/catalog/items"): ADMIN,
     ("recommend", "GET", "/v1/catalog/items"): ADMIN,
     ("recommend", "GET", "/v1/catalog/items/{item_id}"): ADMIN,
