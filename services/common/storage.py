@@ -57,7 +57,8 @@ def partition_log(partition: int) -> str:
 
 
 # Namespaces with too many short-lived keys to keep a key index for; scanning them uses SCAN (rare: erasure).
-UNINDEXED_NAMESPACES = frozenset({"rec", "itemchg"})  # never scanned; keys expire
+# "erased" holds visitor ids for a week: no index may keep them longer.
+UNINDEXED_NAMESPACES = frozenset({"rec", "itemchg", "erased"})  # never scanned; keys expire
 
 
 # (key, stored value or None, stored marker or None) -> (new value, new marker), or None: unchanged.

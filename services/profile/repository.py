@@ -216,7 +216,8 @@ class ProfileRepository:
         """Announce this aggregator process (expires unless renewed); returns how many are alive, so that each
         takes its share of the partitions."""
         self.store.put(Namespace.AGGREGATOR_MEMBERS, holder, b"1", max(1, math.ceil(ttl_s)))
-        return max(1, self.store.count(Namespace.AGGREGATOR_MEMBERS))
+        # A scan, not `count`: it skips (and forgets) members that expired, i.e. processes that died.
+        return max(1, sum(1 for _ in self.store.scan(Namespace.AGGREGATOR_MEMBERS)))
 
     def leave_aggregators(self, holder: str) -> None:
         self.store.delete(Namespace.AGGREGATOR_MEMBERS, [holder])

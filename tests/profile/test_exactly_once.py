@@ -21,6 +21,7 @@ from services.common.events import Event
 from services.common.storage import Namespace, partition_log
 from services.profile.aggregations import ItemState, SegmentRules, fold_item
 from services.profile.app import ProfileState, build_state
+from services.profile.commit import BatchCommit
 from services.profile.service import Aggregator
 from services.profile.settings import ProfileSettings
 from tests.factories import BASE_TIME, make_event
@@ -216,5 +217,45 @@ def test_a_write_failing_midway_then_retried_leaves_exact_totals(
             aggregator = aggregator_for(state)
         fold_all(aggregator)
         assert_exact(state, events, reference)
+    finally:
+        state.repository.close()
+
+
+def test_an_erasure_while_another_process_holds_a_commit_record_is_not_undone_by_it(
+    make_state: Callable[[str], ProfileState],
+) -> None:
+    """An aggregator process stores a batch's commit record and dies before applying it; the API process
+    (its own objects: no fold lock in common) erases one of the batch's visitors; the next aggregator applies
+    the record. The erased visitor's state and online row stay gone, the others' are written."""
+    state = make_state("erasure")
+    try:
+        events = shop_events()
+        state.ingest.ingest(events)
+        erased = "eo-visitor-2"
+        partition = state.repository.store.partition_of(erased)
+        # Applying the record of the visitor's batch fails (the process dies there): the record stays.
+        fault = Fault(
+            state.repository.store,
+            "put_many",
+            1,
+            lambda ns, values, *a, **k: ns == Namespace.VISITOR_STATE and erased in values,
+        )
+        with pytest.raises(StorageUnavailable):
+            fold_all(aggregator_for(state))
+        assert fault.fired
+        record = BatchCommit.from_bytes(state.repository.commit_record(partition_log(partition)) or b"")
+        assert erased in record.values(Namespace.VISITOR_STATE)
+
+        receipt = state.privacy.erase(erased)  # the API process, while the record is pending
+        assert receipt.log_events == sum(e.visitor_id == erased for e in events)
+
+        fold_all(aggregator_for(state))  # applies the pending records, folds the rest
+        assert state.repository.visitor_states([erased]) == {}, "the commit record wrote the erased state back"
+        assert state.repository.online_visitor(erased).get("event_count") is None
+        kept = {e.visitor_id for e in events} - {erased}
+        folded = state.repository.visitor_states(sorted(kept))
+        assert {v: s.event_count for v, s in folded.items()} == dict(
+            Counter(e.visitor_id for e in events if e.visitor_id != erased)
+        )
     finally:
         state.repository.close()
