@@ -346,14 +346,16 @@ def wait_folded(url: str, target: float, timeout: float) -> float | None:
 def skip_leftover_events(namespace: str) -> None:
     """An ingestion run leaves events the aggregator had not folded when its service stopped; with a reused
     world the next run would fold those first and count their age as its freshness. Start after them."""
-    from services.common.storage import Namespace, RedisStore, make_redis_client
-    from services.profile.repository import AGGREGATOR_CURSOR
+    from services.common.settings import CommonSettings
+    from services.common.storage import Namespace, RedisStore, make_redis_client, partition_log
 
-    store = RedisStore(make_redis_client(REDIS_URL, False, 5.0), namespace)
+    partitions = CommonSettings().log_partitions
+    store = RedisStore(make_redis_client(REDIS_URL, False, 5.0), namespace, partitions)
     try:
-        last = cast(list[tuple[bytes, Any]], store.client.xrevrange(store.stream_key, count=1))
-        if last:
-            store.put(Namespace.CURSOR, AGGREGATOR_CURSOR, last[0][0])
+        for partition in range(partitions):
+            last = cast(list[tuple[bytes, Any]], store.client.xrevrange(store.stream_of(partition), count=1))
+            if last:
+                store.put(Namespace.CURSOR, partition_log(partition), last[0][0])
     finally:
         store.close()
 
