@@ -625,8 +625,11 @@ def test_two_aggregator_processes_share_the_partitions_and_one_takes_over_when_t
         victim, survivor = processes
         send(4000)
         time.sleep(0.3)  # inside the burst's folding (batches of 100 take tens of ms each)
+        victims = {p for p, name in enumerate(holders()) if name == victim.holder()}
+        mid_burst = victims & set(repository.unfolded_partitions())
         victim.stop(kill=True)
         killed_at = time.monotonic()
+        assert mid_burst, "the victim had folded its share already: the kill was not mid-burst"
         assert wait_for(lambda: set(holders()) == {survivor.holder()}, 3 * lease_s + 10), holders()
         taken_over_s = time.monotonic() - killed_at
         send(1000)  # acknowledged after the kill
