@@ -417,22 +417,31 @@ class RedisStore(Store):
                 read = cast(list[bytes | None], self._call(lambda names=names: self.client.mget(names)))
             values, marks = read[: len(pending)], read[len(pending) :]
             writes: list[tuple[str, bytes]] = []
-            pipe = self.client.pipeline(transaction=False)
+            calls: list[tuple[list[str], list[Any]]] = []
             for key, value, mark in zip(pending, values, marks, strict=True):
                 new = change(key, value, mark)
                 if new is None:
                     result[key] = value
                     continue
                 writes.append((key, new[0]))
-                args = [_sha1(value), _sha1(mark), new[0], new[1]]
-                self._merge(
-                    keys=[self._blob_key(namespace, key), self._marker_key(namespace, key)], args=args, client=pipe
-                )
+                names = [self._blob_key(namespace, key), self._marker_key(namespace, key)]
+                calls.append((names, [_sha1(value), _sha1(mark), new[0], new[1]]))
             if not writes:
                 break
-            if namespace not in UNINDEXED_NAMESPACES:
-                pipe.sadd(self._index_key(namespace), *[k for k, _ in writes])
-            outcome = cast(list[Any], self._call(pipe.execute))
+            indexed = namespace not in UNINDEXED_NAMESPACES
+            if isinstance(self.client, RedisCluster):
+                # redis-py refuses scripts in a cluster pipeline: one call per record (each on its own node).
+                outcome = [self._call(lambda k=k, a=a: self._merge(keys=k, args=a)) for k, a in calls]
+                members = [k for k, _ in writes]
+                if indexed:
+                    self._call(lambda members=members: self._sync.sadd(self._index_key(namespace), *members))
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                for names, args in calls:
+                    self._merge(keys=names, args=args, client=pipe)
+                if indexed:
+                    pipe.sadd(self._index_key(namespace), *[k for k, _ in writes])
+                outcome = cast(list[Any], self._call(pipe.execute))
             pending = []
             for (key, value), written in zip(writes, outcome, strict=False):
                 if int(written):
