@@ -121,9 +121,6 @@ class IngestService:
         return result
 
 
-position_key = position_order  # log positions ordered (kept under its old name for callers)
-
-
 @dataclass
 class BatchOutcome:
     events: int = 0
@@ -450,7 +447,7 @@ class Aggregator:
                 if not consent.allows("personalization", self.consent_defaults):
                     continue  # no behavioural profile without consent (item statistics are anonymous)
                 state = states.get(event.visitor_id) or VisitorState(event.visitor_id)
-                if state.applied_position and position_key(position) <= position_key(state.applied_position):
+                if state.applied_position and position_order(position) <= position_order(state.applied_position):
                     continue  # folded before (a defence: the commit record already makes replays harmless)
                 previous_items = list(state.recent_items)
                 if not fold_visitor(state, event, self.catalog.get(event.item_id or "")):
@@ -565,16 +562,16 @@ class Aggregator:
         log.warning("re-applying the commit of log %s up to %s after a failure", part.log, commit.last)
         batch: list[tuple[str, Event]] = []  # the batch's events again, for the observers
         after = self.repository.cursor(part.log)
-        last = position_key(commit.last)
+        last = position_order(commit.last)
         while entries := self.repository.read_log(after, 5000, part.number):
             for entry in entries:
-                if position_key(entry.position) > last:
+                if position_order(entry.position) > last:
                     break
                 try:
                     batch.append((entry.position, open_envelope(entry.payload)[1]))
                 except Exception:
                     log.info("log entry %s skipped: set aside as a dead letter", entry.position)
-            if position_key(entries[-1].position) >= last:
+            if position_order(entries[-1].position) >= last:
                 break
             after = entries[-1].position
         self._finish(commit, batch)
