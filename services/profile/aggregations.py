@@ -436,8 +436,8 @@ class ItemState:
     buckets: dict[str, dict[str, int]] = field(default_factory=dict)  # counter -> {hour index: count}
     slot_buckets: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # slot -> counter -> ...
     last_ts: float = 0.0
-    # Per log (partition): the last position folded in. A batch folded again after the cursor was lost
-    # skips what the state already holds (the commit record covers the usual failures; this is a backstop).
+    # No longer written: which partition's batches a stored state holds is now its applied marker, kept
+    # next to it by `Store.merge_many` (the aggregator merges batch shares). Read for states stored before.
     applied: dict[str, str] = field(default_factory=dict)
 
     @classmethod
