@@ -91,6 +91,24 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{_fmt(world['import_events_per_s'], ' events/s')} ({world['events']:,} events)",
             )
         )
+    parts = b.get("partitions")
+    if parts:
+        one, two, imported = parts["fold_1_processes"], parts["fold_2_processes"], parts["bulk_import"]
+        rows.append(
+            (
+                f"folding the partitioned log ({one['partitions']} partitions, {one['events']:,} events)",
+                "≥ 10,000 events/s with 2 aggregator processes",
+                f"1 process {one['events_per_s']:,}/s, 2 processes {two['events_per_s']:,}/s "
+                f"(ratio {parts['ratio_2_to_1']}); load average at start {parts['load_average_at_start']}",
+            )
+        )
+        rows.append(
+            (
+                "bulk import through the partitions (importer folds them)",
+                "≥ 20,000 events/s",
+                f"{imported['events_per_s']:,} events/s ({imported['events']:,} events)",
+            )
+        )
     train = b.get("training_1m_impressions")
     if train:
         rows.append(

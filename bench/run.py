@@ -325,11 +325,15 @@ def time_per_request_ms(before: str, after: str) -> dict[str, float]:
 def counter_value(text: str, name: str) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name:
-                return float(sample.value)
-    return 0.0
+    # Summed over labels (the aggregator's gauges are per partition).
+    return float(
+        sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name
+        )
+    )
 
 
 def wait_folded(url: str, target: float, timeout: float) -> float | None:
@@ -346,14 +350,16 @@ def wait_folded(url: str, target: float, timeout: float) -> float | None:
 def skip_leftover_events(namespace: str) -> None:
     """An ingestion run leaves events the aggregator had not folded when its service stopped; with a reused
     world the next run would fold those first and count their age as its freshness. Start after them."""
-    from services.common.storage import Namespace, RedisStore, make_redis_client
-    from services.profile.repository import AGGREGATOR_CURSOR
+    from services.common.settings import CommonSettings
+    from services.common.storage import Namespace, RedisStore, make_redis_client, partition_log
 
-    store = RedisStore(make_redis_client(REDIS_URL, False, 5.0), namespace)
+    partitions = CommonSettings().log_partitions
+    store = RedisStore(make_redis_client(REDIS_URL, False, 5.0), namespace, partitions)
     try:
-        last = cast(list[tuple[bytes, Any]], store.client.xrevrange(store.stream_key, count=1))
-        if last:
-            store.put(Namespace.CURSOR, AGGREGATOR_CURSOR, last[0][0])
+        for partition in range(partitions):
+            last = cast(list[tuple[bytes, Any]], store.client.xrevrange(store.stream_of(partition), count=1))
+            if last:
+                store.put(Namespace.CURSOR, partition_log(partition), last[0][0])
     finally:
         store.close()
 
@@ -441,6 +447,15 @@ def main() -> None:
 
         out_json.write_text(json.dumps(results, indent=2, default=str))
         out_json.with_suffix(".md").write_text(markdown(results))
+
+    if wanted("partitions"):
+        from bench.partitions import run as partitions_run
+
+        log("partitioned log: folded throughput with 1 and 2 aggregator processes, bulk import")
+        bench["partitions"] = partitions_run(REDIS_URL, count=5_000 if args.quick else 20_000)
+        save()
+    if only and only <= {"partitions"}:
+        return  # needs no demo world
 
     namespace, data_dir = "selbench", TMP / "world"
     log("building the 2,000-item demo world (1,000 visitors × 30 days) on Redis")

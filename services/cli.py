@@ -165,8 +165,10 @@ def run_aggregator(
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    assert aggregator.lease is not None
-    console.print(f"aggregator {aggregator.lease.holder} on log {aggregator.log} ({state.repository.store.backend})")
+    console.print(
+        f"aggregator {aggregator.holder} on {len(aggregator.partitions)} log partition(s)"
+        f" ({state.repository.store.backend})"
+    )
     aggregator.start(settings.aggregator_batch, settings.aggregator_idle_s)
     try:
         while not stopped and aggregator.alive:

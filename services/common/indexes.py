@@ -14,7 +14,7 @@ builder (services/recommend/bulk_history.py, proven equal by a parity test) all 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import orjson
 
@@ -65,6 +65,16 @@ class CoVisitation:
 
     def dump(self, item_id: str) -> bytes:
         return orjson.dumps(self.top(item_id, COVISIT_MAX_NEIGHBOURS))
+
+    @staticmethod
+    def merge(stored: bytes | None, delta: Mapping[str, float]) -> bytes:
+        """A stored row plus the weights one batch added (folded into an empty index): weights add up."""
+        row = dict(orjson.loads(stored)) if stored else {}
+        for other, weight in delta.items():
+            row[other] = row.get(other, 0.0) + weight
+        merged = CoVisitation()
+        merged.neighbours["row"] = row
+        return merged.dump("row")
 
 
 def push_recent(items: list[str], item_id: str, cap: int = RECENT_ITEMS) -> None:
@@ -141,6 +151,25 @@ class ContextPopularity:
 
     def load(self, key: str, blob: bytes) -> None:
         self.scores[key] = {item: list(entry) for item, entry in orjson.loads(blob).items()}
+
+    @staticmethod
+    def merge(stored: bytes | None, delta: Mapping[str, Sequence[float]]) -> bytes:
+        """A stored row plus one batch's scores (folded into an empty index): both decayed to the later of
+        their times and added, which equals folding the batch's interactions into the stored row."""
+        merged = ContextPopularity()
+        if stored:
+            merged.load("row", stored)
+        row = merged.scores.setdefault("row", {})
+        for item, (score, ts) in delta.items():
+            if item in row:
+                old_score, old_ts = row[item]
+                newest = max(old_ts, ts)
+                score = old_score * math.pow(0.5, (newest - old_ts) / POPULARITY_HALF_LIFE_S) + score * math.pow(
+                    0.5, (newest - ts) / POPULARITY_HALF_LIFE_S
+                )
+                ts = newest
+            row[item] = [score, ts]
+        return merged.dump("row")
 
     def dump(self, key: str) -> bytes:
         row = self.scores.get(key, {})

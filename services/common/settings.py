@@ -71,6 +71,10 @@ class CommonSettings(BaseSettings):
         default=3_000_000.0, ge=0, validation_alias=_segment_alias("value_tier_high_idr")
     )
     redis_timeout_s: float = Field(default=2.0, gt=0, le=30, validation_alias=shared("redis_timeout_s"))
+    # Partitions of the event log in Redis (by a stable hash of visitor_id): each is folded by one aggregator
+    # process at a time, so up to this many aggregator processes fold in parallel. Changing it moves visitors
+    # between partitions: change it only while the log is folded to its end. The embedded store keeps one.
+    log_partitions: int = Field(default=4, ge=1, le=64, validation_alias=shared("log_partitions"))
     # HTTP hardening (services/common/security.py). Browser origins allowed by CORS, comma separated
     # ("*" = any); empty = no CORS headers, so browsers refuse cross-origin calls.
     cors_origins: str = Field(default="", validation_alias=shared("cors_origins"))

@@ -10,10 +10,13 @@ recommendation records. Feast's online store is separate (see `feature_store.py`
 
 from __future__ import annotations
 
+import hashlib
+import heapq
 import logging
 import sqlite3
 import threading
 import time
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,8 +39,31 @@ log = logging.getLogger(__name__)
 
 DEDUPE_TTL_S = 14 * 24 * 3600
 APPEND_CHUNK = 500
+# The log of partition 0 keeps the name (cursor, lease, commit record, status, stream key) of the single log
+# that came before partitions, so a deployment that had one log keeps folding it.
+LOG_NAME = "aggregator"
+
+
+def partition_of(visitor_id: str, partitions: int) -> int:
+    """The partition of a visitor's events: a stable hash (CRC-32 of the UTF-8 id), the same in every process
+    and Python version (Python's `hash()` of a str is salted per process)."""
+    if partitions <= 1:
+        return 0
+    return zlib.crc32(visitor_id.encode()) % partitions
+
+
+def partition_log(partition: int) -> str:
+    """The name of a partition's log: its cursor, lease, commit record, dead letters and status use it."""
+    return LOG_NAME if partition == 0 else f"{LOG_NAME}-{partition}"
+
+
 # Namespaces with too many short-lived keys to keep a key index for; scanning them uses SCAN (rare: erasure).
-UNINDEXED_NAMESPACES = frozenset({"rec", "itemchg"})  # never scanned; keys expire
+# "erased" holds visitor ids for a week: no index may keep them longer.
+UNINDEXED_NAMESPACES = frozenset({"rec", "itemchg", "erased"})  # never scanned; keys expire
+
+
+# (key, stored value or None, stored marker or None) -> (new value, new marker), or None: unchanged.
+MergeChange = Callable[[str, bytes | None, bytes | None], tuple[bytes, bytes] | None]
 
 
 @dataclass(frozen=True)
@@ -51,6 +77,7 @@ class PendingEvent:
 class LogEntry:
     position: str
     payload: bytes
+    partition: int = 0
 
 
 @dataclass(frozen=True)
@@ -64,31 +91,53 @@ class Store(ABC):
     """What both services need from durable storage. Every method raises StorageUnavailable on failure."""
 
     backend: str
+    # The log is split in partitions by visitor (`partition_of`): one visitor's events stay in order in one
+    # partition, and each partition is folded by one aggregator at a time (its own lease and cursor).
+    partitions: int = 1
 
     # -- event log -------------------------------------------------------------------------------
     @abstractmethod
     def append_events(self, events: Sequence[PendingEvent]) -> AppendResult:
-        """Atomically append the events whose ids were not seen before; durable when it returns."""
+        """Atomically append the events whose ids were not seen before, each to its visitor's partition;
+        durable when it returns."""
 
     @abstractmethod
-    def read_events(self, after: str | None, limit: int) -> list[LogEntry]:
-        """Entries strictly after `after` (None = from the start), oldest first."""
+    def read_events(self, after: str | None, limit: int, partition: int = 0) -> list[LogEntry]:
+        """Entries of one partition strictly after `after` (None = from the start), oldest first."""
 
     @abstractmethod
-    def log_length(self) -> int: ...
+    def log_length(self, partition: int | None = None) -> int:
+        """Entries in one partition, or in all of them (None)."""
 
     @abstractmethod
     def delete_visitor_events(self, visitor_id: str, payload_marker: bytes) -> int:
         """Erasure: remove every logged event of the visitor (by its parsed visitor id; `payload_marker`, bytes
-        every envelope of the visitor contains, only narrows the scan); returns how many."""
+        every envelope of the visitor contains, only narrows the scan of the visitor's partition); returns how
+        many."""
 
     @abstractmethod
-    def forget_event_ids(self, event_ids: Sequence[str]) -> None:
-        """Drop idempotency keys (used by erasure so nothing of the visitor stays)."""
+    def forget_event_ids(self, event_ids: Sequence[str], visitor_id: str) -> None:
+        """Drop the idempotency keys of one visitor's events (used by erasure so nothing of the visitor stays;
+        the keys live in the visitor's partition)."""
 
-    def delete_events(self, positions: Sequence[str]) -> int:
-        """Remove log entries by position (retention); returns how many existed."""
+    def delete_events(self, positions: Sequence[str], partition: int = 0) -> int:
+        """Remove log entries of one partition by position (retention); returns how many existed."""
         raise NotImplementedError(f"{type(self).__name__} cannot delete events by position")
+
+    def partition_of(self, visitor_id: str) -> int:
+        return partition_of(visitor_id, self.partitions)
+
+    def iter_log(self, batch: int = 5000) -> Iterator[LogEntry]:
+        """Every entry of every partition, merged by position (Redis stream ids start with the append time
+        in ms: across partitions this is the order of arrival, to the millisecond), streamed in batches."""
+
+        def one(partition: int) -> Iterator[LogEntry]:
+            after: str | None = None
+            while entries := self.read_events(after, batch, partition):
+                yield from entries
+                after = entries[-1].position
+
+        return heapq.merge(*(one(p) for p in range(self.partitions)), key=lambda e: position_order(e.position))
 
     # -- blobs (namespaced key -> bytes, optional expiry) ------------------------------------------
     @abstractmethod
@@ -107,6 +156,14 @@ class Store(ABC):
         """Compare-and-set: store `change(current value)` only if the value did not change in between (else
         read again and retry); returns what was stored. For records several writers merge (consent) and
         check-then-consume limits (message frequency caps). `ttl_s`: the stored value's expiry (None = none)."""
+
+    @abstractmethod
+    def merge_many(self, namespace: str, keys: Sequence[str], change: MergeChange) -> dict[str, bytes | None]:
+        """Compare-and-set of many keys, each with an *applied marker* kept next to it (same transaction, same
+        cluster slot; readers of the namespace never see it): `change(key, value, marker)` returns the new
+        (value, marker), or None to leave the key as it is. A key another writer changed in between is read
+        and changed again. Returns every key's value as stored afterwards. For shared records that several
+        aggregator processes add to (item statistics, candidate indexes): the marker says what was added."""
 
     @abstractmethod
     def scan(self, namespace: str) -> Iterator[tuple[str, bytes]]: ...
@@ -141,6 +198,12 @@ class Store(ABC):
         self.put_many(namespace, {key: value}, ttl_s)
 
 
+def position_order(position: str) -> tuple[int, int]:
+    """Log positions ordered: Redis stream ids ("ms-seq") and SQLite row ids ("123")."""
+    head, _, tail = position.partition("-")
+    return int(head), int(tail or 0)
+
+
 # ------------------------------------------------------------------------------------------------
 # Redis
 # ------------------------------------------------------------------------------------------------
@@ -167,6 +230,18 @@ _LEASE_SCRIPT = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
 return 0
+"""
+# Compare-and-set of a value and its marker (KEYS: value, marker; one slot). ARGV: the SHA-1 of the value and
+# of the marker as read ("" when absent), then the new value and marker. 1: written, 0: changed meanwhile.
+_MERGE_SCRIPT = """
+local value = redis.call('GET', KEYS[1])
+local marker = redis.call('GET', KEYS[2])
+local value_sha = value and redis.sha1hex(value) or ''
+local marker_sha = marker and redis.sha1hex(marker) or ''
+if value_sha ~= ARGV[1] or marker_sha ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[1], ARGV[3])
+redis.call('SET', KEYS[2], ARGV[4])
+return 1
 """
 _RELEASE_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -197,59 +272,77 @@ def make_redis_client(url: str, cluster: bool, timeout_s: float) -> redis.Redis 
 class RedisStore(Store):
     backend = "redis"
 
-    def __init__(self, client: redis.Redis | RedisCluster, namespace: str = "selaras"):
+    def __init__(self, client: redis.Redis | RedisCluster, namespace: str = "selaras", partitions: int = 1):
+        if partitions < 1:
+            raise ValueError("a log needs at least one partition")
         self.client = client
         self.ns = namespace
-        # The hash tag keeps the stream and its idempotency keys in one cluster slot (the script needs it).
-        self._tag = f"{{{namespace}:log}}"
-        self.stream_key = f"{self._tag}:stream"
+        self.partitions = partitions
+        # One hash tag per partition keeps its stream and its idempotency keys in one cluster slot (the append
+        # script needs it), and spreads the partitions over the nodes of a cluster. Partition 0 keeps the tag
+        # of the single log that came before partitions.
+        self._tags = [f"{{{namespace}:log}}"] + [f"{{{namespace}:log:{p}}}" for p in range(1, partitions)]
+        self._tag = self._tags[0]
+        self.stream_key = self.stream_of(0)
         # redis-py's stubs type the sync/async/cluster clients as one union; these calls are synchronous.
         self._sync: Any = cast(Any, client)
         self._append = self._sync.register_script(_APPEND_SCRIPT)
         self._lease = self._sync.register_script(_LEASE_SCRIPT)
         self._release = self._sync.register_script(_RELEASE_SCRIPT)
+        self._merge = self._sync.register_script(_MERGE_SCRIPT)
 
-    def _seen_key(self, event_id: str) -> str:
-        return f"{self._tag}:seen:{event_id}"
+    def stream_of(self, partition: int) -> str:
+        return f"{self._tags[partition]}:stream"
+
+    def _seen_key(self, event_id: str, partition: int = 0) -> str:
+        return f"{self._tags[partition]}:seen:{event_id}"
 
     def _blob_key(self, namespace: str, key: str) -> str:
         return f"{self.ns}:{namespace}:{key}"
 
     def append_events(self, events: Sequence[PendingEvent]) -> AppendResult:
-        """Chunks of APPEND_CHUNK per script call: a long script blocks Redis for every other client. If a
-        later chunk fails the caller gets an error although earlier chunks are stored; a re-send then counts
-        those as duplicates, so nothing is lost and nothing is doubled."""
-        accepted: list[str] = []
-        for start in range(0, len(events), APPEND_CHUNK):
-            chunk = events[start : start + APPEND_CHUNK]
-            keys = [self._seen_key(e.event_id) for e in chunk] + [self.stream_key]
-            args: list[Any] = [DEDUPE_TTL_S] + [e.payload for e in chunk]
-            try:
-                accepted_index = cast(list[int], self._append(keys=keys, args=args))
-            except RedisError as exc:
-                raise StorageUnavailable(f"event log unavailable: {type(exc).__name__}") from exc
-            accepted.extend(chunk[i - 1].event_id for i in accepted_index)
-        return AppendResult(len(accepted), len(events) - len(accepted), tuple(accepted))
+        """One script call per partition and chunk of APPEND_CHUNK events (a long script blocks Redis for
+        every other client). If a later call fails the caller gets an error although earlier ones are stored;
+        a re-send then counts those as duplicates, so nothing is lost and nothing is doubled."""
+        by_partition: dict[int, list[PendingEvent]] = {}
+        for event in events:
+            by_partition.setdefault(self.partition_of(event.visitor_id), []).append(event)
+        accepted: set[str] = set()
+        for partition, pending in sorted(by_partition.items()):
+            for start in range(0, len(pending), APPEND_CHUNK):
+                chunk = pending[start : start + APPEND_CHUNK]
+                keys = [self._seen_key(e.event_id, partition) for e in chunk] + [self.stream_of(partition)]
+                args: list[Any] = [DEDUPE_TTL_S] + [e.payload for e in chunk]
+                try:
+                    accepted_index = cast(list[int], self._append(keys=keys, args=args))
+                except RedisError as exc:
+                    raise StorageUnavailable(f"event log unavailable: {type(exc).__name__}") from exc
+                accepted.update(chunk[i - 1].event_id for i in accepted_index)
+        # In the caller's order (an id repeated in the batch is accepted once).
+        ordered = tuple(dict.fromkeys(e.event_id for e in events if e.event_id in accepted))
+        return AppendResult(len(ordered), len(events) - len(ordered), ordered)
 
-    def read_events(self, after: str | None, limit: int) -> list[LogEntry]:
+    def read_events(self, after: str | None, limit: int, partition: int = 0) -> list[LogEntry]:
         start = f"({after}" if after else "-"
         try:
-            rows = self._sync.xrange(self.stream_key, min=start, max="+", count=limit)
+            rows = self._sync.xrange(self.stream_of(partition), min=start, max="+", count=limit)
         except RedisError as exc:
             raise StorageUnavailable(f"event log unavailable: {type(exc).__name__}") from exc
-        return [LogEntry(pos.decode(), fields[b"e"]) for pos, fields in rows]
+        return [LogEntry(pos.decode(), fields[b"e"], partition) for pos, fields in rows]
 
-    def log_length(self) -> int:
+    def log_length(self, partition: int | None = None) -> int:
+        chosen = range(self.partitions) if partition is None else [partition]
         try:
-            return int(self._sync.xlen(self.stream_key))
+            return sum(int(self._sync.xlen(self.stream_of(p))) for p in chosen)
         except RedisError as exc:
             raise StorageUnavailable("event log unavailable") from exc
 
     def delete_visitor_events(self, visitor_id: str, payload_marker: bytes) -> int:
+        partition = self.partition_of(visitor_id)  # only the visitor's own partition holds its events
         deleted = 0
         after: str | None = None
         while True:
-            batch = self.read_events(after, 5000)
+            batch = self.read_events(after, 5000, partition)
             if not batch:
                 return deleted
             # The marker only narrows: another visitor's event can mention this id (in its properties), so the
@@ -260,18 +353,19 @@ class RedisStore(Store):
                 if payload_marker in entry.payload and envelope_visitor(entry.payload) == visitor_id
             ]
             if doomed:
-                deleted += int(self._sync.xdel(self.stream_key, *doomed))
+                deleted += int(self._call(lambda doomed=doomed: self.client.xdel(self.stream_of(partition), *doomed)))
             after = batch[-1].position
 
-    def forget_event_ids(self, event_ids: Sequence[str]) -> None:
+    def forget_event_ids(self, event_ids: Sequence[str], visitor_id: str) -> None:
+        partition = self.partition_of(visitor_id)
         if event_ids:
-            self._call(lambda: self.client.delete(*[self._seen_key(i) for i in event_ids]))
+            self._call(lambda: self.client.delete(*[self._seen_key(i, partition) for i in event_ids]))
 
-    def delete_events(self, positions: Sequence[str]) -> int:
+    def delete_events(self, positions: Sequence[str], partition: int = 0) -> int:
         deleted = 0
         for start in range(0, len(positions), 1000):
             chunk = list(positions[start : start + 1000])
-            deleted += int(self._call(lambda chunk=chunk: self.client.xdel(self.stream_key, *chunk)))
+            deleted += int(self._call(lambda chunk=chunk: self.client.xdel(self.stream_of(partition), *chunk)))
         return deleted
 
     def get_many(self, namespace: str, keys: Sequence[str]) -> list[bytes | None]:
@@ -315,6 +409,55 @@ class RedisStore(Store):
             self._call(lambda: self._sync.sadd(self._index_key(namespace), key))
         return stored[0]
 
+    def _marker_key(self, namespace: str, key: str) -> str:
+        # The value's whole key as the hash tag: the marker shares the value's cluster slot (the merge script
+        # touches both), and no namespace index or scan of the namespace sees it.
+        return "{" + self._blob_key(namespace, key) + "}:applied"
+
+    def merge_many(self, namespace: str, keys: Sequence[str], change: MergeChange) -> dict[str, bytes | None]:
+        result: dict[str, bytes | None] = {}
+        pending = list(dict.fromkeys(keys))
+        while pending:
+            names = [self._blob_key(namespace, k) for k in pending] + [self._marker_key(namespace, k) for k in pending]
+            if isinstance(self.client, RedisCluster):
+                read = cast(list[bytes | None], self._call(lambda names=names: self.client.mget_nonatomic(names)))
+            else:
+                read = cast(list[bytes | None], self._call(lambda names=names: self.client.mget(names)))
+            values, marks = read[: len(pending)], read[len(pending) :]
+            writes: list[tuple[str, bytes]] = []
+            calls: list[tuple[list[str], list[Any]]] = []
+            for key, value, mark in zip(pending, values, marks, strict=True):
+                new = change(key, value, mark)
+                if new is None:
+                    result[key] = value
+                    continue
+                writes.append((key, new[0]))
+                names = [self._blob_key(namespace, key), self._marker_key(namespace, key)]
+                calls.append((names, [_sha1(value), _sha1(mark), new[0], new[1]]))
+            if not writes:
+                break
+            indexed = namespace not in UNINDEXED_NAMESPACES
+            if isinstance(self.client, RedisCluster):
+                # redis-py refuses scripts in a cluster pipeline: one call per record (each on its own node).
+                outcome = [self._call(lambda k=k, a=a: self._merge(keys=k, args=a)) for k, a in calls]
+                members = [k for k, _ in writes]
+                if indexed:
+                    self._call(lambda members=members: self._sync.sadd(self._index_key(namespace), *members))
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                for names, args in calls:
+                    self._merge(keys=names, args=args, client=pipe)
+                if indexed:
+                    pipe.sadd(self._index_key(namespace), *[k for k, _ in writes])
+                outcome = cast(list[Any], self._call(pipe.execute))
+            pending = []
+            for (key, value), written in zip(writes, outcome, strict=False):
+                if int(written):
+                    result[key] = value
+                else:
+                    pending.append(key)  # another writer came first: read it again and merge into that
+        return result
+
     def _index_key(self, namespace: str) -> str:
         """A set of the namespace's keys: scanning it costs O(namespace), SCAN costs O(whole Redis)."""
         return f"{self.ns}:keys:{namespace}"
@@ -322,12 +465,18 @@ class RedisStore(Store):
     def delete(self, namespace: str, keys: Sequence[str]) -> int:
         if not keys:
             return 0
-        full = [self._blob_key(namespace, k) for k in keys]
+        # With the applied markers of merged records: a record deleted and folded again starts from nothing.
+        full = [self._blob_key(namespace, k) for k in keys] + [self._marker_key(namespace, k) for k in keys]
         if namespace not in UNINDEXED_NAMESPACES:
             self._call(lambda: self._sync.srem(self._index_key(namespace), *keys))
         if isinstance(self.client, RedisCluster):
-            return sum(int(self._call(lambda k=k: self.client.delete(k))) for k in full)
-        return int(self._call(lambda: self.client.delete(*full)))
+            for marker in full[len(keys) :]:
+                self._call(lambda marker=marker: self.client.delete(marker))
+            return sum(int(self._call(lambda k=k: self.client.delete(k))) for k in full[: len(keys)])
+        pipe = self.client.pipeline(transaction=False)
+        pipe.delete(*full[: len(keys)])
+        pipe.delete(*full[len(keys) :])
+        return int(cast(list[Any], self._call(pipe.execute))[0])
 
     def scan(self, namespace: str) -> Iterator[tuple[str, bytes]]:
         prefix = self._blob_key(namespace, "")
@@ -351,7 +500,9 @@ class RedisStore(Store):
             self._call(lambda: self._sync.srem(self._index_key(namespace), *expired))
 
     def _lease_key(self, name: str) -> str:
-        return f"{self._tag}:lease:{name}"
+        # A partition's lease lives in its partition's slot (with its stream); other leases in partition 0's.
+        tag = next((t for p, t in enumerate(self._tags) if partition_log(p) == name), self._tag)
+        return f"{tag}:lease:{name}"
 
     def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
         ttl_ms = max(1, int(ttl_s * 1000))
@@ -473,7 +624,8 @@ class SqliteStore(Store):
         ids = cast(tuple[str, ...], self._run(write))
         return AppendResult(len(ids), len(events) - len(ids), ids)
 
-    def read_events(self, after: str | None, limit: int) -> list[LogEntry]:
+    def read_events(self, after: str | None, limit: int, partition: int = 0) -> list[LogEntry]:
+        _one_partition(partition)
         rows = self._run(
             lambda c: c.execute(
                 "SELECT pos, payload FROM events WHERE pos > ? ORDER BY pos LIMIT ?", (int(after or 0), limit)
@@ -481,17 +633,19 @@ class SqliteStore(Store):
         )
         return [LogEntry(str(pos), bytes(payload)) for pos, payload in rows]
 
-    def log_length(self) -> int:
+    def log_length(self, partition: int | None = None) -> int:
+        _one_partition(partition or 0)
         return int(self._run(lambda c: c.execute("SELECT COUNT(*) FROM events").fetchone()[0]))
 
-    def delete_events(self, positions: Sequence[str]) -> int:
+    def delete_events(self, positions: Sequence[str], partition: int = 0) -> int:
+        _one_partition(partition)
         rows = [(int(p),) for p in positions]
         return int(self._run(lambda c: self._transaction(c, "DELETE FROM events WHERE pos = ?", rows)))
 
     def delete_visitor_events(self, visitor_id: str, payload_marker: bytes) -> int:
         return int(self._run(lambda c: c.execute("DELETE FROM events WHERE visitor_id = ?", (visitor_id,)).rowcount))
 
-    def forget_event_ids(self, event_ids: Sequence[str]) -> None:
+    def forget_event_ids(self, event_ids: Sequence[str], visitor_id: str) -> None:
         self._run(lambda c: self._transaction(c, "DELETE FROM seen_ids WHERE event_id = ?", [(i,) for i in event_ids]))
 
     def get_many(self, namespace: str, keys: Sequence[str]) -> list[bytes | None]:
@@ -548,6 +702,41 @@ class SqliteStore(Store):
 
         return cast(bytes, self._run(write))
 
+    def merge_many(self, namespace: str, keys: Sequence[str], change: MergeChange) -> dict[str, bytes | None]:
+        marker_ns = f"{namespace}@applied"  # markers as rows of their own namespace, in the same transaction
+        now = wall_time()
+
+        def read(conn: sqlite3.Connection, ns: str, key: str) -> bytes | None:
+            row = conn.execute(
+                "SELECT value FROM blobs WHERE ns = ? AND key = ? AND (expires_at IS NULL OR expires_at > ?)",
+                (ns, key, now),
+            ).fetchone()
+            return bytes(row[0]) if row else None
+
+        def write(conn: sqlite3.Connection) -> dict[str, bytes | None]:
+            conn.execute("BEGIN IMMEDIATE")  # the write lock across processes: read, change and write as one
+            try:
+                stored: dict[str, bytes | None] = {}
+                for key in dict.fromkeys(keys):
+                    value = read(conn, namespace, key)
+                    new = change(key, value, read(conn, marker_ns, key))
+                    if new is None:
+                        stored[key] = value
+                        continue
+                    conn.executemany(
+                        "INSERT INTO blobs (ns, key, value, expires_at) VALUES (?, ?, ?, NULL)"
+                        " ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value, expires_at = NULL",
+                        [(namespace, key, new[0]), (marker_ns, key, new[1])],
+                    )
+                    stored[key] = new[0]
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return stored
+
+        return cast(dict[str, bytes | None], self._run(write))
+
     @staticmethod
     def _transaction(conn: sqlite3.Connection, sql: str, rows: Sequence[tuple[Any, ...]]) -> int:
         """One transaction (one fsync) for many rows: autocommit would sync every row."""
@@ -561,13 +750,14 @@ class SqliteStore(Store):
         return int(count)
 
     def delete(self, namespace: str, keys: Sequence[str]) -> int:
-        return int(
-            self._run(
-                lambda c: (
-                    c.executemany("DELETE FROM blobs WHERE ns = ? AND key = ?", [(namespace, k) for k in keys]).rowcount
-                )
+        def remove(conn: sqlite3.Connection) -> int:
+            markers = [(f"{namespace}@applied", k) for k in keys]  # of merged records (see `merge_many`)
+            conn.executemany("DELETE FROM blobs WHERE ns = ? AND key = ?", markers)
+            return int(
+                conn.executemany("DELETE FROM blobs WHERE ns = ? AND key = ?", [(namespace, k) for k in keys]).rowcount
             )
-        )
+
+        return int(self._run(remove))
 
     def scan(self, namespace: str) -> Iterator[tuple[str, bytes]]:
         now = wall_time()
@@ -630,6 +820,16 @@ class SqliteStore(Store):
             self._conn.close()
 
 
+def _sha1(value: bytes | None) -> str:
+    return hashlib.sha1(value).hexdigest() if value is not None else ""  # a change check, not security
+
+
+def _one_partition(partition: int) -> None:
+    """The embedded store keeps one log: one process folds it (SQLite serialises its writers anyway)."""
+    if partition != 0:
+        raise ValueError(f"the embedded store has one log partition, not {partition + 1}")
+
+
 def redis_durability_problems(client: redis.Redis | RedisCluster) -> list[str]:
     """What in the Redis configuration can lose acknowledged data: no AOF (a restart loses the last writes)
     or an eviction policy (under memory pressure Redis silently drops idempotency keys, consent records,
@@ -665,7 +865,7 @@ def open_store(settings: CommonSettings) -> Store:
     """Redis when REDIS_URL is set, the embedded SQLite file otherwise."""
     if settings.redis_url:
         client = make_redis_client(settings.redis_url, settings.redis_cluster, settings.redis_timeout_s)
-        return RedisStore(client, settings.namespace)
+        return RedisStore(client, settings.namespace, settings.log_partitions)
     return SqliteStore(settings.sqlite_path)
 
 
@@ -688,6 +888,8 @@ class Namespace:
     COMMIT = "commit"  # per log: the writes of the batch being committed (profile/commit.py)
     DEAD_LETTERS = "deadletter"  # log entries the aggregator could not fold, "<log>:<position>"
     AGGREGATOR_STATUS = "aggstatus"  # per log: cursor, lag, errors of its aggregator (readiness, metrics)
+    AGGREGATOR_MEMBERS = "aggmember"  # live aggregator processes (expiring): each takes its share of partitions
+    ERASED = "erased"  # visitors erased recently: a batch in flight must not write them back (expiring)
 
 
 CATALOG_VERSION_KEY = "catalog_version"

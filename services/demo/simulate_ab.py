@@ -298,7 +298,7 @@ def in_process_services(
         def settle(timeout: float = 300.0) -> None:
             # Folded when nothing is left after the aggregator's cursor (observers run before it moves).
             deadline = time.monotonic() + timeout
-            while state.repository.read_log(state.repository.cursor(), 1):
+            while state.repository.unfolded_partitions():
                 if time.monotonic() > deadline:
                     raise RuntimeError("the profile service did not fold the simulated day in time")
                 time.sleep(0.05)

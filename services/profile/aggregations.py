@@ -450,8 +450,8 @@ class ItemState:
     buckets: dict[str, dict[str, int]] = field(default_factory=dict)  # counter -> {hour index: count}
     slot_buckets: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # slot -> counter -> ...
     last_ts: float = 0.0
-    # Per log (partition): the last position folded in. A batch folded again after the cursor was lost
-    # skips what the state already holds (the commit record covers the usual failures; this is a backstop).
+    # No longer written: which partition's batches a stored state holds is now its applied marker, kept
+    # next to it by `Store.merge_many` (the aggregator merges batch shares). Read for states stored before.
     applied: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -494,6 +494,27 @@ def fold_item(state: ItemState, event: Event) -> bool:
     for per_slot in state.slot_buckets.values():
         _prune_buckets(per_slot, _hour_index(state.last_ts))
     return True
+
+
+def merge_item_state(stored: ItemState | None, delta: ItemState) -> ItemState:
+    """Add a batch's item counts (folded by `fold_item` into an empty state) to the stored state. Equal to
+    folding the batch's events into the stored state one by one: counts add up, and which hours are pruned
+    depends only on the newest event time. Aggregators of different partitions add to one item this way."""
+    state = stored.copy() if stored is not None else ItemState(delta.item_id)
+    for counter, hours in delta.buckets.items():
+        bucket = state.buckets.setdefault(counter, {})
+        for hour, count in hours.items():
+            bucket[hour] = bucket.get(hour, 0) + count
+    for slot, per_slot in delta.slot_buckets.items():
+        for counter, hours in per_slot.items():
+            bucket = state.slot_buckets.setdefault(slot, {}).setdefault(counter, {})
+            for hour, count in hours.items():
+                bucket[hour] = bucket.get(hour, 0) + count
+    state.last_ts = max(state.last_ts, delta.last_ts)
+    _prune_buckets(state.buckets, _hour_index(state.last_ts))
+    for per_slot in state.slot_buckets.values():
+        _prune_buckets(per_slot, _hour_index(state.last_ts))
+    return state
 
 
 def _prune_buckets(buckets: dict[str, dict[str, int]], now_hour: int) -> None:

@@ -17,12 +17,11 @@ from services.common.storage import check_redis_durability
 from services.profile.aggregations import SegmentRules
 from services.profile.deps import ProfileState
 from services.profile.endpoints import router
-from services.profile.lease import Lease
 from services.profile.observers import build_batch_observers
 from services.profile.persona_jobs import PersonaAssigner
 from services.profile.privacy import PrivacyService, privacy_holders
 from services.profile.privacy_endpoints import router as privacy_router
-from services.profile.repository import AGGREGATOR_CURSOR, ProfileRepository
+from services.profile.repository import ProfileRepository
 from services.profile.service import Aggregator, IngestService
 from services.profile.settings import ProfileSettings
 
@@ -50,7 +49,7 @@ def build_state(
         observers=build_batch_observers(settings, repository),
         clock=aggregator_clock or clock,
         max_skew_s=settings.max_clock_skew_s,
-        lease=Lease(repository.store, AGGREGATOR_CURSOR, settings.aggregator_lease_s),
+        lease_s=settings.aggregator_lease_s,
     )
     return ProfileState(
         settings,

@@ -31,13 +31,19 @@ class BatchCommit:
     consents: dict[str, bytes] = field(default_factory=dict)  # visitor -> Consent.to_bytes(), saved separately
     withdrawn: list[str] = field(default_factory=list)  # visitors whose profile is deleted
     changed_items: list[str] = field(default_factory=list)  # item ids whose rows were rewritten
+    # namespace -> key -> what the batch adds to a record shared by all partitions (item statistics, candidate
+    # indexes): merged into the stored value with the log's applied marker (`Store.merge_many`), so applying
+    # the record twice adds once and another partition's additions in between are kept.
+    merges: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    read_at: float = 0.0  # wall time the batch's entries were read: an erasure after it wins (see `_finish`)
 
     def to_bytes(self) -> bytes:
         """A JSON header (names, lengths) and the values back to back: values are bytes, JSON cannot hold
         them without a base64 copy of every state."""
         layout: list[tuple[str, str, int]] = []
         body: list[bytes] = []
-        for namespace, values in [*self.blobs.items(), ("__consent__", self.consents)]:
+        merges = [(f"__merge__:{namespace}", values) for namespace, values in self.merges.items()]
+        for namespace, values in [*self.blobs.items(), ("__consent__", self.consents), *merges]:
             for key, value in values.items():
                 layout.append((namespace, key, len(value)))
                 body.append(value)
@@ -49,6 +55,7 @@ class BatchCommit:
                 "ttls": self.ttls,
                 "withdrawn": self.withdrawn,
                 "changed_items": self.changed_items,
+                "read_at": self.read_at,
                 "layout": layout,
             }
         )
@@ -66,6 +73,7 @@ class BatchCommit:
         if offset != len(raw):
             raise ValueError("commit record is truncated or corrupt")
         consents = blobs.pop("__consent__", {})
+        merges = {ns.removeprefix("__merge__:"): blobs.pop(ns) for ns in list(blobs) if ns.startswith("__merge__:")}
         return cls(
             header["log"],
             header["first"],
@@ -75,6 +83,8 @@ class BatchCommit:
             consents,
             list(header["withdrawn"]),
             list(header["changed_items"]),
+            merges,
+            float(header.get("read_at", 0.0)),
         )
 
     def ttl(self, namespace: str) -> int | None:

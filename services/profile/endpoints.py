@@ -15,6 +15,7 @@ from services.common.api import FastJSONResponse, describe_errors, json_body_sch
 from services.common.consent import Consent
 from services.common.errors import Forbidden, InvalidPayload, NotFound, PayloadTooLarge, StorageUnavailable
 from services.common.events import BROWSER_EVENT_TYPES, Event
+from services.common.storage import partition_log
 from services.profile.aggregations import segments
 from services.profile.deps import AdminKey, EventsKey, IngestKey, State
 from services.profile.persona_jobs import persona_view
@@ -153,7 +154,15 @@ def readyz(state: State) -> Response:
             statuses = state.repository.aggregator_statuses()
             body["aggregator_lag_s"] = max((s.get("lag_s", 0.0) for s in statuses.values()), default=None)
             body["aggregator_errors"] = {log: s["error"] for log, s in statuses.items() if s.get("error")}
-            body["dead_letters"] = state.repository.dead_letter_count()
+            # Per partition, labelled by its number (never by visitor): lag and dead letters.
+            body["aggregator_lag_by_partition"] = {
+                str(s.get("partition", 0)): s.get("lag_s", 0.0) for s in statuses.values()
+            }
+            by_log = state.repository.dead_letter_counts()
+            body["dead_letters"] = sum(by_log.values())
+            body["dead_letters_by_partition"] = {
+                str(p): by_log.get(partition_log(p), 0) for p in range(state.repository.partitions)
+            }
         except StorageUnavailable:
             body["store"] = body["ready"] = ready = False
     return Response(orjson.dumps(body), status_code=200 if ready else 503, media_type="application/json")

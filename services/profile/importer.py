@@ -137,18 +137,19 @@ def _retrying(action: Callable[[], T], attempts: int = 5) -> T:
 
 
 def fold_or_wait(aggregator: Aggregator, batch_size: int) -> bool:
-    """Fold the log to its end; True when this aggregator folded it. While another process holds the log's
-    lease (a running service) this waits until that one has folded everything instead, taking the lease over
-    if its holder stops renewing it."""
+    """Fold the log to its end; True when this aggregator folded all of it. It folds the partitions whose
+    lease it can take (its share, next to running aggregators); the others are folded by their holders, which
+    this waits for (taking a partition over if its holder stops renewing it). Never a second consumer."""
     repository = aggregator.repository
+    folded_here = True
     while True:
         outcome = _retrying(lambda: aggregator.run_once(batch_size))
-        if outcome.held:
-            if not outcome.events:
-                return True
+        if outcome.events:
             continue
-        if not _retrying(lambda: repository.read_log(repository.cursor(aggregator.log), 1)):
-            return False
+        if len(aggregator.held_partitions()) < len(aggregator.partitions):
+            folded_here = False
+        if not _retrying(repository.unfolded_partitions):
+            return folded_here
         time.sleep(0.2)
 
 

@@ -42,13 +42,14 @@ from feast import FeatureStore
 from prometheus_client import Counter
 
 from services.common import features as F
-from services.common.clock import SYSTEM_CLOCK, Clock, wall_datetime
+from services.common.clock import SYSTEM_CLOCK, Clock, wall_datetime, wall_time
 from services.common.consent import Consent, ConsentDefaults, merge_into, refusing_all
 from services.common.events import open_envelope
 from services.common.feature_store import delete_online_entities, online_rows, rewrite_offline_parts
 from services.common.settings import CommonSettings
 from services.common.storage import Namespace, Store, open_store
 from services.profile.aggregations import VisitorState
+from services.profile.repository import mark_erased
 
 log = logging.getLogger(__name__)
 
@@ -198,11 +199,13 @@ class PrivacyService:
         return row.get("event_count") is not None
 
     def _log_entries(self, visitor_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        """(position, event as JSON) of the visitor's logged events, oldest first (a full scan of the log)."""
+        """(position, event as JSON) of the visitor's logged events, oldest first (a scan of the visitor's
+        partition of the log)."""
         marker = visitor_marker(visitor_id)
+        partition = self.store.partition_of(visitor_id)
         after: str | None = None
         while True:
-            batch = self.store.read_events(after, LOG_SCAN_BATCH)
+            batch = self.store.read_events(after, LOG_SCAN_BATCH, partition)
             if not batch:
                 return
             for entry in batch:
@@ -269,16 +272,20 @@ class PrivacyService:
         # later, cannot rebuild the profile. Merged (compare-and-set) like any consent write: a newer explicit
         # choice wins.
         self.store.update(Namespace.CONSENT, visitor_id, merge_into(refusing_all(self.clock.now())))
+        # An aggregator in another process may hold a commit record with this visitor's state: marked before
+        # anything is deleted, so applying that record afterwards deletes the state again instead of restoring it.
+        mark_erased(self.store, visitor_id, None)
         event_ids = [event["event_id"] for _, event in self._log_entries(visitor_id)]
         receipt.log_events = self.store.delete_visitor_events(visitor_id, visitor_marker(visitor_id))
         if event_ids:
-            self.store.forget_event_ids(event_ids)
+            self.store.forget_event_ids(event_ids, visitor_id)
         receipt.idempotency_keys = len(event_ids)
         with self.fold_lock:
             receipt.visitor_state, receipt.online_rows = forget_profiles(self.store, self.feature_store, [visitor_id])
         receipt.offline_rows, receipt.offline_files_rewritten = self._purge_offline(
             lambda table: pc.not_equal(table[F.VISITOR_KEY], visitor_id), [F.VISITOR_KEY]
         )
+        mark_erased(self.store, visitor_id, wall_time())  # batches read from now on hold none of its events
         records = self._recommendation_records(visitor_id)
         receipt.recommendation_records = self.store.delete(Namespace.RECOMMENDATIONS, list(records)) if records else 0
         for holder in self.holders:
@@ -332,17 +339,14 @@ class PrivacyService:
         cutoff = (now if now is not None else self.clock.now()) - days * 86400.0
         cutoff_dt = datetime.fromtimestamp(cutoff, tz=UTC)
         report = RetentionReport(cutoff_dt.isoformat(), dry_run=dry_run)
-        doomed: list[str] = []
-        after: str | None = None
-        while True:
-            batch = self.store.read_events(after, LOG_SCAN_BATCH)
-            if not batch:
-                break
-            for entry in batch:
-                if open_envelope(entry.payload)[1].ts < cutoff:
-                    doomed.append(entry.position)
-            after = batch[-1].position
-        report.log_events = len(doomed) if dry_run else self.store.delete_events(doomed)
+        doomed: dict[int, list[str]] = {}  # partition -> positions
+        for entry in self.store.iter_log(LOG_SCAN_BATCH):
+            if open_envelope(entry.payload)[1].ts < cutoff:
+                doomed.setdefault(entry.partition, []).append(entry.position)
+        report.log_events = sum(
+            len(positions) if dry_run else self.store.delete_events(positions, partition)
+            for partition, positions in doomed.items()
+        )
         if dry_run:
             for path in sorted((self.offline_dir / F.VISITOR_VIEW).glob("*.parquet")):
                 stamps = pq.read_table(path, columns=[F.TIMESTAMP_FIELD])[F.TIMESTAMP_FIELD]

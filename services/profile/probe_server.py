@@ -29,7 +29,8 @@ def serve_probes(host: str, port: int, aggregator: Aggregator) -> ThreadingHTTPS
                     "ready": ready,
                     "store": store_ok,
                     "aggregator": aggregator.alive,
-                    "holds_lease": aggregator.lease.held if aggregator.lease is not None else True,
+                    "holds_lease": bool(aggregator.held_partitions()),
+                    "partitions": aggregator.held_partitions(),
                     "lag_s": aggregator.lag_s,
                     "error": aggregator.last_error,
                 }

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -15,11 +16,43 @@ from services.common.consent import Consent, merge_into
 from services.common.feature_store import FeatureWriter, online_rows, open_feature_store, to_arrow_table
 from services.common.indexes import ContextPopularity, CoVisitation
 from services.common.settings import CommonSettings
-from services.common.storage import AppendResult, LogEntry, Namespace, PendingEvent, Store, open_store, save_catalog
-from services.profile.aggregations import ItemInfo, ItemState, VisitorState
+from services.common.storage import (
+    LOG_NAME,
+    AppendResult,
+    LogEntry,
+    Namespace,
+    PendingEvent,
+    Store,
+    open_store,
+    partition_log,
+    position_order,
+    save_catalog,
+)
+from services.profile.aggregations import ItemInfo, ItemState, VisitorState, merge_item_state
 
 log = logging.getLogger(__name__)
-AGGREGATOR_CURSOR = "aggregator"
+AGGREGATOR_CURSOR = LOG_NAME  # partition 0's log
+# Longer than any batch stays in flight, so that its commit record cannot write an erased visitor back.
+ERASURE_MARK_TTL_S = 7 * 24 * 3600
+
+
+def _merge_item_state(stored: bytes | None, delta: bytes) -> bytes:
+    current = ItemState.from_dict(orjson.loads(stored)) if stored else None
+    return orjson.dumps(merge_item_state(current, ItemState.from_dict(orjson.loads(delta))))
+
+
+# How one batch's share is added to each kind of shared record (the pure rules live next to their folds).
+SHARED_MERGES: dict[str, Callable[[bytes | None, bytes], bytes]] = {
+    Namespace.ITEM_STATE: _merge_item_state,
+    Namespace.COVISITATION: lambda stored, delta: CoVisitation.merge(stored, orjson.loads(delta)),
+    Namespace.POPULARITY: lambda stored, delta: ContextPopularity.merge(stored, orjson.loads(delta)),
+}
+
+
+def mark_erased(store: Store, visitor_id: str, until: float | None) -> None:
+    """An erasure in progress (`until` None) or finished at `until` (wall time): a commit record of a batch read
+    before then must not write the visitor back (see `Aggregator._finish`). Keeps only the id, for a week."""
+    store.put(Namespace.ERASED, visitor_id, orjson.dumps({"until": until}), ERASURE_MARK_TTL_S)
 
 
 class ProfileRepository:
@@ -41,8 +74,16 @@ class ProfileRepository:
     def append(self, events: Sequence[PendingEvent]) -> AppendResult:
         return self.store.append_events(events)
 
-    def read_log(self, after: str | None, limit: int) -> list[LogEntry]:
-        return self.store.read_events(after, limit)
+    def read_log(self, after: str | None, limit: int, partition: int = 0) -> list[LogEntry]:
+        return self.store.read_events(after, limit, partition)
+
+    @property
+    def partitions(self) -> int:
+        return self.store.partitions
+
+    def unfolded_partitions(self) -> list[int]:
+        """Partitions with entries after their cursor (a batch still to fold)."""
+        return [p for p in range(self.store.partitions) if self.read_log(self.cursor(partition_log(p)), 1, p)]
 
     def cursor(self, name: str = AGGREGATOR_CURSOR) -> str | None:
         raw = self.store.get(Namespace.CURSOR, name)
@@ -83,6 +124,38 @@ class ProfileRepository:
 
     def save_item_states(self, states: Mapping[str, ItemState]) -> None:
         self.store.put_many(Namespace.ITEM_STATE, {k: orjson.dumps(s) for k, s in states.items()})
+
+    def merge_shared(self, namespace: str, log: str, last: str, deltas: Mapping[str, bytes]) -> dict[str, bytes]:
+        """Add one batch's share (`deltas`, from log `log` up to position `last`) to records every partition
+        adds to: item statistics and candidate indexes. Each record's applied marker holds, per log, the last
+        position added, so a batch applied again adds nothing; a concurrent writer's change is re-read and
+        merged into (compare-and-set). Returns the records as stored."""
+        merge = SHARED_MERGES[namespace]
+
+        def change(key: str, value: bytes | None, marker: bytes | None) -> tuple[bytes, bytes] | None:
+            applied: dict[str, str] = orjson.loads(marker) if marker else {}
+            done = applied.get(log)
+            if done is not None and position_order(done) >= position_order(last):
+                return None
+            applied[log] = last
+            return merge(value, deltas[key]), orjson.dumps(applied)
+
+        stored = self.store.merge_many(namespace, list(deltas), change)
+        return {key: value for key, value in stored.items() if value is not None}
+
+    # -- erasure against a batch in flight in another process ----------------------------------------
+    def mark_erased(self, visitor_id: str, until: float | None) -> None:
+        mark_erased(self.store, visitor_id, until)
+
+    def erased_since(self, visitor_ids: Sequence[str], read_at: float) -> list[str]:
+        """Visitors erased while or after a batch read at `read_at` was in flight."""
+        found = []
+        for visitor_id, raw in zip(visitor_ids, self.store.get_many(Namespace.ERASED, visitor_ids), strict=True):
+            if raw is not None:
+                until = orjson.loads(raw)["until"]
+                if until is None or read_at <= until:
+                    found.append(visitor_id)
+        return found
 
     def consents(self, visitor_ids: Sequence[str]) -> dict[str, Consent]:
         raws = self.store.get_many(Namespace.CONSENT, visitor_ids)
@@ -141,6 +214,24 @@ class ProfileRepository:
 
     def dead_letter_count(self) -> int:
         return self.store.count(Namespace.DEAD_LETTERS)
+
+    def dead_letter_counts(self) -> dict[str, int]:
+        """Dead letters per log (partition); keys are "<log>:<position>"."""
+        counts: dict[str, int] = {}
+        for key, _ in self.store.scan(Namespace.DEAD_LETTERS):
+            log_name = key.rsplit(":", 1)[0]
+            counts[log_name] = counts.get(log_name, 0) + 1
+        return counts
+
+    def join_aggregators(self, holder: str, ttl_s: float) -> int:
+        """Announce this aggregator process (expires unless renewed); returns how many are alive, so that each
+        takes its share of the partitions."""
+        self.store.put(Namespace.AGGREGATOR_MEMBERS, holder, b"1", max(1, math.ceil(ttl_s)))
+        # A scan, not `count`: it skips (and forgets) members that expired, i.e. processes that died.
+        return max(1, sum(1 for _ in self.store.scan(Namespace.AGGREGATOR_MEMBERS)))
+
+    def leave_aggregators(self, holder: str) -> None:
+        self.store.delete(Namespace.AGGREGATOR_MEMBERS, [holder])
 
     def save_aggregator_status(self, log: str, status: Mapping[str, Any]) -> None:
         self.store.put(Namespace.AGGREGATOR_STATUS, log, orjson.dumps(status))

@@ -4,7 +4,9 @@ visitor/item state, candidate indexes and Feast feature rows."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,7 +24,7 @@ from services.common.errors import StorageUnavailable
 from services.common.events import Event, EventType, envelope, future_timestamp_error, not_after, open_envelope
 from services.common.indexes import ContextPopularity, CoVisitation
 from services.common.item_changes import ItemChangeRecorder
-from services.common.storage import AppendResult, LogEntry, Namespace, PendingEvent
+from services.common.storage import AppendResult, LogEntry, Namespace, PendingEvent, partition_log, position_order
 from services.common.traits import TraitSchema
 from services.profile.aggregations import (
     DAY,
@@ -38,9 +40,9 @@ from services.profile.aggregations import (
     visitor_features,
 )
 from services.profile.commit import BatchCommit
-from services.profile.lease import Lease
+from services.profile.lease import Lease, holder_name
 from services.profile.privacy import forget_profiles
-from services.profile.repository import AGGREGATOR_CURSOR, ProfileRepository, index_dumps
+from services.profile.repository import ProfileRepository
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +55,21 @@ FEATURE_WRITE_LAG = Histogram(
     "Time from acknowledgement to the visitor's features being online",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
-AGGREGATOR_BACKLOG = Gauge("selaras_aggregator_backlog_events", "Log entries not yet folded (last poll)")
+# Per partition of the log: the label is the partition number (never a visitor id), bounded by the setting.
+AGGREGATOR_BACKLOG = Gauge("selaras_aggregator_backlog_events", "Log entries not yet folded (last poll)", ["partition"])
 AGGREGATOR_ERRORS = Counter("selaras_aggregator_errors_total", "Micro-batches that failed and will be retried")
 AGGREGATOR_LAG = Gauge(
-    "selaras_aggregator_lag_seconds", "How long the newest folded event waited, while a backlog remains (0: none)"
+    "selaras_aggregator_lag_seconds",
+    "How long the newest folded event waited, while a backlog remains (0: none)",
+    ["partition"],
 )
-DEAD_LETTERS = Counter("selaras_aggregator_dead_letters_total", "Log entries set aside after failing to fold")
-AGGREGATOR_DEAD_LETTERS = Gauge("selaras_aggregator_dead_letters_stored", "Log entries in the dead-letter list")
+AGGREGATOR_PARTITIONS_HELD = Gauge("selaras_aggregator_partitions_held", "Log partitions this process folds")
+DEAD_LETTERS = Counter(
+    "selaras_aggregator_dead_letters_total", "Log entries set aside after failing to fold", ["partition"]
+)
+AGGREGATOR_DEAD_LETTERS = Gauge(
+    "selaras_aggregator_dead_letters_stored", "Log entries in the dead-letter list", ["partition"]
+)
 # A log entry that fails this many times to decode or fold is moved to the dead letters.
 MAX_ATTEMPTS = 3
 
@@ -132,12 +142,6 @@ class IngestService:
         return result
 
 
-def position_key(position: str) -> tuple[int, int]:
-    """Log positions ordered: Redis stream ids ("ms-seq") and SQLite row ids ("123")."""
-    head, _, tail = position.partition("-")
-    return int(head), int(tail or 0)
-
-
 @dataclass
 class BatchOutcome:
     events: int = 0
@@ -146,6 +150,25 @@ class BatchOutcome:
     lag_s: list[float] = field(default_factory=list)
     last_received_at: float = 0.0  # when the log acknowledged the batch's newest entry
     held: bool = True  # False: another process holds the log's lease, nothing was folded
+
+
+@dataclass
+class Partition:
+    """One partition of the log as an aggregator sees it: its lease and the bookkeeping of its fold."""
+
+    number: int
+    log: str  # names its cursor, lease, commit record, dead letters and status
+    lease: Lease | None  # None: the caller guarantees a single consumer (tests, the demo world's own store)
+    attempts: dict[str, int] = field(default_factory=dict)  # failures per position (in memory)
+    errors: dict[str, str] = field(default_factory=dict)
+    dead: set[str] = field(default_factory=set)  # positions set aside in the batch being folded
+    backlog: int = 0
+    lag_s: float = 0.0
+    reported_at: float = float("-inf")
+
+    @property
+    def held(self) -> bool:
+        return self.lease is None or self.lease.held
 
 
 class LeaseLost(Exception):
@@ -162,9 +185,11 @@ class EntryFailed(Exception):
 
 
 class Aggregator:
-    """Single consumer of the log. Reads are at-least-once; the effect is exactly-once: every state write of
-    a batch goes through one commit record (`services/profile/commit.py`), feature rows are overwrites, and
-    the caches take a batch's changes only after its writes succeeded."""
+    """Folds the partitions of the log it holds leases on (each partition has one consumer at a time; more
+    processes share the partitions). Reads are at-least-once; the effect is exactly-once: every state write
+    of a batch goes through one commit record (`services/profile/commit.py`), feature rows are overwrites,
+    and records all partitions add to (item statistics, candidate indexes) take each batch's share once,
+    by compare-and-set with a per-partition applied marker (`ProfileRepository.merge_shared`)."""
 
     def __init__(
         self,
@@ -177,22 +202,26 @@ class Aggregator:
         observers: Sequence[Any] = (),
         clock: Clock = SYSTEM_CLOCK,
         max_skew_s: float = 300.0,
-        log_name: str = AGGREGATOR_CURSOR,
         max_attempts: int = MAX_ATTEMPTS,
-        lease: Lease | None = None,
+        lease_s: float | None = None,
+        holder: str | None = None,
     ):
         self.repository = repository
-        # The log this aggregator folds: names its cursor, commit record, dead letters and status.
-        self.log = log_name
-        # Without a lease the caller guarantees a single consumer (tests, the demo world's own store).
-        self.lease = lease
+        # With `lease_s` every partition is folded only under its lease, and this process takes its share of
+        # the partitions (all of them / live aggregator processes). Without, the caller guarantees a single
+        # consumer and this folds every partition.
+        self.lease_s = lease_s
+        self.holder = holder or holder_name()
+        self.partitions = [
+            Partition(
+                number,
+                partition_log(number),
+                Lease(repository.store, partition_log(number), lease_s, self.holder) if lease_s else None,
+            )
+            for number in range(repository.partitions)
+        ]
+        self._balanced_at = float("-inf")
         self.max_attempts = max_attempts
-        self._attempts: dict[str, int] = {}  # failures per log position (in memory: a restart starts over)
-        self._errors: dict[str, str] = {}
-        self._dead: set[str] = set()  # positions set aside in the batch being folded
-        self.backlog = 0
-        self.lag_s = 0.0
-        self._reported_at = float("-inf")
         # Business time of the fold: windows of item rows are evaluated at the clock's now, and no event may
         # move an item's or visitor's time further ahead of it than `max_skew_s` (bulk imports of history pass
         # a DataClock that follows the events).
@@ -206,10 +235,6 @@ class Aggregator:
         self.observers = list(observers)  # BatchObserver (services/profile/observers.py)
         self.catalog: dict[str, ItemInfo] = {}
         self._catalog_loaded_at = 0.0
-        self.covisitation = CoVisitation()
-        self.popularity = ContextPopularity()
-        self._indexes_loaded = False
-        self.item_cache: dict[str, ItemState] = {}
         self._item_digests: dict[str, int] = {}  # of each item's last written row: rewrite only what changed
         self._nonzero_rows: set[str] = set()  # items whose last written row counts something: to be aged
         self._aged_hour: int | None = None
@@ -230,12 +255,31 @@ class Aggregator:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout)
-        if self.lease is not None:
-            self.lease.release()  # a standby takes over at once instead of after the lease expires
+        self.release()
+
+    def release(self) -> None:
+        """Give up every partition: another process takes them over at once instead of after the lease."""
+        for part in self.partitions:
+            if part.lease is not None:
+                part.lease.release()
+        if self.lease_s:
+            with contextlib.suppress(StorageUnavailable):
+                self.repository.leave_aggregators(self.holder)
 
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def held_partitions(self) -> list[int]:
+        return [part.number for part in self.partitions if part.held]
+
+    @property
+    def backlog(self) -> int:
+        return sum(part.backlog for part in self.partitions if part.held)
+
+    @property
+    def lag_s(self) -> float:
+        return max((part.lag_s for part in self.partitions if part.held), default=0.0)
 
     def _loop(self, batch_size: int, idle_s: float) -> None:
         backoff = idle_s
@@ -245,8 +289,8 @@ class Aggregator:
                     outcome = self.run_once(batch_size)
                 self.last_error = None
                 backoff = idle_s
-                if not outcome.held and self.lease is not None:
-                    self._stop.wait(self.lease.ttl_s / 3)  # standby: try to take the lease now and then
+                if not outcome.held and self.lease_s:
+                    self._stop.wait(self.lease_s / 3)  # standby: try to take a lease now and then
                 elif outcome.events == 0:
                     self._stop.wait(idle_s)
             except Exception as exc:  # keep consuming after Redis/Feast hiccups; the batch is retried
@@ -263,103 +307,140 @@ class Aggregator:
             self._catalog_loaded_at = time.monotonic()
 
     def run_once(self, batch_size: int) -> BatchOutcome:
-        """Fold the next micro-batch of the log. On any error the in-memory caches are dropped (reloaded from
-        the store on the next call), so a failed batch leaves no trace in memory and is folded again."""
-        try:
-            outcome = self._run_once(batch_size)
-        except Exception as exc:
-            self._discard_caches()
-            self._report(error=type(exc).__name__)
-            raise
-        self._report()
-        return outcome
-
-    def _run_once(self, batch_size: int) -> BatchOutcome:
-        if self.lease is not None:
-            if not self.lease.hold():
-                return BatchOutcome(held=False)
-            if self.lease.acquired:  # another process may have folded since this one last did
-                log.info("aggregator %s holds the lease of log %s", self.lease.holder, self.log)
+        """Fold the next micro-batch of every partition this aggregator holds (taking its share of the free
+        ones first). On any error the in-memory caches are dropped, so a failed batch leaves no trace in
+        memory and is folded again."""
+        self._balance()
+        total = BatchOutcome(held=False)
+        for part in self.partitions:
+            if not part.held:
+                continue
+            try:
+                self._renew_leases()  # every held lease, before each batch: a round over them takes a while
+                if not part.held:
+                    continue
+                outcome = self._run_partition(part, batch_size)
+            except Exception as exc:
                 self._discard_caches()
-        self._recover()
-        if not self._indexes_loaded:
-            self.covisitation, self.popularity = self.repository.load_indexes()
-            self._indexes_loaded = True
+                self._report(part, error=type(exc).__name__)
+                raise
+            self._report(part)
+            total.held = True
+            total.events += outcome.events
+            total.visitors += outcome.visitors
+            total.items += outcome.items
+            total.lag_s.extend(outcome.lag_s)
+            total.last_received_at = max(total.last_received_at, outcome.last_received_at)
+        AGGREGATOR_PARTITIONS_HELD.set(len(self.held_partitions()))
+        if total.held:
+            self.age_item_rows()
+        return total
+
+    def _balance(self) -> None:
+        """Take this process's share of the partitions: announce it, count the live aggregator processes,
+        give up partitions above the share (their next holder starts from what is stored), take free ones
+        up to it. Every lease_s / 3; a process that dies stops renewing and its partitions become free."""
+        if not self.lease_s or time.monotonic() - self._balanced_at < self.lease_s / 3:
+            return
+        self._balanced_at = time.monotonic()
+        members = self.repository.join_aggregators(self.holder, self.lease_s)
+        share = math.ceil(len(self.partitions) / members)
+        held = [part for part in self.partitions if part.held]
+        for part in held[share:]:
+            assert part.lease is not None
+            log.info("aggregator %s gives log %s up (share %d of %d)", self.holder, part.log, share, members)
+            part.lease.release()
+        for part in self.partitions:
+            if len(self.held_partitions()) >= share:
+                break
+            if part.lease is not None and not part.held and part.lease.hold():
+                log.info("aggregator %s holds the lease of log %s", self.holder, part.log)
+
+    def _renew_leases(self) -> None:
+        for part in self.partitions:
+            if part.lease is not None and part.lease.held:
+                part.lease.hold()
+
+    def _run_partition(self, part: Partition, batch_size: int) -> BatchOutcome:
+        self._recover(part)
         self.refresh_catalog()
-        self.age_item_rows()
-        cursor = self.repository.cursor(self.log)
-        entries = self.repository.read_log(cursor, batch_size)
+        cursor = self.repository.cursor(part.log)
+        read_at = wall_time()
+        entries = self.repository.read_log(cursor, batch_size, part.number)
+        label = str(part.number)
         if not entries:
-            self.backlog, self.lag_s = 0, 0.0
-            AGGREGATOR_BACKLOG.set(0)
-            AGGREGATOR_LAG.set(0.0)
+            part.backlog, part.lag_s = 0, 0.0
+            AGGREGATOR_BACKLOG.labels(label).set(0)
+            AGGREGATOR_LAG.labels(label).set(0.0)
             return BatchOutcome()
-        outcome = self.fold_entries(entries)
+        outcome = self.fold_entries(entries, part, read_at)
         # A full batch means more is waiting: the lag is then how long the newest folded event waited.
-        self.backlog = batch_size if len(entries) == batch_size else 0
-        self.lag_s = max(0.0, wall_time() - outcome.last_received_at) if self.backlog else 0.0
-        AGGREGATOR_BACKLOG.set(self.backlog)
-        AGGREGATOR_LAG.set(self.lag_s)
+        part.backlog = batch_size if len(entries) == batch_size else 0
+        part.lag_s = max(0.0, wall_time() - outcome.last_received_at) if part.backlog else 0.0
+        AGGREGATOR_BACKLOG.labels(label).set(part.backlog)
+        AGGREGATOR_LAG.labels(label).set(part.lag_s)
         return outcome
 
     def _discard_caches(self) -> None:
         """Forget everything held in memory that a failed batch may have changed; the store is the truth."""
-        self.item_cache.clear()
         self._item_digests.clear()
-        self._indexes_loaded = False
-        self.covisitation, self.popularity = CoVisitation(), ContextPopularity()
-        self._aged_hour = None  # the next sweep reloads recently active items
+        self._aged_hour = None  # the next sweep re-reads recently active items
 
-    def _decode(self, entries: Sequence[LogEntry]) -> list[tuple[str, float, Event]]:
+    def _decode(self, entries: Sequence[LogEntry], part: Partition) -> list[tuple[str, float, Event]]:
         """Decode the entries. An entry that failed `max_attempts` times (here or in the fold) is set aside as
         a dead letter; one that failed fewer times fails the batch again (after a backoff)."""
         decoded: list[tuple[str, float, Event]] = []
         failed: list[EntryFailed] = []
         for entry in entries:
-            if entry.position in self._dead:
+            if entry.position in part.dead:
                 continue
-            if self._attempts.get(entry.position, 0) >= self.max_attempts:
-                self._dead_letter(entry)
+            if part.attempts.get(entry.position, 0) >= self.max_attempts:
+                self._dead_letter(entry, part)
                 continue
             try:
                 received_at, event = open_envelope(entry.payload)
             except Exception as exc:  # a schema rollback, a corrupt payload: deterministic, never transient
-                failed.append(self._entry_failed(entry, exc))
-                if self._attempts[entry.position] >= self.max_attempts:
-                    self._dead_letter(entry)
+                failed.append(self._entry_failed(entry, exc, part))
+                if part.attempts[entry.position] >= self.max_attempts:
+                    self._dead_letter(entry, part)
                 continue
             decoded.append((entry.position, received_at, event))
-        retry = [error for error in failed if error.position not in self._dead]
+        retry = [error for error in failed if error.position not in part.dead]
         if retry:
             raise retry[0]
         return decoded
 
-    def _entry_failed(self, entry: LogEntry, exc: Exception) -> EntryFailed:
-        self._attempts[entry.position] = self._attempts.get(entry.position, 0) + 1
-        self._errors[entry.position] = f"{type(exc).__name__}: {exc}"[:500]
+    def _entry_failed(self, entry: LogEntry, exc: Exception, part: Partition) -> EntryFailed:
+        part.attempts[entry.position] = part.attempts.get(entry.position, 0) + 1
+        part.errors[entry.position] = f"{type(exc).__name__}: {exc}"[:500]
         log.warning(
-            "log entry %s failed (%d/%d): %s", entry.position, self._attempts[entry.position], self.max_attempts, exc
+            "log %s entry %s failed (%d/%d): %s",
+            part.log,
+            entry.position,
+            part.attempts[entry.position],
+            self.max_attempts,
+            exc,
         )
-        return EntryFailed(entry.position, self._errors[entry.position])
+        return EntryFailed(entry.position, part.errors[entry.position])
 
-    def _dead_letter(self, entry: LogEntry) -> None:
+    def _dead_letter(self, entry: LogEntry, part: Partition) -> None:
         record = {
-            "log": self.log,
+            "log": part.log,
             "position": entry.position,
-            "attempts": self._attempts.get(entry.position, 0),
-            "error": self._errors.get(entry.position, ""),
+            "attempts": part.attempts.get(entry.position, 0),
+            "error": part.errors.get(entry.position, ""),
             "payload_b64": base64.b64encode(entry.payload).decode(),
             "at": wall_time(),
         }
-        self.repository.save_dead_letter(self.log, entry.position, record)
-        self._dead.add(entry.position)
-        DEAD_LETTERS.inc()
+        self.repository.save_dead_letter(part.log, entry.position, record)
+        part.dead.add(entry.position)
+        DEAD_LETTERS.labels(str(part.number)).inc()
         log.error("log entry %s moved to the dead letters after %d attempts", entry.position, record["attempts"])
 
-    def fold_entries(self, entries: Sequence[LogEntry]) -> BatchOutcome:
-        """Fold the entries and commit their effect exactly once (see `services/profile/commit.py`), then
-        move the log's cursor past them. In-memory caches take the batch's changes only after that."""
-        decoded = self._decode(entries)
+    def fold_entries(self, entries: Sequence[LogEntry], part: Partition, read_at: float) -> BatchOutcome:
+        """Fold the entries of one partition and commit their effect exactly once (see
+        `services/profile/commit.py`), then move the partition's cursor past them."""
+        decoded = self._decode(entries, part)
         for _, _, event in decoded:
             self.clock.observe(event.ts)  # a DataClock (bulk import of history) follows the events
         latest_allowed = self.clock.now() + self.max_skew_s
@@ -368,10 +449,9 @@ class Aggregator:
         states = self.repository.visitor_states(visitor_ids)
         consents = self.repository.consents(visitor_ids)
         changed_consents: dict[str, Consent] = {}
-        item_ids = sorted({event.item_id for _, _, event in decoded if event.item_id} - set(self.item_cache))
-        if item_ids:
-            self.item_cache.update(self.repository.item_states(item_ids))  # as stored: no batch's effect yet
 
+        # What this batch adds to the records all partitions share, folded into empty ones (merged at commit).
+        covisitation, popularity = CoVisitation(), ContextPopularity()
         touched_visitors: dict[str, VisitorState] = {}
         touched_items: dict[str, ItemState] = {}
         offline: list[dict[str, Any]] = []
@@ -383,12 +463,12 @@ class Aggregator:
                     if changes:
                         merged = consents.get(event.visitor_id, Consent()).merged(changes, event.ts)
                         consents[event.visitor_id] = changed_consents[event.visitor_id] = merged
-                self._fold_item_side(position, event, touched_items)
+                self._fold_item_side(event, touched_items)
                 consent = consents.get(event.visitor_id, Consent())
                 if not consent.allows("personalization", self.consent_defaults):
                     continue  # no behavioural profile without consent (item statistics are anonymous)
                 state = states.get(event.visitor_id) or VisitorState(event.visitor_id)
-                if state.applied_position and position_key(position) <= position_key(state.applied_position):
+                if state.applied_position and position_order(position) <= position_order(state.applied_position):
                     continue  # folded before (a defence: the commit record already makes replays harmless)
                 previous_items = list(state.recent_items)
                 if not fold_visitor(state, event, self.catalog.get(event.item_id or "")):
@@ -396,13 +476,13 @@ class Aggregator:
                 state.applied_position = position
                 states[event.visitor_id] = touched_visitors[event.visitor_id] = state
                 received[event.visitor_id] = received_at
-                fold_indexes(self.covisitation, self.popularity, event, state, previous_items)
+                fold_indexes(covisitation, popularity, event, state, previous_items)
                 if self.offline_rows:
                     # Persona assignment (~0.1-0.3 ms) runs once per visitor and batch, for the online row; the
                     # history rows carry the persona known so far (the persona job re-assigns them nightly).
                     offline.append(self._row(state, event.ts, assign=False))
             except Exception as exc:  # this entry cannot be folded: after a few attempts it is set aside
-                raise self._entry_failed(LogEntry(position, b""), exc) from exc
+                raise self._entry_failed(LogEntry(position, b""), exc, part) from exc
 
         # Consent changed in this batch, merged into the stored records first (compare-and-set, the later choice
         # per purpose wins): a choice made through the API while this batch ran is kept, and decides below.
@@ -418,43 +498,37 @@ class Aggregator:
         if withdrawn:
             offline = [row for row in offline if row[F.VISITOR_KEY] not in set(withdrawn)]
         online = [self._row(state, state.last_seen) for state in touched_visitors.values()]
-        # Windows as of the clock (not the item's own last event: an item last sold months ago has sold nothing
-        # in the last 7 days; `age_item_rows` keeps them so as time passes); stamped with that time.
-        fold_now = max(self.clock.now(), max((s.last_ts for s in touched_items.values()), default=0.0))
-        item_rows = self._item_rows(touched_items, fold_now)
 
-        # 1. Feature rows: online rows are overwrites, offline part files are named after the batch's first
-        #    position, so folding the batch again after a failure replaces them.
-        part = f"{self.log}-{entries[0].position}"
-        self.repository.write_visitor_rows(online, offline, part)
-        self.repository.write_item_rows(item_rows, part)
+        # 1. Visitor feature rows (each visitor is in one partition: one writer): online rows are overwrites,
+        #    offline part files are named after the batch's first position, so folding the batch again after
+        #    a failure replaces them.
+        self.repository.write_visitor_rows(online, offline, f"{part.log}-{entries[0].position}")
         # 2. Every state write of the batch as one record, then applied (a failure from here on is repaired
         #    by applying the record again before the next batch).
         commit = BatchCommit(
-            self.log,
+            part.log,
             entries[0].position,
             entries[-1].position,
-            {
-                Namespace.VISITOR_STATE: {k: orjson.dumps(s) for k, s in touched_visitors.items()},
-                Namespace.ITEM_STATE: {k: orjson.dumps(s) for k, s in touched_items.items()},
-                **index_dumps(self.covisitation, self.popularity),
-            },
+            {Namespace.VISITOR_STATE: {k: orjson.dumps(s) for k, s in touched_visitors.items()}},
             {Namespace.VISITOR_STATE: self.retention_s} if self.retention_s else {},
             {},  # consents were merged into the stored records above (compare-and-set): never overwritten here
             withdrawn,
             sorted(touched_items),
+            {
+                Namespace.ITEM_STATE: {k: orjson.dumps(s) for k, s in touched_items.items()},
+                Namespace.COVISITATION: {k: orjson.dumps(covisitation.neighbours[k]) for k in covisitation.dirty},
+                Namespace.POPULARITY: {k: orjson.dumps(popularity.scores[k]) for k in popularity.dirty},
+            },
+            read_at,
         )
-        if self.lease is not None and not self.lease.hold():
-            raise LeaseLost(f"the lease of log {self.log} expired during the batch")
-        self.repository.save_commit_record(self.log, commit.to_bytes())
+        if part.lease is not None and not part.lease.hold():
+            raise LeaseLost(f"the lease of log {part.log} expired during the batch")
+        self.repository.save_commit_record(part.log, commit.to_bytes())
         self._finish(commit, [(position, event) for position, _, event in decoded])
-        # 3. Only now the caches take the batch's changes; failures counted so far are behind the cursor.
-        self._attempts.clear()
-        self._errors.clear()
-        self._dead.clear()
-        self.item_cache.update(touched_items)
-        self.covisitation.dirty.clear()
-        self.popularity.dirty.clear()
+        # 3. Failures counted so far are behind the cursor.
+        part.attempts.clear()
+        part.errors.clear()
+        part.dead.clear()
 
         now = wall_time()
         lags = [now - at for at in received.values()]
@@ -468,63 +542,84 @@ class Aggregator:
         """Apply a commit record (idempotent), run the observers (idempotent per event), move the cursor,
         drop the record. Also the recovery path for a record a failed run left behind."""
         store = self.repository.store
+        visitors = commit.values(Namespace.VISITOR_STATE)
+        # An erasure (in any process) since the batch was read wins: its visitors are not written back.
+        erased = set(self.repository.erased_since(sorted(visitors), commit.read_at)) if visitors else set()
         for namespace, values in commit.blobs.items():
-            store.put_many(namespace, values, commit.ttl(namespace))
+            kept = {k: v for k, v in values.items() if k not in erased}
+            store.put_many(namespace, kept, commit.ttl(namespace))
         if commit.consents:
             self.repository.save_consents({k: Consent.from_bytes(raw) for k, raw in commit.consents.items()})
-        if commit.withdrawn:
-            forget_profiles(store, self.repository.feature_store, commit.withdrawn)
+        # Checked again after the writes: an erasure that began after the check above deletes them itself, one
+        # that began before the writes is seen now (it marks the visitor before it deletes anything).
+        erased |= set(self.repository.erased_since(sorted(visitors), commit.read_at)) if visitors else set()
+        if commit.withdrawn or erased:
+            forget_profiles(store, self.repository.feature_store, sorted(set(commit.withdrawn) | erased))
+        # Records every partition adds to: this batch's share, once (compare-and-set with the log's marker).
+        merged_items: dict[str, ItemState] = {}
+        for namespace, deltas in commit.merges.items():
+            if not deltas:
+                continue
+            stored = self.repository.merge_shared(namespace, commit.log, commit.last, deltas)
+            if namespace == Namespace.ITEM_STATE:
+                merged_items = {k: ItemState.from_dict(orjson.loads(v)) for k, v in stored.items()}
+        # Item rows from the merged states (every partition's events), windows as of the clock (an item last
+        # sold months ago has sold nothing in the last 7 days; `age_item_rows` keeps them so as time passes).
+        fold_now = max(self.clock.now(), max((s.last_ts for s in merged_items.values()), default=0.0))
+        self.repository.write_item_rows(self._item_rows(merged_items, fold_now), f"{commit.log}-{commit.first}")
         self.item_changes.record(commit.changed_items, wall_time())  # after the rows: a reader then finds them
         if self.observers and batch:
             for observer in self.observers:
                 observer.observe(batch)
-        self.repository.set_cursor(commit.last, self.log)
-        self.repository.delete_commit_record(self.log)
+        self.repository.set_cursor(commit.last, commit.log)
+        self.repository.delete_commit_record(commit.log)
 
-    def _recover(self) -> None:
+    def _recover(self, part: Partition) -> None:
         """A commit record left by a failed or killed run: apply it before folding anything else."""
-        raw = self.repository.commit_record(self.log)
+        raw = self.repository.commit_record(part.log)
         if raw is None:
             return
         commit = BatchCommit.from_bytes(raw)
-        log.warning("re-applying the commit of log %s up to %s after a failure", self.log, commit.last)
+        log.warning("re-applying the commit of log %s up to %s after a failure", part.log, commit.last)
         batch: list[tuple[str, Event]] = []  # the batch's events again, for the observers
-        after = self.repository.cursor(self.log)
-        last = position_key(commit.last)
-        while entries := self.repository.read_log(after, 5000):
+        after = self.repository.cursor(part.log)
+        last = position_order(commit.last)
+        while entries := self.repository.read_log(after, 5000, part.number):
             for entry in entries:
-                if position_key(entry.position) > last:
+                if position_order(entry.position) > last:
                     break
                 try:
                     batch.append((entry.position, open_envelope(entry.payload)[1]))
                 except Exception:
                     log.info("log entry %s skipped: set aside as a dead letter", entry.position)
-            if position_key(entries[-1].position) >= last:
+            if position_order(entries[-1].position) >= last:
                 break
             after = entries[-1].position
         self._finish(commit, batch)
         self._discard_caches()  # the store moved on under the caches
 
-    def _report(self, error: str | None = None) -> None:
-        """Publish the aggregator's status for readiness (any process) at most once a second."""
+    def _report(self, part: Partition, error: str | None = None) -> None:
+        """Publish a partition's status for readiness (any process) at most once a second."""
         self.last_error = error
-        if self.lease is not None and not self.lease.held:
-            return  # a standby: the holder reports for the log
+        if not part.held:
+            return  # another process holds it and reports for it
         now = time.monotonic()
-        if error is None and now - self._reported_at < 1.0:
+        if error is None and now - part.reported_at < 1.0:
             return
-        self._reported_at = now
+        part.reported_at = now
         status = {
-            "log": self.log,
-            "holder": self.lease.holder if self.lease is not None else None,
-            "lag_s": round(self.lag_s, 3),
-            "backlog": self.backlog,
+            "log": part.log,
+            "partition": part.number,
+            "holder": self.holder if part.lease is not None else None,
+            "lag_s": round(part.lag_s, 3),
+            "backlog": part.backlog,
             "error": error,
             "at": wall_time(),
         }
         try:
-            self.repository.save_aggregator_status(self.log, status)
-            AGGREGATOR_DEAD_LETTERS.set(self.repository.dead_letter_count())
+            self.repository.save_aggregator_status(part.log, status)
+            counts = self.repository.dead_letter_counts()
+            AGGREGATOR_DEAD_LETTERS.labels(str(part.number)).set(counts.get(part.log, 0))
         except StorageUnavailable:
             pass  # the store is down: readiness reports that itself
 
@@ -538,20 +633,20 @@ class Aggregator:
         the data (bulk import) ages only when `force`d, once at the end: no time passes between its events."""
         if self.clock.follows_data and not force:
             return 0
+        if not force and not self.partitions[0].held:
+            return 0  # item rows are shared: the holder of partition 0 ages them
         now = self.clock.now()
         hour = int(now // HOUR)
         if hour == self._aged_hour and not force:
             return 0
-        if self._aged_hour is None:  # the first sweep also covers items folded before this process started
-            for state in self.repository.all_item_states():
-                if now - state.last_ts < AGE_AT_START_S:
-                    self.item_cache.setdefault(state.item_id, state)
-                    self._nonzero_rows.add(state.item_id)
+        # Read from the store: other partitions' aggregators add to the same items. The first sweep also covers
+        # items folded before this process started.
+        horizon = AGE_AT_START_S if self._aged_hour is None else ITEM_WINDOW_S + DAY
         self._aged_hour = hour
         warm = {
-            item_id: s
-            for item_id, s in self.item_cache.items()
-            if now - s.last_ts < ITEM_WINDOW_S or item_id in self._nonzero_rows
+            s.item_id: s
+            for s in self.repository.all_item_states()
+            if now - s.last_ts < horizon or s.item_id in self._nonzero_rows
         }
         rows = self._item_rows(warm, now, only_changed=True)
         if rows:
@@ -585,19 +680,14 @@ class Aggregator:
         row[F.TIMESTAMP_FIELD] = _utc(at)
         return row
 
-    def _fold_item_side(self, position: str, event: Event, touched: dict[str, ItemState]) -> None:
-        """Folds into the batch's own copy of the item state; the cache takes it after the commit."""
+    @staticmethod
+    def _fold_item_side(event: Event, touched: dict[str, ItemState]) -> None:
+        """Folds into the batch's share of the item's statistics (an empty state), merged into the stored
+        state at commit (`merge_item_state`): other partitions add to the same item meanwhile."""
         if not event.item_id:
             return
-        state = touched.get(event.item_id)
-        if state is None:
-            cached = self.item_cache.get(event.item_id)
-            state = cached.copy() if cached else ItemState(event.item_id)
-        applied = state.applied.get(self.log)
-        if applied and position_key(position) <= position_key(applied):
-            return  # already in the stored state
+        state = touched.get(event.item_id) or ItemState(event.item_id)
         if fold_item(state, event):
-            state.applied[self.log] = position
             touched[event.item_id] = state
 
 

@@ -297,15 +297,9 @@ class RecommendRepository:
 
     # -- training inputs ------------------------------------------------------------------------------
     def logged_events(self, batch: int = 20_000) -> Iterator[Event]:
-        """Every event in the durable log, in log order (streamed in batches)."""
-        after: str | None = None
-        while True:
-            entries = self.store.read_events(after, batch)
-            if not entries:
-                return
-            for entry in entries:
-                yield open_envelope(entry.payload)[1]
-            after = entries[-1].position
+        """Every event in the durable log, in log order across its partitions (streamed in batches)."""
+        for entry in self.store.iter_log(batch):
+            yield open_envelope(entry.payload)[1]
 
     def historical_visitor_rows(self, entity_df: pd.DataFrame, chunk: int = 100_000) -> pd.DataFrame:
         """Point-in-time visitor features and request-context features (Feast offline store, DuckDB).

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -30,10 +30,12 @@ import pytest
 import redis
 
 from services.common.auth import hash_key
-from services.common.storage import Namespace, RedisStore
+from services.common.settings import CommonSettings
+from services.common.storage import Namespace, RedisStore, partition_log
 from tests.conftest import RedisServer, SessionWorld, copy_keys, free_port, unique_name, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
+LOG_PARTITIONS: int = CommonSettings.model_fields["log_partitions"].default  # what the services run with
 SLOTS = [{"name": "home", "kind": "product", "count": 10}, {"name": "hero", "kind": "banner", "count": 1}]
 
 
@@ -309,16 +311,11 @@ def acknowledged_since(load: Load, since: float, at_least: int = 10) -> bool:
 
 
 def logged_event_ids(url: str, namespace: str) -> list[str]:
-    store = RedisStore(redis.Redis.from_url(url), namespace)
-    ids: list[str] = []
-    after: str | None = None
+    store = RedisStore(redis.Redis.from_url(url), namespace, LOG_PARTITIONS)
     try:
-        while entries := store.read_events(after, 5000):
-            ids += [orjson.loads(entry.payload)["event"]["event_id"] for entry in entries]
-            after = entries[-1].position
+        return [orjson.loads(entry.payload)["event"]["event_id"] for entry in store.iter_log()]
     finally:
         store.close()
-    return ids
 
 
 @pytest.mark.slow
@@ -512,7 +509,7 @@ def test_sigterm_under_load_completes_in_flight_requests(
 
 
 # ------------------------------------------------------------------------------------------------------
-# (d) Two aggregator processes for one log; the holder is killed mid-ingest
+# (d) Two aggregator processes share the partitioned log; one is killed mid-batch
 # ------------------------------------------------------------------------------------------------------
 
 
@@ -534,8 +531,12 @@ class AggregatorProcess:
                 stderr=subprocess.STDOUT,
             )
 
-    def took_lease(self) -> bool:
-        return "holds the lease" in self.log_path.read_text()
+    def holder(self) -> str | None:
+        """Its lease holder name, from the line it prints at start."""
+        for line in self.log_path.read_text().splitlines():
+            if line.startswith("aggregator ") and " on " in line:
+                return line.split()[1]
+        return None
 
     def stop(self, kill: bool = False) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -547,21 +548,27 @@ class AggregatorProcess:
 
 
 @pytest.mark.slow
-def test_two_aggregators_for_one_log_fold_it_once_and_the_standby_takes_over_a_killed_holder(
+def test_two_aggregator_processes_share_the_partitions_and_one_takes_over_when_the_other_is_killed(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    from services.profile.aggregations import ItemState, fold_item
+    """Two `selaras run aggregator` processes on a log of 4 partitions fold a burst concurrently (two
+    partitions each: item statistics and indexes are shared, so both add to the same items at once); one is
+    SIGKILLed while folding the next burst and the other takes its partitions over within the lease time.
+    Item totals and visitor totals equal the logged events exactly; nothing acknowledged is lost."""
+    from services.common.events import Event
     from services.profile.app import build_state
     from services.profile.settings import ProfileSettings
 
     namespace = unique_name("a")
+    lease_s = 2.0
     env = service_env(
         tmp_path / "data",
         redis_server.url,
         namespace,
         namespace,
-        PROFILE_AGGREGATOR_LEASE_S="2",
-        PROFILE_AGGREGATOR_BATCH="50",
+        PROFILE_AGGREGATOR_LEASE_S=str(lease_s),
+        PROFILE_AGGREGATOR_BATCH="100",
+        SELARAS_LOG_PARTITIONS="4",
     )
     settings = ProfileSettings(
         data_dir=tmp_path / "client",
@@ -569,70 +576,95 @@ def test_two_aggregators_for_one_log_fold_it_once_and_the_standby_takes_over_a_k
         namespace=namespace,
         feast_project=namespace,
         environment="test",
+        log_partitions=4,
     )
     client = build_state(settings)  # the ingest side only: its aggregator is never started
+    repository = client.repository
     processes = [AggregatorProcess(env, tmp_path / f"aggregator-{i}.log") for i in range(2)]
-    sent: list[Any] = []
+    visitors = [f"agg-visitor-{i}" for i in range(40)]
+    sent: list[Event] = []
+    start = client.clock.now() - 5
 
-    def send(batches: int) -> None:
-        from services.common.events import Event
-
-        for _ in range(batches):
+    def send(count: int) -> None:
+        """Acknowledged events (202's worth: `ingest` returned), every visitor and item in the mix."""
+        for _ in range(0, count, 200):
             n0 = len(sent)
-            now = datetime.now(UTC) - timedelta(seconds=5)
             events = [
                 Event.model_validate(
                     {
                         "event_id": f"agg-{n}",
-                        "visitor_id": f"agg-visitor-{n % 13}",
+                        "visitor_id": visitors[n % len(visitors)],
                         "type": ("product_view", "add_to_cart", "purchase")[n % 3],
                         "item_id": f"agg-item-{n % 17}",
-                        "timestamp": now.isoformat(),
+                        "timestamp": datetime.fromtimestamp(start + n * 0.001, UTC).isoformat(),
                         "price": 10_000,
                         "quantity": 1 + n % 2,
                     }
                 )
-                for n in range(n0, n0 + 40)
+                for n in range(n0, n0 + 200)
             ]
-            client.ingest.ingest(events)
+            assert client.ingest.ingest(events).accepted == len(events)
             sent.extend(events)
-            time.sleep(0.02)
 
     def folded() -> bool:
-        states = client.repository.visitor_states([f"agg-visitor-{i}" for i in range(13)])
-        return sum(s.event_count for s in states.values()) == len(sent)
+        states = repository.visitor_states(visitors)
+        return sum(s.event_count for s in states.values()) == len(sent) and not repository.unfolded_partitions()
+
+    def holders() -> list[str | None]:
+        return [repository.store.lease_holder(partition_log(p)) for p in range(4)]
 
     try:
         for process in processes:
             process.start()
-        send(50)
-        assert wait_for(lambda: any(p.took_lease() for p in processes), 90), "no aggregator took the lease"
-        assert wait_for(folded, 60)
-        holders = [p for p in processes if p.took_lease()]
-        assert len(holders) == 1, "both aggregators folded the log"
-        holder, standby = holders[0], next(p for p in processes if p is not holders[0])
+        assert wait_for(lambda: all(p.holder() for p in processes), 120), "the aggregators did not start"
+        names = {p.holder() for p in processes}
+        # Each takes its share: two partitions each, never one partition twice (one lease, one holder).
+        share = Counter(dict.fromkeys(names, 2))
+        assert wait_for(lambda: Counter(holders()) == share, 30), holders()
+        send(4000)
+        assert wait_for(folded, 120), "the burst was not folded"
+        assert Counter(holders()) == share, "both kept folding their share"
+        assert_exact(repository, sent)
 
-        # Kill the holder while events keep arriving and it is folding them; the standby takes over.
-        killer = threading.Timer(0.5, holder.stop, kwargs={"kill": True})
-        killer.start()
-        send(100)
-        killer.join()
-        assert wait_for(standby.took_lease, 30), "the standby did not take over"
-        assert wait_for(folded, 60), "events acknowledged after the kill were not folded"
-
-        expected: dict[str, ItemState] = {}
-        for event in sent:
-            fold_item(expected.setdefault(event.item_id, ItemState(event.item_id)), event)
-        stored = {s.item_id: s.buckets for s in client.repository.all_item_states()}
-        assert stored == {item_id: s.buckets for item_id, s in expected.items()}, "item totals differ from the log"
-        visitors = client.repository.visitor_states([f"agg-visitor-{i}" for i in range(13)])
-        assert {v: s.event_count for v, s in visitors.items()} == dict(Counter(e.visitor_id for e in sent))
-        assert client.repository.commit_record("aggregator") is None
+        # Kill one while it folds the next burst: the survivor takes its partitions over within the lease.
+        victim, survivor = processes
+        send(4000)
+        time.sleep(0.3)  # inside the burst's folding (batches of 100 take tens of ms each)
+        victims = {p for p, name in enumerate(holders()) if name == victim.holder()}
+        mid_burst = victims & set(repository.unfolded_partitions())
+        victim.stop(kill=True)
+        killed_at = time.monotonic()
+        assert mid_burst, "the victim had folded its share already: the kill was not mid-burst"
+        assert wait_for(lambda: set(holders()) == {survivor.holder()}, 3 * lease_s + 10), holders()
+        taken_over_s = time.monotonic() - killed_at
+        send(1000)  # acknowledged after the kill
+        assert wait_for(folded, 120), "events acknowledged around the kill were not folded"
+        assert_exact(repository, sent)
+        reapplied = "re-applying the commit" in survivor.log_path.read_text()
     finally:
         for process in processes:
             process.stop(kill=True)
-        client.repository.close()
-    print(f"\ntwo aggregators: {len(sent)} events folded exactly once across a SIGKILL of the lease holder")
+        repository.close()
+    print(
+        f"\ntwo aggregators on 4 partitions: {len(sent)} events folded exactly once; the survivor held all "
+        f"partitions {taken_over_s:.1f} s after the SIGKILL (lease {lease_s} s); it re-applied a commit record "
+        f"left by the killed one: {reapplied}"
+    )
+
+
+def assert_exact(repository: Any, sent: Sequence[Any]) -> None:
+    """Item totals and visitor totals equal the logged events; no batch is left half-applied."""
+    from services.profile.aggregations import ItemState, fold_item
+
+    expected: dict[str, ItemState] = {}
+    for event in sent:
+        fold_item(expected.setdefault(event.item_id, ItemState(event.item_id)), event)
+    stored = {s.item_id: s.buckets for s in repository.all_item_states()}
+    assert stored == {item_id: s.buckets for item_id, s in expected.items()}, "item totals differ from the log"
+    visitors = repository.visitor_states(sorted({e.visitor_id for e in sent}))
+    assert {v: s.event_count for v, s in visitors.items()} == dict(Counter(e.visitor_id for e in sent))
+    assert all(repository.commit_record(partition_log(p)) is None for p in range(repository.partitions))
+    assert repository.store.log_length() == len(sent), "an acknowledged event is missing from the log"
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -170,12 +170,26 @@ def test_store_keeps_the_log_and_its_idempotency_keys_in_one_slot(redis_cluster:
         again = store.append_events([*events[:20], PendingEvent("new", "v1", b"payload-new")])
         assert (first.accepted, first.duplicates) == (50, 0)
         assert (again.accepted, again.duplicates, again.accepted_ids) == (1, 20, ("new",))
-        assert [e.payload for e in store.read_events(None, 100)][-1] == b"payload-new"
+        assert [e.payload for e in store.read_events(None, 100, store.partition_of("v1"))][-1] == b"payload-new"
         assert store.log_length() == 51
 
         client = store.client
-        slots = {client.keyslot(store.stream_key)} | {client.keyslot(store._seen_key(e.event_id)) for e in events}
-        assert len(slots) == 1, "the append script's keys must share one slot"
+        for partition in range(store.partitions):
+            mine = [e for e in events if store.partition_of(e.visitor_id) == partition]
+            slots = {client.keyslot(store.stream_of(partition))} | {
+                client.keyslot(store._seen_key(e.event_id, partition)) for e in mine
+            }
+            assert len(slots) == 1, "the append script's keys (one partition's) must share one slot"
+        partition_slots = {client.keyslot(store.stream_of(p)) for p in range(store.partitions)}
+        assert len(partition_slots) == store.partitions, "each partition is its own slot (spread over the nodes)"
+
+        # Shared records merged across slots: each key with its applied marker, added once.
+        def add_once(key: str, value: bytes | None, marker: bytes | None) -> tuple[bytes, bytes] | None:
+            return None if marker else (str(int(value or b"0") + 1).encode(), b"done")
+
+        keys = [f"m{i}" for i in range(40)]
+        store.merge_many("shared", keys, add_once)
+        assert store.merge_many("shared", keys, add_once) == {k: b"1" for k in keys}
 
         # Blobs are spread over the masters; multi-key reads, writes and deletes still work across slots.
         values = {f"k{i}": f"v{i}".encode() for i in range(200)}
@@ -185,8 +199,8 @@ def test_store_keeps_the_log_and_its_idempotency_keys_in_one_slot(redis_cluster:
         assert dict(store.scan(Namespace.META)) == values
         assert store.delete(Namespace.META, list(values)[:50]) == 50
         assert store.get_many(Namespace.META, ["k0", "k199"]) == [None, b"v199"]
-        store.forget_event_ids(["e0", "e1"])
-        assert store.append_events(events[:2]).accepted == 2
+        store.forget_event_ids(["e0", "e7"], "v0")
+        assert store.append_events([events[0], events[7]]).accepted == 2
     finally:
         store.close()
 

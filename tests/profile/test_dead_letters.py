@@ -70,13 +70,22 @@ def test_poison_entries_go_to_the_dead_letters_and_the_aggregator_moves_on(
         assert ready.status_code == 200
         assert ready.json()["dead_letters"] == 2
         assert ready.json()["aggregator_lag_s"] == 0.0
+        # Per partition, labelled by number: each poison entry is in its visitor's partition.
+        expected = Counter(str(state.repository.store.partition_of(p.visitor_id)) for p in POISON)
+        by_partition = {p: n for p, n in ready.json()["dead_letters_by_partition"].items() if n}
+        assert by_partition == dict(expected)
 
-        def metric(name: str) -> float | None:
+        def metric(name: str) -> dict[str, float]:
+            """The metric's value per partition label."""
+            values = {}
             for line in client.get("/metrics").text.splitlines():
-                if line.startswith(name + " "):
-                    return float(line.split()[1])
-            return None
+                if line.startswith(name + "{"):
+                    values[line.split('partition="')[1].split('"')[0]] = float(line.split()[1])
+            return values
 
-        assert wait_for(lambda: metric("selaras_aggregator_dead_letters_stored") == 2.0, 5)
-        assert (metric("selaras_aggregator_dead_letters_total") or 0) >= 2
-        assert metric("selaras_aggregator_lag_seconds") == 0.0
+        def stored_dead_letters() -> dict[str, float]:
+            return {p: n for p, n in metric("selaras_aggregator_dead_letters_stored").items() if n}
+
+        assert wait_for(lambda: stored_dead_letters() == {p: float(n) for p, n in expected.items()}, 5)
+        assert sum(metric("selaras_aggregator_dead_letters_total").values()) >= 2
+        assert set(metric("selaras_aggregator_lag_seconds").values()) == {0.0}

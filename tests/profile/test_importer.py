@@ -79,7 +79,7 @@ def run_cli(args: list[str]) -> tuple[int, str]:
 def wait_until_folded(repository: ProfileRepository, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not repository.read_log(repository.cursor(), 1):
+        if not repository.unfolded_partitions():
             return
         time.sleep(0.05)
     raise AssertionError("the aggregator did not catch up")

@@ -221,7 +221,7 @@ def test_erasure_removes_the_visitor_everywhere_and_from_later_training(
     assert repository.visitor_states([ERASED]) == {}
     tombstone = repository.consents([ERASED])[ERASED]  # the proof of the request: every purpose refused
     assert set(tombstone.given) == set(PURPOSES) and not any(tombstone.given.values())
-    assert any(MENTION.encode() in entry.payload for entry in repository.store.read_events(None, 10_000))
+    assert any(MENTION.encode() in entry.payload for entry in repository.store.iter_log())
     assert online_rows(repository.feature_store, F.VISITOR_VIEW, [ERASED])[0]["event_count"] is None
     history_ids = pq.read_table(shop.settings.offline_dir / F.VISITOR_VIEW, columns=[F.VISITOR_KEY])
     assert ERASED not in set(history_ids[F.VISITOR_KEY].to_pylist())
