@@ -23,13 +23,13 @@ from typing import Any, cast
 
 import numpy as np
 
+from services.offline.metrics import hit_at, ndcg_at
 from services.profile.aggregations import SegmentRules
 from services.profile.sequences import Histories, catalog_items
 from services.recommend.catalog_cache import catalog_arrays
 from services.recommend.history_training import FoldedWorld, catalog_info, fold_world, seen_filter
 from services.recommend.item2item import STRATEGIES, neighbours
 from services.recommend.ranker import RankerModel
-from services.recommend.ranking_metrics import hit_at, ndcg_at
 from services.recommend.repository import RecommendRepository
 from services.recommend.rules import RuleContext
 from services.recommend.schemas import SlotFilters, SlotRequest
