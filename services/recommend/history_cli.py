@@ -71,7 +71,7 @@ def train_on_histories_file(file: Path, attributes: Path | None, data_dir: Path,
     meta = replace(model.meta, version=f"{model.meta.version}-{int(made)}", created_at=made)
     repository = RecommendRepository.open(settings)
     try:
-        repository.save_model(text, meta)
+        repository.save_model(text, meta, model.embeddings.to_bytes() if model.embeddings else None)
     finally:
         repository.close()
     console.print(f"model {meta.version} saved: {metrics}")

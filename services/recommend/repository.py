@@ -138,17 +138,18 @@ class RecommendRepository:
         return {int(p["persona_id"]): str(p.get("name_en", "")) for p in data.get("personas", [])}
 
     # -- models -----------------------------------------------------------------------------------
-    def save_model(self, model_text: bytes, meta: ModelMeta) -> None:
+    def save_model(self, model_text: bytes, meta: ModelMeta, embeddings: bytes | None = None) -> None:
+        """`embeddings`: the item embeddings learned with the ranker (ItemEmbeddings.to_bytes), if any."""
         # The digest lets a loader tell a damaged text from a whole one before LightGBM parses it.
         digest = hashlib.sha256(model_text).hexdigest().encode()
-        self.store.put_many(
-            Namespace.META,
-            {
-                f"model:{meta.version}:text": model_text,
-                f"model:{meta.version}:sha256": digest,
-                f"model:{meta.version}:meta": meta.to_json(),
-            },
-        )
+        records = {
+            f"model:{meta.version}:text": model_text,
+            f"model:{meta.version}:sha256": digest,
+            f"model:{meta.version}:meta": meta.to_json(),
+        }
+        if embeddings is not None:
+            records[f"model:{meta.version}:embeddings"] = embeddings
+        self.store.put_many(Namespace.META, records)
         self.store.put(Namespace.META, f"model:{LATEST_MODEL_KEY}", meta.version.encode())
 
     def model_versions(self) -> list[ModelMeta]:
@@ -165,6 +166,9 @@ class RecommendRepository:
 
     def model_text(self, version: str) -> bytes | None:
         return self.store.get(Namespace.META, f"model:{version}:text")
+
+    def model_embeddings(self, version: str) -> bytes | None:
+        return self.store.get(Namespace.META, f"model:{version}:embeddings")
 
     def model_digest(self, version: str) -> str | None:
         """The sha256 stored with the model (None for models saved before digests were kept)."""

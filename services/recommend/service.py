@@ -39,6 +39,7 @@ from services.recommend.catalog_cache import (
     catalog_arrays,
 )
 from services.recommend.exploration import exploration_for, explore
+from services.recommend.item_embeddings import ItemEmbeddings
 from services.recommend.ranker import (
     IncompatibleModel,
     RankerModel,
@@ -232,6 +233,8 @@ class RecommendService:
                 try:
                     verify_model_text(text, self.repository.model_digest(meta.version))
                     model = RankerModel.from_bytes(text, meta, self.settings.data_dir / "compiled-models")
+                    embeddings = self.repository.model_embeddings(meta.version)
+                    model.embeddings = ItemEmbeddings.from_bytes(embeddings) if embeddings else None
                 except IncompatibleModel as exc:
                     self.skipped_models[meta.version] = str(exc)
                     log.warning("skipping incompatible model: %s", exc)
@@ -450,7 +453,10 @@ class RecommendService:
         )
         stage = time.perf_counter()
         if slot.kind is ItemKind.PRODUCT:
-            candidates = self.generator.products(snapshot, visitor, keys, filters, personalized=model is not None)
+            embeddings = model.embeddings if model else None
+            candidates = self.generator.products(
+                snapshot, visitor, keys, filters, personalized=model is not None, embeddings=embeddings
+            )
         else:
             candidates = self.generator.creatives(snapshot, slot.kind, filters)
             allowed = np.array(
