@@ -160,6 +160,7 @@ ABLATION_STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("+ co-visitation (order-aware next item) and cart", ("covisitation", "cart")),
     ("+ two steps ahead", ("two_step",)),
     ("+ shared specific tags (attribute neighbours)", ("shared_tags",)),
+    ("+ item embeddings (SVD of the visitor x item matrix)", ("embedding",)),
 )
 
 

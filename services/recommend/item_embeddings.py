@@ -140,7 +140,9 @@ class ItemEmbeddings:
             used = True
         if not used or not query.any():
             return None
-        values = vectors @ query
+        # einsum, not BLAS: one plain loop on the request's thread. OpenBLAS spreads a matrix-vector product
+        # over its own threads, which on a busy machine waited for a free core (22 ms instead of 0.3).
+        values = np.einsum("ij,j->i", vectors, query)
         k = min(top, len(values))
         best = np.sort(np.argpartition(-values, k - 1)[:k]) if k else np.zeros(0, dtype=np.int64)
         return EmbeddingScores((best.astype(np.int64), values[best].astype(np.float64)), query, last, vectors)
