@@ -318,6 +318,8 @@ def _reason(
         return f"you like {brand}"
     if name in ("x_covisitation", "x_last_item_transition", "x_two_step") and value > 0 and recent_titles:
         return f"often chosen after {recent_titles[0]}"
+    if name in ("x_embedding", "x_embedding_last") and value > 0 and recent_titles:
+        return f"chosen by people who chose {recent_titles[0]}"
     if name == "x_shared_tags" and value > 0 and recent_titles:
         return f"like {recent_titles[0]}"
     if name == "x_recently_viewed" and value > 0:

@@ -7,9 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from services.common import features as F
 from services.recommend.candidates import CandidateGenerator, Filters, VisitorVector
 from services.recommend.catalog_cache import build_snapshot
 from services.recommend.item_embeddings import EmbeddingFileError, ItemEmbeddings
+from services.recommend.ranker import explain_item
 from tests.factories import BASE_TIME, make_item
 
 
@@ -104,3 +106,13 @@ def test_a_catalog_of_100000_items_is_served_without_an_items_by_items_matrix() 
     assert scores is not None
     assert len(scores.top[0]) == 320
     assert embeddings.aligned(snapshot).nbytes == n_items * 16 * 4  # items x dim, never items x items
+
+
+def test_an_item_ranked_up_by_its_embedding_score_is_explained_by_the_last_item() -> None:
+    contributions = np.zeros(len(F.RANKER_FEATURES))
+    contributions[F.RANKER_FEATURES.index("x_embedding")] = 0.8
+    row = np.zeros(len(F.RANKER_FEATURES))
+    row[F.RANKER_FEATURES.index("x_embedding")] = 0.3
+    visitor = VisitorVector.from_row("v", {"event_count": 1, "recent_items": ["a1"]})
+    reasons = explain_item(contributions, row, "Kite", None, None, visitor, 0, ["Ball"], "today", "embedding")
+    assert reasons == ["chosen by people who chose Ball"]
