@@ -174,6 +174,11 @@ RANKER_FEATURES: Final[tuple[str, ...]] = (
     "x_two_step",
     "x_shared_tags",
     "x_generator",
+    # item embeddings of the serving model (services/recommend/item_embeddings.py): score from the last items,
+    # its rank among the candidates, similarity to the very last item
+    "x_embedding",
+    "x_embedding_rank",
+    "x_embedding_last",
 )
 PERSONAL_FEATURE_PREFIXES: Final = ("v_", "x_")
 CATEGORICAL_FEATURES: Final = (

@@ -18,7 +18,7 @@ whole process on some damaged model strings).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
@@ -127,13 +127,22 @@ class ModelRegistry:
         return ModelIndex.from_json(kind, self.store.get(Namespace.MODELS, f"{kind}:index"))
 
     def publish(
-        self, kind: ModelKind, version: str, blob: bytes, created_at: float, meta: bytes | None = None
+        self,
+        kind: ModelKind,
+        version: str,
+        blob: bytes,
+        created_at: float,
+        meta: bytes | None = None,
+        companions: Mapping[str, bytes] | None = None,
     ) -> ModelIndex:
         """Store a version and make it the newest. Blobs are written before the index names them, so a
-        watcher never sees a version it cannot read; publishing a version again replaces it."""
+        watcher never sees a version it cannot read; publishing a version again replaces it. `companions`:
+        named blobs that belong to the version (the ranker's item embeddings), read with `companion`."""
         values = {f"{kind}:{version}": blob}
         if meta is not None:
             values[f"{kind}:{version}:meta"] = meta
+        for name, companion in (companions or {}).items():
+            values[f"{kind}:{version}:{name}"] = companion
         self.store.put_many(Namespace.MODELS, values)
         entry = ModelVersion(version, created_at, hashlib.sha256(blob).hexdigest())
 
@@ -169,6 +178,9 @@ class ModelRegistry:
         if hashlib.sha256(raw).hexdigest() != entry.sha256:
             raise DamagedModel(f"{kind} model {version} does not match its published sha256")
         return raw
+
+    def companion(self, kind: ModelKind, version: str, name: str) -> bytes | None:
+        return self.store.get(Namespace.MODELS, f"{kind}:{version}:{name}")
 
     def metas(self, kind: ModelKind, versions: Sequence[str]) -> list[bytes | None]:
         return self.store.get_many(Namespace.MODELS, [f"{kind}:{v}:meta" for v in versions])

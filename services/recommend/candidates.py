@@ -1,6 +1,7 @@
 """Stage one: candidate generators over the in-memory indexes (a few hundred items, in about a millisecond).
 
-Generators: co-visitation of recently viewed items, the visitor's affine categories and brands, trending in
+Generators: co-visitation of recently viewed items, item embeddings of the recent items (the model's, when it
+ships them: services/recommend/item_embeddings.py), the visitor's affine categories and brands, trending in
 context (city × part of day, device), new arrivals, and complements of cart items. Training uses the very
 same generators with point-in-time inputs, so the ranker learns on the candidate distribution it serves.
 """
@@ -18,6 +19,7 @@ from services.common.context import daypart, local_time, zone_for
 from services.common.features import as_number
 from services.common.indexes import GLOBAL_CONTEXT
 from services.recommend.catalog_cache import KIND_CODES, ItemSnapshot, category_code
+from services.recommend.item_embeddings import EmbeddingScores, ItemEmbeddings
 from services.recommend.next_item import NextItemScores, next_item_scores
 
 SOURCES = (
@@ -30,10 +32,12 @@ SOURCES = (
     "popular",
     "two_step",
     "shared_tags",
+    "embedding",
 )
 
 
 PER_SOURCE = 80  # the base budget of one generator (some take multiples or fractions of it)
+EMBEDDING_BUDGET = 2  # multiples of PER_SOURCE
 
 
 @dataclass(frozen=True)
@@ -119,8 +123,10 @@ class CandidateGenerator:
         context_keys: Sequence[str],
         filters: Filters,
         personalized: bool = True,
+        embeddings: ItemEmbeddings | None = None,
     ) -> CandidateSet:
-        """Union of the generators in priority order, deduplicated, at most `max_candidates` (vectorised)."""
+        """Union of the generators in priority order, deduplicated, at most `max_candidates` (vectorised).
+        `embeddings`: the serving model's item embeddings (None: that generator and its columns are absent)."""
         eligible = self._eligible_mask(snapshot, filters, KIND_CODES[ItemKind.PRODUCT])
         parts: list[np.ndarray] = []
         labels: list[int] = []
@@ -135,10 +141,15 @@ class CandidateGenerator:
                 labels.append(SOURCES.index(source))
 
         scores = NextItemScores()
+        embedded: EmbeddingScores | None = None
         if personalized and visitor.known:
             scores = next_item_scores(snapshot, visitor.recent_items, per_source)
-            # Budgets: what comes next first, then what comes two steps later, then items sharing tags.
+            embedded = _embedding_scores(embeddings, snapshot, visitor, per_source)
+            # Budgets: what comes next first, then items liked by similar visitors, what comes two steps
+            # later, then items sharing tags.
             add(scores.ranked("next_item"), "covisitation", 2 * per_source)
+            if embedded is not None:
+                add(embedded.ranked(), "embedding", EMBEDDING_BUDGET * per_source)
             add(scores.ranked("two_step"), "two_step", 2 * per_source)
             add(scores.ranked("shared_tags"), "shared_tags", per_source + per_source // 4)
             for item_id in visitor.cart_items:
@@ -165,7 +176,7 @@ class CandidateGenerator:
         _, first = np.unique(every, return_index=True)
         keep = np.sort(first)[: self.max_candidates]  # first occurrence wins: generator priority order
         idx = every[keep]
-        signals = scores.columns(idx)
+        signals = scores.columns(idx) | _embedding_columns(embedded, idx)
         signals["x_generator"] = source_codes[keep].astype(np.float64)
         return CandidateSet(
             idx=idx,
@@ -174,11 +185,18 @@ class CandidateGenerator:
             signals=signals,
         )
 
-    def signals(self, snapshot: ItemSnapshot, visitor: VisitorVector, idx: np.ndarray) -> dict[str, np.ndarray]:
+    def signals(
+        self,
+        snapshot: ItemSnapshot,
+        visitor: VisitorVector,
+        idx: np.ndarray,
+        embeddings: ItemEmbeddings | None = None,
+    ) -> dict[str, np.ndarray]:
         """The ranker's candidate columns for rows chosen elsewhere (logged impressions): no generator proposed
         them, so `x_generator` is missing."""
         scores = next_item_scores(snapshot, visitor.recent_items, self.per_source) if visitor.known else None
-        signals = (scores or NextItemScores()).columns(idx)
+        embedded = _embedding_scores(embeddings, snapshot, visitor, self.per_source) if visitor.known else None
+        signals = (scores or NextItemScores()).columns(idx) | _embedding_columns(embedded, idx)
         signals["x_generator"] = np.full(len(idx), np.nan)
         return signals
 
@@ -215,3 +233,22 @@ def eligible_products(snapshot: ItemSnapshot, filters: Filters) -> np.ndarray:
     """Available products passing a slot's filters (a mask over snapshot rows): the eligibility of candidates
     chosen outside the generators (item-to-item neighbours, a shop's own list)."""
     return CandidateGenerator._eligible_mask(snapshot, filters, KIND_CODES[ItemKind.PRODUCT])
+
+
+def _embedding_scores(
+    embeddings: ItemEmbeddings | None, snapshot: ItemSnapshot, visitor: VisitorVector, per_source: int
+) -> EmbeddingScores | None:
+    if embeddings is None or not visitor.recent_items:
+        return None
+    # More than the budget: the visitor's own items score high and are filtered out as seen.
+    return embeddings.scores(snapshot, visitor.recent_items, (EMBEDDING_BUDGET + 2) * per_source)
+
+
+def _embedding_columns(embedded: EmbeddingScores | None, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """The embedding columns (missing, NaN, without embeddings: not the same as a score of 0)."""
+    if embedded is None:
+        return {name: np.full(len(idx), np.nan) for name in EMBEDDING_COLUMNS}
+    return embedded.columns(idx)
+
+
+EMBEDDING_COLUMNS = ("x_embedding", "x_embedding_rank", "x_embedding_last")

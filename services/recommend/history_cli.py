@@ -76,7 +76,7 @@ def train_on_histories_file(file: Path, attributes: Path | None, data_dir: Path,
     meta = replace(model.meta, version=f"{model.meta.version}-{int(made)}", created_at=made)
     repository = RecommendRepository.open(settings)
     try:
-        repository.save_model(text, meta)
+        repository.save_model(text, meta, model.embeddings.to_bytes() if model.embeddings else None)
     finally:
         repository.close()
     console.print(f"model {meta.version} saved: {metrics}")
@@ -165,6 +165,7 @@ ABLATION_STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("+ co-visitation (order-aware next item) and cart", ("covisitation", "cart")),
     ("+ two steps ahead", ("two_step",)),
     ("+ shared specific tags (attribute neighbours)", ("shared_tags",)),
+    ("+ item embeddings (SVD of the visitor x item matrix)", ("embedding",)),
 )
 
 

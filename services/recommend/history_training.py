@@ -25,6 +25,7 @@ from services.profile.bulk_fold import FoldedHistory, fold_history
 from services.profile.sequences import SYNTHETIC_STEP_S, Histories, catalog_items, purchase_events
 from services.recommend.candidates import SOURCES, CandidateGenerator, Filters, VisitorVector, context_keys_for
 from services.recommend.catalog_cache import CatalogArrays, ItemSnapshot, build_snapshot, catalog_arrays
+from services.recommend.item_embeddings import ItemEmbeddings
 from services.recommend.ranker import ModelMeta, RankerModel, feature_matrix
 from services.recommend.training import TrainConfig, TrainingSet, fit_ranker, ranker_params
 
@@ -93,6 +94,9 @@ def train_on_histories(
         users = sorted(rng.choice(users, config.max_queries, replace=False).tolist())
     report("folding the histories", 0.0)
     world = fold_world(histories.truncated(1), arrays, catalog_info(items), rules)
+    report("learning item embeddings", 0.0)
+    # Queries see embeddings learned without their answers; the served model gets them learned on everything.
+    embeddings = ItemEmbeddings.fit(world.histories.sequences) if "embedding" in sources else None
     generator = CandidateGenerator(max_candidates, sources=sources)
     context, keys = world.context()
     valid_every = max(round(1 / config.validation_fraction), 2) if config.validation_fraction > 0 else 0
@@ -101,7 +105,9 @@ def train_on_histories(
         user, sequence = histories.users[u], histories.sequences[u]
         target = world.snapshot.index.get(sequence[-1])
         visitor = world.visitor(user)
-        candidates = generator.products(world.snapshot, visitor, keys, seen_filter(sequence[:-1]))
+        candidates = generator.products(
+            world.snapshot, visitor, keys, seen_filter(sequence[:-1]), embeddings=embeddings
+        )
         if target is None or not len(candidates.idx):
             continue
         grades = (candidates.idx == target).astype(np.float64)
@@ -142,7 +148,10 @@ def train_on_histories(
     )
     text = booster.model_to_string().encode()
     # Loaded the way the service loads a saved model (compatibility check, one long-lived predictor).
-    return RankerModel.from_bytes(text, meta), text, metrics
+    model = RankerModel.from_bytes(text, meta)
+    if embeddings is not None:
+        model.embeddings = ItemEmbeddings.fit(histories.sequences)
+    return model, text, metrics
 
 
 class _Groups:

@@ -20,6 +20,7 @@ from services.common.catalog import Targeting
 from services.common.feature_store import file_lock
 from services.recommend.candidates import VisitorVector
 from services.recommend.catalog_cache import CATEGORY_CODES, ItemColumns, category_code
+from services.recommend.item_embeddings import ItemEmbeddings
 
 log = logging.getLogger(__name__)
 FEATURE_INDEX = {name: i for i, name in enumerate(F.RANKER_FEATURES)}
@@ -218,6 +219,9 @@ def compile_native(model_text: bytes, version: str, cache_dir: Path) -> Any | No
 class RankerModel:
     booster: lgb.Booster
     meta: ModelMeta
+    # Item embeddings learned with the ranker (its x_embedding* columns), saved and loaded with it; None for
+    # a model trained without them (the embedding generator is then absent).
+    embeddings: ItemEmbeddings | None = None
     _predictor: Any = None
     _native: Any = None
 
@@ -314,6 +318,8 @@ def _reason(
         return f"you like {brand}"
     if name in ("x_covisitation", "x_last_item_transition", "x_two_step") and value > 0 and recent_titles:
         return f"often chosen after {recent_titles[0]}"
+    if name in ("x_embedding", "x_embedding_last") and value > 0 and recent_titles:
+        return f"chosen by people who chose {recent_titles[0]}"
     if name == "x_shared_tags" and value > 0 and recent_titles:
         return f"like {recent_titles[0]}"
     if name == "x_recently_viewed" and value > 0:

@@ -178,8 +178,12 @@ class RecommendRepository:
         return {int(p["persona_id"]): str(p.get("name_en", "")) for p in data.get("personas", [])}
 
     # -- models (stored by the one model registry, services/common/models.py) ----------------------------
-    def save_model(self, model_text: bytes, meta: ModelMeta) -> None:
-        self.models.publish(ModelKind.RANKER, meta.version, model_text, meta.created_at, meta=meta.to_json())
+    def save_model(self, model_text: bytes, meta: ModelMeta, embeddings: bytes | None = None) -> None:
+        """`embeddings`: the item embeddings learned with the ranker (ItemEmbeddings.to_bytes), if any."""
+        companions = {"embeddings": embeddings} if embeddings is not None else {}
+        self.models.publish(
+            ModelKind.RANKER, meta.version, model_text, meta.created_at, meta=meta.to_json(), companions=companions
+        )
 
     def model_index(self) -> ModelIndex:
         return self.models.index(ModelKind.RANKER)
@@ -199,6 +203,9 @@ class RecommendRepository:
     def model_text(self, version: str, index: ModelIndex | None = None) -> bytes | None:
         """The model text, checked against its published sha256 (DamagedModel when it does not match)."""
         return self.models.blob(ModelKind.RANKER, version, index)
+
+    def model_embeddings(self, version: str) -> bytes | None:
+        return self.models.companion(ModelKind.RANKER, version, "embeddings")
 
     # -- recommendations and impressions --------------------------------------------------------------
     def save_recommendation(self, recommendation_id: str, record: Mapping[str, Any], ttl_s: int) -> None:

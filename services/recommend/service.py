@@ -44,6 +44,7 @@ from services.recommend.catalog_cache import (
 )
 from services.recommend.exploration import exploration_for, explore
 from services.recommend.item2item import PER_ANCHOR, Strategy, neighbours
+from services.recommend.item_embeddings import ItemEmbeddings
 from services.recommend.ranker import (
     IncompatibleModel,
     RankerModel,
@@ -301,7 +302,10 @@ class RecommendService:
                 self.skipped_models[version] = "not found"
                 return None
             verify_model_text(text)
-            return RankerModel.from_bytes(text, meta, self.settings.data_dir / "compiled-models")
+            model = RankerModel.from_bytes(text, meta, self.settings.data_dir / "compiled-models")
+            embeddings = self.repository.model_embeddings(version)
+            model.embeddings = ItemEmbeddings.from_bytes(embeddings) if embeddings else None
+            return model
         except IncompatibleModel as exc:
             self.skipped_models[version] = str(exc)
             log.warning("skipping incompatible model: %s", exc)
@@ -684,7 +688,10 @@ class RecommendService:
             return self._given_candidates(slot, rank, filters)
         if slot.kind is ItemKind.PRODUCT:
             personalized = rank.model is not None
-            return SlotCandidates(self.generator.products(snapshot, rank.visitor, rank.keys, filters, personalized))
+            embeddings = rank.model.embeddings if rank.model else None
+            return SlotCandidates(
+                self.generator.products(snapshot, rank.visitor, rank.keys, filters, personalized, embeddings=embeddings)
+            )
         candidates = self.generator.creatives(snapshot, slot.kind, filters)
         allowed = np.array(
             [targeting_allows(snapshot.targeting.get(int(i)), rank.rules) for i in candidates.idx], dtype=bool

@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 from services.cli import app as cli
 from services.profile.sequences import Histories, read_histories
 from services.recommend.history_eval import PIPELINE, evaluate_histories
+from services.recommend.item_embeddings import ItemEmbeddings
+from services.recommend.repository import RecommendRepository
 from services.recommend.settings import RecommendSettings
 from services.recommend.training import TrainConfig
 
@@ -93,6 +95,28 @@ def test_ablation_adds_generators_one_at_a_time(histories: tuple[Path, Histories
     result = CliRunner().invoke(cli, args, env={"RECOMMEND_MAX_CANDIDATES": "20"}, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     rows = [line for line in report.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(rows) == 4
+    assert len(rows) == 5  # the last step adds the item embeddings
     recalls = [float(row.split("|")[2]) for row in rows]
     assert recalls[1] > recalls[0]  # the next-item generator finds what popularity and categories miss
+
+
+def test_train_with_histories_saves_the_item_embeddings_with_the_model(
+    histories: tuple[Path, Histories], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, loaded = histories
+    monkeypatch.delenv("REDIS_URL", raising=False)  # the embedded store under --data-dir
+    monkeypatch.delenv("SELARAS_REDIS_URL", raising=False)
+    args = ["train", "--histories", str(folder / "Walk.txt"), "--data-dir", str(tmp_path)]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    repository = RecommendRepository.open(RecommendSettings(data_dir=tmp_path))
+    try:
+        newest = repository.model_index().newest
+        assert newest is not None
+        raw = repository.model_embeddings(newest)
+    finally:
+        repository.close()
+    assert raw is not None
+    embeddings = ItemEmbeddings.from_bytes(raw)
+    # Learned on everything the served model knows: every item of every history.
+    assert set(embeddings.ids) == {item for sequence in loaded.sequences for item in sequence}

@@ -57,12 +57,15 @@ def test_offline_figures_and_a_replay_through_the_api_agree(
         profile.close()
     repository = RecommendRepository.open(recommend_settings)
     try:
-        repository.save_model(text, model.meta)
+        assert model.embeddings is not None  # the served model ships its item embeddings
+        repository.save_model(text, model.meta, model.embeddings.to_bytes())
     finally:
         repository.close()
 
     hits = []
     with TestClient(create_app(recommend_settings, clock)) as client:
+        served = client.app.state.recommend.service.model  # type: ignore[attr-defined]
+        assert served.embeddings is not None and served.embeddings.ids == model.embeddings.ids
         for user, sequence in zip(histories.users, histories.sequences, strict=True):
             slot = {
                 "name": "replay",

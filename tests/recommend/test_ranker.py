@@ -12,6 +12,7 @@ import pytest
 
 from services.common import features as F
 from services.common.storage import Namespace
+from services.recommend.item_embeddings import ItemEmbeddings
 from services.recommend.ranker import IncompatibleModel, ModelMeta, RankerModel
 from services.recommend.repository import RecommendRepository
 from services.recommend.service import RecommendService
@@ -75,5 +76,31 @@ def test_a_corrupt_newest_model_falls_back_to_the_newest_good_one(settings_facto
         assert "truncated" in service.skipped_models["corrupt"] or "whole" in service.skipped_models["corrupt"]
         assert "sha256" in service.skipped_models["altered"]
         assert "broken" in service.skipped_models
+    finally:
+        repository.close()
+
+
+def test_the_service_loads_a_models_item_embeddings_and_skips_a_model_whose_embeddings_are_damaged(
+    settings_factory: Callable[..., Any],
+) -> None:
+    settings: RecommendSettings = settings_factory(RecommendSettings, log_impressions=False)
+    repository = RecommendRepository.open(settings)
+    try:
+        text = tiny_booster(list(F.RANKER_FEATURES))
+        embeddings = ItemEmbeddings.fit([["a", "b", "c"], ["b", "c"], ["a", "d"], ["d", "c"]], dim=2)
+        assert embeddings is not None
+        repository.save_model(
+            text, ModelMeta("with-embeddings", 1.0, F.RANKER_FEATURES, F.FEATURE_SERVICE), embeddings.to_bytes()
+        )
+        repository.save_model(text, ModelMeta("damaged", 2.0, F.RANKER_FEATURES, F.FEATURE_SERVICE), b"PK\x03\x04 cut")
+        service = RecommendService(settings, repository)
+        loaded, _ = service.reload_model()
+        assert loaded == "with-embeddings" and service.model is not None
+        assert service.model.embeddings is not None and service.model.embeddings.ids == embeddings.ids
+        assert "unreadable" in service.skipped_models["damaged"]
+        # A model saved without embeddings loads without them (its generator is then absent).
+        repository.save_model(text, ModelMeta("plain", 3.0, F.RANKER_FEATURES, F.FEATURE_SERVICE))
+        loaded, _ = service.reload_model()
+        assert loaded == "plain" and service.model is not None and service.model.embeddings is None
     finally:
         repository.close()
