@@ -5,19 +5,23 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from http import HTTPStatus
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from pydantic import ValidationError
+from pydantic import StringConstraints, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.auth import ApiKeyAuth
 from services.common.errors import InvalidPayload, PayloadTooLarge, SelarasError
 from services.common.observability import metrics_payload
+
+# A visitor or item id in a URL path, normalised like ids in bodies (`Identifier`: surrounding spaces stripped,
+# 1..128 characters), so `/v1/profiles/%20v1` and an event for " v1" name the same visitor.
+PathId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128), Path()]
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from services.common.api import FastJSONResponse, describe_errors, json_body_schema, read_json_body
+from services.common.api import FastJSONResponse, PathId, describe_errors, json_body_schema, read_json_body
 from services.common.consent import Consent
 from services.common.errors import Forbidden, InvalidPayload, NotFound, PayloadTooLarge, StorageUnavailable
 from services.common.events import BROWSER_EVENT_TYPES, Event
@@ -92,7 +92,7 @@ def refuse_beyond_collect(events: Sequence[Event]) -> None:
 
 
 @router.get("/v1/profiles/{visitor_id}", response_model=ProfileView)
-def get_profile(visitor_id: str, state: State, _: AdminKey) -> ProfileView:
+def get_profile(visitor_id: PathId, state: State, _: AdminKey) -> ProfileView:
     """The visitor's current features, segments, persona, traits and consent."""
     repo = state.repository
     states = repo.visitor_states([visitor_id])
@@ -120,7 +120,7 @@ def get_profile(visitor_id: str, state: State, _: AdminKey) -> ProfileView:
 
 
 @router.put("/v1/profiles/{visitor_id}/consent")
-def put_consent(visitor_id: str, update: ConsentUpdate, state: State, _: IngestKey) -> dict[str, Any]:
+def put_consent(visitor_id: PathId, update: ConsentUpdate, state: State, _: IngestKey) -> dict[str, Any]:
     """Record the visitor's consent per purpose (unset purposes keep their value)."""
     changes = {k: v for k, v in update.model_dump().items() if v is not None}
     # Merged into the stored record atomically: the aggregator writing a batch's consents at the same time

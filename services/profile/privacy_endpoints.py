@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from services.common.api import PathId
 from services.common.errors import NotFound
 from services.profile.deps import AdminKey, State
 from services.profile.persona_jobs import load_model, load_report, persona_table
@@ -14,14 +15,14 @@ router = APIRouter()
 
 
 @router.delete("/v1/profiles/{visitor_id}", responses={200: {"description": "Receipt of what was deleted"}})
-def erase_profile(visitor_id: str, state: State, _: AdminKey) -> dict[str, Any]:
+def erase_profile(visitor_id: PathId, state: State, _: AdminKey) -> dict[str, Any]:
     """Erase everything kept about the visitor (log, profile, consent, online and offline features,
     recommendation records, experiment state); returns a receipt with counts per place. Idempotent."""
     return state.privacy.erase(visitor_id).to_dict()
 
 
 @router.get("/v1/profiles/{visitor_id}/export", responses={404: {"description": "Nothing is kept about the visitor"}})
-def export_profile(visitor_id: str, state: State, _: AdminKey) -> dict[str, Any]:
+def export_profile(visitor_id: PathId, state: State, _: AdminKey) -> dict[str, Any]:
     """Everything kept about the visitor: consent, profile state, features, events, feature history."""
     export = state.privacy.export(visitor_id)
     sections = ("consent", "profile_state", "online_features", "events", "feature_history", "recommendations")

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Optional
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 from starlette.concurrency import run_in_threadpool
 
-from services.common.api import FastJSONResponse, json_body_schema, read_json_body, validation_failure
+from services.common.api import FastJSONResponse, PathId, json_body_schema, read_json_body, validation_failure
 from services.common.catalog import CatalogItem, ItemKind
 from services.common.errors import InvalidPayload, NotFound, PayloadTooLarge
 from services.recommend.deps import AdminKey, State
@@ -22,8 +22,6 @@ from services.recommend.schemas import CatalogUpsert, CatalogUpsertResult
 
 router = APIRouter(tags=["catalog"])
 ITEM_ADAPTER: TypeAdapter[CatalogItem] = TypeAdapter(CatalogItem)
-# Item ids in paths are normalised the way ids in bodies are (surrounding spaces stripped).
-ItemId = Annotated[str, Path(min_length=1, max_length=128, description="The item's id")]
 
 
 class CatalogPage(BaseModel):
@@ -41,13 +39,6 @@ ItemPatch: type[BaseModel] = create_model(  # type: ignore[call-overload]
         if name != "item_id"
     },
 )
-
-
-def _item_id(raw: str) -> str:
-    item_id = raw.strip()
-    if not item_id:
-        raise InvalidPayload("item_id is empty", extra={"errors": [{"field": "path.item_id", "message": "empty"}]})
-    return item_id
 
 
 @router.put(
@@ -106,10 +97,10 @@ async def list_items(
 
 
 @router.get("/v1/catalog/items/{item_id}", response_model=CatalogItem, responses={404: {"description": "No such item"}})
-async def get_item(state: State, _: AdminKey, item_id: ItemId) -> CatalogItem:
-    item = await run_in_threadpool(state.repository.catalog_item, _item_id(item_id))
+async def get_item(state: State, _: AdminKey, item_id: PathId) -> CatalogItem:
+    item = await run_in_threadpool(state.repository.catalog_item, item_id)
     if item is None:
-        raise NotFound(f"no catalog item {item_id.strip()!r}")
+        raise NotFound(f"no catalog item {item_id!r}")
     return item
 
 
@@ -119,7 +110,7 @@ async def get_item(state: State, _: AdminKey, item_id: ItemId) -> CatalogItem:
     openapi_extra=json_body_schema(ItemPatch),
     responses={404: {"description": "No such item"}, 422: {"description": "Invalid fields, by field"}},
 )
-async def patch_item(request: Request, state: State, _: AdminKey, item_id: ItemId) -> CatalogItem:
+async def patch_item(request: Request, state: State, _: AdminKey, item_id: PathId) -> CatalogItem:
     """Change some fields of an item (e.g. `{"price": 79000, "stock": 3}`) without resending the rest."""
     body = read_json_body(await request.body(), state.settings.max_body_bytes)
     if not isinstance(body, dict) or not body:
@@ -132,7 +123,6 @@ async def patch_item(request: Request, state: State, _: AdminKey, item_id: ItemI
             "item_id cannot be changed (delete the item and create it under the new id)",
             extra={"errors": [{"field": "item_id", "message": "cannot be changed"}]},
         )
-    wanted = _item_id(item_id)
 
     def merge(current: CatalogItem) -> CatalogItem:
         try:
@@ -140,16 +130,15 @@ async def patch_item(request: Request, state: State, _: AdminKey, item_id: ItemI
         except ValidationError as exc:
             raise validation_failure(exc) from exc
 
-    updated = await run_in_threadpool(state.repository.update_catalog_item, wanted, merge)
+    updated = await run_in_threadpool(state.repository.update_catalog_item, item_id, merge)
     if updated is None:
-        raise NotFound(f"no catalog item {wanted!r}")
+        raise NotFound(f"no catalog item {item_id!r}")
     return updated
 
 
 @router.delete("/v1/catalog/items/{item_id}", status_code=204, responses={404: {"description": "No such item"}})
-async def delete_item(state: State, _: AdminKey, item_id: ItemId) -> Response:
+async def delete_item(state: State, _: AdminKey, item_id: PathId) -> Response:
     """Remove an item: it leaves every replica's item cache at its next refresh and is never recommended again."""
-    wanted = _item_id(item_id)
-    if not await run_in_threadpool(state.repository.delete_catalog_item, wanted):
-        raise NotFound(f"no catalog item {wanted!r}")
+    if not await run_in_threadpool(state.repository.delete_catalog_item, item_id):
+        raise NotFound(f"no catalog item {item_id!r}")
     return Response(status_code=204)

@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from services.common.api import (
     FastJSONResponse,
+    PathId,
     json_body_schema,
     parse_json_request,
 )
@@ -74,7 +75,7 @@ async def recommend(request: Request, state: State, key: RecommendKey) -> Respon
     responses={404: {"description": "Unknown item"}, 422: {"description": "Invalid strategy or limit"}},
 )
 async def similar_items(
-    item_id: str,
+    item_id: PathId,
     state: State,
     _: RecommendKey,
     strategy: Annotated[Strategy, Query(description="similar (attributes) or bought_together")] = "similar",

@@ -189,6 +189,9 @@ def test_export_returns_everything_kept(shop: Shop) -> None:
     assert export["other"]["message_history"]["sends"][0]["message"] == "cart-reminder"
     orjson.dumps(export)  # plain JSON all the way down
     assert shop.client.get("/v1/profiles/nobody-here/export", headers=ADMIN).status_code == 404
+    # Path ids are normalised like ids in events: " v1 " in a URL is the visitor the events called " v1 ".
+    padded = shop.client.get(f"/v1/profiles/%20{ERASED}%20/export", headers=ADMIN)
+    assert padded.status_code == 200 and padded.json()["visitor_id"] == ERASED
 
 
 @pytest.mark.slow
