@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -14,6 +14,9 @@ from services.cli.common import (
     progress_bar,
     use_data_dir,
 )
+
+if TYPE_CHECKING:  # the CLI imports the heavy modules inside each command, so --help stays fast
+    from services.profile.importer import ImportReport
 
 
 def import_events_command(
@@ -75,8 +78,7 @@ def import_events_command(
         f"{report.accepted:,} events imported, {report.duplicates:,} duplicates, "
         f"{report.invalid_count:,} invalid lines in {seconds:.1f} s ({rate:,.0f} lines/s, {size / 1e6:.1f} MB)"
     )
-    for invalid in report.invalid[:20]:
-        console.print(f"  line {invalid.line}: " + "; ".join(f"{e['field']}: {e['message']}" for e in invalid.errors))
+    print_invalid_lines(report)
     if report.folded_by_live_aggregator:
         console.print("a running aggregator held the log: it folded the imported events on its own clock")
 
@@ -147,8 +149,7 @@ def import_customers_command(
         f"{report.accepted:,} customers imported, {report.duplicates:,} unchanged, "
         f"{report.invalid_count:,} invalid lines in {seconds:.1f} s"
     )
-    for invalid in report.invalid[:20]:
-        console.print(f"  line {invalid.line}: " + "; ".join(f"{e['field']}: {e['message']}" for e in invalid.errors))
+    print_invalid_lines(report)
 
 
 def import_catalog_command(
@@ -176,5 +177,10 @@ def import_catalog_command(
     finally:
         repository.close()
     console.print(f"{report.accepted:,} items imported, {report.invalid_count:,} invalid lines")
-    for invalid in report.invalid[:20]:
+    print_invalid_lines(report)
+
+
+def print_invalid_lines(report: ImportReport, shown: int = 20) -> None:
+    """The first invalid lines of an import, each with its fields and messages."""
+    for invalid in report.invalid[:shown]:
         console.print(f"  line {invalid.line}: " + "; ".join(f"{e['field']}: {e['message']}" for e in invalid.errors))

@@ -28,7 +28,14 @@ from pydantic import ValidationError
 from services.common.api import describe_errors
 from services.common.events import Event, EventType
 from services.common.traits import TraitSchema, TraitSpec
-from services.profile.importer import ImportReport, InvalidInput, InvalidLine, _retrying, fold_or_wait, open_binary
+from services.profile.importer import (
+    EventBatches,
+    ImportReport,
+    InvalidInput,
+    InvalidLine,
+    open_binary,
+    record_invalid,
+)
 from services.profile.service import Aggregator, IngestService
 
 VISITOR_COLUMN = "visitor_id"
@@ -133,38 +140,22 @@ def import_customers(
         raise InvalidInput(InvalidLine(0, [{"field": "SELARAS_TRAITS", "message": message}]))
     when = at or datetime.fromtimestamp(ingest.clock.now(), tz=UTC)
     report = ImportReport()
-    batch: list[Event] = []
-
-    def flush() -> None:
-        if not batch:
-            return
-        result = _retrying(lambda: ingest.ingest(batch))
-        report.accepted += result.accepted
-        report.duplicates += result.duplicates
-        fold_or_wait(aggregator, batch_size * 2)
-        batch.clear()
+    batches = EventBatches(ingest, aggregator, report, batch_size)
 
     try:
         for number, parsed in _records(path, schema):
             report.lines = number
             event = parsed if isinstance(parsed, InvalidLine) else customer_event(number, parsed, when, schema)
             if isinstance(event, InvalidLine):
-                report.invalid_count += 1
-                if len(report.invalid) < 100:
-                    report.invalid.append(event)
-                if not skip_invalid:
-                    raise InvalidInput(event)
+                record_invalid(report, event, skip_invalid)
                 continue
-            batch.append(event)
-            if len(batch) >= batch_size:
-                flush()
-                if progress:
-                    progress(number)
+            if batches.add(event) and progress:
+                progress(number)
     except InvalidInput as exc:
-        flush()  # every line before the bad one goes in: "imported up to line N" is exact
+        batches.flush()  # every line before the bad one goes in: "imported up to line N" is exact
         exc.report = report
         raise
-    flush()
+    batches.flush()
     if progress:
         progress(report.lines)
     return report

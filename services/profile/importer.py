@@ -153,7 +153,37 @@ def fold_or_wait(aggregator: Aggregator, batch_size: int) -> bool:
         time.sleep(0.2)
 
 
-def _record_invalid(report: ImportReport, invalid: InvalidLine, skip_invalid: bool) -> None:
+class EventBatches:
+    """Events appended through the ingest path and folded a batch at a time, counted in `report`: the part every
+    event import shares (events, customers). Memory stays bounded by the batch."""
+
+    def __init__(self, ingest: IngestService, aggregator: Aggregator, report: ImportReport, batch_size: int):
+        self.ingest = ingest
+        self.aggregator = aggregator
+        self.report = report
+        self.batch_size = batch_size
+        self.batch: list[Event] = []
+        self.folded_here = True  # whether the last flush folded the log itself (else a running aggregator did)
+
+    def add(self, event: Event) -> bool:
+        """Queue one event; True when that filled the batch and it was stored and folded."""
+        self.batch.append(event)
+        if len(self.batch) < self.batch_size:
+            return False
+        self.flush()
+        return True
+
+    def flush(self) -> None:
+        if not self.batch:
+            return
+        result = _retrying(lambda: self.ingest.ingest(self.batch))
+        self.report.accepted += result.accepted
+        self.report.duplicates += result.duplicates
+        self.folded_here = fold_or_wait(self.aggregator, self.batch_size * 2)
+        self.batch.clear()
+
+
+def record_invalid(report: ImportReport, invalid: InvalidLine, skip_invalid: bool) -> None:
     """Count an invalid line (the first 100 are kept for the report); stop the import unless told to skip."""
     report.invalid_count += 1
     if len(report.invalid) < 100:
@@ -172,33 +202,23 @@ def import_events(
 ) -> ImportReport:
     """Stream the file in batches: validate, append to the log, fold. Memory stays bounded by the batch."""
     report = ImportReport()
-    batch: list[Event] = []
+    batches = EventBatches(ingest, aggregator, report, batch_size)
     last_ts = float("-inf")
-    folded_here = [True]  # whether the last flush folded the log itself (else a running aggregator did)
-
-    def flush() -> None:
-        if not batch:
-            return
-        result = _retrying(lambda: ingest.ingest(batch))
-        report.accepted += result.accepted
-        report.duplicates += result.duplicates
-        folded_here[0] = fold_or_wait(aggregator, batch_size * 2)
-        batch.clear()
 
     try:
         for number, parsed in read_records(path, EVENT_ADAPTER):
             report.lines = number
             if isinstance(parsed, InvalidLine):
-                _record_invalid(report, parsed, skip_invalid)
+                record_invalid(report, parsed, skip_invalid)
                 continue
             future = future_timestamp_error(parsed, ingest.clock.now(), ingest.max_skew_s)
             if future is not None:
-                _record_invalid(report, InvalidLine(number, [{"field": "timestamp", "message": future}]), skip_invalid)
+                record_invalid(report, InvalidLine(number, [{"field": "timestamp", "message": future}]), skip_invalid)
                 continue
             traits = ingest.trait_errors([parsed])
             if traits:
                 errors = [{"field": e["field"], "message": e["message"]} for e in traits]
-                _record_invalid(report, InvalidLine(number, errors), skip_invalid)
+                record_invalid(report, InvalidLine(number, errors), skip_invalid)
                 continue
             if parsed.ts < last_ts:
                 report.out_of_order += 1
@@ -208,18 +228,15 @@ def import_events(
                 )
                 raise InvalidInput(InvalidLine(number, [{"field": "timestamp", "message": message}]))
             last_ts = parsed.ts
-            batch.append(parsed)
-            if len(batch) >= batch_size:
-                flush()
-                if progress:
-                    progress(number)
+            if batches.add(parsed) and progress:
+                progress(number)
     except InvalidInput as exc:
         # Everything before the bad line goes in, so "imported up to line N" is exact.
-        flush()
+        batches.flush()
         exc.report = report
         raise
-    flush()
-    if not folded_here[0]:
+    batches.flush()
+    if not batches.folded_here:
         # A running aggregator held the log's lease: it folded what was appended, on its own clock, and ages
         # item windows itself.
         report.folded_by_live_aggregator = True
@@ -243,7 +260,7 @@ def import_catalog(
         for number, parsed in read_records(path, ITEM_ADAPTER, CATALOG_LIST_FIELDS):
             report.lines = number
             if isinstance(parsed, InvalidLine):
-                _record_invalid(report, parsed, skip_invalid)
+                record_invalid(report, parsed, skip_invalid)
                 continue
             batch.append(parsed)
             if len(batch) >= batch_size:

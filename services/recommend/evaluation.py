@@ -46,7 +46,7 @@ from services.recommend.ranker import ModelMeta, RankerModel, feature_matrix
 from services.recommend.repository import RecommendRepository
 from services.recommend.rules import RuleContext, apply_rules
 from services.recommend.schemas import SlotRequest
-from services.recommend.service import RecommendService
+from services.recommend.service import RankContext, RecommendService
 from services.recommend.settings import RecommendSettings
 from services.recommend.training import GRADES, Query, TrainConfig, Trainer
 
@@ -387,8 +387,10 @@ class RankingEvaluator:
 
             # The pipeline exactly as served (a visitor without history gets the served fallback).
             model = personal if visitor.known else None
-            ranked = service._rank_slot(
-                slot, snapshot, model, visitor, dict(context), keys, rule_ctx, query.ts, set(), False, "", None
+            ranked = service.rank_slot(
+                slot,
+                RankContext(snapshot, model, visitor, dict(context), keys, rule_ctx, query.ts, explain=False),
+                set(),
             )
             candidates = service.generator.products(snapshot, visitor, keys, Filters(), personalized=model is not None)
             self._record(scores[PIPELINE], snapshot, [snapshot.ids[i] for i in ranked.idx], target, candidates.idx)

@@ -34,7 +34,7 @@ from services.recommend.ranker import RankerModel
 from services.recommend.repository import RecommendRepository
 from services.recommend.rules import RuleContext
 from services.recommend.schemas import SlotFilters, SlotRequest
-from services.recommend.service import RecommendService
+from services.recommend.service import RankContext, RecommendService
 from services.recommend.settings import RecommendSettings
 from services.recommend.training import TrainConfig
 
@@ -177,8 +177,8 @@ def evaluate_histories(
             filters=SlotFilters(exclude_items=sorted(filters.exclude)),
             max_per_category=K,  # the published protocol has no diversity quota
         )
-        ranked = service._rank_slot(
-            slot, snapshot, model, visitor, dict(context), keys, rule_ctx, world.at, set(), False, "", None
+        ranked = service.rank_slot(
+            slot, RankContext(snapshot, model, visitor, dict(context), keys, rule_ctx, world.at, explain=False), set()
         )
         scores[PIPELINE].add(list(ranked.idx), target, ranked.candidates)
 

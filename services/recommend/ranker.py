@@ -21,6 +21,7 @@ from services.common.feature_store import file_lock
 from services.recommend.candidates import VisitorVector
 from services.recommend.catalog_cache import CATEGORY_CODES, ItemColumns, category_code
 from services.recommend.item_embeddings import ItemEmbeddings
+from services.recommend.reasons import Locale, say
 
 log = logging.getLogger(__name__)
 FEATURE_INDEX = {name: i for i, name in enumerate(F.RANKER_FEATURES)}
@@ -285,6 +286,7 @@ def explain_item(
     context_label: str,
     source: str,
     limit: int = 3,
+    locale: Locale = "en",
 ) -> list[str]:
     order = np.argsort(-contributions)
     reasons: list[str] = []
@@ -293,11 +295,11 @@ def explain_item(
             break
         name = F.RANKER_FEATURES[j]
         value = X_row[j]
-        text = _reason(name, value, category, brand, recent_in_category, recent_titles, context_label)
+        text = _reason(name, value, category, brand, recent_in_category, recent_titles, context_label, locale)
         if text and text not in reasons:
             reasons.append(text)
     if not reasons:
-        reasons.append(_source_reason(source, category, context_label))
+        reasons.append(_source_reason(source, category, context_label, locale))
     return reasons
 
 
@@ -309,45 +311,47 @@ def _reason(
     recent_in_category: int,
     recent_titles: Sequence[str],
     context_label: str,
+    locale: Locale = "en",
 ) -> str | None:
+    """The reason a feature gives for an item, worded in `locale` (services/recommend/reasons.py), or None."""
     if name == "x_category_affinity" and value > 0 and category:
         if recent_in_category > 0:
-            return f"you viewed {recent_in_category} items in {category}"
-        return f"you often browse {category}"
+            return say(locale, "viewed_in_category", n=recent_in_category, category=category)
+        return say(locale, "browses_category", category=category)
     if name == "x_brand_affinity" and value > 0 and brand:
-        return f"you like {brand}"
+        return say(locale, "likes_brand", brand=brand)
     if name in ("x_covisitation", "x_last_item_transition", "x_two_step") and value > 0 and recent_titles:
-        return f"often chosen after {recent_titles[0]}"
+        return say(locale, "chosen_after", title=recent_titles[0])
     if name in ("x_embedding", "x_embedding_last") and value > 0 and recent_titles:
-        return f"chosen by people who chose {recent_titles[0]}"
+        return say(locale, "chosen_by_people", title=recent_titles[0])
     if name == "x_shared_tags" and value > 0 and recent_titles:
-        return f"like {recent_titles[0]}"
+        return say(locale, "like_item", title=recent_titles[0])
     if name == "x_recently_viewed" and value > 0:
-        return "you looked at this recently"
+        return say(locale, "seen_recently")
     if name == "x_in_cart" and value > 0:
-        return "still in your cart"
+        return say(locale, "in_cart")
     if name == "i_discount" and value >= 0.05:
-        return f"{round(value * 100)}% off"
+        return say(locale, "discount", pct=round(value * 100))
     if name in ("i_trend_score", "i_views_24h") and value > 0:
-        return f"trending {context_label}"
+        return say(locale, "trending", context=context_label)
     if name in ("i_purchases_7d", "i_conversion_7d"):
-        return "popular with buyers this week"
+        return say(locale, "popular_with_buyers")
     if name == "i_age_days" and value <= 14:
-        return "new arrival"
+        return say(locale, "new_arrival")
     if name == "x_price_ratio" and 0.5 <= value <= 1.5:
-        return "in your usual price range"
+        return say(locale, "usual_price")
     if name == "c_is_payday_window" and value == 1:
-        return "payday pick"
+        return say(locale, "payday")
     if name == "i_ctr_7d" or name == "i_slot_ctr_7d":
-        return "often clicked here"
+        return say(locale, "clicked_here")
     return None
 
 
-def _source_reason(source: str, category: str | None, context_label: str) -> str:
+def _source_reason(source: str, category: str | None, context_label: str, locale: Locale = "en") -> str:
     if source == "trending":
-        return f"trending {context_label}"
+        return say(locale, "trending", context=context_label)
     if source == "new_arrival":
-        return "new arrival"
+        return say(locale, "new_arrival")
     if source == "category" and category:
-        return f"more from {category}"
-    return "recommended from your recent activity"
+        return say(locale, "more_from_category", category=category)
+    return say(locale, "recent_activity")

@@ -53,6 +53,7 @@ from services.recommend.ranker import (
     targeting_match,
     verify_model_text,
 )
+from services.recommend.reasons import PHRASES, Locale, context_label, locale_of, say
 from services.recommend.repository import RecommendRepository
 from services.recommend.rules import RuleContext, apply_rules, targeting_allows
 from services.recommend.schemas import ANCHORED, RecommendRequest, SlotRequest
@@ -82,7 +83,7 @@ EXPLAIN_LIMIT = 3
 
 
 # The only explanation a browser-scoped key gets: it says nothing about the visitor.
-GENERIC_REASON = "recommended for this page"
+GENERIC_REASON = PHRASES["generic"]["en"]  # what a browser key gets (in its locale: say(locale, "generic"))
 
 
 class ArmChooser(Protocol):
@@ -151,6 +152,7 @@ class RankContext:
     persona: str | None = None
     anchors: tuple[int, ...] = ()  # snapshot rows of `context.item_ids`
     experiment: tuple[str, str, bool] | None = None  # (key, arm, personalised)
+    locale: Locale = "en"  # the wording of reasons (services/recommend/reasons.py)
 
 
 @dataclass(frozen=True)
@@ -474,6 +476,7 @@ class RecommendService:
         offset = ctx.utc_offset_min
         context = context_features(now, offset, device, ctx.channel, city)
         persona_id = visitor.row.get("persona_id") if visitor.known else None
+        locale = locale_of(ctx.locale, self.settings.default_locale)
         return RankContext(
             snapshot=snapshot,
             model=model,
@@ -483,7 +486,8 @@ class RecommendService:
             rules=RuleContext(context["hour"], device, city, bool(context["is_payday_window"])),
             now=now,
             explain=explain,
-            context_label=self._context_label(city, now, offset),
+            context_label=self._context_label(city, now, offset, locale),
+            locale=locale,
             persona=self.persona_names.get(int(persona_id)) if isinstance(persona_id, int) else None,
             anchors=anchors,
             experiment=experiment,
@@ -505,7 +509,7 @@ class RecommendService:
             if ranked.reasons is not None:
                 entry["reasons"] = ranked.reasons[position]
             elif request.explain:
-                entry["reasons"] = [GENERIC_REASON]
+                entry["reasons"] = [say(rank.locale, "generic")]
             items.append(entry)
             impressions.append(
                 self._impression(
@@ -585,26 +589,6 @@ class RecommendService:
             log.debug("consent unavailable: %s", type(exc).__name__)
             return False
 
-    def _rank_slot(
-        self,
-        slot: SlotRequest,
-        snapshot: ItemSnapshot,
-        model: RankerModel | None,
-        visitor: VisitorVector,
-        context: dict[str, int],
-        keys: list[str],
-        rule_ctx: RuleContext,
-        now: float,
-        shown: set[str],
-        explain: bool,
-        context_label: str,
-        persona: str | None,
-    ) -> Ranked:
-        """The positional form the offline evaluators (evaluation.py, history_eval.py) still call; it goes
-        when they build a `RankContext` themselves."""
-        rank = RankContext(snapshot, model, visitor, context, keys, rule_ctx, now, explain, context_label, persona)
-        return self.rank_slot(slot, rank, shown)
-
     def rank_slot(self, slot: SlotRequest, rank: RankContext, shown: set[str]) -> Ranked:
         """Candidates -> scores -> rules (-> exploration) -> explanations for one slot."""
         filters = Filters(
@@ -677,7 +661,7 @@ class RecommendService:
             if model is None and slot.strategy != "personal":
                 reasons = self._item_reasons(slot, rank, found, idx)
             else:
-                reasons = self._explain(snapshot, model, X, candidates, idx, visitor, rank.context_label)
+                reasons = self._explain(snapshot, model, X, candidates, idx, visitor, rank.context_label, rank.locale)
         return Ranked(idx, [s for _, s in chosen], reasons, propensities, ranks, pool, candidates.idx, found.unknown)
 
     def _candidates(self, slot: SlotRequest, rank: RankContext, filters: Filters) -> SlotCandidates:
@@ -760,11 +744,11 @@ class RecommendService:
         An anchor is never among the candidates, so no item is explained by itself."""
         snapshot = rank.snapshot
         if slot.strategy == "rerank" or found.via is None:
-            return [[GENERIC_REASON] for _ in chosen]
+            return [[say(rank.locale, "generic")] for _ in chosen]
         row_of = {int(i): r for r, i in enumerate(found.candidates.idx)}
         via = found.via
-        phrase = "similar to" if slot.strategy == "similar" else "often bought together with"
-        return [[f"{phrase} {snapshot.titles[rank.anchors[int(via[row_of[i]])]]}"] for i in chosen]
+        key = "similar_to" if slot.strategy == "similar" else "bought_together"
+        return [[say(rank.locale, key, title=snapshot.titles[rank.anchors[int(via[row_of[i]])]])] for i in chosen]
 
     def similar_items(self, item_id: str, strategy: Strategy, limit: int) -> dict[str, Any]:
         """GET /v1/items/{item_id}/similar: the item's neighbours among available products, the same for every
@@ -835,6 +819,7 @@ class RecommendService:
         chosen: list[int],
         visitor: VisitorVector,
         context_label: str,
+        locale: Locale = "en",
     ) -> list[list[str]]:
         row_of = {int(i): r for r, i in enumerate(candidates.idx)}
         # "often chosen after X" must never name the item itself: each item reads the recent items other than it.
@@ -858,22 +843,15 @@ class RecommendService:
                     context_label,
                     candidates.sources[r],
                     EXPLAIN_LIMIT,
+                    locale,
                 )
                 for k, (i, r) in enumerate(zip(chosen, rows, strict=True))
             ]
-        return [[f"popular {context_label}"] for _ in chosen]
+        return [[say(locale, "popular", context=context_label)] for _ in chosen]
 
     @staticmethod
-    def _context_label(city: str | None, now: float, offset: int | None) -> str:
-        part = daypart(local_time(now, zone_for(city, offset)).hour)
-        when = {
-            "morning": "this morning",
-            "midday": "at lunchtime",
-            "afternoon": "this afternoon",
-            "evening": "this evening",
-            "night": "tonight",
-        }[part]
-        return f"in {city} {when}" if city else when
+    def _context_label(city: str | None, now: float, offset: int | None, locale: Locale = "en") -> str:
+        return context_label(city, daypart(local_time(now, zone_for(city, offset)).hour), locale)
 
     @staticmethod
     def _impression(

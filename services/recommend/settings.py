@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -14,6 +15,8 @@ from services.recommend.exploration import Exploration
 
 class RecommendSettings(CommonSettings):
     model_config = SettingsConfigDict(env_prefix="RECOMMEND_", extra="ignore", populate_by_name=True)
+    # The language of explanations when a request's `context.locale` names none we have: "en" or "id".
+    default_locale: Literal["en", "id"] = "en"
 
     host: str = "127.0.0.1"
     port: int = 8002
