@@ -11,8 +11,6 @@ from services.common.settings import CommonSettings
 class ProfileSettings(CommonSettings):
     model_config = SettingsConfigDict(env_prefix="PROFILE_", extra="ignore", populate_by_name=True)
 
-    host: str = "127.0.0.1"
-    port: int = 8001
     max_batch_events: int = Field(default=1000, ge=1, le=10_000)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     # Aggregator: how many log entries one micro-batch folds, and how long it sleeps when idle.

@@ -18,8 +18,6 @@ class RecommendSettings(CommonSettings):
     # The language of explanations when a request's `context.locale` names none we have: "en" or "id".
     default_locale: Literal["en", "id"] = "en"
 
-    host: str = "127.0.0.1"
-    port: int = 8002
     # A page view must not wait on a struggling Redis: fail fast and answer from the in-process caches.
     redis_timeout_s: float = Field(default=0.25, gt=0, le=30, validation_alias="SELARAS_REDIS_TIMEOUT_S")
     # A stalled (not dead) Redis holds each read until the socket timeout. The visitor's stored inputs are read
