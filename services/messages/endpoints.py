@@ -17,7 +17,7 @@ from services.common.api import (
     validation_failure,
 )
 from services.common.errors import InvalidPayload, PayloadTooLarge
-from services.messages.schemas import MessageBatchRequest, MessageRequest
+from services.messages.schemas import MessageBatchAnswer, MessageBatchRequest, MessageDecision, MessageRequest
 from services.messages.service import MessageService
 from services.recommend.deps import MessagesKey, RecommendState, State
 
@@ -34,6 +34,7 @@ def install_message_service(app: FastAPI, service: MessageService) -> None:
 
 @router.post(
     "/v1/next-best-message",
+    response_model=MessageDecision,
     openapi_extra=json_body_schema(MessageRequest),
     responses={422: {"description": "Invalid request, by field"}},
 )
@@ -48,6 +49,7 @@ async def next_best_message(request: Request, state: State, key: MessagesKey) ->
 
 @router.post(
     "/v1/next-best-message:batch",
+    response_model=MessageBatchAnswer,
     openapi_extra=json_body_schema(MessageBatchRequest),
     responses={
         413: {"description": "More requests than the batch limit"},

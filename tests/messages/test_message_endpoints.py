@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import orjson
 import pytest
 import redis
@@ -303,6 +304,8 @@ def test_a_send_answer_is_rendered_for_the_visitor(shop: Shop) -> None:
     assert send_at >= NOW and 8 <= send_at.hour < 21 and send_at.utcoffset() == timedelta(hours=7)
     assert any("cart with 1 item left 3 hours ago" in reason for reason in answer["reasons"])
     assert answer["experiment"] is None and answer["model_version"] is None
+    spec = shop.client.app.openapi()  # type: ignore[attr-defined]
+    jsonschema.validate(answer, {"components": spec["components"], "$ref": "#/components/schemas/MessageDecision"})
 
 
 def test_locale_and_tone_follow_the_visitor(shop: Shop) -> None:
@@ -498,6 +501,16 @@ def test_batch_answers_in_order_and_keeps_caps_within_the_batch(shop: Shop) -> N
     assert results[0]["action"] == "send"
     assert (results[1]["reason"], results[2]["reason"]) == ("frequency_cap", "no_consent")
     assert results[3]["action"] == "send" and body["count"] == 4 and body["sent"] == 2
+    # What the service sends is what its OpenAPI document says (generated clients parse these answers).
+    spec = shop.client.app.openapi()  # type: ignore[attr-defined]
+    documented = {"components": spec["components"]}
+    jsonschema.validate(body, {**documented, "$ref": "#/components/schemas/MessageBatchAnswer"})
+    for result in results:
+        jsonschema.validate(result, {**documented, "$ref": "#/components/schemas/MessageDecision"})
+    with pytest.raises(jsonschema.ValidationError):  # the check can fail: an answer without its action
+        jsonschema.validate(
+            {**results[0], "action": None}, {**documented, "$ref": "#/components/schemas/MessageDecision"}
+        )
 
 
 def test_batch_limits_and_validation_errors(shop: Shop) -> None:
