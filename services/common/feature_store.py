@@ -31,9 +31,12 @@ from services.common.clock import wall_datetime
 from services.common.settings import CommonSettings
 
 log = logging.getLogger(__name__)
-# Feast warns on every `get_online_features` that on-demand views are "experimental"; ours are only
-# request-time transforms, and the warning on each call is noise in every log and first-run output.
+# Third-party notices that are noise in every log and first-run output. Importing Feast installs
+# `simplefilter("once", DeprecationWarning)` ahead of the CLI's own filters, so these go in front again here:
+# Feast warns on every `get_online_features` that on-demand views are "experimental" (ours are request-time
+# transforms only), and ibis on every offline query that DuckDB's `fetch_arrow_table` is deprecated.
 warnings.filterwarnings("ignore", message="On demand feature view is an experimental feature", category=RuntimeWarning)
+warnings.filterwarnings("ignore", message=r"fetch_arrow_table\(\) is deprecated", category=DeprecationWarning)
 
 ARROW_TYPES: dict[str, pa.DataType] = {
     "int": pa.int64(),
