@@ -25,7 +25,9 @@ def use_data_dir(data_dir: Path) -> None:
 
 
 class StageProgress:
-    """A Rich progress bar per named stage, fed with fractions 0..1."""
+    """A Rich progress bar per named stage, fed with fractions 0..1. Stages run one after another: when a stage
+    starts, the ones before it are done (a stage that never reported its end would otherwise stay at 0%), and
+    `finish` completes the last one."""
 
     def __init__(self, progress: Progress):
         self.progress = progress
@@ -34,8 +36,13 @@ class StageProgress:
     def __call__(self, stage: str, fraction: float) -> None:
         task = self.tasks.get(stage)
         if task is None:
+            self.finish()
             task = self.tasks[stage] = self.progress.add_task(stage, total=1.0)
         self.progress.update(task, completed=min(max(fraction, 0.0), 1.0))
+
+    def finish(self) -> None:
+        for task in self.tasks.values():
+            self.progress.update(task, completed=1.0)
 
 
 def progress_bar() -> Progress:

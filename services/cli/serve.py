@@ -156,7 +156,9 @@ def demo(
         settings = CommonSettings(data_dir=data_dir, redis_url=os.environ.get("REDIS_URL"))
         console.print(f"building the demo shop in {data_dir}/ ({visitors:,} visitors, {days} days)")
         with progress_bar() as bar:
-            world = build_world(settings, visitors=visitors, days=days, seed=seed, progress=StageProgress(bar))
+            stages = StageProgress(bar)
+            world = build_world(settings, visitors=visitors, days=days, seed=seed, progress=stages)
+            stages.finish()
         console.print(metrics_table(f"model {world.model_version} (time split)", world.train_metrics))
         sample_visitor = world.simulator.visitors[0].visitor_id
         sample_item = world.shop.products[0].item_id

@@ -72,13 +72,15 @@ def train(
                 seed=seed,
                 analytics_default=settings.consent_analytics,
             )
-            trainer = Trainer(repository, config, StageProgress(bar))
+            stages = StageProgress(bar)
+            trainer = Trainer(repository, config, stages)
             if engine == "dask" and scheduler:
                 from services.recommend.distributed import DaskTrainer, connect
 
                 client = connect(scheduler)
-                trainer = DaskTrainer(repository, config, client, StageProgress(bar))
+                trainer = DaskTrainer(repository, config, client, stages)
             result = trainer.train()
+            stages.finish()
         repository.save_model(result.model_text, result.meta)
     except ValueError as exc:
         console.print(f"[red]cannot train:[/] {exc}")
@@ -151,7 +153,9 @@ def evaluate_ranking_command(
     repository = RecommendRepository.open(settings)
     try:
         with progress_bar() as bar:
-            result = RankingEvaluator(repository, settings, config, StageProgress(bar)).run()
+            stages = StageProgress(bar)
+            result = RankingEvaluator(repository, settings, config, stages).run()
+            stages.finish()
     except ValueError as exc:
         console.print(f"[red]cannot evaluate:[/] {exc}")
         raise typer.Exit(2) from exc
