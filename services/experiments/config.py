@@ -8,7 +8,7 @@ admin API only reads it. An experiment covers slot kinds (`/v1/recommend`) and/o
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, NamedTuple
 
 import yaml
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
@@ -29,13 +29,32 @@ class ExperimentConfigError(ValueError):
 
 
 class ArmConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
     name: ArmName
     weight: float = Field(ge=0, le=1)
     # False = the generic ranking by popularity in context (no visitor features), True = the model.
     personalized: bool
+    # A ranker version from the model registry (`GET /v1/admin/models/ranker`): this arm is ranked by it,
+    # side by side with the other arms in the same process. None = the version that serves.
+    model: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
     description: str = ""
+
+    @model_validator(mode="after")
+    def _model_needs_personalization(self) -> ArmConfig:
+        if self.model is not None and not self.personalized:
+            raise ValueError(f"arm {self.name!r} names a model but is not personalized")
+        return self
+
+
+class ArmChoice(NamedTuple):
+    """The arm a visitor is served: (experiment key, arm, personalized[, ranker version]). A tuple, so callers
+    that read `choice[0..2]` keep working; `model` is None when the arm serves the serving version."""
+
+    key: str
+    arm: str
+    personalized: bool
+    model: str | None = None
 
 
 class ExperimentConfig(BaseModel):

@@ -23,7 +23,7 @@ from services.common.clock import SYSTEM_CLOCK, Clock
 from services.common.errors import StorageUnavailable
 from services.common.settings import CommonSettings
 from services.experiments.assignment import HOLDOUT_ARM, assign
-from services.experiments.config import ExperimentConfig, ExperimentsFile, load_config
+from services.experiments.config import ArmChoice, ExperimentConfig, ExperimentsFile, load_config
 from services.experiments.report import build_report
 from services.experiments.store import open_experiment_store
 from services.experiments.store.base import ExperimentStore, ExposureWrite
@@ -136,8 +136,12 @@ class ExperimentRuntime:
             log.warning("experiment registry not published (store unavailable); retrying in the background")
         return self._registry_published
 
+    def model_versions(self) -> set[str]:
+        """Ranker versions the arms of enabled experiments name: the recommend service keeps them loaded."""
+        return {arm.model for experiment in self.enabled for arm in experiment.arms if arm.model is not None}
+
     # -- assignment ---------------------------------------------------------------------------------
-    def _assign(self, experiment: ExperimentConfig, visitor_id: str) -> tuple[str, str, bool] | None:
+    def _assign(self, experiment: ExperimentConfig, visitor_id: str) -> ArmChoice | None:
         assignment = assign(
             experiment.key,
             visitor_id,
@@ -152,14 +156,14 @@ class ExperimentRuntime:
         if assignment is None:
             return None
         if assignment.arm == HOLDOUT_ARM:
-            chosen = (experiment.key, HOLDOUT_ARM, False)
+            chosen = ArmChoice(experiment.key, HOLDOUT_ARM, False)
         else:
             arm = next(a for a in experiment.arms if a.name == assignment.arm)
-            chosen = (experiment.key, arm.name, arm.personalized)
+            chosen = ArmChoice(experiment.key, arm.name, arm.personalized, arm.model)
         EXPERIMENT_REQUESTS.labels(experiment.key, chosen[1]).inc()
         return chosen
 
-    def assign_recommend(self, visitor_id: str, slot_kinds: Sequence[str], now: float) -> tuple[str, str, bool] | None:
+    def assign_recommend(self, visitor_id: str, slot_kinds: Sequence[str], now: float) -> ArmChoice | None:
         kinds = set(slot_kinds)
         for experiment in self.enabled:
             if kinds.intersection(experiment.slot_kinds) and experiment.status(now) == "running":
@@ -168,7 +172,7 @@ class ExperimentRuntime:
                     return chosen
         return None
 
-    def assign_message(self, visitor_id: str, channel: str, now: float | None = None) -> tuple[str, str, bool] | None:
+    def assign_message(self, visitor_id: str, channel: str, now: float | None = None) -> ArmChoice | None:
         """For `/v1/next-best-message`: (experiment key, arm, personalized) or None (no experiment)."""
         moment = self.clock.now() if now is None else now
         for experiment in self.enabled:

@@ -101,7 +101,7 @@ def none_answer(
     request: MessageRequest,
     reason: str,
     detail: str,
-    experiment: tuple[str, str] | tuple[str, str, bool] | None = None,
+    experiment: tuple[Any, ...] | None = None,
     recommendation_id: str | None = None,
 ) -> dict[str, Any]:
     """The answer when no message is sent: why (`reason`, a fixed code) and a sentence (`detail`)."""

@@ -34,6 +34,7 @@ from services.common.clock import SYSTEM_CLOCK, Clock, TimePolicy
 from services.common.consent import ConsentDefaults
 from services.common.features import visitor_row_at
 from services.experiments.assignment import HOLDOUT_ARM
+from services.experiments.config import ArmChoice
 from services.messages.decision_log import DecisionEntry, encode_candidates, next_id
 from services.messages.eligibility import Candidate, Eligibility, StockWatch, explain
 from services.messages.history import WEEK, SendHistory
@@ -289,7 +290,7 @@ class MessageService:
             DECISIONS.labels(result["channel"], result["action"], result.get("reason") or "send").inc()
         return out
 
-    def _experiment(self, request: MessageRequest, now: float) -> tuple[str, str, bool] | None:
+    def _experiment(self, request: MessageRequest, now: float) -> ArmChoice | None:
         """(experiment key, arm, personalized) covering this decision, when the experiments runtime assigns
         messages. The holdout arm gets nothing; a non-personalized arm gets the rules baseline."""
         assign = getattr(self.experiments, "assign_message", None)
@@ -304,7 +305,7 @@ class MessageService:
             return None
         key, arm = str(assigned[0]), str(assigned[1])
         allowed = bool(assigned[2]) if len(assigned) > 2 else True
-        return key, arm, allowed
+        return ArmChoice(key, arm, allowed)
 
     def _score(
         self, planned: Sequence[_Planned], snapshot: ItemSnapshot, model: MessageModel | None

@@ -25,6 +25,7 @@ from services.common.errors import InvalidPayload, NotFound
 from services.common.events import Event
 from services.common.features import visitor_row_at
 from services.common.models import ModelIndex
+from services.experiments.config import ArmChoice
 from services.recommend.candidates import (
     SOURCES,
     CandidateGenerator,
@@ -75,6 +76,11 @@ STAGE_SECONDS = Histogram(
 STAGE_VISITOR, STAGE_CANDIDATES, STAGE_FEATURES, STAGE_PREDICT, STAGE_RULES = (
     STAGE_SECONDS.labels(stage) for stage in ("visitor", "candidates", "features", "predict", "rules")
 )
+ARM_MODEL_MISSING = Counter(
+    "selaras_arm_model_missing_total",
+    "Requests of an experiment arm whose named ranker version is not loaded (served by the serving model)",
+    ["experiment", "arm"],
+)
 MODEL_INFO = Gauge("selaras_model_loaded_timestamp_seconds", "When the serving model was trained", ["version"])
 CACHE_AGE = Gauge("selaras_item_cache_built_timestamp_seconds", "When the in-process item cache was built")
 CACHE_ITEMS = Gauge("selaras_item_cache_items", "Items in the in-process cache")
@@ -89,9 +95,7 @@ GENERIC_REASON = PHRASES["generic"]["en"]  # what a browser key gets (in its loc
 class ArmChooser(Protocol):
     """Experiments: which arm serves this visitor (None = no experiment covers the request)."""
 
-    def assign_recommend(
-        self, visitor_id: str, slot_kinds: Sequence[str], now: float
-    ) -> tuple[str, str, bool] | None: ...
+    def assign_recommend(self, visitor_id: str, slot_kinds: Sequence[str], now: float) -> ArmChoice | None: ...
 
     def record_exposure(
         self,
@@ -151,7 +155,7 @@ class RankContext:
     context_label: str = ""  # "in Jakarta this evening"
     persona: str | None = None
     anchors: tuple[int, ...] = ()  # snapshot rows of `context.item_ids`
-    experiment: tuple[str, str, bool] | None = None  # (key, arm, personalised)
+    experiment: ArmChoice | None = None  # (key, arm, personalised)
     locale: Locale = "en"  # the wording of reasons (services/recommend/reasons.py)
 
 
@@ -192,6 +196,7 @@ class RecommendService:
         self._refresher: threading.Thread | None = None
         self._reload_lock = threading.Lock()
         self._model_generation = -1  # of the registry index the loaded model was chosen from
+        self._arm_models: dict[str, RankerModel] = {}  # ranker versions experiment arms name, by version
         self._exploration_rng = np.random.default_rng(settings.exploration_seed)
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -202,6 +207,7 @@ class RecommendService:
             log.warning("item cache not built at start: %s", type(exc).__name__)
         try:
             self.reload_model()
+            self.load_arm_models()
         except Exception as exc:
             log.warning("no model loaded at start: %s", type(exc).__name__)
         # Objects built at start-up are permanent: freezing them keeps the GC from rescanning them (p99).
@@ -321,6 +327,37 @@ class RecommendService:
         on every cache refresh, so every replica and worker converges within `refresh_interval_s`."""
         if self.repository.model_index().generation != self._model_generation:
             self.reload_model()
+        self.load_arm_models()
+
+    def load_arm_models(self) -> None:
+        """Load the ranker versions that experiment arms name (model vs model in one process), off the request
+        path: a request never waits for a model to load. Versions no arm names any more are let go."""
+        wanted = set(getattr(self.experiments, "model_versions", lambda: set())())
+        serving = self.model.meta.version if self.model else None
+        index = None
+        loaded: dict[str, RankerModel] = {}
+        for version in sorted(wanted - {serving}):
+            model = self._arm_models.get(version)
+            if model is None:
+                index = index or self.repository.model_index()
+                with self._reload_lock:
+                    model = self._load_model(version, index)
+            if model is not None:
+                loaded[version] = model
+        self._arm_models = loaded
+
+    def _model_of_arm(self, experiment: ArmChoice | None, serving: RankerModel | None) -> RankerModel | None:
+        """The ranker of the visitor's arm: the version the arm names when it is loaded, else the serving one
+        (counted: an arm naming a version that does not load serves the serving model)."""
+        if experiment is None or experiment.model is None:
+            return serving
+        if serving is not None and serving.meta.version == experiment.model:
+            return serving
+        model = self._arm_models.get(experiment.model)
+        if model is None:
+            ARM_MODEL_MISSING.labels(experiment.key, experiment.arm).inc()
+            return serving
+        return model
 
     # -- ranking ------------------------------------------------------------------------------------
     def read_visitor(self, visitor_id: str) -> StoredVisitor:
@@ -369,6 +406,7 @@ class RecommendService:
             fallback_reason = "no_model"
         experiment = self._experiment(request, used.ts, stored)
         personalized = experiment[2] if experiment is not None else True
+        model = self._model_of_arm(experiment, model)
         use_model = (
             personalized and personalization_allowed and visitor.known and model is not None and fallback_reason is None
         )
@@ -450,7 +488,7 @@ class RecommendService:
         STAGE_VISITOR.observe(time.perf_counter() - stage)
         return visitor, stored.personalization_allowed, fallback_reason
 
-    def _experiment(self, request: RecommendRequest, now: float, stored: StoredVisitor) -> tuple[str, str, bool] | None:
+    def _experiment(self, request: RecommendRequest, now: float, stored: StoredVisitor) -> ArmChoice | None:
         """(experiment key, arm, personalised) of the visitor, None outside experiments."""
         if self.experiments is None:
             return None
@@ -468,7 +506,7 @@ class RecommendService:
         now: float,
         explain: bool,
         anchors: tuple[int, ...],
-        experiment: tuple[str, str, bool] | None,
+        experiment: ArmChoice | None,
     ) -> RankContext:
         ctx = request.context
         device = ctx.device.value if ctx.device else None
@@ -863,7 +901,7 @@ class RecommendService:
         score: float,
         propensity: float,
         now: float,
-        experiment: tuple[str, str, bool] | None,
+        experiment: ArmChoice | None,
         rank: int | None = None,
         pool: int | None = None,
     ) -> dict[str, Any]:

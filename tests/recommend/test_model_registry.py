@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from services.common import features as F
 from services.common.models import ModelKind
+from services.experiments.config import ExperimentConfigError, load_config
 from services.recommend.app import create_app
 from services.recommend.ranker import ModelMeta
 from services.recommend.repository import RecommendRepository
@@ -127,3 +128,59 @@ def test_admin_routes_list_pin_and_refuse_unknown_versions(settings: RecommendSe
             "serving": None,
             "loaded_here": None,
         }
+
+
+MODEL_VS_MODEL = """
+experiments:
+  - key: ranker-v2
+    enabled: true
+    slot_kinds: [product]
+    arms:
+      - {name: current, weight: 0.5, personalized: true, model: v1}
+      - {name: candidate, weight: 0.5, personalized: true, model: v2}
+    control: current
+    start: 2026-01-01T00:00:00+07:00
+"""
+
+
+def test_two_models_serve_side_by_side_as_the_arms_of_one_experiment(
+    settings_factory: Callable[..., Any], model_text: bytes, tmp_path: Any
+) -> None:
+    """Model vs model: each arm is ranked by the version it names, both loaded in one process; the serving
+    version (the newest here) is neither, and a version no arm names is let go."""
+    experiments = tmp_path / "experiments.yaml"
+    experiments.write_text(MODEL_VS_MODEL)
+    settings: RecommendSettings = settings_factory(
+        RecommendSettings, log_impressions=False, experiments_file=experiments
+    )
+    repository = RecommendRepository.open(settings)
+    try:
+        for n, version in enumerate(["v1", "v2", "v3"]):
+            publish(repository, version, model_text, float(n))
+    finally:
+        repository.close()
+    with TestClient(create_app(settings)) as client:
+        service = client.app.state.recommend.service  # type: ignore[attr-defined]
+        assert served(service) == "v3" and set(service._arm_models) == {"v1", "v2"}
+        served_by: dict[str, set[str]] = {}
+        for n in range(60):
+            body = {"visitor_id": f"mvm-{n}", "slots": [{"name": "home", "count": 4}]}
+            answer = client.post("/v1/recommend", json=body).json()
+            if answer["experiment"] is not None:
+                served_by.setdefault(answer["experiment"]["arm"], set()).add(answer["model_version"])
+        assert served_by == {"current": {"v1"}, "candidate": {"v2"}}
+        # An arm naming the serving version uses it, and a version no arm names any more is let go.
+        client.post("/v1/admin/models/ranker/production", json={"version": "v1"})
+        service.load_arm_models()
+        assert served(service) == "v1" and set(service._arm_models) == {"v2"}
+
+
+def test_an_arm_naming_a_model_must_be_personalized(tmp_path: Any) -> None:
+    bad = tmp_path / "experiments.yaml"
+    bad.write_text(
+        MODEL_VS_MODEL.replace(
+            "{name: current, weight: 0.5, personalized: true", "{name: current, weight: 0.5, personalized: false"
+        )
+    )
+    with pytest.raises(ExperimentConfigError, match="names a model but is not personalized"):
+        load_config(bad)
