@@ -60,13 +60,16 @@ def config() -> dict[str, Any]:
 
 def test_compose_accepts_the_file_and_lists_every_service(config: dict[str, Any]) -> None:
     assert set(config["services"]) == {
-        "redis", "profile", "recommend-1", "recommend-2", "proxy", "train", "personas", "retention", "prometheus",
-        "grafana",
+        "redis", "profile", "aggregator", "recommend-1", "recommend-2", "proxy", "train", "personas", "retention",
+        "prometheus", "grafana",
     }  # fmt: skip
     profiles = {name: set(service.get("profiles", [])) for name, service in config["services"].items()}
     assert profiles["prometheus"] == profiles["grafana"] == {"monitoring"}
     assert profiles["train"] == profiles["personas"] == profiles["retention"] == {"jobs"}
-    assert all(not profiles[name] for name in ("redis", "profile", "recommend-1", "recommend-2", "proxy"))
+    assert all(not profiles[name] for name in ("redis", "profile", "aggregator", "recommend-1", "recommend-2", "proxy"))
+    # The aggregator folds in its own process, not inside the profile API.
+    assert config["services"]["profile"]["environment"]["PROFILE_AGGREGATOR_ENABLED"] == "false"
+    assert parse_cli(config["services"]["aggregator"]["command"]).command.name == "aggregator"
 
 
 def test_secrets_are_required_not_defaulted() -> None:
@@ -105,7 +108,7 @@ def test_variables_are_ones_selaras_reads(config: dict[str, Any]) -> None:
 
 
 def test_healthchecks_probe_the_port_the_service_listens_on(config: dict[str, Any]) -> None:
-    for name in ("profile", "recommend-1", "recommend-2"):
+    for name in ("profile", "aggregator", "recommend-1", "recommend-2"):
         service = config["services"][name]
         port = parse_cli(service["command"]).params["port"]
         probe = " ".join(service["healthcheck"]["test"])
@@ -117,7 +120,7 @@ def test_offline_store_is_the_only_shared_disk_and_mounted_files_exist(config: d
     def mounts(name: str) -> dict[str, str]:
         return {target: source for source, target in map(volume, config["services"][name].get("volumes", []))}
 
-    writer, trainer, retention = mounts("profile"), mounts("train"), mounts("retention")
+    writer, trainer, retention = mounts("aggregator"), mounts("train"), mounts("retention")
     data_dir = config["services"]["profile"]["environment"]["SELARAS_DATA_DIR"]
     assert writer[f"{data_dir}/offline"] == trainer[f"{data_dir}/offline"] == retention[f"{data_dir}/offline"]
     assert writer[f"{data_dir}/offline"] == "offline"

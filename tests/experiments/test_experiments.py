@@ -20,7 +20,7 @@ from prometheus_client import REGISTRY
 from services.common.auth import hash_key
 from services.common.storage import Namespace, open_store
 from services.experiments.assignment import growthbook_hash
-from services.experiments.config import ExperimentConfigError, ExperimentsFile, load_config
+from services.experiments.config import ArmChoice, ExperimentConfigError, ExperimentsFile, load_config
 from services.experiments.report import build_report
 from services.experiments.runtime import ExperimentRuntime
 from services.experiments.stats.capping import covariate_histogram_from_values, histogram_cap, histogram_from_values
@@ -266,16 +266,12 @@ def test_assignment_follows_the_growthbook_hash_and_coverage(tmp_path: Path) -> 
     # Published vector: hash("seed", "a", v2) = 0.0505; it falls just past a 5% control range.
     assert growthbook_hash("seed", "a", 2) == 0.0505
     now = time.time()
-    assert runtime_for(tmp_path, [two_arms((0.05, 0.95), seed="seed")]).assign_recommend("a", ["product"], now) == (
-        "exp",
-        "treatment",
-        True,
-    )
-    assert runtime_for(tmp_path, [two_arms((0.06, 0.94), seed="seed")]).assign_recommend("a", ["product"], now) == (
-        "exp",
-        "control",
-        False,
-    )
+    assert runtime_for(tmp_path, [two_arms((0.05, 0.95), seed="seed")]).assign_recommend(
+        "a", ["product"], now
+    ) == ArmChoice("exp", "treatment", True)
+    assert runtime_for(tmp_path, [two_arms((0.06, 0.94), seed="seed")]).assign_recommend(
+        "a", ["product"], now
+    ) == ArmChoice("exp", "control", False)
     half = runtime_for(tmp_path, [two_arms(coverage=0.5)])
     full = runtime_for(tmp_path, [two_arms(coverage=1.0)])
     visitors = [f"c{i}" for i in range(4000)]
@@ -497,7 +493,7 @@ def test_admin_api_and_page(services: Services) -> None:
     assert [e["status"] for e in listed["experiments"]] == ["running", "running", "ended", "disabled"]
     assert listed["holdout"] == 0.1
     one = services.admin("/v1/experiments/home-test")
-    assert one["arms"][0] == {"name": "control", "weight": 0.5, "personalized": False, "description": ""}
+    assert one["arms"][0] == {"name": "control", "weight": 0.5, "personalized": False, "model": None, "description": ""}
     assert client.get("/v1/experiments").status_code == 401
     assert client.get("/v1/experiments/home-test/report", headers={"X-API-Key": READER}).status_code == 403
     missing = client.get("/v1/experiments/nope/report", headers={"X-API-Key": ADMIN})
