@@ -1,0 +1,72 @@
+"""Durable storage behind one small interface, with two backends.
+
+- `RedisStore` (production): the event log is a Redis stream, idempotency keys and blobs are plain keys.
+  Run Redis with `appendonly yes` and `appendfsync always` so an acknowledged event survives a restart.
+- `SqliteStore` (embedded default): one SQLite file in WAL mode with `synchronous=FULL`.
+
+Both services use it for the event log, visitor/item state, the catalog, candidate indexes and
+recommendation records. Feast's online store is separate (see `feature_store.py`).
+"""
+
+from __future__ import annotations
+
+from services.common.settings import CommonSettings
+from services.common.storage.base import (
+    APPEND_CHUNK,
+    CATALOG_VERSION_KEY,
+    DEDUPE_TTL_S,
+    LOG_NAME,
+    UNINDEXED_NAMESPACES,
+    AppendResult,
+    LogEntry,
+    Namespace,
+    PendingEvent,
+    Store,
+    bump_catalog_version,
+    catalog_version,
+    partition_log,
+    partition_of,
+    position_order,
+    save_catalog,
+)
+from services.common.storage.redis_store import (
+    RedisStore,
+    check_redis_durability,
+    make_redis_client,
+    redis_durability_problems,
+)
+from services.common.storage.sqlite_store import SqliteStore, connect_sqlite
+
+__all__ = [
+    "APPEND_CHUNK",
+    "CATALOG_VERSION_KEY",
+    "DEDUPE_TTL_S",
+    "LOG_NAME",
+    "UNINDEXED_NAMESPACES",
+    "AppendResult",
+    "LogEntry",
+    "Namespace",
+    "PendingEvent",
+    "RedisStore",
+    "SqliteStore",
+    "Store",
+    "bump_catalog_version",
+    "catalog_version",
+    "check_redis_durability",
+    "connect_sqlite",
+    "make_redis_client",
+    "open_store",
+    "partition_log",
+    "partition_of",
+    "position_order",
+    "redis_durability_problems",
+    "save_catalog",
+]
+
+
+def open_store(settings: CommonSettings) -> Store:
+    """Redis when REDIS_URL is set, the embedded SQLite file otherwise."""
+    if settings.redis_url:
+        client = make_redis_client(settings.redis_url, settings.redis_cluster, settings.redis_timeout_s)
+        return RedisStore(client, settings.namespace, settings.log_partitions)
+    return SqliteStore(settings.sqlite_path)
