@@ -42,8 +42,9 @@ from services.messages.service import MessageService
 from services.messages.settings import CHANNELS, MessageSettings
 from services.messages.train import MessageTrainConfig, train_message_model
 from services.profile.aggregations import SegmentRules
+from services.profile.aggregator import Aggregator
+from services.profile.ingest import IngestService
 from services.profile.repository import ProfileRepository
-from services.profile.service import Aggregator, IngestService
 from services.recommend.catalog_cache import build_snapshot
 from services.recommend.repository import RecommendRepository
 from services.recommend.settings import RecommendSettings

@@ -34,7 +34,7 @@ from services.offline.estimators import Estimate, doubly_robust, ips, snips
 from services.offline.slates import LoggedSlate, SlateLog, load_slates
 
 MAX_POSITIONS = 10  # positions beyond this share one reward-model indicator
-# The same weights the profile aggregator folds into the popularity index (services/profile/service.py).
+# The same weights the profile aggregator folds into the popularity index (services/profile/aggregator.py).
 POPULARITY_WEIGHTS = {
     EventType.PRODUCT_VIEW: 1.0,
     EventType.ADD_TO_CART: 3.0,

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from services.common.api import describe_errors
 from services.common.events import Event, EventType
 from services.common.traits import TraitSchema, TraitSpec
+from services.profile.aggregator import Aggregator
 from services.profile.importer import (
     EventBatches,
     ImportReport,
@@ -36,7 +37,7 @@ from services.profile.importer import (
     open_binary,
     record_invalid,
 )
-from services.profile.service import Aggregator, IngestService
+from services.profile.ingest import IngestService
 
 VISITOR_COLUMN = "visitor_id"
 TRUE_TEXT = frozenset({"true", "1", "yes", "y"})

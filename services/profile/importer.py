@@ -29,7 +29,8 @@ from services.common.catalog import CatalogItem
 from services.common.errors import StorageUnavailable
 from services.common.events import Event, future_timestamp_error
 from services.common.tabular import CsvProblem, csv_records, is_csv
-from services.profile.service import Aggregator, EntryFailed, IngestService
+from services.profile.aggregator import Aggregator, EntryFailed
+from services.profile.ingest import IngestService
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

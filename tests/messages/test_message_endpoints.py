@@ -35,9 +35,10 @@ from services.messages.service import MessageService
 from services.messages.settings import MessageSettings
 from services.messages.templates import MessageCatalog
 from services.profile.aggregations import SegmentRules
+from services.profile.aggregator import Aggregator
+from services.profile.ingest import IngestService
 from services.profile.privacy import MessageHistoryHolder
 from services.profile.repository import ProfileRepository
-from services.profile.service import Aggregator, IngestService
 from services.recommend.app import create_app
 from services.recommend.deps import RecommendState
 from services.recommend.settings import RecommendSettings

@@ -24,8 +24,8 @@ from services.messages.decision_log import encode_candidates
 from services.messages.ope import NOTHING, evaluate_messages
 from services.messages.replay import replay_decisions
 from services.messages.repository import MessageRepository
+from services.profile.ingest import IngestService
 from services.profile.repository import ProfileRepository
-from services.profile.service import IngestService
 from services.recommend.repository import RecommendRepository
 from tests.conftest import REDIS_URL
 from tests.factories import make_item

@@ -12,9 +12,10 @@ import pytest
 
 from services.common.events import Event
 from services.profile.aggregations import ItemInfo, SegmentRules, visitor_features
+from services.profile.aggregator import Aggregator
 from services.profile.bulk_fold import OutOfOrder, fold_history
+from services.profile.ingest import IngestService
 from services.profile.repository import ProfileRepository
-from services.profile.service import Aggregator, IngestService
 from services.profile.settings import ProfileSettings
 from services.recommend.training import Replay
 from tests.factories import BASE_TIME, make_event, make_item

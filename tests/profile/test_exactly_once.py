@@ -20,9 +20,9 @@ from services.common.errors import StorageUnavailable
 from services.common.events import Event
 from services.common.storage import Namespace, partition_log
 from services.profile.aggregations import ItemState, SegmentRules, fold_item
+from services.profile.aggregator import Aggregator
 from services.profile.app import ProfileState, build_state
 from services.profile.commit import BatchCommit
-from services.profile.service import Aggregator
 from services.profile.settings import ProfileSettings
 from tests.factories import BASE_TIME, make_event
 

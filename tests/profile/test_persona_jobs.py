@@ -25,7 +25,9 @@ from services.common.events import Event
 from services.common.feature_store import online_rows
 from services.common.models import ModelKind, ModelRegistry
 from services.profile.aggregations import SegmentRules
+from services.profile.aggregator import Aggregator
 from services.profile.app import create_app
+from services.profile.ingest import IngestService
 from services.profile.persona_jobs import (
     PersonaAssigner,
     load_model,
@@ -35,7 +37,6 @@ from services.profile.persona_jobs import (
 )
 from services.profile.personas import active_mask, fit_personas
 from services.profile.repository import ProfileRepository
-from services.profile.service import Aggregator, IngestService
 from services.profile.settings import ProfileSettings
 from services.recommend.repository import RecommendRepository
 from services.recommend.training import Query, TrainConfig, Trainer

@@ -27,10 +27,11 @@ from services.experiments.store import open_experiment_store
 from services.experiments.store.base import ExposureWrite
 from services.messages.repository import MESSAGE_HISTORY
 from services.profile.aggregations import SegmentRules
+from services.profile.aggregator import Aggregator
 from services.profile.app import create_app
+from services.profile.ingest import IngestService
 from services.profile.privacy import PrivacyService
 from services.profile.repository import ProfileRepository
-from services.profile.service import Aggregator, IngestService
 from services.profile.settings import ProfileSettings
 from services.recommend.repository import RecommendRepository
 from services.recommend.training import Query, TrainConfig, Trainer

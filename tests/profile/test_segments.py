@@ -14,8 +14,9 @@ import pytest
 from services.common import features as F
 from services.common.feature_store import online_rows
 from services.profile.aggregations import DAY, ItemInfo, SegmentRules, VisitorState, fold_visitor, segments
+from services.profile.aggregator import Aggregator
+from services.profile.ingest import IngestService
 from services.profile.repository import ProfileRepository
-from services.profile.service import Aggregator, IngestService
 from services.profile.settings import ProfileSettings
 from tests.factories import BASE_TIME, make_event, make_item
 

@@ -13,9 +13,10 @@ from fastapi.testclient import TestClient
 
 from services.common.clock import FixedClock
 from services.profile.aggregations import SegmentRules
+from services.profile.aggregator import Aggregator
+from services.profile.ingest import IngestService
 from services.profile.repository import ProfileRepository
 from services.profile.sequences import SYNTHETIC_STEP_S, catalog_items, purchase_events, read_histories
-from services.profile.service import Aggregator, IngestService
 from services.profile.settings import ProfileSettings
 from services.recommend.app import create_app
 from services.recommend.history_eval import PIPELINE, evaluate_histories

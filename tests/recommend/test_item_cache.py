@@ -8,8 +8,9 @@ from typing import Any
 
 from services.common.clock import FixedClock
 from services.profile.aggregations import SegmentRules
+from services.profile.aggregator import Aggregator
+from services.profile.ingest import IngestService
 from services.profile.repository import ProfileRepository
-from services.profile.service import Aggregator, IngestService
 from services.recommend.repository import RecommendRepository
 from services.recommend.service import RecommendService
 from services.recommend.settings import RecommendSettings
