@@ -132,7 +132,13 @@ def experiments_audit(state: State, _: AdminKey, limit: Annotated[int, Query(ge=
     return {"entries": store.audit(None, limit) if store is not None else []}
 
 
-@router.post("/v1/experiments", status_code=201)
+CHANGE_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
+    404: {"description": "No experiment has this key"},
+    409: {"description": "The change conflicts with the stored state (key exists, running weights, promoted)"},
+}
+
+
+@router.post("/v1/experiments", status_code=201, responses={409: CHANGE_ERRORS[409]})
 def create_experiment(experiment: ExperimentConfig, state: State, actor: AdminKey) -> dict[str, Any]:
     """Add an experiment to the shared configuration (409 when the key exists)."""
     runtime, store = _config_store(state)
@@ -147,7 +153,7 @@ def create_experiment(experiment: ExperimentConfig, state: State, actor: AdminKe
     return _changed(state, runtime, stored, experiment.key)
 
 
-@router.patch("/v1/experiments/{key}")
+@router.patch("/v1/experiments/{key}", responses=CHANGE_ERRORS)
 def change_experiment(key: str, patch: ExperimentPatch, state: State, actor: AdminKey) -> dict[str, Any]:
     """Enable or disable, (re)schedule start and end, change coverage, weights or description."""
     runtime, store = _config_store(state)
@@ -188,7 +194,7 @@ def change_experiment(key: str, patch: ExperimentPatch, state: State, actor: Adm
     return _changed(state, runtime, stored, key)
 
 
-@router.post("/v1/experiments/{key}/promote")
+@router.post("/v1/experiments/{key}/promote", responses=CHANGE_ERRORS)
 def promote_arm(key: str, promotion: Promotion, state: State, actor: AdminKey) -> dict[str, Any]:
     """End the experiment and record `arm` as the winner; an arm that names a ranker version pins it as the
     production ranker in the model registry (every replica follows the pin)."""
@@ -224,7 +230,7 @@ def promote_arm(key: str, promotion: Promotion, state: State, actor: AdminKey) -
     return answer
 
 
-@router.get("/v1/experiments/{key}/audit")
+@router.get("/v1/experiments/{key}/audit", responses={404: CHANGE_ERRORS[404]})
 def experiment_audit(
     key: str, state: State, _: AdminKey, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> dict[str, Any]:
