@@ -497,12 +497,12 @@ def test_admin_api_and_page(services: Services) -> None:
     assert [e["status"] for e in listed["experiments"]] == ["running", "running", "ended", "disabled"]
     assert listed["holdout"] == 0.1
     one = services.admin("/v1/experiments/home-test")
-    assert one["arms"][0] == {"name": "control", "weight": 0.5, "personalized": False, "description": ""}
+    assert one["arms"][0] == {"name": "control", "weight": 0.5, "personalized": False, "model": None, "description": ""}
     assert client.get("/v1/experiments").status_code == 401
     assert client.get("/v1/experiments/home-test/report", headers={"X-API-Key": READER}).status_code == 403
     missing = client.get("/v1/experiments/nope/report", headers={"X-API-Key": ADMIN})
     assert missing.status_code == 404 and missing.json()["error"] == "NotFound"
-    # Read-only: there is no way to change an experiment over HTTP.
+    # Changes are PATCHes of single fields (tests/experiments/test_admin_api.py); nothing replaces a whole one.
     assert client.put("/v1/experiments/home-test", json={}, headers={"X-API-Key": ADMIN}).status_code == 405
     page = client.get("/experiments")
     assert page.status_code == 200 and "experiments.js" in page.text
