@@ -269,3 +269,36 @@ def test_bad_input_is_refused_with_the_envelope_naming_the_field(
         assert field in [e["field"] for e in answer["errors"]], answer
     assert replicas.ok(replicas.a, "GET", "/v1/experiments")["generation"] == 1  # nothing was stored
     assert replicas.call(replicas.a, method, path, key=READER, json=body).status_code == 403  # admin scope only
+
+
+def test_the_cli_seeds_only_an_empty_store_unless_forced(
+    settings_factory: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from services.cli import app as cli
+
+    settings: RecommendSettings = settings_factory(RecommendSettings)
+    monkeypatch.setenv("SELARAS_NAMESPACE", settings.namespace)
+    monkeypatch.setenv("SELARAS_REDIS_URL", str(settings.redis_url))
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    first.write_text(SEEDED_YAML)
+    second.write_text(SEEDED_YAML.replace("key: seeded", "key: replaced"))
+
+    def seed(*args: str) -> str:
+        result = CliRunner().invoke(cli, ["experiments", "seed", *args, "--data-dir", str(tmp_path / "data")])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    def stored_keys() -> list[str]:
+        store = open_store(settings)
+        try:
+            stored = ExperimentConfigStore(store).load()
+            assert stored is not None
+            return [e.key for e in stored.config.experiments]
+        finally:
+            store.close()
+
+    assert "generation 1" in seed(str(first))
+    assert "--force" in seed(str(second)) and stored_keys() == ["seeded"]  # the store wins
+    assert "generation 2" in seed(str(second), "--force") and stored_keys() == ["replaced"]
