@@ -200,7 +200,11 @@ def promote_arm(key: str, promotion: Promotion, state: State, actor: AdminKey) -
     production ranker in the model registry (every replica follows the pin)."""
     runtime, store = _config_store(state)
     now = state.clock.now()
-    _, current = experiment_of(state, key)
+    # Checked against the stored record, not this replica's view (which may be a poll behind a change).
+    stored_now = store.load()
+    current = next((e for e in stored_now.config.experiments if e.key == key), None) if stored_now else None
+    if current is None:
+        raise NotFound(f"no experiment {key!r} is configured")
     arm = next((a for a in current.arms if a.name == promotion.arm), None)
     if arm is None:
         raise _invalid("arm", f"no arm {promotion.arm!r} in {current.arm_names}")
