@@ -890,7 +890,6 @@ class Namespace:
     AGGREGATOR_STATUS = "aggstatus"  # per log: cursor, lag, errors of its aggregator (readiness, metrics)
     AGGREGATOR_MEMBERS = "aggmember"  # live aggregator processes (expiring): each takes its share of partitions
     ERASED = "erased"  # visitors erased recently: a batch in flight must not write them back (expiring)
-    EXPERIMENTS = "expconfig"  # the experiments configuration and its audit log (experiments/config_store.py)
 
 
 CATALOG_VERSION_KEY = "catalog_version"

@@ -1,6 +1,6 @@
 """The experiments configuration as one shared record, and the audit log of its changes.
 
-Every replica of the recommend service reads the same record (`Namespace.EXPERIMENTS`, key `config`):
+Every replica of the recommend service reads the same record (namespace `expconfig`, key `config`):
 `{"generation": n, "config": <experiments.yaml as JSON>}`. Changes go through `Store.update`, a
 compare-and-set, so two admins changing it at once never lose one another's change; each change bumps the
 generation, which the replicas poll (runtime.py) to swap their view without a restart.
@@ -27,9 +27,12 @@ from pydantic import ValidationError
 
 from services.common.api import describe_errors
 from services.common.errors import InvalidPayload
-from services.common.storage import Namespace, Store
+from services.common.storage import Store
 from services.experiments.config import ExperimentsFile
 
+# The blob namespace of both records. Only the experiments package reads it, so it is named here rather than in
+# `services.common.storage.Namespace` (the contract between services).
+NAMESPACE: Final = "expconfig"
 CONFIG_KEY: Final = "config"
 AUDIT_KEY: Final = "audit"
 AUDIT_LIMIT: Final = 1000
@@ -76,7 +79,7 @@ class ExperimentConfigStore:
         self.store = store
 
     def load(self) -> StoredConfig | None:
-        raw = self.store.get(Namespace.EXPERIMENTS, CONFIG_KEY)
+        raw = self.store.get(NAMESPACE, CONFIG_KEY)
         return StoredConfig.from_json(raw) if raw is not None else None
 
     def seed(self, config: ExperimentsFile, *, force: bool, actor: str, now: float) -> tuple[StoredConfig, bool]:
@@ -95,7 +98,7 @@ class ExperimentConfigStore:
             wrote[0] = new
             return new.to_json()
 
-        stored = StoredConfig.from_json(self.store.update(Namespace.EXPERIMENTS, CONFIG_KEY, change))
+        stored = StoredConfig.from_json(self.store.update(NAMESPACE, CONFIG_KEY, change))
         if wrote[0] is not None:
             old = before[0].config if before[0] is not None else None
             keys = [e.key for e in config.experiments]
@@ -116,7 +119,7 @@ class ExperimentConfigStore:
             edited = validate_config(edit(current.config.model_dump(mode="json")))
             return StoredConfig(current.generation + 1, edited).to_json()
 
-        stored = StoredConfig.from_json(self.store.update(Namespace.EXPERIMENTS, CONFIG_KEY, change))
+        stored = StoredConfig.from_json(self.store.update(NAMESPACE, CONFIG_KEY, change))
         self._audit(actor, now, action, key, stored.generation, before[0], stored.config)
         return stored
 
@@ -145,11 +148,11 @@ class ExperimentConfigStore:
             entries: list[dict[str, Any]] = json.loads(raw) if raw else []
             return json.dumps([*entries, entry][-AUDIT_LIMIT:]).encode()
 
-        self.store.update(Namespace.EXPERIMENTS, AUDIT_KEY, append)
+        self.store.update(NAMESPACE, AUDIT_KEY, append)
 
     def audit(self, key: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """The newest entries first, of every experiment or of `key`."""
-        raw = self.store.get(Namespace.EXPERIMENTS, AUDIT_KEY)
+        raw = self.store.get(NAMESPACE, AUDIT_KEY)
         entries: list[dict[str, Any]] = json.loads(raw) if raw else []
         chosen = [e for e in reversed(entries) if key is None or e["key"] == key]
         return chosen[:limit]
