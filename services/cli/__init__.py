@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from services.cli import admin, exports, imports, serve, train
+from services.cli import admin, experiments, exports, imports, serve, train
 from services.common.terminal import record_to_html, save_html
 from services.demo.commands import shop_app, simulate_messages_command
 from services.demo.simulate_ab import simulate_ab_command
@@ -27,6 +27,10 @@ evaluate_app = typer.Typer(help="Offline evaluation: rankings, policies and mess
 export_app = typer.Typer(help="Export audiences (segment or persona members) as CSV.", no_args_is_help=True)
 run_app = typer.Typer(help="Run a background process (the aggregator).", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys: create a key and its SELARAS_API_KEYS entry.", no_args_is_help=True)
+experiments_app = typer.Typer(
+    help="The experiments configuration stored for every replica (seeded from experiments.yaml).",
+    no_args_is_help=True,
+)
 
 
 @app.callback()
@@ -58,6 +62,7 @@ app.add_typer(evaluate_app, name="evaluate")
 app.add_typer(export_app, name="export")
 app.add_typer(run_app, name="run")
 app.add_typer(keys_app, name="keys")
+app.add_typer(experiments_app, name="experiments")
 import_app.command("events")(imports.import_events_command)
 import_app.command("customers")(imports.import_customers_command)
 import_app.command("catalog")(imports.import_catalog_command)
@@ -69,3 +74,4 @@ export_app.command("audience")(exports.export_audience)
 export_app.command("recommendations")(exports.export_recommendations)
 run_app.command("aggregator")(serve.run_aggregator)
 keys_app.command("new")(admin.keys_new)
+experiments_app.command("seed")(experiments.seed)

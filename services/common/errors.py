@@ -36,6 +36,12 @@ class Forbidden(SelarasError):
     status_code = 403
 
 
+class Conflict(SelarasError):
+    """The change contradicts the stored state (e.g. it would move visitors between arms of a running test)."""
+
+    status_code = 409
+
+
 class PayloadTooLarge(SelarasError):
     status_code = 413
 

@@ -37,6 +37,8 @@ from services.common.events import Event
 from services.common.settings import CommonSettings
 from services.common.storage import Namespace, open_store
 from services.demo.simulator import ShownItem, Simulator
+from services.experiments.config import load_config
+from services.experiments.config_store import ExperimentConfigStore
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, float], None]
@@ -358,6 +360,14 @@ def run_simulation(
     results: list[AbResult] = []
     # Simulated days lie after today: the services run on a clock the simulation moves through them.
     clock = FixedClock(start)
+    # The stored configuration wins over the file (config_store.py): this run's experiments replace it.
+    store = open_store(recommend_settings)
+    try:
+        ExperimentConfigStore(store).seed(
+            load_config(experiments_file), force=True, actor="simulate-ab", now=start.timestamp()
+        )
+    finally:
+        store.close()
     with in_process_services(profile_settings, recommend_settings, clock=clock) as services:
         for i, spec in enumerate(specs):
             stats = simulate(

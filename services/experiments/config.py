@@ -1,8 +1,9 @@
 """Experiment configuration: experiments.yaml, its arms, and what each experiment covers and measures.
 
-Configuration is a YAML file loaded at start (`RECOMMEND_EXPERIMENTS_FILE`, default `experiments.yaml`); the
-admin API only reads it. An experiment covers slot kinds (`/v1/recommend`) and/or message channels
-(`/v1/next-best-message`); the first enabled, running experiment that covers a request serves it (runtime.py).
+The configuration lives in the shared store (config_store.py), changed through the admin API; the YAML file
+(`RECOMMEND_EXPERIMENTS_FILE`, default `experiments.yaml`) seeds it when the store holds none. An experiment
+covers slot kinds (`/v1/recommend`) and/or message channels (`/v1/next-best-message`); the first
+enabled, running experiment that covers a request serves it (runtime.py).
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ class ExperimentConfig(BaseModel):
     # Planned total sample N* for the always-valid interval (tightest around it).
     planned_visitors: int = Field(default=5000, ge=10)
     alpha: float = Field(default=0.05, gt=0, lt=0.5)
+    # The arm promoted as the winner (POST /v1/experiments/{key}/promote), which also ended the experiment.
+    winner: ArmName | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:
@@ -99,6 +102,8 @@ class ExperimentConfig(BaseModel):
             raise ValueError("an experiment must cover at least one slot kind or message channel")
         if self.start and self.end and self.end <= self.start:
             raise ValueError("end must be after start")
+        if self.winner is not None and self.winner not in names:
+            raise ValueError(f"winner {self.winner!r} is not one of the arms {names}")
         if self.metrics and self.primary_metric not in self.metrics:
             raise ValueError(f"primary_metric {self.primary_metric!r} must be one of metrics")
         return self

@@ -12,6 +12,9 @@ from fastapi import Depends, Request
 
 from services.common.api import require_scope
 from services.common.auth import ApiKeyAuth
+from services.common.clock import SYSTEM_CLOCK, Clock
+from services.common.models import ModelRegistry
+from services.experiments.config_store import ExperimentConfigStore
 from services.experiments.runtime import ExperimentRuntime
 
 
@@ -20,6 +23,10 @@ class ExperimentsState:
     runtime: ExperimentRuntime | None  # None: no experiments file, or it configures none
     experiments_file: Path  # shown by GET /v1/experiments, so an admin sees which file was read
     auth: ApiKeyAuth
+    # The shared configuration record the admin API changes (None: experiments are read-only, from the file).
+    config_store: ExperimentConfigStore | None = None
+    models: ModelRegistry | None = None  # where promoting an arm that names a ranker version pins it
+    clock: Clock = SYSTEM_CLOCK  # business time of audit entries and of the end a promotion sets
 
 
 def get_state(request: Request) -> ExperimentsState:

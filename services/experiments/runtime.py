@@ -5,6 +5,9 @@
 - Exposures are counted per visitor in the experiment store (services/experiments/store/);
   outcomes are attributed by the profile service (services/experiments/attribution.py).
 - Reports are computed from the stored sums by services/experiments/report.py.
+- The configuration is the shared record of config_store.py: the refresher thread polls its generation every
+  `CONFIG_POLL_S` and swaps the runtime's view (config, by_key, enabled) in one assignment, so every replica
+  follows an admin change within seconds, without a restart.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,12 +28,16 @@ from services.common.errors import StorageUnavailable
 from services.common.settings import CommonSettings
 from services.experiments.assignment import HOLDOUT_ARM, assign
 from services.experiments.config import ArmChoice, ExperimentConfig, ExperimentsFile, load_config
+from services.experiments.config_store import ExperimentConfigStore, StoredConfig
 from services.experiments.report import build_report
 from services.experiments.store import open_experiment_store
 from services.experiments.store.base import ExperimentStore, ExposureWrite
 from services.experiments.store.sums import ALL, count_increments, touch_counters
 
 log = logging.getLogger(__name__)
+
+# How often every replica reads the stored configuration record (one GET) to pick up admin changes.
+CONFIG_POLL_S = 2.0
 
 EXPERIMENT_REQUESTS = Counter(
     "selaras_experiment_requests", "Requests assigned to an experiment arm", ["experiment", "arm"]
@@ -112,21 +120,64 @@ class ExperimentRuntime:
         store: ExperimentStore,
         record_ttl_s: int = 8 * 86400,
         clock: Clock = SYSTEM_CLOCK,
+        source: ExperimentConfigStore | None = None,
+        generation: int = 0,
+        poll_interval_s: float = CONFIG_POLL_S,
     ):
-        self.config = config
         self.clock = clock
         self.store = store
         self.record_ttl_s = record_ttl_s
-        self.by_key = {e.key: e for e in config.experiments}
-        self.enabled = [e for e in config.experiments if e.enabled]
+        # The stored configuration this runtime follows (None: the configuration given here, fixed).
+        self.source = source
+        self.poll_interval_s = poll_interval_s
         self._registry_published = False
         self._stop = threading.Event()
         self._refresher: threading.Thread | None = None
+        self._apply_lock = threading.Lock()  # the poll thread and an admin request may both apply
+        self._view = _View(config, generation)
+        self._on_new_view()
+
+    # The view is replaced as a whole (one attribute assignment, atomic for readers on other threads): a
+    # request reads either the old or the new configuration, never half of each.
+    @property
+    def config(self) -> ExperimentsFile:
+        return self._view.config
+
+    @property
+    def by_key(self) -> dict[str, ExperimentConfig]:
+        return self._view.by_key
+
+    @property
+    def enabled(self) -> list[ExperimentConfig]:
+        return self._view.enabled
+
+    @property
+    def generation(self) -> int:
+        return self._view.generation
+
+    def _on_new_view(self) -> None:
         for experiment in self.enabled:
             touch_counters(experiment.key, experiment.arm_names, experiment.goal_metrics, experiment.slot_labels)
             for arm in experiment.arms:
                 ARM_WEIGHT.labels(experiment.key, arm.name).set(arm.weight)
         self.publish_registry()
+
+    def apply(self, stored: StoredConfig) -> bool:
+        """Serve `stored` from now on, if it is newer than what is served; True when the view changed."""
+        with self._apply_lock:
+            if stored.generation <= self.generation:
+                return False
+            self._view = _View(stored.config, stored.generation)
+        self._on_new_view()
+        log.info("experiments configuration generation %d: %d enabled", stored.generation, len(self.enabled))
+        return True
+
+    def poll_config(self) -> bool:
+        """Read the stored configuration (one small read) and swap to it when its generation moved."""
+        if self.source is None:
+            return False
+        stored = self.source.load()
+        return stored is not None and self.apply(stored)
 
     def publish_registry(self) -> bool:
         try:
@@ -328,12 +379,13 @@ class ExperimentRuntime:
                 return
 
     def start_refresher(self) -> None:
-        """Recompute the result gauges periodically (a daemon thread that ends with the runtime)."""
-        if self._refresher is not None or not self.enabled:
+        """Poll the stored configuration and recompute the result gauges periodically (a daemon thread that
+        ends with the runtime)."""
+        if self._refresher is not None or (not self.enabled and self.source is None):
             return
         self._refresher = threading.Thread(
             target=_refresh_loop,
-            args=(weakref.ref(self), self._stop, self.config.report_interval_s),
+            args=(weakref.ref(self), self._stop, self.poll_interval_s, self.config.report_interval_s),
             name="experiment-gauges",
             daemon=True,
         )
@@ -344,31 +396,73 @@ class ExperimentRuntime:
         self.store.close()
 
 
-def _refresh_loop(runtime_ref: weakref.ref[ExperimentRuntime], stop: threading.Event, interval: float) -> None:
+class _View:
+    """One generation of the configuration with its lookups, built once and swapped as a whole."""
+
+    __slots__ = ("by_key", "config", "enabled", "generation")
+
+    def __init__(self, config: ExperimentsFile, generation: int):
+        self.config = config
+        self.generation = generation
+        self.by_key = {e.key: e for e in config.experiments}
+        self.enabled = [e for e in config.experiments if e.enabled]
+
+
+def _refresh_loop(
+    runtime_ref: weakref.ref[ExperimentRuntime], stop: threading.Event, poll_s: float, report_s: float
+) -> None:
     # A weak reference: an app that is thrown away (tests) does not keep its runtime alive through this.
-    while not stop.wait(interval):
+    # Durations, not business time: the gauges are recomputed every `report_s` of real time.
+    next_report = time.perf_counter() + report_s
+    while not stop.wait(poll_s):
         runtime = runtime_ref()
         if runtime is None:
             return
         try:
-            runtime.refresh_gauges()
-        except Exception as exc:  # keep refreshing after a bad cycle
-            log.warning("experiment gauge refresh failed: %s", type(exc).__name__)
+            runtime.poll_config()
+        except Exception as exc:  # a store hiccup: keep serving the current view and poll again
+            log.warning("experiment configuration poll failed: %s", type(exc).__name__)
+        if time.perf_counter() >= next_report:
+            next_report = time.perf_counter() + runtime.config.report_interval_s
+            try:
+                runtime.refresh_gauges()
+            except Exception as exc:  # keep refreshing after a bad cycle
+                log.warning("experiment gauge refresh failed: %s", type(exc).__name__)
         del runtime
 
 
 def load_experiments(
-    path: Path, settings: CommonSettings, record_ttl_s: int, clock: Clock = SYSTEM_CLOCK
+    path: Path,
+    settings: CommonSettings,
+    record_ttl_s: int,
+    clock: Clock = SYSTEM_CLOCK,
+    source: ExperimentConfigStore | None = None,
 ) -> ExperimentRuntime | None:
-    """The experiment runtime for a service, or None when no experiments file exists at `path` or it is empty.
-    `record_ttl_s` is how long exposure records outlive the attribution window (the recommendation TTL)."""
-    if not path.exists():
-        log.info("no experiments file at %s: experiments are off", path)
-        return None
-    config = load_config(path)
-    if not config.experiments:
-        return None
-    runtime = ExperimentRuntime(config, open_experiment_store(settings), record_ttl_s, clock)
+    """The experiment runtime for a service, or None when there is no configuration.
+
+    With `source` (the shared store), the file at `path` seeds it when it holds no configuration yet, and the
+    runtime follows the stored record from then on (config_store.py: once stored, the store wins). Without
+    it, the file alone is read and an empty one means no experiments. `record_ttl_s` is how long exposure
+    records outlive the attribution window (the recommendation TTL)."""
+    if source is None:
+        if not path.exists():
+            log.info("no experiments file at %s: experiments are off", path)
+            return None
+        config = load_config(path)
+        if not config.experiments:
+            return None
+        runtime = ExperimentRuntime(config, open_experiment_store(settings), record_ttl_s, clock)
+    else:
+        if path.exists():
+            _, seeded = source.seed(load_config(path), force=False, actor="experiments-file", now=clock.now())
+            log.info("experiments file %s %s", path, "seeded the store" if seeded else "ignored: the store has one")
+        stored = source.load()
+        if stored is None:
+            log.info("no experiments file at %s and none stored: experiments are off", path)
+            return None
+        runtime = ExperimentRuntime(
+            stored.config, open_experiment_store(settings), record_ttl_s, clock, source, stored.generation
+        )
     runtime.start_refresher()
-    log.info("experiments loaded: %d configured, %d enabled", len(config.experiments), len(runtime.enabled))
+    log.info("experiments loaded: %d configured, %d enabled", len(runtime.config.experiments), len(runtime.enabled))
     return runtime

@@ -16,6 +16,7 @@ from services.common.clock import Clock, clock_for
 from services.common.observability import MetricsMiddleware, configure_logging
 from services.common.security import install_security
 from services.common.storage import check_redis_durability
+from services.experiments.config_store import ExperimentConfigStore
 from services.experiments.deps import ExperimentsState
 from services.experiments.endpoints import router as experiment_router
 from services.experiments.runtime import load_experiments
@@ -40,7 +41,11 @@ def build_state(settings: RecommendSettings, clock: Clock | None = None) -> Reco
     repository = RecommendRepository.open(settings)
     clock = clock or clock_for(settings.clock_start)
     consent_defaults = settings.consent_defaults()
-    experiments = load_experiments(settings.experiments_file, settings, settings.recommendation_ttl_s, clock)
+    # The experiments configuration is a shared record every replica follows (the file only seeds it).
+    config_store = ExperimentConfigStore(repository.store)
+    experiments = load_experiments(
+        settings.experiments_file, settings, settings.recommendation_ttl_s, clock, config_store
+    )
     service = RecommendService(settings, repository, consent_defaults, experiments=experiments, clock=clock)
     messages = MessageService(
         MessageRepository(repository),
@@ -54,7 +59,9 @@ def build_state(settings: RecommendSettings, clock: Clock | None = None) -> Reco
     )
     executor = ThreadPoolExecutor(max_workers=settings.ranking_threads, thread_name_prefix="rank")
     auth = ApiKeyAuth(settings.api_keys)
-    experiment_state = ExperimentsState(experiments, settings.experiments_file, auth)
+    experiment_state = ExperimentsState(
+        experiments, settings.experiments_file, auth, config_store, repository.models, clock
+    )
     breaker = CircuitBreaker("store", settings.breaker_failures, settings.breaker_reset_s)
     guard = StoreGuard(breaker, settings.store_budget_s, settings.store_io_threads)
     return RecommendState(settings, repository, service, messages, auth, executor, experiment_state, guard)

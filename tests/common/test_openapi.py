@@ -18,6 +18,14 @@ from services.recommend.settings import RecommendSettings
 
 BROWSER, OPS = "browser-key-0001", "ops-key-0002"
 KEYS = f"web:recommend:{hash_key(BROWSER)},ops:admin:{hash_key(OPS)}"
+SHIPPED_EXPERIMENT = {
+    "key": "personalized-home",
+    "slot_kinds": ["product"],
+    "arms": [
+        {"name": "control", "weight": 0.5, "personalized": False},
+        {"name": "treatment", "weight": 0.5, "personalized": True},
+    ],
+}
 
 
 def error_validator(document: dict[str, Any]) -> Callable[[Any], None]:
@@ -70,6 +78,17 @@ def test_documented_errors_are_the_bodies_the_services_send(settings_factory: An
             (422, recommend.post("/v1/recommend", json={"visitor_id": "v", "slots": []}, headers={"X-API-Key": OPS})),
             (422, recommend.put("/v1/catalog/items", json={"items": [{"kind": "x"}]}, headers={"X-API-Key": OPS})),
             (404, recommend.get("/v1/experiments/nope", headers={"X-API-Key": OPS})),
+            (404, recommend.patch("/v1/experiments/nope", json={"enabled": True}, headers={"X-API-Key": OPS})),
+            (
+                409,  # the shipped experiments.yaml seeded the store with this key
+                recommend.post("/v1/experiments", json=SHIPPED_EXPERIMENT, headers={"X-API-Key": OPS}),
+            ),
+            (
+                422,
+                recommend.patch(
+                    "/v1/experiments/personalized-home", json={"weights": {"nope": 1}}, headers={"X-API-Key": OPS}
+                ),
+            ),
             (404, recommend.get("/v1/items/nope/similar", headers={"X-API-Key": BROWSER})),
             (422, recommend.get("/v1/items/nope/similar?limit=0", headers={"X-API-Key": BROWSER})),
             (
@@ -100,3 +119,5 @@ def test_the_recommend_document_tells_what_happens_to_unknown_ids(settings_facto
     similar = document["paths"]["/v1/items/{item_id}/similar"]["get"]
     assert {"404", "422"} <= set(similar["responses"])
     assert {p["name"] for p in similar["parameters"]} == {"item_id", "strategy", "limit"}
+    for path, method in (("/v1/experiments/{key}", "patch"), ("/v1/experiments/{key}/promote", "post")):
+        assert {"404", "409", "422"} <= set(document["paths"][path][method]["responses"]), (path, method)

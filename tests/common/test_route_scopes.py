@@ -43,6 +43,11 @@ EXPECTED: dict[tuple[str, str, str], frozenset[str]] = {
     ("recommend", "GET", "/v1/experiments"): ADMIN,
     ("recommend", "GET", "/v1/experiments/{key}"): ADMIN,
     ("recommend", "GET", "/v1/experiments/{key}/report"): ADMIN,
+    ("recommend", "POST", "/v1/experiments"): ADMIN,
+    ("recommend", "PATCH", "/v1/experiments/{key}"): ADMIN,
+    ("recommend", "POST", "/v1/experiments/{key}/promote"): ADMIN,
+    ("recommend", "GET", "/v1/experiments/audit"): ADMIN,
+    ("recommend", "GET", "/v1/experiments/{key}/audit"): ADMIN,
     ("recommend", "GET", "/experiments"): OPEN,  # a static page; its data comes from the admin API above
     ("recommend", "GET", "/experiments/assets/{name}"): OPEN,
     ("recommend", "POST", "/v1/next-best-message"): frozenset({"messages"}),

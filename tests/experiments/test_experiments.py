@@ -498,7 +498,7 @@ def test_admin_api_and_page(services: Services) -> None:
     assert client.get("/v1/experiments/home-test/report", headers={"X-API-Key": READER}).status_code == 403
     missing = client.get("/v1/experiments/nope/report", headers={"X-API-Key": ADMIN})
     assert missing.status_code == 404 and missing.json()["error"] == "NotFound"
-    # Read-only: there is no way to change an experiment over HTTP.
+    # Changes are PATCHes of single fields (tests/experiments/test_admin_api.py); nothing replaces a whole one.
     assert client.put("/v1/experiments/home-test", json={}, headers={"X-API-Key": ADMIN}).status_code == 405
     page = client.get("/experiments")
     assert page.status_code == 200 and "experiments.js" in page.text
