@@ -26,21 +26,19 @@ from services.common.features import as_number, visitor_row_at
 from services.common.traits import TraitSchema
 from services.messages.decision_log import decode_candidates
 from services.messages.model import ACTION_COLUMNS, VisitorView, action_vector, decision_vector, visitor_columns
-from services.profile.aggregations import ItemInfo, SegmentRules, VisitorState, fold_visitor, visitor_features
+from services.profile.aggregations import (
+    BEHAVIOUR_TYPES,
+    ItemInfo,
+    SegmentRules,
+    VisitorState,
+    fold_visitor,
+    visitor_features,
+)
 from services.recommend.catalog_cache import ItemSnapshot, build_snapshot
 
-# What counts as a visit to the shop (a reward of its own, services/messages/reward.py).
-VISIT_TYPES: Final = frozenset(
-    {
-        EventType.PAGE_VIEW,
-        EventType.PRODUCT_VIEW,
-        EventType.SEARCH,
-        EventType.ADD_TO_CART,
-        EventType.REMOVE_FROM_CART,
-        EventType.PURCHASE,
-        EventType.CLICK,
-    }
-)
+# What counts as a visit to the shop (a reward of its own, services/messages/reward.py): the visitor's own
+# behaviour, not what was shown to them or dismissed.
+VISIT_TYPES: Final = BEHAVIOUR_TYPES - {EventType.DISMISS, EventType.IMPRESSION}
 
 # Why a logged decision is left out, as the CLI reports it.
 EXCLUSION_REASONS: Final = {
