@@ -71,6 +71,7 @@ def train(
                 max_queries=max_queries,
                 seed=seed,
                 analytics_default=settings.consent_analytics,
+                candidate_pool=settings.candidate_pool,
             )
             stages = StageProgress(bar)
             trainer = Trainer(repository, config, stages)
@@ -227,7 +228,13 @@ def evaluate_item2item_command(
     if personal:
         settings = RecommendSettings()
         config = TrainConfig(max_queries=10**9, seed=seed)
-        model, _, _ = train_on_histories(data.truncated(1), settings.max_candidates, config, settings.candidate_sources)
+        model, _, _ = train_on_histories(
+            data.truncated(1),
+            settings.max_candidates,
+            config,
+            settings.candidate_sources,
+            pool=settings.candidate_pool,
+        )
         console.print(f"ranker trained in {time.perf_counter() - started:.0f} s")
     result = evaluate_item2item(histories.stem, data, max_users, seed, model=model)
     console.print(f"{histories.stem}: {result.users:,} users, {result.items:,} items, leave-last-out")

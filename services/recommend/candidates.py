@@ -39,6 +39,27 @@ SOURCES = (
 PER_SOURCE = 80  # the base budget of one generator (some take multiples or fractions of it)
 EMBEDDING_BUDGET = 2  # multiples of PER_SOURCE
 
+# The pooled first stage (CandidateGenerator(pool=...)): every generator proposes `pool / max_candidates` times
+# its budget and the `max_candidates` with the best fused score are kept, instead of the first ones in priority
+# order. Fused score: the sum over the generators proposing an item of weight / (POOL_RANK_OFFSET + its rank
+# in that generator) (reciprocal-rank fusion), so items several generators agree on, and the top of the
+# order-aware generators, win over the deep tail of any one list. Fixed weights: the order-aware generators
+# find the next item far more often than the context lists; offset and weights picked on the candidate
+# recall of 2,000 sampled Toys users (docs/quality-ablation.md).
+POOL_RANK_OFFSET = 200.0
+POOL_WEIGHTS: Mapping[str, float] = {
+    "covisitation": 1.0,
+    "embedding": 1.5,
+    "cart": 1.0,
+    "two_step": 0.8,
+    "shared_tags": 0.8,
+    "category": 0.15,
+    "brand": 0.15,
+    "trending": 0.1,
+    "popular": 0.1,
+    "new_arrival": 0.05,
+}
+
 
 @dataclass(frozen=True)
 class VisitorVector:
@@ -108,9 +129,22 @@ def context_keys_for(city: str | None, device: str | None, now: float, utc_offse
 
 
 class CandidateGenerator:
-    def __init__(self, max_candidates: int = 500, per_source: int = PER_SOURCE, sources: Sequence[str] = SOURCES):
+    def __init__(
+        self,
+        max_candidates: int = 500,
+        per_source: int = PER_SOURCE,
+        sources: Sequence[str] = SOURCES,
+        pool: int = 0,
+    ):
+        """`pool`: candidates pooled before keeping `max_candidates` by fused score (0 or at most
+        `max_candidates`: no pooling, the first ones in generator priority order)."""
+        if pool < 0:
+            raise ValueError(f"candidate pool must be >= 0, got {pool}")
         self.max_candidates = max_candidates
         self.per_source = per_source
+        self.pool = pool
+        # Budgets grow with the pool so the generators do propose about `pool` candidates.
+        self.scale = max(1.0, pool / max_candidates) if max_candidates > 0 else 1.0
         unknown = set(sources) - set(SOURCES)
         if unknown:
             raise ValueError(f"unknown candidate sources {sorted(unknown)}; known: {', '.join(SOURCES)}")
@@ -131,11 +165,12 @@ class CandidateGenerator:
         parts: list[np.ndarray] = []
         labels: list[int] = []
         per_source = self.per_source
+        scale = self.scale
 
         def add(indices: np.ndarray | None, source: str, limit: int) -> None:
             if indices is None or len(indices) == 0 or source not in self.sources:
                 return
-            chosen = indices[eligible[indices]][:limit]
+            chosen = indices[eligible[indices]][: int(limit * scale)]
             if len(chosen):
                 parts.append(chosen)
                 labels.append(SOURCES.index(source))
@@ -144,7 +179,7 @@ class CandidateGenerator:
         embedded: EmbeddingScores | None = None
         if personalized and visitor.known:
             scores = next_item_scores(snapshot, visitor.recent_items, per_source)
-            embedded = _embedding_scores(embeddings, snapshot, visitor, per_source)
+            embedded = _embedding_scores(embeddings, snapshot, visitor, int(per_source * scale))
             # Budgets: what comes next first, then items liked by similar visitors, what comes two steps
             # later, then items sharing tags.
             add(scores.ranked("next_item"), "covisitation", 2 * per_source)
@@ -173,7 +208,10 @@ class CandidateGenerator:
             return CandidateSet(np.zeros(0, dtype=np.int64), np.zeros(0), [])
         every = np.concatenate(parts)
         source_codes = np.repeat(np.array(labels, dtype=np.int8), [len(p) for p in parts])
-        _, first = np.unique(every, return_index=True)
+        _, first, inverse = np.unique(every, return_index=True, return_inverse=True)
+        if self.pool > self.max_candidates and len(first) > self.max_candidates:
+            fused = np.bincount(inverse, weights=_fusion_weights(parts, labels), minlength=len(first))
+            first = first[np.argsort(-fused, kind="stable")[: self.max_candidates]]
         keep = np.sort(first)[: self.max_candidates]  # first occurrence wins: generator priority order
         idx = every[keep]
         signals = scores.columns(idx) | _embedding_columns(embedded, idx)
@@ -233,6 +271,16 @@ def eligible_products(snapshot: ItemSnapshot, filters: Filters) -> np.ndarray:
     """Available products passing a slot's filters (a mask over snapshot rows): the eligibility of candidates
     chosen outside the generators (item-to-item neighbours, a shop's own list)."""
     return CandidateGenerator._eligible_mask(snapshot, filters, KIND_CODES[ItemKind.PRODUCT])
+
+
+def _fusion_weights(parts: list[np.ndarray], labels: list[int]) -> np.ndarray:
+    """Each proposal's share of the fused score: its generator's weight / (offset + rank in that list)."""
+    return np.concatenate(
+        [
+            POOL_WEIGHTS[SOURCES[label]] / (POOL_RANK_OFFSET + np.arange(len(part), dtype=np.float64))
+            for part, label in zip(parts, labels, strict=True)
+        ]
+    )
 
 
 def _embedding_scores(

@@ -70,6 +70,7 @@ def train_on_histories_file(file: Path, attributes: Path | None, data_dir: Path,
         settings.candidate_sources,
         rules=SegmentRules.from_settings(settings),
         progress=_stage_printer(),
+        pool=settings.candidate_pool,
     )
     # Models are ordered by when they were made (wall time, as `selaras train` stamps them), not by data time.
     made = wall_time()

@@ -141,6 +141,7 @@ def evaluate_histories(
             settings.candidate_sources,
             rules=SegmentRules.from_settings(settings),
             progress=report,
+            pool=settings.candidate_pool,
         )
     seconds["train"] = round(time.perf_counter() - started, 1)
 

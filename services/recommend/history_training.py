@@ -81,6 +81,7 @@ def train_on_histories(
     sources: Sequence[str] = SOURCES,
     rules: SegmentRules | None = None,
     progress: Progress | None = None,
+    pool: int = 0,
 ) -> tuple[RankerModel, bytes, dict[str, float]]:
     """A LightGBM ranker for the served pipeline: one query per visitor (the last interaction)."""
     started = time.perf_counter()
@@ -97,7 +98,7 @@ def train_on_histories(
     report("learning item embeddings", 0.0)
     # Queries see embeddings learned without their answers; the served model gets them learned on everything.
     embeddings = ItemEmbeddings.fit(world.histories.sequences) if "embedding" in sources else None
-    generator = CandidateGenerator(max_candidates, sources=sources)
+    generator = CandidateGenerator(max_candidates, sources=sources, pool=pool)
     context, keys = world.context()
     valid_every = max(round(1 / config.validation_fraction), 2) if config.validation_fraction > 0 else 0
     sets = {"train": _Groups(), "valid": _Groups()}

@@ -181,7 +181,9 @@ class RecommendService:
         self.repository = repository
         self.consent_defaults = consent_defaults or ConsentDefaults()
         self.experiments = experiments
-        self.generator = CandidateGenerator(settings.max_candidates, sources=settings.candidate_sources)
+        self.generator = CandidateGenerator(
+            settings.max_candidates, sources=settings.candidate_sources, pool=settings.candidate_pool
+        )
         self.snapshot: ItemSnapshot = build_snapshot([], {}, {}, {}, now=clock.now())
         self.model: RankerModel | None = None
         self.skipped_models: dict[str, str] = {}

@@ -29,6 +29,9 @@ class RecommendSettings(CommonSettings):
     breaker_failures: int = Field(default=3, ge=1, le=100)
     breaker_reset_s: float = Field(default=1.0, gt=0, le=60)
     max_candidates: int = Field(default=500, ge=10, le=5000)
+    # Candidates pooled from the generators before the best `max_candidates` by fused score are kept
+    # (services/recommend/candidates.py); 0: fixed per-generator budgets in priority order.
+    candidate_pool: int = Field(default=0, ge=0, le=20000)
     # Candidate generators in use (all by default; fewer for ablations, see docs/quality.md).
     candidate_sources: tuple[str, ...] = SOURCES
     max_slots: int = Field(default=10, ge=1, le=50)

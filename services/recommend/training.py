@@ -63,6 +63,8 @@ class TrainConfig:
     # The served candidate count (RecommendSettings.max_candidates): a ranker trained on a smaller pool never
     # sees the candidates of the generators that only fill a larger one, and ranks them blindly.
     candidates: int = 500
+    # The served candidate pool (RecommendSettings.candidate_pool; 0: none), for the same reason.
+    candidate_pool: int = 0
     max_negatives: int = 50
     validation_fraction: float = 0.2
     snapshot_step_s: float | None = None  # None: spread ~120 snapshots over the log's time span
@@ -132,7 +134,9 @@ class Trainer:
         self.repository = repository
         self.config = config
         self.progress = progress or _noop
-        self.generator = CandidateGenerator(max_candidates=config.candidates, per_source=PER_SOURCE)
+        self.generator = CandidateGenerator(
+            max_candidates=config.candidates, per_source=PER_SOURCE, pool=config.candidate_pool
+        )
 
     # -- queries ------------------------------------------------------------------------------------
     def load(self) -> tuple[list[Event], list[CatalogItem]]:
