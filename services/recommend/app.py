@@ -91,6 +91,8 @@ def create_app(settings: RecommendSettings | None = None, clock: Clock | None = 
             state.service.stop()
             state.executor.shutdown(wait=True)
             state.store_guard.close()
+            if state.experiments.runtime is not None:  # its refresher thread and its store connection
+                state.experiments.runtime.close()
             state.repository.close()
 
     app = FastAPI(
