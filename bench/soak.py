@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     import services  # noqa: F401  (prometheus mode, before Feast)
     from services.common.settings import CommonSettings
     from services.demo.world import build_world
-    from services.recommend.training import TrainConfig
+    from services.recommend.training.train import TrainConfig
 
     namespace = f"soak{args.run_id}"
     work = REPO / "bench" / "tmp" / namespace

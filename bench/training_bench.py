@@ -19,7 +19,7 @@ from services.common.settings import CommonSettings
 from services.common.storage import PendingEvent, open_store
 from services.demo.world import build_world
 from services.recommend.repository import RecommendRepository
-from services.recommend.training import TrainConfig, Trainer
+from services.recommend.training.train import TrainConfig, Trainer
 
 GROUP = 15
 

@@ -1,6 +1,6 @@
 """Selaras feature definitions: entities, push sources, feature views, the context view and the service.
 
-The feature lists live in `services/common/features.py`; this file turns them into Feast objects, so a
+The feature lists live in `services/features/schema.py`; this file turns them into Feast objects, so a
 feature is named in one place. `build_definitions(offline_dir)` is what the services apply; the module-level
 objects below let the plain `feast` CLI work from this folder too (`SELARAS_DATA_DIR` picks the data dir).
 """
@@ -16,7 +16,7 @@ from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSo
 from feast.on_demand_feature_view import on_demand_feature_view
 from feast.types import Array, FeastType, Float64, Int64, String
 
-from services.common import features as F
+from services.features import schema as F
 
 FEAST_TYPES: dict[str, FeastType] = {
     "int": Int64,

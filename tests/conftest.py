@@ -260,7 +260,7 @@ class SessionWorld:
 @pytest.fixture(scope="session")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SessionWorld]:
     from services.demo.world import build_world
-    from services.recommend.training import TrainConfig
+    from services.recommend.training.train import TrainConfig
 
     namespace = unique_name("w")
     settings = CommonSettings(

@@ -29,7 +29,7 @@ def personas(
     """Learn personas from visitor behaviour, store them, assign every visitor; run it on a schedule."""
     use_data_dir(data_dir)
     from services.common.clock import clock_for
-    from services.profile.aggregations import SegmentRules
+    from services.features.aggregations import SegmentRules
     from services.profile.persona_jobs import persona_table, run_persona_job
     from services.profile.repository import ProfileRepository
     from services.profile.settings import ProfileSettings
@@ -105,7 +105,7 @@ def retention(
     """Delete logged events and offline feature history older than the retention period (run daily)."""
     use_data_dir(data_dir)
     from services.common.clock import clock_for
-    from services.profile.privacy import PrivacyService
+    from services.profile.privacy.service import PrivacyService
     from services.profile.repository import ProfileRepository
     from services.profile.settings import ProfileSettings
 

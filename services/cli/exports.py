@@ -33,7 +33,7 @@ def export_audience(
     """Visitors of a segment or persona as CSV (pseudonymous ids, persona, segments), for a broadcast."""
     use_data_dir(data_dir)
     from services.common.clock import clock_for
-    from services.profile.aggregations import SegmentRules
+    from services.features.aggregations import SegmentRules
     from services.profile.audiences import AudienceCount, AudienceFilter, InvalidAudience, audience_rows, write_csv
     from services.profile.repository import ProfileRepository
     from services.profile.settings import ProfileSettings

@@ -83,8 +83,8 @@ def run_aggregator(
     use_data_dir(data_dir)
     from services.common.observability import configure_logging
     from services.common.storage import check_redis_durability
+    from services.profile.aggregator.probe_server import serve_probes
     from services.profile.app import build_state
-    from services.profile.probe_server import serve_probes
     from services.profile.settings import ProfileSettings
 
     settings = ProfileSettings(data_dir=data_dir)

@@ -49,13 +49,13 @@ def train(
     """Train the LightGBM ranker from the event log and Feast's offline store; save it as the newest model."""
     use_data_dir(data_dir)
     if histories is not None:
-        from services.recommend.history_cli import train_on_histories_file
+        from services.cli.histories import train_on_histories_file
 
         train_on_histories_file(histories, attributes, data_dir, seed)
         return
     from services.recommend.repository import RecommendRepository
     from services.recommend.settings import RecommendSettings
-    from services.recommend.training import TrainConfig, Trainer
+    from services.recommend.training.train import TrainConfig, Trainer
 
     if engine not in ("local", "dask"):
         raise typer.BadParameter("engine must be 'local' or 'dask'")
@@ -76,7 +76,7 @@ def train(
             stages = StageProgress(bar)
             trainer = Trainer(repository, config, stages)
             if engine == "dask" and scheduler:
-                from services.recommend.distributed import DaskTrainer, connect
+                from services.recommend.training.distributed import DaskTrainer, connect
 
                 client = connect(scheduler)
                 trainer = DaskTrainer(repository, config, client, stages)
@@ -119,17 +119,17 @@ def evaluate_ranking_command(
 ) -> None:
     """Rank held-out interactions with the served pipeline and with baselines; print a table, write JSON."""
     if histories is not None:
-        from services.recommend.history_cli import evaluate_histories_file
+        from services.cli.histories import evaluate_histories_file
 
         evaluate_histories_file(histories, attributes, max_visitors, seed, out)
         return
     use_data_dir(data_dir)
     from datetime import datetime
 
-    from services.recommend.evaluation import PIPELINE, EvalConfig, RankingEvaluator
     from services.recommend.repository import RecommendRepository
     from services.recommend.settings import RecommendSettings
-    from services.recommend.training import TrainConfig
+    from services.recommend.training.evaluation import PIPELINE, EvalConfig, RankingEvaluator
+    from services.recommend.training.train import TrainConfig
 
     if protocol not in ("leave-last-out", "time") or target not in ("purchase", "product_view", "add_to_cart", "click"):
         raise typer.BadParameter("--protocol is leave-last-out|time, --target purchase|product_view|add_to_cart|click")
@@ -213,10 +213,10 @@ def evaluate_item2item_command(
 ) -> None:
     """HR@10 / NDCG@10 of the item-to-item strategies predicting each user's last item from the one before."""
     from services.profile.sequences import SequenceFileError, read_histories
-    from services.recommend.history_training import train_on_histories
-    from services.recommend.item2item_eval import evaluate_item2item, markdown_rows
     from services.recommend.settings import RecommendSettings
-    from services.recommend.training import TrainConfig
+    from services.recommend.training.histories import train_on_histories
+    from services.recommend.training.item2item_eval import evaluate_item2item, markdown_rows
+    from services.recommend.training.train import TrainConfig
 
     started = time.perf_counter()
     try:

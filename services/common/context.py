@@ -9,8 +9,6 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Final
 
-from services.common.features import CHANNEL_CODES, DEVICE_CODES
-
 # Indonesia has three zones: WIB (UTC+7), WITA (UTC+8), WIT (UTC+9).
 WIB: Final = timezone(timedelta(hours=7), "WIB")
 WITA: Final = timezone(timedelta(hours=8), "WITA")
@@ -46,6 +44,9 @@ CITY_ZONES: Final[dict[str, timezone]] = {
 }
 PAYDAY_FIRST_DAY: Final = 25  # Indonesian salaries land around the 25th
 PAYDAY_LAST_DAY_NEXT_MONTH: Final = 3
+# Codes of the categorical context columns (0 = unknown); the feature schema (services/features) lists them.
+DEVICE_CODES: Final = {"mobile": 1, "desktop": 2, "tablet": 3, "app": 4}
+CHANNEL_CODES: Final = {"web": 1, "app": 2, "email": 3, "push": 4, "whatsapp": 5, "social": 6, "search": 7}
 
 
 def zone_for(city: str | None, utc_offset_min: int | None = None) -> timezone:

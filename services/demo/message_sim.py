@@ -35,17 +35,17 @@ from services.common.settings import CommonSettings
 from services.demo.shop import generate_shop
 from services.demo.simulator import Simulator, write_jsonl
 from services.demo.world import batched
+from services.features.aggregations import SegmentRules
 from services.messages.replay import replay_decisions
 from services.messages.repository import MessageRepository
 from services.messages.schemas import MessageRequest
 from services.messages.service import MessageService
 from services.messages.settings import CHANNELS, MessageSettings
 from services.messages.train import MessageTrainConfig, train_message_model
-from services.profile.aggregations import SegmentRules
-from services.profile.aggregator import Aggregator
+from services.profile.aggregator.worker import Aggregator
 from services.profile.ingest import IngestService
 from services.profile.repository import ProfileRepository
-from services.recommend.catalog_cache import build_snapshot
+from services.recommend.ranking.item_cache import build_snapshot
 from services.recommend.repository import RecommendRepository
 from services.recommend.settings import RecommendSettings
 

@@ -31,7 +31,6 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from services.common import features as F
 from services.common.clock import FixedClock, wall_datetime
 from services.common.events import Event
 from services.common.settings import CommonSettings
@@ -39,6 +38,7 @@ from services.common.storage import Namespace, open_store
 from services.demo.simulator import ShownItem, Simulator
 from services.experiments.config import load_config
 from services.experiments.config_store import ExperimentConfigStore
+from services.features import schema as F
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, float], None]
@@ -107,7 +107,7 @@ def fork_world(
     settings (namespace, Feast project, data dir), so a simulation can change it without touching the
     original."""
     # Feast is imported here, not at module level, so `selaras --help` stays fast.
-    from services.common.feature_store import FeatureWriter, online_rows, open_feature_store
+    from services.features.store import FeatureWriter, online_rows, open_feature_store
 
     copied: dict[str, int] = {}
     source_store, target_store = open_store(source), open_store(target)
@@ -552,7 +552,7 @@ def _drop_namespace(settings: CommonSettings) -> None:
 
 def _teardown_features(settings: CommonSettings) -> None:
     """Drop a run's Feast online rows (Redis mode); a failure only leaves unused keys behind."""
-    from services.common.feature_store import open_feature_store
+    from services.features.store import open_feature_store
 
     try:
         open_feature_store(settings).teardown()

@@ -17,13 +17,13 @@ from services.common.events import Event
 from services.common.settings import CommonSettings
 from services.demo.shop import DemoShop, generate_shop
 from services.demo.simulator import Simulator
-from services.profile.aggregations import SegmentRules
-from services.profile.aggregator import Aggregator
+from services.features.aggregations import SegmentRules
+from services.profile.aggregator.worker import Aggregator
 from services.profile.ingest import IngestService
 from services.profile.persona_jobs import run_persona_job
 from services.profile.repository import ProfileRepository
 from services.recommend.repository import RecommendRepository
-from services.recommend.training import TrainConfig, Trainer
+from services.recommend.training.train import TrainConfig, Trainer
 
 Progress = Callable[[str, float], None]
 

@@ -1,6 +1,6 @@
 """Experiment attribution: outcome events (clicks, carts, purchases, message opens) go to the arm that served
 the visitor. The profile service runs it as an observer of the aggregator's micro-batches
-(services/profile/observers.py), so it must be idempotent: the store applies each event at most once.
+(services/profile/aggregator/observers.py), so it must be idempotent: the store applies each event at most once.
 """
 
 from __future__ import annotations

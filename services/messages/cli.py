@@ -15,7 +15,7 @@ import typer
 from rich.table import Table
 
 from services.common.terminal import console
-from services.profile.aggregations import SegmentRules
+from services.features.aggregations import SegmentRules
 
 if TYPE_CHECKING:
     from pydantic import TypeAdapter

@@ -19,7 +19,7 @@ from services.messages.model import VisitorView
 from services.messages.repository import MessageRepository
 from services.messages.settings import MessageSettings
 from services.messages.templates import MessageCatalog, Template
-from services.recommend.catalog_cache import ItemSnapshot
+from services.recommend.ranking.item_cache import ItemSnapshot
 
 log = logging.getLogger(__name__)
 

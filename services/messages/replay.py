@@ -1,7 +1,7 @@
 """Replay of logged decisions: the event log folded into the training and evaluation data of the uplift model.
 
 Visitor features at a decision are the visitor's row as of that moment. Training and offline evaluation
-replay the events through the profile service's own pure aggregation code (`services.profile.aggregations`),
+replay the events through the profile service's own pure aggregation code (`services.features.aggregations`),
 the same code that writes the online rows the service reads, so serving and training see the same values.
 Declared customer traits (`services/common/traits.py`) come from the same visitor state the service reads.
 
@@ -22,11 +22,8 @@ import numpy as np
 from services.common.catalog import CatalogItem, ItemKind
 from services.common.consent import Consent, ConsentDefaults, consent_changes_from_properties
 from services.common.events import Event, EventType
-from services.common.features import as_number, visitor_row_at
 from services.common.traits import TraitSchema
-from services.messages.decision_log import decode_candidates
-from services.messages.model import ACTION_COLUMNS, VisitorView, action_vector, decision_vector, visitor_columns
-from services.profile.aggregations import (
+from services.features.aggregations import (
     BEHAVIOUR_TYPES,
     ItemInfo,
     SegmentRules,
@@ -34,7 +31,10 @@ from services.profile.aggregations import (
     fold_visitor,
     visitor_features,
 )
-from services.recommend.catalog_cache import ItemSnapshot, build_snapshot
+from services.features.schema import as_number, visitor_row_at
+from services.messages.decision_log import decode_candidates
+from services.messages.model import ACTION_COLUMNS, VisitorView, action_vector, decision_vector, visitor_columns
+from services.recommend.ranking.item_cache import ItemSnapshot, build_snapshot
 
 # What counts as a visit to the shop (a reward of its own, services/messages/reward.py): the visitor's own
 # behaviour, not what was shown to them or dismissed.

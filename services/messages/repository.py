@@ -12,12 +12,12 @@ from typing import Any, Final
 
 import orjson
 
-from services.common import features as F
 from services.common.catalog import CatalogItem
 from services.common.consent import Consent, ConsentDefaults
 from services.common.events import Event
 from services.common.models import ModelIndex, ModelKind
 from services.common.storage import Namespace
+from services.features import schema as F
 from services.messages.history import SendHistory
 from services.recommend.repository import RecommendRepository
 

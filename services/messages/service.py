@@ -32,9 +32,9 @@ from prometheus_client import Counter, Histogram
 
 from services.common.clock import SYSTEM_CLOCK, Clock, TimePolicy
 from services.common.consent import ConsentDefaults
-from services.common.features import visitor_row_at
 from services.experiments.assignment import HOLDOUT_ARM
 from services.experiments.config import ArmChoice
+from services.features.schema import visitor_row_at
 from services.messages.decision_log import DecisionEntry, encode_candidates, next_id
 from services.messages.eligibility import Candidate, Eligibility, StockWatch, explain
 from services.messages.history import WEEK, SendHistory
@@ -52,7 +52,7 @@ from services.messages.schemas import MessageRequest, none_answer
 from services.messages.settings import PURPOSE, MessageSettings
 from services.messages.templates import MessageCatalog, Template
 from services.messages.timing import open_hours, plan_send
-from services.recommend.catalog_cache import ItemSnapshot
+from services.recommend.ranking.item_cache import ItemSnapshot
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from services.common.catalog import CatalogItem, ItemKind, Targeting
 from services.messages.settings import CHANNELS
-from services.recommend.catalog_cache import ItemSnapshot
+from services.recommend.ranking.item_cache import ItemSnapshot
 
 
 @dataclass(frozen=True, slots=True)

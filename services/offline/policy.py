@@ -29,19 +29,19 @@ import numpy as np
 
 from services.common.catalog import CatalogItem, ItemKind
 from services.common.events import Event, EventType
-from services.common.indexes import GLOBAL_CONTEXT, ContextPopularity
+from services.features.indexes import GLOBAL_CONTEXT, ContextPopularity
 from services.offline.estimators import Estimate, doubly_robust, ips, snips
 from services.offline.slates import LoggedSlate, SlateLog, load_slates
 
 MAX_POSITIONS = 10  # positions beyond this share one reward-model indicator
-# The same weights the profile aggregator folds into the popularity index (services/profile/aggregator.py).
+# The same weights the profile aggregator folds into the popularity index (services/profile/aggregator/worker.py).
 POPULARITY_WEIGHTS = {
     EventType.PRODUCT_VIEW: 1.0,
     EventType.ADD_TO_CART: 3.0,
     EventType.PURCHASE: 5.0,
     EventType.CLICK: 1.5,
 }
-RECENT_PURCHASES = 20  # the visitor row keeps this many purchased items (services/profile/aggregations.py)
+RECENT_PURCHASES = 20  # the visitor row keeps this many purchased items (services/features/aggregations.py)
 
 
 # ------------------------------------------------------------------------------------------------------

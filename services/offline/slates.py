@@ -2,7 +2,7 @@
 
 The recommend service logs one impression event per placed item with `properties.position` and
 `properties.propensity` (the probability of placing that item at that position given the items placed
-before it, services/recommend/exploration.py), and, when it explores, `rank` (the item's place in the
+before it, services/recommend/ranking/exploration.py), and, when it explores, `rank` (the item's place in the
 deterministic ranked list) and `pool` (how many eligible items it chose from). Impressions of one
 (recommendation_id, slot) form a slate; a click that echoes the recommendation id and names a shown item
 (within the attribution window) is the reward of that item's position.

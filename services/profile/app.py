@@ -14,14 +14,14 @@ from services.common.clock import Clock, clock_for
 from services.common.observability import MetricsMiddleware, configure_logging
 from services.common.security import install_security
 from services.common.storage import check_redis_durability
-from services.profile.aggregations import SegmentRules
-from services.profile.aggregator import Aggregator
+from services.features.aggregations import SegmentRules
+from services.profile.aggregator.observers import build_batch_observers
+from services.profile.aggregator.worker import Aggregator
 from services.profile.deps import ProfileState
 from services.profile.endpoints import router
 from services.profile.ingest import IngestService
-from services.profile.observers import build_batch_observers
 from services.profile.persona_jobs import PersonaAssigner
-from services.profile.privacy import PrivacyService, privacy_holders
+from services.profile.privacy.service import PrivacyService, privacy_holders
 from services.profile.privacy_endpoints import router as privacy_router
 from services.profile.repository import ProfileRepository
 from services.profile.settings import ProfileSettings

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import IO, Any, Final
 
 from services.common.consent import Consent, ConsentDefaults
-from services.profile.aggregations import SegmentRules, VisitorState, segments
+from services.features.aggregations import SegmentRules, VisitorState, segments
 
 CHANNELS: Final = ("push", "email", "whatsapp")
 SEGMENT_COLUMNS: Final = ("lifecycle", "value_tier", "journey_stage", "price_sensitivity", "is_customer")

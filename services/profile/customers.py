@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from services.common.api import describe_errors
 from services.common.events import Event, EventType
 from services.common.traits import TraitSchema, TraitSpec
-from services.profile.aggregator import Aggregator
+from services.profile.aggregator.worker import Aggregator
 from services.profile.importer import (
     EventBatches,
     ImportReport,

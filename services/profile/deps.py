@@ -12,11 +12,11 @@ from services.common.api import require_scope
 from services.common.auth import ApiKeyAuth
 from services.common.clock import Clock
 from services.common.consent import ConsentDefaults
-from services.profile.aggregations import SegmentRules
-from services.profile.aggregator import Aggregator
+from services.features.aggregations import SegmentRules
+from services.profile.aggregator.worker import Aggregator
 from services.profile.ingest import IngestService
 from services.profile.persona_jobs import PersonaAssigner
-from services.profile.privacy import PrivacyService
+from services.profile.privacy.service import PrivacyService
 from services.profile.repository import ProfileRepository
 from services.profile.settings import ProfileSettings
 

@@ -16,7 +16,7 @@ from services.common.consent import Consent
 from services.common.errors import Forbidden, InvalidPayload, NotFound, PayloadTooLarge, StorageUnavailable
 from services.common.events import BROWSER_EVENT_TYPES, Event
 from services.common.storage import partition_log
-from services.profile.aggregations import segments
+from services.features.aggregations import segments
 from services.profile.deps import AdminKey, EventsKey, IngestKey, State
 from services.profile.persona_jobs import persona_view
 from services.profile.schemas import ConsentUpdate, EventBatch, IngestResult, ProfileView

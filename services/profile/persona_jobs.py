@@ -38,12 +38,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from feast import FeatureStore
 
-from services.common import features as F
 from services.common.clock import SYSTEM_CLOCK
-from services.common.feature_store import FeatureWriter, online_rows, rewrite_offline_parts, to_arrow_table
 from services.common.models import ModelKind, ModelRegistry
 from services.common.storage import Namespace, Store
-from services.profile.aggregations import SegmentRules, VisitorState, segments, visitor_features
+from services.features import schema as F
+from services.features.aggregations import SegmentRules, VisitorState, segments, visitor_features
+from services.features.store import FeatureWriter, online_rows, rewrite_offline_parts, to_arrow_table
 from services.profile.personas import TRAIT_NAMES, PersonaModel, fit_personas, movement_report
 
 log = logging.getLogger(__name__)

@@ -10,11 +10,8 @@ from typing import Any
 import orjson
 from feast import FeatureStore
 
-from services.common import features as F
 from services.common.catalog import CatalogItem, ItemKind
 from services.common.consent import Consent, merge_into
-from services.common.feature_store import FeatureWriter, online_rows, open_feature_store, to_arrow_table
-from services.common.indexes import ContextPopularity, CoVisitation
 from services.common.settings import CommonSettings
 from services.common.storage import (
     LOG_NAME,
@@ -28,7 +25,10 @@ from services.common.storage import (
     position_order,
     save_catalog,
 )
-from services.profile.aggregations import ItemInfo, ItemState, VisitorState, merge_item_state
+from services.features import schema as F
+from services.features.aggregations import ItemInfo, ItemState, VisitorState, merge_item_state
+from services.features.indexes import ContextPopularity, CoVisitation
+from services.features.store import FeatureWriter, online_rows, open_feature_store, to_arrow_table
 
 log = logging.getLogger(__name__)
 AGGREGATOR_CURSOR = LOG_NAME  # partition 0's log

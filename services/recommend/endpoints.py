@@ -20,7 +20,7 @@ from services.common.api import (
 )
 from services.common.errors import StorageUnavailable
 from services.recommend.deps import AdminKey, RecommendKey, State
-from services.recommend.item2item import Strategy
+from services.recommend.ranking.item2item import Strategy
 from services.recommend.schemas import (
     RecommendRequest,
     RecommendResponse,

@@ -13,13 +13,11 @@ import orjson
 import pandas as pd
 from feast import FeatureStore
 
-from services.common import features as F
 from services.common.catalog import CatalogItem
 from services.common.clock import wall_time
 from services.common.consent import Consent, ConsentDefaults
 from services.common.errors import StorageUnavailable
 from services.common.events import Event, envelope, open_envelope
-from services.common.feature_store import OnlineRowReader, online_rows, open_feature_store
 from services.common.item_changes import changed_items
 from services.common.models import ModelIndex, ModelKind, ModelRegistry
 from services.common.settings import CommonSettings
@@ -32,7 +30,9 @@ from services.common.storage import (
     open_store,
     save_catalog,
 )
-from services.recommend.ranker import ModelMeta
+from services.features import schema as F
+from services.features.store import OnlineRowReader, online_rows, open_feature_store
+from services.recommend.ranking.ranker import ModelMeta
 
 log = logging.getLogger(__name__)
 RecordWrite = tuple[str, Mapping[str, Any], int]  # recommendation id, record, ttl seconds
@@ -164,7 +164,7 @@ class RecommendRepository:
         return {row[F.ITEM_KEY]: row for row in rows if row.get("views_7d") is not None}
 
     def covisitation(self) -> dict[str, bytes]:
-        """Stored JSON per item, parsed lazily by the item cache (services/recommend/catalog_cache.py)."""
+        """Stored JSON per item, parsed lazily by the item cache (services/recommend/ranking/item_cache.py)."""
         return dict(self.store.scan(Namespace.COVISITATION))
 
     def popularity(self) -> dict[str, bytes]:

@@ -1,5 +1,6 @@
-"""Recommend service logic: the item cache refresher, model loading/hot reload and the ranking pipeline
-candidates -> features -> LightGBM -> rules -> experiment tag -> impression log, with an explicit fallback."""
+"""Recommend service logic: the item cache refresher, model loading/hot reload, and a request's path
+visitor -> experiment arm -> `RankContext` -> the ranking pipeline of each slot (ranking/pipeline.py) -> answer
+and impression log, with an explicit fallback."""
 
 from __future__ import annotations
 
@@ -10,12 +11,11 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Protocol
 
-import numpy as np
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge
 
 from services.common.catalog import ItemKind
 from services.common.clock import SYSTEM_CLOCK, Clock, TimePolicy, wall_time
@@ -23,40 +23,40 @@ from services.common.consent import Consent, ConsentDefaults
 from services.common.context import context_features, daypart, local_time, zone_for
 from services.common.errors import InvalidPayload, NotFound
 from services.common.events import Event
-from services.common.features import visitor_row_at
 from services.common.models import ModelIndex
 from services.experiments.config import ArmChoice
-from services.recommend.candidates import (
-    SOURCES,
+from services.features.schema import visitor_row_at
+from services.recommend.ranking.candidates import (
     CandidateGenerator,
-    CandidateSet,
     Filters,
     VisitorVector,
     context_keys_for,
     eligible_products,
 )
-from services.recommend.catalog_cache import (
+from services.recommend.ranking.item2item import Strategy, neighbours
+from services.recommend.ranking.item_cache import (
     KIND_CODES,
     CatalogArrays,
-    ItemColumns,
     ItemSnapshot,
     build_snapshot,
     catalog_arrays,
 )
-from services.recommend.exploration import exploration_for, explore
-from services.recommend.item2item import PER_ANCHOR, Strategy, neighbours
-from services.recommend.item_embeddings import ItemEmbeddings
-from services.recommend.ranker import (
+from services.recommend.ranking.item_embeddings import ItemEmbeddings
+from services.recommend.ranking.pipeline import (
+    STAGE_VISITOR,
+    PipelineOptions,
+    RankContext,
+    Ranked,
+    SlotPipeline,
+)
+from services.recommend.ranking.ranker import (
     IncompatibleModel,
     RankerModel,
-    explain_item,
-    feature_matrix,
-    targeting_match,
     verify_model_text,
 )
-from services.recommend.reasons import PHRASES, Locale, context_label, locale_of, say
+from services.recommend.ranking.reasons import PHRASES, context_label, locale_of, say
+from services.recommend.ranking.rules import RuleContext
 from services.recommend.repository import RecommendRepository
-from services.recommend.rules import RuleContext, apply_rules, targeting_allows
 from services.recommend.schemas import ANCHORED, RecommendRequest, SlotRequest
 from services.recommend.settings import RecommendSettings
 
@@ -66,16 +66,6 @@ RECOMMENDATIONS = Counter(
     "selaras_recommendations_total", "Recommendation responses by strategy", ["strategy", "fallback"]
 )
 FALLBACKS = Counter("selaras_recommend_fallback_total", "Responses served by the fallback, by reason", ["reason"])
-STAGE_SECONDS = Histogram(
-    "selaras_recommend_stage_seconds",
-    "Time per ranking stage",
-    ["stage"],
-    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1),
-)
-# Label children resolved once: `.labels()` on every request is measurable on the hot path.
-STAGE_VISITOR, STAGE_CANDIDATES, STAGE_FEATURES, STAGE_PREDICT, STAGE_RULES = (
-    STAGE_SECONDS.labels(stage) for stage in ("visitor", "candidates", "features", "predict", "rules")
-)
 ARM_MODEL_MISSING = Counter(
     "selaras_arm_model_missing_total",
     "Requests of an experiment arm whose named ranker version is not loaded (served by the serving model)",
@@ -85,7 +75,6 @@ MODEL_INFO = Gauge("selaras_model_loaded_timestamp_seconds", "When the serving m
 CACHE_AGE = Gauge("selaras_item_cache_built_timestamp_seconds", "When the in-process item cache was built")
 CACHE_ITEMS = Gauge("selaras_item_cache_items", "Items in the in-process cache")
 IMPRESSIONS_DROPPED = Counter("selaras_impressions_dropped_total", "Impression batches dropped (queue full)")
-EXPLAIN_LIMIT = 3
 
 
 # The only explanation a browser-scoped key gets: it says nothing about the visitor.
@@ -127,45 +116,6 @@ class StoredVisitor:
 StoredVisitor.UNAVAILABLE = StoredVisitor(False, True, None, None)
 
 
-@dataclass
-class Ranked:
-    idx: list[int]
-    scores: list[float]
-    reasons: list[list[str]] | None
-    propensities: list[float]
-    # With exploration: each item's rank in the deterministic eligible list, and that list's length.
-    ranks: list[int] | None = None
-    pool: int | None = None
-    candidates: np.ndarray | None = None  # the generators' rows before scoring (offline candidate recall)
-    unknown: int | None = None  # rerank slots: given ids the catalog does not know (ignored)
-
-
-@dataclass(frozen=True)
-class RankContext:
-    """What every slot of one request is ranked with, resolved once per request."""
-
-    snapshot: ItemSnapshot
-    model: RankerModel | None  # None: not personalised (generic order, or the neighbour / shop order)
-    visitor: VisitorVector
-    context: dict[str, int]  # context features (hour, device, ...) of the request
-    keys: list[str]  # context popularity keys, most specific first
-    rules: RuleContext
-    now: float  # business time of the request
-    explain: bool  # personal reasons allowed (`explain` asked by a non-browser key)
-    context_label: str = ""  # "in Jakarta this evening"
-    persona: str | None = None
-    anchors: tuple[int, ...] = ()  # snapshot rows of `context.item_ids`
-    experiment: ArmChoice | None = None  # (key, arm, personalised)
-    locale: Locale = "en"  # the wording of reasons (services/recommend/reasons.py)
-
-
-@dataclass(frozen=True)
-class SlotCandidates:
-    candidates: CandidateSet
-    unknown: int | None = None  # rerank: given ids the catalog does not know
-    via: np.ndarray | None = None  # anchored: per candidate, the position in `anchors` it is closest to
-
-
 class RecommendService:
     def __init__(
         self,
@@ -181,8 +131,18 @@ class RecommendService:
         self.repository = repository
         self.consent_defaults = consent_defaults or ConsentDefaults()
         self.experiments = experiments
-        self.generator = CandidateGenerator(
-            settings.max_candidates, sources=settings.candidate_sources, pool=settings.candidate_pool
+        self.pipeline = SlotPipeline(
+            CandidateGenerator(
+                settings.max_candidates, sources=settings.candidate_sources, pool=settings.candidate_pool
+            ),
+            PipelineOptions(
+                exploration=settings.exploration,
+                max_per_category=settings.max_per_category,
+                max_pinned_per_slot=settings.max_pinned_per_slot,
+                naive_item_features=settings.naive_item_features,
+            ),
+            exploration_seed=settings.exploration_seed,
+            item_stats_via_sdk=repository.item_stats_via_sdk if settings.naive_item_features else None,
         )
         self.snapshot: ItemSnapshot = build_snapshot([], {}, {}, {}, now=clock.now())
         self.model: RankerModel | None = None
@@ -199,7 +159,6 @@ class RecommendService:
         self._reload_lock = threading.Lock()
         self._model_generation = -1  # of the registry index the loaded model was chosen from
         self._arm_models: dict[str, RankerModel] = {}  # ranker versions experiment arms name, by version
-        self._exploration_rng = np.random.default_rng(settings.exploration_seed)
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -526,7 +485,7 @@ class RecommendService:
             rules=RuleContext(context["hour"], device, city, bool(context["is_payday_window"])),
             now=now,
             explain=explain,
-            context_label=self._context_label(city, now, offset, locale),
+            context_label=context_label(city, daypart(local_time(now, zone_for(city, offset)).hour), locale),
             locale=locale,
             persona=self.persona_names.get(int(persona_id)) if isinstance(persona_id, int) else None,
             anchors=anchors,
@@ -538,7 +497,7 @@ class RecommendService:
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """One slot's answer and its impressions; the slot's items join `shown` (no repeats across slots)."""
         snapshot = rank.snapshot
-        ranked = self.rank_slot(slot, rank, shown)
+        ranked = self.pipeline.rank_slot(slot, rank, shown)
         items = []
         impressions = []
         for position, (i, score) in enumerate(zip(ranked.idx, ranked.scores, strict=True)):
@@ -629,166 +588,13 @@ class RecommendService:
             log.debug("consent unavailable: %s", type(exc).__name__)
             return False
 
+    @property
+    def generator(self) -> CandidateGenerator:
+        return self.pipeline.generator
+
     def rank_slot(self, slot: SlotRequest, rank: RankContext, shown: set[str]) -> Ranked:
-        """Candidates -> scores -> rules (-> exploration) -> explanations for one slot."""
-        filters = Filters(
-            categories=frozenset(slot.filters.categories),
-            brands=frozenset(slot.filters.brands),
-            min_price=slot.filters.min_price,
-            max_price=slot.filters.max_price,
-            exclude=frozenset(slot.filters.exclude_items),
-        )
-        stage = time.perf_counter()
-        found = self._candidates(slot, rank, filters)
-        candidates = found.candidates
-        STAGE_CANDIDATES.observe(time.perf_counter() - stage)
-        snapshot, model = rank.snapshot, rank.model
-        # Item-anchored slots are ranked as if the anchors were the visitor's latest items (they are on the page).
-        visitor = self._anchored_visitor(rank) if slot.strategy in ANCHORED else rank.visitor
-
-        X = None
-        if model is not None and len(candidates.idx):
-            stage = time.perf_counter()
-            columns = snapshot.columns(candidates.idx, slot.name, rank.now)
-            if self.settings.naive_item_features:
-                columns = self._naive_columns(snapshot, candidates.idx, slot.name, rank.now)
-            targeting = np.array(
-                [targeting_match(snapshot.targeting.get(int(i)), visitor, rank.persona) for i in candidates.idx]
-                if slot.kind is not ItemKind.PRODUCT
-                else np.full(len(candidates.idx), 0.5)
-            )
-            X = feature_matrix(visitor, rank.context, columns, candidates.signals, targeting, rank.now)
-            STAGE_FEATURES.observe(time.perf_counter() - stage)
-            stage = time.perf_counter()
-            scores = model.predict(X)
-            STAGE_PREDICT.observe(time.perf_counter() - stage)
-        elif slot.strategy == "personal":
-            scores = self._popularity_scores(snapshot, candidates.idx, rank.keys)
-        else:
-            # Without a personal model: the neighbour order, or the shop's own order of its list.
-            scores = np.linspace(1.0, 0.0, num=len(candidates.idx), endpoint=False)
-
-        stage = time.perf_counter()
-        exploration = exploration_for(self.settings.exploration, slot.name, slot.kind.value)
-        chosen = apply_rules(
-            snapshot,
-            candidates.idx,
-            scores,
-            # Exploring chooses among every rule-eligible item, so the rules see the whole ranked list.
-            len(candidates.idx) if exploration.active else slot.count,
-            shown,
-            just_bought=rank.visitor.purchased_items if slot.kind is ItemKind.PRODUCT else (),
-            max_per_category=self._category_quota(slot),
-            max_pinned=self.settings.max_pinned_per_slot,
-        )
-        STAGE_RULES.observe(time.perf_counter() - stage)
-        propensities = [1.0] * min(len(chosen), slot.count)
-        ranks: list[int] | None = None
-        pool: int | None = None
-        if exploration.active:
-            pinned = 0  # merchandiser pins keep their places; exploration starts after them
-            while pinned < len(chosen) and snapshot.pinned[chosen[pinned][0]]:
-                pinned += 1
-            placement = explore(
-                np.array([s for _, s in chosen]), slot.count, exploration, self._exploration_rng, pinned
-            )
-            chosen = [chosen[int(r)] for r in placement.order]
-            propensities = placement.propensities.tolist()
-            ranks, pool = placement.order.tolist(), placement.pool
-        idx = [i for i, _ in chosen]
-        reasons = None
-        if rank.explain:
-            if model is None and slot.strategy != "personal":
-                reasons = self._item_reasons(slot, rank, found, idx)
-            else:
-                reasons = self._explain(snapshot, model, X, candidates, idx, visitor, rank.context_label, rank.locale)
-        return Ranked(idx, [s for _, s in chosen], reasons, propensities, ranks, pool, candidates.idx, found.unknown)
-
-    def _candidates(self, slot: SlotRequest, rank: RankContext, filters: Filters) -> SlotCandidates:
-        snapshot = rank.snapshot
-        if slot.strategy in ANCHORED:
-            return self._anchored_candidates(slot, rank, filters)
-        if slot.strategy == "rerank":
-            return self._given_candidates(slot, rank, filters)
-        if slot.kind is ItemKind.PRODUCT:
-            personalized = rank.model is not None
-            embeddings = rank.model.embeddings if rank.model else None
-            return SlotCandidates(
-                self.generator.products(snapshot, rank.visitor, rank.keys, filters, personalized, embeddings=embeddings)
-            )
-        candidates = self.generator.creatives(snapshot, slot.kind, filters)
-        allowed = np.array(
-            [targeting_allows(snapshot.targeting.get(int(i)), rank.rules) for i in candidates.idx], dtype=bool
-        )
-        return SlotCandidates(
-            CandidateSet(
-                candidates.idx[allowed] if len(allowed) else candidates.idx,
-                candidates.covisitation[allowed] if len(allowed) else candidates.covisitation,
-                [s for s, a in zip(candidates.sources, allowed, strict=True) if a],
-                {name: values[allowed] for name, values in candidates.signals.items()} if len(allowed) else {},
-            )
-        )
-
-    def _anchored_candidates(self, slot: SlotRequest, rank: RankContext, filters: Filters) -> SlotCandidates:
-        """Neighbours of the anchors in the strategy's order; with a model, the ranker's columns for them."""
-        snapshot = rank.snapshot
-        strategy: Strategy = "similar" if slot.strategy == "similar" else "bought_together"
-        found = neighbours(
-            snapshot, rank.anchors, strategy, eligible_products(snapshot, filters), PER_ANCHOR * len(rank.anchors)
-        )
-        source = "shared_tags" if strategy == "similar" else "covisitation"
-        candidates = self._given_set(rank, found.idx, self._anchored_visitor(rank), source)
-        return SlotCandidates(candidates, via=found.via)
-
-    def _given_candidates(self, slot: SlotRequest, rank: RankContext, filters: Filters) -> SlotCandidates:
-        """The shop's list in its own order: known ids only (unknown ones counted), each once, rule-eligible."""
-        snapshot = rank.snapshot
-        given = list(dict.fromkeys(slot.candidate_ids or ()))
-        rows = np.array([snapshot.index[i] for i in given if i in snapshot.index], dtype=np.int64)
-        unknown = len(given) - len(rows)
-        rows = rows[eligible_products(snapshot, filters)[rows]] if len(rows) else rows
-        return SlotCandidates(self._given_set(rank, rows, rank.visitor, "given"), unknown=unknown)
-
-    def _given_set(self, rank: RankContext, idx: np.ndarray, visitor: VisitorVector, source: str) -> CandidateSet:
-        """Candidates chosen outside the generators; the ranker's columns are computed only when a model will
-        read them. `x_generator` is the generator whose kind of neighbour they are (NaN for the shop's list)."""
-        signals: dict[str, np.ndarray] = {}
-        if rank.model is not None:
-            signals = self.generator.signals(rank.snapshot, visitor, idx)
-            if source in SOURCES:
-                signals["x_generator"] = np.full(len(idx), float(SOURCES.index(source)))
-        covisitation = signals.get("x_covisitation", np.zeros(len(idx)))
-        return CandidateSet(idx, covisitation, [source] * len(idx), signals)
-
-    @staticmethod
-    def _anchored_visitor(rank: RankContext) -> VisitorVector:
-        visitor = rank.visitor
-        anchor_ids = tuple(rank.snapshot.ids[a] for a in rank.anchors)
-        recent = (*anchor_ids, *(i for i in visitor.recent_items if i not in anchor_ids))
-        return replace(visitor, recent_items=recent)
-
-    def _category_quota(self, slot: SlotRequest) -> int | None:
-        """Diversity per category: personal and bought-together product slots by default; a similar or rerank
-        slot (often one category by nature: a category page, look-alikes) only when it asks for one."""
-        if slot.kind is not ItemKind.PRODUCT:
-            return None
-        if slot.strategy in ("similar", "rerank"):
-            return slot.max_per_category
-        return slot.max_per_category or self.settings.max_per_category
-
-    @staticmethod
-    def _item_reasons(
-        slot: SlotRequest, rank: RankContext, found: SlotCandidates, chosen: list[int]
-    ) -> list[list[str]]:
-        """Explanations of the neighbour order or the shop's order (no model): which anchor an item is close to.
-        An anchor is never among the candidates, so no item is explained by itself."""
-        snapshot = rank.snapshot
-        if slot.strategy == "rerank" or found.via is None:
-            return [[say(rank.locale, "generic")] for _ in chosen]
-        row_of = {int(i): r for r, i in enumerate(found.candidates.idx)}
-        via = found.via
-        key = "similar_to" if slot.strategy == "similar" else "bought_together"
-        return [[say(rank.locale, key, title=snapshot.titles[rank.anchors[int(via[row_of[i]])]])] for i in chosen]
+        """One slot through the serving pipeline (offline evaluation measures exactly this)."""
+        return self.pipeline.rank_slot(slot, rank, shown)
 
     def similar_items(self, item_id: str, strategy: Strategy, limit: int) -> dict[str, Any]:
         """GET /v1/items/{item_id}/similar: the item's neighbours among available products, the same for every
@@ -818,80 +624,6 @@ class RecommendService:
             "url": snapshot.urls[i],
             "image_url": snapshot.image_urls[i],
         }
-
-    def _naive_columns(self, snapshot: ItemSnapshot, idx: np.ndarray, slot: str, now: float) -> ItemColumns:
-        """The baseline the benchmark compares against: candidate item features fetched through the Feast SDK
-        on every request (130-150 ms p99 when it was measured at the first review), instead of the in-process cache."""
-        ids = [snapshot.ids[i] for i in idx]
-        rows = self.repository.item_stats_via_sdk(ids)
-        fresh = build_snapshot(
-            snapshot, {i: rows[i] for i in ids if i in rows}, {}, {}, now=now, cache_neighbours=False
-        )
-        return fresh.columns(idx, slot, now)
-
-    @staticmethod
-    def _popularity_scores(snapshot: ItemSnapshot, idx: np.ndarray, keys: list[str]) -> np.ndarray:
-        """Generic ranking: popularity in the most specific context, then overall popularity."""
-        scores = np.zeros(len(idx), dtype=np.float64)
-        if len(idx) == 0:
-            return scores
-        order = np.argsort(idx)
-        sorted_idx = idx[order]
-        weight = 1.0
-        for key in keys:
-            entry = snapshot.popularity.get(key)
-            if entry is not None and len(entry[0]):
-                rows, values = entry
-                position = np.clip(np.searchsorted(sorted_idx, rows), 0, len(sorted_idx) - 1)
-                hit = sorted_idx[position] == rows
-                top = values.max() or 1.0
-                np.add.at(scores, order[position[hit]], weight * values[hit] / top)
-            weight *= 0.5
-        views = np.nan_to_num(snapshot.stats["views_7d"][idx], nan=0.0)
-        return scores + 1e-3 * np.log1p(views)
-
-    def _explain(
-        self,
-        snapshot: ItemSnapshot,
-        model: RankerModel | None,
-        X: np.ndarray | None,
-        candidates: CandidateSet,
-        chosen: list[int],
-        visitor: VisitorVector,
-        context_label: str,
-        locale: Locale = "en",
-    ) -> list[list[str]]:
-        row_of = {int(i): r for r, i in enumerate(candidates.idx)}
-        # "often chosen after X" must never name the item itself: each item reads the recent items other than it.
-        recent_rows = [snapshot.index[i] for i in visitor.recent_items[:4] if i in snapshot.index]
-        recent_categories = [
-            snapshot.categories[snapshot.index[i]] for i in visitor.recent_items if i in snapshot.index
-        ]
-        if model is not None and X is not None and chosen:
-            rows = [row_of[i] for i in chosen]
-            contributions = model.contributions(X[rows])
-            return [
-                explain_item(
-                    contributions[k],
-                    X[r],
-                    snapshot.titles[i],
-                    snapshot.categories[i],
-                    snapshot.brands[i],
-                    visitor,
-                    recent_categories.count(snapshot.categories[i]),
-                    [snapshot.titles[other] for other in recent_rows if other != i][:3],
-                    context_label,
-                    candidates.sources[r],
-                    EXPLAIN_LIMIT,
-                    locale,
-                )
-                for k, (i, r) in enumerate(zip(chosen, rows, strict=True))
-            ]
-        return [[say(locale, "popular", context=context_label)] for _ in chosen]
-
-    @staticmethod
-    def _context_label(city: str | None, now: float, offset: int | None, locale: Locale = "en") -> str:
-        return context_label(city, daypart(local_time(now, zone_for(city, offset)).hour), locale)
 
     @staticmethod
     def _impression(

@@ -9,8 +9,8 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import CommonSettings
-from services.recommend.candidates import SOURCES
-from services.recommend.exploration import Exploration
+from services.recommend.ranking.candidates import SOURCES
+from services.recommend.ranking.exploration import Exploration
 
 
 class RecommendSettings(CommonSettings):
@@ -30,7 +30,7 @@ class RecommendSettings(CommonSettings):
     breaker_reset_s: float = Field(default=1.0, gt=0, le=60)
     max_candidates: int = Field(default=500, ge=10, le=5000)
     # Candidates pooled from the generators before the best `max_candidates` by fused score are kept
-    # (services/recommend/candidates.py); 0: fixed per-generator budgets in priority order.
+    # (services/recommend/ranking/candidates.py); 0: fixed per-generator budgets in priority order.
     candidate_pool: int = Field(default=0, ge=0, le=20000)
     # Candidate generators in use (all by default; fewer for ablations, see docs/quality.md).
     candidate_sources: tuple[str, ...] = SOURCES

@@ -87,7 +87,7 @@ def test_clock_start_needs_a_time_zone(zone: object) -> None:
 
 
 def test_visitor_windows_are_seen_from_the_request_time_not_the_last_event() -> None:
-    from services.common.features import visitor_row_at
+    from services.features.schema import visitor_row_at
 
     last = AT.timestamp()
     row = {"last_seen_ts": last, "views_1h": 3, "views_24h": 5, "views_7d": 9, "views_30d": 20, "event_count": 40}

@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from services.common.feature_store import open_feature_store
 from services.common.settings import CommonSettings
+from services.features.store import open_feature_store
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from services.common import features as F
-from services.common.feature_store import FeatureWriter, online_rows, open_feature_store
 from services.common.settings import CommonSettings
+from services.features import schema as F
+from services.features.store import FeatureWriter, online_rows, open_feature_store
 from tests.conftest import REDIS_URL
 
 SAMPLES: dict[str, list[Any]] = {

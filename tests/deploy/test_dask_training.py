@@ -18,10 +18,10 @@ from distributed import Client, LocalCluster
 from typer.testing import CliRunner
 
 from services.cli import app
-from services.common import features as F
-from services.recommend.distributed import DaskTrainer, group_partitions, present_categoricals, to_dask
+from services.features import schema as F
 from services.recommend.repository import RecommendRepository
-from services.recommend.training import Query, TrainConfig, Trainer, TrainingSet
+from services.recommend.training.distributed import DaskTrainer, group_partitions, present_categoricals, to_dask
+from services.recommend.training.train import Query, TrainConfig, Trainer, TrainingSet
 from tests.conftest import SessionWorld
 
 

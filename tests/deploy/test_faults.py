@@ -654,7 +654,7 @@ def test_two_aggregator_processes_share_the_partitions_and_one_takes_over_when_t
 
 def assert_exact(repository: Any, sent: Sequence[Any]) -> None:
     """Item totals and visitor totals equal the logged events; no batch is left half-applied."""
-    from services.profile.aggregations import ItemState, fold_item
+    from services.features.aggregations import ItemState, fold_item
 
     expected: dict[str, ItemState] = {}
     for event in sent:

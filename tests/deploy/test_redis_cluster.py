@@ -30,7 +30,7 @@ from services.profile.app import create_app as create_profile_app
 from services.profile.settings import ProfileSettings
 from services.recommend.app import create_app as create_recommend_app
 from services.recommend.settings import RecommendSettings
-from services.recommend.training import TrainConfig
+from services.recommend.training.train import TrainConfig
 from tests.conftest import unique_name
 
 SLOTS = [

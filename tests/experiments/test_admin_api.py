@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from services.common import features as F
 from services.common.auth import hash_key
 from services.common.clock import FixedClock
 from services.common.models import ModelKind, ModelRegistry
@@ -22,8 +21,9 @@ from services.common.storage import open_store
 from services.experiments.config import ExperimentsFile
 from services.experiments.config_store import ExperimentConfigStore
 from services.experiments.runtime import CONFIG_POLL_S
+from services.features import schema as F
 from services.recommend.app import create_app
-from services.recommend.ranker import ModelMeta
+from services.recommend.ranking.ranker import ModelMeta
 from services.recommend.repository import RecommendRepository
 from services.recommend.settings import RecommendSettings
 from tests.factories import make_item

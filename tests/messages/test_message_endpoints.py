@@ -26,6 +26,7 @@ from services.common.events import Event
 from services.common.models import ModelKind, ModelRegistry
 from services.common.settings import CommonSettings
 from services.demo.shop import generate_shop
+from services.features.aggregations import SegmentRules
 from services.messages.endpoints import install_message_service
 from services.messages.history import SendHistory
 from services.messages.model import MessageModel, Stage
@@ -34,10 +35,9 @@ from services.messages.schemas import MessageRequest
 from services.messages.service import MessageService
 from services.messages.settings import MessageSettings
 from services.messages.templates import MessageCatalog
-from services.profile.aggregations import SegmentRules
-from services.profile.aggregator import Aggregator
+from services.profile.aggregator.worker import Aggregator
 from services.profile.ingest import IngestService
-from services.profile.privacy import MessageHistoryHolder
+from services.profile.privacy.service import MessageHistoryHolder
 from services.profile.repository import ProfileRepository
 from services.recommend.app import create_app
 from services.recommend.deps import RecommendState

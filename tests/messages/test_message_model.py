@@ -21,17 +21,17 @@ from services.common.settings import CommonSettings
 from services.demo.message_sim import MessageSimConfig, simulate_messages
 from services.demo.shop import generate_shop
 from services.demo.simulator import read_jsonl
+from services.features.aggregations import SegmentRules
 from services.messages.model import VisitorView, action_vector, visitor_vector
 from services.messages.replay import replay_decisions
 from services.messages.repository import MessageRepository
 from services.messages.schemas import MessageRequest
 from services.messages.service import MessageService
 from services.messages.settings import MessageSettings
-from services.profile.aggregations import SegmentRules
-from services.profile.aggregator import Aggregator
+from services.profile.aggregator.worker import Aggregator
 from services.profile.ingest import IngestService
 from services.profile.repository import ProfileRepository
-from services.recommend.catalog_cache import build_snapshot
+from services.recommend.ranking.item_cache import build_snapshot
 from services.recommend.repository import RecommendRepository
 from services.recommend.settings import RecommendSettings
 from tests.conftest import REDIS_URL

@@ -18,6 +18,7 @@ from services.common.clock import FixedClock
 from services.common.settings import CommonSettings
 from services.common.traits import TraitSchema
 from services.demo.shop import generate_shop
+from services.features.aggregations import SegmentRules
 from services.messages.model import (
     ACTION_COLUMNS,
     VISITOR_COLUMNS,
@@ -35,11 +36,10 @@ from services.messages.schemas import MessageRequest
 from services.messages.service import MessageService
 from services.messages.settings import MessageSettings
 from services.messages.train import MessageTrainConfig, train_message_model
-from services.profile.aggregations import SegmentRules
-from services.profile.aggregator import Aggregator
+from services.profile.aggregator.worker import Aggregator
 from services.profile.ingest import IngestService
 from services.profile.repository import ProfileRepository
-from services.recommend.catalog_cache import build_snapshot
+from services.recommend.ranking.item_cache import build_snapshot
 from services.recommend.repository import RecommendRepository
 from services.recommend.settings import RecommendSettings
 from tests.conftest import REDIS_URL

@@ -19,7 +19,7 @@ from services.messages.render import deep_link, fill, format_price, render, toke
 from services.messages.settings import MessageSettings
 from services.messages.templates import MessageCatalog
 from services.messages.timing import plan_send
-from services.recommend.catalog_cache import ItemSnapshot, build_snapshot
+from services.recommend.ranking.item_cache import ItemSnapshot, build_snapshot
 from tests.factories import make_item
 
 SETTINGS = MessageSettings()

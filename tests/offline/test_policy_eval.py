@@ -31,7 +31,7 @@ from services.offline.policy import (
     popular_lists,
 )
 from services.offline.slates import LoggedSlate, SlateLog, load_slates
-from services.recommend.exploration import Exploration, explore
+from services.recommend.ranking.exploration import Exploration, explore
 from services.recommend.repository import RecommendRepository
 from services.recommend.schemas import RecommendRequest, RequestContext, SlotRequest
 from services.recommend.service import RecommendService

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.common.events import EventType
-from services.profile.aggregations import (
+from services.features.aggregations import (
     DAY,
     HOUR,
     ItemInfo,

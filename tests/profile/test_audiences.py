@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from services.cli import app as cli
 from services.common.consent import Consent, ConsentDefaults
-from services.profile.aggregations import SegmentRules, VisitorState
+from services.features.aggregations import SegmentRules, VisitorState
 from services.profile.audiences import AudienceCount, AudienceFilter, InvalidAudience, audience_rows
 from services.profile.repository import ProfileRepository
 from services.profile.settings import ProfileSettings

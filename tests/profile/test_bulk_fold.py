@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 
 from services.common.events import Event
-from services.profile.aggregations import ItemInfo, SegmentRules, visitor_features
-from services.profile.aggregator import Aggregator
-from services.profile.bulk_fold import OutOfOrder, fold_history
+from services.features.aggregations import ItemInfo, SegmentRules, visitor_features
+from services.profile.aggregator.bulk_fold import OutOfOrder, fold_history
+from services.profile.aggregator.worker import Aggregator
 from services.profile.ingest import IngestService
 from services.profile.repository import ProfileRepository
 from services.profile.settings import ProfileSettings
-from services.recommend.training import Replay
+from services.recommend.training.train import Replay
 from tests.factories import BASE_TIME, make_event, make_item
 
 TYPES = ("product_view", "product_view", "add_to_cart", "purchase", "click", "search")

@@ -16,16 +16,16 @@ import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 
-from services.common import features as F
 from services.common.consent import PURPOSES, Consent, ConsentDefaults, consent_changes_from_properties
 from services.common.events import Event
-from services.common.feature_store import online_rows
+from services.features import schema as F
+from services.features.store import online_rows
 from services.profile.app import create_app
 from services.profile.settings import ProfileSettings
 from services.recommend.app import create_app as create_recommend_app
 from services.recommend.repository import RecommendRepository
 from services.recommend.settings import RecommendSettings
-from services.recommend.training import TrainConfig, Trainer
+from services.recommend.training.train import TrainConfig, Trainer
 from tests.conftest import REDIS_URL, SessionWorld, clean_namespace, unique_name
 from tests.factories import BASE_TIME, make_event_dict, make_item
 

@@ -14,15 +14,15 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 
-from services.common import features as F
 from services.common.clock import FixedClock
 from services.common.errors import StorageUnavailable
 from services.common.events import Event
 from services.common.storage import Namespace, partition_log
-from services.profile.aggregations import ItemState, SegmentRules, fold_item
-from services.profile.aggregator import Aggregator
+from services.features import schema as F
+from services.features.aggregations import ItemState, SegmentRules, fold_item
+from services.profile.aggregator.commit import BatchCommit
+from services.profile.aggregator.worker import Aggregator
 from services.profile.app import ProfileState, build_state
-from services.profile.commit import BatchCommit
 from services.profile.settings import ProfileSettings
 from tests.factories import BASE_TIME, make_event
 

@@ -16,7 +16,7 @@ import orjson
 from services.common.clock import DataClock, FixedClock
 from services.common.events import Event
 from services.common.storage import partition_log
-from services.profile.aggregations import ItemState, fold_item
+from services.features.aggregations import ItemState, fold_item
 from services.profile.app import build_state
 from services.profile.importer import import_events
 from services.profile.settings import ProfileSettings

@@ -19,12 +19,12 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from services.cli import app as cli
-from services.common import features as F
 from services.common.clock import FixedClock
 from services.common.events import Event, EventType
 from services.common.storage import Namespace
 from services.demo.shop import generate_shop
 from services.demo.simulator import Simulator, write_jsonl
+from services.features import schema as F
 from services.profile.app import build_state, create_app
 from services.profile.importer import InvalidInput, import_catalog, import_events
 from services.profile.repository import ProfileRepository
@@ -140,7 +140,7 @@ def test_imported_features_equal_live_ingestion(imported: Imported) -> None:
         # Online rows, visitor and item, as the recommend service reads them.
         for visitor in visitors:
             assert cli_repo.online_visitor(visitor) == live_repo.online_visitor(visitor), visitor
-        from services.common.feature_store import online_rows
+        from services.features.store import online_rows
 
         assert online_rows(cli_repo.feature_store, F.ITEM_VIEW, items) == online_rows(
             live_repo.feature_store, F.ITEM_VIEW, items

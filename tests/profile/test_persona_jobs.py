@@ -20,12 +20,12 @@ from sklearn.metrics import adjusted_rand_score
 from typer.testing import CliRunner
 
 from services.cli import app as cli_app
-from services.common import features as F
 from services.common.events import Event
-from services.common.feature_store import online_rows
 from services.common.models import ModelKind, ModelRegistry
-from services.profile.aggregations import SegmentRules
-from services.profile.aggregator import Aggregator
+from services.features import schema as F
+from services.features.aggregations import SegmentRules
+from services.features.store import online_rows
+from services.profile.aggregator.worker import Aggregator
 from services.profile.app import create_app
 from services.profile.ingest import IngestService
 from services.profile.persona_jobs import (
@@ -39,7 +39,7 @@ from services.profile.personas import active_mask, fit_personas
 from services.profile.repository import ProfileRepository
 from services.profile.settings import ProfileSettings
 from services.recommend.repository import RecommendRepository
-from services.recommend.training import Query, TrainConfig, Trainer
+from services.recommend.training.train import Query, TrainConfig, Trainer
 from tests.conftest import SessionWorld
 from tests.factories import BASE_TIME, make_event_dict, make_item
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import adjusted_rand_score
 
-from services.common.features import VISITOR_FEATURES, default_value
+from services.features.schema import VISITOR_FEATURES, default_value
 from services.profile.personas import (
     TRAIT_NAMES,
     PersonaModel,

@@ -18,23 +18,23 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from services.cli import app as cli_app
-from services.common import features as F
 from services.common.consent import PURPOSES
 from services.common.events import Event
-from services.common.feature_store import online_rows
 from services.common.storage import Namespace
 from services.experiments.store import open_experiment_store
 from services.experiments.store.base import ExposureWrite
+from services.features import schema as F
+from services.features.aggregations import SegmentRules
+from services.features.store import online_rows
 from services.messages.repository import MESSAGE_HISTORY
-from services.profile.aggregations import SegmentRules
-from services.profile.aggregator import Aggregator
+from services.profile.aggregator.worker import Aggregator
 from services.profile.app import create_app
 from services.profile.ingest import IngestService
-from services.profile.privacy import PrivacyService
+from services.profile.privacy.service import PrivacyService
 from services.profile.repository import ProfileRepository
 from services.profile.settings import ProfileSettings
 from services.recommend.repository import RecommendRepository
-from services.recommend.training import Query, TrainConfig, Trainer
+from services.recommend.training.train import Query, TrainConfig, Trainer
 from tests.conftest import REDIS_URL, clean_namespace, unique_name
 from tests.factories import BASE_TIME, make_event_dict, make_item
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from services.common import features as F
-from services.common.feature_store import online_rows
-from services.profile.aggregations import DAY, ItemInfo, SegmentRules, VisitorState, fold_visitor, segments
-from services.profile.aggregator import Aggregator
+from services.features import schema as F
+from services.features.aggregations import DAY, ItemInfo, SegmentRules, VisitorState, fold_visitor, segments
+from services.features.store import online_rows
+from services.profile.aggregator.worker import Aggregator
 from services.profile.ingest import IngestService
 from services.profile.repository import ProfileRepository
 from services.profile.settings import ProfileSettings

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.common.events import Event
-from services.common.indexes import ContextPopularity, CoVisitation
-from services.profile.aggregations import ItemState, fold_item, merge_item_state
+from services.features.aggregations import ItemState, fold_item, merge_item_state
+from services.features.indexes import ContextPopularity, CoVisitation
 from tests.factories import BASE_TIME, make_event
 
 KINDS = ("product_view", "add_to_cart", "purchase", "impression")

@@ -1,12 +1,12 @@
 """The pooled first stage: generators propose more than the served count and the best by fused score are kept
-(services/recommend/candidates.py, RECOMMEND_CANDIDATE_POOL)."""
+(services/recommend/ranking/candidates.py, RECOMMEND_CANDIDATE_POOL)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from services.recommend.candidates import CandidateGenerator, Filters
+from services.recommend.ranking.candidates import CandidateGenerator, Filters
 from tests.recommend.test_next_item import snapshot_and_visitor
 
 

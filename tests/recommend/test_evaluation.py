@@ -14,7 +14,9 @@ from typer.testing import CliRunner
 
 from services.cli import app as cli
 from services.common.events import Event, EventType
-from services.recommend.evaluation import (
+from services.recommend.repository import RecommendRepository
+from services.recommend.settings import RecommendSettings
+from services.recommend.training.evaluation import (
     METHODS,
     PIPELINE,
     EvalConfig,
@@ -22,9 +24,7 @@ from services.recommend.evaluation import (
     _Popularity,
     split_queries,
 )
-from services.recommend.repository import RecommendRepository
-from services.recommend.settings import RecommendSettings
-from services.recommend.training import TrainConfig
+from services.recommend.training.train import TrainConfig
 from tests.conftest import REDIS_URL, SessionWorld
 from tests.factories import BASE_TIME, make_event
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from services.recommend.exploration import (
+from services.recommend.ranking.exploration import (
     Exploration,
     exploration_for,
     explore,

@@ -13,11 +13,11 @@ from typer.testing import CliRunner
 
 from services.cli import app as cli
 from services.profile.sequences import Histories, read_histories
-from services.recommend.history_eval import PIPELINE, evaluate_histories
-from services.recommend.item_embeddings import ItemEmbeddings
+from services.recommend.ranking.item_embeddings import ItemEmbeddings
 from services.recommend.repository import RecommendRepository
 from services.recommend.settings import RecommendSettings
-from services.recommend.training import TrainConfig
+from services.recommend.training.history_eval import PIPELINE, evaluate_histories
+from services.recommend.training.train import TrainConfig
 
 ITEMS = 60
 

@@ -12,18 +12,18 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from services.common.clock import FixedClock
-from services.profile.aggregations import SegmentRules
-from services.profile.aggregator import Aggregator
+from services.features.aggregations import SegmentRules
+from services.profile.aggregator.worker import Aggregator
 from services.profile.ingest import IngestService
 from services.profile.repository import ProfileRepository
 from services.profile.sequences import SYNTHETIC_STEP_S, catalog_items, purchase_events, read_histories
 from services.profile.settings import ProfileSettings
 from services.recommend.app import create_app
-from services.recommend.history_eval import PIPELINE, evaluate_histories
-from services.recommend.history_training import MAX_EXCLUDED, train_on_histories
 from services.recommend.repository import RecommendRepository
 from services.recommend.settings import RecommendSettings
-from services.recommend.training import TrainConfig
+from services.recommend.training.histories import MAX_EXCLUDED, train_on_histories
+from services.recommend.training.history_eval import PIPELINE, evaluate_histories
+from services.recommend.training.train import TrainConfig
 from tests.recommend.test_history_eval import write_histories
 
 

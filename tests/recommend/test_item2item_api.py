@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from services.recommend.app import create_app as create_recommend_app
-from services.recommend.item2item import neighbours
+from services.recommend.ranking.item2item import neighbours
 from services.recommend.service import RecommendService
 from services.recommend.settings import RecommendSettings
 from tests.conftest import SessionWorld, wait_for

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from services.cli import app as cli
 from services.profile.sequences import read_histories
-from services.recommend.history_training import train_on_histories
-from services.recommend.item2item_eval import evaluate_item2item
-from services.recommend.training import TrainConfig
+from services.recommend.training.histories import train_on_histories
+from services.recommend.training.item2item_eval import evaluate_item2item
+from services.recommend.training.train import TrainConfig
 
 ITEMS = 60
 

@@ -7,8 +7,8 @@ from datetime import timedelta
 from typing import Any
 
 from services.common.clock import FixedClock
-from services.profile.aggregations import SegmentRules
-from services.profile.aggregator import Aggregator
+from services.features.aggregations import SegmentRules
+from services.profile.aggregator.worker import Aggregator
 from services.profile.ingest import IngestService
 from services.profile.repository import ProfileRepository
 from services.recommend.repository import RecommendRepository

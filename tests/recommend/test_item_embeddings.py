@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.common import features as F
-from services.recommend.candidates import CandidateGenerator, Filters, VisitorVector
-from services.recommend.catalog_cache import build_snapshot
-from services.recommend.item_embeddings import EmbeddingFileError, ItemEmbeddings
-from services.recommend.ranker import explain_item
+from services.features import schema as F
+from services.recommend.ranking.candidates import CandidateGenerator, Filters, VisitorVector
+from services.recommend.ranking.item_cache import build_snapshot
+from services.recommend.ranking.item_embeddings import EmbeddingFileError, ItemEmbeddings
+from services.recommend.ranking.ranker import explain_item
 from tests.factories import BASE_TIME, make_item
 
 

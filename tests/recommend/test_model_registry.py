@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from services.common import features as F
 from services.common.models import ModelKind
 from services.experiments.config import ExperimentConfigError, load_config
+from services.features import schema as F
 from services.recommend.app import create_app
-from services.recommend.ranker import ModelMeta
+from services.recommend.ranking.ranker import ModelMeta
 from services.recommend.repository import RecommendRepository
 from services.recommend.service import RecommendService
 from services.recommend.settings import RecommendSettings

@@ -9,10 +9,10 @@ import math
 import numpy as np
 import pytest
 
-from services.common.indexes import CoVisitation
-from services.recommend.candidates import CandidateGenerator, Filters, VisitorVector
-from services.recommend.catalog_cache import build_snapshot
-from services.recommend.next_item import NEXT_ITEM_DECAY, TAGS_PER_ITEM, next_item_scores
+from services.features.indexes import CoVisitation
+from services.recommend.ranking.candidates import CandidateGenerator, Filters, VisitorVector
+from services.recommend.ranking.item_cache import build_snapshot
+from services.recommend.ranking.next_item import NEXT_ITEM_DECAY, TAGS_PER_ITEM, next_item_scores
 from tests.factories import BASE_TIME, make_item
 
 

@@ -10,10 +10,10 @@ import lightgbm as lgb
 import numpy as np
 import pytest
 
-from services.common import features as F
 from services.common.storage import Namespace
-from services.recommend.item_embeddings import ItemEmbeddings
-from services.recommend.ranker import IncompatibleModel, ModelMeta, RankerModel
+from services.features import schema as F
+from services.recommend.ranking.item_embeddings import ItemEmbeddings
+from services.recommend.ranking.ranker import IncompatibleModel, ModelMeta, RankerModel
 from services.recommend.repository import RecommendRepository
 from services.recommend.service import RecommendService
 from services.recommend.settings import RecommendSettings

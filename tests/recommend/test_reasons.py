@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from services.common import features as F
+from services.features import schema as F
 from services.recommend.app import create_app
-from services.recommend.ranker import _reason, _source_reason
-from services.recommend.reasons import DAYPARTS, LOCALES, PHRASES, context_label, locale_of, say
+from services.recommend.ranking.ranker import _reason, _source_reason
+from services.recommend.ranking.reasons import DAYPARTS, LOCALES, PHRASES, context_label, locale_of, say
 from services.recommend.settings import RecommendSettings
 from tests.conftest import SessionWorld
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from services.recommend.catalog_cache import build_snapshot
-from services.recommend.rules import apply_rules
+from services.recommend.ranking.item_cache import build_snapshot
+from services.recommend.ranking.rules import apply_rules
 from tests.factories import BASE_TIME, make_item
 
 

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from services.common.auth import hash_key
-from services.profile.aggregations import ItemState, item_features
+from services.features.aggregations import ItemState, item_features
 from services.profile.app import create_app as create_profile_app
 from services.profile.repository import ProfileRepository
 from services.profile.settings import ProfileSettings

@@ -1,7 +1,7 @@
 """Item-to-item neighbours of anchor items (a product page's item, a cart's items), read from the snapshot the
 recommend service already holds (pure, no I/O):
 
-- "bought_together": the co-visitation index the aggregator maintains (services/common/indexes.py): what
+- "bought_together": the co-visitation index the aggregator maintains (services/features/indexes.py): what
   visitors interacted with after (and, more weakly, before) the anchor, every interaction type counted, rows
   damped by the square root of their total as the snapshot serves them;
 - "similar": attribute neighbours (the anchor's specific tags weighted by rarity, its brand and category), with
@@ -10,7 +10,7 @@ recommend service already holds (pure, no I/O):
 
 Both return snapshot rows best first, never an anchor, and say which anchor each neighbour came from (for the
 explanation "often bought together with X"). The same function serves `/v1/recommend` slots,
-`GET /v1/items/{item_id}/similar` and the offline evaluation (services/recommend/item2item_eval.py).
+`GET /v1/items/{item_id}/similar` and the offline evaluation (services/recommend/training/item2item_eval.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Literal
 
 import numpy as np
 
-from services.recommend.catalog_cache import ItemSnapshot
+from services.recommend.ranking.item_cache import ItemSnapshot
 
 Strategy = Literal["similar", "bought_together"]
 STRATEGIES: tuple[Strategy, ...] = ("similar", "bought_together")

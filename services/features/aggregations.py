@@ -14,8 +14,8 @@ from typing import Any
 
 from services.common.context import is_payday_window, local_time, zone_for
 from services.common.events import Event, EventType
-from services.common.indexes import ContextPopularity, CoVisitation, context_keys, observe_interaction, push_recent
 from services.common.settings import CommonSettings
+from services.features.indexes import ContextPopularity, CoVisitation, context_keys, observe_interaction, push_recent
 
 HOUR = 3600.0
 DAY = 24 * HOUR

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 import lightgbm as lgb
 import numpy as np
 
-from services.common import features as F
+from services.features import schema as F
 from services.recommend.repository import RecommendRepository
-from services.recommend.training import Progress, TrainConfig, Trainer, TrainingSet
+from services.recommend.training.train import Progress, TrainConfig, Trainer, TrainingSet
 
 if TYPE_CHECKING:
     import dask.array as da

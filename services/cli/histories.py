@@ -53,12 +53,12 @@ def train_on_histories_file(file: Path, attributes: Path | None, data_dir: Path,
     """`selaras train --histories FILE`: the model `evaluate ranking --histories` measures (there, trained
     without each user's last interaction), trained on everything and saved as the newest model."""
     from services.common.clock import wall_time
-    from services.profile.aggregations import SegmentRules
+    from services.features.aggregations import SegmentRules
     from services.profile.sequences import read_histories
-    from services.recommend.history_training import train_on_histories
     from services.recommend.repository import RecommendRepository
     from services.recommend.settings import RecommendSettings
-    from services.recommend.training import TrainConfig
+    from services.recommend.training.histories import train_on_histories
+    from services.recommend.training.train import TrainConfig
 
     settings = RecommendSettings(data_dir=data_dir)
     histories = read_histories(file, attributes)
@@ -88,9 +88,9 @@ def evaluate_histories_file(
 ) -> dict[str, object]:
     """`selaras evaluate ranking --histories FILE`: the published protocol on one file; prints and writes JSON."""
     from services.profile.sequences import read_histories
-    from services.recommend.history_eval import evaluate_histories
     from services.recommend.settings import RecommendSettings
-    from services.recommend.training import TrainConfig
+    from services.recommend.training.history_eval import evaluate_histories
+    from services.recommend.training.train import TrainConfig
 
     started = time.perf_counter()
     histories = read_histories(file, attributes)
@@ -129,10 +129,10 @@ def evaluate_public_command(
 ) -> None:
     """Every data set of the folder with the published protocol; writes a Markdown report and JSON next to it."""
     from services.profile.sequences import read_histories
-    from services.recommend.history_eval import evaluate_histories
-    from services.recommend.history_report import data_sets, markdown
     from services.recommend.settings import RecommendSettings
-    from services.recommend.training import TrainConfig
+    from services.recommend.training.history_eval import evaluate_histories
+    from services.recommend.training.history_report import data_sets, markdown
+    from services.recommend.training.train import TrainConfig
 
     found = data_sets(folder)
     if not found:
@@ -179,9 +179,9 @@ def evaluate_ablation_command(
 ) -> None:
     """Generators added one at a time (each step trains its own ranker): candidate recall and NDCG@10."""
     from services.profile.sequences import read_histories
-    from services.recommend.history_eval import PIPELINE, evaluate_histories
     from services.recommend.settings import RecommendSettings
-    from services.recommend.training import TrainConfig
+    from services.recommend.training.history_eval import PIPELINE, evaluate_histories
+    from services.recommend.training.train import TrainConfig
 
     histories = read_histories(file, attributes)
     rows = []

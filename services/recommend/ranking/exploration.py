@@ -19,7 +19,7 @@ item the rules refused. Pure code: no I/O, the random generator is passed in.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -146,7 +146,7 @@ def explore(
 
 
 def exploration_for(
-    settings: dict[str, Exploration] | None, slot_name: str, slot_kind: str, default: Exploration = OFF
+    settings: Mapping[str, Exploration] | None, slot_name: str, slot_kind: str, default: Exploration = OFF
 ) -> Exploration:
     """The most specific configured exploration: by slot name, then slot kind, then "*"."""
     if not settings:

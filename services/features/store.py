@@ -26,9 +26,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from feast import FeatureStore, RepoConfig
 
-from services.common import features as F
 from services.common.clock import wall_datetime
 from services.common.settings import CommonSettings
+from services.features import schema as F
 
 log = logging.getLogger(__name__)
 # Third-party notices that are noise in every log and first-run output. Importing Feast installs

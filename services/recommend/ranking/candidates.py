@@ -1,7 +1,7 @@
 """Stage one: candidate generators over the in-memory indexes (a few hundred items, in about a millisecond).
 
 Generators: co-visitation of recently viewed items, item embeddings of the recent items (the model's, when it
-ships them: services/recommend/item_embeddings.py), the visitor's affine categories and brands, trending in
+ships them: services/recommend/ranking/item_embeddings.py), the visitor's affine categories and brands, trending in
 context (city × part of day, device), new arrivals, and complements of cart items. Training uses the very
 same generators with point-in-time inputs, so the ranker learns on the candidate distribution it serves.
 """
@@ -16,11 +16,11 @@ import numpy as np
 
 from services.common.catalog import ItemKind
 from services.common.context import daypart, local_time, zone_for
-from services.common.features import as_number
-from services.common.indexes import GLOBAL_CONTEXT
-from services.recommend.catalog_cache import KIND_CODES, ItemSnapshot, category_code
-from services.recommend.item_embeddings import EmbeddingScores, ItemEmbeddings
-from services.recommend.next_item import NextItemScores, next_item_scores
+from services.features.indexes import GLOBAL_CONTEXT
+from services.features.schema import as_number
+from services.recommend.ranking.item_cache import KIND_CODES, ItemSnapshot, category_code
+from services.recommend.ranking.item_embeddings import EmbeddingScores, ItemEmbeddings
+from services.recommend.ranking.next_item import NextItemScores, next_item_scores
 
 SOURCES = (
     "covisitation",

@@ -1,4 +1,4 @@
-"""Training the served ranker on interaction histories folded in-process (services/profile/bulk_fold.py).
+"""Training the served ranker on interaction histories folded in-process (services/profile/aggregator/bulk_fold.py).
 
 Each visitor's last interaction is a query; its candidates come from the serving generators over the indexes,
 visitor rows and item statistics folded from everything before the visitor's last interactions (so no query
@@ -16,18 +16,18 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from services.common import features as F
 from services.common.catalog import CatalogItem
 from services.common.context import context_features
-from services.common.indexes import COVISIT_MAX_NEIGHBOURS
-from services.profile.aggregations import ItemInfo, SegmentRules
-from services.profile.bulk_fold import FoldedHistory, fold_history
+from services.features import schema as F
+from services.features.aggregations import ItemInfo, SegmentRules
+from services.features.indexes import COVISIT_MAX_NEIGHBOURS
+from services.profile.aggregator.bulk_fold import FoldedHistory, fold_history
 from services.profile.sequences import SYNTHETIC_STEP_S, Histories, catalog_items, purchase_events
-from services.recommend.candidates import SOURCES, CandidateGenerator, Filters, VisitorVector, context_keys_for
-from services.recommend.catalog_cache import CatalogArrays, ItemSnapshot, build_snapshot, catalog_arrays
-from services.recommend.item_embeddings import ItemEmbeddings
-from services.recommend.ranker import ModelMeta, RankerModel, feature_matrix
-from services.recommend.training import TrainConfig, TrainingSet, fit_ranker, ranker_params
+from services.recommend.ranking.candidates import SOURCES, CandidateGenerator, Filters, VisitorVector, context_keys_for
+from services.recommend.ranking.item_cache import CatalogArrays, ItemSnapshot, build_snapshot, catalog_arrays
+from services.recommend.ranking.item_embeddings import ItemEmbeddings
+from services.recommend.ranking.ranker import ModelMeta, RankerModel, feature_matrix
+from services.recommend.training.train import TrainConfig, TrainingSet, fit_ranker, ranker_params
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, float], None]

@@ -23,18 +23,19 @@ from typing import Any, cast
 
 import numpy as np
 
+from services.features.aggregations import SegmentRules
 from services.offline.metrics import hit_at, ndcg_at
-from services.profile.aggregations import SegmentRules
 from services.profile.sequences import Histories, catalog_items
-from services.recommend.catalog_cache import catalog_arrays
-from services.recommend.history_training import FoldedWorld, catalog_info, fold_world, seen_filter
-from services.recommend.item2item import STRATEGIES, neighbours
-from services.recommend.ranker import RankerModel
+from services.recommend.ranking.item2item import STRATEGIES, neighbours
+from services.recommend.ranking.item_cache import catalog_arrays
+from services.recommend.ranking.pipeline import RankContext
+from services.recommend.ranking.ranker import RankerModel
+from services.recommend.ranking.rules import RuleContext
 from services.recommend.repository import RecommendRepository
-from services.recommend.rules import RuleContext
 from services.recommend.schemas import SlotFilters, SlotRequest
-from services.recommend.service import RankContext, RecommendService
+from services.recommend.service import RecommendService
 from services.recommend.settings import RecommendSettings
+from services.recommend.training.histories import FoldedWorld, catalog_info, fold_world, seen_filter
 
 K = 10
 Progress = Callable[[str, float], None]

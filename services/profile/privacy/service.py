@@ -41,14 +41,14 @@ import pyarrow.parquet as pq
 from feast import FeatureStore
 from prometheus_client import Counter
 
-from services.common import features as F
 from services.common.clock import SYSTEM_CLOCK, Clock, wall_datetime, wall_time
 from services.common.consent import Consent, ConsentDefaults, merge_into, refusing_all
 from services.common.events import open_envelope
-from services.common.feature_store import delete_online_entities, online_rows, rewrite_offline_parts
 from services.common.settings import CommonSettings
 from services.common.storage import Namespace, Store, open_store
-from services.profile.aggregations import VisitorState
+from services.features import schema as F
+from services.features.aggregations import VisitorState
+from services.features.store import delete_online_entities, online_rows, rewrite_offline_parts
 from services.profile.repository import mark_erased
 
 log = logging.getLogger(__name__)
@@ -362,7 +362,7 @@ class PrivacyService:
 
 class MessageHistoryHolder:
     """A visitor's send history (caps and cooldowns) for erasure and export
-    (services/profile/privacy.py VisitorDataHolder). Opens the store per call: erasures are rare."""
+    (services/profile/privacy/service.py VisitorDataHolder). Opens the store per call: erasures are rare."""
 
     name = "message_history"
 

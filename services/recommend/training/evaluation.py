@@ -11,7 +11,7 @@ A visitor with fewer than `min_interactions` interactions of the target type is 
 
 Each test query is ranked as the service would have ranked it at that moment: the point-in-time visitor
 row (Feast, 1 ms before the query), request context, item statistics and candidate indexes replayed from
-the log (the training replay, services/recommend/training.py), then the serving code itself
+the log (the training replay, services/recommend/training/train.py), then the serving code itself
 (`RecommendService._rank_slot`: candidate generators -> LightGBM -> rules, no exploration). The whole
 catalog is the universe: a held-out item no generator proposes is a miss.
 
@@ -36,19 +36,20 @@ import numpy as np
 from services.common.catalog import CatalogItem, ItemKind
 from services.common.clock import wall_time
 from services.common.events import Event, EventType
-from services.common.indexes import COVISIT_MAX_NEIGHBOURS
+from services.features.indexes import COVISIT_MAX_NEIGHBOURS
 from services.offline.estimators import cluster_se
 from services.offline.metrics import hit_at, mrr_at, ndcg_at, rank_of
-from services.recommend.candidates import Filters, VisitorVector
-from services.recommend.catalog_cache import KIND_CODES, CatalogArrays, ItemSnapshot
-from services.recommend.next_item import next_item_scores
-from services.recommend.ranker import ModelMeta, RankerModel, feature_matrix
+from services.recommend.ranking.candidates import Filters, VisitorVector
+from services.recommend.ranking.item_cache import KIND_CODES, CatalogArrays, ItemSnapshot
+from services.recommend.ranking.next_item import next_item_scores
+from services.recommend.ranking.pipeline import RankContext
+from services.recommend.ranking.ranker import ModelMeta, RankerModel, feature_matrix
+from services.recommend.ranking.rules import RuleContext, apply_rules
 from services.recommend.repository import RecommendRepository
-from services.recommend.rules import RuleContext, apply_rules
 from services.recommend.schemas import SlotRequest
-from services.recommend.service import RankContext, RecommendService
+from services.recommend.service import RecommendService
 from services.recommend.settings import RecommendSettings
-from services.recommend.training import GRADES, Query, TrainConfig, Trainer
+from services.recommend.training.train import GRADES, Query, TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.events import Event
-from services.common.indexes import ContextPopularity, CoVisitation
-from services.profile.aggregations import (
+from services.features.aggregations import (
     ItemInfo,
     ItemState,
     SegmentRules,
@@ -26,6 +25,7 @@ from services.profile.aggregations import (
     item_features,
     visitor_features,
 )
+from services.features.indexes import ContextPopularity, CoVisitation
 
 
 class OutOfOrder(ValueError):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from services.recommend.history_eval import PIPELINE, HistoryEvaluation
+from services.recommend.training.history_eval import PIPELINE, HistoryEvaluation
 
 LABELS = {
     PIPELINE: "Selaras served pipeline (generators → LightGBM → rules)",

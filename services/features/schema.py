@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any, Final, Literal
 
+from services.common.context import CHANNEL_CODES, DEVICE_CODES  # noqa: F401  (codes of context columns)
+
 FeatureKind = Literal["int", "float", "str", "str_list", "float_list"]
 
 PROJECT: Final = "selaras"
@@ -168,13 +170,13 @@ RANKER_FEATURES: Final[tuple[str, ...]] = (
     "x_recently_viewed",
     "x_covisitation",
     "x_targeting_match",
-    # what comes next after the visitor's last items (services/recommend/next_item.py)
+    # what comes next after the visitor's last items (services/recommend/ranking/next_item.py)
     "x_covisitation_rank",
     "x_last_item_transition",
     "x_two_step",
     "x_shared_tags",
     "x_generator",
-    # item embeddings of the serving model (services/recommend/item_embeddings.py): score from the last items,
+    # item embeddings of the serving model (services/recommend/ranking/item_embeddings.py): score from the last items,
     # its rank among the candidates, similarity to the very last item
     "x_embedding",
     "x_embedding_rank",
@@ -193,8 +195,6 @@ CATEGORICAL_FEATURES: Final = (
 
 LIFECYCLE_CODES: Final = {"new": 0, "active": 1, "loyal": 2, "at_risk": 3, "dormant": 4}
 JOURNEY_CODES: Final = {"awareness": 0, "consideration": 1, "decision": 2}
-DEVICE_CODES: Final = {"mobile": 1, "desktop": 2, "tablet": 3, "app": 4}
-CHANNEL_CODES: Final = {"web": 1, "app": 2, "email": 3, "push": 4, "whatsapp": 5, "social": 6, "search": 7}
 
 
 def visitor_feature_refs() -> list[str]:

@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import orjson
 
-from services.common import features as F
 from services.common.catalog import CatalogItem, ItemKind, Targeting
 from services.common.clock import wall_time
-from services.common.indexes import GLOBAL_CONTEXT, POPULARITY_HALF_LIFE_S
+from services.features import schema as F
+from services.features.indexes import GLOBAL_CONTEXT, POPULARITY_HALF_LIFE_S
 
 KIND_CODES = {ItemKind.PRODUCT: 0, ItemKind.BANNER: 1, ItemKind.CTA: 2, ItemKind.MESSAGE: 3}
 NEW_ARRIVAL_DAYS = 14.0

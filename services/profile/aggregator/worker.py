@@ -17,15 +17,14 @@ from typing import Any
 import orjson
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.common import features as F
 from services.common.clock import SYSTEM_CLOCK, Clock, wall_time
 from services.common.consent import Consent, ConsentDefaults, consent_changes_from_properties
 from services.common.errors import StorageUnavailable
 from services.common.events import Event, EventType, not_after, open_envelope
-from services.common.indexes import ContextPopularity, CoVisitation
 from services.common.item_changes import ItemChangeRecorder
 from services.common.storage import LogEntry, Namespace, partition_log, position_order
-from services.profile.aggregations import (
+from services.features import schema as F
+from services.features.aggregations import (
     DAY,
     HOUR,
     ItemInfo,
@@ -38,9 +37,10 @@ from services.profile.aggregations import (
     item_features,
     visitor_features,
 )
-from services.profile.commit import BatchCommit
-from services.profile.lease import Lease, holder_name
-from services.profile.privacy import forget_profiles
+from services.features.indexes import ContextPopularity, CoVisitation
+from services.profile.aggregator.commit import BatchCommit
+from services.profile.aggregator.lease import Lease, holder_name
+from services.profile.privacy.service import forget_profiles
 from services.profile.repository import ProfileRepository
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class EntryFailed(Exception):
 class Aggregator:
     """Folds the partitions of the log it holds leases on (each partition has one consumer at a time; more
     processes share the partitions). Reads are at-least-once; the effect is exactly-once: every state write
-    of a batch goes through one commit record (`services/profile/commit.py`), feature rows are overwrites,
+    of a batch goes through one commit record (`services/profile/aggregator/commit.py`), feature rows are overwrites,
     and records all partitions add to (item statistics, candidate indexes) take each batch's share once,
     by compare-and-set with a per-partition applied marker (`ProfileRepository.merge_shared`)."""
 
@@ -167,7 +167,7 @@ class Aggregator:
         self.offline_rows = offline_rows
         self.retention_s = retention_s
         self.persona_assigner = persona_assigner
-        self.observers = list(observers)  # BatchObserver (services/profile/observers.py)
+        self.observers = list(observers)  # BatchObserver (services/profile/aggregator/observers.py)
         self.catalog: dict[str, ItemInfo] = {}
         self._catalog_loaded_at = 0.0
         self._item_digests: dict[str, int] = {}  # of each item's last written row: rewrite only what changed
@@ -374,7 +374,7 @@ class Aggregator:
 
     def fold_entries(self, entries: Sequence[LogEntry], part: Partition, read_at: float) -> BatchOutcome:
         """Fold the entries of one partition and commit their effect exactly once (see
-        `services/profile/commit.py`), then move the partition's cursor past them."""
+        `services/profile/aggregator/commit.py`), then move the partition's cursor past them."""
         decoded = self._decode(entries, part)
         for _, _, event in decoded:
             self.clock.observe(event.ts)  # a DataClock (bulk import of history) follows the events

@@ -15,13 +15,13 @@ import lightgbm as lgb
 import numpy as np
 import orjson
 
-from services.common import features as F
 from services.common.catalog import Targeting
-from services.common.feature_store import file_lock
-from services.recommend.candidates import VisitorVector
-from services.recommend.catalog_cache import CATEGORY_CODES, ItemColumns, category_code
-from services.recommend.item_embeddings import ItemEmbeddings
-from services.recommend.reasons import Locale, say
+from services.features import schema as F
+from services.features.store import file_lock
+from services.recommend.ranking.candidates import VisitorVector
+from services.recommend.ranking.item_cache import CATEGORY_CODES, ItemColumns, category_code
+from services.recommend.ranking.item_embeddings import ItemEmbeddings
+from services.recommend.ranking.reasons import Locale, say
 
 log = logging.getLogger(__name__)
 FEATURE_INDEX = {name: i for i, name in enumerate(F.RANKER_FEATURES)}
@@ -313,7 +313,7 @@ def _reason(
     context_label: str,
     locale: Locale = "en",
 ) -> str | None:
-    """The reason a feature gives for an item, worded in `locale` (services/recommend/reasons.py), or None."""
+    """The reason a feature gives for an item, worded in `locale` (services/recommend/ranking/reasons.py), or None."""
     if name == "x_category_affinity" and value > 0 and category:
         if recent_in_category > 0:
             return say(locale, "viewed_in_category", n=recent_in_category, category=category)

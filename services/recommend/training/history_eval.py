@@ -23,20 +23,21 @@ from typing import Any, cast
 
 import numpy as np
 
-from services.common.indexes import COVISIT_MAX_NEIGHBOURS
+from services.features.aggregations import SegmentRules
+from services.features.indexes import COVISIT_MAX_NEIGHBOURS
 from services.offline.metrics import hit_at, ndcg_at
-from services.profile.aggregations import SegmentRules
 from services.profile.sequences import Histories, catalog_items
-from services.recommend.catalog_cache import catalog_arrays
-from services.recommend.history_training import catalog_info, fold_world, seen_filter, train_on_histories
-from services.recommend.next_item import next_item_scores
-from services.recommend.ranker import RankerModel
+from services.recommend.ranking.item_cache import catalog_arrays
+from services.recommend.ranking.next_item import next_item_scores
+from services.recommend.ranking.pipeline import RankContext
+from services.recommend.ranking.ranker import RankerModel
+from services.recommend.ranking.rules import RuleContext
 from services.recommend.repository import RecommendRepository
-from services.recommend.rules import RuleContext
 from services.recommend.schemas import SlotFilters, SlotRequest
-from services.recommend.service import RankContext, RecommendService
+from services.recommend.service import RecommendService
 from services.recommend.settings import RecommendSettings
-from services.recommend.training import TrainConfig
+from services.recommend.training.histories import catalog_info, fold_world, seen_filter, train_on_histories
+from services.recommend.training.train import TrainConfig
 
 Progress = Callable[[str, float], None]
 K = 10

@@ -28,15 +28,21 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
-from services.common import features as F
 from services.common.catalog import CatalogItem, ItemKind
 from services.common.clock import wall_datetime, wall_time
 from services.common.consent import ConsentDefaults
 from services.common.events import Event, EventType
-from services.common.indexes import ContextPopularity, CoVisitation, context_keys, observe_interaction, push_recent
+from services.features import schema as F
+from services.features.indexes import ContextPopularity, CoVisitation, context_keys, observe_interaction, push_recent
 from services.offline.metrics import rank_of, summarize
-from services.recommend.candidates import PER_SOURCE, CandidateGenerator, Filters, VisitorVector, context_keys_for
-from services.recommend.catalog_cache import (
+from services.recommend.ranking.candidates import (
+    PER_SOURCE,
+    CandidateGenerator,
+    Filters,
+    VisitorVector,
+    context_keys_for,
+)
+from services.recommend.ranking.item_cache import (
     KIND_CODES,
     STAT_COLUMNS,
     CatalogArrays,
@@ -44,14 +50,14 @@ from services.recommend.catalog_cache import (
     build_snapshot,
     catalog_arrays,
 )
-from services.recommend.ranker import ModelMeta, feature_matrix
+from services.recommend.ranking.ranker import ModelMeta, feature_matrix
 from services.recommend.repository import RecommendRepository
 
 log = logging.getLogger(__name__)
 
 GRADES = {EventType.PRODUCT_VIEW: 1, EventType.CLICK: 1, EventType.ADD_TO_CART: 2, EventType.PURCHASE: 3}
 Progress = Callable[[str, float], None]
-# Offline evaluation (services/recommend/evaluation.py): a query's point-in-time inputs, instead of a group.
+# Offline evaluation (services/recommend/training/evaluation.py): a query's point-in-time inputs, instead of a group.
 QueryHook = Callable[[int, "Query", ItemSnapshot, VisitorVector, Mapping[str, int], list[str]], None]
 
 

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import orjson
 
 from services.common.observability import metrics_payload
-from services.profile.aggregator import Aggregator
+from services.profile.aggregator.worker import Aggregator
 
 
 def serve_probes(host: str, port: int, aggregator: Aggregator) -> ThreadingHTTPServer:
