@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, ClassVar, Protocol
 
 from prometheus_client import Counter, Gauge
@@ -26,6 +24,7 @@ from services.common.events import Event
 from services.common.models import ModelIndex
 from services.experiments.config import ArmChoice
 from services.features.schema import visitor_row_at
+from services.recommend.answers import impression_event, item_card
 from services.recommend.ranking.candidates import (
     CandidateGenerator,
     Filters,
@@ -503,7 +502,7 @@ class RecommendService:
         for position, (i, score) in enumerate(zip(ranked.idx, ranked.scores, strict=True)):
             item_id = snapshot.ids[i]
             shown.add(item_id)
-            entry = self._item_card(snapshot, i, position, score)
+            entry = item_card(snapshot, i, position, score)
             entry["propensity"] = ranked.propensities[position]
             if ranked.reasons is not None:
                 entry["reasons"] = ranked.reasons[position]
@@ -511,7 +510,7 @@ class RecommendService:
                 entry["reasons"] = [say(rank.locale, "generic")]
             items.append(entry)
             impressions.append(
-                self._impression(
+                impression_event(
                     request,
                     recommendation_id,
                     slot,
@@ -605,74 +604,7 @@ class RecommendService:
             raise NotFound(f"unknown item {item_id!r}")
         found = neighbours(snapshot, [row], strategy, eligible_products(snapshot, Filters()), limit)
         items = [
-            self._item_card(snapshot, i, position, score)
+            item_card(snapshot, i, position, score)
             for position, (i, score) in enumerate(zip(found.idx.tolist(), found.scores.tolist(), strict=True))
         ]
         return {"item_id": item_id, "strategy": strategy, "items": items}
-
-    @staticmethod
-    def _item_card(snapshot: ItemSnapshot, i: int, position: int, score: float) -> dict[str, Any]:
-        """An answer's item (`ItemCard` in schemas.py) as a plain dict: built for every shown item."""
-        return {
-            "item_id": snapshot.ids[i],
-            "position": position,
-            "score": round(score, 6),
-            "title": snapshot.titles[i],
-            "category": snapshot.categories[i],
-            "brand": snapshot.brands[i],
-            "price": None if math.isnan(snapshot.price[i]) else float(snapshot.price[i]),
-            "url": snapshot.urls[i],
-            "image_url": snapshot.image_urls[i],
-        }
-
-    @staticmethod
-    def _impression(
-        request: RecommendRequest,
-        recommendation_id: str,
-        slot: SlotRequest,
-        item_id: str,
-        position: int,
-        score: float,
-        propensity: float,
-        now: float,
-        experiment: ArmChoice | None,
-        rank: int | None = None,
-        pool: int | None = None,
-    ) -> dict[str, Any]:
-        """The impression event as its JSON dict (the log's schema): built for every shown item, so plain dicts
-        rather than validated models; the writer thread serialises them."""
-        ctx = request.context
-        properties: dict[str, Any] = {
-            "slot": slot.name,
-            "slot_kind": slot.kind.value,
-            "position": position,
-            "score": round(score, 6),
-            "propensity": propensity,
-        }
-        if slot.strategy != "personal":  # training and reports can tell item-to-item and reranked lists apart
-            properties["strategy"] = slot.strategy
-        if rank is not None and pool is not None:
-            # Off-policy evaluation of other rankings of the same pool needs both (services/offline/policy.py).
-            properties["rank"], properties["pool"] = rank, pool
-        if experiment:
-            properties["experiment"], properties["arm"] = experiment[0], experiment[1]
-        context = {
-            name: value
-            for name, value in (
-                ("device", ctx.device.value if ctx.device else None),
-                ("channel", ctx.channel),
-                ("city", ctx.city),
-                ("locale", ctx.locale),
-            )
-            if value is not None
-        }
-        return {
-            "event_id": f"imp:{recommendation_id}:{slot.name}:{position}",
-            "visitor_id": request.visitor_id,
-            "type": "impression",
-            "timestamp": datetime.fromtimestamp(now, tz=UTC).isoformat(),
-            "item_id": item_id,
-            "recommendation_id": recommendation_id,
-            "context": context,
-            "properties": properties,
-        }

@@ -237,6 +237,7 @@ def test_bad_candidate_lists_are_422_naming_the_field(
 
 
 def test_impressions_of_item_to_item_and_rerank_slots_say_their_strategy() -> None:
+    from services.recommend.answers import impression_event
     from services.recommend.schemas import RecommendRequest
 
     request = RecommendRequest.model_validate(
@@ -247,7 +248,7 @@ def test_impressions_of_item_to_item_and_rerank_slots_say_their_strategy() -> No
         }
     )
     strategies = [
-        RecommendService._impression(request, "r1", slot, "x", 0, 1.0, 1.0, 0.0, None)["properties"].get("strategy")
+        impression_event(request, "r1", slot, "x", 0, 1.0, 1.0, 0.0, None)["properties"].get("strategy")
         for slot in request.slots
     ]
     assert strategies == [None, "similar", "rerank"]
