@@ -104,7 +104,7 @@ def test_a_similar_slot_never_returns_its_anchor_and_names_it_in_the_reason() ->
 @pytest.mark.parametrize("mode", ["epsilon_greedy", "softmax"])
 def test_exploration_logs_propensities_ranks_and_pool_and_is_reproducible_with_a_seed(mode: str) -> None:
     snapshot = snapshot_of()
-    explore = {"home": Exploration(mode=mode, epsilon=0.5, temperature=0.5)}  # type: ignore[arg-type]
+    explore = {"home": Exploration(mode=mode, epsilon=0.5, temperature=0.5)}
     slot = SlotRequest.model_validate({"name": "home", "count": 3, "max_per_category": 6})
     runs = [pipeline(explore, seed=11).rank_slot(slot, context(snapshot), shown=set()) for _ in range(2)]
     assert runs[0].idx == runs[1].idx and runs[0].propensities == runs[1].propensities
