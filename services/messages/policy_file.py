@@ -148,11 +148,11 @@ def file_policy_actions(data: LoggedDecisions, policy: PolicyFile) -> FilePolicy
             continue
         if action == NONE_ACTION:
             continue
-        row = first_row.get((i, action))
-        if row is None:
+        eligible = first_row.get((i, action))
+        if eligible is None:
             not_eligible += 1
         else:
-            actions[i] = row
+            actions[i] = eligible
     return FilePolicyActions(
         actions=actions,
         missing_visitors=len(missing),
