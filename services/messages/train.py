@@ -91,11 +91,18 @@ def _fit_stage(
         "deterministic": True,
     }
     train_set = lgb.Dataset(
-        X_train, y_train.astype(float), weight=w_train, feature_name=list(names), categorical_feature=categorical
+        X_train,
+        y_train.astype(float),
+        weight=w_train,
+        feature_name=list(names),
+        categorical_feature=categorical,
+        params={"verbose": -1},  # trait category codes start at 1: LightGBM's notice about it is not a problem
     )
     has_valid = bool(len(y_valid) and y_valid.any() and (not binary or not y_valid.all()))
     if has_valid:
-        valid_set = lgb.Dataset(X_valid, y_valid.astype(float), weight=w_valid, reference=train_set)
+        valid_set = lgb.Dataset(
+            X_valid, y_valid.astype(float), weight=w_valid, reference=train_set, params={"verbose": -1}
+        )
         booster = lgb.train(
             params,
             train_set,
