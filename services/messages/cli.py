@@ -256,6 +256,8 @@ def evaluate_messages_command(
     chosen = chosen_reward(reward, revenue_cap, mix)
     if cross_fit == 1 or cross_fit < 0:
         raise typer.BadParameter("--cross-fit is 0 (off) or a number of folds, at least 2")
+    if cross_fit and model_version:
+        raise typer.BadParameter("--cross-fit trains its own models on the log: leave out --model-version")
     chosen_learner = learner or MessageSettings().learner
     if chosen_learner not in ("funnel", "uplift"):
         raise typer.BadParameter(f"--learner is funnel or uplift, got {chosen_learner!r}")

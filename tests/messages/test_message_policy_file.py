@@ -175,3 +175,5 @@ def test_evaluate_messages_scores_a_policy_file_and_cross_fits_through_the_cli(
     )
     code, output = run_cli(monkeypatch, settings, *common, "--cross-fit", "1")
     assert code != 0 and "--cross-fit" in output
+    code, output = run_cli(monkeypatch, settings, *common, "--cross-fit", "3", "--model-version", "msg-1")
+    assert code != 0 and "leave out --model-version" in output
