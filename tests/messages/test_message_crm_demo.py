@@ -106,7 +106,7 @@ def test_with_crm_traits_the_learned_policy_beats_every_single_message_and_witho
     blind_data, blind, _ = cross_fitted(campaign, TraitSchema())
     assert blind_data.V.shape[1] == data.V.shape[1] - len(CRM_TRAITS.columns)
     best = blind.learned_vs_best_single
-    assert best is not None and best.difference.ci_low <= 0 < best.difference.ci_high + 1e-12
+    assert best is not None and best.difference.ci_low <= 0  # no better than the best single message
     assert not all(c.difference.ci_low > 0 for c in blind.against_singles(LEARNED))
 
 
