@@ -17,13 +17,14 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
@@ -32,10 +33,12 @@ from services.common.clock import SYSTEM_CLOCK, DataClock
 from services.common.context import WIB
 from services.common.events import Event, EventContext, EventType
 from services.common.settings import CommonSettings
+from services.common.traits import TraitSchema
 from services.demo.shop import generate_shop
-from services.demo.simulator import Simulator, write_jsonl
+from services.demo.simulator import Simulator, SimVisitor, write_jsonl
 from services.demo.world import batched
 from services.features.aggregations import SegmentRules
+from services.messages.decision_log import DecisionEntry, encode_candidates
 from services.messages.replay import replay_decisions
 from services.messages.repository import MessageRepository
 from services.messages.schemas import MessageRequest
@@ -280,6 +283,189 @@ def _reaction(sim: Simulator, answer: dict[str, Any]) -> list[Event]:
         )
     planned = datetime.fromisoformat(answer["planned_send_at"])
     return sim.respond_no_message(answer["visitor_id"], planned, recommendation_id)
+
+
+# ------------------------------------------------------------------------------------------------
+# A randomized CRM campaign: hidden customer attributes that change the response, no opens recorded
+# ------------------------------------------------------------------------------------------------
+
+SEGMENTS: Final = ("bargain_hunter", "trend_seeker", "regular")
+# Declared like a shop declares its CRM attributes (SELARAS_TRAITS): only `crm_segment` changes the response.
+CRM_TRAITS: Final = TraitSchema.model_validate(
+    {
+        "traits": [
+            {"name": "crm_segment", "type": "category", "values": list(SEGMENTS)},
+            {"name": "spend_12m", "type": "number"},
+            {"name": "newbie", "type": "boolean"},
+            {"name": "signup_channel", "type": "category", "values": ["web", "app", "store"]},
+        ]
+    }
+)
+PROMO_EMAIL, NEW_ARRIVALS_EMAIL = "m012", "m006"  # the demo shop's payday-promo and new-arrivals e-mails
+CAMPAIGN_TEMPLATES: Final = (PROMO_EMAIL, NEW_ARRIVALS_EMAIL)
+# The one message each segment reacts to. The segment is drawn independently of the visitor's hidden
+# behaviour type, so browsing does not reveal it: only the CRM attribute does.
+REACTS_TO: Final[dict[str, str | None]] = {
+    "bargain_hunter": PROMO_EMAIL,
+    "trend_seeker": NEW_ARRIVALS_EMAIL,
+    "regular": None,
+}
+CUSTOMERS_FILE = "customers.csv"
+TRAITS_FILE = "traits.json"
+
+
+@dataclass(frozen=True)
+class CampaignConfig:
+    visitors: int = 1500
+    history_days: int = 3  # browsing before the campaign (behaviour features)
+    waves: int = 2  # every visitor is randomized once per wave
+    days_between_waves: int = 4
+    window_h: float = 72.0  # outcome window after each send
+    control_rate: float = 0.1  # random control group (nothing sent); the rest uniform over nothing and the e-mails
+    lift: float = 0.3  # visit probability a segment's own message adds; the other message adds nothing
+    buy_after_visit: float = 0.3
+    segment_shares: tuple[float, float, float] = (0.4, 0.3, 0.3)  # SEGMENTS
+    seed: int = 7
+    end: datetime | None = None  # the last wave's outcome window ends before this (default: now)
+
+
+@dataclass
+class Campaign:
+    catalog: list[CatalogItem]
+    events: list[Event]  # time order: browsing history, CRM traits, decisions, outcomes
+    traits: TraitSchema
+    segments: dict[str, str]  # visitor -> hidden segment
+    # The truth per logged decision (recommendation id): visit probability after "none" and each e-mail.
+    visit_probability: dict[str, dict[str, float]]
+    window_h: float
+
+
+def _crm_traits(sim: Simulator, config: CampaignConfig) -> dict[str, dict[str, Any]]:
+    rng = np.random.default_rng([config.seed, 53])
+    traits: dict[str, dict[str, Any]] = {}
+    shares = np.array(config.segment_shares) / sum(config.segment_shares)
+    for visitor in sim.visitors:
+        activity = visitor.visits_per_week / 3.0
+        traits[visitor.visitor_id] = {
+            "crm_segment": SEGMENTS[int(rng.choice(len(SEGMENTS), p=shares))],
+            "spend_12m": round(float(rng.lognormal(13.5, 0.8)) * activity, -3),
+            "newbie": bool(rng.random() < 0.2),
+            "signup_channel": ("web", "app", "store")[int(rng.integers(0, 3))],
+        }
+    return traits
+
+
+def base_visit_probability(visitor: SimVisitor) -> float:
+    """Chance of a visit within the outcome window without a message: more for frequent visitors."""
+    return min(0.6, 0.05 + 0.035 * visitor.visits_per_week)
+
+
+def simulate_campaign(config: CampaignConfig | None = None) -> Campaign:
+    """A randomized e-mail campaign on the demo shop, in memory (no store needed): every wave, each visitor
+    gets nothing (control group, or the uniform draw) or one of two e-mails, logged as `message_sent`
+    decisions with their propensities; the outcome is a visit (and maybe a purchase) or nothing, with no
+    open or click. Visitors carry CRM traits (`CRM_TRAITS`, as `profile_update` events)."""
+    config = config or CampaignConfig()
+    end = config.end or SYSTEM_CLOCK.now_datetime().astimezone(WIB).replace(minute=0, second=0, microsecond=0)
+    campaign_days = (config.waves - 1) * config.days_between_waves + math.ceil(config.window_h / 24) + 1
+    start = end - timedelta(days=config.history_days + campaign_days)
+    shop = generate_shop(seed=config.seed, now=end)
+    sim = Simulator(shop, n_visitors=config.visitors, seed=config.seed, start=start)
+    first_wave = (start + timedelta(days=config.history_days)).astimezone(WIB).replace(hour=9, minute=0, second=0)
+    events = list(sim.history(config.history_days))
+    traits = _crm_traits(sim, config)
+    for visitor in sim.visitors:
+        problems = CRM_TRAITS.errors(traits[visitor.visitor_id])
+        if problems:
+            raise ValueError(f"demo traits do not match CRM_TRAITS: {problems}")
+        events.append(
+            Event(
+                event_id=f"crm-{config.seed}-{visitor.visitor_id}",
+                visitor_id=visitor.visitor_id,
+                type=EventType.PROFILE_UPDATE,
+                timestamp=first_wave - timedelta(hours=2),
+                context=EventContext(city=visitor.city, locale=visitor.locale),
+                properties=traits[visitor.visitor_id],
+            )
+        )
+    templates = {item.item_id: item for item in shop.messages}
+    candidates = encode_candidates([(template, None) for template in CAMPAIGN_TEMPLATES])
+    uniform = (1.0 - config.control_rate) / (len(CAMPAIGN_TEMPLATES) + 1)
+    rng = np.random.default_rng([config.seed, 59])
+    truth: dict[str, dict[str, float]] = {}
+    for wave in range(config.waves):
+        sent_at = first_wave + timedelta(days=wave * config.days_between_waves)
+        for index, visitor in enumerate(sim.visitors):
+            control = bool(rng.random() < config.control_rate)
+            pick = 0 if control else int(rng.integers(0, len(CAMPAIGN_TEMPLATES) + 1))
+            template = CAMPAIGN_TEMPLATES[pick - 1] if pick else None
+            recommendation_id = f"crm{config.seed}w{wave}-{visitor.visitor_id}"
+            moment = sent_at + timedelta(seconds=index)
+            base = base_visit_probability(visitor)
+            segment = str(traits[visitor.visitor_id]["crm_segment"])
+            chances = {"none": base} | {
+                t: min(0.95, base + (config.lift if REACTS_TO[segment] == t else 0.0)) for t in CAMPAIGN_TEMPLATES
+            }
+            truth[recommendation_id] = chances
+            message = templates[template].message if template is not None else None
+            entry = DecisionEntry(
+                recommendation_id=recommendation_id,
+                visitor_id=visitor.visitor_id,
+                channel="email",
+                city=visitor.city,
+                decided_at=moment.timestamp(),
+                send_at=moment,
+                propensity=uniform + (config.control_rate if pick == 0 else 0.0),
+                control=control,
+                reason="crm campaign",
+                candidates=candidates,
+                model_version=None,
+                experiment=None,
+                persona=None,
+                template_id=template,
+                trigger=message.trigger if message is not None else None,
+            )
+            events.append(entry.event())
+            if rng.random() < chances[template or "none"]:
+                events.extend(
+                    sim.respond_visit(
+                        visitor.visitor_id, moment, config.window_h, config.buy_after_visit, recommendation_id
+                    )
+                )
+    events.sort(key=lambda event: event.ts)
+    return Campaign(
+        catalog=shop.all_items(),
+        events=events,
+        traits=CRM_TRAITS,
+        segments={visitor: str(values["crm_segment"]) for visitor, values in traits.items()},
+        visit_probability=truth,
+        window_h=config.window_h,
+    )
+
+
+def write_campaign(campaign: Campaign, out_dir: Path) -> dict[str, Path]:
+    """The campaign as files: catalog and events (JSON Lines), the trait schema (for SELARAS_TRAITS) and the
+    customers with their traits (CSV for `selaras import customers`)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {
+        "catalog": out_dir / CATALOG_FILE,
+        "events": out_dir / EVENTS_FILE,
+        "traits": out_dir / TRAITS_FILE,
+        "customers": out_dir / CUSTOMERS_FILE,
+    }
+    write_jsonl(campaign.catalog, files["catalog"])
+    write_jsonl(campaign.events, files["events"])
+    files["traits"].write_text(campaign.traits.model_dump_json(indent=2))
+    names = [spec.name for spec in campaign.traits.traits]
+    lines = [",".join(["visitor_id", *names])]
+    for event in campaign.events:
+        if event.type is EventType.PROFILE_UPDATE and "crm_segment" in event.properties:
+            values = [event.properties.get(name) for name in names]
+            lines.append(
+                ",".join([event.visitor_id, *(str(v).lower() if isinstance(v, bool) else str(v) for v in values)])
+            )
+    files["customers"].write_text("\n".join(lines) + "\n")
+    return files
 
 
 # ------------------------------------------------------------------------------------------------

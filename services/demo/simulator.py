@@ -1183,6 +1183,48 @@ class Simulator:
         # The visitor buys once: a purchase they would have made anyway now comes through the message.
         return sorted(events, key=lambda event: event.ts)
 
+    def respond_visit(
+        self, visitor_id: str, after: datetime, within_hours: float, buy_probability: float, key: str
+    ) -> list[Event]:
+        """A visit the caller decided on (e.g. a CRM campaign in `message_sim.py`): a view of a product
+        the visitor likes at a random time in the window, then a purchase of it with `buy_probability`.
+
+        Nothing echoes a recommendation id and no open or click is recorded (mail clients pre-fetch), so the
+        outcome is only a visit or a purchase. Reproducible per `key`."""
+        if after.tzinfo is None:
+            raise ValueError("after must be timezone-aware")
+        row = self._index_of(visitor_id)
+        visitor = self.visitors[row]
+        rng = self._response_rng("visit", visitor_id, key)
+        item = self._products[self._taste_pick(rng, row)]
+        moment = after.astimezone(visitor.zone) + timedelta(hours=float(rng.uniform(0.0, within_hours * 0.9)))
+        context = self._response_context(visitor, f"{visitor_id}-visit-{key}")
+        events = [
+            Event(
+                event_id=self._response_event_id("visit", visitor_id, key),
+                visitor_id=visitor_id,
+                type=EventType.PRODUCT_VIEW,
+                timestamp=moment,
+                item_id=item.item_id,
+                context=context,
+            )
+        ]
+        if rng.random() < buy_probability:
+            events.append(
+                Event(
+                    event_id=self._response_event_id("visit-purchase", visitor_id, key),
+                    visitor_id=visitor_id,
+                    type=EventType.PURCHASE,
+                    timestamp=moment + timedelta(minutes=float(rng.uniform(2.0, 20.0))),
+                    item_id=item.item_id,
+                    quantity=self._quantity(rng, visitor, item),
+                    price=item.price,
+                    context=context,
+                    properties={"category": item.category},
+                )
+            )
+        return events
+
 
 # --------------------------------------------------------------------------------------------- files
 

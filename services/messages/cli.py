@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
+import numpy as np
 import typer
 from rich.table import Table
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from services.common.catalog import CatalogItem
     from services.messages.model import MessageModel
     from services.messages.ope import Evaluation
+    from services.messages.policy_file import PolicyFile
     from services.messages.replay import LoggedDecisions
     from services.messages.reward import Reward
 
@@ -214,19 +216,51 @@ def evaluate_messages_command(
     reward: RewardOption = None,
     revenue_cap: RevenueCapOption = None,
     mix: MixOption = None,
+    policy: Annotated[
+        list[Path] | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="A policy to score: CSV or JSON Lines of visitor_id,action (a template id or none); repeatable. "
+            "Visitors missing from the file are sent nothing.",
+        ),
+    ] = None,
+    cross_fit: Annotated[
+        int,
+        typer.Option(
+            help="Train the learned policy on this log itself, cross-fitted over K folds by visitor (K >= 2), "
+            "instead of scoring a stored model"
+        ),
+    ] = 0,
+    learner: Annotated[
+        str | None, typer.Option(help="With --cross-fit: funnel or uplift (default: RECOMMEND_MESSAGES_LEARNER)")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="With --cross-fit: the folds' and the models' seed")] = 7,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
 ) -> None:
-    """Estimate the value of the learned message policy, of every single-message policy and of sending
-    nothing from logged decisions (IPS, self-normalised IPS, doubly robust; 95% CIs, effective sample size)."""
+    """Estimate the value of the learned message policy, of every single-message policy, of sending nothing
+    and of policies given as files from logged decisions (IPS, self-normalised IPS, doubly robust; 95% CIs,
+    effective sample size, largest weight)."""
+    from services.messages import crossfit
     from services.messages.model import MessageModel
     from services.messages.ope import evaluate_messages
+    from services.messages.policy_file import InvalidPolicyFile, read_policy_file
     from services.messages.replay import replay_decisions
     from services.messages.repository import MessageRepository
+    from services.messages.settings import MessageSettings
+    from services.messages.train import MessageTrainConfig
     from services.profile.importer import EVENT_ADAPTER, ITEM_ADAPTER, InvalidInput
     from services.recommend.repository import RecommendRepository
 
     model: MessageModel | None = None
     chosen = chosen_reward(reward, revenue_cap, mix)
+    if cross_fit == 1 or cross_fit < 0:
+        raise typer.BadParameter("--cross-fit is 0 (off) or a number of folds, at least 2")
+    if cross_fit and model_version:
+        raise typer.BadParameter("--cross-fit trains its own models on the log: leave out --model-version")
+    chosen_learner = learner or MessageSettings().learner
+    if chosen_learner not in ("funnel", "uplift"):
+        raise typer.BadParameter(f"--learner is funnel or uplift, got {chosen_learner!r}")
     settings = _settings(data_dir)
     try:
         items: list[CatalogItem] | None = list(_read_jsonl(catalog, ITEM_ADAPTER)) if catalog else None
@@ -236,19 +270,27 @@ def evaluate_messages_command(
     repository = RecommendRepository.open(settings)
     try:
         messages = MessageRepository(repository)
-        version = model_version or messages.model_index().serving
+        version = None if cross_fit else model_version or messages.model_index().serving
         blob = messages.model_blob(version) if version else None
         if blob is not None:
             model = MessageModel.from_bytes(blob)
-        elif model_version:
+        elif model_version and not cross_fit:
             console.print(f"[red]message model {model_version} not found in {data_dir}[/]")
             raise typer.Exit(2)
         if items is None:
             items = messages.catalog()
     finally:
         repository.close()
-    if model is None:
+    if model is None and not cross_fit:
         console.print("[yellow]no message model found: only 'send nothing' and single-message policies[/]")
+    templates = {i.item_id for i in items or [] if i.message is not None}
+    files: list[PolicyFile] = []
+    for path in policy or []:
+        try:
+            files.append(read_policy_file(path, templates))
+        except InvalidPolicyFile as exc:
+            console.print(f"[red]cannot read policy {path}:[/] {exc}")
+            raise typer.Exit(2) from exc
     # The model's own trait columns (and category codes); without a model, the ones declared now.
     traits = model.traits if model is not None else settings.trait_schema()
     try:
@@ -271,19 +313,37 @@ def evaluate_messages_command(
     if stop is not None:
         data = data.subset(data.send_at < stop)
     names = {i.item_id: f"{i.title} ({i.message.trigger})" for i in items or [] if i.message is not None}
+    targets, coverage = _file_targets(data, files)
+    learned: MessageModel | crossfit.Predictions | None = model
     try:
-        evaluation = evaluate_messages(data, model, min_uplift, send_cost, names, reward=chosen)
+        if cross_fit:
+            config = MessageTrainConfig(window_h=window_hours, seed=seed, learner=chosen_learner, reward=chosen)
+            with console.status(f"cross-fitting the {chosen_learner} learner over {cross_fit} folds"):
+                learned = crossfit.cross_fit(data, config, cross_fit)
+        elif model is not None:
+            _warn_if_trained_on(model, data)
+        evaluation = evaluate_messages(data, learned, min_uplift, send_cost, names, reward=chosen, targets=targets)
     except ValueError as exc:
         console.print(f"[red]cannot evaluate:[/] {exc}")
         raise typer.Exit(2) from exc
+    evaluation.coverage = coverage
     console.print(evaluation_table(evaluation))
-    comparison = evaluation.learned_vs_best_single
-    if comparison is not None:
+    for name, covered in coverage.items():
+        console.print(
+            f"{name}: {covered['missing_visitors']:,} visitors of the log ({covered['missing_decisions']:,} "
+            f"decisions) are not in the file and are sent nothing; its message was not eligible at "
+            f"{covered['not_eligible']:,} decisions (nothing sent); {covered['unused_visitors']:,} visitors of "
+            "the file have no decision in the log"
+        )
+    best = evaluation.learned_vs_best_single
+    comparisons = [c for c in evaluation.comparisons if best is None or c.baseline == best.baseline]
+    for comparison in comparisons:
         difference = comparison.difference
         value, low, high = difference.value, difference.ci_low, difference.ci_high
         verdict = "beats" if low > 0 else ("is below" if high < 0 else "is not distinguishable from")
         console.print(
-            f"learned policy {verdict} the best single message ({comparison.baseline}): "
+            f"{comparison.policy} policy {verdict} {comparison.baseline}"
+            f"{' (the best single message)' if best is not None else ''}: "
             f"DR difference {value:+.4f} (95% CI {low:+.4f} to {high:+.4f}) per decision"
         )
     if json_out is not None:
@@ -291,12 +351,49 @@ def evaluate_messages_command(
         console.print(f"wrote {json_out}")
 
 
+def _file_targets(
+    data: LoggedDecisions, files: list[PolicyFile]
+) -> tuple[dict[str, tuple[str, np.ndarray]], dict[str, dict[str, int]]]:
+    """Each policy file as target actions on the logged decisions, and what it left out."""
+    from services.messages.policy_file import file_policy_actions
+
+    targets: dict[str, tuple[str, np.ndarray]] = {}
+    coverage: dict[str, dict[str, int]] = {}
+    for policy_file in files:
+        name = policy_file.name
+        while name in targets:  # two files with the same name
+            name += "'"
+        mapped = file_policy_actions(data, policy_file)
+        description = f"{len(policy_file.actions):,} visitors' actions from the file; others: nothing"
+        targets[name] = (description, mapped.actions)
+        coverage[name] = mapped.to_json()
+    return targets, coverage
+
+
+def _warn_if_trained_on(model: MessageModel, data: LoggedDecisions) -> None:
+    """Say so when the stored model learned from the decisions it is scored on (its estimate flatters it)."""
+    trained = model.metrics.get("trained_on") or {}
+    first, last = trained.get("first_send_at"), trained.get("last_send_at")
+    if first is None or last is None:
+        return
+    overlap = int(((data.send_at >= first) & (data.send_at <= last)).sum())
+    if overlap:
+        console.print(
+            f"[yellow]model {model.version} was trained on the period of {overlap:,} of these decisions: its "
+            "estimate is optimistic. Use --cross-fit 5 (or --since after its training) for an honest one.[/]"
+        )
+
+
 def evaluation_table(evaluation: Evaluation) -> Table:
     from services.messages.ope import rank
 
+    crossfit = f"; learned policy cross-fitted over {evaluation.cross_fit_folds} folds by visitor" * bool(
+        evaluation.cross_fit_folds
+    )
     table = Table(
         title=f"message policies on {evaluation.decisions:,} decisions ({evaluation.reward.describe()} within "
-        f"{evaluation.window_h:g} h, {evaluation.visitors:,} visitors; logged policy {evaluation.logged_value:.4f})"
+        f"{evaluation.window_h:g} h, {evaluation.visitors:,} visitors; logged policy {evaluation.logged_value:.4f}"
+        f"{crossfit})"
     )
     for column in ("policy", "DR [95% CI]", "SNIPS [95% CI]", "IPS [95% CI]", "ESS", "max w", "matched", "sends"):
         table.add_column(column, justify="left" if column == "policy" else "right")

@@ -18,8 +18,10 @@ compared with the best single-message policy on the same decisions (paired DR di
 tighter than comparing two separate intervals.
 
 Policies: the learned one (the message with the highest expected uplift when it beats the send cost plus
-`min_uplift`, else nothing), "send nothing", and for every template "always this message when eligible, else
-nothing".
+`min_uplift`, else nothing), "send nothing", for every template "always this message when eligible, else
+nothing", and any policy given as target actions (a policy file, `policy_file.py`). The learned policy's
+predictions come from a stored model or are cross-fitted on the evaluated log itself (`crossfit.py`), which
+the report then says. Every policy other than the single messages is compared with each single message.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any, Final
 
 import numpy as np
 
+from services.messages.crossfit import Predictions
 from services.messages.model import MessageModel
 from services.messages.replay import LoggedDecisions
 from services.messages.reward import Reward
@@ -98,6 +101,13 @@ class Evaluation:
     model_version: str | None
     excluded: dict[str, int] = field(default_factory=dict)  # logged decisions left out, by reason
     reward: Reward = field(default_factory=Reward)
+    cross_fit_folds: int = 0  # K when the learned policy was cross-fitted on this log over K folds by visitor
+    # Each non-single policy (learned, files) against every single message with enough matched decisions.
+    comparisons: list[Comparison] = field(default_factory=list)
+    coverage: dict[str, dict[str, int]] = field(default_factory=dict)  # what each policy file left out
+
+    def against_singles(self, policy: str) -> list[Comparison]:
+        return [c for c in self.comparisons if c.policy == policy]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -111,17 +121,19 @@ class Evaluation:
             "excluded": self.excluded,
             "policies": [p.to_json() for p in rank(self.policies)],
             "learned_vs_best_single": self.learned_vs_best_single.to_json() if self.learned_vs_best_single else None,
+            "cross_fit": {"folds": self.cross_fit_folds, "by": "visitor"} if self.cross_fit_folds else None,
+            "comparisons": [c.to_json() for c in self.comparisons],
+            "policy_files": self.coverage,
         }
 
 
 def reward_model(
-    data: LoggedDecisions, model: MessageModel | None, outcome: np.ndarray | None = None
+    data: LoggedDecisions, predictions: Predictions | None, outcome: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """r^(x, nothing) per decision and r^(x, message) per candidate row, in the units of `outcome` (default:
-    conversion). A model is used when given: the caller passes it only when it predicts that outcome."""
-    if model is not None:
-        uplift, _, baseline = model.uplift(data.V, data.A, data.cand_owner)
-        return baseline, baseline[data.cand_owner] + uplift
+    conversion). Predictions are used when given: the caller passes them only when they are in those units."""
+    if predictions is not None:
+        return predictions.baseline, predictions.baseline[data.cand_owner] + predictions.uplift
     # Without a model the direct method falls back to group means (DR then equals IPS plus a constant shift).
     y = data.converted.astype(np.float64) if outcome is None else outcome
     sent = data.sent()
@@ -183,15 +195,18 @@ def _terms(
 
 def evaluate_messages(
     data: LoggedDecisions,
-    model: MessageModel | None,
+    model: MessageModel | Predictions | None,
     min_uplift: float = 0.001,
     send_cost: float = 0.0,
     template_names: Mapping[str, str] | None = None,
     min_matched: int = 30,
     reward: Reward | None = None,
+    targets: Mapping[str, tuple[str, np.ndarray]] | None = None,
 ) -> Evaluation:
-    """Value of the learned policy, "send nothing" and every single-message policy on the logged decisions.
+    """Value of the learned policy, "send nothing", every single-message policy and the `targets` (name ->
+    (description, candidate row per decision, -1 = nothing)) on the logged decisions.
 
+    `model`: a stored model, or `Predictions` cross-fitted on this log (`crossfit.cross_fit`).
     Intervals are cluster-robust over visitors: one visitor's daily decisions are not independent."""
     if data.size == 0:
         raise ValueError("no logged decisions to evaluate")
@@ -202,9 +217,10 @@ def evaluate_messages(
     outcome = chosen.values(data.converted, data.visited, data.revenue)
     reward_values = outcome - send_cost * data.sent()
     clusters = np.unique(np.array(data.visitor_ids), return_inverse=True)[1]
-    # The model's predictions are an outcome model only for the reward it predicts (the funnel: conversion).
-    same_units = model is not None and model.reward == chosen
-    r_nothing, r_candidates = reward_model(data, model if same_units else None, outcome)
+    predictions = Predictions.of_model(model, data) if isinstance(model, MessageModel) else model
+    # The predictions are an outcome model only for the reward they predict (the funnel: conversion).
+    same_units = predictions is not None and predictions.reward == chosen
+    r_nothing, r_candidates = reward_model(data, predictions if same_units else None, outcome)
     policies: list[PolicyValue] = []
     terms: dict[str, _Terms] = {}
 
@@ -223,11 +239,11 @@ def evaluate_messages(
             )
         )
 
-    if model is not None:
+    if predictions is not None:
         # A message is worth sending when its uplift pays for its cost (both in the reward's units).
         bar = min_uplift + send_cost
-        description = f"model {model.version}: highest expected uplift above {bar:.4g}, else nothing"
-        add(LEARNED, description, learned_actions(data, model, bar))
+        description = f"{predictions.source}: highest expected uplift above {bar:.4g}, else nothing"
+        add(LEARNED, description, greedy_actions(data, predictions.uplift, bar))
     add(NOTHING, "never send", np.full(data.size, -1, dtype=np.int64))
     singles: list[str] = []
     for template in sorted(set(data.cand_template)):
@@ -238,16 +254,21 @@ def evaluate_messages(
             single_message_actions(data, template),
         )
         singles.append(name)
-    comparison = None
-    ranked = [p for p in policies if p.policy in singles and p.matched >= min_matched]
-    if model is not None and ranked:
-        best = max(ranked, key=lambda p: p.dr.value)
-        a, b = terms[LEARNED], terms[best.policy]
+    for name, (description, target) in (targets or {}).items():
+        add(name, description, target)
+
+    def compare(policy: str, baseline: str) -> Comparison:
+        a, b = terms[policy], terms[baseline]
         # DR is linear in (weight, q_target): the paired difference is a DR estimate with weight a.w - b.w.
         difference = doubly_robust(
             reward_values, a.weights - b.weights, a.q_logged, a.q_target - b.q_target, clusters=clusters
         )
-        comparison = Comparison(LEARNED, best.policy, difference)
+        return Comparison(policy, baseline, difference)
+
+    comparable = [p for p in policies if p.policy in singles and p.matched >= min_matched]
+    others = [p.policy for p in policies if p.policy not in singles and p.policy != NOTHING]
+    comparisons = [compare(policy, single.policy) for policy in others for single in comparable]
+    best_single = max(comparable, key=lambda p: p.dr.value) if comparable else None
     return Evaluation(
         decisions=data.size,
         visitors=int(clusters.max()) + 1 if data.size else 0,
@@ -255,10 +276,14 @@ def evaluate_messages(
         send_cost=send_cost,
         logged_value=float(reward_values.mean()),
         policies=policies,
-        learned_vs_best_single=comparison,
-        model_version=model.version if model else None,
+        learned_vs_best_single=(
+            compare(LEARNED, best_single.policy) if predictions is not None and best_single is not None else None
+        ),
+        model_version=predictions.source if predictions is not None and not predictions.folds else None,
         excluded=dict(data.excluded),
         reward=chosen,
+        cross_fit_folds=predictions.folds if predictions is not None else 0,
+        comparisons=comparisons,
     )
 
 

@@ -91,11 +91,18 @@ def _fit_stage(
         "deterministic": True,
     }
     train_set = lgb.Dataset(
-        X_train, y_train.astype(float), weight=w_train, feature_name=list(names), categorical_feature=categorical
+        X_train,
+        y_train.astype(float),
+        weight=w_train,
+        feature_name=list(names),
+        categorical_feature=categorical,
+        params={"verbose": -1},  # trait category codes start at 1: LightGBM's notice about it is not a problem
     )
     has_valid = bool(len(y_valid) and y_valid.any() and (not binary or not y_valid.all()))
     if has_valid:
-        valid_set = lgb.Dataset(X_valid, y_valid.astype(float), weight=w_valid, reference=train_set)
+        valid_set = lgb.Dataset(
+            X_valid, y_valid.astype(float), weight=w_valid, reference=train_set, params={"verbose": -1}
+        )
         booster = lgb.train(
             params,
             train_set,
@@ -181,6 +188,7 @@ def train_message_model(data: LoggedDecisions, config: MessageTrainConfig | None
     version = f"msg-{wall_datetime().strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     model = MessageModel(version, wall_time(), stages, data.window_h, traits=data.traits)
     metrics.update(uplift_check(model, data))
+    metrics["trained_on"] = trained_on(data)
     metrics["seconds"] = round(time.perf_counter() - started, 2)
     model.metrics = metrics
     return MessageTrainResult(model, metrics)
@@ -238,9 +246,15 @@ def _train_uplift(data: LoggedDecisions, config: MessageTrainConfig) -> MessageT
         version, wall_time(), stages, data.window_h, traits=data.traits, learner="uplift", reward=config.reward
     )
     metrics.update(uplift_check(model, data))
+    metrics["trained_on"] = trained_on(data)
     metrics["seconds"] = round(time.perf_counter() - started, 2)
     model.metrics = metrics
     return MessageTrainResult(model, metrics)
+
+
+def trained_on(data: LoggedDecisions) -> dict[str, float]:
+    """The send times the model learned from: evaluation warns when it is scored on the same period."""
+    return {"first_send_at": float(data.send_at.min()), "last_send_at": float(data.send_at.max())}
 
 
 def uplift_check(model: MessageModel, data: LoggedDecisions) -> dict[str, Any]:

@@ -159,6 +159,8 @@ def test_simulated_decisions_train_and_evaluate_through_the_cli(
     )
     assert evaluated.exit_code == 0, evaluated.output
     assert "learned" in evaluated.output and "send_nothing" in evaluated.output
+    # Scored on the decisions it learned from: the command says so and points to --cross-fit.
+    assert "its estimate is optimistic" in " ".join(evaluated.output.split())
     body = json.loads(report.read_text())
     policies = {p["policy"]: p for p in body["policies"]}
     assert body["decisions"] == data.size and body["model_version"].startswith("msg-")
