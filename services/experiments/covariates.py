@@ -13,7 +13,7 @@ Which feature stands for which metric (docs/statistics.md, "Serving covariates")
 | ctr | rec_clicks_7d / rec_impressions_7d (no recommendation seen in 7 days: no pre-period) |
 | conversion | purchases_30d |
 | add_to_cart | carts_30d |
-| revenue | rfm_monetary (lifetime spend: the row has no windowed revenue) |
+| revenue | log(1 + rfm_monetary): lifetime spend (no windowed revenue in the row), logged (it is not capped) |
 | open_rate | none yet (no message feature in the row): every visitor counts as new |
 
 No row (a visitor never seen, or one whose row may not be read without consent) means no pre-period: the
@@ -30,8 +30,10 @@ from typing import Any, Final
 COUNT_COVARIATES: Final = {
     "conversion": "purchases_30d",
     "add_to_cart": "carts_30d",
-    "revenue": "rfm_monetary",
 }
+# Revenue is capped at a pooled quantile in the report but its covariate is not (docs/statistics.md, section 7):
+# a heavy-tailed covariate would let a few big spenders steer θ, so the predictor is log(1 + lifetime spend).
+REVENUE_FEATURE: Final = "rfm_monetary"
 CTR_CLICKS: Final = "rec_clicks_7d"
 CTR_IMPRESSIONS: Final = "rec_impressions_7d"
 
@@ -53,6 +55,9 @@ def exposure_covariates(row: Mapping[str, Any] | None) -> dict[str, float] | Non
         value = _value(row, feature)
         if value is not None:
             covariates[metric] = value
+    spend = _value(row, REVENUE_FEATURE)
+    if spend is not None:
+        covariates["revenue"] = math.log1p(spend)
     impressions, clicks = _value(row, CTR_IMPRESSIONS), _value(row, CTR_CLICKS)
     if impressions and clicks is not None:
         covariates["ctr"] = clicks / impressions

@@ -3,8 +3,16 @@ has no pre-period."""
 
 from __future__ import annotations
 
+import math
+
 from services.common.features import VISITOR_FEATURES, visitor_row_at
-from services.experiments.covariates import COUNT_COVARIATES, CTR_CLICKS, CTR_IMPRESSIONS, exposure_covariates
+from services.experiments.covariates import (
+    COUNT_COVARIATES,
+    CTR_CLICKS,
+    CTR_IMPRESSIONS,
+    REVENUE_FEATURE,
+    exposure_covariates,
+)
 from services.experiments.store.sums import METRICS
 
 DAY = 86_400.0
@@ -12,7 +20,7 @@ DAY = 86_400.0
 
 def test_every_covariate_is_a_visitor_feature_and_a_metric() -> None:
     assert set(COUNT_COVARIATES) <= set(METRICS)
-    assert {*COUNT_COVARIATES.values(), CTR_CLICKS, CTR_IMPRESSIONS} <= set(VISITOR_FEATURES)
+    assert {*COUNT_COVARIATES.values(), REVENUE_FEATURE, CTR_CLICKS, CTR_IMPRESSIONS} <= set(VISITOR_FEATURES)
 
 
 def test_covariates_from_a_known_visitor_row() -> None:
@@ -20,7 +28,7 @@ def test_covariates_from_a_known_visitor_row() -> None:
     assert exposure_covariates(row) == {
         "conversion": 2.0,
         "add_to_cart": 5.0,
-        "revenue": 350_000.0,
+        "revenue": math.log1p(350_000.0),
         "ctr": 3 / 40,
     }
 
@@ -38,5 +46,6 @@ def test_no_row_or_no_impressions_means_no_pre_period() -> None:
 def test_windows_are_seen_from_the_request_time() -> None:
     """The point-in-time row: purchases more than 30 days before the request no longer count."""
     row = {"purchases_30d": 3, "last_seen_ts": 1_000_000.0, "rfm_monetary": 90_000.0}
-    assert exposure_covariates(visitor_row_at(row, 1_000_000.0 + 2 * DAY)) == {"conversion": 3.0, "revenue": 90_000.0}
-    assert exposure_covariates(visitor_row_at(row, 1_000_000.0 + 31 * DAY)) == {"conversion": 0.0, "revenue": 90_000.0}
+    spend = math.log1p(90_000)
+    assert exposure_covariates(visitor_row_at(row, 1_000_000.0 + 2 * DAY)) == {"conversion": 3.0, "revenue": spend}
+    assert exposure_covariates(visitor_row_at(row, 1_000_000.0 + 31 * DAY)) == {"conversion": 0.0, "revenue": spend}
