@@ -33,6 +33,7 @@ from services.experiments.config import ArmName, ExperimentConfig
 from services.experiments.config_store import ExperimentConfigStore, StoredConfig
 from services.experiments.deps import AdminKey, ExperimentsState, State
 from services.experiments.runtime import ExperimentRuntime
+from services.experiments.schemas import ExperimentReport
 
 router = APIRouter()
 STATIC_DIR: Final = Path(__file__).resolve().parent / "static"
@@ -253,9 +254,12 @@ def get_experiment(key: str, state: State, _: AdminKey) -> dict[str, Any]:
     return runtime.describe(experiment)
 
 
-@router.get("/v1/experiments/{key}/report")
+# The report is served as built (report.py, plain data through the fast JSON encoder); `response_model` documents
+# its shape in the OpenAPI schema, and tests/experiments/test_report_schema.py validates real reports against it.
+@router.get("/v1/experiments/{key}/report", response_model=ExperimentReport, responses={404: CHANGE_ERRORS[404]})
 async def experiment_report(key: str, state: State, _: AdminKey) -> Response:
-    """Per-arm means, uplift with fixed and always-valid intervals, p-values, SRM, breakdowns and a verdict."""
+    """Per-arm means, uplift with fixed-horizon and always-valid intervals, the CUPED-adjusted comparison with its
+    variance reduction beside them, p-values, SRM, breakdowns by slot and persona, the timeline and a verdict."""
     runtime, experiment = experiment_of(state, key)
     report = await run_in_threadpool(runtime.report, experiment.key)
     return FastJSONResponse(report)
