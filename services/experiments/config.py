@@ -20,7 +20,7 @@ import yaml
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from services.experiments.assignment import DEFAULT_HOLDOUT_SEED, HOLDOUT_ARM
-from services.experiments.targeting import Targeting
+from services.experiments.targeting import ExperimentTargeting
 
 Key = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,47}$")]
 ArmName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")]
@@ -101,7 +101,7 @@ class ExperimentConfig(BaseModel):
     # The arm promoted as the winner (POST /v1/experiments/{key}/promote), which also ended the experiment.
     winner: ArmName | None = None
     # Who may enter (targeting.py): checked before assignment; an exposed visitor keeps the arm (frozen).
-    targeting: Targeting | None = None
+    targeting: ExperimentTargeting | None = None
     # Mutual exclusion: the experiment takes visitors whose namespace hash falls in [start, end) only.
     namespace: Key | None = None
     namespace_range: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]] = (0.0, 1.0)

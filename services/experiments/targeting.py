@@ -33,7 +33,7 @@ def _accepted(values: list[str] | None) -> frozenset[str] | None:
     return None if values is None else frozenset(v.casefold() for v in values)
 
 
-class Targeting(BaseModel):
+class ExperimentTargeting(BaseModel):
     """Conditions a visitor must meet to enter the experiment (all given ones; a list accepts any of its values).
 
     Text values (cities, channels, personas) compare without regard to case."""
@@ -52,7 +52,7 @@ class Targeting(BaseModel):
     visitor: Literal["new", "returning"] | None = None
 
     @model_validator(mode="after")
-    def _something(self) -> Targeting:
+    def _something(self) -> ExperimentTargeting:
         if all(getattr(self, name) is None for name in type(self).model_fields):
             raise ValueError("targeting needs at least one condition (leave targeting out to include everybody)")
         return self

@@ -16,7 +16,13 @@ from services.experiments.runtime import ExperimentRuntime
 from services.experiments.stats.srm import srm_check
 from services.experiments.store.base import ExposureWrite
 from services.experiments.store.sqlite_store import SqliteExperimentStore
-from services.experiments.targeting import SESSION_GAP_S, Targeting, TargetingContext, is_returning, targeting_context
+from services.experiments.targeting import (
+    SESSION_GAP_S,
+    ExperimentTargeting,
+    TargetingContext,
+    is_returning,
+    targeting_context,
+)
 from services.profile.aggregations import SESSION_GAP_S as PROFILE_SESSION_GAP_S
 from tests.conftest import unique_name
 from tests.experiments.test_admin_api import READER, SLOTS, Replicas, launch, replicas  # noqa: F401
@@ -70,7 +76,9 @@ def test_session_gap_is_the_profile_aggregators() -> None:
 
 
 def test_conditions_all_must_match_and_each_accepts_any_of_its_values() -> None:
-    targeting = Targeting(devices=["mobile", "app"], cities=["Jakarta", "Bandung"], lifecycles=["new", "active"])
+    targeting = ExperimentTargeting(
+        devices=["mobile", "app"], cities=["Jakarta", "Bandung"], lifecycles=["new", "active"]
+    )
     jakarta_phone = TargetingContext(device="mobile", city="jakarta", lifecycle="active")
     assert targeting.matches(jakarta_phone)  # cities compare without case
     assert not targeting.matches(TargetingContext(device="desktop", city="Jakarta", lifecycle="active"))
@@ -78,12 +86,12 @@ def test_conditions_all_must_match_and_each_accepts_any_of_its_values() -> None:
     assert not targeting.matches(TargetingContext(device="mobile", city="Jakarta", lifecycle="loyal"))
     # An unknown attribute matches no condition on it; a condition left out accepts everybody.
     assert not targeting.matches(TargetingContext(device=None, city="Jakarta", lifecycle="new"))
-    assert Targeting(personas=["Pemburu Diskon"]).matches(TargetingContext(persona="pemburu diskon"))
-    assert Targeting(channels=["app"]).matches(TargetingContext(channel="APP", device=None))
-    returning_only = Targeting(visitor="returning")
+    assert ExperimentTargeting(personas=["Pemburu Diskon"]).matches(TargetingContext(persona="pemburu diskon"))
+    assert ExperimentTargeting(channels=["app"]).matches(TargetingContext(channel="APP", device=None))
+    returning_only = ExperimentTargeting(visitor="returning")
     assert returning_only.matches(TargetingContext(returning=True))
     assert not returning_only.matches(TargetingContext(returning=False))
-    assert Targeting(visitor="new").matches(TargetingContext())
+    assert ExperimentTargeting(visitor="new").matches(TargetingContext())
 
 
 @pytest.mark.parametrize(
