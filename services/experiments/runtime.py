@@ -97,6 +97,26 @@ P_VALUE = Gauge("selaras_experiment_p_value", "Welch p-value", _RESULT_LABELS, m
 CHANCE_TO_WIN = Gauge(
     "selaras_experiment_chance_to_win", "Chance the arm beats control", _RESULT_LABELS, multiprocess_mode="mostrecent"
 )
+# CUPED-adjusted results beside the unadjusted ones (NaN when no visitor has a pre-period). The additive sums they
+# are computed from are the `selaras_experiment_covariate_*` counters (store/sums.py).
+CUPED_UPLIFT = Gauge(
+    "selaras_experiment_cuped_uplift",
+    "CUPED-adjusted relative uplift of the arm over control",
+    _RESULT_LABELS,
+    multiprocess_mode="mostrecent",
+)
+CUPED_LOWER = Gauge(
+    "selaras_experiment_cuped_ci_lower", "CUPED-adjusted CI lower bound", _RESULT_LABELS, multiprocess_mode="mostrecent"
+)
+CUPED_UPPER = Gauge(
+    "selaras_experiment_cuped_ci_upper", "CUPED-adjusted CI upper bound", _RESULT_LABELS, multiprocess_mode="mostrecent"
+)
+VARIANCE_REDUCTION = Gauge(
+    "selaras_experiment_cuped_variance_reduction_ratio",
+    "1 - Var(adjusted)/Var(unadjusted) of the uplift (interval widths shrink by its square root)",
+    _RESULT_LABELS,
+    multiprocess_mode="mostrecent",
+)
 SRM_P_VALUE = Gauge(
     "selaras_experiment_srm_p_value", "Sample-ratio-mismatch p-value", ["experiment"], multiprocess_mode="mostrecent"
 )
@@ -414,6 +434,12 @@ class ExperimentRuntime:
             ALWAYS_VALID_UPPER.labels(*labels).set(value(result["always_valid"]["ci_upper"]))
             P_VALUE.labels(*labels).set(value(result["p_value"]))
             CHANCE_TO_WIN.labels(*labels).set(value(result["chance_to_win"]))
+            cuped = result["cuped"] or {}
+            CUPED_UPLIFT.labels(*labels).set(value(cuped.get("uplift")))
+            CUPED_LOWER.labels(*labels).set(value(cuped.get("ci_lower")))
+            CUPED_UPPER.labels(*labels).set(value(cuped.get("ci_upper")))
+            reduction = cuped.get("variance_reduction_pct")
+            VARIANCE_REDUCTION.labels(*labels).set(value(None if reduction is None else reduction / 100.0))
         srm = report["srm"]
         SRM_P_VALUE.labels(key).set(value(srm["p_value"]))
         SRM_CHI2.labels(key).set(value(srm["chi2"]))
