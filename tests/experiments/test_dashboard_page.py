@@ -46,6 +46,9 @@ experiments:
   - key: broken-split
     enabled: true
     slot_kinds: [cta]
+    targeting: {devices: [mobile, app], visitor: returning}
+    namespace: cta-tests
+    namespace_range: [0.0, 0.5]
     arms:
       - {name: control, weight: 0.5, personalized: false}
       - {name: treatment, weight: 0.5, personalized: true}
@@ -228,6 +231,8 @@ def test_page_in_english_and_the_srm_warning(page: Page) -> None:
     warning = dom.split('id="srm-warning"', 1)[1].split("</div>", 1)[0]
     assert "hidden" not in warning.split(">", 1)[0] and "Sample ratio mismatch" in warning
     assert 'data-decision="investigate_srm"' in dom
+    meta = dom.split('id="experiment-meta"', 1)[1].split("</p>", 1)[0]
+    assert "Targeting: devices = mobile, app; visitor = returning; namespace cta-tests [0, 0.5)" in meta
 
 
 @pytest.mark.slow

@@ -252,6 +252,16 @@ def test_targeting_through_the_api_and_serving(replicas: Replicas) -> None:  # n
     assert {v: arm_of(replicas, v, "desktop") for v in visitors} == on_phone
     report = replicas.ok(replicas.a, "GET", "/v1/experiments/launch/report")
     assert sum(arm["n"] for arm in report["arms"]) == len(visitors)
+    # Changed at runtime: desktops may enter from now on; a bad condition is a 422 naming it.
+    refused = replicas.call(replicas.a, "PATCH", "/v1/experiments/launch", json={"targeting": {"lifecycles": ["vip"]}})
+    assert refused.status_code == 422 and refused.json()["errors"][0]["field"] == "targeting.lifecycles.0"
+    changed = replicas.ok(replicas.a, "PATCH", "/v1/experiments/launch", json={"targeting": {"devices": ["desktop"]}})
+    assert changed["targeting"]["devices"] == ["desktop"]
+    assert arm_of(replicas, "desk-0", "desktop") is not None
+    assert {v: arm_of(replicas, v, "mobile") for v in visitors} == on_phone  # exposed phone visitors stay
+    assert arm_of(replicas, "phone-new", "mobile") is None
+    cleared = replicas.ok(replicas.a, "PATCH", "/v1/experiments/launch", json={"targeting": None})
+    assert cleared["targeting"] is None and arm_of(replicas, "phone-new", "mobile") is not None
 
 
 def test_namespace_overlap_is_refused_through_the_api(replicas: Replicas) -> None:  # noqa: F811

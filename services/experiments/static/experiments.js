@@ -32,6 +32,8 @@ const STRINGS = {
     pHolm: "p (Holm)",
     pBH: "p (BH)",
     chance: "Peluang menang",
+    targeting: "Sasaran",
+    everybody: "semua pengunjung",
     cuped: "Kenaikan CUPED",
     cupedCi: "Selang 95% CUPED",
     varianceReduction: "Pengurangan varians",
@@ -117,6 +119,8 @@ const STRINGS = {
     pHolm: "p (Holm)",
     pBH: "p (BH)",
     chance: "Chance to win",
+    targeting: "Targeting",
+    everybody: "every visitor",
     cuped: "CUPED uplift",
     cupedCi: "CUPED 95% interval",
     varianceReduction: "Variance reduction",
@@ -350,7 +354,8 @@ function renderReport() {
   const period = [report.start, report.end].map((v) => (v ? v.slice(0, 10) : "…")).join(" → ");
   document.getElementById("experiment-meta").textContent =
     `${t(`status.${report.status}`)} · ${t("period")}: ${period}` +
-    (config.attribution_window_hours ? ` · ${fill(t("window"), { h: config.attribution_window_hours })}` : "");
+    (config.attribution_window_hours ? ` · ${fill(t("window"), { h: config.attribution_window_hours })}` : "") +
+    ` · ${t("targeting")}: ${describeAudience(config)}`;
   renderSrm(report);
   renderVerdict(report);
   renderControls(report);
@@ -360,6 +365,18 @@ function renderReport() {
   renderTimeline(report);
   renderBreakdown("slot-table", report, report.breakdowns.slot);
   renderBreakdown("persona-table", report, report.breakdowns.persona);
+}
+
+function describeAudience(config) {
+  // Who may enter: the targeting conditions and the namespace range, as configured.
+  const parts = Object.entries(config.targeting || {})
+    .filter(([, value]) => value != null)
+    .map(([name, value]) => `${name} = ${Array.isArray(value) ? value.join(", ") : value}`);
+  if (config.namespace) {
+    const [start, end] = config.namespace_range || [0, 1];
+    parts.push(`namespace ${config.namespace} [${start}, ${end})`);
+  }
+  return parts.length ? parts.join("; ") : t("everybody");
 }
 
 function renderSrm(report) {
