@@ -142,3 +142,14 @@ def assign(
     if idx < 0:
         return None
     return Assignment(experiment_key, arm_names[idx], True, n, bucket_version)
+
+
+def in_namespace(visitor_id: str, namespace: str, namespace_range: tuple[float, float]) -> bool:
+    """GrowthBook's inNamespace: the visitor's hash v1 over the seed "__<namespace>" falls in [start, end).
+
+    The namespace hash uses its own seed, independent of every experiment's arm hash, so the visitors of one
+    range are split between that experiment's arms by the experiment's weights."""
+    if not visitor_id:
+        return False
+    n = growthbook_hash(f"__{namespace}", visitor_id, 1)
+    return n is not None and namespace_range[0] <= n < namespace_range[1]

@@ -3,7 +3,12 @@
 The configuration lives in the shared store (config_store.py), changed through the admin API; the YAML file
 (`RECOMMEND_EXPERIMENTS_FILE`, default `experiments.yaml`) seeds it when the store holds none. An experiment
 covers slot kinds (`/v1/recommend`) and/or message channels (`/v1/next-best-message`); the first
-enabled, running experiment that covers a request serves it (runtime.py).
+enabled, running experiment that covers a request, admits the visitor (targeting, namespace) and assigns an
+arm serves it (runtime.py).
+
+Namespaces (GrowthBook's): experiments that declare the same `namespace` split its hash space by
+`namespace_range`; a visitor falls into one range of each namespace, so into at most one of its experiments.
+Two enabled experiments of one namespace whose ranges and schedules overlap are refused (naming the field).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import yaml
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from services.experiments.assignment import DEFAULT_HOLDOUT_SEED, HOLDOUT_ARM
+from services.experiments.targeting import ExperimentTargeting
 
 Key = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,47}$")]
 ArmName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")]
@@ -27,6 +33,15 @@ MESSAGE_METRICS: Final = ("open_rate", "ctr", "conversion", "revenue")
 
 class ExperimentConfigError(ValueError):
     """experiments.yaml is invalid: the service refuses to start rather than run a broken experiment."""
+
+
+class ConfigFieldError(ValueError):
+    """A configuration error found across experiments, about one field of one of them: `field` is its path
+    (`experiments.<i>.<name>`), which the admin API's 422 names (config_store.validate_config)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
 
 
 class ArmConfig(BaseModel):
@@ -85,6 +100,11 @@ class ExperimentConfig(BaseModel):
     alpha: float = Field(default=0.05, gt=0, lt=0.5)
     # The arm promoted as the winner (POST /v1/experiments/{key}/promote), which also ended the experiment.
     winner: ArmName | None = None
+    # Who may enter (targeting.py): checked before assignment; an exposed visitor keeps the arm (frozen).
+    targeting: ExperimentTargeting | None = None
+    # Mutual exclusion: the experiment takes visitors whose namespace hash falls in [start, end) only.
+    namespace: Key | None = None
+    namespace_range: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]] = (0.0, 1.0)
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:
@@ -106,7 +126,15 @@ class ExperimentConfig(BaseModel):
             raise ValueError(f"winner {self.winner!r} is not one of the arms {names}")
         if self.metrics and self.primary_metric not in self.metrics:
             raise ValueError(f"primary_metric {self.primary_metric!r} must be one of metrics")
+        if self.namespace_range[0] >= self.namespace_range[1]:
+            raise ValueError(f"namespace_range must be [start, end) with start < end, got {list(self.namespace_range)}")
         return self
+
+    def overlaps_in_time(self, other: ExperimentConfig) -> bool:
+        """Whether the two schedules share a moment (an open start or end reaches forever)."""
+        starts_before_other_ends = self.start is None or other.end is None or self.start < other.end
+        ends_after_other_starts = self.end is None or other.start is None or self.end > other.start
+        return starts_before_other_ends and ends_after_other_starts
 
     @property
     def storage_id(self) -> str:
@@ -172,7 +200,29 @@ class ExperimentsFile(BaseModel):
         keys = [e.key for e in self.experiments]
         if len(set(keys)) != len(keys):
             raise ValueError("experiment keys must be unique")
+        namespace_conflict(self.experiments)
         return self
+
+
+def namespace_conflict(experiments: list[ExperimentConfig]) -> None:
+    """Refuse two enabled experiments of one namespace whose ranges and schedules overlap: a visitor could fall
+    into both. Any overlap is refused, whatever surfaces they cover: a namespace promises at most one of its
+    experiments per visitor (put experiments that may share visitors in different namespaces, or in none)."""
+    for i, experiment in enumerate(experiments):
+        if experiment.namespace is None or not experiment.enabled:
+            continue
+        start, end = experiment.namespace_range
+        for other in experiments[:i]:
+            if other.namespace != experiment.namespace or not other.enabled:
+                continue
+            other_start, other_end = other.namespace_range
+            if start < other_end and other_start < end and experiment.overlaps_in_time(other):
+                raise ConfigFieldError(
+                    f"experiments.{i}.namespace_range",
+                    f"[{start:g}, {end:g}) overlaps [{other_start:g}, {other_end:g}) of experiment {other.key!r} in "
+                    f"namespace {experiment.namespace!r}, and both are enabled at the same time: a visitor could "
+                    "fall into both. Give them disjoint ranges, disable one, or end one before the other starts",
+                )
 
 
 def load_config(path: Path) -> ExperimentsFile:

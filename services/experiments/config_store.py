@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from services.common.api import describe_errors
 from services.common.errors import InvalidPayload
 from services.common.storage import Store
-from services.experiments.config import ExperimentsFile
+from services.experiments.config import ConfigFieldError, ExperimentsFile
 
 # The blob namespace of both records. Only the experiments package reads it, so it is named here rather than in
 # `services.common.storage.Namespace` (the contract between services).
@@ -62,7 +62,14 @@ def validate_config(data: dict[str, Any]) -> ExperimentsFile:
     try:
         return ExperimentsFile.model_validate(data)
     except ValidationError as exc:
-        errors = describe_errors(exc.errors())
+        raw = exc.errors()
+        errors = describe_errors(raw)
+        for error, described in zip(raw, errors, strict=True):
+            # A check across experiments (namespace overlap) names the field of the experiment it refuses.
+            cause = (error.get("ctx") or {}).get("error")
+            if isinstance(cause, ConfigFieldError):
+                described["field"] = cause.field
+                described["message"] = str(cause).removeprefix(f"{cause.field}: ")
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
         raise InvalidPayload(f"invalid experiment configuration: {detail}", extra={"errors": errors}) from exc
 

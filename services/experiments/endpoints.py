@@ -33,6 +33,8 @@ from services.experiments.config import ArmName, ExperimentConfig
 from services.experiments.config_store import ExperimentConfigStore, StoredConfig
 from services.experiments.deps import AdminKey, ExperimentsState, State
 from services.experiments.runtime import ExperimentRuntime
+from services.experiments.schemas import ExperimentReport
+from services.experiments.targeting import ExperimentTargeting
 
 router = APIRouter()
 STATIC_DIR: Final = Path(__file__).resolve().parent / "static"
@@ -88,6 +90,8 @@ class ExperimentPatch(BaseModel):
     end: AwareDatetime | None = None
     coverage: float | None = Field(default=None, ge=0, le=1)
     weights: dict[ArmName, Annotated[float, Field(ge=0, le=1)]] | None = None
+    # Who may enter from now on (`null` removes the conditions); visitors already exposed keep their arm.
+    targeting: ExperimentTargeting | None = None
     # Re-randomise everybody (bucket_version + 1, results from zero): required to change a running test's weights.
     rebalance: bool = False
 
@@ -155,7 +159,7 @@ def create_experiment(experiment: ExperimentConfig, state: State, actor: AdminKe
 
 @router.patch("/v1/experiments/{key}", responses=CHANGE_ERRORS)
 def change_experiment(key: str, patch: ExperimentPatch, state: State, actor: AdminKey) -> dict[str, Any]:
-    """Enable or disable, (re)schedule start and end, change coverage, weights or description."""
+    """Enable or disable, (re)schedule start and end, change coverage, weights, targeting or description."""
     runtime, store = _config_store(state)
     given = patch.model_fields_set
     now = state.clock.now()
@@ -186,6 +190,8 @@ def change_experiment(key: str, patch: ExperimentPatch, state: State, actor: Adm
                 )
             for arm in experiment["arms"]:
                 arm["weight"] = weights[arm["name"]]
+        if "targeting" in given:
+            experiment["targeting"] = patch.targeting.model_dump(mode="json") if patch.targeting else None
         if patch.rebalance:
             experiment["bucket_version"] = current.bucket_version + 1
         return data
@@ -253,9 +259,12 @@ def get_experiment(key: str, state: State, _: AdminKey) -> dict[str, Any]:
     return runtime.describe(experiment)
 
 
-@router.get("/v1/experiments/{key}/report")
+# The report is served as built (report.py, plain data through the fast JSON encoder); `response_model` documents
+# its shape in the OpenAPI schema, and tests/experiments/test_report_schema.py validates real reports against it.
+@router.get("/v1/experiments/{key}/report", response_model=ExperimentReport, responses={404: CHANGE_ERRORS[404]})
 async def experiment_report(key: str, state: State, _: AdminKey) -> Response:
-    """Per-arm means, uplift with fixed and always-valid intervals, p-values, SRM, breakdowns and a verdict."""
+    """Per-arm means, uplift with fixed-horizon and always-valid intervals, the CUPED-adjusted comparison with its
+    variance reduction beside them, p-values, SRM, breakdowns by slot and persona, the timeline and a verdict."""
     runtime, experiment = experiment_of(state, key)
     report = await run_in_threadpool(runtime.report, experiment.key)
     return FastJSONResponse(report)

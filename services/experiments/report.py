@@ -484,6 +484,7 @@ def build_report(
                 "name": arm.name,
                 "weight": arm.weight,
                 "personalized": arm.personalized,
+                "model": arm.model,
                 "n": counts[arm.name],
                 "share": counts[arm.name] / total_n if total_n else None,
                 "metrics": {m: _metric_summary(arm_sums(group, m), m) for m in metrics},

@@ -2,6 +2,9 @@
 
 - Assignment is GrowthBook's hash v2 (services/experiments/assignment.py): deterministic and sticky per
   visitor, seed and bucket version; a global holdout never gets personalization and is not compared.
+- Before the arm: the experiment's namespace range (mutual exclusion) and its targeting (targeting.py). A
+  visitor who fails the targeting but was already exposed keeps the arm (frozen at exposure): only then is
+  the store asked, for the arm it recorded with the visitor's first exposure.
 - Exposures are counted per visitor in the experiment store (services/experiments/store/);
   outcomes are attributed by the profile service (services/experiments/attribution.py).
 - Reports are computed from the stored sums by services/experiments/report.py.
@@ -26,13 +29,14 @@ from prometheus_client import Counter, Gauge, Histogram
 from services.common.clock import SYSTEM_CLOCK, Clock
 from services.common.errors import StorageUnavailable
 from services.common.settings import CommonSettings
-from services.experiments.assignment import HOLDOUT_ARM, assign
+from services.experiments.assignment import HOLDOUT_ARM, assign, in_namespace
 from services.experiments.config import ArmChoice, ExperimentConfig, ExperimentsFile, load_config
 from services.experiments.config_store import ExperimentConfigStore, StoredConfig
 from services.experiments.report import build_report
 from services.experiments.store import open_experiment_store
 from services.experiments.store.base import ExperimentStore, ExposureWrite
 from services.experiments.store.sums import ALL, count_increments, touch_counters
+from services.experiments.targeting import UNKNOWN, TargetingContext
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,12 @@ EXPERIMENT_SERVED = Counter(
     "selaras_experiment_served",
     "Requests of an arm that were answered and recorded (requests - served = failures)",
     ["experiment", "arm"],
+)
+TARGETING = Counter(
+    "selaras_experiment_targeting",
+    "Targeted experiments' admission of assigned visitors: matched, frozen (failed the conditions but already"
+    " exposed, so kept in the arm), excluded (served the default), unknown (the store could not say)",
+    ["experiment", "result"],
 )
 EXPOSURES_DROPPED = Counter(
     "selaras_experiment_exposures_dropped", "Exposures not recorded (store unavailable, arm conflict)", ["experiment"]
@@ -86,6 +96,26 @@ ALWAYS_VALID_UPPER = Gauge(
 P_VALUE = Gauge("selaras_experiment_p_value", "Welch p-value", _RESULT_LABELS, multiprocess_mode="mostrecent")
 CHANCE_TO_WIN = Gauge(
     "selaras_experiment_chance_to_win", "Chance the arm beats control", _RESULT_LABELS, multiprocess_mode="mostrecent"
+)
+# CUPED-adjusted results beside the unadjusted ones (NaN when no visitor has a pre-period). The additive sums they
+# are computed from are the `selaras_experiment_covariate_*` counters (store/sums.py).
+CUPED_UPLIFT = Gauge(
+    "selaras_experiment_cuped_uplift",
+    "CUPED-adjusted relative uplift of the arm over control",
+    _RESULT_LABELS,
+    multiprocess_mode="mostrecent",
+)
+CUPED_LOWER = Gauge(
+    "selaras_experiment_cuped_ci_lower", "CUPED-adjusted CI lower bound", _RESULT_LABELS, multiprocess_mode="mostrecent"
+)
+CUPED_UPPER = Gauge(
+    "selaras_experiment_cuped_ci_upper", "CUPED-adjusted CI upper bound", _RESULT_LABELS, multiprocess_mode="mostrecent"
+)
+VARIANCE_REDUCTION = Gauge(
+    "selaras_experiment_cuped_variance_reduction_ratio",
+    "1 - Var(adjusted)/Var(unadjusted) of the uplift (interval widths shrink by its square root)",
+    _RESULT_LABELS,
+    multiprocess_mode="mostrecent",
 )
 SRM_P_VALUE = Gauge(
     "selaras_experiment_srm_p_value", "Sample-ratio-mismatch p-value", ["experiment"], multiprocess_mode="mostrecent"
@@ -155,6 +185,12 @@ class ExperimentRuntime:
     def generation(self) -> int:
         return self._view.generation
 
+    @property
+    def targets_messages(self) -> bool:
+        """Whether an enabled message experiment is targeted: the message service then builds the visitor's
+        targeting context for `assign_message`."""
+        return self._view.targets_messages
+
     def _on_new_view(self) -> None:
         for experiment in self.enabled:
             touch_counters(experiment.key, experiment.arm_names, experiment.goal_metrics, experiment.slot_labels)
@@ -192,7 +228,13 @@ class ExperimentRuntime:
         return {arm.model for experiment in self.enabled for arm in experiment.arms if arm.model is not None}
 
     # -- assignment ---------------------------------------------------------------------------------
-    def _assign(self, experiment: ExperimentConfig, visitor_id: str) -> ArmChoice | None:
+    def _assign(
+        self, experiment: ExperimentConfig, visitor_id: str, context: TargetingContext | None
+    ) -> ArmChoice | None:
+        if experiment.namespace is not None and not in_namespace(
+            visitor_id, experiment.namespace, experiment.namespace_range
+        ):
+            return None
         assignment = assign(
             experiment.key,
             visitor_id,
@@ -206,6 +248,8 @@ class ExperimentRuntime:
         )
         if assignment is None:
             return None
+        if experiment.targeting is not None and not self._admitted(experiment, visitor_id, assignment.arm, context):
+            return None
         if assignment.arm == HOLDOUT_ARM:
             chosen = ArmChoice(experiment.key, HOLDOUT_ARM, False)
         else:
@@ -214,21 +258,49 @@ class ExperimentRuntime:
         EXPERIMENT_REQUESTS.labels(experiment.key, chosen[1]).inc()
         return chosen
 
-    def assign_recommend(self, visitor_id: str, slot_kinds: Sequence[str], now: float) -> ArmChoice | None:
+    def _admitted(
+        self, experiment: ExperimentConfig, visitor_id: str, arm: str, context: TargetingContext | None
+    ) -> bool:
+        """Targeting before assignment, frozen at exposure: a visitor who matches enters; one who does not stays
+        only if the store already counts them in this arm (the first exposure recorded it, atomically with the
+        sums, so the report and the freeze can never disagree). Only the non-matching visitors cost a read."""
+        targeting = experiment.targeting
+        if targeting is None or targeting.matches(context or UNKNOWN):
+            TARGETING.labels(experiment.key, "matched").inc()
+            return True
+        try:
+            head = self.store.visitor_heads([experiment.storage_id], [visitor_id]).get(
+                (experiment.storage_id, visitor_id)
+            )
+        except StorageUnavailable:
+            # Unknown: serve the default rather than risk counting a non-matching visitor.
+            TARGETING.labels(experiment.key, "unknown").inc()
+            return False
+        frozen = head is not None and head.arm == arm
+        TARGETING.labels(experiment.key, "frozen" if frozen else "excluded").inc()
+        return frozen
+
+    def assign_recommend(
+        self, visitor_id: str, slot_kinds: Sequence[str], now: float, context: TargetingContext | None = None
+    ) -> ArmChoice | None:
+        """The arm of the first running experiment covering one of the slot kinds that admits the visitor (its
+        namespace range and targeting, with `context`: None = nothing known, which no condition matches)."""
         kinds = set(slot_kinds)
         for experiment in self.enabled:
             if kinds.intersection(experiment.slot_kinds) and experiment.status(now) == "running":
-                chosen = self._assign(experiment, visitor_id)
+                chosen = self._assign(experiment, visitor_id, context)
                 if chosen is not None:
                     return chosen
         return None
 
-    def assign_message(self, visitor_id: str, channel: str, now: float | None = None) -> ArmChoice | None:
+    def assign_message(
+        self, visitor_id: str, channel: str, now: float | None = None, context: TargetingContext | None = None
+    ) -> ArmChoice | None:
         """For `/v1/next-best-message`: (experiment key, arm, personalized) or None (no experiment)."""
         moment = self.clock.now() if now is None else now
         for experiment in self.enabled:
             if channel in experiment.channels and experiment.status(moment) == "running":
-                chosen = self._assign(experiment, visitor_id)
+                chosen = self._assign(experiment, visitor_id, context)
                 if chosen is not None:
                     return chosen
         return None
@@ -301,8 +373,8 @@ class ExperimentRuntime:
         record: Mapping[str, Any],
         covariates: Mapping[str, float] | None = None,
     ) -> None:
-        # covariates: metric -> the visitor's pre-exposure value for CUPED (used at the first exposure);
-        # the callers do not supply them yet, so every visitor counts as new and reports have no CUPED block.
+        # covariates: metric -> the visitor's pre-exposure value for CUPED (used at the first exposure only), from
+        # the request's visitor row (covariates.exposure_covariates); None = a new visitor.
         write = ExposureWrite(
             experiment.storage_id,
             visitor_id,
@@ -362,6 +434,12 @@ class ExperimentRuntime:
             ALWAYS_VALID_UPPER.labels(*labels).set(value(result["always_valid"]["ci_upper"]))
             P_VALUE.labels(*labels).set(value(result["p_value"]))
             CHANCE_TO_WIN.labels(*labels).set(value(result["chance_to_win"]))
+            cuped = result["cuped"] or {}
+            CUPED_UPLIFT.labels(*labels).set(value(cuped.get("uplift")))
+            CUPED_LOWER.labels(*labels).set(value(cuped.get("ci_lower")))
+            CUPED_UPPER.labels(*labels).set(value(cuped.get("ci_upper")))
+            reduction = cuped.get("variance_reduction_pct")
+            VARIANCE_REDUCTION.labels(*labels).set(value(None if reduction is None else reduction / 100.0))
         srm = report["srm"]
         SRM_P_VALUE.labels(key).set(value(srm["p_value"]))
         SRM_CHI2.labels(key).set(value(srm["chi2"]))
@@ -399,13 +477,14 @@ class ExperimentRuntime:
 class _View:
     """One generation of the configuration with its lookups, built once and swapped as a whole."""
 
-    __slots__ = ("by_key", "config", "enabled", "generation")
+    __slots__ = ("by_key", "config", "enabled", "generation", "targets_messages")
 
     def __init__(self, config: ExperimentsFile, generation: int):
         self.config = config
         self.generation = generation
         self.by_key = {e.key: e for e in config.experiments}
         self.enabled = [e for e in config.experiments if e.enabled]
+        self.targets_messages = any(e.channels and e.targeting is not None for e in self.enabled)
 
 
 def _refresh_loop(

@@ -34,6 +34,8 @@ from services.common.clock import SYSTEM_CLOCK, Clock, TimePolicy
 from services.common.consent import ConsentDefaults
 from services.experiments.assignment import HOLDOUT_ARM
 from services.experiments.config import ArmChoice
+from services.experiments.covariates import exposure_covariates
+from services.experiments.targeting import targeting_context
 from services.features.schema import visitor_row_at
 from services.messages.decision_log import DecisionEntry, encode_candidates, next_id
 from services.messages.eligibility import Candidate, Eligibility, StockWatch, explain
@@ -238,7 +240,7 @@ class MessageService:
                 results[i] = none_answer(request, "no_consent", f"no consent for {PURPOSE[channel]}")
                 continue
             view = views[request.visitor_id]
-            experiment = self._experiment(request, now)
+            experiment = self._experiment(request, now, view, personas)
             if experiment is not None and experiment[1] == HOLDOUT_ARM:
                 detail = "the experiments' global holdout gets no marketing messages"
                 results[i] = none_answer(request, "experiment_holdout", detail, experiment)
@@ -290,14 +292,29 @@ class MessageService:
             DECISIONS.labels(result["channel"], result["action"], result.get("reason") or "send").inc()
         return out
 
-    def _experiment(self, request: MessageRequest, now: float) -> ArmChoice | None:
+    def _experiment(
+        self, request: MessageRequest, now: float, view: VisitorView, personas: Mapping[int, Mapping[str, Any]]
+    ) -> ArmChoice | None:
         """(experiment key, arm, personalized) covering this decision, when the experiments runtime assigns
         messages. The holdout arm gets nothing; a non-personalized arm gets the rules baseline."""
         assign = getattr(self.experiments, "assign_message", None)
         if assign is None:
             return None
         try:
-            assigned = assign(request.visitor_id, request.channel, now)
+            if getattr(self.experiments, "targets_messages", False):
+                # Only a targeted message experiment needs the visitor's segments (experiments/targeting.py).
+                persona = personas.get(view.persona_id)
+                context = targeting_context(
+                    device=None,
+                    channel=request.channel,
+                    city=None,
+                    row=dict(view.row) if view.known else None,
+                    persona=str(persona.get("name_en")) if persona else None,
+                    now=now,
+                )
+                assigned = assign(request.visitor_id, request.channel, now, context=context)
+            else:
+                assigned = assign(request.visitor_id, request.channel, now)
         except Exception as exc:  # experiments must never take messages down
             log.warning("message experiment assignment failed: %s", type(exc).__name__)
             return None
@@ -497,6 +514,7 @@ class MessageService:
                 now=p.now,
                 persona=str(persona.get("name_en")) if persona else None,
                 item_id=template_id,
+                covariates=exposure_covariates(p.view.row if p.view.known else None),
             )
         except Exception as exc:  # experiments must never take messages down
             log.warning("message exposure not recorded: %s", type(exc).__name__)

@@ -23,6 +23,8 @@ from services.common.errors import InvalidPayload, NotFound
 from services.common.events import Event
 from services.common.models import ModelIndex
 from services.experiments.config import ArmChoice
+from services.experiments.covariates import exposure_covariates
+from services.experiments.targeting import TargetingContext, targeting_context
 from services.features.schema import visitor_row_at
 from services.recommend.answers import impression_event, item_card
 from services.recommend.ranking.candidates import (
@@ -83,7 +85,9 @@ GENERIC_REASON = PHRASES["generic"]["en"]  # what a browser key gets (in its loc
 class ArmChooser(Protocol):
     """Experiments: which arm serves this visitor (None = no experiment covers the request)."""
 
-    def assign_recommend(self, visitor_id: str, slot_kinds: Sequence[str], now: float) -> ArmChoice | None: ...
+    def assign_recommend(
+        self, visitor_id: str, slot_kinds: Sequence[str], now: float, context: TargetingContext | None = None
+    ) -> ArmChoice | None: ...
 
     def record_exposure(
         self,
@@ -95,8 +99,10 @@ class ArmChooser(Protocol):
         recommendation_id: str,
         now: float,
         took_s: float,
+        covariates: Mapping[str, float] | None = None,
     ) -> None:
-        """`shown` maps each slot name to (slot kind, item ids shown); `now` is the request time."""
+        """`shown` maps each slot name to (slot kind, item ids shown); `now` is the request time; `covariates`
+        the visitor's pre-exposure metric values (CUPED)."""
 
 
 @dataclass(frozen=True)
@@ -452,7 +458,19 @@ class RecommendService:
         """(experiment key, arm, personalised) of the visitor, None outside experiments."""
         if self.experiments is None:
             return None
-        experiment = self.experiments.assign_recommend(request.visitor_id, [s.kind.value for s in request.slots], now)
+        ctx, row = request.context, stored.row
+        persona_id = row.get("persona_id") if row else None
+        targeting = targeting_context(
+            device=ctx.device.value if ctx.device else None,
+            channel=ctx.channel,
+            city=ctx.city,
+            row=row,
+            persona=self.persona_names.get(persona_id) if isinstance(persona_id, int) else None,
+            now=now,
+        )
+        experiment = self.experiments.assign_recommend(
+            request.visitor_id, [s.kind.value for s in request.slots], now, targeting
+        )
         if experiment is not None and not self._analytics_allowed(request.visitor_id, stored):
             return None  # no exposure (and so no outcome) is tracked without `analytics` consent
         return experiment
@@ -559,6 +577,7 @@ class RecommendService:
                 recommendation_id,
                 rank.now,
                 time.perf_counter() - started,
+                covariates=exposure_covariates(rank.visitor.row if rank.visitor.known else None),
             )
         if self.settings.log_impressions and impressions and not fallback:
             record = {

@@ -1,5 +1,7 @@
 """The built-in /experiments page in headless Chromium (Debian's package): the per-arm table, the uplift bars
-and the cumulative chart render from real report data, in Bahasa Indonesia and English, with an SRM warning."""
+and the cumulative chart render from real report data, in Bahasa Indonesia and English, with an SRM warning;
+the CUPED columns sit beside the unadjusted interval; the admin controls change the experiment through the API
+(driven like a user through chromedriver)."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from services.experiments.store.base import ExposureWrite, OutcomeWrite
 from services.recommend.app import create_app
 from services.recommend.settings import RecommendSettings
 from tests.conftest import RedisServer, free_port, unique_name
+from tests.sdk.webdriver import Chromium
 
 DAY = 86_400.0
 START = 1_789_948_800.0 + 3600  # 01:00 UTC, so the six days are six calendar days
@@ -43,6 +46,9 @@ experiments:
   - key: broken-split
     enabled: true
     slot_kinds: [cta]
+    targeting: {devices: [mobile, app], visitor: returning}
+    namespace: cta-tests
+    namespace_range: [0.0, 0.5]
     arms:
       - {name: control, weight: 0.5, personalized: false}
       - {name: treatment, weight: 0.5, personalized: true}
@@ -57,21 +63,25 @@ class Page:
 
 
 def populate(settings: RecommendSettings) -> None:
-    """Six days of a real experiment in the store: treatment clicks about 1.6× as often as control."""
+    """Six days of a real experiment in the store: treatment clicks about 1.6× as often as control; three quarters
+    of the visitors have a pre-period CTR (their CUPED covariate) that predicts their clicks."""
     store = open_experiment_store(settings)
     rng = random.Random(7)
     try:
         for i in range(600):
             visitor, arm = f"dv-{i}", ("control", "treatment")[i % 2]
+            habit = rng.uniform(0.1, 1.9)  # the visitor's own click propensity, before and during the test
+            covariates = {"ctr": 0.06 * habit} if i % 4 else None
             for day in range(i % 6, 6):
                 if rng.random() > 0.5:
                     continue
                 at = START + day * DAY + rng.uniform(0, DAY / 2)
                 shown = {"all": {"ctr": 8.0}, "slot:home": {"ctr": 6.0}, "slot:hero": {"ctr": 2.0}}
+                segment = ("hemat", "sultan")[i % 3 == 0]
                 store.record_exposure(
-                    ExposureWrite("banner-ab@1", visitor, arm, ("hemat", "sultan")[i % 3 == 0], at, shown)
+                    ExposureWrite("banner-ab@1", visitor, arm, segment, at, shown, covariates=covariates)
                 )
-                clicks = sum(rng.random() < (0.08 if arm == "treatment" else 0.05) for _ in range(8))
+                clicks = sum(rng.random() < (0.08 if arm == "treatment" else 0.05) * habit for _ in range(8))
                 writes = [
                     OutcomeWrite("banner-ab@1", visitor, f"{visitor}-{day}-{c}", at + 10, {"ctr": 1.0}, "slot:home")
                     for c in range(clicks)
@@ -221,6 +231,8 @@ def test_page_in_english_and_the_srm_warning(page: Page) -> None:
     warning = dom.split('id="srm-warning"', 1)[1].split("</div>", 1)[0]
     assert "hidden" not in warning.split(">", 1)[0] and "Sample ratio mismatch" in warning
     assert 'data-decision="investigate_srm"' in dom
+    meta = dom.split('id="experiment-meta"', 1)[1].split("</p>", 1)[0]
+    assert "Targeting: devices = mobile, app; visitor = returning; namespace cta-tests [0, 0.5)" in meta
 
 
 @pytest.mark.slow
@@ -233,3 +245,52 @@ def test_screenshot_shows_the_bars_and_the_cumulative_chart(page: Page) -> None:
     assert count_color(rows, (29, 78, 216)) > 300  # blue confidence-interval whiskers
     assert count_color(rows, (194, 65, 12)) > 500  # orange cumulative uplift line and points
     assert count_color(rows, (158, 197, 254)) > 2000  # light-blue always-valid bands
+
+
+def pct(value: float) -> str:
+    """The page's fmt.pct: a signed percentage with one decimal."""
+    return f"{'+' if value > 0 else ''}{value * 100:.1f}%"
+
+
+@pytest.mark.slow
+def test_page_shows_cuped_beside_the_unadjusted_interval(page: Page) -> None:
+    ctr = next(r for r in report(page, "banner-ab")["results"] if r["metric"] == "ctr")
+    cuped = ctr["cuped"]
+    assert cuped is not None and cuped["variance_reduction_pct"] > 5  # the pre-period CTR predicts clicks
+    dom = chromium(page, "/experiments?experiment=banner-ab&lang=en", "--dump-dom")
+    assert "CUPED uplift" in dom and "CUPED 95% interval" in dom and "Variance reduction" in dom
+    row = dom.split('<tr data-metric="ctr" data-arm="treatment">', 1)[1].split("</tr>", 1)[0]
+    assert f"{pct(ctr['ci_lower'])} … {pct(ctr['ci_upper'])}" in row  # unadjusted
+    assert f"{pct(cuped['ci_lower'])} … {pct(cuped['ci_upper'])}" in row  # adjusted, beside it
+    reduction = cuped["variance_reduction_pct"]
+    assert f'data-value="{reduction}">{reduction:.1f}%<' in row
+
+
+@pytest.mark.slow
+def test_the_admin_controls_change_the_experiment_through_the_api(page: Page) -> None:
+    def stored() -> dict[str, Any]:
+        body: dict[str, Any] = httpx.get(f"{page.url}/v1/experiments/broken-split", timeout=30).json()
+        return body
+
+    browser = Chromium(page.directory / unique_name("driver"))
+    try:
+        browser.get(f"{page.url}/experiments?experiment=broken-split&lang=en")
+        browser.wait_text("#experiment-title", lambda text: text == "broken-split")
+        assert stored()["enabled"] is True
+        browser.click(browser.find_all("#control-stop")[0])
+        browser.wait_text("#admin-status", lambda text: text.startswith("Saved: disabled"))
+        assert stored()["enabled"] is False
+        assert browser.attribute(browser.find_all("#control-start")[0], "disabled") is None  # can start again
+        browser.click(browser.find_all("#control-start")[0])
+        browser.wait_text("#admin-status", lambda text: text.startswith("Saved: running"))
+        assert stored()["enabled"] is True
+        # A refused change shows the API's answer, naming the field.
+        browser.execute("document.getElementById('control-coverage').value = '150';")
+        browser.click(browser.find_all("#control-coverage-apply")[0])
+        status = browser.wait_text("#admin-status", lambda text: text.startswith("422"))
+        assert "coverage" in status
+        assert stored()["coverage"] == 1.0
+        audit = httpx.get(f"{page.url}/v1/experiments/broken-split/audit", timeout=30).json()["entries"]
+        assert [e["after"]["enabled"] for e in audit[:2]] == [True, False]  # newest first: started, stopped
+    finally:
+        browser.quit()

@@ -3,6 +3,7 @@ outcomes through the profile service (exactly once), the admin API and the repor
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from collections import Counter
@@ -465,6 +466,53 @@ def test_message_exposures_and_their_outcomes(services: Services) -> None:
     assert sum(a["metrics"]["ctr"]["total"] for a in report["arms"]) == opened
     assert {row["group"] for row in report["breakdowns"]["slot"]} == {"push"}
     assert sum(a["metrics"]["open_rate"]["denominator"] for a in report["arms"]) == sum(a["n"] for a in report["arms"])
+
+
+def _covariate_sample(name: str, arm: str, metric: str) -> float:
+    labels = {"experiment": "home-test", "arm": arm, "metric": metric, "slot": "all"}
+    return REGISTRY.get_sample_value(f"selaras_experiment_{name}_total", labels) or 0.0
+
+
+def test_a_known_visitor_brings_a_pre_period_to_cuped(services: Services) -> None:
+    """Serving passes the visitor's point-in-time features as CUPED covariates at the first exposure (frozen):
+    the store counts the visitor as one with a pre-period and Prometheus gets the additive covariate sums."""
+    now = datetime.now(UTC) - timedelta(hours=3)
+    visitor = next(v for v in (f"cuped-{i}" for i in range(100)) if growthbook_hash("selaras-holdout", v, 2) >= 0.1)
+    services.send(
+        [
+            event(visitor, "product_view", now, item_id="p001"),
+            event(visitor, "purchase", now + timedelta(minutes=1), item_id="p002", price=50_000.0, quantity=2),
+        ]
+    )
+    service = services.recommend.app.state.recommend.service  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 15
+    while service.read_visitor(visitor).row is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    row = service.read_visitor(visitor).row
+    assert row is not None and row["purchases_30d"] == 1, row
+    names = ("covariate_sum", "covariate_visitors")
+    before = {(n, a, m): _covariate_sample(n, a, m) for n in names for a in ("control", "treatment")
+              for m in ("conversion", "revenue", "ctr")}  # fmt: skip
+    report_before = services.admin("/v1/experiments/home-test/report")
+    arm = services.recommend_for(visitor)["experiment"]["arm"]
+    assert arm in ("control", "treatment")
+    services.recommend_for(visitor)  # a second exposure adds nothing: the covariate is frozen at the first
+
+    def delta(name: str, metric: str) -> float:
+        return _covariate_sample(name, arm, metric) - before[(name, arm, metric)]
+
+    assert delta("covariate_visitors", "conversion") == 1 and delta("covariate_sum", "conversion") == 1
+    assert delta("covariate_visitors", "revenue") == 1 and delta("covariate_sum", "revenue") == pytest.approx(
+        math.log1p(row["rfm_monetary"])
+    )
+    assert delta("covariate_visitors", "ctr") == 0  # no recommendation seen before: no pre-period for CTR
+
+    def with_pre(report: dict[str, Any]) -> float:
+        result = next(r for r in report["results"] if r["metric"] == "conversion")
+        cuped = result["cuped"]
+        return cuped["visitors_with_pre_period"]["control" if arm == "control" else "treatment"] if cuped else 0.0
+
+    assert with_pre(services.admin("/v1/experiments/home-test/report")) == with_pre(report_before) + 1
 
 
 def test_srm_is_flagged_in_the_report_and_the_gauges(services: Services) -> None:

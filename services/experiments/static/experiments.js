@@ -32,6 +32,24 @@ const STRINGS = {
     pHolm: "p (Holm)",
     pBH: "p (BH)",
     chance: "Peluang menang",
+    targeting: "Sasaran",
+    everybody: "semua pengunjung",
+    cuped: "Kenaikan CUPED",
+    cupedCi: "Selang 95% CUPED",
+    varianceReduction: "Pengurangan varians",
+    manage: "Kelola (kunci admin)",
+    start: "Mulai",
+    stop: "Hentikan",
+    coverage: "Cakupan (%)",
+    weights: "Bobot (%)",
+    rebalance: "acak ulang semua pengunjung (hasil mulai dari nol)",
+    apply: "Terapkan",
+    winner: "Varian pemenang",
+    promoteConfirm: "akhiri eksperimen",
+    promote: "Promosikan",
+    saving: "Menyimpan…",
+    saved: "Tersimpan: {status} (generasi {generation})",
+    confirmFirst: "Centang \"akhiri eksperimen\" dulu: promosi mengakhiri eksperimen.",
     cumulative: "Kenaikan kumulatif",
     day: "Hari",
     bySlot: "Per slot",
@@ -70,7 +88,7 @@ const STRINGS = {
       open_rate: "Rasio buka pesan",
     },
     methodNote:
-      "Unit analisis adalah pengunjung. Kenaikan relatif memakai uji Welch (metode delta atau log-rasio); selang selalu-valid tetap sah walau hasil dilihat berkali-kali. p (Holm) mengoreksi banyak metrik, p (BH) mengoreksi banyak segmen.",
+      "Unit analisis adalah pengunjung. Kenaikan relatif memakai uji Welch (metode delta atau log-rasio); selang selalu-valid tetap sah walau hasil dilihat berkali-kali. CUPED menyesuaikan dengan nilai metrik sebelum paparan pertama (pengurangan varians = seberapa sempit selangnya). p (Holm) mengoreksi banyak metrik, p (BH) mengoreksi banyak segmen.",
   },
   en: {
     title: "Experiments",
@@ -101,6 +119,24 @@ const STRINGS = {
     pHolm: "p (Holm)",
     pBH: "p (BH)",
     chance: "Chance to win",
+    targeting: "Targeting",
+    everybody: "every visitor",
+    cuped: "CUPED uplift",
+    cupedCi: "CUPED 95% interval",
+    varianceReduction: "Variance reduction",
+    manage: "Manage (admin key)",
+    start: "Start",
+    stop: "Stop",
+    coverage: "Coverage (%)",
+    weights: "Weights (%)",
+    rebalance: "re-randomize everybody (results start from zero)",
+    apply: "Apply",
+    winner: "Winning arm",
+    promoteConfirm: "end the experiment",
+    promote: "Promote",
+    saving: "Saving…",
+    saved: "Saved: {status} (generation {generation})",
+    confirmFirst: "Tick \"end the experiment\" first: promoting ends the experiment.",
     cumulative: "Cumulative uplift",
     day: "Day",
     bySlot: "By slot",
@@ -139,7 +175,7 @@ const STRINGS = {
       open_rate: "Message open rate",
     },
     methodNote:
-      "The unit of analysis is the visitor. Relative uplift uses a Welch test (delta or log-ratio method); the always-valid interval stays valid however often you look. p (Holm) corrects for several metrics, p (BH) for several segments.",
+      "The unit of analysis is the visitor. Relative uplift uses a Welch test (delta or log-ratio method); the always-valid interval stays valid however often you look. CUPED adjusts for each visitor's value of the metric before the first exposure (variance reduction = how much narrower its interval is). p (Holm) corrects for several metrics, p (BH) for several segments.",
   },
 };
 const ARM_COLORS = ["#64748b", "#0a7d4f", "#7c3aed", "#b45309", "#0369a1", "#be185d", "#4d7c0f", "#9f1239"];
@@ -223,6 +259,22 @@ async function api(path) {
   return response.json();
 }
 
+async function send(method, path, body) {
+  const headers = { "Content-Type": "application/json" };
+  if (state.key) headers["X-API-Key"] = state.key;
+  const response = await fetch(path, { method, headers, body: JSON.stringify(body) });
+  const answer = await response.json().catch(() => ({}));
+  if (response.status === 401 || response.status === 403) {
+    document.getElementById("key-form").hidden = false;
+  }
+  if (!response.ok) {
+    // The error envelope: {"error", "detail", "errors": [{"field", "message"}]} (422 names the field).
+    const fields = (answer.errors || []).map((e) => `${e.field}: ${e.message}`).join("; ");
+    throw new Error(`${response.status} ${answer.detail || answer.error || ""}${fields ? ` (${fields})` : ""}`);
+  }
+  return answer;
+}
+
 function showError(error) {
   const box = document.getElementById("error");
   box.hidden = !error;
@@ -302,15 +354,29 @@ function renderReport() {
   const period = [report.start, report.end].map((v) => (v ? v.slice(0, 10) : "…")).join(" → ");
   document.getElementById("experiment-meta").textContent =
     `${t(`status.${report.status}`)} · ${t("period")}: ${period}` +
-    (config.attribution_window_hours ? ` · ${fill(t("window"), { h: config.attribution_window_hours })}` : "");
+    (config.attribution_window_hours ? ` · ${fill(t("window"), { h: config.attribution_window_hours })}` : "") +
+    ` · ${t("targeting")}: ${describeAudience(config)}`;
   renderSrm(report);
   renderVerdict(report);
+  renderControls(report);
   renderArms(report);
   renderSplit(report);
   renderUplift(report);
   renderTimeline(report);
   renderBreakdown("slot-table", report, report.breakdowns.slot);
   renderBreakdown("persona-table", report, report.breakdowns.persona);
+}
+
+function describeAudience(config) {
+  // Who may enter: the targeting conditions and the namespace range, as configured.
+  const parts = Object.entries(config.targeting || {})
+    .filter(([, value]) => value != null)
+    .map(([name, value]) => `${name} = ${Array.isArray(value) ? value.join(", ") : value}`);
+  if (config.namespace) {
+    const [start, end] = config.namespace_range || [0, 1];
+    parts.push(`namespace ${config.namespace} [${start}, ${end})`);
+  }
+  return parts.length ? parts.join("; ") : t("everybody");
 }
 
 function renderSrm(report) {
@@ -440,7 +506,9 @@ function renderUplift(report) {
 
   const table = document.getElementById("results-table");
   const head = el("tr");
-  for (const label of [t("metric"), t("arm"), t("uplift"), t("ci"), t("alwaysValid"), t("pValue"), t("pHolm"), t("chance")]) {
+  const labels = [t("metric"), t("arm"), t("uplift"), t("ci"), t("alwaysValid"), t("pValue"), t("pHolm"), t("chance"),
+    t("cuped"), t("cupedCi"), t("varianceReduction")];
+  for (const label of labels) {
     head.append(el("th", {}, label));
   }
   table.tHead.replaceChildren(head);
@@ -454,8 +522,76 @@ function renderUplift(report) {
     row.append(el("td", {}, `${fmt.pct(r.always_valid.ci_lower)} … ${fmt.pct(r.always_valid.ci_upper)}`));
     row.append(el("td", {}, fmt.p(r.p_value)), el("td", {}, fmt.p(r.p_value_holm)));
     row.append(el("td", {}, r.chance_to_win == null ? "–" : `${(r.chance_to_win * 100).toFixed(1)}%`));
+    // CUPED beside the unadjusted numbers: adjusted uplift and interval, and how much variance it removed.
+    const c = r.cuped || {};
+    row.append(el("td", { "data-field": "cuped-uplift", class: c.significant ? (c.uplift > 0 ? "pos" : "neg") : "" }, fmt.pct(c.uplift)));
+    row.append(el("td", { "data-field": "cuped-ci" }, r.cuped ? `${fmt.pct(c.ci_lower)} … ${fmt.pct(c.ci_upper)}` : "–"));
+    const reduction = c.variance_reduction_pct;
+    row.append(el("td", { "data-field": "variance-reduction", "data-value": reduction ?? "" },
+      reduction == null ? "–" : `${reduction.toFixed(1)}%`));
     body.append(row);
   }
+}
+
+function renderControls(report) {
+  const config = state.experiments.find((e) => e.key === report.key) || {};
+  const ended = config.winner != null;
+  document.getElementById("control-start").disabled = Boolean(config.enabled) || ended;
+  document.getElementById("control-stop").disabled = !config.enabled;
+  document.getElementById("control-coverage").value = config.coverage == null ? "" : Math.round(config.coverage * 1000) / 10;
+  const weights = document.getElementById("control-weights");
+  weights.replaceChildren();
+  const select = document.getElementById("control-arm");
+  select.replaceChildren();
+  for (const arm of config.arms || []) {
+    const label = el("label", {}, `${arm.name} `);
+    label.append(el("input", { type: "number", min: "0", max: "100", step: "1", "data-weight-of": arm.name, value: String(Math.round(arm.weight * 1000) / 10) }));
+    weights.append(label);
+    if (arm.name !== config.control) select.append(el("option", { value: arm.name }, arm.name));
+  }
+  select.append(el("option", { value: config.control || "" }, config.control || ""));
+  document.getElementById("control-promote").disabled = ended;
+}
+
+async function change(method, suffix, body) {
+  const key = state.selected;
+  const status = document.getElementById("admin-status");
+  status.dataset.state = "pending";
+  status.textContent = t("saving");
+  try {
+    const answer = await send(method, `/v1/experiments/${encodeURIComponent(key)}${suffix}`, body);
+    state.experiments = (await api("/v1/experiments")).experiments;
+    await select(key);
+    // Said once the page shows the new state (the controls follow it), not before.
+    status.dataset.state = "ok";
+    status.textContent = fill(t("saved"), { status: t(`status.${answer.status}`), generation: answer.generation });
+  } catch (error) {
+    status.dataset.state = "error";
+    status.textContent = String(error.message || error);
+  }
+}
+
+function bindControls() {
+  document.getElementById("control-start").addEventListener("click", () => change("PATCH", "", { enabled: true }));
+  document.getElementById("control-stop").addEventListener("click", () => change("PATCH", "", { enabled: false }));
+  document.getElementById("control-coverage-apply").addEventListener("click", () => {
+    const percent = Number(document.getElementById("control-coverage").value);
+    change("PATCH", "", { coverage: percent / 100 });
+  });
+  document.getElementById("control-weights-apply").addEventListener("click", () => {
+    const weights = {};
+    for (const input of document.querySelectorAll("#control-weights input")) weights[input.dataset.weightOf] = Number(input.value) / 100;
+    change("PATCH", "", { weights, rebalance: document.getElementById("control-rebalance").checked });
+  });
+  document.getElementById("control-promote").addEventListener("click", () => {
+    if (!document.getElementById("control-promote-confirm").checked) {
+      const status = document.getElementById("admin-status");
+      status.dataset.state = "error";
+      status.textContent = t("confirmFirst");
+      return;
+    }
+    change("POST", "/promote", { arm: document.getElementById("control-arm").value });
+  });
 }
 
 function renderTimeline(report) {
@@ -556,6 +692,7 @@ function init() {
     sessionStorage.setItem("selaras-key", state.key);
     loadList();
   });
+  bindControls();
   loadList();
 }
 

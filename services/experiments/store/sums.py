@@ -128,7 +128,11 @@ def touch_counters(experiment: str, arms: Sequence[str], metrics: Sequence[str],
         for slot in (ALL, *slots):
             EXPERIMENT_VISITORS.labels(experiment, arm, slot)
             for metric in metrics:
-                for stat in STATS if metric in RATIO_METRICS else ("x", "x2"):
+                ratio = metric in RATIO_METRICS
+                for stat in STATS if ratio else ("x", "x2"):
+                    _STAT_COUNTERS[stat].labels(experiment, arm, metric, slot)
+                # CUPED's sums too: an arm without pre-period visitors reads 0, not "no data".
+                for stat in COVARIATE_STATS if ratio else ("c", "c2", "cn", "cx", "cxp"):
                     _STAT_COUNTERS[stat].labels(experiment, arm, metric, slot)
 
 
