@@ -10,8 +10,7 @@ import typer
 
 from services.cli import admin, experiments, exports, imports, serve, train
 from services.common.terminal import record_to_html, save_html
-from services.demo.commands import shop_app, simulate_messages_command
-from services.demo.simulate_ab import simulate_ab_command
+from services.demo.commands import shop_app, simulate_ab_command, simulate_messages_command
 from services.messages.cli import register_message_commands
 from services.recommend.history_cli import register_history_commands
 
