@@ -90,6 +90,12 @@ class Replicas:
             self.answers.append(answer)
         return answer
 
+    def answered(self, visitors: list[str], since: float) -> bool:
+        """Whether every one of `visitors` got an answer after `since` (a perf_counter time)."""
+        with self.lock:
+            seen = {a.visitor for a in self.answers if a.done > since}
+        return seen >= set(visitors)
+
     def admin(self, replica: int, method: str, path: str, body: Any = None) -> dict[str, Any]:
         response = httpx.request(method, f"{self.urls[replica]}{path}", json=body, timeout=30)
         assert response.status_code in (200, 201), response.text
@@ -97,10 +103,9 @@ class Replicas:
         return data
 
 
-@pytest.fixture
-def replicas(settings_factory: Callable[..., Any], tmp_path: Path) -> Iterator[Replicas]:
-    settings: ProfileSettings = settings_factory(ProfileSettings)
-    # The visitors' history (so the models rank them) and the catalog, through the real ingest and fold.
+def history(settings: ProfileSettings) -> None:
+    """The catalog and the visitors' history (so the models rank them), through the real ingest and fold, and
+    the two ranker versions: v1 in production, v2 the challenger."""
     repository = ProfileRepository.open(settings)
     try:
         repository.upsert_catalog([make_item(item_id=f"p{i:03d}", category=f"cat-{i % 4}") for i in range(30)])
@@ -115,20 +120,23 @@ def replicas(settings_factory: Callable[..., Any], tmp_path: Path) -> Iterator[R
             for i, visitor in enumerate(FIRST + LATER)
             for n in range(2)
         ]
-        aggregator = Aggregator(
-            repository, SegmentRules.from_settings(settings), settings.consent_defaults(), DataClock()
-        )
-        ingest_events(repository, aggregator, events)
+        rules = SegmentRules.from_settings(settings)
+        ingest_events(repository, Aggregator(repository, rules, settings.consent_defaults(), DataClock()), events)
     finally:
         repository.close()
     models = RecommendRepository.open(settings)
     try:
         for version, seed in (("v1", 1), ("v2", 2)):
             models.save_model(booster(seed), ModelMeta(version, float(seed), F.RANKER_FEATURES, F.FEATURE_SERVICE))
-        # v1 is in production; v2 is the challenger.
         ModelRegistry(models.store).set_production(ModelKind.RANKER, "v1", 10.0)
     finally:
         models.close()
+
+
+@pytest.fixture
+def replicas(settings_factory: Callable[..., Any], tmp_path: Path) -> Iterator[Replicas]:
+    settings: ProfileSettings = settings_factory(ProfileSettings)
+    ProfileRepository.open(settings).close()  # the Feast registry exists before two processes open it
     (tmp_path / "experiments.yaml").write_text("experiments: []\n")  # seeds an empty stored configuration
     env = {
         **os.environ,
@@ -145,9 +153,12 @@ def replicas(settings_factory: Callable[..., Any], tmp_path: Path) -> Iterator[R
     env.pop("SELARAS_METRICS_DIR", None)
     ports = [free_port(), free_port()]
     serve = [sys.executable, "-m", "services.cli", "serve", "recommend", "--port"]
+    # The replicas start while the data is written (their imports take a while): they are ready once their
+    # background refresh has read the catalog and the model registry.
     processes = [start_process([*serve, str(port)], env, tmp_path / f"r{i}.log") for i, port in enumerate(ports)]
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     try:
+        history(settings)
         for url in urls:
             until(lambda u=url: ready(u), timeout=120)
         yield Replicas(urls, processes)
@@ -220,21 +231,23 @@ def test_weights_ramped_and_winner_promoted_while_traffic_flows(replicas: Replic
     stop = threading.Event()
     sender = threading.Thread(target=traffic, args=(replicas, FIRST, "ramp", stop))
     sender.start()
-    time.sleep(1.0)
+    until(lambda: replicas.answered(FIRST, 0.0), timeout=60)
     ramped = replicas.admin(
         1, "PATCH", f"/v1/experiments/{KEY}", {"weights": {"control": 0.4, "treatment": 0.6}, "coverage": 0.5}
     )
     assert [a["weight"] for a in ramped["arms"]] == [0.4, 0.6] and ramped["bucket_version"] == 1
     until(lambda: replicas.admin(0, "GET", f"/v1/experiments/{KEY}")["coverage"] == 0.5)
-    time.sleep(1.0)
+    applied = time.perf_counter()
+    until(lambda: replicas.answered(FIRST, applied), timeout=60)
     stop.set()
     sender.join(90)
 
     # Phase 2: new visitors arrive and the returning ones keep coming; the challenger is promoted meanwhile.
     stop = threading.Event()
-    sender = threading.Thread(target=traffic, args=(replicas, FIRST + LATER, "promote", stop))
+    sender = threading.Thread(target=traffic, args=(replicas, LATER + FIRST, "promote", stop))
+    started = time.perf_counter()
     sender.start()
-    time.sleep(1.0)
+    until(lambda: replicas.answered(LATER + FIRST, started), timeout=60)
     promoting = time.perf_counter()
     promoted = replicas.admin(0, "POST", f"/v1/experiments/{KEY}/promote", {"arm": "treatment"})
     assert promoted["pinned_model"] == "v2" and promoted["status"] == "ended"
