@@ -127,8 +127,11 @@ def ranker_versions(settings: CommonSettings) -> list[str]:
         store.close()
 
 
-def train_ranker(settings: CommonSettings, config: Any, progress: Progress | None = None) -> tuple[str, dict[str, Any]]:
-    """Train a ranker on the world's log with `config` (a TrainConfig) and publish it: (version, metrics)."""
+def train_ranker(
+    settings: CommonSettings, config: Any, progress: Progress | None = None, publish: CommonSettings | None = None
+) -> tuple[str, dict[str, Any]]:
+    """Train a ranker on the log of `settings` with `config` (a TrainConfig) and publish it there (or to the
+    registry of `publish`, e.g. a fork, which has no log to train on): (version, metrics)."""
     # Training is imported here, not at module level, so `selaras --help` stays fast.
     from services.recommend.repository import RecommendRepository
     from services.recommend.training import Trainer
@@ -136,6 +139,10 @@ def train_ranker(settings: CommonSettings, config: Any, progress: Progress | Non
     repository = RecommendRepository.open(settings)
     try:
         result = Trainer(repository, config, progress).train()
+    finally:
+        repository.close()
+    repository = RecommendRepository.open(publish or settings)
+    try:
         repository.save_model(result.model_text, result.meta)
     finally:
         repository.close()
@@ -372,6 +379,7 @@ class AbResult:
     report: dict[str, Any]
     stats: RunStats
     spec: dict[str, Any] = field(default_factory=dict)  # the experiment as created (arms, models)
+    pre_period: RunStats | None = None  # the days served outside any experiment before the experiments
 
     @property
     def arm_models(self) -> dict[str, str]:
@@ -482,15 +490,17 @@ def run_simulation(
     finally:
         store.close()
     with in_process_services(profile_settings, recommend_settings, clock=clock) as services:
-        if pre_days:
-            simulate(services, simulator, before, pre_days, PRE_PERIOD_KEY, progress=progress)
+        pre_period = (
+            simulate(services, simulator, before, pre_days, PRE_PERIOD_KEY, progress=progress) if pre_days else None
+        )
         for i, spec in enumerate(specs):
             if spec not in seeded:
                 create_experiment(services, spec)
             stats = simulate(
                 services, simulator, start + timedelta(days=i * days), days, spec["key"], progress=progress
             )
-            results.append(AbResult(spec["key"], modes[i], fetch_report(services, spec["key"]), stats, spec))
+            report = fetch_report(services, spec["key"])
+            results.append(AbResult(spec["key"], modes[i], report, stats, spec, pre_period))
     return results
 
 
@@ -539,8 +549,9 @@ def print_report(
             mean = arm["metrics"][metric]["mean"]
             values.append("–" if mean is None else (f"{mean:,.0f}" if metric == "revenue" else f"{mean:.2%}"))
         ranking = "personalized" if arm["personalized"] else "generic"
-        if arm["name"] in arm_models:
-            ranking = f"model {arm_models[arm['name']]}"
+        model = arm.get("model") or arm_models.get(arm["name"])  # reports that name the arm's model show it
+        if model:
+            ranking = f"model {model}"
         arms.add_row(arm["name"], ranking, f"{arm['n']:,.0f}", *values)
     console.print(arms)
     results = Table(title="uplift over control")
