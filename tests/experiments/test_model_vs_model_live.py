@@ -2,7 +2,8 @@
 versions as the two arms of one experiment. While threads send traffic to both replicas, the arms' weights are
 ramped and then the challenger is promoted through the admin API. No request fails, no replica restarts, an
 exposed visitor keeps their arm on both replicas and across the weight change, after the promotion everybody
-gets the winner's model, and the report counts exactly the distinct visitors the traffic exposed."""
+gets the winner's model, and the report counts exactly the distinct visitors the traffic exposed. Which weight
+changes a running experiment accepts: exactly those that move no assigned visitor (checked over 5,000 ids)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ from services.common.clock import DataClock
 from services.common.events import EventType
 from services.common.models import ModelKind, ModelRegistry
 from services.demo.world import ingest_events
+from services.experiments.assignment import assign
+from services.experiments.config import ExperimentConfig
+from services.experiments.endpoints import keeps_assigned
 from services.experiments.runtime import CONFIG_POLL_S
 from services.profile.aggregations import SegmentRules
 from services.profile.aggregator import Aggregator
@@ -292,3 +296,31 @@ def test_weights_ramped_and_winner_promoted_while_traffic_flows(replicas: Replic
     for arm in MODELS:
         assert counted[arm] == sum(arm in arms for arms in exposed.values()), (arm, counted)
     assert sum(counted.values()) == len(exposed) > 30
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "accepted"),
+    [
+        ((0.5, 0.5, 0.4), (0.4, 0.6, 0.5), True),  # the ramp of the live test
+        ((0.5, 0.5, 0.4), (0.5, 0.5, 0.8), True),  # coverage only
+        ((0.5, 0.5, 1.0), (0.4, 0.6, 1.0), False),  # full coverage: any new split moves someone
+        ((0.5, 0.5, 0.4), (0.6, 0.4, 0.5), False),  # treatment's range would start later
+        ((0.5, 0.5, 0.4), (0.3, 0.7, 0.5), False),  # control's range would shrink
+    ],
+)
+def test_a_weight_change_is_accepted_exactly_when_nobody_assigned_moves(
+    before: tuple[float, float, float], after: tuple[float, float, float], accepted: bool
+) -> None:
+    arms = [{"name": name, "weight": w, "personalized": True} for name, w in zip(MODELS, before[:2], strict=True)]
+    current = ExperimentConfig.model_validate(
+        {"key": KEY, "slot_kinds": ["product"], "arms": arms, "coverage": before[2]}
+    )
+    weights = dict(zip(MODELS, after[:2], strict=True))
+    assert keeps_assigned(current, weights, after[2]) is accepted
+    moved = 0
+    for n in range(5000):
+        old = assign(KEY, f"v{n}", list(MODELS), before[:2], before[2])
+        new = assign(KEY, f"v{n}", list(MODELS), after[:2], after[2])
+        moved += old is not None and (new is None or new.arm != old.arm)
+    # Over 5,000 visitors a refused change moves many of them (its ranges differ by at least 5% of the space).
+    assert (moved == 0) is accepted and (accepted or moved > 100), moved
