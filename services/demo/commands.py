@@ -345,6 +345,9 @@ def simulate_ab_command(
         if result.stats.models and result.arm_models:
             served = ", ".join(f"{k}: {v:,}" for k, v in sorted(result.stats.models.items()))
             wide.print(f"answers by arm and ranker version: {served}")
+            stand_ins = [k for k in result.stats.models if k.split(":", 1)[1] != result.arm_models.get(k.split(":")[0])]
+            if stand_ins:
+                wide.print(f"[yellow]some answers were not ranked by their arm's version: {', '.join(stand_ins)}[/]")
         wide.print(
             f"{result.stats.sessions:,} sessions, {result.stats.requests:,} recommendation requests, "
             f"{result.stats.events:,} events\n"

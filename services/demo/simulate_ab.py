@@ -88,6 +88,9 @@ class Services:
     settle: Callable[[], None]
     headers: dict[str, str] = field(default_factory=dict)
     clock: FixedClock | None = None  # the business clock the simulation moves through its days
+    # Loads the ranker versions the experiments' arms name (a replica does it in its background refresh, which
+    # a simulation turns off): None when the recommend service is not in this process.
+    load_arm_models: Callable[[], None] | None = None
 
 
 @dataclass
@@ -411,7 +414,10 @@ def in_process_services(
                     raise RuntimeError("the profile service did not fold the simulated day in time")
                 time.sleep(0.05)
 
-        yield Services(profile, recommend, settle, {"X-API-Key": api_key} if api_key else {}, clock)
+        headers = {"X-API-Key": api_key} if api_key else {}
+        yield Services(
+            profile, recommend, settle, headers, clock, recommend_app.state.recommend.service.load_arm_models
+        )
 
 
 def run_simulation(
@@ -505,11 +511,12 @@ def run_simulation(
 
 
 def create_experiment(services: Services, spec: Mapping[str, Any]) -> dict[str, Any]:
-    """`POST /v1/experiments`, then a reload so the arms' ranker versions are loaded before any request."""
+    """`POST /v1/experiments`; the arms' ranker versions are loaded before any request."""
     response = services.recommend.post("/v1/experiments", json=dict(spec), headers=services.headers)
     if response.status_code != 201:
         raise RuntimeError(f"POST /v1/experiments answered {response.status_code}: {response.text[:300]}")
-    _reload(services)
+    if services.load_arm_models is not None:
+        services.load_arm_models()
     created: dict[str, Any] = response.json()
     return created
 
