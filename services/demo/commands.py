@@ -345,7 +345,8 @@ def simulate_ab_command(
         if result.stats.models and result.arm_models:
             served = ", ".join(f"{k}: {v:,}" for k, v in sorted(result.stats.models.items()))
             wide.print(f"answers by arm and ranker version: {served}")
-            stand_ins = [k for k in result.stats.models if k.split(":", 1)[1] != result.arm_models.get(k.split(":")[0])]
+            ranked = [served.split(":", 1) for served in result.stats.models]
+            stand_ins = [f"{arm}:{v}" for arm, v in ranked if arm in result.arm_models and v != result.arm_models[arm]]
             if stand_ins:
                 wide.print(f"[yellow]some answers were not ranked by their arm's version: {', '.join(stand_ins)}[/]")
         wide.print(
