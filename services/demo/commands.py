@@ -254,7 +254,8 @@ def simulate_ab_command(
     from rich.console import Console
 
     from services.common.settings import CommonSettings
-    from services.demo.simulate_ab import ArmsError, Mode, parse_model_arms, print_report, run_simulation, summary
+    from services.demo.ab_report import print_report, summary
+    from services.demo.simulate_ab import ArmsError, Mode, parse_model_arms, run_simulation
     from services.demo.world import build_world
 
     if mode not in ("ab", "aa", "both"):

@@ -16,15 +16,14 @@ from typer.testing import CliRunner
 
 from services.cli import app
 from services.common.settings import CommonSettings
+from services.demo.ab_report import print_report, summary
 from services.demo.commands import LITE_RANKER
 from services.demo.simulate_ab import (
     AbResult,
     ArmsError,
     fork_world,
-    print_report,
     ranker_versions,
     run_simulation,
-    summary,
     train_ranker,
 )
 from services.recommend.training import TrainConfig
