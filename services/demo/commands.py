@@ -277,7 +277,8 @@ def simulate_ab_command(
         data_dir=root / "world", redis_url=redis_url, namespace="simab_world", feast_project="simab_world"
     )
     marker = root / "world.json"
-    wanted = {"visitors": visitors, "days": history_days, "seed": seed, "rankers": list(WORLD_RANKERS)}
+    # The rankers' training settings are part of the world: changing them rebuilds it.
+    wanted = {"visitors": visitors, "days": history_days, "seed": seed, "rankers": {"lite": LITE_RANKER, "full": {}}}
     current = json.loads(marker.read_text()) if marker.exists() else {}
     with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn()) as bar:
         tasks: dict[str, Any] = {}
