@@ -207,7 +207,7 @@ def simulate_messages_command(
 # ------------------------------------------------------------------------------------------------
 
 # The demo world's two ranker versions for `simulate-ab --arms`: the "lite" one is trained first, on an eighth
-# of the default training queries with a small, early-stopped model; the "full" one (TrainConfig's defaults) is
+# of the default training queries with a small model and few boosting rounds; the "full" one (TrainConfig's defaults) is
 # the newest and serves. How far apart they rank depends on the world (measured in docs/experiments.md).
 LITE_RANKER: Final[dict[str, Any]] = {"max_queries": 1500, "num_boost_round": 40, "num_leaves": 7}
 WORLD_RANKERS: Final = ("lite", "full")
