@@ -228,7 +228,7 @@ def test_weights_ramped_and_winner_promoted_while_traffic_flows(replicas: Replic
             return {("control", "v1"), ("treatment", "v2")} <= seen
 
         for replica in (0, 1):
-            until(lambda r=replica: serves_both_models(r))
+            until(lambda r=replica: serves_both_models(r), timeout=30)
 
     # Phase 1: traffic on both replicas; meanwhile the weights are ramped towards the challenger (50/50 at 40%
     # coverage -> 40/60 at 50%: every arm's bucket range grows in place, so nobody moves).
@@ -261,7 +261,7 @@ def test_weights_ramped_and_winner_promoted_while_traffic_flows(replicas: Replic
             answer = replicas.ask(client, replica, LATER[-1], "settling")
             return answer.arm is None and answer.model == "v2"
 
-        until(lambda: everybody_gets_the_winner(0) and everybody_gets_the_winner(1))
+        until(lambda: everybody_gets_the_winner(0) and everybody_gets_the_winner(1), timeout=30)
     stop.set()
     sender.join(90)
 
