@@ -296,6 +296,7 @@ def test_weights_ramped_and_winner_promoted_while_traffic_flows(replicas: Replic
     for arm in MODELS:
         assert counted[arm] == sum(arm in arms for arms in exposed.values()), (arm, counted)
     assert sum(counted.values()) == len(exposed) > 30
+    print(f"live: {len(answers)} answers, {len(exposed)} exposed visitors, counted {counted}")  # visible with -s
 
 
 @pytest.mark.parametrize(
