@@ -331,11 +331,12 @@ def simulate_ab_command(
                 drop_namespace(target)
                 teardown_features(target)
             shutil.rmtree(target.data_dir, ignore_errors=True)
+    versions = ", ".join(f"{name} model:{version}" for name, version in current.get("rankers", {}).items())
     if problem:
         console.print(f"[red]{problem}[/]")
-        for name, version in current.get("rankers", {}).items():
-            console.print(f"  {name}: model:{version}")
+        console.print(f"  ranker versions of the demo world: {versions}", highlight=False)
         raise typer.Exit(2)
+    console.print(f"ranker versions of the demo world: {versions}", highlight=False)
     labels = {
         "ab": "A/B: personalized vs generic",
         "aa": "A/A: personalized vs personalized",
