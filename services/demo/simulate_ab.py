@@ -3,9 +3,16 @@
 The demo simulator's visitors keep shopping after the demo world's history ends. At the start of every
 session a visitor asks `POST /v1/recommend` (with `context.now` set to the simulated time), reacts to what
 the experiment arm showed (`Simulator.respond`: clicks, add-to-carts, purchases echoing the recommendation
-id) and browses on as in the history; the events go to `POST /v1/events`. After each simulated day the
-profile service folds the day and the recommend service reloads, then the next day starts. The command
-prints the experiment report (uplift, intervals, p-values, SRM, verdict).
+id) and browses on as in the history; the events go to `POST /v1/events`, with the impressions the service
+would have logged. After each simulated day the profile service folds the day and the recommend service
+reloads, then the next day starts. The command prints the experiment report (uplift, intervals, p-values,
+SRM, the CUPED adjustment, verdict).
+
+Experiments: personalized vs generic ("ab"), personalized vs personalized ("aa", must find nothing) and model
+vs model ("models": two ranker versions of the registry, one per arm, created through the admin API). Before
+the experiments, a pre-period (`pre_days`) serves every visitor the serving model outside any experiment, so
+visitors reach their first exposure with recommendation clicks and impressions (and the history's views,
+carts and purchases) in their features: the pre-exposure covariates CUPED adjusts on.
 
 Runs are close to reproducible: the simulator's reactions are drawn from a stream keyed by a per-session id
 (the real recommendation id is random) and nothing changes the services' state during a simulated day; what
@@ -14,25 +21,20 @@ is left is the recommend service's item cache, which decays popularity against t
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import orjson
-import typer
 import yaml
-from rich.console import Console
-from rich.table import Table
 
 from services.common.clock import FixedClock, wall_datetime
-from services.common.events import Event
+from services.common.events import Event, EventType
+from services.common.models import ModelKind, ModelRegistry
 from services.common.settings import CommonSettings
 from services.common.storage import Namespace, open_store
 from services.demo.simulator import ShownItem, Simulator
@@ -42,7 +44,9 @@ from services.features import schema as F
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, float], None]
-Mode = Literal["ab", "aa", "both"]
+Mode = Literal["ab", "aa", "both", "models"]
+RunKind = Literal["ab", "aa", "models"]
+PRE_PERIOD_KEY = "pre-period"
 
 DEFAULT_SLOTS: tuple[dict[str, Any], ...] = (
     {"name": "home_products", "kind": "product", "count": 8},
@@ -82,6 +86,9 @@ class Services:
     settle: Callable[[], None]
     headers: dict[str, str] = field(default_factory=dict)
     clock: FixedClock | None = None  # the business clock the simulation moves through its days
+    # Loads the ranker versions the experiments' arms name (a replica does it in its background refresh, which
+    # a simulation turns off): None when the recommend service is not in this process.
+    load_arm_models: Callable[[], None] | None = None
 
 
 @dataclass
@@ -93,6 +100,61 @@ class RunStats:
     responses: int = 0
     # (arm, strategy) -> answers: shows that control was served generically and treatment personalized.
     strategies: dict[str, int] = field(default_factory=dict)
+    # (arm, ranker version) -> answers: shows which model ranked each arm (model vs model).
+    models: dict[str, int] = field(default_factory=dict)
+
+
+class ArmsError(ValueError):
+    """`--arms` is malformed or names a ranker version the demo world does not have."""
+
+
+def parse_model_arms(text: str) -> tuple[str, str]:
+    """`model:<v1>,model:<v2>` -> (v1, v2): control is ranked by v1, treatment by v2."""
+    parts = [part.strip() for part in text.split(",")]
+    versions = tuple(part.removeprefix("model:") for part in parts)
+    if len(parts) != 2 or any(not part.startswith("model:") for part in parts) or not all(versions):
+        raise ArmsError(f"--arms takes two arms like model:<v1>,model:<v2>, got {text!r}")
+    if versions[0] == versions[1]:
+        raise ArmsError(f"both arms name ranker version {versions[0]!r}: a model vs model test needs two")
+    return versions[0], versions[1]
+
+
+def ranker_versions(settings: CommonSettings) -> list[str]:
+    """The ranker versions in the model registry of `settings`, oldest first."""
+    store = open_store(settings)
+    try:
+        return [version.version for version in ModelRegistry(store).index(ModelKind.RANKER).versions]
+    finally:
+        store.close()
+
+
+def train_ranker(
+    settings: CommonSettings, config: Any, progress: Progress | None = None, publish: CommonSettings | None = None
+) -> tuple[str, dict[str, Any]]:
+    """Train a ranker on the log of `settings` with `config` (a TrainConfig) and publish it there (or to the
+    registry of `publish`, e.g. a fork, which has no log to train on): (version, metrics)."""
+    # Training is imported here, not at module level, so `selaras --help` stays fast.
+    from services.recommend.repository import RecommendRepository
+    from services.recommend.training.train import Trainer
+
+    repository = RecommendRepository.open(settings)
+    try:
+        result = Trainer(repository, config, progress).train()
+    finally:
+        repository.close()
+    repository = RecommendRepository.open(publish or settings)
+    try:
+        repository.save_model(result.model_text, result.meta)
+    finally:
+        repository.close()
+    return result.meta.version, result.metrics
+
+
+def check_model_arms(models: Sequence[str], available: Sequence[str]) -> None:
+    unknown = [version for version in models if version not in available]
+    if unknown:
+        listed = ", ".join(available) if available else "none"
+        raise ArmsError(f"unknown ranker version {unknown[0]!r}; the demo world has: {listed}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -153,23 +215,33 @@ def _forget_position(raw: bytes) -> bytes:
 
 
 def experiment_spec(
-    key: str, mode: Literal["ab", "aa"], start: datetime, end: datetime, visitors: int
+    key: str,
+    mode: RunKind,
+    start: datetime,
+    end: datetime,
+    visitors: int,
+    models: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """A/B: generic control vs personalized treatment. A/A: both arms personalized (must show nothing)."""
+    """A/B: generic control vs personalized treatment. A/A: both arms personalized (must show nothing).
+    Models: both personalized, control ranked by `models[0]` and treatment by `models[1]`."""
+    arms: list[dict[str, Any]] = [
+        {"name": "control", "weight": 0.5, "personalized": mode != "ab"},
+        {"name": "treatment", "weight": 0.5, "personalized": True},
+    ]
+    if mode == "models":
+        arms[0]["model"], arms[1]["model"] = models
+        description = f"Ranker {models[0]} (control) vs {models[1]} (treatment)"
+    elif mode == "ab":
+        description = "Personalized ranking vs the generic popularity-in-context ranking"
+    else:
+        description = "A/A check: both arms get the same personalized ranking"
     return {
         "key": key,
-        "description": (
-            "Personalized ranking vs the generic popularity-in-context ranking"
-            if mode == "ab"
-            else "A/A check: both arms get the same personalized ranking"
-        ),
+        "description": description,
         "enabled": True,
         "slot_kinds": ["product", "banner", "cta"],
         "slots": [slot["name"] for slot in DEFAULT_SLOTS],
-        "arms": [
-            {"name": "control", "weight": 0.5, "personalized": mode == "aa"},
-            {"name": "treatment", "weight": 0.5, "personalized": True},
-        ],
+        "arms": arms,
         "start": start.isoformat(),
         "end": end.isoformat(),
         "attribution_window_hours": 24,
@@ -196,6 +268,31 @@ def _post_events(services: Services, events: Sequence[Event]) -> None:
         response = services.profile.post("/v1/events", json=body, headers=services.headers)
         if response.status_code != 202:
             raise RuntimeError(f"POST /v1/events answered {response.status_code}: {response.text[:300]}")
+
+
+def _impressions(answer: Mapping[str, Any], first: Event) -> list[Event]:
+    """The impression events the recommend service logs for an answer (the simulation turns its log off so
+    that nothing changes during a simulated day, and sends them with the day's other events instead)."""
+    experiment = answer.get("experiment")
+    events = []
+    for slot in answer["slots"]:
+        for item in slot["items"]:
+            properties: dict[str, Any] = {"slot": slot["name"], "slot_kind": slot["kind"], "position": item["position"]}
+            if experiment:
+                properties["experiment"], properties["arm"] = experiment["key"], experiment["arm"]
+            events.append(
+                Event(
+                    event_id=f"imp-{answer['recommendation_id']}-{slot['name']}-{item['position']}",
+                    visitor_id=first.visitor_id,
+                    type=EventType.IMPRESSION,
+                    item_id=item["item_id"],
+                    timestamp=first.timestamp,
+                    recommendation_id=answer["recommendation_id"],
+                    context=first.context,
+                    properties=properties,
+                )
+            )
+    return events
 
 
 def _reload(services: Services) -> None:
@@ -241,6 +338,9 @@ def simulate(
             arm = answer["experiment"]["arm"] if answer.get("experiment") else "none"
             served = f"{arm}:{answer['strategy']}"
             stats.strategies[served] = stats.strategies.get(served, 0) + 1
+            ranked_by = f"{arm}:{answer['model_version']}"
+            stats.models[ranked_by] = stats.models.get(ranked_by, 0) + 1
+            outgoing.extend(_impressions(answer, first))
             # The reaction is drawn from a stream keyed by this stable id (the service's id is random), then
             # attributed to the real recommendation id.
             stable_id = f"{run_key}-d{day}-s{number}-{first.visitor_id}"
@@ -279,6 +379,13 @@ class AbResult:
     mode: str
     report: dict[str, Any]
     stats: RunStats
+    spec: dict[str, Any] = field(default_factory=dict)  # the experiment as created (arms, models)
+    pre_period: RunStats | None = None  # the days served outside any experiment before the experiments
+
+    @property
+    def arm_models(self) -> dict[str, str]:
+        """arm -> the ranker version it names (model vs model)."""
+        return {arm["name"]: arm["model"] for arm in self.spec.get("arms", []) if arm.get("model")}
 
 
 @contextmanager
@@ -305,7 +412,10 @@ def in_process_services(
                     raise RuntimeError("the profile service did not fold the simulated day in time")
                 time.sleep(0.05)
 
-        yield Services(profile, recommend, settle, {"X-API-Key": api_key} if api_key else {}, clock)
+        headers = {"X-API-Key": api_key} if api_key else {}
+        yield Services(
+            profile, recommend, settle, headers, clock, recommend_app.state.recommend.service.load_arm_models
+        )
 
 
 def run_simulation(
@@ -316,19 +426,31 @@ def run_simulation(
     days: int = 7,
     mode: Mode = "both",
     progress: Progress | None = None,
+    models: Sequence[str] = (),
+    pre_days: int = 0,
+    forked: bool = False,
 ) -> list[AbResult]:
-    """Fork the demo world into `target`, run the A/B (and/or A/A) experiment back to back through in-process
-    services, and return the reports."""
+    """Fork the demo world into `target` (unless `forked`: it holds one already), serve a pre-period of
+    `pre_days` days, run the A/B (and/or A/A) or the model vs model experiment back to back through in-process
+    services, and return the reports. `models`: the two ranker versions of the "models" mode (ArmsError when
+    the world's registry lacks one)."""
     from services.profile.settings import ProfileSettings
     from services.recommend.settings import RecommendSettings
 
-    modes: list[Literal["ab", "aa"]] = ["ab", "aa"] if mode == "both" else [mode]
+    modes: list[RunKind] = ["ab", "aa"] if mode == "both" else [mode]
+    if mode == "models":
+        if len(models) != 2:
+            raise ArmsError("a model vs model test needs two ranker versions")
+        check_model_arms(models, ranker_versions(target if forked else world_settings))
     item_ids = [item.item_id for item in simulator.shop.products]
-    fork_world(world_settings, target, [v.visitor_id for v in simulator.visitors], item_ids)
-    if progress:
-        progress("fork the demo world", 1.0)
-    # Start on the next local midnight after the world's history, each run `days` long.
-    start = (world_end + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    if not forked:
+        fork_world(world_settings, target, [v.visitor_id for v in simulator.visitors], item_ids)
+        if progress:
+            progress("fork the demo world", 1.0)
+    # The pre-period starts on the next local midnight after the world's history, the experiments after it,
+    # each run `days` long.
+    before = (world_end + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    start = before + timedelta(days=pre_days)
     specs = [
         experiment_spec(
             f"sim-{kind}",
@@ -336,12 +458,15 @@ def run_simulation(
             start + timedelta(days=i * days),
             start + timedelta(days=(i + 1) * days),
             len(simulator.visitors),
+            models,
         )
         for i, kind in enumerate(modes)
     ]
+    # Model vs model is created through the admin API, as a growth team would; the file seeds the others.
+    seeded = [spec for spec in specs if spec["arms"][0].get("model") is None]
     experiments_file = target.data_dir / "simulate-ab-experiments.yaml"
     experiments_file.parent.mkdir(parents=True, exist_ok=True)
-    experiments_file.write_text(yaml.safe_dump({"holdout": 0.0, "report_interval_s": 60, "experiments": specs}))
+    experiments_file.write_text(yaml.safe_dump({"holdout": 0.0, "report_interval_s": 60, "experiments": seeded}))
     shared = target.model_dump(include={"data_dir", "redis_url", "redis_cluster", "namespace", "feast_project"})
     # WARNING: the in-process HTTP client would otherwise log every simulated request.
     profile_settings = ProfileSettings(
@@ -359,202 +484,36 @@ def run_simulation(
     )
     results: list[AbResult] = []
     # Simulated days lie after today: the services run on a clock the simulation moves through them.
-    clock = FixedClock(start)
+    clock = FixedClock(before)
     # The stored configuration wins over the file (config_store.py): this run's experiments replace it.
     store = open_store(recommend_settings)
     try:
         ExperimentConfigStore(store).seed(
-            load_config(experiments_file), force=True, actor="simulate-ab", now=start.timestamp()
+            load_config(experiments_file), force=True, actor="simulate-ab", now=before.timestamp()
         )
     finally:
         store.close()
     with in_process_services(profile_settings, recommend_settings, clock=clock) as services:
+        pre_period = (
+            simulate(services, simulator, before, pre_days, PRE_PERIOD_KEY, progress=progress) if pre_days else None
+        )
         for i, spec in enumerate(specs):
+            if spec not in seeded:
+                create_experiment(services, spec)
             stats = simulate(
                 services, simulator, start + timedelta(days=i * days), days, spec["key"], progress=progress
             )
-            results.append(AbResult(spec["key"], modes[i], fetch_report(services, spec["key"]), stats))
+            report = fetch_report(services, spec["key"])
+            results.append(AbResult(spec["key"], modes[i], report, stats, spec, pre_period))
     return results
 
 
-# ------------------------------------------------------------------------------------------------
-# Printing
-# ------------------------------------------------------------------------------------------------
-
-
-def _pct(value: float | None, digits: int = 1) -> str:
-    return "–" if value is None else f"{value:+.{digits}%}"
-
-
-def _p(value: float | None) -> str:
-    return "–" if value is None else ("<0.0001" if value < 0.0001 else f"{value:.4f}")
-
-
-def print_report(console: Console, report: Mapping[str, Any], title: str | None = None) -> None:
-    arms = Table(title=title or f"experiment {report['key']}")
-    arms.add_column("arm")
-    arms.add_column("ranking")
-    arms.add_column("visitors", justify="right")
-    metrics = [m["name"] for m in report["metrics"]]
-    for metric in metrics:
-        arms.add_column(metric, justify="right")
-    for arm in report["arms"]:
-        values = []
-        for metric in metrics:
-            mean = arm["metrics"][metric]["mean"]
-            values.append("–" if mean is None else (f"{mean:,.0f}" if metric == "revenue" else f"{mean:.2%}"))
-        ranking = "personalized" if arm["personalized"] else "generic"
-        arms.add_row(arm["name"], ranking, f"{arm['n']:,.0f}", *values)
-    console.print(arms)
-    results = Table(title="uplift over control")
-    for column in ("metric", "arm", "uplift", "95% CI", "always-valid CI", "p-value", "p (Holm)", "chance to win"):
-        results.add_column(column, justify="left" if column in ("metric", "arm") else "right")
-    for r in report["results"]:
-        results.add_row(
-            r["metric"],
-            r["arm"],
-            _pct(r["uplift"]),
-            f"{_pct(r['ci_lower'])} … {_pct(r['ci_upper'])}",
-            f"{_pct(r['always_valid']['ci_lower'])} … {_pct(r['always_valid']['ci_upper'])}",
-            _p(r["p_value"]),
-            _p(r["p_value_holm"]),
-            "–" if r["chance_to_win"] is None else f"{r['chance_to_win']:.1%}",
-        )
-    console.print(results)
-    srm = report["srm"]
-    status = "[red]SAMPLE RATIO MISMATCH[/]" if srm["flagged"] else "ok"
-    chi2 = "–" if srm["chi2"] is None else f"{srm['chi2']:.3f}"
-    console.print(f"SRM: {status} (χ² = {chi2}, p = {_p(srm['p_value'])})")
-    verdict = report["verdict"]
-    console.print(f"verdict: [bold]{verdict['decision']}[/] (ready: {verdict['ready']})")
-    for reason in verdict["reasons"]:
-        console.print(f"  - {reason['text']}")
-
-
-def summary(result: AbResult) -> dict[str, Any]:
-    """The headline numbers of a run (primary metric), e.g. for a report or a log line."""
-    ctr = next(r for r in result.report["results"] if r["metric"] == result.report["primary_metric"])
-    return {
-        "experiment": result.key,
-        "mode": result.mode,
-        "visitors": {a["name"]: a["n"] for a in result.report["arms"]},
-        "uplift": ctr["uplift"],
-        "ci": [ctr["ci_lower"], ctr["ci_upper"]],
-        "always_valid_ci": [ctr["always_valid"]["ci_lower"], ctr["always_valid"]["ci_upper"]],
-        "p_value": ctr["p_value"],
-        "srm_p_value": result.report["srm"]["p_value"],
-        "verdict": result.report["verdict"]["decision"],
-        "requests": result.stats.requests,
-        "events": result.stats.events,
-    }
-
-
-# ------------------------------------------------------------------------------------------------
-# CLI
-# ------------------------------------------------------------------------------------------------
-
-
-def simulate_ab_command(
-    data_dir: Annotated[
-        Path, typer.Option("--data-dir", envvar="SELARAS_DATA_DIR", help="Where Selaras keeps its data.")
-    ] = Path("data"),
-    days: Annotated[int, typer.Option(help="Simulated days per experiment.", min=1, max=60)] = 7,
-    mode: Annotated[str, typer.Option(help="ab, aa or both (A/B then A/A).")] = "both",
-    visitors: Annotated[int, typer.Option(help="Visitors of the demo world.", min=50)] = 400,
-    history_days: Annotated[int, typer.Option(help="Days of history before the experiment.", min=3)] = 14,
-    seed: int = 7,
-    rebuild: Annotated[bool, typer.Option(help="Rebuild the demo world even if it exists.")] = False,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the reports as JSON here.")] = None,
-) -> None:
-    """Run an A/B (personalized vs generic) and an A/A experiment on the demo shop and print the reports.
-
-    Uses REDIS_URL when set, embedded stores otherwise. The demo world (shop, history, model) is built once
-    under DATA_DIR/simulate-ab/world and reused; every run works on a fresh copy of it."""
-    import os
-    import uuid
-
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-
-    from services.demo.shop import generate_shop
-    from services.demo.world import build_world
-
-    if mode not in ("ab", "aa", "both"):
-        raise typer.BadParameter("mode must be ab, aa or both")
-    chosen: Mode = "ab" if mode == "ab" else "aa" if mode == "aa" else "both"
-    # The report tables need about 120 columns; narrower (or piped) output would truncate the numbers.
-    console = Console(width=max(Console().width, 120))
-    root = data_dir / "simulate-ab"
-    redis_url = os.environ.get("REDIS_URL") or None
-    world_settings = CommonSettings(
-        data_dir=root / "world", redis_url=redis_url, namespace="simab_world", feast_project="simab_world"
-    )
-    marker = root / "world.json"
-    wanted = {"visitors": visitors, "days": history_days, "seed": seed}
-    current = json.loads(marker.read_text()) if marker.exists() else {}
-    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn()) as bar:
-        tasks: dict[str, Any] = {}
-
-        def progress(stage: str, fraction: float) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=1.0)
-            bar.update(tasks[stage], completed=min(max(fraction, 0.0), 1.0))
-
-        if rebuild or current.get("params") != wanted:
-            shutil.rmtree(root / "world", ignore_errors=True)
-            if redis_url:
-                _drop_namespace(world_settings)
-            world = build_world(world_settings, visitors=visitors, days=history_days, seed=seed, progress=progress)
-            simulator, end = world.simulator, world.end
-            marker.write_text(json.dumps({"params": wanted, "end": end.isoformat()}))
-        else:
-            # The world is deterministic given its parameters and end: rebuild the shop and visitors only.
-            end = datetime.fromisoformat(current["end"])
-            shop = generate_shop(seed=seed, now=end)
-            simulator = Simulator(shop, n_visitors=visitors, seed=seed, start=end - timedelta(days=history_days))
-        # A fresh namespace and Feast project per run, so no state of an earlier run leaks into this one.
-        run_name = f"simab_{uuid.uuid4().hex[:8]}"
-        target = CommonSettings(
-            data_dir=root / "runs" / run_name, redis_url=redis_url, namespace=run_name, feast_project=run_name
-        )
-        try:
-            results = run_simulation(world_settings, simulator, end, target, days=days, mode=chosen, progress=progress)
-        finally:
-            if redis_url:
-                _drop_namespace(target)
-                _teardown_features(target)
-            shutil.rmtree(target.data_dir, ignore_errors=True)
-    for result in results:
-        label = "A/B: personalized vs generic" if result.mode == "ab" else "A/A: personalized vs personalized"
-        print_report(console, result.report, f"{label} ({result.key}, {days} simulated days)")
-        console.print(
-            f"{result.stats.sessions:,} sessions, {result.stats.requests:,} recommendation requests, "
-            f"{result.stats.events:,} events\n"
-        )
-    if json_out:
-        json_out.write_text(json.dumps([{"summary": summary(r), "report": r.report} for r in results], indent=2))
-
-
-def _drop_namespace(settings: CommonSettings) -> None:
-    """Remove a namespace's keys (Redis mode): the world before a rebuild, a run after it."""
-    from services.common.storage import make_redis_client
-
-    if not settings.redis_url:
-        return
-    client = make_redis_client(settings.redis_url, settings.redis_cluster, 5.0)
-    try:
-        for pattern in (f"{settings.namespace}:*", f"{{{settings.namespace}:*"):
-            keys = list(client.scan_iter(match=pattern, count=1000))
-            for start in range(0, len(keys), 500):
-                client.delete(*keys[start : start + 500])
-    finally:
-        client.close()
-
-
-def _teardown_features(settings: CommonSettings) -> None:
-    """Drop a run's Feast online rows (Redis mode); a failure only leaves unused keys behind."""
-    from services.features.store import open_feature_store
-
-    try:
-        open_feature_store(settings).teardown()
-    except Exception as exc:
-        log.warning("could not tear down the run's feature store: %s", type(exc).__name__)
+def create_experiment(services: Services, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """`POST /v1/experiments`; the arms' ranker versions are loaded before any request."""
+    response = services.recommend.post("/v1/experiments", json=dict(spec), headers=services.headers)
+    if response.status_code != 201:
+        raise RuntimeError(f"POST /v1/experiments answered {response.status_code}: {response.text[:300]}")
+    if services.load_arm_models is not None:
+        services.load_arm_models()
+    created: dict[str, Any] = response.json()
+    return created

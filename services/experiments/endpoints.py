@@ -7,7 +7,10 @@ configuration record (config_store.py), applied at once on the replica that answ
 Sticky assignment: raising coverage keeps every assigned visitor (GrowthBook ranges grow in place, see
 assignment.py). Changing the weights of a running experiment would move visitors from one arm to the other, so
 their outcomes would mix both treatments: it is refused (409) unless `"rebalance": true`, which also bumps
-`bucket_version`: everybody is randomised afresh and the results start from zero (a new storage id).
+`bucket_version`: everybody is randomised afresh and the results start from zero (a new storage id). A change
+of weights (and coverage) under which every arm's range contains its old one moves nobody and is accepted
+(`keeps_assigned`): a ramp on an experiment running below full coverage. The arms' shares of the visitors
+then differ before and after it, which the SRM check (against the current weights) may flag.
 
 The page `/experiments` is static HTML/JS without any data in it:
 it calls the JSON routes with the key the user types (kept in the tab's sessionStorage) or passes in the
@@ -29,6 +32,7 @@ from services.common.api import FastJSONResponse
 from services.common.clock import wall_time
 from services.common.errors import Conflict, InvalidPayload, NotFound
 from services.common.models import ModelKind
+from services.experiments.assignment import bucket_ranges
 from services.experiments.config import ArmName, ExperimentConfig
 from services.experiments.config_store import ExperimentConfigStore, StoredConfig
 from services.experiments.deps import AdminKey, ExperimentsState, State
@@ -121,6 +125,21 @@ def _invalid(field: str, message: str) -> InvalidPayload:
     return InvalidPayload(f"{field}: {message}", extra={"errors": [{"field": field, "message": message}]})
 
 
+def keeps_assigned(current: ExperimentConfig, weights: dict[str, float], coverage: float) -> bool:
+    """Whether every arm's new bucket range contains its old one, so no assigned visitor changes arm.
+
+    Ranges are GrowthBook's ([start, start + coverage * weight), start = the weights before the arm): with a
+    coverage below 1 a ramp such as 50/50 at 40% to 40/60 at 50% keeps everybody where they are and only adds
+    visitors, like raising coverage. Anything else would move visitors between arms."""
+    old = bucket_ranges([arm.weight for arm in current.arms], current.coverage)
+    new = bucket_ranges([weights[arm.name] for arm in current.arms], coverage)
+    return all(
+        lo_new <= lo_old + 1e-12 and hi_old <= hi_new + 1e-12
+        for (lo_old, hi_old), (lo_new, hi_new) in zip(old, new, strict=True)
+        if hi_old > lo_old
+    )
+
+
 def _changed(state: ExperimentsState, runtime: ExperimentRuntime, stored: StoredConfig, key: str) -> dict[str, Any]:
     # This replica serves the change at once; the others pick it up at their next poll.
     runtime.apply(stored)
@@ -182,11 +201,18 @@ def change_experiment(key: str, patch: ExperimentPatch, state: State, actor: Adm
             if not 0.99 <= sum(weights.values()) <= 1.01:
                 raise _invalid("weights", f"arm weights must sum to 1, got {sum(weights.values()):g}")
             moved = any(abs(weights[arm.name] - arm.weight) > 1e-12 for arm in current.arms)
-            if moved and current.status(now) == "running" and not patch.rebalance:
+            coverage = patch.coverage if patch.coverage is not None else current.coverage
+            if (
+                moved
+                and current.status(now) == "running"
+                and not patch.rebalance
+                and not keeps_assigned(current, weights, coverage)
+            ):
                 raise Conflict(
                     f"experiment {key!r} is running: new weights would move assigned visitors between arms and mix"
                     ' their results; send "rebalance": true to re-randomise everybody and start the results from'
-                    " zero (bucket_version + 1), or stop it first"
+                    " zero (bucket_version + 1), or stop it first (a change that keeps every arm's range, e.g."
+                    " with a coverage below 1, is accepted as it is)"
                 )
             for arm in experiment["arms"]:
                 arm["weight"] = weights[arm["name"]]
