@@ -161,10 +161,23 @@ CHANGE_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
 }
 
 
+def _check_arm_models(state: ExperimentsState, experiment: ExperimentConfig) -> None:
+    named = [(n, arm.model) for n, arm in enumerate(experiment.arms) if arm.model is not None]
+    if not named or state.models is None:
+        return
+    index = state.models.index("ranker")
+    for n, version in named:
+        if index.get(version) is None:
+            known = ", ".join(v.version for v in index.versions[-5:]) or "none"
+            raise _invalid(f"arms.{n}.model", f"no ranker version {version!r} in the model registry (newest: {known})")
+
+
 @router.post("/v1/experiments", status_code=201, responses={409: CHANGE_ERRORS[409]})
 def create_experiment(experiment: ExperimentConfig, state: State, actor: AdminKey) -> dict[str, Any]:
-    """Add an experiment to the shared configuration (409 when the key exists)."""
+    """Add an experiment to the shared configuration (409 when the key exists; 422 naming the arm when an arm
+    names a ranker version the model registry does not hold: a typo would silently serve the production model)."""
     runtime, store = _config_store(state)
+    _check_arm_models(state, experiment)
 
     def add(data: dict[str, Any]) -> dict[str, Any]:
         if any(e["key"] == experiment.key for e in data["experiments"]):

@@ -89,8 +89,10 @@ async def similar_items(
 
 @router.post("/v1/admin/reload", response_model=ReloadResult)
 async def reload(state: State, _: AdminKey, version: str | None = None) -> ReloadResult:
-    """Load the newest compatible model (or `version`) and rebuild the item cache, without dropping requests."""
+    """Load the newest compatible model (or `version`), the versions experiment arms name, and rebuild the item
+    cache, without dropping requests."""
     current, previous = await run_in_threadpool(state.service.reload_model, version)
+    await run_in_threadpool(state.service.load_arm_models)
     await run_in_threadpool(state.service.refresh_cache)
     return ReloadResult(
         model_version=current,

@@ -258,7 +258,10 @@ class RecommendService:
                 model = self._load_model(candidate, index)
                 if model is None:
                     continue
+                outgoing = self.model
                 self.model = model
+                if outgoing is not None and previous != candidate:
+                    self._keep_for_arms(outgoing)
                 if previous and previous != candidate:
                     MODEL_INFO.remove(previous)
                 MODEL_INFO.labels(candidate).set(model.meta.created_at)
@@ -294,6 +297,13 @@ class RecommendService:
         if self.repository.model_index().generation != self._model_generation:
             self.reload_model()
         self.load_arm_models()
+
+    def _keep_for_arms(self, outgoing: RankerModel) -> None:
+        """A model that stops serving but an experiment arm names (v1 after v2 is pinned) stays loaded as that
+        arm's model, so the arm is never ranked by the new serving version while it waits for a reload."""
+        wanted = set(getattr(self.experiments, "model_versions", lambda: set())())
+        if outgoing.meta.version in wanted:
+            self._arm_models = {**self._arm_models, outgoing.meta.version: outgoing}
 
     def load_arm_models(self) -> None:
         """Load the ranker versions that experiment arms name (model vs model in one process), off the request

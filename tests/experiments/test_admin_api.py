@@ -204,6 +204,10 @@ def test_promoting_an_arm_ends_the_experiment_and_pins_its_model(replicas: Repli
             {"name": "control", "weight": 0.5, "personalized": True, "model": "v1"},
             {"name": "challenger", "weight": 0.5, "personalized": True, "model": "v2"},
         ]
+        typo = [arms[0], {**arms[1], "model": "v2-typo"}]
+        refused = replicas.call(replicas.a, "POST", "/v1/experiments", json=launch(enabled=True, arms=typo))
+        assert refused.status_code == 422 and refused.json()["errors"][0]["field"] == "arms.1.model"
+        assert "v2-typo" in refused.json()["errors"][0]["message"]
         replicas.ok(replicas.a, "POST", "/v1/experiments", json=launch(enabled=True, arms=arms))
         # Replica B promotes at once: it checks the stored record, not its view (which may be a poll behind).
         unknown = replicas.call(replicas.b, "POST", "/v1/experiments/launch/promote", json={"arm": "nope"})

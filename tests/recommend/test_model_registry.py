@@ -173,6 +173,17 @@ def test_two_models_serve_side_by_side_as_the_arms_of_one_experiment(
         client.post("/v1/admin/models/ranker/production", json={"version": "v1"})
         service.load_arm_models()
         assert served(service) == "v1" and set(service._arm_models) == {"v2"}
+        # Pinning the other arm's version hands the outgoing one (v1) over to its arm at once: before any
+        # refresh, the control arm is still ranked by v1, never by the new serving version.
+        client.post("/v1/admin/models/ranker/production", json={"version": "v2"})
+        assert served(service) == "v2" and "v1" in service._arm_models
+        arms: dict[str, set[str]] = {}
+        for n in range(60):
+            body = {"visitor_id": f"mvm-{n}", "slots": [{"name": "home", "count": 4}]}
+            answer = client.post("/v1/recommend", json=body).json()
+            if answer["experiment"] is not None:
+                arms.setdefault(answer["experiment"]["arm"], set()).add(answer["model_version"])
+        assert arms == {"current": {"v1"}, "candidate": {"v2"}}
 
 
 def test_an_arm_naming_a_model_must_be_personalized(tmp_path: Any) -> None:
