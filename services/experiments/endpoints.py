@@ -165,7 +165,7 @@ def _check_arm_models(state: ExperimentsState, experiment: ExperimentConfig) -> 
     named = [(n, arm.model) for n, arm in enumerate(experiment.arms) if arm.model is not None]
     if not named or state.models is None:
         return
-    index = state.models.index("ranker")
+    index = state.models.index(ModelKind.RANKER)
     for n, version in named:
         if index.get(version) is None:
             known = ", ".join(v.version for v in index.versions[-5:]) or "none"
