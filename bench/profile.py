@@ -41,7 +41,7 @@ PARTS: list[tuple[str, tuple[str, ...]]] = [
     ("impression logging (background writer thread)", ("_write_loop (services/recommend/repository.py",)),
     ("item cache refresh (background thread)", ("_refresh_loop (services/recommend/service.py",)),
     ("candidate generation", ("services/recommend/ranking/candidates.py",)),
-    ("feature matrix", ("services/recommend/ranking/ranker.py", "services/recommend/ranking/item_cache.py")),
+    ("feature matrix", ("services/recommend/ranking/ranker.py", "services/features/item_cache.py")),
     ("business rules", ("services/recommend/ranking/rules.py",)),
     ("experiment assignment and exposure", ("services/experiments/runtime.py", "services/experiments/assignment")),
     ("request parsing, response building, the rest of recommend()", ("services/recommend/",)),

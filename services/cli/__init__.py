@@ -10,9 +10,9 @@ import typer
 
 from services.cli import admin, experiments, exports, imports, serve, train
 from services.cli.histories import register_history_commands
+from services.cli.messages import register_message_commands
 from services.common.terminal import record_to_html, save_html
 from services.demo.commands import shop_app, simulate_ab_command, simulate_messages_command
-from services.messages.cli import register_message_commands
 
 # DuckDB/ibis deprecation notices on every Feast offline query are noise for CLI users.
 warnings.filterwarnings("ignore", category=DeprecationWarning)

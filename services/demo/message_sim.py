@@ -38,6 +38,7 @@ from services.demo.shop import generate_shop
 from services.demo.simulator import Simulator, SimVisitor, write_jsonl
 from services.demo.world import batched
 from services.features.aggregations import SegmentRules
+from services.features.item_cache import build_snapshot
 from services.messages.decision_log import DecisionEntry, encode_candidates
 from services.messages.replay import replay_decisions
 from services.messages.repository import MessageRepository
@@ -48,7 +49,6 @@ from services.messages.train import MessageTrainConfig, train_message_model
 from services.profile.aggregator.worker import Aggregator
 from services.profile.ingest import IngestService
 from services.profile.repository import ProfileRepository
-from services.recommend.ranking.item_cache import build_snapshot
 from services.recommend.repository import RecommendRepository
 from services.recommend.settings import RecommendSettings
 

@@ -15,11 +15,11 @@ import numpy as np
 import orjson
 
 from services.common.context import is_payday_window
+from services.features.item_cache import ItemSnapshot
 from services.messages.model import VisitorView
 from services.messages.repository import MessageRepository
 from services.messages.settings import MessageSettings
 from services.messages.templates import MessageCatalog, Template
-from services.recommend.ranking.item_cache import ItemSnapshot
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from services.common.api import (
     validation_failure,
 )
 from services.common.errors import InvalidPayload, PayloadTooLarge
+from services.messages.deps import MessagesKey, MessagesState, State
 from services.messages.schemas import MessageBatchAnswer, MessageBatchRequest, MessageDecision, MessageRequest
 from services.messages.service import MessageService
-from services.recommend.deps import MessagesKey, RecommendState, State
 
 router = APIRouter()
 REQUEST_ADAPTER: TypeAdapter[MessageRequest] = TypeAdapter(MessageRequest)
@@ -28,8 +28,8 @@ BATCH_ADAPTER: TypeAdapter[MessageBatchRequest] = TypeAdapter(MessageBatchReques
 
 def install_message_service(app: FastAPI, service: MessageService) -> None:
     """Serve next-best messages with `service` instead of the one the app built (tests with other settings)."""
-    state: RecommendState = app.state.recommend
-    state.messages = service
+    state: MessagesState = app.state.messages
+    state.service = service
 
 
 @router.post(
@@ -40,8 +40,8 @@ def install_message_service(app: FastAPI, service: MessageService) -> None:
 )
 async def next_best_message(request: Request, state: State, key: MessagesKey) -> Response:
     """The message to send a visitor next on a channel, with its send time, or `{"action": "none", "reason": ...}`."""
-    parsed = await parse_json_request(request, REQUEST_ADAPTER, state.settings.max_body_bytes)
-    service = state.messages
+    parsed = await parse_json_request(request, REQUEST_ADAPTER, state.max_body_bytes)
+    service = state.service
     loop = asyncio.get_running_loop()
     result = await loop.run_in_executor(state.executor, service.decide, parsed, state.auth.is_admin(key))
     return FastJSONResponse(result)
@@ -59,8 +59,8 @@ async def next_best_message(request: Request, state: State, key: MessagesKey) ->
 async def next_best_message_batch(request: Request, state: State, key: MessagesKey) -> Response:
     """Next-best messages for up to 1,000 visitors in one call (push systems planning their sends)."""
     started = time.perf_counter()
-    body = read_json_body(await request.body(), state.settings.max_body_bytes * 16)
-    service = state.messages
+    body = read_json_body(await request.body(), state.max_body_bytes * 16)
+    service = state.service
     raw = body.get("requests") if isinstance(body, dict) else None
     if isinstance(raw, list) and len(raw) > service.settings.max_batch:
         raise PayloadTooLarge(f"batch has {len(raw)} requests; the limit is {service.settings.max_batch}")

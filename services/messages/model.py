@@ -43,9 +43,9 @@ import orjson
 from services.common.catalog import MESSAGE_TRIGGERS
 from services.common.context import is_payday_window, local_time, zone_for
 from services.common.traits import TraitSchema
+from services.features.item_cache import ItemSnapshot
 from services.features.schema import CHANNEL_CODES, as_number
 from services.messages.reward import Reward
-from services.recommend.ranking.item_cache import ItemSnapshot
 
 DAY: Final = 86_400.0
 TRIGGERS: Final = MESSAGE_TRIGGERS

@@ -11,11 +11,11 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 from urllib.parse import quote
 
+from services.features.item_cache import ItemSnapshot
 from services.features.schema import as_number
 from services.messages.eligibility import Candidate
 from services.messages.model import VisitorView
 from services.messages.templates import Template
-from services.recommend.ranking.item_cache import ItemSnapshot
 
 _TOKEN = re.compile(r"\{([a-z_]+)\}")
 

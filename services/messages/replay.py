@@ -31,10 +31,10 @@ from services.features.aggregations import (
     fold_visitor,
     visitor_features,
 )
+from services.features.item_cache import ItemSnapshot, build_snapshot
 from services.features.schema import as_number, visitor_row_at
 from services.messages.decision_log import decode_candidates
 from services.messages.model import ACTION_COLUMNS, VisitorView, action_vector, decision_vector, visitor_columns
-from services.recommend.ranking.item_cache import ItemSnapshot, build_snapshot
 
 # What counts as a visit to the shop (a reward of its own, services/messages/reward.py): the visitor's own
 # behaviour, not what was shown to them or dismissed.

@@ -1,6 +1,7 @@
 """Storage for next-best messages: visitor rows in bulk, consent, send history (caps and cooldowns), traits,
-personas, the stock watch (back-in-stock) and the message model. Wraps the recommend repository so the
-service keeps one Redis/Feast connection, and is the only message module that talks to storage."""
+personas, the stock watch (back-in-stock) and the message model. Wraps the recommend repository (any object of
+the `SharedStorage` shape) so the service keeps one Redis/Feast connection, and is the only message module that
+talks to storage. It does not import the recommend service: the recommend app composes the two."""
 
 from __future__ import annotations
 
@@ -8,18 +9,17 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import orjson
 
 from services.common.catalog import CatalogItem
 from services.common.consent import Consent, ConsentDefaults
 from services.common.events import Event
-from services.common.models import ModelIndex, ModelKind
-from services.common.storage import Namespace
+from services.common.models import ModelIndex, ModelKind, ModelRegistry
+from services.common.storage import Namespace, Store
 from services.features import schema as F
 from services.messages.history import SendHistory
-from services.recommend.repository import RecommendRepository
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,26 @@ def _decode_row(values: Mapping[str, Any]) -> dict[str, Any]:
     return row
 
 
+class SharedStorage(Protocol):
+    """What messages use of the recommend repository's connections (services/recommend/repository.py)."""
+
+    store: Store
+    feature_store: Any  # feast.FeatureStore
+    models: ModelRegistry
+
+    def log_events_async(
+        self, events: list[Event | dict[str, Any]], record: tuple[str, Mapping[str, Any], int] | None = None
+    ) -> bool: ...
+
+    def flush(self, timeout: float = 10.0) -> None: ...
+
+    def catalog(self) -> list[CatalogItem]: ...
+
+    def logged_events(self) -> Iterator[Event]: ...
+
+
 class MessageRepository:
-    def __init__(self, base: RecommendRepository):
+    def __init__(self, base: SharedStorage):
         self.base = base
         self.store = base.store
         self._fast_read = True

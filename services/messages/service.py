@@ -36,6 +36,7 @@ from services.experiments.assignment import HOLDOUT_ARM
 from services.experiments.config import ArmChoice
 from services.experiments.covariates import exposure_covariates
 from services.experiments.targeting import targeting_context
+from services.features.item_cache import ItemSnapshot
 from services.features.schema import visitor_row_at
 from services.messages.decision_log import DecisionEntry, encode_candidates, next_id
 from services.messages.eligibility import Candidate, Eligibility, StockWatch, explain
@@ -54,7 +55,6 @@ from services.messages.schemas import MessageRequest, none_answer
 from services.messages.settings import PURPOSE, MessageSettings
 from services.messages.templates import MessageCatalog, Template
 from services.messages.timing import open_hours, plan_send
-from services.recommend.ranking.item_cache import ItemSnapshot
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from services.common.catalog import CatalogItem, ItemKind, Targeting
+from services.features.item_cache import ItemSnapshot
 from services.messages.settings import CHANNELS
-from services.recommend.ranking.item_cache import ItemSnapshot
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from services.experiments.config import ArmChoice
-from services.recommend.ranking.item_cache import ItemSnapshot
+from services.features.item_cache import ItemSnapshot
 from services.recommend.schemas import RecommendRequest, SlotRequest
 
 

@@ -20,6 +20,7 @@ from services.experiments.config_store import ExperimentConfigStore
 from services.experiments.deps import ExperimentsState
 from services.experiments.endpoints import router as experiment_router
 from services.experiments.runtime import load_experiments
+from services.messages.deps import MessagesState
 from services.messages.endpoints import router as message_router
 from services.messages.repository import MessageRepository
 from services.messages.service import MessageService
@@ -64,7 +65,8 @@ def build_state(settings: RecommendSettings, clock: Clock | None = None) -> Reco
     )
     breaker = CircuitBreaker("store", settings.breaker_failures, settings.breaker_reset_s)
     guard = StoreGuard(breaker, settings.store_budget_s, settings.store_io_threads)
-    return RecommendState(settings, repository, service, messages, auth, executor, experiment_state, guard)
+    message_state = MessagesState(messages, auth, executor, settings.max_body_bytes)
+    return RecommendState(settings, repository, service, message_state, auth, executor, experiment_state, guard)
 
 
 def create_app(settings: RecommendSettings | None = None, clock: Clock | None = None) -> FastAPI:
@@ -78,6 +80,7 @@ def create_app(settings: RecommendSettings | None = None, clock: Clock | None = 
         check_redis_durability(state.repository.store, settings.environment)
         app.state.recommend = state
         app.state.experiments = state.experiments  # the experiment routes' own state (services/experiments/deps.py)
+        app.state.messages = state.messages  # the message routes' own state (services/messages/deps.py)
         state.service.start()
         log.info(
             "recommend service started (store=%s, items=%d, model=%s)",

@@ -13,7 +13,7 @@ from services.common.api import require_scope
 from services.common.auth import ApiKeyAuth
 from services.common.breaker import StoreGuard
 from services.experiments.deps import ExperimentsState
-from services.messages.service import MessageService
+from services.messages.deps import MessagesState
 from services.recommend.repository import RecommendRepository
 from services.recommend.service import RecommendService
 from services.recommend.settings import RecommendSettings
@@ -24,7 +24,7 @@ class RecommendState:
     settings: RecommendSettings
     repository: RecommendRepository
     service: RecommendService
-    messages: MessageService
+    messages: MessagesState  # also the message routes' state (app.state.messages)
     auth: ApiKeyAuth
     executor: ThreadPoolExecutor
     experiments: ExperimentsState  # also the experiment routes' state (app.state.experiments)
@@ -44,5 +44,3 @@ def get_auth(request: Request) -> ApiKeyAuth:
 State = Annotated[RecommendState, Depends(get_state)]
 RecommendKey = Annotated[str, Depends(require_scope(get_auth, "recommend"))]
 AdminKey = Annotated[str, Depends(require_scope(get_auth, "admin"))]
-# Server-side only: a decision renders the visitor's name and cart, records sends and consumes caps.
-MessagesKey = Annotated[str, Depends(require_scope(get_auth, "messages"))]

@@ -46,7 +46,7 @@ def _loaded_here(state: RecommendState, kind: ModelKind) -> str | None:
     if kind is ModelKind.RANKER:
         return state.service.model.meta.version if state.service.model else None
     if kind is ModelKind.MESSAGE:
-        model = state.messages.model
+        model = state.messages.service.model
         return model.version if model else None
     return None  # personas are assigned by the profile aggregator
 
@@ -74,5 +74,5 @@ async def set_production(state: State, _: AdminKey, kind: ModelKind, choice: Pro
     if kind is ModelKind.RANKER:
         await run_in_threadpool(state.service.reload_model)
     elif kind is ModelKind.MESSAGE:
-        await run_in_threadpool(state.messages.follow_model_registry)
+        await run_in_threadpool(state.messages.service.follow_model_registry)
     return _answer(state, index)

@@ -164,7 +164,7 @@ class RecommendRepository:
         return {row[F.ITEM_KEY]: row for row in rows if row.get("views_7d") is not None}
 
     def covisitation(self) -> dict[str, bytes]:
-        """Stored JSON per item, parsed lazily by the item cache (services/recommend/ranking/item_cache.py)."""
+        """Stored JSON per item, parsed lazily by the item cache (services/features/item_cache.py)."""
         return dict(self.store.scan(Namespace.COVISITATION))
 
     def popularity(self) -> dict[str, bytes]:

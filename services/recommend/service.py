@@ -25,6 +25,13 @@ from services.common.models import ModelIndex
 from services.experiments.config import ArmChoice
 from services.experiments.covariates import exposure_covariates
 from services.experiments.targeting import TargetingContext, targeting_context
+from services.features.item_cache import (
+    KIND_CODES,
+    CatalogArrays,
+    ItemSnapshot,
+    build_snapshot,
+    catalog_arrays,
+)
 from services.features.schema import visitor_row_at
 from services.recommend.answers import impression_event, item_card
 from services.recommend.ranking.candidates import (
@@ -35,13 +42,6 @@ from services.recommend.ranking.candidates import (
     eligible_products,
 )
 from services.recommend.ranking.item2item import Strategy, neighbours
-from services.recommend.ranking.item_cache import (
-    KIND_CODES,
-    CatalogArrays,
-    ItemSnapshot,
-    build_snapshot,
-    catalog_arrays,
-)
 from services.recommend.ranking.item_embeddings import ItemEmbeddings
 from services.recommend.ranking.pipeline import (
     STAGE_VISITOR,

@@ -22,6 +22,7 @@ from services.demo.message_sim import MessageSimConfig, simulate_messages
 from services.demo.shop import generate_shop
 from services.demo.simulator import read_jsonl
 from services.features.aggregations import SegmentRules
+from services.features.item_cache import build_snapshot
 from services.messages.model import VisitorView, action_vector, visitor_vector
 from services.messages.replay import replay_decisions
 from services.messages.repository import MessageRepository
@@ -31,7 +32,6 @@ from services.messages.settings import MessageSettings
 from services.profile.aggregator.worker import Aggregator
 from services.profile.ingest import IngestService
 from services.profile.repository import ProfileRepository
-from services.recommend.ranking.item_cache import build_snapshot
 from services.recommend.repository import RecommendRepository
 from services.recommend.settings import RecommendSettings
 from tests.conftest import REDIS_URL

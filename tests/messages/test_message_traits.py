@@ -19,6 +19,7 @@ from services.common.settings import CommonSettings
 from services.common.traits import TraitSchema
 from services.demo.shop import generate_shop
 from services.features.aggregations import SegmentRules
+from services.features.item_cache import build_snapshot
 from services.messages.model import (
     ACTION_COLUMNS,
     VISITOR_COLUMNS,
@@ -39,7 +40,6 @@ from services.messages.train import MessageTrainConfig, train_message_model
 from services.profile.aggregator.worker import Aggregator
 from services.profile.ingest import IngestService
 from services.profile.repository import ProfileRepository
-from services.recommend.ranking.item_cache import build_snapshot
 from services.recommend.repository import RecommendRepository
 from services.recommend.settings import RecommendSettings
 from tests.conftest import REDIS_URL

@@ -171,7 +171,7 @@ def test_the_reward_and_learner_come_from_settings(monkeypatch: pytest.MonkeyPat
     settings = MessageSettings()
     assert settings.learner == "uplift"
     assert settings.reward_spec() == Reward("mix", 250_000.0, 1.0, 0.2, 0.0)
-    from services.messages.cli import chosen_reward
+    from services.cli.messages import chosen_reward
 
     assert chosen_reward("revenue", None, None) == dataclasses.replace(settings.reward_spec(), kind="revenue")
     assert chosen_reward(None, None, "visit=0.5,revenue=0.001").revenue_weight == 0.001

@@ -12,6 +12,7 @@ import pytest
 from services.common.catalog import CatalogItem
 from services.common.context import WIB, WIT, WITA
 from services.demo.shop import generate_shop
+from services.features.item_cache import ItemSnapshot, build_snapshot
 from services.messages.eligibility import Candidate, Eligibility, StockWatch
 from services.messages.history import SendHistory
 from services.messages.model import VisitorView
@@ -19,7 +20,6 @@ from services.messages.render import deep_link, fill, format_price, render, toke
 from services.messages.settings import MessageSettings
 from services.messages.templates import MessageCatalog
 from services.messages.timing import plan_send
-from services.recommend.ranking.item_cache import ItemSnapshot, build_snapshot
 from tests.factories import make_item
 
 SETTINGS = MessageSettings()

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from services.features import schema as F
+from services.features.item_cache import build_snapshot
 from services.recommend.ranking.candidates import CandidateGenerator, Filters, VisitorVector
-from services.recommend.ranking.item_cache import build_snapshot
 from services.recommend.ranking.item_embeddings import EmbeddingFileError, ItemEmbeddings
 from services.recommend.ranking.ranker import explain_item
 from tests.factories import BASE_TIME, make_item

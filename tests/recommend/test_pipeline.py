@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from services.features.indexes import GLOBAL_CONTEXT
+from services.features.item_cache import ItemSnapshot, build_snapshot
 from services.recommend.ranking.candidates import CandidateGenerator, VisitorVector
 from services.recommend.ranking.exploration import Exploration
-from services.recommend.ranking.item_cache import ItemSnapshot, build_snapshot
 from services.recommend.ranking.pipeline import PipelineOptions, RankContext, SlotPipeline
 from services.recommend.ranking.rules import RuleContext
 from services.recommend.schemas import SlotRequest

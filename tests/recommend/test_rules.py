@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from services.recommend.ranking.item_cache import build_snapshot
+from services.features.item_cache import build_snapshot
 from services.recommend.ranking.rules import apply_rules
 from tests.factories import BASE_TIME, make_item
 

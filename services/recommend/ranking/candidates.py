@@ -17,8 +17,8 @@ import numpy as np
 from services.common.catalog import ItemKind
 from services.common.context import daypart, local_time, zone_for
 from services.features.indexes import GLOBAL_CONTEXT
+from services.features.item_cache import KIND_CODES, ItemSnapshot, category_code
 from services.features.schema import as_number
-from services.recommend.ranking.item_cache import KIND_CODES, ItemSnapshot, category_code
 from services.recommend.ranking.item_embeddings import EmbeddingScores, ItemEmbeddings
 from services.recommend.ranking.next_item import NextItemScores, next_item_scores
 

@@ -21,7 +21,7 @@ from typing import Literal
 
 import numpy as np
 
-from services.recommend.ranking.item_cache import ItemSnapshot
+from services.features.item_cache import ItemSnapshot
 
 Strategy = Literal["similar", "bought_together"]
 STRATEGIES: tuple[Strategy, ...] = ("similar", "bought_together")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from services.recommend.ranking.item_cache import ItemSnapshot
+from services.features.item_cache import ItemSnapshot
 
 EMBEDDING_DIM = 64
 EMBEDDING_HISTORY = 20  # the visitor's last items that form the query

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.recommend.ranking.item_cache import ItemSnapshot
+from services.features.item_cache import ItemSnapshot
 
 NEXT_ITEM_HISTORY = 5
 NEXT_ITEM_DECAY = 0.6

@@ -17,6 +17,11 @@ from prometheus_client import Histogram
 
 from services.common.catalog import ItemKind
 from services.experiments.config import ArmChoice
+from services.features.item_cache import (
+    ItemColumns,
+    ItemSnapshot,
+    build_snapshot,
+)
 from services.recommend.ranking.candidates import (
     SOURCES,
     CandidateGenerator,
@@ -27,11 +32,6 @@ from services.recommend.ranking.candidates import (
 )
 from services.recommend.ranking.exploration import Exploration, exploration_for, explore
 from services.recommend.ranking.item2item import PER_ANCHOR, Strategy, neighbours
-from services.recommend.ranking.item_cache import (
-    ItemColumns,
-    ItemSnapshot,
-    build_snapshot,
-)
 from services.recommend.ranking.ranker import (
     RankerModel,
     explain_item,

@@ -17,9 +17,9 @@ import orjson
 
 from services.common.catalog import Targeting
 from services.features import schema as F
+from services.features.item_cache import CATEGORY_CODES, ItemColumns, category_code
 from services.features.store import file_lock
 from services.recommend.ranking.candidates import VisitorVector
-from services.recommend.ranking.item_cache import CATEGORY_CODES, ItemColumns, category_code
 from services.recommend.ranking.item_embeddings import ItemEmbeddings
 from services.recommend.ranking.reasons import Locale, say
 

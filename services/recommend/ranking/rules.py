@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.common.catalog import Targeting
-from services.recommend.ranking.item_cache import ItemSnapshot
+from services.features.item_cache import ItemSnapshot
 
 
 @dataclass(frozen=True)

@@ -37,10 +37,10 @@ from services.common.catalog import CatalogItem, ItemKind
 from services.common.clock import wall_time
 from services.common.events import Event, EventType
 from services.features.indexes import COVISIT_MAX_NEIGHBOURS
+from services.features.item_cache import KIND_CODES, CatalogArrays, ItemSnapshot
 from services.offline.estimators import cluster_se
 from services.offline.metrics import hit_at, mrr_at, ndcg_at, rank_of
 from services.recommend.ranking.candidates import Filters, VisitorVector
-from services.recommend.ranking.item_cache import KIND_CODES, CatalogArrays, ItemSnapshot
 from services.recommend.ranking.next_item import next_item_scores
 from services.recommend.ranking.pipeline import RankContext
 from services.recommend.ranking.ranker import ModelMeta, RankerModel, feature_matrix

@@ -21,10 +21,10 @@ from services.common.context import context_features
 from services.features import schema as F
 from services.features.aggregations import ItemInfo, SegmentRules
 from services.features.indexes import COVISIT_MAX_NEIGHBOURS
+from services.features.item_cache import CatalogArrays, ItemSnapshot, build_snapshot, catalog_arrays
 from services.profile.aggregator.bulk_fold import FoldedHistory, fold_history
 from services.profile.sequences import SYNTHETIC_STEP_S, Histories, catalog_items, purchase_events
 from services.recommend.ranking.candidates import SOURCES, CandidateGenerator, Filters, VisitorVector, context_keys_for
-from services.recommend.ranking.item_cache import CatalogArrays, ItemSnapshot, build_snapshot, catalog_arrays
 from services.recommend.ranking.item_embeddings import ItemEmbeddings
 from services.recommend.ranking.ranker import ModelMeta, RankerModel, feature_matrix
 from services.recommend.training.train import TrainConfig, TrainingSet, fit_ranker, ranker_params

@@ -25,9 +25,9 @@ import numpy as np
 
 from services.features.aggregations import SegmentRules
 from services.features.indexes import COVISIT_MAX_NEIGHBOURS
+from services.features.item_cache import catalog_arrays
 from services.offline.metrics import hit_at, ndcg_at
 from services.profile.sequences import Histories, catalog_items
-from services.recommend.ranking.item_cache import catalog_arrays
 from services.recommend.ranking.next_item import next_item_scores
 from services.recommend.ranking.pipeline import RankContext
 from services.recommend.ranking.ranker import RankerModel

@@ -24,10 +24,10 @@ from typing import Any, cast
 import numpy as np
 
 from services.features.aggregations import SegmentRules
+from services.features.item_cache import catalog_arrays
 from services.offline.metrics import hit_at, ndcg_at
 from services.profile.sequences import Histories, catalog_items
 from services.recommend.ranking.item2item import STRATEGIES, neighbours
-from services.recommend.ranking.item_cache import catalog_arrays
 from services.recommend.ranking.pipeline import RankContext
 from services.recommend.ranking.ranker import RankerModel
 from services.recommend.ranking.rules import RuleContext

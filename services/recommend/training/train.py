@@ -34,6 +34,14 @@ from services.common.consent import ConsentDefaults
 from services.common.events import Event, EventType
 from services.features import schema as F
 from services.features.indexes import ContextPopularity, CoVisitation, context_keys, observe_interaction, push_recent
+from services.features.item_cache import (
+    KIND_CODES,
+    STAT_COLUMNS,
+    CatalogArrays,
+    ItemSnapshot,
+    build_snapshot,
+    catalog_arrays,
+)
 from services.offline.metrics import rank_of, summarize
 from services.recommend.ranking.candidates import (
     PER_SOURCE,
@@ -41,14 +49,6 @@ from services.recommend.ranking.candidates import (
     Filters,
     VisitorVector,
     context_keys_for,
-)
-from services.recommend.ranking.item_cache import (
-    KIND_CODES,
-    STAT_COLUMNS,
-    CatalogArrays,
-    ItemSnapshot,
-    build_snapshot,
-    catalog_arrays,
 )
 from services.recommend.ranking.ranker import ModelMeta, feature_matrix
 from services.recommend.repository import RecommendRepository
