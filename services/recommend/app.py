@@ -16,6 +16,7 @@ from services.common.clock import Clock, clock_for
 from services.common.observability import MetricsMiddleware, configure_logging
 from services.common.security import install_security
 from services.common.storage import check_redis_durability
+from services.demo_shop import DemoShopConfig, check_browser_key, demo_shop_router
 from services.experiments.config_store import ExperimentConfigStore
 from services.experiments.deps import ExperimentsState
 from services.experiments.endpoints import router as experiment_router
@@ -109,6 +110,10 @@ def create_app(settings: RecommendSettings | None = None, clock: Clock | None = 
     app.include_router(experiment_router)
     app.include_router(message_router)
     app.include_router(model_router)
+    if settings.demo_shop:
+        # The demo shop front (`selaras demo`): static pages with a public browser key, checked here.
+        key = check_browser_key(ApiKeyAuth(settings.api_keys), settings.demo_shop_key)
+        app.include_router(demo_shop_router(DemoShopConfig(settings.demo_shop_profile_url, key, settings.sdk_dir)))
     install_security(app, settings)
     app.add_middleware(MetricsMiddleware, service="recommend")
     return app
