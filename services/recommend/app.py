@@ -32,6 +32,9 @@ from services.recommend.model_endpoints import router as model_router
 from services.recommend.repository import RecommendRepository
 from services.recommend.service import RecommendService
 from services.recommend.settings import RecommendSettings
+from services.reports.endpoints import ReportsState
+from services.reports.endpoints import router as reports_router
+from services.reports.store import ReportStore
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,7 @@ def create_app(settings: RecommendSettings | None = None, clock: Clock | None = 
         check_redis_durability(state.repository.store, settings.environment)
         app.state.recommend = state
         app.state.experiments = state.experiments  # the experiment routes' own state (services/experiments/deps.py)
+        app.state.reports = ReportsState(ReportStore(state.repository.store), state.auth)  # /reports/
         state.service.start()
         log.info(
             "recommend service started (store=%s, items=%d, model=%s)",
@@ -110,6 +114,7 @@ def create_app(settings: RecommendSettings | None = None, clock: Clock | None = 
     app.include_router(experiment_router)
     app.include_router(message_router)
     app.include_router(model_router)
+    app.include_router(reports_router)
     if settings.demo_shop:
         # The demo shop front (`selaras demo`): static pages with a public browser key, checked here.
         key = check_browser_key(ApiKeyAuth(settings.api_keys), settings.demo_shop_key)
