@@ -17,7 +17,7 @@ Format = Callable[[float], str]
 
 LABEL_W = 190  # left column for the row labels
 PLOT_W = 440
-VALUE_W = 150  # right column for the printed value
+VALUE_W = 200  # right column for the printed value (and its interval)
 ROW_H = 26
 AXIS_H = 26
 BAR = "#1d4ed8"

@@ -77,6 +77,14 @@ async function load() {
   }
 }
 
+// A link with a key (#key=...) opened on this page already: read it and load again.
+window.addEventListener("hashchange", () => {
+  if (/(?:^|&)key=/.test(location.hash.slice(1))) {
+    key = readKey();
+    load();
+  }
+});
+
 document.getElementById("key-form").addEventListener("submit", (event) => {
   event.preventDefault();
   key = document.getElementById("api-key").value.trim();
