@@ -5,16 +5,17 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from services.common.storage import Store
 from services.common.terminal import console, err_console
-from services.reports.pages import Report, document
-from services.reports.store import ReportStore
+
+if TYPE_CHECKING:
+    from services.common.storage import Store
+    from services.reports.pages import Report
 
 __all__ = [
     "DataDir",
@@ -88,6 +89,9 @@ def counting(rows: Iterable[T], report: Callable[[int], None], every: int = 1000
 def publish_report(store: Store, report: Report, data_dir: Path) -> Path:
     """Keep an HTML report in the shared store (the recommend service shows it at /reports/<name>) and write a
     standalone copy to DATA_DIR/reports/<name>.html; say where both are."""
+    from services.reports.pages import document
+    from services.reports.store import ReportStore
+
     ReportStore(store).save(report)
     path = data_dir / "reports" / f"{report.name}.html"
     path.parent.mkdir(parents=True, exist_ok=True)
