@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -236,6 +237,11 @@ def drive_demo_experiment(
     from services.recommend.settings import RecommendSettings
 
     began = time.perf_counter()
+    # The in-process services run on Starlette's test client, which warns on import that it will need another
+    # HTTP package one day: noise in the demo's output, and nothing a newcomer can act on.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        import starlette.testclient  # noqa: F401
     data = yaml.safe_load(experiments_file.read_text())
     experiments = [e for e in data.get("experiments", []) if e.get("key") == DEMO_EXPERIMENT]
     if not experiments:
