@@ -76,3 +76,23 @@ def test_the_services_started_afterwards_serve_the_populated_report(
     assert {name: arm["n"] for name, arm in arms(served).items()} == {
         name: arm["n"] for name, arm in arms(traffic.report).items()
     }
+
+
+@pytest.mark.slow
+def test_the_demo_stores_its_personas_as_a_report(driven: tuple[CommonSettings, DemoTraffic]) -> None:
+    from services.cli.serve import _personas_report
+    from services.common.storage import open_store
+    from services.profile.persona_jobs import load_model
+    from services.reports.store import ReportStore
+
+    fork, _ = driven
+    _personas_report(fork, fork.data_dir)
+    store = open_store(fork)
+    try:
+        model, report = load_model(store), ReportStore(store).get("personas")
+    finally:
+        store.close()
+    assert model is not None and report is not None and report.kind == "personas"
+    assert f"{model.k} personas" in report.summary
+    assert all(f'data-persona="{p.persona_id}"' in report.html for p in model.personas)
+    assert (fork.data_dir / "reports" / "personas.html").read_text().startswith("<!doctype html>")
