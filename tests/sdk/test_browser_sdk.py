@@ -5,9 +5,7 @@ the product page (loading the ES module) tracks a view and an add-to-cart that e
 similar-items slot, and leaving the page flushes the queue. What the profile service stored is read back with
 an admin key, and the click is counted in the experiment report for the arm that served the slot. Consent,
 batches with an invalid event and origins outside the allow-list are SDK behaviours the demo shop does not
-show: they run on small pages of the test's own, on another origin.
-
-"""
+show: they run on small pages of the test's own, on another origin."""
 
 from __future__ import annotations
 
