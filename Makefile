@@ -43,7 +43,7 @@ install-dev: $(DEV_STAMP) ## development virtualenv: production + test, lint and
 
 codegen: $(CODEGEN) ## the OpenAPI Python client generator in its own virtualenv ($(CODEGEN_VENV), for the client test)
 
-demo: $(PROD_STAMP) ## generate the demo shop, train, start both services (embedded stores) and print curls
+demo: $(PROD_STAMP) ## generate the demo shop, train, run its experiment, start both services (embedded stores) and print URLs and curls
 	$(PY) -m services.cli demo --data-dir $(DATA_DIR)
 
 # Tests of everything that depends on "now" (messages, experiments, policy evaluation, aggregation, the clock

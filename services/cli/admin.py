@@ -12,6 +12,7 @@ from rich.table import Table
 from services.cli.common import (
     DataDir,
     console,
+    publish_report,
     use_data_dir,
 )
 
@@ -25,14 +26,18 @@ def personas(
         bool, typer.Option(help="Re-assign persona ids in the offline history (what the next training sees).")
     ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON instead of tables.")] = False,
+    html_report: Annotated[
+        bool, typer.Option("--html-report/--no-html-report", help="Store an HTML report with plots (/reports/).")
+    ] = True,
 ) -> None:
     """Learn personas from visitor behaviour, store them, assign every visitor; run it on a schedule."""
     use_data_dir(data_dir)
-    from services.common.clock import clock_for
+    from services.common.clock import clock_for, wall_datetime
     from services.features.aggregations import SegmentRules
     from services.profile.persona_jobs import persona_table, run_persona_job
     from services.profile.repository import ProfileRepository
     from services.profile.settings import ProfileSettings
+    from services.reports.pages import personas_report
 
     settings = ProfileSettings(data_dir=data_dir)
     repository = ProfileRepository.open(settings)
@@ -47,6 +52,16 @@ def personas(
             now=clock_for(settings.clock_start).now(),
             backfill_offline=backfill,
         )
+        if html_report:
+            html = personas_report(
+                result.report(),
+                persona_table(result.model, result.assigned),
+                result.model.trait_names,
+                result.model.centres,
+                "personas",
+                wall_datetime().isoformat(timespec="seconds"),
+            )
+            publish_report(repository.store, html, data_dir)
     except ValueError as exc:
         console.print(f"[red]cannot learn personas:[/] {exc}")
         raise typer.Exit(2) from exc

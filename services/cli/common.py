@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
@@ -13,7 +13,20 @@ from rich.table import Table
 
 from services.common.terminal import console, err_console
 
-__all__ = ["DataDir", "StageProgress", "console", "counting", "err_console", "metrics_table", "progress_bar"]
+if TYPE_CHECKING:
+    from services.common.storage import Store
+    from services.reports.pages import Report
+
+__all__ = [
+    "DataDir",
+    "StageProgress",
+    "console",
+    "counting",
+    "err_console",
+    "metrics_table",
+    "progress_bar",
+    "publish_report",
+]
 
 T = TypeVar("T")
 DataDir = Annotated[Path, typer.Option("--data-dir", envvar="SELARAS_DATA_DIR", help="Where Selaras keeps its data.")]
@@ -71,3 +84,17 @@ def counting(rows: Iterable[T], report: Callable[[int], None], every: int = 1000
             report(n)
         yield row
     report(n)
+
+
+def publish_report(store: Store, report: Report, data_dir: Path) -> Path:
+    """Keep an HTML report in the shared store (the recommend service shows it at /reports/<name>) and write a
+    standalone copy to DATA_DIR/reports/<name>.html; say where both are."""
+    from services.reports.pages import document
+    from services.reports.store import ReportStore
+
+    ReportStore(store).save(report)
+    path = data_dir / "reports" / f"{report.name}.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(document(report))
+    console.print(f"HTML report: /reports/{report.name} on the recommend service, and {path}", highlight=False)
+    return path

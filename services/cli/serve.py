@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +21,7 @@ from services.cli.common import (
     console,
     metrics_table,
     progress_bar,
+    publish_report,
     use_data_dir,
 )
 
@@ -136,30 +138,55 @@ def demo(
     seed: int = 7,
     serve_services: Annotated[bool, typer.Option("--serve/--no-serve", help="Start both services at the end.")] = True,
     rebuild: Annotated[bool, typer.Option(help="Rebuild the demo data even if it exists.")] = False,
+    traffic_days: Annotated[
+        int, typer.Option(min=0, max=14, help="Simulated days of visitors through the demo experiment (0: none).")
+    ] = 2,
     profile_port: int = 8001,
     recommend_port: int = 8002,
 ) -> None:
-    """Generate the demo shop, import its history, train, and start both services on embedded stores."""
+    """Generate the demo shop, import its history, train, run the demo experiment on simulated traffic, and start
+    both services (with the demo shop front) on embedded stores."""
     use_data_dir(data_dir)
     from services.common.settings import CommonSettings
 
     marker = data_dir / "demo.json"
-    wanted = {"visitors": visitors, "days": days, "seed": seed}
+    wanted = {"visitors": visitors, "days": days, "seed": seed, "traffic_days": traffic_days}
     current = json.loads(marker.read_text()) if marker.exists() else None
     if rebuild or current is None or current.get("params") != wanted:
         if data_dir.exists() and current is not None:
             import shutil
 
             shutil.rmtree(data_dir)
+        from services.common.clock import SYSTEM_CLOCK
+        from services.common.context import WIB
+        from services.demo.commands import DEMO_EXPERIMENT, drive_demo_experiment, traffic_summary
         from services.demo.world import build_world
+        from services.recommend.settings import RecommendSettings
 
         settings = CommonSettings(data_dir=data_dir, redis_url=os.environ.get("REDIS_URL"))
         console.print(f"building the demo shop in {data_dir}/ ({visitors:,} visitors, {days} days)")
+        # The history ends `traffic_days` before now; the experiment's simulated days fill the time up to now.
+        now = SYSTEM_CLOCK.now_datetime().astimezone(WIB).replace(minute=0, second=0, microsecond=0)
+        end = now - timedelta(days=traffic_days)
+        traffic = None
         with progress_bar() as bar:
             stages = StageProgress(bar)
-            world = build_world(settings, visitors=visitors, days=days, seed=seed, progress=stages)
+            world = build_world(settings, visitors=visitors, days=days, seed=seed, end=end, progress=stages)
+            if traffic_days:
+                experiments_file = RecommendSettings().experiments_file
+                traffic = drive_demo_experiment(
+                    settings,
+                    world.simulator,
+                    world.end,
+                    traffic_days,
+                    experiments_file,
+                    progress=lambda fraction: stages(f"visitors through the experiment {DEMO_EXPERIMENT}", fraction),
+                )
             stages.finish()
         console.print(metrics_table(f"model {world.model_version} (time split)", world.train_metrics))
+        if traffic is not None:
+            console.print(traffic_summary(traffic), highlight=False)
+        _personas_report(settings, data_dir)
         sample_visitor = world.simulator.visitors[0].visitor_id
         sample_item = world.shop.products[0].item_id
         marker.write_text(
@@ -181,13 +208,48 @@ def demo(
     _run_services(data_dir, profile_port, recommend_port, current["visitor"], current["item"])
 
 
+def _personas_report(settings: Any, data_dir: Path) -> None:
+    """The personas the demo world learned, as the HTML report `selaras personas` writes (/reports/personas)."""
+    from services.common.clock import wall_datetime
+    from services.common.storage import open_store
+    from services.profile.persona_jobs import load_model, load_report, persona_table
+    from services.reports.pages import personas_report
+
+    store = open_store(settings)
+    try:
+        model, report = load_model(store), load_report(store)
+        if model is None or report is None:
+            return  # a tiny world has too few active visitors for personas
+        assigned = {int(k): v for k, v in report["assigned"].items()}
+        html = personas_report(
+            report,
+            persona_table(model, assigned),
+            model.trait_names,
+            model.centres,
+            "personas",
+            wall_datetime().isoformat(timespec="seconds"),
+        )
+        publish_report(store, html, data_dir)
+    finally:
+        store.close()
+
+
 def _run_services(data_dir: Path, profile_port: int, recommend_port: int, visitor: str, item: str) -> None:
-    env = {**os.environ, "SELARAS_DATA_DIR": str(data_dir.resolve())}
+    profile_url, recommend_url = f"http://127.0.0.1:{profile_port}", f"http://127.0.0.1:{recommend_port}"
+    # The demo shop's pages come from the recommend service and send events to the profile service: its origin
+    # (by either name of this machine) is allowed by CORS, next to whatever SELARAS_CORS_ORIGINS already lists.
+    origins = [os.environ.get("SELARAS_CORS_ORIGINS", ""), recommend_url, f"http://localhost:{recommend_port}"]
+    env = {
+        **os.environ,
+        "SELARAS_DATA_DIR": str(data_dir.resolve()),
+        "SELARAS_CORS_ORIGINS": ",".join(o for o in origins if o),
+        "RECOMMEND_DEMO_SHOP": "true",
+        "RECOMMEND_DEMO_SHOP_PROFILE_URL": profile_url,
+    }
     children = [
         subprocess.Popen([sys.executable, "-m", "services.cli", "serve", name, "--port", str(port)], env=env)
         for name, port in (("profile", profile_port), ("recommend", recommend_port))
     ]
-    profile_url, recommend_url = f"http://127.0.0.1:{profile_port}", f"http://127.0.0.1:{recommend_port}"
 
     def stop(*_: Any) -> None:
         for child in children:
@@ -204,8 +266,10 @@ def _run_services(data_dir: Path, profile_port: int, recommend_port: int, visito
         from services.common.clock import clock_for
 
         console.print(
-            f"\n[bold green]Selaras is running[/]\n  profile:   {profile_url}/docs\n"
-            f"  recommend: {recommend_url}/docs\n  experiments: {recommend_url}/experiments\n"
+            f"\n[bold green]Selaras is running[/]\n  demo shop:   {recommend_url}/demo-shop/\n"
+            f"  experiments: {recommend_url}/experiments\n  reports:     {recommend_url}/reports/\n"
+            f"  profile API:   {profile_url}/docs\n  recommend API: {recommend_url}/docs\n",
+            highlight=False,
         )
         console.print(
             CURL_EXAMPLES.format(

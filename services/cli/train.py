@@ -18,6 +18,7 @@ from services.cli.common import (
     console,
     metrics_table,
     progress_bar,
+    publish_report,
     use_data_dir,
 )
 
@@ -116,6 +117,9 @@ def evaluate_ranking_command(
         typer.Option(exists=True, dir_okay=False, help='"user item item ..." file: the published protocol on it.'),
     ] = None,
     attributes: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="With --histories.")] = None,
+    html_report: Annotated[
+        bool, typer.Option("--html-report/--no-html-report", help="Store an HTML report with plots (/reports/).")
+    ] = True,
 ) -> None:
     """Rank held-out interactions with the served pipeline and with baselines; print a table, write JSON."""
     if histories is not None:
@@ -126,10 +130,12 @@ def evaluate_ranking_command(
     use_data_dir(data_dir)
     from datetime import datetime
 
+    from services.common.clock import wall_datetime
     from services.recommend.repository import RecommendRepository
     from services.recommend.settings import RecommendSettings
     from services.recommend.training.evaluation import PIPELINE, EvalConfig, RankingEvaluator
     from services.recommend.training.train import TrainConfig
+    from services.reports.pages import ranking_report
 
     if protocol not in ("leave-last-out", "time") or target not in ("purchase", "product_view", "add_to_cart", "click"):
         raise typer.BadParameter("--protocol is leave-last-out|time, --target purchase|product_view|add_to_cart|click")
@@ -157,12 +163,16 @@ def evaluate_ranking_command(
             stages = StageProgress(bar)
             result = RankingEvaluator(repository, settings, config, stages).run()
             stages.finish()
+        report = result.to_dict()
+        if html_report:
+            stamp = wall_datetime().isoformat(timespec="seconds")
+            page = ranking_report(report, f"ranking-{protocol}-{target}".replace("_", "-"), stamp)
+            publish_report(repository.store, page, data_dir)
     except ValueError as exc:
         console.print(f"[red]cannot evaluate:[/] {exc}")
         raise typer.Exit(2) from exc
     finally:
         repository.close()
-    report = result.to_dict()
     # Methods as columns: six narrow columns fit a terminal, eleven metric columns would not.
     labels = {
         PIPELINE: "LightGBM",

@@ -1,12 +1,14 @@
-"""The demo's commands: `selaras shop ...` (the demo shop's catalog and a simulated visitor history) and
-`selaras simulate-messages` (message decisions and reactions on the demo shop) and `selaras simulate-ab` (A/B,
-A/A and model vs model experiments on the demo shop, simulate_ab.py)."""
+"""The demo's commands: `selaras shop ...` (the demo shop's catalog and a simulated visitor history),
+`selaras simulate-messages` (message decisions and reactions on the demo shop), `selaras simulate-ab` (A/B, A/A
+and model vs model experiments on the demo shop, simulate_ab.py), and the simulated traffic that `selaras demo`
+sends through the shipped experiment so /experiments shows a report with numbers."""
 
 from __future__ import annotations
 
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -14,15 +16,18 @@ from pathlib import Path
 from typing import Annotated, Any, Final
 
 import typer
+import yaml
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from services.common.clock import SYSTEM_CLOCK
 from services.common.context import WIB
 from services.common.events import Event
+from services.common.settings import CommonSettings
 from services.common.terminal import console
 from services.demo.shop import generate_shop
 from services.demo.simulator import Simulator, write_jsonl
 
+DEMO_EXPERIMENT = "personalized-home"  # the experiment shipped in experiments.yaml
 CATALOG_FILE = "catalog.jsonl"
 EVENTS_FILE = "events.jsonl.gz"
 VISITORS_FILE = "visitors.jsonl"
@@ -403,3 +408,93 @@ def teardown_features(settings: Any) -> None:
         open_feature_store(settings).teardown()
     except Exception as exc:
         log.warning("could not tear down the run's feature store: %s", type(exc).__name__)
+
+
+@dataclass(frozen=True)
+class DemoTraffic:
+    days: int
+    sessions: int
+    requests: int
+    events: int
+    report: dict[str, Any]  # the experiment's report after the last simulated day
+    seconds: float
+
+
+def drive_demo_experiment(
+    settings: CommonSettings,
+    simulator: Simulator,
+    start: datetime,
+    days: int,
+    experiments_file: Path,
+    progress: Callable[[float], None] | None = None,
+) -> DemoTraffic:
+    """Enable the shipped experiment from `start` and send `days` simulated days of the demo's visitors through
+    both services (in-process, on a clock the simulation moves): every session asks for the home slots and reacts
+    to what its arm showed, as in `selaras simulate-ab`, so the experiment has exposures, clicks and purchases.
+
+    The stored experiments configuration (which wins over the file once stored) becomes the shipped one with
+    this experiment enabled and started at `start`; the services `selaras demo` starts afterwards follow it."""
+    from services.common.clock import FixedClock
+    from services.common.storage import open_store
+    from services.demo.simulate_ab import DEFAULT_SLOTS, fetch_report, in_process_services, simulate
+    from services.experiments.config import load_config
+    from services.experiments.config_store import ExperimentConfigStore
+    from services.profile.settings import ProfileSettings
+    from services.recommend.settings import RecommendSettings
+
+    began = time.perf_counter()
+    # The in-process services run on Starlette's test client, which warns on import that it will need another
+    # HTTP package one day: noise in the demo's output, and nothing a newcomer can act on.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        import starlette.testclient  # noqa: F401
+    data = yaml.safe_load(experiments_file.read_text())
+    experiments = [e for e in data.get("experiments", []) if e.get("key") == DEMO_EXPERIMENT]
+    if not experiments:
+        raise ValueError(f"{experiments_file} has no experiment {DEMO_EXPERIMENT!r} for the demo to run")
+    experiments[0].update(enabled=True, start=start.isoformat(), end=None)
+    demo_file = settings.data_dir / "demo-experiments.yaml"
+    demo_file.parent.mkdir(parents=True, exist_ok=True)
+    demo_file.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    store = open_store(settings)
+    try:
+        config = load_config(demo_file)
+        ExperimentConfigStore(store).seed(config, force=True, actor="selaras demo", now=start.timestamp())
+    finally:
+        store.close()
+    shared = settings.model_dump(include={"data_dir", "redis_url", "redis_cluster", "namespace", "feast_project"})
+    # In-process and private: no keys, whatever SELARAS_API_KEYS says; quiet logs (every request would show).
+    private: dict[str, Any] = {**shared, "api_keys": "", "log_level": "WARNING"}
+    profile_settings = ProfileSettings(**private, aggregator_idle_s=0.01)
+    # The simulation reloads the item cache after each simulated day; no background refresh in between.
+    recommend_settings = RecommendSettings(**private, experiments_file=demo_file, refresh_interval_s=24 * 3600.0)
+    with in_process_services(profile_settings, recommend_settings, clock=FixedClock(start)) as services:
+        stats = simulate(
+            services,
+            simulator,
+            start,
+            days,
+            "demo",
+            slots=DEFAULT_SLOTS,
+            progress=(lambda _, fraction: progress(fraction)) if progress else None,
+        )
+        report = fetch_report(services, DEMO_EXPERIMENT)
+    return DemoTraffic(days, stats.sessions, stats.requests, stats.events, report, time.perf_counter() - began)
+
+
+def traffic_summary(traffic: DemoTraffic) -> str:
+    """One line for the demo's output: visitors and the primary metric per arm, and the uplift with its CI."""
+    report = traffic.report
+    metric = report["primary_metric"]
+    arms = ", ".join(
+        f"{arm['name']} {arm['n']:,.0f} visitors, {metric} {arm['metrics'][metric]['mean'] or 0:.2%}"
+        for arm in report["arms"]
+    )
+    result = next((r for r in report["results"] if r["metric"] == metric), None)
+    uplift = ""
+    if result is not None and None not in (result["uplift"], result["ci_lower"], result["ci_upper"]):
+        uplift = f"; uplift {result['uplift']:+.1%} (95% CI {result['ci_lower']:+.1%} … {result['ci_upper']:+.1%})"
+    return (
+        f"experiment {report['key']}: {traffic.days} simulated days, {traffic.sessions:,} sessions, "
+        f"{traffic.events:,} events in {traffic.seconds:.0f} s; {arms}{uplift}"
+    )

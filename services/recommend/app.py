@@ -16,6 +16,7 @@ from services.common.clock import Clock, clock_for
 from services.common.observability import MetricsMiddleware, configure_logging
 from services.common.security import install_security
 from services.common.storage import check_redis_durability
+from services.demo_shop import DemoShopConfig, check_browser_key, demo_shop_router
 from services.experiments.config_store import ExperimentConfigStore
 from services.experiments.deps import ExperimentsState
 from services.experiments.endpoints import router as experiment_router
@@ -32,6 +33,9 @@ from services.recommend.model_endpoints import router as model_router
 from services.recommend.repository import RecommendRepository
 from services.recommend.service import RecommendService
 from services.recommend.settings import RecommendSettings
+from services.reports.endpoints import ReportsState
+from services.reports.endpoints import router as reports_router
+from services.reports.store import ReportStore
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +85,7 @@ def create_app(settings: RecommendSettings | None = None, clock: Clock | None = 
         app.state.recommend = state
         app.state.experiments = state.experiments  # the experiment routes' own state (services/experiments/deps.py)
         app.state.messages = state.messages  # the message routes' own state (services/messages/deps.py)
+        app.state.reports = ReportsState(ReportStore(state.repository.store), state.auth)  # /reports/
         state.service.start()
         log.info(
             "recommend service started (store=%s, items=%d, model=%s)",
@@ -112,6 +117,11 @@ def create_app(settings: RecommendSettings | None = None, clock: Clock | None = 
     app.include_router(experiment_router)
     app.include_router(message_router)
     app.include_router(model_router)
+    app.include_router(reports_router)
+    if settings.demo_shop:
+        # The demo shop front (`selaras demo`): static pages with a public browser key, checked here.
+        key = check_browser_key(ApiKeyAuth(settings.api_keys), settings.demo_shop_key)
+        app.include_router(demo_shop_router(DemoShopConfig(settings.demo_shop_profile_url, key, settings.sdk_dir)))
     install_security(app, settings)
     app.add_middleware(MetricsMiddleware, service="recommend")
     return app

@@ -61,3 +61,11 @@ class RecommendSettings(CommonSettings):
     exploration: dict[str, Exploration] = Field(default_factory=dict)
     # Seed of the exploration draws (None = fresh entropy; set it for reproducible simulations).
     exploration_seed: int | None = None
+    # The demo shop front at /demo-shop/ (services/demo_shop/): off except in `selaras demo`. Its pages carry
+    # `demo_shop_key`, a public browser key (recommend+collect; the service refuses to start with a server key
+    # there), and send events to the profile service at `demo_shop_profile_url`, which must list this
+    # service's origin in SELARAS_CORS_ORIGINS. The SDK files come from `sdk_dir` (the repository's sdk/js).
+    demo_shop: bool = False
+    demo_shop_key: str = ""
+    demo_shop_profile_url: str = "http://127.0.0.1:8001"
+    sdk_dir: Path = Field(default=Path(__file__).resolve().parents[2] / "sdk" / "js")

@@ -50,6 +50,12 @@ EXPECTED: dict[tuple[str, str, str], frozenset[str]] = {
     ("recommend", "GET", "/v1/experiments/{key}/audit"): ADMIN,
     ("recommend", "GET", "/experiments"): OPEN,  # a static page; its data comes from the admin API above
     ("recommend", "GET", "/experiments/assets/{name}"): OPEN,
+    ("recommend", "GET", "/v1/reports"): ADMIN,
+    ("recommend", "GET", "/v1/reports/{name}"): ADMIN,
+    ("recommend", "GET", "/reports"): OPEN,  # static pages too; the reports come from the admin API above
+    ("recommend", "GET", "/reports/"): OPEN,
+    ("recommend", "GET", "/reports/{name}"): OPEN,
+    ("recommend", "GET", "/reports/assets/{name}"): OPEN,
     ("recommend", "POST", "/v1/next-best-message"): frozenset({"messages"}),
     ("recommend", "POST", "/v1/next-best-message:batch"): frozenset({"messages"}),
     ("recommend", "GET", "/healthz"): OPEN,

@@ -1,5 +1,6 @@
 """Both services on real HTTP ports (a browser and a generated client need sockets, not a TestClient), with a
-browser key (`recommend` + `collect`), an admin key and a small catalog, on real Redis."""
+browser key (`recommend` + `collect`), an admin key and a small catalog, on real Redis. The recommend service
+serves the demo shop front (/demo-shop/) with the browser key, as `selaras demo` does."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ experiments:
   - key: {EXPERIMENT}
     enabled: true
     slot_kinds: [product]
-    slots: [home]
+    slots: [home_products]
     arms:
       - {{name: control, weight: 0.5, personalized: false}}
       - {{name: treatment, weight: 0.5, personalized: true}}
@@ -47,6 +48,10 @@ class Services:
     directory: Path
     catalog: dict[str, dict[str, Any]]
 
+    @property
+    def demo_shop(self) -> str:
+        return f"{self.recommend_url}/demo-shop/"
+
     def admin(self) -> httpx.Client:
         return httpx.Client(headers={"X-API-Key": ADMIN_KEY}, timeout=30)
 
@@ -58,8 +63,8 @@ class Running:
     thread: threading.Thread
 
 
-def serve(app: FastAPI) -> Running:
-    port = free_port()
+def serve(app: FastAPI, port: int | None = None) -> Running:
+    port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -84,6 +89,8 @@ def catalog_items(shop_url: str) -> list[dict[str, Any]]:
 
 def start_services(directory: Path, shop_origin: str) -> tuple[Services, list[Running]]:
     namespace = unique_name("sdk")
+    # The demo shop's pages come from the recommend service: its origin sends events to the profile service.
+    recommend_port = free_port()
     keys = f"browser:recommend+collect:{hash_key(BROWSER_KEY)},ops:admin:{hash_key(ADMIN_KEY)}"
     common: dict[str, Any] = {
         "data_dir": directory / "data",
@@ -92,14 +99,22 @@ def start_services(directory: Path, shop_origin: str) -> tuple[Services, list[Ru
         "feast_project": namespace,
         "environment": "test",
         "api_keys": keys,
-        "cors_origins": shop_origin,  # the shop's pages are another origin than the services
+        # The shop's pages are another origin than the services; the demo shop's is the recommend service's.
+        "cors_origins": f"{shop_origin},http://127.0.0.1:{recommend_port}",
     }
     clean_namespace(REDIS_URL, namespace)
     experiments = directory / "experiments.yaml"
     experiments.write_text(EXPERIMENTS_YAML)
     profile = serve(create_profile_app(ProfileSettings(**common, aggregator_idle_s=0.01)))
-    recommend_settings = RecommendSettings(**common, refresh_interval_s=0.3, experiments_file=experiments)
-    recommend = serve(create_recommend_app(recommend_settings))
+    recommend_settings = RecommendSettings(
+        **common,
+        refresh_interval_s=0.3,
+        experiments_file=experiments,
+        demo_shop=True,
+        demo_shop_key=BROWSER_KEY,
+        demo_shop_profile_url=profile.url,
+    )
+    recommend = serve(create_recommend_app(recommend_settings), recommend_port)
     recommend_url = recommend.url
     items = catalog_items(shop_origin)
     with httpx.Client(headers={"X-API-Key": ADMIN_KEY}, timeout=30) as admin:

@@ -1,8 +1,11 @@
-"""The browser SDK (sdk/js/) in headless Chromium against both services on real HTTP ports: a shop page on
-its own origin includes the SDK with a `<script>` tag, renders a recommended slot, a real click sends a click
-event echoing the recommendation id, the product page (loading the ES module) tracks a view that echoes it
-too, and leaving the page flushes the queue. What the profile service stored is read back with an admin key, and
-the click is counted in the experiment report for the arm that served the slot."""
+"""The browser SDK (sdk/js/) in headless Chromium against both services on real HTTP ports, through the demo shop
+front the recommend service serves (/demo-shop/, services/demo_shop/): the home page includes the SDK with a
+`<script>` tag and renders a recommended slot, a real click sends a click event echoing the recommendation id,
+the product page (loading the ES module) tracks a view and an add-to-cart that echo it too and renders the
+similar-items slot, and leaving the page flushes the queue. What the profile service stored is read back with
+an admin key, and the click is counted in the experiment report for the arm that served the slot. Consent,
+batches with an invalid event and origins outside the allow-list are SDK behaviours the demo shop does not
+show: they run on small pages of the test's own, on another origin."""
 
 from __future__ import annotations
 
@@ -20,22 +23,18 @@ from typing import Any
 import pytest
 
 from tests.conftest import free_port, unique_name, wait_for
-from tests.sdk.conftest import BROWSER_KEY, EXPERIMENT, Services, start_services, stop
+from tests.sdk.conftest import ADMIN_KEY, BROWSER_KEY, EXPERIMENT, Services, start_services, stop
 from tests.sdk.webdriver import Chromium
 
 SDK = Path(__file__).resolve().parents[2] / "sdk" / "js"
 
+# A shop page on an origin the services do not allow (the test serves it itself).
 HOME = """<!doctype html>
 <html><head><meta charset="utf-8"><title>Toko Demo</title></head>
 <body>
 <h1>Toko Demo</h1>
 <p id="status">loading</p>
 <div id="home"></div>
-<script>
-  // A visitor whose clock runs ahead: ?skew=<ms>.
-  const skew = Number(new URLSearchParams(location.search).get("skew") || 0);
-  if (skew) { const realNow = Date.now; Date.now = () => realNow() + skew; }
-</script>
 <script src="/selaras.js"></script>
 <script>
   Selaras.init({endpoint: __ENDPOINT__, key: "__KEY__", flushIntervalMs: 200});
@@ -47,22 +46,6 @@ HOME = """<!doctype html>
 </script>
 </body></html>
 """
-
-# The product page loads the ES module and has no flush timer: only leaving the page sends its events.
-PRODUCT = """<!doctype html>
-<html><head><meta charset="utf-8"><title>Produk</title></head>
-<body>
-<p id="status">loading</p>
-<script type="module">
-  import Selaras from "/selaras.mjs";
-  Selaras.init({endpoint: __ENDPOINT__, key: "__KEY__", flushIntervalMs: 0});
-  const item = new URLSearchParams(location.search).get("item");
-  Selaras.track("product_view", {item_id: item});
-  document.getElementById("status").textContent = "viewed " + item + " as " + Selaras.visitorId();
-</script>
-</body></html>
-"""
-
 
 # A page whose shop asks for consent first: nothing may leave the browser before Selaras.consent(true).
 CONSENT = """<!doctype html>
@@ -99,7 +82,7 @@ def shop(workdir: Path) -> Iterator[Shop]:
     origin = f"http://127.0.0.1:{port}"
     services, servers = start_services(workdir, origin)
     endpoint = json.dumps({"profile": services.profile_url, "recommend": services.recommend_url})
-    for name, page in (("index.html", HOME), ("product.html", PRODUCT), ("consent.html", CONSENT)):
+    for name, page in (("index.html", HOME), ("consent.html", CONSENT)):
         (site / name).write_text(page.replace("__ENDPOINT__", endpoint).replace("__KEY__", BROWSER_KEY))
     for name in ("selaras.js", "selaras.mjs"):
         shutil.copy(SDK / name, site / name)
@@ -132,11 +115,12 @@ def stored_events(shop: Shop, visitor: str) -> list[dict[str, Any]]:
     return events
 
 
-def test_slot_renders_and_a_click_echoes_the_recommendation_id(shop: Shop, browser: Chromium) -> None:
-    browser.get(f"{shop.url}/index.html")
-    assert browser.wait_text("#status", lambda text: text != "loading") == "rendered 4"
+def test_demo_shop_renders_a_slot_and_a_click_echoes_the_recommendation_id(shop: Shop, browser: Chromium) -> None:
+    demo = shop.services.demo_shop
+    browser.get(demo)
+    assert browser.wait_text("#status", lambda text: text != "loading") == "rendered 8"
     rendered = browser.find_all("#home [data-selaras-item]")
-    assert len(rendered) == 4
+    assert len(rendered) == 8
     items = [browser.attribute(element, "data-selaras-item") for element in rendered]
     titles = [browser.text(browser.find_all(f'[data-selaras-item="{item}"] .selaras-title')[0]) for item in items]
     assert titles == [shop.services.catalog[str(item)]["title"] for item in items]
@@ -145,29 +129,45 @@ def test_slot_renders_and_a_click_echoes_the_recommendation_id(shop: Shop, brows
     visitor = browser.execute("return Selaras.visitorId()")
     assert visitor.startswith("sv-")
     assert browser.execute("return localStorage.getItem('selaras_vid')") == visitor
+    assert "pk-browser" in browser.execute("return SELARAS_SHOP.key") and ADMIN_KEY not in browser.page_source()
 
     clicked = str(items[1])
-    browser.click(rendered[1])  # a user's click: the link navigates to the item's product page
+    browser.click(rendered[1])  # a user's click: the card links to the shop's product page
     status = browser.wait_text("#status", lambda text: text.startswith("viewed"))
     assert status == f"viewed {clicked} as {visitor}", "the visitor id did not survive the navigation"
-    browser.get("about:blank")  # pagehide: the product page's queued view goes out with keepalive
+    assert browser.current_url() == f"{demo}product.html?item={clicked}"
+    assert browser.text(browser.find_all("#product-title")[0]) == shop.services.catalog[clicked]["title"]
+    # The item-to-item slot: neighbours of the product, never the product itself.
+    browser.wait_text("#similar", lambda text: bool(text))
+    similar = [browser.attribute(e, "data-selaras-item") for e in browser.find_all("#similar [data-selaras-item]")]
+    assert similar and clicked not in similar
+    browser.click(browser.find_all("#add-to-cart")[0])
+    assert browser.wait_text("#cart-count", lambda text: text == "1") == "1"
+    browser.get("about:blank")  # pagehide: the product page's queued events go out with keepalive
 
     def stored() -> dict[str, dict[str, Any]]:
         return {event["type"]: event for event in stored_events(shop, visitor)}
 
-    assert wait_for(lambda: {"page_view", "click", "product_view"} <= stored().keys(), timeout=20), stored()
+    wanted = {"page_view", "click", "product_view", "add_to_cart"}
+    assert wait_for(lambda: wanted <= stored().keys(), timeout=20), stored()
     events = stored()
     assert events["click"]["item_id"] == clicked
     assert events["click"]["recommendation_id"] == recommendation_id
-    assert events["click"]["properties"] == {"slot": "home", "position": 1}
-    assert events["product_view"]["item_id"] == clicked
-    assert events["product_view"]["recommendation_id"] == recommendation_id, "the product view did not echo it"
+    assert events["click"]["properties"] == {"slot": "home_products", "position": 1}
+    for echoed in ("product_view", "add_to_cart"):
+        assert events[echoed]["item_id"] == clicked
+        assert events[echoed]["recommendation_id"] == recommendation_id, f"the {echoed} did not echo it"
     assert events["page_view"]["properties"] == {"page": "home"}
     assert all(event["visitor_id"] == visitor for event in events.values())
 
-    # The echoed id attributes the click to the experiment exposure: one click, in the "home" slot.
+    # The cart page lists what was added, for the same visitor.
+    browser.get(f"{demo}cart.html")
+    browser.wait_text("#status", lambda text: text != "loading")
+    assert len(browser.find_all(f'#cart-lines li[data-item="{clicked}"]')) == 1
+
+    # The echoed id attributes the click to the experiment exposure: one click, in the "home_products" slot.
     def clicks(report: dict[str, Any]) -> tuple[float, float]:
-        home = [row for row in report["breakdowns"]["slot"] if row["group"] == "home"]
+        home = [row for row in report["breakdowns"]["slot"] if row["group"] == "home_products"]
         in_home = sum(arm["metrics"]["ctr"]["total"] for row in home for arm in row["arms"].values())
         return sum(arm["metrics"]["ctr"]["total"] for arm in report["arms"]), in_home
 
@@ -177,7 +177,7 @@ def test_slot_renders_and_a_click_echoes_the_recommendation_id(shop: Shop, brows
 
 
 def test_browser_key_may_not_send_purchases(shop: Shop, browser: Chromium) -> None:
-    browser.get(f"{shop.url}/index.html")
+    browser.get(shop.services.demo_shop)
     browser.wait_text("#status", lambda text: text != "loading")
     refused = browser.execute(
         "try { Selaras.track('purchase', {item_id: 'sku-1'}); return null; } catch (e) { return e.message; }"
@@ -201,9 +201,11 @@ def test_browser_key_may_not_send_purchases(shop: Shop, browser: Chromium) -> No
 
 def test_a_visitor_clock_an_hour_fast_still_gets_its_events_stored(shop: Shop, browser: Chromium) -> None:
     # The service refuses events dated more than 5 minutes in its future; the SDK stamps them with the
-    # service clock it learned from the recommend answer.
-    browser.get(f"{shop.url}/index.html?skew=3600000")
-    assert browser.wait_text("#status", lambda text: text != "loading") == "rendered 4"
+    # service clock it learned from the recommend answer. The browser's clock runs an hour ahead.
+    browser.on_new_document("const realNow = Date.now; Date.now = () => realNow() + 3600000;")
+    browser.get(shop.services.demo_shop)
+    assert browser.wait_text("#status", lambda text: text != "loading") == "rendered 8"
+    assert browser.execute("return Date.now() - new Date().getTime()") > 3_500_000  # the skew is in place
     visitor = browser.execute("return Selaras.visitorId()")
     browser.execute("return Selaras.flush()")
     assert wait_for(lambda: bool(stored_events(shop, visitor)), timeout=20), "the page view was refused"

@@ -77,6 +77,9 @@ class Chromium:
     def current_url(self) -> str:
         return str(self._session("GET", "/url"))
 
+    def page_source(self) -> str:
+        return str(self._session("GET", "/source"))
+
     def find_all(self, css: str) -> list[str]:
         found = self._session("POST", "/elements", {"using": "css selector", "value": css})
         return [element[ELEMENT] for element in found]
@@ -91,6 +94,12 @@ class Chromium:
     def click(self, element: str) -> None:
         """A real click: the driver scrolls the element into view and sends mouse events at its centre."""
         self._session("POST", f"/element/{element}/click", {})
+
+    def on_new_document(self, script: str) -> None:
+        """Run `script` in every page this session opens, before the page's own scripts (Chromium's DevTools
+        command through chromedriver): how a test changes what a page sees, e.g. its clock."""
+        command = {"cmd": "Page.addScriptToEvaluateOnNewDocument", "params": {"source": script}}
+        self._session("POST", "/goog/cdp/execute", command)
 
     def execute(self, script: str, *args: Any) -> Any:
         return self._session("POST", "/execute/sync", {"script": script, "args": list(args)})

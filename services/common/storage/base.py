@@ -211,6 +211,7 @@ class Namespace:
     AGGREGATOR_STATUS = "aggstatus"  # per log: cursor, lag, errors of its aggregator (readiness, metrics)
     AGGREGATOR_MEMBERS = "aggmember"  # live aggregator processes (expiring): each takes its share of partitions
     ERASED = "erased"  # visitors erased recently: a batch in flight must not write them back (expiring)
+    REPORTS = "reports"  # HTML reports of the CLI's jobs (personas, evaluations), served at /reports/
 
 
 CATALOG_VERSION_KEY = "catalog_version"

@@ -83,6 +83,8 @@ class MethodScores:
     ranks: list[int | None] = field(default_factory=list)
     in_candidates: int = 0
     recommended: set[str] = field(default_factory=set)  # everything in a top-k list (coverage)
+    # Test targets among the candidates, by the generator that proposed them first (the pipeline only).
+    found_by: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -92,6 +94,9 @@ class Evaluation:
     methods: dict[str, dict[str, float]]
     comparisons: dict[str, dict[str, float]]
     seconds: float
+    # The pipeline's candidate recall split by the generator that proposed the test target first (they add
+    # up to its candidate recall): what each candidate generator contributes.
+    generator_recall: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         config = {
@@ -109,6 +114,7 @@ class Evaluation:
             "counts": self.counts,
             "methods": self.methods,
             "comparisons": self.comparisons,
+            "generator_recall": self.generator_recall,
             "seconds": self.seconds,
         }
 
@@ -394,7 +400,14 @@ class RankingEvaluator:
                 set(),
             )
             candidates = service.generator.products(snapshot, visitor, keys, Filters(), personalized=model is not None)
-            self._record(scores[PIPELINE], snapshot, [snapshot.ids[i] for i in ranked.idx], target, candidates.idx)
+            self._record(
+                scores[PIPELINE],
+                snapshot,
+                [snapshot.ids[i] for i in ranked.idx],
+                target,
+                candidates.idx,
+                candidates.sources,
+            )
 
             # LightGBM without personal features, on non-personalised candidates.
             plain = service.generator.products(snapshot, visitor, keys, Filters(), personalized=False)
@@ -433,12 +446,22 @@ class RankingEvaluator:
         return scores
 
     def _record(
-        self, scores: MethodScores, snapshot: ItemSnapshot, ranked: list[str], target: str, candidates: np.ndarray
+        self,
+        scores: MethodScores,
+        snapshot: ItemSnapshot,
+        ranked: list[str],
+        target: str,
+        candidates: np.ndarray,
+        sources: Sequence[str] | None = None,
     ) -> None:
         scores.ranks.append(rank_of(target, ranked))
         row = snapshot.index.get(target)
-        if row is not None and len(candidates) and bool(np.any(candidates == row)):
+        found = np.flatnonzero(candidates == row) if row is not None and len(candidates) else np.zeros(0, np.int64)
+        if len(found):
             scores.in_candidates += 1
+            if sources is not None:
+                source = sources[int(found[0])]
+                scores.found_by[source] = scores.found_by.get(source, 0) + 1
         scores.recommended.update(ranked[: max(self.config.ks)])
 
     # -- the report ---------------------------------------------------------------------------------------
@@ -463,6 +486,11 @@ class RankingEvaluator:
                     se, _ = cluster_se((ndcg - ndcg.mean()) / max(n, 1), clusters[:n])
                     row[f"ndcg@{k}_ci95_low"] = float(ndcg.mean() - 1.96 * se)
                     row[f"ndcg@{k}_ci95_high"] = float(ndcg.mean() + 1.96 * se)
+                    # Hit rate the same way: queries of one visitor are not independent (time protocol).
+                    hits = np.array([hit_at(r, k) for r in result.ranks], dtype=np.float64)
+                    se, _ = cluster_se((hits - hits.mean()) / max(n, 1), clusters[:n])
+                    row[f"hr@{k}_ci95_low"] = float(hits.mean() - 1.96 * se)
+                    row[f"hr@{k}_ci95_high"] = float(hits.mean() + 1.96 * se)
             row["coverage"] = len(result.recommended) / available if available else math.nan
             row["candidate_recall"] = result.in_candidates / n if n else math.nan
             methods[method] = row
@@ -480,7 +508,14 @@ class RankingEvaluator:
                     "ci95_low": float(diff.mean() - 1.96 * se),
                     "ci95_high": float(diff.mean() + 1.96 * se),
                 }
-        return Evaluation(self.config, split.counts, methods, comparisons, round(seconds, 1))
+        pipeline = scores.get(PIPELINE)
+        generator_recall: dict[str, float] = {}
+        if pipeline is not None and pipeline.ranks:
+            for source, count in sorted(pipeline.found_by.items(), key=lambda kv: -kv[1]):
+                generator_recall[source] = count / len(pipeline.ranks)
+        return Evaluation(
+            self.config, split.counts, methods, comparisons, round(seconds, 1), generator_recall=generator_recall
+        )
 
 
 def _primary_k(ks: Sequence[int]) -> int:
