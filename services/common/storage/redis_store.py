@@ -17,6 +17,7 @@ from redis.retry import Retry
 
 from services.common.errors import StorageUnavailable
 from services.common.events import envelope_visitor
+from services.common.storage.archive import EventArchive
 from services.common.storage.base import (
     APPEND_CHUNK,
     DEDUPE_TTL_S,
@@ -97,10 +98,19 @@ def make_redis_client(url: str, cluster: bool, timeout_s: float) -> redis.Redis 
 class RedisStore(Store):
     backend = "redis"
 
-    def __init__(self, client: redis.Redis | RedisCluster, namespace: str = "selaras", partitions: int = 1):
+    def __init__(
+        self,
+        client: redis.Redis | RedisCluster,
+        namespace: str = "selaras",
+        partitions: int = 1,
+        archive: EventArchive | None = None,
+        dedupe_ttl_s: int = DEDUPE_TTL_S,
+    ):
         if partitions < 1:
             raise ValueError("a log needs at least one partition")
         self.client = client
+        self.archive = archive
+        self.dedupe_ttl_s = dedupe_ttl_s
         self.ns = namespace
         self.partitions = partitions
         # One hash tag per partition keeps its stream and its idempotency keys in one cluster slot (the append
@@ -137,7 +147,7 @@ class RedisStore(Store):
             for start in range(0, len(pending), APPEND_CHUNK):
                 chunk = pending[start : start + APPEND_CHUNK]
                 keys = [self._seen_key(e.event_id, partition) for e in chunk] + [self.stream_of(partition)]
-                args: list[Any] = [DEDUPE_TTL_S] + [e.payload for e in chunk]
+                args: list[Any] = [self.dedupe_ttl_s] + [e.payload for e in chunk]
                 try:
                     accepted_index = cast(list[int], self._append(keys=keys, args=args))
                 except RedisError as exc:
@@ -185,6 +195,18 @@ class RedisStore(Store):
         partition = self.partition_of(visitor_id)
         if event_ids:
             self._call(lambda: self.client.delete(*[self._seen_key(i, partition) for i in event_ids]))
+
+    def log_time(self) -> float:
+        # Stream ids are stamped by the Redis server's clock: measure the hot window on the same one.
+        seconds, micros = self._call(lambda: self._sync.time())
+        return float(seconds) + float(micros) / 1e6
+
+    def trim_log(self, partition: int, last: str) -> int:
+        # MINID removes ids strictly below it: the id right after `last` (same ms, next sequence number). Exact
+        # (no "~"): the archive covers precisely what goes.
+        ms, _, seq = last.partition("-")
+        minid = f"{ms}-{int(seq or 0) + 1}"
+        return int(self._call(lambda: self._sync.xtrim(self.stream_of(partition), minid=minid, approximate=False)))
 
     def delete_events(self, positions: Sequence[str], partition: int = 0) -> int:
         deleted = 0
