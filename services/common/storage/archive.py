@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -233,3 +234,36 @@ class EventArchive:
                         table = pq.read_table(file.path)
                         _write_atomically(table.filter(pc.greater_equal(table["ts"], cutoff_ts)), file.path)
         return removed, changed
+
+
+def repartition_archive(archive: EventArchive, partitions: int, partition_of: Callable[[str], int]) -> int:
+    """Rewrite the whole archive under a new partition count (`selaras admin repartition`): per day, every
+    file's rows go to their visitor's new partition, one file per (day, partition). Written to a staging
+    directory that replaces the archive at the end (a crash before leaves the old archive whole; run again).
+    Returns the rows rewritten. Reads one day of the log at a time."""
+    staging = archive.root.with_name(f"{ARCHIVE_DIR}.repartition")
+    retired = archive.root.with_name(f"{ARCHIVE_DIR}.before-repartition")
+    if retired.exists() and not archive.root.exists():
+        retired.replace(archive.root)  # a run stopped between the two renames below: the old archive is whole
+    if staging.exists():
+        shutil.rmtree(staging)
+    rows = 0
+    days = sorted({f.path.parent.parent.name for f in archive.files()})
+    for day in days:
+        tables = [pq.read_table(f.path) for f in archive.files() if f.path.parent.parent.name == day]
+        table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+        numbers = pa.array([partition_of(v) for v in table["visitor_id"].to_pylist()], pa.int64())
+        for partition in range(partitions):
+            part = table.filter(pc.equal(numbers, partition))
+            if part.num_rows == 0:
+                continue
+            positions = sorted(part["position"].to_pylist(), key=position_order)
+            name = f"part-{positions[0]}_{positions[-1]}.parquet"
+            _write_atomically(_sorted_for_lookup(part), staging / day / f"partition={partition}" / name)
+            rows += part.num_rows
+    if archive.root.exists():
+        archive.root.replace(retired)
+    if staging.exists():
+        staging.replace(archive.root)
+    shutil.rmtree(retired, ignore_errors=True)
+    return rows

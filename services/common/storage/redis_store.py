@@ -132,6 +132,37 @@ class RedisStore(Store):
     def _seen_key(self, event_id: str, partition: int = 0) -> str:
         return f"{self._tags[partition]}:seen:{event_id}"
 
+    def seen_key(self, event_id: str, partition: int) -> str:
+        """The idempotency key of an event id in a partition (the repartition tool moves them)."""
+        return self._seen_key(event_id, partition)
+
+    def move_expiring_keys(self, moves: Sequence[tuple[str, str]]) -> int:
+        """Rename keys across hash slots keeping their remaining time to live (RENAME needs one slot): copy,
+        then delete the source. Returns how many existed."""
+        moved = 0
+        for start in range(0, len(moves), 500):
+            chunk = moves[start : start + 500]
+            ttls = [int(t) for t in self._call(lambda chunk=chunk: self._pttl_all([src for src, _ in chunk]))]
+            pipe = self.client.pipeline(transaction=False)
+            for (src, dst), ttl in zip(chunk, ttls, strict=True):
+                if ttl == -2:
+                    continue  # expired meanwhile
+                pipe.set(dst, b"1", px=ttl if ttl > 0 else None)
+                pipe.delete(src)
+                moved += 1
+            self._call(pipe.execute)
+        return moved
+
+    def _pttl_all(self, keys: Sequence[str]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.pttl(key)
+        return cast(list[Any], pipe.execute())
+
+    def drop_partition_keys(self, partition: int) -> None:
+        """Delete a partition's (empty) stream: after a repartition to fewer partitions."""
+        self._call(lambda: self._sync.delete(self.stream_of(partition)))
+
     def _blob_key(self, namespace: str, key: str) -> str:
         return f"{self.ns}:{namespace}:{key}"
 
