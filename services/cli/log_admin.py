@@ -92,8 +92,11 @@ def repartition(
     assert isinstance(old, RedisStore) and isinstance(new, RedisStore)
 
     def drain() -> None:
-        while state.repository.unfolded_partitions() or aggregator.run_once(settings.aggregator_batch).events:
-            pass
+        while True:
+            if not aggregator.run_once(settings.aggregator_batch).held:
+                raise RepartitionRefused("could not hold the partitions to fold what is left")
+            if not state.repository.unfolded_partitions():
+                break
         state.repository.leave_aggregators(aggregator.holder)
 
     def say(step: str) -> None:

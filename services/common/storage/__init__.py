@@ -79,4 +79,4 @@ def open_store(settings: CommonSettings) -> Store:
 
 
 def hot_window_s(settings: CommonSettings) -> int:
-    return int(settings.hot_window_days * 86400)
+    return max(1, int(settings.hot_window_days * 86400))  # whole seconds: the idempotency keys' EX
