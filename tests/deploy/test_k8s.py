@@ -206,4 +206,5 @@ def test_redis_persists_every_acknowledged_write() -> None:
     redis = of_kind("StatefulSet")["redis"]["spec"]
     args = " ".join(redis["template"]["spec"]["containers"][0]["args"])
     assert "--appendonly yes" in args and "--appendfsync always" in args
+    assert "--maxmemory-policy noeviction" in args and "--maxmemory " in args
     assert redis["volumeClaimTemplates"][0]["spec"]["accessModes"] == ["ReadWriteOnce"]
