@@ -117,6 +117,12 @@ def main() -> None:
             results["archive_s"] = round(time.perf_counter() - started, 1)
             results["archived"] = report.archived
             results["archive_files"] = len(archive.files())
+            lookups = []
+            for visitor_id in probes[args.erasures :]:
+                started = time.perf_counter()
+                sum(1 for _ in archive.visitor_entries(store.partition_of(visitor_id), visitor_id))
+                lookups.append(round(time.perf_counter() - started, 3))
+            results["archive_lookup_s"] = lookups  # what export reads from the archive
             cold = [erase_log_part(store, v) for v in probes[args.erasures :]]
             results["erasure_archived_s"] = [round(s, 3) for s, _ in cold]
             results["events_found_per_visitor"] = [n for _, n in hot + cold]

@@ -166,3 +166,20 @@ def test_appended_at_follows_the_store_clock(store: Store) -> None:
     log_events(store, 1)
     (entry,) = list(store.iter_hot_log())
     assert abs(appended_at(entry) - store.log_time()) < 60
+
+
+def test_a_window_of_days_archives_whole_days(store: Store) -> None:
+    assert store.archive is not None
+    log_events(store, 50)
+    fold_to_end(store)
+    logged_at = store.log_time()
+    day = 86_400.0
+    midnight = logged_at // day * day
+    # Over seven days later, but the day the events were logged did not end seven days ago: nothing goes.
+    early = archive_log(store, store.archive, midnight + 8 * day - 60, 7 * day, "test")
+    assert early.cutoff == midnight and early.archived == 0 and store.log_length() == 50
+    late = archive_log(store, store.archive, midnight + 8 * day + 60, 7 * day, "test")
+    assert late.cutoff == midnight + day and late.archived == 50 and store.log_length() == 0
+    assert {f.path.parent.parent.name for f in store.archive.files()} == {
+        "day=" + time.strftime("%Y-%m-%d", time.gmtime(logged_at))
+    }
