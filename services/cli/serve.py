@@ -83,7 +83,6 @@ def run_aggregator(
     use_data_dir(data_dir)
     from services.common.observability import configure_logging
     from services.common.storage import check_redis_durability
-    from services.common.storage.repartition import check_log_partitions
     from services.profile.aggregator.probe_server import serve_probes
     from services.profile.app import build_state, periodic_archiver
     from services.profile.settings import ProfileSettings
@@ -93,7 +92,6 @@ def run_aggregator(
     state = build_state(settings)
     archiver = periodic_archiver(settings, state)
     check_redis_durability(state.repository.store, settings.environment)
-    check_log_partitions(state.repository.store)  # after `selaras admin repartition`, only the new count runs
     aggregator = state.aggregator
     probes = serve_probes(host, port, aggregator) if port else None
     stopped = False

@@ -14,7 +14,6 @@ from services.common.clock import Clock, clock_for
 from services.common.observability import MetricsMiddleware, configure_logging
 from services.common.security import install_security
 from services.common.storage import check_redis_durability, hot_window_s
-from services.common.storage.repartition import check_log_partitions
 from services.features.aggregations import SegmentRules
 from services.profile.aggregator.archive import PeriodicArchiver
 from services.profile.aggregator.observers import build_batch_observers
@@ -97,7 +96,6 @@ def create_app(settings: ProfileSettings | None = None, clock: Clock | None = No
         configure_logging(settings.log_level)
         state = build_state(settings, clock)
         check_redis_durability(state.repository.store, settings.environment)
-        check_log_partitions(state.repository.store)
         app.state.profile = state
         archiver = periodic_archiver(settings, state)
         if settings.aggregator_enabled:

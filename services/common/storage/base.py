@@ -250,6 +250,22 @@ class Namespace:
 
 
 CATALOG_VERSION_KEY = "catalog_version"
+PARTITIONS_KEY = "log_partitions"  # meta: the partition count `selaras admin repartition` last set
+
+
+def stored_partitions(store: Store) -> int | None:
+    raw = store.get(Namespace.META, PARTITIONS_KEY)
+    return int(raw) if raw else None
+
+
+def check_log_partitions(store: Store) -> None:
+    """At start: refuse a partition count other than the one the log was last repartitioned to."""
+    stored = stored_partitions(store)
+    if stored is not None and stored != store.partitions:
+        raise RuntimeError(
+            f"SELARAS_LOG_PARTITIONS is {store.partitions} but the log has {stored} partitions "
+            "(set it to the stored count, or change it with `selaras admin repartition`)"
+        )
 
 
 def save_catalog(store: Store, items: Sequence[Any]) -> None:

@@ -27,6 +27,7 @@ from services.common.storage.base import (
     MergeChange,
     PendingEvent,
     Store,
+    check_log_partitions,
     partition_log,
 )
 
@@ -436,9 +437,11 @@ def redis_durability_problems(client: redis.Redis | RedisCluster) -> list[str]:
 
 
 def check_redis_durability(store: Store, environment: str) -> list[str]:
-    """At start: refuse to run in production on a Redis that can lose data, warn elsewhere."""
+    """At start: refuse to run in production on a Redis that can lose data, warn elsewhere; refuse everywhere a
+    partition count other than the one the log was repartitioned to (`check_log_partitions`)."""
     if not isinstance(store, RedisStore):
         return []
+    check_log_partitions(store)
     try:
         problems = redis_durability_problems(store.client)
     except RedisError as exc:

@@ -28,12 +28,19 @@ import orjson
 
 from services.common.storage.archive import repartition_archive
 from services.common.storage.archiver import archive_log
-from services.common.storage.base import Namespace, Store, partition_log, partition_of
+from services.common.storage.base import (
+    PARTITIONS_KEY,
+    Namespace,
+    Store,
+    check_log_partitions,
+    partition_log,
+    partition_of,
+    stored_partitions,
+)
 from services.common.storage.redis_store import RedisStore
 
 log = logging.getLogger(__name__)
 
-PARTITIONS_KEY = "log_partitions"
 TOOL_LEASE_S = 600.0
 
 
@@ -48,21 +55,6 @@ class RepartitionReport:
     archived: int = 0
     keys_moved: int = 0
     archive_rows: int = 0
-
-
-def stored_partitions(store: Store) -> int | None:
-    raw = store.get(Namespace.META, PARTITIONS_KEY)
-    return int(raw) if raw else None
-
-
-def check_log_partitions(store: Store) -> None:
-    """At start: refuse a partition count other than the one the log was last repartitioned to."""
-    stored = stored_partitions(store)
-    if stored is not None and stored != store.partitions:
-        raise RuntimeError(
-            f"SELARAS_LOG_PARTITIONS is {store.partitions} but the log has {stored} partitions "
-            "(set it to the stored count, or change it with `selaras admin repartition`)"
-        )
 
 
 def lease_names(partitions: int) -> list[str]:
@@ -155,3 +147,6 @@ def repartition(
     finally:
         release_every_lease(old, holder)
     return report
+
+
+__all__ = ["RepartitionRefused", "check_log_partitions", "repartition", "stored_partitions"]
