@@ -229,9 +229,11 @@ class RedisStore(Store):
             self._call(lambda: self.client.delete(*[self._seen_key(i, partition) for i in event_ids]))
 
     def log_time(self) -> float:
-        # Stream ids are stamped by the Redis server's clock: measure the hot window on the same one.
-        seconds, micros = self._call(lambda: self._sync.time())
-        return float(seconds) + float(micros) / 1e6
+        # Stream ids are stamped by the Redis server's clock: measure the hot window on the same one. A cluster
+        # answers per node (each stamps its own streams): the earliest, so no node's window is cut short.
+        answer = self._call(lambda: self._sync.time())
+        stamps = answer.values() if isinstance(answer, dict) else [answer]
+        return min(float(seconds) + float(micros) / 1e6 for seconds, micros in stamps)
 
     def trim_log(self, partition: int, last: str) -> int:
         # MINID removes ids strictly below it: the id right after `last` (same ms, next sequence number). Exact
