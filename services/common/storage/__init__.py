@@ -71,7 +71,9 @@ def open_store(settings: CommonSettings) -> Store:
     """Redis when REDIS_URL is set, the embedded SQLite file otherwise; either reads the archived history of
     the log under the offline store, and remembers event ids for the hot window."""
     archive = EventArchive(settings.offline_dir)
-    ttl_s = hot_window_s(settings)
+    # An event stays in the store for the window and, cut at a day boundary (archiver.py), up to a day more:
+    # its id is remembered as long.
+    ttl_s = hot_window_s(settings) + (86_400 if settings.hot_window_days >= 1 else 0)
     if settings.redis_url:
         client = make_redis_client(settings.redis_url, settings.redis_cluster, settings.redis_timeout_s)
         return RedisStore(client, settings.namespace, settings.log_partitions, archive, ttl_s)

@@ -70,5 +70,7 @@ class PeriodicArchiver:
         while not self._stop.wait(self.interval_s):
             try:
                 self.run_once()
-            except (StorageUnavailable, OSError) as exc:  # Redis or the offline volume: the next run retries
+            except StorageUnavailable as exc:  # Redis is down: the next run retries
                 log.warning("archive run failed, retrying next interval: %s", type(exc).__name__)
+            except Exception:  # the offline volume, a file: keep the thread; nothing was trimmed unarchived
+                log.exception("archive run failed, retrying next interval")
