@@ -4,6 +4,7 @@ and older than the hot window moves to parquet exactly once, readers see archive
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -183,3 +184,80 @@ def test_a_window_of_days_archives_whole_days(store: Store) -> None:
     assert {f.path.parent.parent.name for f in store.archive.files()} == {
         "day=" + time.strftime("%Y-%m-%d", time.gmtime(logged_at))
     }
+
+
+def test_erasures_racing_the_archiver_leave_nothing_of_the_visitors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An archiver looping (window 0, cursor following the log) while events are appended and visitors are
+    erased the way `PrivacyService.erase` does it (mark, delete hot entries, purge the archive, mark done): no
+    erased visitor's event survives anywhere, every other event is there exactly once."""
+    import random
+    import threading
+
+    from services.common.clock import wall_time
+    from services.profile.repository import mark_erased
+
+    namespace = unique_name("race")
+    archive = EventArchive(tmp_path / "offline")
+    store = RedisStore(make_redis_client(REDIS_URL, False, 2.0), namespace, 4, archive)
+    write = archive.write
+
+    def slow_write(*args: object, **kwargs: object) -> object:
+        time.sleep(0.2)  # a slow volume: erasures land between the archiver's read and its write
+        return write(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(archive, "write", slow_write)
+    visitors = [f"r{n}" for n in range(16)]
+    doomed = visitors[:6]
+    erased: set[str] = set()
+    logged: list[tuple[str, str]] = []
+    stop = threading.Event()
+    sending = threading.Lock()  # a batch is built and appended under it: none of a visitor after its erasure
+
+    def append() -> None:
+        n = 0
+        while not stop.is_set():
+            with sending:
+                batch = []
+                for _ in range(40):
+                    visitor = random.choice([v for v in visitors if v not in erased])
+                    event = make_event(event_id=f"race-{n}", visitor_id=visitor)
+                    batch.append(PendingEvent(event.event_id, visitor, envelope(event, store.log_time())))
+                    logged.append((event.event_id, visitor))
+                    n += 1
+                store.append_events(batch)
+            time.sleep(0.005)
+
+    def archive_loop() -> None:
+        while not stop.is_set():
+            fold_to_end(store)
+            archive_log(store, archive, store.log_time() + 1, 0.0, "race")
+
+    threads = [threading.Thread(target=append), threading.Thread(target=archive_loop)]
+    try:
+        for thread in threads:
+            thread.start()
+        for visitor in doomed:
+            time.sleep(random.uniform(0.05, 0.3))
+            with sending:
+                erased.add(visitor)  # no event of the visitor is appended once its erasure starts
+            mark_erased(store, visitor, None)
+            store.delete_visitor_events(visitor, b'"visitor_id":"' + visitor.encode() + b'"')
+            archive.delete_visitor(store.partition_of(visitor), visitor)
+            mark_erased(store, visitor, wall_time())
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    try:
+        fold_to_end(store)
+        archive_log(store, archive, store.log_time() + 1, 0.0, "race")
+        found = Counter(orjson.loads(e.payload)["event"]["event_id"] for e in store.iter_log())
+        kept = {event_id for event_id, visitor in logged if visitor not in set(doomed)}
+        assert set(found) == kept and set(found.values()) == {1}
+        assert archive.count() > 0
+    finally:
+        store.close()
+        clean_namespace(REDIS_URL, namespace)
