@@ -74,16 +74,12 @@ def erase_log_part(store: RedisStore, visitor_id: str) -> tuple[float, int]:
     return time.perf_counter() - started, found
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--events", type=int, default=250_000)
-    parser.add_argument("--visitors", type=int, default=50_000)
-    parser.add_argument("--erasures", type=int, default=5)
-    args = parser.parse_args()
-    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+def run(url: str, events: int = 250_000, visitors: int = 50_000, erasures: int = 5) -> dict[str, Any]:
+    """The measurements (see the module docstring), as a dict for `bench.run`."""
+    args = argparse.Namespace(events=events, visitors=visitors, erasures=erasures)
     namespace = f"hw{uuid.uuid4().hex[:8]}"
     raw = redis.Redis.from_url(url)
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"events": events, "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
     with tempfile.TemporaryDirectory() as tmp:
         archive = EventArchive(Path(tmp))
         store = RedisStore(make_redis_client(url, False, 30.0), namespace, 4, archive)
@@ -131,7 +127,17 @@ def main() -> None:
             for start in range(0, len(keys), 10_000):
                 raw.delete(*keys[start : start + 10_000])
             store.close()
-    for name, value in results.items():
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=250_000)
+    parser.add_argument("--visitors", type=int, default=50_000)
+    parser.add_argument("--erasures", type=int, default=5)
+    args = parser.parse_args()
+    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    for name, value in run(url, args.events, args.visitors, args.erasures).items():
         print(f"{name}: {value}")
 
 
