@@ -195,7 +195,6 @@ def test_erasures_racing_the_archiver_leave_nothing_of_the_visitors(
     import random
     import threading
 
-    from services.common.clock import wall_time
     from services.profile.repository import mark_erased
 
     namespace = unique_name("race")
@@ -245,7 +244,7 @@ def test_erasures_racing_the_archiver_leave_nothing_of_the_visitors(
             mark_erased(store, visitor, None)
             store.delete_visitor_events(visitor, b'"visitor_id":"' + visitor.encode() + b'"')
             archive.delete_visitor(store.partition_of(visitor), visitor)
-            mark_erased(store, visitor, wall_time())
+            mark_erased(store, visitor, store.log_time())
         time.sleep(0.3)
     finally:
         stop.set()

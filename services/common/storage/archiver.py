@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 ARCHIVE_CHUNK = 50_000  # entries read, written and trimmed per step (a mid-size shop's day of one partition)
 DAY_S = 86_400
 ARCHIVE_LEASE_S = 120.0
+# An erasure stamps its end with its host's clock, rows carry Redis's: a minute of skew between them is absorbed.
+CLOCK_MARGIN_S = 60.0
 
 # (partition, entries archived so far, entries trimmed so far): the CLI's progress bar.
 ArchiveProgress = Callable[[int, int, int], None]
@@ -89,7 +91,7 @@ def erased_positions(store: Store, rows: Sequence[ArchiveRow]) -> set[str]:
         if raw is None:
             continue
         until = orjson.loads(raw).get("until")
-        if until is None or row.appended_at <= until:
+        if until is None or row.appended_at <= until + CLOCK_MARGIN_S:
             dropped.add(row.position)
     return dropped
 
