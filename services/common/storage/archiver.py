@@ -105,7 +105,7 @@ def archive_partition(
     progress: ArchiveProgress | None = None,
     chunk: int = ARCHIVE_CHUNK,
 ) -> PartitionArchive:
-    """Archive and trim one partition's folded entries acknowledged before `cutoff` (wall time)."""
+    """Archive and trim one partition's folded entries acknowledged before `cutoff` (the store's log clock)."""
     done = PartitionArchive(partition)
     name = f"archive-{partition_log(partition)}"
     if not store.acquire_lease(name, holder, ARCHIVE_LEASE_S):
