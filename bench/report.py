@@ -109,6 +109,25 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{imported['events_per_s']:,} events/s ({imported['events']:,} events)",
             )
         )
+    hot = b.get("hot_window")
+    if hot:
+        rows.append(
+            (
+                "Redis memory per event in the hot window (stream entry + idempotency key)",
+                "documented (docs/data-path.md)",
+                f"{hot['stream_bytes_per_event'] + hot['idempotency_key_bytes']} bytes "
+                f"(used_memory delta {hot['redis_bytes_per_event']})",
+            )
+        )
+        rows.append(
+            (
+                f"erasure, log side, {hot['events']:,} events: all in Redis / archived",
+                "grows with the visitor's data",
+                f"{_fmt(statistics.median(hot['erasure_all_hot_s']), ' s')} / "
+                f"{_fmt(statistics.median(hot['erasure_archived_s']), ' s')} "
+                f"(median of {len(hot['erasure_archived_s'])}; load average {hot['load_average_at_start']})",
+            )
+        )
     train = b.get("training_1m_impressions")
     if train:
         rows.append(

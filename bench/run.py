@@ -454,7 +454,14 @@ def main() -> None:
         log("partitioned log: folded throughput with 1 and 2 aggregator processes, bulk import")
         bench["partitions"] = partitions_run(REDIS_URL, count=5_000 if args.quick else 20_000)
         save()
-    if only and only <= {"partitions"}:
+    if wanted("hot_window"):
+        from bench.hot_window import run as hot_window_run
+
+        log("hot window: Redis bytes per retained event, erasure with the log in Redis and archived")
+        count = 25_000 if args.quick else 250_000
+        bench["hot_window"] = hot_window_run(REDIS_URL, count, count // 5)
+        save()
+    if only and only <= {"partitions", "hot_window"}:
         return  # needs no demo world
 
     namespace, data_dir = "selbench", TMP / "world"

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from services.cli import admin, experiments, exports, imports, serve, train
+from services.cli import admin, experiments, exports, imports, log_admin, serve, train
 from services.cli.histories import register_history_commands
 from services.cli.messages import register_message_commands
 from services.common.terminal import record_to_html, save_html
@@ -25,6 +25,7 @@ import_app = typer.Typer(
 evaluate_app = typer.Typer(help="Offline evaluation: rankings, policies and messages.", no_args_is_help=True)
 export_app = typer.Typer(help="Export audiences (segment or persona members) as CSV.", no_args_is_help=True)
 run_app = typer.Typer(help="Run a background process (the aggregator).", no_args_is_help=True)
+admin_app = typer.Typer(help="Operations on the event log (partitions).", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys: create a key and its SELARAS_API_KEYS entry.", no_args_is_help=True)
 experiments_app = typer.Typer(
     help="The experiments configuration stored for every replica (seeded from experiments.yaml).",
@@ -55,12 +56,14 @@ app.command()(train.train)
 app.command()(serve.demo)
 app.command()(admin.personas)
 app.command()(admin.retention)
+app.command()(log_admin.archive)
 app.add_typer(shop_app, name="shop")
 app.add_typer(import_app, name="import")
 app.add_typer(evaluate_app, name="evaluate")
 app.add_typer(export_app, name="export")
 app.add_typer(run_app, name="run")
 app.add_typer(keys_app, name="keys")
+app.add_typer(admin_app, name="admin")
 app.add_typer(experiments_app, name="experiments")
 import_app.command("events")(imports.import_events_command)
 import_app.command("customers")(imports.import_customers_command)
@@ -73,4 +76,5 @@ export_app.command("audience")(exports.export_audience)
 export_app.command("recommendations")(exports.export_recommendations)
 run_app.command("aggregator")(serve.run_aggregator)
 keys_app.command("new")(admin.keys_new)
+admin_app.command("repartition")(log_admin.repartition)
 experiments_app.command("seed")(experiments.seed)

@@ -140,7 +140,8 @@ def retention(
     verb = "would delete" if dry_run else "deleted"
     console.print(
         f"{verb} {report.log_events:,} logged events and {report.offline_rows:,} offline feature rows older than "
-        f"{report.cutoff} ({report.offline_files_rewritten:,} files rewritten); visitor profiles expire on their own"
+        f"{report.cutoff} ({report.offline_files_rewritten:,} files rewritten), and {report.archived_events:,} archived"
+        f" events ({report.archive_files_rewritten:,} archive files); visitor profiles expire on their own"
     )
 
 

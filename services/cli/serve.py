@@ -86,12 +86,13 @@ def run_aggregator(
     from services.common.observability import configure_logging
     from services.common.storage import check_redis_durability
     from services.profile.aggregator.probe_server import serve_probes
-    from services.profile.app import build_state
+    from services.profile.app import build_state, periodic_archiver
     from services.profile.settings import ProfileSettings
 
     settings = ProfileSettings(data_dir=data_dir)
     configure_logging(settings.log_level)
     state = build_state(settings)
+    archiver = periodic_archiver(settings, state)
     check_redis_durability(state.repository.store, settings.environment)
     aggregator = state.aggregator
     probes = serve_probes(host, port, aggregator) if port else None
@@ -108,10 +109,12 @@ def run_aggregator(
         f" ({state.repository.store.backend})"
     )
     aggregator.start(settings.aggregator_batch, settings.aggregator_idle_s)
+    archiver.start()  # archives the partitions this process holds, every PROFILE_ARCHIVE_INTERVAL_S
     try:
         while not stopped and aggregator.alive:
             time.sleep(0.2)
     finally:
+        archiver.stop()
         aggregator.stop()  # finishes the batch in flight, then releases the lease
         if probes is not None:
             probes.shutdown()

@@ -75,6 +75,9 @@ class CommonSettings(BaseSettings):
     # process at a time, so up to this many aggregator processes fold in parallel. Changing it moves visitors
     # between partitions: change it only while the log is folded to its end. The embedded store keeps one.
     log_partitions: int = Field(default=4, ge=1, le=64, validation_alias=shared("log_partitions"))
+    # The hot window: the store (Redis) keeps folded events this long, and event ids (idempotency) as long;
+    # older folded events are archived to parquet under the offline store (docs/data-path.md).
+    hot_window_days: float = Field(default=7.0, gt=0, le=400, validation_alias=shared("hot_window_days"))
     # HTTP hardening (services/common/security.py). Browser origins allowed by CORS, comma separated
     # ("*" = any); empty = no CORS headers, so browsers refuse cross-origin calls.
     cors_origins: str = Field(default="", validation_alias=shared("cors_origins"))

@@ -13,8 +13,9 @@ from services.common.auth import ApiKeyAuth
 from services.common.clock import Clock, clock_for
 from services.common.observability import MetricsMiddleware, configure_logging
 from services.common.security import install_security
-from services.common.storage import check_redis_durability
+from services.common.storage import check_redis_durability, hot_window_s
 from services.features.aggregations import SegmentRules
+from services.profile.aggregator.archive import PeriodicArchiver
 from services.profile.aggregator.observers import build_batch_observers
 from services.profile.aggregator.worker import Aggregator
 from services.profile.deps import ProfileState
@@ -74,6 +75,18 @@ def build_state(
     )
 
 
+def periodic_archiver(settings: ProfileSettings, state: ProfileState) -> PeriodicArchiver:
+    """Archives what the state's aggregator folds (the partitions it holds), every archive interval."""
+    aggregator = state.aggregator
+    return PeriodicArchiver(
+        state.repository.store,
+        hot_window_s(settings),
+        settings.archive_interval_s,
+        aggregator.holder,
+        aggregator.held_partitions,
+    )
+
+
 def create_app(settings: ProfileSettings | None = None, clock: Clock | None = None) -> FastAPI:
     """The profile app. `clock` replaces the settings' business clock (simulations that drive time)."""
     settings = settings or ProfileSettings()
@@ -84,12 +97,15 @@ def create_app(settings: ProfileSettings | None = None, clock: Clock | None = No
         state = build_state(settings, clock)
         check_redis_durability(state.repository.store, settings.environment)
         app.state.profile = state
+        archiver = periodic_archiver(settings, state)
         if settings.aggregator_enabled:
             state.aggregator.start(settings.aggregator_batch, settings.aggregator_idle_s)
+            archiver.start()
         log.info("profile service ready (store=%s)", state.repository.store.backend)
         try:
             yield
         finally:
+            archiver.stop()
             state.aggregator.stop()
             state.repository.close()
 

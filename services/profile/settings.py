@@ -21,6 +21,9 @@ class ProfileSettings(CommonSettings):
     aggregator_enabled: bool = True
     # The log's lease: a holder that stops renewing loses it after this long and a standby takes over.
     aggregator_lease_s: float = Field(default=10.0, gt=0.5, le=300)
+    # How often the aggregator process archives its partitions' folded events older than the hot window
+    # (SELARAS_HOT_WINDOW_DAYS) to the offline store and trims them from the log; 0: never (run `selaras archive`).
+    archive_interval_s: float = Field(default=600.0, ge=0, le=86_400)
     # Write every event's feature row to the offline store (point-in-time training data).
     offline_rows: bool = True
     # Segment thresholds are shared settings (CommonSettings): every service reads the same ones.

@@ -81,6 +81,8 @@ def test_redis_persists_every_acknowledged_write(config: dict[str, Any]) -> None
     redis = config["services"]["redis"]
     command = " ".join(redis["command"])
     assert "--appendonly yes" in command and "--appendfsync always" in command
+    # A full Redis refuses writes (503) instead of evicting idempotency keys, consents or the log's hot window.
+    assert "--maxmemory-policy noeviction" in command and "--maxmemory " in command
     assert [target for _, target in map(volume, redis["volumes"])] == ["/data"]
     assert redis["healthcheck"]["test"][-1] == "ping"
 

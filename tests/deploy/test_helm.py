@@ -211,6 +211,12 @@ def test_settings_are_real_variables_and_references_resolve() -> None:
     config = of_kind(RENDERED["default"], "ConfigMap")["config"]["data"]
     assert config["REDIS_URL"] == f"redis://{RELEASE}-selaras-redis:6379/0"
     assert "redis" in of_kind(RENDERED["default"], "Service") and "redis" in of_kind(RENDERED["default"], "StatefulSet")
+    # The bundled Redis persists every write and refuses writes when full instead of evicting keys.
+    redis_args = " ".join(
+        of_kind(RENDERED["default"], "StatefulSet")["redis"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    )
+    assert "--appendonly yes" in redis_args and "--appendfsync always" in redis_args
+    assert "--maxmemory-policy noeviction" in redis_args and "--maxmemory " in redis_args
     assert of_kind(RENDERED["external"], "ConfigMap")["config"]["data"]["REDIS_URL"] == "redis://managed-redis:6379/0"
     assert not of_kind(RENDERED["external"], "StatefulSet") and not of_kind(RENDERED["external"], "Secret")
 
@@ -373,6 +379,8 @@ def test_chart_keeps_the_settings_of_the_plain_manifests() -> None:
     plain = [doc for path in sorted(K8S.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc]
     plain_pods = {name: spec for name, _, spec in pod_specs([d for d in plain if "metadata" in d])}
     chart_pods = {name: spec for name, _, spec in pod_specs(RENDERED["default"])}
+    # The plain manifests run the aggregator on its own; the chart does when `aggregator.enabled` (full values).
+    chart_pods["aggregator"] = {name: spec for name, _, spec in pod_specs(RENDERED["full"])}["aggregator"]
     assert set(plain_pods) == set(chart_pods)
     for name, spec in plain_pods.items():
         plain_container, chart_container = spec["containers"][0], chart_pods[name]["containers"][0]

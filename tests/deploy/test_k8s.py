@@ -88,33 +88,39 @@ def test_deployments_have_probes_requests_and_run_locked_down() -> None:
         for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
             assert container[probe]["httpGet"]["port"] in ports
         args = parse_cli(cli_args(container)).params
-        assert args["host"] == "0.0.0.0" and ports["http"] == args["port"] == {"profile": 8001}.get(name, 8002)
+        wanted = {"profile": 8001, "aggregator": 8003}.get(name, 8002)
+        assert args["host"] == "0.0.0.0" and ports["http"] == args["port"] == wanted
         env = {e["name"]: e["value"] for e in container.get("env", [])}
         assert int(env["SELARAS_PORT"]) == args["port"], "the image's HEALTHCHECK port"
         assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 15
 
 
-def test_profile_is_a_single_consumer_and_recommend_scales_out() -> None:
+def test_aggregators_fold_apart_and_the_apis_scale_out() -> None:
     deployments, hpas, pdbs = of_kind("Deployment"), of_kind("HorizontalPodAutoscaler"), of_kind("PodDisruptionBudget")
-    profile = deployments["profile"]["spec"]
-    assert profile["replicas"] == 1 and profile["strategy"]["type"] == "Recreate"
-    assert parse_cli(cli_args(profile["template"]["spec"]["containers"][0])).params["workers"] == 1
-    assert {hpa["spec"]["scaleTargetRef"]["name"] for hpa in hpas.values()} == {"recommend"}
+    # The profile pods only ingest and serve: folding runs in the aggregator Deployment (leases per partition).
+    profile_container = deployments["profile"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in profile_container["env"]}
+    assert env["PROFILE_AGGREGATOR_ENABLED"] == "false"
+    aggregator = deployments["aggregator"]["spec"]
+    container = aggregator["template"]["spec"]["containers"][0]
+    context = parse_cli(cli_args(container))
+    assert context.command.name == "aggregator" and context.params["port"] == 8003
+    partitions = int(of_kind("ConfigMap")["selaras-config"]["data"].get("SELARAS_LOG_PARTITIONS", "4"))
+    assert 2 <= aggregator["replicas"] <= partitions, "more aggregators than partitions are idle standbys"
+    assert {hpa["spec"]["scaleTargetRef"]["name"] for hpa in hpas.values()} == {"recommend", "profile"}
     for hpa in hpas.values():
         target = hpa["spec"]["scaleTargetRef"]
         assert target["kind"] == "Deployment" and target["name"] in deployments
-    recommend = deployments["recommend"]["spec"]
-    hpa = hpas["recommend"]["spec"]
-    # The HPA owns the replica count: a fixed value would reset it on every apply.
-    for owned in hpas.values():
-        assert "replicas" not in deployments[owned["spec"]["scaleTargetRef"]["name"]]["spec"]
-    assert hpa["minReplicas"] >= 2 and hpa["maxReplicas"] > hpa["minReplicas"]
-    assert recommend["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
-    pod_labels = recommend["template"]["metadata"]["labels"]
-    (pdb,) = pdbs.values()
-    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
-    # A drain can always proceed: the budget keeps fewer pods than the autoscaler's minimum.
-    assert pdb["spec"]["minAvailable"] < hpa["minReplicas"]
+        spec = deployments[target["name"]]["spec"]
+        # The HPA owns the replica count: a fixed value would reset it on every apply.
+        assert "replicas" not in spec
+        assert hpa["spec"]["minReplicas"] >= 2 and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+        assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+        pod_labels = spec["template"]["metadata"]["labels"]
+        pdb = pdbs[target["name"]]["spec"]
+        assert pdb["selector"]["matchLabels"].items() <= pod_labels.items()
+        # A drain can always proceed: the budget keeps fewer pods than the autoscaler's minimum.
+        assert pdb["minAvailable"] < hpa["spec"]["minReplicas"]
 
 
 def test_services_select_pods_and_named_ports() -> None:
@@ -160,7 +166,7 @@ def test_offline_store_is_shared_read_write_many_only_where_used() -> None:
             if mount["name"] in claimed:
                 assert mount["mountPath"] == f"{data_dir}/offline", owner
                 users.add(owner)
-    assert users == {"profile", "train", "personas", "retention"}
+    assert users == {"profile", "aggregator", "train", "personas", "retention"}
 
 
 def test_experiments_configmap_is_what_the_service_loads(tmp_path: Path) -> None:
@@ -200,4 +206,5 @@ def test_redis_persists_every_acknowledged_write() -> None:
     redis = of_kind("StatefulSet")["redis"]["spec"]
     args = " ".join(redis["template"]["spec"]["containers"][0]["args"])
     assert "--appendonly yes" in args and "--appendfsync always" in args
+    assert "--maxmemory-policy noeviction" in args and "--maxmemory " in args
     assert redis["volumeClaimTemplates"][0]["spec"]["accessModes"] == ["ReadWriteOnce"]

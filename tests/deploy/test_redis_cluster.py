@@ -201,6 +201,18 @@ def test_store_keeps_the_log_and_its_idempotency_keys_in_one_slot(redis_cluster:
         assert store.get_many(Namespace.META, ["k0", "k199"]) == [None, b"v199"]
         store.forget_event_ids(["e0", "e7"], "v0")
         assert store.append_events([events[0], events[7]]).accepted == 2
+
+        # The archiver's and the repartition tool's calls: the stream clock (every node answers TIME), an exact
+        # trim of one partition, idempotency keys moved to another partition's slot with their TTL.
+        partition = store.partition_of("v1")
+        entries = store.read_events(None, 100, partition)
+        assert all(int(e.position.split("-")[0]) <= store.log_time() * 1000 for e in entries)
+        assert store.trim_log(partition, entries[1].position) == 2
+        assert [e.position for e in store.read_events(None, 100, partition)] == [e.position for e in entries[2:]]
+        target = (partition + 1) % store.partitions
+        moves = [(store.seen_key("e1", partition), store.seen_key("e1", target))]
+        assert store.move_expiring_keys(moves) == 1
+        assert client.get(moves[0][0]) is None and 0 < client.pttl(moves[0][1]) <= store.dedupe_ttl_s * 1000
     finally:
         store.close()
 

@@ -11,6 +11,7 @@ recommendation records. Feast's online store is separate (see `feature_store.py`
 from __future__ import annotations
 
 from services.common.settings import CommonSettings
+from services.common.storage.archive import EventArchive
 from services.common.storage.base import (
     APPEND_CHUNK,
     CATALOG_VERSION_KEY,
@@ -44,6 +45,7 @@ __all__ = [
     "LOG_NAME",
     "UNINDEXED_NAMESPACES",
     "AppendResult",
+    "EventArchive",
     "LogEntry",
     "Namespace",
     "PendingEvent",
@@ -54,6 +56,7 @@ __all__ = [
     "catalog_version",
     "check_redis_durability",
     "connect_sqlite",
+    "hot_window_s",
     "make_redis_client",
     "open_store",
     "partition_log",
@@ -65,8 +68,17 @@ __all__ = [
 
 
 def open_store(settings: CommonSettings) -> Store:
-    """Redis when REDIS_URL is set, the embedded SQLite file otherwise."""
+    """Redis when REDIS_URL is set, the embedded SQLite file otherwise; either reads the archived history of
+    the log under the offline store, and remembers event ids for the hot window."""
+    archive = EventArchive(settings.offline_dir)
+    # An event stays in the store for the window and, cut at a day boundary (archiver.py), up to a day more:
+    # its id is remembered as long.
+    ttl_s = hot_window_s(settings) + (86_400 if settings.hot_window_days >= 1 else 0)
     if settings.redis_url:
         client = make_redis_client(settings.redis_url, settings.redis_cluster, settings.redis_timeout_s)
-        return RedisStore(client, settings.namespace, settings.log_partitions)
-    return SqliteStore(settings.sqlite_path)
+        return RedisStore(client, settings.namespace, settings.log_partitions, archive, ttl_s)
+    return SqliteStore(settings.sqlite_path, archive, ttl_s)
+
+
+def hot_window_s(settings: CommonSettings) -> int:
+    return max(1, int(settings.hot_window_days * 86400))  # whole seconds: the idempotency keys' EX

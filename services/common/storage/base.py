@@ -10,11 +10,18 @@ import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from services.common.clock import wall_time
+
+if TYPE_CHECKING:
+    from services.common.storage.archive import EventArchive
 
 log = logging.getLogger(__name__)
 
 
+# How long an event id is remembered by default (the idempotency of appends). `open_store` passes the hot
+# window instead: the keys expire with the events Redis keeps (docs/data-path.md, "Hot window and archive").
 DEDUPE_TTL_S = 14 * 24 * 3600
 APPEND_CHUNK = 500
 # The log of partition 0 keeps the name (cursor, lease, commit record, status, stream key) of the single log
@@ -72,6 +79,9 @@ class Store(ABC):
     # The log is split in partitions by visitor (`partition_of`): one visitor's events stay in order in one
     # partition, and each partition is folded by one aggregator at a time (its own lease and cursor).
     partitions: int = 1
+    # The archived history of the log (parquet under the offline store), when this deployment keeps one: the
+    # log's readers (`iter_log`, `iter_partition`) read it before the hot window the store holds.
+    archive: EventArchive | None = None
 
     # -- event log -------------------------------------------------------------------------------
     @abstractmethod
@@ -105,17 +115,43 @@ class Store(ABC):
     def partition_of(self, visitor_id: str) -> int:
         return partition_of(visitor_id, self.partitions)
 
+    def trim_log(self, partition: int, last: str) -> int:
+        """Remove the partition's entries up to and including `last` (archived and folded: the archiver alone
+        calls this); returns how many."""
+        raise NotImplementedError(f"{type(self).__name__} cannot trim its log")
+
+    def log_time(self) -> float:
+        """The clock that stamps log positions (seconds): the hot window is measured on it."""
+        return wall_time()  # infrastructure time, like the embedded store's other stamps
+
+    def iter_hot(self, partition: int, after: str | None = None, batch: int = 5000) -> Iterator[LogEntry]:
+        """The entries of one partition the store holds (the hot window), after `after`, streamed in batches."""
+        while entries := self.read_events(after, batch, partition):
+            yield from entries
+            after = entries[-1].position
+
+    def iter_partition(self, partition: int, batch: int = 5000) -> Iterator[LogEntry]:
+        """Every entry of one partition in log order: the archive, then the hot window after the last archived
+        position (an entry archived but not trimmed yet, after an interrupted archive run, is read once)."""
+        archived: str | None = None
+        if self.archive is not None:
+            archived = self.archive.archived_until(partition)
+            yield from self.archive.entries(partition)
+        yield from self.iter_hot(partition, archived, batch)
+
     def iter_log(self, batch: int = 5000) -> Iterator[LogEntry]:
-        """Every entry of every partition, merged by position (Redis stream ids start with the append time
-        in ms: across partitions this is the order of arrival, to the millisecond), streamed in batches."""
+        """Every entry of every partition (archive and hot window), merged by position (Redis stream ids start
+        with the append time in ms: across partitions this is the order of arrival, to the millisecond),
+        streamed: one archive file and one batch per partition in memory at a time."""
+        return heapq.merge(
+            *(self.iter_partition(p, batch) for p in range(self.partitions)), key=lambda e: position_order(e.position)
+        )
 
-        def one(partition: int) -> Iterator[LogEntry]:
-            after: str | None = None
-            while entries := self.read_events(after, batch, partition):
-                yield from entries
-                after = entries[-1].position
-
-        return heapq.merge(*(one(p) for p in range(self.partitions)), key=lambda e: position_order(e.position))
+    def iter_hot_log(self, batch: int = 5000) -> Iterator[LogEntry]:
+        """Like `iter_log`, the hot window only."""
+        return heapq.merge(
+            *(self.iter_hot(p, None, batch) for p in range(self.partitions)), key=lambda e: position_order(e.position)
+        )
 
     # -- blobs (namespaced key -> bytes, optional expiry) ------------------------------------------
     @abstractmethod
@@ -215,6 +251,22 @@ class Namespace:
 
 
 CATALOG_VERSION_KEY = "catalog_version"
+PARTITIONS_KEY = "log_partitions"  # meta: the partition count `selaras admin repartition` last set
+
+
+def stored_partitions(store: Store) -> int | None:
+    raw = store.get(Namespace.META, PARTITIONS_KEY)
+    return int(raw) if raw else None
+
+
+def check_log_partitions(store: Store) -> None:
+    """At start: refuse a partition count other than the one the log was last repartitioned to."""
+    stored = stored_partitions(store)
+    if stored is not None and stored != store.partitions:
+        raise RuntimeError(
+            f"SELARAS_LOG_PARTITIONS is {store.partitions} but the log has {stored} partitions "
+            "(set it to the stored count, or change it with `selaras admin repartition`)"
+        )
 
 
 def save_catalog(store: Store, items: Sequence[Any]) -> None:

@@ -17,6 +17,7 @@ from redis.retry import Retry
 
 from services.common.errors import StorageUnavailable
 from services.common.events import envelope_visitor
+from services.common.storage.archive import EventArchive
 from services.common.storage.base import (
     APPEND_CHUNK,
     DEDUPE_TTL_S,
@@ -26,6 +27,7 @@ from services.common.storage.base import (
     MergeChange,
     PendingEvent,
     Store,
+    check_log_partitions,
     partition_log,
 )
 
@@ -97,10 +99,19 @@ def make_redis_client(url: str, cluster: bool, timeout_s: float) -> redis.Redis 
 class RedisStore(Store):
     backend = "redis"
 
-    def __init__(self, client: redis.Redis | RedisCluster, namespace: str = "selaras", partitions: int = 1):
+    def __init__(
+        self,
+        client: redis.Redis | RedisCluster,
+        namespace: str = "selaras",
+        partitions: int = 1,
+        archive: EventArchive | None = None,
+        dedupe_ttl_s: int = DEDUPE_TTL_S,
+    ):
         if partitions < 1:
             raise ValueError("a log needs at least one partition")
         self.client = client
+        self.archive = archive
+        self.dedupe_ttl_s = dedupe_ttl_s
         self.ns = namespace
         self.partitions = partitions
         # One hash tag per partition keeps its stream and its idempotency keys in one cluster slot (the append
@@ -122,6 +133,37 @@ class RedisStore(Store):
     def _seen_key(self, event_id: str, partition: int = 0) -> str:
         return f"{self._tags[partition]}:seen:{event_id}"
 
+    def seen_key(self, event_id: str, partition: int) -> str:
+        """The idempotency key of an event id in a partition (the repartition tool moves them)."""
+        return self._seen_key(event_id, partition)
+
+    def move_expiring_keys(self, moves: Sequence[tuple[str, str]]) -> int:
+        """Rename keys across hash slots keeping their remaining time to live (RENAME needs one slot): copy,
+        then delete the source. Returns how many existed."""
+        moved = 0
+        for start in range(0, len(moves), 500):
+            chunk = moves[start : start + 500]
+            ttls = [int(t) for t in self._call(lambda chunk=chunk: self._pttl_all([src for src, _ in chunk]))]
+            pipe = self.client.pipeline(transaction=False)
+            for (src, dst), ttl in zip(chunk, ttls, strict=True):
+                if ttl == -2:
+                    continue  # expired meanwhile
+                pipe.set(dst, b"1", px=ttl if ttl > 0 else None)
+                pipe.delete(src)
+                moved += 1
+            self._call(pipe.execute)
+        return moved
+
+    def _pttl_all(self, keys: Sequence[str]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.pttl(key)
+        return cast(list[Any], pipe.execute())
+
+    def drop_partition_keys(self, partition: int) -> None:
+        """Delete a partition's (empty) stream: after a repartition to fewer partitions."""
+        self._call(lambda: self._sync.delete(self.stream_of(partition)))
+
     def _blob_key(self, namespace: str, key: str) -> str:
         return f"{self.ns}:{namespace}:{key}"
 
@@ -137,7 +179,7 @@ class RedisStore(Store):
             for start in range(0, len(pending), APPEND_CHUNK):
                 chunk = pending[start : start + APPEND_CHUNK]
                 keys = [self._seen_key(e.event_id, partition) for e in chunk] + [self.stream_of(partition)]
-                args: list[Any] = [DEDUPE_TTL_S] + [e.payload for e in chunk]
+                args: list[Any] = [self.dedupe_ttl_s] + [e.payload for e in chunk]
                 try:
                     accepted_index = cast(list[int], self._append(keys=keys, args=args))
                 except RedisError as exc:
@@ -185,6 +227,20 @@ class RedisStore(Store):
         partition = self.partition_of(visitor_id)
         if event_ids:
             self._call(lambda: self.client.delete(*[self._seen_key(i, partition) for i in event_ids]))
+
+    def log_time(self) -> float:
+        # Stream ids are stamped by the Redis server's clock: measure the hot window on the same one. A cluster
+        # answers per node (each stamps its own streams): the earliest, so no node's window is cut short.
+        answer = self._call(lambda: self._sync.time())
+        stamps = answer.values() if isinstance(answer, dict) else [answer]
+        return min(float(seconds) + float(micros) / 1e6 for seconds, micros in stamps)
+
+    def trim_log(self, partition: int, last: str) -> int:
+        # MINID removes ids strictly below it: the id right after `last` (same ms, next sequence number). Exact
+        # (no "~"): the archive covers precisely what goes.
+        ms, _, seq = last.partition("-")
+        minid = f"{ms}-{int(seq or 0) + 1}"
+        return int(self._call(lambda: self._sync.xtrim(self.stream_of(partition), minid=minid, approximate=False)))
 
     def delete_events(self, positions: Sequence[str], partition: int = 0) -> int:
         deleted = 0
@@ -383,9 +439,11 @@ def redis_durability_problems(client: redis.Redis | RedisCluster) -> list[str]:
 
 
 def check_redis_durability(store: Store, environment: str) -> list[str]:
-    """At start: refuse to run in production on a Redis that can lose data, warn elsewhere."""
+    """At start: refuse to run in production on a Redis that can lose data, warn elsewhere; refuse everywhere a
+    partition count other than the one the log was repartitioned to (`check_log_partitions`)."""
     if not isinstance(store, RedisStore):
         return []
+    check_log_partitions(store)
     try:
         problems = redis_durability_problems(store.client)
     except RedisError as exc:

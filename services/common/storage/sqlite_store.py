@@ -11,6 +11,7 @@ from typing import Any, cast
 
 from services.common.clock import wall_time
 from services.common.errors import StorageUnavailable
+from services.common.storage.archive import EventArchive
 from services.common.storage.base import DEDUPE_TTL_S, AppendResult, LogEntry, MergeChange, PendingEvent, Store
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,10 @@ def connect_sqlite(path: Path, schema: str) -> sqlite3.Connection:
 class SqliteStore(Store):
     backend = "sqlite"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, archive: EventArchive | None = None, dedupe_ttl_s: int = DEDUPE_TTL_S):
         self.path = path
+        self.archive = archive
+        self.dedupe_ttl_s = dedupe_ttl_s
         # One connection guarded by a lock: SQLite serialises writers anyway, and this keeps it simple.
         self._conn = connect_sqlite(path, _SCHEMA)
         self._lock = threading.Lock()
@@ -75,16 +78,19 @@ class SqliteStore(Store):
                     marks = ",".join("?" * len(chunk))
                     seen.update(
                         row[0]
-                        for row in conn.execute(f"SELECT event_id FROM seen_ids WHERE event_id IN ({marks})", chunk)
+                        for row in conn.execute(
+                            f"SELECT event_id FROM seen_ids WHERE event_id IN ({marks}) AND expires_at > ?",
+                            (*chunk, now),
+                        )
                     )
                 fresh: list[PendingEvent] = []
                 for event in events:
                     if event.event_id not in seen:
                         seen.add(event.event_id)
                         fresh.append(event)
-                conn.executemany(
-                    "INSERT INTO seen_ids (event_id, expires_at) VALUES (?, ?)",
-                    [(e.event_id, now + DEDUPE_TTL_S) for e in fresh],
+                conn.executemany(  # an expired id seen again is new again (as in Redis)
+                    "INSERT OR REPLACE INTO seen_ids (event_id, expires_at) VALUES (?, ?)",
+                    [(e.event_id, now + self.dedupe_ttl_s) for e in fresh],
                 )
                 conn.executemany(
                     "INSERT INTO events (event_id, visitor_id, payload) VALUES (?, ?, ?)",
@@ -111,6 +117,24 @@ class SqliteStore(Store):
     def log_length(self, partition: int | None = None) -> int:
         _one_partition(partition or 0)
         return int(self._run(lambda c: c.execute("SELECT COUNT(*) FROM events").fetchone()[0]))
+
+    def trim_log(self, partition: int, last: str) -> int:
+        """Also forgets the event ids whose idempotency expired (Redis expires its keys by itself)."""
+        _one_partition(partition)
+        now = wall_time()
+
+        def trim(conn: sqlite3.Connection) -> int:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                count = conn.execute("DELETE FROM events WHERE pos <= ?", (int(last),)).rowcount
+                conn.execute("DELETE FROM seen_ids WHERE expires_at <= ?", (now,))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return int(count)
+
+        return int(self._run(trim))
 
     def delete_events(self, positions: Sequence[str], partition: int = 0) -> int:
         _one_partition(partition)

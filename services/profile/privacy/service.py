@@ -1,7 +1,10 @@
 """Erasure, export, consent withdrawal and retention of visitor data.
 
 Where Selaras keeps data about a visitor (everything below is covered by `erase` and `export`):
-  * the durable event log: the visitor's events, and their idempotency keys;
+  * the durable event log: the visitor's events in the hot window (the store) and in the event archive
+    (parquet under the offline store), and their idempotency keys. Both are read for the visitor's own log
+    partition only, and in the archive only the row groups that can hold the visitor, so the cost of an
+    erasure or export grows with the visitor's data and the number of archive files, not with the log;
   * the aggregator's visitor state (store blob); the consent record is kept, every purpose refused as of the
     erasure (the proof of the request, and what stops the next visit or a late event from rebuilding a
     profile: the aggregator reads it before folding any batch);
@@ -24,10 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,7 +49,7 @@ from services.common.clock import SYSTEM_CLOCK, Clock, wall_datetime, wall_time
 from services.common.consent import Consent, ConsentDefaults, merge_into, refusing_all
 from services.common.events import open_envelope
 from services.common.settings import CommonSettings
-from services.common.storage import Namespace, Store, open_store
+from services.common.storage import LogEntry, Namespace, Store, open_store
 from services.features import schema as F
 from services.features.aggregations import VisitorState
 from services.features.store import delete_online_entities, online_rows, rewrite_offline_parts
@@ -112,6 +116,8 @@ class ErasureReceipt:
     visitor_id: str
     erased_at: str
     log_events: int = 0
+    archived_events: int = 0
+    archive_files_rewritten: int = 0
     idempotency_keys: int = 0
     visitor_state: int = 0
     consent: str = "kept_as_refused"  # the tombstone: every purpose refused as of the erasure
@@ -130,6 +136,8 @@ class ErasureReceipt:
 class RetentionReport:
     cutoff: str
     log_events: int = 0
+    archived_events: int = 0
+    archive_files_rewritten: int = 0
     offline_rows: int = 0
     offline_files_rewritten: int = 0
     dry_run: bool = False
@@ -199,21 +207,21 @@ class PrivacyService:
         return row.get("event_count") is not None
 
     def _log_entries(self, visitor_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        """(position, event as JSON) of the visitor's logged events, oldest first (a scan of the visitor's
-        partition of the log)."""
+        """(position, event as JSON) of the visitor's logged events, oldest first: the archive of the visitor's
+        partition (row groups that can hold the visitor), then that partition's hot window."""
         marker = visitor_marker(visitor_id)
         partition = self.store.partition_of(visitor_id)
-        after: str | None = None
-        while True:
-            batch = self.store.read_events(after, LOG_SCAN_BATCH, partition)
-            if not batch:
-                return
-            for entry in batch:
-                if marker in entry.payload:
-                    _, event = open_envelope(entry.payload)
-                    if event.visitor_id == visitor_id:
-                        yield entry.position, event.model_dump(mode="json", exclude_none=True)
-            after = batch[-1].position
+        archive = self.store.archive
+        archived: str | None = None
+        entries: Iterable[LogEntry] = ()
+        if archive is not None:
+            archived = archive.archived_until(partition)
+            entries = archive.visitor_entries(partition, visitor_id)
+        for entry in itertools.chain(entries, self.store.iter_hot(partition, archived, LOG_SCAN_BATCH)):
+            if marker in entry.payload:
+                _, event = open_envelope(entry.payload)
+                if event.visitor_id == visitor_id:
+                    yield entry.position, event.model_dump(mode="json", exclude_none=True)
 
     def _offline_rows(self, visitor_id: str) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
@@ -277,6 +285,12 @@ class PrivacyService:
         mark_erased(self.store, visitor_id, None)
         event_ids = [event["event_id"] for _, event in self._log_entries(visitor_id)]
         receipt.log_events = self.store.delete_visitor_events(visitor_id, visitor_marker(visitor_id))
+        if self.store.archive is not None:
+            # After the hot window: an archiver that read the visitor's entries before the mark has written its
+            # file by the time this holds the partition's archive lock (or drops them: it checks the marks).
+            receipt.archived_events, receipt.archive_files_rewritten = self.store.archive.delete_visitor(
+                self.store.partition_of(visitor_id), visitor_id
+            )
         if event_ids:
             self.store.forget_event_ids(event_ids, visitor_id)
         receipt.idempotency_keys = len(event_ids)
@@ -297,8 +311,9 @@ class PrivacyService:
         receipt.seconds = round(time.perf_counter() - started, 3)
         ERASURES.inc()
         log.info(
-            "erasure carried out: %d log events, %d offline rows, %d files rewritten",
+            "erasure carried out: %d log events, %d archived events, %d offline rows, %d files rewritten",
             receipt.log_events,
+            receipt.archived_events,
             receipt.offline_rows,
             receipt.offline_files_rewritten,
         )
@@ -340,13 +355,15 @@ class PrivacyService:
         cutoff_dt = datetime.fromtimestamp(cutoff, tz=UTC)
         report = RetentionReport(cutoff_dt.isoformat(), dry_run=dry_run)
         doomed: dict[int, list[str]] = {}  # partition -> positions
-        for entry in self.store.iter_log(LOG_SCAN_BATCH):
+        for entry in self.store.iter_hot_log(LOG_SCAN_BATCH):
             if open_envelope(entry.payload)[1].ts < cutoff:
                 doomed.setdefault(entry.partition, []).append(entry.position)
         report.log_events = sum(
             len(positions) if dry_run else self.store.delete_events(positions, partition)
             for partition, positions in doomed.items()
         )
+        if self.store.archive is not None:
+            report.archived_events, report.archive_files_rewritten = self.store.archive.apply_retention(cutoff, dry_run)
         if dry_run:
             for path in sorted((self.offline_dir / F.VISITOR_VIEW).glob("*.parquet")):
                 stamps = pq.read_table(path, columns=[F.TIMESTAMP_FIELD])[F.TIMESTAMP_FIELD]
@@ -356,6 +373,7 @@ class PrivacyService:
                 lambda table: pc.greater_equal(table[F.TIMESTAMP_FIELD], pa.scalar(cutoff_dt)), [F.TIMESTAMP_FIELD]
             )
             RETENTION_DELETED.labels("log_events").inc(report.log_events)
+            RETENTION_DELETED.labels("archived_events").inc(report.archived_events)
             RETENTION_DELETED.labels("offline_rows").inc(report.offline_rows)
         return report
 
