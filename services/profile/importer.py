@@ -29,7 +29,8 @@ from services.common.catalog import CatalogItem
 from services.common.errors import StorageUnavailable
 from services.common.events import Event, future_timestamp_error
 from services.common.tabular import CsvProblem, csv_records, is_csv
-from services.profile.aggregator.worker import Aggregator, EntryFailed
+from services.profile.aggregator.partition import EntryFailed
+from services.profile.aggregator.worker import Aggregator
 from services.profile.ingest import IngestService
 
 log = logging.getLogger(__name__)
