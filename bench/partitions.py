@@ -108,7 +108,7 @@ def fold_with_processes(redis_url: str, processes: int, events: list[dict[str, A
             "SELARAS_LOG_LEVEL": "WARNING",
             "SELARAS_LOG_PARTITIONS": str(PARTITIONS),
             "SELARAS_CLOCK_START": end.isoformat(),
-            "PROFILE_AGGREGATOR_BATCH": "2000",
+            "PROFILE_AGGREGATOR_BATCH": "5000",
             "PROFILE_AGGREGATOR_IDLE_S": "0.01",
             "PROFILE_AGGREGATOR_LEASE_S": "3",
         }
