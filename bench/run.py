@@ -454,7 +454,13 @@ def main() -> None:
         log("partitioned log: folded throughput with 1 and 2 aggregator processes, bulk import")
         bench["partitions"] = partitions_run(REDIS_URL, count=5_000 if args.quick else 20_000)
         save()
-    if only and only <= {"partitions"}:
+    if wanted("freshness"):
+        from bench.freshness import run as freshness_run
+
+        log("freshness at 5,000 events/s offered: API, 2 aggregator processes, Redis and load generator here")
+        bench["freshness_5000"] = freshness_run(REDIS_URL, rate=5_000, duration=8 if args.quick else 20)
+        save()
+    if only and only <= {"partitions", "freshness"}:
         return  # needs no demo world
 
     namespace, data_dir = "selbench", TMP / "world"
