@@ -156,8 +156,9 @@ def fold_with_processes(redis_url: str, processes: int, events: list[dict[str, A
         "append_s": round(appended, 2),
         "folded_s": round(seconds, 2),
         "events_per_s": round(len(events) / seconds),
-        # CPU the aggregator processes and Redis spent meanwhile: on a shared, loaded machine the wall-clock
-        # rate follows the neighbours, events per CPU second much less.
+        # CPU the aggregator processes spent meanwhile: on a shared, loaded machine the wall-clock rate follows
+        # the neighbours, events per CPU second much less. Redis's is the whole server's (INFO cpu): on a Redis
+        # shared with other clients it includes theirs.
         "aggregator_cpu_s": round(cpu, 2),
         "redis_cpu_s": round(redis_cpu, 2),
         "events_per_aggregator_cpu_s": round(len(events) / cpu) if cpu else None,
