@@ -231,10 +231,12 @@ def import_events(
     batch_size: int = 5000,
     skip_invalid: bool = False,
     progress: Callable[[int], None] | None = None,
+    fold_every: int = FOLD_EVERY,
 ) -> ImportReport:
-    """Stream the file in batches: validate, append to the log, fold. Memory stays bounded by the batch."""
+    """Stream the file in batches: validate, append to the log, fold (every `fold_every` appended events).
+    Memory stays bounded by the batch."""
     report = ImportReport()
-    batches = EventBatches(ingest, aggregator, report, batch_size)
+    batches = EventBatches(ingest, aggregator, report, batch_size, fold_every)
     last_ts = float("-inf")
 
     try:
