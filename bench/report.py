@@ -99,14 +99,37 @@ def markdown(results: dict[str, Any]) -> str:
                 f"folding the partitioned log ({one['partitions']} partitions, {one['events']:,} events)",
                 "≥ 10,000 events/s with 2 aggregator processes",
                 f"1 process {one['events_per_s']:,}/s, 2 processes {two['events_per_s']:,}/s "
-                f"(ratio {parts['ratio_2_to_1']}); load average at start {parts['load_average_at_start']}",
+                f"(ratio {parts['ratio_2_to_1']}); load average at start {parts['load_average_at_start']}"
+                + (
+                    f"; {one['events_per_aggregator_cpu_s']:,} / {two['events_per_aggregator_cpu_s']:,} events per "
+                    "aggregator CPU second"
+                    if one.get("events_per_aggregator_cpu_s") and two.get("events_per_aggregator_cpu_s")
+                    else ""
+                ),
             )
         )
         rows.append(
             (
                 "bulk import through the partitions (importer folds them)",
                 "≥ 20,000 events/s",
-                f"{imported['events_per_s']:,} events/s ({imported['events']:,} events)",
+                f"{imported['events_per_s']:,} events/s ({imported['events']:,} events)"
+                + (
+                    f"; {imported['events_per_importer_cpu_s']:,} events per importer CPU second"
+                    if imported.get("events_per_importer_cpu_s")
+                    else ""
+                ),
+            )
+        )
+    fresh = b.get("freshness_5000")
+    if fresh:
+        rows.append(
+            (
+                "freshness: acknowledged -> visible in get_online_features",
+                "p99 ≤ 1 s at 5,000 events/s offered",
+                f"p50 {_fmt(fresh['freshness_p50_s'], ' s')}, p99 {_fmt(fresh['freshness_p99_s'], ' s')} "
+                f"({fresh['probes']} probes; {fresh['acknowledged_events_per_s']:,} events/s acknowledged, "
+                f"{fresh['aggregator_processes']} aggregator processes; load average at start "
+                f"{fresh['load_average_at_start']})",
             )
         )
     hot = b.get("hot_window")

@@ -461,7 +461,13 @@ def main() -> None:
         count = 25_000 if args.quick else 250_000
         bench["hot_window"] = hot_window_run(REDIS_URL, count, count // 5)
         save()
-    if only and only <= {"partitions", "hot_window"}:
+    if wanted("freshness"):
+        from bench.freshness import run as freshness_run
+
+        log("freshness at 5,000 events/s offered: API, 2 aggregator processes, Redis and load generator here")
+        bench["freshness_5000"] = freshness_run(REDIS_URL, rate=5_000, duration=8 if args.quick else 20)
+        save()
+    if only and only <= {"partitions", "hot_window", "freshness"}:
         return  # needs no demo world
 
     namespace, data_dir = "selbench", TMP / "world"

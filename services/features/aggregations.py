@@ -489,10 +489,16 @@ def fold_item(state: ItemState, event: Event) -> bool:
     if counter in ("impressions", "clicks") and isinstance(slot, str) and slot:
         slot_bucket = state.slot_buckets.setdefault(slot[:32], {}).setdefault(counter, {})
         slot_bucket[hour] = slot_bucket.get(hour, 0) + 1
+    previous_hour = _hour_index(state.last_ts)
     state.last_ts = max(state.last_ts, ts)
-    _prune_buckets(state.buckets, _hour_index(state.last_ts))
-    for per_slot in state.slot_buckets.values():
-        _prune_buckets(per_slot, _hour_index(state.last_ts))
+    now_hour = _hour_index(state.last_ts)
+    # Pruning drops hours older than 30 days before the newest event. Only a newer hour or an event already
+    # that old can make a bucket stale (states are pruned whenever they are folded or merged), so the scan
+    # of every bucket runs once per item and hour instead of once per event.
+    if now_hour != previous_hour or int(hour) <= now_hour - 30 * 24:
+        _prune_buckets(state.buckets, now_hour)
+        for per_slot in state.slot_buckets.values():
+            _prune_buckets(per_slot, now_hour)
     return True
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -36,9 +36,12 @@ AGGREGATOR_CURSOR = LOG_NAME  # partition 0's log
 ERASURE_MARK_TTL_S = 7 * 24 * 3600
 
 
+def _item_state(raw: bytes) -> ItemState:
+    return ItemState.from_dict(orjson.loads(raw))
+
+
 def _merge_item_state(stored: bytes | None, delta: bytes) -> bytes:
-    current = ItemState.from_dict(orjson.loads(stored)) if stored else None
-    return orjson.dumps(merge_item_state(current, ItemState.from_dict(orjson.loads(delta))))
+    return orjson.dumps(merge_item_state(_item_state(stored) if stored else None, _item_state(delta)))
 
 
 # How one batch's share is added to each kind of shared record (the pure rules live next to their folds).
@@ -131,16 +134,49 @@ class ProfileRepository:
         position added, so a batch applied again adds nothing; a concurrent writer's change is re-read and
         merged into (compare-and-set). Returns the records as stored."""
         merge = SHARED_MERGES[namespace]
+        return self._merge_applied(namespace, log, last, deltas, lambda key, value: merge(value, deltas[key]))
+
+    def merge_item_states(
+        self, log: str, last: str, deltas: Mapping[str, bytes], shares: Mapping[str, ItemState] | None = None
+    ) -> dict[str, ItemState]:
+        """`merge_shared` of item statistics, returning the merged states as objects: the aggregator writes the
+        items' rows from them (parsing them back from the JSON just written cost ~4% of a fold, cProfile).
+        `shares`: the batch's shares as objects when the caller still holds them (else parsed)."""
+        merged: dict[str, ItemState] = {}
+
+        def add(key: str, value: bytes | None) -> bytes:
+            share = shares[key] if shares is not None and key in shares else _item_state(deltas[key])
+            state = merge_item_state(_item_state(value) if value else None, share)
+            merged[key] = state  # the last attempt's state is the stored one (a retry overwrites it)
+            return orjson.dumps(state)
+
+        stored = self._merge_applied(Namespace.ITEM_STATE, log, last, deltas, add, merged.pop)
+        # Records the batch had reached already (applied before a failure) were not merged here: as stored.
+        return {key: merged[key] if key in merged else _item_state(raw) for key, raw in stored.items()}
+
+    def _merge_applied(
+        self,
+        namespace: str,
+        log: str,
+        last: str,
+        keys: Iterable[str],
+        add: Callable[[str, bytes | None], bytes],
+        skipped: Callable[[str, Any], Any] | None = None,
+    ) -> dict[str, bytes]:
+        """`merge_many` with the applied markers: `add(key, stored value)` is the new value; `skipped(key, None)`
+        hears of a key this log's share is in already (re-read after a concurrent write, or applied before)."""
 
         def change(key: str, value: bytes | None, marker: bytes | None) -> tuple[bytes, bytes] | None:
             applied: dict[str, str] = orjson.loads(marker) if marker else {}
             done = applied.get(log)
             if done is not None and position_order(done) >= position_order(last):
+                if skipped is not None:
+                    skipped(key, None)
                 return None
             applied[log] = last
-            return merge(value, deltas[key]), orjson.dumps(applied)
+            return add(key, value), orjson.dumps(applied)
 
-        stored = self.store.merge_many(namespace, list(deltas), change)
+        stored = self.store.merge_many(namespace, list(keys), change)
         return {key: value for key, value in stored.items() if value is not None}
 
     # -- erasure against a batch in flight in another process ----------------------------------------

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.common.events import Event
-from services.features.aggregations import ItemState, fold_item, merge_item_state
+from services.features.aggregations import ItemState, _prune_buckets, fold_item, merge_item_state
 from services.features.indexes import ContextPopularity, CoVisitation
 from tests.factories import BASE_TIME, make_event
 
@@ -96,3 +96,30 @@ def test_index_shares_merged_equal_one_fold_up_to_rounding() -> None:
     assert set(merged_pop) == set(whole_pop.scores["all"])
     for item_id, (score, ts) in merged_pop.items():
         assert (score, ts) == pytest.approx(tuple(whole_pop.scores["all"][item_id]), rel=1e-9)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 60 * 24 * 75), st.integers(0, 3)), min_size=1, max_size=60))
+def test_item_fold_prunes_as_if_after_every_event(draws: list[tuple[int, int]]) -> None:
+    """`fold_item` scans the buckets only when the newest hour moves or an event is already outside the window;
+    the buckets equal pruning after every event, for events in any order (late ones included)."""
+    events = [
+        make_event(
+            event_id=f"p{n}",
+            type=KINDS[kind],
+            item_id="i",
+            timestamp=(BASE_TIME + timedelta(minutes=minutes)).isoformat(),
+        )
+        for n, (minutes, kind) in enumerate(draws)  # not sorted: late events too
+    ]
+    folded, reference = ItemState("i"), ItemState("i")
+    for event in events:
+        fold_item(folded, event)
+        fold_item(reference, event)
+        newest = int(reference.last_ts // 3600)
+        _prune_buckets(reference.buckets, newest)
+        for per_slot in reference.slot_buckets.values():
+            _prune_buckets(per_slot, newest)
+        assert folded.buckets == reference.buckets
+    assert folded.last_ts == reference.last_ts
+    assert sum(sum(hours.values()) for hours in folded.buckets.values()) <= len(events) * 2

@@ -3,19 +3,16 @@ feature rows, exactly once in effect (docs/data-path.md). Ingestion into the log
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.clock import SYSTEM_CLOCK, Clock, wall_time
 from services.common.consent import Consent, ConsentDefaults, consent_changes_from_properties
@@ -40,34 +37,25 @@ from services.features.aggregations import (
 from services.features.indexes import ContextPopularity, CoVisitation
 from services.profile.aggregator.commit import BatchCommit
 from services.profile.aggregator.lease import Lease, holder_name
+from services.profile.aggregator.partition import (
+    AGGREGATOR_BACKLOG,
+    AGGREGATOR_ERRORS,
+    AGGREGATOR_LAG,
+    AGGREGATOR_PARTITIONS_HELD,
+    EVENTS_AGGREGATED,
+    FEATURE_WRITE_LAG,
+    MAX_ATTEMPTS,
+    BatchOutcome,
+    LeaseLost,
+    Partition,
+    decode_entries,
+    entry_failed,
+    report_status,
+)
 from services.profile.privacy.service import forget_profiles
 from services.profile.repository import ProfileRepository
 
 log = logging.getLogger(__name__)
-
-EVENTS_AGGREGATED = Counter("selaras_events_aggregated_total", "Events folded into features")
-FEATURE_WRITE_LAG = Histogram(
-    "selaras_feature_write_lag_seconds",
-    "Time from acknowledgement to the visitor's features being online",
-    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-)
-# Per partition of the log: the label is the partition number (never a visitor id), bounded by the setting.
-AGGREGATOR_BACKLOG = Gauge("selaras_aggregator_backlog_events", "Log entries not yet folded (last poll)", ["partition"])
-AGGREGATOR_ERRORS = Counter("selaras_aggregator_errors_total", "Micro-batches that failed and will be retried")
-AGGREGATOR_LAG = Gauge(
-    "selaras_aggregator_lag_seconds",
-    "How long the newest folded event waited, while a backlog remains (0: none)",
-    ["partition"],
-)
-AGGREGATOR_PARTITIONS_HELD = Gauge("selaras_aggregator_partitions_held", "Log partitions this process folds")
-DEAD_LETTERS = Counter(
-    "selaras_aggregator_dead_letters_total", "Log entries set aside after failing to fold", ["partition"]
-)
-AGGREGATOR_DEAD_LETTERS = Gauge(
-    "selaras_aggregator_dead_letters_stored", "Log entries in the dead-letter list", ["partition"]
-)
-# A log entry that fails this many times to decode or fold is moved to the dead letters.
-MAX_ATTEMPTS = 3
 
 # The longest item window (30 days) plus a day: an item idle for longer has an all-zero row.
 ITEM_WINDOW_S = 31 * DAY
@@ -75,48 +63,6 @@ ITEM_WINDOW_S = 31 * DAY
 AGE_AT_START_S = 90 * DAY
 
 COUNT_FEATURES = tuple(name for name, kind in F.ITEM_FEATURES.items() if kind == "int")
-
-
-@dataclass
-class BatchOutcome:
-    events: int = 0
-    visitors: int = 0
-    items: int = 0
-    lag_s: list[float] = field(default_factory=list)
-    last_received_at: float = 0.0  # when the log acknowledged the batch's newest entry
-    held: bool = True  # False: another process holds the log's lease, nothing was folded
-
-
-@dataclass
-class Partition:
-    """One partition of the log as an aggregator sees it: its lease and the bookkeeping of its fold."""
-
-    number: int
-    log: str  # names its cursor, lease, commit record, dead letters and status
-    lease: Lease | None  # None: the caller guarantees a single consumer (tests, the demo world's own store)
-    attempts: dict[str, int] = field(default_factory=dict)  # failures per position (in memory)
-    errors: dict[str, str] = field(default_factory=dict)
-    dead: set[str] = field(default_factory=set)  # positions set aside in the batch being folded
-    backlog: int = 0
-    lag_s: float = 0.0
-    reported_at: float = float("-inf")
-
-    @property
-    def held(self) -> bool:
-        return self.lease is None or self.lease.held
-
-
-class LeaseLost(Exception):
-    """Another process took the log's lease while this one folded a batch: the batch is not committed."""
-
-
-class EntryFailed(Exception):
-    """One log entry could not be decoded or folded; the batch is retried and, after `max_attempts`, the
-    entry is moved to the dead letters and the aggregator moves on."""
-
-    def __init__(self, position: str, error: str):
-        super().__init__(f"log entry {position}: {error}")
-        self.position = position
 
 
 class Aggregator:
@@ -257,9 +203,11 @@ class Aggregator:
                 outcome = self._run_partition(part, batch_size)
             except Exception as exc:
                 self._discard_caches()
-                self._report(part, error=type(exc).__name__)
+                self.last_error = type(exc).__name__
+                report_status(self.repository, part, self.holder, error=self.last_error)
                 raise
-            self._report(part)
+            self.last_error = None
+            report_status(self.repository, part, self.holder)
             total.held = True
             total.events += outcome.events
             total.visitors += outcome.visitors
@@ -321,61 +269,10 @@ class Aggregator:
         self._item_digests.clear()
         self._aged_hour = None  # the next sweep re-reads recently active items
 
-    def _decode(self, entries: Sequence[LogEntry], part: Partition) -> list[tuple[str, float, Event]]:
-        """Decode the entries. An entry that failed `max_attempts` times (here or in the fold) is set aside as
-        a dead letter; one that failed fewer times fails the batch again (after a backoff)."""
-        decoded: list[tuple[str, float, Event]] = []
-        failed: list[EntryFailed] = []
-        for entry in entries:
-            if entry.position in part.dead:
-                continue
-            if part.attempts.get(entry.position, 0) >= self.max_attempts:
-                self._dead_letter(entry, part)
-                continue
-            try:
-                received_at, event = open_envelope(entry.payload)
-            except Exception as exc:  # a schema rollback, a corrupt payload: deterministic, never transient
-                failed.append(self._entry_failed(entry, exc, part))
-                if part.attempts[entry.position] >= self.max_attempts:
-                    self._dead_letter(entry, part)
-                continue
-            decoded.append((entry.position, received_at, event))
-        retry = [error for error in failed if error.position not in part.dead]
-        if retry:
-            raise retry[0]
-        return decoded
-
-    def _entry_failed(self, entry: LogEntry, exc: Exception, part: Partition) -> EntryFailed:
-        part.attempts[entry.position] = part.attempts.get(entry.position, 0) + 1
-        part.errors[entry.position] = f"{type(exc).__name__}: {exc}"[:500]
-        log.warning(
-            "log %s entry %s failed (%d/%d): %s",
-            part.log,
-            entry.position,
-            part.attempts[entry.position],
-            self.max_attempts,
-            exc,
-        )
-        return EntryFailed(entry.position, part.errors[entry.position])
-
-    def _dead_letter(self, entry: LogEntry, part: Partition) -> None:
-        record = {
-            "log": part.log,
-            "position": entry.position,
-            "attempts": part.attempts.get(entry.position, 0),
-            "error": part.errors.get(entry.position, ""),
-            "payload_b64": base64.b64encode(entry.payload).decode(),
-            "at": wall_time(),
-        }
-        self.repository.save_dead_letter(part.log, entry.position, record)
-        part.dead.add(entry.position)
-        DEAD_LETTERS.labels(str(part.number)).inc()
-        log.error("log entry %s moved to the dead letters after %d attempts", entry.position, record["attempts"])
-
     def fold_entries(self, entries: Sequence[LogEntry], part: Partition, read_at: float) -> BatchOutcome:
         """Fold the entries of one partition and commit their effect exactly once (see
         `services/profile/aggregator/commit.py`), then move the partition's cursor past them."""
-        decoded = self._decode(entries, part)
+        decoded = decode_entries(self.repository, entries, part, self.max_attempts)
         for _, _, event in decoded:
             self.clock.observe(event.ts)  # a DataClock (bulk import of history) follows the events
         latest_allowed = self.clock.now() + self.max_skew_s
@@ -417,7 +314,7 @@ class Aggregator:
                     # history rows carry the persona known so far (the persona job re-assigns them nightly).
                     offline.append(self._row(state, event.ts, assign=False))
             except Exception as exc:  # this entry cannot be folded: after a few attempts it is set aside
-                raise self._entry_failed(LogEntry(position, b""), exc, part) from exc
+                raise entry_failed(LogEntry(position, b""), exc, part, self.max_attempts) from exc
 
         # Consent changed in this batch, merged into the stored records first (compare-and-set, the later choice
         # per purpose wins): a choice made through the API while this batch ran is kept, and decides below.
@@ -459,7 +356,7 @@ class Aggregator:
         if part.lease is not None and not part.lease.hold():
             raise LeaseLost(f"the lease of log {part.log} expired during the batch")
         self.repository.save_commit_record(part.log, commit.to_bytes())
-        self._finish(commit, [(position, event) for position, _, event in decoded])
+        self._finish(commit, [(position, event) for position, _, event in decoded], touched_items)
         # 3. Failures counted so far are behind the cursor.
         part.attempts.clear()
         part.errors.clear()
@@ -473,9 +370,15 @@ class Aggregator:
         last_received = max((at for _, at, _ in decoded), default=now)
         return BatchOutcome(len(entries), len(touched_visitors), len(touched_items), lags, last_received)
 
-    def _finish(self, commit: BatchCommit, batch: Sequence[tuple[str, Event]]) -> None:
+    def _finish(
+        self,
+        commit: BatchCommit,
+        batch: Sequence[tuple[str, Event]],
+        item_shares: Mapping[str, ItemState] | None = None,
+    ) -> None:
         """Apply a commit record (idempotent), run the observers (idempotent per event), move the cursor,
-        drop the record. Also the recovery path for a record a failed run left behind."""
+        drop the record. Also the recovery path for a record a failed run left behind. `item_shares`: the
+        record's item shares as objects, when the batch was just folded (saves parsing them again)."""
         store = self.repository.store
         visitors = commit.values(Namespace.VISITOR_STATE)
         # An erasure (in any process) since the batch was read wins: its visitors are not written back.
@@ -495,9 +398,10 @@ class Aggregator:
         for namespace, deltas in commit.merges.items():
             if not deltas:
                 continue
-            stored = self.repository.merge_shared(namespace, commit.log, commit.last, deltas)
             if namespace == Namespace.ITEM_STATE:
-                merged_items = {k: ItemState.from_dict(orjson.loads(v)) for k, v in stored.items()}
+                merged_items = self.repository.merge_item_states(commit.log, commit.last, deltas, item_shares)
+            else:
+                self.repository.merge_shared(namespace, commit.log, commit.last, deltas)
         # Item rows from the merged states (every partition's events), windows as of the clock (an item last
         # sold months ago has sold nothing in the last 7 days; `age_item_rows` keeps them so as time passes).
         fold_now = max(self.clock.now(), max((s.last_ts for s in merged_items.values()), default=0.0))
@@ -532,31 +436,6 @@ class Aggregator:
             after = entries[-1].position
         self._finish(commit, batch)
         self._discard_caches()  # the store moved on under the caches
-
-    def _report(self, part: Partition, error: str | None = None) -> None:
-        """Publish a partition's status for readiness (any process) at most once a second."""
-        self.last_error = error
-        if not part.held:
-            return  # another process holds it and reports for it
-        now = time.monotonic()
-        if error is None and now - part.reported_at < 1.0:
-            return
-        part.reported_at = now
-        status = {
-            "log": part.log,
-            "partition": part.number,
-            "holder": self.holder if part.lease is not None else None,
-            "lag_s": round(part.lag_s, 3),
-            "backlog": part.backlog,
-            "error": error,
-            "at": wall_time(),
-        }
-        try:
-            self.repository.save_aggregator_status(part.log, status)
-            counts = self.repository.dead_letter_counts()
-            AGGREGATOR_DEAD_LETTERS.labels(str(part.number)).set(counts.get(part.log, 0))
-        except StorageUnavailable:
-            pass  # the store is down: readiness reports that itself
 
     def age_item_rows(self, force: bool = False) -> int:
         """Re-evaluate the windows of recently active items at the clock's now, once per clock hour; returns the
