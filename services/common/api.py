@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from http import HTTPStatus
-from typing import Annotated, Any
+from pathlib import Path as FilePath
+from pathlib import PurePath
+from typing import Annotated, Any, Final
 
 import orjson
 from fastapi import FastAPI, Path, Request
@@ -16,7 +18,7 @@ from pydantic import StringConstraints, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.auth import ApiKeyAuth
-from services.common.errors import InvalidPayload, PayloadTooLarge, SelarasError
+from services.common.errors import InvalidPayload, NotFound, PayloadTooLarge, SelarasError
 from services.common.observability import metrics_payload
 
 # A visitor or item id in a URL path, normalised like ids in bodies (`Identifier`: surrounding spaces stripped,
@@ -264,3 +266,38 @@ def document_errors_and_security(app: FastAPI, schema: dict[str, Any]) -> None:
     # Nothing refers to FastAPI's own validation shapes any more.
     for unused in ("HTTPValidationError", "ValidationError"):
         components["schemas"].pop(unused, None)
+
+
+# The admin pages (/experiments, /reports/) talk only to the service that serves them and run only its scripts.
+ADMIN_PAGE_HEADERS: Final = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+        "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+ASSET_MEDIA_TYPES: Final = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+}
+
+
+class StaticPages:
+    """A page's files shipped in a package folder: the page itself and the assets it names, nothing else (a
+    name outside `assets` is a 404, so no path can escape the folder)."""
+
+    def __init__(self, folder: FilePath, assets: Sequence[str]):
+        self.folder = folder
+        self.assets = frozenset(assets)
+
+    def response(self, name: str) -> Response:
+        media_type = ASSET_MEDIA_TYPES[PurePath(name).suffix]
+        return Response((self.folder / name).read_bytes(), media_type=media_type, headers=ADMIN_PAGE_HEADERS)
+
+    def asset(self, name: str) -> Response:
+        if name not in self.assets:
+            raise NotFound("no such asset")
+        return self.response(name)

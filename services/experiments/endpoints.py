@@ -28,7 +28,7 @@ from fastapi.responses import Response
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from services.common.api import FastJSONResponse
+from services.common.api import FastJSONResponse, StaticPages
 from services.common.clock import wall_time
 from services.common.errors import Conflict, InvalidPayload, NotFound
 from services.common.models import ModelKind
@@ -41,21 +41,7 @@ from services.experiments.schemas import ExperimentReport
 from services.experiments.targeting import ExperimentTargeting
 
 router = APIRouter()
-STATIC_DIR: Final = Path(__file__).resolve().parent / "static"
-ASSETS: Final = {
-    "experiments.js": "text/javascript; charset=utf-8",
-    "experiments.css": "text/css; charset=utf-8",
-}
-# The page only talks to this service and runs only its own script.
-PAGE_HEADERS: Final = {
-    "Content-Security-Policy": (
-        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
-        "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
-    ),
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-cache",
-}
+PAGES: Final = StaticPages(Path(__file__).resolve().parent / "static", ("experiments.js", "experiments.css"))
 
 
 def experiment_of(state: ExperimentsState, key: str) -> tuple[ExperimentRuntime, ExperimentConfig]:
@@ -309,18 +295,11 @@ async def experiment_report(key: str, state: State, _: AdminKey) -> Response:
     return FastJSONResponse(report)
 
 
-def _static(name: str, media_type: str) -> Response:
-    return Response((STATIC_DIR / name).read_bytes(), media_type=media_type, headers=PAGE_HEADERS)
-
-
 @router.get("/experiments", include_in_schema=False)
 def experiments_page() -> Response:
-    return _static("experiments.html", "text/html; charset=utf-8")
+    return PAGES.response("experiments.html")
 
 
 @router.get("/experiments/assets/{name}", include_in_schema=False)
 def experiments_asset(name: str) -> Response:
-    media_type = ASSETS.get(name)
-    if media_type is None:
-        raise NotFound("no such asset")
-    return _static(name, media_type)
+    return PAGES.asset(name)

@@ -17,23 +17,13 @@ from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from services.common.api import require_scope
+from services.common.api import StaticPages, require_scope
 from services.common.auth import ApiKeyAuth
 from services.common.errors import NotFound
 from services.reports.pages import NAME, Kind
 from services.reports.store import ReportStore
 
-STATIC_DIR: Final = Path(__file__).resolve().parent / "static"
-ASSETS: Final = {"reports.js": "text/javascript; charset=utf-8", "reports.css": "text/css; charset=utf-8"}
-PAGE_HEADERS: Final = {
-    "Content-Security-Policy": (
-        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
-        "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
-    ),
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-cache",
-}
+PAGES: Final = StaticPages(Path(__file__).resolve().parent / "static", ("reports.js", "reports.css"))
 
 
 @dataclass(frozen=True)
@@ -88,10 +78,6 @@ async def get_report(name: str, state: State, _: AdminKey) -> ReportPage:
     return ReportPage(**report.to_dict())
 
 
-def _static(name: str, media_type: str) -> Response:
-    return Response((STATIC_DIR / name).read_bytes(), media_type=media_type, headers=PAGE_HEADERS)
-
-
 @router.get("/reports", include_in_schema=False)
 def reports_root() -> Response:
     return RedirectResponse("/reports/", status_code=308)
@@ -99,17 +85,14 @@ def reports_root() -> Response:
 
 @router.get("/reports/", include_in_schema=False)
 def reports_page() -> Response:
-    return _static("reports.html", "text/html; charset=utf-8")
+    return PAGES.response("reports.html")
 
 
 @router.get("/reports/assets/{name}", include_in_schema=False)
 def reports_asset(name: str) -> Response:
-    media_type = ASSETS.get(name)
-    if media_type is None:
-        raise NotFound("no such asset")
-    return _static(name, media_type)
+    return PAGES.asset(name)
 
 
 @router.get("/reports/{name}", include_in_schema=False)
 def report_page(name: str) -> Response:
-    return _static("reports.html", "text/html; charset=utf-8")
+    return PAGES.response("reports.html")
