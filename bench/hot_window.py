@@ -19,7 +19,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -74,6 +74,16 @@ def erase_log_part(store: RedisStore, visitor_id: str) -> tuple[float, int]:
     return time.perf_counter() - started, found
 
 
+def used_memory(client: redis.Redis) -> int:
+    # redis-py types every reply as "maybe awaitable": this is the synchronous client.
+    info = cast(dict[str, Any], client.info("memory"))
+    return int(info["used_memory"])
+
+
+def memory_usage(client: redis.Redis, key: str, samples: int | None = None) -> int:
+    return int(cast(int | None, client.memory_usage(key, samples=samples)) or 0)
+
+
 def run(url: str, events: int = 250_000, visitors: int = 50_000, erasures: int = 5) -> dict[str, Any]:
     """The measurements (see the module docstring), as a dict for `bench.run`."""
     args = argparse.Namespace(events=events, visitors=visitors, erasures=erasures)
@@ -86,13 +96,13 @@ def run(url: str, events: int = 250_000, visitors: int = 50_000, erasures: int =
         try:
             pending = make_envelopes(args.events, args.visitors, store.log_time())
             payload_bytes = sum(len(p.payload) for p in pending) / len(pending)
-            before = int(raw.info("memory")["used_memory"])
+            before = used_memory(raw)
             for start in range(0, len(pending), 5000):
                 store.append_events(pending[start : start + 5000])
-            after = int(raw.info("memory")["used_memory"])
-            streams = sum(int(raw.memory_usage(store.stream_of(p), samples=0) or 0) for p in range(4))
+            after = used_memory(raw)
+            streams = sum(memory_usage(raw, store.stream_of(p), samples=0) for p in range(4))
             keys = [store.seen_key(p.event_id, store.partition_of(p.visitor_id)) for p in pending[:1000]]
-            key_bytes = sum(int(raw.memory_usage(k) or 0) for k in keys) / len(keys)
+            key_bytes = sum(memory_usage(raw, k) for k in keys) / len(keys)
             results["payload_bytes"] = round(payload_bytes)
             results["redis_bytes_per_event"] = round((after - before) / args.events)
             results["stream_bytes_per_event"] = round(streams / args.events)
