@@ -21,6 +21,12 @@ HistoriesFile = Annotated[Path, typer.Argument(exists=True, dir_okay=False, help
 AttributesFile = Annotated[
     Path | None, typer.Option(exists=True, dir_okay=False, help="JSON: item id -> attribute ids (category, brand)")
 ]
+# services/recommend/ranking/fusion.py FUSION_POOL (not imported here: the CLI starts without numpy).
+DEFAULT_FUSION_POOL = 1500
+FusionPool = Annotated[
+    int,
+    typer.Option(min=0, help="Learn a cut of a candidate pool this large, saved with the model (0: none)."),
+]
 
 
 def _peak_rss_mb() -> float:
@@ -49,7 +55,7 @@ def import_histories_command(
     )
 
 
-def train_on_histories_file(file: Path, attributes: Path | None, data_dir: Path, seed: int) -> None:
+def train_on_histories_file(file: Path, attributes: Path | None, data_dir: Path, seed: int, fusion_pool: int) -> None:
     """`selaras train --histories FILE`: the model `evaluate ranking --histories` measures (there, trained
     without each user's last interaction), trained on everything and saved as the newest model."""
     from services.common.clock import wall_time
@@ -62,7 +68,7 @@ def train_on_histories_file(file: Path, attributes: Path | None, data_dir: Path,
 
     settings = RecommendSettings(data_dir=data_dir)
     histories = read_histories(file, attributes)
-    config = TrainConfig(max_queries=10**9, seed=seed)
+    config = TrainConfig(max_queries=10**9, seed=seed, fusion_pool=fusion_pool)
     model, text, metrics = train_on_histories(
         histories,
         settings.max_candidates,
@@ -77,14 +83,24 @@ def train_on_histories_file(file: Path, attributes: Path | None, data_dir: Path,
     meta = replace(model.meta, version=f"{model.meta.version}-{int(made)}", created_at=made)
     repository = RecommendRepository.open(settings)
     try:
-        repository.save_model(text, meta, model.embeddings.to_bytes() if model.embeddings else None)
+        repository.save_model(
+            text,
+            meta,
+            model.embeddings.to_bytes() if model.embeddings else None,
+            model.fusion.to_bytes() if model.fusion else None,
+        )
     finally:
         repository.close()
     console.print(f"model {meta.version} saved: {metrics}")
 
 
 def evaluate_histories_file(
-    file: Path, attributes: Path | None, max_users: int | None, seed: int, out: Path | None
+    file: Path,
+    attributes: Path | None,
+    max_users: int | None,
+    seed: int,
+    out: Path | None,
+    fusion_pool: int = DEFAULT_FUSION_POOL,
 ) -> dict[str, object]:
     """`selaras evaluate ranking --histories FILE`: the published protocol on one file; prints and writes JSON."""
     from services.profile.sequences import read_histories
@@ -95,7 +111,7 @@ def evaluate_histories_file(
     started = time.perf_counter()
     histories = read_histories(file, attributes)
     settings = RecommendSettings()
-    config = TrainConfig(max_queries=10**9, seed=seed)
+    config = TrainConfig(max_queries=10**9, seed=seed, fusion_pool=fusion_pool)
     result = evaluate_histories(file.stem, histories, settings, config, _stage_printer(), max_users=max_users)
     report = result.to_dict()
     report["wall_seconds"] = round(time.perf_counter() - started, 1)
@@ -126,6 +142,7 @@ def evaluate_public_command(
     report: Annotated[Path, typer.Option(help="Markdown report.")] = Path("docs/quality.md"),
     max_users: Annotated[int | None, typer.Option(help="Evaluate a random sample of users (quick runs).")] = None,
     seed: int = 7,
+    fusion_pool: FusionPool = DEFAULT_FUSION_POOL,
 ) -> None:
     """Every data set of the folder with the published protocol; writes a Markdown report and JSON next to it."""
     from services.profile.sequences import read_histories
@@ -143,7 +160,7 @@ def evaluate_public_command(
         console.print(f"[bold]{name}[/]")
         started = time.perf_counter()
         histories = read_histories(path, attributes)
-        config = TrainConfig(max_queries=10**9, seed=seed)
+        config = TrainConfig(max_queries=10**9, seed=seed, fusion_pool=fusion_pool)
         result = evaluate_histories(name, histories, RecommendSettings(), config, _stage_printer(), max_users)
         timings[name] = {"total": round(time.perf_counter() - started, 1)}
         results.append(result)
@@ -176,6 +193,7 @@ def evaluate_ablation_command(
     report: Annotated[Path, typer.Option(help="Markdown table.")] = Path("docs/quality-ablation.md"),
     max_users: Annotated[int | None, typer.Option(help="Evaluate a random sample of users (quick runs).")] = None,
     seed: int = 7,
+    fusion_pool: FusionPool = DEFAULT_FUSION_POOL,
 ) -> None:
     """Generators added one at a time (each step trains its own ranker): candidate recall and NDCG@10."""
     from services.profile.sequences import read_histories
@@ -190,7 +208,7 @@ def evaluate_ablation_command(
         sources = (*sources, *added)
         console.print(f"[bold]{label}[/]")
         settings = RecommendSettings(candidate_sources=sources)
-        config = TrainConfig(max_queries=10**9, seed=seed)
+        config = TrainConfig(max_queries=10**9, seed=seed, fusion_pool=fusion_pool)
         result = evaluate_histories(file.stem, histories, settings, config, _stage_printer(), max_users)
         row = result.methods[PIPELINE]
         rows.append(

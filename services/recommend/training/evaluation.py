@@ -299,6 +299,9 @@ class RankingEvaluator:
             self.repository, replace(grid, personal=False), self.progress, stats, fetched
         )
         split = split_queries(events, products, config)
+        # One set of point-in-time embeddings for both trainers and the test queries.
+        trainer.learn_embeddings(events, [*split.train, *split.validation, *split.test], products)
+        anonymous_trainer.embeddings = trainer.embeddings
         if not split.test:
             raise ValueError(f"no test queries: no visitor has {config.min_interactions}+ {config.target} interactions")
         if len(split.train) < 50:
@@ -386,7 +389,9 @@ class RankingEvaluator:
                 context.get("hour", 0), query.device, query.city, bool(context.get("is_payday_window"))
             )
 
-            # The pipeline exactly as served (a visitor without history gets the served fallback).
+            # The pipeline exactly as served (a visitor without history gets the served fallback), with the
+            # item embeddings a model trained just before the query would carry.
+            personal.embeddings = trainer.embeddings.at(query.ts) if trainer.embeddings is not None else None
             model = personal if visitor.known else None
             ranked = service.rank_slot(
                 slot,

@@ -83,11 +83,10 @@ def train_on_histories(
     rules: SegmentRules | None = None,
     progress: Progress | None = None,
     pool: int = 0,
-    fusion_pool: int = 0,
 ) -> tuple[RankerModel, bytes, dict[str, float]]:
-    """A LightGBM ranker for the served pipeline: one query per visitor (the last interaction). `fusion_pool`
-    larger than `max_candidates`: a learned cut of a pool that large (CandidateFusion) is fitted on the same
-    queries first, the ranker trains on the candidates it keeps, and the model carries it."""
+    """A LightGBM ranker for the served pipeline: one query per visitor (the last interaction).
+    `config.fusion_pool` larger than `max_candidates`: a learned cut of a pool that large (CandidateFusion) is
+    fitted on the same queries first, the ranker trains on the candidates it keeps, and the model carries it."""
     started = time.perf_counter()
     report = progress or (lambda _stage, _fraction: None)
     rules = rules or SegmentRules()
@@ -105,9 +104,9 @@ def train_on_histories(
     generator = CandidateGenerator(max_candidates, sources=sources, pool=pool)
     context, keys = world.context()
     fusion = None
-    if fusion_pool > max_candidates:
+    if config.fusion_pool > max_candidates:
         report("learning the candidate fusion", 0.0)
-        fusion = fit_fusion(histories, world, users, generator, keys, embeddings, fusion_pool, config.seed)
+        fusion = fit_fusion(histories, world, users, generator, keys, embeddings, config.fusion_pool, config.seed)
     valid_every = max(round(1 / config.validation_fraction), 2) if config.validation_fraction > 0 else 0
     sets = {"train": _Groups(), "valid": _Groups()}
     for n, u in enumerate(users):
@@ -142,6 +141,7 @@ def train_on_histories(
         raise ValueError("no training query had its next item among the candidates")
     booster = fit_ranker(config, train_set, valid_set)
     metrics = {
+        "fusion_pool": float(fusion.pool if fusion is not None else 0),
         "train_queries": float(len(train_set.groups)),
         "validation_queries": float(len(valid_set.groups)),
         "best_iteration": float(booster.best_iteration),
