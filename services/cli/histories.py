@@ -195,7 +195,8 @@ def evaluate_ablation_command(
     seed: int = 7,
     fusion_pool: FusionPool = DEFAULT_FUSION_POOL,
 ) -> None:
-    """Generators added one at a time (each step trains its own ranker): candidate recall and NDCG@10."""
+    """Generators added one at a time (each step trains its own ranker), the first ones in priority order,
+    then every generator with the learned cut of a larger pool: candidate recall and NDCG@10."""
     from services.profile.sequences import read_histories
     from services.recommend.settings import RecommendSettings
     from services.recommend.training.history_eval import PIPELINE, evaluate_histories
@@ -204,11 +205,16 @@ def evaluate_ablation_command(
     histories = read_histories(file, attributes)
     rows = []
     sources: tuple[str, ...] = ()
+    steps: list[tuple[str, tuple[str, ...], int]] = []
     for label, added in ABLATION_STEPS:
         sources = (*sources, *added)
+        steps.append((label, sources, 0))
+    if fusion_pool:
+        steps.append((f"+ learned fusion: the best of a pool of {fusion_pool:,}", sources, fusion_pool))
+    for label, step_sources, pool in steps:
         console.print(f"[bold]{label}[/]")
-        settings = RecommendSettings(candidate_sources=sources)
-        config = TrainConfig(max_queries=10**9, seed=seed, fusion_pool=fusion_pool)
+        settings = RecommendSettings(candidate_sources=step_sources)
+        config = TrainConfig(max_queries=10**9, seed=seed, fusion_pool=pool)
         result = evaluate_histories(file.stem, histories, settings, config, _stage_printer(), max_users)
         row = result.methods[PIPELINE]
         rows.append(

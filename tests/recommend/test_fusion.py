@@ -50,7 +50,7 @@ def test_weights_read_back_and_damaged_or_foreign_ones_are_refused() -> None:
         CandidateFusion.from_bytes(fusion.to_bytes()[:50], SOURCES)
     with pytest.raises(FusionFileError, match="other features"):
         CandidateFusion.from_bytes(fusion.to_bytes(), SOURCES[:-1])
-    with pytest.raises(ValueError, match="both"):
+    with pytest.raises(ValueError, match="in the pool and others"):
         CandidateFusion.fit(X, np.zeros(400, dtype=bool), POOL, SOURCES)
 
 
