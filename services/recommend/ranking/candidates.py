@@ -4,6 +4,10 @@ Generators: co-visitation of recently viewed items, item embeddings of the recen
 ships them: services/recommend/ranking/item_embeddings.py), the visitor's affine categories and brands, trending in
 context (city × part of day, device), new arrivals, and complements of cart items. Training uses the very
 same generators with point-in-time inputs, so the ranker learns on the candidate distribution it serves.
+
+When the model carries a learned fusion (services/recommend/ranking/fusion.py), the generators propose a pool
+of its size and the fusion's best `max_candidates` are kept; otherwise the first ones in priority order (or,
+with RECOMMEND_CANDIDATE_POOL, the best by reciprocal-rank fusion).
 """
 
 from __future__ import annotations
