@@ -31,7 +31,6 @@ SIGNAL_COLUMNS = (
 )
 # Non-negative scores with long tails: their logarithm is what a linear model can weigh.
 LOG_SIGNALS = frozenset({"x_covisitation", "x_last_item_transition", "x_two_step", "x_shared_tags"})
-FUSION_POOL = 1500  # the pool `selaras train` learns fusion for by default (0: no fusion)
 FUSION_QUERIES = 6000  # training queries the weights are fitted on (a linear model needs few)
 FUSION_NEGATIVES = 300  # negatives sampled per query (the cut ranks within a query: the intercept is moot)
 
