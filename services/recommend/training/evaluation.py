@@ -398,8 +398,11 @@ class RankingEvaluator:
                 RankContext(snapshot, model, visitor, dict(context), keys, rule_ctx, query.ts, explain=False),
                 set(),
             )
-            candidates = service.generator.products(snapshot, visitor, keys, Filters(), personalized=model is not None)
-            self._record(scores[PIPELINE], snapshot, [snapshot.ids[i] for i in ranked.idx], target, candidates.idx)
+            # Candidate recall of what the pipeline served (with the model's embeddings), not of a second call.
+            served = ranked.candidates
+            if served is None:  # a path that reports none (the fallback): the generators as it would run them
+                served = service.generator.products(snapshot, visitor, keys, Filters(), model is not None).idx
+            self._record(scores[PIPELINE], snapshot, [snapshot.ids[i] for i in ranked.idx], target, served)
 
             # LightGBM without personal features, on non-personalised candidates.
             plain = service.generator.products(snapshot, visitor, keys, Filters(), personalized=False)
