@@ -17,7 +17,7 @@ from services.recommend.ranking.candidates import CandidateGenerator, Filters, V
 from services.recommend.ranking.item_cache import build_snapshot
 from services.recommend.ranking.item_embeddings import EmbeddingFileError, ItemEmbeddings
 from services.recommend.ranking.ranker import explain_item
-from services.recommend.training.train import EmbeddingsOverTime, interaction_sequences
+from services.recommend.training.embeddings import EmbeddingsOverTime, interaction_sequences
 from tests.factories import BASE_TIME, make_event, make_item
 
 

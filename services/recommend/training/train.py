@@ -53,6 +53,7 @@ from services.recommend.ranking.item_cache import (
 from services.recommend.ranking.item_embeddings import ItemEmbeddings
 from services.recommend.ranking.ranker import ModelMeta, feature_matrix
 from services.recommend.repository import RecommendRepository
+from services.recommend.training.embeddings import EMBEDDING_REFITS, EmbeddingsOverTime, interaction_sequences
 
 log = logging.getLogger(__name__)
 
@@ -131,36 +132,6 @@ class TrainResult:
     metrics: dict[str, Any]
     # Learned from every logged interaction, saved with the ranker (its x_embedding* columns read them).
     embeddings: ItemEmbeddings | None = None
-
-
-EMBEDDING_REFITS = 4  # point-in-time item embeddings are refitted this many times over the log
-
-
-class EmbeddingsOverTime:
-    """Item embeddings as of a moment: fitted on the interactions before each of a few refit times, so a
-    training query only sees embeddings learned from its past (a query before the first refit sees none, as a
-    shop without a trained model serves none). Sequences: each visitor's product interactions in time order."""
-
-    def __init__(self, events: Sequence[Event], products: set[str], refit_times: Sequence[float]):
-        self.times = sorted(refit_times)
-        self.fitted: list[ItemEmbeddings | None] = [
-            ItemEmbeddings.fit(interaction_sequences(events, products, before=at)) for at in self.times
-        ]
-
-    def at(self, ts: float) -> ItemEmbeddings | None:
-        position = bisect.bisect_left(self.times, ts) - 1  # strictly before the query
-        return self.fitted[position] if position >= 0 else None
-
-
-def interaction_sequences(events: Sequence[Event], products: set[str], before: float = math.inf) -> list[list[str]]:
-    """Each visitor's viewed, carted and bought products in time order (`events` sorted), before `before`."""
-    sequences: dict[str, list[str]] = {}
-    for event in events:
-        if event.ts >= before:
-            break
-        if event.type in GRADES and event.item_id in products:
-            sequences.setdefault(event.visitor_id, []).append(event.item_id)
-    return list(sequences.values())
 
 
 def _utc(ts: float) -> datetime:
