@@ -21,6 +21,7 @@ from services.cli.common import (
     publish_report,
     use_data_dir,
 )
+from services.cli.histories import DEFAULT_FUSION_POOL
 
 
 def train(
@@ -46,13 +47,16 @@ def train(
         typer.Option(exists=True, dir_okay=False, help='Train on a "user item item ..." file (folded in-process).'),
     ] = None,
     attributes: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="With --histories.")] = None,
+    fusion_pool: Annotated[
+        int, typer.Option(min=0, help="With --histories: learn a cut of a candidate pool this large (0: none).")
+    ] = DEFAULT_FUSION_POOL,
 ) -> None:
     """Train the LightGBM ranker from the event log and Feast's offline store; save it as the newest model."""
     use_data_dir(data_dir)
     if histories is not None:
         from services.cli.histories import train_on_histories_file
 
-        train_on_histories_file(histories, attributes, data_dir, seed)
+        train_on_histories_file(histories, attributes, data_dir, seed, fusion_pool)
         return
     from services.recommend.repository import RecommendRepository
     from services.recommend.settings import RecommendSettings
@@ -83,7 +87,8 @@ def train(
                 trainer = DaskTrainer(repository, config, client, stages)
             result = trainer.train()
             stages.finish()
-        repository.save_model(result.model_text, result.meta)
+        embeddings = result.embeddings.to_bytes() if result.embeddings is not None else None
+        repository.save_model(result.model_text, result.meta, embeddings)
     except ValueError as exc:
         console.print(f"[red]cannot train:[/] {exc}")
         raise typer.Exit(2) from exc

@@ -178,9 +178,14 @@ class RecommendRepository:
         return {int(p["persona_id"]): str(p.get("name_en", "")) for p in data.get("personas", [])}
 
     # -- models (stored by the one model registry, services/common/models.py) ----------------------------
-    def save_model(self, model_text: bytes, meta: ModelMeta, embeddings: bytes | None = None) -> None:
-        """`embeddings`: the item embeddings learned with the ranker (ItemEmbeddings.to_bytes), if any."""
+    def save_model(
+        self, model_text: bytes, meta: ModelMeta, embeddings: bytes | None = None, fusion: bytes | None = None
+    ) -> None:
+        """`embeddings`: the item embeddings learned with the ranker (ItemEmbeddings.to_bytes), if any;
+        `fusion`: the candidate pool's learned cut (CandidateFusion.to_bytes), if any."""
         companions = {"embeddings": embeddings} if embeddings is not None else {}
+        if fusion is not None:
+            companions["fusion"] = fusion
         self.models.publish(
             ModelKind.RANKER, meta.version, model_text, meta.created_at, meta=meta.to_json(), companions=companions
         )
@@ -206,6 +211,9 @@ class RecommendRepository:
 
     def model_embeddings(self, version: str) -> bytes | None:
         return self.models.companion(ModelKind.RANKER, version, "embeddings")
+
+    def model_fusion(self, version: str) -> bytes | None:
+        return self.models.companion(ModelKind.RANKER, version, "fusion")
 
     # -- recommendations and impressions --------------------------------------------------------------
     def save_recommendation(self, recommendation_id: str, record: Mapping[str, Any], ttl_s: int) -> None:

@@ -35,12 +35,14 @@ from services.features.item_cache import (
 from services.features.schema import visitor_row_at
 from services.recommend.answers import impression_event, item_card
 from services.recommend.ranking.candidates import (
+    SOURCES,
     CandidateGenerator,
     Filters,
     VisitorVector,
     context_keys_for,
     eligible_products,
 )
+from services.recommend.ranking.fusion import CandidateFusion
 from services.recommend.ranking.item2item import Strategy, neighbours
 from services.recommend.ranking.item_embeddings import ItemEmbeddings
 from services.recommend.ranking.pipeline import (
@@ -282,6 +284,8 @@ class RecommendService:
             model = RankerModel.from_bytes(text, meta, self.settings.data_dir / "compiled-models")
             embeddings = self.repository.model_embeddings(version)
             model.embeddings = ItemEmbeddings.from_bytes(embeddings) if embeddings else None
+            fusion = self.repository.model_fusion(version)
+            model.fusion = CandidateFusion.from_bytes(fusion, SOURCES) if fusion else None
             return model
         except IncompatibleModel as exc:
             self.skipped_models[version] = str(exc)

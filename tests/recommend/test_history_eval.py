@@ -91,11 +91,13 @@ def test_ablation_adds_generators_one_at_a_time(histories: tuple[Path, Histories
     folder, _ = histories
     report = tmp_path / "ablation.md"
     args = ["evaluate", "ablation", str(folder / "Walk.txt"), "--report", str(report), "--max-users", "100"]
+    args += ["--fusion-pool", "40"]
     # 20 of the 60 items per request: the generators then have to choose.
     result = CliRunner().invoke(cli, args, env={"RECOMMEND_MAX_CANDIDATES": "20"}, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     rows = [line for line in report.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(rows) == 5  # the last step adds the item embeddings
+    assert len(rows) == 6  # the fifth step adds the item embeddings, the last the learned cut of a pool of 40
+    assert "learned fusion" in rows[-1] and "40" in rows[-1]
     recalls = [float(row.split("|")[2]) for row in rows]
     assert recalls[1] > recalls[0]  # the next-item generator finds what popularity and categories miss
 

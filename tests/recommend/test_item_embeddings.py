@@ -4,6 +4,11 @@ columns alike, and stay sparse for a 100,000-item catalog."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+
 import numpy as np
 import pytest
 
@@ -12,7 +17,8 @@ from services.features.item_cache import build_snapshot
 from services.recommend.ranking.candidates import CandidateGenerator, Filters, VisitorVector
 from services.recommend.ranking.item_embeddings import EmbeddingFileError, ItemEmbeddings
 from services.recommend.ranking.ranker import explain_item
-from tests.factories import BASE_TIME, make_item
+from services.recommend.training.embeddings import EmbeddingsOverTime, interaction_sequences
+from tests.factories import BASE_TIME, make_event, make_item
 
 
 def two_groups(users: int = 300, seed: int = 3) -> list[list[str]]:
@@ -116,3 +122,49 @@ def test_an_item_ranked_up_by_its_embedding_score_is_explained_by_the_last_item(
     visitor = VisitorVector.from_row("v", {"event_count": 1, "recent_items": ["a1"]})
     reasons = explain_item(contributions, row, "Kite", None, None, visitor, 0, ["Ball"], "today", "embedding")
     assert reasons == ["chosen by people who chose Ball"]
+
+
+def test_the_same_histories_give_the_same_vectors_in_another_process() -> None:
+    # The hash seed of a process changes the iteration order of sets of strings; the fit must not depend on it.
+    script = (
+        "import sys, numpy as np\n"
+        "from services.recommend.ranking.item_embeddings import ItemEmbeddings\n"
+        "from tests.recommend.test_item_embeddings import two_groups\n"
+        "e = ItemEmbeddings.fit(two_groups(), dim=4)\n"
+        "sys.stdout.write(' '.join(e.ids) + '|' + ' '.join(f'{v:.6f}' for v in e.vectors.ravel()))\n"
+    )
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", script],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in ("1", "2", "3")
+    }
+    assert len(outputs) == 1
+
+
+def test_the_event_log_trainer_sees_only_embeddings_learned_before_each_query() -> None:
+    """`selaras train` (event log): embeddings refitted at a few moments, each from the interactions before it."""
+    start = BASE_TIME.timestamp()
+    events = []
+    for n, sequence in enumerate(two_groups(users=200)):
+        for step, item in enumerate(sequence):
+            # Visitors 0-99 act in the first hour, the others in the second; b-items only exist later.
+            ts = start + (0 if n < 100 else 3600) + 10 * step
+            item = item if n >= 100 or item.startswith("a") else "a" + item[1:]
+            events.append(make_event(visitor_id=f"v{n}", item_id=item, timestamp=datetime.fromtimestamp(ts, UTC)))
+    events.sort(key=lambda e: e.ts)
+    products = {e.item_id for e in events if e.item_id}
+    over_time = EmbeddingsOverTime(events, products, [start + 1800, start + 7200])
+    assert over_time.at(start + 100) is None  # before the first refit: none, as without a trained model
+    early, late = over_time.at(start + 1801), over_time.at(start + 7201)
+    assert early is not None and late is not None
+    assert all(i.startswith("a") for i in early.ids)  # nothing from after the refit moment
+    assert any(i.startswith("b") for i in late.ids)
+    assert over_time.at(start + 7200) is early  # a query exactly at a refit time does not see it
+    assert interaction_sequences(events, products, before=start + 1800)[0] == [
+        e.item_id for e in events if e.visitor_id == "v0"
+    ]

@@ -4,6 +4,10 @@ Generators: co-visitation of recently viewed items, item embeddings of the recen
 ships them: services/recommend/ranking/item_embeddings.py), the visitor's affine categories and brands, trending in
 context (city × part of day, device), new arrivals, and complements of cart items. Training uses the very
 same generators with point-in-time inputs, so the ranker learns on the candidate distribution it serves.
+
+When the model carries a learned fusion (services/recommend/ranking/fusion.py), the generators propose a pool
+of its size and the fusion's best `max_candidates` are kept; otherwise the first ones in priority order (or,
+with RECOMMEND_CANDIDATE_POOL, the best by reciprocal-rank fusion).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from services.common.context import daypart, local_time, zone_for
 from services.features.indexes import GLOBAL_CONTEXT
 from services.features.item_cache import KIND_CODES, ItemSnapshot, category_code
 from services.features.schema import as_number
+from services.recommend.ranking.fusion import CandidateFusion, feature_names, fusion_features
 from services.recommend.ranking.item_embeddings import EmbeddingScores, ItemEmbeddings
 from services.recommend.ranking.next_item import NextItemScores, next_item_scores
 
@@ -158,14 +163,66 @@ class CandidateGenerator:
         filters: Filters,
         personalized: bool = True,
         embeddings: ItemEmbeddings | None = None,
+        fusion: CandidateFusion | None = None,
     ) -> CandidateSet:
         """Union of the generators in priority order, deduplicated, at most `max_candidates` (vectorised).
-        `embeddings`: the serving model's item embeddings (None: that generator and its columns are absent)."""
+        `embeddings`: the serving model's item embeddings (None: that generator and its columns are absent).
+        `fusion`: the serving model's learned cut (its own pool size; None: the pool setting, fused by ranks)."""
+        proposals = self._propose(snapshot, visitor, context_keys, filters, personalized, embeddings, fusion)
+        if proposals is None:
+            return CandidateSet(np.zeros(0, dtype=np.int64), np.zeros(0), [])
+        every, source_codes, first, inverse = proposals.every, proposals.codes, proposals.first, proposals.inverse
+        if len(first) > self.max_candidates:
+            if fusion is not None:
+                scores = fusion.score(proposals.features(snapshot))
+                first = first[np.argsort(-scores, kind="stable")[: self.max_candidates]]
+            elif self.pool > self.max_candidates:
+                fused = np.bincount(inverse, weights=_fusion_weights(proposals.parts, proposals.labels))
+                first = first[np.argsort(-fused, kind="stable")[: self.max_candidates]]
+        keep = np.sort(first)[: self.max_candidates]  # first occurrence wins: generator priority order
+        idx = every[keep]
+        signals = proposals.scores.columns(idx) | _embedding_columns(proposals.embedded, idx)
+        signals["x_generator"] = source_codes[keep].astype(np.float64)
+        return CandidateSet(
+            idx=idx,
+            covisitation=signals["x_covisitation"],
+            sources=[SOURCES[c] for c in source_codes[keep]],
+            signals=signals,
+        )
+
+    def pooled(
+        self,
+        snapshot: ItemSnapshot,
+        visitor: VisitorVector,
+        context_keys: Sequence[str],
+        filters: Filters,
+        pool: int,
+        embeddings: ItemEmbeddings | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Training the fusion: every candidate of a pool of about `pool` items (snapshot rows) and its fusion
+        features, exactly as `products` computes them before the cut."""
+        scaled = CandidateFusion(pool, (), np.zeros(0), np.zeros(0), np.zeros(0))  # only its pool size is read
+        proposals = self._propose(snapshot, visitor, context_keys, filters, True, embeddings, scaled)
+        if proposals is None:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, len(feature_names(SOURCES))))
+        return proposals.every[proposals.first], proposals.features(snapshot)
+
+    def _propose(
+        self,
+        snapshot: ItemSnapshot,
+        visitor: VisitorVector,
+        context_keys: Sequence[str],
+        filters: Filters,
+        personalized: bool,
+        embeddings: ItemEmbeddings | None,
+        fusion: CandidateFusion | None,
+    ) -> _Proposals | None:
+        """Every generator's list, in priority order, with budgets scaled to the pool (None: nothing proposed)."""
         eligible = self._eligible_mask(snapshot, filters, KIND_CODES[ItemKind.PRODUCT])
         parts: list[np.ndarray] = []
         labels: list[int] = []
         per_source = self.per_source
-        scale = self.scale
+        scale = max(1.0, fusion.pool / self.max_candidates) if fusion is not None else self.scale
 
         def add(indices: np.ndarray | None, source: str, limit: int) -> None:
             if indices is None or len(indices) == 0 or source not in self.sources:
@@ -205,23 +262,11 @@ class CandidateGenerator:
             add(snapshot.by_category.get(category), "category", per_source)
 
         if not parts:
-            return CandidateSet(np.zeros(0, dtype=np.int64), np.zeros(0), [])
+            return None
         every = np.concatenate(parts)
-        source_codes = np.repeat(np.array(labels, dtype=np.int8), [len(p) for p in parts])
+        codes = np.repeat(np.array(labels, dtype=np.int8), [len(p) for p in parts])
         _, first, inverse = np.unique(every, return_index=True, return_inverse=True)
-        if self.pool > self.max_candidates and len(first) > self.max_candidates:
-            fused = np.bincount(inverse, weights=_fusion_weights(parts, labels), minlength=len(first))
-            first = first[np.argsort(-fused, kind="stable")[: self.max_candidates]]
-        keep = np.sort(first)[: self.max_candidates]  # first occurrence wins: generator priority order
-        idx = every[keep]
-        signals = scores.columns(idx) | _embedding_columns(embedded, idx)
-        signals["x_generator"] = source_codes[keep].astype(np.float64)
-        return CandidateSet(
-            idx=idx,
-            covisitation=signals["x_covisitation"],
-            sources=[SOURCES[c] for c in source_codes[keep]],
-            signals=signals,
-        )
+        return _Proposals(parts, labels, every, codes, first, inverse, scores, embedded)
 
     def signals(
         self,
@@ -271,6 +316,30 @@ def eligible_products(snapshot: ItemSnapshot, filters: Filters) -> np.ndarray:
     """Available products passing a slot's filters (a mask over snapshot rows): the eligibility of candidates
     chosen outside the generators (item-to-item neighbours, a shop's own list)."""
     return CandidateGenerator._eligible_mask(snapshot, filters, KIND_CODES[ItemKind.PRODUCT])
+
+
+@dataclass(frozen=True)
+class _Proposals:
+    """The generators' lists before the cut: `every` concatenated, `first` the first occurrence of each
+    distinct row (np.unique order), `inverse` each proposal's distinct row."""
+
+    parts: list[np.ndarray]
+    labels: list[int]
+    every: np.ndarray
+    codes: np.ndarray
+    first: np.ndarray
+    inverse: np.ndarray
+    scores: NextItemScores
+    embedded: EmbeddingScores | None
+
+    def features(self, snapshot: ItemSnapshot) -> np.ndarray:
+        """The learned fusion's rows (services/recommend/ranking/fusion.py), one per distinct candidate."""
+        positions = np.concatenate([np.arange(len(part), dtype=np.float64) for part in self.parts])
+        best = np.full((len(self.first), len(SOURCES)), np.inf)
+        np.minimum.at(best, (self.inverse, self.codes.astype(np.int64)), positions)
+        rows = self.every[self.first]
+        signals = self.scores.columns(rows) | _embedding_columns(self.embedded, rows)
+        return fusion_features(best, signals, snapshot.popularity_score[rows])
 
 
 def _fusion_weights(parts: list[np.ndarray], labels: list[int]) -> np.ndarray:

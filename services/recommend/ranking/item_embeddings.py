@@ -75,7 +75,9 @@ class ItemEmbeddings:
         rows: list[int] = []
         cols: list[int] = []
         for user, sequence in enumerate(sequences):
-            for item in set(sequence):
+            # First-seen order, not set order: a set of strings iterates in an order that changes with the
+            # process's hash seed, which permuted the matrix's columns and so the randomised SVD's result.
+            for item in dict.fromkeys(sequence):
                 rows.append(user)
                 cols.append(index.setdefault(item, len(index)))
         from sklearn.utils.extmath import randomized_svd  # training only: the service never imports it

@@ -204,8 +204,11 @@ class SlotPipeline:
         if slot.kind is ItemKind.PRODUCT:
             personalized = rank.model is not None
             embeddings = rank.model.embeddings if rank.model else None
+            fusion = rank.model.fusion if rank.model else None
             return SlotCandidates(
-                self.generator.products(snapshot, rank.visitor, rank.keys, filters, personalized, embeddings=embeddings)
+                self.generator.products(
+                    snapshot, rank.visitor, rank.keys, filters, personalized, embeddings=embeddings, fusion=fusion
+                )
             )
         candidates = self.generator.creatives(snapshot, slot.kind, filters)
         allowed = np.array(

@@ -20,6 +20,7 @@ from services.features import schema as F
 from services.features.item_cache import CATEGORY_CODES, ItemColumns, category_code
 from services.features.store import file_lock
 from services.recommend.ranking.candidates import VisitorVector
+from services.recommend.ranking.fusion import CandidateFusion
 from services.recommend.ranking.item_embeddings import ItemEmbeddings
 from services.recommend.ranking.reasons import Locale, say
 
@@ -223,6 +224,9 @@ class RankerModel:
     # Item embeddings learned with the ranker (its x_embedding* columns), saved and loaded with it; None for
     # a model trained without them (the embedding generator is then absent).
     embeddings: ItemEmbeddings | None = None
+    # The learned cut of the candidate pool (services/recommend/ranking/fusion.py), saved and loaded with the
+    # ranker: the ranker was trained on the candidates it keeps. None: candidates as without a model of it.
+    fusion: CandidateFusion | None = None
     _predictor: Any = None
     _native: Any = None
 

@@ -305,6 +305,9 @@ class RankingEvaluator:
             self.repository, replace(grid, personal=False), self.progress, stats, fetched
         )
         split = split_queries(events, products, config)
+        # One set of point-in-time embeddings for both trainers and the test queries.
+        trainer.learn_embeddings(events, [*split.train, *split.validation, *split.test], products)
+        anonymous_trainer.embeddings = trainer.embeddings
         if not split.test:
             raise ValueError(f"no test queries: no visitor has {config.min_interactions}+ {config.target} interactions")
         if len(split.train) < 50:
@@ -392,14 +395,26 @@ class RankingEvaluator:
                 context.get("hour", 0), query.device, query.city, bool(context.get("is_payday_window"))
             )
 
-            # The pipeline exactly as served (a visitor without history gets the served fallback).
+            # The pipeline exactly as served (a visitor without history gets the served fallback), with the
+            # item embeddings a model trained just before the query would carry.
+            personal.embeddings = trainer.embeddings.at(query.ts) if trainer.embeddings is not None else None
             model = personal if visitor.known else None
             ranked = service.rank_slot(
                 slot,
                 RankContext(snapshot, model, visitor, dict(context), keys, rule_ctx, query.ts, explain=False),
                 set(),
             )
-            candidates = service.generator.products(snapshot, visitor, keys, Filters(), personalized=model is not None)
+            # Candidate recall and which generator found the target: the generators exactly as the pipeline ran
+            # them (the model's embeddings and learned cut), so these are the served candidates and their sources.
+            candidates = service.generator.products(
+                snapshot,
+                visitor,
+                keys,
+                Filters(),
+                personalized=model is not None,
+                embeddings=model.embeddings if model is not None else None,
+                fusion=model.fusion if model is not None else None,
+            )
             self._record(
                 scores[PIPELINE],
                 snapshot,

@@ -25,6 +25,7 @@ from services.features.item_cache import CatalogArrays, ItemSnapshot, build_snap
 from services.profile.aggregator.bulk_fold import FoldedHistory, fold_history
 from services.profile.sequences import SYNTHETIC_STEP_S, Histories, catalog_items, purchase_events
 from services.recommend.ranking.candidates import SOURCES, CandidateGenerator, Filters, VisitorVector, context_keys_for
+from services.recommend.ranking.fusion import FUSION_NEGATIVES, FUSION_QUERIES, CandidateFusion
 from services.recommend.ranking.item_embeddings import ItemEmbeddings
 from services.recommend.ranking.ranker import ModelMeta, RankerModel, feature_matrix
 from services.recommend.training.train import TrainConfig, TrainingSet, fit_ranker, ranker_params
@@ -83,7 +84,9 @@ def train_on_histories(
     progress: Progress | None = None,
     pool: int = 0,
 ) -> tuple[RankerModel, bytes, dict[str, float]]:
-    """A LightGBM ranker for the served pipeline: one query per visitor (the last interaction)."""
+    """A LightGBM ranker for the served pipeline: one query per visitor (the last interaction).
+    `config.fusion_pool` larger than `max_candidates`: a learned cut of a pool that large (CandidateFusion) is
+    fitted on the same queries first, the ranker trains on the candidates it keeps, and the model carries it."""
     started = time.perf_counter()
     report = progress or (lambda _stage, _fraction: None)
     rules = rules or SegmentRules()
@@ -100,6 +103,10 @@ def train_on_histories(
     embeddings = ItemEmbeddings.fit(world.histories.sequences) if "embedding" in sources else None
     generator = CandidateGenerator(max_candidates, sources=sources, pool=pool)
     context, keys = world.context()
+    fusion = None
+    if config.fusion_pool > max_candidates:
+        report("learning the candidate fusion", 0.0)
+        fusion = fit_fusion(histories, world, users, generator, keys, embeddings, config.fusion_pool, config.seed)
     valid_every = max(round(1 / config.validation_fraction), 2) if config.validation_fraction > 0 else 0
     sets = {"train": _Groups(), "valid": _Groups()}
     for n, u in enumerate(users):
@@ -107,7 +114,7 @@ def train_on_histories(
         target = world.snapshot.index.get(sequence[-1])
         visitor = world.visitor(user)
         candidates = generator.products(
-            world.snapshot, visitor, keys, seen_filter(sequence[:-1]), embeddings=embeddings
+            world.snapshot, visitor, keys, seen_filter(sequence[:-1]), embeddings=embeddings, fusion=fusion
         )
         if target is None or not len(candidates.idx):
             continue
@@ -134,6 +141,7 @@ def train_on_histories(
         raise ValueError("no training query had its next item among the candidates")
     booster = fit_ranker(config, train_set, valid_set)
     metrics = {
+        "fusion_pool": float(fusion.pool if fusion is not None else 0),
         "train_queries": float(len(train_set.groups)),
         "validation_queries": float(len(valid_set.groups)),
         "best_iteration": float(booster.best_iteration),
@@ -150,9 +158,44 @@ def train_on_histories(
     text = booster.model_to_string().encode()
     # Loaded the way the service loads a saved model (compatibility check, one long-lived predictor).
     model = RankerModel.from_bytes(text, meta)
+    model.fusion = fusion
     if embeddings is not None:
         model.embeddings = ItemEmbeddings.fit(histories.sequences)
     return model, text, metrics
+
+
+def fit_fusion(
+    histories: Histories,
+    world: FoldedWorld,
+    users: Sequence[int],
+    generator: CandidateGenerator,
+    keys: Sequence[str],
+    embeddings: ItemEmbeddings | None,
+    pool: int,
+    seed: int,
+) -> CandidateFusion | None:
+    """The pool's cut, fitted on (a sample of) the ranker's own queries: each visitor's last interaction is
+    the positive among the pool's candidates. None when no query's next item is in the pool."""
+    rng = np.random.default_rng(seed + 1)
+    chosen = sorted(rng.choice(len(users), min(len(users), FUSION_QUERIES), replace=False).tolist())
+    rows: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    for n in chosen:
+        sequence = histories.sequences[users[n]]
+        target = world.snapshot.index.get(sequence[-1])
+        visitor = world.visitor(histories.users[users[n]])
+        idx, X = generator.pooled(world.snapshot, visitor, keys, seen_filter(sequence[:-1]), pool, embeddings)
+        y = idx == target
+        if target is None or not y.any():
+            continue
+        negatives = np.flatnonzero(~y)
+        sampled = rng.choice(negatives, min(len(negatives), FUSION_NEGATIVES), replace=False)
+        keep = np.concatenate([np.flatnonzero(y), sampled])
+        rows.append(X[keep])
+        labels.append(y[keep])
+    if not rows:
+        return None
+    return CandidateFusion.fit(np.vstack(rows), np.concatenate(labels), pool, SOURCES, seed)
 
 
 class _Groups:

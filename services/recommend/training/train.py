@@ -50,8 +50,10 @@ from services.recommend.ranking.candidates import (
     VisitorVector,
     context_keys_for,
 )
+from services.recommend.ranking.item_embeddings import ItemEmbeddings
 from services.recommend.ranking.ranker import ModelMeta, feature_matrix
 from services.recommend.repository import RecommendRepository
+from services.recommend.training.embeddings import EMBEDDING_REFITS, EmbeddingsOverTime, interaction_sequences
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,9 @@ class TrainConfig:
     candidates: int = 500
     # The served candidate pool (RecommendSettings.candidate_pool; 0: none), for the same reason.
     candidate_pool: int = 0
+    # A learned cut of a pool this large (services/recommend/ranking/fusion.py), fitted on the training queries
+    # and saved with the model (0, or not above `candidates`: none). `train_on_histories` learns it.
+    fusion_pool: int = 0
     max_negatives: int = 50
     validation_fraction: float = 0.2
     snapshot_step_s: float | None = None  # None: spread ~120 snapshots over the log's time span
@@ -125,6 +130,8 @@ class TrainResult:
     meta: ModelMeta
     model_text: bytes
     metrics: dict[str, Any]
+    # Learned from every logged interaction, saved with the ranker (its x_embedding* columns read them).
+    embeddings: ItemEmbeddings | None = None
 
 
 def _utc(ts: float) -> datetime:
@@ -143,6 +150,7 @@ class Trainer:
         self.generator = CandidateGenerator(
             max_candidates=config.candidates, per_source=PER_SOURCE, pool=config.candidate_pool
         )
+        self.embeddings: EmbeddingsOverTime | None = None  # set by `learn_embeddings`
 
     # -- queries ------------------------------------------------------------------------------------
     def load(self) -> tuple[list[Event], list[CatalogItem]]:
@@ -209,6 +217,16 @@ class Trainer:
         rng = np.random.default_rng(self.config.seed)
         keep = np.sort(rng.choice(len(queries), self.config.max_queries, replace=False))
         return [queries[i] for i in keep]
+
+    def learn_embeddings(self, events: Sequence[Event], queries: Sequence[Query], products: set[str]) -> None:
+        """Point-in-time item embeddings for `build` (refitted at EMBEDDING_REFITS moments up to the last query)."""
+        if not queries:
+            return
+        start, end = events[0].ts, max(q.ts for q in queries)
+        step = (end - start) / EMBEDDING_REFITS
+        self.embeddings = EmbeddingsOverTime(
+            events, products, [start + step * (n + 1) for n in range(EMBEDDING_REFITS)]
+        )
 
     # -- point-in-time inputs --------------------------------------------------------------------------
     def visitor_rows(self, queries: Sequence[Query]) -> list[tuple[VisitorVector, dict[str, int]]]:
@@ -327,12 +345,15 @@ class Trainer:
             if on_query is not None:
                 on_query(q_index, query, snapshot, visitor, context, keys)
                 continue
+            embeddings = self.embeddings.at(query.ts) if self.embeddings is not None else None
             if query.shown:
                 idx = np.array([snapshot.index[i] for i in query.shown if i in snapshot.index], dtype=np.int64)
-                signals = self.generator.signals(snapshot, visitor, idx) if personal else {}
+                signals = self.generator.signals(snapshot, visitor, idx, embeddings) if personal else {}
                 grades = np.array([query.labels.get(snapshot.ids[i], 0) for i in idx], dtype=np.float64)
             else:
-                candidates = self.generator.products(snapshot, visitor, keys, Filters(), personalized=personal)
+                candidates = self.generator.products(
+                    snapshot, visitor, keys, Filters(), personalized=personal, embeddings=embeddings
+                )
                 idx, signals = candidates.idx, dict(candidates.signals)
                 grades = np.array(
                     [query.grade if snapshot.ids[i] == query.target else 0 for i in idx], dtype=np.float64
@@ -399,6 +420,8 @@ class Trainer:
             raise ValueError(f"only {len(queries)} training queries ({used}); ingest more events first")
         self.progress("visitor features (Feast, point in time)", 0.0)
         visitors = self.visitor_rows(queries)
+        self.progress("learning item embeddings", 0.0)
+        self.learn_embeddings(events, queries, products)
         cut = int(len(queries) * (1 - self.config.validation_fraction))
         split_ts = queries[cut].ts
         train_set, _ = self.build(events, catalog, queries[:cut], visitors[:cut], personal=self.config.personal)
@@ -444,7 +467,7 @@ class Trainer:
             personal=self.config.personal,
         )
         text = booster.model_to_string().encode()
-        return TrainResult(meta, text, metrics)
+        return TrainResult(meta, text, metrics, ItemEmbeddings.fit(interaction_sequences(events, products)))
 
     def params(self) -> dict[str, Any]:
         return ranker_params(self.config)
