@@ -12,7 +12,7 @@ A visitor with fewer than `min_interactions` interactions of the target type is 
 Each test query is ranked as the service would have ranked it at that moment: the point-in-time visitor
 row (Feast, 1 ms before the query), request context, item statistics and candidate indexes replayed from
 the log (the training replay, services/recommend/training/train.py), then the serving code itself
-(`RecommendService._rank_slot`: candidate generators -> LightGBM -> rules, no exploration). The whole
+(`SlotPipeline.rank_slot`: candidate generators -> LightGBM -> rules, no exploration). The whole
 catalog is the universe: a held-out item no generator proposes is a miss.
 
 Baselines, ranked under the same rules (not just bought, at most N per category) so that only the scoring

@@ -8,7 +8,7 @@
 - HR@10 and NDCG@10 as means over users, with 95% intervals (users are independent: mean ± 1.96 s/√n);
   candidate recall is the share of targets among the served candidates (at the served candidate count).
 
-The pipeline is ranked by the serving code itself (`RecommendService._rank_slot`: generators -> LightGBM ->
+The pipeline is ranked by the serving code itself (`SlotPipeline.rank_slot`: generators -> LightGBM ->
 rules); the baselines under the same exclusion: most popular, and the co-visitation index alone (the
 order-aware next-item score the generator uses, popularity as the tie-break).
 """

@@ -10,7 +10,7 @@ means over users with 95% intervals; `coverage` is the share of anchors with at 
 
 With a ranker (`model`, trained by `train_on_histories` on the same histories without their last items), the
 "<strategy>_personal" rows rank the anchor's neighbours as a known visitor's item-anchored slot is served: the
-serving code (`RecommendService.rank_slot`: the anchor's neighbours -> LightGBM -> rules) with the user's
+serving code (`SlotPipeline.rank_slot`: the anchor's neighbours -> LightGBM -> rules) with the user's
 folded visitor row.
 """
 
