@@ -54,6 +54,16 @@ class ArmConfig(BaseModel):
     # A ranker version from the model registry (`GET /v1/admin/models/ranker`): this arm is ranked by it,
     # side by side with the other arms in the same process. None = the version that serves.
     model: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
+    # A ranking configuration this arm serves instead of the service's settings (None: the settings): the
+    # candidate generators it may use and the most items per category in a product slot. The recommend service
+    # knows the generator names and refuses unknown ones (422 through the admin API).
+    candidate_sources: (
+        Annotated[
+            list[Annotated[str, StringConstraints(pattern=r"^[a-z_]{1,32}$")]], Field(min_length=1, max_length=20)
+        ]
+        | None
+    ) = None
+    max_per_category: int | None = Field(default=None, ge=1, le=100)
     description: str = ""
 
     @model_validator(mode="after")
@@ -64,13 +74,16 @@ class ArmConfig(BaseModel):
 
 
 class ArmChoice(NamedTuple):
-    """The arm a visitor is served: (experiment key, arm, personalized[, ranker version]). A tuple, so callers
-    that read `choice[0..2]` keep working; `model` is None when the arm serves the serving version."""
+    """The arm a visitor is served: (experiment key, arm, personalized[, ranker version, ranking configuration]).
+    A tuple, so callers that read `choice[0..2]` keep working; `model` is None when the arm serves the serving
+    version, `candidate_sources` and `max_per_category` None when it ranks with the service's settings."""
 
     key: str
     arm: str
     personalized: bool
     model: str | None = None
+    candidate_sources: tuple[str, ...] | None = None
+    max_per_category: int | None = None
 
 
 class ExperimentConfig(BaseModel):

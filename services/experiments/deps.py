@@ -27,6 +27,9 @@ class ExperimentsState:
     config_store: ExperimentConfigStore | None = None
     models: ModelRegistry | None = None  # where promoting an arm that names a ranker version pins it
     clock: Clock = SYSTEM_CLOCK  # business time of audit entries and of the end a promotion sets
+    # The candidate generators the mounting service has: an arm's `candidate_sources` must name them (empty: no
+    # check, the service falls back to its own generators).
+    candidate_sources: tuple[str, ...] = ()
 
 
 def get_state(request: Request) -> ExperimentsState:

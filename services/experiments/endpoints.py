@@ -147,6 +147,16 @@ CHANGE_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
 }
 
 
+def _check_arm_sources(state: ExperimentsState, experiment: ExperimentConfig) -> None:
+    if not state.candidate_sources:
+        return
+    for n, arm in enumerate(experiment.arms):
+        unknown = sorted(set(arm.candidate_sources or ()) - set(state.candidate_sources))
+        if unknown:
+            known = ", ".join(state.candidate_sources)
+            raise _invalid(f"arms.{n}.candidate_sources", f"unknown candidate sources {unknown}; known: {known}")
+
+
 def _check_arm_models(state: ExperimentsState, experiment: ExperimentConfig) -> None:
     named = [(n, arm.model) for n, arm in enumerate(experiment.arms) if arm.model is not None]
     if not named or state.models is None:
@@ -164,6 +174,7 @@ def create_experiment(experiment: ExperimentConfig, state: State, actor: AdminKe
     names a ranker version the model registry does not hold: a typo would silently serve the production model)."""
     runtime, store = _config_store(state)
     _check_arm_models(state, experiment)
+    _check_arm_sources(state, experiment)
 
     def add(data: dict[str, Any]) -> dict[str, Any]:
         if any(e["key"] == experiment.key for e in data["experiments"]):

@@ -254,7 +254,8 @@ class ExperimentRuntime:
             chosen = ArmChoice(experiment.key, HOLDOUT_ARM, False)
         else:
             arm = next(a for a in experiment.arms if a.name == assignment.arm)
-            chosen = ArmChoice(experiment.key, arm.name, arm.personalized, arm.model)
+            sources = tuple(arm.candidate_sources) if arm.candidate_sources is not None else None
+            chosen = ArmChoice(experiment.key, arm.name, arm.personalized, arm.model, sources, arm.max_per_category)
         EXPERIMENT_REQUESTS.labels(experiment.key, chosen[1]).inc()
         return chosen
 

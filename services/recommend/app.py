@@ -30,6 +30,7 @@ from services.recommend.catalog_endpoints import router as catalog_router
 from services.recommend.deps import RecommendState
 from services.recommend.endpoints import router
 from services.recommend.model_endpoints import router as model_router
+from services.recommend.ranking.candidates import SOURCES
 from services.recommend.repository import RecommendRepository
 from services.recommend.service import RecommendService
 from services.recommend.settings import RecommendSettings
@@ -65,7 +66,7 @@ def build_state(settings: RecommendSettings, clock: Clock | None = None) -> Reco
     executor = ThreadPoolExecutor(max_workers=settings.ranking_threads, thread_name_prefix="rank")
     auth = ApiKeyAuth(settings.api_keys)
     experiment_state = ExperimentsState(
-        experiments, settings.experiments_file, auth, config_store, repository.models, clock
+        experiments, settings.experiments_file, auth, config_store, repository.models, clock, SOURCES
     )
     breaker = CircuitBreaker("store", settings.breaker_failures, settings.breaker_reset_s)
     guard = StoreGuard(breaker, settings.store_budget_s, settings.store_io_threads)

@@ -307,3 +307,27 @@ def test_the_cli_seeds_only_an_empty_store_unless_forced(
     assert "generation 1" in seed(str(first))
     assert "--force" in seed(str(second)) and stored_keys() == ["seeded"]  # the store wins
     assert "generation 2" in seed(str(second), "--force") and stored_keys() == ["replaced"]
+
+
+def test_an_arm_can_serve_its_own_ranking_configuration(replicas: Replicas) -> None:
+    """Arms that differ in their candidate generators or diversity rule; unknown generator names are refused
+    with the field, and the chosen arm carries its configuration to the ranking pipeline."""
+    arms = [
+        {"name": "control", "weight": 0.5, "personalized": True},
+        {"name": "tags", "weight": 0.5, "personalized": True, "candidate_sources": ["covisitation", "nope"]},
+    ]
+    refused = replicas.call(replicas.a, "POST", "/v1/experiments", json=launch(arms=arms))
+    assert refused.status_code == 422
+    error = refused.json()["errors"][0]
+    assert error["field"] == "arms.1.candidate_sources" and "'nope'" in error["message"]
+    arms[1] = {**arms[1], "candidate_sources": ["covisitation", "shared_tags"], "max_per_category": 2}
+    replicas.ok(replicas.a, "POST", "/v1/experiments", json=launch(enabled=True, arms=arms))
+    eventually(lambda: replicas.arm(replicas.b, "someone") is not None)
+    chosen = {}
+    runtime = replicas.b.app.state.experiments.runtime  # type: ignore[attr-defined]
+    for n in range(40):
+        choice = runtime.assign_recommend(f"cfg-{n}", ["product"], NOW.timestamp())
+        chosen[choice.arm] = choice
+    assert chosen["tags"].candidate_sources == ("covisitation", "shared_tags")
+    assert chosen["tags"].max_per_category == 2
+    assert chosen["control"].candidate_sources is None and chosen["control"].max_per_category is None

@@ -4,11 +4,13 @@ store, no HTTP. The end-to-end tests cover the same code through the API; these 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pytest
 
+from services.experiments.config import ArmChoice
 from services.features.indexes import GLOBAL_CONTEXT
 from services.features.item_cache import ItemSnapshot, build_snapshot
 from services.recommend.ranking.candidates import CandidateGenerator, VisitorVector
@@ -118,3 +120,21 @@ def test_exploration_logs_propensities_ranks_and_pool_and_is_reproducible_with_a
         seen.update(explorer.rank_slot(slot, context(snapshot), shown=set()).idx)
     assert len(seen) == 12
     assert np.isfinite(ranked.scores).all()
+
+
+def test_an_experiment_arm_ranks_with_its_own_generators_and_category_quota() -> None:
+    snapshot = snapshot_of()
+    slot = SlotRequest.model_validate({"name": "home", "count": 6})
+    plain = pipeline().rank_slot(slot, context(snapshot), shown=set())
+    assert len(plain.idx) == 6
+    ranked = pipeline()
+    quota = ArmChoice("exp", "one-per-category", True, max_per_category=1)
+    assert len(ranked.rank_slot(slot, replace(context(snapshot), experiment=quota), shown=set()).idx) == 2
+    # An arm that may only use new arrivals finds none here (every item is a month old): its own generators.
+    fresh_only = ArmChoice("exp", "new-only", True, candidate_sources=("new_arrival",))
+    assert ranked.rank_slot(slot, replace(context(snapshot), experiment=fresh_only), shown=set()).idx == []
+    assert ranked.generator_of(fresh_only).sources == frozenset({"new_arrival"})
+    assert ranked.generator_of(fresh_only) is ranked.generator_of(fresh_only)  # built once
+    # A name the service does not know (a hand-edited file) serves with the service's generators, no error.
+    unknown = ArmChoice("exp", "typo", True, candidate_sources=("nope",))
+    assert ranked.generator_of(unknown) is ranked.generator

@@ -7,6 +7,7 @@ so what is measured is what serves.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -41,6 +42,8 @@ from services.recommend.ranking.ranker import (
 from services.recommend.ranking.reasons import Locale, say
 from services.recommend.ranking.rules import RuleContext, apply_rules, targeting_allows
 from services.recommend.schemas import ANCHORED, SlotRequest
+
+log = logging.getLogger(__name__)
 
 STAGE_SECONDS = Histogram(
     "selaras_recommend_stage_seconds",
@@ -119,6 +122,8 @@ class SlotPipeline:
         self.options = options
         self._exploration_rng = np.random.default_rng(exploration_seed)
         self._item_stats_via_sdk = item_stats_via_sdk
+        # Generators of experiment arms that name their own candidate sources, built once per set of sources.
+        self._arm_generators: dict[tuple[str, ...], CandidateGenerator] = {}
 
     def rank_slot(self, slot: SlotRequest, rank: RankContext, shown: set[str]) -> Ranked:
         """Candidates -> scores -> rules (-> exploration) -> explanations for one slot."""
@@ -169,7 +174,7 @@ class SlotPipeline:
             len(candidates.idx) if exploration.active else slot.count,
             shown,
             just_bought=rank.visitor.purchased_items if slot.kind is ItemKind.PRODUCT else (),
-            max_per_category=self._category_quota(slot),
+            max_per_category=self._category_quota(slot, rank.experiment),
             max_pinned=self.options.max_pinned_per_slot,
         )
         STAGE_RULES.observe(time.perf_counter() - stage)
@@ -205,8 +210,9 @@ class SlotPipeline:
             personalized = rank.model is not None
             embeddings = rank.model.embeddings if rank.model else None
             fusion = rank.model.fusion if rank.model else None
+            generator = self.generator_of(rank.experiment)
             return SlotCandidates(
-                self.generator.products(
+                generator.products(
                     snapshot, rank.visitor, rank.keys, filters, personalized, embeddings=embeddings, fusion=fusion
                 )
             )
@@ -261,14 +267,33 @@ class SlotPipeline:
         recent = (*anchor_ids, *(i for i in visitor.recent_items if i not in anchor_ids))
         return replace(visitor, recent_items=recent)
 
-    def _category_quota(self, slot: SlotRequest) -> int | None:
+    def generator_of(self, experiment: ArmChoice | None) -> CandidateGenerator:
+        """The candidate generator of the visitor's arm: its own sources when it names them, else the service's.
+        Arm sources are checked when the experiment is created (the admin API knows `SOURCES`); a configuration
+        seeded from a file with an unknown name serves with the service's generators rather than failing."""
+        if experiment is None or experiment.candidate_sources is None:
+            return self.generator
+        sources = experiment.candidate_sources
+        generator = self._arm_generators.get(sources)
+        if generator is None:
+            base = self.generator
+            try:
+                generator = CandidateGenerator(base.max_candidates, base.per_source, sources, base.pool)
+            except ValueError as exc:
+                log.warning("experiment %s arm %s: %s", experiment.key, experiment.arm, exc)
+                generator = base
+            self._arm_generators[sources] = generator
+        return generator
+
+    def _category_quota(self, slot: SlotRequest, experiment: ArmChoice | None = None) -> int | None:
         """Diversity per category: personal and bought-together product slots by default; a similar or rerank
         slot (often one category by nature: a category page, look-alikes) only when it asks for one."""
         if slot.kind is not ItemKind.PRODUCT:
             return None
         if slot.strategy in ("similar", "rerank"):
             return slot.max_per_category
-        return slot.max_per_category or self.options.max_per_category
+        arm_quota = experiment.max_per_category if experiment is not None else None
+        return slot.max_per_category or arm_quota or self.options.max_per_category
 
     @staticmethod
     def _item_reasons(
