@@ -87,8 +87,7 @@ def train(
                 trainer = DaskTrainer(repository, config, client, stages)
             result = trainer.train()
             stages.finish()
-        embeddings = result.embeddings.to_bytes() if result.embeddings is not None else None
-        repository.save_model(result.model_text, result.meta, embeddings)
+        result.publish(repository)
     except ValueError as exc:
         console.print(f"[red]cannot train:[/] {exc}")
         raise typer.Exit(2) from exc

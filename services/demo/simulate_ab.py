@@ -144,7 +144,7 @@ def train_ranker(
         repository.close()
     repository = RecommendRepository.open(publish or settings)
     try:
-        repository.save_model(result.model_text, result.meta)
+        result.publish(repository)
     finally:
         repository.close()
     return result.meta.version, result.metrics

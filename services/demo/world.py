@@ -135,7 +135,7 @@ def build_world(
         recommend_repository = RecommendRepository.open(settings)
         try:
             result = Trainer(recommend_repository, train_config or TrainConfig(seed=seed), progress).train()
-            recommend_repository.save_model(result.model_text, result.meta)
+            result.publish(recommend_repository)
         finally:
             recommend_repository.close()
         world.train_metrics = result.metrics

@@ -133,6 +133,12 @@ class TrainResult:
     # Learned from every logged interaction, saved with the ranker (its x_embedding* columns read them).
     embeddings: ItemEmbeddings | None = None
 
+    def publish(self, repository: RecommendRepository) -> None:
+        """The ranker and what serving needs with it (the item embeddings) into the model registry: every
+        caller that trains (`selaras train`, the demo world, simulations) publishes through here."""
+        embeddings = self.embeddings.to_bytes() if self.embeddings is not None else None
+        repository.save_model(self.model_text, self.meta, embeddings)
+
 
 def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, tz=UTC)
