@@ -1,7 +1,10 @@
 """The demo shop (catalog) and a visitor simulator with hidden tastes, for demos, tests and benchmarks."""
 
-from services.demo.shop import CATEGORIES, DemoShop, generate_shop
-from services.demo.simulator import VISITOR_TYPES, ShownItem, Simulator, SimVisitor, read_jsonl, write_jsonl
+from services.demo.catalogue import CATEGORIES
+from services.demo.files import read_jsonl, write_jsonl
+from services.demo.shop import DemoShop, generate_shop
+from services.demo.simulator import ShownItem, Simulator
+from services.demo.visitor_types import VISITOR_TYPES, SimVisitor
 
 __all__ = [
     "CATEGORIES",

@@ -24,8 +24,9 @@ from services.common.context import WIB
 from services.common.events import Event
 from services.common.settings import CommonSettings
 from services.common.terminal import console
+from services.demo.files import write_jsonl
 from services.demo.shop import generate_shop
-from services.demo.simulator import Simulator, write_jsonl
+from services.demo.simulator import Simulator
 
 DEMO_EXPERIMENT = "personalized-home"  # the experiment shipped in experiments.yaml
 CATALOG_FILE = "catalog.jsonl"

@@ -34,8 +34,10 @@ from services.common.context import WIB
 from services.common.events import Event, EventContext, EventType
 from services.common.settings import CommonSettings
 from services.common.traits import TraitSchema
+from services.demo.files import write_jsonl
 from services.demo.shop import generate_shop
-from services.demo.simulator import Simulator, SimVisitor, write_jsonl
+from services.demo.simulator import Simulator
+from services.demo.visitor_types import SimVisitor
 from services.demo.world import batched
 from services.features.aggregations import SegmentRules
 from services.features.item_cache import build_snapshot

@@ -11,7 +11,8 @@ import pytest
 
 from services.common.catalog import MESSAGE_TRIGGERS, CatalogItem, ItemKind
 from services.common.context import CITY_ZONES, WIB
-from services.demo.shop import CATEGORIES, DemoShop, generate_shop, shop_price
+from services.demo.catalogue import CATEGORIES
+from services.demo.shop import DemoShop, generate_shop, shop_price
 
 NOW = datetime(2025, 3, 31, tzinfo=WIB)
 TRIGGERS = set(MESSAGE_TRIGGERS)

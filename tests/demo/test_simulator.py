@@ -17,9 +17,12 @@ from typer.testing import CliRunner
 
 from services.common.context import CITY_ZONES, WIB, is_payday_window
 from services.common.events import Event, EventType
+from services.demo.catalogue import FASHION_BEAUTY, GADGETS
 from services.demo.commands import shop_app
-from services.demo.shop import FASHION_BEAUTY, GADGETS, DemoShop, generate_shop
-from services.demo.simulator import VISITOR_TYPES, ShownItem, Simulator, read_jsonl, write_jsonl
+from services.demo.files import read_jsonl, write_jsonl
+from services.demo.shop import DemoShop, generate_shop
+from services.demo.simulator import ShownItem, Simulator
+from services.demo.visitor_types import VISITOR_TYPES
 
 NOW = datetime(2025, 3, 31, tzinfo=WIB)
 DAYS = 14

@@ -18,9 +18,9 @@ from services.common.catalog import CatalogItem
 from services.common.clock import FixedClock
 from services.common.events import Event
 from services.common.settings import CommonSettings
+from services.demo.files import read_jsonl
 from services.demo.message_sim import MessageSimConfig, simulate_messages
 from services.demo.shop import generate_shop
-from services.demo.simulator import read_jsonl
 from services.features.aggregations import SegmentRules
 from services.features.item_cache import build_snapshot
 from services.messages.model import VisitorView, action_vector, visitor_vector

@@ -22,8 +22,9 @@ from services.cli import app as cli
 from services.common.clock import FixedClock
 from services.common.events import Event, EventType
 from services.common.storage import Namespace
+from services.demo.files import write_jsonl
 from services.demo.shop import generate_shop
-from services.demo.simulator import Simulator, write_jsonl
+from services.demo.simulator import Simulator
 from services.features import schema as F
 from services.profile.app import build_state, create_app
 from services.profile.importer import InvalidInput, import_catalog, import_events
