@@ -326,6 +326,10 @@ def _observe_activity(state: VisitorState, event: Event, ts: float) -> None:
         state.channels[event.context.channel] = state.channels.get(event.context.channel, 0) + 1
 
 
+# The keys `segments` returns (the visitor row's segment columns).
+SEGMENT_NAMES = ("lifecycle", "value_tier", "journey_stage", "price_sensitivity", "is_customer")
+
+
 def segments(
     state: VisitorState, now: float, rules: SegmentRules, category_scores: list[float] | None = None
 ) -> dict[str, Any]:

@@ -29,18 +29,11 @@ import numpy as np
 
 from services.common.catalog import CatalogItem, ItemKind
 from services.common.events import Event, EventType
-from services.features.indexes import GLOBAL_CONTEXT, ContextPopularity
+from services.features.indexes import GLOBAL_CONTEXT, INTERACTION_WEIGHTS, ContextPopularity
 from services.offline.estimators import Estimate, doubly_robust, ips, snips
 from services.offline.slates import LoggedSlate, SlateLog, load_slates
 
 MAX_POSITIONS = 10  # positions beyond this share one reward-model indicator
-# The same weights the profile aggregator folds into the popularity index (services/profile/aggregator/worker.py).
-POPULARITY_WEIGHTS = {
-    EventType.PRODUCT_VIEW: 1.0,
-    EventType.ADD_TO_CART: 3.0,
-    EventType.PURCHASE: 5.0,
-    EventType.CLICK: 1.5,
-}
 RECENT_PURCHASES = 20  # the visitor row keeps this many purchased items (services/features/aggregations.py)
 
 
@@ -383,7 +376,8 @@ def popular_lists(
 
     for event in events:
         emit_until(event.ts - 1e-9)
-        weight = POPULARITY_WEIGHTS.get(event.type)
+        # The weights the aggregator folds into the popularity index: one place (services/features/indexes.py).
+        weight = INTERACTION_WEIGHTS.get(event.type)
         if weight is None or not event.item_id:
             continue
         popularity.observe([GLOBAL_CONTEXT], event.item_id, weight, event.ts)

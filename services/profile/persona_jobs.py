@@ -42,7 +42,7 @@ from services.common.clock import SYSTEM_CLOCK
 from services.common.models import ModelKind, ModelRegistry
 from services.common.storage import Namespace, Store
 from services.features import schema as F
-from services.features.aggregations import SegmentRules, VisitorState, segments, visitor_features
+from services.features.aggregations import SEGMENT_NAMES, SegmentRules, VisitorState, segments, visitor_features
 from services.features.store import FeatureWriter, online_rows, rewrite_offline_parts, to_arrow_table
 from services.profile.personas import TRAIT_NAMES, PersonaModel, fit_personas, movement_report
 
@@ -52,7 +52,6 @@ REPORT_KEY = "report"
 CHUNK = 500
 # The fit runs on at most this many visitors (a seeded sample); every visitor is still assigned.
 MAX_FIT_VISITORS = 50_000
-SEGMENT_NAMES = ("lifecycle", "value_tier", "journey_stage", "price_sensitivity", "is_customer")
 # Columns of the visitor view that persona traits read (services/profile/personas.py _trait_row).
 TRAIT_COLUMNS = (
     "event_count",

@@ -243,3 +243,10 @@ def test_every_service_reads_the_same_configured_segment_rules(monkeypatch: pyte
     assert rules[0] == rules[1] == rules[2]
     assert rules[0].at_risk_after_days == 21 and rules[0].value_tiers_idr == (500_000.0, 2_000_000.0)
     assert rules[0] != SegmentRules()
+
+
+def test_segment_names_are_the_keys_segments_returns() -> None:
+    """Persona movement compares a visitor's segments by SEGMENT_NAMES: it must name every segment column."""
+    from services.features.aggregations import SEGMENT_NAMES
+
+    assert tuple(segments(VisitorState("v"), 0.0, SegmentRules())) == SEGMENT_NAMES
