@@ -47,14 +47,17 @@ def _finite(values: Sequence[float | None]) -> list[float]:
 
 
 def _nice_step(span: float, ticks: int = 5) -> float:
-    raw = span / ticks if span > 0 else 1.0
+    raw = span / ticks
+    if not raw > 0:  # a zero span, or one so small (subnormal) that dividing it underflows to 0
+        raw = 1.0
     magnitude = 10 ** math.floor(math.log10(raw))
     return next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
 
 
 def _scale(lo: float, hi: float) -> tuple[float, float, list[float]]:
     """A padded, rounded axis range containing [lo, hi] and its tick values."""
-    if hi <= lo:
+    # A flat range, or one too narrow for floats to draw ticks on (e.g. [0, 5e-324]), gets a visible one.
+    if hi - lo <= 1e-12 * max(1.0, abs(lo), abs(hi)):
         hi = lo + (abs(lo) or 1.0)
     step = _nice_step(hi - lo)
     start, end = math.floor(lo / step) * step, math.ceil(hi / step) * step
