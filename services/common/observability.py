@@ -130,3 +130,6 @@ def configure_logging(level: str = "INFO") -> None:
     root.setLevel(level.upper())
     # uvicorn's access log prints request paths, which can contain visitor ids: keep it off.
     logging.getLogger("uvicorn.access").disabled = True
+    # Feast logs every registry cache refresh at INFO (once a minute per process): routine, not news.
+    if root.level == logging.INFO:
+        logging.getLogger("feast.infra.registry.registry").setLevel(logging.WARNING)
