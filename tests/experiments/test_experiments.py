@@ -541,7 +541,15 @@ def test_admin_api_and_page(services: Services) -> None:
     assert [e["status"] for e in listed["experiments"]] == ["running", "running", "ended", "disabled"]
     assert listed["holdout"] == 0.1
     one = services.admin("/v1/experiments/home-test")
-    assert one["arms"][0] == {"name": "control", "weight": 0.5, "personalized": False, "model": None, "description": ""}
+    assert one["arms"][0] == {
+        "name": "control",
+        "weight": 0.5,
+        "personalized": False,
+        "model": None,
+        "candidate_sources": None,
+        "max_per_category": None,
+        "description": "",
+    }
     assert client.get("/v1/experiments").status_code == 401
     assert client.get("/v1/experiments/home-test/report", headers={"X-API-Key": READER}).status_code == 403
     missing = client.get("/v1/experiments/nope/report", headers={"X-API-Key": ADMIN})
