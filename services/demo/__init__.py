@@ -2,8 +2,9 @@
 
 from services.demo.catalogue import CATEGORIES
 from services.demo.files import read_jsonl, write_jsonl
+from services.demo.reactions import ShownItem
 from services.demo.shop import DemoShop, generate_shop
-from services.demo.simulator import ShownItem, Simulator
+from services.demo.simulator import Simulator
 from services.demo.visitor_types import VISITOR_TYPES, SimVisitor
 
 __all__ = [

@@ -37,7 +37,8 @@ from services.common.events import Event, EventType
 from services.common.models import ModelKind, ModelRegistry
 from services.common.settings import CommonSettings
 from services.common.storage import Namespace, open_store
-from services.demo.simulator import ShownItem, Simulator
+from services.demo.reactions import ShownItem
+from services.demo.simulator import Simulator
 from services.experiments.config import load_config
 from services.experiments.config_store import ExperimentConfigStore
 from services.features import schema as F

@@ -1,6 +1,6 @@
 """The simulator's hidden visitor types: what each type likes, when it shops, how it reacts to prices,
 discounts and messages, and the cities and names visitors are drawn from. Pure data and one dataclass; the
-simulator (simulator.py) samples each visitor around its type."""
+visitor model (visitor_model.py) samples each visitor around its type."""
 
 from __future__ import annotations
 

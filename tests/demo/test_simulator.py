@@ -20,8 +20,9 @@ from services.common.events import Event, EventType
 from services.demo.catalogue import FASHION_BEAUTY, GADGETS
 from services.demo.commands import shop_app
 from services.demo.files import read_jsonl, write_jsonl
+from services.demo.reactions import ShownItem
 from services.demo.shop import DemoShop, generate_shop
-from services.demo.simulator import ShownItem, Simulator
+from services.demo.simulator import Simulator
 from services.demo.visitor_types import VISITOR_TYPES
 
 NOW = datetime(2025, 3, 31, tzinfo=WIB)

@@ -19,7 +19,7 @@ from services.cli import app as cli
 from services.common.clock import Clock
 from services.common.events import Event, EventType
 from services.common.storage import Namespace, RedisStore, make_redis_client
-from services.demo.simulator import ShownItem
+from services.demo.reactions import ShownItem
 from services.offline.estimators import cluster_se, doubly_robust, effective_sample_size, ips, snips
 from services.offline.policy import (
     ItemLists,
