@@ -40,8 +40,8 @@ class Reactions:
     """How the visitors of a `VisitorModel` react to what the service shows them and sends them.
 
     Each reaction draws from a random stream keyed by the seed, the visitor and the recommendation id (or the
-    caller's key), so it is reproducible and independent of call order: a simulation can ask in any order,
-    from any number of workers, and get the same answers.
+    caller's key), so it is reproducible and independent of call order: a simulation can ask in any order and
+    get the same answers.
     """
 
     def __init__(self, model: VisitorModel) -> None:

@@ -358,7 +358,8 @@ class VisitorModel:
         return 2 if rng.random() < 0.05 else 1
 
     def taste_pick(self, rng: np.random.Generator, row: int) -> int:
-        """A product the visitor would buy on their own: category by preference, then by taste, in stock."""
+        """A product (a column) the visitor would buy on their own: category by preference, then by taste, in
+        stock; drawn from the caller's stream."""
         prefs = self.category_prefs[row] / self.category_prefs[row].sum()
         for _ in range(8):
             category = int(rng.choice(len(self.categories), p=prefs))
