@@ -82,7 +82,7 @@ def test_the_services_started_afterwards_serve_the_populated_report(
 def test_the_demo_stores_its_personas_as_a_report(driven: tuple[CommonSettings, DemoTraffic]) -> None:
     from services.cli.serve import _personas_report
     from services.common.storage import open_store
-    from services.profile.persona_jobs import load_model
+    from services.profile.personas.repository import load_model
     from services.reports.store import ReportStore
 
     fork, _ = driven

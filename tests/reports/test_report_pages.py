@@ -20,7 +20,7 @@ from services.common.auth import hash_key
 from services.common.settings import CommonSettings
 from services.common.storage import Namespace, open_store
 from services.demo.simulate_ab import fork_world
-from services.profile.persona_jobs import load_model, load_report
+from services.profile.personas.repository import load_model, load_report
 from services.recommend.settings import RecommendSettings
 from services.recommend.training.evaluation import PIPELINE
 from services.reports.pages import METHOD_LABELS
