@@ -5,8 +5,6 @@ experiment is off) serves that populated report, because the stored configuratio
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,35 +13,16 @@ from fastapi.testclient import TestClient
 
 from services.common.settings import CommonSettings
 from services.demo.commands import DEMO_EXPERIMENT, DemoTraffic, drive_demo_experiment, traffic_summary
-from services.demo.simulate_ab import fork_world
 from services.recommend.app import create_app
 from services.recommend.settings import RecommendSettings
-from tests.conftest import REDIS_URL, SessionWorld, clean_namespace, unique_name
+from tests.conftest import SessionWorld
 
 SHIPPED = Path(__file__).resolve().parents[2] / "experiments.yaml"
 
 
 @pytest.fixture(scope="module")
-def driven(
-    world: SessionWorld, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[CommonSettings, DemoTraffic]]:
-    directory = tmp_path_factory.mktemp("demo-traffic")
-    namespace = unique_name("dt")
-    fork = CommonSettings(
-        data_dir=directory / "data",
-        redis_url=REDIS_URL,
-        namespace=namespace,
-        feast_project=namespace,
-        environment="test",
-    )
-    clean_namespace(REDIS_URL, namespace)
-    simulator = world.world.simulator
-    visitors = [v.visitor_id for v in simulator.visitors]
-    fork_world(world.settings, fork, visitors, [p.item_id for p in simulator.shop.products])
-    try:
-        yield fork, drive_demo_experiment(fork, simulator, world.world.end, 1, SHIPPED)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+def driven(world: SessionWorld, world_fork: CommonSettings) -> tuple[CommonSettings, DemoTraffic]:
+    return world_fork, drive_demo_experiment(world_fork, world.world.simulator, world.world.end, 1, SHIPPED)
 
 
 def arms(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
