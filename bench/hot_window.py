@@ -33,7 +33,7 @@ from services.common.storage import (
     partition_log,
 )
 from services.common.storage.archiver import archive_log
-from services.profile.privacy.service import visitor_marker
+from services.profile.privacy.repository import visitor_marker
 
 KINDS = ("product_view", "product_view", "product_view", "add_to_cart", "purchase")
 

@@ -281,3 +281,31 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SessionWorld]:
     yield SessionWorld(settings, built, OffsetClock(WORLD_END))
     clean_namespace(REDIS_URL, namespace)
     shutil.rmtree(settings.data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def world_fork(world: SessionWorld, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CommonSettings]:
+    """A copy of the session's world (own namespace, Feast project and data dir) for one test module to change:
+    the simulated traffic, the personas job. Its data dir is `<directory>/data`; the module may keep other
+    files in that directory, which goes with the copy."""
+    from services.demo.simulate_ab import fork_world
+
+    directory = tmp_path_factory.mktemp("fork")
+    namespace = unique_name("fork")
+    fork = CommonSettings(
+        data_dir=directory / "data",
+        redis_url=REDIS_URL,
+        namespace=namespace,
+        feast_project=namespace,
+        environment="test",
+    )
+    clean_namespace(REDIS_URL, namespace)
+    simulator = world.world.simulator
+    fork_world(
+        world.settings, fork, [v.visitor_id for v in simulator.visitors], [p.item_id for p in simulator.shop.products]
+    )
+    try:
+        yield fork
+    finally:
+        clean_namespace(REDIS_URL, namespace)
+        shutil.rmtree(directory, ignore_errors=True)

@@ -8,6 +8,8 @@ from typing import Any
 
 from services.common.catalog import CatalogItem
 from services.common.events import Event
+from services.features import schema as F
+from services.features.aggregations import SegmentRules, VisitorState, visitor_features
 
 _ids = itertools.count(1)
 BASE_TIME = datetime(2026, 11, 20, 10, 0, tzinfo=UTC)
@@ -52,3 +54,22 @@ def make_item(**overrides: Any) -> CatalogItem:
     }
     item.update(overrides)
     return CatalogItem.model_validate(item)
+
+
+def make_visitor_state(visitor_id: str = "visitor-1", **overrides: Any) -> VisitorState:
+    """A visitor who viewed three products on BASE_TIME's day."""
+    ts = BASE_TIME.timestamp()
+    values: dict[str, Any] = {
+        "event_count": 3,
+        "first_seen": ts,
+        "last_seen": ts + 120,
+        "views": [ts, ts + 60, ts + 120],
+        "applied_position": "1-0",
+    }
+    values.update(overrides)
+    return VisitorState(visitor_id, **values)
+
+
+def visitor_row(state: VisitorState, at: datetime = BASE_TIME) -> dict[str, Any]:
+    """The visitor's feature row as the aggregator writes it (online and offline), stamped `at`."""
+    return {**visitor_features(state, SegmentRules()), F.VISITOR_KEY: state.visitor_id, F.TIMESTAMP_FIELD: at}

@@ -35,6 +35,7 @@ def personas(
     from services.common.clock import clock_for, wall_datetime
     from services.features.aggregations import SegmentRules
     from services.profile.persona_jobs import persona_table, run_persona_job
+    from services.profile.personas.repository import PersonaRepository
     from services.profile.repository import ProfileRepository
     from services.profile.settings import ProfileSettings
     from services.reports.pages import personas_report
@@ -43,9 +44,7 @@ def personas(
     repository = ProfileRepository.open(settings)
     try:
         result = run_persona_job(
-            repository.store,
-            repository.feature_store,
-            settings.offline_dir,
+            PersonaRepository(repository.store, repository.feature_store, settings.offline_dir),
             SegmentRules.from_settings(settings),
             k_range=range(k_min, k_max + 1),
             seed=seed,
@@ -120,6 +119,7 @@ def retention(
     """Delete logged events and offline feature history older than the retention period (run daily)."""
     use_data_dir(data_dir)
     from services.common.clock import clock_for
+    from services.profile.privacy.repository import PrivacyRepository
     from services.profile.privacy.service import PrivacyService
     from services.profile.repository import ProfileRepository
     from services.profile.settings import ProfileSettings
@@ -128,9 +128,7 @@ def retention(
     repository = ProfileRepository.open(settings)
     try:
         privacy = PrivacyService(
-            repository.store,
-            repository.feature_store,
-            settings.offline_dir,
+            PrivacyRepository(repository.store, repository.feature_store, settings.offline_dir),
             settings.consent_defaults(),
             clock=clock_for(settings.clock_start),
         )

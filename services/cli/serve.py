@@ -215,7 +215,8 @@ def _personas_report(settings: Any, data_dir: Path) -> None:
     """The personas the demo world learned, as the HTML report `selaras personas` writes (/reports/personas)."""
     from services.common.clock import wall_datetime
     from services.common.storage import open_store
-    from services.profile.persona_jobs import load_model, load_report, persona_table
+    from services.profile.persona_jobs import persona_table
+    from services.profile.personas.repository import load_model, load_report
     from services.reports.pages import personas_report
 
     store = open_store(settings)

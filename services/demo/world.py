@@ -21,6 +21,7 @@ from services.features.aggregations import SegmentRules
 from services.profile.aggregator.worker import Aggregator
 from services.profile.ingest import IngestService
 from services.profile.persona_jobs import run_persona_job
+from services.profile.personas.repository import PersonaRepository
 from services.profile.repository import ProfileRepository
 from services.recommend.repository import RecommendRepository
 from services.recommend.training.train import TrainConfig, Trainer
@@ -116,9 +117,7 @@ def build_world(
         progress("learning personas", 0.0)
         try:
             personas = run_persona_job(
-                profile_repository.store,
-                profile_repository.feature_store,
-                settings.offline_dir,
+                PersonaRepository(profile_repository.store, profile_repository.feature_store, settings.offline_dir),
                 rules,
                 seed=seed,
                 now=end.timestamp(),

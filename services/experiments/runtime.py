@@ -69,53 +69,34 @@ RANKING_SECONDS = Histogram(
 # Computed results: every replica computes the same values from the shared store, so take max/avg of
 # these across replicas in PromQL, never sum ("mostrecent" does the same across uvicorn workers).
 _RESULT_LABELS = ["experiment", "arm", "metric"]
-UPLIFT = Gauge(
-    "selaras_experiment_uplift",
-    "Relative uplift of the arm over control",
-    _RESULT_LABELS,
-    multiprocess_mode="mostrecent",
+
+
+def _result_gauge(name: str, documentation: str) -> Gauge:
+    """A computed result per experiment, arm and metric (the most recent value across workers)."""
+    return Gauge(name, documentation, _RESULT_LABELS, multiprocess_mode="mostrecent")
+
+
+UPLIFT = _result_gauge("selaras_experiment_uplift", "Relative uplift of the arm over control")
+UPLIFT_LOWER = _result_gauge("selaras_experiment_uplift_ci_lower", "Fixed-horizon CI lower bound")
+UPLIFT_UPPER = _result_gauge("selaras_experiment_uplift_ci_upper", "Fixed-horizon CI upper bound")
+ALWAYS_VALID_LOWER = _result_gauge(
+    "selaras_experiment_uplift_always_valid_lower", "Always-valid (peeking-safe) CI lower bound"
 )
-UPLIFT_LOWER = Gauge(
-    "selaras_experiment_uplift_ci_lower", "Fixed-horizon CI lower bound", _RESULT_LABELS, multiprocess_mode="mostrecent"
+ALWAYS_VALID_UPPER = _result_gauge(
+    "selaras_experiment_uplift_always_valid_upper", "Always-valid (peeking-safe) CI upper bound"
 )
-UPLIFT_UPPER = Gauge(
-    "selaras_experiment_uplift_ci_upper", "Fixed-horizon CI upper bound", _RESULT_LABELS, multiprocess_mode="mostrecent"
-)
-ALWAYS_VALID_LOWER = Gauge(
-    "selaras_experiment_uplift_always_valid_lower",
-    "Always-valid (peeking-safe) CI lower bound",
-    _RESULT_LABELS,
-    multiprocess_mode="mostrecent",
-)
-ALWAYS_VALID_UPPER = Gauge(
-    "selaras_experiment_uplift_always_valid_upper",
-    "Always-valid (peeking-safe) CI upper bound",
-    _RESULT_LABELS,
-    multiprocess_mode="mostrecent",
-)
-P_VALUE = Gauge("selaras_experiment_p_value", "Welch p-value", _RESULT_LABELS, multiprocess_mode="mostrecent")
-CHANCE_TO_WIN = Gauge(
-    "selaras_experiment_chance_to_win", "Chance the arm beats control", _RESULT_LABELS, multiprocess_mode="mostrecent"
-)
+P_VALUE = _result_gauge("selaras_experiment_p_value", "Welch p-value")
+CHANCE_TO_WIN = _result_gauge("selaras_experiment_chance_to_win", "Chance the arm beats control")
 # CUPED-adjusted results beside the unadjusted ones (NaN when no visitor has a pre-period). The additive sums they
 # are computed from are the `selaras_experiment_covariate_*` counters (store/sums.py).
-CUPED_UPLIFT = Gauge(
-    "selaras_experiment_cuped_uplift",
-    "CUPED-adjusted relative uplift of the arm over control",
-    _RESULT_LABELS,
-    multiprocess_mode="mostrecent",
+CUPED_UPLIFT = _result_gauge(
+    "selaras_experiment_cuped_uplift", "CUPED-adjusted relative uplift of the arm over control"
 )
-CUPED_LOWER = Gauge(
-    "selaras_experiment_cuped_ci_lower", "CUPED-adjusted CI lower bound", _RESULT_LABELS, multiprocess_mode="mostrecent"
-)
-CUPED_UPPER = Gauge(
-    "selaras_experiment_cuped_ci_upper", "CUPED-adjusted CI upper bound", _RESULT_LABELS, multiprocess_mode="mostrecent"
-)
-VARIANCE_REDUCTION = Gauge(
+CUPED_LOWER = _result_gauge("selaras_experiment_cuped_ci_lower", "CUPED-adjusted CI lower bound")
+CUPED_UPPER = _result_gauge("selaras_experiment_cuped_ci_upper", "CUPED-adjusted CI upper bound")
+VARIANCE_REDUCTION = _result_gauge(
     "selaras_experiment_cuped_variance_reduction_ratio",
     "1 - Var(adjusted)/Var(unadjusted) of the uplift (interval widths shrink by its square root)",
-    _RESULT_LABELS,
-    multiprocess_mode="mostrecent",
 )
 SRM_P_VALUE = Gauge(
     "selaras_experiment_srm_p_value", "Sample-ratio-mismatch p-value", ["experiment"], multiprocess_mode="mostrecent"

@@ -22,6 +22,7 @@ from services.profile.deps import ProfileState
 from services.profile.endpoints import router
 from services.profile.ingest import IngestService
 from services.profile.persona_jobs import PersonaAssigner
+from services.profile.privacy.repository import PrivacyRepository
 from services.profile.privacy.service import PrivacyService, privacy_holders
 from services.profile.privacy_endpoints import router as privacy_router
 from services.profile.repository import ProfileRepository
@@ -62,9 +63,7 @@ def build_state(
         defaults,
         rules,
         PrivacyService(
-            repository.store,
-            repository.feature_store,
-            settings.offline_dir,
+            PrivacyRepository(repository.store, repository.feature_store, settings.offline_dir),
             defaults,
             aggregator.fold_lock,
             privacy_holders(settings),

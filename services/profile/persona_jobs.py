@@ -16,7 +16,8 @@ world builder. One run:
 Live updates between runs: the aggregator assigns each new row with `PersonaAssigner`, which follows the
 stored model.
 
-The job never writes visitor states (the aggregator owns them; a concurrent write could lose events).
+The job never writes visitor states (the aggregator owns them; a concurrent write could lose events). Everything
+it reads and writes goes through `PersonaRepository` (services/profile/personas/repository.py).
 """
 
 from __future__ import annotations
@@ -26,29 +27,24 @@ import math
 import random
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
-import pyarrow as pa
-import pyarrow.parquet as pq
-from feast import FeatureStore
 
 from services.common.clock import SYSTEM_CLOCK
 from services.common.models import ModelKind, ModelRegistry
-from services.common.storage import Namespace, Store
+from services.common.storage import Store
 from services.features import schema as F
 from services.features.aggregations import SEGMENT_NAMES, SegmentRules, VisitorState, segments, visitor_features
-from services.features.store import FeatureWriter, online_rows, rewrite_offline_parts, to_arrow_table
 from services.profile.personas import TRAIT_NAMES, PersonaModel, fit_personas, movement_report
+from services.profile.personas.repository import PersonaRepository
 
 log = logging.getLogger(__name__)
 
-REPORT_KEY = "report"
 CHUNK = 500
 # The fit runs on at most this many visitors (a seeded sample); every visitor is still assigned.
 MAX_FIT_VISITORS = 50_000
@@ -72,41 +68,12 @@ TRAIT_COLUMNS = (
 )
 
 
-# --------------------------------------------------------------------------------------------- storage
-
-
-def load_model(store: Store) -> PersonaModel | None:
-    """The persona model that serves (pinned, else the newest; see services/common/models.py)."""
-    serving = ModelRegistry(store).serving_blob(ModelKind.PERSONAS)
-    return PersonaModel.from_json(serving[1].decode()) if serving else None
-
-
-def newest_model(store: Store) -> PersonaModel | None:
-    """The newest persona model published, pinned or not: the next fit continues its persona ids."""
-    registry = ModelRegistry(store)
-    index = registry.index(ModelKind.PERSONAS)
-    blob = registry.blob(ModelKind.PERSONAS, index.newest, index) if index.newest else None
-    return PersonaModel.from_json(blob.decode()) if blob else None
-
-
-def load_report(store: Store) -> dict[str, Any] | None:
-    raw = store.get(Namespace.PERSONAS, REPORT_KEY)
-    return dict(orjson.loads(raw)) if raw else None
-
-
-def save_model(store: Store, model: PersonaModel) -> None:
-    created_at = datetime.fromisoformat(model.created_at).timestamp()
-    ModelRegistry(store).publish(ModelKind.PERSONAS, str(model.version), model.to_json().encode(), created_at)
-
-
-def iter_states(store: Store) -> Iterator[VisitorState]:
-    for _, raw in store.scan(Namespace.VISITOR_STATE):
-        yield VisitorState.from_dict(orjson.loads(raw))
-
-
-def persona_rows(store: Store, rules: SegmentRules) -> list[dict[str, Any]]:
+def persona_rows(repository: PersonaRepository, rules: SegmentRules) -> list[dict[str, Any]]:
     """Every visitor's feature row (as of their latest event) with its visitor id."""
-    return [{**visitor_features(state, rules), F.VISITOR_KEY: state.visitor_id} for state in iter_states(store)]
+    return [
+        {**visitor_features(state, rules), F.VISITOR_KEY: state.visitor_id}
+        for state in repository.iter_visitor_states()
+    ]
 
 
 # --------------------------------------------------------------------------------------------- live
@@ -119,7 +86,6 @@ class PersonaAssigner:
     persona job's new model reaches the live service without a restart. -1 until a model exists."""
 
     def __init__(self, store: Store, check_every_s: float = 10.0):
-        self.store = store
         self.registry = ModelRegistry(store)
         self.check_every_s = check_every_s
         self.model: PersonaModel | None = None
@@ -192,13 +158,15 @@ class PersonaJobResult:
         }
 
 
-def _sample(store: Store, rules: SegmentRules, limit: int, seed: int) -> tuple[list[dict[str, Any]], list[str]]:
+def _sample(
+    repository: PersonaRepository, rules: SegmentRules, limit: int, seed: int
+) -> tuple[list[dict[str, Any]], list[str]]:
     """A seeded reservoir sample of visitor rows (all of them when there are fewer than `limit`), and every
     visitor id. One scan of the store: on a big Redis a scan walks the whole keyspace, so it is done once."""
     rng = random.Random(seed)
     sample: list[dict[str, Any]] = []
     visitor_ids: list[str] = []
-    for key, raw in store.scan(Namespace.VISITOR_STATE):
+    for key, raw in repository.visitor_state_records():
         visitor_ids.append(key)
         n = len(visitor_ids)
         j = n - 1 if n <= limit else rng.randrange(n)
@@ -212,9 +180,7 @@ def _sample(store: Store, rules: SegmentRules, limit: int, seed: int) -> tuple[l
 
 
 def run_persona_job(
-    store: Store,
-    feature_store: FeatureStore,
-    offline_dir: Path,
+    repository: PersonaRepository,
     rules: SegmentRules,
     *,
     k_range: range = range(3, 7),
@@ -226,33 +192,30 @@ def run_persona_job(
     """Fit, store, assign and report (see the module docstring). Raises ValueError with too little data."""
     started = time.perf_counter()
     at = now if now is not None else SYSTEM_CLOCK.now()
-    previous = newest_model(store)
+    previous = repository.newest_model()
     if previous is not None and previous.trait_names != list(TRAIT_NAMES):
         log.warning("previous persona model uses other traits: persona ids start afresh")
         previous = None
-    sample, visitor_ids = _sample(store, rules, max_fit_visitors, seed)
+    sample, visitor_ids = _sample(repository, rules, max_fit_visitors, seed)
     model = fit_personas(sample, k_range, seed, previous, now=datetime.fromtimestamp(at, tz=UTC))
     movement = movement_report(previous, model, sample) if previous is not None else None
-    save_model(store, model)
+    repository.save_model(model)
     result = PersonaJobResult(model, previous.version if previous else None, movement)
     # Rows get the personas of the model that serves: with a version pinned (a rollback), the new fit is
     # published for review but the live assigner keeps the pinned one, and so does this job.
-    serving = load_model(store) or model
-
-    writer = FeatureWriter(feature_store, offline_dir)
+    serving = repository.serving_model() or model
     stamp = datetime.fromtimestamp(at, tz=UTC)
 
     def flush(chunk_ids: list[str]) -> None:
-        raws = store.get_many(Namespace.VISITOR_STATE, chunk_ids)
-        chunk = [VisitorState.from_dict(orjson.loads(raw)) for raw in raws if raw]  # erased/expired since: gone
+        chunk = repository.visitor_states(chunk_ids)  # erased/expired since: gone
         visitor_ids = [state.visitor_id for state in chunk]
         rows = [visitor_features(state, rules) for state in chunk]
         ids = serving.assign(rows)
-        online_now = online_rows(feature_store, F.VISITOR_VIEW, visitor_ids)
+        online_now = repository.online_rows(visitor_ids)
         # Compare-and-skip: a visitor folded since we read the state has a fresher online row already.
-        current = store.get_many(Namespace.VISITOR_STATE, visitor_ids)
+        current = repository.applied_positions(visitor_ids)
         changed: list[dict[str, Any]] = []
-        for state, row, persona_id, served, raw in zip(chunk, rows, ids.tolist(), online_now, current, strict=True):
+        for state, row, persona_id, served in zip(chunk, rows, ids.tolist(), online_now, strict=True):
             result.visitors += 1
             persona = int(persona_id) if row["event_count"] else -1
             result.assigned[persona] = result.assigned.get(persona, 0) + 1
@@ -262,7 +225,7 @@ def run_persona_job(
             segments_moved = any(now_segments[name] != served.get(name) for name in SEGMENT_NAMES)
             if not (persona_moved or segments_moved):
                 continue
-            if raw is None or orjson.loads(raw).get("applied_position") != state.applied_position:
+            if state.visitor_id not in current or current[state.visitor_id] != state.applied_position:
                 result.skipped_busy += 1
                 continue
             result.persona_changed += persona_moved
@@ -277,8 +240,7 @@ def run_persona_job(
                 }
             )
         if changed:
-            writer.write(F.VISITOR_VIEW, changed, offline=False)
-            writer.append_offline(F.VISITOR_VIEW, to_arrow_table(changed, F.VISITOR_KEY, F.VISITOR_FEATURES))
+            repository.write_visitor_rows(changed)
         result.online_rows += len(changed)
         result.offline_rows_appended += len(changed)
 
@@ -286,9 +248,9 @@ def run_persona_job(
         flush(visitor_ids[start : start + CHUNK])
 
     if backfill_offline:
-        result.offline_rows_backfilled, result.offline_files_rewritten = backfill_offline_personas(serving, offline_dir)
+        result.offline_rows_backfilled, result.offline_files_rewritten = backfill_offline_personas(serving, repository)
     result.seconds = round(time.perf_counter() - started, 2)
-    store.put(Namespace.PERSONAS, REPORT_KEY, orjson.dumps(result.report()))
+    repository.save_report(result.report())
     log.info(
         "personas refreshed: version %d, k=%d, %d visitors, %d changed persona",
         model.version,
@@ -299,33 +261,17 @@ def run_persona_job(
     return result
 
 
-def backfill_offline_personas(model: PersonaModel, offline_dir: Path) -> tuple[int, int]:
+def backfill_offline_personas(model: PersonaModel, repository: PersonaRepository) -> tuple[int, int]:
     """Set `persona_id` of every offline visitor row from that row's own (point-in-time) features.
 
     Returns (rows whose persona id changed, files rewritten). Rows without activity keep -1."""
-    changed = 0
 
-    def transform(path: Path) -> pa.Table | None:
-        nonlocal changed
-        probe = pq.read_table(path, columns=[*TRAIT_COLUMNS, "persona_id"])
-        rows = probe.select(list(TRAIT_COLUMNS)).to_pylist()
-        if not rows:
-            return None
+    def persona_ids(rows: list[dict[str, Any]]) -> np.ndarray:
         ids = model.assign(rows)
         active = np.array([bool(r.get("event_count")) for r in rows])
-        ids = np.where(active, ids, -1)
-        old = probe["persona_id"].to_numpy(zero_copy_only=False)
-        old = np.where(np.isnan(old.astype(np.float64)), -2, old).astype(np.int64)
-        moved = int((old != ids).sum())
-        if moved == 0:
-            return None
-        changed += moved
-        table = pq.read_table(path)
-        column = table.schema.get_field_index("persona_id")
-        return table.set_column(column, "persona_id", pa.array(ids, pa.int64()))
+        return np.where(active, ids, -1)
 
-    files = rewrite_offline_parts(offline_dir.resolve(), F.VISITOR_VIEW, transform)
-    return changed, files
+    return repository.rewrite_offline_persona_ids(TRAIT_COLUMNS, persona_ids)
 
 
 def persona_table(model: PersonaModel, assigned: Mapping[int, int] | None = None) -> list[dict[str, Any]]:

@@ -9,7 +9,8 @@ from fastapi import APIRouter
 from services.common.api import PathId
 from services.common.errors import NotFound
 from services.profile.deps import AdminKey, State
-from services.profile.persona_jobs import load_model, load_report, persona_table
+from services.profile.persona_jobs import persona_table
+from services.profile.personas.repository import load_model, load_report
 
 router = APIRouter()
 

@@ -28,7 +28,13 @@ from services.common.storage import (
 from services.features import schema as F
 from services.features.aggregations import ItemInfo, ItemState, VisitorState, merge_item_state
 from services.features.indexes import ContextPopularity, CoVisitation
-from services.features.store import FeatureWriter, online_rows, open_feature_store, to_arrow_table
+from services.features.store import (
+    FeatureWriter,
+    delete_online_entities,
+    online_rows,
+    open_feature_store,
+    to_arrow_table,
+)
 
 log = logging.getLogger(__name__)
 AGGREGATOR_CURSOR = LOG_NAME  # partition 0's log
@@ -56,6 +62,18 @@ def mark_erased(store: Store, visitor_id: str, until: float | None) -> None:
     """An erasure in progress (`until` None) or finished at `until` (wall time): a commit record of a batch read
     before then must not write the visitor back (see `Aggregator._finish`). Keeps only the id, for a week."""
     store.put(Namespace.ERASED, visitor_id, orjson.dumps({"until": until}), ERASURE_MARK_TTL_S)
+
+
+def forget_profiles(store: Store, feature_store: FeatureStore, visitor_ids: Sequence[str]) -> tuple[int, int]:
+    """Delete the live behavioural profile (state blob + online row). Returns (states, online rows) deleted.
+
+    The caller makes sure the aggregator is not folding these visitors at the same time (fold lock), or is
+    the aggregator itself."""
+    if not visitor_ids:
+        return 0, 0
+    states = store.delete(Namespace.VISITOR_STATE, list(visitor_ids))
+    rows = delete_online_entities(feature_store, F.VISITOR_VIEW, list(visitor_ids))
+    return states, rows
 
 
 class ProfileRepository:
@@ -182,6 +200,10 @@ class ProfileRepository:
     # -- erasure against a batch in flight in another process ----------------------------------------
     def mark_erased(self, visitor_id: str, until: float | None) -> None:
         mark_erased(self.store, visitor_id, until)
+
+    def forget_profiles(self, visitor_ids: Sequence[str]) -> tuple[int, int]:
+        """Delete the visitors' live profiles (consent withdrawn or erased): (states, online rows) deleted."""
+        return forget_profiles(self.store, self.feature_store, visitor_ids)
 
     def erased_since(self, visitor_ids: Sequence[str], read_at: float) -> list[str]:
         """Visitors erased while or after a batch read at `read_at` was in flight."""

@@ -5,8 +5,6 @@ experiment is off) serves that populated report, because the stored configuratio
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,35 +13,16 @@ from fastapi.testclient import TestClient
 
 from services.common.settings import CommonSettings
 from services.demo.commands import DEMO_EXPERIMENT, DemoTraffic, drive_demo_experiment, traffic_summary
-from services.demo.simulate_ab import fork_world
 from services.recommend.app import create_app
 from services.recommend.settings import RecommendSettings
-from tests.conftest import REDIS_URL, SessionWorld, clean_namespace, unique_name
+from tests.conftest import SessionWorld
 
 SHIPPED = Path(__file__).resolve().parents[2] / "experiments.yaml"
 
 
 @pytest.fixture(scope="module")
-def driven(
-    world: SessionWorld, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[CommonSettings, DemoTraffic]]:
-    directory = tmp_path_factory.mktemp("demo-traffic")
-    namespace = unique_name("dt")
-    fork = CommonSettings(
-        data_dir=directory / "data",
-        redis_url=REDIS_URL,
-        namespace=namespace,
-        feast_project=namespace,
-        environment="test",
-    )
-    clean_namespace(REDIS_URL, namespace)
-    simulator = world.world.simulator
-    visitors = [v.visitor_id for v in simulator.visitors]
-    fork_world(world.settings, fork, visitors, [p.item_id for p in simulator.shop.products])
-    try:
-        yield fork, drive_demo_experiment(fork, simulator, world.world.end, 1, SHIPPED)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+def driven(world: SessionWorld, world_fork: CommonSettings) -> tuple[CommonSettings, DemoTraffic]:
+    return world_fork, drive_demo_experiment(world_fork, world.world.simulator, world.world.end, 1, SHIPPED)
 
 
 def arms(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -82,7 +61,7 @@ def test_the_services_started_afterwards_serve_the_populated_report(
 def test_the_demo_stores_its_personas_as_a_report(driven: tuple[CommonSettings, DemoTraffic]) -> None:
     from services.cli.serve import _personas_report
     from services.common.storage import open_store
-    from services.profile.persona_jobs import load_model
+    from services.profile.personas.repository import load_model
     from services.reports.store import ReportStore
 
     fork, _ = driven

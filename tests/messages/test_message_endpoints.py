@@ -37,7 +37,7 @@ from services.messages.settings import MessageSettings
 from services.messages.templates import MessageCatalog
 from services.profile.aggregator.worker import Aggregator
 from services.profile.ingest import IngestService
-from services.profile.privacy.service import MessageHistoryHolder
+from services.profile.privacy.repository import MessageHistoryHolder
 from services.profile.repository import ProfileRepository
 from services.recommend.app import create_app
 from services.recommend.deps import RecommendState

@@ -14,6 +14,7 @@ from services.common.storage.archiver import archive_log
 from services.features.aggregations import SegmentRules
 from services.profile.aggregator.worker import Aggregator
 from services.profile.ingest import IngestService
+from services.profile.privacy.repository import PrivacyRepository
 from services.profile.privacy.service import PrivacyService
 from services.profile.repository import ProfileRepository
 from services.profile.settings import ProfileSettings
@@ -44,7 +45,9 @@ def test_erasure_and_export_cover_archive_and_hot_window(settings_factory: Calla
         ingest.ingest(recent + history("keep-me", BASE_TIME + timedelta(days=2), days=1))
         while aggregator.run_once(5000).events:
             pass
-        privacy = PrivacyService(store, repository.feature_store, settings.offline_dir, settings.consent_defaults())
+        privacy = PrivacyService(
+            PrivacyRepository(store, repository.feature_store, settings.offline_dir), settings.consent_defaults()
+        )
 
         exported = privacy.export("erase-me")["events"]
         assert [e["event_id"] for e in exported] == [e.event_id for e in old + recent]
@@ -77,7 +80,9 @@ def test_retention_reaches_the_archive(settings_factory: Callable[..., Any]) -> 
         while aggregator.run_once(5000).events:
             pass
         archive_log(store, store.archive, store.log_time() + 1, 0.0, "test")
-        privacy = PrivacyService(store, repository.feature_store, settings.offline_dir, settings.consent_defaults())
+        privacy = PrivacyService(
+            PrivacyRepository(store, repository.feature_store, settings.offline_dir), settings.consent_defaults()
+        )
         cutoff_days = (BASE_TIME.timestamp() - (BASE_TIME - timedelta(days=100)).timestamp()) / 86400
         now = BASE_TIME.timestamp()
         dry = privacy.apply_retention(cutoff_days, now=now, dry_run=True)

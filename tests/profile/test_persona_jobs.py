@@ -22,20 +22,16 @@ from typer.testing import CliRunner
 from services.cli import app as cli_app
 from services.common.events import Event
 from services.common.models import ModelKind, ModelRegistry
+from services.common.settings import CommonSettings
 from services.features import schema as F
 from services.features.aggregations import SegmentRules
 from services.features.store import online_rows
 from services.profile.aggregator.worker import Aggregator
 from services.profile.app import create_app
 from services.profile.ingest import IngestService
-from services.profile.persona_jobs import (
-    PersonaAssigner,
-    load_model,
-    load_report,
-    persona_rows,
-    run_persona_job,
-)
+from services.profile.persona_jobs import PersonaAssigner, persona_rows, run_persona_job
 from services.profile.personas import active_mask, fit_personas
+from services.profile.personas.repository import PersonaRepository, load_model, load_report
 from services.profile.repository import ProfileRepository
 from services.profile.settings import ProfileSettings
 from services.recommend.repository import RecommendRepository
@@ -44,6 +40,11 @@ from tests.conftest import SessionWorld
 from tests.factories import BASE_TIME, make_event_dict, make_item
 
 RULES = SegmentRules()
+
+
+def personas_of(repository: ProfileRepository, settings: CommonSettings) -> PersonaRepository:
+    return PersonaRepository(repository.store, repository.feature_store, settings.offline_dir)
+
 
 # ------------------------------------------------------------------------------------------------ demo world
 
@@ -62,7 +63,7 @@ def test_personas_recover_the_simulators_hidden_types(world: SessionWorld) -> No
     try:
         model = load_model(repository.store)
         assert model is not None, "build_world must run the persona job"
-        rows = persona_rows(repository.store, RULES)
+        rows = persona_rows(personas_of(repository, world.settings), RULES)
     finally:
         repository.close()
     truth = {v.visitor_id: v.hidden_type for v in world.world.simulator.visitors}
@@ -101,7 +102,7 @@ def test_every_world_visitor_has_a_persona_feature_the_ranker_sees(world: Sessio
         model = load_model(repository.store)
         assert model is not None
         report = load_report(repository.store)
-        rows = persona_rows(repository.store, RULES)
+        rows = persona_rows(personas_of(repository, world.settings), RULES)
         sample = [r for r in rows if r["event_count"]][:25]
         online = online_rows(repository.feature_store, F.VISITOR_VIEW, [str(r[F.VISITOR_KEY]) for r in sample])
     finally:
@@ -216,10 +217,10 @@ def test_job_assigns_everyone_and_keeps_ids_across_refreshes(shop: Shop) -> None
     existing = load_model(store)
     start = existing.version if existing else 0
     week = BASE_TIME.timestamp() + 7 * 86400
-    first = run_persona_job(store, feature_store, shop.settings.offline_dir, RULES, now=week)
+    first = run_persona_job(personas_of(shop.repository, shop.settings), RULES, now=week)
     model = first.model
     assert model.version == start + 1 and model.k == 3
-    rows = persona_rows(store, RULES)
+    rows = persona_rows(personas_of(shop.repository, shop.settings), RULES)
     assigned = dict(zip([r[F.VISITOR_KEY] for r in rows], model.assign(rows).tolist(), strict=True))
     # One persona per type, and every visitor of a type in it.
     by_type = {kind: {assigned[v] for v, t in shop.truth.items() if t == kind} for kind in TYPES}
@@ -238,7 +239,7 @@ def test_job_assigns_everyone_and_keeps_ids_across_refreshes(shop: Shop) -> None
         assert first.persona_changed == len(shop.truth) and first.offline_rows_backfilled > 0
 
     # A refresh on the same behaviour at the same time keeps every id, and the movement report says so.
-    second = run_persona_job(store, feature_store, shop.settings.offline_dir, RULES, now=week)
+    second = run_persona_job(personas_of(shop.repository, shop.settings), RULES, now=week)
     assert second.model.version == start + 2 and second.previous_version == start + 1
     assert sorted(second.model.persona_ids) == sorted(model.persona_ids)
     assert second.movement is not None and second.movement["stayed_share"] == 1.0
@@ -252,7 +253,7 @@ def test_job_assigns_everyone_and_keeps_ids_across_refreshes(shop: Shop) -> None
 def test_live_rows_follow_the_stored_model(shop: Shop) -> None:
     store = shop.repository.store
     if load_model(store) is None:
-        run_persona_job(store, shop.repository.feature_store, shop.settings.offline_dir, RULES)
+        run_persona_job(personas_of(shop.repository, shop.settings), RULES)
     model = load_model(store)
     assert model is not None
     gadget_persona = int(model.assign([_row_of(shop, "gadget-0")])[0])
@@ -269,14 +270,15 @@ def test_live_rows_follow_the_stored_model(shop: Shop) -> None:
 
 
 def _row_of(shop: Shop, visitor_id: str) -> dict[str, Any]:
-    return next(r for r in persona_rows(shop.repository.store, RULES) if r[F.VISITOR_KEY] == visitor_id)
+    rows = persona_rows(personas_of(shop.repository, shop.settings), RULES)
+    return next(r for r in rows if r[F.VISITOR_KEY] == visitor_id)
 
 
 def test_job_moves_absent_visitors_to_at_risk_in_feast(shop: Shop) -> None:
-    store, feature_store = shop.repository.store, shop.repository.feature_store
+    feature_store = shop.repository.feature_store
     later = BASE_TIME.timestamp() + 40 * 86400  # everyone's last visit is over 30 days ago
     before = len(list((shop.settings.offline_dir / F.VISITOR_VIEW).glob("*.parquet")))
-    result = run_persona_job(store, feature_store, shop.settings.offline_dir, RULES, now=later, backfill_offline=False)
+    result = run_persona_job(personas_of(shop.repository, shop.settings), RULES, now=later, backfill_offline=False)
     assert result.segments_changed >= len(shop.truth)
     online = online_rows(feature_store, F.VISITOR_VIEW, list(shop.truth))
     assert {r["lifecycle"] for r in online} == {"at_risk"}
@@ -288,7 +290,7 @@ def test_job_moves_absent_visitors_to_at_risk_in_feast(shop: Shop) -> None:
 def test_personas_api_and_profile_view(shop: Shop) -> None:
     store = shop.repository.store
     if load_model(store) is None:
-        run_persona_job(store, shop.repository.feature_store, shop.settings.offline_dir, RULES)
+        run_persona_job(personas_of(shop.repository, shop.settings), RULES)
     model = load_model(store)
     assert model is not None
     settings = shop.settings.model_copy(update={"aggregator_enabled": False})
@@ -310,7 +312,7 @@ def test_personas_api_and_profile_view(shop: Shop) -> None:
 def test_personas_cli_prints_the_report(shop: Shop, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = shop.settings
     if load_model(shop.repository.store) is None:
-        run_persona_job(shop.repository.store, shop.repository.feature_store, settings.offline_dir, RULES)
+        run_persona_job(personas_of(shop.repository, settings), RULES)
     for name, value in {
         "SELARAS_DATA_DIR": str(settings.data_dir),
         "REDIS_URL": settings.redis_url or "",
@@ -332,7 +334,7 @@ def test_too_little_data_is_a_clear_error(settings_factory: Callable[..., Any]) 
     repository = ProfileRepository.open(settings)
     try:
         with pytest.raises(ValueError, match="too few"):
-            run_persona_job(repository.store, repository.feature_store, settings.offline_dir, RULES)
+            run_persona_job(personas_of(repository, settings), RULES)
         assert load_model(repository.store) is None
     finally:
         repository.close()

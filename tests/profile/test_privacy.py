@@ -30,6 +30,7 @@ from services.messages.repository import MESSAGE_HISTORY
 from services.profile.aggregator.worker import Aggregator
 from services.profile.app import create_app
 from services.profile.ingest import IngestService
+from services.profile.privacy.repository import PrivacyRepository
 from services.profile.privacy.service import PrivacyService
 from services.profile.repository import ProfileRepository
 from services.profile.settings import ProfileSettings
@@ -306,7 +307,8 @@ def test_erasure_on_the_embedded_stores(settings_factory: Callable[..., Any]) ->
         while aggregator.run_once(5000).events:
             pass
         privacy = PrivacyService(
-            repository.store, repository.feature_store, settings.offline_dir, settings.consent_defaults()
+            PrivacyRepository(repository.store, repository.feature_store, settings.offline_dir),
+            settings.consent_defaults(),
         )
         receipt = privacy.erase(ERASED)
         assert (receipt.log_events, receipt.visitor_state, receipt.online_rows, receipt.offline_rows) == (12, 1, 1, 12)

@@ -4,7 +4,6 @@ and the plots, each mark carrying the number the command computed."""
 
 from __future__ import annotations
 
-import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,13 +18,12 @@ from services.cli import app as cli
 from services.common.auth import hash_key
 from services.common.settings import CommonSettings
 from services.common.storage import Namespace, open_store
-from services.demo.simulate_ab import fork_world
-from services.profile.persona_jobs import load_model, load_report
+from services.profile.personas.repository import load_model, load_report
 from services.recommend.settings import RecommendSettings
 from services.recommend.training.evaluation import PIPELINE
 from services.reports.pages import METHOD_LABELS
 from services.reports.store import ReportStore
-from tests.conftest import REDIS_URL, WORLD_END, SessionWorld, clean_namespace, free_port, unique_name, wait_for
+from tests.conftest import REDIS_URL, WORLD_END, SessionWorld, free_port, unique_name, wait_for
 from tests.sdk.webdriver import Chromium
 
 ADMIN_KEY = "sk-reports-0123456789"
@@ -58,24 +56,12 @@ def run(args: list[str], settings: CommonSettings) -> str:
 
 
 @pytest.fixture(scope="module")
-def served(world: SessionWorld, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def served(world: SessionWorld, world_fork: CommonSettings) -> Iterator[Served]:
     import json
 
-    directory = tmp_path_factory.mktemp("reports")
     # Personas change the visitors they assign: they run on a copy of the shared world.
-    namespace = unique_name("rep")
-    fork = CommonSettings(
-        data_dir=directory / "data",
-        redis_url=REDIS_URL,
-        namespace=namespace,
-        feast_project=namespace,
-        environment="test",
-    )
-    clean_namespace(REDIS_URL, namespace)
-    simulator = world.world.simulator
-    fork_world(
-        world.settings, fork, [v.visitor_id for v in simulator.visitors], [p.item_id for p in simulator.shop.products]
-    )
+    fork = world_fork
+    directory = fork.data_dir.parent
     output = run(["personas", "--data-dir", str(fork.data_dir), "--no-backfill"], fork)
     assert "HTML report: /reports/personas" in output
     assert (fork.data_dir / "reports" / "personas.html").is_file()
@@ -108,7 +94,6 @@ def served(world: SessionWorld, tmp_path_factory: pytest.TempPathFactory) -> Ite
     finally:
         server.should_exit = True
         thread.join(30)
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _app(settings: RecommendSettings) -> Any:

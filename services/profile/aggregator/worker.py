@@ -52,7 +52,6 @@ from services.profile.aggregator.partition import (
     entry_failed,
     report_status,
 )
-from services.profile.privacy.service import forget_profiles
 from services.profile.repository import ProfileRepository
 
 log = logging.getLogger(__name__)
@@ -392,7 +391,7 @@ class Aggregator:
         # that began before the writes is seen now (it marks the visitor before it deletes anything).
         erased |= set(self.repository.erased_since(sorted(visitors), commit.read_at)) if visitors else set()
         if commit.withdrawn or erased:
-            forget_profiles(store, self.repository.feature_store, sorted(set(commit.withdrawn) | erased))
+            self.repository.forget_profiles(sorted(set(commit.withdrawn) | erased))
         # Records every partition adds to: this batch's share, once (compare-and-set with the log's marker).
         merged_items: dict[str, ItemState] = {}
         for namespace, deltas in commit.merges.items():

@@ -9,7 +9,8 @@ Marketers read the personas, so everything here is chosen to be explainable:
   * persona ids survive a refit: new centres are matched to the previous model's (Hungarian assignment),
     so targeting rules and dashboards keyed by persona id keep their meaning.
 
-Pure module: no Redis/Feast/I/O beyond JSON (de)serialisation of a `PersonaModel`.
+Pure modules: no Redis/Feast/I/O beyond JSON (de)serialisation of a `PersonaModel`, except `repository.py`,
+the personas' store owner (models, the job's report, visitor states and rows).
 """
 
 from __future__ import annotations

@@ -1,0 +1,137 @@
+"""The privacy repository on each backend (Redis + Feast on Redis, SQLite + Feast on SQLite): every place
+erasure and export reach reads back what is kept and deletes exactly the visitor's share, once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import orjson
+import pytest
+
+from services.common.consent import Consent, refusing_all
+from services.common.events import Event, envelope
+from services.common.storage import Namespace, PendingEvent
+from services.features import schema as F
+from services.profile.privacy.repository import PrivacyRepository
+from services.profile.repository import ProfileRepository
+from services.profile.settings import ProfileSettings
+from tests.conftest import REDIS_URL
+from tests.factories import BASE_TIME, make_event, make_visitor_state, visitor_row
+
+
+@dataclass
+class Places:
+    profile: ProfileRepository  # writes what the aggregator and the ingest would
+    privacy: PrivacyRepository
+
+
+@pytest.fixture(params=["redis", "sqlite"])
+def places(request: pytest.FixtureRequest, settings_factory: Callable[..., Any]) -> Iterator[Places]:
+    settings: ProfileSettings = settings_factory(
+        ProfileSettings, redis_url=REDIS_URL if request.param == "redis" else None
+    )
+    profile = ProfileRepository.open(settings)
+    try:
+        yield Places(profile, PrivacyRepository(profile.store, profile.feature_store, settings.offline_dir))
+    finally:
+        profile.close()
+
+
+def log(places: Places, events: list[Event]) -> int:
+    pending = [PendingEvent(e.event_id, e.visitor_id, envelope(e, e.ts)) for e in events]
+    return places.profile.append(pending).accepted
+
+
+def test_the_live_profile_reads_back_and_is_forgotten_with_consent_kept(places: Places) -> None:
+    privacy = places.privacy
+    state = make_visitor_state("v1")
+    places.profile.save_visitor_states({"v1": state}, ttl_s=3600)
+    places.profile.write_visitor_rows([visitor_row(state)], [])
+    privacy.merge_consent("v1", Consent({"analytics": True}, 10.0, {"analytics": 10.0}))
+    assert privacy.visitor_state("v1") == state
+    consent = privacy.consent("v1")
+    assert consent is not None and consent.given == {"analytics": True}
+    online = privacy.online_features("v1")
+    assert online is not None and online["event_count"] == 3 and F.VISITOR_KEY not in online
+    assert (privacy.visitor_state("v2"), privacy.consent("v2"), privacy.online_features("v2")) == (None, None, None)
+
+    assert privacy.forget_profiles(["v1"]) == (1, 1)
+    assert privacy.forget_profiles(["v1"]) == (0, 0)
+    assert privacy.visitor_state("v1") is None and privacy.online_features("v1") is None
+    assert privacy.consent("v1") == consent  # the consent record is not part of the profile
+
+
+def test_the_tombstone_refuses_everything_unless_a_newer_choice_was_made(places: Places) -> None:
+    privacy = places.privacy
+    privacy.merge_consent("v1", Consent({"marketing_email": True}, 10.0, {"marketing_email": 10.0}))
+    privacy.merge_consent("v1", refusing_all(20.0))
+    consent = privacy.consent("v1")
+    assert consent is not None and not any(consent.given.values())
+    # A choice made after the erasure wins over the tombstone, however late it is stored.
+    privacy.merge_consent("v1", Consent({"marketing_email": True}, 30.0, {"marketing_email": 30.0}))
+    privacy.merge_consent("v1", refusing_all(20.0))
+    consent = privacy.consent("v1")
+    assert consent is not None and consent.given["marketing_email"] and not consent.given["analytics"]
+    privacy.mark_erased("v1", None)
+    assert places.profile.erased_since(["v1"], read_at=0.0) == ["v1"]
+
+
+def test_the_visitors_events_are_found_deleted_and_their_ids_forgotten(places: Places) -> None:
+    privacy = places.privacy
+    mine = [make_event(visitor_id="v1", event_id=f"v1-{n}") for n in range(3)]
+    theirs = [make_event(visitor_id="v1-other", event_id=f"o-{n}") for n in range(2)]  # a longer id, same prefix
+    assert log(places, [*mine, *theirs]) == 5
+    found = list(privacy.visitor_events("v1"))
+    assert [event.event_id for _, event in found] == ["v1-0", "v1-1", "v1-2"]
+    assert privacy.delete_log_events("v1") == 3
+    assert list(privacy.visitor_events("v1")) == []
+    assert privacy.delete_log_events("v1") == 0
+    assert [e.event_id for _, e in privacy.visitor_events("v1-other")] == ["o-0", "o-1"]
+    # The ids were still remembered (a re-send is a duplicate) until forgotten.
+    assert log(places, mine[:1]) == 0
+    privacy.forget_event_ids([e.event_id for e in mine], "v1")
+    assert log(places, mine[:1]) == 1
+    # Without archive files there is nothing to delete there.
+    assert privacy.delete_archived_events("v1") == (0, 0)
+
+
+def test_retention_deletes_hot_entries_by_position(places: Places) -> None:
+    privacy = places.privacy
+    log(places, [make_event(visitor_id=f"v{n}", event_id=f"e{n}") for n in range(4)])
+    entries = list(privacy.hot_log())
+    assert len(entries) == 4
+    by_partition: dict[int, list[str]] = {}
+    for entry in entries[:2]:
+        by_partition.setdefault(entry.partition, []).append(entry.position)
+    assert sum(privacy.delete_log_positions(p, positions) for p, positions in by_partition.items()) == 2
+    assert [e.position for e in privacy.hot_log()] == [e.position for e in entries[2:]]
+    assert privacy.apply_archive_retention(BASE_TIME.timestamp(), dry_run=False) == (0, 0)
+
+
+def test_recommendation_records_of_the_visitor_only(places: Places) -> None:
+    privacy, store = places.privacy, places.profile.store
+    records = {"r1": {"visitor_id": "v1"}, "r2": {"visitor_id": "v1-other"}, "r3": {"visitor_id": "v1"}}
+    store.put_many(Namespace.RECOMMENDATIONS, {k: orjson.dumps(v) for k, v in records.items()})
+    found = privacy.recommendation_records("v1")
+    assert found == {"r1": records["r1"], "r3": records["r3"]}
+    assert privacy.delete_recommendation_records(list(found)) == 2
+    assert privacy.recommendation_records("v1") == {} and privacy.delete_recommendation_records([]) == 0
+    assert list(privacy.recommendation_records("v1-other")) == ["r2"]
+
+
+def test_offline_rows_of_the_visitor_and_older_than_a_cutoff_are_removed(places: Places) -> None:
+    privacy = places.privacy
+    days = [BASE_TIME + timedelta(days=d) for d in range(3)]
+    rows = [visitor_row(make_visitor_state(v), at) for at in days for v in ("v1", "v2")]
+    places.profile.write_visitor_rows([], rows[:4], part="first")
+    places.profile.write_visitor_rows([], rows[4:], part="second")
+    assert [r[F.TIMESTAMP_FIELD] for r in privacy.offline_rows("v1")] == days
+    assert privacy.delete_offline_rows("v1") == (3, 2)
+    assert privacy.offline_rows("v1") == [] and privacy.delete_offline_rows("v1") == (0, 0)
+    assert len(privacy.offline_rows("v2")) == 3
+    assert privacy.count_offline_rows_before(days[2]) == 2
+    assert privacy.delete_offline_rows_before(days[2]) == (2, 1)
+    assert [r[F.TIMESTAMP_FIELD] for r in privacy.offline_rows("v2")] == days[2:]
