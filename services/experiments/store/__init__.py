@@ -15,8 +15,9 @@ from services.experiments.store.sqlite_store import SqliteExperimentStore
 
 def open_experiment_store(settings: CommonSettings) -> ExperimentStore:
     """Redis when REDIS_URL is set (Lua scripts), the embedded SQLite file otherwise. Counted outcome events
-    are remembered as long as the log remembers event ids (the hot window): an event sent again after that is
-    logged and folded again, and must still be recognised here; keeping them longer only costs memory."""
+    are remembered as long as the log remembers event ids (the hot window): within it a re-sent event never
+    reaches the log again, and what this dedupe catches (a log entry read or applied again) happens within it;
+    an event the log accepts again after it is a new event for every fold, this one included."""
     dedupe_ttl_s = event_dedupe_ttl_s(settings)
     if settings.redis_url:
         client = make_redis_client(settings.redis_url, settings.redis_cluster, settings.redis_timeout_s)
