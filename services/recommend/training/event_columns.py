@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import array
 from collections.abc import Iterable, Iterator, Sequence
-from typing import NamedTuple, overload
+from typing import Any, NamedTuple, overload
 
 import numpy as np
 
@@ -25,6 +25,8 @@ _TYPES = list(EventType)
 _TYPE_CODES = {t: n for n, t in enumerate(_TYPES)}
 _NO_OFFSET = -32768  # int16 sentinel: an event whose timestamp carries no UTC offset (never: it is aware)
 _CHUNK = 8192  # rows made per step of an iteration
+# The text fields of `LoggedEvent`, each kept as codes into a table of its values.
+_STRING_COLUMNS = ("visitor_id", "item_id", "device", "channel", "city", "recommendation_id", "slot")
 
 
 class LoggedEvent(NamedTuple):
@@ -97,24 +99,19 @@ class EventColumnsBuilder:
     def build(self, leave_out: Iterable[str] = ()) -> EventColumns:
         """The events of every visitor but `leave_out`, in time order (ties: log order)."""
         visitor_codes, visitor_table = self._columns["visitor_id"]
-        visitor = np.frombuffer(visitor_codes, dtype=np.int32) if len(visitor_codes) else np.zeros(0, np.int32)
         dropped = [visitor_table.codes[v] for v in leave_out if v in visitor_table.codes]
-        kept = np.flatnonzero(~np.isin(visitor, np.asarray(dropped, dtype=np.int32)))
-        ts = np.frombuffer(self._ts, dtype=np.float64) if len(self._ts) else np.zeros(0)
+        kept = np.flatnonzero(~np.isin(_array(visitor_codes, np.int32), np.asarray(dropped, dtype=np.int32)))
+        ts = _array(self._ts, np.float64)
+        # Stable: events of the same time keep their log order, as `sorted(events, key=ts)` kept them.
         order = kept[np.argsort(ts[kept], kind="stable")]
         codes = {
             name: (_array(self._columns[name][0], np.int32)[order], self._columns[name][1].values)
             for name in _STRING_COLUMNS
         }
-        return EventColumns(
-            ts[order].copy(), _array(self._type, np.int8)[order], _array(self._offset, np.int16)[order], codes
-        )
+        return EventColumns(ts[order], _array(self._type, np.int8)[order], _array(self._offset, np.int16)[order], codes)
 
 
-_STRING_COLUMNS = ("visitor_id", "item_id", "device", "channel", "city", "recommendation_id", "slot")
-
-
-def _array(values: array.array[int], dtype: type[np.integer]) -> np.ndarray:
+def _array(values: array.array[Any], dtype: type[np.generic]) -> np.ndarray:
     return np.frombuffer(values, dtype=dtype) if len(values) else np.zeros(0, dtype=dtype)
 
 
@@ -168,8 +165,10 @@ class EventColumns(Sequence[LoggedEvent]):
             yield from self._rows(start, min(start + _CHUNK, len(self)))
 
     def _rows(self, start: int, end: int) -> Iterator[LoggedEvent]:
-        columns = [[values[c] for c in codes[start:end].tolist()] for codes, values in self._codes.values()]
-        visitors, items, devices, channels, cities, recommendations, slots = columns
+        columns = {
+            name: [values[c] for c in codes[start:end].tolist()] for name, (codes, values) in self._codes.items()
+        }
+        visitors, items, devices, channels, cities, recommendations, slots = (columns[n] for n in _STRING_COLUMNS)
         offsets = [None if o == _NO_OFFSET else o for o in self._offsets[start:end].tolist()]
         types = [_TYPES[t] for t in self._types[start:end].tolist()]
         for row in zip(
