@@ -7,7 +7,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +16,11 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.common.errors import StorageUnavailable
-from services.common.storage import make_redis_client
+from services.common.settings import CommonSettings
+from services.common.storage import event_dedupe_ttl_s, make_redis_client
 from services.experiments.stats.capping import covariate_histogram_from_values, histogram_from_values
 from services.experiments.stats.intervals import ArmSums
+from services.experiments.store import open_experiment_store
 from services.experiments.store.base import ExperimentStore, ExposureWrite, OutcomeWrite
 from services.experiments.store.redis_store import RedisExperimentStore
 from services.experiments.store.sqlite_store import SqliteExperimentStore
@@ -211,6 +213,34 @@ def test_an_exposure_sent_again_for_the_same_recommendation_adds_nothing(store: 
     assert expose(store, "v1", "control", T0 + 5, {"home": 1}, recommendation_id="rec-2", record=record).status == "ok"
     group = store.sums(EXP)["control"]["all"]
     assert (group["n"], group["ctr"]["y"]) == (1.0, 3.0)
+
+
+@pytest.mark.parametrize("backend", ["redis", "sqlite"])
+def test_counted_outcome_events_are_remembered_for_the_hot_window(
+    backend: str, settings_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """The store opened from the settings forgets a counted event id when the log forgets it (the hot window),
+    not after a fixed 14 days: here a window of one second."""
+    redis_url = REDIS_URL if backend == "redis" else None
+    short: CommonSettings = settings_factory(
+        redis_url=redis_url, data_dir=tmp_path / "short", hot_window_days=1 / 86400
+    )
+    default: CommonSettings = settings_factory(redis_url=redis_url, data_dir=tmp_path / "default")
+    assert event_dedupe_ttl_s(short) == 1 and event_dedupe_ttl_s(default) == 8 * 86400
+    stores = [open_experiment_store(short), open_experiment_store(default)]
+    try:
+        for store in stores:
+            assert expose(store, "v1", "treatment", T0, {"home": 1}).status == "ok"
+            assert outcome(store, "v1", "e1", T0 + 5, revenue=10.0).status == "ok"
+            assert outcome(store, "v1", "e1", T0 + 5, revenue=10.0).status == "duplicate"
+        time.sleep(1.3)
+        short_store, default_store = stores
+        # Past the window the log would take the event again and fold it again: so does this store.
+        assert outcome(short_store, "v1", "e1", T0 + 5, revenue=10.0).status == "ok"
+        assert outcome(default_store, "v1", "e1", T0 + 5, revenue=10.0).status == "duplicate"
+    finally:
+        for store in stores:
+            store.close()
 
 
 def test_a_timed_out_exposure_script_is_counted_once(redis_server: RedisServer) -> None:

@@ -17,6 +17,7 @@ from services.profile.aggregator.worker import Aggregator
 from services.profile.ingest import IngestService
 from services.profile.repository import ProfileRepository
 from services.profile.settings import ProfileSettings
+from services.recommend.training.event_columns import LoggedEvent
 from services.recommend.training.train import Replay
 from tests.factories import BASE_TIME, make_event, make_item
 
@@ -64,7 +65,7 @@ def test_aggregator_bulk_fold_and_training_replay_build_the_same_indexes(
     folded = fold_history(events, info)
     replay = Replay()
     for event in events:
-        replay.observe(event)
+        replay.observe(LoggedEvent.of(event))
 
     assert covisitation.neighbours  # purchases, carts, views and clicks all taught it something
     assert folded.covisitation.neighbours == replay.covisitation.neighbours

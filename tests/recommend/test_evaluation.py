@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from services.cli import app as cli
-from services.common.events import Event, EventType
+from services.common.events import EventType
 from services.recommend.repository import RecommendRepository
 from services.recommend.settings import RecommendSettings
 from services.recommend.training.evaluation import (
@@ -24,6 +24,7 @@ from services.recommend.training.evaluation import (
     _Popularity,
     split_queries,
 )
+from services.recommend.training.event_columns import LoggedEvent
 from services.recommend.training.train import TrainConfig
 from tests.conftest import REDIS_URL, SessionWorld
 from tests.factories import BASE_TIME, make_event
@@ -31,13 +32,19 @@ from tests.factories import BASE_TIME, make_event
 PRODUCTS = {f"p{i}" for i in range(10)}
 
 
-def event(visitor: str, item: str, hours: float, kind: str = "product_view", **extra: Any) -> Event:
-    return make_event(
-        visitor_id=visitor, item_id=item, type=kind, timestamp=(BASE_TIME + timedelta(hours=hours)).isoformat(), **extra
+def event(visitor: str, item: str, hours: float, kind: str = "product_view", **extra: Any) -> LoggedEvent:
+    return LoggedEvent.of(
+        make_event(
+            visitor_id=visitor,
+            item_id=item,
+            type=kind,
+            timestamp=(BASE_TIME + timedelta(hours=hours)).isoformat(),
+            **extra,
+        )
     )
 
 
-def history() -> list[Event]:
+def history() -> list[LoggedEvent]:
     events = [
         event("ana", "p1", 1),
         event("ana", "p2", 2),

@@ -56,6 +56,7 @@ __all__ = [
     "catalog_version",
     "check_redis_durability",
     "connect_sqlite",
+    "event_dedupe_ttl_s",
     "hot_window_s",
     "make_redis_client",
     "open_store",
@@ -71,13 +72,18 @@ def open_store(settings: CommonSettings) -> Store:
     """Redis when REDIS_URL is set, the embedded SQLite file otherwise; either reads the archived history of
     the log under the offline store, and remembers event ids for the hot window."""
     archive = EventArchive(settings.offline_dir)
-    # An event stays in the store for the window and, cut at a day boundary (archiver.py), up to a day more:
-    # its id is remembered as long.
-    ttl_s = hot_window_s(settings) + (86_400 if settings.hot_window_days >= 1 else 0)
+    ttl_s = event_dedupe_ttl_s(settings)
     if settings.redis_url:
         client = make_redis_client(settings.redis_url, settings.redis_cluster, settings.redis_timeout_s)
         return RedisStore(client, settings.namespace, settings.log_partitions, archive, ttl_s)
     return SqliteStore(settings.sqlite_path, archive, ttl_s)
+
+
+def event_dedupe_ttl_s(settings: CommonSettings) -> int:
+    """How long an event id is remembered (the log's idempotency keys, and the experiment store's record of
+    the outcome events it counted): an event stays in the store for the hot window and, cut at a day boundary
+    (archiver.py), up to a day more."""
+    return hot_window_s(settings) + (86_400 if settings.hot_window_days >= 1 else 0)
 
 
 def hot_window_s(settings: CommonSettings) -> int:

@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-# How long an event id is remembered by default (the idempotency of appends). `open_store` passes the hot
-# window instead: the keys expire with the events Redis keeps (docs/data-path.md, "Hot window and archive").
+# How long an event id is remembered by default (the idempotency of appends). `open_store` and
+# `open_experiment_store` pass the hot window instead (`event_dedupe_ttl_s`): the keys expire with the events
+# Redis keeps (docs/data-path.md, "Hot window and archive").
 DEDUPE_TTL_S = 14 * 24 * 3600
 APPEND_CHUNK = 500
 # The log of partition 0 keeps the name (cursor, lease, commit record, status, stream key) of the single log

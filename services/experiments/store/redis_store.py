@@ -248,9 +248,10 @@ def _opt(value: float | None) -> str:
 class RedisExperimentStore(ExperimentStore):
     backend = "redis"
 
-    def __init__(self, client: redis.Redis | RedisCluster, namespace: str):
+    def __init__(self, client: redis.Redis | RedisCluster, namespace: str, dedupe_ttl_s: int = DEDUPE_TTL_S):
         self.client = client
         self.ns = namespace
+        self.dedupe_ttl_s = dedupe_ttl_s  # how long a counted outcome event's id is remembered
         self.registry_key = f"{namespace}:experiments:registry"
         # RedisCluster has the same register_script; the stubs only declare it on Redis.
         scripts = cast(redis.Redis, client)
@@ -315,7 +316,7 @@ class RedisExperimentStore(ExperimentStore):
                     _opt(write.lower),
                     _opt(write.upper),
                     _opt(write.window_s),
-                    DEDUPE_TTL_S,
+                    self.dedupe_ttl_s,
                     write.slot_group or "",
                     len(entries),
                 ]

@@ -65,9 +65,10 @@ class _Tx:
 class SqliteExperimentStore(ExperimentStore):
     backend = "sqlite"
 
-    def __init__(self, path: Any):
+    def __init__(self, path: Any, dedupe_ttl_s: int = DEDUPE_TTL_S):
         # A connection of its own (the event store has another); WAL lets both services share the file.
         self._conn = connect_sqlite(Path(path), _SCHEMA)
+        self.dedupe_ttl_s = dedupe_ttl_s  # how long a counted outcome event's id is remembered
         self._lock = threading.Lock()
 
     def _transaction(self, fn: Any) -> Any:
@@ -211,7 +212,7 @@ class SqliteExperimentStore(ExperimentStore):
             write.experiment_id, write.event_id, now))  # fmt: skip
         inserted = conn.execute(
             "INSERT OR IGNORE INTO exp_seen (exp, event_id, expires_at) VALUES (?, ?, ?)",
-            (write.experiment_id, write.event_id, now + DEDUPE_TTL_S),
+            (write.experiment_id, write.event_id, now + self.dedupe_ttl_s),
         ).rowcount
         if inserted != 1:
             return Applied("duplicate", arm)

@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
@@ -35,7 +35,7 @@ import numpy as np
 
 from services.common.catalog import CatalogItem, ItemKind
 from services.common.clock import wall_time
-from services.common.events import Event, EventType
+from services.common.events import EventType
 from services.features.indexes import COVISIT_MAX_NEIGHBOURS
 from services.features.item_cache import KIND_CODES, CatalogArrays, ItemSnapshot
 from services.offline.estimators import cluster_se
@@ -49,6 +49,7 @@ from services.recommend.repository import RecommendRepository
 from services.recommend.schemas import SlotRequest
 from services.recommend.service import RecommendService
 from services.recommend.settings import RecommendSettings
+from services.recommend.training.event_columns import LoggedEvent
 from services.recommend.training.train import GRADES, Query, TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
@@ -128,32 +129,31 @@ class Split:
     counts: dict[str, int]
 
 
-def _query(event: Event) -> Query:
-    offset = event.timestamp.utcoffset()
+def _query(event: LoggedEvent) -> Query:
     return Query(
         event.visitor_id,
         event.ts,
-        event.context.device.value if event.context.device else None,
-        event.context.channel,
-        event.context.city,
-        int(offset.total_seconds() // 60) if offset is not None else None,
+        event.device,
+        event.channel,
+        event.city,
+        event.utc_offset_min,
         target=event.item_id,
         grade=GRADES[event.type],
     )
 
 
-def split_queries(events: Sequence[Event], products: set[str], config: EvalConfig) -> Split:
+def split_queries(events: Sequence[LoggedEvent], products: set[str], config: EvalConfig) -> Split:
     """Training, validation and test queries of the protocol (events sorted by time)."""
     target_type = EventType(config.target)
     training_types = {target_type} if config.train_on == "target" else {*TRAINING_TYPES, target_type}
 
-    def is_interaction(event: Event, types: set[EventType] | frozenset[EventType]) -> bool:
+    def is_interaction(event: LoggedEvent, types: set[EventType] | frozenset[EventType]) -> bool:
         if event.type not in types or event.item_id not in products:
             return False
         # A click counts when it is a click on a recommendation (it echoes the recommendation id).
         return event.type is not EventType.CLICK or bool(event.recommendation_id)
 
-    per_visitor: dict[str, list[Event]] = {}
+    per_visitor: dict[str, list[LoggedEvent]] = {}
     for event in events:
         if is_interaction(event, {target_type}):
             per_visitor.setdefault(event.visitor_id, []).append(event)
@@ -214,20 +214,20 @@ class _Popularity:
 
     WINDOWS: ClassVar[dict[str, float]] = {"popular_24h": 24 * 3600.0, "popular_7d": 7 * 24 * 3600.0}
 
-    def __init__(self, events: Sequence[Event], target: EventType, index: Mapping[str, int], size: int):
-        self.events = events
+    def __init__(self, events: Iterable[LoggedEvent], target: EventType, index: Mapping[str, int], size: int):
+        self.events = iter(events)
+        self.upcoming = next(self.events, None)
         self.target = target
         self.index = index
-        self.position = 0
         self.total = np.zeros(size)
         self.behaviour = np.zeros(size)  # every view/cart/purchase: the tie-break
         self.windows = {name: np.zeros(size) for name in self.WINDOWS}
         self.queues: dict[str, deque[tuple[float, int]]] = {name: deque() for name in self.WINDOWS}
 
     def advance(self, ts: float) -> None:
-        while self.position < len(self.events) and self.events[self.position].ts < ts:
-            event = self.events[self.position]
-            self.position += 1
+        while self.upcoming is not None and self.upcoming.ts < ts:
+            event = self.upcoming
+            self.upcoming = next(self.events, None)
             row = self.index.get(event.item_id or "")
             if row is None:
                 continue
@@ -326,7 +326,7 @@ class RankingEvaluator:
     def _fit(
         self,
         trainer: Trainer,
-        events: Sequence[Event],
+        events: Sequence[LoggedEvent],
         catalog: Sequence[CatalogItem],
         split: Split,
         rows: Mapping[str, list[tuple[VisitorVector, dict[str, int]]]],
@@ -361,7 +361,7 @@ class RankingEvaluator:
     def _rank_test_queries(
         self,
         trainer: Trainer,
-        events: Sequence[Event],
+        events: Sequence[LoggedEvent],
         catalog: Sequence[CatalogItem],
         split: Split,
         personal: RankerModel,

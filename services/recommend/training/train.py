@@ -19,7 +19,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -31,7 +31,7 @@ import pandas as pd
 from services.common.catalog import CatalogItem, ItemKind
 from services.common.clock import wall_datetime, wall_time
 from services.common.consent import ConsentDefaults
-from services.common.events import Event, EventType
+from services.common.events import EventType
 from services.features import schema as F
 from services.features.indexes import ContextPopularity, CoVisitation, context_keys, observe_interaction, push_recent
 from services.features.item_cache import (
@@ -54,6 +54,7 @@ from services.recommend.ranking.item_embeddings import ItemEmbeddings
 from services.recommend.ranking.ranker import ModelMeta, feature_matrix
 from services.recommend.repository import RecommendRepository
 from services.recommend.training.embeddings import EMBEDDING_REFITS, EmbeddingsOverTime, interaction_sequences
+from services.recommend.training.event_columns import EventColumns, EventColumnsBuilder, LoggedEvent
 
 log = logging.getLogger(__name__)
 
@@ -159,15 +160,18 @@ class Trainer:
         self.embeddings: EmbeddingsOverTime | None = None  # set by `learn_embeddings`
 
     # -- queries ------------------------------------------------------------------------------------
-    def load(self) -> tuple[list[Event], list[CatalogItem]]:
-        """The logged events of visitors who allow `analytics` (training is analytics use), and the catalog."""
-        events = list(self.repository.logged_events())
+    def load(self) -> tuple[EventColumns, list[CatalogItem]]:
+        """The logged events of visitors who allow `analytics` (training is analytics use), in time order, and
+        the catalog. The log is streamed once into compact columns (event_columns.py): memory grows by a few
+        dozen bytes per event, not by a validated event object each; consent is asked once per visitor."""
+        columns = EventColumnsBuilder()
+        for event in self.repository.logged_events():
+            columns.add(LoggedEvent.of(event))
         defaults = ConsentDefaults(analytics=self.config.analytics_default)
-        refused = self.repository.refusing("analytics", (e.visitor_id for e in events), defaults)
-        kept = sorted((e for e in events if e.visitor_id not in refused), key=lambda e: e.ts)
-        return kept, self.repository.catalog()
+        refused = self.repository.refusing("analytics", columns.visitors(), defaults)
+        return columns.build(leave_out=refused), self.repository.catalog()
 
-    def behaviour_queries(self, events: Sequence[Event], products: set[str]) -> list[Query]:
+    def behaviour_queries(self, events: Iterable[LoggedEvent], products: set[str]) -> list[Query]:
         wanted = set(GRADES) - {EventType.CLICK}
         if self.config.target != "any":
             wanted = {EventType(self.config.target)}
@@ -175,10 +179,10 @@ class Trainer:
             Query(
                 e.visitor_id,
                 e.ts,
-                _device(e),
-                e.context.channel,
-                e.context.city,
-                _offset(e),
+                e.device,
+                e.channel,
+                e.city,
+                e.utc_offset_min,
                 target=e.item_id,
                 grade=GRADES[e.type],
             )
@@ -187,21 +191,15 @@ class Trainer:
         ]
         return self._cap(queries)
 
-    def impression_queries(self, events: Sequence[Event]) -> list[Query]:
+    def impression_queries(self, events: Sequence[LoggedEvent]) -> list[Query]:
         groups: dict[str, Query] = {}
         for e in events:
             if e.type is EventType.IMPRESSION and e.recommendation_id and e.item_id:
-                key = f"{e.recommendation_id}:{e.properties.get('slot', '')}"
+                key = f"{e.recommendation_id}:{e.slot}"
                 query = groups.get(key)
                 if query is None:
                     query = groups[key] = Query(
-                        e.visitor_id,
-                        e.ts,
-                        _device(e),
-                        e.context.channel,
-                        e.context.city,
-                        _offset(e),
-                        slot=str(e.properties.get("slot", "")),
+                        e.visitor_id, e.ts, e.device, e.channel, e.city, e.utc_offset_min, slot=e.slot
                     )
                 query.shown.append(e.item_id)
         by_recommendation: dict[str, list[Query]] = {}
@@ -224,7 +222,7 @@ class Trainer:
         keep = np.sort(rng.choice(len(queries), self.config.max_queries, replace=False))
         return [queries[i] for i in keep]
 
-    def learn_embeddings(self, events: Sequence[Event], queries: Sequence[Query], products: set[str]) -> None:
+    def learn_embeddings(self, events: Sequence[LoggedEvent], queries: Sequence[Query], products: set[str]) -> None:
         """Point-in-time item embeddings for `build` (refitted at EMBEDDING_REFITS moments up to the last query)."""
         if not queries:
             return
@@ -259,7 +257,7 @@ class Trainer:
             out.append((VisitorVector.from_row(query.visitor_id, F.visitor_row_at(row, query.ts)), context))
         return out
 
-    def snapshot_times(self, events: Sequence[Event], queries: Sequence[Query]) -> list[float]:
+    def snapshot_times(self, events: Sequence[LoggedEvent], queries: Sequence[Query]) -> list[float]:
         if not queries:
             return []
         start, end = events[0].ts, queries[-1].ts
@@ -302,7 +300,7 @@ class Trainer:
     # -- the set ----------------------------------------------------------------------------------------
     def build(
         self,
-        events: Sequence[Event],
+        events: Sequence[LoggedEvent],
         catalog: Sequence[CatalogItem],
         queries: Sequence[Query],
         visitors: Sequence[tuple[VisitorVector, dict[str, int]]],
@@ -322,7 +320,8 @@ class Trainer:
         rng = np.random.default_rng(self.config.seed)
         snapshot: ItemSnapshot | None = None
         snapshot_index = -1
-        event_pos = 0
+        replayed = iter(events)
+        upcoming = next(replayed, None)
         rows: list[np.ndarray] = []
         labels: list[np.ndarray] = []
         groups: list[int] = []
@@ -330,9 +329,9 @@ class Trainer:
         details: list[dict[str, Any]] = []
         for q_index, (query, (visitor, context)) in enumerate(zip(queries, visitors, strict=True)):
             # Advance the replay to just before the query.
-            while event_pos < len(events) and events[event_pos].ts < query.ts:
-                replay.observe(events[event_pos])
-                event_pos += 1
+            while upcoming is not None and upcoming.ts < query.ts:
+                replay.observe(upcoming)
+                upcoming = next(replayed, None)
             wanted = bisect.bisect_right(times, query.ts) - 1
             if snapshot is None or wanted != snapshot_index:
                 at = times[wanted] if wanted >= 0 else query.ts
@@ -609,27 +608,18 @@ class Replay:
     recent: dict[str, list[str]] = field(default_factory=dict)
     places: dict[str, tuple[str, int | None]] = field(default_factory=dict)
 
-    def observe(self, event: Event) -> None:
+    def observe(self, event: LoggedEvent) -> None:
         # The visitor's city and UTC offset as the aggregator's visitor state keeps them: the last known.
         city, offset = self.places.get(event.visitor_id, ("", None))
-        city = event.context.city or city
-        offset = _offset(event) if _offset(event) is not None else offset
+        city = event.city or city
+        offset = event.utc_offset_min if event.utc_offset_min is not None else offset
         self.places[event.visitor_id] = (city, offset)
         previous = self.recent.setdefault(event.visitor_id, [])
-        keys = context_keys(event.ts, city, event.context.device, offset)
+        keys = context_keys(event.ts, city, event.device, offset)
         if observe_interaction(
             self.covisitation, self.popularity, event.type.value, event.item_id, previous, keys, event.ts
         ):
             push_recent(previous, event.item_id or "")
-
-
-def _device(event: Event) -> str | None:
-    return event.context.device.value if event.context.device else None
-
-
-def _offset(event: Event) -> int | None:
-    offset = event.timestamp.utcoffset()
-    return int(offset.total_seconds() // 60) if offset is not None else None
 
 
 def _clean(value: Any) -> Any:
