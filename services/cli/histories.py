@@ -72,7 +72,7 @@ def train_on_histories_file(file: Path, attributes: Path | None, data_dir: Path,
     config = TrainConfig(max_queries=10**9, seed=seed, fusion_pool=fusion_pool)
     model, text, metrics = train_on_histories(
         histories,
-        settings.max_candidates,
+        settings.candidate_count(),
         config,
         settings.candidate_sources,
         rules=SegmentRules.from_settings(settings),
@@ -224,10 +224,11 @@ def evaluate_ablation_command(
         )
         console.print(rows[-1])
     users = f"{max_users:,} sampled users" if max_users else "every user"
+    served = RecommendSettings().candidate_count().for_products(len(histories.item_ids()))
     lines = [
         f"# Candidate generators, one at a time: {file.stem}",
         "",
-        f"Published protocol ({users}, full ranking, {RecommendSettings().max_candidates} candidates); each row",
+        f"Published protocol ({users}, full ranking, {served:,} candidates); each row",
         "trains its own ranker on the candidates of its generators (the ranker's features stay the same).",
         "",
         "| generators | candidate recall | HR@10 | NDCG@10 (95% CI) |",

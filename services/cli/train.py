@@ -76,6 +76,7 @@ def train(
                 max_queries=max_queries,
                 seed=seed,
                 analytics_default=settings.consent_analytics,
+                candidates=settings.candidate_count(),
                 candidate_pool=settings.candidate_pool,
             )
             stages = StageProgress(bar)
@@ -244,7 +245,7 @@ def evaluate_item2item_command(
         config = TrainConfig(max_queries=10**9, seed=seed)
         model, _, _ = train_on_histories(
             data.truncated(1),
-            settings.max_candidates,
+            settings.candidate_count(),
             config,
             settings.candidate_sources,
             pool=settings.candidate_pool,

@@ -140,7 +140,7 @@ class RecommendService:
         self.experiments = experiments
         self.pipeline = SlotPipeline(
             CandidateGenerator(
-                settings.max_candidates, sources=settings.candidate_sources, pool=settings.candidate_pool
+                settings.candidate_count(), sources=settings.candidate_sources, pool=settings.candidate_pool
             ),
             PipelineOptions(
                 exploration=settings.exploration,

@@ -9,7 +9,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import CommonSettings
-from services.recommend.ranking.candidates import SOURCES
+from services.recommend.ranking.candidates import SOURCES, CandidateCount
 from services.recommend.ranking.exploration import Exploration
 
 
@@ -28,7 +28,12 @@ class RecommendSettings(CommonSettings):
     store_io_threads: int = Field(default=8, ge=1, le=64)
     breaker_failures: int = Field(default=3, ge=1, le=100)
     breaker_reset_s: float = Field(default=1.0, gt=0, le=60)
+    # Candidates served per request (services/recommend/ranking/candidates.py CandidateCount): at least
+    # `max_candidates`, `candidate_share` of the catalogue's products on large catalogues, at most
+    # `candidate_limit` (share 0: always `max_candidates`).
     max_candidates: int = Field(default=500, ge=10, le=5000)
+    candidate_share: float = Field(default=0.08, ge=0, le=1)
+    candidate_limit: int = Field(default=1500, ge=10, le=5000)
     # Candidates pooled from the generators before the best `max_candidates` by fused score are kept
     # (services/recommend/ranking/candidates.py); 0: fixed per-generator budgets in priority order.
     candidate_pool: int = Field(default=0, ge=0, le=20000)
@@ -69,3 +74,6 @@ class RecommendSettings(CommonSettings):
     demo_shop_key: str = ""
     demo_shop_profile_url: str = "http://127.0.0.1:8001"
     sdk_dir: Path = Field(default=Path(__file__).resolve().parents[2] / "sdk" / "js")
+
+    def candidate_count(self) -> CandidateCount:
+        return CandidateCount(self.max_candidates, self.candidate_share, max(self.candidate_limit, self.max_candidates))

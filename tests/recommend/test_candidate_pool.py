@@ -37,7 +37,7 @@ def test_the_pool_keeps_the_served_count_and_prefers_items_several_generators_ag
 
 def test_the_ranker_columns_of_pooled_candidates_match_the_logged_impression_path() -> None:
     snapshot, visitor = snapshot_and_visitor()
-    generator = CandidateGenerator(max_candidates=10, pool=40)
+    generator = CandidateGenerator(10, pool=40)
     candidates = generator.products(snapshot, visitor, ["all"], Filters())  # type: ignore[arg-type]
     logged = generator.signals(snapshot, visitor, candidates.idx)  # type: ignore[arg-type]
     for name, values in candidates.signals.items():

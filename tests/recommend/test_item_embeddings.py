@@ -84,7 +84,7 @@ def test_the_generator_proposes_embedding_neighbours_with_the_same_columns_as_lo
     items = [make_item(item_id=i) for i in [*(f"a{n}" for n in range(12)), *(f"b{n}" for n in range(12))]]
     snapshot = build_snapshot(items, {}, {}, {}, now=BASE_TIME.timestamp())
     visitor = VisitorVector.from_row("v", {"event_count": 2, "recent_items": ["a1", "a2"]})
-    generator = CandidateGenerator(max_candidates=10, sources=("embedding", "popular"))
+    generator = CandidateGenerator(10, sources=("embedding", "popular"))
     seen = Filters(exclude=frozenset({"a1", "a2"}))
     candidates = generator.products(snapshot, visitor, ["all"], seen, embeddings=embeddings)
     proposed = [snapshot.ids[i] for i, s in zip(candidates.idx, candidates.sources, strict=True) if s == "embedding"]

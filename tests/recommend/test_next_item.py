@@ -62,7 +62,7 @@ def test_shared_tags_use_only_specific_tags_and_at_most_a_few_per_item() -> None
 
 def test_the_ranker_columns_of_a_candidate_do_not_depend_on_who_proposed_it() -> None:
     snapshot, visitor = snapshot_and_visitor()
-    generator = CandidateGenerator(max_candidates=30)
+    generator = CandidateGenerator(30)
     candidates = generator.products(snapshot, visitor, ["all"], Filters())  # type: ignore[arg-type]
     assert candidates.sources[0] == "covisitation"
     logged = generator.signals(snapshot, visitor, candidates.idx)  # type: ignore[arg-type]

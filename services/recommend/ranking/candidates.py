@@ -5,8 +5,9 @@ ships them: services/recommend/ranking/item_embeddings.py), the visitor's affine
 context (city × part of day, device), new arrivals, and complements of cart items. Training uses the very
 same generators with point-in-time inputs, so the ranker learns on the candidate distribution it serves.
 
-When the model carries a learned fusion (services/recommend/ranking/fusion.py), the generators propose a pool
-of its size and the fusion's best `max_candidates` are kept; otherwise the first ones in priority order (or,
+How many candidates a request serves grows with the catalogue (`CandidateCount`). When the model carries a
+learned fusion (services/recommend/ranking/fusion.py), the generators propose a pool of its size and the
+fusion's best ones up to the served count are kept; otherwise the first ones in priority order (or,
 with RECOMMEND_CANDIDATE_POOL, the best by reciprocal-rank fusion).
 """
 
@@ -41,11 +42,12 @@ SOURCES = (
 )
 
 
-PER_SOURCE = 80  # the base budget of one generator (some take multiples or fractions of it)
+PER_SOURCE = 80  # the base budget of one generator (some take multiples or fractions of it) at 500 candidates
+BUDGET_BASE_CANDIDATES = 500  # more candidates than this: every budget grows in proportion
 EMBEDDING_BUDGET = 2  # multiples of PER_SOURCE
 
-# The pooled first stage (CandidateGenerator(pool=...)): every generator proposes `pool / max_candidates` times
-# its budget and the `max_candidates` with the best fused score are kept, instead of the first ones in priority
+# The pooled first stage (CandidateGenerator(pool=...)): every generator proposes `pool / served count` times
+# its budget and the served count with the best fused score are kept, instead of the first ones in priority
 # order. Fused score: the sum over the generators proposing an item of weight / (POOL_RANK_OFFSET + its rank
 # in that generator) (reciprocal-rank fusion), so items several generators agree on, and the top of the
 # order-aware generators, win over the deep tail of any one list. Fixed weights: the order-aware generators
@@ -112,12 +114,25 @@ class CandidateSet:
 
 
 @dataclass(frozen=True)
+class _Budget:
+    served: int  # candidates served per request
+    per_source: int  # the base budget of one generator
+    scale: float  # every budget times this: the pool over the served count (1: no pool)
+
+
+@dataclass(frozen=True)
 class Filters:
     categories: frozenset[str] = frozenset()
     brands: frozenset[str] = frozenset()
     min_price: float | None = None
     max_price: float | None = None
     exclude: frozenset[str] = frozenset()
+
+
+def budget_for(max_candidates: int) -> int:
+    """The base budget of one generator for `max_candidates`: without it, the lists of 500 candidates, once
+    deduplicated, fill about 700 and every further candidate would come from the context lists' tail."""
+    return max(PER_SOURCE, round(PER_SOURCE * max_candidates / BUDGET_BASE_CANDIDATES))
 
 
 def context_keys_for(city: str | None, device: str | None, now: float, utc_offset_min: int | None) -> list[str]:
@@ -133,27 +148,58 @@ def context_keys_for(city: str | None, device: str | None, now: float, utc_offse
     return keys
 
 
+@dataclass(frozen=True)
+class CandidateCount:
+    """How many candidates a request serves: `minimum` on small catalogues, `share` of the catalogue's products
+    on large ones, at most `limit`. At a fixed count the share of next items among the candidates falls as the
+    catalogue grows (500 hold 39% of them on 12,000 toys, 33% on 18,000 sports items; 1,500 hold 53% and 47%:
+    docs/quality-ablation.md), while a 2,000-item shop is served as well by 500 at a third of the ranker's work."""
+
+    minimum: int = 500
+    share: float = 0.08
+    limit: int = 1500
+
+    def for_products(self, products: int) -> int:
+        # Whole hundreds: a catalogue that grows by a few items does not change the count on every refresh.
+        wanted = round(products * self.share / 100) * 100
+        return max(self.minimum, min(wanted, self.limit))
+
+
 class CandidateGenerator:
     def __init__(
         self,
-        max_candidates: int = 500,
-        per_source: int = PER_SOURCE,
+        count: int | CandidateCount = 500,
+        per_source: int | None = None,
         sources: Sequence[str] = SOURCES,
         pool: int = 0,
     ):
-        """`pool`: candidates pooled before keeping `max_candidates` by fused score (0 or at most
-        `max_candidates`: no pooling, the first ones in generator priority order)."""
+        """`count`: candidates served per request (an int: that many, whatever the catalogue). `pool`:
+        candidates pooled before keeping the served count by fused score (0 or at most the count: no pooling,
+        the first ones in generator priority order). `per_source`: the base budget of a generator (default:
+        PER_SOURCE, grown in proportion above 500 candidates so the generators fill them)."""
         if pool < 0:
             raise ValueError(f"candidate pool must be >= 0, got {pool}")
-        self.max_candidates = max_candidates
-        self.per_source = per_source
+        self.count = count if isinstance(count, CandidateCount) else CandidateCount(count, 0.0, count)
+        self.fixed_per_source = per_source
         self.pool = pool
-        # Budgets grow with the pool so the generators do propose about `pool` candidates.
-        self.scale = max(1.0, pool / max_candidates) if max_candidates > 0 else 1.0
         unknown = set(sources) - set(SOURCES)
         if unknown:
             raise ValueError(f"unknown candidate sources {sorted(unknown)}; known: {', '.join(SOURCES)}")
         self.sources = frozenset(sources)
+        self._served: tuple[int, int, _Budget] | None = None  # (id(snapshot), its size, its budget)
+
+    def budget(self, snapshot: ItemSnapshot) -> _Budget:
+        """The served count and generator budgets for this snapshot's catalogue (cached per snapshot: counting
+        its products reads every row)."""
+        cached = self._served
+        if cached is not None and cached[0] == id(snapshot) and cached[1] == snapshot.size:
+            return cached[2]
+        served = self.count.for_products(int(np.count_nonzero(snapshot.kind == KIND_CODES[ItemKind.PRODUCT])))
+        per_source = self.fixed_per_source if self.fixed_per_source is not None else budget_for(served)
+        # Budgets grow with the pool so the generators do propose about `pool` candidates.
+        budget = _Budget(served, per_source, max(1.0, self.pool / served) if served > 0 else 1.0)
+        self._served = (id(snapshot), snapshot.size, budget)
+        return budget
 
     def products(
         self,
@@ -165,21 +211,22 @@ class CandidateGenerator:
         embeddings: ItemEmbeddings | None = None,
         fusion: CandidateFusion | None = None,
     ) -> CandidateSet:
-        """Union of the generators in priority order, deduplicated, at most `max_candidates` (vectorised).
+        """Union of the generators in priority order, deduplicated, at most the served count (vectorised).
         `embeddings`: the serving model's item embeddings (None: that generator and its columns are absent).
         `fusion`: the serving model's learned cut (its own pool size; None: the pool setting, fused by ranks)."""
         proposals = self._propose(snapshot, visitor, context_keys, filters, personalized, embeddings, fusion)
         if proposals is None:
             return CandidateSet(np.zeros(0, dtype=np.int64), np.zeros(0), [])
+        served = self.budget(snapshot).served
         every, source_codes, first, inverse = proposals.every, proposals.codes, proposals.first, proposals.inverse
-        if len(first) > self.max_candidates:
+        if len(first) > served:
             if fusion is not None:
                 scores = fusion.score(proposals.features(snapshot))
-                first = first[np.argsort(-scores, kind="stable")[: self.max_candidates]]
-            elif self.pool > self.max_candidates:
+                first = first[np.argsort(-scores, kind="stable")[:served]]
+            elif self.pool > served:
                 fused = np.bincount(inverse, weights=_fusion_weights(proposals.parts, proposals.labels))
-                first = first[np.argsort(-fused, kind="stable")[: self.max_candidates]]
-        keep = np.sort(first)[: self.max_candidates]  # first occurrence wins: generator priority order
+                first = first[np.argsort(-fused, kind="stable")[:served]]
+        keep = np.sort(first)[:served]  # first occurrence wins: generator priority order
         idx = every[keep]
         signals = proposals.scores.columns(idx) | _embedding_columns(proposals.embedded, idx)
         signals["x_generator"] = source_codes[keep].astype(np.float64)
@@ -221,8 +268,9 @@ class CandidateGenerator:
         eligible = self._eligible_mask(snapshot, filters, KIND_CODES[ItemKind.PRODUCT])
         parts: list[np.ndarray] = []
         labels: list[int] = []
-        per_source = self.per_source
-        scale = max(1.0, fusion.pool / self.max_candidates) if fusion is not None else self.scale
+        budget = self.budget(snapshot)
+        per_source = budget.per_source
+        scale = max(1.0, fusion.pool / budget.served) if fusion is not None else budget.scale
 
         def add(indices: np.ndarray | None, source: str, limit: int) -> None:
             if indices is None or len(indices) == 0 or source not in self.sources:
@@ -277,8 +325,9 @@ class CandidateGenerator:
     ) -> dict[str, np.ndarray]:
         """The ranker's candidate columns for rows chosen elsewhere (logged impressions): no generator proposed
         them, so `x_generator` is missing."""
-        scores = next_item_scores(snapshot, visitor.recent_items, self.per_source) if visitor.known else None
-        embedded = _embedding_scores(embeddings, snapshot, visitor, self.per_source) if visitor.known else None
+        per_source = self.budget(snapshot).per_source
+        scores = next_item_scores(snapshot, visitor.recent_items, per_source) if visitor.known else None
+        embedded = _embedding_scores(embeddings, snapshot, visitor, per_source) if visitor.known else None
         signals = (scores or NextItemScores()).columns(idx) | _embedding_columns(embedded, idx)
         signals["x_generator"] = np.full(len(idx), np.nan)
         return signals

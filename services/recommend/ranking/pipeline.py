@@ -278,7 +278,7 @@ class SlotPipeline:
         if generator is None:
             base = self.generator
             try:
-                generator = CandidateGenerator(base.max_candidates, base.per_source, sources, base.pool)
+                generator = CandidateGenerator(base.count, base.fixed_per_source, sources, base.pool)
             except ValueError as exc:
                 log.warning("experiment %s arm %s: %s", experiment.key, experiment.arm, exc)
                 generator = base

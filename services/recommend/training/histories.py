@@ -24,7 +24,14 @@ from services.features.indexes import COVISIT_MAX_NEIGHBOURS
 from services.features.item_cache import CatalogArrays, ItemSnapshot, build_snapshot, catalog_arrays
 from services.profile.aggregator.bulk_fold import FoldedHistory, fold_history
 from services.profile.sequences import SYNTHETIC_STEP_S, Histories, catalog_items, purchase_events
-from services.recommend.ranking.candidates import SOURCES, CandidateGenerator, Filters, VisitorVector, context_keys_for
+from services.recommend.ranking.candidates import (
+    SOURCES,
+    CandidateCount,
+    CandidateGenerator,
+    Filters,
+    VisitorVector,
+    context_keys_for,
+)
 from services.recommend.ranking.fusion import FUSION_NEGATIVES, FUSION_QUERIES, CandidateFusion
 from services.recommend.ranking.item_embeddings import ItemEmbeddings
 from services.recommend.ranking.ranker import ModelMeta, RankerModel, feature_matrix
@@ -77,7 +84,7 @@ def seen_filter(sequence: Sequence[str]) -> Filters:
 
 def train_on_histories(
     histories: Histories,
-    max_candidates: int,
+    count: int | CandidateCount,
     config: TrainConfig,
     sources: Sequence[str] = SOURCES,
     rules: SegmentRules | None = None,
@@ -85,7 +92,7 @@ def train_on_histories(
     pool: int = 0,
 ) -> tuple[RankerModel, bytes, dict[str, float]]:
     """A LightGBM ranker for the served pipeline: one query per visitor (the last interaction).
-    `config.fusion_pool` larger than `max_candidates`: a learned cut of a pool that large (CandidateFusion) is
+    `config.fusion_pool` larger than the served count: a learned cut of a pool that large (CandidateFusion) is
     fitted on the same queries first, the ranker trains on the candidates it keeps, and the model carries it."""
     started = time.perf_counter()
     report = progress or (lambda _stage, _fraction: None)
@@ -101,10 +108,10 @@ def train_on_histories(
     report("learning item embeddings", 0.0)
     # Queries see embeddings learned without their answers; the served model gets them learned on everything.
     embeddings = ItemEmbeddings.fit(world.histories.sequences) if "embedding" in sources else None
-    generator = CandidateGenerator(max_candidates, sources=sources, pool=pool)
+    generator = CandidateGenerator(count, sources=sources, pool=pool)
     context, keys = world.context()
     fusion = None
-    if config.fusion_pool > max_candidates:
+    if config.fusion_pool > generator.budget(world.snapshot).served:
         report("learning the candidate fusion", 0.0)
         fusion = fit_fusion(histories, world, users, generator, keys, embeddings, config.fusion_pool, config.seed)
     valid_every = max(round(1 / config.validation_fraction), 2) if config.validation_fraction > 0 else 0
@@ -123,10 +130,9 @@ def train_on_histories(
             continue
         idx, signals = candidates.idx, candidates.signals
         negatives = np.flatnonzero(grades == 0)
-        if len(negatives) > config.max_negatives:
-            keep = np.sort(
-                np.concatenate([np.flatnonzero(grades > 0), rng.choice(negatives, config.max_negatives, replace=False)])
-            )
+        kept = config.negatives_for(len(idx))
+        if len(negatives) > kept:
+            keep = np.sort(np.concatenate([np.flatnonzero(grades > 0), rng.choice(negatives, kept, replace=False)]))
             idx, grades = idx[keep], grades[keep]
             signals = {name: values[keep] for name, values in signals.items()}
         X = feature_matrix(

@@ -137,7 +137,7 @@ def evaluate_histories(
     if model is None:
         model, _, model_metrics = train_on_histories(
             histories.truncated(1),
-            settings.max_candidates,
+            settings.candidate_count(),
             config,
             settings.candidate_sources,
             rules=SegmentRules.from_settings(settings),
@@ -201,7 +201,7 @@ def evaluate_histories(
         users=len(users),
         interactions=histories.interactions,
         items=len(items),
-        max_candidates=settings.max_candidates,
+        max_candidates=settings.candidate_count().for_products(len(items)),
         sources=tuple(settings.candidate_sources),
         methods={method: s.summary() for method, s in scores.items()},
         published=PUBLISHED.get(name, {}),
