@@ -1,4 +1,4 @@
-"""Recommend service logic: the item cache refresher, model loading/hot reload, and a request's path
+"""Recommend service logic: the item cache refresher, the served models (served_models.py), and a request's path
 visitor -> experiment arm -> `RankContext` -> the ranking pipeline of each slot (ranking/pipeline.py) -> answer
 and impression log, with an explicit fallback."""
 
@@ -21,7 +21,6 @@ from services.common.consent import Consent, ConsentDefaults
 from services.common.context import context_features, daypart, local_time, zone_for
 from services.common.errors import InvalidPayload, NotFound
 from services.common.events import Event
-from services.common.models import ModelIndex
 from services.experiments.config import ArmChoice
 from services.experiments.covariates import exposure_covariates
 from services.experiments.targeting import TargetingContext, targeting_context
@@ -35,16 +34,13 @@ from services.features.item_cache import (
 from services.features.schema import visitor_row_at
 from services.recommend.answers import impression_event, item_card
 from services.recommend.ranking.candidates import (
-    SOURCES,
     CandidateGenerator,
     Filters,
     VisitorVector,
     context_keys_for,
     eligible_products,
 )
-from services.recommend.ranking.fusion import CandidateFusion
 from services.recommend.ranking.item2item import Strategy, neighbours
-from services.recommend.ranking.item_embeddings import ItemEmbeddings
 from services.recommend.ranking.pipeline import (
     STAGE_VISITOR,
     PipelineOptions,
@@ -53,14 +49,13 @@ from services.recommend.ranking.pipeline import (
     SlotPipeline,
 )
 from services.recommend.ranking.ranker import (
-    IncompatibleModel,
     RankerModel,
-    verify_model_text,
 )
 from services.recommend.ranking.reasons import PHRASES, context_label, locale_of, say
 from services.recommend.ranking.rules import RuleContext
 from services.recommend.repository import RecommendRepository
 from services.recommend.schemas import ANCHORED, RecommendRequest, SlotRequest
+from services.recommend.served_models import ServedModels
 from services.recommend.settings import RecommendSettings
 
 log = logging.getLogger(__name__)
@@ -69,12 +64,6 @@ RECOMMENDATIONS = Counter(
     "selaras_recommendations_total", "Recommendation responses by strategy", ["strategy", "fallback"]
 )
 FALLBACKS = Counter("selaras_recommend_fallback_total", "Responses served by the fallback, by reason", ["reason"])
-ARM_MODEL_MISSING = Counter(
-    "selaras_arm_model_missing_total",
-    "Requests of an experiment arm whose named ranker version is not loaded (served by the serving model)",
-    ["experiment", "arm"],
-)
-MODEL_INFO = Gauge("selaras_model_loaded_timestamp_seconds", "When the serving model was trained", ["version"])
 CACHE_AGE = Gauge("selaras_item_cache_built_timestamp_seconds", "When the in-process item cache was built")
 CACHE_ITEMS = Gauge("selaras_item_cache_items", "Items in the in-process cache")
 IMPRESSIONS_DROPPED = Counter("selaras_impressions_dropped_total", "Impression batches dropped (queue full)")
@@ -152,8 +141,9 @@ class RecommendService:
             item_stats_via_sdk=repository.item_stats_via_sdk if settings.naive_item_features else None,
         )
         self.snapshot: ItemSnapshot = build_snapshot([], {}, {}, {}, now=clock.now())
-        self.model: RankerModel | None = None
-        self.skipped_models: dict[str, str] = {}
+        self.models = ServedModels(
+            settings, repository, lambda: set(getattr(experiments, "model_versions", lambda: set())())
+        )
         self.persona_names: dict[int, str] = {}
         self._catalog: CatalogArrays | None = None
         self._catalog_version: bytes | None = None
@@ -163,9 +153,6 @@ class RecommendService:
         self._stats_full_read_at = 0.0
         self._stop = threading.Event()
         self._refresher: threading.Thread | None = None
-        self._reload_lock = threading.Lock()
-        self._model_generation = -1  # of the registry index the loaded model was chosen from
-        self._arm_models: dict[str, RankerModel] = {}  # ranker versions experiment arms name, by version
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -248,96 +235,23 @@ class RecommendService:
         self._item_stats, self._stats_read_at = stats, now
         return stats
 
-    def reload_model(self, version: str | None = None) -> tuple[str | None, str | None]:
-        """Load `version`, else what the model registry says serves (the pinned version, else the newest that
-        loads: a damaged or incompatible newest falls back to the one before). The swap is atomic; in-flight
-        requests finish on the old model. Returns (serving version, previous version)."""
-        with self._reload_lock:
-            previous = self.model.meta.version if self.model else None
-            index = self.repository.model_index()
-            self._model_generation = index.generation
-            for candidate in [version] if version else index.load_order():
-                model = self._load_model(candidate, index)
-                if model is None:
-                    continue
-                outgoing = self.model
-                self.model = model
-                if outgoing is not None and previous != candidate:
-                    self._keep_for_arms(outgoing)
-                if previous and previous != candidate:
-                    MODEL_INFO.remove(previous)
-                MODEL_INFO.labels(candidate).set(model.meta.created_at)
-                return candidate, previous
-            return previous, previous
+    # -- models (services/recommend/served_models.py) ---------------------------------------------------
+    @property
+    def model(self) -> RankerModel | None:
+        return self.models.serving
 
-    def _load_model(self, version: str, index: ModelIndex) -> RankerModel | None:
-        """The version loaded, or None with the reason kept in `skipped_models` (readiness shows it)."""
-        if self.model is not None and self.model.meta.version == version:
-            return self.model
-        try:
-            meta = self.repository.model_meta(version)
-            text = self.repository.model_text(version, index)
-            if meta is None or text is None:
-                self.skipped_models[version] = "not found"
-                return None
-            verify_model_text(text)
-            model = RankerModel.from_bytes(text, meta, self.settings.data_dir / "compiled-models")
-            embeddings = self.repository.model_embeddings(version)
-            model.embeddings = ItemEmbeddings.from_bytes(embeddings) if embeddings else None
-            fusion = self.repository.model_fusion(version)
-            model.fusion = CandidateFusion.from_bytes(fusion, SOURCES) if fusion else None
-            return model
-        except IncompatibleModel as exc:
-            self.skipped_models[version] = str(exc)
-            log.warning("skipping incompatible model: %s", exc)
-        except Exception as exc:  # damaged (DamagedModel, CorruptModel) or unparsable
-            self.skipped_models[version] = f"unreadable: {exc}"
-            log.warning("skipping unreadable model %s: %s", version, exc)
-        return None
+    @property
+    def skipped_models(self) -> dict[str, str]:
+        return self.models.skipped
+
+    def reload_model(self, version: str | None = None) -> tuple[str | None, str | None]:
+        return self.models.reload(version)
 
     def follow_model_registry(self) -> None:
-        """Reload when the registry changed (a training published, an operator pinned): one small read. Runs
-        on every cache refresh, so every replica and worker converges within `refresh_interval_s`."""
-        if self.repository.model_index().generation != self._model_generation:
-            self.reload_model()
-        self.load_arm_models()
-
-    def _keep_for_arms(self, outgoing: RankerModel) -> None:
-        """A model that stops serving but an experiment arm names (v1 after v2 is pinned) stays loaded as that
-        arm's model, so the arm is never ranked by the new serving version while it waits for a reload."""
-        wanted = set(getattr(self.experiments, "model_versions", lambda: set())())
-        if outgoing.meta.version in wanted:
-            self._arm_models = {**self._arm_models, outgoing.meta.version: outgoing}
+        self.models.follow()
 
     def load_arm_models(self) -> None:
-        """Load the ranker versions that experiment arms name (model vs model in one process), off the request
-        path: a request never waits for a model to load. Versions no arm names any more are let go."""
-        wanted = set(getattr(self.experiments, "model_versions", lambda: set())())
-        serving = self.model.meta.version if self.model else None
-        index = None
-        loaded: dict[str, RankerModel] = {}
-        for version in sorted(wanted - {serving}):
-            model = self._arm_models.get(version)
-            if model is None:
-                index = index or self.repository.model_index()
-                with self._reload_lock:
-                    model = self._load_model(version, index)
-            if model is not None:
-                loaded[version] = model
-        self._arm_models = loaded
-
-    def _model_of_arm(self, experiment: ArmChoice | None, serving: RankerModel | None) -> RankerModel | None:
-        """The ranker of the visitor's arm: the version the arm names when it is loaded, else the serving one
-        (counted: an arm naming a version that does not load serves the serving model)."""
-        if experiment is None or experiment.model is None:
-            return serving
-        if serving is not None and serving.meta.version == experiment.model:
-            return serving
-        model = self._arm_models.get(experiment.model)
-        if model is None:
-            ARM_MODEL_MISSING.labels(experiment.key, experiment.arm).inc()
-            return serving
-        return model
+        self.models.load_arm_models()
 
     # -- ranking ------------------------------------------------------------------------------------
     def read_visitor(self, visitor_id: str) -> StoredVisitor:
@@ -386,7 +300,7 @@ class RecommendService:
             fallback_reason = "no_model"
         experiment = self._experiment(request, used.ts, stored)
         personalized = experiment[2] if experiment is not None else True
-        model = self._model_of_arm(experiment, model)
+        model = self.models.of_arm(experiment, model)
         use_model = (
             personalized and personalization_allowed and visitor.known and model is not None and fallback_reason is None
         )

@@ -161,7 +161,7 @@ def test_two_models_serve_side_by_side_as_the_arms_of_one_experiment(
         repository.close()
     with TestClient(create_app(settings)) as client:
         service = client.app.state.recommend.service  # type: ignore[attr-defined]
-        assert served(service) == "v3" and set(service._arm_models) == {"v1", "v2"}
+        assert served(service) == "v3" and set(service.models.arm_models) == {"v1", "v2"}
         served_by: dict[str, set[str]] = {}
         for n in range(60):
             body = {"visitor_id": f"mvm-{n}", "slots": [{"name": "home", "count": 4}]}
@@ -172,11 +172,11 @@ def test_two_models_serve_side_by_side_as_the_arms_of_one_experiment(
         # An arm naming the serving version uses it, and a version no arm names any more is let go.
         client.post("/v1/admin/models/ranker/production", json={"version": "v1"})
         service.load_arm_models()
-        assert served(service) == "v1" and set(service._arm_models) == {"v2"}
+        assert served(service) == "v1" and set(service.models.arm_models) == {"v2"}
         # Pinning the other arm's version hands the outgoing one (v1) over to its arm at once: before any
         # refresh, the control arm is still ranked by v1, never by the new serving version.
         client.post("/v1/admin/models/ranker/production", json={"version": "v2"})
-        assert served(service) == "v2" and "v1" in service._arm_models
+        assert served(service) == "v2" and "v1" in service.models.arm_models
         arms: dict[str, set[str]] = {}
         for n in range(60):
             body = {"visitor_id": f"mvm-{n}", "slots": [{"name": "home", "count": 4}]}
