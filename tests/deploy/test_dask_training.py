@@ -21,7 +21,8 @@ from services.cli import app
 from services.features import schema as F
 from services.recommend.repository import RecommendRepository
 from services.recommend.training.distributed import DaskTrainer, group_partitions, present_categoricals, to_dask
-from services.recommend.training.train import Query, TrainConfig, Trainer, TrainingSet
+from services.recommend.training.fit import TrainingSet
+from services.recommend.training.train import Query, TrainConfig, Trainer
 from tests.conftest import SessionWorld
 
 

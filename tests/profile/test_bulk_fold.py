@@ -18,7 +18,7 @@ from services.profile.ingest import IngestService
 from services.profile.repository import ProfileRepository
 from services.profile.settings import ProfileSettings
 from services.recommend.training.event_columns import LoggedEvent
-from services.recommend.training.train import Replay
+from services.recommend.training.replay import Replay
 from tests.factories import BASE_TIME, make_event, make_item
 
 TYPES = ("product_view", "product_view", "add_to_cart", "purchase", "click", "search")

@@ -18,7 +18,8 @@ import numpy as np
 
 from services.features import schema as F
 from services.recommend.repository import RecommendRepository
-from services.recommend.training.train import Progress, TrainConfig, Trainer, TrainingSet
+from services.recommend.training.fit import TrainingSet
+from services.recommend.training.train import Progress, TrainConfig, Trainer
 
 if TYPE_CHECKING:
     import dask.array as da

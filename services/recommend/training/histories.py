@@ -35,7 +35,8 @@ from services.recommend.ranking.candidates import (
 from services.recommend.ranking.fusion import FUSION_NEGATIVES, FUSION_QUERIES, CandidateFusion
 from services.recommend.ranking.item_embeddings import ItemEmbeddings
 from services.recommend.ranking.ranker import ModelMeta, RankerModel, feature_matrix
-from services.recommend.training.train import TrainConfig, TrainingSet, fit_ranker, ranker_params
+from services.recommend.training.fit import TrainingSet, fit_ranker, ranker_params
+from services.recommend.training.train import TrainConfig
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, float], None]

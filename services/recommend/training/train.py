@@ -19,7 +19,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -33,7 +33,6 @@ from services.common.clock import wall_datetime, wall_time
 from services.common.consent import ConsentDefaults
 from services.common.events import EventType
 from services.features import schema as F
-from services.features.indexes import ContextPopularity, CoVisitation, context_keys, observe_interaction, push_recent
 from services.features.item_cache import (
     KIND_CODES,
     STAT_COLUMNS,
@@ -55,6 +54,8 @@ from services.recommend.ranking.ranker import ModelMeta, feature_matrix
 from services.recommend.repository import RecommendRepository
 from services.recommend.training.embeddings import EMBEDDING_REFITS, EmbeddingsOverTime, interaction_sequences
 from services.recommend.training.event_columns import EventColumns, EventColumnsBuilder, LoggedEvent
+from services.recommend.training.fit import TrainingSet, fit_ranker, ranker_params
+from services.recommend.training.replay import LiveNeighbours, Replay
 
 log = logging.getLogger(__name__)
 
@@ -120,22 +121,6 @@ class Query:
     shown: list[str] = field(default_factory=list)  # impression queries
     labels: dict[str, int] = field(default_factory=dict)
     slot: str = ""
-
-
-@dataclass
-class TrainingSet:
-    X: np.ndarray
-    y: np.ndarray
-    groups: list[int]
-    query_ts: list[float]
-
-    def extended(self, other: TrainingSet) -> TrainingSet:
-        return TrainingSet(
-            np.vstack([self.X, other.X]),
-            np.concatenate([self.y, other.y]),
-            self.groups + other.groups,
-            self.query_ts + other.query_ts,
-        )
 
 
 @dataclass
@@ -536,101 +521,6 @@ class Trainer:
             "candidate_recall": round(in_candidates / n, 4),
             "evaluated_queries": len(model_ranks),
         }
-
-
-def ranker_params(config: TrainConfig) -> dict[str, Any]:
-    return {
-        "objective": "lambdarank",
-        "metric": "ndcg",
-        "ndcg_eval_at": [10],
-        "learning_rate": config.learning_rate,
-        "num_leaves": config.num_leaves,
-        "min_data_in_leaf": config.min_data_in_leaf,
-        "feature_fraction": 0.9,
-        "bagging_fraction": 0.9,
-        "bagging_freq": 1,
-        "lambdarank_truncation_level": 20,
-        "num_threads": config.threads,
-        "seed": config.seed,
-        "deterministic": True,
-        "force_row_wise": True,
-        "verbosity": -1,
-    }
-
-
-def fit_ranker(config: TrainConfig, train_set: TrainingSet, valid_set: TrainingSet) -> lgb.Booster:
-    names = list(F.RANKER_FEATURES)
-    train_data = lgb.Dataset(
-        train_set.X,
-        label=train_set.y,
-        group=train_set.groups,
-        feature_name=names,
-        categorical_feature=list(F.CATEGORICAL_FEATURES),
-        free_raw_data=False,
-    )
-    valid_groups = [g for g in valid_set.groups]
-    callbacks: list[Callable[..., Any]] = [lgb.log_evaluation(0)]
-    valid_sets = []
-    if valid_groups and valid_set.y.max() > 0:
-        valid_data = lgb.Dataset(
-            valid_set.X,
-            label=valid_set.y,
-            group=valid_groups,
-            reference=train_data,
-            feature_name=names,
-            categorical_feature=list(F.CATEGORICAL_FEATURES),
-        )
-        valid_sets = [valid_data]
-        callbacks.append(lgb.early_stopping(config.early_stopping_rounds, verbose=False))
-    return lgb.train(
-        ranker_params(config),
-        train_data,
-        num_boost_round=config.num_boost_round,
-        valid_sets=valid_sets,
-        callbacks=callbacks,
-    )
-
-
-class LiveNeighbours(Mapping[str, list[tuple[str, float]]]):
-    """A read-through view of the replayed co-visitation index."""
-
-    def __init__(self, covisitation: CoVisitation):
-        self.covisitation = covisitation
-
-    def __getitem__(self, item_id: str) -> list[tuple[str, float]]:
-        if item_id not in self.covisitation.neighbours:
-            raise KeyError(item_id)
-        return self.covisitation.top(item_id, 60)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.covisitation.neighbours)
-
-    def __len__(self) -> int:
-        return len(self.covisitation.neighbours)
-
-
-@dataclass
-class Replay:
-    """The candidate indexes replayed from the log in time order, with each visitor's recent items and last
-    known place, updated by the aggregator's own rule (`observe_interaction`)."""
-
-    covisitation: CoVisitation = field(default_factory=CoVisitation)
-    popularity: ContextPopularity = field(default_factory=ContextPopularity)
-    recent: dict[str, list[str]] = field(default_factory=dict)
-    places: dict[str, tuple[str, int | None]] = field(default_factory=dict)
-
-    def observe(self, event: LoggedEvent) -> None:
-        # The visitor's city and UTC offset as the aggregator's visitor state keeps them: the last known.
-        city, offset = self.places.get(event.visitor_id, ("", None))
-        city = event.city or city
-        offset = event.utc_offset_min if event.utc_offset_min is not None else offset
-        self.places[event.visitor_id] = (city, offset)
-        previous = self.recent.setdefault(event.visitor_id, [])
-        keys = context_keys(event.ts, city, event.device, offset)
-        if observe_interaction(
-            self.covisitation, self.popularity, event.type.value, event.item_id, previous, keys, event.ts
-        ):
-            push_recent(previous, event.item_id or "")
 
 
 def _clean(value: Any) -> Any:
