@@ -10,7 +10,8 @@ per request: the "candidates" stage (wall time from the pipeline's own histogram
 the thread's CPU time), the whole `recommend` call (wall and process CPU: CPU counts BLAS threads too), median
 over the runs. Each process also
 records every generator call's candidates and columns and every answer, and the two trees' records are
-compared: identical candidates and answers, the columns' largest difference.
+compared: identical candidates and answers, the columns' largest difference. A third arm serves the before
+tree's model without its item embeddings: the difference to it is what the embedding work costs.
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ def worker(args: argparse.Namespace) -> None:
     service.refresh_cache()
     service.reload_model()
     assert service.model is not None and service.model.embeddings is not None, "the world's model has embeddings"
+    if args.no_embeddings:  # the floor: the same model served without them (their columns missing)
+        service.model.embeddings = None
     requests = [RecommendRequest.model_validate(b) for b in bodies(info["visitors"], args.requests, args.now)]
     stored = [service.read_visitor(r.visitor_id) for r in requests]
     repository.close()  # nothing below touches Redis
@@ -116,7 +119,7 @@ def worker(args: argparse.Namespace) -> None:
             return found
 
         generator.products = recording  # type: ignore[method-assign]
-    answers = []
+    answers: list[list[list[tuple[str, float]]]] = []
     for _ in range(args.warmup):
         for request, row in zip(requests, stored, strict=True):
             answer = service.recommend(request, stored=row)
@@ -220,6 +223,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="passes over the requests before the timed one")
     parser.add_argument("--now", default=None, help="the requests' business time (default: the world's end)")
     parser.add_argument("--record", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--no-embeddings", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -230,16 +234,30 @@ def main() -> None:
     info = build(args.data_dir, args.namespace, args.redis_url)
     args.now = args.now or info.get("end") or datetime.now(UTC).isoformat()
     trees = {"before": args.before.resolve(), "after": args.after.resolve()}
-    samples: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
-    for _ in range(args.runs):  # alternately, so a change in the machine's load hits both trees alike
-        for name, tree in trees.items():
-            samples[name].append(run_tree(tree, args))
+    # The before tree's model also served without its embeddings: what the embedding work costs in all.
+    arms: dict[str, tuple[Path, tuple[str, ...]]] = {
+        "before": (trees["before"], ()),
+        "after": (trees["after"], ()),
+        "before_without_embeddings": (trees["before"], ("--no-embeddings",)),
+    }
+    samples: dict[str, list[dict[str, Any]]] = {name: [] for name in arms}
+    for _ in range(args.runs):  # alternately, so a change in the machine's load hits every arm alike
+        for name, (tree, extra) in arms.items():
+            samples[name].append(run_tree(tree, args, *extra))
     medians = {
         name: {key: statistics.median(s[key] for s in runs) for key in runs[0]} for name, runs in samples.items()
     }
     report: dict[str, Any] = {"requests": args.requests, "runs": args.runs, "medians": medians}
     report["ratio_after_to_before"] = {
         key: medians["after"][key] / medians["before"][key] for key in medians["before"] if key != "known"
+    }
+    report["embedding_cost_ms"] = {
+        name: {
+            key: medians[name][key] - medians["before_without_embeddings"][key]
+            for key in medians[name]
+            if key != "known"
+        }
+        for name in ("before", "after")
     }
     records = {name: args.data_dir / f"record-{name}.pickle" for name in trees}
     for name, tree in trees.items():
