@@ -127,7 +127,7 @@ def test_training_and_serving_cut_the_pool_to_the_same_candidates(walk: Historie
         repository.save_model(text, trained.meta, trained.embeddings.to_bytes(), trained.fusion.to_bytes())
         service = RecommendService(settings.model_copy(update={"exploration": {}}), repository)
         index = repository.model_index()
-        served = service._load_model(trained.meta.version, index)
+        served = service.models._load(trained.meta.version, index)
     finally:
         repository.close()
     assert served is not None and served.fusion is not None
@@ -152,3 +152,10 @@ def test_training_and_serving_cut_the_pool_to_the_same_candidates(walk: Historie
         np.testing.assert_array_equal(np.sort(ranked.candidates), np.sort(trained_idx), err_msg=user)
         compared += int(len(trained_idx) == SERVED)
     assert compared > 50  # the cut did run (the pool was larger than the served count)
+    # A list the shop gives (re-ranking) or anchors' neighbours: the ranker reads the model's embedding columns
+    # there too, as it learned them, not NaN.
+    visitor = world.visitor(walk.users[0])
+    given = np.arange(min(20, world.snapshot.size), dtype=np.int64)
+    rank = RankContext(world.snapshot, served, visitor, dict(context), keys, rules, world.at, False)
+    signals = service.pipeline._given_set(rank, given, visitor, "given").signals
+    assert not np.isnan(signals["x_embedding"]).all()

@@ -145,7 +145,7 @@ def test_the_product_slots_of_one_request_share_the_visitors_scores() -> None:
     assert other is not None and not np.array_equal(other.query, first.query)
     # Through the generator, as two personal slots of one request: the same candidates and columns.
     visitor = VisitorVector.from_row("v", {"event_count": 5, "recent_items": recent})
-    generator = CandidateGenerator(max_candidates=30, sources=("embedding", "popular"))
+    generator = CandidateGenerator(30, sources=("embedding", "popular"))
     slots = [generator.products(snapshot, visitor, ["all"], Filters(), embeddings=embeddings) for _ in range(2)]
     np.testing.assert_array_equal(slots[0].idx, slots[1].idx)
     for name in ("x_embedding", "x_embedding_rank", "x_embedding_last"):

@@ -292,7 +292,8 @@ class CandidateGenerator:
                 add(embedded.ranked(), "embedding", EMBEDDING_BUDGET * per_source)
             add(scores.ranked("two_step"), "two_step", 2 * per_source)
             add(scores.ranked("shared_tags"), "shared_tags", per_source + per_source // 4)
-            for item_id in visitor.cart_items:
+            # Sorted: a set of strings iterates in an order that changes with the process's hash seed.
+            for item_id in sorted(visitor.cart_items):
                 neighbours = snapshot.covisitation.get(item_id)
                 if neighbours is not None:
                     add(neighbours[0], "cart", per_source // 4)

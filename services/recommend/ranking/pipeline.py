@@ -254,7 +254,7 @@ class SlotPipeline:
         read them. `x_generator` is the generator whose kind of neighbour they are (NaN for the shop's list)."""
         signals: dict[str, np.ndarray] = {}
         if rank.model is not None:
-            signals = self.generator.signals(rank.snapshot, visitor, idx)
+            signals = self.generator.signals(rank.snapshot, visitor, idx, rank.model.embeddings)
             if source in SOURCES:
                 signals["x_generator"] = np.full(len(idx), float(SOURCES.index(source)))
         covisitation = signals.get("x_covisitation", np.zeros(len(idx)))
