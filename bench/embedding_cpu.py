@@ -1,6 +1,7 @@
 """In-process CPU of `/v1/recommend` ranking, two source trees compared on the same demo world (no HTTP).
 
-    REDIS_URL=redis://127.0.0.1:6379/0 python bench/embedding_cpu.py --before /work/main --after .
+    git worktree add --detach ../before <commit>
+    REDIS_URL=redis://127.0.0.1:6379/0 python bench/embedding_cpu.py --before ../before --after .
 
 Builds (once; kept under --data-dir and in Redis under --namespace) the demo world `make bench` uses (2,000
 items, 1,000 visitors x 30 days), then runs each tree in its own process, alternately, `--runs` times: the
@@ -213,7 +214,7 @@ def compare_records(before: Path, after: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--before", type=Path, default=Path("/work/main"))
+    parser.add_argument("--before", type=Path, required=True, help="the other source tree (a git worktree)")
     parser.add_argument("--after", type=Path, default=Path.cwd())
     parser.add_argument("--data-dir", type=Path, default=Path("/tmp/embedding-cpu-world"))
     parser.add_argument("--namespace", default="embcpu")
