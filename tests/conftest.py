@@ -309,3 +309,22 @@ def world_fork(world: SessionWorld, tmp_path_factory: pytest.TempPathFactory) ->
     finally:
         clean_namespace(REDIS_URL, namespace)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(params=["redis", "sqlite"])
+def profile_and_recommend(
+    request: pytest.FixtureRequest, settings_factory: Callable[..., Any]
+) -> Iterator[tuple[Any, Any]]:
+    """A profile and a recommend repository on one store, for each backend: Redis (+ Feast on Redis) and
+    embedded SQLite (+ Feast on SQLite). The profile side writes what the aggregator and the consent API would."""
+    from services.profile.repository import ProfileRepository
+    from services.recommend.repository import RecommendRepository
+
+    settings = settings_factory(ProfileSettings, redis_url=REDIS_URL if request.param == "redis" else None)
+    profile = ProfileRepository.open(settings)
+    recommend = RecommendRepository.open(settings)
+    try:
+        yield profile, recommend
+    finally:
+        recommend.close()
+        profile.close()

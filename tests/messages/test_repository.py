@@ -4,9 +4,7 @@ watch and the message model."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 
@@ -14,9 +12,7 @@ from services.common.consent import Consent, ConsentDefaults, refusing_all
 from services.messages.history import SendHistory
 from services.messages.repository import MessageRepository
 from services.profile.repository import ProfileRepository
-from services.profile.settings import ProfileSettings
 from services.recommend.repository import RecommendRepository
-from tests.conftest import REDIS_URL
 from tests.factories import BASE_TIME, make_visitor_state, visitor_row
 
 NOW = BASE_TIME.timestamp()
@@ -28,18 +24,10 @@ class Repositories:
     messages: MessageRepository
 
 
-@pytest.fixture(params=["redis", "sqlite"])
-def repositories(request: pytest.FixtureRequest, settings_factory: Callable[..., Any]) -> Iterator[Repositories]:
-    settings: ProfileSettings = settings_factory(
-        ProfileSettings, redis_url=REDIS_URL if request.param == "redis" else None
-    )
-    profile = ProfileRepository.open(settings)
-    recommend = RecommendRepository.open(settings)
-    try:
-        yield Repositories(profile, MessageRepository(recommend))
-    finally:
-        recommend.close()
-        profile.close()
+@pytest.fixture
+def repositories(profile_and_recommend: tuple[ProfileRepository, RecommendRepository]) -> Repositories:
+    profile, recommend = profile_and_recommend
+    return Repositories(profile, MessageRepository(recommend))
 
 
 def test_visitor_rows_in_bulk_keep_the_order_asked(repositories: Repositories) -> None:

@@ -4,18 +4,14 @@ records and impressions written off the request path (never for a visitor refusi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 
 from services.common.catalog import CatalogItem
 from services.common.consent import Consent, ConsentDefaults, refusing_all
 from services.profile.repository import ProfileRepository
-from services.profile.settings import ProfileSettings
 from services.recommend.repository import RecommendRepository
-from tests.conftest import REDIS_URL
 from tests.factories import make_event, make_item, make_visitor_state, visitor_row
 
 
@@ -25,18 +21,10 @@ class Repositories:
     recommend: RecommendRepository
 
 
-@pytest.fixture(params=["redis", "sqlite"])
-def repositories(request: pytest.FixtureRequest, settings_factory: Callable[..., Any]) -> Iterator[Repositories]:
-    settings: ProfileSettings = settings_factory(
-        ProfileSettings, redis_url=REDIS_URL if request.param == "redis" else None
-    )
-    profile = ProfileRepository.open(settings)
-    recommend = RecommendRepository.open(settings)
-    try:
-        yield Repositories(profile, recommend)
-    finally:
-        recommend.close()
-        profile.close()
+@pytest.fixture
+def repositories(profile_and_recommend: tuple[ProfileRepository, RecommendRepository]) -> Repositories:
+    profile, recommend = profile_and_recommend
+    return Repositories(profile, recommend)
 
 
 def test_visitor_rows_read_back_by_both_paths(repositories: Repositories) -> None:
