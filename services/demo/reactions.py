@@ -208,36 +208,26 @@ class Reactions:
         if product_id is not None:
             properties["product_id"] = product_id
         message_context = self._response_context(visitor, f"{visitor_id}-{recommendation_id}", channel)
-        events: list[Event] = []
-        delay = CHANNEL_OPEN_DELAY[channel] * float(rng.lognormal(0.0, 0.8))
-        moment = sent_at.astimezone(visitor.zone) + timedelta(seconds=delay)
-        events.append(
-            Event(
-                event_id=self._response_event_id("open", visitor_id, recommendation_id, message_item_id),
+
+        def message_event(kind: str, event_type: EventType, moment: datetime) -> Event:
+            return Event(
+                event_id=self._response_event_id(kind, visitor_id, recommendation_id, message_item_id),
                 visitor_id=visitor_id,
-                type=EventType.MESSAGE_OPEN,
+                type=event_type,
                 timestamp=moment,
                 item_id=message_item_id,
                 recommendation_id=recommendation_id,
                 context=message_context,
                 properties=properties,
             )
-        )
+
+        delay = CHANNEL_OPEN_DELAY[channel] * float(rng.lognormal(0.0, 0.8))
+        moment = sent_at.astimezone(visitor.zone) + timedelta(seconds=delay)
+        events: list[Event] = [message_event("open", EventType.MESSAGE_OPEN, moment)]
         if rng.random() >= p_click:
             return sorted([*events, *organic], key=lambda event: event.ts)
         moment += timedelta(seconds=10.0 + float(rng.exponential(40.0)))
-        events.append(
-            Event(
-                event_id=self._response_event_id("click", visitor_id, recommendation_id, message_item_id),
-                visitor_id=visitor_id,
-                type=EventType.MESSAGE_CLICK,
-                timestamp=moment,
-                item_id=message_item_id,
-                recommendation_id=recommendation_id,
-                context=message_context,
-                properties=properties,
-            )
-        )
+        events.append(message_event("click", EventType.MESSAGE_CLICK, moment))
         if rng.random() >= p_purchase:
             return sorted([*events, *organic], key=lambda event: event.ts)
         if product_id is not None and product_id in self._model.product_index:
