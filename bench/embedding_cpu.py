@@ -214,7 +214,7 @@ def compare_records(before: Path, after: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--before", type=Path, required=True, help="the other source tree (a git worktree)")
+    parser.add_argument("--before", type=Path, default=None, help="the other source tree (a git worktree)")
     parser.add_argument("--after", type=Path, default=Path.cwd())
     parser.add_argument("--data-dir", type=Path, default=Path("/tmp/embedding-cpu-world"))
     parser.add_argument("--namespace", default="embcpu")
@@ -231,6 +231,8 @@ def main() -> None:
         worker(args)
         return
 
+    if args.before is None:
+        parser.error("--before: the source tree to compare with is required")
     args.data_dir.mkdir(parents=True, exist_ok=True)
     info = build(args.data_dir, args.namespace, args.redis_url)
     args.now = args.now or info.get("end") or datetime.now(UTC).isoformat()
