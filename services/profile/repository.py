@@ -304,7 +304,7 @@ class ProfileRepository:
         """`part` names the offline part file so that writing a batch again replaces it (exactly-once)."""
         self.writer.write(F.VISITOR_VIEW, online, offline=False)
         if offline:
-            table = to_arrow_table(offline, F.VISITOR_KEY, F.VISITOR_FEATURES)
+            table = to_arrow_table(last_row_per_moment(offline), F.VISITOR_KEY, F.VISITOR_FEATURES)
             self.writer.append_offline(F.VISITOR_VIEW, table, part)
 
     def write_item_rows(self, rows: Sequence[Mapping[str, Any]], part: str | None = None) -> None:
@@ -320,3 +320,14 @@ def index_dumps(covisitation: CoVisitation, popularity: ContextPopularity) -> di
         Namespace.COVISITATION: {i: covisitation.dump(i) for i in covisitation.dirty},
         Namespace.POPULARITY: {k: popularity.dump(k) for k in popularity.dirty},
     }
+
+
+def last_row_per_moment(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """One history row per visitor and moment, the state after every event at that moment (rows come in fold
+    order). Events often share a timestamp (a view and its cart, a batch sent at once); with one row each,
+    Feast's point-in-time join picked any of them, and training on the same log gave a different model from
+    run to run."""
+    latest: dict[tuple[Any, Any], Mapping[str, Any]] = {}
+    for row in rows:
+        latest[(row[F.VISITOR_KEY], row[F.TIMESTAMP_FIELD])] = row
+    return list(latest.values())

@@ -5,6 +5,7 @@ records and impressions written off the request path (never for a visitor refusi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import pytest
 
@@ -12,7 +13,7 @@ from services.common.catalog import CatalogItem
 from services.common.consent import Consent, ConsentDefaults, refusing_all
 from services.profile.repository import ProfileRepository
 from services.recommend.repository import RecommendRepository
-from tests.factories import make_event, make_item, make_visitor_state, visitor_row
+from tests.factories import BASE_TIME, make_event, make_item, make_visitor_state, visitor_row
 
 
 @dataclass
@@ -91,3 +92,33 @@ def test_records_and_impressions_are_written_off_the_request_path(repositories: 
     assert recommend.recommendation("queued") == {"visitor_id": "v1"}
     assert recommend.recommendation("refused") is None
     assert [e.event_id for e in recommend.logged_events()] == ["imp-v1"]
+
+
+def test_point_in_time_rows_see_the_state_after_every_event_of_a_shared_moment(repositories: Repositories) -> None:
+    """Events that share a timestamp (a view and its cart) leave one history row, the last state: Feast's
+    point-in-time join would otherwise pick any of them (training changed from run to run)."""
+    import pandas as pd
+
+    from services.features import schema as F
+
+    states = [make_visitor_state("v-tied", event_count=n) for n in (1, 2, 3)]
+    other = make_visitor_state("v-other", event_count=7)
+    later = BASE_TIME + timedelta(seconds=10)
+    rows = [visitor_row(states[0]), visitor_row(states[1]), visitor_row(other), visitor_row(states[2], later)]
+    repositories.profile.write_visitor_rows([], rows, part="tied")
+    moments = [BASE_TIME + timedelta(seconds=1), BASE_TIME + timedelta(seconds=1), later]
+    wanted = pd.DataFrame(
+        {
+            F.VISITOR_KEY: ["v-tied", "v-other", "v-tied"],
+            F.TIMESTAMP_FIELD: moments,
+            "request_ts": [m.timestamp() for m in moments],
+            "request_utc_offset_min": [420] * 3,
+            "request_device": [""] * 3,
+            "request_channel": [""] * 3,
+            "request_city": [""] * 3,
+        }
+    )
+    for _ in range(3):  # the join's answer is the same every time
+        found = repositories.recommend.historical_visitor_rows(wanted.copy())
+        by_key = {(r[F.VISITOR_KEY], r[F.TIMESTAMP_FIELD]): r["event_count"] for r in found.to_dict("records")}
+        assert sorted(by_key.values()) == [2, 3, 7]
