@@ -114,7 +114,9 @@ def run(
 
             index = settings.offline_dir.resolve() / f".{F.VISITOR_VIEW}.index.sqlite"
             if index.exists():
-                results["index_bytes"] = sum(p.stat().st_size for p in index.parent.glob(f"{index.name}*"))
+                results["index_bytes"] = index.stat().st_size
+                wal = index.with_name(f"{index.name}-wal")
+                results["index_wal_bytes"] = wal.stat().st_size if wal.exists() else 0
                 for path in index.parent.glob(f"{index.name}*"):
                     path.unlink()
                 found, seconds, files = counting_reads(partial(privacy.offline_rows, probe_ids[0]))
