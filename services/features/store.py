@@ -29,6 +29,7 @@ from feast import FeatureStore, RepoConfig
 from services.common.clock import wall_datetime
 from services.common.settings import CommonSettings
 from services.features import schema as F
+from services.features.offline_index import OfflineIndex, table_keys
 
 log = logging.getLogger(__name__)
 # Third-party notices that are noise in every log and first-run output. Importing Feast installs
@@ -200,7 +201,13 @@ class FeatureWriter:
         path = directory / f"part-{part}.parquet"
         tmp = path.with_suffix(".tmp")
         pq.write_table(table, tmp)
+        index = offline_index(self.offline_dir, view)
+        keys = table_keys(table, index.key) if index is not None else []
+        if index is not None and path.exists():
+            index.add(path.name, keys)  # a batch folded again: the old file's visitors stay findable meanwhile
         tmp.rename(path)  # readers glob *.parquet and never see a half-written file
+        if index is not None:
+            index.replace(path.name, keys)
         return path
 
 
@@ -417,26 +424,54 @@ def offline_parts(offline_dir: Path, view: str) -> list[Path]:
     return sorted((offline_dir / view).glob("*.parquet"))
 
 
-def rewrite_offline_parts(offline_dir: Path, view: str, transform: Callable[[Path], pa.Table | None]) -> int:
+def offline_index(offline_dir: Path, view: str) -> OfflineIndex | None:
+    """The entity key -> part file index of a view that keeps one (the visitor view: erasure and export)."""
+    return OfflineIndex(offline_dir, view, F.VISITOR_KEY) if view == F.VISITOR_VIEW else None
+
+
+def offline_parts_holding(offline_dir: Path, view: str, key: str) -> list[Path]:
+    """The part files of an indexed view that may hold rows of entity `key` (never fewer than do), sorted.
+
+    Asks the view's index; files it does not know yet (a store written before it existed) are indexed first,
+    once. A file may be rewritten away by the time it is opened: readers skip a missing file."""
+    index = offline_index(offline_dir, view)
+    if index is None:
+        raise ValueError(f"the offline view {view} keeps no index")
+    return index.parts_holding(key)
+
+
+def rewrite_offline_parts(
+    offline_dir: Path, view: str, transform: Callable[[Path], pa.Table | None], key: str | None = None
+) -> int:
     """Rewrite the view's parquet part files: `transform(path)` returns the new table, or None to keep the file.
+    With `key`, only the files the view's index says hold rows of that entity are offered (erasure).
 
     Runs under a file lock (rewriters exclude each other) and replaces files atomically, so readers globbing
-    *.parquet see the old or the new file, never half of one; the writer only ever adds new part files.
-    A file left empty is deleted, unless it is the view's last one (DuckDB needs a file to read the schema).
-    Returns how many files changed.
+    *.parquet see the old or the new file, never half of one; the writer only ever adds new part files or
+    replaces its own. A file left empty is deleted, unless it is the view's last one (DuckDB needs a file to
+    read the schema). The view's index follows every file changed. Returns how many files changed.
     """
     changed = 0
+    index = offline_index(offline_dir, view)
     # The lock file sits next to the view's folder: readers of the folder expect parquet files only.
     with file_lock(offline_dir / f".{view}.rewrite.lock"):
-        for path in offline_parts(offline_dir, view):
+        paths = offline_parts(offline_dir, view) if key is None else offline_parts_holding(offline_dir, view, key)
+        for path in paths:
             table = transform(path)
             if table is None:
                 continue
             changed += 1
             if table.num_rows == 0 and len(offline_parts(offline_dir, view)) > 1:
                 path.unlink()
+                if index is not None:
+                    index.remove([path.name])
                 continue
+            keys = table_keys(table, index.key) if index is not None else []
+            if index is not None:
+                index.add(path.name, keys)
             tmp = path.with_suffix(".rewrite.tmp")
             pq.write_table(table, tmp)
             tmp.replace(path)
+            if index is not None:
+                index.replace(path.name, keys)
     return changed

@@ -28,7 +28,7 @@ from services.common.settings import CommonSettings
 from services.common.storage import LogEntry, Namespace, Store, open_store
 from services.features import schema as F
 from services.features.aggregations import VisitorState
-from services.features.store import online_rows, rewrite_offline_parts
+from services.features.store import offline_parts_holding, online_rows, rewrite_offline_parts
 from services.profile.repository import forget_profiles, mark_erased
 
 LOG_SCAN_BATCH = 5000
@@ -135,17 +135,24 @@ class PrivacyRepository:
 
     # -- the offline history ------------------------------------------------------------------------
     def offline_rows(self, visitor_id: str) -> list[dict[str, Any]]:
-        """The visitor's rows of the offline history, oldest first."""
+        """The visitor's rows of the offline history, oldest first: only the part files the index says hold
+        the visitor are read."""
         rows: list[dict[str, Any]] = []
-        for path in sorted((self.offline_dir / F.VISITOR_VIEW).glob("*.parquet")):
-            table = pq.read_table(path, filters=[(F.VISITOR_KEY, "=", visitor_id)])
+        for path in offline_parts_holding(self.offline_dir, F.VISITOR_VIEW, visitor_id):
+            try:
+                table = pq.read_table(path, filters=[(F.VISITOR_KEY, "=", visitor_id)])
+            except FileNotFoundError:
+                continue  # deleted by an erasure or retention since the index was read: it was left empty
             rows.extend(table.to_pylist())
         rows.sort(key=lambda r: r[F.TIMESTAMP_FIELD])
         return rows
 
     def delete_offline_rows(self, visitor_id: str) -> tuple[int, int]:
-        """Remove the visitor's rows from the offline history: (rows removed, files rewritten)."""
-        return self._purge_offline(lambda table: pc.not_equal(table[F.VISITOR_KEY], visitor_id), [F.VISITOR_KEY])
+        """Remove the visitor's rows from the offline history: (rows removed, files rewritten). Only the part
+        files the index says hold the visitor are read and rewritten."""
+        return self._purge_offline(
+            lambda table: pc.not_equal(table[F.VISITOR_KEY], visitor_id), [F.VISITOR_KEY], visitor_id
+        )
 
     def count_offline_rows_before(self, cutoff: datetime) -> int:
         count = 0
@@ -160,8 +167,11 @@ class PrivacyRepository:
             lambda table: pc.greater_equal(table[F.TIMESTAMP_FIELD], pa.scalar(cutoff)), [F.TIMESTAMP_FIELD]
         )
 
-    def _purge_offline(self, keep: Callable[[pa.Table], Any], columns: Sequence[str]) -> tuple[int, int]:
-        """Drop the visitor-view rows where `keep` is false; returns (rows removed, files rewritten)."""
+    def _purge_offline(
+        self, keep: Callable[[pa.Table], Any], columns: Sequence[str], visitor_id: str | None = None
+    ) -> tuple[int, int]:
+        """Drop the visitor-view rows where `keep` is false, in the files holding `visitor_id` when given, else
+        in every file; returns (rows removed, files rewritten)."""
         removed = 0
 
         def transform(path: Path) -> pa.Table | None:
@@ -174,7 +184,7 @@ class PrivacyRepository:
             removed += probe.num_rows - kept
             return pq.read_table(path).filter(mask)
 
-        files = rewrite_offline_parts(self.offline_dir, F.VISITOR_VIEW, transform)
+        files = rewrite_offline_parts(self.offline_dir, F.VISITOR_VIEW, transform, key=visitor_id)
         return removed, files
 
 
