@@ -233,7 +233,7 @@ class CandidateGenerator:
         return CandidateSet(
             idx=idx,
             covisitation=signals["x_covisitation"],
-            sources=[SOURCES[c] for c in source_codes[keep]],
+            sources=[SOURCES[c] for c in source_codes[keep].tolist()],  # Python ints: numpy scalars index slowly
             signals=signals,
         )
 
@@ -275,7 +275,13 @@ class CandidateGenerator:
         def add(indices: np.ndarray | None, source: str, limit: int) -> None:
             if indices is None or len(indices) == 0 or source not in self.sources:
                 return
-            chosen = indices[eligible[indices]][: int(limit * scale)]
+            wanted = int(limit * scale)
+            # The first `wanted` eligible rows: a list (all products, a context's items) is often far longer
+            # than its budget, so its head is searched first and the whole list only when the head falls short.
+            head = indices[: 2 * wanted]
+            chosen = head[eligible[head]][:wanted]
+            if len(chosen) < wanted and len(head) < len(indices):
+                chosen = indices[eligible[indices]][:wanted]
             if len(chosen):
                 parts.append(chosen)
                 labels.append(SOURCES.index(source))

@@ -149,7 +149,7 @@ class SlotPipeline:
             if self.options.naive_item_features and self._item_stats_via_sdk:
                 columns = self._naive_columns(snapshot, candidates.idx, slot.name, rank.now)
             targeting = np.array(
-                [targeting_match(snapshot.targeting.get(int(i)), visitor, rank.persona) for i in candidates.idx]
+                [targeting_match(snapshot.targeting.get(i), visitor, rank.persona) for i in candidates.idx.tolist()]
                 if slot.kind is not ItemKind.PRODUCT
                 else np.full(len(candidates.idx), 0.5)
             )
@@ -218,7 +218,7 @@ class SlotPipeline:
             )
         candidates = self.generator.creatives(snapshot, slot.kind, filters)
         allowed = np.array(
-            [targeting_allows(snapshot.targeting.get(int(i)), rank.rules) for i in candidates.idx], dtype=bool
+            [targeting_allows(snapshot.targeting.get(i), rank.rules) for i in candidates.idx.tolist()], dtype=bool
         )
         return SlotCandidates(
             CandidateSet(
@@ -333,7 +333,7 @@ class SlotPipeline:
             entry = snapshot.popularity.get(key)
             if entry is not None and len(entry[0]):
                 rows, values = entry
-                position = np.clip(np.searchsorted(sorted_idx, rows), 0, len(sorted_idx) - 1)
+                position = np.minimum(np.searchsorted(sorted_idx, rows), len(sorted_idx) - 1)
                 hit = sorted_idx[position] == rows
                 top = values.max() or 1.0
                 np.add.at(scores, order[position[hit]], weight * values[hit] / top)
