@@ -17,7 +17,7 @@ import orjson
 
 from services.common.catalog import Targeting
 from services.features import schema as F
-from services.features.item_cache import CATEGORY_CODES, ItemColumns, category_code
+from services.features.item_cache import CATEGORY_CODES, ITEM_BLOCK, ItemColumns, category_code
 from services.features.store import file_lock
 from services.recommend.ranking.candidates import VisitorVector
 from services.recommend.ranking.fusion import CandidateFusion
@@ -28,6 +28,7 @@ from services.recommend.ranking.reasons import Locale, say
 log = logging.getLogger(__name__)
 FEATURE_INDEX = {name: i for i, name in enumerate(F.RANKER_FEATURES)}
 N_FEATURES = len(F.RANKER_FEATURES)
+ITEM_BLOCK_COLUMNS = np.array([FEATURE_INDEX[name] for name in ITEM_BLOCK])
 PERSONAL_COLUMNS = np.array([name.startswith(F.PERSONAL_FEATURE_PREFIXES) for name in F.RANKER_FEATURES])
 
 
@@ -124,23 +125,9 @@ def feature_matrix(
         # Candidate signals (next-item scores, generator): computed once by the generators, for these rows.
         for name, values in signals.items():
             X[:, FEATURE_INDEX[name]] = values
-    X[:, FEATURE_INDEX["i_log_price"]] = items.log_price
-    X[:, FEATURE_INDEX["i_discount"]] = items.discount
+    X[:, ITEM_BLOCK_COLUMNS] = items.static
     X[:, FEATURE_INDEX["i_age_days"]] = items.age_days
-    X[:, FEATURE_INDEX["i_low_stock"]] = items.low_stock
-    for name in (
-        "views_24h",
-        "views_7d",
-        "carts_7d",
-        "purchases_7d",
-        "ctr_7d",
-        "conversion_7d",
-        "trend_score",
-    ):
-        X[:, FEATURE_INDEX[f"i_{name}"]] = items.stats[name]
     X[:, FEATURE_INDEX["i_slot_ctr_7d"]] = items.slot_ctr
-    X[:, FEATURE_INDEX["i_category_code"]] = items.category_code
-    X[:, FEATURE_INDEX["i_popularity"]] = items.popularity
     return X
 
 
