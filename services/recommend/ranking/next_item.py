@@ -25,6 +25,9 @@ NEXT_ITEM_DECAY = 0.6
 TWO_STEP_SEEDS = 20  # the best next items whose own neighbours are followed
 TAGS_PER_ITEM = 8  # an item's most specific tags only: the work per request stays bounded (tag lists: 300)
 EMPTY = (np.zeros(0, dtype=np.int64), np.zeros(0))
+# `lookup` fills a table over rows 0..the largest asked for when there are at most this many times more of
+# them than keys and wanted rows together (cheaper than the binary searches then; never grows with the catalog).
+DENSE_LOOKUP_FACTOR = 4
 Sparse = tuple[np.ndarray, np.ndarray]  # (snapshot rows, sorted ascending and unique; scores)
 
 
@@ -125,6 +128,12 @@ def lookup(keys: np.ndarray, values: np.ndarray, wanted: np.ndarray) -> np.ndarr
     out = np.zeros(len(wanted))
     if len(keys) == 0 or len(wanted) == 0:
         return out
+    top = max(int(keys[-1]), int(wanted.max())) + 1
+    if top <= DENSE_LOOKUP_FACTOR * (len(keys) + len(wanted)):
+        # Rows of a small catalogue: a table over every row is cheaper than a binary search per wanted row.
+        table = np.zeros(top)
+        table[keys] = values
+        return table[wanted]
     # searchsorted never returns a negative position: only the end needs capping (np.clip costs far more).
     position = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
     found = keys[position] == wanted
