@@ -11,8 +11,8 @@ import pytest
 
 from services.features.indexes import CoVisitation
 from services.features.item_cache import build_snapshot
-from services.recommend.ranking.candidates import CandidateGenerator, Filters, VisitorVector
 from services.recommend.ranking import next_item
+from services.recommend.ranking.candidates import CandidateGenerator, Filters, VisitorVector
 from services.recommend.ranking.next_item import NEXT_ITEM_DECAY, TAGS_PER_ITEM, _summed, lookup, next_item_scores
 from tests.factories import BASE_TIME, make_item
 
