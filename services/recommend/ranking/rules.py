@@ -62,19 +62,21 @@ def apply_rules(
     bought = set(just_bought)
     per_category: dict[str, int] = {}
     chosen: list[tuple[int, float]] = []
-    rows = idx.tolist()
-    boosted_values = boosted.tolist()
-    for position in order.tolist():
-        i = rows[position]
-        item_id = snapshot.ids[i]
-        if item_id in exclude_ids or item_id in bought:
-            continue
-        category = snapshot.categories[i]
-        if max_per_category is not None and category is not None:
-            if per_category.get(category, 0) >= max_per_category:
+    # Read in chunks of the order: the rules mostly stop after about `count` items, and converting all of a
+    # few hundred candidates to Python values cost more than the loop itself.
+    step = max(2 * count, 32)
+    for start in range(0, len(order), step):
+        part = order[start : start + step]
+        for i, value in zip(idx[part].tolist(), boosted[part].tolist(), strict=True):
+            item_id = snapshot.ids[i]
+            if item_id in exclude_ids or item_id in bought:
                 continue
-            per_category[category] = per_category.get(category, 0) + 1
-        chosen.append((i, boosted_values[position]))
-        if len(chosen) >= count:
-            break
+            category = snapshot.categories[i]
+            if max_per_category is not None and category is not None:
+                if per_category.get(category, 0) >= max_per_category:
+                    continue
+                per_category[category] = per_category.get(category, 0) + 1
+            chosen.append((i, value))
+            if len(chosen) >= count:
+                return chosen
     return chosen
