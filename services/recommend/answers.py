@@ -42,10 +42,12 @@ def impression_event(
     experiment: ArmChoice | None,
     rank: int | None = None,
     pool: int | None = None,
+    shared: tuple[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The impression event as its JSON dict (the log's schema): built for every shown item, so plain dicts
-    rather than validated models; the writer thread serialises them."""
-    ctx = request.context
+    rather than validated models; the writer thread serialises them. `shared`: `impression_shared(request,
+    now)`, the same for every item of an answer (computed here when not given)."""
+    timestamp, context = shared if shared is not None else impression_shared(request, now)
     properties: dict[str, Any] = {
         "slot": slot.name,
         "slot_kind": slot.kind.value,
@@ -60,6 +62,21 @@ def impression_event(
         properties["rank"], properties["pool"] = rank, pool
     if experiment:
         properties["experiment"], properties["arm"] = experiment[0], experiment[1]
+    return {
+        "event_id": f"imp:{recommendation_id}:{slot.name}:{position}",
+        "visitor_id": request.visitor_id,
+        "type": "impression",
+        "timestamp": timestamp,
+        "item_id": item_id,
+        "recommendation_id": recommendation_id,
+        "context": dict(context),  # its own copy: events are handed to the writer thread one by one
+        "properties": properties,
+    }
+
+
+def impression_shared(request: RecommendRequest, now: float) -> tuple[str, dict[str, Any]]:
+    """The parts of an impression that every item of an answer shares: its timestamp and its `context`."""
+    ctx = request.context
     context = {
         name: value
         for name, value in (
@@ -70,13 +87,4 @@ def impression_event(
         )
         if value is not None
     }
-    return {
-        "event_id": f"imp:{recommendation_id}:{slot.name}:{position}",
-        "visitor_id": request.visitor_id,
-        "type": "impression",
-        "timestamp": datetime.fromtimestamp(now, tz=UTC).isoformat(),
-        "item_id": item_id,
-        "recommendation_id": recommendation_id,
-        "context": context,
-        "properties": properties,
-    }
+    return datetime.fromtimestamp(now, tz=UTC).isoformat(), context

@@ -32,7 +32,7 @@ from services.features.item_cache import (
     catalog_arrays,
 )
 from services.features.schema import visitor_row_at
-from services.recommend.answers import impression_event, item_card
+from services.recommend.answers import impression_event, impression_shared, item_card
 from services.recommend.ranking.candidates import (
     CandidateGenerator,
     Filters,
@@ -445,6 +445,7 @@ class RecommendService:
         ranked = self.pipeline.rank_slot(slot, rank, shown)
         items = []
         impressions = []
+        shared = impression_shared(request, rank.now) if ranked.idx else None
         for position, (i, score) in enumerate(zip(ranked.idx, ranked.scores, strict=True)):
             item_id = snapshot.ids[i]
             shown.add(item_id)
@@ -468,6 +469,7 @@ class RecommendService:
                     rank.experiment,
                     rank=ranked.ranks[position] if ranked.ranks is not None else None,
                     pool=ranked.pool,
+                    shared=shared,
                 )
             )
         slot_out: dict[str, Any] = {"name": slot.name, "kind": slot.kind.value, "items": items}

@@ -11,8 +11,9 @@ import pytest
 
 from services.features.indexes import CoVisitation
 from services.features.item_cache import build_snapshot
+from services.recommend.ranking import next_item
 from services.recommend.ranking.candidates import CandidateGenerator, Filters, VisitorVector
-from services.recommend.ranking.next_item import NEXT_ITEM_DECAY, TAGS_PER_ITEM, next_item_scores
+from services.recommend.ranking.next_item import NEXT_ITEM_DECAY, TAGS_PER_ITEM, _summed, lookup, next_item_scores
 from tests.factories import BASE_TIME, make_item
 
 
@@ -70,3 +71,30 @@ def test_the_ranker_columns_of_a_candidate_do_not_depend_on_who_proposed_it() ->
         if name != "x_generator":
             np.testing.assert_array_equal(values, logged[name], err_msg=name)
     assert np.isnan(logged["x_generator"]).all()
+
+
+def test_sums_and_lookups_are_the_same_by_table_and_by_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small catalogues go through a table over every row, large ones through sorting and binary search: both
+    give the same rows and bit-identical values (the ranker's columns must not depend on the catalogue's size)."""
+    rng = np.random.default_rng(5)
+    catalogue = 300
+    parts = [rng.choice(catalogue, size=60, replace=False) for _ in range(8)]
+    scores = [rng.random(60) * NEXT_ITEM_DECAY**k for k in range(8)]
+    wanted = rng.choice(catalogue, size=200, replace=False)
+    wanted[:50] = parts[0][:50]  # half found, half not
+
+    summed, looked_up = _summed(parts, scores), lookup(*_summed(parts, scores), wanted)
+    monkeypatch.setattr(next_item, "DENSE_FACTOR", 0)  # searching and sorting only
+    searched_sum = _summed(parts, scores)
+    searched = lookup(*searched_sum, wanted)
+
+    assert np.array_equal(summed[0], searched_sum[0])
+    assert summed[1].tobytes() == searched_sum[1].tobytes()
+    assert looked_up.tobytes() == searched.tobytes()
+    assert np.count_nonzero(looked_up) >= 50 and np.all(looked_up[50:][~np.isin(wanted[50:], summed[0])] == 0)
+    # Rows proposed several times are summed in the order they came in.
+    row = int(parts[0][0])
+    expected = 0.0
+    for part, score in zip(parts, scores, strict=True):
+        expected += float(score[part == row].sum())
+    assert float(looked_up[0]) == pytest.approx(expected)

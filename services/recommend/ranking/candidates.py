@@ -218,13 +218,13 @@ class CandidateGenerator:
         if proposals is None:
             return CandidateSet(np.zeros(0, dtype=np.int64), np.zeros(0), [])
         served = self.budget(snapshot).served
-        every, source_codes, first, inverse = proposals.every, proposals.codes, proposals.first, proposals.inverse
+        every, source_codes, first = proposals.every, proposals.codes, proposals.first
         if len(first) > served:
             if fusion is not None:
                 scores = fusion.score(proposals.features(snapshot))
                 first = first[np.argsort(-scores, kind="stable")[:served]]
             elif self.pool > served:
-                fused = np.bincount(inverse, weights=_fusion_weights(proposals.parts, proposals.labels))
+                fused = np.bincount(proposals.inverse, weights=_fusion_weights(proposals.parts, proposals.labels))
                 first = first[np.argsort(-fused, kind="stable")[:served]]
         keep = np.sort(first)[:served]  # first occurrence wins: generator priority order
         idx = every[keep]
@@ -233,7 +233,7 @@ class CandidateGenerator:
         return CandidateSet(
             idx=idx,
             covisitation=signals["x_covisitation"],
-            sources=[SOURCES[c] for c in source_codes[keep]],
+            sources=[SOURCES[c] for c in source_codes[keep].tolist()],  # Python ints: numpy scalars index slowly
             signals=signals,
         )
 
@@ -275,7 +275,13 @@ class CandidateGenerator:
         def add(indices: np.ndarray | None, source: str, limit: int) -> None:
             if indices is None or len(indices) == 0 or source not in self.sources:
                 return
-            chosen = indices[eligible[indices]][: int(limit * scale)]
+            wanted = int(limit * scale)
+            # The first `wanted` eligible rows: a list (all products, a context's items) is often far longer
+            # than its budget, so its head is searched first and the whole list only when the head falls short.
+            head = indices[: 2 * wanted]
+            chosen = head[eligible[head]][:wanted]
+            if len(chosen) < wanted and len(head) < len(indices):
+                chosen = indices[eligible[indices]][:wanted]
             if len(chosen):
                 parts.append(chosen)
                 labels.append(SOURCES.index(source))
@@ -314,8 +320,8 @@ class CandidateGenerator:
             return None
         every = np.concatenate(parts)
         codes = np.repeat(np.array(labels, dtype=np.int8), [len(p) for p in parts])
-        _, first, inverse = np.unique(every, return_index=True, return_inverse=True)
-        return _Proposals(parts, labels, every, codes, first, inverse, scores, embedded)
+        _, first = np.unique(every, return_index=True)
+        return _Proposals(parts, labels, every, codes, first, scores, embedded)
 
     def signals(
         self,
@@ -378,9 +384,13 @@ class _Proposals:
     every: np.ndarray
     codes: np.ndarray
     first: np.ndarray
-    inverse: np.ndarray
     scores: NextItemScores
     embedded: EmbeddingScores | None
+
+    @property
+    def inverse(self) -> np.ndarray:
+        """np.unique's inverse, computed only by the pooled paths that read it (most requests do not)."""
+        return np.searchsorted(self.every[self.first], self.every)
 
     def features(self, snapshot: ItemSnapshot) -> np.ndarray:
         """The learned fusion's rows (services/recommend/ranking/fusion.py), one per distinct candidate."""

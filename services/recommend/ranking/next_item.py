@@ -25,6 +25,9 @@ NEXT_ITEM_DECAY = 0.6
 TWO_STEP_SEEDS = 20  # the best next items whose own neighbours are followed
 TAGS_PER_ITEM = 8  # an item's most specific tags only: the work per request stays bounded (tag lists: 300)
 EMPTY = (np.zeros(0, dtype=np.int64), np.zeros(0))
+# `lookup` and `_summed` work on a table over rows 0..the largest one when there are at most this many times
+# more of them than rows at hand (cheaper than searching or sorting then; the work never grows with the catalog).
+DENSE_FACTOR = 8
 Sparse = tuple[np.ndarray, np.ndarray]  # (snapshot rows, sorted ascending and unique; scores)
 
 
@@ -116,8 +119,15 @@ def _shared_tags(snapshot: ItemSnapshot, recent: Sequence[str]) -> Sparse:
 def _summed(idx_parts: list[np.ndarray], score_parts: list[np.ndarray]) -> Sparse:
     if not idx_parts:
         return EMPTY
-    unique, inverse = np.unique(np.concatenate(idx_parts), return_inverse=True)
-    return unique, np.bincount(inverse, weights=np.concatenate(score_parts))
+    rows, scores = np.concatenate(idx_parts), np.concatenate(score_parts)
+    top = int(rows.max()) + 1 if len(rows) else 0
+    if 0 < top <= DENSE_FACTOR * len(rows):
+        # Rows of a small catalogue: sums over every row instead of sorting (the same additions, in the same
+        # order per row, so the same sums).
+        unique = np.flatnonzero(np.bincount(rows, minlength=top))
+        return unique, np.bincount(rows, weights=scores, minlength=top)[unique]
+    unique, inverse = np.unique(rows, return_inverse=True)
+    return unique, np.bincount(inverse, weights=scores)
 
 
 def lookup(keys: np.ndarray, values: np.ndarray, wanted: np.ndarray) -> np.ndarray:
@@ -125,7 +135,14 @@ def lookup(keys: np.ndarray, values: np.ndarray, wanted: np.ndarray) -> np.ndarr
     out = np.zeros(len(wanted))
     if len(keys) == 0 or len(wanted) == 0:
         return out
-    position = np.clip(np.searchsorted(keys, wanted), 0, len(keys) - 1)
+    top = max(int(keys[-1]), int(wanted.max())) + 1
+    if top <= DENSE_FACTOR * (len(keys) + len(wanted)):
+        # Rows of a small catalogue: a table over every row is cheaper than a binary search per wanted row.
+        table = np.zeros(top)
+        table[keys] = values
+        return table[wanted]
+    # searchsorted never returns a negative position: only the end needs capping (np.clip costs far more).
+    position = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
     found = keys[position] == wanted
     out[found] = values[position[found]]
     return out

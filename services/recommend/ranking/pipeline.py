@@ -149,7 +149,7 @@ class SlotPipeline:
             if self.options.naive_item_features and self._item_stats_via_sdk:
                 columns = self._naive_columns(snapshot, candidates.idx, slot.name, rank.now)
             targeting = np.array(
-                [targeting_match(snapshot.targeting.get(int(i)), visitor, rank.persona) for i in candidates.idx]
+                [targeting_match(snapshot.targeting.get(i), visitor, rank.persona) for i in candidates.idx.tolist()]
                 if slot.kind is not ItemKind.PRODUCT
                 else np.full(len(candidates.idx), 0.5)
             )
@@ -218,7 +218,7 @@ class SlotPipeline:
             )
         candidates = self.generator.creatives(snapshot, slot.kind, filters)
         allowed = np.array(
-            [targeting_allows(snapshot.targeting.get(int(i)), rank.rules) for i in candidates.idx], dtype=bool
+            [targeting_allows(snapshot.targeting.get(i), rank.rules) for i in candidates.idx.tolist()], dtype=bool
         )
         return SlotCandidates(
             CandidateSet(
@@ -326,17 +326,19 @@ class SlotPipeline:
         scores = np.zeros(len(idx), dtype=np.float64)
         if len(idx) == 0:
             return scores
-        order = np.argsort(idx)
-        sorted_idx = idx[order]
+        # Each candidate's position by snapshot row (candidate rows are distinct): a context's list can hold
+        # every product, so one pass over the rows costs no more than reading the list.
+        position_of = np.full(snapshot.size, -1, dtype=np.int64)
+        position_of[idx] = np.arange(len(idx))
         weight = 1.0
         for key in keys:
             entry = snapshot.popularity.get(key)
             if entry is not None and len(entry[0]):
                 rows, values = entry
-                position = np.clip(np.searchsorted(sorted_idx, rows), 0, len(sorted_idx) - 1)
-                hit = sorted_idx[position] == rows
+                position = position_of[rows]
+                hit = position >= 0
                 top = values.max() or 1.0
-                np.add.at(scores, order[position[hit]], weight * values[hit] / top)
+                scores[position[hit]] += weight * values[hit] / top
             weight *= 0.5
         views = np.nan_to_num(snapshot.stats["views_7d"][idx], nan=0.0)
         return scores + 1e-3 * np.log1p(views)

@@ -17,16 +17,18 @@ import orjson
 
 from services.common.catalog import Targeting
 from services.features import schema as F
-from services.features.item_cache import CATEGORY_CODES, ItemColumns, category_code
+from services.features.item_cache import CATEGORY_CODES, ITEM_BLOCK, ItemColumns, category_code
 from services.features.store import file_lock
 from services.recommend.ranking.candidates import VisitorVector
 from services.recommend.ranking.fusion import CandidateFusion
 from services.recommend.ranking.item_embeddings import ItemEmbeddings
+from services.recommend.ranking.next_item import lookup
 from services.recommend.ranking.reasons import Locale, say
 
 log = logging.getLogger(__name__)
 FEATURE_INDEX = {name: i for i, name in enumerate(F.RANKER_FEATURES)}
 N_FEATURES = len(F.RANKER_FEATURES)
+ITEM_BLOCK_COLUMNS = np.array([FEATURE_INDEX[name] for name in ITEM_BLOCK])
 PERSONAL_COLUMNS = np.array([name.startswith(F.PERSONAL_FEATURE_PREFIXES) for name in F.RANKER_FEATURES])
 
 
@@ -83,12 +85,19 @@ def feature_matrix(
     personal: bool = True,
 ) -> np.ndarray:
     n = len(items.rows)
-    X = np.full((n, N_FEATURES), np.nan, dtype=np.float64)
     if n == 0:
-        return X
+        return np.full((0, N_FEATURES), np.nan, dtype=np.float64)
+    # The columns every candidate shares (visitor, context) are written once into one row that fills the whole
+    # matrix: one write instead of a strided write per column.
+    shared = np.full(N_FEATURES, np.nan, dtype=np.float64)
+    for name in ("hour", "day_of_week", "is_weekend", "is_payday_window", "device_code", "channel_code"):
+        shared[FEATURE_INDEX[f"c_{name}"]] = context.get(name, math.nan)
     if personal and visitor.known:
         for name, value in visitor_columns(visitor, now).items():
-            X[:, FEATURE_INDEX[name]] = value
+            shared[FEATURE_INDEX[name]] = value
+    X = np.empty((n, N_FEATURES), dtype=np.float64)
+    X[:] = shared
+    if personal and visitor.known:
         # Crosses by table lookup over codes: no per-candidate Python.
         category_table = np.zeros(CATEGORY_CODES)
         for category, score in visitor.category_affinity.items():
@@ -103,38 +112,34 @@ def feature_matrix(
         typical = visitor.value("typical_price_viewed")
         if typical == typical and typical > 0:
             X[:, FEATURE_INDEX["x_price_ratio"]] = items.price / typical
-        cart_rows = [items.index[i] for i in visitor.cart_items if i in items.index]
-        X[:, FEATURE_INDEX["x_in_cart"]] = np.isin(items.rows, cart_rows)
-        recently = np.zeros(n)
+        X[:, FEATURE_INDEX["x_in_cart"]] = _row_values(
+            items.rows, {items.index[i]: 1.0 for i in visitor.cart_items if i in items.index}
+        )
+        recently: dict[int, float] = {}
         for rank, item_id in enumerate(visitor.recent_items):
             row = items.index.get(item_id)
             if row is not None:
-                recently[items.rows == row] = 1.0 / (1 + rank)
-        X[:, FEATURE_INDEX["x_recently_viewed"]] = recently
+                recently[row] = 1.0 / (1 + rank)  # an item seen twice: its older view's value, as before
+        X[:, FEATURE_INDEX["x_recently_viewed"]] = _row_values(items.rows, recently)
         X[:, FEATURE_INDEX["x_targeting_match"]] = targeting
         # Candidate signals (next-item scores, generator): computed once by the generators, for these rows.
         for name, values in signals.items():
             X[:, FEATURE_INDEX[name]] = values
-    for name in ("hour", "day_of_week", "is_weekend", "is_payday_window", "device_code", "channel_code"):
-        X[:, FEATURE_INDEX[f"c_{name}"]] = context.get(name, math.nan)
-    X[:, FEATURE_INDEX["i_log_price"]] = items.log_price
-    X[:, FEATURE_INDEX["i_discount"]] = items.discount
+    X[:, ITEM_BLOCK_COLUMNS] = items.static
     X[:, FEATURE_INDEX["i_age_days"]] = items.age_days
-    X[:, FEATURE_INDEX["i_low_stock"]] = items.low_stock
-    for name in (
-        "views_24h",
-        "views_7d",
-        "carts_7d",
-        "purchases_7d",
-        "ctr_7d",
-        "conversion_7d",
-        "trend_score",
-    ):
-        X[:, FEATURE_INDEX[f"i_{name}"]] = items.stats[name]
     X[:, FEATURE_INDEX["i_slot_ctr_7d"]] = items.slot_ctr
-    X[:, FEATURE_INDEX["i_category_code"]] = items.category_code
-    X[:, FEATURE_INDEX["i_popularity"]] = items.popularity
     return X
+
+
+def _row_values(rows: np.ndarray, values: Mapping[int, float]) -> np.ndarray:
+    """`values` per snapshot row (0 where absent): a few rows looked up among many candidates by a search in
+    the sorted keys, not one pass over the candidates per key."""
+    if not values:
+        return np.zeros(len(rows))
+    keys = np.fromiter(values.keys(), dtype=np.int64, count=len(values))
+    found = np.fromiter(values.values(), dtype=np.float64, count=len(values))
+    order = np.argsort(keys)
+    return lookup(keys[order], found[order], rows)
 
 
 @dataclass(frozen=True)
