@@ -115,3 +115,18 @@ def repartition(
         f"{report.keys_moved:,} idempotency keys moved, {report.archive_rows:,} archived events re-keyed. "
         f"Start the services with SELARAS_LOG_PARTITIONS={report.new}."
     )
+
+
+def index_offline(data_dir: DataDir = Path("data")) -> None:
+    """Index the offline history's part files by visitor now, instead of in the first export or erasure after
+    an upgrade (which would read every file once). Safe while the services run; a second run reads nothing."""
+    use_data_dir(data_dir)
+    from services.common.settings import CommonSettings
+    from services.features import schema as F
+    from services.features.store import offline_index
+
+    settings = CommonSettings(data_dir=data_dir)
+    index = offline_index(settings.offline_dir, F.VISITOR_VIEW)
+    assert index is not None  # the visitor view keeps one
+    read = index.catch_up()
+    console.print(f"{read:,} part files of {F.VISITOR_VIEW} indexed (files already indexed are not read again)")

@@ -203,3 +203,27 @@ def test_two_erasures_at_once_lose_no_one_elses_rows(history: History) -> None:
     assert history.holding("x") == history.scanned("x")
     assert history.privacy.delete_offline_rows("x") == (after["x"], after["x"])
     assert history.rows_by_visitor()["x"] == 0
+
+
+def test_the_admin_command_indexes_an_old_store_ahead_of_the_first_erasure(
+    history: History, caplog: pytest.LogCaptureFixture
+) -> None:
+    from typer.testing import CliRunner
+
+    from services.cli import app
+
+    history.folder.mkdir(parents=True, exist_ok=True)
+    for n in range(6):  # written before the index existed: straight into the folder
+        rows = [visitor_row(make_visitor_state(v), BASE_TIME + timedelta(hours=n)) for v in (f"v{n}", "shared")]
+        pq.write_table(to_arrow_table(rows, F.VISITOR_KEY, F.VISITOR_FEATURES), history.path(f"old-{n}"))
+    data_dir = history.offline_dir.parent
+    first = CliRunner().invoke(app, ["admin", "index-offline", "--data-dir", str(data_dir)])
+    assert first.exit_code == 0, first.output
+    assert "6 part files" in first.output
+    again = CliRunner().invoke(app, ["admin", "index-offline", "--data-dir", str(data_dir)])
+    assert again.exit_code == 0 and "0 part files" in again.output
+    # The first erasure then reads only the files that hold the visitor: no catch-up of its own.
+    with caplog.at_level(logging.INFO, logger="services.features.offline_index"):
+        assert history.privacy.delete_offline_rows("v3") == (1, 1)
+    assert not [r for r in caplog.records if r.name == "services.features.offline_index"]
+    assert history.holding("shared") == [f"part-old-{n}.parquet" for n in range(6)]
