@@ -6,8 +6,12 @@ entity key -> part file name, so they open only the files that hold the visitor.
 
 It is a database beside the view's folder, `<offline_dir>/.<view>.index.sqlite` (Feast and DuckDB read the
 folder and expect parquet files only), in WAL mode: the aggregator, the persona job and erasure write it from
-different processes, each change one short `BEGIN IMMEDIATE` transaction. Only services/features/store.py uses
-it, from the two places that write part files (`FeatureWriter.append_offline`, `rewrite_offline_parts`).
+different processes, each change one short `BEGIN IMMEDIATE` transaction. On a network file system (the
+Kubernetes offline store is a ReadWriteMany volume shared by pods on several nodes) WAL is unsafe: its index of
+the log lives in shared memory on one host. There the database uses the rollback journal and the file
+system's own locks, the locks the part files' rewrite lock already relies on (`journal_mode`). Only
+services/features/store.py uses it, from the two places that write part files (`FeatureWriter.append_offline`,
+`rewrite_offline_parts`).
 
 The rule that keeps readers right: for every part file on disk, either the index holds a *superset* of the
 keys in the file, or the file is not in the index at all (then a reader indexes it from the file before
@@ -34,6 +38,8 @@ log = logging.getLogger(__name__)
 
 # Files indexed from disk per transaction while catching up: keeps each write lock short.
 CATCH_UP_CHUNK = 100
+# File systems whose files other hosts open too (/proc/mounts type names; "nfs*" and "fuse.*" count as well).
+NETWORK_FILESYSTEMS = frozenset({"cifs", "smb3", "smbfs", "ceph", "glusterfs", "lustre", "gpfs", "9p", "afs", "beegfs"})
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS parts (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)",
@@ -70,6 +76,34 @@ _SHARED_LOCK = threading.Lock()
 _SHARED_LIMIT = 8
 
 
+def filesystem_type(path: Path, mounts: str | None = None) -> str | None:
+    """The type of the file system holding `path` (the longest mount point containing it in /proc/mounts), or
+    None where the mount table cannot be read."""
+    try:
+        text = mounts if mounts is not None else Path("/proc/mounts").read_text()
+    except OSError:
+        return None
+    where = str(path.resolve())
+    best, kind = "", None
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount = fields[1].replace("\\040", " ")
+        inside = where == mount or where.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, kind = mount, fields[2]
+    return kind
+
+
+def journal_mode(folder: Path, mounts: str | None = None) -> str:
+    """WAL on a local file system; the rollback journal on a network one, where processes of other hosts may
+    open the same database and WAL's shared-memory index would not be shared with them."""
+    kind = filesystem_type(folder, mounts)
+    network = kind is not None and (kind in NETWORK_FILESYSTEMS or kind.startswith(("nfs", "fuse.")))
+    return "DELETE" if network else "WAL"
+
+
 def _inode(path: Path) -> int | None:
     try:
         return path.stat().st_ino
@@ -86,13 +120,17 @@ def _shared(path: Path) -> _Shared:
             return shared
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        # WAL with NORMAL stays consistent after a crash and may lose the last commits after a power cut: a
-        # lost entry is a file not in the index, which the next reader indexes from the file.
+        mode = journal_mode(path.parent)
+        conn.execute(f"PRAGMA journal_mode={mode}")
+        # NORMAL stays consistent after a crash and may lose the last commits after a power cut: a lost entry is
+        # a file not in the index, which the next reader indexes from the file.
         conn.execute("PRAGMA synchronous=NORMAL")
-        # Each part's visitors land on as many random pages of the key index; checkpointing (two fsyncs) every
-        # 1,000 pages, the default, was half the cost of recording a part. At most ~40 MB of WAL instead.
-        conn.execute("PRAGMA wal_autocheckpoint=10000")
+        if mode == "WAL":
+            # Each part's visitors land on as many random pages of the key index; checkpointing (two fsyncs)
+            # every 1,000 pages, the default, was half the cost of recording a part. At most ~40 MB of WAL.
+            conn.execute("PRAGMA wal_autocheckpoint=10000")
+        else:
+            log.info("offline index on a network file system: rollback journal", extra={"index": path.name})
         for statement in SCHEMA:
             conn.execute(statement)
         _SHARED.pop(path, None)
