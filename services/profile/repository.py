@@ -143,9 +143,6 @@ class ProfileRepository:
         for _, raw in self.store.scan(Namespace.ITEM_STATE):
             yield ItemState.from_dict(orjson.loads(raw))
 
-    def save_item_states(self, states: Mapping[str, ItemState]) -> None:
-        self.store.put_many(Namespace.ITEM_STATE, {k: orjson.dumps(s) for k, s in states.items()})
-
     def merge_shared(self, namespace: str, log: str, last: str, deltas: Mapping[str, bytes]) -> dict[str, bytes]:
         """Add one batch's share (`deltas`, from log `log` up to position `last`) to records every partition
         adds to: item statistics and candidate indexes. Each record's applied marker holds, per log, the last
@@ -248,12 +245,6 @@ class ProfileRepository:
             popularity.load(key, raw)
         return covisitation, popularity
 
-    def save_indexes(self, covisitation: CoVisitation, popularity: ContextPopularity) -> None:
-        for namespace, values in index_dumps(covisitation, popularity).items():
-            self.store.put_many(namespace, values)
-        covisitation.dirty.clear()
-        popularity.dirty.clear()
-
     # -- the aggregator's bookkeeping: commit records, dead letters, status -------------------------
     def commit_record(self, log: str) -> bytes | None:
         return self.store.get(Namespace.COMMIT, log)
@@ -312,14 +303,6 @@ class ProfileRepository:
 
     def online_visitor(self, visitor_id: str) -> dict[str, Any]:
         return online_rows(self.feature_store, F.VISITOR_VIEW, [visitor_id])[0]
-
-
-def index_dumps(covisitation: CoVisitation, popularity: ContextPopularity) -> dict[str, dict[str, bytes]]:
-    """The stored form of the index entries changed since they were last saved (their `dirty` keys)."""
-    return {
-        Namespace.COVISITATION: {i: covisitation.dump(i) for i in covisitation.dirty},
-        Namespace.POPULARITY: {k: popularity.dump(k) for k in popularity.dirty},
-    }
 
 
 def last_row_per_moment(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

@@ -262,3 +262,11 @@ def test_partitions_split_the_log_by_a_stable_hash_of_the_visitor() -> None:
     finally:
         store.close()
         clean_namespace(REDIS_URL, namespace)
+
+
+def test_a_merge_that_leaves_the_applied_marker_as_it_was_is_refused(store: Store) -> None:
+    """Stores tell a concurrent writer by the marker alone: a change must move it, or updates could be lost."""
+    store.merge_many("shared", ["a"], lambda key, value, marker: (b"1", b"m1"))
+    with pytest.raises(ValueError, match="applied marker"):
+        store.merge_many("shared", ["a"], lambda key, value, marker: (b"2", marker or b""))
+    assert store.get_many("shared", ["a"]) == [b"1"], "nothing was written"

@@ -52,6 +52,12 @@ UNINDEXED_NAMESPACES = frozenset({"rec", "itemchg", "erased"})  # never scanned;
 MergeChange = Callable[[str, bytes | None, bytes | None], tuple[bytes, bytes] | None]
 
 
+def require_new_marker(key: str, marker: bytes | None, new: tuple[bytes, bytes]) -> None:
+    """A merge must change the record's applied marker: stores detect a concurrent writer by it."""
+    if new[1] == marker:
+        raise ValueError(f"merge_many: the change of {key!r} left its applied marker as it was")
+
+
 @dataclass(frozen=True)
 class PendingEvent:
     event_id: str
@@ -178,7 +184,9 @@ class Store(ABC):
         cluster slot; readers of the namespace never see it): `change(key, value, marker)` returns the new
         (value, marker), or None to leave the key as it is. A key another writer changed in between is read
         and changed again. Returns every key's value as stored afterwards. For shared records that several
-        aggregator processes add to (item statistics, candidate indexes): the marker says what was added."""
+        aggregator processes add to (item statistics, candidate indexes): the marker says what was added.
+        Every change must change the marker (a change that leaves it as it was is refused with ValueError):
+        the Redis store detects a concurrent writer by the marker alone. Write such records only through here."""
 
     @abstractmethod
     def scan(self, namespace: str) -> Iterator[tuple[str, bytes]]: ...

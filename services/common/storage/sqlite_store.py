@@ -12,7 +12,15 @@ from typing import Any, cast
 from services.common.clock import wall_time
 from services.common.errors import StorageUnavailable
 from services.common.storage.archive import EventArchive
-from services.common.storage.base import DEDUPE_TTL_S, AppendResult, LogEntry, MergeChange, PendingEvent, Store
+from services.common.storage.base import (
+    DEDUPE_TTL_S,
+    AppendResult,
+    LogEntry,
+    MergeChange,
+    PendingEvent,
+    Store,
+    require_new_marker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -218,10 +226,12 @@ class SqliteStore(Store):
                 stored: dict[str, bytes | None] = {}
                 for key in dict.fromkeys(keys):
                     value = read(conn, namespace, key)
-                    new = change(key, value, read(conn, marker_ns, key))
+                    marker = read(conn, marker_ns, key)
+                    new = change(key, value, marker)
                     if new is None:
                         stored[key] = value
                         continue
+                    require_new_marker(key, marker, new)
                     conn.executemany(
                         "INSERT INTO blobs (ns, key, value, expires_at) VALUES (?, ?, ?, NULL)"
                         " ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value, expires_at = NULL",

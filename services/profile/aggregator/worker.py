@@ -286,6 +286,7 @@ class Aggregator:
         touched_visitors: dict[str, VisitorState] = {}
         touched_items: dict[str, ItemState] = {}
         offline: list[dict[str, Any]] = []
+        last_rows: dict[str, dict[str, Any]] = {}  # each visitor's newest history row of the batch
         received: dict[str, float] = {}
         for position, received_at, event in decoded:
             try:
@@ -311,7 +312,9 @@ class Aggregator:
                 if self.offline_rows:
                     # Persona assignment (~0.1-0.3 ms) runs once per visitor and batch, for the online row; the
                     # history rows carry the persona known so far (the persona job re-assigns them nightly).
-                    offline.append(self._row(state, event.ts, assign=False))
+                    row = self._row(state, event.ts, assign=False)
+                    offline.append(row)
+                    last_rows[event.visitor_id] = row
             except Exception as exc:  # this entry cannot be folded: after a few attempts it is set aside
                 raise entry_failed(LogEntry(position, b""), exc, part, self.max_attempts) from exc
 
@@ -328,7 +331,7 @@ class Aggregator:
             received.pop(visitor_id, None)
         if withdrawn:
             offline = [row for row in offline if row[F.VISITOR_KEY] not in set(withdrawn)]
-        online = [self._row(state, state.last_seen) for state in touched_visitors.values()]
+        online = [self._online_row(state, last_rows.get(visitor_id)) for visitor_id, state in touched_visitors.items()]
 
         # 1. Visitor feature rows (each visitor is in one partition: one writer): online rows are overwrites,
         #    offline part files are named after the batch's first position, so folding the batch again after
@@ -483,6 +486,18 @@ class Aggregator:
                 self._nonzero_rows.discard(item_id)
             rows.append({F.ITEM_KEY: item_id, F.TIMESTAMP_FIELD: _utc(at), **features})
         return rows
+
+    def _online_row(self, state: VisitorState, last_row: dict[str, Any] | None) -> dict[str, Any]:
+        """The visitor's online row: its state as of its latest event. The batch's newest history row of the
+        visitor is that row already when it was taken at the latest event (every folded event leaves one, so
+        nothing changed the state after it): a copy with the persona assigned, instead of computing the
+        features again (a third of the fold's feature-row time, cProfile)."""
+        if last_row is None or last_row[F.TIMESTAMP_FIELD] != _utc(state.last_seen):
+            return self._row(state, state.last_seen)
+        row = dict(last_row)
+        if self.persona_assigner is not None and row["event_count"]:
+            row["persona_id"] = state.persona_id = self.persona_assigner(row)
+        return row
 
     def _row(self, state: VisitorState, at: float, assign: bool = True) -> dict[str, Any]:
         row = visitor_features(state, self.rules, at)
