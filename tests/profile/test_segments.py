@@ -12,7 +12,15 @@ from typing import Any
 import pytest
 
 from services.features import schema as F
-from services.features.aggregations import DAY, ItemInfo, SegmentRules, VisitorState, fold_visitor, segments
+from services.features.aggregations import (
+    DAY,
+    ItemInfo,
+    SegmentRules,
+    VisitorState,
+    fold_visitor,
+    segments,
+    visitor_features,
+)
 from services.features.store import online_rows
 from services.profile.aggregator.worker import Aggregator
 from services.profile.ingest import IngestService
@@ -250,3 +258,47 @@ def test_segment_names_are_the_keys_segments_returns() -> None:
     from services.features.aggregations import SEGMENT_NAMES
 
     assert tuple(segments(VisitorState("v"), 0.0, SegmentRules())) == SEGMENT_NAMES
+
+
+def test_online_rows_equal_the_features_of_the_stored_state(settings_factory: Callable[..., Any]) -> None:
+    """The aggregator writes a visitor's online row from the batch's newest history row when that row was taken
+    at the visitor's latest event, and computes it afresh otherwise (an older event folded last, an impression
+    after the last visit). Either way the row online is the stored state's features at its last visit."""
+    settings: ProfileSettings = settings_factory(ProfileSettings)
+    repository = ProfileRepository.open(settings)
+    try:
+        repository.upsert_catalog([make_item(item_id="on-a", price=200_000), make_item(item_id="on-b")])
+        aggregator = Aggregator(repository, RULES, settings.consent_defaults())
+        ts = BASE_TIME
+
+        def at(seconds: float) -> str:
+            return (ts + timedelta(seconds=seconds)).isoformat()
+
+        events = [
+            # in order: the last history row is the online row
+            make_event(visitor_id="on-1", item_id="on-a", timestamp=at(0)),
+            make_event(visitor_id="on-1", type="add_to_cart", item_id="on-a", timestamp=at(30)),
+            # an older event folded last: its history row is not the state at the latest visit
+            make_event(visitor_id="on-2", item_id="on-a", timestamp=at(100)),
+            make_event(visitor_id="on-2", item_id="on-b", timestamp=at(-2 * DAY)),
+            # an impression after the last visit: it does not move the last visit
+            make_event(visitor_id="on-3", item_id="on-b", timestamp=at(10)),
+            make_event(visitor_id="on-3", type="impression", item_id="on-a", timestamp=at(7200)),
+            # two events at one moment
+            make_event(visitor_id="on-4", item_id="on-a", timestamp=at(5)),
+            make_event(visitor_id="on-4", type="purchase", item_id="on-b", timestamp=at(5)),
+        ]
+        IngestService(repository).ingest(events)
+        aggregator.run_once(100)
+        visitors = ["on-1", "on-2", "on-3", "on-4"]
+        states = repository.visitor_states(visitors)
+        online = online_rows(repository.feature_store, F.VISITOR_VIEW, visitors)
+        for visitor_id, row in zip(visitors, online, strict=True):
+            state = states[visitor_id]
+            expected = visitor_features(state, RULES, state.last_seen)
+            assert {name: row[name] for name in expected} == expected, visitor_id
+        assert states["on-2"].last_seen == BASE_TIME.timestamp() + 100
+        assert online[1]["views_1h"] == 1 and online[1]["views_7d"] == 2, "as of the latest visit, not the last event"
+        assert online[2]["rec_impressions_7d"] == 1 and online[2]["views_1h"] == 1
+    finally:
+        repository.close()
