@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from feast import FeatureStore, RepoConfig
 
@@ -209,6 +210,25 @@ class FeatureWriter:
         if index is not None:
             index.replace(path.name, keys)
         return path
+
+    def remove_offline_rows(self, view: str, part: str, keys: Sequence[str]) -> int:
+        """Remove the rows of entities `keys` from the part file `append_offline` named `part`, if it exists;
+        returns how many rows went. The aggregator's repair for visitors erased while their batch was in flight
+        (the erasure may have rewritten the files holding them before this part was written). A file left
+        empty stays (empty): deleting files is for rewriters under the rewrite lock, which may have listed it."""
+        path = self.offline_dir / view / f"part-{part}.parquet"
+        index = offline_index(self.offline_dir, view)
+        key = F.VISITOR_KEY if view == F.VISITOR_VIEW else F.ITEM_KEY
+        # The write lock alone: the rewrite lock can be held for a whole retention or persona back-fill run.
+        with file_lock(write_lock_path(self.offline_dir, view)):
+            try:
+                table = pq.read_table(path)
+            except FileNotFoundError:
+                return 0
+            kept = table.filter(pc.invert(pc.is_in(table[key], pa.array(list(keys), pa.string()))))
+            if kept.num_rows < table.num_rows:
+                _replace_part(path, kept, index)
+        return table.num_rows - kept.num_rows
 
 
 def proto_value(value: Any) -> Any:
@@ -466,12 +486,24 @@ def rewrite_offline_parts(
                 if index is not None:
                     index.remove([path.name])
                 continue
-            keys = table_keys(table, index.key) if index is not None else []
-            if index is not None:
-                index.add(path.name, keys)
-            tmp = path.with_suffix(".rewrite.tmp")
-            pq.write_table(table, tmp)
-            tmp.replace(path)
-            if index is not None:
-                index.replace(path.name, keys)
+            _replace_part(path, table, index)
     return changed
+
+
+def write_lock_path(offline_dir: Path, view: str) -> Path:
+    """The lock under which a view's part files are written or replaced, one file at a time (next to the view's
+    folder, as the rewrite lock: readers of the folder expect parquet files only)."""
+    return offline_dir / f".{view}.write.lock"
+
+
+def _replace_part(path: Path, table: pa.Table, index: OfflineIndex | None) -> None:
+    """Replace a part file by `table` atomically; the index covers the old and new rows until it names the new
+    ones alone. The caller holds the view's write lock."""
+    keys = table_keys(table, index.key) if index is not None else []
+    if index is not None:
+        index.add(path.name, keys)
+    tmp = path.with_suffix(".rewrite.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+    if index is not None:
+        index.replace(path.name, keys)

@@ -228,3 +228,23 @@ def test_the_admin_command_indexes_an_old_store_ahead_of_the_first_erasure(histo
     assert index is not None and index.catch_up() == 0
     assert history.privacy.delete_offline_rows("v3") == (1, 1)
     assert history.holding("shared") == [f"part-old-{n}.parquet" for n in range(6)]
+
+
+def test_the_aggregator_removes_erased_visitors_from_its_own_part_only(history: History) -> None:
+    history.write("aggregator-1-5", ["a", "b", "c"])
+    history.write("aggregator-1-9", ["b", "c"], day=1)
+    other = history.path("aggregator-1-9")
+    stamp = other.stat().st_mtime_ns
+    assert history.profile.forget_history_rows("aggregator-1-5", ["b", "nobody"]) == 1
+    assert history.profile.forget_history_rows("aggregator-1-5", ["b"]) == 0  # applied again: nothing left
+    assert history.profile.forget_history_rows("aggregator-1-7", ["b"]) == 0  # no such part (no history rows)
+    assert other.stat().st_mtime_ns == stamp
+    assert history.rows_by_visitor() == Counter({"a": 1, "b": 1, "c": 2})
+    visitors = ["a", "b", "c"]
+    assert {v: history.holding(v) for v in visitors} == {v: history.scanned(v) for v in visitors}
+    assert history.holding("b") == ["part-aggregator-1-9.parquet"]
+    # Every row of the part removed: the file stays, empty (only rewriters, under the rewrite lock, delete files).
+    assert history.profile.forget_history_rows("aggregator-1-5", ["a", "c"]) == 2
+    assert history.path("aggregator-1-5").exists() and pq.read_metadata(history.path("aggregator-1-5")).num_rows == 0
+    assert {v: history.holding(v) for v in visitors} == {v: history.scanned(v) for v in visitors}
+    assert len(history.privacy.offline_rows("c")) == 1
