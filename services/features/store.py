@@ -204,11 +204,14 @@ class FeatureWriter:
         pq.write_table(table, tmp)
         index = offline_index(self.offline_dir, view)
         keys = table_keys(table, index.key) if index is not None else []
-        if index is not None and path.exists():
-            index.add(path.name, keys)  # a batch folded again: the old file's visitors stay findable meanwhile
-        tmp.rename(path)  # readers glob *.parquet and never see a half-written file
-        if index is not None:
-            index.replace(path.name, keys)
+        # Under the view's write lock: an erasure rewriting this very file (a batch folded again) reads and
+        # replaces it under the same lock, so neither puts a stale file or stale index entries over the other's.
+        with file_lock(write_lock_path(self.offline_dir, view)):
+            if index is not None and path.exists():
+                index.add(path.name, keys)  # a batch folded again: the old file's visitors stay findable meanwhile
+            tmp.rename(path)  # readers glob *.parquet and never see a half-written file
+            if index is not None:
+                index.replace(path.name, keys)
         return path
 
     def remove_offline_rows(self, view: str, part: str, keys: Sequence[str]) -> int:
@@ -466,27 +469,31 @@ def rewrite_offline_parts(
     """Rewrite the view's parquet part files: `transform(path)` returns the new table, or None to keep the file.
     With `key`, only the files the view's index says hold rows of that entity are offered (erasure).
 
-    Runs under a file lock (rewriters exclude each other) and replaces files atomically, so readers globbing
-    *.parquet see the old or the new file, never half of one; the writer only ever adds new part files or
-    replaces its own. A file left empty is deleted, unless it is the view's last one (DuckDB needs a file to
-    read the schema). The view's index follows every file changed. Returns how many files changed.
+    Runs under the view's rewrite lock (rewriters exclude each other), each file read and replaced under its
+    write lock as well (the writer adds new part files or replaces its own under that lock), and replaces files
+    atomically, so readers globbing *.parquet see the old or the new file, never half of one. A file left empty
+    is deleted, unless it is the view's last one (DuckDB needs a file to read the schema). The view's index
+    follows every file changed. Returns how many files changed.
     """
     changed = 0
     index = offline_index(offline_dir, view)
-    # The lock file sits next to the view's folder: readers of the folder expect parquet files only.
     with file_lock(offline_dir / f".{view}.rewrite.lock"):
         paths = offline_parts(offline_dir, view) if key is None else offline_parts_holding(offline_dir, view, key)
         for path in paths:
-            table = transform(path)
-            if table is None:
-                continue
-            changed += 1
-            if table.num_rows == 0 and len(offline_parts(offline_dir, view)) > 1:
-                path.unlink()
-                if index is not None:
-                    index.remove([path.name])
-                continue
-            _replace_part(path, table, index)
+            # Each file is read and replaced under the write lock, which the aggregator takes to write a part:
+            # a batch folded again while an erasure rewrites its file replaces it before the erasure reads it or
+            # after the erasure replaced it, never in between. Per file, so the aggregator waits for one file.
+            with file_lock(write_lock_path(offline_dir, view)):
+                table = transform(path)
+                if table is None:
+                    continue
+                changed += 1
+                if table.num_rows == 0 and len(offline_parts(offline_dir, view)) > 1:
+                    path.unlink()
+                    if index is not None:
+                        index.remove([path.name])
+                    continue
+                _replace_part(path, table, index)
     return changed
 
 

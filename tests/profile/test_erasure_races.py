@@ -11,8 +11,10 @@ export) and every other visitor's rows are all there, one per logged event."""
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from services.common.clock import FixedClock
 from services.common.errors import StorageUnavailable
 from services.common.events import Event
 from services.features import schema as F
+from services.features import store as feature_store_module
 from services.features.aggregations import SegmentRules
 from services.features.store import offline_parts_holding
 from services.profile.aggregator.worker import Aggregator
@@ -181,3 +184,105 @@ def test_an_erasure_during_a_batch_leaves_no_offline_row_of_the_visitor(
     assert state.repository.visitor_states([ERASED]) == {}
     assert state.repository.online_visitor(ERASED).get("event_count") is None
     assert_history(state, Counter(e.visitor_id for e in events if e.visitor_id != ERASED))
+
+
+@contextmanager
+def observed_file_locks(thread_name: str, requested: threading.Event) -> Iterator[None]:
+    """Sets `requested` whenever the thread named `thread_name` asks for one of the offline store's file locks
+    (before it blocks on it): how the test knows that a writer is waiting for the erasure's lock."""
+    original = feature_store_module.file_lock
+
+    @contextmanager
+    def observed(path: Path) -> Iterator[None]:
+        if threading.current_thread().name == thread_name:
+            requested.set()
+        with original(path):
+            yield
+
+    feature_store_module.file_lock = observed
+    try:
+        yield
+    finally:
+        feature_store_module.file_lock = original
+
+
+def test_a_batch_folded_again_while_an_erasure_rewrites_its_part_file(
+    make_state: Callable[..., ProfileState],
+) -> None:
+    """The batch's first fold writes its part file and fails before its commit record; folded again (having
+    read more of the log meanwhile), it writes the same part file while an erasure is between reading that
+    file and replacing it. Neither writer may lose the other's work: the erased visitor's rows are gone,
+    every other visitor's are there (including those the second fold added)."""
+    state = make_state("refold", log_partitions=1)
+    first = shop_events("rf", visitors=3, count=30)  # er-visitor-0, 1, 2 (ERASED)
+    state.ingest.ingest(first)
+    fault = Fault(state.repository, "save_commit_record", 1)
+    with pytest.raises(StorageUnavailable):
+        aggregator_for(state).run_once(100)
+    assert fault.fired
+    parts = sorted((state.settings.offline_dir / F.VISITOR_VIEW).glob("part-aggregator-*.parquet"))
+    assert len(parts) == 1
+    written = Counter(pq.read_table(parts[0], columns=[F.VISITOR_KEY])[F.VISITOR_KEY].to_pylist())
+    assert written == Counter(e.visitor_id for e in first)
+    later = [e for e in shop_events("rf", visitors=4, count=12, start=30) if e.visitor_id == "er-visitor-3"]
+    state.ingest.ingest(later)
+
+    refold_read, refold_go, refold_waits = threading.Event(), threading.Event(), threading.Event()
+    erasure_read, erasure_go = threading.Event(), threading.Event()
+    errors: dict[str, BaseException] = {}
+    receipts: list[Any] = []
+
+    # The re-fold stops once it has read and folded the batch, just before it writes the visitor rows.
+    write_rows = state.repository.write_visitor_rows
+
+    def paused_write(*args: Any, **kwargs: Any) -> None:
+        refold_read.set()
+        assert refold_go.wait(WAIT_S)
+        write_rows(*args, **kwargs)
+        refold_waits.set()  # written without waiting for anyone
+
+    state.repository.write_visitor_rows = paused_write  # type: ignore[method-assign]
+
+    # The erasure stops between reading the part file (to find the visitor's rows) and replacing it.
+    privacy_repository = state.privacy.repository
+    purge = privacy_repository._purge_offline
+
+    def paused_purge(keep: Callable[[Any], Any], columns: Any, visitor_id: str | None = None) -> tuple[int, int]:
+        def paused_keep(table: Any) -> Any:
+            erasure_read.set()
+            assert erasure_go.wait(WAIT_S)
+            return keep(table)
+
+        return purge(paused_keep, columns, visitor_id)
+
+    privacy_repository._purge_offline = paused_purge  # type: ignore[method-assign]
+
+    def run(name: str, work: Callable[[], Any]) -> None:
+        try:
+            work()
+        except BaseException as exc:  # reported by the test thread
+            errors[name] = exc
+
+    refold = threading.Thread(
+        target=run, args=("refold", lambda: aggregator_for(state).run_once(100)), name="refold", daemon=True
+    )
+    erasure = threading.Thread(
+        target=run, args=("erasure", lambda: receipts.append(state.privacy.erase(ERASED))), daemon=True
+    )
+    with observed_file_locks("refold", refold_waits):
+        refold.start()
+        assert refold_read.wait(WAIT_S), errors  # the re-fold read the erased visitor's events before the erasure
+        erasure.start()
+        assert erasure_read.wait(WAIT_S), errors
+        refold_go.set()
+        # The re-fold either wrote its part file (without a lock) or waits for the erasure's lock.
+        assert refold_waits.wait(WAIT_S), errors
+        erasure_go.set()
+        erasure.join(WAIT_S)
+        refold.join(WAIT_S)
+    assert not erasure.is_alive() and not refold.is_alive()
+    assert errors == {}
+    assert receipts[0].offline_rows == written[ERASED]
+
+    assert state.repository.visitor_states([ERASED]) == {}
+    assert_history(state, Counter(e.visitor_id for e in first + later if e.visitor_id != ERASED))

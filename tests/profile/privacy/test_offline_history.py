@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from services.features import schema as F
-from services.features.store import offline_index, offline_parts_holding, to_arrow_table
+from services.features.store import file_lock, offline_index, offline_parts_holding, to_arrow_table
 from services.profile.personas.repository import PersonaRepository
 from services.profile.privacy.repository import PrivacyRepository
 from services.profile.repository import ProfileRepository
@@ -248,3 +248,23 @@ def test_the_aggregator_removes_erased_visitors_from_its_own_part_only(history: 
     assert history.path("aggregator-1-5").exists() and pq.read_metadata(history.path("aggregator-1-5")).num_rows == 0
     assert {v: history.holding(v) for v in visitors} == {v: history.scanned(v) for v in visitors}
     assert len(history.privacy.offline_rows("c")) == 1
+
+
+def test_part_writes_do_not_wait_for_a_whole_rewrite_run(history: History) -> None:
+    """A retention or persona back-fill run holds the rewrite lock for minutes; the aggregator's writes take only
+    the per-file write lock, so they go on meanwhile (and wait at most for one file's rewrite)."""
+    history.write("aggregator-1-5", ["a", "b"])
+    done = threading.Event()
+
+    def fold() -> None:
+        history.write("aggregator-1-9", ["a", "c"])
+        history.profile.forget_history_rows("aggregator-1-5", ["b"])
+        done.set()
+
+    with file_lock(history.offline_dir / f".{F.VISITOR_VIEW}.rewrite.lock"):
+        writer = threading.Thread(target=fold, daemon=True)
+        writer.start()
+        finished = done.wait(60)  # a bound for a failure instead of a hang, not an ordering
+    writer.join(60)
+    assert finished, "a part write waited for the rewrite lock"
+    assert history.rows_by_visitor() == Counter({"a": 2, "c": 1})
