@@ -10,8 +10,8 @@ different processes, each change one short `BEGIN IMMEDIATE` transaction. On a n
 Kubernetes offline store is a ReadWriteMany volume shared by pods on several nodes) WAL is unsafe: its index of
 the log lives in shared memory on one host. There the database uses the rollback journal and the file
 system's own locks, the locks the part files' rewrite lock already relies on (`journal_mode`). Only
-services/features/store.py uses it, from the two places that write part files (`FeatureWriter.append_offline`,
-`rewrite_offline_parts`).
+services/features/store.py uses it, from the places that write part files (`FeatureWriter.append_offline`,
+`FeatureWriter.remove_offline_rows`, `rewrite_offline_parts`).
 
 The rule that keeps readers right: for every part file on disk, either the index holds a *superset* of the
 keys in the file, or the file is not in the index at all (then a reader indexes it from the file before

@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from feast import FeatureStore, RepoConfig
 
@@ -204,12 +205,34 @@ class FeatureWriter:
         pq.write_table(table, tmp)
         index = offline_index(self.offline_dir, view)
         keys = table_keys(table, index.key) if index is not None else []
-        if index is not None and path.exists():
-            index.add(path.name, keys)  # a batch folded again: the old file's visitors stay findable meanwhile
-        tmp.rename(path)  # readers glob *.parquet and never see a half-written file
-        if index is not None:
-            index.replace(path.name, keys)
+        # Under the view's write lock: an erasure rewriting this very file (a batch folded again) reads and
+        # replaces it under the same lock, so neither puts a stale file or stale index entries over the other's.
+        with file_lock(write_lock_path(self.offline_dir, view)):
+            if index is not None and path.exists():
+                index.add(path.name, keys)  # a batch folded again: the old file's visitors stay findable meanwhile
+            tmp.rename(path)  # readers glob *.parquet and never see a half-written file
+            if index is not None:
+                index.replace(path.name, keys)
         return path
+
+    def remove_offline_rows(self, view: str, part: str, keys: Sequence[str]) -> int:
+        """Remove the rows of entities `keys` from the part file `append_offline` named `part`, if it exists;
+        returns how many rows went. The aggregator's repair for visitors erased while their batch was in flight
+        (the erasure may have rewritten the files holding them before this part was written). A file left
+        empty stays (empty): deleting files is for rewriters under the rewrite lock, which may have listed it."""
+        path = self.offline_dir / view / f"part-{part}.parquet"
+        index = offline_index(self.offline_dir, view)
+        key = F.VISITOR_KEY if view == F.VISITOR_VIEW else F.ITEM_KEY
+        # The write lock alone: the rewrite lock can be held for a whole retention or persona back-fill run.
+        with file_lock(write_lock_path(self.offline_dir, view)):
+            try:
+                table = pq.read_table(path)
+            except FileNotFoundError:
+                return 0
+            kept = table.filter(pc.invert(pc.is_in(table[key], pa.array(list(keys), pa.string()))))
+            if kept.num_rows < table.num_rows:
+                _replace_part(path, kept, index)
+        return table.num_rows - kept.num_rows
 
 
 # The protobuf wire form of a Feast ValueProto holding a double (field 5, fixed 64-bit) or a DoubleList (field 15,
@@ -486,32 +509,48 @@ def rewrite_offline_parts(
     """Rewrite the view's parquet part files: `transform(path)` returns the new table, or None to keep the file.
     With `key`, only the files the view's index says hold rows of that entity are offered (erasure).
 
-    Runs under a file lock (rewriters exclude each other) and replaces files atomically, so readers globbing
-    *.parquet see the old or the new file, never half of one; the writer only ever adds new part files or
-    replaces its own. A file left empty is deleted, unless it is the view's last one (DuckDB needs a file to
-    read the schema). The view's index follows every file changed. Returns how many files changed.
+    Runs under the view's rewrite lock (rewriters exclude each other), each file read and replaced under its
+    write lock as well (the writer adds new part files or replaces its own under that lock), and replaces files
+    atomically, so readers globbing *.parquet see the old or the new file, never half of one. A file left empty
+    is deleted, unless it is the view's last one (DuckDB needs a file to read the schema). The view's index
+    follows every file changed. Returns how many files changed.
     """
     changed = 0
     index = offline_index(offline_dir, view)
-    # The lock file sits next to the view's folder: readers of the folder expect parquet files only.
     with file_lock(offline_dir / f".{view}.rewrite.lock"):
         paths = offline_parts(offline_dir, view) if key is None else offline_parts_holding(offline_dir, view, key)
         for path in paths:
-            table = transform(path)
-            if table is None:
-                continue
-            changed += 1
-            if table.num_rows == 0 and len(offline_parts(offline_dir, view)) > 1:
-                path.unlink()
-                if index is not None:
-                    index.remove([path.name])
-                continue
-            keys = table_keys(table, index.key) if index is not None else []
-            if index is not None:
-                index.add(path.name, keys)
-            tmp = path.with_suffix(".rewrite.tmp")
-            pq.write_table(table, tmp)
-            tmp.replace(path)
-            if index is not None:
-                index.replace(path.name, keys)
+            # Each file is read and replaced under the write lock, which the aggregator takes to write a part:
+            # a batch folded again while an erasure rewrites its file replaces it before the erasure reads it or
+            # after the erasure replaced it, never in between. Per file, so the aggregator waits for one file.
+            with file_lock(write_lock_path(offline_dir, view)):
+                table = transform(path)
+                if table is None:
+                    continue
+                changed += 1
+                if table.num_rows == 0 and len(offline_parts(offline_dir, view)) > 1:
+                    path.unlink()
+                    if index is not None:
+                        index.remove([path.name])
+                    continue
+                _replace_part(path, table, index)
     return changed
+
+
+def write_lock_path(offline_dir: Path, view: str) -> Path:
+    """The lock under which a view's part files are written or replaced, one file at a time (next to the view's
+    folder, as the rewrite lock: readers of the folder expect parquet files only)."""
+    return offline_dir / f".{view}.write.lock"
+
+
+def _replace_part(path: Path, table: pa.Table, index: OfflineIndex | None) -> None:
+    """Replace a part file by `table` atomically; the index covers the old and new rows until it names the new
+    ones alone. The caller holds the view's write lock."""
+    keys = table_keys(table, index.key) if index is not None else []
+    if index is not None:
+        index.add(path.name, keys)
+    tmp = path.with_suffix(".rewrite.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+    if index is not None:
+        index.replace(path.name, keys)

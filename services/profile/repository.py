@@ -202,6 +202,12 @@ class ProfileRepository:
         """Delete the visitors' live profiles (consent withdrawn or erased): (states, online rows) deleted."""
         return forget_profiles(self.store, self.feature_store, visitor_ids)
 
+    def forget_history_rows(self, part: str, visitor_ids: Sequence[str]) -> int:
+        """Remove the visitors' rows from the offline part file `write_visitor_rows` wrote as `part`; returns how
+        many. For visitors erased while that batch was in flight: the erasure rewrote the files holding them, but
+        maybe before this part was written."""
+        return self.writer.remove_offline_rows(F.VISITOR_VIEW, part, visitor_ids)
+
     def erased_since(self, visitor_ids: Sequence[str], read_at: float) -> list[str]:
         """Visitors erased while or after a batch read at `read_at` was in flight."""
         found = []

@@ -395,6 +395,11 @@ class Aggregator:
         erased |= set(self.repository.erased_since(sorted(visitors), commit.read_at)) if visitors else set()
         if commit.withdrawn or erased:
             self.repository.forget_profiles(sorted(set(commit.withdrawn) | erased))
+        if erased:
+            # And from the batch's part file, written before these checks: an erasure that marked them later
+            # finds the file itself (it is indexed), one that marked them earlier may have rewritten the files
+            # holding them before this one existed.
+            self.repository.forget_history_rows(f"{commit.log}-{commit.first}", sorted(erased))
         # Records every partition adds to: this batch's share, once (compare-and-set with the log's marker).
         merged_items: dict[str, ItemState] = {}
         for namespace, deltas in commit.merges.items():

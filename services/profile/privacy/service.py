@@ -20,7 +20,9 @@ and stay. Logs never carry visitor ids, so there is nothing to erase there.
 Ordering against the live aggregator: the consent tombstone is written first (no later batch folds the
 visitor, whatever reaches the log afterwards), then the log is purged (exact visitor id of the parsed event),
 then state and online row are deleted while holding the aggregator's fold lock. A micro-batch that read the
-visitor's events before the tombstone has finished by then, so nothing is resurrected.
+visitor's events before the tombstone has finished by then, so nothing is resurrected. An aggregator in another
+process checks the erasure mark when it applies a batch and deletes what it wrote of the visitor, the rows of the
+batch's offline part file included (`Aggregator._finish`, docs/data-path.md).
 
 Every place is read and deleted through `PrivacyRepository` (repository.py); this module holds the order.
 """

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from services.features import schema as F
-from services.features.store import offline_index, offline_parts_holding, to_arrow_table
+from services.features.store import file_lock, offline_index, offline_parts_holding, to_arrow_table
 from services.profile.personas.repository import PersonaRepository
 from services.profile.privacy.repository import PrivacyRepository
 from services.profile.repository import ProfileRepository
@@ -228,3 +228,43 @@ def test_the_admin_command_indexes_an_old_store_ahead_of_the_first_erasure(histo
     assert index is not None and index.catch_up() == 0
     assert history.privacy.delete_offline_rows("v3") == (1, 1)
     assert history.holding("shared") == [f"part-old-{n}.parquet" for n in range(6)]
+
+
+def test_the_aggregator_removes_erased_visitors_from_its_own_part_only(history: History) -> None:
+    history.write("aggregator-1-5", ["a", "b", "c"])
+    history.write("aggregator-1-9", ["b", "c"], day=1)
+    other = history.path("aggregator-1-9")
+    stamp = other.stat().st_mtime_ns
+    assert history.profile.forget_history_rows("aggregator-1-5", ["b", "nobody"]) == 1
+    assert history.profile.forget_history_rows("aggregator-1-5", ["b"]) == 0  # applied again: nothing left
+    assert history.profile.forget_history_rows("aggregator-1-7", ["b"]) == 0  # no such part (no history rows)
+    assert other.stat().st_mtime_ns == stamp
+    assert history.rows_by_visitor() == Counter({"a": 1, "b": 1, "c": 2})
+    visitors = ["a", "b", "c"]
+    assert {v: history.holding(v) for v in visitors} == {v: history.scanned(v) for v in visitors}
+    assert history.holding("b") == ["part-aggregator-1-9.parquet"]
+    # Every row of the part removed: the file stays, empty (only rewriters, under the rewrite lock, delete files).
+    assert history.profile.forget_history_rows("aggregator-1-5", ["a", "c"]) == 2
+    assert history.path("aggregator-1-5").exists() and pq.read_metadata(history.path("aggregator-1-5")).num_rows == 0
+    assert {v: history.holding(v) for v in visitors} == {v: history.scanned(v) for v in visitors}
+    assert len(history.privacy.offline_rows("c")) == 1
+
+
+def test_part_writes_do_not_wait_for_a_whole_rewrite_run(history: History) -> None:
+    """A retention or persona back-fill run holds the rewrite lock for minutes; the aggregator's writes take only
+    the per-file write lock, so they go on meanwhile (and wait at most for one file's rewrite)."""
+    history.write("aggregator-1-5", ["a", "b"])
+    done = threading.Event()
+
+    def fold() -> None:
+        history.write("aggregator-1-9", ["a", "c"])
+        history.profile.forget_history_rows("aggregator-1-5", ["b"])
+        done.set()
+
+    with file_lock(history.offline_dir / f".{F.VISITOR_VIEW}.rewrite.lock"):
+        writer = threading.Thread(target=fold, daemon=True)
+        writer.start()
+        finished = done.wait(60)  # a bound for a failure instead of a hang, not an ordering
+    writer.join(60)
+    assert finished, "a part write waited for the rewrite lock"
+    assert history.rows_by_visitor() == Counter({"a": 2, "c": 1})
