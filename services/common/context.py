@@ -64,6 +64,15 @@ def local_time(ts: float, zone: timezone) -> datetime:
     return datetime.fromtimestamp(ts, tz=UTC).astimezone(zone)
 
 
+def local_hour(ts: float, zone: timezone) -> int:
+    """`local_time(ts, zone).hour` without building datetimes (the aggregator asks twice per event). Zones
+    here are fixed offsets (`datetime.timezone`: Indonesia keeps no daylight saving time)."""
+    offset = zone.utcoffset(None)
+    # Whole microseconds first, as `fromtimestamp` rounds them: the hour then changes at the same instant.
+    micros = round(ts * 1e6) + (offset.days * 86_400 + offset.seconds) * 1_000_000
+    return micros // 3_600_000_000 % 24
+
+
 def is_payday_window(day_of_month: int) -> bool:
     return day_of_month >= PAYDAY_FIRST_DAY or day_of_month <= PAYDAY_LAST_DAY_NEXT_MONTH
 

@@ -19,7 +19,7 @@ from operator import itemgetter
 
 import orjson
 
-from services.common.context import daypart, local_time, zone_for
+from services.common.context import daypart, local_hour, zone_for
 
 COVISIT_WINDOW = 3  # the previous N items of the visitor count as co-visited
 # "b after a" predicts the next item; "a after b" says the two belong together, more weakly.
@@ -109,7 +109,7 @@ def observe_interaction(
 
 
 def context_keys(ts: float, city: str | None, device: str | None, utc_offset_min: int | None) -> list[str]:
-    part = daypart(local_time(ts, zone_for(city, utc_offset_min)).hour)
+    part = daypart(local_hour(ts, zone_for(city, utc_offset_min)))
     keys = [GLOBAL_CONTEXT, f"daypart:{part}"]
     if city:
         keys += [f"city:{city.lower()}", f"city:{city.lower()}|daypart:{part}"]
@@ -128,8 +128,15 @@ class ContextPopularity:
     def observe(self, keys: Iterable[str], item_id: str, weight: float, ts: float) -> None:
         for key in keys:
             row = self.scores.setdefault(key, {})
-            score, last = row.get(item_id, (0.0, ts))
-            row[item_id] = [score * math.pow(0.5, max(ts - last, 0.0) / POPULARITY_HALF_LIFE_S) + weight, ts]
+            entry = row.get(item_id)
+            if entry is None:
+                row[item_id] = [weight, ts]
+            else:
+                # No time passed (or the event is older): the decay factor is 1; skipping pow changes no bit.
+                score = (
+                    entry[0] if ts <= entry[1] else entry[0] * math.pow(0.5, (ts - entry[1]) / POPULARITY_HALF_LIFE_S)
+                )
+                row[item_id] = [score + weight, ts]
             if len(row) > 2 * POPULARITY_MAX_ITEMS:
                 self.scores[key] = dict(self._ranked(row, ts)[:POPULARITY_MAX_ITEMS])
             self.dirty.add(key)
