@@ -239,6 +239,8 @@ def recommend_settings_for(
 
 # ------------------------------------------------------------------------------------------------------
 # A small demo world, built once per test session on real Redis (import + training take a while).
+# Tests only read it: later tests assert on the world as built (the persona job's counts and visitors), so a
+# module that sends events, logs impressions or changes the catalog serves `world_fork`, a copy of its own.
 # ------------------------------------------------------------------------------------------------------
 
 WORLD_VISITORS = 300

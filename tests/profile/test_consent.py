@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 
 from services.common.consent import PURPOSES, Consent, ConsentDefaults, consent_changes_from_properties
 from services.common.events import Event
+from services.common.settings import CommonSettings
 from services.features import schema as F
 from services.features.store import online_rows
 from services.profile.app import create_app
@@ -179,20 +180,18 @@ class Serving:
 
 
 @pytest.fixture(scope="module")
-def serving(world: SessionWorld) -> Iterator[Serving]:
-    """Both services on the demo world; a fresh visitor (page views and searches only, so item statistics
-    and indexes of the shared world do not move) who is erased again at the end."""
-    profile_settings = ProfileSettings(**world.settings.model_dump(), aggregator_enabled=False)
-    recommend_settings = RecommendSettings(
-        **world.settings.model_dump(), log_impressions=False, refresh_interval_s=3600
-    )
+def serving(world: SessionWorld, world_fork: CommonSettings) -> Iterator[Serving]:
+    """Both services on a copy of the demo world, and a fresh visitor (page views and searches only). A copy,
+    so the visitor, their events and their consent record never reach the world other tests count (erasing
+    the visitor at the end left the consent record behind)."""
+    profile_settings = ProfileSettings(**world_fork.model_dump(), aggregator_enabled=False)
+    recommend_settings = RecommendSettings(**world_fork.model_dump(), log_impressions=False, refresh_interval_s=3600)
     visitor_id = f"consent-{uuid.uuid4().hex[:8]}"
     with (
         TestClient(create_app(profile_settings, world.clock)) as profile,
         TestClient(create_recommend_app(recommend_settings, world.clock)) as rec,
     ):
         yield Serving(profile, rec, visitor_id)
-        profile.delete(f"/v1/profiles/{visitor_id}")
 
 
 @pytest.mark.slow

@@ -149,7 +149,8 @@ def test_cli_ranks_held_out_views_with_the_pipeline_and_the_baselines(world: Ses
         "SELARAS_DATA_DIR": str(settings.data_dir),
     }
     args = ["evaluate", "ranking", "--data-dir", str(settings.data_dir), "--max-visitors", "80"]
-    args += ["--max-queries", "2000", "--out", str(out)]
+    # No HTML report: it would be stored in the shared world (tests/reports/ checks the report, on a copy).
+    args += ["--max-queries", "2000", "--out", str(out), "--no-html-report"]
     result = CliRunner().invoke(cli, args, env=env, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "NDCG@10" in result.output and "cand. recall" in result.output

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from services.common.settings import CommonSettings
 from services.recommend.app import create_app as create_recommend_app
 from services.recommend.ranking.item2item import neighbours
 from services.recommend.service import RecommendService
@@ -18,14 +19,11 @@ from tests.conftest import SessionWorld, wait_for
 
 
 @pytest.fixture(scope="module")
-def client(world: SessionWorld) -> Iterator[TestClient]:
-    shared = world.settings
+def client(world: SessionWorld, world_fork: CommonSettings) -> Iterator[TestClient]:
+    # On a copy of the world: every answer logs its impressions, which would become events (and visitors) of
+    # the world that later tests count.
     settings = RecommendSettings(
-        data_dir=shared.data_dir,
-        redis_url=shared.redis_url,
-        namespace=shared.namespace,
-        feast_project=shared.feast_project,
-        environment="test",
+        **world_fork.model_dump(include={"data_dir", "redis_url", "namespace", "feast_project", "environment"}),
     )
     with TestClient(create_recommend_app(settings, world.clock)) as recommend_client:
         yield recommend_client

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from services.common.settings import CommonSettings
 from services.features import schema as F
 from services.recommend.app import create_app
 from services.recommend.ranking.ranker import _reason, _source_reason
@@ -50,14 +51,11 @@ def test_every_reason_a_feature_gives_is_worded_in_indonesian() -> None:
 
 
 @pytest.fixture(scope="module")
-def client(world: SessionWorld) -> Iterator[TestClient]:
-    shared = world.settings
+def client(world: SessionWorld, world_fork: CommonSettings) -> Iterator[TestClient]:
+    # On a copy of the world: every answer logs its impressions, which would become events (and visitors) of
+    # the world that later tests count.
     settings = RecommendSettings(
-        data_dir=shared.data_dir,
-        redis_url=shared.redis_url,
-        namespace=shared.namespace,
-        feast_project=shared.feast_project,
-        environment="test",
+        **world_fork.model_dump(include={"data_dir", "redis_url", "namespace", "feast_project", "environment"}),
         default_locale="id",
     )
     with TestClient(create_app(settings, world.clock)) as recommend_client:

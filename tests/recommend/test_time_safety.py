@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from services.common.auth import hash_key
+from services.common.settings import CommonSettings
 from services.features.aggregations import ItemState, item_features
 from services.profile.app import create_app as create_profile_app
 from services.profile.repository import ProfileRepository
@@ -24,39 +25,25 @@ BROWSER, SENDER, OPS = "browser-key-1234", "sender-key-5678", "ops-key-9012"
 KEYS = f"web:recommend:{hash_key(BROWSER)},shop:ingest:{hash_key(SENDER)},ops:admin:{hash_key(OPS)}"
 FAR_FUTURE = datetime(2100, 1, 1, tzinfo=UTC)
 SLOTS = [{"name": "home", "kind": "product", "count": 8}]
-CREATED: list[str] = []
-
-
-def new_visitor(prefix: str) -> str:
-    visitor = unique_name(prefix)
-    CREATED.append(visitor)
-    return visitor
 
 
 @pytest.fixture(scope="module")
-def apps(world: SessionWorld) -> Iterator[tuple[TestClient, TestClient, ProfileRepository]]:
-    shared = world.settings
+def apps(world: SessionWorld, world_fork: CommonSettings) -> Iterator[tuple[TestClient, TestClient, ProfileRepository]]:
+    # On a copy of the world: these tests send events and log impressions, which add visitors and move item
+    # statistics (erasing the visitors afterwards left their consent records and the item counts behind).
     common: dict[str, Any] = {
-        "data_dir": shared.data_dir,
-        "redis_url": shared.redis_url,
-        "namespace": shared.namespace,
-        "feast_project": shared.feast_project,
-        "environment": "test",
+        **world_fork.model_dump(include={"data_dir", "redis_url", "namespace", "feast_project", "environment"}),
         "api_keys": KEYS,
     }
     repository = ProfileRepository.open(ProfileSettings(**common))
     with (
         TestClient(
-            # No offline rows: training and offline evaluation of the shared world must not see these events.
+            # No offline rows: these tests read online state only.
             create_profile_app(ProfileSettings(**common, aggregator_idle_s=0.005, offline_rows=False), world.clock)
         ) as profile,
         TestClient(create_recommend_app(RecommendSettings(**common, refresh_interval_s=0.5), world.clock)) as recommend,
     ):
         yield profile, recommend, repository
-        # The visitors these tests made are erased again: other tests count the shared world's visitors.
-        recommend.app.state.recommend.repository.flush()  # type: ignore[attr-defined]
-        for visitor in CREATED:
-            assert profile.delete(f"/v1/profiles/{visitor}", headers={"X-API-Key": OPS}).status_code == 200
     repository.close()
 
 
@@ -78,7 +65,7 @@ def test_a_future_event_is_refused_by_index_and_field_and_nothing_is_stored(
     profile, _, repository = apps
     item_id = world.world.shop.products[0].item_id
     before = item_state(repository, item_id)
-    visitor = new_visitor("future")
+    visitor = unique_name("future")
     now = world.clock.now_datetime()
     events = [
         make_event_dict(visitor_id=visitor, item_id=item_id, timestamp=now.isoformat()),
@@ -103,7 +90,7 @@ def test_a_browser_key_cannot_choose_the_time_and_its_impressions_do_not_move_it
     apps: tuple[TestClient, TestClient, ProfileRepository], world: SessionWorld
 ) -> None:
     _, recommend, repository = apps
-    visitor = new_visitor("browser")
+    visitor = unique_name("browser")
     answer = ask(recommend, BROWSER, visitor, FAR_FUTURE)
     assert answer["time"]["source"] == "clock" and "ignored" in answer["time"]
     used = datetime.fromisoformat(answer["time"]["now"])
@@ -131,7 +118,7 @@ def test_an_admin_key_chooses_the_time(
     apps: tuple[TestClient, TestClient, ProfileRepository], world: SessionWorld
 ) -> None:
     _, recommend, _ = apps
-    visitor = new_visitor("admin")
+    visitor = unique_name("admin")
     asked = world.clock.now_datetime() - timedelta(days=3)
     answer = ask(recommend, OPS, visitor, asked)
     assert answer["time"]["source"] == "request" and "ignored" not in answer["time"]
