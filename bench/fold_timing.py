@@ -8,6 +8,7 @@ path. It uses its own namespace and Feast project and deletes its keys at the en
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 import time
@@ -19,6 +20,7 @@ import redis
 
 from services.common.clock import FixedClock
 from services.common.events import Event
+from services.common.gc_tuning import FOLD_GEN0_THRESHOLD, tuned_for_folding
 from services.profile.app import build_state
 from services.profile.settings import ProfileSettings
 
@@ -50,6 +52,12 @@ def main() -> None:
     parser.add_argument("--visitors", type=int, default=5_000)
     parser.add_argument("--items", type=int, default=2_000)
     parser.add_argument("--batch", type=int, default=2_000)
+    parser.add_argument(
+        "--gen0",
+        type=int,
+        default=FOLD_GEN0_THRESHOLD,
+        help="collector settings of `selaras run aggregator` (0: CPython's defaults, for comparison)",
+    )
     args = parser.parse_args()
     redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
     namespace = f"ft{uuid.uuid4().hex[:8]}"
@@ -70,10 +78,11 @@ def main() -> None:
                 state.ingest.ingest(events[start : start + 1000])
             started, cpu_started = time.perf_counter(), time.process_time()
             folded = 0
-            while outcome := state.aggregator.run_once(args.batch):
-                if not outcome.events:
-                    break
-                folded += outcome.events
+            with tuned_for_folding(args.gen0) if args.gen0 else contextlib.nullcontext():
+                while outcome := state.aggregator.run_once(args.batch):
+                    if not outcome.events:
+                        break
+                    folded += outcome.events
             seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
             # CPU seconds of this process (Redis not included): the figure a loaded, shared machine moves least.
             print(

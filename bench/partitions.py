@@ -181,6 +181,7 @@ def _redis_cpu_seconds(redis_url: str) -> float:
 
 
 def bulk_import(redis_url: str, events: list[dict[str, Any]], end: datetime) -> dict[str, Any]:
+    from services.common.gc_tuning import tuned_for_folding
     from services.profile.importer import import_events
 
     with _namespace(redis_url) as (namespace, directory):
@@ -189,7 +190,8 @@ def bulk_import(redis_url: str, events: list[dict[str, Any]], end: datetime) -> 
         state = _state(redis_url, namespace, directory, end, data_clock=True)
         try:
             t0, cpu0 = time.perf_counter(), time.process_time()
-            report = import_events(path, state.ingest, state.aggregator, batch_size=5000)
+            with tuned_for_folding():  # as `selaras import events` runs it
+                report = import_events(path, state.ingest, state.aggregator, batch_size=5000)
             seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         finally:
             state.aggregator.stop()

@@ -33,6 +33,7 @@ def import_events_command(
     """Import events through the ingest path and fold them into features (point in time, file order)."""
     use_data_dir(data_dir)
     from services.common.clock import DataClock
+    from services.common.gc_tuning import tune_for_folding
     from services.profile.app import build_state
     from services.profile.importer import InvalidInput, import_events
     from services.profile.settings import ProfileSettings
@@ -49,6 +50,7 @@ def import_events_command(
             "[yellow]the catalog has no products: import it first, or category and brand features stay empty[/]"
         )
     size = file.stat().st_size
+    tune_for_folding()
     started = time.perf_counter()
     try:
         with progress_bar() as bar:

@@ -83,6 +83,7 @@ def run_aggregator(
     on the profile API). It folds only while it holds the log's lease; started twice, one folds and the other
     waits as a standby that takes over within the lease time if the first stops or dies."""
     use_data_dir(data_dir)
+    from services.common.gc_tuning import tune_for_folding
     from services.common.observability import configure_logging
     from services.common.storage import check_redis_durability
     from services.profile.aggregator.probe_server import serve_probes
@@ -108,6 +109,7 @@ def run_aggregator(
         f"aggregator {aggregator.holder} on {len(aggregator.partitions)} log partition(s)"
         f" ({state.repository.store.backend})"
     )
+    tune_for_folding()
     aggregator.start(settings.aggregator_batch, settings.aggregator_idle_s)
     archiver.start()  # archives the partitions this process holds, every PROFILE_ARCHIVE_INTERVAL_S
     try:
