@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from bench.partitions import PARTITIONS, _namespace
+from bench.partitions import PARTITIONS, _cpu_seconds, _namespace, _redis_cpu_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE_EVERY_S = 0.25
@@ -114,7 +115,12 @@ def run(redis_url: str, rate: float = 5_000, duration: float = 20, aggregators: 
             "PROFILE_AGGREGATOR_IDLE_S": "0.01",
         }
         settings = CommonSettings(
-            data_dir=directory, redis_url=redis_url, namespace=namespace, feast_project=namespace, environment="test"
+            data_dir=directory,
+            redis_url=redis_url,
+            namespace=namespace,
+            feast_project=namespace,
+            environment="test",
+            log_partitions=PARTITIONS,
         )
         feature_store = open_feature_store(settings)  # applies the definitions once, before the services start
         port = free_port()
@@ -136,6 +142,7 @@ def run(redis_url: str, rate: float = 5_000, duration: float = 20, aggregators: 
                     )
                 )
             wait_ready(f"{url}/readyz")
+            _wait_for_holders(settings, aggregators)
             bodies = _bodies(directory / "events.jsonl", int(rate * duration / 100) + 1)
             samples: list[float] = []
             missed: list[str] = []
@@ -158,9 +165,19 @@ def run(redis_url: str, rate: float = 5_000, duration: float = 20, aggregators: 
                 "--connections",
                 "32",
             ]
-            time.sleep(2)  # the aggregators share the partitions out
+            # Where the 2 cores go during the load: each party's CPU seconds over the run.
+            api_cpu, aggregator_cpu = _cpu_seconds(started[:1]), _cpu_seconds(started[1:])
+            redis_cpu, children_cpu = _redis_cpu_seconds(redis_url), _children_cpu_seconds()
+            load_started = time.perf_counter()
             prober.start()
             outcome = orjson.loads(subprocess.run(load, cwd=ROOT, capture_output=True, check=True).stdout)
+            load_s = time.perf_counter() - load_started
+            cpu = {
+                "api": _cpu_seconds(started[:1]) - api_cpu,
+                "aggregators": _cpu_seconds(started[1:]) - aggregator_cpu,
+                "redis": _redis_cpu_seconds(redis_url) - redis_cpu,
+                "load_generator": _children_cpu_seconds() - children_cpu,
+            }
             stop.set()
             prober.join(35)
         finally:
@@ -189,7 +206,32 @@ def run(redis_url: str, rate: float = 5_000, duration: float = 20, aggregators: 
         "freshness_p99_s": quantile(0.99),
         "freshness_max_s": round(ordered[-1], 3) if ordered else None,
         "load_average_at_start": load_average,
+        # Cores busy on average while the load ran (CPU seconds / the run's seconds); Redis's is the whole server's.
+        "cores_busy": {party: round(seconds / load_s, 2) for party, seconds in cpu.items()},
     }
+
+
+def _wait_for_holders(settings: Any, aggregators: int, timeout_s: float = 180) -> None:
+    """Until `aggregators` processes share every partition: one process starts (imports Feast) before the
+    other and first takes them all; the load must not start while one aggregator folds for two."""
+    from services.common.storage import open_store, partition_log
+
+    store = open_store(settings)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            holders = {store.lease_holder(partition_log(p)) for p in range(PARTITIONS)}
+            if None not in holders and len(holders) == min(aggregators, PARTITIONS):
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"the aggregators did not share the partitions: {holders}")
+    finally:
+        store.close()
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # children waited for: the load generator's run
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
