@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from services.common.clock import SYSTEM_CLOCK
+from services.common.clock import SYSTEM_CLOCK, wall_time
 from services.common.models import ModelKind, ModelRegistry
 from services.common.storage import Store
 from services.features import schema as F
@@ -207,6 +207,7 @@ def run_persona_job(
     stamp = datetime.fromtimestamp(at, tz=UTC)
 
     def flush(chunk_ids: list[str]) -> None:
+        read_at = wall_time()  # before the read: an erasure ending at or after it may miss the rows written below
         chunk = repository.visitor_states(chunk_ids)  # erased/expired since: gone
         visitor_ids = [state.visitor_id for state in chunk]
         rows = [visitor_features(state, rules) for state in chunk]
@@ -239,10 +240,19 @@ def run_persona_job(
                     F.TIMESTAMP_FIELD: stamp,
                 }
             )
-        if changed:
-            repository.write_visitor_rows(changed)
-        result.online_rows += len(changed)
-        result.offline_rows_appended += len(changed)
+        if not changed:
+            return
+        part = repository.write_visitor_rows(changed)
+        # An erasure that marked a visitor after the compare-and-skip above may have deleted its online row and
+        # rewritten the files holding it before these rows existed: they go again here. One that marks after
+        # this check finds them itself (the part file is indexed), as for the aggregator's batches.
+        erased = repository.erased_since([row[F.VISITOR_KEY] for row in changed], read_at)
+        removed = 0
+        if erased:
+            repository.forget_online_rows(erased)
+            removed = repository.forget_history_rows(part, erased)
+        result.online_rows += len(changed) - len(erased)
+        result.offline_rows_appended += len(changed) - removed
 
     for start in range(0, len(visitor_ids), CHUNK):
         flush(visitor_ids[start : start + CHUNK])

@@ -64,6 +64,18 @@ def mark_erased(store: Store, visitor_id: str, until: float | None) -> None:
     store.put(Namespace.ERASED, visitor_id, orjson.dumps({"until": until}), ERASURE_MARK_TTL_S)
 
 
+def erased_since(store: Store, visitor_ids: Sequence[str], read_at: float) -> list[str]:
+    """The visitors whose erasure is in progress or ended at or after `read_at` (wall time): what was read of them
+    at `read_at` must not be written back (the aggregator's batches, the persona job's rows)."""
+    found = []
+    for visitor_id, raw in zip(visitor_ids, store.get_many(Namespace.ERASED, visitor_ids), strict=True):
+        if raw is not None:
+            until = orjson.loads(raw)["until"]
+            if until is None or read_at <= until:
+                found.append(visitor_id)
+    return found
+
+
 def forget_profiles(store: Store, feature_store: FeatureStore, visitor_ids: Sequence[str]) -> tuple[int, int]:
     """Delete the live behavioural profile (state blob + online row). Returns (states, online rows) deleted.
 
@@ -210,13 +222,7 @@ class ProfileRepository:
 
     def erased_since(self, visitor_ids: Sequence[str], read_at: float) -> list[str]:
         """Visitors erased while or after a batch read at `read_at` was in flight."""
-        found = []
-        for visitor_id, raw in zip(visitor_ids, self.store.get_many(Namespace.ERASED, visitor_ids), strict=True):
-            if raw is not None:
-                until = orjson.loads(raw)["until"]
-                if until is None or read_at <= until:
-                    found.append(visitor_id)
-        return found
+        return erased_since(self.store, visitor_ids, read_at)
 
     def consents(self, visitor_ids: Sequence[str]) -> dict[str, Consent]:
         raws = self.store.get_many(Namespace.CONSENT, visitor_ids)

@@ -20,8 +20,15 @@ from services.common.models import ModelKind, ModelRegistry
 from services.common.storage import Namespace, Store
 from services.features import schema as F
 from services.features.aggregations import VisitorState
-from services.features.store import FeatureWriter, online_rows, rewrite_offline_parts, to_arrow_table
+from services.features.store import (
+    FeatureWriter,
+    delete_online_entities,
+    online_rows,
+    rewrite_offline_parts,
+    to_arrow_table,
+)
 from services.profile.personas.model import PersonaModel
+from services.profile.repository import erased_since
 
 REPORT_KEY = "report"
 
@@ -94,10 +101,25 @@ class PersonaRepository:
         """The visitors' Feast online rows, in the order asked."""
         return online_rows(self.feature_store, F.VISITOR_VIEW, visitor_ids)
 
-    def write_visitor_rows(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Write the rows online and append them to the offline history (a new part file)."""
+    def write_visitor_rows(self, rows: Sequence[dict[str, Any]]) -> str:
+        """Write the rows online and append them to the offline history (a new part file); returns the part's
+        name (for `forget_history_rows`)."""
         self.writer.write(F.VISITOR_VIEW, rows, offline=False)
-        self.writer.append_offline(F.VISITOR_VIEW, to_arrow_table(rows, F.VISITOR_KEY, F.VISITOR_FEATURES))
+        path = self.writer.append_offline(F.VISITOR_VIEW, to_arrow_table(rows, F.VISITOR_KEY, F.VISITOR_FEATURES))
+        return path.stem.removeprefix("part-")
+
+    # -- erasure against the job's writes (as against the aggregator's batches) -----------------------
+    def erased_since(self, visitor_ids: Sequence[str], read_at: float) -> list[str]:
+        """Visitors whose erasure is in progress or ended at or after `read_at` (wall time)."""
+        return erased_since(self.store, visitor_ids, read_at)
+
+    def forget_online_rows(self, visitor_ids: Sequence[str]) -> int:
+        """Delete the visitors' online rows (never their states: the aggregator owns those)."""
+        return delete_online_entities(self.feature_store, F.VISITOR_VIEW, list(visitor_ids))
+
+    def forget_history_rows(self, part: str, visitor_ids: Sequence[str]) -> int:
+        """Remove the visitors' rows from the part file `write_visitor_rows` wrote as `part`; returns how many."""
+        return self.writer.remove_offline_rows(F.VISITOR_VIEW, part, visitor_ids)
 
     def rewrite_offline_persona_ids(
         self, columns: Sequence[str], persona_ids: Callable[[list[dict[str, Any]]], np.ndarray]
