@@ -110,7 +110,7 @@ def run_aggregator(
         f" ({state.repository.store.backend})"
     )
     tune_for_folding()
-    aggregator.start(settings.aggregator_batch, settings.aggregator_idle_s)
+    aggregator.start(settings.aggregator_batch, settings.aggregator_idle_s, settings.aggregator_linger_s)
     archiver.start()  # archives the partitions this process holds, every PROFILE_ARCHIVE_INTERVAL_S
     try:
         while not stopped and aggregator.alive:

@@ -98,7 +98,7 @@ def create_app(settings: ProfileSettings | None = None, clock: Clock | None = No
         app.state.profile = state
         archiver = periodic_archiver(settings, state)
         if settings.aggregator_enabled:
-            state.aggregator.start(settings.aggregator_batch, settings.aggregator_idle_s)
+            state.aggregator.start(settings.aggregator_batch, settings.aggregator_idle_s, settings.aggregator_linger_s)
             archiver.start()
         log.info("profile service ready (store=%s)", state.repository.store.backend)
         try:

@@ -127,8 +127,12 @@ class Aggregator:
         self.fold_lock = threading.RLock()
 
     # -- lifecycle ----------------------------------------------------------------------------------
-    def start(self, batch_size: int, idle_s: float) -> None:
-        self._thread = threading.Thread(target=self._loop, args=(batch_size, idle_s), name="aggregator", daemon=True)
+    def start(self, batch_size: int, idle_s: float, linger_s: float = 0.0) -> None:
+        """Fold in a thread: every `idle_s` while the log is empty, `linger_s` after a batch that was not full
+        (so that steady traffic is folded in batches, not event by event), at once while batches are full."""
+        self._thread = threading.Thread(
+            target=self._loop, args=(batch_size, idle_s, linger_s), name="aggregator", daemon=True
+        )
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -161,7 +165,7 @@ class Aggregator:
     def lag_s(self) -> float:
         return max((part.lag_s for part in self.partitions if part.held), default=0.0)
 
-    def _loop(self, batch_size: int, idle_s: float) -> None:
+    def _loop(self, batch_size: int, idle_s: float, linger_s: float = 0.0) -> None:
         backoff = idle_s
         while not self._stop.is_set():
             try:
@@ -173,6 +177,8 @@ class Aggregator:
                     self._stop.wait(self.lease_s / 3)  # standby: try to take a lease now and then
                 elif outcome.events == 0:
                     self._stop.wait(idle_s)
+                elif linger_s and not self.backlog:
+                    self._stop.wait(linger_s)  # caught up: let the next batch gather
             except Exception as exc:  # keep consuming after Redis/Feast hiccups; the batch is retried
                 AGGREGATOR_ERRORS.inc()
                 self.last_error = type(exc).__name__
