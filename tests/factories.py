@@ -73,3 +73,24 @@ def make_visitor_state(visitor_id: str = "visitor-1", **overrides: Any) -> Visit
 def visitor_row(state: VisitorState, at: datetime = BASE_TIME) -> dict[str, Any]:
     """The visitor's feature row as the aggregator writes it (online and offline), stamped `at`."""
     return {**visitor_features(state, SegmentRules()), F.VISITOR_KEY: state.visitor_id, F.TIMESTAMP_FIELD: at}
+
+
+def make_shop_events(
+    event_prefix: str, visitor_prefix: str, item_prefix: str, visitors: int, count: int, start: int = 0
+) -> list[Event]:
+    """Views, carts and purchases (quantity 2) of `visitors` visitors over 5 items, one minute apart, in time
+    order (one history row per event)."""
+    events = []
+    for n in range(start, start + count):
+        kind = ("product_view", "product_view", "add_to_cart", "purchase")[n % 4]
+        events.append(
+            make_event(
+                event_id=f"{event_prefix}-{n}",
+                visitor_id=f"{visitor_prefix}-{n % visitors}",
+                type=kind,
+                item_id=f"{item_prefix}-{n % 5}",
+                timestamp=(BASE_TIME + timedelta(minutes=n)).isoformat(),
+                **({"quantity": 2} if kind == "purchase" else {}),
+            )
+        )
+    return events

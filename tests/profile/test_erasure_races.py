@@ -33,7 +33,7 @@ from services.features.store import offline_parts_holding
 from services.profile.aggregator.worker import Aggregator
 from services.profile.app import ProfileState, build_state
 from services.profile.settings import ProfileSettings
-from tests.factories import BASE_TIME, make_event
+from tests.factories import BASE_TIME, make_shop_events
 from tests.profile.test_exactly_once import Fault
 
 CLOCK = FixedClock(BASE_TIME + timedelta(days=1))
@@ -44,21 +44,7 @@ WAIT_S = 60.0
 
 
 def shop_events(prefix: str, visitors: int, count: int, start: int = 0) -> list[Event]:
-    """Views, carts and purchases of `visitors` visitors, one minute apart (one history row per event)."""
-    events = []
-    for n in range(start, start + count):
-        kind = ("product_view", "product_view", "add_to_cart", "purchase")[n % 4]
-        events.append(
-            make_event(
-                event_id=f"{prefix}-{n}",
-                visitor_id=f"er-visitor-{n % visitors}",
-                type=kind,
-                item_id=f"er-item-{n % 5}",
-                timestamp=(BASE_TIME + timedelta(minutes=n)).isoformat(),
-                **({"quantity": 2} if kind == "purchase" else {}),
-            )
-        )
-    return events
+    return make_shop_events(prefix, "er-visitor", "er-item", visitors, count, start)
 
 
 @pytest.fixture

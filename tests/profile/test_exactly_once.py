@@ -24,7 +24,7 @@ from services.profile.aggregator.commit import BatchCommit
 from services.profile.aggregator.worker import Aggregator
 from services.profile.app import ProfileState, build_state
 from services.profile.settings import ProfileSettings
-from tests.factories import BASE_TIME, make_event
+from tests.factories import BASE_TIME, make_shop_events
 
 CLOCK = FixedClock(BASE_TIME + timedelta(days=1))
 BATCH = 40
@@ -32,21 +32,7 @@ BATCH = 40
 
 def shop_events() -> list[Event]:
     """Views, carts and purchases (quantity 2) of 6 visitors over 5 items, in time order."""
-    events = []
-    for n in range(150):
-        kind = ("product_view", "product_view", "add_to_cart", "purchase")[n % 4]
-        extra = {"quantity": 2} if kind == "purchase" else {}
-        events.append(
-            make_event(
-                event_id=f"eo-{n}",
-                visitor_id=f"eo-visitor-{n % 6}",
-                type=kind,
-                item_id=f"eo-item-{n % 5}",
-                timestamp=(BASE_TIME + timedelta(minutes=n)).isoformat(),
-                **extra,
-            )
-        )
-    return events
+    return make_shop_events("eo", "eo-visitor", "eo-item", visitors=6, count=150)
 
 
 def aggregator_for(state: ProfileState) -> Aggregator:
