@@ -148,6 +148,11 @@ def open_feature_store(settings: CommonSettings) -> FeatureStore:
     return store
 
 
+def view_columns(view: str) -> tuple[str, Mapping[str, F.FeatureKind]]:
+    """A feature view's entity key and feature columns (the visitor view, else the item view)."""
+    return (F.VISITOR_KEY, F.VISITOR_FEATURES) if view == F.VISITOR_VIEW else (F.ITEM_KEY, F.ITEM_FEATURES)
+
+
 def arrow_schema(key: str, features: Mapping[str, F.FeatureKind]) -> pa.Schema:
     return pa.schema(
         [pa.field(key, pa.string()), pa.field(F.TIMESTAMP_FIELD, pa.timestamp("us", tz="UTC"))]
@@ -179,9 +184,7 @@ class FeatureWriter:
         # event (older event time) must still replace what is online.
         self._online_writer(view).write(rows, wall_datetime())
         if offline:
-            key, features = (
-                (F.VISITOR_KEY, F.VISITOR_FEATURES) if view == F.VISITOR_VIEW else (F.ITEM_KEY, F.ITEM_FEATURES)
-            )
+            key, features = view_columns(view)
             self.append_offline(view, to_arrow_table(rows, key, features), part)
 
     def _online_writer(self, view: str) -> OnlineRowWriter:
@@ -222,7 +225,7 @@ class FeatureWriter:
         empty stays (empty): deleting files is for rewriters under the rewrite lock, which may have listed it."""
         path = self.offline_dir / view / f"part-{part}.parquet"
         index = offline_index(self.offline_dir, view)
-        key = F.VISITOR_KEY if view == F.VISITOR_VIEW else F.ITEM_KEY
+        key, _ = view_columns(view)
         # The write lock alone: the rewrite lock can be held for a whole retention or persona back-fill run.
         with file_lock(write_lock_path(self.offline_dir, view)):
             try:
@@ -290,8 +293,8 @@ class OnlineRowReader:
         self.config = store.config
         self.provider = get_provider(store.config)
         self.view = store.get_feature_view(view)
-        self.key = F.VISITOR_KEY if view == F.VISITOR_VIEW else F.ITEM_KEY
-        self.features = list(F.VISITOR_FEATURES if view == F.VISITOR_VIEW else F.ITEM_FEATURES)
+        self.key, features = view_columns(view)
+        self.features = list(features)
         self._entity_key, self._value = EntityKey, Value
 
     def read(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
@@ -331,8 +334,8 @@ class OnlineRowWriter:
         self.config = store.config
         self.provider = get_provider(store.config)
         self.view = store.get_feature_view(view)
-        self.key = F.VISITOR_KEY if view == F.VISITOR_VIEW else F.ITEM_KEY
-        self.features = dict(F.VISITOR_FEATURES if view == F.VISITOR_VIEW else F.ITEM_FEATURES)
+        self.key, features = view_columns(view)
+        self.features = dict(features)
         self._entity_key, self._value, self._doubles, self._strings = EntityKey, Value, DoubleList, StringList
         online = self.provider.online_store
         self._redis: RedisOnlineStore | None = online if isinstance(online, RedisOnlineStore) else None
@@ -425,7 +428,7 @@ class OnlineRowWriter:
 
 def online_rows(store: FeatureStore, view: str, keys: Sequence[str]) -> list[dict[str, Any]]:
     """Read rows from the online store; a missing entity comes back with every feature None."""
-    key, features = (F.VISITOR_KEY, F.VISITOR_FEATURES) if view == F.VISITOR_VIEW else (F.ITEM_KEY, F.ITEM_FEATURES)
+    key, features = view_columns(view)
     response = store.get_online_features(
         features=[f"{view}:{name}" for name in features], entity_rows=[{key: k} for k in keys]
     ).to_dict()
@@ -452,7 +455,7 @@ def delete_online_entities(store: FeatureStore, view: str, keys: Sequence[str]) 
         return 0
     config = store.config
     feature_view = store.get_feature_view(view)
-    join_key = F.VISITOR_KEY if view == F.VISITOR_VIEW else F.ITEM_KEY
+    join_key, _ = view_columns(view)
     entity_keys = [EntityKey(join_keys=[join_key], entity_values=[Value(string_val=k)]) for k in keys]
     online = store._get_provider().online_store
     if isinstance(online, RedisOnlineStore):
@@ -476,7 +479,7 @@ def delete_online_entities(store: FeatureStore, view: str, keys: Sequence[str]) 
             ).fetchone()[0]
             conn.executemany(f'DELETE FROM "{table}" WHERE entity_key = ?', [(s,) for s in serialized])
         return int(found)
-    features = F.VISITOR_FEATURES if view == F.VISITOR_VIEW else F.ITEM_FEATURES
+    _, features = view_columns(view)
     nulls = [{join_key: k, F.TIMESTAMP_FIELD: wall_datetime()} for k in keys]
     frame = to_arrow_table(nulls, join_key, features).to_pandas()
     store.write_to_online_store(view, frame)
