@@ -217,7 +217,7 @@ class RecommendRepository:
 
     # -- recommendations and impressions --------------------------------------------------------------
     def save_recommendation(self, recommendation_id: str, record: Mapping[str, Any], ttl_s: int) -> None:
-        self.store.put(Namespace.RECOMMENDATIONS, recommendation_id, orjson.dumps(record), ttl_s)
+        self._write_records([(recommendation_id, record, ttl_s)], strict=True)
 
     def recommendation(self, recommendation_id: str) -> dict[str, Any] | None:
         raw = self.store.get(Namespace.RECOMMENDATIONS, recommendation_id)
@@ -278,14 +278,24 @@ class RecommendRepository:
             if raw and Consent.from_bytes(raw).given.get("analytics") is False
         }
 
-    def _write_records(self, records: list[RecordWrite]) -> None:
+    def _write_records(self, records: Sequence[RecordWrite], strict: bool = False) -> None:
+        """Records by id, and each visitor's record ids (erasure and export find a visitor's records by them
+        instead of scanning). The ids go first: a failure in between leaves an id of no record, never a record
+        no erasure finds. `strict` raises StorageUnavailable instead of logging the drop."""
         by_ttl: dict[int, dict[str, bytes]] = {}
+        by_visitor: dict[int, dict[str, list[str]]] = {}
         for recommendation_id, record, ttl in records:
             by_ttl.setdefault(ttl, {})[recommendation_id] = orjson.dumps(record)
+            visitor_id = record.get("visitor_id")
+            if isinstance(visitor_id, str):
+                by_visitor.setdefault(ttl, {}).setdefault(visitor_id, []).append(recommendation_id)
         for ttl, values in by_ttl.items():
             try:
+                self.store.add_members(Namespace.RECOMMENDATIONS_BY_VISITOR, by_visitor.get(ttl, {}), ttl)
                 self.store.put_many(Namespace.RECOMMENDATIONS, values, ttl)
             except StorageUnavailable:
+                if strict:
+                    raise
                 log.warning("dropped %d recommendation records: the store is unavailable", len(values))
 
     def _append_with_retry(self, events: Iterable[Event | dict[str, Any]]) -> None:

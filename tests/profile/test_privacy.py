@@ -4,16 +4,19 @@ retention drops history older than the period. No visitor id reaches the service
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pyarrow.parquet as pq
 import pytest
+import redis
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -36,7 +39,7 @@ from services.profile.repository import ProfileRepository
 from services.profile.settings import ProfileSettings
 from services.recommend.repository import RecommendRepository
 from services.recommend.training.train import Query, TrainConfig, Trainer
-from tests.conftest import REDIS_URL, clean_namespace, unique_name
+from tests.conftest import REDIS_URL, RedisServer, clean_namespace, unique_name
 from tests.factories import BASE_TIME, make_event_dict, make_item
 
 ADMIN = {"X-API-Key": "privacy-admin-key-0123456789"}
@@ -79,14 +82,15 @@ class Shop:
             pass
 
 
-@pytest.fixture(scope="module")
-def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
+@contextlib.contextmanager
+def open_shop(data_dir: Path, redis_url: str) -> Iterator[Shop]:
+    """Two visitors' folded histories behind the profile app (its aggregator off: the tests fold)."""
     from services.common.auth import hash_key
 
     namespace = unique_name("priv")
     settings = ProfileSettings(
-        data_dir=tmp_path_factory.mktemp("privacy"),
-        redis_url=REDIS_URL,
+        data_dir=data_dir,
+        redis_url=redis_url,
         namespace=namespace,
         feast_project=namespace,
         environment="test",
@@ -113,15 +117,22 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
         built = Shop(settings, client, events)
         built.fold()
         yield built
-    clean_namespace(REDIS_URL, namespace)
+    clean_namespace(redis_url, namespace)
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
+    with open_shop(tmp_path_factory.mktemp("privacy"), REDIS_URL) as built:
+        yield built
 
 
 def seed_other_holders(shop: Shop) -> None:
     """A recommendation record and experiment state that name the visitor (written by the recommend side)."""
     store = shop.state.repository.store
     record = {"visitor_id": ERASED, "ts": time.time(), "slots": {"home": ["pv-1"]}, "experiment": "exp-a"}
-    store.put(Namespace.RECOMMENDATIONS, "rec-erased", orjson.dumps(record), 3600)
-    store.put(Namespace.RECOMMENDATIONS, "rec-kept", orjson.dumps({**record, "visitor_id": KEPT}), 3600)
+    recommend = RecommendRepository(store, shop.state.repository.feature_store)  # the writer the service uses
+    recommend.save_recommendation("rec-erased", record, 3600)
+    recommend.save_recommendation("rec-kept", {**record, "visitor_id": KEPT}, 3600)
     sent = {"s": [[BASE_TIME.timestamp(), "push", "cart-reminder"]], "t": {"push": BASE_TIME.timestamp()}}
     store.put(MESSAGE_HISTORY, ERASED, orjson.dumps(sent))
     experiments = open_experiment_store(shop.settings)
@@ -194,6 +205,33 @@ def test_export_returns_everything_kept(shop: Shop) -> None:
     # Path ids are normalised like ids in events: " v1 " in a URL is the visitor the events called " v1 ".
     padded = shop.client.get(f"/v1/profiles/%20{ERASED}%20/export", headers=ADMIN)
     assert padded.status_code == 200 and padded.json()["visitor_id"] == ERASED
+
+
+def test_erasure_and_export_cost_the_visitors_data_not_the_whole_redis(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """On a Redis holding many other keys (another shop, another service), erasure and export find the
+    visitor's data by key and index: no SCAN or KEYS walks the database (in production it holds millions of
+    keys, and a scan made one erasure take seconds). Counted by Redis itself (INFO commandstats)."""
+    client = redis.Redis.from_url(redis_server.url)
+    pipe = client.pipeline(transaction=False)
+    for n in range(20_000):
+        pipe.set(f"other-shop:key:{n}", b"x")
+    pipe.execute()
+    with open_shop(tmp_path, redis_server.url) as private:
+        seed_other_holders(private)
+        before = client.info("commandstats")
+        export = private.client.get(f"/v1/profiles/{ERASED}/export", headers=ADMIN)
+        receipt = private.client.delete(f"/v1/profiles/{ERASED}", headers=ADMIN)
+        after = client.info("commandstats")
+    assert export.status_code == 200 and list(export.json()["recommendations"]) == ["rec-erased"]
+    assert receipt.status_code == 200 and receipt.json()["recommendation_records"] == 1
+    assert receipt.json()["holders"] == {"experiment_state": 2, "experiment_exposures": 1, "message_history": 1}
+    calls = {name: after[name]["calls"] - before.get(name, {"calls": 0})["calls"] for name in after}
+    assert calls.get("cmdstat_scan", 0) == 0 and calls.get("cmdstat_keys", 0) == 0, calls
+    # Bounded by the visitor's data: a few hundred commands, not one per key of the database.
+    assert sum(calls.values()) < 1_000, calls
+    client.close()
 
 
 @pytest.mark.slow

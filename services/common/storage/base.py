@@ -8,7 +8,7 @@ import logging
 import time
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +45,13 @@ def partition_log(partition: int) -> str:
 
 # Namespaces with too many short-lived keys to keep a key index for; scanning them uses SCAN (rare: erasure).
 # "erased" holds visitor ids for a week: no index may keep them longer.
-UNINDEXED_NAMESPACES = frozenset({"rec", "itemchg", "erased"})  # never scanned; keys expire
+UNINDEXED_NAMESPACES = frozenset({"rec", "recvis", "itemchg", "erased"})  # never scanned; keys expire
+
+
+def require_unindexed(namespace: str) -> None:
+    """Member sets live in unindexed namespaces only: a namespace's scan reads values, not sets."""
+    if namespace not in UNINDEXED_NAMESPACES:
+        raise ValueError(f"member sets live in unindexed namespaces only, not {namespace!r}")
 
 
 # (key, stored value or None, stored marker or None) -> (new value, new marker), or None: unchanged.
@@ -191,6 +197,16 @@ class Store(ABC):
     @abstractmethod
     def scan(self, namespace: str) -> Iterator[tuple[str, bytes]]: ...
 
+    # -- member sets (key -> set of strings, expiring): lookups that must not scan a namespace ------
+    @abstractmethod
+    def add_members(self, namespace: str, members: Mapping[str, Iterable[str]], ttl_s: int) -> None:
+        """Add strings to each key's set; a member is kept at least `ttl_s` seconds after it was added (Redis
+        renews the whole set's expiry). Only in unindexed namespaces: sets are found by key, never scanned.
+        `delete` removes a set."""
+
+    @abstractmethod
+    def members(self, namespace: str, key: str) -> set[str]: ...
+
     # -- leases (a single consumer per log) ---------------------------------------------------------
     @abstractmethod
     def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
@@ -247,6 +263,7 @@ class Namespace:
     CONSENT = "consent"
     PERSONAS = "personas"
     RECOMMENDATIONS = "rec"
+    RECOMMENDATIONS_BY_VISITOR = "recvis"  # member sets: a visitor's recommendation ids (erasure, export)
     MESSAGE_HISTORY = "msgcap"  # sends per visitor: frequency caps and cooldowns
     ITEM_CHANGES = "itemchg"  # ids of items whose statistics changed, per time bucket (common/item_changes.py)
     META = "meta"

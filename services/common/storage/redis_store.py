@@ -4,7 +4,7 @@ idempotency keys and blobs as plain keys; Lua scripts keep appends and leases at
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 import redis
@@ -29,6 +29,7 @@ from services.common.storage.base import (
     check_log_partitions,
     partition_log,
     require_new_marker,
+    require_unindexed,
 )
 
 log = logging.getLogger(__name__)
@@ -376,6 +377,26 @@ class RedisStore(Store):
                     expired.append(key[len(prefix) :])
         if expired and namespace not in UNINDEXED_NAMESPACES:  # members whose key expired (TTL)
             self._call(lambda: self._sync.srem(self._index_key(namespace), *expired))
+
+    def add_members(self, namespace: str, members: Mapping[str, Iterable[str]], ttl_s: int) -> None:
+        require_unindexed(namespace)
+        additions = {key: list(values) for key, values in members.items()}
+        if not any(additions.values()):
+            return
+
+        def write() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for key, values in additions.items():
+                if values:
+                    pipe.sadd(self._blob_key(namespace, key), *values)
+                    pipe.expire(self._blob_key(namespace, key), ttl_s)
+            pipe.execute()
+
+        self._call(write)
+
+    def members(self, namespace: str, key: str) -> set[str]:
+        raw = cast(set[bytes], self._call(lambda: self.client.smembers(self._blob_key(namespace, key))))
+        return {m.decode() for m in raw}
 
     def _lease_key(self, name: str) -> str:
         # A partition's lease lives in its partition's slot (with its stream); other leases in partition 0's.

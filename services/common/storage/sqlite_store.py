@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -14,12 +14,14 @@ from services.common.errors import StorageUnavailable
 from services.common.storage.archive import EventArchive
 from services.common.storage.base import (
     DEDUPE_TTL_S,
+    UNINDEXED_NAMESPACES,
     AppendResult,
     LogEntry,
     MergeChange,
     PendingEvent,
     Store,
     require_new_marker,
+    require_unindexed,
 )
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,13 @@ CREATE TABLE IF NOT EXISTS blobs (
     value BLOB NOT NULL,
     expires_at REAL,
     PRIMARY KEY (ns, key)
+);
+CREATE TABLE IF NOT EXISTS members (
+    ns TEXT NOT NULL,
+    key TEXT NOT NULL,
+    member TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (ns, key, member)
 );
 """
 
@@ -136,6 +145,7 @@ class SqliteStore(Store):
             try:
                 count = conn.execute("DELETE FROM events WHERE pos <= ?", (int(last),)).rowcount
                 conn.execute("DELETE FROM seen_ids WHERE expires_at <= ?", (now,))
+                conn.execute("DELETE FROM members WHERE expires_at <= ?", (now,))
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -262,6 +272,13 @@ class SqliteStore(Store):
         def remove(conn: sqlite3.Connection) -> int:
             markers = [(f"{namespace}@applied", k) for k in keys]  # of merged records (see `merge_many`)
             conn.executemany("DELETE FROM blobs WHERE ns = ? AND key = ?", markers)
+            if namespace in UNINDEXED_NAMESPACES:  # may hold member sets (`add_members`): one per key deleted
+                sets = sum(
+                    conn.execute("DELETE FROM members WHERE ns = ? AND key = ?", (namespace, k)).rowcount > 0
+                    for k in dict.fromkeys(keys)
+                )
+                if sets:
+                    return sets
             return int(
                 conn.executemany("DELETE FROM blobs WHERE ns = ? AND key = ?", [(namespace, k) for k in keys]).rowcount
             )
@@ -300,6 +317,28 @@ class SqliteStore(Store):
             return free
 
         return bool(self._run(take))
+
+    def add_members(self, namespace: str, members: Mapping[str, Iterable[str]], ttl_s: int) -> None:
+        require_unindexed(namespace)
+        expires = wall_time() + ttl_s
+        rows = [(namespace, key, member, expires) for key, values in members.items() for member in values]
+        if rows:
+            self._run(
+                lambda c: self._transaction(
+                    c,
+                    "INSERT INTO members (ns, key, member, expires_at) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (ns, key, member) DO UPDATE SET expires_at = excluded.expires_at",
+                    rows,
+                )
+            )
+
+    def members(self, namespace: str, key: str) -> set[str]:
+        rows = self._run(
+            lambda c: c.execute(
+                "SELECT member FROM members WHERE ns = ? AND key = ? AND expires_at > ?", (namespace, key, wall_time())
+            ).fetchall()
+        )
+        return {str(row[0]) for row in rows}
 
     def release_lease(self, name: str, holder: str) -> None:
         self._run(lambda c: c.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder)))

@@ -120,18 +120,22 @@ class PrivacyRepository:
 
     # -- recommendation records ---------------------------------------------------------------------
     def recommendation_records(self, visitor_id: str) -> dict[str, dict[str, Any]]:
-        """The visitor's recommendation records by key (a scan: they are kept 7 days)."""
-        marker = visitor_marker(visitor_id)
+        """The visitor's recommendation records by key, found through the visitor's set of record ids (what
+        the recommend service writes with each record): never a scan of the store."""
+        ids = sorted(self.store.members(Namespace.RECOMMENDATIONS_BY_VISITOR, visitor_id))
         found: dict[str, dict[str, Any]] = {}
-        for key, raw in self.store.scan(Namespace.RECOMMENDATIONS):
-            if marker in raw:
+        for key, raw in zip(ids, self.store.get_many(Namespace.RECOMMENDATIONS, ids), strict=True):
+            if raw is not None:
                 record = orjson.loads(raw)
-                if record.get("visitor_id") == visitor_id:
+                if record.get("visitor_id") == visitor_id:  # the exact check: ids are not secrets
                     found[key] = record
         return found
 
-    def delete_recommendation_records(self, keys: Sequence[str]) -> int:
-        return self.store.delete(Namespace.RECOMMENDATIONS, list(keys)) if keys else 0
+    def delete_recommendation_records(self, visitor_id: str, keys: Sequence[str]) -> int:
+        """Delete the records and the visitor's set of record ids."""
+        deleted = self.store.delete(Namespace.RECOMMENDATIONS, list(keys)) if keys else 0
+        self.store.delete(Namespace.RECOMMENDATIONS_BY_VISITOR, [visitor_id])
+        return deleted
 
     # -- the offline history ------------------------------------------------------------------------
     def offline_rows(self, visitor_id: str) -> list[dict[str, Any]]:

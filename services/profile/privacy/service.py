@@ -201,7 +201,7 @@ class PrivacyService:
         receipt.offline_rows, receipt.offline_files_rewritten = repository.delete_offline_rows(visitor_id)
         repository.mark_erased(visitor_id, wall_time())  # batches read from now on hold none of its events
         records = repository.recommendation_records(visitor_id)
-        receipt.recommendation_records = repository.delete_recommendation_records(list(records))
+        receipt.recommendation_records = repository.delete_recommendation_records(visitor_id, list(records))
         for holder in self.holders:
             removed = holder.forget_visitor(visitor_id)
             if isinstance(removed, Mapping):

@@ -3,21 +3,24 @@ erasure and export reach reads back what is kept and deletes exactly the visitor
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-import orjson
 import pytest
+import time_machine
 
 from services.common.consent import Consent, refusing_all
 from services.common.events import Event, envelope
 from services.common.storage import Namespace, PendingEvent
+from services.common.storage.redis_store import RedisStore
 from services.features import schema as F
 from services.profile.privacy.repository import PrivacyRepository
 from services.profile.repository import ProfileRepository
 from services.profile.settings import ProfileSettings
+from services.recommend.repository import RecommendRepository
 from tests.conftest import REDIS_URL
 from tests.factories import BASE_TIME, make_event, make_visitor_state, visitor_row
 
@@ -112,14 +115,39 @@ def test_retention_deletes_hot_entries_by_position(places: Places) -> None:
 
 
 def test_recommendation_records_of_the_visitor_only(places: Places) -> None:
+    """Written as the recommend service writes them (with each visitor's set of record ids), found by that set:
+    another visitor's records, an id whose record expired and a record that names someone else stay out."""
     privacy, store = places.privacy, places.profile.store
+    writer = RecommendRepository(store, places.profile.feature_store)
     records = {"r1": {"visitor_id": "v1"}, "r2": {"visitor_id": "v1-other"}, "r3": {"visitor_id": "v1"}}
-    store.put_many(Namespace.RECOMMENDATIONS, {k: orjson.dumps(v) for k, v in records.items()})
+    assert all(writer.log_events_async([], (k, v, 600)) for k, v in records.items())
+    writer.flush()
+    writer.save_recommendation("r4", {"visitor_id": "v1"}, ttl_s=600)
+    store.add_members(Namespace.RECOMMENDATIONS_BY_VISITOR, {"v1": ["gone", "r2"]}, 600)  # stale or wrong ids
     found = privacy.recommendation_records("v1")
-    assert found == {"r1": records["r1"], "r3": records["r3"]}
-    assert privacy.delete_recommendation_records(list(found)) == 2
-    assert privacy.recommendation_records("v1") == {} and privacy.delete_recommendation_records([]) == 0
+    assert found == {"r1": records["r1"], "r3": records["r3"], "r4": {"visitor_id": "v1"}}
+    assert privacy.delete_recommendation_records("v1", list(found)) == 3
+    assert store.members(Namespace.RECOMMENDATIONS_BY_VISITOR, "v1") == set()
+    assert privacy.recommendation_records("v1") == {} and privacy.delete_recommendation_records("v1", []) == 0
     assert list(privacy.recommendation_records("v1-other")) == ["r2"]
+
+
+def test_member_sets_add_expire_and_delete(places: Places) -> None:
+    store = places.profile.store
+    sets = Namespace.RECOMMENDATIONS_BY_VISITOR
+    store.add_members(sets, {"a": ["x", "y"], "b": ["z"], "empty": []}, 600)
+    store.add_members(sets, {"a": ["y", "w"]}, 600)
+    assert store.members(sets, "a") == {"x", "y", "w"} and store.members(sets, "b") == {"z"}
+    assert store.members(sets, "empty") == set() and store.members(sets, "unknown") == set()
+    assert store.delete(sets, ["a", "unknown"]) == 1
+    assert store.members(sets, "a") == set() and store.members(sets, "b") == {"z"}
+    with pytest.raises(ValueError, match="unindexed"):
+        store.add_members(Namespace.CONSENT, {"a": ["x"]}, 600)  # an indexed namespace's scan reads values
+    if isinstance(store, RedisStore):  # Redis expires the set itself
+        assert 590 <= int(store.client.ttl(store._blob_key(sets, "b"))) <= 600
+    else:
+        with time_machine.travel(time.time() + 601, tick=False):
+            assert store.members(sets, "b") == set()
 
 
 def test_offline_rows_of_the_visitor_and_older_than_a_cutoff_are_removed(places: Places) -> None:
