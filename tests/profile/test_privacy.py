@@ -220,10 +220,10 @@ def test_erasure_and_export_cost_the_visitors_data_not_the_whole_redis(
     pipe.execute()
     with open_shop(tmp_path, redis_server.url) as private:
         seed_other_holders(private)
-        before = client.info("commandstats")
+        before: dict[str, Any] = client.info("commandstats")  # type: ignore[assignment]
         export = private.client.get(f"/v1/profiles/{ERASED}/export", headers=ADMIN)
         receipt = private.client.delete(f"/v1/profiles/{ERASED}", headers=ADMIN)
-        after = client.info("commandstats")
+        after: dict[str, Any] = client.info("commandstats")  # type: ignore[assignment]
     assert export.status_code == 200 and list(export.json()["recommendations"]) == ["rec-erased"]
     assert receipt.status_code == 200 and receipt.json()["recommendation_records"] == 1
     assert receipt.json()["holders"] == {"experiment_state": 2, "experiment_exposures": 1, "message_history": 1}
