@@ -130,3 +130,34 @@ def index_offline(data_dir: DataDir = Path("data")) -> None:
     assert index is not None  # the visitor view keeps one
     read = index.catch_up()
     console.print(f"{read:,} part files of {F.VISITOR_VIEW} indexed (files already indexed are not read again)")
+
+
+def compact(
+    data_dir: DataDir = Path("data"),
+    target_rows: Annotated[
+        int | None,
+        typer.Option(help="Rows per merged file (default PROFILE_COMPACT_TARGET_ROWS).", min=2),
+    ] = None,
+) -> None:
+    """Merge the offline feature history's small part files (one per folded batch) into larger ones: the
+    aggregator does it with every archive run; safe to run next to it, the services and erasures."""
+    use_data_dir(data_dir)
+    from services.profile.compaction import compact_history
+    from services.profile.repository import ProfileRepository
+    from services.profile.settings import ProfileSettings
+
+    settings = ProfileSettings(data_dir=data_dir)
+    repository = ProfileRepository.open(settings)
+    try:
+        with console.status("merging part files ..."):
+            reports = compact_history(repository, settings.offline_dir, target_rows or settings.compact_target_rows)
+    finally:
+        repository.close()
+    table = Table(title=f"offline history in {settings.offline_dir}")
+    for column in ("view", "files before", "merged", "into", "rows moved", "files after", "note"):
+        table.add_column(column, justify="left" if column in ("view", "note") else "right")
+    for report in reports:
+        counts = (report.files_before, report.files_merged, report.files_written, report.rows, report.files_after)
+        note = "readers held the read lock: the rest next run" if report.stopped_busy else ""
+        table.add_row(report.view, *(f"{n:,}" for n in counts), note)
+    console.print(table)

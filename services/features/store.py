@@ -14,6 +14,7 @@ import logging
 import struct
 import sys
 import threading
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -118,14 +119,53 @@ def definitions_fingerprint(feature_repo: Path) -> str:
 
 
 @contextmanager
-def file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path, shared: bool = False) -> Iterator[None]:
+    """An advisory lock across processes (flock): exclusive, or `shared` with other shared holders."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        fcntl.flock(handle, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
+def exclusive_lock_within(path: Path, wait_s: float) -> Iterator[bool]:
+    """The exclusive lock if it can be had within `wait_s` seconds (polled, so a waiting taker never queues
+    behind a long holder while holding other locks); yields whether it was taken."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_s
+    with path.open("a") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(0.05)
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
+def offline_read_lock(offline_dir: Path | None) -> Iterator[None]:
+    """Held (shared) while listing and reading many part files; nothing without an offline folder."""
+    if offline_dir is None:
+        yield
+        return
+    with file_lock(offline_read_lock_path(offline_dir), shared=True):
+        yield
+
+
+def offline_read_lock_path(offline_dir: Path) -> Path:
+    """Readers of many part files (training's point-in-time joins, export) hold this lock shared while they
+    list and read; compaction takes it exclusively to swap files, so no reader opens a file it removed."""
+    return offline_dir / ".read.lock"
 
 
 def open_feature_store(settings: CommonSettings) -> FeatureStore:
@@ -520,7 +560,7 @@ def rewrite_offline_parts(
     """
     changed = 0
     index = offline_index(offline_dir, view)
-    with file_lock(offline_dir / f".{view}.rewrite.lock"):
+    with file_lock(rewrite_lock_path(offline_dir, view)):
         paths = offline_parts(offline_dir, view) if key is None else offline_parts_holding(offline_dir, view, key)
         for path in paths:
             # Each file is read and replaced under the write lock, which the aggregator takes to write a part:
@@ -538,6 +578,11 @@ def rewrite_offline_parts(
                     continue
                 _replace_part(path, table, index)
     return changed
+
+
+def rewrite_lock_path(offline_dir: Path, view: str) -> Path:
+    """The lock rewriters of a view's part files hold (erasure, retention, persona back-fill, compaction)."""
+    return offline_dir / f".{view}.rewrite.lock"
 
 
 def write_lock_path(offline_dir: Path, view: str) -> Path:

@@ -18,6 +18,7 @@ from services.features.aggregations import SegmentRules
 from services.profile.aggregator.archive import PeriodicArchiver
 from services.profile.aggregator.observers import build_batch_observers
 from services.profile.aggregator.worker import Aggregator
+from services.profile.compaction import compact_history
 from services.profile.deps import ProfileState
 from services.profile.endpoints import router
 from services.profile.ingest import IngestService
@@ -75,14 +76,17 @@ def build_state(
 
 
 def periodic_archiver(settings: ProfileSettings, state: ProfileState) -> PeriodicArchiver:
-    """Archives what the state's aggregator folds (the partitions it holds), every archive interval."""
+    """Archives what the state's aggregator folds (the partitions it holds), every archive interval, and
+    compacts the offline feature history (unless PROFILE_COMPACT_TARGET_ROWS is 0)."""
     aggregator = state.aggregator
+    target_rows = settings.compact_target_rows
     return PeriodicArchiver(
         state.repository.store,
         hot_window_s(settings),
         settings.archive_interval_s,
         aggregator.holder,
         aggregator.held_partitions,
+        (lambda: compact_history(state.repository, settings.offline_dir, target_rows)) if target_rows else None,
     )
 
 

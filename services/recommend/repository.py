@@ -7,6 +7,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -31,7 +32,7 @@ from services.common.storage import (
     save_catalog,
 )
 from services.features import schema as F
-from services.features.store import OnlineRowReader, online_rows, open_feature_store
+from services.features.store import OnlineRowReader, offline_read_lock, online_rows, open_feature_store
 from services.recommend.ranking.ranker import ModelMeta
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,10 @@ class ItemGone(LookupError):
 
 
 class RecommendRepository:
-    def __init__(self, store: Store, feature_store: FeatureStore):
+    def __init__(self, store: Store, feature_store: FeatureStore, offline_dir: Path | None = None):
         self.store = store
         self.feature_store = feature_store
+        self.offline_dir = offline_dir  # the offline store's folder: its read lock is held while joining
         self.models = ModelRegistry(store)
         self._visitor_refs = F.visitor_feature_refs()
         self._reader: OnlineRowReader | None = None
@@ -59,7 +61,7 @@ class RecommendRepository:
 
     @classmethod
     def open(cls, settings: CommonSettings) -> RecommendRepository:
-        return cls(open_store(settings), open_feature_store(settings))
+        return cls(open_store(settings), open_feature_store(settings), settings.offline_dir)
 
     def close(self) -> None:
         self._stop.set()
@@ -342,7 +344,9 @@ class RecommendRepository:
         parts = []
         for start in range(0, len(entity_df), chunk):
             part = entity_df.iloc[start : start + chunk]
-            parts.append(self.feature_store.get_historical_features(entity_df=part, features=refs).to_df())
+            # Shared with other readers; compaction waits for it to swap files (one chunk at most).
+            with offline_read_lock(self.offline_dir):
+                parts.append(self.feature_store.get_historical_features(entity_df=part, features=refs).to_df())
         if not parts:
             return entity_df.iloc[0:0]
         return pd.concat(parts, ignore_index=True)

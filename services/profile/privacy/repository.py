@@ -28,7 +28,13 @@ from services.common.settings import CommonSettings
 from services.common.storage import LogEntry, Namespace, Store, open_store
 from services.features import schema as F
 from services.features.aggregations import VisitorState
-from services.features.store import offline_parts_holding, online_rows, rewrite_offline_parts
+from services.features.store import (
+    offline_parts,
+    offline_parts_holding,
+    offline_read_lock,
+    online_rows,
+    rewrite_offline_parts,
+)
 from services.profile.repository import forget_profiles, mark_erased
 
 LOG_SCAN_BATCH = 5000
@@ -142,12 +148,13 @@ class PrivacyRepository:
         """The visitor's rows of the offline history, oldest first: only the part files the index says hold
         the visitor are read."""
         rows: list[dict[str, Any]] = []
-        for path in offline_parts_holding(self.offline_dir, F.VISITOR_VIEW, visitor_id):
-            try:
-                table = pq.read_table(path, filters=[(F.VISITOR_KEY, "=", visitor_id)])
-            except FileNotFoundError:
-                continue  # deleted by an erasure or retention since the index was read: it was left empty
-            rows.extend(table.to_pylist())
+        with offline_read_lock(self.offline_dir):  # compaction swaps no file in between
+            for path in offline_parts_holding(self.offline_dir, F.VISITOR_VIEW, visitor_id):
+                try:
+                    table = pq.read_table(path, filters=[(F.VISITOR_KEY, "=", visitor_id)])
+                except FileNotFoundError:
+                    continue  # deleted by an erasure or retention since the index was read: it was left empty
+                rows.extend(table.to_pylist())
         rows.sort(key=lambda r: r[F.TIMESTAMP_FIELD])
         return rows
 
@@ -160,9 +167,10 @@ class PrivacyRepository:
 
     def count_offline_rows_before(self, cutoff: datetime) -> int:
         count = 0
-        for path in sorted((self.offline_dir / F.VISITOR_VIEW).glob("*.parquet")):
-            stamps = pq.read_table(path, columns=[F.TIMESTAMP_FIELD])[F.TIMESTAMP_FIELD]
-            count += int(pc.sum(pc.less(stamps, pa.scalar(cutoff))).as_py() or 0)
+        with offline_read_lock(self.offline_dir):
+            for path in offline_parts(self.offline_dir, F.VISITOR_VIEW):
+                stamps = pq.read_table(path, columns=[F.TIMESTAMP_FIELD])[F.TIMESTAMP_FIELD]
+                count += int(pc.sum(pc.less(stamps, pa.scalar(cutoff))).as_py() or 0)
         return count
 
     def delete_offline_rows_before(self, cutoff: datetime) -> tuple[int, int]:
