@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 import redis
 from prometheus_client import REGISTRY
+from typer.testing import CliRunner
 
+from services.cli import app as cli_app
 from services.common.errors import StorageUnavailable
 from services.common.settings import CommonSettings
 from services.common.storage import event_dedupe_ttl_s, make_redis_client
@@ -501,6 +503,24 @@ def test_sqlite_indexes_the_records_of_an_older_file_by_visitor(tmp_path: Path) 
     store.close()
     rows = sqlite3.connect(path).execute("SELECT rec_id, visitor_id FROM exp_records ORDER BY rec_id").fetchall()
     assert rows == [("broken", None), ("r-v1%", "v1%"), ("r-v2", "v2")]
+
+
+def test_the_reindex_command_indexes_the_configured_store(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`selaras experiments reindex` reaches the store the services use (REDIS_URL, SELARAS_NAMESPACE)."""
+    namespace = unique_name("es")
+    store = RedisExperimentStore(make_redis_client(REDIS_URL, False, 2.0), namespace)
+    expose_with_record(store, "old@1", "v1", "rec-1")
+    # As an earlier version left it: no experiment ids, no index of the visitor's records.
+    store.client.delete(store.ids_key, "{" + namespace + ":exp:old@1}:vrecs:v1")
+    assert store.visitor_experiments("v1") == []
+    for name, value in {"REDIS_URL": REDIS_URL, "SELARAS_NAMESPACE": namespace}.items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(cli_app, ["experiments", "reindex", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "1 experiments known to erasure and export, 1 exposure records indexed" in " ".join(result.output.split())
+    assert store.erase_visitor("v1") == ErasedVisitor(running_values=1, exposure_records=1)
+    store.close()
+    clean_namespace(REDIS_URL, namespace)
 
 
 def test_sqlite_erasure_and_export_read_no_whole_table(tmp_path: Path) -> None:
