@@ -28,7 +28,8 @@ run_app = typer.Typer(help="Run a background process (the aggregator).", no_args
 admin_app = typer.Typer(help="Operations on the event log (partitions).", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys: create a key and its SELARAS_API_KEYS entry.", no_args_is_help=True)
 experiments_app = typer.Typer(
-    help="The experiments configuration stored for every replica (seeded from experiments.yaml).",
+    help="The experiments configuration stored for every replica (seeded from experiments.yaml), and the store's"
+    " per-visitor index (reindex, after an upgrade).",
     no_args_is_help=True,
 )
 
@@ -80,3 +81,4 @@ keys_app.command("new")(admin.keys_new)
 admin_app.command("repartition")(log_admin.repartition)
 admin_app.command("index-offline")(log_admin.index_offline)
 experiments_app.command("seed")(experiments.seed)
+experiments_app.command("reindex")(experiments.reindex)

@@ -1,4 +1,5 @@
-"""`selaras experiments ...`: the stored experiments configuration (services/experiments/config_store.py)."""
+"""`selaras experiments ...`: the stored experiments configuration (services/experiments/config_store.py) and
+the experiment store's per-visitor index (services/experiments/store/)."""
 
 from __future__ import annotations
 
@@ -47,3 +48,24 @@ def seed(
             f"kept the stored configuration (generation {stored.generation}, {len(stored.config.experiments)} "
             "experiments): pass --force to replace it"
         )
+
+
+def reindex(data_dir: DataDir = Path("data")) -> None:
+    """Index the experiment store's per-visitor data written before the indexes existed (once, after an upgrade).
+
+    Erasure and export look a visitor up in each experiment instead of scanning the store; what an earlier
+    version wrote is found only once indexed. On Redis this walks the whole database (SCAN) once; the SQLite file
+    indexes itself when opened. Safe while the services run, and to run again."""
+    use_data_dir(data_dir)
+    from services.common.settings import CommonSettings
+    from services.experiments.store import open_experiment_store
+
+    store = open_experiment_store(CommonSettings(data_dir=data_dir))
+    try:
+        done = store.reindex()
+    finally:
+        store.close()
+    console.print(
+        f"{done.experiments:,} experiments known to erasure and export, "
+        f"{done.exposure_records:,} exposure records indexed by visitor"
+    )

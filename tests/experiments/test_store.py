@@ -3,25 +3,30 @@ the batch sums of the visitors' final values, whatever the order and repetition 
 
 from __future__ import annotations
 
+import json
 import random
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
+import redis
 from prometheus_client import REGISTRY
+from typer.testing import CliRunner
 
+from services.cli import app as cli_app
 from services.common.errors import StorageUnavailable
 from services.common.settings import CommonSettings
 from services.common.storage import event_dedupe_ttl_s, make_redis_client
 from services.experiments.stats.capping import covariate_histogram_from_values, histogram_from_values
 from services.experiments.stats.intervals import ArmSums
 from services.experiments.store import open_experiment_store
-from services.experiments.store.base import ExperimentStore, ExposureWrite, OutcomeWrite
+from services.experiments.store.base import ErasedVisitor, ExperimentStore, ExposureWrite, OutcomeWrite, Reindexed
 from services.experiments.store.redis_store import RedisExperimentStore
 from services.experiments.store.sqlite_store import SqliteExperimentStore
 from services.experiments.store.sums import count_increments, parse_covariate_histogram, parse_histogram
@@ -248,8 +253,9 @@ def test_a_timed_out_exposure_script_is_counted_once(redis_server: RedisServer) 
     The client must not send it again (a retry after a timeout ran it twice), and an exposure re-sent with the
     same recommendation id (a caller that retries what it saw fail) adds nothing."""
     store = RedisExperimentStore(make_redis_client(redis_server.url, False, 0.2), unique_name("es"))
-    # Connected, and the script loaded (a stalled EVALSHA of an unknown script would only fail with NOSCRIPT).
-    store.record_exposure(ExposureWrite("warm-up@1", "v0", "a", "s", T0, {"all": {"ctr": 1.0}}))
+    # Connected, the script loaded (a stalled EVALSHA of an unknown script would only fail with NOSCRIPT) and the
+    # experiment's id registered (its first exposure in a process adds it to the experiment ids first).
+    store.record_exposure(ExposureWrite(EXP, "v0", "a", "s", T0, {"all": {"ctr": 1.0}}))
     assert redis_server.process is not None
     redis_server.process.send_signal(signal.SIGSTOP)
     try:
@@ -336,3 +342,200 @@ def test_erasure_reaches_every_experiment_and_its_exposure_records(store: Experi
     assert sorted(kept) == sorted(i for i in ids if not i.endswith(f"-{visitor}"))
     assert store.sums(EXP)["a"]["all"]["n"] == 3  # the anonymous sums stay
     assert store.erase_visitor(visitor) == erased.__class__(0, 0)  # idempotent
+
+
+def expose_with_record(store: ExperimentStore, experiment_id: str, visitor: str, recommendation_id: str) -> None:
+    record = {"visitor_id": visitor, "ts": T0, "slots": {"home": ["p1"]}}
+    write = ExposureWrite(experiment_id, visitor, "a", "s", T0, {"all": {"ctr": 1.0}}, recommendation_id, record)
+    assert store.record_exposure(write).status == "ok"
+
+
+def test_erasure_and_export_find_exactly_the_visitors_data_in_every_experiment(store: ExperimentStore) -> None:
+    """Three experiments (one in the registry, one disabled, one removed from the config): the visitor has
+    running values in all three and exposure records in two; others (one whose id extends the visitor's, one
+    with "}:v:" in it) have their own. Export lists exactly the visitor's experiments, erasure removes exactly
+    the visitor's values and records, and everybody else's stay."""
+    visitor, others = "shopper-7", ["shopper-77", "x}:v:shopper-7", "other"]
+    running, disabled, removed = "running@1", "disabled@2", "removed@3"
+    store.publish_registry({"running": {"id": running}})
+    for n in range(3):
+        expose_with_record(store, running, visitor, f"run-{visitor}-{n}")
+    store.record_exposure(ExposureWrite(disabled, visitor, "a", "s", T0, {"all": {"ctr": 1.0}}))
+    expose_with_record(store, removed, visitor, f"rem-{visitor}")
+    for other in others:
+        expose_with_record(store, running, other, f"run-{other}")
+        expose_with_record(store, removed, other, f"rem-{other}")
+    store.record_exposure(ExposureWrite(disabled, "other", "a", "s", T0, {"all": {"ctr": 1.0}}))
+
+    assert store.visitor_experiments(visitor) == [disabled, removed, running]
+    assert store.visitor_experiments("shopper-77") == [removed, running]
+    assert store.visitor_experiments("nobody") == []
+
+    assert store.erase_visitor(visitor) == ErasedVisitor(running_values=3, exposure_records=4)
+    assert store.visitor_experiments(visitor) == []
+    assert store.visitor_heads([running, disabled, removed], [visitor]) == {}
+    everyone = [running, disabled, removed]
+    assert store.visitor_experiments("other") == [disabled, removed, running]
+    assert len(store.visitor_heads(everyone, others)) == 7  # 3 visitors x 2 experiments + "other" in disabled
+    kept_ids = [f"{prefix}-{w}" for prefix in ("run", "rem") for w in others]
+    erased_ids = [f"run-{visitor}-{n}" for n in range(3)] + [f"rem-{visitor}"]
+    found = store.exposure_records(everyone, kept_ids + erased_ids)
+    assert sorted(found) == sorted(kept_ids)
+    assert all(record["visitor_id"] == found_id.split("-", 1)[1] for found_id, (_, record) in found.items())
+    assert store.erase_visitor(visitor) == ErasedVisitor(0, 0)
+    # The visitor exposed again after the erasure is a new visitor, found again.
+    expose_with_record(store, removed, visitor, f"rem-{visitor}-again")
+    assert store.visitor_experiments(visitor) == [removed]
+    assert store.erase_visitor(visitor) == ErasedVisitor(1, 1)
+
+
+def test_an_exposure_record_must_name_the_exposed_visitor(store: ExperimentStore) -> None:
+    """Records are indexed under the exposure's visitor: one naming another visitor would escape that
+    visitor's erasure."""
+    record = {"visitor_id": "someone-else", "ts": T0, "slots": {}}
+    with pytest.raises(ValueError, match="must name the exposed visitor"):
+        store.record_exposure(ExposureWrite(EXP, "v1", "a", "s", T0, {"all": {"ctr": 1.0}}, "rec-1", record))
+    assert store.visitor_experiments("v1") == []
+
+
+def command_calls(client: redis.Redis) -> dict[str, int]:
+    stats = cast(dict[str, dict[str, Any]], client.info("commandstats"))
+    # The measuring itself (CONFIG RESETSTAT, INFO) and connection set-up are not the store's work.
+    skip = {"config|resetstat", "info", "client|setinfo", "hello", "ping"}
+    calls = {name.removeprefix("cmdstat_"): int(row["calls"]) for name, row in stats.items()}
+    return {name: n for name, n in calls.items() if name not in skip}
+
+
+def test_erasure_and_export_cost_what_the_visitor_has_not_what_redis_holds(redis_server: RedisServer) -> None:
+    """On a database of 5,000 unrelated keys and 300 other visitors' exposure records, export and erasure
+    issue no SCAN or KEYS, and exactly the commands the visitor's own data calls for."""
+    client = redis.Redis.from_url(redis_server.url)
+    store = RedisExperimentStore(make_redis_client(redis_server.url, False, 2.0), unique_name("es"))
+    for start in range(0, 5_000, 1_000):
+        client.mset({f"unrelated:{i}": "x" for i in range(start, start + 1_000)})
+    experiments = ["one@1", "two@1", "three@1"]
+    for i in range(300):
+        expose_with_record(store, experiments[i % 3], f"other-{i}", f"rec-other-{i}")
+    for experiment_id in experiments[:2]:
+        expose_with_record(store, experiment_id, "v1", f"rec-{experiment_id}-a")
+        expose_with_record(store, experiment_id, "v1", f"rec-{experiment_id}-b")
+    assert cast(int, client.dbsize()) > 5_900
+
+    client.config_resetstat()
+    assert store.visitor_experiments("v1") == ["one@1", "two@1"]
+    # One SMEMBERS, one EXISTS per experiment.
+    assert command_calls(client) == {"smembers": 1, "exists": 3}
+
+    client.config_resetstat()
+    assert store.erase_visitor("v1") == ErasedVisitor(running_values=2, exposure_records=4)
+    # One SMEMBERS, per experiment a ZRANGE of the visitor's records and a DEL of their values, per record a
+    # DEL and a ZREM: 3 experiments and 4 records.
+    assert command_calls(client) == {"smembers": 1, "zrange": 3, "del": 3 + 4, "zrem": 4}
+    assert store.visitor_experiments("v1") == []
+    assert len(store.visitor_heads(experiments, [f"other-{i}" for i in range(300)])) == 300
+    assert client.get("unrelated:4999") == b"x"
+    store.close()
+    client.close()
+
+
+def test_reindex_finds_what_an_earlier_version_wrote(redis_server: RedisServer) -> None:
+    """An upgraded namespace: running values and records written before the indexes existed (simulated by
+    removing the indexes) are invisible to erasure and export until `reindex` has walked the keyspace once;
+    then they are found exactly, each record under the visitor it names."""
+    namespace = unique_name("es")
+    client = redis.Redis.from_url(redis_server.url)
+    old = RedisExperimentStore(make_redis_client(redis_server.url, False, 2.0), namespace)
+    for experiment_id in ("kept@1", "removed@2"):
+        for visitor in ("v1", "v1*", "v2"):
+            expose_with_record(old, experiment_id, visitor, f"{experiment_id}-{visitor}")
+    old.record_exposure(ExposureWrite("values-only@1", "v1", "a", "s", T0, {"all": {"ctr": 1.0}}))
+    old.close()
+    indexes = list(client.scan_iter(match="{" + namespace + ":exp:*}:vrecs:*"))
+    assert len(indexes) == 6
+    client.delete(f"{namespace}:experiments:ids", *indexes)
+
+    store = RedisExperimentStore(make_redis_client(redis_server.url, False, 2.0), namespace)
+    assert store.visitor_experiments("v1") == []
+    assert store.reindex() == Reindexed(experiments=3, exposure_records=6)
+    # The index outlives the record it lists (read first: both only shrink).
+    index_ttl = cast(int, client.pttl("{" + namespace + ":exp:kept@1}:vrecs:v1"))
+    assert index_ttl >= cast(int, client.pttl("{" + namespace + ":exp:kept@1}:rec:kept@1-v1")) > 0
+    assert store.visitor_experiments("v1") == ["kept@1", "removed@2", "values-only@1"]
+    assert store.erase_visitor("v1") == ErasedVisitor(running_values=3, exposure_records=2)
+    assert sorted(store.exposure_records(["kept@1", "removed@2"], ["kept@1-v1*", "removed@2-v1*", "kept@1-v2"])) == [
+        "kept@1-v1*",
+        "kept@1-v2",
+        "removed@2-v1*",
+    ]
+    # Safe to run again: it lists the 4 records left under the same visitors.
+    assert store.reindex() == Reindexed(experiments=3, exposure_records=4)
+    store.close()
+    client.close()
+
+
+def test_sqlite_indexes_the_records_of_an_older_file_by_visitor(tmp_path: Path) -> None:
+    """A file written before exp_records had its visitor id: opening it adds the column and fills it from the
+    stored records, and a record a process of the previous version writes afterwards (no visitor id) is still
+    erased."""
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "CREATE TABLE exp_records (exp TEXT NOT NULL, rec_id TEXT NOT NULL, data TEXT NOT NULL,"
+        " expires_at REAL NOT NULL, PRIMARY KEY (exp, rec_id))"
+    )
+    old_rows = [("e@1", f"r-{who}", json.dumps({"visitor_id": who}), 9e9) for who in ("v1", "v1%", "v2")]
+    conn.executemany("INSERT INTO exp_records VALUES (?, ?, ?, ?)", [*old_rows, ("e@1", "broken", "{not json", 9e9)])
+    conn.commit()
+    conn.close()
+
+    store = SqliteExperimentStore(path)
+    store.close()
+    store = SqliteExperimentStore(path)  # a second open has nothing left to fill
+    assert store.reindex() == Reindexed(experiments=1, exposure_records=0)
+    late = sqlite3.connect(path)
+    late.execute("INSERT INTO exp_records (exp, rec_id, data, expires_at) VALUES (?, ?, ?, ?)", (
+        "gone@1", "r-late", json.dumps({"visitor_id": "v1"}), 9e9))  # fmt: skip
+    late.commit()
+    late.close()
+    assert store.erase_visitor("v1") == ErasedVisitor(running_values=0, exposure_records=2)
+    kept = store.exposure_records(["e@1", "gone@1"], ["r-v1", "r-v1%", "r-v2", "r-late"])
+    assert sorted(kept) == ["r-v1%", "r-v2"]
+    store.close()
+    rows = sqlite3.connect(path).execute("SELECT rec_id, visitor_id FROM exp_records ORDER BY rec_id").fetchall()
+    assert rows == [("broken", None), ("r-v1%", "v1%"), ("r-v2", "v2")]
+
+
+def test_the_reindex_command_indexes_the_configured_store(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`selaras experiments reindex` reaches the store the services use (REDIS_URL, SELARAS_NAMESPACE)."""
+    namespace = unique_name("es")
+    store = RedisExperimentStore(make_redis_client(REDIS_URL, False, 2.0), namespace)
+    expose_with_record(store, "old@1", "v1", "rec-1")
+    # As an earlier version left it: no experiment ids, no index of the visitor's records.
+    store.client.delete(store.ids_key, "{" + namespace + ":exp:old@1}:vrecs:v1")
+    assert store.visitor_experiments("v1") == []
+    for name, value in {"REDIS_URL": REDIS_URL, "SELARAS_NAMESPACE": namespace}.items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(cli_app, ["experiments", "reindex", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "1 experiments known to erasure and export, 1 exposure records indexed" in " ".join(result.output.split())
+    assert store.erase_visitor("v1") == ErasedVisitor(running_values=1, exposure_records=1)
+    store.close()
+    clean_namespace(REDIS_URL, namespace)
+
+
+def test_sqlite_erasure_and_export_read_no_whole_table(tmp_path: Path) -> None:
+    """Every statement erasure and export run on SQLite is an index search: none reads a whole table."""
+    store = SqliteExperimentStore(tmp_path / "exp.db")
+    for i in range(20):
+        expose_with_record(store, f"e{i % 3}@1", f"v{i % 5}", f"rec-{i}")
+    statements: list[str] = []
+    store._conn.set_trace_callback(statements.append)
+    assert store.visitor_experiments("v1") == ["e0@1", "e1@1", "e2@1"]
+    assert store.erase_visitor("v1") == ErasedVisitor(running_values=3, exposure_records=4)
+    store._conn.set_trace_callback(None)
+    reads = [s for s in statements if s.split()[0] in ("SELECT", "DELETE", "UPDATE")]
+    assert len(reads) == 4
+    for statement in reads:
+        plan = " ".join(row[3] for row in store._conn.execute("EXPLAIN QUERY PLAN " + statement))
+        assert "SCAN" not in plan and "SEARCH" in plan, (statement, plan)
+    store.close()

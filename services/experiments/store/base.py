@@ -74,6 +74,12 @@ class ErasedVisitor:
 
 
 @dataclass(frozen=True)
+class Reindexed:
+    experiments: int  # experiment ids known to erasure and export
+    exposure_records: int  # records added to the index of the visitor they name
+
+
+@dataclass(frozen=True)
 class VisitorHead:
     arm: str
     first: float
@@ -123,13 +129,24 @@ def value_args(values: Mapping[str, float]) -> list[tuple[str, str, float]]:
     return entries
 
 
-def names_visitor(raw: str | bytes, visitor_id: str) -> bool:
-    """Whether an exposure record (JSON) is the visitor's: the parsed visitor id, not a substring."""
+def check_record(write: ExposureWrite) -> None:
+    """An exposure record is indexed under the exposure's visitor (for erasure and export): it must not name
+    another one."""
+    named = (write.record or {}).get("visitor_id", write.visitor_id)
+    if named != write.visitor_id:
+        raise ValueError("an exposure record must name the exposed visitor")
+
+
+def record_visitor(raw: str | bytes | None) -> str | None:
+    """The visitor an exposure record (JSON) names: its parsed visitor id, or None."""
+    if raw is None:
+        return None
     try:
         record = json.loads(raw)
     except ValueError:
-        return False
-    return isinstance(record, dict) and record.get("visitor_id") == visitor_id
+        return None
+    visitor_id = record.get("visitor_id") if isinstance(record, dict) else None
+    return visitor_id if isinstance(visitor_id, str) else None
 
 
 class ExperimentStore(ABC):
@@ -180,8 +197,14 @@ class ExperimentStore(ABC):
     @abstractmethod
     def erase_visitor(self, visitor_id: str) -> ErasedVisitor:
         """Erasure in every experiment the store holds (running, disabled or removed from the config): the
-        visitor's running values and the exposure records that name them (matched on the parsed record's
-        visitor id, exactly). The anonymous sums stay."""
+        visitor's running values and the exposure records that name them. Found through per-visitor indexes
+        (exact: the visitor id of the exposure, which its record names), at the cost of what the visitor has,
+        not of what the store holds. The anonymous sums stay."""
+
+    @abstractmethod
+    def reindex(self) -> Reindexed:
+        """Index what a store written before the per-visitor indexes holds, so erasure and export find it.
+        Reads everything once: a maintenance step after an upgrade (`selaras experiments reindex`)."""
 
     @abstractmethod
     def close(self) -> None: ...

@@ -2,12 +2,21 @@
 
 Redis keys of one experiment share the hash tag `{<namespace>:exp:<experiment id>}`, so each script's keys
 live in one Redis Cluster slot.
+
+Erasure and export find a visitor's data without walking the keyspace: `<namespace>:experiments:ids` holds the
+id of every experiment ever exposed (running, disabled or removed from the config), and in each experiment the
+visitor's running values are `{...}:v:<visitor>` and the visitor's exposure records are listed in
+`{...}:vrecs:<visitor>` (written by the exposure script with the record). Both are exact by construction: a
+visitor id is only ever a key suffix, never a pattern. Data written before these indexes existed is indexed once
+by `reindex()` (`selaras experiments reindex`), the only place that SCANs.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
@@ -23,12 +32,14 @@ from services.experiments.store.base import (
     ExperimentStore,
     ExposureWrite,
     OutcomeWrite,
+    Reindexed,
     VisitorHead,
+    check_record,
     clean_label,
     covariate_args,
     day_of,
     denominator_args,
-    names_visitor,
+    record_visitor,
     value_args,
 )
 from services.experiments.store.sums import METRICS
@@ -59,10 +70,10 @@ local function covariate(visitor, metric)
 end
 """.replace("__METRICS__", ", ".join(f"'{m}'" for m in METRICS))
 
-# KEYS: visitor, sums, days, record, then (with a recommendation id) the recommendation's "exposed" marker.
-# ARGV: arm, segment, ts, day, record json ('' = none), record ttl, visitor ttl, entry count, then (group,
-# metric, dy) triples, then a covariate count and (metric, value) pairs. The segment and the covariates are
-# frozen at first exposure.
+# KEYS: visitor, sums, days, record, the visitor's record index, then (with a recommendation id) the
+# recommendation's "exposed" marker. ARGV: arm, segment, ts, day, record json ('' = none), record ttl, visitor
+# ttl, recommendation id, entry count, then (group, metric, dy) triples, then a covariate count and (metric,
+# value) pairs. The segment and the covariates are frozen at first exposure.
 _EXPOSURE_SCRIPT = (
     _LUA_COMMON
     + """
@@ -70,12 +81,12 @@ local visitor = KEYS[1]
 local arm, seg, ts, day = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local current = redis.call('HGET', visitor, 'arm')
 if current and current ~= arm then return {'arm_conflict', current} end
--- KEYS[5] (with a recommendation id): one exposure per recommendation, so a re-sent script adds nothing.
-if KEYS[5] and not redis.call('SET', KEYS[5], '1', 'NX', 'EX', tonumber(ARGV[6])) then return {'duplicate', arm} end
-local count = tonumber(ARGV[8])
+-- KEYS[6] (with a recommendation id): one exposure per recommendation, so a re-sent script adds nothing.
+if KEYS[6] and not redis.call('SET', KEYS[6], '1', 'NX', 'EX', tonumber(ARGV[6])) then return {'duplicate', arm} end
+local count = tonumber(ARGV[9])
 if not current then
   redis.call('HSET', visitor, 'arm', arm, 'seg', seg, 'first', ARGV[3], 'last', ARGV[3])
-  local base = 9 + 3 * count
+  local base = 10 + 3 * count
   for i = 0, tonumber(ARGV[base]) - 1 do
     redis.call('HSET', visitor, 'cov|' .. ARGV[base + 1 + 2 * i], ARGV[base + 2 + 2 * i])
   end
@@ -103,7 +114,7 @@ end
 enter('all')
 enter(segment)
 for i = 0, count - 1 do
-  local group, metric, dy = ARGV[9 + 3 * i], ARGV[10 + 3 * i], tonumber(ARGV[11 + 3 * i])
+  local group, metric, dy = ARGV[10 + 3 * i], ARGV[11 + 3 * i], tonumber(ARGV[12 + 3 * i])
   local groups = {group}
   if group == 'all' then groups = {'all', segment} else enter(group) end
   if dy > 0 then
@@ -123,7 +134,16 @@ for i = 0, count - 1 do
     end
   end
 end
-if ARGV[5] ~= '' then redis.call('SET', KEYS[4], ARGV[5], 'EX', tonumber(ARGV[6])) end
+if ARGV[5] ~= '' then
+  local ttl = tonumber(ARGV[6])
+  redis.call('SET', KEYS[4], ARGV[5], 'EX', ttl)
+  -- KEYS[5], the visitor's records (recommendation id -> when the record expires, Redis clock), so erasure finds
+  -- them without a scan. Entries of expired records go here; the index outlives its longest-lived record.
+  local now = tonumber(redis.call('TIME')[1])
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+  redis.call('ZADD', KEYS[5], now + ttl + 1, ARGV[8])
+  if redis.call('TTL', KEYS[5]) < ttl then redis.call('EXPIRE', KEYS[5], ttl) end
+end
 redis.call('EXPIRE', visitor, tonumber(ARGV[7]))
 local result = {'ok', arm}
 for i = 1, #out do result[#result + 1] = out[i] end
@@ -236,6 +256,13 @@ def _applied(result: Sequence[Any]) -> Applied:
     return Applied(status, arm, increments)
 
 
+@dataclass(frozen=True)
+class _Parsed:
+    experiment_id: str
+    kind: str  # "v" (running values), "rec" (an exposure record), "sums", "vrecs", ...
+    rest: str  # the visitor id of "v", the recommendation id of "rec"
+
+
 def _glob_escape(text: str) -> str:
     """`text` matched literally by a Redis SCAN pattern."""
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
@@ -253,6 +280,10 @@ class RedisExperimentStore(ExperimentStore):
         self.ns = namespace
         self.dedupe_ttl_s = dedupe_ttl_s  # how long a counted outcome event's id is remembered
         self.registry_key = f"{namespace}:experiments:registry"
+        # Every experiment ever exposed, for erasure and export. Another slot than the experiment's keys (in a
+        # cluster), so added outside the exposure script, before it; once per experiment per store instance.
+        self.ids_key = f"{namespace}:experiments:ids"
+        self._known_ids: set[str] = set()
         # RedisCluster has the same register_script; the stubs only declare it on Redis.
         scripts = cast(redis.Redis, client)
         self._exposure = scripts.register_script(_EXPOSURE_SCRIPT)
@@ -265,6 +296,14 @@ class RedisExperimentStore(ExperimentStore):
         tag = self._tag(experiment_id)
         return [f"{tag}:v:{visitor_id}", f"{tag}:sums", f"{tag}:days"]
 
+    def _records_index(self, experiment_id: str, visitor_id: str) -> str:
+        """The visitor's exposure records in the experiment: a sorted set of recommendation ids scored by when
+        the record expires (Redis clock)."""
+        return f"{self._tag(experiment_id)}:vrecs:{visitor_id}"
+
+    def _record_key(self, experiment_id: str, recommendation_id: str) -> str:
+        return f"{self._tag(experiment_id)}:rec:{recommendation_id}"
+
     def _call(self, fn: Any) -> Any:
         try:
             return fn()
@@ -273,8 +312,13 @@ class RedisExperimentStore(ExperimentStore):
 
     def record_exposure(self, write: ExposureWrite) -> Applied:
         entries = denominator_args(write.denominators)
+        check_record(write)
         tag = self._tag(write.experiment_id)
-        keys = [*self._keys(write.experiment_id, write.visitor_id), f"{tag}:rec:{write.recommendation_id or ''}"]
+        keys = [
+            *self._keys(write.experiment_id, write.visitor_id),
+            self._record_key(write.experiment_id, write.recommendation_id or ""),
+            self._records_index(write.experiment_id, write.visitor_id),
+        ]
         if write.recommendation_id:
             keys.append(f"{tag}:exposed:{write.recommendation_id}")
         record = json.dumps(write.record, separators=(",", ":")) if write.record and write.recommendation_id else ""
@@ -286,6 +330,7 @@ class RedisExperimentStore(ExperimentStore):
             record,
             write.record_ttl_s,
             VISITOR_TTL_S,
+            write.recommendation_id or "",
             len(entries),
         ]
         for entry in entries:
@@ -294,6 +339,10 @@ class RedisExperimentStore(ExperimentStore):
         args.append(len(covariates))
         for metric, value in covariates:
             args.extend((metric, repr(value)))
+        if write.experiment_id not in self._known_ids:
+            # Before the script: whatever it writes is then in an experiment erasure and export visit.
+            self._call(lambda: self.client.sadd(self.ids_key, write.experiment_id))
+            self._known_ids.add(write.experiment_id)
         result = self._call(lambda: self._exposure(keys=keys, args=args))
         return _applied(cast(list[Any], result))
 
@@ -337,7 +386,7 @@ class RedisExperimentStore(ExperimentStore):
         def run() -> list[Any]:
             pipe = self.client.pipeline(transaction=False)
             for experiment_id, recommendation_id in pairs:
-                pipe.get(f"{self._tag(experiment_id)}:rec:{recommendation_id}")
+                pipe.get(self._record_key(experiment_id, recommendation_id))
             return cast(list[Any], pipe.execute())
 
         found: dict[str, tuple[str, dict[str, Any]]] = {}
@@ -390,43 +439,108 @@ class RedisExperimentStore(ExperimentStore):
         return {k.decode(): json.loads(v) for k, v in raw.items()}
 
     def forget_visitor(self, experiment_ids: Sequence[str], visitor_id: str) -> int:
-        return sum(
-            int(self._call(lambda e=e: self.client.delete(self._keys(e, visitor_id)[0]))) for e in experiment_ids
-        )
+        keys = [self._keys(e, visitor_id)[0] for e in dict.fromkeys(experiment_ids)]
+        # One key per DEL: in a cluster the keys live in different slots.
+        return sum(int(n) for n in self._pipelined(lambda pipe: [pipe.delete(k) for k in keys]))
 
-    def _scan(self, pattern: str) -> list[str]:
-        return cast(
-            list[str], self._call(lambda: [_decode(k) for k in self.client.scan_iter(match=pattern, count=1000)])
-        )
+    def _pipelined(self, queue: Any) -> list[Any]:
+        """Run the commands `queue(pipe)` adds in one round trip (per node in a cluster)."""
 
-    def _visitor_value_keys(self, visitor_id: str) -> list[str]:
-        """The visitor's running-value keys in every experiment. Export and erasure are rare: a SCAN over the
-        experiment keys is acceptable. The pattern narrows the scan; the exact check decides (a visitor id may
-        contain glob characters or "}:v:")."""
-        prefix = "{" + self.ns + ":exp:"
-        return [
-            key
-            for key in self._scan(_glob_escape(prefix) + "*" + _glob_escape("}:v:" + visitor_id))
-            if key[len(prefix) :].split("}:v:", 1)[-1] == visitor_id
-        ]
+        def run() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            queue(pipe)
+            return cast(list[Any], pipe.execute())
+
+        return cast(list[Any], self._call(run))
+
+    def _experiment_ids(self) -> list[str]:
+        return sorted(_decode(e) for e in self._call(lambda: self.client.smembers(self.ids_key)))
 
     def visitor_experiments(self, visitor_id: str) -> list[str]:
-        prefix = "{" + self.ns + ":exp:"
-        return sorted({key[len(prefix) :].split("}:v:", 1)[0] for key in self._visitor_value_keys(visitor_id)})
+        experiments = self._experiment_ids()
+        found = self._pipelined(lambda pipe: [pipe.exists(self._keys(e, visitor_id)[0]) for e in experiments])
+        return [e for e, exists in zip(experiments, found, strict=True) if exists]
 
     def erase_visitor(self, visitor_id: str) -> ErasedVisitor:
+        """One SMEMBERS, then per experiment the visitor's index, then one DEL per running-values key and per
+        record: the cost of what the visitor has, whatever else the database holds."""
+        experiments = self._experiment_ids()
+        indexes = [self._records_index(e, visitor_id) for e in experiments]
+        listed = self._pipelined(lambda pipe: [pipe.zrange(index, 0, -1) for index in indexes])
+        records = [
+            (index, member, self._record_key(e, _decode(member)))
+            for e, index, members in zip(experiments, indexes, listed, strict=True)
+            for member in members
+        ]
+
+        def queue(pipe: Any) -> None:
+            for experiment_id in experiments:
+                pipe.delete(self._keys(experiment_id, visitor_id)[0])
+            for _, _, key in records:
+                pipe.delete(key)
+            # The members read, not the whole index: a record an exposure adds meanwhile stays listed.
+            for index, member, _ in records:
+                pipe.zrem(index, member)
+
+        deleted = self._pipelined(queue)
+        values = sum(int(n) for n in deleted[: len(experiments)])
+        deleted_records = sum(int(n) for n in deleted[len(experiments) : len(experiments) + len(records)])
+        return ErasedVisitor(values, deleted_records)
+
+    def _scan_experiment_keys(self) -> list[_Parsed]:
+        """Every key of the namespace's experiments, parsed: a SCAN of the whole database (reindex only)."""
         prefix = "{" + self.ns + ":exp:"
-        values = self._visitor_value_keys(visitor_id)
-        records = self._scan(_glob_escape(prefix) + "*}:rec:*")
-        doomed: list[str] = []
+
+        def run() -> list[str]:
+            return [_decode(k) for k in self.client.scan_iter(match=_glob_escape(prefix) + "*", count=1000)]
+
+        parsed: list[_Parsed] = []
+        for key in cast(list[str], self._call(run)):
+            # "<experiment id>}:<kind>:<rest>"; experiment ids hold no "}:" (the hash tag ends at the first "}").
+            experiment_id, found, tail = key[len(prefix) :].partition("}:")
+            if found:
+                kind, _, rest = tail.partition(":")
+                parsed.append(_Parsed(experiment_id, kind, rest))
+        return parsed
+
+    def reindex(self) -> Reindexed:
+        """Index what was written before the per-visitor indexes existed: add every experiment holding keys to
+        the experiment ids, and every exposure record to the index of the visitor it names (the parsed record's
+        visitor id, exactly). Walks the whole keyspace once (SCAN): run it once per namespace after the upgrade
+        (`selaras experiments reindex`), not per request. Safe while the services run, and to run again."""
+        parsed = self._scan_experiment_keys()
+        experiments = sorted({p.experiment_id for p in parsed})
+        if experiments:
+            self._call(lambda: self.client.sadd(self.ids_key, *experiments))
+        records = [p for p in parsed if p.kind == "rec"]
+        indexed = 0
         for start in range(0, len(records), 500):
             chunk = records[start : start + 500]
-            raws = self._call(lambda chunk=chunk: [self.client.get(k) for k in chunk])
-            doomed.extend(k for k, raw in zip(chunk, raws, strict=True) if raw and names_visitor(raw, visitor_id))
-        # One key per call: in a cluster the keys live in different slots.
-        deleted_values = sum(int(self._call(lambda k=k: self.client.delete(k))) for k in values)
-        deleted_records = sum(int(self._call(lambda k=k: self.client.delete(k))) for k in doomed)
-        return ErasedVisitor(deleted_values, deleted_records)
+
+            def read(pipe: Any, chunk: list[_Parsed] = chunk) -> None:
+                for p in chunk:
+                    pipe.get(self._record_key(p.experiment_id, p.rest))
+                    pipe.pttl(self._record_key(p.experiment_id, p.rest))
+
+            now = int(cast(tuple[int, int], self._call(lambda: self.client.time()))[0])
+            found = self._pipelined(read)
+            # index key -> (recommendation id -> score), and the longest record TTL it must outlive.
+            entries: dict[str, dict[str, float]] = {}
+            ttls: dict[str, int] = {}
+            for p, raw, pttl in zip(chunk, found[0::2], found[1::2], strict=True):
+                visitor_id = record_visitor(raw)
+                if visitor_id is None or int(pttl) == -2:
+                    continue
+                ttl = VISITOR_TTL_S if int(pttl) < 0 else math.ceil(int(pttl) / 1000)
+                index = self._records_index(p.experiment_id, visitor_id)
+                entries.setdefault(index, {})[p.rest] = float(now + ttl + 1)
+                ttls[index] = max(ttls.get(index, 0), ttl)
+            self._pipelined(lambda pipe, entries=entries: [pipe.zadd(k, m) for k, m in entries.items()])
+            current = self._pipelined(lambda pipe, entries=entries: [pipe.ttl(k) for k in entries])
+            longer = [(k, ttls[k]) for k, t in zip(entries, current, strict=True) if int(t) < ttls[k]]
+            self._pipelined(lambda pipe, longer=longer: [pipe.expire(k, ttl) for k, ttl in longer])
+            indexed += sum(len(m) for m in entries.values())
+        return Reindexed(len(experiments), indexed)
 
     def close(self) -> None:
         self.client.close()

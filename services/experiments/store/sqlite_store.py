@@ -20,12 +20,14 @@ from services.experiments.store.base import (
     ExperimentStore,
     ExposureWrite,
     OutcomeWrite,
+    Reindexed,
     VisitorHead,
+    check_record,
     clean_label,
     covariate_args,
     day_of,
     denominator_args,
-    names_visitor,
+    record_visitor,
     value_args,
 )
 from services.experiments.store.sums import ALL, METRICS, histogram_increments
@@ -42,11 +44,16 @@ CREATE TABLE IF NOT EXISTS exp_days (exp TEXT NOT NULL, name TEXT NOT NULL, valu
 CREATE TABLE IF NOT EXISTS exp_visitors (exp TEXT NOT NULL, visitor_id TEXT NOT NULL, data TEXT NOT NULL,
     expires_at REAL NOT NULL, PRIMARY KEY (exp, visitor_id));
 CREATE TABLE IF NOT EXISTS exp_records (exp TEXT NOT NULL, rec_id TEXT NOT NULL, data TEXT NOT NULL,
-    expires_at REAL NOT NULL, PRIMARY KEY (exp, rec_id));
+    expires_at REAL NOT NULL, visitor_id TEXT, PRIMARY KEY (exp, rec_id));
 CREATE TABLE IF NOT EXISTS exp_seen (exp TEXT NOT NULL, event_id TEXT NOT NULL, expires_at REAL NOT NULL,
     PRIMARY KEY (exp, event_id));
 CREATE TABLE IF NOT EXISTS exp_registry (key TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS exp_visitors_visitor ON exp_visitors (visitor_id);
 """
+
+# Files written before exp_records had its visitor id: the column is added by _index_records (the index on it
+# is created there too, after the column exists).
+_RECORDS_INDEX = "CREATE INDEX IF NOT EXISTS exp_records_visitor ON exp_records (visitor_id)"
 
 
 class _Tx:
@@ -70,6 +77,33 @@ class SqliteExperimentStore(ExperimentStore):
         self._conn = connect_sqlite(Path(path), _SCHEMA)
         self.dedupe_ttl_s = dedupe_ttl_s  # how long a counted outcome event's id is remembered
         self._lock = threading.Lock()
+        # One transaction, so processes opening the file together add the column once.
+        self._transaction(self._index_records)
+
+    @staticmethod
+    def _index_records(conn: sqlite3.Connection) -> int:
+        """Give every exposure record the visitor id it names (the column and its index added to older files),
+        so erasure deletes by visitor id. Reads only rows without one: once after an upgrade, then nothing."""
+        if "visitor_id" not in {row[1] for row in conn.execute("PRAGMA table_info(exp_records)")}:
+            conn.execute("ALTER TABLE exp_records ADD COLUMN visitor_id TEXT")
+        conn.execute(_RECORDS_INDEX)
+        rows = conn.execute("SELECT exp, rec_id, data FROM exp_records WHERE visitor_id IS NULL").fetchall()
+        named = [(visitor_id, exp, rec_id) for exp, rec_id, data in rows if (visitor_id := record_visitor(data))]
+        conn.executemany("UPDATE exp_records SET visitor_id = ? WHERE exp = ? AND rec_id = ?", named)
+        return len(named)
+
+    def reindex(self) -> Reindexed:
+        """What opening the file does (records a process of the previous version writes afterwards are matched
+        by erase_visitor), with the number of experiments, which reads both tables."""
+
+        def run(conn: sqlite3.Connection) -> Reindexed:
+            indexed = self._index_records(conn)
+            experiments = conn.execute(
+                "SELECT COUNT(*) FROM (SELECT exp FROM exp_visitors UNION SELECT exp FROM exp_records)"
+            ).fetchone()[0]
+            return Reindexed(int(experiments), indexed)
+
+        return cast(Reindexed, self._transaction(run))
 
     def _transaction(self, fn: Any) -> Any:
         try:
@@ -118,6 +152,7 @@ class SqliteExperimentStore(ExperimentStore):
 
     def record_exposure(self, write: ExposureWrite) -> Applied:
         entries = denominator_args(write.denominators)
+        check_record(write)
         covariates = covariate_args(write.covariates)
 
         def run(conn: sqlite3.Connection) -> Applied:
@@ -185,8 +220,15 @@ class SqliteExperimentStore(ExperimentStore):
             )
             if write.record and write.recommendation_id:
                 conn.execute(
-                    "INSERT OR REPLACE INTO exp_records (exp, rec_id, data, expires_at) VALUES (?, ?, ?, ?)",
-                    (write.experiment_id, write.recommendation_id, json.dumps(write.record), now + write.record_ttl_s),
+                    "INSERT OR REPLACE INTO exp_records (exp, rec_id, data, expires_at, visitor_id)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (
+                        write.experiment_id,
+                        write.recommendation_id,
+                        json.dumps(write.record),
+                        now + write.record_ttl_s,
+                        write.visitor_id,
+                    ),
                 )
             self._flush(conn, write.experiment_id, tx)
             return Applied("ok", write.arm, tx.out)
@@ -336,10 +378,13 @@ class SqliteExperimentStore(ExperimentStore):
     def erase_visitor(self, visitor_id: str) -> ErasedVisitor:
         def run(conn: sqlite3.Connection) -> ErasedVisitor:
             values = conn.execute("DELETE FROM exp_visitors WHERE visitor_id = ?", (visitor_id,)).rowcount
-            rows = conn.execute("SELECT exp, rec_id, data FROM exp_records").fetchall()
-            doomed = [(exp, rec_id) for exp, rec_id, data in rows if names_visitor(data, visitor_id)]
+            records = conn.execute("DELETE FROM exp_records WHERE visitor_id = ?", (visitor_id,)).rowcount
+            # Rows without a visitor id: written by a process of the previous version since this file was
+            # opened (a rolling upgrade), matched on the record they hold. None once every process is upgraded.
+            rows = conn.execute("SELECT exp, rec_id, data FROM exp_records WHERE visitor_id IS NULL").fetchall()
+            doomed = [(exp, rec_id) for exp, rec_id, data in rows if record_visitor(data) == visitor_id]
             conn.executemany("DELETE FROM exp_records WHERE exp = ? AND rec_id = ?", doomed)
-            return ErasedVisitor(int(values), len(doomed))
+            return ErasedVisitor(int(values), int(records) + len(doomed))
 
         return cast(ErasedVisitor, self._transaction(run))
 
