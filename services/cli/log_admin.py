@@ -161,3 +161,22 @@ def compact(
         note = "readers held the read lock: the rest next run" if report.stopped_busy else ""
         table.add_row(report.view, *(f"{n:,}" for n in counts), note)
     console.print(table)
+
+
+def index_recommendations(data_dir: DataDir = Path("data")) -> None:
+    """Index the stored recommendation records by visitor (once after an upgrade): erasure and export find a
+    visitor's records through that index, and records written by an earlier version are not in it. Reads every
+    record once (on Redis a SCAN of the database); safe while the services run, and to run again."""
+    use_data_dir(data_dir)
+    from services.common.storage import open_store
+    from services.profile.privacy.repository import index_recommendation_records
+    from services.recommend.settings import RecommendSettings
+
+    settings = RecommendSettings(data_dir=data_dir)
+    store = open_store(settings)
+    try:
+        with console.status("reading the recommendation records ..."):
+            indexed = index_recommendation_records(store, settings.recommendation_ttl_s)
+    finally:
+        store.close()
+    console.print(f"{indexed:,} recommendation records indexed by visitor")

@@ -264,3 +264,16 @@ class MessageHistoryHolder:
             "sends": [{"send_at": s[0], "channel": s[1], "message": s[2]} for s in data.get("s", [])],
             "last_sent": data.get("t", {}),
         }
+
+
+def index_recommendation_records(store: Store, ttl_s: int) -> int:
+    """Add every stored recommendation record to its visitor's set of record ids: records written before the
+    sets existed (an upgrade). Reads the whole namespace (on Redis a SCAN of the database): once, by `selaras
+    admin index-recommendations`, never per request. `ttl_s`: the records' lifetime (the sets outlive them)."""
+    by_visitor: dict[str, list[str]] = {}
+    for key, raw in store.scan(Namespace.RECOMMENDATIONS):
+        visitor_id = orjson.loads(raw).get("visitor_id")
+        if isinstance(visitor_id, str):
+            by_visitor.setdefault(visitor_id, []).append(key)
+    store.add_members(Namespace.RECOMMENDATIONS_BY_VISITOR, by_visitor, ttl_s)
+    return sum(len(ids) for ids in by_visitor.values())

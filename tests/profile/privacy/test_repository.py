@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
 
+import orjson
 import pytest
 import time_machine
 
@@ -17,7 +18,7 @@ from services.common.events import Event, envelope
 from services.common.storage import Namespace, PendingEvent
 from services.common.storage.redis_store import RedisStore
 from services.features import schema as F
-from services.profile.privacy.repository import PrivacyRepository
+from services.profile.privacy.repository import PrivacyRepository, index_recommendation_records
 from services.profile.repository import ProfileRepository
 from services.profile.settings import ProfileSettings
 from services.recommend.repository import RecommendRepository
@@ -132,6 +133,19 @@ def test_recommendation_records_of_the_visitor_only(places: Places) -> None:
     assert list(privacy.recommendation_records("v1-other")) == ["r2"]
 
 
+def test_records_of_an_earlier_version_are_indexed_once_by_the_admin_command(places: Places) -> None:
+    """Records written before the per-visitor sets existed (plain puts) are found after the index command."""
+    privacy, store = places.privacy, places.profile.store
+    old = {"o1": {"visitor_id": "v1"}, "o2": {"visitor_id": "v2"}, "o3": {"no_visitor": True}}
+    store.put_many(Namespace.RECOMMENDATIONS, {k: orjson.dumps(v) for k, v in old.items()}, 600)
+    assert privacy.recommendation_records("v1") == {}  # not in the index yet
+    assert index_recommendation_records(store, 600) == 2
+    assert privacy.recommendation_records("v1") == {"o1": old["o1"]}
+    assert privacy.recommendation_records("v2") == {"o2": old["o2"]}
+    assert index_recommendation_records(store, 600) == 2  # again: nothing twice
+    assert store.members(Namespace.RECOMMENDATIONS_BY_VISITOR, "v1") == {"o1"}
+
+
 def test_member_sets_add_expire_and_delete(places: Places) -> None:
     store = places.profile.store
     sets = Namespace.RECOMMENDATIONS_BY_VISITOR
@@ -164,3 +178,21 @@ def test_offline_rows_of_the_visitor_and_older_than_a_cutoff_are_removed(places:
     assert privacy.count_offline_rows_before(days[2]) == 2
     assert privacy.delete_offline_rows_before(days[2]) == (2, 1)
     assert [r[F.TIMESTAMP_FIELD] for r in privacy.offline_rows("v2")] == days[2:]
+
+
+def test_the_admin_command_indexes_recommendation_records(settings_factory: Callable[..., Any]) -> None:
+    from typer.testing import CliRunner
+
+    from services.cli import app
+
+    settings: ProfileSettings = settings_factory(ProfileSettings, redis_url=None)
+    profile = ProfileRepository.open(settings)
+    try:
+        profile.store.put(Namespace.RECOMMENDATIONS, "old", orjson.dumps({"visitor_id": "v1"}), 600)
+        result = CliRunner().invoke(app, ["admin", "index-recommendations", "--data-dir", str(settings.data_dir)])
+        assert result.exit_code == 0, result.output
+        assert "1 recommendation records indexed" in result.output
+        privacy = PrivacyRepository(profile.store, profile.feature_store, settings.offline_dir)
+        assert privacy.recommendation_records("v1") == {"old": {"visitor_id": "v1"}}
+    finally:
+        profile.close()
