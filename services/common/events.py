@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated
+from functools import cached_property
+from typing import Annotated, Any, Self
 
 import orjson
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -121,10 +123,16 @@ class Event(BaseModel):
                 raise ValueError(f"properties.{key} is longer than 512 characters")
         return self
 
-    @property
+    @cached_property
     def ts(self) -> float:
-        """Unix seconds: aggregations work on floats, not datetimes."""
+        """Unix seconds: aggregations work on floats, not datetimes. Cached: a fold reads it ~8 times per event,
+        and `datetime.timestamp` was 4% of a fold. The model is frozen, so only `model_copy` can change the time."""
         return self.timestamp.timestamp()
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        copied = super().model_copy(update=update, deep=deep)
+        copied.__dict__.pop("ts", None)  # the original's cached time: an update may have moved the timestamp
+        return copied
 
 
 def future_timestamp_error(event: Event, now: float, max_skew_s: float) -> str | None:
