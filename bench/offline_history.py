@@ -25,13 +25,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pandas as pd
 import pyarrow.parquet as pq
 
 from services.features import schema as F
 from services.features.aggregations import SegmentRules, VisitorState, visitor_features
+from services.features.compaction import compact_view
 from services.profile.privacy.repository import PrivacyRepository
 from services.profile.repository import ProfileRepository
 from services.profile.settings import ProfileSettings
+from services.recommend.repository import RecommendRepository
 
 T = TypeVar("T")
 START = datetime(2026, 11, 1, tzinfo=UTC)
@@ -125,9 +128,53 @@ def run(
                     "files_read": files,
                     "rows": len(found),
                 }
+            results["compaction"] = compaction(settings.offline_dir.resolve(), privacy, probe_ids[:probes], profile)
         finally:
             profile.close()
     return results
+
+
+def point_in_time_join(profile: ProfileRepository, offline_dir: Path, probes: int = 2000) -> float:
+    """Seconds of one Feast point-in-time join (DuckDB over the part files) for `probes` visitor rows."""
+    frame = pd.DataFrame(
+        {
+            F.VISITOR_KEY: [f"v{n}" for n in range(probes)],
+            "event_timestamp": [START + timedelta(days=3)] * probes,
+        }
+    )
+    recommend = RecommendRepository(profile.store, profile.feature_store, offline_dir)
+    started = time.perf_counter()
+    recommend._historical(frame, F.visitor_feature_refs(), 100_000)
+    return time.perf_counter() - started
+
+
+def compaction(
+    offline_dir: Path, privacy: PrivacyRepository, probes: list[str], profile: ProfileRepository
+) -> dict[str, Any]:
+    """The history compacted (every file settled: no batch is in flight here): how long it takes, and the
+    training join and exports before and after."""
+    join_before = point_in_time_join(profile, offline_dir)
+    started = time.perf_counter()
+    report = compact_view(offline_dir, F.VISITOR_VIEW, lambda name: True)
+    seconds = time.perf_counter() - started
+    exports = []
+    for probe in probes:
+        found, export_s, files = counting_reads(partial(privacy.offline_rows, probe))
+        exports.append({"ms": round(1000 * export_s, 1), "files_read": files, "rows": len(found)})
+    erasures = []
+    for visitor in ("v17", "v4242"):  # random visitors, in the merged files now
+        (_, rewritten), erase_s, files = counting_reads(partial(privacy.delete_offline_rows, visitor))
+        erasures.append({"ms": round(1000 * erase_s, 1), "files_read": files, "files_rewritten": rewritten})
+    return {
+        "seconds": round(seconds, 2),
+        "erasure_after": erasures,
+        "files_before": report.files_before,
+        "files_after": report.files_after,
+        "rows_moved": report.rows,
+        "join_2000_visitors_s_before": round(join_before, 2),
+        "join_2000_visitors_s_after": round(point_in_time_join(profile, offline_dir), 2),
+        "export_after": exports,
+    }
 
 
 def main() -> None:

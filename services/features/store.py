@@ -580,6 +580,11 @@ def rewrite_offline_parts(
     return changed
 
 
+# Rows per row group of rewritten and merged part files: a one-entity read skips the groups whose key range
+# misses it (merged files are sorted by entity, services/features/compaction.py).
+OFFLINE_ROW_GROUP_ROWS = 5_000
+
+
 def rewrite_lock_path(offline_dir: Path, view: str) -> Path:
     """The lock rewriters of a view's part files hold (erasure, retention, persona back-fill, compaction)."""
     return offline_dir / f".{view}.rewrite.lock"
@@ -598,7 +603,7 @@ def _replace_part(path: Path, table: pa.Table, index: OfflineIndex | None) -> No
     if index is not None:
         index.add(path.name, keys)
     tmp = path.with_suffix(".rewrite.tmp")
-    pq.write_table(table, tmp)
+    pq.write_table(table, tmp, row_group_size=OFFLINE_ROW_GROUP_ROWS)  # a merged file keeps its small row groups
     tmp.replace(path)
     if index is not None:
         index.replace(path.name, keys)
