@@ -109,6 +109,9 @@ def test_compaction_merges_small_files_and_keeps_every_row_and_answer(folded: Fo
     privacy = PrivacyRepository(folded.repository.store, folded.repository.feature_store, folded.offline_dir)
     assert {v: privacy.offline_rows(v) for v in exported} == exported
     assert not list((folded.offline_dir / F.VISITOR_VIEW).glob("*.tmp"))
+    for path in offline_parts(folded.offline_dir, F.VISITOR_VIEW):  # sorted by visitor: reads of one prune
+        order = pq.read_table(path, columns=[F.VISITOR_KEY, F.TIMESTAMP_FIELD]).to_pylist()
+        assert order == sorted(order, key=lambda r: (r[F.VISITOR_KEY], r[F.TIMESTAMP_FIELD]))
 
     # The index names only merged files for a visitor, and erasure removes the visitor from them.
     index = offline_index(folded.offline_dir, F.VISITOR_VIEW)
