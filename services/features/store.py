@@ -27,6 +27,7 @@ from urllib.parse import unquote, urlparse
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import redis
 from feast import FeatureStore, RepoConfig
 
 from services.common.clock import wall_datetime
@@ -387,6 +388,8 @@ class OnlineRowWriter:
         self._memo: dict[tuple[str, Any], bytes] = {}
         self._redis_keys: dict[str, bytes] = {}  # entity id -> its Redis key (ids repeat: active visitors, items)
         self._empty = Value().SerializeToString()
+        self._packed_fields: list[bytes] | None = None  # RESP forms of the field names (`_send_hsets`)
+        self._packed_ts_field = b""
 
     def _proto(self, kind: F.FeatureKind, value: Any) -> Any:
         """A value as the ValueProto of its Feast type (int Int64, float Float64, ...); None stays unset."""
@@ -447,6 +450,9 @@ class OnlineRowWriter:
         ts_bytes = stamp.SerializeToString()
         version = self.config.entity_key_serialization_version
         ttl = store_config.key_ttl_seconds
+        if isinstance(client, redis.Redis):
+            self._send_hsets(client, [self._hset_args(row, version) for row in rows], ts_bytes, ttl)
+            return
         with client.pipeline(transaction=False) as pipe:
             for row in rows:
                 key = str(row[self.key])
@@ -464,6 +470,57 @@ class OnlineRowWriter:
                 if ttl:
                     pipe.expire(name=redis_key, time=ttl)
             pipe.execute()
+
+    def _hset_args(self, row: Mapping[str, Any], version: int) -> tuple[bytes, list[bytes]]:
+        """(Redis key, the serialised values in `self._fields` order) of one row."""
+        from feast.infra.key_encoding_utils import serialize_entity_key
+
+        key = str(row[self.key])
+        redis_key = self._redis_keys.get(key)
+        if redis_key is None:
+            if len(self._redis_keys) >= self.MEMO_SIZE:
+                self._redis_keys.clear()
+            entity = self._entity_key(join_keys=[self.key], entity_values=[self._value(string_val=key)])
+            redis_key = serialize_entity_key(entity, entity_key_serialization_version=version) + self._project
+            self._redis_keys[key] = redis_key
+        return redis_key, [self._encoded(kind, row.get(feature)) for feature, kind, _ in self._fields]
+
+    def _send_hsets(
+        self, client: redis.Redis, rows: Sequence[tuple[bytes, list[bytes]]], ts_bytes: bytes, ttl: int | None
+    ) -> None:
+        """The rows' HSETs (and EXPIREs) as one hand-packed RESP pipeline on one connection. redis-py's pipeline
+        builds a command object per row and packs every argument through its encoder: with ~60 fields a row,
+        that was a third of writing the online rows (the largest step of a fold at small batches). The field
+        names' RESP form is packed once per writer; every reply is read, an error reply raised."""
+        if self._packed_fields is None:
+            self._packed_fields = [_bulk(field) for _, _, field in self._fields]
+            self._packed_ts_field = _bulk(self._ts_field.encode())
+        head = b"*%d\r\n$4\r\nHSET\r\n" % (2 * len(self._fields) + 4)
+        packed_ts = _bulk(ts_bytes)
+        parts: list[bytes] = []
+        for redis_key, values in rows:
+            key = _bulk(redis_key)
+            parts += (head, key, self._packed_ts_field, packed_ts)
+            for field, value in zip(self._packed_fields, values, strict=True):
+                parts += (field, b"$%d\r\n" % len(value), value, b"\r\n")
+            if ttl:
+                parts += (b"*3\r\n$6\r\nEXPIRE\r\n", key, _bulk(str(int(ttl)).encode()))
+        commands = len(rows) * (2 if ttl else 1)
+        connection = client.connection_pool.get_connection()
+        try:
+            connection.send_packed_command([b"".join(parts)])
+            for _ in range(commands):
+                connection.read_response()  # raises an error reply (ResponseError)
+        except BaseException:
+            connection.disconnect()  # replies may be left unread: the connection's state is unknown
+            raise
+        finally:
+            client.connection_pool.release(connection)
+
+
+def _bulk(data: bytes) -> bytes:
+    """A RESP bulk string."""
+    return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
 def online_rows(store: FeatureStore, view: str, keys: Sequence[str]) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 import redis
 
 from services.common.settings import CommonSettings
@@ -102,3 +103,26 @@ def test_reused_values_do_not_leak_between_rows(settings_factory: Callable[..., 
     for n, read in enumerate(found):
         for name, kind in F.ITEM_FEATURES.items():
             assert read[name] == (n if kind == "int" else None)
+
+
+def test_an_error_reply_fails_the_write_and_the_next_write_starts_clean(settings_factory: Callable[..., Any]) -> None:
+    """The rows go out as one hand-packed pipeline: an error reply for one row (a key of another type) fails the
+    whole write, as redis-py's pipeline would, and leaves no unread reply for the next write on that connection.
+    With a key TTL configured, every row's key gets it."""
+    settings: CommonSettings = settings_factory()
+    store = open_feature_store(settings)
+    writer = OnlineRowWriter(store, F.ITEM_VIEW)
+    client = redis.Redis.from_url(REDIS_URL)
+    rows = sample_rows(F.ITEM_KEY, dict(F.ITEM_FEATURES), 5)
+    keys = [writer._hset_args(row, store.config.entity_key_serialization_version)[0] for row in rows]
+    client.set(keys[2], b"not a hash")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        writer.write(rows, AT)
+    client.delete(keys[2])
+    store.config.online_store.key_ttl_seconds = 600
+    writer.write(rows, AT)
+    found = online_rows(store, F.ITEM_VIEW, [row[F.ITEM_KEY] for row in rows])
+    assert [r["views_24h"] for r in found] == [row["views_24h"] for row in rows]
+    assert all(590 <= int(client.ttl(k)) <= 600 for k in keys)  # type: ignore[arg-type]
+    client.delete(*keys)
+    client.close()
