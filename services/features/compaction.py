@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from services.common.clock import wall_datetime
 from services.features import schema as F
 from services.features.offline_index import table_keys
+from services.features.schema import view_columns
 from services.features.store import (
     OFFLINE_ROW_GROUP_ROWS,
     exclusive_lock_within,
@@ -40,7 +41,6 @@ from services.features.store import (
     offline_parts,
     offline_read_lock_path,
     rewrite_lock_path,
-    view_columns,
     write_lock_path,
 )
 

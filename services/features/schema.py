@@ -8,6 +8,7 @@ str_list -> Array(String), float_list -> Array(Float64).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Final, Literal
 
 from services.common.context import CHANNEL_CODES, DEVICE_CODES  # noqa: F401  (codes of context columns)
@@ -261,3 +262,8 @@ def as_number(value: Any) -> float:
         return float(value)
     except (TypeError, ValueError):
         return math.nan
+
+
+def view_columns(view: str) -> tuple[str, Mapping[str, FeatureKind]]:
+    """A feature view's entity key and feature columns (the visitor view, else the item view)."""
+    return (VISITOR_KEY, VISITOR_FEATURES) if view == VISITOR_VIEW else (ITEM_KEY, ITEM_FEATURES)

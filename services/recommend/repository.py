@@ -32,7 +32,8 @@ from services.common.storage import (
     save_catalog,
 )
 from services.features import schema as F
-from services.features.store import OnlineRowReader, offline_read_lock, online_rows, open_feature_store
+from services.features.online import OnlineRowReader
+from services.features.store import offline_read_lock, online_rows, open_feature_store
 from services.recommend.ranking.ranker import ModelMeta
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import struct
 import pytest
 from feast.protos.feast.types.Value_pb2 import DoubleList, Value
 
-from services.features.store import encode_double, encode_double_list
+from services.features.online import encode_double, encode_double_list
 
 SPECIAL = [0.0, -0.0, 1.0, -1.5, 1e-300, -1e300, math.inf, -math.inf, 5e-324, 1 / 3, 123456.789]
 

@@ -13,7 +13,8 @@ import redis
 
 from services.common.settings import CommonSettings
 from services.features import schema as F
-from services.features.store import OnlineRowWriter, online_rows, open_feature_store
+from services.features.online import OnlineRowWriter
+from services.features.store import online_rows, open_feature_store
 from tests.conftest import REDIS_URL
 
 AT = datetime(2026, 11, 20, 12, 30, 15, 123456, tzinfo=UTC)

@@ -180,11 +180,15 @@ def test_offline_rows_of_the_visitor_and_older_than_a_cutoff_are_removed(places:
     assert [r[F.TIMESTAMP_FIELD] for r in privacy.offline_rows("v2")] == days[2:]
 
 
-def test_the_admin_command_indexes_recommendation_records(settings_factory: Callable[..., Any]) -> None:
+def test_the_admin_command_indexes_recommendation_records(
+    settings_factory: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from typer.testing import CliRunner
 
     from services.cli import app
 
+    for name in ("REDIS_URL", "SELARAS_REDIS_URL"):  # the embedded store of --data-dir, as the settings below
+        monkeypatch.delenv(name, raising=False)
     settings: ProfileSettings = settings_factory(ProfileSettings, redis_url=None)
     profile = ProfileRepository.open(settings)
     try:
