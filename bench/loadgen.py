@@ -38,9 +38,22 @@ class Connection:
         self.writer: asyncio.StreamWriter | None = None
 
     async def request(self, raw: bytes) -> int:
+        reused = self.writer is not None
+        try:
+            return await self._exchange(raw)
+        except (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError):
+            if not reused:
+                raise
+            # The server closed a keep-alive connection that sat idle (uvicorn: after 5 s), as it may: send the
+            # request again on a new one, as HTTP clients do (posting events is idempotent by event id). At low
+            # rates most of the 32 connections idle that long, and these closes were counted as ingest errors.
+            self.close()
+            return await self._exchange(raw)
+
+    async def _exchange(self, raw: bytes) -> int:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        assert self.reader is not None
+        assert self.reader is not None and self.writer is not None
         self.writer.write(raw)
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
