@@ -180,7 +180,6 @@ class OnlineRowWriter:
 
     def _write_redis(self, online: Any, rows: Sequence[Mapping[str, Any]], at: datetime) -> None:
         """What Feast's `RedisOnlineStore.online_write_batch` (skip_dedup) stores, in one pipeline."""
-        from feast.infra.key_encoding_utils import serialize_entity_key
         from google.protobuf.timestamp_pb2 import Timestamp
 
         store_config = self.config.online_store
@@ -193,19 +192,12 @@ class OnlineRowWriter:
         if isinstance(client, redis.Redis):
             self._send_hsets(client, [self._hset_args(row, version) for row in rows], ts_bytes, ttl)
             return
+        # A cluster spreads the keys over nodes: redis-py's cluster pipeline routes each command.
         with client.pipeline(transaction=False) as pipe:
             for row in rows:
-                key = str(row[self.key])
-                redis_key = self._redis_keys.get(key)
-                if redis_key is None:
-                    if len(self._redis_keys) >= self.MEMO_SIZE:
-                        self._redis_keys.clear()
-                    entity = self._entity_key(join_keys=[self.key], entity_values=[self._value(string_val=key)])
-                    redis_key = serialize_entity_key(entity, entity_key_serialization_version=version) + self._project
-                    self._redis_keys[key] = redis_key
+                redis_key, values = self._hset_args(row, version)
                 mapping: dict[Any, bytes] = {self._ts_field: ts_bytes}
-                for feature, kind, field_key in self._fields:
-                    mapping[field_key] = self._encoded(kind, row.get(feature))
+                mapping.update(zip((field for _, _, field in self._fields), values, strict=True))
                 pipe.hset(redis_key, mapping=mapping)
                 if ttl:
                     pipe.expire(name=redis_key, time=ttl)
