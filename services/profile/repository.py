@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -51,6 +52,20 @@ def _merge_item_state(stored: bytes | None, delta: bytes) -> bytes:
 
 
 # How one batch's share is added to each kind of shared record (the pure rules live next to their folds).
+@dataclass(frozen=True)
+class Share:
+    """One batch's share of the records every partition adds to: from log `log` up to position `last`, the
+    serialised deltas by key (and the item states as objects, when the folding process still holds them)."""
+
+    log: str
+    last: str
+    deltas: Mapping[str, bytes]
+    objects: Mapping[str, ItemState] | None = None
+
+    def item_state(self, key: str) -> ItemState:
+        return self.objects[key] if self.objects is not None and key in self.objects else _item_state(self.deltas[key])
+
+
 SHARED_MERGES: dict[str, Callable[[bytes | None, bytes], bytes]] = {
     Namespace.ITEM_STATE: _merge_item_state,
     Namespace.COVISITATION: lambda stored, delta: CoVisitation.merge(stored, orjson.loads(delta)),
@@ -160,49 +175,77 @@ class ProfileRepository:
         adds to: item statistics and candidate indexes. Each record's applied marker holds, per log, the last
         position added, so a batch applied again adds nothing; a concurrent writer's change is re-read and
         merged into (compare-and-set). Returns the records as stored."""
+        return self.merge_shared_round(namespace, [Share(log, last, deltas)])
+
+    def merge_shared_round(self, namespace: str, shares: Sequence[Share]) -> dict[str, bytes]:
+        """`merge_shared` of several batches at once (one per log: the partitions one process folds in a
+        round): each record is read, changed and written once for all of them, each log's share added unless
+        its marker says it is in already."""
         merge = SHARED_MERGES[namespace]
-        return self._merge_applied(namespace, log, last, deltas, lambda key, value: merge(value, deltas[key]))
+
+        def add(key: str, value: bytes | None, pending: Sequence[Share]) -> bytes:
+            merged = value
+            for share in pending:
+                merged = merge(merged, share.deltas[key])
+            assert merged is not None
+            return merged
+
+        return self._merge_applied(namespace, shares, add)
 
     def merge_item_states(
         self, log: str, last: str, deltas: Mapping[str, bytes], shares: Mapping[str, ItemState] | None = None
     ) -> dict[str, ItemState]:
-        """`merge_shared` of item statistics, returning the merged states as objects: the aggregator writes the
-        items' rows from them (parsing them back from the JSON just written cost ~4% of a fold, cProfile).
+        """`merge_shared` of item statistics, returning the merged states as objects (see `merge_item_states_round`).
         `shares`: the batch's shares as objects when the caller still holds them (else parsed)."""
+        return self.merge_item_states_round([Share(log, last, deltas, shares)])
+
+    def merge_item_states_round(self, shares: Sequence[Share]) -> dict[str, ItemState]:
+        """`merge_shared_round` of item statistics, returning the merged states as objects: the aggregator writes
+        the items' rows from them (parsing them back from the JSON just written cost ~4% of a fold, cProfile)."""
         merged: dict[str, ItemState] = {}
 
-        def add(key: str, value: bytes | None) -> bytes:
-            share = shares[key] if shares is not None and key in shares else _item_state(deltas[key])
-            state = merge_item_state(_item_state(value) if value else None, share)
+        def add(key: str, value: bytes | None, pending: Sequence[Share]) -> bytes:
+            state = _item_state(value) if value else None
+            for share in pending:
+                state = merge_item_state(state, share.item_state(key))
+            assert state is not None
             merged[key] = state  # the last attempt's state is the stored one (a retry overwrites it)
             return orjson.dumps(state)
 
-        stored = self._merge_applied(Namespace.ITEM_STATE, log, last, deltas, add, merged.pop)
-        # Records the batch had reached already (applied before a failure) were not merged here: as stored.
+        stored = self._merge_applied(Namespace.ITEM_STATE, shares, add, merged.pop)
+        # Records every share had reached already (applied before a failure) were not merged here: as stored.
         return {key: merged[key] if key in merged else _item_state(raw) for key, raw in stored.items()}
 
     def _merge_applied(
         self,
         namespace: str,
-        log: str,
-        last: str,
-        keys: Iterable[str],
-        add: Callable[[str, bytes | None], bytes],
+        shares: Sequence[Share],
+        add: Callable[[str, bytes | None, Sequence[Share]], bytes],
         skipped: Callable[[str, Any], Any] | None = None,
     ) -> dict[str, bytes]:
-        """`merge_many` with the applied markers: `add(key, stored value)` is the new value; `skipped(key, None)`
-        hears of a key this log's share is in already (re-read after a concurrent write, or applied before)."""
+        """`merge_many` with the applied markers: `add(key, stored value, shares to add)` is the new value;
+        `skipped(key, None)` hears of a key every share is in already (re-read after a concurrent write, or
+        applied before)."""
+        if len({share.log for share in shares}) != len(shares):
+            raise ValueError("one share per log and merge: a log's marker holds one position")
 
         def change(key: str, value: bytes | None, marker: bytes | None) -> tuple[bytes, bytes] | None:
             applied: dict[str, str] = orjson.loads(marker) if marker else {}
-            done = applied.get(log)
-            if done is not None and position_order(done) >= position_order(last):
+            pending = []
+            for share in shares:
+                if key not in share.deltas:
+                    continue
+                done = applied.get(share.log)
+                if done is None or position_order(done) < position_order(share.last):
+                    pending.append(share)
+                    applied[share.log] = share.last
+            if not pending:
                 if skipped is not None:
                     skipped(key, None)
                 return None
-            applied[log] = last
-            return add(key, value), orjson.dumps(applied)
+            return add(key, value, pending), orjson.dumps(applied)
 
+        keys = dict.fromkeys(key for share in shares for key in share.deltas)
         stored = self.store.merge_many(namespace, list(keys), change)
         return {key: value for key, value in stored.items() if value is not None}
 

@@ -245,3 +245,37 @@ def test_an_erasure_while_another_process_holds_a_commit_record_is_not_undone_by
         )
     finally:
         state.repository.close()
+
+
+def test_a_round_merges_the_shared_records_once_for_all_its_partitions(
+    make_state: Callable[[str], ProfileState], reference: dict[str, Any]
+) -> None:
+    """One process folding several partitions reads, changes and writes each item and index record once per
+    round (every partition's share added, each under its log's marker), not once per partition; the totals are
+    those of the logged events."""
+    state = make_state("rounds")
+    try:
+        events = shop_events()
+        state.ingest.ingest(events)
+        store = state.repository.store
+        partitions = {store.partition_of(e.visitor_id) for e in events}
+        assert len(partitions) >= 2  # the round has several batches
+        calls: Counter[str] = Counter()
+        merge_many = store.merge_many
+
+        def counted(namespace: str, keys: Any, change: Any) -> Any:
+            calls[namespace] += 1
+            return merge_many(namespace, keys, change)
+
+        store.merge_many = counted  # type: ignore[method-assign]
+        aggregator = aggregator_for(state)
+        rounds = 0
+        while aggregator.run_once(BATCH).events:
+            rounds += 1
+        assert calls[Namespace.ITEM_STATE] == calls[Namespace.POPULARITY] == rounds
+        assert rounds < len(events) / BATCH  # fewer rounds than batches: each round held several
+        assert_exact(state, events, reference)
+        markers = store.client.get(store._marker_key(Namespace.ITEM_STATE, "eo-item-0"))  # type: ignore[attr-defined]
+        assert set(orjson.loads(markers)) == {partition_log(p) for p in partitions}
+    finally:
+        state.repository.close()

@@ -2,9 +2,9 @@
 state, candidate indexes) applied to events in time order, without the durable log and the stores.
 
 Offline evaluation on public splits and bulk back-fills use it: 300,000 events fold in seconds here,
-against minutes through the log, Redis and Feast. It calls exactly what `Aggregator.fold_entries` calls
-(`fold_visitor`, `fold_item`, `fold_indexes`), so the visitor rows, item statistics and indexes are the
-same (tests/profile/test_bulk_fold.py folds the same events both ways).
+against minutes through the log, Redis and Feast. It calls exactly what the aggregator's fold calls
+(`Aggregator._prepare`: `fold_visitor`, `fold_item`, `fold_indexes`), so the visitor rows, item statistics and
+indexes are the same (tests/profile/test_bulk_fold.py folds the same events both ways).
 """
 
 from __future__ import annotations

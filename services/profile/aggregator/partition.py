@@ -16,6 +16,8 @@ from services.common.clock import wall_time
 from services.common.errors import StorageUnavailable
 from services.common.events import Event, open_envelope
 from services.common.storage import LogEntry
+from services.features.aggregations import ItemState
+from services.profile.aggregator.commit import BatchCommit
 from services.profile.aggregator.lease import Lease
 from services.profile.repository import ProfileRepository
 
@@ -73,6 +75,21 @@ class Partition:
     @property
     def held(self) -> bool:
         return self.lease is None or self.lease.held
+
+
+@dataclass
+class Prepared:
+    """A partition's batch folded as far as its saved commit record, waiting to be applied with the round's
+    other batches (`Aggregator._finish_round`); or a record a failed run left, applied alone."""
+
+    part: Partition
+    commit: BatchCommit
+    batch: list[tuple[str, Event]]  # the batch's events, for the observers
+    item_shares: dict[str, ItemState] = field(default_factory=dict)  # the record's item shares as objects
+    received: dict[str, float] = field(default_factory=dict)  # visitor -> when its newest event was logged
+    events: int = 0
+    visitors: int = 0
+    last_received: float = 0.0
 
 
 class LeaseLost(Exception):

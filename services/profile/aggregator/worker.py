@@ -48,11 +48,12 @@ from services.profile.aggregator.partition import (
     BatchOutcome,
     LeaseLost,
     Partition,
+    Prepared,
     decode_entries,
     entry_failed,
     report_status,
 )
-from services.profile.repository import ProfileRepository
+from services.profile.repository import ProfileRepository, Share
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,10 @@ class Aggregator:
         memory and is folded again."""
         self._balance()
         total = BatchOutcome(held=False)
+        # Each held partition's batch is folded and its commit record saved; then the round's commits are
+        # applied together, so records every partition adds to (item statistics, indexes) and item rows are
+        # read, merged and written once per round rather than once per partition (`_finish_round`).
+        prepared: list[Prepared] = []
         for part in self.partitions:
             if not part.held:
                 continue
@@ -205,24 +210,43 @@ class Aggregator:
                 self._renew_leases()  # every held lease, before each batch: a round over them takes a while
                 if not part.held:
                     continue
-                outcome = self._run_partition(part, batch_size)
+                ready = self._prepare_partition(part, batch_size)
             except Exception as exc:
-                self._discard_caches()
-                self.last_error = type(exc).__name__
-                report_status(self.repository, part, self.holder, error=self.last_error)
+                self._failed(exc, [part])
+                raise
+            total.held = True
+            if ready is None:
+                self.last_error = None
+                report_status(self.repository, part, self.holder)
+            else:
+                prepared.append(ready)
+        if prepared:
+            try:
+                self._finish_round(prepared)
+            except Exception as exc:
+                self._failed(exc, [ready.part for ready in prepared])
                 raise
             self.last_error = None
-            report_status(self.repository, part, self.holder)
-            total.held = True
-            total.events += outcome.events
-            total.visitors += outcome.visitors
-            total.items += outcome.items
-            total.lag_s.extend(outcome.lag_s)
-            total.last_received_at = max(total.last_received_at, outcome.last_received_at)
+            for ready in prepared:
+                outcome = self._completed(ready, batch_size)
+                report_status(self.repository, ready.part, self.holder)
+                total.events += outcome.events
+                total.visitors += outcome.visitors
+                total.items += outcome.items
+                total.lag_s.extend(outcome.lag_s)
+                total.last_received_at = max(total.last_received_at, outcome.last_received_at)
         AGGREGATOR_PARTITIONS_HELD.set(len(self.held_partitions()))
         if total.held:
             self.age_item_rows()
         return total
+
+    def _failed(self, exc: Exception, parts: Sequence[Partition]) -> None:
+        """A batch failed: forget what memory may hold of it (its commit record, if saved, is applied before the
+        partition's next batch) and report the error."""
+        self._discard_caches()
+        self.last_error = type(exc).__name__
+        for part in parts:
+            report_status(self.repository, part, self.holder, error=self.last_error)
 
     def _balance(self) -> None:
         """Take this process's share of the partitions: announce it, count the live aggregator processes,
@@ -249,24 +273,37 @@ class Aggregator:
             if part.lease is not None and part.lease.held:
                 part.lease.hold()
 
-    def _run_partition(self, part: Partition, batch_size: int) -> BatchOutcome:
+    def _prepare_partition(self, part: Partition, batch_size: int) -> Prepared | None:
+        """The partition's next batch folded up to its saved commit record; None when its log is caught up."""
         self._recover(part)
         self.refresh_catalog()
         cursor = self.repository.cursor(part.log)
         read_at = wall_time()
         entries = self.repository.read_log(cursor, batch_size, part.number)
-        label = str(part.number)
         if not entries:
             part.backlog, part.lag_s = 0, 0.0
-            AGGREGATOR_BACKLOG.labels(label).set(0)
-            AGGREGATOR_LAG.labels(label).set(0.0)
-            return BatchOutcome()
-        outcome = self.fold_entries(entries, part, read_at)
+            AGGREGATOR_BACKLOG.labels(str(part.number)).set(0)
+            AGGREGATOR_LAG.labels(str(part.number)).set(0.0)
+            return None
+        return self._prepare(entries, part, read_at)
+
+    def _completed(self, ready: Prepared, batch_size: int) -> BatchOutcome:
+        """After the batch's commit was applied: its failures are behind the cursor; lag and metrics."""
+        part = ready.part
+        part.attempts.clear()
+        part.errors.clear()
+        part.dead.clear()
+        now = wall_time()
+        lags = [now - at for at in ready.received.values()]
+        for lag in lags:
+            FEATURE_WRITE_LAG.observe(lag)
+        EVENTS_AGGREGATED.inc(ready.events)
+        outcome = BatchOutcome(ready.events, ready.visitors, len(ready.item_shares), lags, ready.last_received)
         # A full batch means more is waiting: the lag is then how long the newest folded event waited.
-        part.backlog = batch_size if len(entries) == batch_size else 0
-        part.lag_s = max(0.0, wall_time() - outcome.last_received_at) if part.backlog else 0.0
-        AGGREGATOR_BACKLOG.labels(label).set(part.backlog)
-        AGGREGATOR_LAG.labels(label).set(part.lag_s)
+        part.backlog = batch_size if ready.events == batch_size else 0
+        part.lag_s = max(0.0, now - outcome.last_received_at) if part.backlog else 0.0
+        AGGREGATOR_BACKLOG.labels(str(part.number)).set(part.backlog)
+        AGGREGATOR_LAG.labels(str(part.number)).set(part.lag_s)
         return outcome
 
     def _discard_caches(self) -> None:
@@ -274,9 +311,9 @@ class Aggregator:
         self._item_digests.clear()
         self._aged_hour = None  # the next sweep re-reads recently active items
 
-    def fold_entries(self, entries: Sequence[LogEntry], part: Partition, read_at: float) -> BatchOutcome:
-        """Fold the entries of one partition and commit their effect exactly once (see
-        `services/profile/aggregator/commit.py`), then move the partition's cursor past them."""
+    def _prepare(self, entries: Sequence[LogEntry], part: Partition, read_at: float) -> Prepared:
+        """Fold the entries of one partition: visitor rows written, every other write saved as the batch's
+        commit record (applied by `_finish_round`)."""
         decoded = decode_entries(self.repository, entries, part, self.max_attempts)
         for _, _, event in decoded:
             self.clock.observe(event.ts)  # a DataClock (bulk import of history) follows the events
@@ -364,29 +401,54 @@ class Aggregator:
         if part.lease is not None and not part.lease.hold():
             raise LeaseLost(f"the lease of log {part.log} expired during the batch")
         self.repository.save_commit_record(part.log, commit.to_bytes())
-        self._finish(commit, [(position, event) for position, _, event in decoded], touched_items)
-        # 3. Failures counted so far are behind the cursor.
-        part.attempts.clear()
-        part.errors.clear()
-        part.dead.clear()
+        return Prepared(
+            part,
+            commit,
+            [(position, event) for position, _, event in decoded],
+            touched_items,
+            received,
+            len(entries),
+            len(touched_visitors),
+            max((at for _, at, _ in decoded), default=wall_time()),
+        )
 
-        now = wall_time()
-        lags = [now - at for at in received.values()]
-        for lag in lags:
-            FEATURE_WRITE_LAG.observe(lag)
-        EVENTS_AGGREGATED.inc(len(entries))
-        last_received = max((at for _, at, _ in decoded), default=now)
-        return BatchOutcome(len(entries), len(touched_visitors), len(touched_items), lags, last_received)
+    def _finish_round(self, round_: Sequence[Prepared]) -> None:
+        """Apply the round's commit records (each idempotent), run the observers (idempotent per event), move
+        each cursor, drop each record. The records every partition adds to are merged once for the round: one
+        read, change and compare-and-set per item or index key, each log's share added unless its marker has
+        it already; item rows are written once. Also the recovery path, with one record a failed run left."""
+        for ready in round_:
+            self._apply_visitors(ready.commit)
+        merged_items: dict[str, ItemState] = {}
+        for namespace in (Namespace.ITEM_STATE, Namespace.COVISITATION, Namespace.POPULARITY):
+            shares = [
+                Share(ready.commit.log, ready.commit.last, ready.commit.merges[namespace], ready.item_shares)
+                for ready in round_
+                if ready.commit.merges.get(namespace)
+            ]
+            if not shares:
+                continue
+            if namespace == Namespace.ITEM_STATE:
+                merged_items = self.repository.merge_item_states_round(shares)
+            else:
+                self.repository.merge_shared_round(namespace, shares)
+        # Item rows from the merged states (every partition's events), windows as of the clock (an item last
+        # sold months ago has sold nothing in the last 7 days; `age_item_rows` keeps them so as time passes).
+        # Named after the round's first batch: folding the round again after a failure replaces the file.
+        first = round_[0].commit
+        fold_now = max(self.clock.now(), max((s.last_ts for s in merged_items.values()), default=0.0))
+        self.repository.write_item_rows(self._item_rows(merged_items, fold_now), f"{first.log}-{first.first}")
+        changed = sorted({item for ready in round_ for item in ready.commit.changed_items})
+        self.item_changes.record(changed, wall_time())  # after the rows: a reader then finds them
+        for ready in round_:
+            if self.observers and ready.batch:
+                for observer in self.observers:
+                    observer.observe(ready.batch)
+            self.repository.set_cursor(ready.commit.last, ready.commit.log)
+            self.repository.delete_commit_record(ready.commit.log)
 
-    def _finish(
-        self,
-        commit: BatchCommit,
-        batch: Sequence[tuple[str, Event]],
-        item_shares: Mapping[str, ItemState] | None = None,
-    ) -> None:
-        """Apply a commit record (idempotent), run the observers (idempotent per event), move the cursor,
-        drop the record. Also the recovery path for a record a failed run left behind. `item_shares`: the
-        record's item shares as objects, when the batch was just folded (saves parsing them again)."""
+    def _apply_visitors(self, commit: BatchCommit) -> None:
+        """The record's visitor writes, erasures since the batch was read respected."""
         store = self.repository.store
         visitors = commit.values(Namespace.VISITOR_STATE)
         # An erasure (in any process) since the batch was read wins: its visitors are not written back.
@@ -406,25 +468,6 @@ class Aggregator:
             # finds the file itself (it is indexed), one that marked them earlier may have rewritten the files
             # holding them before this one existed.
             self.repository.forget_history_rows(f"{commit.log}-{commit.first}", sorted(erased))
-        # Records every partition adds to: this batch's share, once (compare-and-set with the log's marker).
-        merged_items: dict[str, ItemState] = {}
-        for namespace, deltas in commit.merges.items():
-            if not deltas:
-                continue
-            if namespace == Namespace.ITEM_STATE:
-                merged_items = self.repository.merge_item_states(commit.log, commit.last, deltas, item_shares)
-            else:
-                self.repository.merge_shared(namespace, commit.log, commit.last, deltas)
-        # Item rows from the merged states (every partition's events), windows as of the clock (an item last
-        # sold months ago has sold nothing in the last 7 days; `age_item_rows` keeps them so as time passes).
-        fold_now = max(self.clock.now(), max((s.last_ts for s in merged_items.values()), default=0.0))
-        self.repository.write_item_rows(self._item_rows(merged_items, fold_now), f"{commit.log}-{commit.first}")
-        self.item_changes.record(commit.changed_items, wall_time())  # after the rows: a reader then finds them
-        if self.observers and batch:
-            for observer in self.observers:
-                observer.observe(batch)
-        self.repository.set_cursor(commit.last, commit.log)
-        self.repository.delete_commit_record(commit.log)
 
     def _recover(self, part: Partition) -> None:
         """A commit record left by a failed or killed run: apply it before folding anything else."""
@@ -447,7 +490,7 @@ class Aggregator:
             if position_order(entries[-1].position) >= last:
                 break
             after = entries[-1].position
-        self._finish(commit, batch)
+        self._finish_round([Prepared(part, commit, batch)])
         self._discard_caches()  # the store moved on under the caches
 
     def age_item_rows(self, force: bool = False) -> int:
