@@ -334,7 +334,7 @@ def test_recording_rules_agree_with_the_report_across_two_replicas(stack: Stack)
     rules = [rule for group in groups for rule in group["rules"]]
     assert all(rule["health"] == "ok" for rule in rules), [r for r in rules if r["health"] != "ok"]
     experiment_rules = [r for g in groups if g["name"].startswith("selaras-experiment") for r in g["rules"]]
-    assert len(experiment_rules) == 18 and len(rules) == 18 + 18
+    assert len(experiment_rules) == 18 and len(rules) == 18 + 19  # 7 recording and 12 alerting ops rules
     dashboard = json.loads(DASHBOARD.read_text())
     with_data = 0
     for panel in dashboard["panels"]:
