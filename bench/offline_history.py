@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import tempfile
 import time
 import uuid
@@ -30,7 +31,7 @@ import pyarrow.parquet as pq
 
 from services.features import schema as F
 from services.features.aggregations import SegmentRules, VisitorState, visitor_features
-from services.features.compaction import compact_view
+from services.features.compaction import DEFAULT_TARGET_ROWS, compact_view
 from services.profile.privacy.repository import PrivacyRepository
 from services.profile.repository import ProfileRepository
 from services.profile.settings import ProfileSettings
@@ -70,7 +71,12 @@ def counting_reads(action: Callable[[], T]) -> tuple[T, float, int]:
 
 
 def run(
-    parts: int = 2000, rows: int = 200, visitors: int = 100_000, holding: int = 5, probes: int = 3
+    parts: int = 2000,
+    rows: int = 200,
+    visitors: int = 100_000,
+    holding: int = 5,
+    probes: int = 3,
+    target_rows: int = DEFAULT_TARGET_ROWS,
 ) -> dict[str, Any]:
     rng = random.Random(7)
     results: dict[str, Any] = {
@@ -128,7 +134,9 @@ def run(
                     "files_read": files,
                     "rows": len(found),
                 }
-            results["compaction"] = compaction(settings.offline_dir.resolve(), privacy, probe_ids[:probes], profile)
+            results["compaction"] = compaction(
+                settings.offline_dir.resolve(), privacy, probe_ids[:probes], profile, target_rows
+            )
         finally:
             profile.close()
     return results
@@ -149,14 +157,20 @@ def point_in_time_join(profile: ProfileRepository, offline_dir: Path, probes: in
 
 
 def compaction(
-    offline_dir: Path, privacy: PrivacyRepository, probes: list[str], profile: ProfileRepository
+    offline_dir: Path,
+    privacy: PrivacyRepository,
+    probes: list[str],
+    profile: ProfileRepository,
+    target_rows: int = DEFAULT_TARGET_ROWS,
 ) -> dict[str, Any]:
     """The history compacted (every file settled: no batch is in flight here): how long it takes, and the
     training join and exports before and after."""
     join_before = point_in_time_join(profile, offline_dir)
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
-    report = compact_view(offline_dir, F.VISITOR_VIEW, lambda name: True)
+    report = compact_view(offline_dir, F.VISITOR_VIEW, lambda name: True, target_rows)
     seconds = time.perf_counter() - started
+    peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     exports = []
     for probe in probes:
         found, export_s, files = counting_reads(partial(privacy.offline_rows, probe))
@@ -167,6 +181,9 @@ def compaction(
         erasures.append({"ms": round(1000 * erase_s, 1), "files_read": files, "files_rewritten": rewritten})
     return {
         "seconds": round(seconds, 2),
+        # The process's high-water mark (KiB on Linux) before and after: a rise is the merge's own peak.
+        "peak_rss_mb_before": round(peak_before / 1024),
+        "peak_rss_mb_after": round(peak_after / 1024),
         "erasure_after": erasures,
         "files_before": report.files_before,
         "files_after": report.files_after,
@@ -184,8 +201,9 @@ def main() -> None:
     parser.add_argument("--visitors", type=int, default=100_000)
     parser.add_argument("--holding", type=int, default=5, help="part files holding each probe visitor")
     parser.add_argument("--probes", type=int, default=3, help="visitors exported, and as many erased")
+    parser.add_argument("--target-rows", type=int, default=DEFAULT_TARGET_ROWS, help="rows per merged file")
     args = parser.parse_args()
-    print(json.dumps(run(args.parts, args.rows, args.visitors, args.holding, args.probes), indent=2))
+    print(json.dumps(run(args.parts, args.rows, args.visitors, args.holding, args.probes, args.target_rows), indent=2))
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from services.features.store import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TARGET_ROWS = 250_000
+DEFAULT_TARGET_ROWS = 10_000
 COMPACTED_PREFIX = "part-compact-"
 
 
@@ -58,6 +58,7 @@ class CompactionReport:
     files_written: int = 0  # ... by this many merged ones
     rows: int = 0  # rows moved
     stopped_busy: bool = False  # readers held the read lock past the wait: the rest is left for the next run
+    uncompacted_after: int = 0  # part files as batches wrote them, not merged yet (recent or unsettled ones)
 
     @property
     def files_after(self) -> int:
@@ -108,6 +109,9 @@ def compact_view(
         report.files_merged += merged[0]
         report.files_written += 1 if merged[0] else 0
         report.rows += merged[1]
+    report.uncompacted_after = sum(
+        1 for p in offline_parts(offline_dir, view) if not p.name.startswith(COMPACTED_PREFIX)
+    )
     if report.files_merged:
         log.info(
             "compacted the %s history: %d files into %d (%d rows); %d files now",

@@ -32,7 +32,7 @@ class ProfileSettings(CommonSettings):
     archive_interval_s: float = Field(default=600.0, ge=0, le=86_400)
     # The same run merges the offline feature history's small part files (one per folded batch and view, up to
     # ~5 a second per partition) into files of about this many rows; 0: never (run `selaras compact`).
-    compact_target_rows: int = Field(default=250_000, ge=0)
+    compact_target_rows: int = Field(default=10_000, ge=0)
     # Write every event's feature row to the offline store (point-in-time training data).
     offline_rows: bool = True
     # Segment thresholds are shared settings (CommonSettings): every service reads the same ones.

@@ -103,6 +103,7 @@ def test_compaction_merges_small_files_and_keeps_every_row_and_answer(folded: Fo
         assert not report.stopped_busy
     visitor_report = reports[0]
     assert visitor_report.rows == 300 and visitor_report.files_after == 3  # 300 rows in files of up to 120
+    assert visitor_report.uncompacted_after == 0
     for view, frame in before.items():
         pd.testing.assert_frame_equal(folded.rows(view), frame)
     pd.testing.assert_frame_equal(folded.point_in_time(), answers_before)
@@ -142,6 +143,7 @@ def test_files_of_batches_not_yet_applied_are_never_merged(folded: Folded) -> No
     files = len(folded.files(F.VISITOR_VIEW))
     report = compact_view(folded.offline_dir, F.VISITOR_VIEW, settled, target_rows=10_000)
     assert (report.files_merged, report.files_written) == (files - 3, 1)
+    assert report.uncompacted_after == 3  # the held-back batches' files, as written
     assert set(held_back) <= set(folded.files(F.VISITOR_VIEW))
 
 

@@ -26,7 +26,11 @@ log = logging.getLogger(__name__)
 ARCHIVED = Counter("selaras_archived_events_total", "Folded log entries written to the event archive")
 TRIMMED = Counter("selaras_trimmed_events_total", "Log entries trimmed from the store once archived")
 COMPACTED = Counter("selaras_offline_files_compacted_total", "Offline part files merged into larger ones", ["view"])
-PART_FILES = Gauge("selaras_offline_part_files", "Offline part files of a feature view after compaction", ["view"])
+UNCOMPACTED = Gauge(
+    "selaras_offline_uncompacted_files",
+    "Offline part files of a feature view that no compaction merged yet (after the last run)",
+    ["view"],
+)
 LAST_ARCHIVE = Gauge("selaras_archive_last_run_timestamp_seconds", "When the archiver last finished a run")
 
 
@@ -63,7 +67,7 @@ class PeriodicArchiver:
         if self.compact is not None and 0 in self.partitions():
             for compacted in self.compact():
                 COMPACTED.labels(compacted.view).inc(compacted.files_merged)
-                PART_FILES.labels(compacted.view).set(compacted.files_after)
+                UNCOMPACTED.labels(compacted.view).set(compacted.uncompacted_after)
         return report
 
     def start(self) -> None:
