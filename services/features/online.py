@@ -105,6 +105,7 @@ class OnlineRowWriter:
     MEMO_SIZE = 200_000
 
     def __init__(self, store: FeatureStore, view: str):
+        from feast.infra.key_encoding_utils import serialize_entity_key
         from feast.infra.online_stores.helpers import _mmh3
         from feast.infra.online_stores.redis import RedisOnlineStore, _versioned_fv_name
         from feast.infra.provider import get_provider
@@ -125,6 +126,7 @@ class OnlineRowWriter:
             self._fields = [(feature, kind, _mmh3(f"{name}:{feature}")) for feature, kind in self.features.items()]
             self._project = self.config.project.encode("utf-8")
         self._memo: dict[tuple[str, Any], bytes] = {}
+        self._serialize_key = serialize_entity_key  # imported once, not per row
         self._redis_keys: dict[str, bytes] = {}  # entity id -> its Redis key (ids repeat: active visitors, items)
         self._empty = Value().SerializeToString()
         self._packed_fields: list[bytes] | None = None  # RESP forms of the field names (`_send_hsets`)
@@ -205,15 +207,13 @@ class OnlineRowWriter:
 
     def _hset_args(self, row: Mapping[str, Any], version: int) -> tuple[bytes, list[bytes]]:
         """(Redis key, the serialised values in `self._fields` order) of one row."""
-        from feast.infra.key_encoding_utils import serialize_entity_key
-
         key = str(row[self.key])
         redis_key = self._redis_keys.get(key)
         if redis_key is None:
             if len(self._redis_keys) >= self.MEMO_SIZE:
                 self._redis_keys.clear()
             entity = self._entity_key(join_keys=[self.key], entity_values=[self._value(string_val=key)])
-            redis_key = serialize_entity_key(entity, entity_key_serialization_version=version) + self._project
+            redis_key = self._serialize_key(entity, entity_key_serialization_version=version) + self._project
             self._redis_keys[key] = redis_key
         if self._field_encoders is None:
             self._field_encoders = [(feature, self._encoder(kind)) for feature, kind, _ in self._fields]
